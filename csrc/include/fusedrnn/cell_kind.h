@@ -1,0 +1,57 @@
+// The cell kinds and element types every backend understands, with the integer codes that
+// cross the Python boundary (python/fusedrnn/_backend.py mirrors them; keep both in sync).
+#pragma once
+
+#include <cstdint>
+
+#include "fusedrnn/macros.h"
+
+namespace fusedrnn {
+
+enum class CellKind : int32_t {
+  kLstm = 0,     // gates i, f, g, o (torch order)
+  kGru = 1,      // gates r, z, n (torch order), b_hn inside r * (W_hn h + b_hn)
+  kRnnTanh = 2,  // h = tanh(pre)
+  kRnnRelu = 3,  // h = relu(pre)
+};
+
+enum class DType : int32_t {
+  kFloat32 = 0,
+  kFloat64 = 1,
+  kFloat16 = 2,   // CUDA only; the CPU path upcasts in Python
+  kBFloat16 = 3,  // CUDA only; the CPU path upcasts in Python
+};
+
+// Number of gate blocks of H rows in W_ih / W_hh (and columns of the input projection).
+FUSEDRNN_HOST_DEVICE constexpr int gate_count(CellKind cell) {
+  return cell == CellKind::kLstm ? 4 : cell == CellKind::kGru ? 3 : 1;
+}
+
+// Number of H-wide blocks per (t, b) that forward saves for backward in `gates`:
+// LSTM saves i, f, g, o (post-activation); GRU saves r, z, n (post-activation) and
+// W_hn h + b_hn; the Elman RNN saves nothing (backward reads h_t from `out`).
+FUSEDRNN_HOST_DEVICE constexpr int saved_gate_count(CellKind cell) {
+  return cell == CellKind::kLstm ? 4 : cell == CellKind::kGru ? 4 : 0;
+}
+
+inline const char* cell_name(CellKind cell) {
+  switch (cell) {
+    case CellKind::kLstm: return "lstm";
+    case CellKind::kGru: return "gru";
+    case CellKind::kRnnTanh: return "rnn_tanh";
+    case CellKind::kRnnRelu: return "rnn_relu";
+  }
+  return "unknown";
+}
+
+inline const char* dtype_name(DType dtype) {
+  switch (dtype) {
+    case DType::kFloat32: return "float32";
+    case DType::kFloat64: return "float64";
+    case DType::kFloat16: return "float16";
+    case DType::kBFloat16: return "bfloat16";
+  }
+  return "unknown";
+}
+
+}  // namespace fusedrnn

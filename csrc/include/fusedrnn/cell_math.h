@@ -1,0 +1,122 @@
+// The cell formulas: the only place in fusedrnn where LSTM, GRU and Elman-RNN math is written.
+// Every backend (CPU, CUDA, emulator) calls these per (batch row, hidden unit) after it has formed
+// the pre-activations; `Acc` is the accumulation type (float for fp32/fp16/bf16, double for fp64).
+//
+// Pre-activations follow torch: for gate k, x_k = (x W_ih^T + b_ih)_k and h_k = (h W_hh^T + b_hh)_k.
+//   LSTM: i = s(x_i + h_i), f = s(x_f + h_f), g = tanh(x_g + h_g), o = s(x_o + h_o)
+//         c' = f c + i g, r = o tanh(c'), h' = r (or r W_hr^T with proj_size)
+//   GRU:  r = s(x_r + h_r), z = s(x_z + h_z), n = tanh(x_n + r h_n), h' = (1 - z) n + z h
+//   RNN:  h' = tanh(x + h) or relu(x + h)
+#pragma once
+
+#include <cmath>
+
+#include "fusedrnn/cell_kind.h"
+#include "fusedrnn/macros.h"
+
+namespace fusedrnn {
+
+FUSEDRNN_HOST_DEVICE float act_tanh(float x) { return tanhf(x); }
+FUSEDRNN_HOST_DEVICE double act_tanh(double x) { return tanh(x); }
+FUSEDRNN_HOST_DEVICE float act_sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+FUSEDRNN_HOST_DEVICE double act_sigmoid(double x) { return 1.0 / (1.0 + exp(-x)); }
+template <typename Acc>
+FUSEDRNN_HOST_DEVICE Acc act_relu(Acc x) { return x > Acc(0) ? x : Acc(0); }
+
+// ---------------------------------------------------------------- LSTM
+template <typename Acc>
+struct LstmGates {
+  Acc i, f, g, o;  // post-activation
+};
+
+// pre_* = x_k + h_k. Returns the gates; writes the new cell state and r = o tanh(c').
+template <typename Acc>
+FUSEDRNN_HOST_DEVICE LstmGates<Acc> lstm_forward(Acc pre_i, Acc pre_f, Acc pre_g, Acc pre_o,
+                                                 Acc c_prev, Acc& c_next, Acc& r) {
+  LstmGates<Acc> gate{act_sigmoid(pre_i), act_sigmoid(pre_f), act_tanh(pre_g),
+                      act_sigmoid(pre_o)};
+  c_next = gate.f * c_prev + gate.i * gate.g;
+  r = gate.o * act_tanh(c_next);
+  return gate;
+}
+
+template <typename Acc>
+struct LstmGrads {
+  Acc d_i, d_f, d_g, d_o;  // gradients w.r.t. the pre-activations (x_k + h_k)
+  Acc d_c_prev;            // gradient w.r.t. c_{t-1}
+};
+
+// d_r: gradient w.r.t. r = o tanh(c) (equal to dh without projection);
+// d_c: gradient reaching c_t from step t+1 (and from c_n).
+template <typename Acc>
+FUSEDRNN_HOST_DEVICE LstmGrads<Acc> lstm_backward(const LstmGates<Acc>& gate, Acc c, Acc c_prev,
+                                                  Acc d_r, Acc d_c) {
+  const Acc tanh_c = act_tanh(c);
+  const Acc d_c_total = d_c + d_r * gate.o * (Acc(1) - tanh_c * tanh_c);
+  LstmGrads<Acc> grad;
+  grad.d_o = d_r * tanh_c * gate.o * (Acc(1) - gate.o);
+  grad.d_i = d_c_total * gate.g * gate.i * (Acc(1) - gate.i);
+  grad.d_f = d_c_total * c_prev * gate.f * (Acc(1) - gate.f);
+  grad.d_g = d_c_total * gate.i * (Acc(1) - gate.g * gate.g);
+  grad.d_c_prev = d_c_total * gate.f;
+  return grad;
+}
+
+// ---------------------------------------------------------------- GRU
+template <typename Acc>
+struct GruGates {
+  Acc r, z, n;  // post-activation
+  Acc h_n;      // W_hn h + b_hn, saved because dr needs it
+};
+
+// x_*: input projection (with b_ih); h_*: recurrent product (with b_hh). Writes h'.
+template <typename Acc>
+FUSEDRNN_HOST_DEVICE GruGates<Acc> gru_forward(Acc x_r, Acc x_z, Acc x_n, Acc h_r, Acc h_z,
+                                               Acc h_n, Acc h_prev, Acc& h_next) {
+  GruGates<Acc> gate;
+  gate.r = act_sigmoid(x_r + h_r);
+  gate.z = act_sigmoid(x_z + h_z);
+  gate.n = act_tanh(x_n + gate.r * h_n);
+  gate.h_n = h_n;
+  h_next = (Acc(1) - gate.z) * gate.n + gate.z * h_prev;
+  return gate;
+}
+
+template <typename Acc>
+struct GruGrads {
+  Acc dx_r, dx_z, dx_n;  // w.r.t. the input projection
+  Acc dh_r, dh_z, dh_n;  // w.r.t. the recurrent product (dh_r == dx_r, dh_z == dx_z)
+  Acc d_h_prev_direct;   // the part of dh_{t-1} that does not go through W_hh
+};
+
+// d_h: total gradient w.r.t. h_t.
+template <typename Acc>
+FUSEDRNN_HOST_DEVICE GruGrads<Acc> gru_backward(const GruGates<Acc>& gate, Acc h_prev, Acc d_h) {
+  GruGrads<Acc> grad;
+  const Acc d_n = d_h * (Acc(1) - gate.z);
+  const Acc d_z = d_h * (h_prev - gate.n);
+  grad.d_h_prev_direct = d_h * gate.z;
+  grad.dx_n = d_n * (Acc(1) - gate.n * gate.n);
+  grad.dh_n = grad.dx_n * gate.r;
+  const Acc d_r = grad.dx_n * gate.h_n;
+  grad.dx_r = d_r * gate.r * (Acc(1) - gate.r);
+  grad.dx_z = d_z * gate.z * (Acc(1) - gate.z);
+  grad.dh_r = grad.dx_r;
+  grad.dh_z = grad.dx_z;
+  return grad;
+}
+
+// ---------------------------------------------------------------- Elman RNN
+template <typename Acc>
+FUSEDRNN_HOST_DEVICE Acc rnn_forward(CellKind cell, Acc pre) {
+  return cell == CellKind::kRnnRelu ? act_relu(pre) : act_tanh(pre);
+}
+
+// Gradient w.r.t. the pre-activation, from h' = act(pre) and d_h.
+template <typename Acc>
+FUSEDRNN_HOST_DEVICE Acc rnn_backward(CellKind cell, Acc h_next, Acc d_h) {
+  return cell == CellKind::kRnnRelu ? (h_next > Acc(0) ? d_h : Acc(0))
+                                    : d_h * (Acc(1) - h_next * h_next);
+}
+
+}  // namespace fusedrnn
