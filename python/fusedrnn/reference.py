@@ -1,0 +1,92 @@
+"""Plain-PyTorch LSTM, GRU and Elman RNN: the oracle every fusedrnn kernel is tested against.
+
+Written as a step loop that reads like the textbook equations (and like torch.nn's docs), with no
+native code and no cleverness, so that a reader can check it line by line. It is differentiable
+through autograd, which gives the reference gradients. Tests pin it to torch.nn (same weights, same
+outputs and gradients in float64).
+
+Gate order is torch's: LSTM i, f, g, o; GRU r, z, n.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+def lstm_cell(x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tensor,
+              b_ih: Optional[Tensor], b_hh: Optional[Tensor], w_hr: Optional[Tensor] = None):
+    """One LSTM step. x [B, I], h [B, P], c [B, H] -> (h' [B, P], c' [B, H])."""
+    gates = _affine(x, w_ih, b_ih) + _affine(h, w_hh, b_hh)
+    i, f, g, o = gates.chunk(4, dim=1)
+    i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+    c_next = f * c + i * g
+    h_next = o * torch.tanh(c_next)
+    if w_hr is not None:
+        h_next = h_next @ w_hr.t()
+    return h_next, c_next
+
+
+def gru_cell(x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor,
+             b_ih: Optional[Tensor], b_hh: Optional[Tensor]) -> Tensor:
+    """One GRU step. x [B, I], h [B, H] -> h' [B, H]."""
+    x_r, x_z, x_n = _affine(x, w_ih, b_ih).chunk(3, dim=1)
+    h_r, h_z, h_n = _affine(h, w_hh, b_hh).chunk(3, dim=1)
+    r = torch.sigmoid(x_r + h_r)
+    z = torch.sigmoid(x_z + h_z)
+    n = torch.tanh(x_n + r * h_n)
+    return (1 - z) * n + z * h
+
+
+def rnn_cell(x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
+             b_hh: Optional[Tensor], nonlinearity: str = "tanh") -> Tensor:
+    """One Elman RNN step. x [B, I], h [B, H] -> h' [B, H]."""
+    pre = _affine(x, w_ih, b_ih) + _affine(h, w_hh, b_hh)
+    return torch.tanh(pre) if nonlinearity == "tanh" else torch.relu(pre)
+
+
+def rnn_layer(cell: str, x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
+              b_hh: Optional[Tensor], w_hr: Optional[Tensor], h0: Optional[Tensor],
+              c0: Optional[Tensor], lengths: Optional[Tensor] = None, reverse: bool = False):
+    """One layer, one direction over a padded time-major sequence.
+
+    cell: 'lstm', 'gru', 'rnn_tanh' or 'rnn_relu'. x [T, B, I]; h0 [B, P] and c0 [B, H] (LSTM)
+    default to zeros. lengths [B] (int, each in [1, T]) marks sequence b valid at t < lengths[b]:
+    past it the state of b stays unchanged and its output is zero; the reverse direction starts at
+    each sequence's last valid step. Returns (out [T, B, P], h_n [B, P], c_n [B, H] or None).
+    """
+    seq_len, batch = x.shape[0], x.shape[1]
+    hidden = w_hh.shape[0] // {"lstm": 4, "gru": 3}.get(cell, 1)
+    state = w_hh.shape[1]
+    h = h0 if h0 is not None else x.new_zeros(batch, state)
+    c = None
+    if cell == "lstm":
+        c = c0 if c0 is not None else x.new_zeros(batch, hidden)
+    steps = range(seq_len - 1, -1, -1) if reverse else range(seq_len)
+    outputs: list[Optional[Tensor]] = [None] * seq_len
+    for t in steps:
+        if cell == "lstm":
+            h_next, c_next = lstm_cell(x[t], h, c, w_ih, w_hh, b_ih, b_hh, w_hr)
+        elif cell == "gru":
+            h_next, c_next = gru_cell(x[t], h, w_ih, w_hh, b_ih, b_hh), None
+        else:
+            nonlinearity = "tanh" if cell == "rnn_tanh" else "relu"
+            h_next, c_next = rnn_cell(x[t], h, w_ih, w_hh, b_ih, b_hh, nonlinearity), None
+        if lengths is None:
+            h, c = h_next, c_next
+            outputs[t] = h
+        else:
+            # Padded steps keep the state and emit zeros. Because the state is unchanged until a
+            # sequence's first valid step, the reverse direction starts from h0 at lengths[b]-1.
+            valid = (t < lengths).to(x.device).unsqueeze(1)
+            h = torch.where(valid, h_next, h)
+            if c is not None:
+                c = torch.where(valid, c_next, c)
+            outputs[t] = torch.where(valid, h_next, torch.zeros_like(h_next))
+    return torch.stack(outputs), h, c
+
+
+def _affine(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    y = x @ weight.t()
+    return y + bias if bias is not None else y
