@@ -1,0 +1,137 @@
+"""Command line of ``python -m fusedrnn.bench``."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+import torch
+
+from . import configs as config_registry
+from . import harness, impls, machine, report
+from .plot import PlotUnavailable, plot_speedups, require_matplotlib
+from .progress import Progress
+from .timing import Plan
+
+# Timed seconds per (configuration, mode) cell, per device; repeats follow from it.
+DEFAULT_BUDGET_S = {"cpu": 2.0, "cuda": 1.0}
+EXIT_WRONG = 1      # a fusedrnn row crashed or was outside its accuracy tolerance
+EXIT_USAGE = 2
+
+
+def _csv(text: Optional[str]) -> Optional[List[str]]:
+    return [t for t in (s.strip() for s in text.split(",")) if t] if text else None
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m fusedrnn.bench",
+        description="Time fusedrnn against torch.nn (and the reference loop, FlashRNN, haste) in inference "
+                    "and training mode; check every fusedrnn result against torch.nn in float64.",
+        epilog="Exit status: 0 ok, 1 a fusedrnn row failed or was outside its accuracy tolerance, 2 bad usage.")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="where to run (default: cuda when available, else cpu)")
+    p.add_argument("--preset", default="quick", choices=sorted(config_registry.PRESETS),
+                   help="configuration list (see --list); default quick")
+    p.add_argument("--cell", help="only these cells, comma-separated: lstm,gru,rnn_tanh,rnn_relu (rnn = rnn_tanh)")
+    p.add_argument("--dtype", help="run every configuration in these dtypes instead, comma-separated: "
+                                   "fp32,fp64,fp16,bf16")
+    p.add_argument("--only", metavar="SUBSTRING", help="only configurations whose name contains SUBSTRING")
+    p.add_argument("--impls", help=f"implementations, comma-separated (torch is always added): "
+                                   f"{','.join(impls.DEFAULT_ORDER)}; default all that are available")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads(N) before timing (default: torch's default)")
+    p.add_argument("--repeats", type=int, help="timed calls per implementation and cell (default: adaptive, "
+                                               "from --budget)")
+    p.add_argument("--budget", type=float, help="timed seconds per configuration and mode, shared by all "
+                                                "implementations (default: 2 on cpu, 1 on cuda)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls per implementation first (default 2)")
+    p.add_argument("--input-sets", type=int, default=3, help="distinct random input sets cycled through (default 3)")
+    p.add_argument("--no-check", action="store_true", help="skip the float64 accuracy check (timing only)")
+    p.add_argument("--json", metavar="PATH", help="write machine, settings and every result row as JSON")
+    p.add_argument("--markdown", metavar="PATH", help="write the header and table as markdown")
+    p.add_argument("--plot", metavar="PATH", help="write a PNG chart of speed-ups (needs matplotlib)")
+    p.add_argument("--list", action="store_true", help="list presets, their configurations and implementations")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def list_everything(device: torch.device) -> str:
+    lines = ["presets:"]
+    for name, cfgs in config_registry.PRESETS.items():
+        lines.append(f"  {name}: {config_registry.PRESET_HELP[name]}")
+        for c in cfgs:
+            lines.append(f"    {c.name:40s} {','.join(c.modes)}" + ("  (cuda only)" if c.cuda_only else ""))
+    lines.append(f"implementations on {device.type}:")
+    for name in impls.DEFAULT_ORDER:
+        why = impls.REGISTRY[name].unavailable(device)
+        lines.append(f"  {name:10s} {'available' if why is None else 'unavailable: ' + why}")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parser().parse_args(argv)
+    device_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device_name == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but torch sees no CUDA GPU (torch.cuda.is_available() is False)", file=sys.stderr)
+        return EXIT_USAGE
+    device = torch.device(device_name)
+    if args.list:
+        print(list_everything(device))
+        return 0
+    for name in ("threads", "repeats", "warmup", "input_sets"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "warmup" else 1):
+            print(f"error: --{name.replace('_', '-')} must be >= {0 if name == 'warmup' else 1}, got {value}",
+                  file=sys.stderr)
+            return EXIT_USAGE
+    if args.plot:
+        try:
+            require_matplotlib()  # before a long run, not after it
+        except PlotUnavailable as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    try:
+        configs, notes = config_registry.select(args.preset, device_name, _csv(args.cell), _csv(args.dtype), args.only)
+        impl_names = impls.parse_impls(args.impls)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if not configs:
+        print("error: no configuration left after --cell/--dtype/--only filters", file=sys.stderr)
+        return EXIT_USAGE
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    plan = Plan(warmup=args.warmup, repeats=args.repeats, input_sets=args.input_sets,
+                budget_s=args.budget if args.budget is not None else DEFAULT_BUDGET_S[device_name])
+    info = machine.collect(device_name)
+    clock = "CUDA events" if device.type == "cuda" else f"wall clock, {torch.get_num_threads()} torch threads"
+    repeats = f"{plan.repeats} repeats" if plan.repeats else f"repeats adaptive ({plan.min_repeats}-{plan.max_repeats}, ~{plan.budget_s:g} s per cell)"
+    settings = {"preset": args.preset, "device": device_name, "configs": len(configs), "impls": impl_names,
+                "threads": torch.get_num_threads(), "warmup": plan.warmup, "repeats": plan.repeats,
+                "budget_s": plan.budget_s, "input_sets": plan.input_sets, "accuracy_check": not args.no_check,
+                "timing": f"{clock}; warm-up {plan.warmup}; {repeats}; {plan.input_sets} input sets; "
+                          f"implementations interleaved; median and IQR"}
+    print(report.header_text(info, settings))
+    print(flush=True)
+
+    progress = Progress(sum(len(c.modes) for c in configs), enabled=not args.quiet)
+    outcome = harness.run(configs, impl_names, device, plan, progress, check=not args.no_check)
+    outcome.notes[:0] = notes
+
+    print(report.format_table(outcome.results))
+    print()
+    for line in report.summary_lines(outcome):
+        print(line)
+    data = report.payload(info, settings, outcome)
+    if args.json:
+        report.write_json(args.json, data)
+        print(f"wrote {args.json}")
+    if args.markdown:
+        report.write_markdown(args.markdown, info, settings, outcome)
+        print(f"wrote {args.markdown}")
+    if args.plot:
+        title = f"fusedrnn vs torch.nn, {args.preset} on {info.get('gpu') or info['cpu']}"
+        plot_speedups(outcome.results, args.plot, title)
+        print(f"wrote {args.plot}")
+    return EXIT_WRONG if outcome.fused_failures else 0

@@ -1,0 +1,238 @@
+"""Benchmark configurations and the presets that group them.
+
+A configuration is one network shape (cell, layers, directions, sizes, dtype, packing) plus the
+modes it is timed in. Presets are plain lists in a registry, so adding a shape is one line.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
+MODES = ("inference", "training")
+# Short names users type -> torch dtype attribute names.
+DTYPE_ALIASES = {
+    "fp32": "float32", "float32": "float32", "float": "float32",
+    "fp64": "float64", "float64": "float64", "double": "float64",
+    "fp16": "float16", "float16": "float16", "half": "float16",
+    "bf16": "bfloat16", "bfloat16": "bfloat16",
+}
+DTYPE_SHORT = {"float32": "fp32", "float64": "fp64", "float16": "fp16", "bfloat16": "bf16"}
+HALF_DTYPES = ("float16", "bfloat16")
+
+
+def canonical_dtype(name: str) -> str:
+    key = name.strip().lower()
+    if key not in DTYPE_ALIASES:
+        raise ValueError(f"--dtype: unknown dtype {name!r}; expected one of "
+                         f"{sorted(set(DTYPE_ALIASES))}")
+    return DTYPE_ALIASES[key]
+
+
+def canonical_cell(name: str) -> str:
+    key = name.strip().lower()
+    key = {"rnn": "rnn_tanh", "tanh": "rnn_tanh", "relu": "rnn_relu", "elman": "rnn_tanh"}.get(key, key)
+    if key not in CELLS:
+        raise ValueError(f"--cell: unknown cell {name!r}; expected one of {list(CELLS)} (or 'rnn')")
+    return key
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One benchmarked network. Sequence-first layout [T, B, I], like torch.nn's default."""
+    cell: str                      # lstm | gru | rnn_tanh | rnn_relu
+    seq_len: int                   # T (the longest sequence when packed)
+    batch: int                     # B
+    hidden: int                    # H
+    input_size: Optional[int] = None   # I; None means I = H
+    layers: int = 1
+    bidirectional: bool = False
+    proj_size: int = 0             # LSTM only
+    packed: bool = False           # variable lengths through a PackedSequence
+    dtype: str = "float32"
+    modes: Tuple[str, ...] = MODES
+    cuda_only: bool = False        # shapes that only make sense on a GPU (the anchor in fp16)
+
+    def __post_init__(self):
+        if self.cell not in CELLS:
+            raise ValueError(f"cell must be one of {CELLS}, got {self.cell!r}")
+        if self.proj_size and self.cell != "lstm":
+            raise ValueError(f"proj_size is LSTM only, got cell={self.cell!r} proj_size={self.proj_size}")
+        for mode in self.modes:
+            if mode not in MODES:
+                raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        for name in ("seq_len", "batch", "hidden", "layers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def in_size(self) -> int:
+        return self.input_size if self.input_size is not None else self.hidden
+
+    @property
+    def directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    @property
+    def state_size(self) -> int:
+        """P: the size of h (proj_size when the LSTM projects)."""
+        return self.proj_size or self.hidden
+
+    @property
+    def name(self) -> str:
+        """A readable id, e.g. lstm-L2-bi-B32-T100-I256-H256-fp32."""
+        parts = [self.cell.replace("_", "-")]
+        if self.layers > 1:
+            parts.append(f"L{self.layers}")
+        if self.bidirectional:
+            parts.append("bi")
+        parts += [f"B{self.batch}", f"T{self.seq_len}"]
+        if self.input_size is not None and self.input_size != self.hidden:
+            parts.append(f"I{self.input_size}")
+        parts.append(f"H{self.hidden}")
+        if self.proj_size:
+            parts.append(f"P{self.proj_size}")
+        if self.packed:
+            parts.append("packed")
+        parts.append(DTYPE_SHORT[self.dtype])
+        return "-".join(parts)
+
+    def module_kwargs(self) -> dict:
+        """The constructor arguments shared by torch.nn and fusedrnn modules."""
+        kw = dict(input_size=self.in_size, hidden_size=self.hidden, num_layers=self.layers,
+                  bidirectional=self.bidirectional)
+        if self.proj_size:
+            kw["proj_size"] = self.proj_size
+        if self.cell.startswith("rnn_"):
+            kw["nonlinearity"] = self.cell[len("rnn_"):]
+        return kw
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["input_size"] = self.in_size
+        d["modes"] = list(self.modes)
+        d["name"] = self.name
+        return d
+
+    def replace(self, **changes) -> "BenchConfig":
+        return dataclasses.replace(self, **changes)
+
+
+INF = ("inference",)
+TRAIN = ("training",)
+BOTH = MODES
+
+
+def _c(cell, T, B, H, modes=BOTH, **kw) -> BenchConfig:
+    return BenchConfig(cell=cell, seq_len=T, batch=B, hidden=H, modes=modes, **kw)
+
+
+# The CPU targets of issue 4, each exactly as the issue states it (ratios against torch.nn).
+ISSUE4_TARGETS: List[BenchConfig] = [
+    _c("lstm", 100, 1, 64, INF),
+    _c("lstm", 100, 1, 128, INF),
+    _c("gru", 100, 1, 128, TRAIN),
+    _c("gru", 100, 16, 256, TRAIN),
+    _c("lstm", 100, 32, 256, TRAIN, layers=2, bidirectional=True),
+    _c("lstm", 50, 64, 512, TRAIN, input_size=512),
+]
+
+QUICK: List[BenchConfig] = [
+    _c("lstm", 100, 1, 64, INF),
+    _c("lstm", 100, 1, 128, INF),
+    _c("gru", 100, 1, 128, TRAIN),
+    _c("lstm", 50, 8, 128, TRAIN),
+]
+
+STANDARD: List[BenchConfig] = ISSUE4_TARGETS + [
+    # Small-batch inference: per-step overhead dominates (B=1, T=100..1000, H=64..512).
+    _c("lstm", 100, 1, 256, INF),
+    _c("lstm", 100, 1, 512, INF),
+    _c("lstm", 1000, 1, 64, INF),
+    _c("lstm", 1000, 1, 256, INF),
+    _c("gru", 100, 1, 256, INF),
+    _c("gru", 1000, 1, 128, INF),
+    _c("rnn_tanh", 100, 1, 256, INF),
+    _c("rnn_relu", 1000, 1, 128, INF),
+    _c("lstm", 100, 1, 256, INF, proj_size=128),
+    _c("lstm", 100, 1, 128, INF, layers=2, bidirectional=True),
+    # Training at B=64 (T=50..200, H=256..1024): GEMM-heavy, torch is near peak here.
+    _c("lstm", 50, 64, 256, TRAIN),
+    _c("lstm", 200, 64, 256, TRAIN),
+    _c("lstm", 100, 64, 1024, TRAIN),
+    _c("gru", 100, 64, 512, TRAIN),
+    _c("rnn_tanh", 200, 64, 512, TRAIN),
+    _c("lstm", 50, 64, 256, TRAIN, layers=2, bidirectional=True),
+    # Packed variable-length batches.
+    _c("lstm", 100, 32, 256, BOTH, packed=True),
+    _c("gru", 200, 16, 256, INF, packed=True),
+]
+
+# The published comparison point (DESIGN.md): H100, LSTM B=16 T=1024 H=768.
+ANCHOR: List[BenchConfig] = [
+    _c("lstm", 1024, 16, 768, BOTH, dtype="float16", cuda_only=True),
+    _c("lstm", 1024, 16, 768, BOTH, dtype="bfloat16", cuda_only=True),
+    _c("lstm", 1024, 16, 768, BOTH, dtype="float32"),
+]
+
+# What bench/gpu_check.sh runs: the anchor plus the shapes where cuDNN leaves its fast path.
+GPU: List[BenchConfig] = ANCHOR + [
+    _c("lstm", 1024, 16, 768, BOTH, dtype="bfloat16", layers=2, bidirectional=True, cuda_only=True),
+    _c("lstm", 100, 1, 256, INF),
+    _c("lstm", 1000, 1, 1024, INF),
+    _c("gru", 1024, 16, 768, BOTH, dtype="bfloat16", cuda_only=True),
+    _c("gru", 1024, 16, 768, BOTH),
+    _c("rnn_tanh", 1024, 16, 1024, BOTH),
+    _c("lstm", 512, 64, 1024, BOTH, dtype="bfloat16", cuda_only=True),
+    _c("lstm", 256, 32, 512, BOTH, proj_size=256),
+    _c("lstm", 512, 32, 512, BOTH, packed=True),
+    _c("lstm", 256, 16, 2048, BOTH, dtype="bfloat16", cuda_only=True),  # W_hh streams from L2
+]
+
+PRESETS: Dict[str, List[BenchConfig]] = {
+    "quick": QUICK,
+    "standard": STANDARD,
+    "anchor": ANCHOR,
+    "gpu": GPU,
+}
+
+PRESET_HELP = {
+    "quick": "a few small CPU-relevant shapes, under 3 minutes on a 2-core CPU",
+    "standard": "issue 4: small-batch inference, B=64 training, GRU/RNN, bidirectional, packed, the CPU targets",
+    "anchor": "LSTM B=16 T=1024 H=768 in fp16, bf16 (CUDA) and fp32",
+    "gpu": "the anchor plus GPU shapes where cuDNN leaves its fast path (bench/gpu_check.sh)",
+}
+
+
+def select(preset: str, device: str, cells: Optional[Sequence[str]] = None,
+           dtypes: Optional[Sequence[str]] = None, only: Optional[str] = None
+           ) -> Tuple[List[BenchConfig], List[str]]:
+    """The configurations to run and a note for each one left out.
+
+    cells filters; dtypes replaces every configuration's dtype (a cross product, deduplicated);
+    only keeps configurations whose name contains that substring.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"--preset: unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
+    notes: List[str] = []
+    configs = list(PRESETS[preset])
+    if cells:
+        wanted = {canonical_cell(c) for c in cells}
+        configs = [c for c in configs if c.cell in wanted]
+    if dtypes:
+        wanted_dtypes = [canonical_dtype(d) for d in dtypes]
+        configs = [c.replace(dtype=d) for c in configs for d in wanted_dtypes]
+    if only:
+        configs = [c for c in configs if only in c.name]
+    chosen: List[BenchConfig] = []
+    seen = set()
+    for c in configs:
+        if c in seen:
+            continue
+        seen.add(c)
+        if device == "cpu" and c.cuda_only and not dtypes:
+            notes.append(f"{c.name}: CUDA-only configuration, skipped on cpu")
+            continue
+        chosen.append(c)
+    return chosen, notes

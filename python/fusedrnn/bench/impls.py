@@ -1,0 +1,270 @@
+"""The implementations a benchmark compares, behind one small interface.
+
+Every implementation turns (config, the torch.nn module that holds the weights) into a callable
+with torch.nn's calling convention: ``module(x_or_packed, state) -> (output, state)``. fusedrnn,
+torch and the reference share the torch module's weights, so their outputs can be compared;
+third-party libraries (FlashRNN, haste) use their own weights and are timed only.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from .configs import BenchConfig
+
+TORCH_CLASSES = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn_tanh": nn.RNN, "rnn_relu": nn.RNN}
+# The reference runs one Python step per time step and layer; past this many it is too slow to
+# be worth timing next to kernels.
+REFERENCE_MAX_STEPS = 400
+
+
+def build_torch_module(cfg: BenchConfig, device, dtype, seed: int = 0) -> nn.Module:
+    """The torch.nn module whose weights every comparable implementation loads."""
+    torch.manual_seed(seed)
+    module = TORCH_CLASSES[cfg.cell](**cfg.module_kwargs())
+    return module.to(device=device, dtype=dtype)
+
+
+def fused_module_class(cell: str):
+    """fusedrnn.LSTM / GRU / RNN (looked up at call time so tests can stand in for it)."""
+    import fusedrnn
+    name = {"lstm": "LSTM", "gru": "GRU", "rnn_tanh": "RNN", "rnn_relu": "RNN"}[cell]
+    cls = getattr(fusedrnn, name, None)
+    if cls is None:
+        raise ImportError(f"fusedrnn has no {name} yet (python/fusedrnn/modules.py not built in)")
+    return cls
+
+
+def native_backend_problem(device: torch.device):
+    """Why fusedrnn's native module for `device` cannot load, or None (tests stand in for it too)."""
+    try:
+        from fusedrnn import _backend
+        _backend.module_for(device)  # raises, saying what to build, when the native module is missing
+    except Exception as exc:
+        return f"no native backend for {device.type} ({exc})"
+    return None
+
+
+class Impl:
+    """One implementation. Subclasses override what differs."""
+    name = "?"
+    shares_weights = True      # rows carry max_rel_err against float64 torch.nn
+    silent_when_missing = False
+
+    def unavailable(self, device: torch.device) -> Optional[str]:
+        """Why this implementation cannot run on `device` at all, or None."""
+        return None
+
+    def skip_reason(self, cfg: BenchConfig, mode: str, device: torch.device) -> Optional[str]:
+        """Why this configuration is left out for this implementation, or None."""
+        return None
+
+    def build(self, cfg: BenchConfig, reference_module: nn.Module) -> Callable:
+        raise NotImplementedError
+
+
+class TorchImpl(Impl):
+    name = "torch"
+
+    def build(self, cfg, reference_module):
+        return reference_module
+
+
+class FusedImpl(Impl):
+    name = "fusedrnn"
+
+    def unavailable(self, device):
+        try:
+            fused_module_class("lstm")
+        except Exception as exc:
+            return f"fusedrnn modules not importable ({type(exc).__name__}: {exc})"
+        return native_backend_problem(device)
+
+    def build(self, cfg, reference_module):
+        p = next(reference_module.parameters())
+        module = fused_module_class(cfg.cell)(**cfg.module_kwargs()).to(device=p.device, dtype=p.dtype)
+        module.load_state_dict(reference_module.state_dict())
+        return module
+
+
+class ReferenceImpl(Impl):
+    name = "reference"
+
+    def unavailable(self, device):
+        try:
+            ref = importlib.import_module("fusedrnn.reference")
+        except Exception as exc:
+            return f"fusedrnn.reference not importable ({type(exc).__name__}: {exc})"
+        if not hasattr(ref, "rnn_layer"):
+            return "fusedrnn.reference has no rnn_layer"
+        return None
+
+    def skip_reason(self, cfg, mode, device):
+        steps = cfg.seq_len * cfg.layers * cfg.directions
+        if steps > REFERENCE_MAX_STEPS:
+            return f"step loop too slow to time: T*layers*directions = {steps} > {REFERENCE_MAX_STEPS}"
+        return None
+
+    def build(self, cfg, reference_module):
+        return ReferenceStack(cfg, reference_module)
+
+
+class ReferenceStack(nn.Module):
+    """A torch.nn-style multi-layer module over fusedrnn.reference.rnn_layer (one layer, one
+    direction per call), reading the weights of the torch module it wraps."""
+
+    def __init__(self, cfg: BenchConfig, weights_from: nn.Module):
+        super().__init__()
+        self.cfg = cfg
+        self.src = weights_from
+        ref = importlib.import_module("fusedrnn.reference")
+        self.rnn_layer = ref.rnn_layer
+        # The whole-network API (reference.rnn + weights_of) when this version has it.
+        has_network = hasattr(ref, "rnn") and hasattr(ref, "weights_of")
+        self.whole_network = ref.rnn if has_network else None
+        self.weights_of = ref.weights_of if has_network else None
+
+    def _w(self, name: str):
+        return getattr(self.src, name, None)
+
+    def forward(self, x, state):
+        cfg = self.cfg
+        packed = isinstance(x, PackedSequence)
+        lengths = None
+        if packed:
+            x, lengths = pad_packed_sequence(x)   # lengths on the CPU, in the original batch order
+        if self.whole_network is not None:
+            out, h_n, c_n = self.whole_network(
+                cfg.cell, x, self.weights_of(self.src), state, num_layers=cfg.layers,
+                bidirectional=cfg.bidirectional, lengths=lengths)
+        else:
+            out, h_n, c_n = self._stack(x, state, lengths)
+        if packed:
+            out = pack_padded_sequence(out, lengths, enforce_sorted=False)
+        return out, ((h_n, c_n) if c_n is not None else h_n)
+
+    def _stack(self, x, state, lengths):
+        """Layers and directions over rnn_layer, for a reference without the whole-network API."""
+        cfg = self.cfg
+        h0, c0 = state if isinstance(state, tuple) else (state, None)
+        hn, cn = [], []
+        for layer in range(cfg.layers):
+            outs = []
+            for direction in range(cfg.directions):
+                sfx = f"l{layer}" + ("_reverse" if direction else "")
+                k = layer * cfg.directions + direction
+                out, h, c = self.rnn_layer(
+                    cfg.cell, x, self._w(f"weight_ih_{sfx}"), self._w(f"weight_hh_{sfx}"),
+                    self._w(f"bias_ih_{sfx}"), self._w(f"bias_hh_{sfx}"), self._w(f"weight_hr_{sfx}"),
+                    h0[k], None if c0 is None else c0[k], lengths, bool(direction))
+                outs.append(out)
+                hn.append(h)
+                if c is not None:
+                    cn.append(c)
+            x = torch.cat(outs, dim=2)
+        return x, torch.stack(hn), (torch.stack(cn) if cn else None)
+
+
+def _single_layer_dense(cfg: BenchConfig) -> Optional[str]:
+    if cfg.layers != 1 or cfg.bidirectional or cfg.packed or cfg.proj_size:
+        return "supports one layer, one direction, no packing, no projection"
+    return None
+
+
+class FlashRnnImpl(Impl):
+    """FlashRNN's fused CUDA kernel (timing only; its own weights). One head of size H; the input
+    projection runs in torch inside the timed call, so the work matches the other rows."""
+    name = "flashrnn"
+    shares_weights = False
+    silent_when_missing = True
+    FUNCTIONS = {"lstm": ("lstm", 4, 2), "gru": ("gru", 3, 1), "rnn_tanh": ("elman", 1, 1)}
+
+    def unavailable(self, device):
+        if device.type != "cuda":
+            return "CUDA only"
+        try:
+            importlib.import_module("flashrnn")
+        except Exception:
+            return "not installed"
+        return None
+
+    def skip_reason(self, cfg, mode, device):
+        if cfg.cell not in self.FUNCTIONS:
+            return f"no {cfg.cell} in FlashRNN"
+        return _single_layer_dense(cfg)
+
+    def build(self, cfg, reference_module):
+        flashrnn = importlib.import_module("flashrnn").flashrnn
+        function, gates, states = self.FUNCTIONS[cfg.cell]
+        p = next(reference_module.parameters())
+        H = cfg.hidden
+        w_ih = nn.Parameter(reference_module.weight_ih_l0.detach().clone())
+        R = nn.Parameter(torch.randn(gates, 1, H, H, device=p.device, dtype=p.dtype) / H ** 0.5)
+        b = nn.Parameter(torch.zeros(gates, 1, H, device=p.device, dtype=p.dtype))
+
+        def run(x, state):
+            T, B, _ = x.shape
+            wx = torch.nn.functional.linear(x, w_ih).view(T, B, gates, 1, H).transpose(0, 1)
+            h0 = state[0] if isinstance(state, tuple) else state
+            s0 = h0.view(1, B, 1, 1, H).expand(states, B, 1, 1, H).contiguous()
+            seq, last = flashrnn(wx, R, b, states=s0, function=function, backend="cuda_fused")
+            out = seq[0].reshape(B, T, H).transpose(0, 1)
+            h_n = last[0].reshape(1, B, H)
+            return out, ((h_n, last[1].reshape(1, B, H)) if states == 2 else h_n)
+
+        run.parameters = lambda: iter([w_ih, R, b])
+        return run
+
+
+class HasteImpl(Impl):
+    """haste_pytorch's fused CUDA LSTM/GRU (timing only; its own weights)."""
+    name = "haste"
+    shares_weights = False
+    silent_when_missing = True
+
+    def unavailable(self, device):
+        if device.type != "cuda":
+            return "CUDA only"
+        try:
+            importlib.import_module("haste_pytorch")
+        except Exception:
+            return "not installed"
+        return None
+
+    def skip_reason(self, cfg, mode, device):
+        if cfg.cell not in ("lstm", "gru"):
+            return f"no {cfg.cell} in haste"
+        return _single_layer_dense(cfg)
+
+    def build(self, cfg, reference_module):
+        haste = importlib.import_module("haste_pytorch")
+        p = next(reference_module.parameters())
+        cls = haste.LSTM if cfg.cell == "lstm" else haste.GRU
+        module = cls(cfg.in_size, cfg.hidden).to(device=p.device, dtype=p.dtype)
+
+        def run(x, state):
+            return module(x)
+
+        run.parameters = module.parameters
+        return run
+
+
+REGISTRY: Dict[str, Impl] = {impl.name: impl for impl in (
+    FusedImpl(), TorchImpl(), ReferenceImpl(), FlashRnnImpl(), HasteImpl())}
+DEFAULT_ORDER: List[str] = ["fusedrnn", "torch", "reference", "flashrnn", "haste"]
+
+
+def parse_impls(spec: Optional[str]) -> List[str]:
+    if not spec:
+        return list(DEFAULT_ORDER)
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    for n in names:
+        if n not in REGISTRY:
+            raise ValueError(f"--impls: unknown implementation {n!r}; expected some of {DEFAULT_ORDER}")
+    if "torch" not in names:
+        names.append("torch")  # every speed-up and error is measured against torch.nn
+    return names

@@ -1,0 +1,156 @@
+"""The machine header: what ran the benchmark, so numbers are never separated from their source."""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import re
+import subprocess
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+
+
+def _run(cmd, cwd=None, timeout=10.0) -> Optional[str]:
+    try:
+        out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def cpu_simd() -> str:
+    """The widest x86 vector extensions the CPU reports (what the CPU kernels can dispatch to)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    m = re.search(r"^flags\s*:(.*)$", text, re.M)
+    flags = set(m.group(1).split()) if m else set()
+    found = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return " ".join(found) or "none of avx2/avx512"
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def package_dir() -> Path:
+    return Path(__file__).resolve().parent.parent
+
+
+def fusedrnn_version() -> str:
+    """From the installed metadata, else the checkout's pyproject.toml, else 'unknown'."""
+    try:
+        from importlib.metadata import version
+        return version("fusedrnn")
+    except Exception:
+        pass
+    for parent in package_dir().parents:
+        pyproject = parent / "pyproject.toml"
+        if pyproject.is_file():
+            m = re.search(r'^version\s*=\s*"([^"]+)"', pyproject.read_text(), re.M)
+            if m and 'name = "fusedrnn"' in pyproject.read_text():
+                return m.group(1)
+            break
+    return "unknown"
+
+
+def git_commit() -> Dict[str, object]:
+    """The commit of the checkout the package was imported from; 'unknown' outside a checkout."""
+    where = str(package_dir())
+    commit = _run(["git", "rev-parse", "HEAD"], cwd=where)
+    if not commit:
+        return {"commit": "unknown", "dirty": None}
+    status = _run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where)
+    return {"commit": commit, "dirty": bool(status) if status is not None else None}
+
+
+def gpu_info(device_index: int = 0) -> Dict[str, object]:
+    info: Dict[str, object] = {"gpu": None}
+    if not torch.cuda.is_available():
+        return info
+    props = torch.cuda.get_device_properties(device_index)
+    info.update(
+        gpu=props.name,
+        gpu_count=torch.cuda.device_count(),
+        compute_capability=f"{props.major}.{props.minor}",
+        sm_count=props.multi_processor_count,
+        gpu_memory_gib=round(props.total_memory / 2**30, 1),
+        cuda_runtime=torch.version.cuda,
+        cudnn=torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        cudnn_allow_tf32=bool(torch.backends.cudnn.allow_tf32),
+        driver=None,
+    )
+    smi = _run(["nvidia-smi", f"--id={device_index}", "--query-gpu=driver_version,clocks.max.sm",
+                "--format=csv,noheader,nounits"])
+    if smi:
+        fields = [f.strip() for f in smi.splitlines()[0].split(",")]
+        info["driver"] = fields[0]
+        if len(fields) > 1 and fields[1].isdigit():
+            info["sm_clock_max_mhz"] = int(fields[1])
+    return info
+
+
+def native_backends() -> Dict[str, object]:
+    """Which fusedrnn native modules import here (never raises: the header must always print)."""
+    try:
+        from fusedrnn import _backend
+    except Exception as exc:  # the package may be half-built while developing
+        return {"fusedrnn_backends": f"unavailable ({type(exc).__name__}: {exc})"}
+    return {"fusedrnn_backends": ",".join(
+        name for name, ok in (("cpu", _backend.HAS_CPU), ("cuda", _backend.HAS_CUDA), ("emu", _backend.HAS_EMU)) if ok)
+        or "none built"}
+
+
+def collect(device: str) -> Dict[str, object]:
+    info: Dict[str, object] = {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
+        "device": device,
+        "cpu": cpu_model(),
+        "cpu_simd": cpu_simd(),
+        "cpu_cores": usable_cores(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "mkldnn": bool(torch.backends.mkldnn.is_available()),
+        "fusedrnn": fusedrnn_version(),
+    }
+    info.update(git_commit())
+    info.update(native_backends())
+    info.update(gpu_info())
+    return info
+
+
+def header_lines(info: Dict[str, object]) -> list:
+    commit = str(info.get("commit", "unknown"))
+    short = commit[:12] + ("+dirty" if info.get("dirty") else "")
+    lines = [
+        f"CPU    {info['cpu']} | {info['cpu_cores']} cores usable | torch threads {info['torch_threads']}"
+        f" | {info['cpu_simd']}",
+        f"torch  {info['torch']} (mkldnn {'on' if info['mkldnn'] else 'off'}) | python {info['python']}",
+        f"fusedrnn {info['fusedrnn']} commit {short} | native: {info.get('fusedrnn_backends')}",
+    ]
+    if info.get("gpu"):
+        lines.append(
+            f"GPU    {info['gpu']} (sm_{str(info['compute_capability']).replace('.', '')}, "
+            f"{info['sm_count']} SMs, {info['gpu_memory_gib']} GiB) | driver {info.get('driver') or 'unknown'}"
+            f" | CUDA {info['cuda_runtime']} | cuDNN {info['cudnn']} (tf32 {'on' if info['cudnn_allow_tf32'] else 'off'})")
+    else:
+        lines.append("GPU    none")
+    lines.append(f"date   {info['date_utc']} UTC | device {info['device']}")
+    return lines

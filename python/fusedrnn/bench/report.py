@@ -1,0 +1,148 @@
+"""The printed table, its markdown twin, the summary lines and the JSON file."""
+from __future__ import annotations
+
+import json
+import math
+from typing import Dict, List, Optional, Sequence
+
+from .harness import Outcome, geometric_mean
+from .machine import header_lines
+
+COLUMNS = ("config", "mode", "impl", "median ms", "IQR ms", "min ms", "GFLOP/s", "vs torch", "max rel err")
+MODE_SHORT = {"inference": "inf", "training": "train"}
+
+
+def _num(v: Optional[float], digits: int = 3) -> str:
+    if v is None:
+        return "-"
+    if v >= 1000:
+        return f"{v:.0f}"
+    if v >= 100:
+        return f"{v:.1f}"
+    return f"{v:.{digits}f}"
+
+
+def _err(row: dict) -> str:
+    if row.get("max_rel_err") is None:
+        at = row.get("max_rel_err_at")
+        return f"FAIL ({at})" if at else "-"
+    text = f"{row['max_rel_err']:.1e}"
+    if row.get("err_ok") is False:
+        text += f" !! ({row['max_rel_err_at']})"
+    return text
+
+
+def table_rows(results: Sequence[dict]) -> List[List[str]]:
+    rows, previous = [], None
+    for r in results:
+        key = (r["config"]["name"], r["mode"])
+        first = key != previous
+        previous = key
+        cells = [r["config"]["name"] if first else "", MODE_SHORT.get(r["mode"], r["mode"]) if first else "",
+                 r["impl"]]
+        if r.get("error") and r.get("median_ms") is None:
+            cells += [f"FAILED: {r['error']}"[:100], "", "", "", "", ""]
+        else:
+            speed = r.get("speedup_vs_torch")
+            cells += [_num(r["median_ms"]), _num(r["iqr_ms"]), _num(r["min_ms"]), _num(r["gflops_per_s"], 2),
+                      f"{speed:.2f}x" if speed else "-", _err(r)]
+        rows.append(cells)
+    return rows
+
+
+def format_table(results: Sequence[dict]) -> str:
+    rows = table_rows(results)
+    widths = [max([len(c)] + [len(row[i]) for row in rows if i < len(row) and not row[i].startswith("FAILED")])
+              for i, c in enumerate(COLUMNS)]
+    right = {3, 4, 5, 6, 7}
+
+    def line(cells):
+        out = []
+        for i, c in enumerate(cells):
+            if c.startswith("FAILED"):
+                out.append(c)
+                break
+            out.append(c.rjust(widths[i]) if i in right else c.ljust(widths[i]))
+        return "  ".join(out).rstrip()
+
+    sep = "  ".join("-" * w for w in widths)
+    return "\n".join([line(COLUMNS), sep] + [line(r) for r in rows])
+
+
+def format_markdown(results: Sequence[dict]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
+    for cells in table_rows(results):
+        cells = cells + [""] * (len(COLUMNS) - len(cells))
+        lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def summary_lines(outcome: Outcome) -> List[str]:
+    lines = []
+    fused = [r for r in outcome.results if r["impl"] == "fusedrnn"]
+    speeds = [r["speedup_vs_torch"] for r in fused if r.get("speedup_vs_torch")]
+    if speeds:
+        worst = min((r for r in fused if r.get("speedup_vs_torch")), key=lambda r: r["speedup_vs_torch"])
+        lines.append(f"fusedrnn vs torch.nn: geometric mean {geometric_mean(speeds):.2f}x over {len(speeds)} rows, "
+                     f"lowest {worst['speedup_vs_torch']:.2f}x ({worst['config']['name']} {worst['mode']})")
+    checked = [r for r in fused if r.get("err_ok") is not None]
+    bad = outcome.fused_failures
+    if fused:
+        worst_err = max((r["max_rel_err"] for r in checked if r.get("max_rel_err") is not None), default=None)
+        lines.append(f"fusedrnn accuracy: {len(checked) - sum(1 for r in checked if not r['err_ok'])}/{len(checked)} "
+                     f"rows within tolerance" + (f", largest max rel err {worst_err:.1e}" if worst_err is not None else ""))
+    for r in bad:
+        why = r.get("error") or f"max rel err {r.get('max_rel_err')} at {r.get('max_rel_err_at')}"
+        lines.append(f"WRONG OR FAILED: fusedrnn {r['config']['name']} {r['mode']}: {why}")
+    for note in outcome.notes:
+        lines.append(f"note: {note}")
+    if outcome.skipped:
+        reasons: Dict[str, int] = {}
+        for s in outcome.skipped:
+            key = f"{s['impl']}: {s['reason'].split(':')[0]}"
+            reasons[key] = reasons.get(key, 0) + 1
+        for key, n in sorted(reasons.items()):
+            lines.append(f"skipped {n} row(s), {key}")
+    return lines
+
+
+def header_text(machine: dict, settings: dict) -> str:
+    head = [f"fusedrnn benchmark: preset {settings['preset']} on {settings['device']}, "
+            f"{settings['configs']} configurations, impls {', '.join(settings['impls'])}"]
+    head += header_lines(machine)
+    head.append(f"timing: {settings['timing']}")
+    return "\n".join(head)
+
+
+def _clean(value):
+    """JSON has no NaN/inf: non-finite numbers become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def payload(machine: dict, settings: dict, outcome: Outcome) -> dict:
+    return _clean({"machine": machine, "settings": settings, "results": outcome.results,
+                   "skipped": outcome.skipped, "notes": outcome.notes})
+
+
+def write_json(path: str, data: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1, allow_nan=False)
+        f.write("\n")
+
+
+def write_markdown(path: str, machine: dict, settings: dict, outcome: Outcome) -> None:
+    text = ["# fusedrnn benchmark", "", "```", header_text(machine, settings), "```", "",
+            format_markdown(outcome.results), ""]
+    text += [f"- {line}" for line in summary_lines(outcome)]
+    text += ["", "speed-up = torch.nn median / implementation median, measured in the same run; "
+             "max rel err = max over outputs (and gradients when training) of ||a-b||/||b|| against "
+             "torch.nn in float64 on the same weights and inputs; GFLOP/s counts the matrix products "
+             "(bench/README.md).", ""]
+    with open(path, "w") as f:
+        f.write("\n".join(text))

@@ -1,0 +1,226 @@
+"""Fast tests of the benchmark harness (python -m fusedrnn.bench) on tiny CPU configurations.
+
+Most tests stand torch.nn in for fusedrnn's modules (the harness only needs torch.nn's API), so
+they check the harness whether or not the native modules are built; one test runs the real
+fusedrnn modules and skips, saying why, where they are not there yet. Timings are never asserted.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from fusedrnn.bench import cli, configs, flops, impls
+from fusedrnn.bench.configs import BenchConfig
+from fusedrnn.bench.progress import Progress
+
+TINY = [
+    BenchConfig("lstm", seq_len=5, batch=2, hidden=8, input_size=4, modes=("inference", "training")),
+    BenchConfig("gru", seq_len=4, batch=3, hidden=6, modes=("training",)),
+]
+FEATURES = [
+    BenchConfig("lstm", seq_len=6, batch=3, hidden=8, input_size=5, layers=2, bidirectional=True),
+    BenchConfig("lstm", seq_len=5, batch=4, hidden=8, proj_size=4, packed=True),
+    BenchConfig("gru", seq_len=6, batch=4, hidden=7, packed=True, bidirectional=True),
+    BenchConfig("rnn_relu", seq_len=4, batch=2, hidden=5, modes=("training",)),
+    BenchConfig("rnn_tanh", seq_len=4, batch=2, hidden=5, dtype="float64", modes=("inference",)),
+]
+FAST_ARGS = ["--device", "cpu", "--warmup", "1", "--repeats", "2", "--input-sets", "2", "--quiet"]
+
+
+@pytest.fixture
+def tiny_presets(monkeypatch):
+    monkeypatch.setitem(configs.PRESETS, "tiny", TINY)
+    monkeypatch.setitem(configs.PRESET_HELP, "tiny", "test")
+    monkeypatch.setitem(configs.PRESETS, "features", FEATURES)
+    monkeypatch.setitem(configs.PRESET_HELP, "features", "test")
+
+
+@pytest.fixture
+def torch_as_fusedrnn(monkeypatch):
+    """fusedrnn rows run torch.nn: the harness is tested apart from the kernels."""
+    monkeypatch.setattr(impls, "fused_module_class", lambda cell: impls.TORCH_CLASSES[cell])
+    monkeypatch.setattr(impls, "native_backend_problem", lambda device: None)
+
+
+def run_cli(args, capsys):
+    code = cli.main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_json_schema_table_and_error_column(tmp_path, capsys, tiny_presets, torch_as_fusedrnn):
+    path = tmp_path / "bench.json"
+    code, out, _ = run_cli(FAST_ARGS + ["--preset", "tiny", "--impls", "fusedrnn,torch", "--json", str(path)],
+                           capsys)
+    assert code == 0
+    data = json.loads(path.read_text())
+    assert set(data) >= {"machine", "results"}
+    for key in ("cpu", "cpu_cores", "torch_threads", "torch", "fusedrnn", "commit", "gpu"):
+        assert key in data["machine"], key
+    rows = data["results"]
+    cells = {(r["config"]["name"], r["mode"]) for r in rows}
+    assert len(cells) == 3  # lstm inference + training, gru training
+    assert {r["impl"] for r in rows} == {"fusedrnn", "torch"}
+    for r in rows:
+        assert r["median_ms"] > 0 and r["q1_ms"] <= r["median_ms"] <= r["q3_ms"]
+        assert r["min_ms"] <= r["median_ms"] <= r["max_ms"] and r["repeats"] == 2
+        assert r["gflops_per_s"] > 0 and r["flops"] > 0
+        assert r["speedup_vs_torch"] > 0
+        assert r["error"] is None
+    for r in (r for r in rows if r["impl"] == "fusedrnn"):
+        assert r["max_rel_err"] is not None and r["max_rel_err"] < 1e-3
+        assert r["err_ok"] is True
+    # The table shows every column, and every row's error.
+    header = next(line for line in out.splitlines() if line.startswith("config"))
+    for column in ("median ms", "IQR ms", "GFLOP/s", "vs torch", "max rel err"):
+        assert column in header
+    assert "CPU " in out and "torch threads" in out and "commit" in out
+    assert out.count("e-0") >= len(rows)  # an error figure on every row
+
+
+def test_training_error_covers_gradients(capsys, tiny_presets, torch_as_fusedrnn, monkeypatch):
+    """A module right in the forward but wrong in one weight gradient must show in max_rel_err."""
+
+    class WrongGrad(torch.nn.GRU):
+        def forward(self, x, hx=None):
+            out, h = super().forward(x, hx)
+            w = self.weight_hh_l0[0, 0]
+            return out, h + 0.1 * (w - w.detach())  # same values, an extra gradient into weight_hh_l0
+
+    monkeypatch.setattr(impls, "fused_module_class",
+                        lambda cell: WrongGrad if cell == "gru" else impls.TORCH_CLASSES[cell])
+    code, out, _ = run_cli(FAST_ARGS + ["--preset", "tiny", "--cell", "gru", "--impls", "fusedrnn"], capsys)
+    assert code == cli.EXIT_WRONG
+    assert "!!" in out and "grad_weight_hh_l0" in out and "WRONG OR FAILED" in out
+
+
+def test_fast_wrong_answer_shows_and_fails(capsys, tiny_presets, torch_as_fusedrnn, monkeypatch):
+    class Wrong(torch.nn.LSTM):
+        def forward(self, x, hx=None):
+            out, state = super().forward(x, hx)
+            return out * 1.01, state
+
+    monkeypatch.setattr(impls, "fused_module_class",
+                        lambda cell: Wrong if cell == "lstm" else impls.TORCH_CLASSES[cell])
+    code, out, _ = run_cli(FAST_ARGS + ["--preset", "tiny", "--cell", "lstm", "--impls", "fusedrnn"], capsys)
+    assert code == cli.EXIT_WRONG
+    assert "!! (output)" in out
+
+
+def test_crashing_implementation_is_a_row_not_a_crash(tmp_path, capsys, tiny_presets, torch_as_fusedrnn,
+                                                     monkeypatch):
+    class Crash(torch.nn.LSTM):
+        def forward(self, x, hx=None):
+            raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr(impls, "fused_module_class", lambda cell: Crash)
+    path = tmp_path / "b.json"
+    code, out, _ = run_cli(FAST_ARGS + ["--preset", "tiny", "--cell", "lstm", "--impls", "fusedrnn",
+                                        "--json", str(path)], capsys)
+    assert code == cli.EXIT_WRONG
+    assert "FAILED: RuntimeError: kernel exploded" in out
+    rows = json.loads(path.read_text())["results"]
+    assert all(r["median_ms"] is None and "kernel exploded" in r["error"] for r in rows if r["impl"] == "fusedrnn")
+    assert all(r["median_ms"] > 0 for r in rows if r["impl"] == "torch")
+
+
+def test_features_reference_packed_bidirectional_projection(tmp_path, capsys, tiny_presets, torch_as_fusedrnn):
+    path = tmp_path / "f.json"
+    code, out, _ = run_cli(FAST_ARGS + ["--preset", "features", "--json", str(path)], capsys)
+    assert code == 0, out
+    rows = json.loads(path.read_text())["results"]
+    assert {r["impl"] for r in rows} >= {"fusedrnn", "torch", "reference"}
+    for r in rows:
+        assert r["error"] is None, r
+        limit = 1e-10 if r["config"]["dtype"] == "float64" else 1e-4
+        assert r["max_rel_err"] is not None and r["max_rel_err"] < limit, r
+
+
+def test_plot_message_when_matplotlib_missing(tmp_path, capsys, tiny_presets, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    code, _, err = run_cli(FAST_ARGS + ["--preset", "tiny", "--plot", str(tmp_path / "p.png")], capsys)
+    assert code == cli.EXIT_USAGE
+    assert "--plot needs matplotlib" in err and "pip install" in err
+    assert not (tmp_path / "p.png").exists()
+
+
+def test_plot_and_markdown_written(tmp_path, capsys, tiny_presets, torch_as_fusedrnn):
+    pytest.importorskip("matplotlib")
+    png, md = tmp_path / "p.png", tmp_path / "t.md"
+    code, _, _ = run_cli(FAST_ARGS + ["--preset", "tiny", "--cell", "gru", "--impls", "fusedrnn",
+                                      "--plot", str(png), "--markdown", str(md)], capsys)
+    assert code == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = md.read_text()
+    assert "| config | mode | impl |" in text and "gru-B3-T4-H6-fp32" in text
+
+
+def test_list_and_bad_usage(capsys):
+    code, out, _ = run_cli(["--device", "cpu", "--list"], capsys)
+    assert code == 0
+    for preset in ("quick", "standard", "anchor"):
+        assert f"  {preset}:" in out
+    assert "lstm-B16-T1024-H768-bf16" in out and "torch      available" in out
+    code, _, err = run_cli(["--device", "cpu", "--cell", "transformer"], capsys)
+    assert code == cli.EXIT_USAGE and "--cell" in err and "transformer" in err
+    code, _, err = run_cli(["--device", "cpu", "--dtype", "fp8"], capsys)
+    assert code == cli.EXIT_USAGE and "--dtype" in err
+
+
+def test_presets_hold_the_issue_targets():
+    names = {c.name: c for c in configs.STANDARD}
+    for target in configs.ISSUE4_TARGETS:
+        assert target.name in names and names[target.name].modes == target.modes
+    anchor = {(c.dtype, c.batch, c.seq_len, c.hidden) for c in configs.ANCHOR}
+    assert {("float16", 16, 1024, 768), ("bfloat16", 16, 1024, 768)} <= anchor
+    quick, notes = configs.select("quick", "cpu")
+    assert {"lstm-B1-T100-H64-fp32", "lstm-B1-T100-H128-fp32", "gru-B1-T100-H128-fp32"} <= {c.name for c in quick}
+    on_cpu, notes = configs.select("anchor", "cpu")
+    assert [c.dtype for c in on_cpu] == ["float32"] and len(notes) == 2
+    swapped, _ = configs.select("quick", "cpu", cells=["gru"], dtypes=["fp64", "bf16"])
+    assert {c.dtype for c in swapped} == {"float64", "bfloat16"} and {c.cell for c in swapped} == {"gru"}
+
+
+def test_flop_formula():
+    lstm = BenchConfig("lstm", seq_len=10, batch=2, hidden=8, input_size=4)
+    assert flops.count_flops(lstm, "inference") == 10 * 2 * (2 * 32 * 4 + 2 * 32 * 8)
+    assert flops.count_flops(lstm, "training") == 3 * flops.count_flops(lstm, "inference")
+    bi = BenchConfig("gru", seq_len=3, batch=1, hidden=4, input_size=2, layers=2, bidirectional=True)
+    per_token = 2 * (2 * 12 * 2 + 2 * 12 * 4) + 2 * (2 * 12 * 8 + 2 * 12 * 4)
+    assert flops.count_flops(bi, "inference") == 3 * per_token
+    proj = BenchConfig("lstm", seq_len=1, batch=1, hidden=8, input_size=8, proj_size=2)
+    assert flops.count_flops(proj, "inference", lengths=[1]) == 2 * 32 * 8 + 2 * 32 * 2 + 2 * 2 * 8
+
+
+def test_progress_prints_one_line_per_cell_off_a_terminal(tmp_path):
+    with open(tmp_path / "log", "w+") as stream:
+        bar = Progress(2, stream=stream)
+        for label in ("a", "b"):
+            bar.begin(label)
+            bar.update(0.5)
+            bar.end_cell()
+        bar.close()
+        stream.seek(0)
+        lines = stream.read().splitlines()
+    assert len(lines) == 2 and "100.0%" in lines[-1] and "\r" not in "".join(lines)
+
+
+def _real_fusedrnn_reason():
+    why = impls.REGISTRY["fusedrnn"].unavailable(torch.device("cpu"))
+    return None if why is None else f"fusedrnn cannot run on the CPU here: {why}"
+
+
+@pytest.mark.skipif(_real_fusedrnn_reason() is not None, reason=str(_real_fusedrnn_reason()))
+def test_real_fusedrnn_modules_within_tolerance(tmp_path, capsys, tiny_presets):
+    path = tmp_path / "real.json"
+    code, out, _ = run_cli(FAST_ARGS + ["--preset", "tiny", "--json", str(path)], capsys)
+    rows = json.loads(path.read_text())["results"]
+    fused = [r for r in rows if r["impl"] == "fusedrnn"]
+    assert fused, out
+    for r in fused:
+        assert r["error"] is None, r["error"]
+        assert r["max_rel_err"] < 1e-3, r
+    assert code == 0
