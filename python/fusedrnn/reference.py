@@ -90,3 +90,108 @@ def rnn_layer(cell: str, x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[T
 def _affine(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     y = x @ weight.t()
     return y + bias if bias is not None else y
+
+
+# --- the whole multi-layer network --------------------------------------------------------------
+
+CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
+
+# Per layer and direction, in torch's all_weights order (layer-major, forward before reverse):
+# (w_ih, w_hh, b_ih, b_hh, w_hr); the biases are None with bias=False, w_hr None without proj_size.
+LayerWeights = tuple
+
+
+def rnn(cell: str, input: Tensor, weights, hx=None, *, num_layers: int = 1,
+        bidirectional: bool = False, batch_first: bool = False, lengths: Optional[Tensor] = None,
+        dropout: float = 0.0, training: bool = False, dropout_fn=None):
+    """A stacked, optionally bidirectional RNN over a padded sequence, like torch.nn.LSTM/GRU/RNN.
+
+    cell: 'lstm', 'gru', 'rnn_tanh' or 'rnn_relu'. input [T, B, I] ([B, T, I] with batch_first).
+    weights: num_layers * num_directions LayerWeights (see above; `weights_of(module)` builds it).
+    hx: h_0 [L*D, B, P], or for LSTM a pair (h_0, c_0 [L*D, B, H]); None means zeros.
+    lengths: [B] valid lengths (what a PackedSequence stands for): see `rnn_layer`.
+    Between layers, in training mode, the output of every layer but the last goes through
+    `dropout_fn(output)` (time-major [T, B, D*P]); by default F.dropout(output, dropout), which
+    draws the same mask as torch.nn for the same RNG state.
+
+    Returns (output [T, B, D*P] or [B, T, D*P], h_n [L*D, B, P], c_n [L*D, B, H] or None).
+    """
+    if cell not in CELLS:
+        raise ValueError(f"cell must be one of {CELLS}, got {cell!r}")
+    num_directions = 2 if bidirectional else 1
+    if len(weights) != num_layers * num_directions:
+        raise ValueError(f"expected {num_layers * num_directions} layer weights, got {len(weights)}")
+    x = input.transpose(0, 1) if batch_first else input
+    h0_all, c0_all = (hx if cell == "lstm" else (hx, None)) if hx is not None else (None, None)
+    if dropout_fn is None:
+        def dropout_fn(output):
+            return torch.nn.functional.dropout(output, dropout, training=True)
+    apply_dropout = training and dropout > 0
+
+    h_n, c_n = [], []
+    for layer in range(num_layers):
+        outputs = []
+        for direction in range(num_directions):
+            index = layer * num_directions + direction
+            w_ih, w_hh, b_ih, b_hh, w_hr = weights[index]
+            h0 = h0_all[index] if h0_all is not None else None
+            c0 = c0_all[index] if c0_all is not None else None
+            out, h, c = rnn_layer(cell, x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, lengths,
+                                  reverse=direction == 1)
+            outputs.append(out)
+            h_n.append(h)
+            c_n.append(c)
+        x = torch.cat(outputs, dim=2)
+        if apply_dropout and layer < num_layers - 1:
+            x = dropout_fn(x)
+    output = x.transpose(0, 1) if batch_first else x
+    return output, torch.stack(h_n), torch.stack(c_n) if cell == "lstm" else None
+
+
+def lstm(input: Tensor, weights, hx=None, **options):
+    """torch.nn.LSTM's forward as a function: (output, (h_n, c_n)). Options as in `rnn`."""
+    output, h_n, c_n = rnn("lstm", input, weights, hx, **options)
+    return output, (h_n, c_n)
+
+
+def gru(input: Tensor, weights, hx=None, **options):
+    """torch.nn.GRU's forward as a function: (output, h_n). Options as in `rnn`."""
+    output, h_n, _ = rnn("gru", input, weights, hx, **options)
+    return output, h_n
+
+
+def rnn_tanh(input: Tensor, weights, hx=None, **options):
+    """torch.nn.RNN(nonlinearity='tanh')'s forward as a function: (output, h_n)."""
+    output, h_n, _ = rnn("rnn_tanh", input, weights, hx, **options)
+    return output, h_n
+
+
+def rnn_relu(input: Tensor, weights, hx=None, **options):
+    """torch.nn.RNN(nonlinearity='relu')'s forward as a function: (output, h_n)."""
+    output, h_n, _ = rnn("rnn_relu", input, weights, hx, **options)
+    return output, h_n
+
+
+def cell_of(module) -> str:
+    """The cell name of a torch.nn or fusedrnn RNN module: 'lstm', 'gru', 'rnn_tanh', 'rnn_relu'."""
+    mode = getattr(module, "mode", None)
+    if mode is not None:
+        return mode.lower()
+    name = type(module).__name__.lower()
+    if name.startswith("lstm"):
+        return "lstm"
+    if name.startswith("gru"):
+        return "gru"
+    return "rnn_relu" if getattr(module, "nonlinearity", "tanh") == "relu" else "rnn_tanh"
+
+
+def weights_of(module) -> list:
+    """The LayerWeights of a torch.nn or fusedrnn LSTM/GRU/RNN module, in the order `rnn` expects."""
+    num_directions = 2 if module.bidirectional else 1
+    weights = []
+    for layer in range(module.num_layers):
+        for direction in range(num_directions):
+            suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
+            weights.append(tuple(getattr(module, name + suffix, None) for name in
+                                 ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")))
+    return weights
