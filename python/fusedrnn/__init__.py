@@ -1,2 +1,15 @@
-"""fusedrnn: fused LSTM/GRU/RNN kernels for PyTorch, as drop-in torch.nn modules."""
+"""fusedrnn: fused LSTM/GRU/RNN kernels for PyTorch, as drop-in torch.nn modules.
+
+    import fusedrnn
+    lstm = fusedrnn.LSTM(input_size=32, hidden_size=64, num_layers=2, bidirectional=True)
+    output, (h_n, c_n) = lstm(x)          # exactly torch.nn.LSTM's contract
+
+`fusedrnn.reference` is the plain-PyTorch oracle; `fusedrnn.functional.rnn` the functional form.
+"""
 __version__ = "0.1.0"
+
+from . import functional, reference
+from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNBase, RNNCell, RNNCellBase
+
+__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "RNNBase", "RNNCellBase",
+           "functional", "reference", "__version__"]

@@ -1,0 +1,325 @@
+"""The functional core: stacked LSTM/GRU/RNN layers through the native recurrence, with autograd.
+
+Per layer (DESIGN.md, "The one idea behind the speed"):
+  1. the input projection of all directions is ONE torch GEMM (the directions' W_ih concatenated),
+     left to torch autograd, so dx, dW_ih and db_ih are torch GEMMs too;
+  2. `_LayerRecurrence` runs the recurrence of all directions in one native call, each direction
+     writing straight into its half of the [T, B, D*P] output (strided views, no concat);
+  3. its backward runs the native backward recurrence, which returns the gate pre-activation
+     gradients, and turns them into dW_hh, db_hh (and dW_hr) with torch GEMMs.
+Dropout between layers is torch's F.dropout on each non-last layer's output, as in torch.nn.
+
+`rnn(...)` has the signature of `reference.rnn(...)` and the same semantics; the modules call it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from . import _backend
+from ._backend import GATE_COUNT, SAVED_GATE_COUNT, DirectionBackward, DirectionForward
+
+CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
+# Precisions the CPU kernels do not implement: computed in float32, returned in the input's dtype.
+_UPCAST_ON_CPU = (torch.float16, torch.bfloat16)
+
+
+def rnn(cell: str, input: Tensor, weights, hx=None, *, num_layers: int = 1,
+        bidirectional: bool = False, batch_first: bool = False, lengths: Optional[Tensor] = None,
+        dropout: float = 0.0, training: bool = False, dropout_fn=None):
+    """A stacked, optionally bidirectional RNN over a padded sequence, on the native kernels.
+
+    Same arguments and results as `fusedrnn.reference.rnn` (see there): input [T, B, I]
+    ([B, T, I] with batch_first); weights: per layer and direction (w_ih, w_hh, b_ih, b_hh, w_hr)
+    in torch's all_weights order; hx: h_0 [L*D, B, P] or for LSTM (h_0, c_0 [L*D, B, H]), None for
+    zeros; lengths [B] int64 (each in [1, T]) on input's device.
+    Returns (output, h_n [L*D, B, P], c_n [L*D, B, H] or None).
+    """
+    if cell not in CELLS:
+        raise ValueError(f"cell must be one of {CELLS}, got {cell!r}")
+    num_directions = 2 if bidirectional else 1
+    if len(weights) != num_layers * num_directions:
+        raise ValueError(f"expected {num_layers * num_directions} layer weights "
+                         f"(num_layers * num_directions), got {len(weights)}")
+    h0_all, c0_all = (hx if cell == "lstm" else (hx, None)) if hx is not None else (None, None)
+
+    out_dtype = input.dtype
+    compute_dtype = _compute_dtype(input)
+    if compute_dtype != out_dtype:
+        input = input.to(compute_dtype)
+        weights = [tuple(_cast(w, compute_dtype) for w in ws) for ws in weights]
+        h0_all, c0_all = _cast(h0_all, compute_dtype), _cast(c0_all, compute_dtype)
+
+    x = input.transpose(0, 1) if batch_first else input  # time-major view, like torch's kernels
+    batch = x.shape[1]
+    if dropout_fn is None:
+        def dropout_fn(output):
+            return F.dropout(output, dropout, training=True)
+    apply_dropout = training and dropout > 0
+
+    h_n, c_n = [], []
+    for layer in range(num_layers):
+        first, last = layer * num_directions, (layer + 1) * num_directions
+        layer_weights = weights[first:last]
+        h0 = _contiguous(h0_all[first:last]) if h0_all is not None else None
+        c0 = _contiguous(c0_all[first:last]) if c0_all is not None else None
+        if batch == 0 or layer_weights[0][1].size(0) == 0:
+            x, hn, cn = _empty_layer(cell, x, layer_weights, num_directions)
+        else:
+            x, hn, cn = _layer(cell, x, layer_weights, h0, c0, lengths)
+        h_n.append(hn)
+        c_n.append(cn)
+        if apply_dropout and layer < num_layers - 1:
+            x = dropout_fn(x)
+
+    output = x.transpose(0, 1) if batch_first else x
+    h_n = torch.cat(h_n) if num_layers > 1 else h_n[0]
+    c_n = (torch.cat(c_n) if num_layers > 1 else c_n[0]) if cell == "lstm" else None
+    if compute_dtype != out_dtype:
+        output, h_n, c_n = output.to(out_dtype), h_n.to(out_dtype), _cast(c_n, out_dtype)
+    return output, h_n, c_n
+
+
+def cell_step(cell: str, input: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
+              b_hh: Optional[Tensor], hx=None):
+    """One step of a cell (LSTMCell/GRUCell/RNNCell) on the native kernels: a sequence of T=1.
+
+    input [B, I]; hx: h [B, H], or for LSTM (h, c), None for zeros.
+    Returns h' [B, H], or for LSTM (h', c').
+    """
+    if hx is not None:
+        hx = tuple(s.unsqueeze(0) for s in hx) if cell == "lstm" else hx.unsqueeze(0)
+    _, h_n, c_n = rnn(cell, input.unsqueeze(0), [(w_ih, w_hh, b_ih, b_hh, None)], hx)
+    return (h_n[0], c_n[0]) if cell == "lstm" else h_n[0]
+
+
+# --- one layer ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _LayerSpec:
+    """What a layer's recurrence needs to know besides its tensors."""
+    cell: str
+    directions: int
+    has_bias: bool
+    has_proj: bool
+
+    def split(self, params):
+        """The flat tensor arguments of `_LayerRecurrence` back into w_hh, b_hh, w_hr tuples."""
+        d = self.directions
+        w_hh, rest = tuple(params[:d]), params[d:]
+        b_hh, rest = (tuple(rest[:d]), rest[d:]) if self.has_bias else ((None,) * d, rest)
+        w_hr = tuple(rest[:d]) if self.has_proj else (None,) * d
+        return w_hh, b_hh, w_hr
+
+
+def _layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor], c0: Optional[Tensor],
+           lengths: Optional[Tensor]):
+    """x [T, B, I] -> (out [T, B, D*P], h_n [D, B, P], c_n [D, B, H] or None)."""
+    w_ih = torch.cat([w[0] for w in layer_weights]) if len(layer_weights) > 1 else layer_weights[0][0]
+    has_bias = layer_weights[0][2] is not None
+    b_ih = None
+    if has_bias:
+        b_ih = torch.cat([w[2] for w in layer_weights]) if len(layer_weights) > 1 else layer_weights[0][2]
+    xproj = F.linear(x, w_ih, b_ih)  # [T, B, D*G*H]: every direction in one GEMM
+    if xproj.stride(2) != 1:
+        xproj = xproj.contiguous()
+
+    spec = _LayerSpec(cell, len(layer_weights), has_bias, layer_weights[0][4] is not None)
+    params = [w[1] for w in layer_weights]
+    if spec.has_bias:
+        params += [w[3] for w in layer_weights]
+    if spec.has_proj:
+        params += [w[4] for w in layer_weights]
+
+    tensors = [xproj, h0, c0, *params]
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        results = _LayerRecurrence.apply(spec, lengths, xproj, h0, c0, *params)
+        return (results[0], results[1], results[2] if cell == "lstm" else None)
+    w_hh, b_hh, w_hr = spec.split(params)
+    out, hn, cn, _ = _recurrence_forward(spec, lengths, xproj, h0, c0, w_hh, b_hh, w_hr,
+                                         save_for_backward=False)
+    return out, hn, cn
+
+
+def _empty_layer(cell: str, x: Tensor, layer_weights, num_directions: int):
+    """B = 0 or H = 0 (torch.nn accepts both): nothing to run, empty results of the right shapes."""
+    w_hh = layer_weights[0][1]
+    hidden = w_hh.size(0) // GATE_COUNT[cell]
+    state = w_hh.size(1)
+    # Keep the autograd graph connected to the weights, as a real run would.
+    zero = sum(w.sum() * 0 for ws in layer_weights for w in ws if w is not None)
+    out = x.new_zeros(x.size(0), 0, num_directions * state) + zero
+    hn = x.new_zeros(num_directions, 0, state) + zero
+    cn = x.new_zeros(num_directions, 0, hidden) + zero if cell == "lstm" else None
+    return out, hn, cn
+
+
+def _recurrence_forward(spec: _LayerSpec, lengths, xproj, h0, c0, w_hh, b_hh, w_hr,
+                        save_for_backward: bool):
+    """Allocates the outputs (and, for training, what backward needs) and runs the native
+    forward of all directions in one call. Returns (out, hn, cn, saved)."""
+    cell, num_dirs = spec.cell, spec.directions
+    seq_len, batch = xproj.shape[0], xproj.shape[1]
+    gates_width = xproj.shape[2] // num_dirs  # G*H
+    hidden = gates_width // GATE_COUNT[cell]
+    state = w_hh[0].shape[1]
+    is_lstm = cell == "lstm"
+
+    out = xproj.new_empty(seq_len, batch, num_dirs * state)
+    hn = xproj.new_empty(num_dirs, batch, state)
+    cn = xproj.new_empty(num_dirs, batch, hidden) if is_lstm else None
+    gates = c_seq = r_seq = None
+    if save_for_backward:
+        saved_width = SAVED_GATE_COUNT[cell] * hidden
+        gates = xproj.new_empty(num_dirs, seq_len, batch, saved_width) if saved_width else None
+        c_seq = xproj.new_empty(num_dirs, seq_len, batch, hidden) if is_lstm else None
+        if spec.has_proj:
+            # Read by the dW_hr GEMM at every row, padded ones included (times a zero gradient):
+            # zeros there keep garbage (NaN * 0) out of it.
+            r_seq = (xproj.new_zeros if lengths is not None else xproj.new_empty)(
+                num_dirs, seq_len, batch, hidden)
+
+    directions = []
+    for d in range(num_dirs):
+        directions.append(DirectionForward(
+            xproj=xproj[:, :, d * gates_width:(d + 1) * gates_width],
+            w_hh=w_hh[d].contiguous(), b_hh=_contiguous(b_hh[d]), w_hr=_contiguous(w_hr[d]),
+            h0=h0[d] if h0 is not None else None,
+            c0=c0[d] if c0 is not None else None,
+            out=out[:, :, d * state:(d + 1) * state], hn=hn[d],
+            cn=cn[d] if cn is not None else None,
+            reverse=d == 1,
+            gates=gates[d] if gates is not None else None,
+            c_seq=c_seq[d] if c_seq is not None else None,
+            r_seq=r_seq[d] if r_seq is not None else None))
+    _backend.run_forward(cell, directions, lengths)
+    return out, hn, cn, (gates, c_seq, r_seq)
+
+
+class _LayerRecurrence(torch.autograd.Function):
+    """The recurrence of all directions of one layer. Inputs: spec, lengths, xproj [T, B, D*G*H],
+    h0 [D, B, P] or None, c0 [D, B, H] or None, then w_hh x D, b_hh x D (with bias),
+    w_hr x D (with proj). Outputs: out [T, B, D*P], hn [D, B, P] (and cn [D, B, H] for LSTM)."""
+
+    @staticmethod
+    def forward(ctx, spec: _LayerSpec, lengths, xproj, h0, c0, *params):
+        w_hh, b_hh, w_hr = spec.split(params)
+        out, hn, cn, (gates, c_seq, r_seq) = _recurrence_forward(
+            spec, lengths, xproj, h0, c0, w_hh, b_hh, w_hr, save_for_backward=True)
+        ctx.spec = spec
+        ctx.gates_width = xproj.shape[2] // spec.directions
+        ctx.has_h0, ctx.has_c0 = h0 is not None, c0 is not None
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(lengths, h0, c0, out, gates, c_seq, r_seq, *params)
+        return (out, hn, cn) if spec.cell == "lstm" else (out, hn)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_out, d_hn, d_cn=None):
+        spec = ctx.spec
+        lengths, h0, c0, out, gates, c_seq, r_seq, *params = ctx.saved_tensors
+        w_hh, b_hh, w_hr = spec.split(params)
+        cell, num_dirs, gates_width = spec.cell, spec.directions, ctx.gates_width
+        seq_len, batch, state = out.shape[0], out.shape[1], out.shape[2] // num_dirs
+        hidden = gates_width // GATE_COUNT[cell]
+
+        d_out = _last_dim_contiguous(d_out)
+        d_hn = _contiguous(d_hn)
+        d_cn = _contiguous(d_cn)
+        d_xproj = out.new_empty(seq_len, batch, num_dirs * gates_width)
+        # LSTM and RNN: the gradient of the recurrent product equals d_xproj (params.h).
+        d_hproj = out.new_empty(seq_len, batch, num_dirs * gates_width) if cell == "gru" else None
+        d_h_seq = out.new_empty(num_dirs, seq_len, batch, state) if spec.has_proj else None
+        d_h0 = out.new_empty(num_dirs, batch, state)
+        d_c0 = out.new_empty(num_dirs, batch, hidden) if cell == "lstm" else None
+
+        def gate_half(t, d):
+            return t[:, :, d * gates_width:(d + 1) * gates_width] if t is not None else None
+
+        def state_half(t, d):
+            return t[:, :, d * state:(d + 1) * state] if t is not None else None
+
+        def pick(t, d):
+            return t[d] if t is not None else None
+
+        directions = [DirectionBackward(
+            w_hh=w_hh[d].contiguous(), b_hh=_contiguous(b_hh[d]), w_hr=_contiguous(w_hr[d]),
+            h0=pick(h0, d), c0=pick(c0, d), out=state_half(out, d),
+            gates=pick(gates, d), c_seq=pick(c_seq, d),
+            d_out=state_half(d_out, d), d_hn=pick(d_hn, d), d_cn=pick(d_cn, d),
+            d_xproj=gate_half(d_xproj, d), d_hproj=gate_half(d_hproj, d),
+            d_h_seq=pick(d_h_seq, d), d_h0=d_h0[d], d_c0=pick(d_c0, d), reverse=d == 1)
+            for d in range(num_dirs)]
+        _backend.run_backward(cell, directions, lengths)
+
+        d_pre = d_hproj if d_hproj is not None else d_xproj
+        d_w_hh, d_b_hh, d_w_hr = [], [], []
+        needs = ctx.needs_input_grad[5:]  # w_hh..., b_hh..., w_hr...
+        for d in range(num_dirs):
+            d_pre_d = gate_half(d_pre, d)
+            d_w_hh.append(_recurrent_weight_grad(d_pre_d, state_half(out, d), pick(h0, d),
+                                                 lengths, reverse=d == 1)
+                          if needs[d] else None)
+            if spec.has_bias:
+                d_b_hh.append(d_pre_d.sum((0, 1)) if needs[num_dirs + d] else None)
+            if spec.has_proj:
+                # dW_hr = sum_t d_h_t^T r_t, with r_t = o_t * tanh(c_t) the input of W_hr.
+                d_w_hr.append(d_h_seq[d].reshape(-1, state).t().mm(r_seq[d].reshape(-1, hidden))
+                              if needs[-num_dirs + d] else None)
+        return (None, None, d_xproj,
+                d_h0 if ctx.has_h0 else None,
+                d_c0 if ctx.has_c0 else None,
+                *d_w_hh, *d_b_hh, *d_w_hr)
+
+
+def _recurrent_weight_grad(d_pre: Tensor, out: Tensor, h0: Optional[Tensor],
+                           lengths: Optional[Tensor], reverse: bool) -> Tensor:
+    """dW_hh = sum_t d_pre_t^T h_prev_t for one direction, as two GEMMs and no copy of h_prev.
+
+    h_prev_t (params.h) is out_{t-1} going forward (h0 at t = 0), out_{t+1} going backward (h0 at
+    each sequence's last valid step). Rows where h_prev is a padded output are zeros (and padded
+    steps have zero gradient rows), so only the h0 rows need the lengths.
+    """
+    seq_len, batch, gates_width = d_pre.shape
+    state = out.shape[2]
+    if reverse:
+        grad = d_pre[:-1].reshape(-1, gates_width).t().mm(out[1:].reshape(-1, state))
+    else:
+        grad = d_pre[1:].reshape(-1, gates_width).t().mm(out[:-1].reshape(-1, state))
+    if h0 is not None:
+        if not reverse:
+            first = d_pre[0]
+        elif lengths is None:
+            first = d_pre[seq_len - 1]
+        else:
+            first = d_pre[lengths - 1, torch.arange(batch, device=d_pre.device)]
+        grad = grad.addmm(first.t(), h0)
+    return grad
+
+
+# --- small helpers --------------------------------------------------------------------------------
+
+def _compute_dtype(input: Tensor) -> torch.dtype:
+    if input.device.type == "cpu" and input.dtype in _UPCAST_ON_CPU:
+        return torch.float32
+    return input.dtype
+
+
+def _cast(t, dtype):
+    return t.to(dtype) if t is not None else None
+
+
+def _contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
+    return t.contiguous() if t is not None else None
+
+
+def _last_dim_contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
+    """Sequence tensors may have any T and B strides but need a dense last dimension."""
+    if t is None:
+        return None
+    return t if t.stride(2) == 1 else t.contiguous()

@@ -1,0 +1,337 @@
+"""Drop-in replacements for torch.nn.LSTM, GRU, RNN and their cells, on the native kernels.
+
+Constructor signatures, attributes, parameter names/order/shapes/initialisation, the forward
+contract (batched and unbatched input, batch_first, optional hx, PackedSequence in and out with
+torch.nn's sorted/unsorted index handling, result shapes) and the exception classes of bad input are
+torch.nn's, so a module can replace its torch.nn twin and `load_state_dict` works both ways.
+The math runs in `functional.rnn`; this file only adapts torch.nn's calling conventions to it.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
+
+from . import _validation as check
+from . import functional
+from ._packing import PackedLayout
+
+_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+
+
+class RNNBase(nn.Module):
+    """What LSTM, GRU and RNN share: parameters, their layout, and the forward contract."""
+
+    def __init__(self, mode: str, input_size: int, hidden_size: int, num_layers: int = 1,
+                 bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
+                 bidirectional: bool = False, proj_size: int = 0, device=None, dtype=None):
+        super().__init__()
+        if mode not in _GATES:
+            raise ValueError(f"Unrecognized RNN mode: {mode}")
+        check.check_rnn_arguments(mode, input_size, hidden_size, num_layers, bias, batch_first,
+                                  dropout, bidirectional, proj_size)
+        self.mode = mode
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.bias = bias
+        self.batch_first = batch_first
+        self.dropout = float(dropout)
+        self.bidirectional = bidirectional
+        self.proj_size = proj_size
+
+        factory = {"device": device, "dtype": dtype}
+        gate_size = _GATES[mode] * hidden_size
+        state_size = proj_size if proj_size > 0 else hidden_size
+        num_directions = 2 if bidirectional else 1
+        self._flat_weights_names: list[str] = []
+        self._all_weights: list[list[str]] = []
+        # Registration order is torch.nn's, so that named_parameters(), state_dict() and the
+        # initialisation below (which draws in parameters() order) match it exactly.
+        for layer in range(num_layers):
+            layer_input_size = input_size if layer == 0 else state_size * num_directions
+            for direction in range(num_directions):
+                suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
+                shapes = [("weight_ih", (gate_size, layer_input_size)),
+                          ("weight_hh", (gate_size, state_size))]
+                if bias:
+                    shapes += [("bias_ih", (gate_size,)), ("bias_hh", (gate_size,))]
+                if proj_size > 0:
+                    shapes += [("weight_hr", (proj_size, hidden_size))]
+                names = []
+                for name, shape in shapes:
+                    setattr(self, name + suffix, nn.Parameter(torch.empty(shape, **factory)))
+                    names.append(name + suffix)
+                self._flat_weights_names.extend(names)
+                self._all_weights.append(names)
+        self.reset_parameters()
+
+    # --- torch.nn.RNNBase's public surface ---------------------------------------------------------
+
+    def reset_parameters(self) -> None:
+        """torch.nn's initialisation: every parameter from U(-1/sqrt(H), 1/sqrt(H))."""
+        bound = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
+        for weight in self.parameters():
+            nn.init.uniform_(weight, -bound, bound)
+
+    def flatten_parameters(self) -> None:
+        """No-op, kept for compatibility: the kernels read the parameters where they are."""
+
+    @property
+    def all_weights(self) -> list[list[nn.Parameter]]:
+        return [[getattr(self, name) for name in names] for names in self._all_weights]
+
+    @property
+    def _flat_weights(self) -> list[nn.Parameter]:
+        return [getattr(self, name) for name in self._flat_weights_names]
+
+    def extra_repr(self) -> str:
+        s = "{input_size}, {hidden_size}"
+        if self.proj_size != 0:
+            s += ", proj_size={proj_size}"
+        if self.num_layers != 1:
+            s += ", num_layers={num_layers}"
+        if self.bias is not True:
+            s += ", bias={bias}"
+        if self.batch_first is not False:
+            s += ", batch_first={batch_first}"
+        if self.dropout != 0:
+            s += ", dropout={dropout}"
+        if self.bidirectional is not False:
+            s += ", bidirectional={bidirectional}"
+        return s.format(**self.__dict__)
+
+    # --- forward -------------------------------------------------------------------------------------
+
+    @property
+    def _cell(self) -> str:
+        return {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}[self.mode]
+
+    @property
+    def _display_name(self) -> str:
+        return "RNN" if self.mode.startswith("RNN") else self.mode
+
+    def _layer_weights(self) -> list:
+        """(w_ih, w_hh, b_ih, b_hh, w_hr) per layer and direction, for functional.rnn."""
+        num_directions = 2 if self.bidirectional else 1
+        weights = []
+        for layer in range(self.num_layers):
+            for direction in range(num_directions):
+                suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
+                weights.append(tuple(getattr(self, name + suffix, None) if present else None
+                                     for name, present in (
+                                         ("weight_ih", True), ("weight_hh", True),
+                                         ("bias_ih", self.bias), ("bias_hh", self.bias),
+                                         ("weight_hr", self.proj_size > 0))))
+        return weights
+
+    def forward(self, input, hx=None):
+        is_lstm = self.mode == "LSTM"
+        weight = self.weight_ih_l0
+        packed = isinstance(input, PackedSequence)
+        if packed:
+            data, batch_sizes, sorted_indices, unsorted_indices = input
+            check.check_input(data, weight, self.input_size, expected_dim=2)
+            layout = PackedLayout(batch_sizes, data.device)
+            x, batch_first, batched, lengths = layout.pad(data), False, True, layout.lengths
+        else:
+            check.check_input_dim(self._display_name, input, (2, 3))
+            batched = input.dim() == 3
+            batch_first = self.batch_first
+            x = input if batched else input.unsqueeze(0 if batch_first else 1)
+            check.check_input(x, weight, self.input_size, expected_dim=3)
+            lengths = None
+        check.check_sequence_length(x.size(1) if batch_first else x.size(0))
+        batch = x.size(0) if batch_first else x.size(1)
+
+        if hx is not None:
+            states = check.split_lstm_state(hx) if is_lstm else (hx,)
+            names = ("h_0", "c_0") if is_lstm else ("hx",)
+            sizes = (self._state_size, self.hidden_size) if is_lstm else (self._state_size,)
+            prepared = []
+            for state, name, size in zip(states, names, sizes):
+                if not packed:
+                    check.check_hidden_dim(state, batched, name)
+                    if not batched:
+                        state = state.unsqueeze(1)
+                check.check_hidden(state, (self._num_states, batch, size), x, name)
+                if packed and sorted_indices is not None:
+                    # The caller's states are in the caller's batch order; the packed data is not.
+                    state = state.index_select(1, sorted_indices)
+                prepared.append(state)
+            hx = tuple(prepared) if is_lstm else prepared[0]
+
+        dropout_fn = layout.dropout(self.dropout) if packed else None
+        output, h_n, c_n = functional.rnn(
+            self._cell, x, self._layer_weights(), hx, num_layers=self.num_layers,
+            bidirectional=self.bidirectional, batch_first=batch_first, lengths=lengths,
+            dropout=self.dropout, training=self.training, dropout_fn=dropout_fn)
+
+        if packed:
+            output = PackedSequence(layout.pack(output), batch_sizes, sorted_indices,
+                                    unsorted_indices)
+            if unsorted_indices is not None:
+                h_n = h_n.index_select(1, unsorted_indices)
+                c_n = c_n.index_select(1, unsorted_indices) if c_n is not None else None
+        elif not batched:
+            output = output.squeeze(0 if batch_first else 1)
+            h_n = h_n.squeeze(1)
+            c_n = c_n.squeeze(1) if c_n is not None else None
+        return (output, (h_n, c_n)) if is_lstm else (output, h_n)
+
+    @property
+    def _state_size(self) -> int:
+        return self.proj_size if self.proj_size > 0 else self.hidden_size
+
+    @property
+    def _num_states(self) -> int:
+        return self.num_layers * (2 if self.bidirectional else 1)
+
+
+class LSTM(RNNBase):
+    """Drop-in torch.nn.LSTM (same arguments, parameters and results) on fusedrnn's kernels."""
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 proj_size: int = 0, device=None, dtype=None):
+        super().__init__("LSTM", input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, proj_size, device, dtype)
+
+
+class GRU(RNNBase):
+    """Drop-in torch.nn.GRU (same arguments, parameters and results) on fusedrnn's kernels."""
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 device=None, dtype=None, **kwargs):
+        _reject_proj_size(kwargs)
+        super().__init__("GRU", input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, 0, device, dtype)
+
+
+class RNN(RNNBase):
+    """Drop-in torch.nn.RNN (Elman, tanh or relu) on fusedrnn's kernels."""
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
+                 nonlinearity: str = "tanh", bias: bool = True, batch_first: bool = False,
+                 dropout: float = 0.0, bidirectional: bool = False, device=None, dtype=None,
+                 **kwargs):
+        _reject_proj_size(kwargs)
+        self.nonlinearity = nonlinearity
+        check.check_nonlinearity(nonlinearity)
+        mode = "RNN_TANH" if nonlinearity == "tanh" else "RNN_RELU"
+        super().__init__(mode, input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, 0, device, dtype)
+
+
+def _reject_proj_size(kwargs: dict) -> None:
+    if "proj_size" in kwargs:
+        raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+    if kwargs:
+        raise TypeError(f"unexpected keyword argument(s): {', '.join(sorted(kwargs))}")
+
+
+# --- cells ----------------------------------------------------------------------------------------
+
+class RNNCellBase(nn.Module):
+    """What LSTMCell, GRUCell and RNNCell share: torch.nn's parameters and initialisation."""
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool, num_chunks: int,
+                 device=None, dtype=None):
+        super().__init__()
+        check.check_cell_arguments(input_size, hidden_size, bias)
+        factory = {"device": device, "dtype": dtype}
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.bias = bias
+        self.weight_ih = nn.Parameter(torch.empty((num_chunks * hidden_size, input_size), **factory))
+        self.weight_hh = nn.Parameter(torch.empty((num_chunks * hidden_size, hidden_size), **factory))
+        if bias:
+            self.bias_ih = nn.Parameter(torch.empty(num_chunks * hidden_size, **factory))
+            self.bias_hh = nn.Parameter(torch.empty(num_chunks * hidden_size, **factory))
+        else:
+            self.register_parameter("bias_ih", None)
+            self.register_parameter("bias_hh", None)
+        self.reset_parameters()
+
+    def extra_repr(self) -> str:
+        s = "{input_size}, {hidden_size}"
+        if "bias" in self.__dict__ and self.bias is not True:
+            s += ", bias={bias}"
+        if "nonlinearity" in self.__dict__ and self.nonlinearity != "tanh":
+            s += ", nonlinearity={nonlinearity}"
+        return s.format(**self.__dict__)
+
+    def reset_parameters(self) -> None:
+        bound = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
+        for weight in self.parameters():
+            nn.init.uniform_(weight, -bound, bound)
+
+    def _step(self, cell: str, input: Tensor, hx):
+        """Validates like torch.nn, adds and removes the batch dimension of unbatched input, and
+        runs one step. hx: None, a tensor, or for LSTM a pair."""
+        name = type(self).__name__
+        is_lstm = cell == "lstm"
+        check.check_input_dim(name, input, (1, 2))
+        states = None
+        if hx is not None:
+            states = check.split_lstm_state(hx, "hx") if is_lstm else (hx,)
+            whats = ("hx[0]", "hx[1]") if is_lstm else ("hidden",)
+            for state, what in zip(states, whats):
+                check.check_cell_hidden_dim(name, state, what)
+        batched = input.dim() == 2
+        batch_input = input if batched else input.unsqueeze(0)
+        check.check_cell_input(name, batch_input, self.input_size, self.weight_ih)
+        if states is not None:
+            whats = ("hidden0", "hidden1") if is_lstm else ("hidden0",)
+            for state, what in zip(states, whats):
+                check.check_cell_hidden(name, state, what, batch_input, self.hidden_size, batched)
+            if not batched:
+                states = tuple(s.unsqueeze(0) for s in states)
+            hx = states if is_lstm else states[0]
+        result = functional.cell_step(cell, batch_input, self.weight_ih, self.weight_hh,
+                                      self.bias_ih, self.bias_hh, hx)
+        if batched:
+            return result
+        return tuple(r.squeeze(0) for r in result) if is_lstm else result.squeeze(0)
+
+
+class LSTMCell(RNNCellBase):
+    """Drop-in torch.nn.LSTMCell: (h', c') = cell(input, (h, c))."""
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None,
+                 dtype=None):
+        super().__init__(input_size, hidden_size, bias, num_chunks=4, device=device, dtype=dtype)
+
+    def forward(self, input: Tensor, hx: Optional[tuple] = None) -> tuple:
+        return self._step("lstm", input, hx)
+
+
+class GRUCell(RNNCellBase):
+    """Drop-in torch.nn.GRUCell: h' = cell(input, h)."""
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None,
+                 dtype=None):
+        super().__init__(input_size, hidden_size, bias, num_chunks=3, device=device, dtype=dtype)
+
+    def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
+        return self._step("gru", input, hx)
+
+
+class RNNCell(RNNCellBase):
+    """Drop-in torch.nn.RNNCell (tanh or relu): h' = cell(input, h)."""
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True,
+                 nonlinearity: str = "tanh", device=None, dtype=None):
+        super().__init__(input_size, hidden_size, bias, num_chunks=1, device=device, dtype=dtype)
+        self.nonlinearity = nonlinearity
+
+    def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
+        if self.nonlinearity not in ("tanh", "relu"):
+            # torch.nn accepts any nonlinearity at construction and fails here, with this class.
+            raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity} "
+                               "(RNNCell supports 'tanh' and 'relu')")
+        return self._step("rnn_" + self.nonlinearity, input, hx)

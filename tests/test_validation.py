@@ -1,0 +1,198 @@
+"""Bad input (issue 2, item 6): every mistake raises the exception class torch.nn raises for it,
+with a message that names the argument and what was expected and received. Validation runs
+before any native call, so these tests need no native module."""
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import fusedrnn
+
+
+def torch_error(make):
+    try:
+        make()
+    except Exception as error:  # noqa: BLE001 - we want whatever torch raises
+        return error
+    return None
+
+
+def check_same_class(torch_call, our_call, *message_parts):
+    """Our error is an instance of torch's error class and its message names what it should."""
+    expected = torch_error(torch_call)
+    assert expected is not None, "torch.nn accepted this input: the test case is wrong"
+    with pytest.raises(Exception) as info:
+        our_call()
+    assert isinstance(info.value, type(expected)), (
+        f"fusedrnn raised {type(info.value).__name__}({info.value}), "
+        f"torch.nn raises {type(expected).__name__}({expected})")
+    for part in message_parts:
+        assert part in str(info.value), f"{part!r} not in message {str(info.value)!r}"
+
+
+# --- constructor arguments -----------------------------------------------------------------------
+
+CONSTRUCTOR_CASES = [
+    # (id, class name, args, kwargs, words the message must contain)
+    ("dropout-negative", "LSTM", (4, 6, 2), dict(dropout=-0.1), ["dropout", "-0.1"]),
+    ("dropout-above-one", "GRU", (4, 6, 2), dict(dropout=1.5), ["dropout", "1.5"]),
+    ("dropout-bool", "RNN", (4, 6, 2), dict(dropout=True), ["dropout"]),
+    ("hidden-zero", "LSTM", (4, 0), {}, ["hidden_size", "0"]),
+    ("hidden-negative", "GRU", (4, -3), {}, ["hidden_size", "-3"]),
+    ("hidden-float", "RNN", (4, 2.0), {}, ["hidden_size", "float"]),
+    ("input-zero", "GRU", (0, 6), {}, ["input_size"]),
+    ("layers-zero", "LSTM", (4, 6, 0), {}, ["num_layers"]),
+    ("proj-equal-hidden", "LSTM", (4, 6), dict(proj_size=6), ["proj_size", "hidden_size", "6"]),
+    ("proj-above-hidden", "LSTM", (4, 6), dict(proj_size=9), ["proj_size", "9"]),
+    ("proj-negative", "LSTM", (4, 6), dict(proj_size=-1), ["proj_size", "-1"]),
+    ("proj-on-gru", "GRU", (4, 6), dict(proj_size=2), ["proj_size"]),
+    ("proj-on-rnn", "RNN", (4, 6), dict(proj_size=2), ["proj_size"]),
+    ("bias-not-bool", "LSTM", (4, 6), dict(bias=1), ["bias", "int"]),
+    ("batch-first-not-bool", "GRU", (4, 6), dict(batch_first="yes"), ["batch_first"]),
+    ("nonlinearity", "RNN", (4, 6), dict(nonlinearity="sigmoid"), ["sigmoid", "tanh", "relu"]),
+]
+
+
+@pytest.mark.parametrize("case", CONSTRUCTOR_CASES, ids=[c[0] for c in CONSTRUCTOR_CASES])
+def test_constructor(case):
+    _, name, args, kwargs, words = case
+    check_same_class(lambda: getattr(nn, name)(*args, **kwargs),
+                     lambda: getattr(fusedrnn, name)(*args, **kwargs), *words)
+
+
+def test_dropout_with_one_layer_warns_like_torch():
+    with pytest.warns(UserWarning, match="num_layers greater than 1"):
+        fusedrnn.LSTM(4, 6, dropout=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fusedrnn.LSTM(4, 6, 2, dropout=0.5)
+        fusedrnn.LSTM(4, 6, dropout=0)
+
+
+def test_cell_negative_hidden():
+    check_same_class(lambda: nn.GRUCell(4, -1), lambda: fusedrnn.GRUCell(4, -1), "hidden_size")
+
+
+# --- forward arguments ---------------------------------------------------------------------------
+
+def lstm_pair(**kwargs):
+    torch.manual_seed(0)
+    return nn.LSTM(4, 6, 2, **kwargs), fusedrnn.LSTM(4, 6, 2, **kwargs)
+
+
+def gru_pair(**kwargs):
+    return nn.GRU(4, 6, 2, **kwargs), fusedrnn.GRU(4, 6, 2, **kwargs)
+
+
+def rnn_pair(**kwargs):
+    return nn.RNN(4, 6, 2, **kwargs), fusedrnn.RNN(4, 6, 2, **kwargs)
+
+
+X = torch.randn(3, 2, 4)
+H = torch.randn(2, 2, 6)
+META = "meta"
+
+
+def packed_input(unsorted=False):
+    lengths = torch.tensor([2, 3]) if unsorted else torch.tensor([3, 2])
+    return pack_padded_sequence(X, lengths, enforce_sorted=not unsorted)
+
+
+FORWARD_CASES = [
+    # (id, pair factory, args, words)
+    ("input-size", lstm_pair, (torch.randn(3, 2, 5),), ["input_size", "4", "5"]),
+    ("input-size-gru", gru_pair, (torch.randn(3, 2, 5),), ["input_size", "4", "5"]),
+    ("input-size-unbatched", rnn_pair, (torch.randn(3, 7),), ["input_size", "4", "7"]),
+    ("input-1d", lstm_pair, (torch.randn(4),), ["2D or 3D", "1D"]),
+    ("input-4d", gru_pair, (torch.randn(1, 3, 2, 4),), ["2D or 3D", "4D"]),
+    ("input-1d-rnn", rnn_pair, (torch.randn(4),), ["1D"]),
+    ("input-dtype", lstm_pair, (X.double(),), ["float64", "float32"]),
+    ("input-int", gru_pair, (X.long(),), ["int64", "float32"]),
+    ("input-int-rnn", rnn_pair, (X.int(),), ["int32"]),
+    ("hx-batch", gru_pair, (X, torch.randn(2, 3, 6)), ["hx", "(2, 2, 6)", "[2, 3, 6]"]),
+    ("hx-layers", gru_pair, (X, torch.randn(3, 2, 6)), ["(2, 2, 6)", "[3, 2, 6]"]),
+    ("hx-size", rnn_pair, (X, torch.randn(2, 2, 5)), ["(2, 2, 6)", "[2, 2, 5]"]),
+    ("hx-2d-for-batched", gru_pair, (X, torch.randn(2, 6)), ["3-D", "2-D"]),
+    ("hx-3d-for-unbatched", gru_pair, (X[:, 0], torch.randn(2, 1, 6)), ["2-D", "3-D"]),
+    ("lstm-h-shape", lstm_pair, (X, (torch.randn(2, 3, 6), H)), ["h_0", "(2, 2, 6)", "[2, 3, 6]"]),
+    ("lstm-c-shape", lstm_pair, (X, (H, torch.randn(2, 2, 5))), ["c_0", "(2, 2, 6)", "[2, 2, 5]"]),
+    ("lstm-c-layers", lstm_pair, (X, (H, torch.randn(1, 2, 6))), ["c_0", "[1, 2, 6]"]),
+    ("lstm-hx-tensor", lstm_pair, (X, H), ["tuple", "Tensor"]),
+    ("lstm-hx-tensor-4d", lstm_pair, (X, torch.randn(2, 2, 2, 6)), ["tuple", "Tensor"]),
+    ("lstm-hx-1-tuple", lstm_pair, (X, (H,)), ["tuple", "1"]),
+    ("lstm-hx-3-tuple", lstm_pair, (X, (H, H, H)), ["tuple", "3"]),
+    ("lstm-hx-none-pair", lstm_pair, (X, (None, None)), ["hx[0]", "NoneType"]),
+    ("lstm-hx-unbatched-3d", lstm_pair,
+     (X[:, 0], (torch.randn(2, 1, 6), torch.randn(2, 1, 6))), ["2-D", "3-D"]),
+    ("hx-dtype", gru_pair, (X, H.double()), ["dtype", "float64", "float32"]),
+    ("lstm-h-dtype", lstm_pair, (X, (H.double(), H)), ["h_0", "float64"]),
+    ("lstm-c-dtype", lstm_pair, (X, (H, H.double())), ["c_0", "float64"]),
+    ("hx-device", gru_pair, (X, H.to(META)), ["device", "meta", "cpu"]),
+    ("lstm-c-device", lstm_pair, (X, (H, H.to(META))), ["device", "meta", "cpu"]),
+    ("input-device", gru_pair, (X.to(META),), ["device", "meta", "cpu"]),
+    ("zero-steps", gru_pair, (torch.randn(0, 2, 4),), ["sequence length", "0"]),
+    ("packed-input-size", gru_pair,
+     (pack_padded_sequence(torch.randn(3, 2, 5), torch.tensor([3, 2])),), ["input_size", "5"]),
+    ("packed-dtype", rnn_pair,
+     (pack_padded_sequence(X.double(), torch.tensor([3, 2])),), ["float64"]),
+    ("packed-hx-batch", gru_pair, (packed_input(), torch.randn(2, 3, 6)), ["(2, 2, 6)", "[2, 3, 6]"]),
+    ("packed-unsorted-hx-batch", lstm_pair,
+     (packed_input(True), (torch.randn(2, 1, 6), torch.randn(2, 1, 6))), ["h_0", "[2, 1, 6]"]),
+    ("packed-hx-2d", gru_pair, (packed_input(), torch.randn(2, 6)), ["[2, 6]"]),
+]
+
+
+@pytest.mark.parametrize("case", FORWARD_CASES, ids=[c[0] for c in FORWARD_CASES])
+def test_forward(case):
+    _, factory, args, words = case
+    theirs, ours = factory()
+    check_same_class(lambda: theirs(*args), lambda: ours(*args), *words)
+
+
+# --- cells ----------------------------------------------------------------------------------------
+
+def cell_pair(name, **kwargs):
+    return getattr(nn, name)(4, 6, **kwargs), getattr(fusedrnn, name)(4, 6, **kwargs)
+
+
+B = torch.randn(2, 4)
+CELL_CASES = [
+    ("input-3d", "GRUCell", (torch.randn(1, 2, 4),), ["1D or 2D", "3D"]),
+    ("input-3d-lstm", "LSTMCell", (torch.randn(1, 2, 4),), ["1D or 2D", "3D"]),
+    ("input-size", "RNNCell", (torch.randn(2, 5),), ["input_size", "5", "4"]),
+    ("input-size-lstm", "LSTMCell", (torch.randn(2, 5),), ["input_size", "5"]),
+    ("input-dtype", "GRUCell", (B.double(),), ["float64", "float32"]),
+    ("input-int", "RNNCell", (B.long(),), ["int64"]),
+    ("hx-3d", "GRUCell", (B, torch.randn(1, 2, 6)), ["1D or 2D", "3D"]),
+    ("hx-batch", "GRUCell", (B, torch.randn(3, 6)), ["batch size", "2", "3"]),
+    ("hx-size", "RNNCell", (B, torch.randn(2, 5)), ["hidden_size", "5", "6"]),
+    ("hx-2d-unbatched", "GRUCell", (B[0], torch.randn(1, 6)), ["hidden"]),
+    ("hx-1d-batched", "RNNCell", (B, torch.randn(6)), ["hidden"]),
+    ("hx-dtype", "GRUCell", (B, torch.randn(2, 6).double()), ["float64"]),
+    ("hx-device", "GRUCell", (B, torch.randn(2, 6, device=META)), ["meta"]),
+    ("lstm-hx-tensor", "LSTMCell", (B, torch.randn(2, 6)), ["tuple", "Tensor"]),
+    ("lstm-hx-1-tuple", "LSTMCell", (B, (torch.randn(2, 6),)), ["tuple", "1"]),
+    ("lstm-hx-3-tuple", "LSTMCell", (B, (torch.randn(2, 6),) * 3), ["tuple", "3"]),
+    ("lstm-c-batch", "LSTMCell", (B, (torch.randn(2, 6), torch.randn(3, 6))), ["hidden1", "3"]),
+    ("lstm-h-3d", "LSTMCell", (B, (torch.randn(1, 2, 6), torch.randn(2, 6))), ["hx[0]", "3D"]),
+]
+
+
+@pytest.mark.parametrize("case", CELL_CASES, ids=[c[0] for c in CELL_CASES])
+def test_cell_forward(case):
+    _, name, args, words = case
+    theirs, ours = cell_pair(name)
+    check_same_class(lambda: theirs(*args), lambda: ours(*args), *words)
+
+
+def test_rnn_cell_unknown_nonlinearity_fails_in_forward_like_torch():
+    check_same_class(lambda: nn.RNNCell(4, 6, nonlinearity="x")(B),
+                     lambda: fusedrnn.RNNCell(4, 6, nonlinearity="x")(B), "nonlinearity", "x")
+
+
+def test_lstm_state_error_is_catchable_as_every_torch_class():
+    from fusedrnn._validation import HiddenStateError
+    for cls in (RuntimeError, TypeError, IndexError, AttributeError):
+        assert issubclass(HiddenStateError, cls)
