@@ -71,11 +71,13 @@ def fusedrnn_version() -> str:
 
 
 def git_commit() -> Dict[str, object]:
-    """The commit of the checkout the package was imported from; 'unknown' outside a checkout."""
+    """The commit of the checkout the package was imported from, else $FUSEDRNN_BENCH_COMMIT, else
+    'unknown'."""
     where = str(package_dir())
     commit = _run(["git", "rev-parse", "HEAD"], cwd=where)
     if not commit:
-        return {"commit": "unknown", "dirty": None}
+        # An installed package is no checkout: bench/gpu_check.sh passes the commit it built.
+        return {"commit": os.environ.get("FUSEDRNN_BENCH_COMMIT") or "unknown", "dirty": None}
     status = _run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where)
     return {"commit": commit, "dirty": bool(status) if status is not None else None}
 

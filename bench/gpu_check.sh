@@ -1,0 +1,235 @@
+#!/usr/bin/env bash
+# One command for a machine with an NVIDIA GPU and no network: build fusedrnn for this GPU, run the
+# CUDA tests, run compute-sanitizer (memcheck, racecheck, synccheck) on a small forward+backward,
+# and benchmark against torch.nn (cuDNN), writing everything into OUTDIR.
+#
+#   bash bench/gpu_check.sh OUTDIR
+#
+# Needs, preinstalled: PyTorch with CUDA, nvcc, pybind11, scikit-build-core, cmake, ninja, pytest
+# (matplotlib optional: the PNG chart). Every step runs even when an earlier one failed; each
+# step's status goes to OUTDIR/status.md and the script exits non-zero when any step failed.
+#
+# Environment (all optional):
+#   PYTHON              interpreter that holds torch (default: python3)
+#   GPU_CHECK_BUILD     pip (default): pip install --no-build-isolation, as a user would;
+#                       cmake: developer build into python/fusedrnn, run with PYTHONPATH=python
+#   GPU_CHECK_ARCH      compute capability digits, e.g. 90 (default: detected)
+#   GPU_CHECK_COMMIT    commit to record when the tree is not a git checkout
+#   GPU_CHECK_PYTEST    pytest selection (default: "-m cuda")
+#   GPU_CHECK_PRESET    benchmark preset (default: gpu, which holds the anchor LSTM B=16 T=1024
+#                       H=768 in fp16 and bf16)
+#   GPU_CHECK_SKIP      space-separated steps to skip: build tests memcheck racecheck synccheck bench
+# Typical time on an H100: a few minutes to build for one architecture, then about 5 minutes.
+set -uo pipefail
+
+if [ $# -ne 1 ]; then
+  echo "usage: bash bench/gpu_check.sh OUTDIR" >&2
+  exit 2
+fi
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+mkdir -p "$1/logs" || exit 2
+OUT=$(cd "$1" && pwd)
+cd "$REPO" || exit 2
+PYTHON=${PYTHON:-python3}
+BUILD_MODE=${GPU_CHECK_BUILD:-pip}
+PRESET=${GPU_CHECK_PRESET:-gpu}
+read -r -a PYTEST_SELECTION <<< "${GPU_CHECK_PYTEST:--m cuda}"
+SKIP=" ${GPU_CHECK_SKIP:-} "
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INDEX=1 PYTHONUNBUFFERED=1
+
+STATUS="$OUT/status.md"
+FAILED=0
+printf '| step | status | seconds | log |\n|---|---|---|---|\n' > "$STATUS"
+
+# run_step NAME TIMEOUT_S COMMAND...: runs the command with a time limit, logs it, records status.
+run_step() {
+  local name=$1 limit=$2
+  shift 2
+  local log="$OUT/logs/$name.log" status start rc
+  if [[ "$SKIP" == *" $name "* ]]; then
+    echo "== $name: skipped (GPU_CHECK_SKIP)"
+    printf '| %s | skipped | 0 | |\n' "$name" >> "$STATUS"
+    return 0
+  fi
+  echo "== $name (limit ${limit}s, log $log)"
+  start=$(date +%s)
+  # A fresh bash runs the step (functions and variables are exported below), so that timeout can
+  # stop the step's whole process group.
+  timeout --kill-after=20 "$limit" bash -c '"$@"' "$name" "$@" > "$log" 2>&1
+  rc=$?
+  case $rc in
+    0) status=passed ;;
+    124|137) status="FAILED (timed out after ${limit}s)" ;;
+    *) status="FAILED (exit $rc)" ;;
+  esac
+  [ "$rc" -eq 0 ] || FAILED=$((FAILED + 1))
+  printf '| %s | %s | %s | logs/%s.log |\n' "$name" "$status" "$(( $(date +%s) - start ))" "$name" >> "$STATUS"
+  echo "   $status"
+  [ "$rc" -eq 0 ] || tail -n 25 "$log" | sed 's/^/   | /'
+  return "$rc"
+}
+
+# --- the toolchain ------------------------------------------------------------------------------
+if ! command -v nvcc > /dev/null 2>&1; then
+  for dir in /usr/local/cuda/bin /usr/local/cuda-*/bin; do
+    if [ -x "$dir/nvcc" ]; then export PATH="$dir:$PATH"; break; fi
+  done
+fi
+SANITIZER=$(command -v compute-sanitizer || true)
+if [ -z "$SANITIZER" ] && command -v nvcc > /dev/null 2>&1; then
+  candidate="$(dirname "$(command -v nvcc)")/compute-sanitizer"
+  [ -x "$candidate" ] && SANITIZER=$candidate
+fi
+ARCH=${GPU_CHECK_ARCH:-}
+if [ -z "$ARCH" ]; then
+  ARCH=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2> /dev/null | head -n 1 | tr -d ' .')
+fi
+if [ -z "$ARCH" ]; then
+  ARCH=$("$PYTHON" -c 'import torch; print("%d%d" % torch.cuda.get_device_capability())' 2> /dev/null)
+fi
+COMMIT=$(git -C "$REPO" rev-parse HEAD 2> /dev/null || echo "${GPU_CHECK_COMMIT:-unknown}")
+# What the steps below (each a fresh bash) need; the benchmark records the commit from it too.
+export REPO OUT PYTHON ARCH SANITIZER PRESET COMMIT
+export FUSEDRNN_BENCH_COMMIT=$COMMIT
+echo "fusedrnn gpu_check: arch sm_${ARCH:-?}, commit $COMMIT, build mode $BUILD_MODE, output $OUT"
+
+# --- machine file (first, so it exists whatever fails later) -------------------------------------
+write_machine() {
+  {
+    echo "# Machine"
+    echo
+    echo "- date (UTC): $(date -u '+%Y-%m-%d %H:%M:%S')"
+    echo "- commit: $COMMIT"
+    echo "- build: $BUILD_MODE, FUSEDRNN_CUDA_ARCHS=${ARCH:-?}"
+    echo "- nvcc: $(nvcc --version 2> /dev/null | tail -n 1)"
+    echo "- compute-sanitizer: ${SANITIZER:-not found}"
+    echo "- python: $("$PYTHON" --version 2>&1)"
+    "$PYTHON" - <<'PY'
+import torch
+print(f"- torch: {torch.__version__}, CUDA runtime {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}")
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"- GPU: {p.name}, sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, {p.total_memory / 2**30:.1f} GiB")
+else:
+    print("- GPU: torch sees none")
+PY
+    echo
+    echo '```'
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv 2>&1
+    echo '```'
+  } > "$OUT/machine.md"
+  PYTHONPATH="$REPO/python${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" - "$OUT/machine.json" "$COMMIT" <<'PY'
+import json, sys
+from fusedrnn.bench import machine
+info = machine.collect("cuda")
+info["commit"] = sys.argv[2]
+json.dump(info, open(sys.argv[1], "w"), indent=1)
+PY
+}
+write_machine > "$OUT/logs/machine.log" 2>&1 || echo "   (machine file incomplete: see logs/machine.log)"
+
+# --- build ---------------------------------------------------------------------------------------
+build_pip() {
+  FUSEDRNN_CUDA=ON FUSEDRNN_CUDA_ARCHS="$ARCH" \
+    "$PYTHON" -m pip install --no-build-isolation --no-deps --no-index -v "$REPO"
+}
+build_cmake() {
+  local dir="$REPO/build/gpu-check"
+  cmake -S "$REPO" -B "$dir" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+    -DPython_EXECUTABLE="$(command -v "$PYTHON")" \
+    -Dpybind11_DIR="$("$PYTHON" -m pybind11 --cmakedir)" \
+    -DFUSEDRNN_MODULE_DIR="$REPO/python/fusedrnn" -DFUSEDRNN_CUDA=ON \
+    -DFUSEDRNN_CUDA_ARCHS="$ARCH" -DCMAKE_CUDA_ARCHITECTURES="$ARCH" &&
+    cmake --build "$dir" -j "$(nproc)"
+}
+# Imports the built package from a neutral folder, so the source tree cannot shadow an install.
+check_import() {
+  (cd "$OUT" && "$PYTHON" -c '
+import fusedrnn, fusedrnn._backend as b
+print("fusedrnn from", fusedrnn.__file__)
+assert b.HAS_CUDA, "fusedrnn._cuda did not load (or torch sees no GPU)"
+print("fusedrnn._cuda loaded")')
+}
+
+export -f build_pip build_cmake check_import
+if [ "$BUILD_MODE" = cmake ]; then
+  export PYTHONPATH="$REPO/python${PYTHONPATH:+:$PYTHONPATH}"
+  run_step build 540 build_cmake
+elif [ "$BUILD_MODE" = pip ]; then
+  if ! run_step build 540 build_pip; then
+    # Keep going on a developer build, so the tests and sanitizers still say something.
+    echo "   pip build failed: falling back to a developer cmake build for the remaining steps"
+    export PYTHONPATH="$REPO/python${PYTHONPATH:+:$PYTHONPATH}"
+    run_step build-fallback 540 build_cmake
+  fi
+else
+  echo "GPU_CHECK_BUILD must be pip or cmake, got '$BUILD_MODE'" >&2
+  exit 2
+fi
+run_step import 60 check_import
+write_machine > "$OUT/logs/machine.log" 2>&1  # again, now that the native modules are built
+
+# --- tests ---------------------------------------------------------------------------------------
+run_step tests 300 "$PYTHON" -m pytest -q -p no:cacheprovider "${PYTEST_SELECTION[@]}" \
+  --junitxml="$OUT/pytest-cuda.xml" "$REPO/tests"
+
+# --- sanitizers ----------------------------------------------------------------------------------
+sanitize() {
+  local tool=$1
+  shift
+  if [ -z "$SANITIZER" ]; then
+    echo "compute-sanitizer not found (PATH, next to nvcc)"
+    return 1
+  fi
+  # torch's caching allocator hides an overrun inside its pool: one cudaMalloc per tensor instead.
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool "$tool" --error-exitcode 99 --print-limit 50 "$@" \
+    "$PYTHON" "$REPO/bench/sanitizer_smoke.py"
+}
+# racecheck and synccheck only look at fusedrnn's kernels (namespace fusedrnn): cuBLAS and torch
+# kernels are not ours to judge, and instrumenting them costs minutes.
+KERNEL_FILTER=()
+if [ -n "$SANITIZER" ] && "$SANITIZER" --help 2>&1 | grep -q -- '--kernel-name'; then
+  KERNEL_FILTER=(--kernel-name kns=fusedrnn)
+fi
+export -f sanitize
+run_step memcheck 300 sanitize memcheck
+run_step racecheck 300 sanitize racecheck --racecheck-report hazard "${KERNEL_FILTER[@]}"
+run_step synccheck 300 sanitize synccheck "${KERNEL_FILTER[@]}"
+
+# --- benchmark -----------------------------------------------------------------------------------
+bench() {
+  local plot=()
+  if "$PYTHON" -c 'import matplotlib' > /dev/null 2>&1; then
+    plot=(--plot "$OUT/bench.png")
+  fi
+  # From OUT, so an installed package is what runs (PYTHONPATH still points at python/ in cmake mode).
+  (cd "$OUT" && "$PYTHON" -m fusedrnn.bench --device cuda --preset "$PRESET" --quiet \
+    --json "$OUT/bench.json" --markdown "$OUT/bench.md" "${plot[@]}")
+}
+export -f bench
+run_step bench 420 bench
+[ -f "$OUT/logs/bench.log" ] && cp "$OUT/logs/bench.log" "$OUT/bench.txt"
+
+# --- summary -------------------------------------------------------------------------------------
+{
+  echo "# fusedrnn gpu_check"
+  echo
+  cat "$OUT/machine.md" 2> /dev/null
+  echo
+  echo "## Steps"
+  echo
+  cat "$STATUS"
+  if [ -f "$OUT/bench.md" ]; then
+    echo
+    echo "## Benchmark ($PRESET preset)"
+    echo
+    sed '1,/^```$/d' "$OUT/bench.md" | sed '1,/^```$/d'
+  fi
+} > "$OUT/summary.md"
+echo
+cat "$STATUS"
+if [ "$FAILED" -ne 0 ]; then
+  echo "gpu_check: $FAILED step(s) failed; see $OUT/status.md and $OUT/logs/" >&2
+  exit 1
+fi
+echo "gpu_check: every step passed; results in $OUT"
