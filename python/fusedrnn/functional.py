@@ -19,7 +19,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from . import _backend
 from ._backend import GATE_COUNT, SAVED_GATE_COUNT, DirectionBackward, DirectionForward
@@ -219,8 +218,16 @@ class _LayerRecurrence(torch.autograd.Function):
         return (out, hn, cn) if spec.cell == "lstm" else (out, hn)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, d_out, d_hn, d_cn=None):
+        create_graph = torch.is_grad_enabled()
+        with torch.no_grad():
+            grads = _LayerRecurrence._backward(ctx, d_out, d_hn, d_cn)
+        if create_graph:
+            grads = _NoDoubleBackward.mark(grads)
+        return grads
+
+    @staticmethod
+    def _backward(ctx, d_out, d_hn, d_cn):
         spec = ctx.spec
         lengths, h0, c0, out, gates, c_seq, r_seq, *params = ctx.saved_tensors
         w_hh, b_hh, w_hr = spec.split(params)
@@ -275,6 +282,30 @@ class _LayerRecurrence(torch.autograd.Function):
                 d_h0 if ctx.has_h0 else None,
                 d_c0 if ctx.has_c0 else None,
                 *d_w_hh, *d_b_hh, *d_w_hr)
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """Tags gradients computed with create_graph=True so that differentiating them again raises
+    (the native backward is not itself differentiable; torch.nn's cuDNN RNNs behave the same),
+    instead of silently missing the second-order terms of the recurrence."""
+
+    @staticmethod
+    def mark(grads: tuple) -> tuple:
+        tensors = [g for g in grads if g is not None]
+        # Like once_differentiable: detached inputs that require grad give the outputs a grad_fn.
+        marked = iter(_NoDoubleBackward.apply(*(t.detach().requires_grad_() for t in tensors)))
+        return tuple(next(marked) if g is not None else None for g in grads)
+
+    @staticmethod
+    def forward(ctx, *grads):
+        return tuple(g.view_as(g) for g in grads)
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(
+            "fusedrnn: double backward (differentiating a gradient of an LSTM/GRU/RNN) is not "
+            "supported by the native recurrence, like torch.nn's cuDNN RNNs; use "
+            "fusedrnn.reference for higher-order gradients")
 
 
 def _recurrent_weight_grad(d_pre: Tensor, out: Tensor, h0: Optional[Tensor],

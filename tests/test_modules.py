@@ -1,0 +1,387 @@
+"""fusedrnn.LSTM/GRU/RNN against torch.nn: outputs, final states and every parameter, input and
+state gradient, over a covering design of the features (every 3 feature values appear together
+in some case), in float64 (1e-9 relative) and float32 (2e-5 relative); plus a hypothesis search,
+dropout masks, PackedSequence details, unbatched input, non-contiguous tensors, inference mode,
+low precision and the module surface (names, state_dict, repr)."""
+import functools
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+
+import fusedrnn
+
+from _helpers import (CELL_VARIANTS, PACKING, Case, assert_close, compare_with_torch,
+                      covering_design, make_inputs, make_modules, requires_native, run_module)
+
+FACTORS = dict(
+    cell=CELL_VARIANTS,
+    layers=(1, 2, 3),
+    bidirectional=(False, True),
+    batch_first=(False, True),
+    bias=(True, False),
+    packing=PACKING,
+    hx=(False, True),
+    seq_len=(1, 2, 7),
+    batch=(1, 3, 9),   # 9: more rows than the 2 cores' threads
+    hidden=(5, 13),    # odd, not a multiple of any SIMD width
+)
+
+
+@functools.lru_cache(maxsize=None)
+def grid() -> list:
+    cases = [Case(**row, dtype=dtype) for dtype in (torch.float64, torch.float32)
+             for row in covering_design(FACTORS, strength=3, seed=0)]
+    return cases
+
+
+@requires_native
+@pytest.mark.parametrize("case", grid(), ids=[c.id for c in grid()])
+def test_matches_torch(case):
+    compare_with_torch(case)
+
+
+@requires_native
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@given(cell=st.sampled_from(CELL_VARIANTS), layers=st.integers(1, 3),
+       bidirectional=st.booleans(), batch_first=st.booleans(), bias=st.booleans(),
+       packing=st.sampled_from(PACKING), hx=st.booleans(), seq_len=st.integers(1, 9),
+       batch=st.integers(1, 11), hidden=st.integers(1, 19), input_size=st.integers(1, 9),
+       dtype=st.sampled_from([torch.float64, torch.float32]))
+def test_random_configurations(**kwargs):
+    case = Case(**kwargs)
+    if case.cell == "lstm_proj" and case.hidden < 2:
+        case = Case(**{**kwargs, "hidden": 2})
+    compare_with_torch(case)
+
+
+# --- dropout --------------------------------------------------------------------------------------
+
+@requires_native
+@pytest.mark.parametrize("packing", PACKING)
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_dropout_masks_match_torch(cell, packing):
+    """Training-mode dropout between layers: same RNG state, same masks, same results."""
+    case = Case(cell=cell, layers=3, bidirectional=True, packing=packing, batch=4, seq_len=6)
+    theirs, ours = make_modules(case)
+    for m in (theirs, ours):
+        m.dropout = 0.3
+        m.train()
+    inputs = make_inputs(case)
+    torch.manual_seed(5)
+    expected, expected_grads, _ = run_module(theirs, inputs)
+    torch.manual_seed(5)
+    actual, actual_grads, _ = run_module(ours, inputs)
+    for a, e in zip(actual, expected):
+        assert_close(a, e, 1e-9, "result with dropout")
+    for name, e in expected_grads.items():
+        assert_close(actual_grads[name], e, 1e-9, f"grad {name} with dropout")
+    # The RNG advanced identically: the next draw agrees too.
+    torch.manual_seed(5)
+    theirs(inputs.input)
+    after_theirs = torch.rand(3)
+    torch.manual_seed(5)
+    ours(inputs.input)
+    assert torch.equal(torch.rand(3), after_theirs)
+
+
+@requires_native
+def test_eval_mode_has_no_dropout():
+    case = Case(cell="gru", layers=2)
+    theirs, ours = make_modules(case)
+    for m in (theirs, ours):
+        m.dropout = 0.9
+        m.eval()
+    x = make_inputs(case).input.detach()
+    assert_close(ours(x)[0], theirs(x)[0], 1e-9, "eval output")
+
+
+# --- forward contract details ---------------------------------------------------------------------
+
+@requires_native
+@pytest.mark.parametrize("cell", ["lstm_proj", "gru", "rnn_relu"])
+@pytest.mark.parametrize("batch_first", [False, True], ids=["tm", "bf"])
+def test_unbatched_input(cell, batch_first):
+    case = Case(cell=cell, layers=2, bidirectional=True, batch_first=batch_first)
+    theirs, ours = make_modules(case)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    num, state = 4, case.proj_size or case.hidden
+    h = torch.randn(num, state, dtype=torch.float64)
+    hx = (h, torch.randn(num, case.hidden, dtype=torch.float64)) if cell.startswith("lstm") else h
+    for args in ((x,), (x, hx)):
+        (out_e, state_e), (out_a, state_a) = theirs(*args), ours(*args)
+        assert out_a.shape == out_e.shape
+        assert_close(out_a, out_e, 1e-9, "output")
+        for a, e in zip(state_a if isinstance(state_a, tuple) else (state_a,),
+                        state_e if isinstance(state_e, tuple) else (state_e,)):
+            assert a.shape == e.shape
+            assert_close(a, e, 1e-9, "state")
+
+
+@requires_native
+def test_result_layouts_match_torch():
+    """Shapes, and batch_first outputs as views like torch.nn's (same strides)."""
+    for batch_first in (False, True):
+        case = Case(cell="lstm", layers=2, bidirectional=True, batch_first=batch_first)
+        theirs, ours = make_modules(case)
+        x = make_inputs(case).input.detach()
+        (oe, (he, ce)), (oa, (ha, ca)) = theirs(x), ours(x)
+        assert oa.shape == oe.shape and oa.stride() == oe.stride()
+        assert ha.shape == he.shape and ca.shape == ce.shape
+        assert ha.is_contiguous() and ca.is_contiguous()
+
+
+@requires_native
+def test_packed_output_keeps_indices():
+    case = Case(cell="gru", packing="packed_unsorted", batch=5, hx=True)
+    theirs, ours = make_modules(case)
+    inputs = make_inputs(case)
+    out, h = ours(inputs.input, inputs.hx)
+    assert isinstance(out, PackedSequence)
+    assert out.sorted_indices is inputs.input.sorted_indices
+    assert out.unsorted_indices is inputs.input.unsorted_indices
+    assert torch.equal(out.batch_sizes, inputs.input.batch_sizes)
+    expected, eh = theirs(inputs.input, inputs.hx)
+    assert_close(h, eh, 1e-9, "h_n in the caller's batch order")
+
+
+@requires_native
+@pytest.mark.parametrize("cell", ["lstm_proj", "gru"])
+def test_non_contiguous_input_and_state(cell):
+    """Inputs and states that are views with odd strides give the same results and gradients."""
+    case = Case(cell=cell, layers=2, bidirectional=True, hx=True, batch=4, seq_len=5)
+    theirs, ours = make_modules(case)
+    results = []
+    for module in (theirs, ours):
+        torch.manual_seed(3)
+        base = torch.randn(4, 5, 2 * case.input_size, dtype=torch.float64, requires_grad=True)
+        x = base[:, :, ::2].transpose(0, 1)             # [T, B, I], strides everywhere
+        assert not x.is_contiguous()
+        state = case.proj_size or case.hidden
+        h_base = torch.randn(4, 4, 3 * state, dtype=torch.float64, requires_grad=True)
+        h = h_base[:, :, 1::3].transpose(0, 1).transpose(0, 1)[..., :state]
+        hx = h
+        leaves = [base, h_base, *module.parameters()]
+        if cell.startswith("lstm"):
+            c_base = torch.randn(case.batch, 4, case.hidden, dtype=torch.float64,
+                                 requires_grad=True)
+            hx = (h, c_base.transpose(0, 1))
+            leaves.append(c_base)
+        out, st_ = module(x, hx)
+        flat = [out] + list(st_ if isinstance(st_, tuple) else (st_,))
+        loss = sum((r * torch.linspace(-1, 1, r.numel(), dtype=r.dtype).view_as(r)).sum()
+                   for r in flat)
+        results.append((flat, torch.autograd.grad(loss, leaves)))
+    (flat_e, grads_e), (flat_a, grads_a) = results
+    for a, e in zip(flat_a, flat_e):
+        assert_close(a, e, 1e-9, "result")
+    for a, e in zip(grads_a, grads_e):
+        assert_close(a, e, 1e-9, "gradient")
+
+
+@requires_native
+def test_inference_saves_nothing_and_matches():
+    """no_grad and requires_grad=False inputs take the inference path (no autograd node)."""
+    case = Case(cell="lstm", layers=2, bidirectional=True)
+    theirs, ours = make_modules(case)
+    x = make_inputs(case).input.detach()
+    with torch.no_grad():
+        out, (h, c) = ours(x)
+    assert out.grad_fn is None
+    assert_close(out, theirs(x)[0], 1e-9, "no_grad output")
+    with torch.inference_mode():
+        out2, _ = ours(x)
+    assert_close(out2, out, 0, "inference_mode output")
+
+
+@requires_native
+def test_only_input_requires_grad():
+    case = Case(cell="gru", layers=2, hx=True)
+    theirs, ours = make_modules(case)
+    for m in (theirs, ours):
+        m.requires_grad_(False)
+    grads = []
+    for m in (theirs, ours):
+        x = torch.randn(5, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0),
+                        requires_grad=True)
+        out, h = m(x)
+        grads.append(torch.autograd.grad(out.sum() + h.sum(), x)[0])
+    assert_close(grads[1], grads[0], 1e-9, "input gradient")
+
+
+@requires_native
+def test_double_backward_raises_clear_error():
+    case = Case(cell="lstm")
+    _, ours = make_modules(case)
+    x = torch.randn(3, 2, 4, dtype=torch.float64, requires_grad=True)
+    out, _ = ours(x)
+    (gx,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        gx.sum().backward()
+    # first-order gradients with create_graph=True are still right
+    out, _ = ours(x)
+    (gx2,) = torch.autograd.grad(out.sum(), x)
+    assert torch.equal(gx.detach(), gx2)
+
+
+@requires_native
+def test_zero_batch_like_torch():
+    case = Case(cell="lstm", layers=2, bidirectional=True)
+    theirs, ours = make_modules(case)
+    x = torch.randn(5, 0, 4, dtype=torch.float64)
+    (oe, (he, ce)), (oa, (ha, ca)) = theirs(x), ours(x)
+    assert oa.shape == oe.shape and ha.shape == he.shape and ca.shape == ce.shape
+
+
+# --- low precision on the CPU ---------------------------------------------------------------------
+
+@requires_native
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_low_precision_computes_in_float32(cell, dtype):
+    """fp16/bf16 modules on the CPU compute in float32 and return the input dtype; their error
+    against float64 is no worse than torch.nn's in the same precision (times 2)."""
+    case = Case(cell=cell, layers=2, bidirectional=True, hx=True, dtype=torch.float64)
+    exact, ours = make_modules(case)
+    theirs = make_modules(case)[0].to(dtype)
+    ours = ours.to(dtype)
+    x = torch.randn(5, 3, 4, dtype=dtype, generator=torch.Generator().manual_seed(0))
+    state = case.hidden
+    h = torch.randn(4, 3, state, dtype=dtype)
+    hx = (h, torch.randn(4, 3, state, dtype=dtype)) if cell == "lstm" else h
+    hx64 = tuple(s.double() for s in hx) if cell == "lstm" else hx.double()
+    reference, _ = exact(x.double(), hx64)
+    out, st_ = ours(x, hx)
+    assert out.dtype == dtype
+    for s in (st_ if isinstance(st_, tuple) else (st_,)):
+        assert s.dtype == dtype
+    torch_out, _ = theirs(x, hx)
+    from _helpers import rel_err
+    assert rel_err(out, reference) <= max(2 * rel_err(torch_out, reference), 1e-2)
+    # and gradients flow to the low-precision parameters
+    out.float().sum().backward()
+    assert ours.weight_hh_l0.grad.dtype == dtype
+    assert torch.isfinite(ours.weight_hh_l0.grad.float()).all()
+
+
+# --- module surface -------------------------------------------------------------------------------
+
+SURFACE_CASES = [
+    (nn.LSTM, fusedrnn.LSTM, dict(num_layers=2, bidirectional=True, proj_size=3)),
+    (nn.LSTM, fusedrnn.LSTM, dict(bias=False, batch_first=True, dropout=0.0)),
+    (nn.GRU, fusedrnn.GRU, dict(num_layers=3, bidirectional=True, bias=False)),
+    (nn.RNN, fusedrnn.RNN, dict(num_layers=2, nonlinearity="relu", dropout=0.2)),
+]
+
+
+@pytest.mark.parametrize("torch_cls, our_cls, kwargs", SURFACE_CASES,
+                         ids=["lstm-proj-bidir", "lstm-nobias", "gru-bidir", "rnn-relu"])
+def test_parameters_state_dict_and_repr(torch_cls, our_cls, kwargs):
+    torch.manual_seed(0)
+    theirs = torch_cls(5, 7, **kwargs)
+    torch.manual_seed(0)
+    ours = our_cls(5, 7, **kwargs)
+    # names, order, shapes, and the initialisation (same RNG draws in the same order)
+    assert [(n, p.shape) for n, p in ours.named_parameters()] == \
+           [(n, p.shape) for n, p in theirs.named_parameters()]
+    for (name, a), (_, e) in zip(ours.named_parameters(), theirs.named_parameters()):
+        assert torch.equal(a, e), name
+    # state_dict both ways
+    other = torch_cls(5, 7, **kwargs)
+    other.load_state_dict(ours.state_dict())
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    # attributes, repr, all_weights
+    for attr in ("mode", "input_size", "hidden_size", "num_layers", "bias", "batch_first",
+                 "dropout", "bidirectional", "proj_size"):
+        assert getattr(ours, attr) == getattr(theirs, attr), attr
+    assert type(ours.dropout) is float
+    assert repr(ours) == repr(theirs)
+    assert [[w.shape for w in ws] for ws in ours.all_weights] == \
+           [[w.shape for w in ws] for ws in theirs.all_weights]
+    assert ours._flat_weights_names == theirs._flat_weights_names
+    ours.flatten_parameters()
+
+
+@pytest.mark.parametrize("name, kwargs", [("LSTMCell", {}), ("GRUCell", dict(bias=False)),
+                                          ("RNNCell", dict(nonlinearity="relu"))])
+def test_cell_surface(name, kwargs):
+    torch.manual_seed(0)
+    theirs = getattr(nn, name)(5, 7, **kwargs)
+    torch.manual_seed(0)
+    ours = getattr(fusedrnn, name)(5, 7, **kwargs)
+    assert [(n, p.shape) for n, p in ours.named_parameters()] == \
+           [(n, p.shape) for n, p in theirs.named_parameters()]
+    for (n, a), (_, e) in zip(ours.named_parameters(), theirs.named_parameters()):
+        assert torch.equal(a, e), n
+    assert repr(ours) == repr(theirs)
+    theirs.load_state_dict(ours.state_dict())
+    ours.load_state_dict(theirs.state_dict())
+    assert ours.bias_ih is None if not ours.bias else ours.bias_ih is not None
+
+
+def test_positional_arguments_like_torch():
+    """RNN takes nonlinearity as its 4th positional argument, like torch.nn.RNN."""
+    ours, theirs = fusedrnn.RNN(3, 4, 2, "relu", False), nn.RNN(3, 4, 2, "relu", False)
+    assert (ours.nonlinearity, ours.bias, ours.num_layers) == \
+           (theirs.nonlinearity, theirs.bias, theirs.num_layers)
+    ours, theirs = fusedrnn.LSTM(3, 4, 2, False, True, 0.0, True, 2), \
+        nn.LSTM(3, 4, 2, False, True, 0.0, True, 2)
+    assert repr(ours) == repr(theirs)
+
+
+@requires_native
+def test_module_to_dtype_and_functional_call():
+    """Weights are read at every call, so .double() and torch.func.functional_call work."""
+    case = Case(cell="gru", dtype=torch.float32)
+    theirs, ours = make_modules(case)
+    theirs.double()
+    ours.double()
+    x = torch.randn(4, 3, 4, dtype=torch.float64)
+    assert_close(ours(x)[0], theirs(x)[0], 1e-9, "after .double()")
+    params = {n: p * 2 for n, p in ours.named_parameters()}
+    expected = torch.func.functional_call(theirs, params, (x,))[0]
+    actual = torch.func.functional_call(ours, params, (x,))[0]
+    assert_close(actual, expected, 1e-9, "functional_call")
+
+
+# --- cells ----------------------------------------------------------------------------------------
+
+@requires_native
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "unbatched"])
+@pytest.mark.parametrize("with_hx", [True, False], ids=["hx", "nohx"])
+@pytest.mark.parametrize("name, kwargs", [("LSTMCell", {}), ("GRUCell", {}),
+                                          ("RNNCell", {}), ("RNNCell", dict(nonlinearity="relu")),
+                                          ("GRUCell", dict(bias=False))],
+                         ids=["lstm", "gru", "rnn-tanh", "rnn-relu", "gru-nobias"])
+def test_cells_match_torch(name, kwargs, with_hx, batched, dtype):
+    torch.manual_seed(0)
+    ours = getattr(fusedrnn, name)(5, 9, dtype=dtype, **kwargs)
+    theirs = getattr(nn, name)(5, 9, dtype=dtype, **kwargs)
+    theirs.load_state_dict(ours.state_dict())
+    g = torch.Generator().manual_seed(1)
+    shape = (3,) if batched else ()
+    x = torch.randn(*shape, 5, dtype=dtype, generator=g, requires_grad=True)
+    hx, leaves = None, []
+    if with_hx:
+        h = torch.randn(*shape, 9, dtype=dtype, generator=g, requires_grad=True)
+        c = torch.randn(*shape, 9, dtype=dtype, generator=g, requires_grad=True)
+        hx, leaves = ((h, c), [h, c]) if name == "LSTMCell" else (h, [h])
+    tol = 1e-9 if dtype == torch.float64 else 2e-5
+    results = []
+    for module in (theirs, ours):
+        out = module(x, hx)
+        flat = list(out) if isinstance(out, tuple) else [out]
+        weights = [torch.linspace(-1, 1, r.numel(), dtype=dtype).view_as(r) for r in flat]
+        loss = sum((r * w).sum() for r, w in zip(flat, weights))
+        results.append((flat, torch.autograd.grad(loss, [x, *leaves, *module.parameters()])))
+    (flat_e, grads_e), (flat_a, grads_a) = results
+    for a, e in zip(flat_a, flat_e):
+        assert a.shape == e.shape
+        assert_close(a, e, tol, "cell output")
+    for a, e in zip(grads_a, grads_e):
+        assert_close(a, e, tol, "cell gradient")
