@@ -1,0 +1,25 @@
+// The CPU recurrence as the _cpu module calls it: a list of 1 or 2 directions of one layer,
+// already validated by fusedrnn::validate_forward/backward (csrc/bindings/params_binding.h).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "fusedrnn/params.h"
+
+namespace fusedrnn::cpu {
+
+int64_t forward_workspace_bytes(const std::vector<RecurrenceFwdParams>& dirs);
+int64_t backward_workspace_bytes(const std::vector<RecurrenceBwdParams>& dirs);
+
+// Throw std::invalid_argument for what only the CPU can check (lengths in [1, T], workspace
+// size); then run all directions, concurrently when there are threads for both.
+void forward(const std::vector<RecurrenceFwdParams>& dirs);
+void backward(const std::vector<RecurrenceBwdParams>& dirs);
+
+// The instruction set picked at run time: "avx512", "avx2" or "generic". FUSEDRNN_CPU_ISA in the
+// environment (same names) lowers the choice, for tests of every path on one machine.
+std::string active_isa();
+
+}  // namespace fusedrnn::cpu

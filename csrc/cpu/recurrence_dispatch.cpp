@@ -1,0 +1,187 @@
+// Picks the instruction set, checks what only the CPU can check, carves the workspace per
+// direction and runs the directions on teams of the persistent thread pool.
+#include "recurrence.h"
+
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+
+#include "recurrence_isa.h"
+#include "thread_team.h"
+
+namespace fusedrnn::cpu {
+
+namespace {
+
+struct IsaOps {
+  const char* name;
+  int64_t (*forward_bytes)(const RecurrenceFwdParams&);
+  int64_t (*backward_bytes)(const RecurrenceBwdParams&);
+  int (*forward_threads)(const RecurrenceFwdParams&);
+  int (*backward_threads)(const RecurrenceBwdParams&);
+  void (*forward_direction)(const RecurrenceFwdParams&, const Team&);
+  void (*backward_direction)(const RecurrenceBwdParams&, const Team&);
+};
+
+#define FUSEDRNN_ISA_OPS(isa)                                                                  \
+  IsaOps {                                                                                     \
+    #isa, isa::forward_workspace_bytes, isa::backward_workspace_bytes, isa::forward_max_threads, \
+        isa::backward_max_threads, isa::forward_direction, isa::backward_direction             \
+  }
+
+int isa_rank(const char* name) {
+  if (std::strcmp(name, "avx512") == 0) return 2;
+  if (std::strcmp(name, "avx2") == 0) return 1;
+  return 0;
+}
+
+int supported_rank() {
+#if defined(__x86_64__)
+  static const int rank = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("fma")) {
+      return 2;
+    }
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
+    return 0;
+  }();
+  return rank;
+#else
+  return 0;
+#endif
+}
+
+// The best supported ISA, lowered by FUSEDRNN_CPU_ISA (read at every call, so tests can switch).
+IsaOps ops() {
+  int rank = supported_rank();
+  if (const char* want = std::getenv("FUSEDRNN_CPU_ISA")) {
+    if (*want) {
+      if (std::strcmp(want, "generic") != 0 && std::strcmp(want, "avx2") != 0 &&
+          std::strcmp(want, "avx512") != 0) {
+        throw std::invalid_argument(std::string("FUSEDRNN_CPU_ISA must be generic, avx2 or avx512, got '") +
+                                    want + "'");
+      }
+      if (isa_rank(want) < rank) rank = isa_rank(want);
+    }
+  }
+#if defined(__x86_64__)
+  if (rank == 2) return FUSEDRNN_ISA_OPS(avx512);
+  if (rank == 1) return FUSEDRNN_ISA_OPS(avx2);
+#endif
+  return FUSEDRNN_ISA_OPS(generic);
+}
+
+// Below this many multiply-adds per step and direction, a second thread costs more in barrier
+// time than it saves (a step is then well under a microsecond).
+constexpr int64_t kMinMacsPerStepForThreads = 48 * 1024;
+
+// Test-only knob: FUSEDRNN_CPU_TEST_THREADS=n runs every direction on exactly n threads (ignoring
+// the core count and the size heuristic), so that small test shapes exercise uneven splits.
+int forced_threads() {
+  const char* v = std::getenv("FUSEDRNN_CPU_TEST_THREADS");
+  return v && *v ? std::atoi(v) : 0;
+}
+
+template <typename Params>
+int64_t macs_per_step(const Params& p) {
+  return p.batch * gate_count(p.cell) * p.hidden * p.state;
+}
+
+template <typename Params>
+void check_lengths(const Params& p) {
+  if (p.lengths == nullptr) return;
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const int64_t n = p.lengths[b];
+    if (n < 1 || n > p.seq_len) {
+      throw std::invalid_argument("fusedrnn: lengths[" + std::to_string(b) + "] must be in [1, " +
+                                  std::to_string(p.seq_len) + "], got " + std::to_string(n));
+    }
+  }
+}
+
+template <typename Params, typename BytesFn, typename ThreadsFn, typename RunFn>
+void run_directions(const std::vector<Params>& dirs, BytesFn bytes_of, ThreadsFn threads_of,
+                    RunFn run) {
+  check_lengths(dirs[0]);
+  std::vector<Params> local = dirs;
+  int64_t total = 0;
+  for (auto& p : local) total += bytes_of(p);
+  for (size_t d = 0; d < local.size(); ++d) {
+    if (dirs[d].workspace_bytes < total) {
+      throw std::invalid_argument("fusedrnn: direction " + std::to_string(d) + ": workspace_bytes " +
+                                  std::to_string(dirs[d].workspace_bytes) + " is too small, need " +
+                                  std::to_string(total));
+    }
+  }
+  int64_t offset = 0;
+  for (auto& p : local) {
+    const int64_t own = bytes_of(p);
+    p.workspace = static_cast<char*>(p.workspace) + offset;
+    p.workspace_bytes = own;
+    offset += own;
+  }
+
+  int64_t want = 1;
+  for (auto& p : local) want = want > p.num_threads ? want : p.num_threads;
+  int threads = static_cast<int>(want < available_cpus() ? want : available_cpus());
+  const int forced = forced_threads();
+  if (forced > 0) threads = 2 * forced;
+  auto useful = [&](const Params& p, int budget) {
+    if (forced > 0) return forced;
+    if (macs_per_step(p) < kMinMacsPerStepForThreads) return 1;
+    const int most = threads_of(p);
+    return budget < most ? budget : most;
+  };
+
+  if (local.size() == 1 || (threads < 2 && forced == 0)) {
+    const int n = local.size() == 1 ? useful(local[0], threads) : 1;
+    SpinBarrier barrier(n);
+    parallel_run(n, [&](int rank) {
+      for (auto& p : local) run(p, Team{rank, n, &barrier});
+    });
+    return;
+  }
+  // Two directions run side by side, each on half of the threads.
+  const int n0 = useful(local[0], (threads + 1) / 2);
+  const int n1 = useful(local[1], threads / 2);
+  SpinBarrier barrier0(n0), barrier1(n1);
+  parallel_run(n0 + n1, [&](int rank) {
+    if (rank < n0) {
+      run(local[0], Team{rank, n0, &barrier0});
+    } else {
+      run(local[1], Team{rank - n0, n1, &barrier1});
+    }
+  });
+}
+
+}  // namespace
+
+std::string active_isa() { return ops().name; }
+
+int64_t forward_workspace_bytes(const std::vector<RecurrenceFwdParams>& dirs) {
+  const IsaOps o = ops();
+  int64_t total = 0;
+  for (const auto& p : dirs) total += o.forward_bytes(p);
+  return total;
+}
+
+int64_t backward_workspace_bytes(const std::vector<RecurrenceBwdParams>& dirs) {
+  const IsaOps o = ops();
+  int64_t total = 0;
+  for (const auto& p : dirs) total += o.backward_bytes(p);
+  return total;
+}
+
+void forward(const std::vector<RecurrenceFwdParams>& dirs) {
+  const IsaOps o = ops();
+  run_directions(dirs, o.forward_bytes, o.forward_threads, o.forward_direction);
+}
+
+void backward(const std::vector<RecurrenceBwdParams>& dirs) {
+  const IsaOps o = ops();
+  run_directions(dirs, o.backward_bytes, o.backward_threads, o.backward_direction);
+}
+
+}  // namespace fusedrnn::cpu

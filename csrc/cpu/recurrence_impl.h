@@ -1,0 +1,737 @@
+// The CPU recurrence, written once and compiled per instruction set (recurrence_isa_*.cpp define
+// FUSEDRNN_CPU_ISA, FUSEDRNN_CPU_VEC_BYTES and FUSEDRNN_CPU_ACC_REGS, then include this file).
+//
+// One call runs one direction of one layer over the whole sequence (DESIGN.md, "The one idea"):
+//
+//   forward, per step:  pre = h_{t-1} W_hh^T + b_hh (+ xproj_t)  ->  cell update  ->  h_t
+//   backward, per step: d_pre = cell backward(d_h_t)  ->  d_h_{t-1} = d_pre W_hh (+ direct part)
+//
+// The per-step product is a small GEMM [B, K] x [K, N]. W_hh is packed once per call into
+// "panels": a panel is NV SIMD vectors wide (NV*W output columns) and K deep, stored k-major, so
+// the micro-kernel streams it with unit stride and keeps an MR x NV block of accumulators in
+// registers. In the forward panels the NV vectors are the G gates of the SAME W hidden units, so
+// when the dot products finish, the registers hold every pre-activation of those units and the
+// cell update (fusedrnn/cell_math.h, instantiated on SIMD vectors) runs right there, without a
+// round trip through memory. Threads own contiguous ranges of panels (hence of hidden units);
+// the cell state of a unit never leaves its thread and one barrier per step publishes h_t.
+// The backward product d_pre W_hh has output columns over the state (P); the same thread owns
+// the same units in the pointwise part and in the product, so it too needs one barrier per step.
+// A projected LSTM (proj_size) adds a second product (r W_hr^T forward, d_h W_hr backward) and
+// a second barrier.
+//
+// Workspace (per direction, carved by the layouts below): the packed weights, double-buffered
+// h (forward) or d_pre (backward) so that step s+1 can start writing while slow threads still
+// read step s, and the per-unit states (c, d_h, d_c).
+#pragma once
+
+#ifndef FUSEDRNN_CPU_ISA
+#error "recurrence_impl.h is included by the per-ISA translation units only"
+#endif
+
+#include <cstdint>
+#include <cstring>
+
+#include "fusedrnn/cell_kind.h"
+#include "fusedrnn/cell_math.h"
+#include "fusedrnn/params.h"
+#include "recurrence_isa.h"
+#include "simd_vec.h"
+#include "thread_team.h"
+
+namespace fusedrnn::cpu::FUSEDRNN_CPU_ISA {
+
+// Accumulator registers the micro-kernel may use: 12 of 16 (SSE/AVX2), 24 of 32 (AVX-512); the
+// rest hold the W_hh vectors of one k and the broadcast of h.
+constexpr int kAccRegs = FUSEDRNN_CPU_ACC_REGS;
+template <typename T>
+constexpr int kWidth = FUSEDRNN_CPU_VEC_BYTES / static_cast<int>(sizeof(T));
+
+constexpr int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+constexpr int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
+constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+constexpr int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+// ------------------------------------------------------------------------------ sequence helpers
+// Processing step s of row b: forward t = s; reverse t = lengths[b]-1-s. Row b is valid while
+// s < lengths[b]; a padded step's rows are at t = s (the padded t run over [lengths[b], T)).
+struct Steps {
+  const int64_t* lengths;
+  int64_t seq_len;
+  bool reverse;
+  bool active(int64_t b, int64_t s) const { return lengths == nullptr || s < lengths[b]; }
+  int64_t time(int64_t b, int64_t s) const {
+    if (!reverse) return s;
+    return (lengths ? lengths[b] : seq_len) - 1 - s;
+  }
+  // The time index of the previous processed step (valid for s >= 1).
+  int64_t prev_time(int64_t b, int64_t s) const { return reverse ? time(b, s) + 1 : s - 1; }
+  // Rows [0, n) hold every row active at s (exact when lengths are sorted, as packed input is).
+  int64_t rows_needed(int64_t s, int64_t batch) const {
+    if (lengths == nullptr) return batch;
+    for (int64_t b = batch; b > 0; --b) {
+      if (s < lengths[b - 1]) return b;
+    }
+    return 0;
+  }
+};
+
+template <typename T>
+inline T* row_of(const SeqTensor& seq, int64_t t, int64_t b) {
+  return static_cast<T*>(seq.data) + t * seq.stride_t + b * seq.stride_b;
+}
+
+// ------------------------------------------------------------------------------ workspace
+struct Carver {
+  int64_t size = 0;
+  int64_t take(int64_t bytes) {
+    const int64_t offset = size;
+    size += round_up(imax(bytes, 0), 64);
+    return offset;
+  }
+  // +64: the caller aligns the base pointer up to 64 bytes.
+  int64_t total() const { return size + 64; }
+};
+
+inline char* aligned_base(void* workspace) {
+  const auto addr = reinterpret_cast<uintptr_t>(workspace);
+  return reinterpret_cast<char*>((addr + 63) & ~uintptr_t(63));
+}
+
+// Forward panel shape per cell: LSTM and GRU put the G gates of W units in one panel; the Elman
+// RNN has one gate, so its panel spans 4 vectors of units to keep enough accumulators busy.
+template <CellKind C>
+struct FwdPanel {
+  static constexpr int kGates = gate_count(C);
+  static constexpr int kUnitVecs = (C == CellKind::kLstm || C == CellKind::kGru) ? 1 : 4;
+  static constexpr int kVecs = kGates * kUnitVecs;
+};
+// Panels over plain output columns (backward products, projections).
+constexpr int kColVecs = 4;
+
+template <typename T, CellKind C>
+struct FwdLayout {
+  static constexpr int W = kWidth<T>;
+  static constexpr int NV = FwdPanel<C>::kVecs;
+  static constexpr int UV = FwdPanel<C>::kUnitVecs;
+  int64_t units_per_panel, panels, proj_panels, ld;
+  int64_t w_pack, bias_pack, wr_pack, h, c, r, bytes;
+  explicit FwdLayout(const RecurrenceFwdParams& p) {
+    const int64_t H = p.hidden, P = p.state, B = p.batch;
+    const bool projected = C == CellKind::kLstm && P != H;
+    units_per_panel = UV * W;
+    panels = ceil_div(H, units_per_panel);
+    proj_panels = projected ? ceil_div(P, kColVecs * W) : 0;
+    ld = round_up(imax(H, P), kColVecs * W);
+    const int64_t e = sizeof(T);
+    Carver carve;
+    w_pack = carve.take(panels * P * NV * W * e);
+    bias_pack = carve.take(panels * NV * W * e);
+    wr_pack = carve.take(proj_panels * H * kColVecs * W * e);
+    h = carve.take(2 * B * ld * e);
+    c = carve.take(C == CellKind::kLstm ? B * ld * e : 0);
+    r = carve.take(projected ? B * ld * e : 0);
+    bytes = carve.total();
+  }
+};
+
+template <typename T, CellKind C>
+struct BwdLayout {
+  static constexpr int W = kWidth<T>;
+  int64_t cols_per_panel, panels, proj_panels, ld, ldg;
+  int64_t wt_pack, wr_pack, dh, dc, dpre, dh_direct, dht, bytes;
+  explicit BwdLayout(const RecurrenceBwdParams& p) {
+    const int64_t H = p.hidden, P = p.state, B = p.batch, G = gate_count(C);
+    const bool projected = C == CellKind::kLstm && P != H;
+    cols_per_panel = kColVecs * W;
+    panels = ceil_div(P, cols_per_panel);
+    proj_panels = projected ? ceil_div(H, cols_per_panel) : 0;
+    ld = round_up(imax(H, P), cols_per_panel);
+    ldg = round_up(G * H, W);
+    const int64_t e = sizeof(T);
+    Carver carve;
+    wt_pack = carve.take(panels * G * H * kColVecs * W * e);
+    wr_pack = carve.take(proj_panels * P * kColVecs * W * e);
+    dh = carve.take(B * ld * e);
+    dc = carve.take(C == CellKind::kLstm ? B * ld * e : 0);
+    dpre = carve.take(2 * B * ldg * e);
+    dh_direct = carve.take(C == CellKind::kGru ? B * ld * e : 0);
+    dht = carve.take(projected ? B * ld * e : 0);
+    bytes = carve.total();
+  }
+};
+
+// ------------------------------------------------------------------------------ packing
+// dest[((panel * K + k) * NV + v) * W + w] = src[col * stride_col + k * stride_k], where
+// col = col_of(panel, v, w), or 0 where col_of returns -1 (padding past the last unit/column).
+template <typename T, int NV, typename ColOf>
+void pack_panels(T* dest, const T* src, int64_t K, int64_t stride_col, int64_t stride_k,
+                 int64_t panel_begin, int64_t panel_end, ColOf col_of) {
+  constexpr int W = kWidth<T>;
+  for (int64_t pan = panel_begin; pan < panel_end; ++pan) {
+    int64_t cols[NV * W];
+    for (int v = 0; v < NV; ++v) {
+      for (int w = 0; w < W; ++w) cols[v * W + w] = col_of(pan, v, w);
+    }
+    T* out = dest + pan * K * NV * W;
+    for (int64_t k = 0; k < K; ++k) {
+      for (int j = 0; j < NV * W; ++j) {
+        out[k * NV * W + j] = cols[j] >= 0 ? src[cols[j] * stride_col + k * stride_k] : T(0);
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------ the product
+template <typename T, int NV>
+struct PanelGemm {
+  static constexpr int W = kWidth<T>;
+  static constexpr int MR = kAccRegs / NV > 0 ? kAccRegs / NV : 1;
+  using V = Vec<T, W>;
+  using Acc = V[MR][NV];
+
+  template <int M>
+  static inline void kernel(const T* a, int64_t lda, int64_t K, const T* panel, Acc& acc) {
+    for (int64_t k = 0; k < K; ++k) {
+      const T* bk = panel + k * NV * W;
+      V b[NV];
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) b[v] = V::load(bk + v * W);
+#pragma GCC unroll 24
+      for (int i = 0; i < M; ++i) {
+        const V ai(a[i * lda + k]);
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) acc[i][v] = ai * b[v] + acc[i][v];
+      }
+    }
+  }
+
+  template <int M = MR>
+  static inline void kernel_rows(int m, const T* a, int64_t lda, int64_t K, const T* panel,
+                                 Acc& acc) {
+    if constexpr (M > 1) {
+      if (m < M) {
+        kernel_rows<M - 1>(m, a, lda, K, panel, acc);
+        return;
+      }
+    }
+    kernel<M>(a, lda, K, panel, acc);
+  }
+
+  // For panels [panel_begin, panel_end) and rows [0, rows): acc = bias + A[rows, K] x panel,
+  // then epi(panel, first_row, row_count, acc).
+  template <typename Epi>
+  static void run(const T* a, int64_t lda, int64_t rows, int64_t K, const T* packed,
+                  const T* bias_packed, int64_t panel_begin, int64_t panel_end, Epi&& epi) {
+    for (int64_t pan = panel_begin; pan < panel_end; ++pan) {
+      const T* panel = packed + pan * K * NV * W;
+      for (int64_t r0 = 0; r0 < rows; r0 += MR) {
+        const int m = static_cast<int>(imin(MR, rows - r0));
+        Acc acc;
+        for (int i = 0; i < MR; ++i) {
+          for (int v = 0; v < NV; ++v) {
+            acc[i][v] = bias_packed ? V::load(bias_packed + (pan * NV + v) * W) : V::zero();
+          }
+        }
+        kernel_rows(m, a + r0 * lda, lda, K, panel, acc);
+        epi(pan, r0, m, acc);
+      }
+    }
+  }
+};
+
+// ------------------------------------------------------------------------------ forward
+template <typename T, CellKind C>
+void forward_impl(const RecurrenceFwdParams& p, const Team& team) {
+  constexpr int W = kWidth<T>;
+  constexpr int G = gate_count(C);
+  using L = FwdLayout<T, C>;
+  using V = Vec<T, W>;
+  constexpr int NV = L::NV;
+  constexpr int UV = L::UV;
+  const L lay(p);
+  const int64_t seq_len = p.seq_len, B = p.batch, H = p.hidden, P = p.state, ld = lay.ld;
+  const bool projected = C == CellKind::kLstm && P != H;
+  const Steps steps{p.lengths, seq_len, p.reverse};
+
+  char* ws = aligned_base(p.workspace);
+  T* w_pack = reinterpret_cast<T*>(ws + lay.w_pack);
+  T* bias_pack = p.b_hh ? reinterpret_cast<T*>(ws + lay.bias_pack) : nullptr;
+  T* wr_pack = reinterpret_cast<T*>(ws + lay.wr_pack);
+  T* hbuf[2] = {reinterpret_cast<T*>(ws + lay.h), reinterpret_cast<T*>(ws + lay.h) + B * ld};
+  T* cbuf = reinterpret_cast<T*>(ws + lay.c);
+  T* rbuf = reinterpret_cast<T*>(ws + lay.r);
+  const T* w_hh = static_cast<const T*>(p.w_hh);
+  const T* b_hh = static_cast<const T*>(p.b_hh);
+  const T* w_hr = static_cast<const T*>(p.w_hr);
+
+  // This thread's panels: units [unit_begin, unit_end) and, projected, state columns.
+  int64_t pan_begin, pan_end, ppan_begin = 0, ppan_end = 0;
+  split_range(lay.panels, team.rank, team.size, pan_begin, pan_end);
+  if (projected) split_range(lay.proj_panels, team.rank, team.size, ppan_begin, ppan_end);
+  // (Clamped: a thread with no panels gets an empty range.)
+  const int64_t unit_begin = imin(pan_begin * lay.units_per_panel, H);
+  const int64_t unit_end = imin(pan_end * lay.units_per_panel, H);
+  const int64_t col_begin = imin(ppan_begin * kColVecs * W, P);
+  const int64_t col_end = imin(ppan_end * kColVecs * W, P);
+
+  // Each thread packs the panels it will read (they stay in its own cache).
+  const int64_t upp = lay.units_per_panel;
+  auto gate_row = [&](int64_t pan, int v, int w) -> int64_t {
+    const int64_t g = v / UV, u = pan * upp + (v % UV) * W + w;
+    return u < H ? g * H + u : -1;
+  };
+  pack_panels<T, NV>(w_pack, w_hh, P, P, 1, pan_begin, pan_end, gate_row);
+  if (bias_pack) pack_panels<T, NV>(bias_pack, b_hh, 1, 1, 0, pan_begin, pan_end, gate_row);
+  if (projected) {
+    pack_panels<T, kColVecs>(
+        wr_pack, w_hr, H, H, 1, ppan_begin, ppan_end, [&](int64_t pan, int v, int w) -> int64_t {
+          const int64_t col = (pan * kColVecs + v) * W + w;
+          return col < P ? col : -1;
+        });
+  }
+  if (team.rank == 0) {
+    std::memset(hbuf[0], 0, sizeof(T) * 2 * B * ld);
+    if (p.h0) {
+      for (int64_t b = 0; b < B; ++b) {
+        std::memcpy(hbuf[0] + b * ld, static_cast<const T*>(p.h0) + b * P, sizeof(T) * P);
+      }
+    }
+    if constexpr (C == CellKind::kLstm) {
+      std::memset(cbuf, 0, sizeof(T) * B * ld);
+      if (p.c0) {
+        for (int64_t b = 0; b < B; ++b) {
+          std::memcpy(cbuf + b * ld, static_cast<const T*>(p.c0) + b * H, sizeof(T) * H);
+        }
+      }
+    }
+  }
+  team.sync();
+
+  T* gates_data = static_cast<T*>(p.gates.data);
+  T* c_seq_data = static_cast<T*>(p.c_seq.data);
+  T* r_seq_data = static_cast<T*>(p.r_seq.data);
+
+  for (int64_t s = 0; s < seq_len; ++s) {
+    const T* h_prev = hbuf[s & 1];
+    T* h_next = hbuf[(s + 1) & 1];
+    const int64_t rows = steps.rows_needed(s, B);
+
+    auto cell_epilogue = [&](int64_t pan, int64_t r0, int m, auto& acc) {
+      for (int i = 0; i < m; ++i) {
+        const int64_t b = r0 + i;
+        if (!steps.active(b, s)) continue;
+        const int64_t t = steps.time(b, s);
+        const T* x = row_of<const T>(p.xproj, t, b);
+        T* out = row_of<T>(p.out, t, b);
+        for (int uv = 0; uv < UV; ++uv) {
+          const int64_t u = pan * upp + uv * W;
+          if (u >= H) break;
+          const int n = static_cast<int>(imin(W, H - u));
+          if constexpr (C == CellKind::kLstm) {
+            const V c_prev = V::load(cbuf + b * ld + u);
+            V c_next, r;
+            const auto gate = lstm_forward(acc[i][0] + V::load_partial(x + u, n),
+                                           acc[i][1] + V::load_partial(x + H + u, n),
+                                           acc[i][2] + V::load_partial(x + 2 * H + u, n),
+                                           acc[i][3] + V::load_partial(x + 3 * H + u, n),
+                                           c_prev, c_next, r);
+            c_next.store(cbuf + b * ld + u);
+            if (projected) {
+              r.store(rbuf + b * ld + u);
+              if (r_seq_data) r.store_partial(row_of<T>(p.r_seq, t, b) + u, n);
+            } else {
+              r.store(h_next + b * ld + u);
+              r.store_partial(out + u, n);
+            }
+            if (gates_data) {
+              T* gs = row_of<T>(p.gates, t, b);
+              gate.i.store_partial(gs + u, n);
+              gate.f.store_partial(gs + H + u, n);
+              gate.g.store_partial(gs + 2 * H + u, n);
+              gate.o.store_partial(gs + 3 * H + u, n);
+            }
+            if (c_seq_data) c_next.store_partial(row_of<T>(p.c_seq, t, b) + u, n);
+          } else if constexpr (C == CellKind::kGru) {
+            V h;
+            const auto gate = gru_forward(
+                V::load_partial(x + u, n), V::load_partial(x + H + u, n),
+                V::load_partial(x + 2 * H + u, n), acc[i][0], acc[i][1], acc[i][2],
+                V::load(h_prev + b * ld + u), h);
+            h.store(h_next + b * ld + u);
+            h.store_partial(out + u, n);
+            if (gates_data) {
+              T* gs = row_of<T>(p.gates, t, b);
+              gate.r.store_partial(gs + u, n);
+              gate.z.store_partial(gs + H + u, n);
+              gate.n.store_partial(gs + 2 * H + u, n);
+              gate.h_n.store_partial(gs + 3 * H + u, n);
+            }
+          } else {
+            const V h = rnn_forward(p.cell, acc[i][uv] + V::load_partial(x + u, n));
+            h.store(h_next + b * ld + u);
+            h.store_partial(out + u, n);
+          }
+        }
+      }
+    };
+    PanelGemm<T, NV>::run(h_prev, ld, rows, P, w_pack, bias_pack, pan_begin, pan_end,
+                          cell_epilogue);
+    (void)G;
+
+    // Padded rows: the state stays, the output row is zero.
+    if (p.lengths) {
+      for (int64_t b = 0; b < B; ++b) {
+        if (steps.active(b, s)) continue;
+        if (!projected) {
+          std::memcpy(h_next + b * ld + unit_begin, h_prev + b * ld + unit_begin,
+                      sizeof(T) * (unit_end - unit_begin));
+          std::memset(row_of<T>(p.out, s, b) + unit_begin, 0, sizeof(T) * (unit_end - unit_begin));
+        }
+      }
+    }
+
+    if (projected) {
+      team.sync();  // r_t complete
+      auto proj_epilogue = [&](int64_t pan, int64_t r0, int m, auto& acc) {
+        for (int i = 0; i < m; ++i) {
+          const int64_t b = r0 + i;
+          if (!steps.active(b, s)) continue;
+          T* out = row_of<T>(p.out, steps.time(b, s), b);
+          for (int v = 0; v < kColVecs; ++v) {
+            const int64_t col = (pan * kColVecs + v) * W;
+            if (col >= P) break;
+            acc[i][v].store(h_next + b * ld + col);
+            acc[i][v].store_partial(out + col, static_cast<int>(imin(W, P - col)));
+          }
+        }
+      };
+      PanelGemm<T, kColVecs>::run(rbuf, ld, rows, H, wr_pack, nullptr, ppan_begin, ppan_end,
+                                  proj_epilogue);
+      if (p.lengths) {
+        for (int64_t b = 0; b < B; ++b) {
+          if (steps.active(b, s)) continue;
+          std::memcpy(h_next + b * ld + col_begin, h_prev + b * ld + col_begin,
+                      sizeof(T) * (col_end - col_begin));
+          std::memset(row_of<T>(p.out, s, b) + col_begin, 0, sizeof(T) * (col_end - col_begin));
+        }
+      }
+    }
+    team.sync();  // h_t complete
+  }
+
+  // Final states: each thread copies what it owns.
+  const T* h_last = hbuf[seq_len & 1];
+  const int64_t own_begin = projected ? col_begin : unit_begin;
+  const int64_t own_end = projected ? col_end : unit_end;
+  for (int64_t b = 0; b < B; ++b) {
+    std::memcpy(static_cast<T*>(p.hn) + b * P + own_begin, h_last + b * ld + own_begin,
+                sizeof(T) * (own_end - own_begin));
+    if constexpr (C == CellKind::kLstm) {
+      std::memcpy(static_cast<T*>(p.cn) + b * H + unit_begin, cbuf + b * ld + unit_begin,
+                  sizeof(T) * (unit_end - unit_begin));
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------ backward
+template <typename T, CellKind C>
+void backward_impl(const RecurrenceBwdParams& p, const Team& team) {
+  constexpr int W = kWidth<T>;
+  constexpr int G = gate_count(C);
+  using L = BwdLayout<T, C>;
+  using V = Vec<T, W>;
+  const L lay(p);
+  const int64_t seq_len = p.seq_len, B = p.batch, H = p.hidden, P = p.state, ld = lay.ld;
+  const int64_t ldg = lay.ldg;
+  const bool projected = C == CellKind::kLstm && P != H;
+  const Steps steps{p.lengths, seq_len, p.reverse};
+  const int64_t cpp = lay.cols_per_panel;
+
+  char* ws = aligned_base(p.workspace);
+  T* wt_pack = reinterpret_cast<T*>(ws + lay.wt_pack);
+  T* wr_pack = reinterpret_cast<T*>(ws + lay.wr_pack);
+  T* dh_state = reinterpret_cast<T*>(ws + lay.dh);
+  T* dc_state = reinterpret_cast<T*>(ws + lay.dc);
+  T* dpre_buf[2] = {reinterpret_cast<T*>(ws + lay.dpre),
+                    reinterpret_cast<T*>(ws + lay.dpre) + B * ldg};
+  T* dh_direct = reinterpret_cast<T*>(ws + lay.dh_direct);
+  T* dht = reinterpret_cast<T*>(ws + lay.dht);
+  const T* w_hh = static_cast<const T*>(p.w_hh);
+  const T* w_hr = static_cast<const T*>(p.w_hr);
+
+  // Panels over state columns (the product d_pre W_hh); without projection also the units of
+  // the pointwise part. Projected: units come from the panels over H of the d_h W_hr product.
+  int64_t pan_begin, pan_end, upan_begin = 0, upan_end = 0;
+  split_range(lay.panels, team.rank, team.size, pan_begin, pan_end);
+  const int64_t col_begin = imin(pan_begin * cpp, P), col_end = imin(pan_end * cpp, P);
+  int64_t unit_begin = col_begin, unit_end = col_end;
+  if (projected) {
+    split_range(lay.proj_panels, team.rank, team.size, upan_begin, upan_end);
+    unit_begin = imin(upan_begin * cpp, H);
+    unit_end = imin(upan_end * cpp, H);
+  }
+
+  pack_panels<T, kColVecs>(wt_pack, w_hh, G * H, 1, P, pan_begin, pan_end,
+                           [&](int64_t pan, int v, int w) -> int64_t {
+                             const int64_t col = (pan * kColVecs + v) * W + w;
+                             return col < P ? col : -1;
+                           });
+  if (projected) {
+    pack_panels<T, kColVecs>(wr_pack, w_hr, P, 1, H, upan_begin, upan_end,
+                             [&](int64_t pan, int v, int w) -> int64_t {
+                               const int64_t col = (pan * kColVecs + v) * W + w;
+                               return col < H ? col : -1;
+                             });
+  }
+  if (team.rank == 0) {
+    std::memset(dh_state, 0, sizeof(T) * B * ld);
+    if (p.d_hn) {
+      for (int64_t b = 0; b < B; ++b) {
+        std::memcpy(dh_state + b * ld, static_cast<const T*>(p.d_hn) + b * P, sizeof(T) * P);
+      }
+    }
+    if constexpr (C == CellKind::kLstm) {
+      std::memset(dc_state, 0, sizeof(T) * B * ld);
+      if (p.d_cn) {
+        for (int64_t b = 0; b < B; ++b) {
+          std::memcpy(dc_state + b * ld, static_cast<const T*>(p.d_cn) + b * H, sizeof(T) * H);
+        }
+      }
+    }
+    if constexpr (C == CellKind::kGru) std::memset(dh_direct, 0, sizeof(T) * B * ld);
+    std::memset(dpre_buf[0], 0, sizeof(T) * 2 * B * ldg);
+  }
+  team.sync();
+
+  // The cell backward for row b at step s, units [u, u + n): d is the gradient w.r.t. h_t
+  // (w.r.t. r_t = o tanh(c_t) for a projected LSTM). Writes d_pre (for the product), d_xproj,
+  // d_hproj and the carried states.
+  auto cell_backward = [&](int64_t b, int64_t s, int64_t u, int n, V d, T* dpre) {
+    const int64_t t = steps.time(b, s);
+    T* dx = row_of<T>(p.d_xproj, t, b);
+    T* dhp = p.d_hproj.data ? row_of<T>(p.d_hproj, t, b) : nullptr;
+    T* dp = dpre + b * ldg;
+    if constexpr (C == CellKind::kLstm) {
+      const T* gs = row_of<const T>(p.gates, t, b);
+      const LstmGates<V> gate{V::load_partial(gs + u, n), V::load_partial(gs + H + u, n),
+                              V::load_partial(gs + 2 * H + u, n),
+                              V::load_partial(gs + 3 * H + u, n)};
+      const V c = V::load_partial(row_of<const T>(p.c_seq, t, b) + u, n);
+      V c_prev = V::zero();
+      if (s > 0) {
+        c_prev = V::load_partial(row_of<const T>(p.c_seq, steps.prev_time(b, s), b) + u, n);
+      } else if (p.c0) {
+        c_prev = V::load_partial(static_cast<const T*>(p.c0) + b * H + u, n);
+      }
+      const auto grad = lstm_backward(gate, c, c_prev, d, V::load(dc_state + b * ld + u));
+      grad.d_c_prev.store(dc_state + b * ld + u);
+      const V parts[4] = {grad.d_i, grad.d_f, grad.d_g, grad.d_o};
+      for (int g = 0; g < 4; ++g) {
+        parts[g].store_partial(dx + g * H + u, n);
+        parts[g].store_partial(dp + g * H + u, n);
+        if (dhp) parts[g].store_partial(dhp + g * H + u, n);
+      }
+    } else if constexpr (C == CellKind::kGru) {
+      const T* gs = row_of<const T>(p.gates, t, b);
+      GruGates<V> gate;
+      gate.r = V::load_partial(gs + u, n);
+      gate.z = V::load_partial(gs + H + u, n);
+      gate.n = V::load_partial(gs + 2 * H + u, n);
+      gate.h_n = V::load_partial(gs + 3 * H + u, n);
+      V h_prev = V::zero();
+      if (s > 0) {
+        h_prev = V::load_partial(row_of<const T>(p.out, steps.prev_time(b, s), b) + u, n);
+      } else if (p.h0) {
+        h_prev = V::load_partial(static_cast<const T*>(p.h0) + b * P + u, n);
+      }
+      const auto grad = gru_backward(gate, h_prev, d);
+      grad.d_h_prev_direct.store(dh_direct + b * ld + u);
+      const V dxs[3] = {grad.dx_r, grad.dx_z, grad.dx_n};
+      const V dhs[3] = {grad.dh_r, grad.dh_z, grad.dh_n};
+      for (int g = 0; g < 3; ++g) {
+        dxs[g].store_partial(dx + g * H + u, n);
+        dhs[g].store_partial(dhp + g * H + u, n);
+        dhs[g].store_partial(dp + g * H + u, n);
+      }
+    } else {
+      const V h_next = V::load_partial(row_of<const T>(p.out, t, b) + u, n);
+      V pre;
+      for (int w = 0; w < W; ++w) {
+        pre.v[w] = rnn_backward(p.cell, Vec<T, 1>(h_next.v[w]), Vec<T, 1>(d.v[w])).v;
+      }
+      pre.store_partial(dx + u, n);
+      pre.store_partial(dp + u, n);
+      if (dhp) pre.store_partial(dhp + u, n);
+    }
+  };
+
+  // Zero gradient rows of padded steps, for this thread's units (and columns).
+  auto zero_padded = [&](int64_t b, int64_t s) {
+    for (int g = 0; g < G; ++g) {
+      std::memset(row_of<T>(p.d_xproj, s, b) + g * H + unit_begin, 0,
+                  sizeof(T) * (unit_end - unit_begin));
+      if (p.d_hproj.data) {
+        std::memset(row_of<T>(p.d_hproj, s, b) + g * H + unit_begin, 0,
+                    sizeof(T) * (unit_end - unit_begin));
+      }
+    }
+  };
+
+  for (int64_t s = seq_len - 1; s >= 0; --s) {
+    T* dpre = dpre_buf[s & 1];
+    const int64_t rows = steps.rows_needed(s, B);
+    if (!projected) {
+      for (int64_t b = 0; b < B; ++b) {
+        if (!steps.active(b, s)) {
+          zero_padded(b, s);
+          continue;
+        }
+        const T* d_out = p.d_out.data ? row_of<const T>(p.d_out, steps.time(b, s), b) : nullptr;
+        for (int64_t u = unit_begin; u < unit_end; u += W) {
+          const int n = static_cast<int>(imin(W, unit_end - u));
+          V d = V::load(dh_state + b * ld + u);
+          if (d_out) d += V::load_partial(d_out + u, n);
+          cell_backward(b, s, u, n, d, dpre);
+        }
+      }
+    } else {
+      // d_h_t = carried + d_out, over this thread's state columns.
+      for (int64_t b = 0; b < B; ++b) {
+        if (!steps.active(b, s)) {
+          std::memset(row_of<T>(p.d_h_seq, s, b) + col_begin, 0,
+                      sizeof(T) * (col_end - col_begin));
+          continue;
+        }
+        const int64_t t = steps.time(b, s);
+        const T* d_out = p.d_out.data ? row_of<const T>(p.d_out, t, b) : nullptr;
+        T* dhs = row_of<T>(p.d_h_seq, t, b);
+        for (int64_t c = col_begin; c < col_end; c += W) {
+          const int n = static_cast<int>(imin(W, col_end - c));
+          V d = V::load(dh_state + b * ld + c);
+          if (d_out) d += V::load_partial(d_out + c, n);
+          d.store(dht + b * ld + c);
+          d.store_partial(dhs + c, n);
+        }
+      }
+      team.sync();  // d_h_t complete
+      auto proj_epilogue = [&](int64_t pan, int64_t r0, int m, auto& acc) {
+        for (int i = 0; i < m; ++i) {
+          const int64_t b = r0 + i;
+          if (!steps.active(b, s)) continue;
+          for (int v = 0; v < kColVecs; ++v) {
+            const int64_t u = (pan * kColVecs + v) * W;
+            if (u >= H) break;
+            cell_backward(b, s, u, static_cast<int>(imin(W, H - u)), acc[i][v], dpre);
+          }
+        }
+      };
+      PanelGemm<T, kColVecs>::run(dht, ld, rows, P, wr_pack, nullptr, upan_begin, upan_end,
+                                  proj_epilogue);
+      for (int64_t b = 0; b < B; ++b) {
+        if (!steps.active(b, s)) zero_padded(b, s);
+      }
+    }
+    team.sync();  // d_pre complete
+
+    // d_h_{t-1} = d_pre W_hh (+ the direct part of a GRU), for the rows active at s.
+    auto carry_epilogue = [&](int64_t pan, int64_t r0, int m, auto& acc) {
+      for (int i = 0; i < m; ++i) {
+        const int64_t b = r0 + i;
+        if (!steps.active(b, s)) continue;
+        for (int v = 0; v < kColVecs; ++v) {
+          const int64_t col = (pan * kColVecs + v) * W;
+          if (col >= P) break;
+          V d = acc[i][v];
+          if constexpr (C == CellKind::kGru) d += V::load(dh_direct + b * ld + col);
+          d.store(dh_state + b * ld + col);
+        }
+      }
+    };
+    PanelGemm<T, kColVecs>::run(dpre, ldg, rows, G * H, wt_pack, nullptr, pan_begin, pan_end,
+                                carry_epilogue);
+  }
+
+  for (int64_t b = 0; b < B; ++b) {
+    std::memcpy(static_cast<T*>(p.d_h0) + b * P + col_begin, dh_state + b * ld + col_begin,
+                sizeof(T) * (col_end - col_begin));
+    if constexpr (C == CellKind::kLstm) {
+      if (p.d_c0) {
+        std::memcpy(static_cast<T*>(p.d_c0) + b * H + unit_begin, dc_state + b * ld + unit_begin,
+                    sizeof(T) * (unit_end - unit_begin));
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------ entry points
+template <template <typename, CellKind> class Fn, typename Params, typename... Args>
+auto dispatch_cell_dtype(const Params& p, Args&&... args) {
+  const bool f64 = p.dtype == DType::kFloat64;
+  switch (p.cell) {
+    case CellKind::kLstm:
+      return f64 ? Fn<double, CellKind::kLstm>::call(p, args...)
+                 : Fn<float, CellKind::kLstm>::call(p, args...);
+    case CellKind::kGru:
+      return f64 ? Fn<double, CellKind::kGru>::call(p, args...)
+                 : Fn<float, CellKind::kGru>::call(p, args...);
+    default:  // tanh and relu share the code; the cell picks the nonlinearity at run time
+      return f64 ? Fn<double, CellKind::kRnnTanh>::call(p, args...)
+                 : Fn<float, CellKind::kRnnTanh>::call(p, args...);
+  }
+}
+
+template <typename T, CellKind C>
+struct FwdBytes {
+  static int64_t call(const RecurrenceFwdParams& p) { return FwdLayout<T, C>(p).bytes; }
+};
+template <typename T, CellKind C>
+struct BwdBytes {
+  static int64_t call(const RecurrenceBwdParams& p) { return BwdLayout<T, C>(p).bytes; }
+};
+template <typename T, CellKind C>
+struct FwdThreads {
+  static int call(const RecurrenceFwdParams& p) {
+    return static_cast<int>(FwdLayout<T, C>(p).panels);
+  }
+};
+template <typename T, CellKind C>
+struct BwdThreads {
+  static int call(const RecurrenceBwdParams& p) {
+    return static_cast<int>(BwdLayout<T, C>(p).panels);
+  }
+};
+template <typename T, CellKind C>
+struct FwdRun {
+  static int call(const RecurrenceFwdParams& p, const Team& team) {
+    forward_impl<T, C>(p, team);
+    return 0;
+  }
+};
+template <typename T, CellKind C>
+struct BwdRun {
+  static int call(const RecurrenceBwdParams& p, const Team& team) {
+    backward_impl<T, C>(p, team);
+    return 0;
+  }
+};
+
+int64_t forward_workspace_bytes(const RecurrenceFwdParams& p) {
+  return dispatch_cell_dtype<FwdBytes>(p);
+}
+int64_t backward_workspace_bytes(const RecurrenceBwdParams& p) {
+  return dispatch_cell_dtype<BwdBytes>(p);
+}
+int forward_max_threads(const RecurrenceFwdParams& p) {
+  return dispatch_cell_dtype<FwdThreads>(p);
+}
+int backward_max_threads(const RecurrenceBwdParams& p) {
+  return dispatch_cell_dtype<BwdThreads>(p);
+}
+void forward_direction(const RecurrenceFwdParams& p, const Team& team) {
+  dispatch_cell_dtype<FwdRun>(p, team);
+}
+void backward_direction(const RecurrenceBwdParams& p, const Team& team) {
+  dispatch_cell_dtype<BwdRun>(p, team);
+}
+
+}  // namespace fusedrnn::cpu::FUSEDRNN_CPU_ISA

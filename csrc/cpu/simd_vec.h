@@ -1,0 +1,184 @@
+// A tiny SIMD vector type for the CPU recurrence, built on GCC/Clang vector extensions so that one
+// source compiles to SSE2, AVX2+FMA or AVX-512 depending on the flags of the translation unit that
+// includes it (see recurrence_isa_*.cpp). Everything lives in the per-ISA namespace
+// fusedrnn::cpu::FUSEDRNN_CPU_ISA, so the copies compiled with different flags never merge at link
+// time (an AVX-512 copy picked for an AVX2 machine would crash).
+//
+// The cell formulas of fusedrnn/cell_math.h are templates on the accumulation type; instantiated
+// with Vec they run W lanes at once. They call act_sigmoid / act_tanh / act_relu unqualified, so
+// the overloads below are found by argument-dependent lookup.
+#pragma once
+
+#ifndef FUSEDRNN_CPU_ISA
+#error "simd_vec.h is included by the per-ISA translation units only"
+#endif
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+namespace fusedrnn::cpu::FUSEDRNN_CPU_ISA {
+
+template <typename T, int W>
+struct Vec {
+  static_assert(W > 1, "Vec<T, 1> has its own specialisation");
+  typedef T Raw __attribute__((vector_size(sizeof(T) * W)));
+  using Int = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
+  typedef Int IRaw __attribute__((vector_size(sizeof(T) * W)));
+  static constexpr int kWidth = W;
+
+  Raw v;
+
+  Vec() = default;
+  explicit Vec(T s) : v(Raw{} + s) {}
+  static Vec of(Raw r) {
+    Vec x;
+    x.v = r;
+    return x;
+  }
+  static Vec zero() { return of(Raw{}); }
+  static Vec load(const T* p) {
+    Vec x;
+    std::memcpy(&x.v, p, sizeof(Raw));
+    return x;
+  }
+  // Loads n (0..W) elements, the rest zero: the tail of a hidden size that is not a multiple of W.
+  static Vec load_partial(const T* p, int n) {
+    if (n >= W) return load(p);
+    Vec x = zero();
+    std::memcpy(&x.v, p, sizeof(T) * n);
+    return x;
+  }
+  void store(T* p) const { std::memcpy(p, &v, sizeof(Raw)); }
+  void store_partial(T* p, int n) const {
+    if (n >= W) {
+      store(p);
+    } else {
+      std::memcpy(p, &v, sizeof(T) * n);
+    }
+  }
+
+  friend Vec operator+(Vec a, Vec b) { return of(a.v + b.v); }
+  friend Vec operator-(Vec a, Vec b) { return of(a.v - b.v); }
+  friend Vec operator*(Vec a, Vec b) { return of(a.v * b.v); }
+  friend Vec operator/(Vec a, Vec b) { return of(a.v / b.v); }
+  friend Vec operator-(Vec a) { return of(-a.v); }
+  Vec& operator+=(Vec b) {
+    v += b.v;
+    return *this;
+  }
+};
+
+// One lane: used where cell_math.h branches on a value (rnn_backward for relu).
+template <typename T>
+struct Vec<T, 1> {
+  T v;
+  Vec() = default;
+  explicit Vec(T s) : v(s) {}
+  friend Vec operator+(Vec a, Vec b) { return Vec(a.v + b.v); }
+  friend Vec operator-(Vec a, Vec b) { return Vec(a.v - b.v); }
+  friend Vec operator*(Vec a, Vec b) { return Vec(a.v * b.v); }
+  friend Vec operator/(Vec a, Vec b) { return Vec(a.v / b.v); }
+  friend Vec operator-(Vec a) { return Vec(-a.v); }
+  friend bool operator>(Vec a, Vec b) { return a.v > b.v; }
+};
+
+template <typename T>
+inline Vec<T, 1> act_tanh(Vec<T, 1> x) { return Vec<T, 1>(std::tanh(x.v)); }
+template <typename T>
+inline Vec<T, 1> act_sigmoid(Vec<T, 1> x) { return Vec<T, 1>(T(1) / (T(1) + std::exp(-x.v))); }
+template <typename T>
+inline Vec<T, 1> act_relu(Vec<T, 1> x) { return x.v > T(0) ? x : Vec<T, 1>(T(0)); }
+
+// ------------------------------------------------------------------ float: polynomial exp/tanh
+// Cephes-style: exp(x) = 2^n * e^r with |r| <= ln2/2 and a degree-6 polynomial for e^r (about
+// 1 ulp); tanh(x) by its odd polynomial for |x| < 0.625 (keeps relative accuracy near zero) and
+// 1 - 2 / (exp(2|x|) + 1) beyond. NaN propagates (comparisons are written so NaN keeps its lane).
+template <int W>
+inline Vec<float, W> exp_poly(Vec<float, W> x) {
+  using V = Vec<float, W>;
+  using R = typename V::Raw;
+  using I = typename V::IRaw;
+  const R hi = R{} + 88.0f;   // exp(88) < FLT_MAX, and n stays <= 127
+  const R lo = R{} - 87.3f;   // n >= -126: 2^n stays a normal number
+  R a = x.v;
+  a = a > hi ? hi : a;
+  a = a < lo ? lo : a;
+  const R magic = R{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const R n = (a * 1.44269504088896341f + magic) - magic;
+  R r = a - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  R p = R{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const R y = (p * (r * r) + r) + 1.0f;
+  const I bits = (__builtin_convertvector(n, I) + 127) << 23;
+  return V::of(y * reinterpret_cast<const R&>(bits));
+}
+
+template <int W>
+inline Vec<float, W> act_sigmoid(Vec<float, W> x) {
+  using V = Vec<float, W>;
+  return V(1.0f) / (V(1.0f) + exp_poly(-x));
+}
+
+template <int W>
+inline Vec<float, W> act_tanh(Vec<float, W> x) {
+  using V = Vec<float, W>;
+  using R = typename V::Raw;
+  using I = typename V::IRaw;
+  const I bits = reinterpret_cast<const I&>(x.v);
+  const I sign = bits & (I{} + int32_t(0x80000000u));
+  const I abs_bits = bits & (I{} + 0x7fffffff);
+  const R a = reinterpret_cast<const R&>(abs_bits);
+  // |x| >= 0.625: 1 - 2 / (e^{2|x|} + 1), sign restored.
+  const R e = exp_poly(V::of(a + a)).v;
+  const R big = 1.0f - 2.0f / (e + 1.0f);
+  const I big_signed = reinterpret_cast<const I&>(big) | sign;
+  // |x| < 0.625: x + x^3 P(x^2).
+  const R z = x.v * x.v;
+  R p = R{} - 5.70498872745e-3f;
+  p = p * z + 2.06390887954e-2f;
+  p = p * z - 5.37397155531e-2f;
+  p = p * z + 1.33314422036e-1f;
+  p = p * z - 3.33332819422e-1f;
+  const R small = x.v + x.v * z * p;
+  const R big_r = reinterpret_cast<const R&>(big_signed);
+  return V::of(a < 0.625f ? small : big_r);
+}
+
+template <int W>
+inline Vec<float, W> act_relu(Vec<float, W> x) {
+  using V = Vec<float, W>;
+  const typename V::Raw zero{};
+  return V::of(x.v > zero ? x.v : zero);
+}
+
+// ------------------------------------------------------------------ double: libm per lane
+// float64 is the accuracy path (1e-10 relative against torch): keep libm's exp/tanh exactly.
+template <int W>
+inline Vec<double, W> act_sigmoid(Vec<double, W> x) {
+  Vec<double, W> y;
+  for (int i = 0; i < W; ++i) y.v[i] = 1.0 / (1.0 + std::exp(-x.v[i]));
+  return y;
+}
+
+template <int W>
+inline Vec<double, W> act_tanh(Vec<double, W> x) {
+  Vec<double, W> y;
+  for (int i = 0; i < W; ++i) y.v[i] = std::tanh(x.v[i]);
+  return y;
+}
+
+template <int W>
+inline Vec<double, W> act_relu(Vec<double, W> x) {
+  using V = Vec<double, W>;
+  const typename V::Raw zero{};
+  return V::of(x.v > zero ? x.v : zero);
+}
+
+}  // namespace fusedrnn::cpu::FUSEDRNN_CPU_ISA

@@ -1,0 +1,50 @@
+// Threads for the CPU recurrence: a persistent pool (threads are created once and reused, because a
+// recurrence call is often shorter than starting a thread) and a spin barrier for the one-per-step
+// synchronisation inside a call. Kept free of any SIMD flags: compiled once, used by every ISA.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+
+namespace fusedrnn::cpu {
+
+// Sense-free generation barrier for a fixed team. Spins (the wait per step is a few microseconds)
+// and yields to the OS after a while so that an oversubscribed machine still makes progress.
+class SpinBarrier {
+ public:
+  explicit SpinBarrier(int count) : count_(count) {}
+  void wait();
+
+ private:
+  alignas(64) std::atomic<int> arrived_{0};
+  alignas(64) std::atomic<int> generation_{0};
+  int count_;
+};
+
+// The threads of one direction inside a call: this thread's index and the team's barrier.
+struct Team {
+  int rank = 0;
+  int size = 1;
+  SpinBarrier* barrier = nullptr;
+  void sync() const {
+    if (size > 1) barrier->wait();
+  }
+};
+
+// [begin, end) of `n` items for member `rank` of `size`, in contiguous blocks.
+inline void split_range(int64_t n, int rank, int size, int64_t& begin, int64_t& end) {
+  const int64_t base = n / size, extra = n % size;
+  begin = rank * base + (rank < extra ? rank : extra);
+  end = begin + base + (rank < extra ? 1 : 0);
+}
+
+// Runs fn(0), ..., fn(n-1) concurrently, fn(0) on the calling thread; returns when all are done.
+// n is capped by the caller (never more threads than cores). Calls from different Python threads
+// are serialised.
+void parallel_run(int n, const std::function<void(int)>& fn);
+
+// Logical CPUs this process may run on.
+int available_cpus();
+
+}  // namespace fusedrnn::cpu

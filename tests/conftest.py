@@ -1,0 +1,45 @@
+"""Shared pytest fixtures.
+
+`backend`: the native module a kernel-level test runs on. 'cpu' always (skipped if _cpu is not
+built); 'emu' when fusedrnn._emu is built (FUSEDRNN_BACKEND=emu; tests keep its shapes tiny);
+'cuda' when a GPU and fusedrnn._cuda are present (tensors move to the GPU).
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+
+def _importable(name: str) -> bool:
+    try:
+        importlib.import_module(f"fusedrnn.{name}")
+        return True
+    except ImportError:
+        return False
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str                 # 'cpu', 'emu' or 'cuda'
+    device: torch.device      # where the kernel's tensors live
+    tiny: bool                # emulated: keep shapes tiny (each emulated sync is slow)
+
+
+_BACKENDS = ["cpu"]
+if _importable("_emu"):
+    _BACKENDS.append("emu")
+if torch.cuda.is_available() and _importable("_cuda"):
+    _BACKENDS.append("cuda")
+
+
+@pytest.fixture(params=_BACKENDS)
+def backend(request, monkeypatch) -> Backend:
+    name = request.param
+    if name == "cpu" and not _importable("_cpu"):
+        pytest.skip("fusedrnn._cpu is not built (build the _cpu target)")
+    monkeypatch.setenv("FUSEDRNN_BACKEND", "emu" if name == "emu" else "cpu")
+    device = torch.device("cuda" if name == "cuda" else "cpu")
+    return Backend(name=name, device=device, tiny=name == "emu")
