@@ -196,7 +196,9 @@ inline void bind_params(py::module_& m) {
   using Fwd = RecurrenceFwdParams;
   using Bwd = RecurrenceBwdParams;
 
-  py::class_<Fwd> fwd(m, "FwdParams",
+  // module_local: _cpu, _cuda and _emu each bind the same C++ structs; without it the second
+  // module imported fails with "type is already registered".
+  py::class_<Fwd> fwd(m, "FwdParams", py::module_local(),
                       "fusedrnn::RecurrenceFwdParams: one layer, one direction, forward "
                       "(see csrc/include/fusedrnn/params.h)");
   fwd.def(py::init<>());
@@ -215,7 +217,7 @@ inline void bind_params(py::module_& m) {
   def_seq(fwd, "r_seq", &Fwd::r_seq);
   def_execution_fields<Fwd>(fwd);
 
-  py::class_<Bwd> bwd(m, "BwdParams",
+  py::class_<Bwd> bwd(m, "BwdParams", py::module_local(),
                       "fusedrnn::RecurrenceBwdParams: one layer, one direction, backward "
                       "(see csrc/include/fusedrnn/params.h)");
   bwd.def(py::init<>());

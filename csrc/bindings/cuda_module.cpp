@@ -1,0 +1,114 @@
+// The pybind11 module of the CUDA recurrence. One source, two modules:
+//   _cuda  kernels compiled by nvcc, pointers are CUDA device memory, launches are asynchronous on
+//          the params' cuda_stream;
+//   _emu   the same kernel sources compiled by g++ against csrc/emu (FUSEDRNN_EMULATED_CUDA), run
+//          on CPU threads over host memory; test-only.
+// Both expose what python/fusedrnn/_backend.py calls: FwdParams, BwdParams, forward, backward,
+// forward_workspace_bytes, backward_workspace_bytes; plus test knobs _set_launch_options and
+// _launch_plan.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <vector>
+
+#include "fusedrnn/params.h"
+#include "params_binding.h"
+#include "recurrence_launch.h"
+
+#ifndef FUSEDRNN_MODULE_NAME
+#define FUSEDRNN_MODULE_NAME _cuda
+#endif
+
+namespace py = pybind11;
+
+namespace {
+
+py::dict plan_to_dict(const fusedrnn::cuda::RecurrenceGeometry& g) {
+  py::dict d;
+  d["num_dirs"] = g.num_dirs;
+  d["blocks_per_dir"] = g.blocks_per_dir;
+  d["threads"] = g.threads;
+  d["units_per_block"] = g.units_per_block;
+  d["cols_per_block"] = g.cols_per_block;
+  d["batch_chunk"] = g.batch_chunk;
+  d["weights_in_smem"] = g.weights_in_smem;
+  d["smem_bytes"] = g.smem_bytes;
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(FUSEDRNN_MODULE_NAME, m) {
+  using fusedrnn::RecurrenceBwdParams;
+  using fusedrnn::RecurrenceFwdParams;
+  namespace cu = fusedrnn::cuda;
+#if defined(FUSEDRNN_EMULATED_CUDA)
+  m.doc() = "fusedrnn CUDA recurrence kernels run by the CPU emulator (test-only)";
+  m.attr("BACKEND") = "emu";
+#else
+  m.doc() = "fusedrnn persistent CUDA recurrence kernels";
+  m.attr("BACKEND") = "cuda";
+#endif
+  fusedrnn::bind_params(m);
+
+  m.def(
+      "forward_workspace_bytes",
+      [](const std::vector<RecurrenceFwdParams>& dirs) {
+        fusedrnn::validate_forward(dirs, true);
+        return cu::forward_workspace_bytes(dirs);
+      },
+      py::arg("dirs"), "Workspace bytes forward needs for these directions.");
+  m.def(
+      "backward_workspace_bytes",
+      [](const std::vector<RecurrenceBwdParams>& dirs) {
+        fusedrnn::validate_backward(dirs, true);
+        return cu::backward_workspace_bytes(dirs);
+      },
+      py::arg("dirs"), "Workspace bytes backward needs for these directions.");
+  m.def(
+      "forward",
+      [](const std::vector<RecurrenceFwdParams>& dirs) {
+        fusedrnn::validate_forward(dirs, true);
+        py::gil_scoped_release release;
+        cu::forward(dirs);
+      },
+      py::arg("dirs"), "Runs the forward recurrence of one layer (1 or 2 directions).");
+  m.def(
+      "backward",
+      [](const std::vector<RecurrenceBwdParams>& dirs) {
+        fusedrnn::validate_backward(dirs, true);
+        py::gil_scoped_release release;
+        cu::backward(dirs);
+      },
+      py::arg("dirs"), "Runs the backward recurrence of one layer (1 or 2 directions).");
+
+  m.def(
+      "_set_launch_options",
+      [](bool force_streaming, int max_blocks_per_direction) {
+        cu::launch_options().force_streaming = force_streaming;
+        cu::launch_options().max_blocks_per_dir = max_blocks_per_direction;
+      },
+      py::arg("force_streaming") = false, py::arg("max_blocks_per_direction") = 0,
+      "Test knob: stream the weights instead of keeping them in shared memory, and cap the blocks "
+      "per direction (0 = no cap beyond the device's).");
+  m.def("_launch_options", []() {
+    py::dict d;
+    d["force_streaming"] = cu::launch_options().force_streaming;
+    d["max_blocks_per_direction"] = cu::launch_options().max_blocks_per_dir;
+    return d;
+  });
+  m.def(
+      "_launch_plan",
+      [](const std::vector<RecurrenceFwdParams>& dirs) {
+        fusedrnn::validate_forward(dirs, true);
+        return plan_to_dict(cu::plan_forward(dirs));
+      },
+      py::arg("dirs"), "The grid and shared-memory plan forward would launch.");
+  m.def(
+      "_launch_plan_backward",
+      [](const std::vector<RecurrenceBwdParams>& dirs) {
+        fusedrnn::validate_backward(dirs, true);
+        return plan_to_dict(cu::plan_backward(dirs));
+      },
+      py::arg("dirs"), "The grid and shared-memory plan backward would launch.");
+}

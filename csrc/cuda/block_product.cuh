@@ -1,0 +1,117 @@
+// The per-step product of a persistent recurrence block: out[b][r] = sum_k act[b][k] * w[r][k]
+// for the block's weight rows r and one chunk of batch rows b, accumulated in Acc (fp32, or fp64
+// for double). This is the FMA version; a tensor-core version replaces block_product_partials and
+// product_value and nothing else (see recurrence_layout.h for why the operands are laid out so).
+//
+// Each thread owns a kTileRows x kTileBatch tile of outputs over a K range. The partial sums go to
+// shared memory, and after a __syncthreads product_value(r, b) adds the K-split partials of one
+// output. Out-of-range rows and batch rows are clamped to the last valid one (their results are
+// never read), so the inner loop has no branches and reads no memory outside the operands.
+#pragma once
+
+#include "dtype_traits.cuh"
+#include "launch_compat.h"
+#include "recurrence_layout.h"
+
+namespace fusedrnn::cuda {
+
+// A weight operand: element (r, k) at base[(r / rows_per_gate) * gate_stride +
+// (r % rows_per_gate) * row_stride + k * k_stride]. In shared memory rows are packed (row_stride =
+// pitch, k_stride = 1); streamed from global memory the rows of gate g of a unit slice are H rows
+// apart (forward) or the slice is a set of columns of W_hh (backward: row_stride 1, k_stride P).
+template <typename T>
+struct WeightView {
+  const T* base = nullptr;
+  int rows_per_gate = 1;
+  int64_t gate_stride = 0;
+  int64_t row_stride = 0;
+  int64_t k_stride = 1;
+
+  __device__ __forceinline__ const T* row(int r) const {
+    return base + (r / rows_per_gate) * gate_stride + (r % rows_per_gate) * row_stride;
+  }
+};
+
+// kUnitK: the weight's k_stride is 1 (shared memory, forward streaming), known at compile time.
+template <bool kUnitK, typename T>
+__device__ __forceinline__ void block_product_partials(const WeightView<T>& w, int rows,
+                                                       const T* act, int64_t act_pitch, int batch,
+                                                       int k_total, Acc<T>* partials,
+                                                       const ProductTiling& tiling) {
+  using A = Acc<T>;
+  const int items = tiling.partial_count();
+  for (int item = threadIdx.x; item < items; item += blockDim.x) {
+    const int tile = item % tiling.tiles;
+    const int k_part = item / tiling.tiles;
+    const int tile_row = tile % tiling.tiles_rows;
+    const int tile_batch = tile / tiling.tiles_rows;
+    const T* w_row[kTileRows];
+    const T* a_row[kTileBatch];
+#pragma unroll
+    for (int i = 0; i < kTileRows; ++i) {
+      const int r = min(tile_row * kTileRows + i, rows - 1);
+      w_row[i] = w.row(r);
+    }
+#pragma unroll
+    for (int j = 0; j < kTileBatch; ++j) {
+      const int b = min(tile_batch * kTileBatch + j, batch - 1);
+      a_row[j] = act + b * act_pitch;
+    }
+    A acc[kTileRows][kTileBatch];
+#pragma unroll
+    for (int i = 0; i < kTileRows; ++i) {
+#pragma unroll
+      for (int j = 0; j < kTileBatch; ++j) acc[i][j] = A(0);
+    }
+    const int k_begin = k_part * tiling.k_chunk;
+    const int k_end = min(k_total, k_begin + tiling.k_chunk);
+    const int64_t k_stride = kUnitK ? 1 : w.k_stride;
+    for (int k = k_begin; k < k_end; ++k) {
+      A wv[kTileRows];
+      A av[kTileBatch];
+#pragma unroll
+      for (int i = 0; i < kTileRows; ++i) wv[i] = to_acc(w_row[i][k * k_stride]);
+#pragma unroll
+      for (int j = 0; j < kTileBatch; ++j) av[j] = to_acc(a_row[j][k]);
+#pragma unroll
+      for (int i = 0; i < kTileRows; ++i) {
+#pragma unroll
+        for (int j = 0; j < kTileBatch; ++j) acc[i][j] += wv[i] * av[j];
+      }
+    }
+    A* dst = partials + static_cast<int64_t>(item) * kTileSize;
+#pragma unroll
+    for (int i = 0; i < kTileRows; ++i) {
+#pragma unroll
+      for (int j = 0; j < kTileBatch; ++j) dst[i * kTileBatch + j] = acc[i][j];
+    }
+  }
+}
+
+// The finished product for weight row r and chunk batch row b (after a __syncthreads).
+template <typename A>
+__device__ __forceinline__ A product_value(const A* partials, const ProductTiling& tiling, int r,
+                                          int b) {
+  const int tile = r / kTileRows + (b / kTileBatch) * tiling.tiles_rows;
+  const int lane = (r % kTileRows) * kTileBatch + b % kTileBatch;
+  A sum = A(0);
+  for (int k_part = 0; k_part < tiling.split; ++k_part) {
+    sum += partials[static_cast<int64_t>(k_part * tiling.tiles + tile) * kTileSize + lane];
+  }
+  return sum;
+}
+
+// Copies act rows [0, batch) of a [*, K] row-major matrix (row stride src_ld elements) into the
+// shared chunk with pitch act_pitch; a null source reads as zeros (h0 = 0). Converts nothing.
+template <typename T>
+__device__ __forceinline__ void load_act_chunk(T* dst, int64_t act_pitch, const T* src,
+                                               int64_t src_ld, int batch, int k) {
+  const int total = batch * k;
+  for (int i = threadIdx.x; i < total; i += blockDim.x) {
+    const int b = i / k;
+    const int kk = i - b * k;
+    dst[b * act_pitch + kk] = src != nullptr ? src[b * src_ld + kk] : from_acc<T>(Acc<T>(0));
+  }
+}
+
+}  // namespace fusedrnn::cuda

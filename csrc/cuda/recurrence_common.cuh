@@ -1,0 +1,62 @@
+// Pieces shared by the forward and backward persistent recurrence kernels: the kernel argument
+// structs, sequence addressing with per-sequence lengths, and the grid barrier.
+#pragma once
+
+#include <cstdint>
+
+#include "fusedrnn/params.h"
+#include "launch_compat.h"
+#include "recurrence_layout.h"
+
+namespace fusedrnn::cuda {
+
+// The single by-value argument of a kernel (passed as __grid_constant__, so that the kernel reads
+// dir[blockIdx-dependent index] straight from the parameter bank instead of copying the whole
+// struct to local memory). Both directions share one workspace: direction d's buffers start at
+// dir[0].workspace + d * workspace.per_direction.
+struct FwdKernelArgs {
+  RecurrenceFwdParams dir[2];
+  RecurrenceGeometry geo;
+  WorkspaceLayout workspace;
+};
+
+struct BwdKernelArgs {
+  RecurrenceBwdParams dir[2];
+  RecurrenceGeometry geo;
+  WorkspaceLayout workspace;
+};
+
+// Where batch row b is at processing step s. Steps are taken in processing order: s = 0 is the
+// first step of every sequence (t = 0 forward, t = lengths[b]-1 in reverse). Valid steps form the
+// prefix s < lengths[b]; a padded step maps to t = s, so over all s every t >= lengths[b] is
+// visited once and gets its zero output / zero gradient row.
+struct StepRow {
+  int64_t t;
+  int64_t length;
+  bool valid;
+};
+
+__device__ __forceinline__ StepRow step_row(const RecurrenceShape& p, int64_t s, int64_t b) {
+  StepRow row;
+  row.length = p.lengths != nullptr ? p.lengths[b] : p.seq_len;
+  row.valid = s < row.length;
+  row.t = (p.reverse && row.valid) ? row.length - 1 - s : s;
+  return row;
+}
+
+template <typename T>
+__device__ __forceinline__ T* seq_at(const SeqTensor& s, int64_t t, int64_t b) {
+  return static_cast<T*>(s.data) + t * s.stride_t + b * s.stride_b;
+}
+
+template <typename T>
+__device__ __forceinline__ T* smem_at(unsigned char* smem, int64_t offset) {
+  return reinterpret_cast<T*>(smem + offset);
+}
+
+// One barrier across all blocks of both directions; the launch is cooperative and co-resident
+// (checked by the launcher), so it cannot hang. It orders global memory: writes before it are
+// visible to every block after it.
+__device__ __forceinline__ void grid_barrier() { cooperative_groups::this_grid().sync(); }
+
+}  // namespace fusedrnn::cuda

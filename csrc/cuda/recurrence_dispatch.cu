@@ -1,0 +1,108 @@
+// Runtime dispatch of the CUDA recurrence entry points on cell kind and dtype, and the workspace
+// sizes. The kernels themselves are instantiated in recurrence_<dtype>.cu.
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "launch_compat.h"
+#include "recurrence_launch.h"
+
+namespace fusedrnn::cuda {
+
+LaunchOptions& launch_options() {
+  static LaunchOptions options;
+  return options;
+}
+
+namespace {
+
+int64_t elem_bytes(DType dtype) {
+  switch (dtype) {
+    case DType::kFloat32: return 4;
+    case DType::kFloat64: return 8;
+    case DType::kFloat16:
+    case DType::kBFloat16: return 2;
+  }
+  throw std::invalid_argument("fusedrnn: unknown dtype code " +
+                              std::to_string(static_cast<int>(dtype)));
+}
+
+int64_t acc_bytes(DType dtype) { return dtype == DType::kFloat64 ? 8 : 4; }
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+template <typename Params>
+int64_t workspace_bytes(const std::vector<Params>& dirs, bool backward) {
+  if (dirs.empty()) throw std::invalid_argument("fusedrnn: expected 1 or 2 directions, got 0");
+  const Params& p = dirs.front();
+  const WorkspaceLayout layout = make_workspace_layout(backward, p.cell, p.batch, p.hidden, p.state,
+                                                       elem_bytes(p.dtype), acc_bytes(p.dtype));
+  return layout.per_direction * static_cast<int64_t>(dirs.size());
+}
+
+// Calls launcher<Cell, T> for the cell and dtype of `p`.
+template <template <class, typename> class Launcher, typename Params>
+void dispatch(const std::vector<Params>& dirs, RecurrenceGeometry* plan_only) {
+  if (dirs.empty()) throw std::invalid_argument("fusedrnn: expected 1 or 2 directions, got 0");
+  const Params& p = dirs.front();
+  auto by_cell = [&](auto type_tag) {
+    using T = typename decltype(type_tag)::type;
+    switch (p.cell) {
+      case CellKind::kLstm: return Launcher<LstmTraits, T>::run(dirs, plan_only);
+      case CellKind::kGru: return Launcher<GruTraits, T>::run(dirs, plan_only);
+      case CellKind::kRnnTanh:
+      case CellKind::kRnnRelu: return Launcher<RnnTraits, T>::run(dirs, plan_only);
+    }
+    throw std::invalid_argument("fusedrnn: unknown cell code " +
+                                std::to_string(static_cast<int>(p.cell)));
+  };
+  switch (p.dtype) {
+    case DType::kFloat32: return by_cell(TypeTag<float>{});
+    case DType::kFloat64: return by_cell(TypeTag<double>{});
+    case DType::kFloat16: return by_cell(TypeTag<__half>{});
+    case DType::kBFloat16: return by_cell(TypeTag<__nv_bfloat16>{});
+  }
+  throw std::invalid_argument("fusedrnn: unknown dtype code " +
+                              std::to_string(static_cast<int>(p.dtype)));
+}
+
+template <class Cell, typename T>
+struct ForwardLauncher {
+  static void run(const std::vector<RecurrenceFwdParams>& d, RecurrenceGeometry* plan) {
+    launch_forward<Cell, T>(d, plan);
+  }
+};
+template <class Cell, typename T>
+struct BackwardLauncher {
+  static void run(const std::vector<RecurrenceBwdParams>& d, RecurrenceGeometry* plan) {
+    launch_backward<Cell, T>(d, plan);
+  }
+};
+
+}  // namespace
+
+int64_t forward_workspace_bytes(const std::vector<RecurrenceFwdParams>& dirs) {
+  return workspace_bytes(dirs, false);
+}
+int64_t backward_workspace_bytes(const std::vector<RecurrenceBwdParams>& dirs) {
+  return workspace_bytes(dirs, true);
+}
+
+void forward(const std::vector<RecurrenceFwdParams>& dirs) { dispatch<ForwardLauncher>(dirs, nullptr); }
+void backward(const std::vector<RecurrenceBwdParams>& dirs) { dispatch<BackwardLauncher>(dirs, nullptr); }
+
+RecurrenceGeometry plan_forward(const std::vector<RecurrenceFwdParams>& dirs) {
+  RecurrenceGeometry g;
+  dispatch<ForwardLauncher>(dirs, &g);
+  return g;
+}
+RecurrenceGeometry plan_backward(const std::vector<RecurrenceBwdParams>& dirs) {
+  RecurrenceGeometry g;
+  dispatch<BackwardLauncher>(dirs, &g);
+  return g;
+}
+
+}  // namespace fusedrnn::cuda

@@ -1,0 +1,193 @@
+// The persistent forward recurrence kernel, one template for every cell (Cell traits), dtype and
+// weight placement (kWeightsInSmem: the block's W_hh / W_hr rows copied once into shared memory;
+// otherwise streamed from global memory / L2 at every step, for slices too large for the chip).
+//
+// One launch runs a layer over the whole sequence, both directions at once. Per step s:
+//   phase 0: act = h_{s-1} (all B x P, from the exchange buffer or h0), product with the block's
+//            G*U gate rows, then the cell update of the block's units (block-local: all gates of
+//            a unit live in the block), writing out/gates/c_seq and h_s into the other exchange
+//            buffer. One grid barrier.
+//   phase 1 (projected LSTM only): the r_s of phase 0 went to the r exchange buffer; after the
+//            barrier act = r_s (B x H), product with the block's rows of W_hr gives h_s for the
+//            block's state columns. A second grid barrier.
+// Batch rows are processed in chunks of geo.batch_chunk when B x K does not fit next to the weights.
+#pragma once
+
+#include "block_product.cuh"
+#include "cell_traits.cuh"
+#include "dtype_traits.cuh"
+#include "recurrence_common.cuh"
+
+namespace fusedrnn::cuda {
+
+template <class Cell, typename T, bool kWeightsInSmem>
+__global__ void __launch_bounds__(kThreadsPerBlock, 1)
+    recurrence_forward_kernel(const __grid_constant__ FwdKernelArgs args) {
+  using A = Acc<T>;
+  constexpr int G = Cell::kGates;
+  const RecurrenceGeometry& geo = args.geo;
+  const int dir = static_cast<int>(blockIdx.x) / geo.blocks_per_dir;
+  const int blk = static_cast<int>(blockIdx.x) - dir * geo.blocks_per_dir;
+  const RecurrenceFwdParams& p = args.dir[dir];
+  const int H = static_cast<int>(p.hidden);
+  const int P = static_cast<int>(p.state);
+  const int B = static_cast<int>(p.batch);
+  const int steps = static_cast<int>(p.seq_len);
+  const bool projected = geo.projected;
+  // This block's hidden units [u0, u0 + nu) and (projected) state columns [c0, c0 + nc).
+  const int u0 = blk * geo.units_per_block;
+  const int nu = max(0, min(H - u0, geo.units_per_block));
+  const int c0 = blk * geo.cols_per_block;
+  const int nc = projected ? max(0, min(P - c0, geo.cols_per_block)) : 0;
+
+  unsigned char* ws = static_cast<unsigned char*>(args.dir[0].workspace) +
+                      static_cast<int64_t>(dir) * args.workspace.per_direction;
+  T* h_exchange = reinterpret_cast<T*>(ws + args.workspace.offset[0]);  // 2 x [B, P]
+  T* r_exchange = reinterpret_cast<T*>(ws + args.workspace.offset[1]);  // [B, H]
+  A* cell_state = reinterpret_cast<A*>(ws + args.workspace.offset[2]);  // [B, H]
+
+  const T* w_hh = static_cast<const T*>(p.w_hh);
+  const T* w_hr = static_cast<const T*>(p.w_hr);
+  const T* b_hh = static_cast<const T*>(p.b_hh);
+  const T* h0 = static_cast<const T*>(p.h0);
+  const T* c_init = static_cast<const T*>(p.c0);
+
+  FUSEDRNN_DYNAMIC_SMEM(smem);
+  T* act = smem_at<T>(smem, geo.smem_act);
+  A* partials = smem_at<A>(smem, geo.smem_partials);
+  const int64_t act_pitch = geo.act_pitch;
+
+  // Weight rows: phase 0 row g*nu + u is W_hh row g*H + u0 + u; phase 1 row c is W_hr row c0 + c.
+  WeightView<T> gate_rows;
+  WeightView<T> proj_rows;
+  if constexpr (kWeightsInSmem) {
+    T* w0 = smem_at<T>(smem, geo.smem_weights[0]);
+    T* w1 = smem_at<T>(smem, geo.smem_weights[1]);
+    const int64_t pitch0 = geo.weight_pitch[0];
+    const int64_t pitch1 = geo.weight_pitch[1];
+    for (int64_t i = threadIdx.x; i < static_cast<int64_t>(G) * nu * P; i += blockDim.x) {
+      const int64_t r = i / P;
+      const int64_t k = i - r * P;
+      const int64_t g = r / nu;
+      w0[r * pitch0 + k] = w_hh[(g * H + u0 + (r - g * nu)) * P + k];
+    }
+    for (int64_t i = threadIdx.x; i < static_cast<int64_t>(nc) * H; i += blockDim.x) {
+      const int64_t r = i / H;
+      w1[r * pitch1 + (i - r * H)] = w_hr[(c0 + r) * H + (i - r * H)];
+    }
+    gate_rows = WeightView<T>{w0, max(nu, 1), nu * pitch0, pitch0, 1};
+    proj_rows = WeightView<T>{w1, max(nc, 1), 0, pitch1, 1};
+    __syncthreads();
+  } else {
+    gate_rows = WeightView<T>{w_hh + static_cast<int64_t>(u0) * P, max(nu, 1),
+                              static_cast<int64_t>(H) * P, P, 1};
+    proj_rows = WeightView<T>{projected ? w_hr + static_cast<int64_t>(c0) * H : w_hr, max(nc, 1),
+                              0, H, 1};
+  }
+
+  for (int s = 0; s < steps; ++s) {
+    // h_{s-1}: h0 (null = zeros) at the first step, else the exchange buffer written last step.
+    const T* h_src = s == 0 ? h0 : h_exchange + static_cast<int64_t>(s & 1) * B * P;
+    T* h_dst = h_exchange + static_cast<int64_t>((s + 1) & 1) * B * P;
+
+    // ---- phase 0: gates and cell update of the block's units
+    for (int b0 = 0; b0 < B; b0 += geo.batch_chunk) {
+      const int nb = min(geo.batch_chunk, B - b0);
+      load_act_chunk(act, act_pitch, h_src != nullptr ? h_src + static_cast<int64_t>(b0) * P : nullptr,
+                     P, nb, P);
+      __syncthreads();
+      const ProductTiling tiling = make_tiling(G * nu, nb, P, blockDim.x);
+      block_product_partials<true>(gate_rows, G * nu, act, act_pitch, nb, P, partials, tiling);
+      __syncthreads();
+      for (int i = threadIdx.x; i < nb * nu; i += blockDim.x) {
+        const int bl = i / nu;
+        const int u = i - bl * nu;
+        const int b = b0 + bl;
+        const int unit = u0 + u;
+        const StepRow row = step_row(p, s, b);
+        if (!row.valid) {
+          // Padded: the state stays; without projection this block also owns the output column.
+          if (!projected) {
+            seq_at<T>(p.out, row.t, b)[unit] = from_acc<T>(A(0));
+            h_dst[static_cast<int64_t>(b) * P + unit] = act[bl * act_pitch + unit];
+          }
+          continue;
+        }
+        A x[G];
+        A hh[G];
+        const T* x_row = seq_at<const T>(p.xproj, row.t, b);
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+          x[g] = to_acc(x_row[g * H + unit]);
+          hh[g] = product_value(partials, tiling, g * nu + u, bl) +
+                  (b_hh != nullptr ? to_acc(b_hh[g * H + unit]) : A(0));
+        }
+        const A h_prev = Cell::kNeedsHPrev ? to_acc(act[bl * act_pitch + unit]) : A(0);
+        A c_prev = A(0);
+        if constexpr (Cell::kHasCell) {
+          const int64_t at = static_cast<int64_t>(b) * H + unit;
+          c_prev = s == 0 ? (c_init != nullptr ? to_acc(c_init[at]) : A(0)) : cell_state[at];
+        }
+        const UnitForward<A> res = Cell::forward(p.cell, x, hh, h_prev, c_prev);
+        const T h_val = from_acc<T>(res.h);
+        const bool last = s == row.length - 1;
+        if constexpr (Cell::kHasCell) {
+          const int64_t at = static_cast<int64_t>(b) * H + unit;
+          cell_state[at] = res.c;
+          if (p.c_seq.data != nullptr) seq_at<T>(p.c_seq, row.t, b)[unit] = from_acc<T>(res.c);
+          if (last) static_cast<T*>(p.cn)[at] = from_acc<T>(res.c);
+        }
+        if constexpr (Cell::kSaved > 0) {
+          if (p.gates.data != nullptr) {
+            T* saved = seq_at<T>(p.gates, row.t, b);
+#pragma unroll
+            for (int k = 0; k < Cell::kSaved; ++k) saved[k * H + unit] = from_acc<T>(res.saved[k]);
+          }
+        }
+        if (projected) {
+          r_exchange[static_cast<int64_t>(b) * H + unit] = h_val;
+          if (p.r_seq.data != nullptr) seq_at<T>(p.r_seq, row.t, b)[unit] = h_val;
+        } else {
+          seq_at<T>(p.out, row.t, b)[unit] = h_val;
+          h_dst[static_cast<int64_t>(b) * P + unit] = h_val;
+          if (last) static_cast<T*>(p.hn)[static_cast<int64_t>(b) * P + unit] = h_val;
+        }
+      }
+      __syncthreads();  // act and partials are reused by the next chunk
+    }
+
+    // ---- phase 1 (projected LSTM): h_s = r_s W_hr^T for the block's state columns
+    if (projected) {
+      grid_barrier();  // every unit's r_s is in r_exchange
+      for (int b0 = 0; b0 < B; b0 += geo.batch_chunk) {
+        const int nb = min(geo.batch_chunk, B - b0);
+        load_act_chunk(act, act_pitch, r_exchange + static_cast<int64_t>(b0) * H, H, nb, H);
+        __syncthreads();
+        const ProductTiling tiling = make_tiling(nc, nb, H, blockDim.x);
+        block_product_partials<true>(proj_rows, nc, act, act_pitch, nb, H, partials, tiling);
+        __syncthreads();
+        for (int i = threadIdx.x; i < nb * nc; i += blockDim.x) {
+          const int bl = i / nc;
+          const int c = i - bl * nc;
+          const int b = b0 + bl;
+          const int col = c0 + c;
+          const int64_t at = static_cast<int64_t>(b) * P + col;
+          const StepRow row = step_row(p, s, b);
+          if (!row.valid) {
+            seq_at<T>(p.out, row.t, b)[col] = from_acc<T>(A(0));
+            h_dst[at] = h_src != nullptr ? h_src[at] : from_acc<T>(A(0));
+            continue;
+          }
+          const T h_val = from_acc<T>(product_value(partials, tiling, c, bl));
+          seq_at<T>(p.out, row.t, b)[col] = h_val;
+          h_dst[at] = h_val;
+          if (s == row.length - 1) static_cast<T*>(p.hn)[at] = h_val;
+        }
+        __syncthreads();
+      }
+    }
+    grid_barrier();  // h_s complete in h_dst for every block
+  }
+}
+
+}  // namespace fusedrnn::cuda

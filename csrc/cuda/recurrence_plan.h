@@ -1,0 +1,155 @@
+// Host-side planning of a persistent recurrence launch: how many blocks per direction, how many
+// units each block owns, whether the weight slices fit in shared memory, the batch chunk, and the
+// shared-memory layout. Pure C++ with no CUDA calls: the launcher feeds it the device's limits and
+// an occupancy callback (cudaOccupancyMaxActiveBlocksPerMultiprocessor); the GPU-less occupancy
+// check feeds it A100/H100 limits and cuda_occupancy.h.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <functional>
+#include <stdexcept>
+#include <string>
+
+#include "fusedrnn/cell_kind.h"
+#include "recurrence_layout.h"
+
+namespace fusedrnn::cuda {
+
+struct PlanInput {
+  bool backward = false;
+  CellKind cell = CellKind::kLstm;
+  int64_t batch = 1;
+  int64_t hidden = 1;
+  int64_t state = 1;
+  int num_dirs = 1;
+  int64_t elem_bytes = 4;
+  int64_t acc_bytes = 4;
+  // Device limits.
+  int sm_count = 1;
+  int64_t max_smem_per_block = 48 * 1024;  // dynamic, opt-in maximum
+  int threads = kThreadsPerBlock;
+  // Test and tuning knobs: never keep weights in shared memory; cap blocks per direction (0: none).
+  bool force_streaming = false;
+  int max_blocks_per_dir = 0;
+};
+
+// blocks_per_sm(weights_in_smem, smem_bytes): co-resident blocks per SM for that kernel variant.
+using BlocksPerSm = std::function<int(bool, int64_t)>;
+
+namespace plan_detail {
+
+// Phase shapes and weight-slice bytes for units per block U and state columns per block Ps.
+inline void shape_phases(const PlanInput& in, int64_t units, int64_t cols, RecurrenceGeometry& g) {
+  const int64_t gates = gate_count(in.cell);
+  const int64_t H = in.hidden;
+  const int64_t P = in.state;
+  if (!in.backward) {
+    g.phase[0] = PhaseShape{static_cast<int>(gates * units), static_cast<int>(P)};
+    g.phase[1] = g.projected ? PhaseShape{static_cast<int>(cols), static_cast<int>(H)} : PhaseShape{};
+  } else {
+    g.phase[0] = PhaseShape{static_cast<int>(g.projected ? cols : units),
+                            static_cast<int>(gates * H)};
+    g.phase[1] = g.projected ? PhaseShape{static_cast<int>(units), static_cast<int>(P)} : PhaseShape{};
+  }
+}
+
+// Fills the shared-memory layout for batch chunk bc; returns the total bytes.
+inline int64_t layout_smem(const PlanInput& in, int64_t bc, RecurrenceGeometry& g) {
+  int64_t at = 0;
+  int64_t act_pitch = 0;
+  for (int i = 0; i < 2; ++i) {
+    const PhaseShape& ph = g.phase[i];
+    g.weight_pitch[i] = ph.k > 0 ? smem_pitch(ph.k, in.elem_bytes) : 0;
+    g.smem_weights[i] = at;
+    if (g.weights_in_smem) at += round_up(ph.rows * g.weight_pitch[i] * in.elem_bytes, 16);
+    if (ph.k > 0) act_pitch = std::max(act_pitch, g.weight_pitch[i]);
+  }
+  g.act_pitch = act_pitch;
+  g.smem_act = at;
+  at += round_up(bc * act_pitch * in.elem_bytes, 16);
+  g.smem_partials = at;
+  int64_t partials = 0;
+  for (const PhaseShape& ph : g.phase) {
+    const ProductTiling t = make_tiling(ph.rows, static_cast<int>(bc), ph.k, in.threads);
+    partials = std::max<int64_t>(partials, std::max(t.partial_count(), in.threads));
+  }
+  at += partials * kTileSize * in.acc_bytes;
+  g.smem_bytes = at;
+  return at;
+}
+
+// The largest batch chunk whose layout fits `budget` bytes (0 if not even one row fits).
+inline int64_t fit_batch_chunk(const PlanInput& in, int64_t budget, RecurrenceGeometry& g) {
+  int64_t lo = 0;
+  int64_t hi = in.batch;
+  while (lo < hi) {  // bytes grow with bc: binary search for the last bc that fits
+    const int64_t mid = (lo + hi + 1) / 2;
+    if (layout_smem(in, mid, g) <= budget) lo = mid;
+    else hi = mid - 1;
+  }
+  if (lo > 0) layout_smem(in, lo, g);
+  return lo;
+}
+
+inline void split_units(const PlanInput& in, int64_t blocks, RecurrenceGeometry& g) {
+  blocks = std::max<int64_t>(1, std::min<int64_t>(blocks, in.hidden));
+  const int64_t units = ceil_div(in.hidden, blocks);
+  blocks = ceil_div(in.hidden, units);  // every block owns at least one unit
+  g.blocks_per_dir = static_cast<int>(blocks);
+  g.units_per_block = static_cast<int>(units);
+  g.cols_per_block = g.projected ? static_cast<int>(ceil_div(in.state, blocks)) : g.units_per_block;
+  shape_phases(in, units, g.cols_per_block, g);
+}
+
+}  // namespace plan_detail
+
+// Chooses the launch. Prefers weights in shared memory with one block per SM (the slice stays on
+// chip for all steps); falls back to streaming the weights when a slice does not fit, with a grid
+// the occupancy calculator says is co-resident. Throws std::runtime_error if no grid fits.
+inline RecurrenceGeometry plan_recurrence(const PlanInput& in, const BlocksPerSm& blocks_per_sm) {
+  using namespace plan_detail;
+  RecurrenceGeometry g;
+  g.num_dirs = in.num_dirs;
+  g.threads = in.threads;
+  g.projected = in.cell == CellKind::kLstm && in.state != in.hidden;
+  int64_t blocks = std::max(1, in.sm_count / in.num_dirs);
+  if (in.max_blocks_per_dir > 0) blocks = std::min<int64_t>(blocks, in.max_blocks_per_dir);
+
+  if (!in.force_streaming) {
+    g.weights_in_smem = true;
+    split_units(in, blocks, g);
+    const int64_t bc = fit_batch_chunk(in, in.max_smem_per_block, g);
+    if (bc > 0) {
+      g.batch_chunk = static_cast<int>(bc);
+      const int64_t resident =
+          static_cast<int64_t>(blocks_per_sm(true, g.smem_bytes)) * in.sm_count;
+      if (resident >= static_cast<int64_t>(g.blocks_per_dir) * in.num_dirs) return g;
+    }
+  }
+
+  g.weights_in_smem = false;
+  split_units(in, blocks, g);  // the activation chunk and partials only depend on the largest block
+  const int64_t bc = fit_batch_chunk(in, in.max_smem_per_block, g);
+  if (bc == 0) {
+    throw std::runtime_error("fusedrnn: recurrence state too wide for shared memory (hidden=" +
+                             std::to_string(in.hidden) + ", state=" + std::to_string(in.state) +
+                             ")");
+  }
+  g.batch_chunk = static_cast<int>(bc);
+  const int per_sm = blocks_per_sm(false, g.smem_bytes);
+  const int64_t resident = static_cast<int64_t>(per_sm) * in.sm_count;
+  if (resident < in.num_dirs) {
+    throw std::runtime_error(
+        "fusedrnn: the streaming recurrence kernel cannot be co-resident on this device "
+        "(blocks per SM = " + std::to_string(per_sm) + ", smem bytes = " +
+        std::to_string(g.smem_bytes) + ")");
+  }
+  if (resident < static_cast<int64_t>(g.blocks_per_dir) * in.num_dirs) {
+    split_units(in, resident / in.num_dirs, g);
+    g.batch_chunk = static_cast<int>(fit_batch_chunk(in, in.max_smem_per_block, g));
+  }
+  return g;
+}
+
+}  // namespace fusedrnn::cuda
