@@ -22,7 +22,8 @@ class PackedLayout:
         valid = torch.arange(self.batch).unsqueeze(0) < batch_sizes.unsqueeze(1)  # [T, B]
         # Row-major order of the [T, B] grid is the packed order: step by step, in batch order.
         self.rows = valid.flatten().nonzero().squeeze(1).to(device)
-        self.lengths = valid.sum(0).to(device)  # [B], in the packed (sorted) order
+        # [B], packed (sorted) order; on the CPU: functional.rnn checks it there, then moves it
+        self.lengths = valid.sum(0)
         self.batch_sizes = batch_sizes
 
     def pad(self, data: Tensor) -> Tensor:

@@ -103,7 +103,7 @@ def check_input_dim(name: str, input: Tensor, allowed: tuple) -> None:
 
 def check_input(input: Tensor, weight: Tensor, input_size: int, expected_dim: int) -> None:
     """torch.nn.RNNBase.check_input: dtype (ValueError), rank and feature size (RuntimeError)."""
-    if input.dtype != weight.dtype and not torch.is_autocast_enabled():
+    if input.dtype != weight.dtype:
         raise ValueError(
             f"RNN input dtype ({input.dtype}) does not match weight dtype ({weight.dtype}). "
             f"Convert input: input.to({weight.dtype}), or convert model: model.to({input.dtype})")

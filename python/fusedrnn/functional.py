@@ -45,7 +45,18 @@ def rnn(cell: str, input: Tensor, weights, hx=None, *, num_layers: int = 1,
     if len(weights) != num_layers * num_directions:
         raise ValueError(f"expected {num_layers * num_directions} layer weights "
                          f"(num_layers * num_directions), got {len(weights)}")
+    # Autocast would turn the input projection into another dtype than the recurrent weights, and
+    # the native call takes one dtype for all its tensors: dtypes are chosen explicitly here.
+    with torch.autocast(input.device.type, enabled=False):
+        return _rnn(cell, input, weights, hx, num_layers, num_directions, batch_first, lengths,
+                    dropout, training, dropout_fn)
+
+
+def _rnn(cell, input, weights, hx, num_layers, num_directions, batch_first, lengths, dropout,
+         training, dropout_fn):
     h0_all, c0_all = (hx if cell == "lstm" else (hx, None)) if hx is not None else (None, None)
+    if lengths is not None:
+        lengths = _checked_lengths(lengths, input, batch_first)
 
     out_dtype = input.dtype
     compute_dtype = _compute_dtype(input)
@@ -183,6 +194,7 @@ def _recurrence_forward(spec: _LayerSpec, lengths, xproj, h0, c0, w_hh, b_hh, w_
             r_seq = (xproj.new_zeros if lengths is not None else xproj.new_empty)(
                 num_dirs, seq_len, batch, hidden)
 
+    _check_native_operands(xproj, [h0, c0, *w_hh, *b_hh, *w_hr])
     directions = []
     for d in range(num_dirs):
         directions.append(DirectionForward(
@@ -334,6 +346,32 @@ def _recurrent_weight_grad(d_pre: Tensor, out: Tensor, h0: Optional[Tensor],
 
 
 # --- small helpers --------------------------------------------------------------------------------
+
+def _check_native_operands(xproj: Tensor, others) -> None:
+    """The native call reads every tensor as xproj's dtype on xproj's device: a mismatch would be
+    a wrong result or a crash, so it is an error here (the modules never let one through)."""
+    for t in others:
+        if t is not None and (t.dtype != xproj.dtype or t.device != xproj.device):
+            raise RuntimeError(
+                f"fusedrnn: the weights, states and input of a layer must share one dtype and "
+                f"device; got input projection {xproj.dtype} on {xproj.device} and a tensor of "
+                f"shape {tuple(t.shape)} with {t.dtype} on {t.device}")
+
+
+def _checked_lengths(lengths, input: Tensor, batch_first: bool) -> Tensor:
+    """The kernels trust lengths (params.h): [B] int64 on the input's device, each in [1, T]."""
+    seq_len, batch = (input.shape[1], input.shape[0]) if batch_first else input.shape[:2]
+    lengths = torch.as_tensor(lengths)
+    if lengths.shape != (batch,) or lengths.is_floating_point() or lengths.is_complex():
+        raise ValueError(f"lengths must be an integer tensor of shape ({batch},) (one length per "
+                         f"sequence), got {lengths.dtype} of shape {tuple(lengths.shape)}")
+    if batch > 0:
+        low, high = int(lengths.min()), int(lengths.max())
+        if low < 1 or high > seq_len:
+            raise ValueError(f"lengths must lie in [1, {seq_len}] (the sequence length), got "
+                             f"values from {low} to {high}")
+    return lengths.to(device=input.device, dtype=torch.int64).contiguous()
+
 
 def _compute_dtype(input: Tensor) -> torch.dtype:
     if input.device.type == "cpu" and input.dtype in _UPCAST_ON_CPU:

@@ -131,6 +131,7 @@ class RNNBase(nn.Module):
     def forward(self, input, hx=None):
         is_lstm = self.mode == "LSTM"
         weight = self.weight_ih_l0
+        input, hx = _follow_autocast(input, hx, weight)
         packed = isinstance(input, PackedSequence)
         if packed:
             data, batch_sizes, sorted_indices, unsorted_indices = input
@@ -225,6 +226,25 @@ class RNN(RNNBase):
         mode = "RNN_TANH" if nonlinearity == "tanh" else "RNN_RELU"
         super().__init__(mode, input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, 0, device, dtype)
+
+
+def _follow_autocast(input, hx, weight: Tensor):
+    """Under autocast torch.nn accepts inputs of another float dtype than the parameters; the
+    recurrence then runs in the parameters' dtype (the input and states are cast to it)."""
+    data = input.data if isinstance(input, PackedSequence) else input
+    if not isinstance(data, Tensor) or data.dtype == weight.dtype or not data.is_floating_point():
+        return input, hx
+    if not torch.is_autocast_enabled(data.device.type):
+        return input, hx
+    if isinstance(input, PackedSequence):
+        input = input._replace(data=input.data.to(weight.dtype))
+    else:
+        input = input.to(weight.dtype)
+    if isinstance(hx, Tensor):
+        hx = hx.to(weight.dtype)
+    elif isinstance(hx, (tuple, list)):
+        hx = type(hx)(s.to(weight.dtype) if isinstance(s, Tensor) else s for s in hx)
+    return input, hx
 
 
 def _reject_proj_size(kwargs: dict) -> None:

@@ -1,0 +1,139 @@
+"""fusedrnn.functional.rnn against fusedrnn.reference.rnn (same signature, same semantics):
+lengths in any order (the modules only ever pass sorted ones), the dropout hook, the cell step,
+lengths validation, and autocast through the modules."""
+import pytest
+import torch
+
+import fusedrnn
+from fusedrnn import functional, reference
+
+from _helpers import assert_close, requires_native
+
+pytestmark = requires_native
+
+
+def random_weights(cell, input_size, hidden, layers, directions, proj=0, bias=True):
+    gates = {"lstm": 4, "gru": 3}.get(cell, 1)
+    state = proj or hidden
+    weights = []
+    for layer in range(layers):
+        in_size = input_size if layer == 0 else state * directions
+        for _ in range(directions):
+            w = [torch.randn(gates * hidden, in_size), torch.randn(gates * hidden, state)]
+            w += [torch.randn(gates * hidden), torch.randn(gates * hidden)] if bias else [None, None]
+            w += [torch.randn(proj, hidden)] if proj else [None]
+            weights.append(tuple(t.double().mul_(0.4).requires_grad_() if t is not None else None
+                                 for t in w))
+    return weights
+
+
+@pytest.mark.parametrize("cell, proj", [("lstm", 0), ("lstm", 3), ("gru", 0), ("rnn_tanh", 0),
+                                        ("rnn_relu", 0)])
+@pytest.mark.parametrize("batch_first", [False, True], ids=["tm", "bf"])
+def test_matches_reference_with_unsorted_lengths(cell, proj, batch_first):
+    torch.manual_seed(0)
+    layers, directions, seq_len, batch, hidden = 2, 2, 6, 5, 7
+    weights = random_weights(cell, 4, hidden, layers, directions, proj)
+    shape = (batch, seq_len, 4) if batch_first else (seq_len, batch, 4)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([3, 6, 1, 6, 2])
+    num = layers * directions
+    h0 = torch.randn(num, batch, proj or hidden, dtype=torch.float64, requires_grad=True)
+    c0 = torch.randn(num, batch, hidden, dtype=torch.float64, requires_grad=True)
+    hx = (h0, c0) if cell == "lstm" else h0
+    leaves = [x, h0] + ([c0] if cell == "lstm" else []) + \
+        [w for ws in weights for w in ws if w is not None]
+    options = dict(num_layers=layers, bidirectional=True, batch_first=batch_first, lengths=lengths)
+
+    results = []
+    for impl in (reference.rnn, functional.rnn):
+        out, h_n, c_n = impl(cell, x, weights, hx, **options)
+        flat = [out, h_n] + ([c_n] if c_n is not None else [])
+        loss = sum((r * torch.linspace(-1, 1, r.numel(), dtype=r.dtype).view_as(r)).sum()
+                   for r in flat)
+        results.append((flat, torch.autograd.grad(loss, leaves)))
+    (flat_e, grads_e), (flat_a, grads_a) = results
+    for a, e in zip(flat_a, flat_e):
+        assert_close(a, e, 1e-9, "result")
+    for a, e in zip(grads_a, grads_e):
+        assert_close(a, e, 1e-9, "gradient")
+
+
+def test_dropout_hook_is_called_between_layers_only():
+    weights = random_weights("gru", 4, 5, 3, 1)
+    x = torch.randn(4, 2, 4, dtype=torch.float64)
+    seen = []
+
+    def hook(output):
+        seen.append(tuple(output.shape))
+        return output * 0.5
+
+    out, _, _ = functional.rnn("gru", x, weights, num_layers=3, dropout=0.5, training=True,
+                               dropout_fn=hook)
+    expected, _, _ = reference.rnn("gru", x, weights, num_layers=3, dropout=0.5, training=True,
+                                   dropout_fn=lambda o: o * 0.5)
+    assert seen == [(4, 2, 5), (4, 2, 5)]
+    assert_close(out, expected, 1e-9, "output")
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_relu"])
+def test_cell_step_matches_reference(cell):
+    weights = random_weights(cell, 3, 6, 1, 1)[0]
+    x = torch.randn(4, 3, dtype=torch.float64)
+    h = torch.randn(4, 6, dtype=torch.float64)
+    c = torch.randn(4, 6, dtype=torch.float64)
+    hx = (h, c) if cell == "lstm" else h
+    got = functional.cell_step(cell, x, *weights[:4], hx)
+    w_ih, w_hh, b_ih, b_hh, _ = weights
+    if cell == "lstm":
+        expected = reference.lstm_cell(x, h, c, w_ih, w_hh, b_ih, b_hh)
+        for a, e in zip(got, expected):
+            assert_close(a, e, 1e-9, "lstm cell")
+    elif cell == "gru":
+        assert_close(got, reference.gru_cell(x, h, w_ih, w_hh, b_ih, b_hh), 1e-9, "gru cell")
+    else:
+        assert_close(got, reference.rnn_cell(x, h, w_ih, w_hh, b_ih, b_hh, "relu"), 1e-9, "rnn")
+
+
+@pytest.mark.parametrize("lengths, words", [
+    (torch.tensor([3, 0]), ["[1, 4]", "0"]),
+    (torch.tensor([5, 1]), ["[1, 4]", "5"]),
+    (torch.tensor([3]), ["(2,)"]),
+    (torch.tensor([3.0, 1.0]), ["integer"]),
+])
+def test_bad_lengths(lengths, words):
+    weights = random_weights("gru", 3, 4, 1, 1)
+    with pytest.raises(ValueError) as info:
+        functional.rnn("gru", torch.randn(4, 2, 3, dtype=torch.float64), weights, lengths=lengths)
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_lengths_on_any_device_and_dtype_are_accepted():
+    weights = random_weights("gru", 3, 4, 1, 1)
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    a = functional.rnn("gru", x, weights, lengths=[4, 2])[0]
+    b = functional.rnn("gru", x, weights, lengths=torch.tensor([4, 2], dtype=torch.int32))[0]
+    assert torch.equal(a, b)
+
+
+def test_autocast_runs_in_parameter_dtype():
+    """Under autocast torch.nn accepts an input dtype other than the parameters'; so do we."""
+    torch.manual_seed(0)
+    ours = fusedrnn.LSTM(4, 6, 2)
+    theirs = torch.nn.LSTM(4, 6, 2)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(5, 3, 4, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, (h, c) = ours(x)
+        expected, _ = theirs(x)
+    assert out.dtype == expected.dtype or out.dtype == torch.float32
+    assert_close(out.float(), expected.float(), 2e-2, "autocast output")
+
+
+def test_mismatched_dtypes_raise_instead_of_reaching_native():
+    weights = random_weights("lstm", 3, 4, 1, 1)
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    h0 = torch.randn(1, 2, 4, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="dtype"):
+        functional.rnn("lstm", x, weights, (h0, h0.double()))
