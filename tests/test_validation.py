@@ -39,6 +39,8 @@ CONSTRUCTOR_CASES = [
     ("dropout-negative", "LSTM", (4, 6, 2), dict(dropout=-0.1), ["dropout", "-0.1"]),
     ("dropout-above-one", "GRU", (4, 6, 2), dict(dropout=1.5), ["dropout", "1.5"]),
     ("dropout-bool", "RNN", (4, 6, 2), dict(dropout=True), ["dropout"]),
+    ("dropout-none", "LSTM", (4, 6, 2), dict(dropout=None), ["NoneType"]),
+    ("dropout-string", "GRU", (4, 6, 2), dict(dropout="abc"), ["abc"]),
     ("hidden-zero", "LSTM", (4, 0), {}, ["hidden_size", "0"]),
     ("hidden-negative", "GRU", (4, -3), {}, ["hidden_size", "-3"]),
     ("hidden-float", "RNN", (4, 2.0), {}, ["hidden_size", "float"]),

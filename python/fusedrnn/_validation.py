@@ -34,6 +34,7 @@ class NegativeSizeError(ValueError, RuntimeError):
 def check_rnn_arguments(mode: str, input_size, hidden_size, num_layers, bias, batch_first,
                         dropout, bidirectional, proj_size) -> None:
     """The checks of torch.nn.RNNBase.__init__, in the same order, with the same classes."""
+    float(dropout)  # torch.nn converts first: TypeError for None, ValueError for "abc"
     if (not isinstance(dropout, numbers.Number) or isinstance(dropout, bool)
             or not 0 <= dropout <= 1):
         raise ValueError(
