@@ -6,6 +6,9 @@
 // Both expose what python/fusedrnn/_backend.py calls: FwdParams, BwdParams, forward, backward,
 // forward_workspace_bytes, backward_workspace_bytes; plus test knobs _set_launch_options and
 // _launch_plan.
+// First: with the emulator it defines __host__/__device__, which the core headers use.
+#include "launch_compat.h"
+
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
