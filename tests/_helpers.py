@@ -67,6 +67,7 @@ class Case:
     hidden: int = 7
     input_size: int = 4
     dtype: torch.dtype = torch.float64
+    device: str = "cpu"
 
     @property
     def id(self) -> str:
@@ -78,6 +79,7 @@ class Case:
         parts += ["hx"] if self.hx else []
         parts += [f"T{self.seq_len}", f"B{self.batch}", f"H{self.hidden}"]
         parts += ["fp64" if self.dtype == torch.float64 else "fp32"]
+        parts += [] if self.device == "cpu" else [self.device]
         return "-".join(parts)
 
     @property
@@ -101,7 +103,7 @@ def make_modules(case: Case, seed: int = 0):
     ours = pair[1](case.input_size, case.hidden, **kwargs)
     theirs = pair[0](case.input_size, case.hidden, **kwargs)
     theirs.load_state_dict(ours.state_dict())
-    return theirs, ours
+    return theirs.to(case.device), ours.to(case.device)
 
 
 def make_lengths(case: Case, generator: torch.Generator) -> torch.Tensor:
@@ -123,7 +125,7 @@ class Inputs:
 def make_inputs(case: Case, seed: int = 1) -> Inputs:
     g = torch.Generator().manual_seed(seed)
     shape = ((case.batch, case.seq_len) if case.batch_first else (case.seq_len, case.batch))
-    x = torch.randn(*shape, case.input_size, generator=g, dtype=case.dtype)
+    x = torch.randn(*shape, case.input_size, generator=g, dtype=case.dtype).to(case.device)
     if case.packing == "padded":
         leaf = x.requires_grad_()
         inp = leaf
@@ -137,12 +139,13 @@ def make_inputs(case: Case, seed: int = 1) -> Inputs:
     if case.hx:
         num = case.layers * (2 if case.bidirectional else 1)
         state = case.proj_size or case.hidden
-        h = torch.randn(num, case.batch, state, generator=g, dtype=case.dtype).requires_grad_()
+        h = torch.randn(num, case.batch, state, generator=g, dtype=case.dtype)
+        h = h.to(case.device).requires_grad_()
         leaves = (h,)
         hx = h
         if case.cell.startswith("lstm"):
-            c = torch.randn(num, case.batch, case.hidden, generator=g,
-                            dtype=case.dtype).requires_grad_()
+            c = torch.randn(num, case.batch, case.hidden, generator=g, dtype=case.dtype)
+            c = c.to(case.device).requires_grad_()
             leaves, hx = (h, c), (h, c)
     return Inputs(inp, leaf, hx, leaves)
 
@@ -162,7 +165,8 @@ def run_module(module, inputs: Inputs, seed: int = 2):
     output, state = module(inputs.input, inputs.hx)
     results = flat_results(output, state)
     g = torch.Generator().manual_seed(seed)
-    loss = sum((r * torch.randn(r.shape, generator=g, dtype=r.dtype)).sum() for r in results)
+    loss = sum((r * torch.randn(r.shape, generator=g, dtype=r.dtype).to(r.device)).sum()
+               for r in results)
     loss.backward()
     grads = {"input": inputs.leaf.grad}
     for i, leaf in enumerate(inputs.hx_leaves):

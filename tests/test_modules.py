@@ -433,3 +433,47 @@ def test_modules_through_emulator(cell, monkeypatch):
         compare_with_torch(Case(cell=cell, layers=2, bidirectional=True, packing=packing,
                                 hx=True, seq_len=3, batch=2, hidden=5, input_size=3,
                                 dtype=torch.float32))
+
+
+# --- CUDA (runs where a GPU and fusedrnn._cuda are present) ---------------------------------------
+
+CUDA_CASES = [
+    Case(cell="lstm", layers=2, bidirectional=True, hx=True, seq_len=7, batch=9, hidden=13,
+         dtype=torch.float32, device="cuda"),
+    Case(cell="lstm_proj", layers=2, bidirectional=True, packing="packed_unsorted", hx=True,
+         seq_len=7, batch=9, hidden=13, dtype=torch.float32, device="cuda"),
+    Case(cell="gru", layers=3, batch_first=True, packing="packed_sorted", seq_len=7, batch=5,
+         hidden=13, dtype=torch.float64, device="cuda"),
+    Case(cell="rnn_relu", layers=1, bidirectional=True, bias=False, seq_len=1, batch=1,
+         hidden=5, dtype=torch.float32, device="cuda"),
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", CUDA_CASES, ids=[c.id for c in CUDA_CASES])
+def test_matches_torch_on_cuda(case):
+    from fusedrnn import _backend
+    if not _backend.HAS_CUDA:
+        pytest.skip("needs a CUDA GPU and fusedrnn._cuda")
+    compare_with_torch(case)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_low_precision_on_cuda(dtype):
+    """On the GPU fp16/bf16 run natively; error against fp64 at most 2x torch.nn's (cuDNN's)."""
+    from fusedrnn import _backend
+    if not _backend.HAS_CUDA:
+        pytest.skip("needs a CUDA GPU and fusedrnn._cuda")
+    from _helpers import rel_err
+    case = Case(cell="lstm", layers=2, bidirectional=True, seq_len=9, batch=8, hidden=64,
+                input_size=32, dtype=torch.float64, device="cuda")
+    exact, ours = make_modules(case)
+    theirs = make_modules(case)[0].to(dtype)
+    ours = ours.to(dtype)
+    x = torch.randn(9, 8, 32, device="cuda", dtype=torch.float64)
+    reference, _ = exact(x)
+    out, _ = ours(x.to(dtype))
+    assert out.dtype == dtype
+    torch_out, _ = theirs(x.to(dtype))
+    assert rel_err(out, reference) <= max(2 * rel_err(torch_out, reference), 1e-3)
