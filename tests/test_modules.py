@@ -477,3 +477,12 @@ def test_low_precision_on_cuda(dtype):
     assert out.dtype == dtype
     torch_out, _ = theirs(x.to(dtype))
     assert rel_err(out, reference) <= max(2 * rel_err(torch_out, reference), 1e-3)
+
+
+@pytest.mark.parametrize("name", ["LSTMCell", "GRUCell", "RNNCell"])
+def test_zero_hidden_cell_like_torch(name):
+    """torch.nn's cells accept hidden_size=0 (empty states); so do ours, without a native call."""
+    x = torch.randn(3, 4)
+    ours, theirs = getattr(fusedrnn, name)(4, 0)(x), getattr(nn, name)(4, 0)(x)
+    ours, theirs = (o if isinstance(o, tuple) else (o,) for o in (ours, theirs))
+    assert [t.shape for t in ours] == [t.shape for t in theirs]

@@ -161,11 +161,12 @@ def _empty_layer(cell: str, x: Tensor, layer_weights, num_directions: int):
     w_hh = layer_weights[0][1]
     hidden = w_hh.size(0) // GATE_COUNT[cell]
     state = w_hh.size(1)
+    seq_len, batch = x.shape[0], x.shape[1]
     # Keep the autograd graph connected to the weights, as a real run would.
     zero = sum(w.sum() * 0 for ws in layer_weights for w in ws if w is not None)
-    out = x.new_zeros(x.size(0), 0, num_directions * state) + zero
-    hn = x.new_zeros(num_directions, 0, state) + zero
-    cn = x.new_zeros(num_directions, 0, hidden) + zero if cell == "lstm" else None
+    out = x.new_zeros(seq_len, batch, num_directions * state) + zero
+    hn = x.new_zeros(num_directions, batch, state) + zero
+    cn = x.new_zeros(num_directions, batch, hidden) + zero if cell == "lstm" else None
     return out, hn, cn
 
 
