@@ -12,6 +12,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <stdexcept>
 #include <vector>
 
 #include "fusedrnn/params.h"
@@ -87,17 +88,23 @@ PYBIND11_MODULE(FUSEDRNN_MODULE_NAME, m) {
 
   m.def(
       "_set_launch_options",
-      [](bool force_streaming, int max_blocks_per_direction) {
+      [](bool force_streaming, int max_blocks_per_direction, int max_batch_chunk) {
+        if (max_blocks_per_direction < 0 || max_batch_chunk < 0) {
+          throw std::invalid_argument("fusedrnn: launch option caps must be >= 0 (0 = no cap)");
+        }
         cu::launch_options().force_streaming = force_streaming;
         cu::launch_options().max_blocks_per_dir = max_blocks_per_direction;
+        cu::launch_options().max_batch_chunk = max_batch_chunk;
       },
       py::arg("force_streaming") = false, py::arg("max_blocks_per_direction") = 0,
-      "Test knob: stream the weights instead of keeping them in shared memory, and cap the blocks "
-      "per direction (0 = no cap beyond the device's).");
+      py::arg("max_batch_chunk") = 0,
+      "Test knob: stream the weights instead of keeping them in shared memory, cap the blocks per "
+      "direction and the batch rows per product pass (0 = no cap beyond the device's).");
   m.def("_launch_options", []() {
     py::dict d;
     d["force_streaming"] = cu::launch_options().force_streaming;
     d["max_blocks_per_direction"] = cu::launch_options().max_blocks_per_dir;
+    d["max_batch_chunk"] = cu::launch_options().max_batch_chunk;
     return d;
   });
   m.def(

@@ -126,6 +126,7 @@ void launch_persistent(const std::vector<Params>& dirs, bool backward, Kernel* s
   in.max_smem_per_block = limits.max_smem_per_block;
   in.force_streaming = launch_options().force_streaming;
   in.max_blocks_per_dir = launch_options().max_blocks_per_dir;
+  in.max_batch_chunk = launch_options().max_batch_chunk;
   const RecurrenceGeometry geo = plan_recurrence(in, [&](bool smem, int64_t bytes) {
     int blocks = 0;
     FUSEDRNN_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(

@@ -29,9 +29,11 @@ struct PlanInput {
   int sm_count = 1;
   int64_t max_smem_per_block = 48 * 1024;  // dynamic, opt-in maximum
   int threads = kThreadsPerBlock;
-  // Test and tuning knobs: never keep weights in shared memory; cap blocks per direction (0: none).
+  // Test and tuning knobs: never keep weights in shared memory; cap blocks per direction and batch
+  // rows per product pass (0: no cap).
   bool force_streaming = false;
   int max_blocks_per_dir = 0;
+  int max_batch_chunk = 0;
 };
 
 // blocks_per_sm(weights_in_smem, smem_bytes): co-resident blocks per SM for that kernel variant.
@@ -82,7 +84,7 @@ inline int64_t layout_smem(const PlanInput& in, int64_t bc, RecurrenceGeometry& 
 // The largest batch chunk whose layout fits `budget` bytes (0 if not even one row fits).
 inline int64_t fit_batch_chunk(const PlanInput& in, int64_t budget, RecurrenceGeometry& g) {
   int64_t lo = 0;
-  int64_t hi = in.batch;
+  int64_t hi = in.max_batch_chunk > 0 ? std::min<int64_t>(in.batch, in.max_batch_chunk) : in.batch;
   while (lo < hi) {  // bytes grow with bc: binary search for the last bc that fits
     const int64_t mid = (lo + hi + 1) / 2;
     if (layout_smem(in, mid, g) <= budget) lo = mid;
