@@ -203,7 +203,7 @@ bench() {
     plot=(--plot "$OUT/bench.png")
   fi
   # From OUT, so an installed package is what runs (PYTHONPATH still points at python/ in cmake mode).
-  (cd "$OUT" && "$PYTHON" -m fusedrnn.bench --device cuda --preset "$PRESET" --quiet \
+  (cd "$OUT" && "$PYTHON" -m fusedrnn.bench --device cuda --preset "$PRESET" \
     --json "$OUT/bench.json" --markdown "$OUT/bench.md" "${plot[@]}")
 }
 export -f bench

@@ -116,7 +116,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(flush=True)
 
     progress = Progress(sum(len(c.modes) for c in configs), enabled=not args.quiet)
-    outcome = harness.run(configs, impl_names, device, plan, progress, check=not args.no_check)
+
+    def save_partial(partial):  # a long run that is stopped still leaves what it measured
+        if args.json:
+            report.write_json(args.json, report.payload(info, dict(settings, partial=True), partial))
+
+    outcome = harness.run(configs, impl_names, device, plan, progress, check=not args.no_check,
+                          on_cell=save_partial)
     outcome.notes[:0] = notes
 
     print(report.format_table(outcome.results))

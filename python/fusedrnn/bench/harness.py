@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -54,7 +54,9 @@ def _expected(cfg, mode, module, sets, device, dtype):
 
 
 def run(configs: Sequence[BenchConfig], impl_names: Sequence[str], device: torch.device,
-        plan: Plan, progress: Optional[Progress] = None, check: bool = True) -> Outcome:
+        plan: Plan, progress: Optional[Progress] = None, check: bool = True,
+        on_cell: Optional[Callable[[Outcome], None]] = None) -> Outcome:
+    """on_cell(outcome) runs after every (configuration, mode), e.g. to save partial results."""
     outcome = Outcome()
     impls = _resolve_impls(impl_names, device, outcome)
     progress = progress or Progress(sum(len(c.modes) for c in configs), enabled=False)
@@ -105,7 +107,9 @@ def run(configs: Sequence[BenchConfig], impl_names: Sequence[str], device: torch
                         _fill_timing(rows[name], Stats.of(r.samples), cfg, mode, lengths)
             _fill_speedups(rows)
             outcome.results.extend(rows.values())
-            progress.end_cell()
+            progress.end_cell(cell_summary(rows))
+            if on_cell is not None:
+                on_cell(outcome)
         del built, torch_module
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -158,6 +162,18 @@ def _fill_speedups(rows: Dict[str, dict]) -> None:
     for row in rows.values():
         if base and row["median_ms"]:
             row["speedup_vs_torch"] = base / row["median_ms"]
+
+
+def cell_summary(rows: Dict[str, dict]) -> str:
+    """One line per finished cell for logs: each implementation's median and speed-up."""
+    parts = []
+    for name, row in rows.items():
+        if row["median_ms"] is None:
+            parts.append(f"{name} failed" if row["error"] else f"{name} -")
+            continue
+        speed = f" ({row['speedup_vs_torch']:.2f}x)" if name != "torch" and row["speedup_vs_torch"] else ""
+        parts.append(f"{name} {row['median_ms']:.3g} ms{speed}")
+    return ", ".join(parts)
 
 
 def geometric_mean(values: Sequence[float]) -> Optional[float]:

@@ -41,14 +41,16 @@ class Progress:
         self.stream.write("\r\033[K" + self._line(fraction)[:160])
         self.stream.flush()
 
-    def end_cell(self) -> None:
+    def end_cell(self, summary: str = "") -> None:
+        """summary: the finished cell's results, shown in the one-line-per-cell (non-terminal) form."""
         self.done += 1
         if not self.enabled:
             return
         if self.tty:
             self.update(0.0)
         else:
-            self.stream.write(self._line(min(1.0, self.done / self.total)) + "\n")
+            line = self._line(min(1.0, self.done / self.total))
+            self.stream.write(line + (f": {summary}" if summary else "") + "\n")
             self.stream.flush()
 
     def close(self) -> None:

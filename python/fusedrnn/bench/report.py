@@ -9,6 +9,7 @@ from .harness import Outcome, geometric_mean
 from .machine import header_lines
 
 COLUMNS = ("config", "mode", "impl", "median ms", "IQR ms", "min ms", "GFLOP/s", "vs torch", "max rel err")
+NOISY_IQR = 0.25   # an IQR above this fraction of the median says the machine was not quiet
 MODE_SHORT = {"inference": "inf", "training": "train"}
 
 
@@ -94,6 +95,11 @@ def summary_lines(outcome: Outcome) -> List[str]:
     for r in bad:
         why = r.get("error") or f"max rel err {r.get('max_rel_err')} at {r.get('max_rel_err_at')}"
         lines.append(f"WRONG OR FAILED: fusedrnn {r['config']['name']} {r['mode']}: {why}")
+    timed = [r for r in outcome.results if r.get("median_ms")]
+    noisy = [r for r in timed if r["iqr_ms"] > NOISY_IQR * r["median_ms"]]
+    if noisy:
+        lines.append(f"noise: {len(noisy)} of {len(timed)} rows have an IQR above {NOISY_IQR:.0%} of their median "
+                     f"(a busy machine?); compare min ms, or rerun with a larger --budget")
     for note in outcome.notes:
         lines.append(f"note: {note}")
     if outcome.skipped:

@@ -73,7 +73,7 @@ class Plan:
     warmup: int = 2              # calls per implementation before timing (first-call packing, caches)
     repeats: Optional[int] = None  # fixed number of timed calls; None = from the time budget
     budget_s: float = 2.0        # timed seconds per cell, shared by all implementations
-    min_repeats: int = 5
+    min_repeats: int = 3
     max_repeats: int = 100
     input_sets: int = 3
 
@@ -118,6 +118,8 @@ def measure(runners: List[Runner], clock, plan: Plan,
                 live.remove(r)
             else:
                 last_ms[r.name] = t
+        if sum(last_ms.values()) > plan.budget_s * 1e3 / 2:
+            break  # calls this long are warm after one; more warm-up would only cost time
     if not live:
         return {r.name: r for r in runners}
     if not last_ms:  # no warm-up asked for: one untimed-by-plan probe round sets the budget
