@@ -132,6 +132,12 @@ struct WaitSite {
 
 enum class BarrierKind : uint8_t { kSync, kSyncCount, kSyncAnd, kSyncOr, kGrid };
 
+constexpr std::align_val_t kSmemAlignment{128};
+struct AlignedBytesDelete {
+  void operator()(std::byte* p) const { ::operator delete[](p, kSmemAlignment); }
+};
+using AlignedBytes = std::unique_ptr<std::byte, AlignedBytesDelete>;
+
 struct BlockState {
   std::mutex mu;
   std::condition_variable barrier_cv;
@@ -151,7 +157,7 @@ struct BlockState {
   int bar_true_count = 0;
   int bar_result = 0;
   // dynamic shared memory of this block (poisoned with 0xFF bytes, i.e. NaN floats)
-  std::unique_ptr<std::byte[]> dynamic_smem;
+  AlignedBytes dynamic_smem;
   size_t dynamic_smem_bytes = 0;
   // sequential (non-cooperative) launches reuse one BlockState for every block
   uint64_t epoch = 0;
@@ -232,29 +238,41 @@ inline ThreadContext& context_or_fault(const char* what) {
   return t;
 }
 
-// Lists where every waiting thread of a block waits. Caller holds block.mu.
+// Lists where the waiting threads of a block wait, consecutive threads at the same place in one
+// line ("threads 16-31: __syncthreads() at k.cu:40"). Caller holds block.mu.
 inline std::string describe_block_waits(const BlockState& b, const Launch& l) {
+  (void)l;
+  auto same = [](const WaitSite& x, const WaitSite& y) {
+    return x.what == y.what && x.line == y.line && x.mask == y.mask &&
+           (x.file == y.file || std::strcmp(x.file, y.file) == 0);
+  };
   std::string out;
-  int listed = 0;
-  for (int tid = 0; tid < b.nthreads; ++tid) {
+  int groups = 0;
+  for (int tid = 0; tid < b.nthreads;) {
     const WaitSite& w = b.waits[tid];
-    if (w.what == nullptr) continue;
-    if (listed++ == 16) {
-      out += "\n    ...";
-      break;
-    }
-    const unsigned x = tid % l.block.x, y = (tid / l.block.x) % l.block.y,
-                   z = tid / (l.block.x * l.block.y);
-    char buf[96];
-    std::snprintf(buf, sizeof(buf), "\n    thread (%u,%u,%u) [warp %d lane %d]: ", x, y, z, tid / 32,
-                  tid % 32);
-    out += buf;
-    out += describe_site(w.what, w.file, w.line);
-    if (w.mask != 0) {
-      std::snprintf(buf, sizeof(buf), " mask 0x%08x", w.mask);
+    int last = tid;
+    while (last + 1 < b.nthreads && same(b.waits[last + 1], w)) ++last;
+    if (w.what != nullptr) {
+      if (groups++ == 24) {
+        out += "\n    ...";
+        break;
+      }
+      char buf[96];
+      if (last == tid) {
+        std::snprintf(buf, sizeof(buf), "\n    thread %d (warp %d lane %d): ", tid, tid / 32, tid % 32);
+      } else {
+        std::snprintf(buf, sizeof(buf), "\n    threads %d-%d: ", tid, last);
+      }
       out += buf;
+      out += describe_site(w.what, w.file, w.line);
+      if (w.mask != 0) {
+        std::snprintf(buf, sizeof(buf), " mask 0x%08x", w.mask);
+        out += buf;
+      }
     }
+    tid = last + 1;
   }
+  out += "\n    (thread numbers are linear ids in the block: x + y*blockDim.x + z*blockDim.x*blockDim.y)";
   return out;
 }
 
@@ -308,7 +326,7 @@ inline void wake_all(Launch& l) {
 inline void grid_arrive(Launch& l, const char* file, unsigned line) {
   std::unique_lock<std::mutex> lock(l.grid_mu);
   if (l.grid_blocks_exited > 0) {
-    fault("grid.sync() at " + describe_site("grid.sync()", file, line) + " after " +
+    fault(describe_site("grid.sync()", file, line) + " reached after " +
           std::to_string(l.grid_blocks_exited) +
           " block(s) of the grid already exited: it can never complete");
   }
@@ -336,8 +354,9 @@ inline int block_barrier(BarrierKind kind, int predicate, const char* what,
   std::unique_lock<std::mutex> lock(b.mu);
   if (l.faulted.load()) throw KernelFault{};
   if (kind == BarrierKind::kGrid && !l.cooperative) {
-    fault("grid.sync() at " + describe_site(what, loc.file_name(), loc.line()) +
-          " in a launch that is not cooperative (use launch_cooperative_kernel)");
+    fault(describe_site(what, loc.file_name(), loc.line()) +
+          " in a launch that is not cooperative (launch with cudaLaunchCooperativeKernel or "
+          "emu::launch_cooperative)");
   }
   if (b.exited > 0) {
     fault(describe_site(what, loc.file_name(), loc.line()) + " reached after " +
@@ -441,7 +460,9 @@ inline void warp_exchange(WarpOp op, int param, uint32_t mask, const uint32_t* w
     slot->op = op;
     slot->param = param;
   }
-  std::memcpy(slot->words[t.lane], words, sizeof(uint32_t) * static_cast<size_t>(nwords));
+  if (nwords > 0) {
+    std::memcpy(slot->words[t.lane], words, sizeof(uint32_t) * static_cast<size_t>(nwords));
+  }
   slot->arrived |= bit;
   ++slot->readers_left;
   if (slot->arrived == slot->required) {
@@ -528,7 +549,8 @@ inline std::unique_ptr<BlockState> make_block(const Launch& l) {
   b->warps = std::vector<WarpState>(static_cast<size_t>((l.threads_per_block + 31) / 32));
   b->waits.resize(static_cast<size_t>(l.threads_per_block));
   b->dynamic_smem_bytes = l.dynamic_smem_bytes;
-  b->dynamic_smem.reset(new (std::align_val_t(128)) std::byte[l.dynamic_smem_bytes]);
+  b->dynamic_smem.reset(
+      static_cast<std::byte*>(::operator new[](l.dynamic_smem_bytes, kSmemAlignment)));
   reset_block(*b, l);
   return b;
 }
