@@ -33,3 +33,6 @@ add_executable(emu_recurrence_smoke ${_fusedrnn_cuda_dir}/tests/emu_recurrence_s
 target_link_libraries(emu_recurrence_smoke PRIVATE fusedrnn_emu_kernels)
 set_target_properties(emu_recurrence_smoke PROPERTIES ENABLE_EXPORTS ON)
 add_test(NAME emu_recurrence_smoke COMMAND emu_recurrence_smoke)
+if(TARGET emu_tests)  # csrc/emu/run_sanitizers.sh builds emu_tests and runs CTest here
+  add_dependencies(emu_tests emu_recurrence_smoke)
+endif()
