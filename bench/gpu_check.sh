@@ -15,7 +15,8 @@
 #                       cmake: developer build into python/fusedrnn, run with PYTHONPATH=python
 #   GPU_CHECK_ARCH      compute capability digits, e.g. 90 (default: detected)
 #   GPU_CHECK_COMMIT    commit to record when the tree is not a git checkout
-#   GPU_CHECK_PYTEST    pytest selection (default: "-m cuda")
+#   GPU_CHECK_PYTEST    pytest selection (default: "-k cuda": tests marked cuda, whose marker is a
+#                       keyword, and the tests parametrized over the 'cuda' backend)
 #   GPU_CHECK_PRESET    benchmark preset (default: gpu, which holds the anchor LSTM B=16 T=1024
 #                       H=768 in fp16 and bf16)
 #   GPU_CHECK_SKIP      space-separated steps to skip: build tests memcheck racecheck synccheck bench
@@ -33,7 +34,7 @@ cd "$REPO" || exit 2
 PYTHON=${PYTHON:-python3}
 BUILD_MODE=${GPU_CHECK_BUILD:-pip}
 PRESET=${GPU_CHECK_PRESET:-gpu}
-read -r -a PYTEST_SELECTION <<< "${GPU_CHECK_PYTEST:--m cuda}"
+read -r -a PYTEST_SELECTION <<< "${GPU_CHECK_PYTEST:--k cuda}"
 SKIP=" ${GPU_CHECK_SKIP:-} "
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INDEX=1 PYTHONUNBUFFERED=1
 

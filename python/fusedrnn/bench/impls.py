@@ -202,6 +202,7 @@ class FlashRnnImpl(Impl):
         function, gates, states = self.FUNCTIONS[cfg.cell]
         p = next(reference_module.parameters())
         H = cfg.hidden
+        kernel_dtype = str(p.dtype).replace("torch.", "")
         w_ih = nn.Parameter(reference_module.weight_ih_l0.detach().clone())
         R = nn.Parameter(torch.randn(gates, 1, H, H, device=p.device, dtype=p.dtype) / H ** 0.5)
         b = nn.Parameter(torch.zeros(gates, 1, H, device=p.device, dtype=p.dtype))
@@ -211,8 +212,10 @@ class FlashRnnImpl(Impl):
             wx = torch.nn.functional.linear(x, w_ih).view(T, B, gates, 1, H).transpose(0, 1)
             h0 = state[0] if isinstance(state, tuple) else state
             s0 = h0.view(1, B, 1, 1, H).expand(states, B, 1, 1, H).contiguous()
-            seq, last = flashrnn(wx, R, b, states=s0, function=function, backend="cuda_fused")
-            out = seq[0].reshape(B, T, H).transpose(0, 1)
+            seq, last = flashrnn(wx, R, b, states=s0, function=function, backend="cuda_fused",
+                                 dtype=kernel_dtype)
+            # [S, B, T(+1 with the initial state), 1, H] -> the last T steps of h, time-major.
+            out = seq[0][:, -T:].reshape(B, T, H).transpose(0, 1)
             h_n = last[0].reshape(1, B, H)
             return out, ((h_n, last[1].reshape(1, B, H)) if states == 2 else h_n)
 
