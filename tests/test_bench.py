@@ -224,3 +224,30 @@ def test_real_fusedrnn_modules_within_tolerance(tmp_path, capsys, tiny_presets):
         assert r["error"] is None, r["error"]
         assert r["max_rel_err"] < 1e-3, r
     assert code == 0
+
+
+def test_timing_rounds_interleave_and_survive_a_failing_implementation():
+    from fusedrnn.bench.timing import CpuClock, Plan, Runner, measure
+
+    order = []
+
+    def call_of(name, fail_at=None):
+        def call(i):
+            order.append((name, i))
+            if fail_at is not None and len(order) >= fail_at:
+                raise RuntimeError("boom")
+        return call
+
+    good = Runner("good", prepare=lambda i: None, call=call_of("good"))
+    plan = Plan(warmup=1, repeats=None, budget_s=0.0, min_repeats=4, max_repeats=50, input_sets=2)
+    measured = measure([good, Runner("other", lambda i: None, call_of("other"))], CpuClock(), plan)
+    assert len(measured["good"].samples) == 4 and len(measured["other"].samples) == 4  # budget 0: min rounds
+    timed = order[2:]
+    assert timed[0][0] != timed[2][0]  # the order rotates between rounds
+    assert [i for n, i in timed if n == "good"] == [0, 1, 0, 1]  # input sets cycle
+
+    order.clear()
+    flaky = Runner("flaky", lambda i: None, call_of("flaky", fail_at=4))
+    steady = Runner("steady", lambda i: None, call_of("steady"))
+    measured = measure([flaky, steady], CpuClock(), Plan(warmup=0, repeats=5, input_sets=1))
+    assert "boom" in measured["flaky"].error and len(measured["steady"].samples) == 5

@@ -77,11 +77,18 @@ class Plan:
     max_repeats: int = 100
     input_sets: int = 3
 
-    def repeats_for(self, per_round_ms: float) -> int:
+    def done(self, rounds: int, elapsed_s: float) -> bool:
+        """Rounds run until the budget is spent (between min and max rounds), or `repeats` exactly.
+        Decided as the rounds go, not from the warm-up, so one slow warm-up call cannot cut a cell
+        short on a busy machine."""
         if self.repeats is not None:
-            return max(1, self.repeats)
-        fit = int(self.budget_s * 1e3 / max(per_round_ms, 1e-3))
-        return max(self.min_repeats, min(self.max_repeats, fit))
+            return rounds >= self.repeats
+        return rounds >= self.max_repeats or (rounds >= self.min_repeats and elapsed_s >= self.budget_s)
+
+    def fraction(self, rounds: int, elapsed_s: float) -> float:
+        if self.repeats is not None:
+            return rounds / self.repeats
+        return min(1.0, max(rounds / self.max_repeats, min(elapsed_s / self.budget_s, rounds / self.min_repeats)))
 
 
 @dataclass
@@ -105,7 +112,8 @@ def _attempt(runner: Runner, clock, index: int) -> Optional[float]:
 
 def measure(runners: List[Runner], clock, plan: Plan,
             tick: Optional[Callable[[float], None]] = None) -> Dict[str, Runner]:
-    """Warm-up, then interleaved timed rounds; returns runners by name with their samples.
+    """Warm-up, then interleaved timed rounds (Plan.done says when to stop); returns runners by
+    name with their samples.
 
     tick(fraction_done) reports progress within the cell.
     """
@@ -122,19 +130,13 @@ def measure(runners: List[Runner], clock, plan: Plan,
             break  # calls this long are warm after one; more warm-up would only cost time
     if not live:
         return {r.name: r for r in runners}
-    if not last_ms:  # no warm-up asked for: one untimed-by-plan probe round sets the budget
-        for r in list(live):
-            t = _attempt(r, clock, 0)
-            if t is None:
-                live.remove(r)
-            else:
-                last_ms[r.name] = t
-    repeats = plan.repeats_for(sum(last_ms.get(r.name, 0.0) for r in live))
     was_enabled = gc.isenabled()
     gc.collect()
     gc.disable()  # a collection inside one call would charge one implementation for all
+    start = time.perf_counter()
+    rep = 0
     try:
-        for rep in range(repeats):
+        while True:
             shift = rep % max(1, len(live))
             for r in live[shift:] + live[:shift]:
                 if r.error is not None:
@@ -142,8 +144,12 @@ def measure(runners: List[Runner], clock, plan: Plan,
                 t = _attempt(r, clock, rep % plan.input_sets)
                 if t is not None:
                     r.samples.append(t)
+            rep += 1
+            elapsed = time.perf_counter() - start
+            if plan.done(rep, elapsed) or all(r.error is not None for r in live):
+                break
             if tick is not None:
-                tick((rep + 1) / repeats)
+                tick(plan.fraction(rep, elapsed))
     finally:
         if was_enabled:
             gc.enable()
