@@ -486,3 +486,15 @@ def test_zero_hidden_cell_like_torch(name):
     ours, theirs = getattr(fusedrnn, name)(4, 0)(x), getattr(nn, name)(4, 0)(x)
     ours, theirs = (o if isinstance(o, tuple) else (o,) for o in (ours, theirs))
     assert [t.shape for t in ours] == [t.shape for t in theirs]
+
+
+def test_grid_covers_every_triple_of_feature_values():
+    """The covering design behind test_matches_torch really is 3-wise, in each dtype."""
+    import itertools
+    for dtype in (torch.float64, torch.float32):
+        rows = [c for c in grid() if c.dtype == dtype]
+        names = list(FACTORS)
+        for a, b, c in itertools.combinations(names, 3):
+            seen = {(getattr(r, a), getattr(r, b), getattr(r, c)) for r in rows}
+            for values in itertools.product(FACTORS[a], FACTORS[b], FACTORS[c]):
+                assert values in seen, f"{a, b, c} = {values} never tested in {dtype}"
