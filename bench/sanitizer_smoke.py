@@ -65,7 +65,7 @@ def run_case(name, cell, dtype, T, B, I, H, extra, packed) -> float:
     out_gpu, state_gpu = module(inp_gpu)
     out_cpu, state_cpu = ref(inp_cpu)
     outs_gpu, outs_cpu = flatten(out_gpu, state_gpu), flatten(out_cpu, state_cpu)
-    grads = [torch.randn(o.shape, generator=g, dtype=torch.float64) for o in outs_cpu]
+    grads = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(dtype).double() for o in outs_cpu]
     torch.autograd.backward(outs_gpu, [gr.to("cuda", dtype) for gr in grads])
     torch.autograd.backward(outs_cpu, grads)
     torch.cuda.synchronize()
