@@ -498,3 +498,18 @@ def test_grid_covers_every_triple_of_feature_values():
             seen = {(getattr(r, a), getattr(r, b), getattr(r, c)) for r in rows}
             for values in itertools.product(FACTORS[a], FACTORS[b], FACTORS[c]):
                 assert values in seen, f"{a, b, c} = {values} never tested in {dtype}"
+
+
+@requires_native
+def test_torch_compile_runs_the_layer_eagerly():
+    """Under torch.compile the native layer is a clean graph break: same results and gradients."""
+    case = Case(cell="gru", layers=2, bidirectional=True)
+    _, ours = make_modules(case)
+    x = make_inputs(case).leaf
+    expected = ours(x)[0]
+    (expected_grad,) = torch.autograd.grad(expected.sum(), x)
+    compiled = torch.compile(ours, backend="eager")
+    actual = compiled(x)[0]
+    (actual_grad,) = torch.autograd.grad(actual.sum(), x)
+    assert_close(actual, expected, 0, "compiled output")
+    assert_close(actual_grad, expected_grad, 0, "compiled gradient")

@@ -127,6 +127,9 @@ class _LayerSpec:
         return w_hh, b_hh, w_hr
 
 
+# torch.compile cannot trace a native call that takes data pointers: it runs the layer eagerly
+# (a clean graph break) and compiles what is around it.
+@torch.compiler.disable
 def _layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor], c0: Optional[Tensor],
            lengths: Optional[Tensor]):
     """x [T, B, I] -> (out [T, B, D*P], h_n [D, B, P], c_n [D, B, H] or None)."""
