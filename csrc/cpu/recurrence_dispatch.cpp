@@ -2,6 +2,7 @@
 // direction and runs the directions on teams of the persistent thread pool.
 #include "recurrence.h"
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
@@ -73,6 +74,10 @@ IsaOps ops() {
   return FUSEDRNN_ISA_OPS(generic);
 }
 
+// Calls that run without per-step barriers after a stalled one.
+constexpr int kStallBackoffCalls = 32;
+std::atomic<int> g_stall_backoff{0};
+
 // Below this many multiply-adds per step and direction, a second thread costs more in barrier
 // time than it saves (a step is then well under a microsecond).
 constexpr int64_t kMinMacsPerStepForThreads = 48 * 1024;
@@ -128,32 +133,43 @@ void run_directions(const std::vector<Params>& dirs, BytesFn bytes_of, ThreadsFn
   int threads = static_cast<int>(want < available_cpus() ? want : available_cpus());
   const int forced = forced_threads();
   if (forced > 0) threads = 2 * forced;
+  // After a call whose barriers stalled (a team member lost its core: the machine is
+  // oversubscribed), run the next calls without per-step barriers: one thread per direction.
+  const bool backing_off = forced == 0 && g_stall_backoff.load(std::memory_order_relaxed) > 0;
+  if (backing_off) g_stall_backoff.fetch_sub(1, std::memory_order_relaxed);
   auto useful = [&](const Params& p, int budget) {
     if (forced > 0) return forced;
-    if (macs_per_step(p) < kMinMacsPerStepForThreads) return 1;
+    if (backing_off || macs_per_step(p) < kMinMacsPerStepForThreads) return 1;
     const int most = threads_of(p);
     return budget < most ? budget : most;
   };
 
-  if (local.size() == 1 || (threads < 2 && forced == 0)) {
-    const int n = local.size() == 1 ? useful(local[0], threads) : 1;
-    SpinBarrier barrier(n);
-    parallel_run(n, [&](int rank) {
-      for (auto& p : local) run(p, Team{rank, n, &barrier});
+  // Either one team runs the directions one after the other (team1 == 0), or two teams run them
+  // side by side.
+  auto execute = [&](int team0, int team1) {
+    SpinBarrier barrier0(team0), barrier1(team1 > 0 ? team1 : 1);
+    const bool ran = parallel_run(team0 + team1, [&](int rank) {
+      if (team1 == 0) {
+        for (auto& p : local) run(p, Team{rank, team0, &barrier0});
+      } else if (rank < team0) {
+        run(local[0], Team{rank, team0, &barrier0});
+      } else {
+        run(local[1], Team{rank - team0, team1, &barrier1});
+      }
     });
-    return;
-  }
-  // Two directions run side by side, each on half of the threads.
-  const int n0 = useful(local[0], (threads + 1) / 2);
-  const int n1 = useful(local[1], threads / 2);
-  SpinBarrier barrier0(n0), barrier1(n1);
-  parallel_run(n0 + n1, [&](int rank) {
-    if (rank < n0) {
-      run(local[0], Team{rank, n0, &barrier0});
-    } else {
-      run(local[1], Team{rank - n0, n1, &barrier1});
+    if (ran && barrier0.stalls() + barrier1.stalls() > 2 + dirs[0].seq_len / 16) {
+      g_stall_backoff.store(kStallBackoffCalls, std::memory_order_relaxed);
     }
-  });
+    return ran;
+  };
+
+  bool ran;
+  if (local.size() == 1 || (threads < 2 && forced == 0)) {
+    ran = execute(local.size() == 1 ? useful(local[0], threads) : 1, 0);
+  } else {
+    ran = execute(useful(local[0], (threads + 1) / 2), useful(local[1], threads / 2));
+  }
+  if (!ran) execute(1, 0);  // the runtime could not give us the threads (nested parallelism)
 }
 
 }  // namespace

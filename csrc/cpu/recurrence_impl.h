@@ -80,6 +80,160 @@ inline T* row_of(const SeqTensor& seq, int64_t t, int64_t b) {
   return static_cast<T*>(seq.data) + t * seq.stride_t + b * seq.stride_b;
 }
 
+// ------------------------------------------------------------------------------ packing
+// dest[((panel * K + k) * NV + v) * W + w] = src[col * stride_col + k * stride_k], where
+// col = col_of(panel, v, w), or 0 where col_of returns -1 (padding past the last unit/column).
+// Two loop orders, so that the source is always read with unit stride: along k when the source
+// rows are contiguous in k (forward W_hh, W_hr^T), along the columns otherwise.
+template <typename T, int NV, typename ColOf>
+void pack_panels(T* dest, const T* src, int64_t K, int64_t stride_col, int64_t stride_k,
+                 int64_t panel_begin, int64_t panel_end, ColOf col_of) {
+  constexpr int W = kWidth<T>;
+  constexpr int NW = NV * W;
+  for (int64_t pan = panel_begin; pan < panel_end; ++pan) {
+    T* out = dest + pan * K * NW;
+    if (stride_k == 1) {
+      for (int j = 0; j < NW; ++j) {
+        const int64_t col = col_of(pan, j / W, j % W);
+        T* o = out + j;
+        if (col < 0) {
+          for (int64_t k = 0; k < K; ++k) o[k * NW] = T(0);
+          continue;
+        }
+        const T* in = src + col * stride_col;
+        for (int64_t k = 0; k < K; ++k) o[k * NW] = in[k];
+      }
+    } else {
+      int64_t cols[NW];
+      for (int j = 0; j < NW; ++j) cols[j] = col_of(pan, j / W, j % W);
+      for (int64_t k = 0; k < K; ++k) {
+        const T* in = src + k * stride_k;
+        T* o = out + k * NW;
+        for (int j = 0; j < NW; ++j) o[j] = cols[j] >= 0 ? in[cols[j] * stride_col] : T(0);
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------ the product
+// Depth of one pass over a panel: the panel's slice of kDepth rows (NV*W elements each) is read
+// once per block of MR batch rows, so it should stay in L1 (about 20 KB of the 32-48 KB).
+template <typename T, int NV>
+constexpr int64_t kDepth = imax(32, (20 * 1024 / (NV * kWidth<T> * static_cast<int>(sizeof(T)))) / 8 * 8);
+
+template <typename T, int NV>
+struct PanelGemm {
+  static constexpr int W = kWidth<T>;
+  static constexpr int MR = kAccRegs / NV > 0 ? kAccRegs / NV : 1;
+  using V = Vec<T, W>;
+  using Acc = V[MR][NV];
+
+  template <int M, typename Block>
+  static inline void fma_step(const T* a, int64_t lda, int64_t k, const T* panel, Block& acc) {
+    const T* bk = panel + k * NV * W;
+    V b[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) b[v] = V::load(bk + v * W);
+#pragma GCC unroll 24
+    for (int i = 0; i < M; ++i) {
+      const V ai(a[i * lda + k]);
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[i][v] = ai * b[v] + acc[i][v];
+    }
+  }
+
+  // acc[0..M) += A[0..M, k0..k1) x panel[k0..k1). With few rows (small batch) the M*NV
+  // accumulators alone cannot hide the FMA latency, so consecutive k go to SPLIT independent
+  // accumulator sets that are summed at the end.
+  template <int M>
+  static inline void kernel(const T* a, int64_t lda, int64_t k0, int64_t k1, const T* panel,
+                            Acc& acc) {
+    constexpr int kSets = kAccRegs / (M * NV);
+    constexpr int SPLIT = kSets < 1 ? 1 : (kSets > 4 ? 4 : kSets);
+    if constexpr (SPLIT == 1) {
+      for (int64_t k = k0; k < k1; ++k) fma_step<M>(a, lda, k, panel, acc);
+    } else {
+      V part[SPLIT - 1][M][NV];
+      for (int j = 0; j < SPLIT - 1; ++j) {
+        for (int i = 0; i < M; ++i) {
+          for (int v = 0; v < NV; ++v) part[j][i][v] = V::zero();
+        }
+      }
+      int64_t k = k0;
+      for (; k + SPLIT <= k1; k += SPLIT) {
+        fma_step<M>(a, lda, k, panel, acc);
+#pragma GCC unroll 4
+        for (int j = 0; j < SPLIT - 1; ++j) fma_step<M>(a, lda, k + 1 + j, panel, part[j]);
+      }
+      for (; k < k1; ++k) fma_step<M>(a, lda, k, panel, acc);
+      for (int j = 0; j < SPLIT - 1; ++j) {
+        for (int i = 0; i < M; ++i) {
+          for (int v = 0; v < NV; ++v) acc[i][v] += part[j][i][v];
+        }
+      }
+    }
+  }
+
+  template <int M = MR>
+  static inline void kernel_rows(int m, const T* a, int64_t lda, int64_t k0, int64_t k1,
+                                 const T* panel, Acc& acc) {
+    if constexpr (M > 1) {
+      if (m < M) {
+        kernel_rows<M - 1>(m, a, lda, k0, k1, panel, acc);
+        return;
+      }
+    }
+    kernel<M>(a, lda, k0, k1, panel, acc);
+  }
+
+  // Scratch for the partial sums of a deep product (K > kDepth): panels x rows x NV*W.
+  static int64_t scratch_elems(int64_t panels, int64_t rows, int64_t K) {
+    return K > kDepth<T, NV> ? panels * rows * NV * W : 0;
+  }
+
+  // For panels [panel_begin, panel_end) and rows [0, rows): acc = bias + A[rows, K] x panel,
+  // then epi(panel, first_row, row_count, acc). A deep K runs in slices of kDepth (the panel
+  // slice stays in L1 across the row blocks); partial sums wait in `scratch` in between.
+  template <typename Epi>
+  static void run(const T* a, int64_t lda, int64_t rows, int64_t K, const T* packed,
+                  const T* bias_packed, int64_t panel_begin, int64_t panel_end, T* scratch,
+                  Epi&& epi) {
+    constexpr int64_t kc = kDepth<T, NV>;
+    const int64_t slices = K > kc ? ceil_div(K, kc) : 1;
+    for (int64_t pan = panel_begin; pan < panel_end; ++pan) {
+      const T* panel = packed + pan * K * NV * W;
+      T* part = slices > 1 ? scratch + pan * rows * NV * W : nullptr;
+      for (int64_t sl = 0; sl < slices; ++sl) {
+        const int64_t k0 = sl * kc, k1 = slices > 1 ? imin(K, k0 + kc) : K;
+        const bool last = sl + 1 == slices;
+        for (int64_t r0 = 0; r0 < rows; r0 += MR) {
+          const int m = static_cast<int>(imin(MR, rows - r0));
+          Acc acc;
+          if (sl == 0) {
+            for (int i = 0; i < MR; ++i) {
+              for (int v = 0; v < NV; ++v) {
+                acc[i][v] = bias_packed ? V::load(bias_packed + (pan * NV + v) * W) : V::zero();
+              }
+            }
+          } else {
+            for (int i = 0; i < m; ++i) {
+              for (int v = 0; v < NV; ++v) acc[i][v] = V::load(part + ((r0 + i) * NV + v) * W);
+            }
+          }
+          kernel_rows(m, a + r0 * lda, lda, k0, k1, panel, acc);
+          if (last) {
+            epi(pan, r0, m, acc);
+          } else {
+            for (int i = 0; i < m; ++i) {
+              for (int v = 0; v < NV; ++v) acc[i][v].store(part + ((r0 + i) * NV + v) * W);
+            }
+          }
+        }
+      }
+    }
+  }
+};
+
 // ------------------------------------------------------------------------------ workspace
 struct Carver {
   int64_t size = 0;
@@ -114,7 +268,7 @@ struct FwdLayout {
   static constexpr int NV = FwdPanel<C>::kVecs;
   static constexpr int UV = FwdPanel<C>::kUnitVecs;
   int64_t units_per_panel, panels, proj_panels, ld;
-  int64_t w_pack, bias_pack, wr_pack, h, c, r, bytes;
+  int64_t w_pack, bias_pack, wr_pack, h, c, r, scratch, proj_scratch, bytes;
   explicit FwdLayout(const RecurrenceFwdParams& p) {
     const int64_t H = p.hidden, P = p.state, B = p.batch;
     const bool projected = C == CellKind::kLstm && P != H;
@@ -130,6 +284,8 @@ struct FwdLayout {
     h = carve.take(2 * B * ld * e);
     c = carve.take(C == CellKind::kLstm ? B * ld * e : 0);
     r = carve.take(projected ? B * ld * e : 0);
+    scratch = carve.take(PanelGemm<T, NV>::scratch_elems(panels, B, P) * e);
+    proj_scratch = carve.take(PanelGemm<T, kColVecs>::scratch_elems(proj_panels, B, H) * e);
     bytes = carve.total();
   }
 };
@@ -138,7 +294,7 @@ template <typename T, CellKind C>
 struct BwdLayout {
   static constexpr int W = kWidth<T>;
   int64_t cols_per_panel, panels, proj_panels, ld, ldg;
-  int64_t wt_pack, wr_pack, dh, dc, dpre, dh_direct, dht, bytes;
+  int64_t wt_pack, wr_pack, dh, dc, dpre, dh_direct, dht, scratch, proj_scratch, bytes;
   explicit BwdLayout(const RecurrenceBwdParams& p) {
     const int64_t H = p.hidden, P = p.state, B = p.batch, G = gate_count(C);
     const bool projected = C == CellKind::kLstm && P != H;
@@ -156,86 +312,9 @@ struct BwdLayout {
     dpre = carve.take(2 * B * ldg * e);
     dh_direct = carve.take(C == CellKind::kGru ? B * ld * e : 0);
     dht = carve.take(projected ? B * ld * e : 0);
+    scratch = carve.take(PanelGemm<T, kColVecs>::scratch_elems(panels, B, G * H) * e);
+    proj_scratch = carve.take(PanelGemm<T, kColVecs>::scratch_elems(proj_panels, B, P) * e);
     bytes = carve.total();
-  }
-};
-
-// ------------------------------------------------------------------------------ packing
-// dest[((panel * K + k) * NV + v) * W + w] = src[col * stride_col + k * stride_k], where
-// col = col_of(panel, v, w), or 0 where col_of returns -1 (padding past the last unit/column).
-template <typename T, int NV, typename ColOf>
-void pack_panels(T* dest, const T* src, int64_t K, int64_t stride_col, int64_t stride_k,
-                 int64_t panel_begin, int64_t panel_end, ColOf col_of) {
-  constexpr int W = kWidth<T>;
-  for (int64_t pan = panel_begin; pan < panel_end; ++pan) {
-    int64_t cols[NV * W];
-    for (int v = 0; v < NV; ++v) {
-      for (int w = 0; w < W; ++w) cols[v * W + w] = col_of(pan, v, w);
-    }
-    T* out = dest + pan * K * NV * W;
-    for (int64_t k = 0; k < K; ++k) {
-      for (int j = 0; j < NV * W; ++j) {
-        out[k * NV * W + j] = cols[j] >= 0 ? src[cols[j] * stride_col + k * stride_k] : T(0);
-      }
-    }
-  }
-}
-
-// ------------------------------------------------------------------------------ the product
-template <typename T, int NV>
-struct PanelGemm {
-  static constexpr int W = kWidth<T>;
-  static constexpr int MR = kAccRegs / NV > 0 ? kAccRegs / NV : 1;
-  using V = Vec<T, W>;
-  using Acc = V[MR][NV];
-
-  template <int M>
-  static inline void kernel(const T* a, int64_t lda, int64_t K, const T* panel, Acc& acc) {
-    for (int64_t k = 0; k < K; ++k) {
-      const T* bk = panel + k * NV * W;
-      V b[NV];
-#pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) b[v] = V::load(bk + v * W);
-#pragma GCC unroll 24
-      for (int i = 0; i < M; ++i) {
-        const V ai(a[i * lda + k]);
-#pragma GCC unroll 8
-        for (int v = 0; v < NV; ++v) acc[i][v] = ai * b[v] + acc[i][v];
-      }
-    }
-  }
-
-  template <int M = MR>
-  static inline void kernel_rows(int m, const T* a, int64_t lda, int64_t K, const T* panel,
-                                 Acc& acc) {
-    if constexpr (M > 1) {
-      if (m < M) {
-        kernel_rows<M - 1>(m, a, lda, K, panel, acc);
-        return;
-      }
-    }
-    kernel<M>(a, lda, K, panel, acc);
-  }
-
-  // For panels [panel_begin, panel_end) and rows [0, rows): acc = bias + A[rows, K] x panel,
-  // then epi(panel, first_row, row_count, acc).
-  template <typename Epi>
-  static void run(const T* a, int64_t lda, int64_t rows, int64_t K, const T* packed,
-                  const T* bias_packed, int64_t panel_begin, int64_t panel_end, Epi&& epi) {
-    for (int64_t pan = panel_begin; pan < panel_end; ++pan) {
-      const T* panel = packed + pan * K * NV * W;
-      for (int64_t r0 = 0; r0 < rows; r0 += MR) {
-        const int m = static_cast<int>(imin(MR, rows - r0));
-        Acc acc;
-        for (int i = 0; i < MR; ++i) {
-          for (int v = 0; v < NV; ++v) {
-            acc[i][v] = bias_packed ? V::load(bias_packed + (pan * NV + v) * W) : V::zero();
-          }
-        }
-        kernel_rows(m, a + r0 * lda, lda, K, panel, acc);
-        epi(pan, r0, m, acc);
-      }
-    }
   }
 };
 
@@ -260,6 +339,8 @@ void forward_impl(const RecurrenceFwdParams& p, const Team& team) {
   T* hbuf[2] = {reinterpret_cast<T*>(ws + lay.h), reinterpret_cast<T*>(ws + lay.h) + B * ld};
   T* cbuf = reinterpret_cast<T*>(ws + lay.c);
   T* rbuf = reinterpret_cast<T*>(ws + lay.r);
+  T* scratch = reinterpret_cast<T*>(ws + lay.scratch);
+  T* proj_scratch = reinterpret_cast<T*>(ws + lay.proj_scratch);
   const T* w_hh = static_cast<const T*>(p.w_hh);
   const T* b_hh = static_cast<const T*>(p.b_hh);
   const T* w_hr = static_cast<const T*>(p.w_hr);
@@ -374,7 +455,7 @@ void forward_impl(const RecurrenceFwdParams& p, const Team& team) {
         }
       }
     };
-    PanelGemm<T, NV>::run(h_prev, ld, rows, P, w_pack, bias_pack, pan_begin, pan_end,
+    PanelGemm<T, NV>::run(h_prev, ld, rows, P, w_pack, bias_pack, pan_begin, pan_end, scratch,
                           cell_epilogue);
     (void)G;
 
@@ -406,7 +487,7 @@ void forward_impl(const RecurrenceFwdParams& p, const Team& team) {
         }
       };
       PanelGemm<T, kColVecs>::run(rbuf, ld, rows, H, wr_pack, nullptr, ppan_begin, ppan_end,
-                                  proj_epilogue);
+                                  proj_scratch, proj_epilogue);
       if (p.lengths) {
         for (int64_t b = 0; b < B; ++b) {
           if (steps.active(b, s)) continue;
@@ -456,6 +537,8 @@ void backward_impl(const RecurrenceBwdParams& p, const Team& team) {
                     reinterpret_cast<T*>(ws + lay.dpre) + B * ldg};
   T* dh_direct = reinterpret_cast<T*>(ws + lay.dh_direct);
   T* dht = reinterpret_cast<T*>(ws + lay.dht);
+  T* scratch = reinterpret_cast<T*>(ws + lay.scratch);
+  T* proj_scratch = reinterpret_cast<T*>(ws + lay.proj_scratch);
   const T* w_hh = static_cast<const T*>(p.w_hh);
   const T* w_hr = static_cast<const T*>(p.w_hr);
 
@@ -626,7 +709,7 @@ void backward_impl(const RecurrenceBwdParams& p, const Team& team) {
         }
       };
       PanelGemm<T, kColVecs>::run(dht, ld, rows, P, wr_pack, nullptr, upan_begin, upan_end,
-                                  proj_epilogue);
+                                  proj_scratch, proj_epilogue);
       for (int64_t b = 0; b < B; ++b) {
         if (!steps.active(b, s)) zero_padded(b, s);
       }
@@ -648,7 +731,7 @@ void backward_impl(const RecurrenceBwdParams& p, const Team& team) {
       }
     };
     PanelGemm<T, kColVecs>::run(dpre, ldg, rows, G * H, wt_pack, nullptr, pan_begin, pan_end,
-                                carry_epilogue);
+                                scratch, carry_epilogue);
   }
 
   for (int64_t b = 0; b < B; ++b) {

@@ -3,11 +3,16 @@
 #include <pthread.h>
 #include <sched.h>
 
+#include <chrono>
 #include <condition_variable>
 #include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -22,7 +27,7 @@ namespace {
 // Spins before yielding (barrier) or sleeping (idle worker). A step of the recurrence takes
 // microseconds, so a barrier normally completes well within the spin; an idle worker sleeps soon
 // so that it does not steal a core from torch's own threads between our calls.
-constexpr int kBarrierSpinsBeforeYield = 1 << 14;
+constexpr int kBarrierSpinMicros = 50;
 constexpr int kIdleSpinsBeforeSleep = 1 << 12;
 }  // namespace
 
@@ -33,16 +38,30 @@ void SpinBarrier::wait() {
     generation_.fetch_add(1, std::memory_order_release);
     return;
   }
+  // Spin (a step's imbalance is well under the budget); past it, a team member has most likely
+  // lost its core to another process, so yield ours and count the stall (see stalls()).
   int spins = 0;
+  auto start = std::chrono::steady_clock::time_point();
+  bool yielding = false;
   while (generation_.load(std::memory_order_acquire) == gen) {
-    if (++spins < kBarrierSpinsBeforeYield) {
-      FUSEDRNN_PAUSE();
-    } else {
+    if (yielding) {
       sched_yield();
+      continue;
+    }
+    FUSEDRNN_PAUSE();
+    if (++spins % 64 == 0) {
+      const auto now = std::chrono::steady_clock::now();
+      if (spins == 64) {
+        start = now;
+      } else if (now - start > std::chrono::microseconds(kBarrierSpinMicros)) {
+        yielding = true;
+        stalls_.fetch_add(1, std::memory_order_relaxed);
+      }
     }
   }
 }
 
+#ifndef _OPENMP
 namespace {
 
 class ThreadPool {
@@ -132,13 +151,32 @@ ThreadPool& pool() {
 }
 
 }  // namespace
+#endif
 
-void parallel_run(int n, const std::function<void(int)>& fn) {
+bool parallel_run(int n, const std::function<void(int)>& fn) {
   if (n <= 1) {
     fn(0);
-    return;
+    return true;
   }
+#ifdef _OPENMP
+  // torch's own OpenMP threads: the module links libgomp.so.1, which resolves to the copy torch
+  // already loaded, so this region runs on the threads that just ran torch's last op (and are
+  // still spinning for work) instead of competing with them for the cores.
+  bool complete = true;
+#pragma omp parallel num_threads(n)
+  {
+    if (omp_get_num_threads() != n) {
+#pragma omp single
+      complete = false;
+    } else {
+      fn(omp_get_thread_num());
+    }
+  }
+  return complete;
+#else
   pool().run(n, fn);
+  return true;
+#endif
 }
 
 int available_cpus() {

@@ -15,10 +15,13 @@ class SpinBarrier {
  public:
   explicit SpinBarrier(int count) : count_(count) {}
   void wait();
+  // Waits that outlasted the spin budget (a member was descheduled).
+  int stalls() const { return stalls_.load(std::memory_order_relaxed); }
 
  private:
   alignas(64) std::atomic<int> arrived_{0};
   alignas(64) std::atomic<int> generation_{0};
+  std::atomic<int> stalls_{0};
   int count_;
 };
 
@@ -40,9 +43,10 @@ inline void split_range(int64_t n, int rank, int size, int64_t& begin, int64_t& 
 }
 
 // Runs fn(0), ..., fn(n-1) concurrently, fn(0) on the calling thread; returns when all are done.
-// n is capped by the caller (never more threads than cores). Calls from different Python threads
-// are serialised.
-void parallel_run(int n, const std::function<void(int)>& fn);
+// n is capped by the caller (never more threads than cores). With OpenMP these are torch's own
+// OpenMP threads; without, a persistent pool. Returns false, having run nothing, when the runtime
+// could not provide n threads (nested parallelism): the caller then runs on one thread.
+bool parallel_run(int n, const std::function<void(int)>& fn);
 
 // Logical CPUs this process may run on.
 int available_cpus();
