@@ -261,3 +261,82 @@ def test_workspace_too_small():
 def test_bad_launch_option():
     with pytest.raises(ValueError, match=">= 0"):
         emu._set_launch_options(max_batch_chunk=-1)
+
+
+# ------------------------------------------------------------------ optional tensors
+def _random_layer(cell, proj, T, B, H, dtype=torch.float64):
+    G, P = GATES[cell], (H // 2 if proj else H)
+    lstm = cell == "lstm"
+    return dict(xproj=torch.randn(T, B, G * H, dtype=dtype), w_hh=torch.randn(G * H, P, dtype=dtype) / H,
+                b_hh=torch.randn(G * H, dtype=dtype), w_hr=torch.randn(P, H, dtype=dtype) / H if proj else None,
+                h0=torch.randn(B, P, dtype=dtype), c0=torch.randn(B, H, dtype=dtype) if lstm else None)
+
+
+def _forward(cell, layer, T, B, H, P, training, lengths=None, reverse=False):
+    lstm, gru = cell == "lstm", cell == "gru"
+    dtype = layer["xproj"].dtype
+
+    def nan(*shape):
+        return torch.full(shape, float("nan"), dtype=dtype)
+
+    f = _backend.DirectionForward(
+        xproj=layer["xproj"], w_hh=layer["w_hh"], b_hh=layer["b_hh"], w_hr=layer["w_hr"],
+        h0=layer["h0"], c0=layer["c0"], out=nan(T, B, P), hn=nan(B, P),
+        cn=nan(B, H) if lstm else None, reverse=reverse,
+        gates=nan(T, B, 4 * H) if training and (lstm or gru) else None,
+        c_seq=nan(T, B, H) if training and lstm else None,
+        r_seq=nan(T, B, H) if training and P != H else None)
+    _backend.run_forward(cell, [f], lengths)
+    return f
+
+
+@pytest.mark.parametrize("cell,proj", CELLS)
+def test_inference_forward_matches_training(cell, proj):
+    """Without the saved tensors (inference) forward writes the same out / h_n / c_n."""
+    T, B, H = 4, 3, 7
+    P = H // 2 if proj else H
+    layer = _random_layer(cell, proj, T, B, H)
+    lengths = torch.tensor([4, 1, 3])
+    a = _forward(cell, layer, T, B, H, P, training=True, lengths=lengths)
+    b = _forward(cell, layer, T, B, H, P, training=False, lengths=lengths)
+    assert torch.equal(a.out, b.out) and torch.equal(a.hn, b.hn)
+    if cell == "lstm":
+        assert torch.equal(a.cn, b.cn)
+
+
+@pytest.mark.parametrize("missing", ["d_out", "d_hn", "d_cn", "all"])
+@pytest.mark.parametrize("cell,proj", CELLS)
+def test_null_incoming_gradients_are_zeros(cell, proj, missing):
+    T, B, H = 3, 2, 6
+    G, P = GATES[cell], (H // 2 if proj else H)
+    lstm, gru = cell == "lstm", cell == "gru"
+    if missing == "d_cn" and not lstm:
+        pytest.skip("d_cn is an LSTM gradient")
+    layer = _random_layer(cell, proj, T, B, H)
+    lengths = torch.tensor([3, 2])
+    f = _forward(cell, layer, T, B, H, P, training=True, lengths=lengths, reverse=True)
+    grads = dict(d_out=torch.randn(T, B, P, dtype=torch.float64),
+                 d_hn=torch.randn(B, P, dtype=torch.float64),
+                 d_cn=torch.randn(B, H, dtype=torch.float64) if lstm else None)
+    results = []
+    for drop in (True, False):
+        given = dict(grads)
+        for name in (["d_out", "d_hn", "d_cn"] if missing == "all" else [missing]):
+            if given[name] is not None:
+                given[name] = None if drop else torch.zeros_like(given[name])
+        bwd = _backend.DirectionBackward(
+            w_hh=f.w_hh, b_hh=f.b_hh, w_hr=f.w_hr, h0=f.h0, c0=f.c0, out=f.out, gates=f.gates,
+            c_seq=f.c_seq, d_out=given["d_out"], d_hn=given["d_hn"], d_cn=given["d_cn"],
+            d_xproj=torch.full((T, B, G * H), float("nan"), dtype=torch.float64),
+            d_hproj=torch.full((T, B, G * H), float("nan"), dtype=torch.float64) if gru else None,
+            d_h_seq=torch.full((T, B, P), float("nan"), dtype=torch.float64) if proj else None,
+            d_h0=torch.full((B, P), float("nan"), dtype=torch.float64),
+            d_c0=torch.full((B, H), float("nan"), dtype=torch.float64) if lstm else None,
+            reverse=True)
+        _backend.run_backward(cell, [bwd], lengths)
+        results.append(bwd)
+    none, zeros = results
+    for name in ("d_xproj", "d_hproj", "d_h_seq", "d_h0", "d_c0"):
+        a, b = getattr(none, name), getattr(zeros, name)
+        if a is not None:
+            assert torch.isfinite(a).all() and torch.equal(a, b), name
