@@ -2,12 +2,14 @@
 // barrier, fault reporting and deadlock detection. Test-only; header-only so that a consumer needs
 // nothing but `-I csrc/emu` and pthreads.
 //
-// Model. Every emulated CUDA thread is an OS thread. All synchronisation state of a block lives
-// under one mutex (block.mu) so that the block can count exactly how many of its threads are
-// blocked: when every live thread of a block waits in a block-level collective (a barrier or a
-// warp exchange), no thread can ever complete it, and the emulator reports a deadlock naming
-// where each thread waits instead of hanging. Mutex + condition variables make every hand-over a
-// happens-before edge that ThreadSanitizer understands.
+// Model. Every emulated CUDA thread is an OS thread. A block's barrier state lives under the
+// block's barrier mutex, each warp's exchange state under that warp's own mutex, so the
+// happens-before edges ThreadSanitizer sees are exactly those of CUDA: __syncthreads orders the
+// whole block, a warp intrinsic only its warp (a race between warps that only __syncwarp "orders"
+// is reported). One atomic word per block counts its blocked and exited threads (relaxed RMWs:
+// exact, but no ordering for TSan): when every live thread of a block waits in a block-level
+// collective (a barrier or a warp exchange) that has not completed, none can ever complete it,
+// and the emulator reports a deadlock naming where each thread waits instead of hanging.
 //
 // Faults (divergent barrier, bad mask, deadlock, an exception from kernel code) are recorded on
 // the launch, every emulated thread is unwound with emu::KernelFault, and the launch returns
@@ -117,6 +119,7 @@ struct WarpSlot {
 };
 
 struct WarpState {
+  std::mutex mu;
   std::condition_variable cv;
   uint32_t live = 0;  // lanes that exist in this (possibly partial) warp and have not exited
   std::vector<std::unique_ptr<WarpSlot>> slots;
@@ -129,6 +132,31 @@ struct WaitSite {
   unsigned line = 0;
   uint32_t mask = 0;
 };
+// Written by its thread, read by whoever reports a deadlock: relaxed atomics, so the report does
+// not race and does not order anything for TSan.
+struct WaitSlot {
+  std::atomic<const char*> what{nullptr};
+  std::atomic<const char*> file{""};
+  std::atomic<unsigned> line{0};
+  std::atomic<uint32_t> mask{0};
+  void set(const char* w, const char* f, unsigned l, uint32_t m) {
+    file.store(f, std::memory_order_relaxed);
+    line.store(l, std::memory_order_relaxed);
+    mask.store(m, std::memory_order_relaxed);
+    what.store(w, std::memory_order_relaxed);
+  }
+  void clear() { what.store(nullptr, std::memory_order_relaxed); }
+  WaitSite load() const {
+    return WaitSite{what.load(std::memory_order_relaxed), file.load(std::memory_order_relaxed),
+                    line.load(std::memory_order_relaxed), mask.load(std::memory_order_relaxed)};
+  }
+};
+
+// blocked threads in the low 32 bits, exited threads in the high 32 bits of one atomic word, so
+// that one RMW both updates and snapshots the pair.
+constexpr uint64_t kOneExited = uint64_t{1} << 32;
+inline int blocked_of(uint64_t counts) { return static_cast<int>(counts & 0xFFFFFFFFu); }
+inline int exited_of(uint64_t counts) { return static_cast<int>(counts >> 32); }
 
 enum class BarrierKind : uint8_t { kSync, kSyncCount, kSyncAnd, kSyncOr, kGrid };
 
@@ -139,16 +167,16 @@ struct AlignedBytesDelete {
 using AlignedBytes = std::unique_ptr<std::byte, AlignedBytesDelete>;
 
 struct BlockState {
-  std::mutex mu;
+  std::mutex mu;  // barrier state, exits, end of block (sequential launches)
   std::condition_variable barrier_cv;
   std::condition_variable end_cv;
   uint3 index{0, 0, 0};
   int nthreads = 0;
-  int exited = 0;
-  int blocked = 0;  // threads waiting in a block-level collective that has not completed
+  // threads waiting in an incomplete block-level collective, and threads that exited
+  std::atomic<uint64_t> counts{0};
   std::vector<WarpState> warps;
-  std::vector<WaitSite> waits;  // per linear thread id
-  // __syncthreads state
+  std::unique_ptr<WaitSlot[]> waits;  // per linear thread id
+  // __syncthreads state (under mu)
   int bar_arrived = 0;
   uint64_t bar_generation = 0;
   BarrierKind bar_kind = BarrierKind::kSync;
@@ -249,9 +277,9 @@ inline std::string describe_block_waits(const BlockState& b, const Launch& l) {
   std::string out;
   int groups = 0;
   for (int tid = 0; tid < b.nthreads;) {
-    const WaitSite& w = b.waits[tid];
+    const WaitSite w = b.waits[tid].load();
     int last = tid;
-    while (last + 1 < b.nthreads && same(b.waits[last + 1], w)) ++last;
+    while (last + 1 < b.nthreads && same(b.waits[last + 1].load(), w)) ++last;
     if (w.what != nullptr) {
       if (groups++ == 24) {
         out += "\n    ...";
@@ -276,13 +304,19 @@ inline std::string describe_block_waits(const BlockState& b, const Launch& l) {
   return out;
 }
 
-// Called with block.mu held after a thread blocked or exited: if every live thread of the block
-// now waits in an incomplete block-level collective, none of them can ever be released.
-inline void check_block_deadlock(BlockState& b, const Launch& l) {
-  if (b.blocked > 0 && b.blocked + b.exited == b.nthreads) {
+// Called with `counts` as just updated by this thread (it blocked or exited): if every live thread
+// of the block now waits in an incomplete block-level collective, none can ever be released.
+inline void check_block_deadlock(BlockState& b, const Launch& l, uint64_t counts) {
+  const int blocked = blocked_of(counts), exited = exited_of(counts);
+  if (blocked > 0 && blocked + exited == b.nthreads) {
     fault("deadlock: every live thread of the block waits and none can release the others (" +
-          std::to_string(b.exited) + " exited):" + describe_block_waits(b, l));
+          std::to_string(exited) + " exited):" + describe_block_waits(b, l));
   }
+}
+inline uint64_t add_blocked(BlockState& b, int delta) {
+  return b.counts.fetch_add(static_cast<uint64_t>(static_cast<int64_t>(delta)),
+                            std::memory_order_relaxed) +
+         static_cast<uint64_t>(static_cast<int64_t>(delta));
 }
 
 // Waits on `cv` until done(); unwinds when the launch faulted; reports a hang after the watchdog
@@ -311,10 +345,15 @@ inline void wait_until(std::unique_lock<std::mutex>& lock, std::condition_variab
 // Wakes every waiting thread of a launch so that it notices a fault. Holds no lock on entry.
 inline void wake_all(Launch& l) {
   for (auto& bp : l.blocks) {
-    std::lock_guard<std::mutex> lock(bp->mu);
-    bp->barrier_cv.notify_all();
-    bp->end_cv.notify_all();
-    for (auto& w : bp->warps) w.cv.notify_all();
+    {
+      std::lock_guard<std::mutex> lock(bp->mu);
+      bp->barrier_cv.notify_all();
+      bp->end_cv.notify_all();
+    }
+    for (auto& w : bp->warps) {
+      std::lock_guard<std::mutex> lock(w.mu);
+      w.cv.notify_all();
+    }
   }
   std::lock_guard<std::mutex> lock(l.grid_mu);
   l.grid_cv.notify_all();
@@ -358,9 +397,10 @@ inline int block_barrier(BarrierKind kind, int predicate, const char* what,
           " in a launch that is not cooperative (launch with cudaLaunchCooperativeKernel or "
           "emu::launch_cooperative)");
   }
-  if (b.exited > 0) {
+  const int exited = exited_of(b.counts.load(std::memory_order_relaxed));  // updated under mu
+  if (exited > 0) {
     fault(describe_site(what, loc.file_name(), loc.line()) + " reached after " +
-          std::to_string(b.exited) +
+          std::to_string(exited) +
           " thread(s) of the block exited: a block barrier needs every thread of the block");
   }
   if (b.bar_arrived == 0) {
@@ -393,17 +433,16 @@ inline int block_barrier(BarrierKind kind, int predicate, const char* what,
     b.bar_arrived = 0;
     b.bar_true_count = 0;
     ++b.bar_generation;
-    b.blocked -= b.nthreads - 1;
+    add_blocked(b, -(b.nthreads - 1));
     b.barrier_cv.notify_all();
     return result;
   }
   const uint64_t generation = b.bar_generation;
-  ++b.blocked;
-  b.waits[t.tid] = WaitSite{what, loc.file_name(), loc.line(), 0};
-  check_block_deadlock(b, l);
+  b.waits[t.tid].set(what, loc.file_name(), loc.line(), 0);
+  check_block_deadlock(b, l, add_blocked(b, 1));
   wait_until(lock, b.barrier_cv, [&] { return b.bar_generation != generation; }, what,
              loc.file_name(), loc.line());
-  b.waits[t.tid] = WaitSite{};
+  b.waits[t.tid].clear();
   return b.bar_result;
 }
 
@@ -418,7 +457,8 @@ inline void warp_exchange(WarpOp op, int param, uint32_t mask, const uint32_t* w
   Launch& l = *t.launch;
   BlockState& b = *t.block;
   const uint32_t bit = 1u << t.lane;
-  std::unique_lock<std::mutex> lock(b.mu);
+  WarpState& w = b.warps[t.warp];
+  std::unique_lock<std::mutex> lock(w.mu);
   if (l.faulted.load()) throw KernelFault{};
   if ((mask & bit) == 0) {
     char buf[64];
@@ -426,7 +466,6 @@ inline void warp_exchange(WarpOp op, int param, uint32_t mask, const uint32_t* w
     fault(describe_site(what, loc.file_name(), loc.line()) + buf +
           " that does not include the calling lane " + std::to_string(t.lane));
   }
-  WarpState& w = b.warps[t.warp];
   WarpSlot* slot = nullptr;
   for (auto& s : w.slots) {
     if (s->in_use && !s->complete && (s->required & bit) && s->mask == mask) {
@@ -467,14 +506,13 @@ inline void warp_exchange(WarpOp op, int param, uint32_t mask, const uint32_t* w
   ++slot->readers_left;
   if (slot->arrived == slot->required) {
     slot->complete = true;
-    b.blocked -= __builtin_popcount(slot->arrived) - 1;
+    add_blocked(b, -(__builtin_popcount(slot->arrived) - 1));
     w.cv.notify_all();
   } else {
-    ++b.blocked;
-    b.waits[t.tid] = WaitSite{what, loc.file_name(), loc.line(), mask};
-    check_block_deadlock(b, l);
+    b.waits[t.tid].set(what, loc.file_name(), loc.line(), mask);
+    check_block_deadlock(b, l, add_blocked(b, 1));
     wait_until(lock, w.cv, [&] { return slot->complete; }, what, loc.file_name(), loc.line());
-    b.waits[t.tid] = WaitSite{};
+    b.waits[t.tid].clear();
   }
   read(*slot);
   if (--slot->readers_left == 0) slot->in_use = false;
@@ -485,29 +523,32 @@ inline void warp_exchange(WarpOp op, int param, uint32_t mask, const uint32_t* w
 inline bool on_thread_exit(ThreadContext& t) {
   Launch& l = *t.launch;
   BlockState& b = *t.block;
-  std::unique_lock<std::mutex> lock(b.mu);
   if (l.faulted.load()) throw KernelFault{};
-  ++b.exited;
   const uint32_t bit = 1u << t.lane;
-  WarpState& w = b.warps[t.warp];
-  w.live &= ~bit;
-  for (auto& s : w.slots) {
-    if (!s->in_use || s->complete || (s->required & bit) == 0) continue;
-    s->required &= ~bit;  // an exited lane is not waited for, as on the GPU
-    if (s->arrived == s->required) {
-      s->complete = true;
-      b.blocked -= __builtin_popcount(s->arrived);
-      w.cv.notify_all();
+  {
+    WarpState& w = b.warps[t.warp];
+    std::lock_guard<std::mutex> warp_lock(w.mu);
+    w.live &= ~bit;
+    for (auto& s : w.slots) {
+      if (!s->in_use || s->complete || (s->required & bit) == 0) continue;
+      s->required &= ~bit;  // an exited lane is not waited for, as on the GPU
+      if (s->arrived == s->required) {
+        s->complete = true;
+        add_blocked(b, -__builtin_popcount(s->arrived));
+        w.cv.notify_all();
+      }
     }
   }
+  std::unique_lock<std::mutex> lock(b.mu);
+  const uint64_t counts = b.counts.fetch_add(kOneExited, std::memory_order_relaxed) + kOneExited;
   if (b.bar_arrived > 0) {
     fault("divergent barrier: the thread exited the kernel while " +
           std::to_string(b.bar_arrived) + " thread(s) of its block wait at " +
           describe_site("__syncthreads()", b.bar_file, b.bar_line) +
           "; every thread of a block must reach each block barrier");
   }
-  check_block_deadlock(b, l);
-  const bool last = b.exited == b.nthreads;
+  check_block_deadlock(b, l, counts);
+  const bool last = exited_of(counts) == b.nthreads;
   lock.unlock();
   if (last) {
     std::lock_guard<std::mutex> grid_lock(l.grid_mu);
@@ -529,8 +570,7 @@ inline void poison_dynamic_smem(BlockState& b) {
 
 // Prepares a block for (re)use: no thread exited or waiting, fresh poisoned shared memory.
 inline void reset_block(BlockState& b, const Launch& l) {
-  b.exited = 0;
-  b.blocked = 0;
+  b.counts.store(0, std::memory_order_relaxed);
   b.bar_arrived = 0;
   b.bar_true_count = 0;
   for (size_t warp = 0; warp < b.warps.size(); ++warp) {
@@ -538,7 +578,7 @@ inline void reset_block(BlockState& b, const Launch& l) {
     b.warps[warp].live = lanes == 32 ? 0xFFFFFFFFu : ((1u << lanes) - 1u);
     for (auto& s : b.warps[warp].slots) s->in_use = false;
   }
-  std::fill(b.waits.begin(), b.waits.end(), WaitSite{});
+  for (int tid = 0; tid < b.nthreads; ++tid) b.waits[tid].clear();
   poison_dynamic_smem(b);
   (void)l;
 }
@@ -547,7 +587,7 @@ inline std::unique_ptr<BlockState> make_block(const Launch& l) {
   auto b = std::make_unique<BlockState>();
   b->nthreads = l.threads_per_block;
   b->warps = std::vector<WarpState>(static_cast<size_t>((l.threads_per_block + 31) / 32));
-  b->waits.resize(static_cast<size_t>(l.threads_per_block));
+  b->waits = std::make_unique<WaitSlot[]>(static_cast<size_t>(l.threads_per_block));
   b->dynamic_smem_bytes = l.dynamic_smem_bytes;
   b->dynamic_smem.reset(
       static_cast<std::byte*>(::operator new[](l.dynamic_smem_bytes, kSmemAlignment)));

@@ -43,5 +43,16 @@ for sanitizer in "${sanitizers[@]}"; do
   else
     echo "== $sanitizer: clean"
   fi
+  if [[ "$sanitizer" == thread ]]; then
+    # The probe has a cross-warp race that only __syncwarp "orders": TSan must report it, or the
+    # emulator is adding happens-before edges that a GPU does not have.
+    if TSAN_OPTIONS="halt_on_error=1" "$build/csrc/emu/emu_tsan_probe" >"$build/tsan_probe.log" 2>&1 \
+        || ! grep -q "data race" "$build/tsan_probe.log"; then
+      echo "== thread: FAILED: emu_tsan_probe's deliberate race was not reported (see $build/tsan_probe.log)" >&2
+      status=1
+    else
+      echo "== thread: the deliberate cross-warp race of emu_tsan_probe is reported, as it must be"
+    fi
+  fi
 done
 exit $status

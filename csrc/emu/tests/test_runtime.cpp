@@ -14,7 +14,7 @@ __global__ void noop() {}
 __global__ void touch_smem(int* out) {
   unsigned char* smem = emu::dynamic_shared_memory();
   smem[threadIdx.x] = 1;
-  out[0] = 1;
+  if (threadIdx.x == 0) out[0] = 1;
 }
 
 TEST_CASE(runtime_bad_configurations) {

@@ -161,10 +161,16 @@ TEST_CASE(warp_ballot_any_all) {
 
 __global__ void warp_reductions(unsigned* out) {
   const unsigned lane = threadIdx.x;
-  out[0] = __reduce_add_sync(kFull, lane);
-  out[1] = __reduce_max_sync(kFull, lane * 3 % 31);
-  out[2] = static_cast<unsigned>(__reduce_min_sync(kFull, static_cast<int>(lane) - 5));
-  out[3] = __reduce_or_sync(kFull, 1u << (lane % 4));
+  const unsigned sum = __reduce_add_sync(kFull, lane);
+  const unsigned max = __reduce_max_sync(kFull, lane * 3 % 31);
+  const int min = __reduce_min_sync(kFull, static_cast<int>(lane) - 5);
+  const unsigned bits = __reduce_or_sync(kFull, 1u << (lane % 4));
+  if (lane == 31) {
+    out[0] = sum;
+    out[1] = max;
+    out[2] = static_cast<unsigned>(min);
+    out[3] = bits;
+  }
 }
 
 TEST_CASE(warp_reduce_intrinsics) {
