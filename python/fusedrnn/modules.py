@@ -115,18 +115,12 @@ class RNNBase(nn.Module):
         return "RNN" if self.mode.startswith("RNN") else self.mode
 
     def _layer_weights(self) -> list:
-        """(w_ih, w_hh, b_ih, b_hh, w_hr) per layer and direction, for functional.rnn."""
+        """(w_ih, w_hh, b_ih, b_hh, w_hr) per layer and direction, for functional.rnn; read at
+        every call, so .to(), load_state_dict and torch.func.functional_call are always seen."""
         num_directions = 2 if self.bidirectional else 1
-        weights = []
-        for layer in range(self.num_layers):
-            for direction in range(num_directions):
-                suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
-                weights.append(tuple(getattr(self, name + suffix, None) if present else None
-                                     for name, present in (
-                                         ("weight_ih", True), ("weight_hh", True),
-                                         ("bias_ih", self.bias), ("bias_hh", self.bias),
-                                         ("weight_hr", self.proj_size > 0))))
-        return weights
+        return [tuple(getattr(self, f"{name}_l{layer}{'_reverse' if direction else ''}", None)
+                      for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr"))
+                for layer in range(self.num_layers) for direction in range(num_directions)]
 
     def forward(self, input, hx=None):
         is_lstm = self.mode == "LSTM"
@@ -149,21 +143,8 @@ class RNNBase(nn.Module):
         batch = x.size(0) if batch_first else x.size(1)
 
         if hx is not None:
-            states = check.split_lstm_state(hx) if is_lstm else (hx,)
-            names = ("h_0", "c_0") if is_lstm else ("hx",)
-            sizes = (self._state_size, self.hidden_size) if is_lstm else (self._state_size,)
-            prepared = []
-            for state, name, size in zip(states, names, sizes):
-                if not packed:
-                    check.check_hidden_dim(state, batched, name)
-                    if not batched:
-                        state = state.unsqueeze(1)
-                check.check_hidden(state, (self._num_states, batch, size), x, name)
-                if packed and sorted_indices is not None:
-                    # The caller's states are in the caller's batch order; the packed data is not.
-                    state = state.index_select(1, sorted_indices)
-                prepared.append(state)
-            hx = tuple(prepared) if is_lstm else prepared[0]
+            hx = self._checked_hx(hx, x, batch, batched, packed,
+                                  sorted_indices if packed else None)
 
         dropout_fn = layout.dropout(self.dropout) if packed else None
         output, h_n, c_n = functional.rnn(
@@ -182,6 +163,27 @@ class RNNBase(nn.Module):
             h_n = h_n.squeeze(1)
             c_n = c_n.squeeze(1) if c_n is not None else None
         return (output, (h_n, c_n)) if is_lstm else (output, h_n)
+
+    def _checked_hx(self, hx, x: Tensor, batch: int, batched: bool, packed: bool,
+                    sorted_indices: Optional[Tensor]):
+        """The initial state(s), validated like torch.nn, given a batch dimension when the input
+        has none, and put in the packed data's batch order."""
+        is_lstm = self.mode == "LSTM"
+        states = check.split_lstm_state(hx) if is_lstm else (hx,)
+        names = ("h_0", "c_0") if is_lstm else ("hx",)
+        sizes = (self._state_size, self.hidden_size) if is_lstm else (self._state_size,)
+        prepared = []
+        for state, name, size in zip(states, names, sizes):
+            if not packed:
+                check.check_hidden_dim(state, batched, name)
+                if not batched:
+                    state = state.unsqueeze(1)
+            check.check_hidden(state, (self._num_states, batch, size), x, name)
+            if sorted_indices is not None:
+                # The caller's states are in the caller's batch order; the packed data is not.
+                state = state.index_select(1, sorted_indices)
+            prepared.append(state)
+        return tuple(prepared) if is_lstm else prepared[0]
 
     @property
     def _state_size(self) -> int:
