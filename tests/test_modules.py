@@ -513,3 +513,23 @@ def test_torch_compile_runs_the_layer_eagerly():
     (actual_grad,) = torch.autograd.grad(actual.sum(), x)
     assert_close(actual, expected, 0, "compiled output")
     assert_close(actual_grad, expected_grad, 0, "compiled gradient")
+
+
+@requires_native
+@pytest.mark.parametrize("torch_cls, our_cls, kwargs", SURFACE_CASES,
+                         ids=["lstm-proj-bidir", "lstm-nobias", "gru-bidir", "rnn-relu"])
+def test_state_dict_round_trip_gives_same_results(torch_cls, our_cls, kwargs):
+    """torch.nn -> fusedrnn -> torch.nn: every hop computes the same function."""
+    kwargs = {**kwargs, "dtype": torch.float64}
+    torch.manual_seed(11)
+    theirs = torch_cls(5, 7, **kwargs).eval()
+    ours = our_cls(5, 7, **kwargs).eval()
+    ours.load_state_dict(theirs.state_dict())
+    back = torch_cls(5, 7, **kwargs).eval()
+    back.load_state_dict(ours.state_dict())
+    x = torch.randn(4, 3, 5, dtype=torch.float64)
+    if kwargs.get("batch_first"):
+        x = x.transpose(0, 1)
+    expected = theirs(x)[0]
+    assert_close(ours(x)[0], expected, 1e-9, "fusedrnn after loading torch.nn's state_dict")
+    assert torch.equal(back(x)[0], expected)
