@@ -45,7 +45,9 @@ def test_matches_torch(case):
 
 
 @requires_native
-@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+# derandomize: CI sees the same examples every run; database=None: no .hypothesis/ directory.
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck),
+          derandomize=True, database=None)
 @given(cell=st.sampled_from(CELL_VARIANTS), layers=st.integers(1, 3),
        bidirectional=st.booleans(), batch_first=st.booleans(), bias=st.booleans(),
        packing=st.sampled_from(PACKING), hx=st.booleans(), seq_len=st.integers(1, 9),
