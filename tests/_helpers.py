@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import random
 from dataclasses import dataclass
-from typing import Optional
 
 import pytest
 import torch

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import numbers
 import warnings
-from typing import Optional
 
-import torch
 from torch import Tensor
 
 
