@@ -535,3 +535,27 @@ def test_state_dict_round_trip_gives_same_results(torch_cls, our_cls, kwargs):
     expected = theirs(x)[0]
     assert_close(ours(x)[0], expected, 1e-9, "fusedrnn after loading torch.nn's state_dict")
     assert torch.equal(back(x)[0], expected)
+
+
+@pytest.mark.emu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_low_precision_through_emulator(dtype, monkeypatch):
+    """With FUSEDRNN_BACKEND=emu, fp16/bf16 reach the (emulated) CUDA half kernels natively."""
+    from fusedrnn import _backend
+    from _helpers import rel_err
+    if not _backend.HAS_EMU:
+        pytest.skip("fusedrnn._emu is not built (configure with -DFUSEDRNN_EMU=ON)")
+    monkeypatch.setenv("FUSEDRNN_BACKEND", "emu")
+    case = Case(cell="lstm", layers=1, bidirectional=True, seq_len=3, batch=2, hidden=5,
+                input_size=3, dtype=torch.float64)
+    exact, ours = make_modules(case)
+    theirs = make_modules(case)[0].to(dtype)
+    ours = ours.to(dtype)
+    x = torch.randn(3, 2, 3, dtype=torch.float64)
+    reference, _ = exact(x)
+    out, _ = ours(x.to(dtype))
+    assert out.dtype == dtype
+    torch_out, _ = theirs(x.to(dtype))
+    assert rel_err(out, reference) <= max(2 * rel_err(torch_out, reference), 1e-2)
+    out.float().sum().backward()
+    assert torch.isfinite(ours.weight_hh_l0.grad.float()).all()

@@ -25,6 +25,7 @@ from ._backend import GATE_COUNT, SAVED_GATE_COUNT, DirectionBackward, Direction
 
 CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
 # Precisions the CPU kernels do not implement: computed in float32, returned in the input's dtype.
+# (The CUDA kernels implement them, also when emulated on CPU tensors with FUSEDRNN_BACKEND=emu.)
 _UPCAST_ON_CPU = (torch.float16, torch.bfloat16)
 
 
@@ -378,7 +379,8 @@ def _checked_lengths(lengths, input: Tensor, batch_first: bool) -> Tensor:
 
 
 def _compute_dtype(input: Tensor) -> torch.dtype:
-    if input.device.type == "cpu" and input.dtype in _UPCAST_ON_CPU:
+    if (input.dtype in _UPCAST_ON_CPU and input.device.type == "cpu"
+            and _backend.backend_name() == "cpu"):
         return torch.float32
     return input.dtype
 
