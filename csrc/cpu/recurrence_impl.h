@@ -198,6 +198,17 @@ struct PanelGemm {
   static void run(const T* a, int64_t lda, int64_t rows, int64_t K, const T* packed,
                   const T* bias_packed, int64_t panel_begin, int64_t panel_end, T* scratch,
                   Epi&& epi) {
+    run(a, lda, rows, K, packed, bias_packed, panel_begin, panel_end, scratch, epi,
+        [](int64_t, int64_t, int) {});
+  }
+
+  // prefetch(panel, first_row, row_count) runs before the last slice of a row block: the
+  // epilogue's rows are spread over memory (one line per gate per batch row, 4 KB+ apart), which
+  // no hardware prefetcher follows, so without it each epilogue waits on cache misses.
+  template <typename Epi, typename Prefetch>
+  static void run(const T* a, int64_t lda, int64_t rows, int64_t K, const T* packed,
+                  const T* bias_packed, int64_t panel_begin, int64_t panel_end, T* scratch,
+                  Epi&& epi, Prefetch&& prefetch) {
     constexpr int64_t kc = kDepth<T, NV>;
     const int64_t slices = K > kc ? ceil_div(K, kc) : 1;
     for (int64_t pan = panel_begin; pan < panel_end; ++pan) {
@@ -220,6 +231,7 @@ struct PanelGemm {
               for (int v = 0; v < NV; ++v) acc[i][v] = V::load(part + ((r0 + i) * NV + v) * W);
             }
           }
+          if (last) prefetch(pan, r0, m);
           kernel_rows(m, a + r0 * lda, lda, k0, k1, panel, acc);
           if (last) {
             epi(pan, r0, m, acc);
@@ -455,9 +467,23 @@ void forward_impl(const RecurrenceFwdParams& p, const Team& team) {
         }
       }
     };
+    auto cell_prefetch = [&](int64_t pan, int64_t r0, int m) {
+      for (int i = 0; i < m; ++i) {
+        const int64_t b = r0 + i;
+        if (!steps.active(b, s)) continue;
+        const int64_t t = steps.time(b, s);
+        const T* x = row_of<const T>(p.xproj, t, b) + pan * upp;
+        T* gs = gates_data ? row_of<T>(p.gates, t, b) + pan * upp : nullptr;
+        for (int g = 0; g < G; ++g) {
+          for (int64_t e = 0; e < upp; e += 64 / static_cast<int64_t>(sizeof(T))) {
+            __builtin_prefetch(x + g * H + e, 0, 3);
+            if (gs) __builtin_prefetch(gs + g * H + e, 1, 3);
+          }
+        }
+      }
+    };
     PanelGemm<T, NV>::run(h_prev, ld, rows, P, w_pack, bias_pack, pan_begin, pan_end, scratch,
-                          cell_epilogue);
-    (void)G;
+                          cell_epilogue, cell_prefetch);
 
     // Padded rows: the state stays, the output row is zero.
     if (p.lengths) {

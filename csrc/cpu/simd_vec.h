@@ -18,6 +18,14 @@
 #include <cstring>
 #include <type_traits>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+// The activations run inside the fused cell update of every unit: inlining them keeps the
+// gate vectors in registers (a call spills all of them).
+#define FUSEDRNN_VEC_INLINE inline __attribute__((always_inline))
+
 namespace fusedrnn::cpu::FUSEDRNN_CPU_ISA {
 
 template <typename T, int W>
@@ -31,7 +39,10 @@ struct Vec {
   Raw v;
 
   Vec() = default;
-  explicit Vec(T s) : v(Raw{} + s) {}
+  // s - 0 rather than 0 + s: the compiler may drop "- 0" (exact even for -0.0), so a broadcast
+  // of a loaded scalar folds into the FMA's memory operand ({1toN}) instead of costing an add
+  // and a shuffle on the FMA port.
+  explicit Vec(T s) : v(s - Raw{}) {}
   static Vec of(Raw r) {
     Vec x;
     x.v = r;
@@ -85,18 +96,18 @@ struct Vec<T, 1> {
 };
 
 template <typename T>
-inline Vec<T, 1> act_tanh(Vec<T, 1> x) { return Vec<T, 1>(std::tanh(x.v)); }
+FUSEDRNN_VEC_INLINE Vec<T, 1> act_tanh(Vec<T, 1> x) { return Vec<T, 1>(std::tanh(x.v)); }
 template <typename T>
-inline Vec<T, 1> act_sigmoid(Vec<T, 1> x) { return Vec<T, 1>(T(1) / (T(1) + std::exp(-x.v))); }
+FUSEDRNN_VEC_INLINE Vec<T, 1> act_sigmoid(Vec<T, 1> x) { return Vec<T, 1>(T(1) / (T(1) + std::exp(-x.v))); }
 template <typename T>
-inline Vec<T, 1> act_relu(Vec<T, 1> x) { return x.v > T(0) ? x : Vec<T, 1>(T(0)); }
+FUSEDRNN_VEC_INLINE Vec<T, 1> act_relu(Vec<T, 1> x) { return x.v > T(0) ? x : Vec<T, 1>(T(0)); }
 
 // ------------------------------------------------------------------ float: polynomial exp/tanh
 // Cephes-style: exp(x) = 2^n * e^r with |r| <= ln2/2 and a degree-6 polynomial for e^r (about
 // 1 ulp); tanh(x) by its odd polynomial for |x| < 0.625 (keeps relative accuracy near zero) and
 // 1 - 2 / (exp(2|x|) + 1) beyond. NaN propagates (comparisons are written so NaN keeps its lane).
 template <int W>
-inline Vec<float, W> exp_poly(Vec<float, W> x) {
+FUSEDRNN_VEC_INLINE Vec<float, W> exp_poly(Vec<float, W> x) {
   using V = Vec<float, W>;
   using R = typename V::Raw;
   using I = typename V::IRaw;
@@ -120,14 +131,37 @@ inline Vec<float, W> exp_poly(Vec<float, W> x) {
   return V::of(y * reinterpret_cast<const R&>(bits));
 }
 
+// 1/x: the hardware estimate refined by one Newton step (about 1 ulp, like the division it
+// replaces), because a division costs a multi-cycle unpipelined slot per vector and a cell runs
+// several per unit.
 template <int W>
-inline Vec<float, W> act_sigmoid(Vec<float, W> x) {
+FUSEDRNN_VEC_INLINE Vec<float, W> recip(Vec<float, W> x) {
   using V = Vec<float, W>;
-  return V(1.0f) / (V(1.0f) + exp_poly(-x));
+  using R = typename V::Raw;
+#if defined(__AVX512F__)
+  if constexpr (W == 16) {
+    const R est = reinterpret_cast<R>(_mm512_rcp14_ps(reinterpret_cast<__m512>(x.v)));
+    return V::of(est * (2.0f - x.v * est));
+  }
+#endif
+#if defined(__AVX__)
+  if constexpr (W == 8) {
+    const R est = reinterpret_cast<R>(_mm256_rcp_ps(reinterpret_cast<__m256>(x.v)));
+    const R once = est * (2.0f - x.v * est);
+    return V::of(once * (2.0f - x.v * once));
+  }
+#endif
+  return V(1.0f) / x;
 }
 
 template <int W>
-inline Vec<float, W> act_tanh(Vec<float, W> x) {
+FUSEDRNN_VEC_INLINE Vec<float, W> act_sigmoid(Vec<float, W> x) {
+  using V = Vec<float, W>;
+  return recip(V(1.0f) + exp_poly(-x));
+}
+
+template <int W>
+FUSEDRNN_VEC_INLINE Vec<float, W> act_tanh(Vec<float, W> x) {
   using V = Vec<float, W>;
   using R = typename V::Raw;
   using I = typename V::IRaw;
@@ -137,7 +171,7 @@ inline Vec<float, W> act_tanh(Vec<float, W> x) {
   const R a = reinterpret_cast<const R&>(abs_bits);
   // |x| >= 0.625: 1 - 2 / (e^{2|x|} + 1), sign restored.
   const R e = exp_poly(V::of(a + a)).v;
-  const R big = 1.0f - 2.0f / (e + 1.0f);
+  const R big = 1.0f - 2.0f * recip(V::of(e + 1.0f)).v;
   const I big_signed = reinterpret_cast<const I&>(big) | sign;
   // |x| < 0.625: x + x^3 P(x^2).
   const R z = x.v * x.v;
@@ -152,7 +186,7 @@ inline Vec<float, W> act_tanh(Vec<float, W> x) {
 }
 
 template <int W>
-inline Vec<float, W> act_relu(Vec<float, W> x) {
+FUSEDRNN_VEC_INLINE Vec<float, W> act_relu(Vec<float, W> x) {
   using V = Vec<float, W>;
   const typename V::Raw zero{};
   return V::of(x.v > zero ? x.v : zero);
@@ -161,21 +195,21 @@ inline Vec<float, W> act_relu(Vec<float, W> x) {
 // ------------------------------------------------------------------ double: libm per lane
 // float64 is the accuracy path (1e-10 relative against torch): keep libm's exp/tanh exactly.
 template <int W>
-inline Vec<double, W> act_sigmoid(Vec<double, W> x) {
+FUSEDRNN_VEC_INLINE Vec<double, W> act_sigmoid(Vec<double, W> x) {
   Vec<double, W> y;
   for (int i = 0; i < W; ++i) y.v[i] = 1.0 / (1.0 + std::exp(-x.v[i]));
   return y;
 }
 
 template <int W>
-inline Vec<double, W> act_tanh(Vec<double, W> x) {
+FUSEDRNN_VEC_INLINE Vec<double, W> act_tanh(Vec<double, W> x) {
   Vec<double, W> y;
   for (int i = 0; i < W; ++i) y.v[i] = std::tanh(x.v[i]);
   return y;
 }
 
 template <int W>
-inline Vec<double, W> act_relu(Vec<double, W> x) {
+FUSEDRNN_VEC_INLINE Vec<double, W> act_relu(Vec<double, W> x) {
   using V = Vec<double, W>;
   const typename V::Raw zero{};
   return V::of(x.v > zero ? x.v : zero);
