@@ -9,6 +9,12 @@
 //   a[0] = A[g][2t..2t+1]  a[1] = A[g+8][2t..2t+1]  a[2] = A[g][2t+8..2t+9]  a[3] = A[g+8][2t+8..2t+9]
 //   b[0] = B[2t..2t+1][g]  b[1] = B[2t+8..2t+9][g]
 //   c/d[0..1] = C[g][2t..2t+1]  c/d[2..3] = C[g+8][2t..2t+1]
+// ldmatrix_x{1,2,4}[_trans](r, row): ldmatrix.sync.aligned.m8n8.x{1,2,4}[.trans].shared.b16. Lanes
+// 8i..8i+7 pass the shared-memory addresses of rows 0..7 of matrix i (eight 16-bit elements each,
+// 16-byte aligned); lane L receives in r[i] elements (L/4, 2(L%4)..2(L%4)+1) of matrix i, or of its
+// transpose with _trans. With row = &A[lane % 16][(lane / 16) * 8] of a row-major 16x16 tile,
+// ldmatrix_x4 yields exactly the A fragment above; with row = &B[lane % 16][0] of a row-major
+// (K x N) 16x8 tile, ldmatrix_x2_trans yields the B fragment.
 // Requires sm_80 or newer.
 #pragma once
 
@@ -47,6 +53,22 @@ __device__ __forceinline__ void mma_m16n8k16_f16(float (&d)[4], const uint32_t (
   __trap();
 #endif
 }
+
+#define FUSEDRNN_LDMATRIX(name, count, qualifiers, ...)                                   \
+  __device__ __forceinline__ void name(uint32_t (&r)[count], const void* row) {            \
+    const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(row));         \
+    asm volatile("ldmatrix.sync.aligned.m8n8." qualifiers ".shared.b16 " __VA_ARGS__);      \
+  }
+FUSEDRNN_LDMATRIX(ldmatrix_x1, 1, "x1", "{%0}, [%1];\n" : "=r"(r[0]) : "r"(address))
+FUSEDRNN_LDMATRIX(ldmatrix_x2, 2, "x2", "{%0, %1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(address))
+FUSEDRNN_LDMATRIX(ldmatrix_x4, 4, "x4", "{%0, %1, %2, %3}, [%4];\n"
+                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(address))
+FUSEDRNN_LDMATRIX(ldmatrix_x1_trans, 1, "x1.trans", "{%0}, [%1];\n" : "=r"(r[0]) : "r"(address))
+FUSEDRNN_LDMATRIX(ldmatrix_x2_trans, 2, "x2.trans", "{%0, %1}, [%2];\n"
+                  : "=r"(r[0]), "=r"(r[1]) : "r"(address))
+FUSEDRNN_LDMATRIX(ldmatrix_x4_trans, 4, "x4.trans", "{%0, %1, %2, %3}, [%4];\n"
+                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(address))
+#undef FUSEDRNN_LDMATRIX
 
 }  // namespace fusedrnn
 

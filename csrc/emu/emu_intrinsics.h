@@ -405,16 +405,25 @@ inline int __float2int_rn(float x) { return static_cast<int>(std::nearbyint(x));
 inline int __float2int_rz(float x) { return static_cast<int>(x); }
 inline float __int2float_rn(int x) { return static_cast<float>(x); }
 
-// CUDA's global min/max accept mixed argument types and return the promoted type.
+// CUDA's global min/max accept mixed argument types and return the promoted type; for floating
+// point they are fminf/fmaxf (a NaN operand yields the other operand).
 template <class A, class B>
   requires std::is_arithmetic_v<A> && std::is_arithmetic_v<B>
 inline std::common_type_t<A, B> min(A a, B b) {
   using C = std::common_type_t<A, B>;
-  return static_cast<C>(b) < static_cast<C>(a) ? static_cast<C>(b) : static_cast<C>(a);
+  if constexpr (std::is_floating_point_v<C>) {
+    return std::fmin(static_cast<C>(a), static_cast<C>(b));
+  } else {
+    return static_cast<C>(b) < static_cast<C>(a) ? static_cast<C>(b) : static_cast<C>(a);
+  }
 }
 template <class A, class B>
   requires std::is_arithmetic_v<A> && std::is_arithmetic_v<B>
 inline std::common_type_t<A, B> max(A a, B b) {
   using C = std::common_type_t<A, B>;
-  return static_cast<C>(a) < static_cast<C>(b) ? static_cast<C>(b) : static_cast<C>(a);
+  if constexpr (std::is_floating_point_v<C>) {
+    return std::fmax(static_cast<C>(a), static_cast<C>(b));
+  } else {
+    return static_cast<C>(a) < static_cast<C>(b) ? static_cast<C>(b) : static_cast<C>(a);
+  }
 }

@@ -1,5 +1,5 @@
-// Emulated twins of the tensor-core MMA wrappers in csrc/cuda/mma.cuh (same names, same
-// signatures), selected when FUSEDRNN_EMULATED_CUDA is defined.
+// Emulated twins of the tensor-core wrappers in csrc/cuda/mma.cuh (MMA and ldmatrix; same names,
+// same signatures), selected when FUSEDRNN_EMULATED_CUDA is defined.
 //
 // mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32: D(16x8) = A(16x16) B(16x8) + C,
 // one warp, every lane holding fragments in the PTX ISA layout (groupID = lane >> 2,
@@ -71,6 +71,50 @@ inline void mma_m16n8k16(MmaInput type, float (&d)[4], const uint32_t (&a)[4],
   for (int i = 0; i < 4; ++i) d[i] = result[i];
 }
 
+// ldmatrix.sync.aligned.m8n8.x{count}{.trans}.shared.b16: lanes 8i..8i+7 give the row addresses
+// of matrix i (rows of eight 16-bit elements, 16-byte aligned); lane L receives in r[i] the
+// elements (L/4, 2(L%4)) and (L/4, 2(L%4)+1) of matrix i, or with .trans of its transpose.
+template <int kCount>
+inline void ldmatrix(uint32_t (&r)[kCount], const void* row, bool trans, const char* what,
+                     const std::source_location& loc) {
+  uint32_t words[2];
+  const uintptr_t address = reinterpret_cast<uintptr_t>(row);
+  std::memcpy(words, &address, sizeof(address));
+  const int lane = emu::detail::context_or_fault(what).lane;
+  uint32_t result[kCount];
+  emu::detail::warp_exchange(
+      emu::detail::WarpOp::kLdMatrix, kCount * 2 + (trans ? 1 : 0), 0xFFFFFFFFu, words, 2, what,
+      loc, [&](const emu::detail::WarpSlot& slot) {
+        if (slot.arrived != 0xFFFFFFFFu) {
+          emu::detail::fault(emu::detail::describe_site(what, loc.file_name(), loc.line()) +
+                             ": ldmatrix.sync.aligned needs all 32 lanes of the warp");
+        }
+        auto row_of = [&](int matrix, int row_index) {
+          uintptr_t a;
+          std::memcpy(&a, slot.words[matrix * 8 + row_index], sizeof(a));
+          if (a % 16 != 0) {
+            emu::detail::fault(emu::detail::describe_site(what, loc.file_name(), loc.line()) +
+                               ": row address of lane " + std::to_string(matrix * 8 + row_index) +
+                               " is not 16-byte aligned");
+          }
+          return reinterpret_cast<const uint16_t*>(a);
+        };
+        for (int i = 0; i < kCount; ++i) {
+          uint16_t lo, hi;
+          if (!trans) {
+            const uint16_t* source = row_of(i, lane / 4);
+            lo = source[2 * (lane % 4)];
+            hi = source[2 * (lane % 4) + 1];
+          } else {
+            lo = row_of(i, 2 * (lane % 4))[lane / 4];
+            hi = row_of(i, 2 * (lane % 4) + 1)[lane / 4];
+          }
+          result[i] = static_cast<uint32_t>(lo) | static_cast<uint32_t>(hi) << 16;
+        }
+      });
+  for (int i = 0; i < kCount; ++i) r[i] = result[i];
+}
+
 }  // namespace emu_mma_detail
 
 inline void mma_m16n8k16_bf16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
@@ -85,6 +129,31 @@ inline void mma_m16n8k16_f16(float (&d)[4], const uint32_t (&a)[4], const uint32
                              const std::source_location loc = std::source_location::current()) {
   emu_mma_detail::mma_m16n8k16(emu_mma_detail::MmaInput::kF16, d, a, b, c, "mma_m16n8k16_f16()",
                                loc);
+}
+
+inline void ldmatrix_x1(uint32_t (&r)[1], const void* row,
+                       const std::source_location loc = std::source_location::current()) {
+  emu_mma_detail::ldmatrix<1>(r, row, false, "ldmatrix_x1()", loc);
+}
+inline void ldmatrix_x2(uint32_t (&r)[2], const void* row,
+                       const std::source_location loc = std::source_location::current()) {
+  emu_mma_detail::ldmatrix<2>(r, row, false, "ldmatrix_x2()", loc);
+}
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* row,
+                       const std::source_location loc = std::source_location::current()) {
+  emu_mma_detail::ldmatrix<4>(r, row, false, "ldmatrix_x4()", loc);
+}
+inline void ldmatrix_x1_trans(uint32_t (&r)[1], const void* row,
+                             const std::source_location loc = std::source_location::current()) {
+  emu_mma_detail::ldmatrix<1>(r, row, true, "ldmatrix_x1_trans()", loc);
+}
+inline void ldmatrix_x2_trans(uint32_t (&r)[2], const void* row,
+                             const std::source_location loc = std::source_location::current()) {
+  emu_mma_detail::ldmatrix<2>(r, row, true, "ldmatrix_x2_trans()", loc);
+}
+inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row,
+                             const std::source_location loc = std::source_location::current()) {
+  emu_mma_detail::ldmatrix<4>(r, row, true, "ldmatrix_x4_trans()", loc);
 }
 
 }  // namespace fusedrnn

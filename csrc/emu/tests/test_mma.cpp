@@ -99,3 +99,72 @@ TEST_CASE(mma_needs_a_full_warp) {
 }
 
 }  // namespace
+
+namespace {
+
+// ldmatrix from shared memory yields the MMA fragments packed from the PTX formulas: x4 for the
+// A tile (row-major 16x16), x2.trans for the B tile (row-major K x N, 16x8), x4.trans checked
+// against the transpose definition.
+struct LdmatrixArgs {
+  const uint16_t* a;  // 16x16
+  const uint16_t* b;  // 16x8
+  int* mismatches;
+};
+
+__global__ void ldmatrix_kernel(LdmatrixArgs args) {
+  uint16_t* tile_a = reinterpret_cast<uint16_t*>(emu::dynamic_shared_memory());
+  uint16_t* tile_b = tile_a + 256;
+  const int lane = threadIdx.x;
+  for (int i = lane; i < 256; i += 32) tile_a[i] = args.a[i];
+  for (int i = lane; i < 128; i += 32) tile_b[i] = args.b[i];
+  __syncwarp();
+  uint32_t a[4], b[2], at[4], a1[1];
+  fusedrnn::ldmatrix_x4(a, &tile_a[(lane % 16) * 16 + (lane / 16) * 8]);
+  fusedrnn::ldmatrix_x2_trans(b, &tile_b[(lane % 16) * 8]);
+  fusedrnn::ldmatrix_x4_trans(at, &tile_a[(lane % 16) * 16 + (lane / 16) * 8]);
+  fusedrnn::ldmatrix_x1(a1, &tile_a[(lane % 8) * 16]);
+  int bad = 0;
+  for (int r = 0; r < 4; ++r) {
+    const uint32_t expected =
+        args.a[a_row(lane, 2 * r) * 16 + a_col(lane, 2 * r)] |
+        static_cast<uint32_t>(args.a[a_row(lane, 2 * r + 1) * 16 + a_col(lane, 2 * r + 1)]) << 16;
+    bad += a[r] != expected;
+    // transpose of matrix r (rows 8*(r%2).., cols 8*(r/2)..): element (row t, col g) of the
+    // transpose is element (g, t) of the matrix
+    const int row0 = 8 * (r % 2), col0 = 8 * (r / 2), g = lane / 4, t2 = 2 * (lane % 4);
+    const uint32_t expected_t = args.a[(row0 + t2) * 16 + col0 + g] |
+                                static_cast<uint32_t>(args.a[(row0 + t2 + 1) * 16 + col0 + g]) << 16;
+    bad += at[r] != expected_t;
+  }
+  for (int r = 0; r < 2; ++r) {
+    const uint32_t expected =
+        args.b[b_row(lane, 2 * r) * 8 + b_col(lane, 2 * r)] |
+        static_cast<uint32_t>(args.b[b_row(lane, 2 * r + 1) * 8 + b_col(lane, 2 * r + 1)]) << 16;
+    bad += b[r] != expected;
+  }
+  bad += a1[0] != a[0];
+  if (bad) atomicAdd(args.mismatches, bad);
+}
+
+TEST_CASE(mma_ldmatrix_fragments) {
+  std::vector<uint16_t> a(256), b(128);
+  for (int i = 0; i < 256; ++i) a[i] = static_cast<uint16_t>(i * 37 + 1);
+  for (int i = 0; i < 128; ++i) b[i] = static_cast<uint16_t>(i * 91 + 5);
+  int mismatches = 0;
+  CHECK_LAUNCH_OK(emu::launch(ldmatrix_kernel, dim3(1), dim3(32), 384 * sizeof(uint16_t),
+                              LdmatrixArgs{a.data(), b.data(), &mismatches}));
+  CHECK_EQ(mismatches, 0);
+}
+
+__global__ void ldmatrix_misaligned() {
+  uint16_t* tile = reinterpret_cast<uint16_t*>(emu::dynamic_shared_memory());
+  uint32_t r[1];
+  fusedrnn::ldmatrix_x1(r, tile + 1 + (threadIdx.x % 8) * 8);
+}
+
+TEST_CASE(mma_ldmatrix_needs_aligned_rows) {
+  CHECK_LAUNCH_FAILS(emu::launch(ldmatrix_misaligned, dim3(1), dim3(32), 256), cudaErrorLaunchFailure,
+                     "16-byte aligned");
+}
+
+}  // namespace
