@@ -14,12 +14,14 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from . import flops
 from .configs import BenchConfig
 
 TORCH_CLASSES = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn_tanh": nn.RNN, "rnn_relu": nn.RNN}
 # The reference runs one Python step per time step and layer; past this many it is too slow to
 # be worth timing next to kernels.
 REFERENCE_MAX_STEPS = 400
+REFERENCE_MAX_FLOPS = 2e9   # per forward: past it the unfused per-step products dominate a cell's time
 
 
 def build_torch_module(cfg: BenchConfig, device, dtype, seed: int = 0) -> nn.Module:
@@ -107,6 +109,9 @@ class ReferenceImpl(Impl):
         steps = cfg.seq_len * cfg.layers * cfg.directions
         if steps > REFERENCE_MAX_STEPS:
             return f"step loop too slow to time: T*layers*directions = {steps} > {REFERENCE_MAX_STEPS}"
+        work = flops.count_flops(cfg, "inference")
+        if work > REFERENCE_MAX_FLOPS:
+            return f"step loop too slow to time: {work / 1e9:.1f} GFLOP per forward > {REFERENCE_MAX_FLOPS / 1e9:g}"
         return None
 
     def build(self, cfg, reference_module):
