@@ -32,8 +32,24 @@ struct WeightView {
   }
 };
 
+// 16 bytes of T: one vector load (LDS.128) of a shared-memory row.
+template <typename T>
+struct alignas(16) Vec16 {
+  static constexpr int kElems = 16 / static_cast<int>(sizeof(T));
+  T v[kElems];
+};
+
+// The tiling of one product for the variant that block_product_partials<kUnitK, kVectorK> runs.
+template <bool kVectorK, typename T>
+__device__ __forceinline__ ProductTiling product_tiling(int rows, int batch, int k) {
+  return make_tiling(rows, batch, k, blockDim.x, kVectorK ? Vec16<T>::kElems : 1);
+}
+
 // kUnitK: the weight's k_stride is 1 (shared memory, forward streaming), known at compile time.
-template <bool kUnitK, typename T>
+// kVectorK: weight and act rows are 16-byte aligned with k_stride 1 (shared memory), so the K loop
+// reads 16 bytes per row and load; the tiling must come from product_tiling<true, T> (K ranges
+// start at vector boundaries). The tail of a K range that is not a whole vector runs scalar.
+template <bool kUnitK, bool kVectorK, typename T>
 __device__ __forceinline__ void block_product_partials(const WeightView<T>& w, int rows,
                                                        const T* act, int64_t act_pitch, int batch,
                                                        int k_total, Acc<T>* partials,
@@ -66,7 +82,30 @@ __device__ __forceinline__ void block_product_partials(const WeightView<T>& w, i
     const int k_begin = k_part * tiling.k_chunk;
     const int k_end = min(k_total, k_begin + tiling.k_chunk);
     const int64_t k_stride = kUnitK ? 1 : w.k_stride;
-    for (int k = k_begin; k < k_end; ++k) {
+    int k = k_begin;
+    if constexpr (kVectorK) {
+      static_assert(kUnitK, "the vector path reads contiguous weight rows");
+      constexpr int V = Vec16<T>::kElems;
+      const int k_vec_end = k_begin + (max(k_end - k_begin, 0) / V) * V;
+      for (; k < k_vec_end; k += V) {
+        Vec16<T> wv[kTileRows];
+        Vec16<T> av[kTileBatch];
+#pragma unroll
+        for (int i = 0; i < kTileRows; ++i) wv[i] = *reinterpret_cast<const Vec16<T>*>(w_row[i] + k);
+#pragma unroll
+        for (int j = 0; j < kTileBatch; ++j) av[j] = *reinterpret_cast<const Vec16<T>*>(a_row[j] + k);
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+#pragma unroll
+          for (int i = 0; i < kTileRows; ++i) {
+            const A wk = to_acc(wv[i].v[e]);
+#pragma unroll
+            for (int j = 0; j < kTileBatch; ++j) acc[i][j] += wk * to_acc(av[j].v[e]);
+          }
+        }
+      }
+    }
+    for (; k < k_end; ++k) {
       A wv[kTileRows];
       A av[kTileBatch];
 #pragma unroll
@@ -102,10 +141,24 @@ __device__ __forceinline__ A product_value(const A* partials, const ProductTilin
 }
 
 // Copies act rows [0, batch) of a [*, K] row-major matrix (row stride src_ld elements) into the
-// shared chunk with pitch act_pitch; a null source reads as zeros (h0 = 0). Converts nothing.
+// shared chunk with pitch act_pitch (16-byte aligned rows); a null source reads as zeros (h0 = 0).
+// 16 bytes per load when the source rows allow it. Converts nothing.
 template <typename T>
 __device__ __forceinline__ void load_act_chunk(T* dst, int64_t act_pitch, const T* src,
                                                int64_t src_ld, int batch, int k) {
+  constexpr int V = Vec16<T>::kElems;
+  if (src != nullptr && k % V == 0 && src_ld % V == 0 &&
+      reinterpret_cast<uintptr_t>(src) % 16 == 0) {
+    const int row_vecs = k / V;
+    const int total = batch * row_vecs;
+    for (int i = threadIdx.x; i < total; i += blockDim.x) {
+      const int b = i / row_vecs;
+      const int kk = (i - b * row_vecs) * V;
+      *reinterpret_cast<Vec16<T>*>(dst + b * act_pitch + kk) =
+          *reinterpret_cast<const Vec16<T>*>(src + b * src_ld + kk);
+    }
+    return;
+  }
   const int total = batch * k;
   for (int i = threadIdx.x; i < total; i += blockDim.x) {
     const int b = i / k;

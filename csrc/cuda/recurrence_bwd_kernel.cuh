@@ -169,11 +169,11 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
     // ---- phase 0: dh for the block's columns (and, without projection, the cell backward)
     for (int b0 = 0; b0 < B; b0 += geo.batch_chunk) {
       const int nb = min(geo.batch_chunk, B - b0);
-      const ProductTiling tiling = make_tiling(nc, nb, GH, blockDim.x);
+      const ProductTiling tiling = product_tiling<kWeightsInSmem, T>(nc, nb, GH);
       if (d_src != nullptr) {
         load_act_chunk(act, act_pitch, d_src + static_cast<int64_t>(b0) * GH, GH, nb, GH);
         __syncthreads();
-        block_product_partials<kWeightsInSmem>(state_rows, nc, act, act_pitch, nb, GH, partials,
+        block_product_partials<kWeightsInSmem, kWeightsInSmem>(state_rows, nc, act, act_pitch, nb, GH, partials,
                                                tiling);
         __syncthreads();
       }
@@ -219,8 +219,8 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
         const int nb = min(geo.batch_chunk, B - b0);
         load_act_chunk(act, act_pitch, dh_exchange + static_cast<int64_t>(b0) * P, P, nb, P);
         __syncthreads();
-        const ProductTiling tiling = make_tiling(nu, nb, P, blockDim.x);
-        block_product_partials<kWeightsInSmem>(proj_rows, nu, act, act_pitch, nb, P, partials,
+        const ProductTiling tiling = product_tiling<kWeightsInSmem, T>(nu, nb, P);
+        block_product_partials<kWeightsInSmem, kWeightsInSmem>(proj_rows, nu, act, act_pitch, nb, P, partials,
                                                tiling);
         __syncthreads();
         for (int i = threadIdx.x; i < nb * nu; i += blockDim.x) {

@@ -96,8 +96,8 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
       load_act_chunk(act, act_pitch, h_src != nullptr ? h_src + static_cast<int64_t>(b0) * P : nullptr,
                      P, nb, P);
       __syncthreads();
-      const ProductTiling tiling = make_tiling(G * nu, nb, P, blockDim.x);
-      block_product_partials<true>(gate_rows, G * nu, act, act_pitch, nb, P, partials, tiling);
+      const ProductTiling tiling = product_tiling<kWeightsInSmem, T>(G * nu, nb, P);
+      block_product_partials<true, kWeightsInSmem>(gate_rows, G * nu, act, act_pitch, nb, P, partials, tiling);
       __syncthreads();
       for (int i = threadIdx.x; i < nb * nu; i += blockDim.x) {
         const int bl = i / nu;
@@ -163,8 +163,8 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
         const int nb = min(geo.batch_chunk, B - b0);
         load_act_chunk(act, act_pitch, r_exchange + static_cast<int64_t>(b0) * H, H, nb, H);
         __syncthreads();
-        const ProductTiling tiling = make_tiling(nc, nb, H, blockDim.x);
-        block_product_partials<true>(proj_rows, nc, act, act_pitch, nb, H, partials, tiling);
+        const ProductTiling tiling = product_tiling<kWeightsInSmem, T>(nc, nb, H);
+        block_product_partials<true, kWeightsInSmem>(proj_rows, nc, act, act_pitch, nb, H, partials, tiling);
         __syncthreads();
         for (int i = threadIdx.x; i < nb * nc; i += blockDim.x) {
           const int bl = i / nc;

@@ -56,7 +56,9 @@ struct ProductTiling {
   FUSEDRNN_HOST_DEVICE int partial_count() const { return tiles * split; }  // x kTileSize values
 };
 
-FUSEDRNN_HOST_DEVICE ProductTiling make_tiling(int rows, int batch, int k, int threads) {
+// k_align: K ranges start at multiples of it (the vector width of the shared-memory path).
+FUSEDRNN_HOST_DEVICE ProductTiling make_tiling(int rows, int batch, int k, int threads,
+                                               int k_align = 1) {
   ProductTiling t;
   t.tiles_rows = static_cast<int>(ceil_div(rows, kTileRows));
   t.tiles_batch = static_cast<int>(ceil_div(batch, kTileBatch));
@@ -70,7 +72,7 @@ FUSEDRNN_HOST_DEVICE ProductTiling make_tiling(int rows, int batch, int k, int t
   const int max_split = static_cast<int>(ceil_div(k, 16));
   split = split < 1 ? 1 : (split > max_split ? max_split : split);
   t.split = split;
-  t.k_chunk = static_cast<int>(ceil_div(k, split));
+  t.k_chunk = static_cast<int>(round_up(ceil_div(k, split), k_align));
   return t;
 }
 

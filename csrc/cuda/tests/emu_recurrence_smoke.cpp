@@ -12,6 +12,7 @@
 #include <limits>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "launch_compat.h"  // first: the emulator defines __host__ / __device__
@@ -43,7 +44,38 @@ void expect(bool ok, const std::string& what) {
   }
 }
 
-SeqTensor seq(std::vector<double>& v, int B, int X) { return SeqTensor{v.data(), int64_t{B} * X, X}; }
+template <typename T>
+SeqTensor seq(std::vector<T>& v, int B, int X) {
+  return SeqTensor{v.data(), int64_t{B} * X, X};
+}
+
+template <typename T>
+constexpr fusedrnn::DType dtype_of() {
+  if constexpr (std::is_same_v<T, double>) return fusedrnn::DType::kFloat64;
+  else if constexpr (std::is_same_v<T, float>) return fusedrnn::DType::kFloat32;
+  else if constexpr (std::is_same_v<T, __half>) return fusedrnn::DType::kFloat16;
+  else return fusedrnn::DType::kBFloat16;
+}
+
+// Largest forward error against the float64 loop (inputs are the same T-rounded values): float64
+// agrees to the last bits; the others within a few roundings of T per step at these sizes.
+template <typename T>
+constexpr double forward_tolerance() {
+  if constexpr (std::is_same_v<T, double>) return 1e-12;
+  else if constexpr (std::is_same_v<T, float>) return 1e-5;
+  else if constexpr (std::is_same_v<T, __half>) return 1e-2;
+  else return 6e-2;
+}
+
+template <typename T>
+std::vector<double> widen(const std::vector<T>& v) {
+  std::vector<double> out(v.size());
+  for (size_t i = 0; i < v.size(); ++i) {
+    if constexpr (std::is_same_v<T, double>) out[i] = v[i];
+    else out[i] = static_cast<double>(static_cast<float>(v[i]));
+  }
+  return out;
+}
 
 // Plain forward of one direction (float64) over cell_math.h, for the comparison.
 void reference_forward(const Case& c, bool reverse, const std::vector<double>& xproj,
@@ -94,17 +126,20 @@ void reference_forward(const Case& c, bool reverse, const std::vector<double>& x
   }
 }
 
+template <typename Elem>
 void run_case(const Case& c, std::mt19937& rng) {
-  const std::string name = std::string(fusedrnn::cell_name(c.cell)) + " T" + std::to_string(c.T) +
+  const std::string name = std::string(fusedrnn::cell_name(c.cell)) + " " +
+                           fusedrnn::dtype_name(dtype_of<Elem>()) + + " T" + std::to_string(c.T) +
                            " B" + std::to_string(c.B) + " H" + std::to_string(c.H) + " P" +
                            std::to_string(c.P) + (c.dirs == 2 ? " bidir" : "") +
                            (c.lengths ? " lengths" : "") + (c.streaming ? " streaming" : "");
   std::uniform_real_distribution<double> uni(-0.5, 0.5);
   auto randv = [&](size_t n) {
-    std::vector<double> v(n);
-    for (double& x : v) x = uni(rng);
+    std::vector<Elem> v(n);
+    for (Elem& x : v) x = Elem(static_cast<float>(uni(rng)));
     return v;
   };
+  auto nanv = [&](size_t n) { return std::vector<Elem>(n, Elem(static_cast<float>(kNaN))); };
   const int G = fusedrnn::gate_count(c.cell), S = fusedrnn::saved_gate_count(c.cell);
   const int T = c.T, B = c.B, H = c.H, P = c.P;
   const bool lstm = c.cell == CellKind::kLstm, proj = P != H;
@@ -116,8 +151,8 @@ void run_case(const Case& c, std::mt19937& rng) {
   fusedrnn::cuda::launch_options().force_streaming = c.streaming;
 
   struct Dir {
-    std::vector<double> xproj, w_hh, b_hh, w_hr, h0, c0, out, hn, cn, gates, c_seq, r_seq;
-    std::vector<double> d_out, d_hn, d_cn, d_xproj, d_hproj, d_h_seq, d_h0, d_c0;
+    std::vector<Elem> xproj, w_hh, b_hh, w_hr, h0, c0, out, hn, cn, gates, c_seq, r_seq;
+    std::vector<Elem> d_out, d_hn, d_cn, d_xproj, d_hproj, d_h_seq, d_h0, d_c0;
   };
   std::vector<Dir> dirs(c.dirs);
   std::vector<RecurrenceFwdParams> fwd(c.dirs);
@@ -126,18 +161,18 @@ void run_case(const Case& c, std::mt19937& rng) {
     v.xproj = randv(size_t(T) * B * G * H);
     v.w_hh = randv(size_t(G) * H * P);
     v.b_hh = randv(size_t(G) * H);
-    v.w_hr = proj ? randv(size_t(P) * H) : std::vector<double>();
+    v.w_hr = proj ? randv(size_t(P) * H) : std::vector<Elem>();
     v.h0 = randv(size_t(B) * P);
-    v.c0 = lstm ? randv(size_t(B) * H) : std::vector<double>(size_t(B) * H, 0.0);
-    v.out.assign(size_t(T) * B * P, kNaN);
-    v.hn.assign(size_t(B) * P, kNaN);
-    v.cn.assign(size_t(B) * H, kNaN);
-    v.gates.assign(size_t(T) * B * std::max(S, 1) * H, kNaN);
-    v.c_seq.assign(size_t(T) * B * H, kNaN);
-    v.r_seq.assign(size_t(T) * B * H, kNaN);
+    v.c0 = lstm ? randv(size_t(B) * H) : std::vector<Elem>(size_t(B) * H, Elem(0.0f));
+    v.out = nanv(size_t(T) * B * P);
+    v.hn = nanv(size_t(B) * P);
+    v.cn = nanv(size_t(B) * H);
+    v.gates = nanv(size_t(T) * B * std::max(S, 1) * H);
+    v.c_seq = nanv(size_t(T) * B * H);
+    v.r_seq = nanv(size_t(T) * B * H);
     RecurrenceFwdParams& p = fwd[d];
     p.cell = c.cell;
-    p.dtype = fusedrnn::DType::kFloat64;
+    p.dtype = dtype_of<Elem>();
     p.seq_len = T;
     p.batch = B;
     p.hidden = H;
@@ -167,15 +202,16 @@ void run_case(const Case& c, std::mt19937& rng) {
 
   for (int d = 0; d < c.dirs; ++d) {
     std::vector<double> ref;
-    reference_forward(c, d == 1, dirs[d].xproj, dirs[d].w_hh, dirs[d].b_hh, dirs[d].w_hr,
-                      dirs[d].h0, dirs[d].c0, len, ref);
+    reference_forward(c, d == 1, widen(dirs[d].xproj), widen(dirs[d].w_hh), widen(dirs[d].b_hh),
+                      widen(dirs[d].w_hr), widen(dirs[d].h0), widen(dirs[d].c0), len, ref);
+    const std::vector<double> out = widen(dirs[d].out);
     double max_err = 0;
     bool finite = true;
     for (size_t i = 0; i < ref.size(); ++i) {
-      finite &= std::isfinite(dirs[d].out[i]);
-      max_err = std::max(max_err, std::fabs(dirs[d].out[i] - ref[i]));
+      finite &= std::isfinite(out[i]);
+      max_err = std::max(max_err, std::fabs(out[i] - ref[i]));
     }
-    expect(finite && max_err < 1e-12,
+    expect(finite && max_err < forward_tolerance<Elem>(),
            name + ": forward out of direction " + std::to_string(d) + " differs from the loop by " +
                std::to_string(max_err));
   }
@@ -186,11 +222,11 @@ void run_case(const Case& c, std::mt19937& rng) {
     v.d_out = randv(size_t(T) * B * P);
     v.d_hn = randv(size_t(B) * P);
     v.d_cn = randv(size_t(B) * H);
-    v.d_xproj.assign(size_t(T) * B * G * H, kNaN);
-    v.d_hproj.assign(size_t(T) * B * G * H, kNaN);
-    v.d_h_seq.assign(size_t(T) * B * P, kNaN);
-    v.d_h0.assign(size_t(B) * P, kNaN);
-    v.d_c0.assign(size_t(B) * H, kNaN);
+    v.d_xproj = nanv(size_t(T) * B * G * H);
+    v.d_hproj = nanv(size_t(T) * B * G * H);
+    v.d_h_seq = nanv(size_t(T) * B * P);
+    v.d_h0 = nanv(size_t(B) * P);
+    v.d_c0 = nanv(size_t(B) * H);
     RecurrenceBwdParams& p = bwd[d];
     static_cast<fusedrnn::RecurrenceShape&>(p) = fwd[d];
     p.w_hh = fwd[d].w_hh;
@@ -219,9 +255,9 @@ void run_case(const Case& c, std::mt19937& rng) {
   fusedrnn::cuda::backward(bwd);
   for (int d = 0; d < c.dirs; ++d) {
     const Dir& v = dirs[d];
-    auto all_finite = [](const std::vector<double>& x) {
-      for (double e : x) {
-        if (!std::isfinite(e)) return false;
+    auto all_finite = [](const std::vector<Elem>& x) {
+      for (const Elem& e : x) {
+        if (!std::isfinite(static_cast<float>(e))) return false;
       }
       return true;
     };
@@ -247,7 +283,18 @@ int main() {
       {CellKind::kRnnRelu, 2, 3, 4, 4, 1, true, true},
   };
   try {
-    for (const Case& c : cases) run_case(c, rng);
+    for (const Case& c : cases) run_case<double>(c, rng);
+    // The other dtypes (their vector widths and conversions) on a projected bidirectional LSTM
+    // and a GRU, both weight placements.
+    const Case mixed[] = {
+        {CellKind::kLstm, 3, 3, 8, 4, 2, true, false},
+        {CellKind::kGru, 2, 3, 9, 9, 2, true, true},
+    };
+    for (const Case& c : mixed) {
+      run_case<float>(c, rng);
+      run_case<__half>(c, rng);
+      run_case<__nv_bfloat16>(c, rng);
+    }
   } catch (const std::exception& e) {
     std::fprintf(stderr, "FAIL: exception: %s\n", e.what());
     return 1;
