@@ -519,8 +519,12 @@ inline void warp_exchange(WarpOp op, int param, uint32_t mask, const uint32_t* w
 }
 
 // ---------------------------------------------------------------- thread exit
-// Returns true when this was the last thread of the block to exit.
-inline bool on_thread_exit(ThreadContext& t) {
+struct ExitInfo {
+  bool last;       // this was the last thread of the block to exit
+  uint64_t epoch;  // the block state's epoch at the exit (sequential launches wait for the next)
+};
+
+inline ExitInfo on_thread_exit(ThreadContext& t) {
   Launch& l = *t.launch;
   BlockState& b = *t.block;
   if (l.faulted.load()) throw KernelFault{};
@@ -549,6 +553,7 @@ inline bool on_thread_exit(ThreadContext& t) {
   }
   check_block_deadlock(b, l, counts);
   const bool last = exited_of(counts) == b.nthreads;
+  const uint64_t epoch = b.epoch;  // read under mu: the last thread may reset the block right after
   lock.unlock();
   if (last) {
     std::lock_guard<std::mutex> grid_lock(l.grid_mu);
@@ -561,7 +566,7 @@ inline bool on_thread_exit(ThreadContext& t) {
             ": a grid barrier needs every thread of the grid");
     }
   }
-  return last;
+  return ExitInfo{last, epoch};
 }
 
 inline void poison_dynamic_smem(BlockState& b) {

@@ -138,18 +138,19 @@ inline void emulated_thread(const ThreadTask& task) {
       t.block = &b;
       blockIdx = block_index(blk, l.grid);
       run_kernel_body(*task.body);
-      const bool last = on_thread_exit(t);
+      const ExitInfo exit = on_thread_exit(t);
       if (task.shared_block_state && blk + 1 < task.block_end) {
         // The next block reuses the state (and the static __shared__ variables): wait until
-        // every thread of this block has finished.
+        // every thread of this block has finished. The epoch was read at the exit, under the
+        // lock, so a reset that happens before this thread gets here is not missed.
         std::unique_lock<std::mutex> lock(b.mu);
-        if (last) {
+        if (exit.last) {
           reset_block(b, l);
           ++b.epoch;
           b.end_cv.notify_all();
         } else {
-          const uint64_t epoch = b.epoch;
-          wait_until(lock, b.end_cv, [&] { return b.epoch != epoch; }, "end of block", "", 0);
+          wait_until(lock, b.end_cv, [&] { return b.epoch != exit.epoch; }, "end of block", "",
+                     0);
         }
       }
     }

@@ -94,3 +94,26 @@ TEST_CASE(block_dynamic_smem_poisoned_per_block) {
 }
 
 }  // namespace
+
+namespace {
+
+// Many short blocks run one after another on the same threads: each block must start only after
+// every thread of the previous one finished (static shared memory is reused), and no thread may
+// miss the hand-over from one block to the next (a hang the TSan run once exposed).
+__global__ void many_blocks(int* out) {
+  __shared__ int value[8];
+  value[threadIdx.x] = static_cast<int>(blockIdx.x);
+  __syncthreads();
+  if (value[(threadIdx.x + 1) % 8] != static_cast<int>(blockIdx.x)) atomicAdd(out, 1);
+  __syncthreads();
+}
+
+TEST_CASE(block_many_sequential_blocks) {
+  int wrong = 0;
+  for (int round = 0; round < 4; ++round) {
+    CHECK_LAUNCH_OK(emu::launch(many_blocks, dim3(64), dim3(8), 0, &wrong));
+  }
+  CHECK_EQ(wrong, 0);
+}
+
+}  // namespace
