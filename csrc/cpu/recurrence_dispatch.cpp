@@ -74,13 +74,18 @@ IsaOps ops() {
   return FUSEDRNN_ISA_OPS(generic);
 }
 
-// Calls that run without per-step barriers after a stalled one.
-constexpr int kStallBackoffCalls = 32;
+// After a call whose barriers stalled, the next calls run without per-step barriers; the
+// pause doubles with every stalled retry (up to kMaxBackoffCalls) and resets after a clean one,
+// so an oversubscribed machine pays for a stalled call rarely and a quiet one not at all.
+constexpr int kMinBackoffCalls = 16;
+constexpr int kMaxBackoffCalls = 4096;
 std::atomic<int> g_stall_backoff{0};
+std::atomic<int> g_next_backoff{kMinBackoffCalls};
 
 // Below this many multiply-adds per step and direction, a second thread costs more in barrier
-// time than it saves (a step is then well under a microsecond).
-constexpr int64_t kMinMacsPerStepForThreads = 48 * 1024;
+// time than it saves. Above it, splitting also splits W_hh: LSTM H=64 in fp32 (64 KB) does not
+// fit one core's L1, its halves do.
+constexpr int64_t kMinMacsPerStepForThreads = 12 * 1024;
 
 // Test-only knob: FUSEDRNN_CPU_TEST_THREADS=n runs every direction on exactly n threads (ignoring
 // the core count and the size heuristic), so that small test shapes exercise uneven splits.
@@ -157,8 +162,15 @@ void run_directions(const std::vector<Params>& dirs, BytesFn bytes_of, ThreadsFn
         run(local[1], Team{rank - team0, team1, &barrier1});
       }
     });
-    if (ran && barrier0.stalls() + barrier1.stalls() > 2 + dirs[0].seq_len / 16) {
-      g_stall_backoff.store(kStallBackoffCalls, std::memory_order_relaxed);
+    if (ran && (team0 > 1 || team1 > 1) && forced == 0) {
+      if (barrier0.stalls() + barrier1.stalls() > 2 + dirs[0].seq_len / 16) {
+        const int pause = g_next_backoff.load(std::memory_order_relaxed);
+        g_stall_backoff.store(pause, std::memory_order_relaxed);
+        g_next_backoff.store(pause * 2 < kMaxBackoffCalls ? pause * 2 : kMaxBackoffCalls,
+                             std::memory_order_relaxed);
+      } else {
+        g_next_backoff.store(kMinBackoffCalls, std::memory_order_relaxed);
+      }
     }
     return ran;
   };
