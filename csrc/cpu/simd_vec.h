@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -82,6 +83,34 @@ struct Vec {
 };
 
 // One lane: used where cell_math.h branches on a value (rnn_backward for relu).
+// In-register transpose of W vectors (rows) of W lanes, by swapping the off-diagonal s x s
+// blocks of every 2s x 2s block for s = W/2 .. 1 (one two-source shuffle per row and stage).
+template <typename T, int W, int S, bool kHigh, size_t... J>
+FUSEDRNN_VEC_INLINE typename Vec<T, W>::Raw swap_blocks(typename Vec<T, W>::Raw a,
+                                                        typename Vec<T, W>::Raw b,
+                                                        std::index_sequence<J...>) {
+  using I = typename Vec<T, W>::IRaw;
+  using E = typename Vec<T, W>::Int;
+  // Row i (bit S clear) keeps its columns without bit S and takes row i+S's columns j-S;
+  // row i+S takes row i's columns j+S and keeps its own columns with bit S.
+  constexpr I mask = kHigh ? I{static_cast<E>((J & S) ? W + J : J + S)...}
+                           : I{static_cast<E>((J & S) ? W + J - S : J)...};
+  return __builtin_shuffle(a, b, mask);
+}
+
+template <typename T, int W, int S = W / 2>
+FUSEDRNN_VEC_INLINE void transpose(Vec<T, W> (&rows)[W]) {
+  if constexpr (S >= 1) {
+    for (int i = 0; i < W; ++i) {
+      if (i & S) continue;
+      const auto a = rows[i].v, b = rows[i + S].v;
+      rows[i].v = swap_blocks<T, W, S, false>(a, b, std::make_index_sequence<W>{});
+      rows[i + S].v = swap_blocks<T, W, S, true>(a, b, std::make_index_sequence<W>{});
+    }
+    transpose<T, W, S / 2>(rows);
+  }
+}
+
 template <typename T>
 struct Vec<T, 1> {
   T v;
