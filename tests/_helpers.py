@@ -8,6 +8,7 @@ outputs, final states and every parameter, input and state gradient.
 from __future__ import annotations
 
 import itertools
+import os
 import random
 from dataclasses import dataclass
 
@@ -23,6 +24,9 @@ TOLERANCE = {torch.float64: 1e-9, torch.float32: 2e-5}
 
 def native_available() -> bool:
     from fusedrnn import _backend
+    if not _backend.HAS_CPU and os.environ.get("FUSEDRNN_REQUIRE_NATIVE", "") not in ("", "0"):
+        # CI sets this so that a broken build fails loudly instead of skipping every native test.
+        raise RuntimeError("FUSEDRNN_REQUIRE_NATIVE is set but fusedrnn._cpu cannot be imported")
     return _backend.HAS_CPU
 
 
