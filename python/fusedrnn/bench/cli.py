@@ -124,6 +124,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     outcome = harness.run(configs, impl_names, device, plan, progress, check=not args.no_check,
                           on_cell=save_partial)
     outcome.notes[:0] = notes
+    busy = machine.busy_warning(info)
+    if busy:
+        outcome.notes.append(busy)
 
     print(report.format_table(outcome.results))
     print()

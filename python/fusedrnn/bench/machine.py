@@ -119,6 +119,22 @@ def native_backends() -> Dict[str, object]:
         or "none built"}
 
 
+def load_average() -> Optional[float]:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+def busy_warning(info: Dict[str, object]) -> Optional[str]:
+    """Other processes on the cores make CPU timings unreliable (OpenMP teams suffer the most)."""
+    load, cores = info.get("load_avg_1m"), info.get("cpu_cores") or 1
+    if info.get("device") == "cpu" and load is not None and load > 0.75 * float(cores):
+        return (f"the 1-minute load average was {load} on {cores} cores when the run began: other "
+                f"processes compete for the CPU, so times and ratios are unreliable")
+    return None
+
+
 def collect(device: str) -> Dict[str, object]:
     info: Dict[str, object] = {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
@@ -127,6 +143,7 @@ def collect(device: str) -> Dict[str, object]:
         "cpu_simd": cpu_simd(),
         "cpu_cores": usable_cores(),
         "torch_threads": torch.get_num_threads(),
+        "load_avg_1m": load_average(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "mkldnn": bool(torch.backends.mkldnn.is_available()),
@@ -143,7 +160,7 @@ def header_lines(info: Dict[str, object]) -> list:
     short = commit[:12] + ("+dirty" if info.get("dirty") else "")
     lines = [
         f"CPU    {info['cpu']} | {info['cpu_cores']} cores usable | torch threads {info['torch_threads']}"
-        f" | {info['cpu_simd']}",
+        f" | {info['cpu_simd']} | load {info.get('load_avg_1m')}",
         f"torch  {info['torch']} (mkldnn {'on' if info['mkldnn'] else 'off'}) | python {info['python']}",
         f"fusedrnn {info['fusedrnn']} commit {short} | native: {info.get('fusedrnn_backends')}",
     ]
