@@ -16,8 +16,11 @@
 #include <cxxabi.h>
 #include <dlfcn.h>
 #include <pthread.h>
+#include <unistd.h>
 
 #include <climits>
+#include <condition_variable>
+#include <memory>
 #include <functional>
 #include <map>
 #include <mutex>
@@ -164,9 +167,88 @@ inline void emulated_thread(const ThreadTask& task) {
   gridDim = dim3{};
 }
 
-inline void* thread_trampoline(void* arg) {
-  emulated_thread(*static_cast<const ThreadTask*>(arg));
-  return nullptr;
+// OS threads for emulated CUDA threads, kept between launches: creating a thread costs more than
+// a short kernel's whole run. One launch uses the pool at a time (launches are serialised); a
+// launch hands each worker one task and waits until all are done. The pool is never destroyed
+// (workers sleep until the process exits) and is rebuilt in a forked child, which inherits the
+// pool's memory but not its threads.
+class ThreadPool {
+ public:
+  // Runs every task on its own thread and returns when all have finished; false (nothing run)
+  // when not enough threads can be started, with the number available in *available.
+  bool run(const std::vector<ThreadTask>& tasks, size_t* available) {
+    while (workers_.size() < tasks.size()) {
+      auto worker = std::make_unique<Worker>();
+      worker->pool = this;
+      pthread_attr_t attr;
+      pthread_attr_init(&attr);
+      pthread_attr_setstacksize(
+          &attr, std::max<size_t>(device_config().thread_stack_bytes, PTHREAD_STACK_MIN));
+      const int rc = pthread_create(&worker->thread, &attr, &ThreadPool::worker_main, worker.get());
+      pthread_attr_destroy(&attr);
+      if (rc != 0) {
+        *available = workers_.size();
+        return false;
+      }
+      workers_.push_back(std::move(worker));
+    }
+    {
+      std::lock_guard<std::mutex> lock(done_mu_);
+      pending_ = tasks.size();
+    }
+    for (size_t i = 0; i < tasks.size(); ++i) {
+      Worker& w = *workers_[i];
+      std::lock_guard<std::mutex> lock(w.mu);
+      w.task = &tasks[i];
+      w.cv.notify_one();
+    }
+    std::unique_lock<std::mutex> lock(done_mu_);
+    done_cv_.wait(lock, [&] { return pending_ == 0; });
+    *available = workers_.size();
+    return true;
+  }
+
+ private:
+  struct Worker {
+    ThreadPool* pool = nullptr;
+    pthread_t thread{};
+    std::mutex mu;
+    std::condition_variable cv;
+    const ThreadTask* task = nullptr;
+  };
+
+  static void* worker_main(void* arg) {
+    Worker& w = *static_cast<Worker*>(arg);
+    for (;;) {
+      const ThreadTask* task;
+      {
+        std::unique_lock<std::mutex> lock(w.mu);
+        w.cv.wait(lock, [&] { return w.task != nullptr; });
+        task = w.task;
+        w.task = nullptr;
+      }
+      emulated_thread(*task);
+      std::lock_guard<std::mutex> lock(w.pool->done_mu_);
+      if (--w.pool->pending_ == 0) w.pool->done_cv_.notify_all();
+    }
+    return nullptr;
+  }
+
+  std::vector<std::unique_ptr<Worker>> workers_;
+  std::mutex done_mu_;
+  std::condition_variable done_cv_;
+  size_t pending_ = 0;
+};
+
+// Called with launch_mutex() held.
+inline ThreadPool& thread_pool() {
+  static ThreadPool* pool = nullptr;
+  static pid_t owner = 0;
+  if (pool == nullptr || owner != getpid()) {
+    pool = new ThreadPool();  // intentionally never deleted: its threads outlive static destructors
+    owner = getpid();
+  }
+  return *pool;
 }
 
 inline cudaError_t launch_erased(bool cooperative, const void* fn, dim3 grid, dim3 block,
@@ -244,36 +326,13 @@ inline cudaError_t launch_erased(bool cooperative, const void* fn, dim3 grid, di
       tasks.push_back(ThreadTask{&l, &body, tid, 0, l.num_blocks, true});
     }
   }
-  pthread_attr_t attr;
-  pthread_attr_init(&attr);
-  pthread_attr_setstacksize(&attr, std::max<size_t>(c.thread_stack_bytes, PTHREAD_STACK_MIN));
-  std::vector<pthread_t> threads_started;
-  threads_started.reserve(tasks.size());
-  bool creation_failed = false;
-  for (const ThreadTask& task : tasks) {
-    pthread_t thread;
-    if (pthread_create(&thread, &attr, thread_trampoline,
-                       const_cast<ThreadTask*>(&task)) != 0) {
-      creation_failed = true;
-      break;
-    }
-    threads_started.push_back(thread);
+  size_t available = 0;
+  if (!thread_pool().run(tasks, &available)) {
+    return fail(cudaErrorLaunchOutOfResources,
+                "could not start " + std::to_string(tasks.size()) +
+                    " OS threads for the emulated launch (" + std::to_string(available) +
+                    " available)");
   }
-  pthread_attr_destroy(&attr);
-  if (creation_failed) {
-    {
-      std::lock_guard<std::mutex> lock(l.fault_mu);
-      if (!l.faulted.load()) {
-        l.fault_message = "could not start " + std::to_string(tasks.size()) +
-                          " OS threads for the emulated launch (started " +
-                          std::to_string(threads_started.size()) + ")";
-        l.faulted.store(true);
-      }
-    }
-    wake_all(l);
-  }
-  for (pthread_t thread : threads_started) pthread_join(thread, nullptr);
-  if (creation_failed) return fail(cudaErrorLaunchOutOfResources, l.fault_message);
   if (l.faulted.load()) return record_error(cudaErrorLaunchFailure, l.fault_message);
   return cudaSuccess;
 }
