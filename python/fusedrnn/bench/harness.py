@@ -143,10 +143,12 @@ def _check_accuracy(cfg, mode, torch_module, sets, mats, device, dtype, active, 
         report = accuracy.compare(found, expected)
         rows[name]["max_rel_err"] = report.max_rel_err
         rows[name]["max_rel_err_at"] = report.note or report.worst
+    # Only fusedrnn is judged; the other rows' errors are context (torch's own error in the dtype,
+    # the reference's, which computes half types without fp32 state).
     torch_err = rows.get("torch", {}).get("max_rel_err")
-    for name in comparable:
-        if name != "torch" and rows[name]["error"] is None:
-            rows[name]["err_ok"] = accuracy.within_tolerance(cfg.dtype, rows[name]["max_rel_err"], torch_err)
+    fused = rows.get("fusedrnn")
+    if "fusedrnn" in comparable and fused["error"] is None:
+        fused["err_ok"] = accuracy.within_tolerance(cfg.dtype, fused["max_rel_err"], torch_err)
 
 
 def _fill_timing(row: dict, stats: Stats, cfg: BenchConfig, mode: str, lengths) -> None:
