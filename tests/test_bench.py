@@ -251,3 +251,8 @@ def test_timing_rounds_interleave_and_survive_a_failing_implementation():
     steady = Runner("steady", lambda i: None, call_of("steady"))
     measured = measure([flaky, steady], CpuClock(), Plan(warmup=0, repeats=5, input_sets=1))
     assert "boom" in measured["flaky"].error and len(measured["steady"].samples) == 5
+
+
+def test_dtype_override_deduplicates_shapes():
+    chosen, notes = configs.select("anchor", "cpu", dtypes=["fp32"])
+    assert [c.name for c in chosen] == ["lstm-B16-T1024-H768-fp32"] and notes == []

@@ -228,9 +228,10 @@ def select(preset: str, device: str, cells: Optional[Sequence[str]] = None,
     chosen: List[BenchConfig] = []
     seen = set()
     for c in configs:
-        if c in seen:
+        key = (c.name, c.modes)  # the same shape reached twice (e.g. fp16 and bf16 both made fp32)
+        if key in seen:
             continue
-        seen.add(c)
+        seen.add(key)
         if device == "cpu" and c.cuda_only and not dtypes:
             notes.append(f"{c.name}: CUDA-only configuration, skipped on cpu")
             continue
