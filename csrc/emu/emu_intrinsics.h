@@ -183,6 +183,47 @@ inline void __syncwarp(unsigned mask = 0xFFFFFFFFu,
                              loc, [](const emu::detail::WarpSlot&) {});
 }
 
+// __match_any_sync: the participating lanes whose value has the same bits as this lane's.
+// __match_all_sync: the participating lanes if all values are equal (*pred = 1), else 0.
+namespace emu::detail {
+template <class T>
+inline unsigned match(bool all, unsigned mask, T value, int* pred, const char* what,
+                      const std::source_location& loc) {
+  static_assert(std::is_trivially_copyable_v<T> && sizeof(T) <= 8,
+                "__match_*_sync compares values of at most 8 bytes");
+  uint32_t words[2] = {0, 0};
+  std::memcpy(words, &value, sizeof(T));
+  const int lane = context_or_fault(what).lane;
+  unsigned same = 0, participants = 0;
+  warp_exchange(WarpOp::kMatchAny, all ? 1 : 0, mask, words, 2, what, loc,
+                [&](const WarpSlot& slot) {
+                  participants = slot.arrived;
+                  for (int other = 0; other < 32; ++other) {
+                    if ((slot.arrived >> other & 1u) &&
+                        slot.words[other][0] == slot.words[lane][0] &&
+                        slot.words[other][1] == slot.words[lane][1]) {
+                      same |= 1u << other;
+                    }
+                  }
+                });
+  if (!all) return same;
+  const bool equal = same == participants;
+  if (pred != nullptr) *pred = equal ? 1 : 0;
+  return equal ? participants : 0u;
+}
+}  // namespace emu::detail
+
+template <class T>
+inline unsigned __match_any_sync(unsigned mask, T value,
+                                 const std::source_location loc = std::source_location::current()) {
+  return emu::detail::match(false, mask, value, nullptr, "__match_any_sync()", loc);
+}
+template <class T>
+inline unsigned __match_all_sync(unsigned mask, T value, int* pred,
+                                 const std::source_location loc = std::source_location::current()) {
+  return emu::detail::match(true, mask, value, pred, "__match_all_sync()", loc);
+}
+
 inline unsigned __reduce_add_sync(unsigned mask, unsigned value,
                                   const std::source_location loc = std::source_location::current()) {
   return emu::detail::warp_reduce(emu::detail::kRedAdd, mask, value, "__reduce_add_sync()", loc);

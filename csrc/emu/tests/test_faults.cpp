@@ -183,3 +183,25 @@ TEST_CASE(fault_emulator_recovers_after_faults) {
 }
 
 }  // namespace
+
+namespace {
+
+// A thread that never reaches the barrier (here: it spins for 3 s) is reported by the watchdog
+// of the threads waiting for it (set to 1 s for this test).
+__global__ void late_thread() {
+  if (threadIdx.x == 0) {
+    const long long start = clock64();
+    while (clock64() - start < 3000000000ll) __nanosleep(1000000);
+  }
+  __syncthreads();
+}
+
+TEST_CASE(fault_watchdog_reports_a_hang) {
+  const double saved = emu::device_config().watchdog_seconds;
+  emu::device_config().watchdog_seconds = 1.0;
+  CHECK_LAUNCH_FAILS(emu::launch(late_thread, dim3(1), dim3(4), 0), cudaErrorLaunchFailure,
+                     "watchdog");
+  emu::device_config().watchdog_seconds = saved;
+}
+
+}  // namespace

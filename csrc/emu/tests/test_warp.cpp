@@ -202,3 +202,27 @@ TEST_CASE(warp_syncwarp_orders_shared_memory) {
 }
 
 }  // namespace
+
+namespace {
+
+__global__ void matches(unsigned* out) {
+  const int lane = threadIdx.x;
+  int pred = -1;
+  out[lane * 3 + 0] = __match_any_sync(0xFFFFFFFFu, lane % 3);
+  out[lane * 3 + 1] = __match_all_sync(0xFFFFFFFFu, 7.5, &pred);
+  out[lane * 3 + 2] = __match_all_sync(0xFFFFFFFFu, lane / 16, &pred) | (pred == 0 ? 0u : 1u);
+}
+
+TEST_CASE(warp_match_any_all) {
+  std::vector<unsigned> out(96, 1);
+  CHECK_LAUNCH_OK(emu::launch(matches, dim3(1), dim3(32), 0, out.data()));
+  for (int lane = 0; lane < 32; ++lane) {
+    unsigned expected = 0;
+    for (int other = 0; other < 32; ++other) expected |= (other % 3 == lane % 3 ? 1u : 0u) << other;
+    CHECK_EQ(out[lane * 3 + 0], expected);
+    CHECK_EQ(out[lane * 3 + 1], 0xFFFFFFFFu);
+    CHECK_EQ(out[lane * 3 + 2], 0u);
+  }
+}
+
+}  // namespace
