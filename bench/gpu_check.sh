@@ -15,8 +15,9 @@
 #                       cmake: developer build into python/fusedrnn, run with PYTHONPATH=python
 #   GPU_CHECK_ARCH      compute capability digits, e.g. 90 (default: detected)
 #   GPU_CHECK_COMMIT    commit to record when the tree is not a git checkout
-#   GPU_CHECK_PYTEST    pytest selection (default: "-k cuda": tests marked cuda, whose marker is a
-#                       keyword, and the tests parametrized over the 'cuda' backend)
+#   GPU_CHECK_PYTEST_K  pytest -k expression (default: "cuda and not cuda_emu": the tests marked
+#                       cuda, a marker being a keyword, and those parametrized over the 'cuda'
+#                       backend; not the emulator's)
 #   GPU_CHECK_PRESET    benchmark preset (default: gpu, which holds the anchor LSTM B=16 T=1024
 #                       H=768 in fp16 and bf16)
 #   GPU_CHECK_SKIP      space-separated steps to skip: build tests memcheck racecheck synccheck bench
@@ -34,7 +35,7 @@ cd "$REPO" || exit 2
 PYTHON=${PYTHON:-python3}
 BUILD_MODE=${GPU_CHECK_BUILD:-pip}
 PRESET=${GPU_CHECK_PRESET:-gpu}
-read -r -a PYTEST_SELECTION <<< "${GPU_CHECK_PYTEST:--k cuda}"
+PYTEST_K=${GPU_CHECK_PYTEST_K:-cuda and not cuda_emu}
 SKIP=" ${GPU_CHECK_SKIP:-} "
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INDEX=1 PYTHONUNBUFFERED=1
 
@@ -61,6 +62,7 @@ run_step() {
   case $rc in
     0) status=passed ;;
     124|137) status="FAILED (timed out after ${limit}s)" ;;
+    5) status="FAILED (exit 5: pytest selected no test)" ;;
     *) status="FAILED (exit $rc)" ;;
   esac
   [ "$rc" -eq 0 ] || FAILED=$((FAILED + 1))
@@ -171,7 +173,7 @@ run_step import 60 check_import
 write_machine > "$OUT/logs/machine.log" 2>&1  # again, now that the native modules are built
 
 # --- tests ---------------------------------------------------------------------------------------
-run_step tests 300 "$PYTHON" -m pytest -q -p no:cacheprovider "${PYTEST_SELECTION[@]}" \
+run_step tests 300 "$PYTHON" -m pytest -q -p no:cacheprovider -k "$PYTEST_K" \
   --junitxml="$OUT/pytest-cuda.xml" "$REPO/tests"
 
 # --- sanitizers ----------------------------------------------------------------------------------
