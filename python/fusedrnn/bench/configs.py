@@ -6,7 +6,7 @@ modes it is timed in. Presets are plain lists in a registry, so adding a shape i
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
@@ -19,7 +19,6 @@ DTYPE_ALIASES = {
     "bf16": "bfloat16", "bfloat16": "bfloat16",
 }
 DTYPE_SHORT = {"float32": "fp32", "float64": "fp64", "float16": "fp16", "bfloat16": "bf16"}
-HALF_DTYPES = ("float16", "bfloat16")
 
 
 def canonical_dtype(name: str) -> str:
