@@ -256,3 +256,12 @@ def test_timing_rounds_interleave_and_survive_a_failing_implementation():
 def test_dtype_override_deduplicates_shapes():
     chosen, notes = configs.select("anchor", "cpu", dtypes=["fp32"])
     assert [c.name for c in chosen] == ["lstm-B16-T1024-H768-fp32"] and notes == []
+
+
+def test_issue4_targets_are_reported_on_cpu(capsys, monkeypatch, torch_as_fusedrnn):
+    target = BenchConfig("lstm", seq_len=4, batch=1, hidden=8, modes=("inference",), target_speedup=1e9)
+    monkeypatch.setitem(configs.PRESETS, "target", [target])
+    monkeypatch.setitem(configs.PRESET_HELP, "target", "test")
+    code, out, _ = run_cli(FAST_ARGS + ["--preset", "target", "--impls", "fusedrnn"], capsys)
+    assert code == 0  # a missed speed goal is information, never a failure
+    assert "target lstm-B1-T4-H8-fp32 inference" in out and "(goal >= 1e+09x) NOT met" in out

@@ -6,7 +6,7 @@ modes it is timed in. Presets are plain lists in a registry, so adding a shape i
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
@@ -52,6 +52,8 @@ class BenchConfig:
     dtype: str = "float32"
     modes: Tuple[str, ...] = MODES
     cuda_only: bool = False        # shapes that only make sense on a GPU (the anchor in fp16)
+    # Issue 4's CPU goal for this shape, as torch.nn median / fusedrnn median; reported, never asserted.
+    target_speedup: Optional[float] = field(default=None, compare=False)
 
     def __post_init__(self):
         if self.cell not in CELLS:
@@ -112,6 +114,8 @@ class BenchConfig:
         d["input_size"] = self.in_size
         d["modes"] = list(self.modes)
         d["name"] = self.name
+        if d["target_speedup"] is None:
+            del d["target_speedup"]
         return d
 
     def replace(self, **changes) -> "BenchConfig":
@@ -129,18 +133,17 @@ def _c(cell, T, B, H, modes=BOTH, **kw) -> BenchConfig:
 
 # The CPU targets of issue 4, each exactly as the issue states it (ratios against torch.nn).
 ISSUE4_TARGETS: List[BenchConfig] = [
-    _c("lstm", 100, 1, 64, INF),
-    _c("lstm", 100, 1, 128, INF),
-    _c("gru", 100, 1, 128, TRAIN),
-    _c("gru", 100, 16, 256, TRAIN),
-    _c("lstm", 100, 32, 256, TRAIN, layers=2, bidirectional=True),
-    _c("lstm", 50, 64, 512, TRAIN, input_size=512),
+    _c("lstm", 100, 1, 64, INF, target_speedup=6.0),
+    _c("lstm", 100, 1, 128, INF, target_speedup=4.0),
+    _c("gru", 100, 1, 128, TRAIN, target_speedup=5.0),
+    _c("gru", 100, 16, 256, TRAIN, target_speedup=2.0),
+    _c("lstm", 100, 32, 256, TRAIN, layers=2, bidirectional=True, target_speedup=1.4),
+    _c("lstm", 50, 64, 512, TRAIN, input_size=512, target_speedup=0.95),
 ]
+# Issue 4 also asks that no standard configuration run below this ratio.
+STANDARD_FLOOR = 0.95
 
-QUICK: List[BenchConfig] = [
-    _c("lstm", 100, 1, 64, INF),
-    _c("lstm", 100, 1, 128, INF),
-    _c("gru", 100, 1, 128, TRAIN),
+QUICK: List[BenchConfig] = ISSUE4_TARGETS[:3] + [
     _c("lstm", 50, 8, 128, TRAIN),
 ]
 

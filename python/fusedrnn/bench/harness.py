@@ -19,6 +19,7 @@ class Outcome:
     results: List[dict] = field(default_factory=list)
     skipped: List[dict] = field(default_factory=list)   # {"config", "impl", "mode", "reason"}
     notes: List[str] = field(default_factory=list)
+    device: str = "cpu"
 
     @property
     def fused_failures(self) -> List[dict]:
@@ -57,7 +58,7 @@ def run(configs: Sequence[BenchConfig], impl_names: Sequence[str], device: torch
         plan: Plan, progress: Optional[Progress] = None, check: bool = True,
         on_cell: Optional[Callable[[Outcome], None]] = None) -> Outcome:
     """on_cell(outcome) runs after every (configuration, mode), e.g. to save partial results."""
-    outcome = Outcome()
+    outcome = Outcome(device=device.type)
     impls = _resolve_impls(impl_names, device, outcome)
     progress = progress or Progress(sum(len(c.modes) for c in configs), enabled=False)
     clock = clock_for(device)

@@ -5,6 +5,7 @@ import json
 import math
 from typing import Dict, List, Optional, Sequence
 
+from .configs import STANDARD_FLOOR
 from .harness import Outcome, geometric_mean
 from .machine import header_lines
 
@@ -86,6 +87,7 @@ def summary_lines(outcome: Outcome) -> List[str]:
         worst = min((r for r in fused if r.get("speedup_vs_torch")), key=lambda r: r["speedup_vs_torch"])
         lines.append(f"fusedrnn vs torch.nn: geometric mean {geometric_mean(speeds):.2f}x over {len(speeds)} rows, "
                      f"lowest {worst['speedup_vs_torch']:.2f}x ({worst['config']['name']} {worst['mode']})")
+    lines += target_lines(outcome)
     checked = [r for r in fused if r.get("err_ok") is not None]
     bad = outcome.fused_failures
     if fused:
@@ -109,6 +111,26 @@ def summary_lines(outcome: Outcome) -> List[str]:
             reasons[key] = reasons.get(key, 0) + 1
         for key, n in sorted(reasons.items()):
             lines.append(f"skipped {n} row(s), {key}")
+    return lines
+
+
+def target_lines(outcome: Outcome) -> List[str]:
+    """Issue 4's CPU goals next to what this run measured (information: timings never assert)."""
+    lines = []
+    for r in outcome.results:
+        goal = r["config"].get("target_speedup")
+        if r["impl"] != "fusedrnn" or goal is None or outcome.device != "cpu":
+            continue
+        got = r.get("speedup_vs_torch")
+        verdict = "-" if got is None else ("met" if got >= goal else "NOT met")
+        shown = f"{got:.2f}x" if got is not None else "not measured"
+        lines.append(f"target {r['config']['name']} {r['mode']}: {shown} (goal >= {goal:g}x) {verdict}")
+    slow = [r for r in outcome.results if r["impl"] == "fusedrnn" and r.get("speedup_vs_torch") is not None
+            and r["speedup_vs_torch"] < STANDARD_FLOOR]
+    if outcome.device == "cpu" and slow:
+        names = ", ".join(f"{r['config']['name']} {r['mode']} {r['speedup_vs_torch']:.2f}x" for r in slow[:6])
+        lines.append(f"below the {STANDARD_FLOOR:g}x floor: {len(slow)} fusedrnn row(s): {names}"
+                     + (", ..." if len(slow) > 6 else ""))
     return lines
 
 
