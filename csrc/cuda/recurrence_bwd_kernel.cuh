@@ -173,8 +173,8 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
       if (d_src != nullptr) {
         load_act_chunk(act, act_pitch, d_src + static_cast<int64_t>(b0) * GH, GH, nb, GH);
         __syncthreads();
-        block_product_partials<kWeightsInSmem, kWeightsInSmem>(state_rows, nc, act, act_pitch, nb, GH, partials,
-                                               tiling);
+        block_product_partials<kWeightsInSmem, kWeightsInSmem>(state_rows, nc, act, act_pitch,
+                                                                nb, GH, partials, tiling);
         __syncthreads();
       }
       for (int i = threadIdx.x; i < nb * nc; i += blockDim.x) {
@@ -208,7 +208,9 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
           unit_padded<Cell, T>(p, b, col, row, d_dst);
         }
       }
-      __syncthreads();  // act and partials are reused by the next chunk
+      // act and partials are reused by the next chunk; after the last chunk a grid barrier
+      // (which includes a block barrier) comes first.
+      if (b0 + geo.batch_chunk < B) __syncthreads();
     }
     if (s < 0) break;  // uniform: every block reaches it at the same iteration
 
@@ -220,8 +222,8 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
         load_act_chunk(act, act_pitch, dh_exchange + static_cast<int64_t>(b0) * P, P, nb, P);
         __syncthreads();
         const ProductTiling tiling = product_tiling<kWeightsInSmem, T>(nu, nb, P);
-        block_product_partials<kWeightsInSmem, kWeightsInSmem>(proj_rows, nu, act, act_pitch, nb, P, partials,
-                                               tiling);
+        block_product_partials<kWeightsInSmem, kWeightsInSmem>(proj_rows, nu, act, act_pitch,
+                                                                nb, P, partials, tiling);
         __syncthreads();
         for (int i = threadIdx.x; i < nb * nu; i += blockDim.x) {
           const int bl = i / nu;
@@ -235,7 +237,9 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
             unit_padded<Cell, T>(p, b, u0 + u, row, d_dst);
           }
         }
-        __syncthreads();
+        // act and partials are reused by the next chunk; after the last chunk a grid barrier
+        // (which includes a block barrier) comes first.
+        if (b0 + geo.batch_chunk < B) __syncthreads();
       }
     }
     grid_barrier();  // dpre_s complete in d_dst for every block

@@ -97,7 +97,8 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
                      P, nb, P);
       __syncthreads();
       const ProductTiling tiling = product_tiling<kWeightsInSmem, T>(G * nu, nb, P);
-      block_product_partials<true, kWeightsInSmem>(gate_rows, G * nu, act, act_pitch, nb, P, partials, tiling);
+      block_product_partials<true, kWeightsInSmem>(gate_rows, G * nu, act, act_pitch, nb, P,
+                                                   partials, tiling);
       __syncthreads();
       for (int i = threadIdx.x; i < nb * nu; i += blockDim.x) {
         const int bl = i / nu;
@@ -153,7 +154,9 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
           if (last) static_cast<T*>(p.hn)[static_cast<int64_t>(b) * P + unit] = h_val;
         }
       }
-      __syncthreads();  // act and partials are reused by the next chunk
+      // act and partials are reused by the next chunk; after the last chunk a grid barrier
+      // (which includes a block barrier) comes first.
+      if (b0 + geo.batch_chunk < B) __syncthreads();
     }
 
     // ---- phase 1 (projected LSTM): h_s = r_s W_hr^T for the block's state columns
@@ -164,7 +167,8 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
         load_act_chunk(act, act_pitch, r_exchange + static_cast<int64_t>(b0) * H, H, nb, H);
         __syncthreads();
         const ProductTiling tiling = product_tiling<kWeightsInSmem, T>(nc, nb, H);
-        block_product_partials<true, kWeightsInSmem>(proj_rows, nc, act, act_pitch, nb, H, partials, tiling);
+        block_product_partials<true, kWeightsInSmem>(proj_rows, nc, act, act_pitch, nb, H,
+                                                     partials, tiling);
         __syncthreads();
         for (int i = threadIdx.x; i < nb * nc; i += blockDim.x) {
           const int bl = i / nc;
@@ -183,7 +187,9 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
           h_dst[at] = h_val;
           if (s == row.length - 1) static_cast<T*>(p.hn)[at] = h_val;
         }
-        __syncthreads();
+        // act and partials are reused by the next chunk; after the last chunk a grid barrier
+        // (which includes a block barrier) comes first.
+        if (b0 + geo.batch_chunk < B) __syncthreads();
       }
     }
     grid_barrier();  // h_s complete in h_dst for every block
