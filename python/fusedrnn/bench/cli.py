@@ -93,6 +93,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         configs, notes = config_registry.select(args.preset, device_name, _csv(args.cell), _csv(args.dtype), args.only)
         impl_names = impls.parse_impls(args.impls)
+        # Third-party libraries that are not installed drop out silently, also from the header.
+        impl_names = [n for n in impl_names if not (impls.REGISTRY[n].silent_when_missing
+                                                    and impls.REGISTRY[n].unavailable(device))]
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
