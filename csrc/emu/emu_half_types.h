@@ -93,6 +93,8 @@ struct __align__(2) __half {
   __half(double d) : __x(emu::detail::double_to_half_bits(d)) {}
   __half(int i) : __x(emu::detail::double_to_half_bits(i)) {}
   __half(unsigned u) : __x(emu::detail::double_to_half_bits(u)) {}
+  __half(long i) : __x(emu::detail::double_to_half_bits(static_cast<double>(i))) {}
+  __half(unsigned long u) : __x(emu::detail::double_to_half_bits(static_cast<double>(u))) {}
   __half(long long i) : __x(emu::detail::double_to_half_bits(static_cast<double>(i))) {}
   __half(unsigned long long u) : __x(emu::detail::double_to_half_bits(static_cast<double>(u))) {}
   __half(short i) : __x(emu::detail::double_to_half_bits(i)) {}
@@ -145,6 +147,8 @@ struct __align__(2) __nv_bfloat16 {
   __nv_bfloat16(double d) : __x(emu::detail::double_to_bf16_bits(d)) {}
   __nv_bfloat16(int i) : __x(emu::detail::double_to_bf16_bits(i)) {}
   __nv_bfloat16(unsigned u) : __x(emu::detail::double_to_bf16_bits(u)) {}
+  __nv_bfloat16(long i) : __x(emu::detail::double_to_bf16_bits(static_cast<double>(i))) {}
+  __nv_bfloat16(unsigned long u) : __x(emu::detail::double_to_bf16_bits(static_cast<double>(u))) {}
   __nv_bfloat16(long long i) : __x(emu::detail::double_to_bf16_bits(static_cast<double>(i))) {}
   __nv_bfloat16(unsigned long long u)
       : __x(emu::detail::double_to_bf16_bits(static_cast<double>(u))) {}
