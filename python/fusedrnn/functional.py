@@ -2,7 +2,8 @@
 
 Per layer (DESIGN.md, "The one idea behind the speed"):
   1. the input projection of all directions is ONE torch GEMM (the directions' W_ih concatenated),
-     left to torch autograd, so dx, dW_ih and db_ih are torch GEMMs too;
+     left to torch autograd, so dx and dW_ih are torch GEMMs too; for LSTM and RNN b_ih joins
+     b_hh (the kernel adds b_ih + b_hh), so the GEMM has no bias and one sum gives both bias grads;
   2. `_LayerRecurrence` runs the recurrence of all directions in one native call, each direction
      writing straight into its half of the [T, B, D*P] output (strided views, no concat);
   3. its backward runs the native backward recurrence, which returns the gate pre-activation
@@ -136,8 +137,14 @@ def _layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor], c0: Option
     """x [T, B, I] -> (out [T, B, D*P], h_n [D, B, P], c_n [D, B, H] or None)."""
     w_ih = torch.cat([w[0] for w in layer_weights]) if len(layer_weights) > 1 else layer_weights[0][0]
     has_bias = layer_weights[0][2] is not None
+    # LSTM and RNN add b_ih and b_hh to the same pre-activation: the kernel adds b_ih + b_hh once
+    # and the projection is a plain GEMM. That saves addmm's broadcast copy of the bias into its
+    # [T*B, D*G*H] result, and backward sums the pre-activation gradient once (the add's backward
+    # hands that one sum to both biases) instead of once per bias. GRU's b_hn sits inside
+    # r * (W_hn h + b_hn), so GRU keeps b_ih in the projection.
+    fold_bias = has_bias and cell != "gru"
     b_ih = None
-    if has_bias:
+    if has_bias and not fold_bias:
         b_ih = torch.cat([w[2] for w in layer_weights]) if len(layer_weights) > 1 else layer_weights[0][2]
     xproj = F.linear(x, w_ih, b_ih)  # [T, B, D*G*H]: every direction in one GEMM
     if xproj.stride(2) != 1:
@@ -145,7 +152,9 @@ def _layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor], c0: Option
 
     spec = _LayerSpec(cell, len(layer_weights), has_bias, layer_weights[0][4] is not None)
     params = [w[1] for w in layer_weights]
-    if spec.has_bias:
+    if fold_bias:
+        params += [w[2] + w[3] for w in layer_weights]
+    elif spec.has_bias:
         params += [w[3] for w in layer_weights]
     if spec.has_proj:
         params += [w[4] for w in layer_weights]
@@ -346,7 +355,7 @@ def _recurrent_weight_grad(d_pre: Tensor, out: Tensor, h0: Optional[Tensor],
             first = d_pre[seq_len - 1]
         else:
             first = d_pre[lengths - 1, torch.arange(batch, device=d_pre.device)]
-        grad = grad.addmm(first.t(), h0)
+        grad.addmm_(first.t(), h0)  # in place: grad is this function's own fresh result
     return grad
 
 
