@@ -192,3 +192,146 @@ def run_backward(cell: str, dirs: list[DirectionBackward], lengths: Optional[tor
     ws = _workspace(module, "backward", params, first.w_hh.device)
     module.backward(params)
     del ws
+
+
+# --- whole-layer entry points (the functional core's hot path) ------------------------------------
+#
+# run_forward/run_backward above take one dataclass of views per direction; building those views
+# and dataclasses costs more than the native call itself at small sizes (B=1, H=64: ~60 us of
+# kernel). The functions below take a layer's tensors with the direction as a leading dimension
+# (or, for [T, B, D*X] sequences, as a slice of the last one) and compute each direction's
+# pointers by offset arithmetic. Same structs, same native calls, same semantics.
+
+
+
+def _dir_ptr(t: Optional[torch.Tensor], d: int) -> int:
+    """Data pointer of t[d] for a contiguous [D, ...] tensor (0 for None)."""
+    if t is None:
+        return 0
+    return t.data_ptr() + d * t.stride(0) * t.element_size()
+
+
+def _dir_seq(t: Optional[torch.Tensor], d: int):
+    """SeqTensor tuple of t[d] for a [D, T, B, X] tensor with a contiguous last dimension."""
+    if t is None:
+        return (0, 0, 0)
+    return (t.data_ptr() + d * t.stride(0) * t.element_size(), t.stride(1), t.stride(2))
+
+
+def _half_seq(t: Optional[torch.Tensor], d: int, width: int):
+    """SeqTensor tuple of t[:, :, d*width:(d+1)*width] for a [T, B, D*width] tensor."""
+    if t is None:
+        return (0, 0, 0)
+    return (t.data_ptr() + d * width * t.element_size(), t.stride(0), t.stride(1))
+
+
+def _check_layer_operands(named) -> None:
+    for name, t in named:
+        if t is not None and not t.is_contiguous():
+            raise RuntimeError(f"fusedrnn internal error: {name} must be contiguous")
+
+
+def _check_seq_operands(named) -> None:
+    for name, t in named:
+        if t is not None and (t.dim() != 3 or (t.size(2) > 1 and t.stride(2) != 1)):
+            raise RuntimeError(
+                f"fusedrnn internal error: {name} must be [T, B, X] with a contiguous last "
+                f"dimension, got shape {tuple(t.shape)} strides {t.stride()}")
+
+
+def forward_layer(cell: str, xproj: torch.Tensor, w_hh, b_hh, w_hr, h0, c0, out: torch.Tensor,
+                  hn: torch.Tensor, cn, gates, c_seq, r_seq, lengths) -> None:
+    """One native forward call for all D directions of a layer.
+
+    xproj [T, B, D*G*H] (last dim contiguous); w_hh, b_hh, w_hr: sequences of D tensors (or Nones),
+    contiguous; h0 [D, B, P], c0 [D, B, H] contiguous or None; out [T, B, D*P] (last dim
+    contiguous); hn [D, B, P], cn [D, B, H] contiguous; gates [D, T, B, S*H], c_seq and r_seq
+    [D, T, B, H] contiguous or None (inference). Direction 1 runs reversed.
+    """
+    num_dirs = len(w_hh)
+    device = xproj.device
+    module = module_for(device)
+    seq_len, batch = xproj.shape[0], xproj.shape[1]
+    gates_width = xproj.shape[2] // num_dirs
+    hidden = gates_width // GATE_COUNT[cell]
+    state = w_hh[0].shape[1]
+    _check_seq_operands((("xproj", xproj), ("out", out)))
+    _check_layer_operands((("h0", h0), ("c0", c0), ("hn", hn), ("cn", cn), ("gates", gates),
+                           ("c_seq", c_seq), ("r_seq", r_seq), ("lengths", lengths)))
+    _check_layer_operands([("w_hh", w) for w in w_hh] + [("b_hh", b) for b in b_hh]
+                          + [("w_hr", w) for w in w_hr])
+    cell_code, dtype_code = CELL_CODES[cell], DTYPE_CODES[w_hh[0].dtype]
+    lengths_ptr = lengths.data_ptr() if lengths is not None else 0
+    threads = torch.get_num_threads()
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    params = []
+    for d in range(num_dirs):
+        p = module.FwdParams()
+        p.cell, p.dtype = cell_code, dtype_code
+        p.seq_len, p.batch, p.hidden, p.state = seq_len, batch, hidden, state
+        p.reverse = d == 1
+        p.lengths = lengths_ptr
+        p.xproj = _half_seq(xproj, d, gates_width)
+        p.w_hh = w_hh[d].data_ptr()
+        p.b_hh = b_hh[d].data_ptr() if b_hh[d] is not None else 0
+        p.w_hr = w_hr[d].data_ptr() if w_hr[d] is not None else 0
+        p.h0, p.c0 = _dir_ptr(h0, d), _dir_ptr(c0, d)
+        p.out = _half_seq(out, d, state)
+        p.hn, p.cn = _dir_ptr(hn, d), _dir_ptr(cn, d)
+        if gates is not None or c_seq is not None or r_seq is not None:
+            p.gates, p.c_seq, p.r_seq = _dir_seq(gates, d), _dir_seq(c_seq, d), _dir_seq(r_seq, d)
+        p.num_threads, p.cuda_stream = threads, stream
+        params.append(p)
+    ws = _workspace(module, "forward", params, device)
+    module.forward(params)
+    del ws  # torch's allocator orders the free after the kernel on the stream
+
+
+def backward_layer(cell: str, w_hh, b_hh, w_hr, h0, c0, out: torch.Tensor, gates, c_seq, d_out,
+                   d_hn, d_cn, d_xproj: torch.Tensor, d_hproj, d_h_seq, d_h0: torch.Tensor, d_c0,
+                   lengths) -> None:
+    """One native backward call for all D directions of a layer; layouts as in forward_layer,
+    plus d_out [T, B, D*P] (last dim contiguous) or None, d_hn [D, B, P], d_cn [D, B, H] or None,
+    d_xproj and d_hproj [T, B, D*G*H], d_h_seq [D, T, B, P], d_h0 [D, B, P], d_c0 [D, B, H]."""
+    num_dirs = len(w_hh)
+    device = out.device
+    module = module_for(device)
+    seq_len, batch = out.shape[0], out.shape[1]
+    gates_width = d_xproj.shape[2] // num_dirs
+    hidden = gates_width // GATE_COUNT[cell]
+    state = w_hh[0].shape[1]
+    _check_seq_operands((("out", out), ("d_out", d_out), ("d_xproj", d_xproj),
+                         ("d_hproj", d_hproj)))
+    _check_layer_operands((("h0", h0), ("c0", c0), ("gates", gates), ("c_seq", c_seq),
+                           ("d_hn", d_hn), ("d_cn", d_cn), ("d_h_seq", d_h_seq), ("d_h0", d_h0),
+                           ("d_c0", d_c0), ("lengths", lengths)))
+    _check_layer_operands([("w_hh", w) for w in w_hh] + [("b_hh", b) for b in b_hh]
+                          + [("w_hr", w) for w in w_hr])
+    cell_code, dtype_code = CELL_CODES[cell], DTYPE_CODES[w_hh[0].dtype]
+    lengths_ptr = lengths.data_ptr() if lengths is not None else 0
+    threads = torch.get_num_threads()
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    params = []
+    for d in range(num_dirs):
+        p = module.BwdParams()
+        p.cell, p.dtype = cell_code, dtype_code
+        p.seq_len, p.batch, p.hidden, p.state = seq_len, batch, hidden, state
+        p.reverse = d == 1
+        p.lengths = lengths_ptr
+        p.w_hh = w_hh[d].data_ptr()
+        p.b_hh = b_hh[d].data_ptr() if b_hh[d] is not None else 0
+        p.w_hr = w_hr[d].data_ptr() if w_hr[d] is not None else 0
+        p.h0, p.c0 = _dir_ptr(h0, d), _dir_ptr(c0, d)
+        p.out = _half_seq(out, d, state)
+        p.gates, p.c_seq = _dir_seq(gates, d), _dir_seq(c_seq, d)
+        p.d_out = _half_seq(d_out, d, state)
+        p.d_hn, p.d_cn = _dir_ptr(d_hn, d), _dir_ptr(d_cn, d)
+        p.d_xproj = _half_seq(d_xproj, d, gates_width)
+        p.d_hproj = _half_seq(d_hproj, d, gates_width)
+        p.d_h_seq = _dir_seq(d_h_seq, d)
+        p.d_h0, p.d_c0 = _dir_ptr(d_h0, d), _dir_ptr(d_c0, d)
+        p.num_threads, p.cuda_stream = threads, stream
+        params.append(p)
+    ws = _workspace(module, "backward", params, device)
+    module.backward(params)
+    del ws

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _backend
-from ._backend import GATE_COUNT, SAVED_GATE_COUNT, DirectionBackward, DirectionForward
+from ._backend import GATE_COUNT, SAVED_GATE_COUNT
 
 CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
 # Precisions the CPU kernels do not implement: computed in float32, returned in the input's dtype.
@@ -49,6 +49,9 @@ def rnn(cell: str, input: Tensor, weights, hx=None, *, num_layers: int = 1,
                          f"(num_layers * num_directions), got {len(weights)}")
     # Autocast would turn the input projection into another dtype than the recurrent weights, and
     # the native call takes one dtype for all its tensors: dtypes are chosen explicitly here.
+    if not torch.is_autocast_enabled(input.device.type):  # entering autocast costs ~3 us
+        return _rnn(cell, input, weights, hx, num_layers, num_directions, batch_first, lengths,
+                    dropout, training, dropout_fn)
     with torch.autocast(input.device.type, enabled=False):
         return _rnn(cell, input, weights, hx, num_layers, num_directions, batch_first, lengths,
                     dropout, training, dropout_fn)
@@ -78,8 +81,11 @@ def _rnn(cell, input, weights, hx, num_layers, num_directions, batch_first, leng
     for layer in range(num_layers):
         first, last = layer * num_directions, (layer + 1) * num_directions
         layer_weights = weights[first:last]
-        h0 = _contiguous(h0_all[first:last]) if h0_all is not None else None
-        c0 = _contiguous(c0_all[first:last]) if c0_all is not None else None
+        h0, c0 = h0_all, c0_all
+        if num_layers > 1:  # one layer: no slice (in training, no SliceBackward zero-fill)
+            h0 = h0_all[first:last] if h0_all is not None else None
+            c0 = c0_all[first:last] if c0_all is not None else None
+        h0, c0 = _contiguous(h0), _contiguous(c0)
         if batch == 0 or layer_weights[0][1].size(0) == 0:
             x, hn, cn = _empty_layer(cell, x, layer_weights, num_directions)
         else:
@@ -209,20 +215,9 @@ def _recurrence_forward(spec: _LayerSpec, lengths, xproj, h0, c0, w_hh, b_hh, w_
                 num_dirs, seq_len, batch, hidden)
 
     _check_native_operands(xproj, [h0, c0, *w_hh, *b_hh, *w_hr])
-    directions = []
-    for d in range(num_dirs):
-        directions.append(DirectionForward(
-            xproj=xproj[:, :, d * gates_width:(d + 1) * gates_width],
-            w_hh=w_hh[d].contiguous(), b_hh=_contiguous(b_hh[d]), w_hr=_contiguous(w_hr[d]),
-            h0=h0[d] if h0 is not None else None,
-            c0=c0[d] if c0 is not None else None,
-            out=out[:, :, d * state:(d + 1) * state], hn=hn[d],
-            cn=cn[d] if cn is not None else None,
-            reverse=d == 1,
-            gates=gates[d] if gates is not None else None,
-            c_seq=c_seq[d] if c_seq is not None else None,
-            r_seq=r_seq[d] if r_seq is not None else None))
-    _backend.run_forward(cell, directions, lengths)
+    _backend.forward_layer(cell, xproj, [w.contiguous() for w in w_hh],
+                           [_contiguous(b) for b in b_hh], [_contiguous(w) for w in w_hr],
+                           h0, c0, out, hn, cn, gates, c_seq, r_seq, lengths)
     return out, hn, cn, (gates, c_seq, r_seq)
 
 
@@ -271,6 +266,11 @@ class _LayerRecurrence(torch.autograd.Function):
         d_h0 = out.new_empty(num_dirs, batch, state)
         d_c0 = out.new_empty(num_dirs, batch, hidden) if cell == "lstm" else None
 
+        _backend.backward_layer(
+            cell, [w.contiguous() for w in w_hh], [_contiguous(b) for b in b_hh],
+            [_contiguous(w) for w in w_hr], h0, c0, out, gates, c_seq, d_out, d_hn, d_cn,
+            d_xproj, d_hproj, d_h_seq, d_h0, d_c0, lengths)
+
         def gate_half(t, d):
             return t[:, :, d * gates_width:(d + 1) * gates_width] if t is not None else None
 
@@ -279,16 +279,6 @@ class _LayerRecurrence(torch.autograd.Function):
 
         def pick(t, d):
             return t[d] if t is not None else None
-
-        directions = [DirectionBackward(
-            w_hh=w_hh[d].contiguous(), b_hh=_contiguous(b_hh[d]), w_hr=_contiguous(w_hr[d]),
-            h0=pick(h0, d), c0=pick(c0, d), out=state_half(out, d),
-            gates=pick(gates, d), c_seq=pick(c_seq, d),
-            d_out=state_half(d_out, d), d_hn=pick(d_hn, d), d_cn=pick(d_cn, d),
-            d_xproj=gate_half(d_xproj, d), d_hproj=gate_half(d_hproj, d),
-            d_h_seq=pick(d_h_seq, d), d_h0=d_h0[d], d_c0=pick(d_c0, d), reverse=d == 1)
-            for d in range(num_dirs)]
-        _backend.run_backward(cell, directions, lengths)
 
         d_pre = d_hproj if d_hproj is not None else d_xproj
         d_w_hh, d_b_hh, d_w_hr = [], [], []
