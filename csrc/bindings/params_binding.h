@@ -202,6 +202,39 @@ inline void bind_params(py::module_& m) {
                       "fusedrnn::RecurrenceFwdParams: one layer, one direction, forward "
                       "(see csrc/include/fusedrnn/params.h)");
   fwd.def(py::init<>());
+  // Every field in one call (workspace left null): the Python front builds a struct per direction
+  // per call, and ~22 attribute stores cost more than the native call at small sizes.
+  fwd.def(py::init([](int32_t cell, int32_t dtype, int64_t seq_len, int64_t batch, int64_t hidden,
+                      int64_t state, bool reverse, uintptr_t lengths, const SeqTuple& xproj,
+                      uintptr_t w_hh, uintptr_t b_hh, uintptr_t w_hr, uintptr_t h0, uintptr_t c0,
+                      const SeqTuple& out, uintptr_t hn, uintptr_t cn, const SeqTuple& gates,
+                      const SeqTuple& c_seq, const SeqTuple& r_seq, int64_t num_threads,
+                      int64_t cuda_stream) {
+            Fwd p;
+            p.cell = static_cast<CellKind>(cell);
+            p.dtype = static_cast<DType>(dtype);
+            p.seq_len = seq_len;
+            p.batch = batch;
+            p.hidden = hidden;
+            p.state = state;
+            p.reverse = reverse;
+            p.lengths = reinterpret_cast<const int64_t*>(lengths);
+            p.xproj = seq_from_tuple(xproj);
+            p.w_hh = reinterpret_cast<const void*>(w_hh);
+            p.b_hh = reinterpret_cast<const void*>(b_hh);
+            p.w_hr = reinterpret_cast<const void*>(w_hr);
+            p.h0 = reinterpret_cast<const void*>(h0);
+            p.c0 = reinterpret_cast<const void*>(c0);
+            p.out = seq_from_tuple(out);
+            p.hn = reinterpret_cast<void*>(hn);
+            p.cn = reinterpret_cast<void*>(cn);
+            p.gates = seq_from_tuple(gates);
+            p.c_seq = seq_from_tuple(c_seq);
+            p.r_seq = seq_from_tuple(r_seq);
+            p.num_threads = num_threads;
+            p.cuda_stream = cuda_stream;
+            return p;
+          }));
   def_shape_fields<Fwd>(fwd);
   def_seq(fwd, "xproj", &Fwd::xproj);
   def_pointer(fwd, "w_hh", &Fwd::w_hh);
@@ -221,6 +254,42 @@ inline void bind_params(py::module_& m) {
                       "fusedrnn::RecurrenceBwdParams: one layer, one direction, backward "
                       "(see csrc/include/fusedrnn/params.h)");
   bwd.def(py::init<>());
+  bwd.def(py::init([](int32_t cell, int32_t dtype, int64_t seq_len, int64_t batch, int64_t hidden,
+                      int64_t state, bool reverse, uintptr_t lengths, uintptr_t w_hh,
+                      uintptr_t b_hh, uintptr_t w_hr, uintptr_t h0, uintptr_t c0,
+                      const SeqTuple& out, const SeqTuple& gates, const SeqTuple& c_seq,
+                      const SeqTuple& d_out, uintptr_t d_hn, uintptr_t d_cn,
+                      const SeqTuple& d_xproj, const SeqTuple& d_hproj, const SeqTuple& d_h_seq,
+                      uintptr_t d_h0, uintptr_t d_c0, int64_t num_threads, int64_t cuda_stream) {
+            Bwd p;
+            p.cell = static_cast<CellKind>(cell);
+            p.dtype = static_cast<DType>(dtype);
+            p.seq_len = seq_len;
+            p.batch = batch;
+            p.hidden = hidden;
+            p.state = state;
+            p.reverse = reverse;
+            p.lengths = reinterpret_cast<const int64_t*>(lengths);
+            p.w_hh = reinterpret_cast<const void*>(w_hh);
+            p.b_hh = reinterpret_cast<const void*>(b_hh);
+            p.w_hr = reinterpret_cast<const void*>(w_hr);
+            p.h0 = reinterpret_cast<const void*>(h0);
+            p.c0 = reinterpret_cast<const void*>(c0);
+            p.out = seq_from_tuple(out);
+            p.gates = seq_from_tuple(gates);
+            p.c_seq = seq_from_tuple(c_seq);
+            p.d_out = seq_from_tuple(d_out);
+            p.d_hn = reinterpret_cast<const void*>(d_hn);
+            p.d_cn = reinterpret_cast<const void*>(d_cn);
+            p.d_xproj = seq_from_tuple(d_xproj);
+            p.d_hproj = seq_from_tuple(d_hproj);
+            p.d_h_seq = seq_from_tuple(d_h_seq);
+            p.d_h0 = reinterpret_cast<void*>(d_h0);
+            p.d_c0 = reinterpret_cast<void*>(d_c0);
+            p.num_threads = num_threads;
+            p.cuda_stream = cuda_stream;
+            return p;
+          }));
   def_shape_fields<Bwd>(bwd);
   def_pointer(bwd, "w_hh", &Bwd::w_hh);
   def_pointer(bwd, "b_hh", &Bwd::b_hh);

@@ -239,6 +239,38 @@ def _check_seq_operands(named) -> None:
                 f"dimension, got shape {tuple(t.shape)} strides {t.stride()}")
 
 
+# Field order of the all-fields constructors in csrc/bindings/params_binding.h.
+_FWD_FIELDS = ("cell", "dtype", "seq_len", "batch", "hidden", "state", "reverse", "lengths",
+               "xproj", "w_hh", "b_hh", "w_hr", "h0", "c0", "out", "hn", "cn", "gates", "c_seq",
+               "r_seq", "num_threads", "cuda_stream")
+_BWD_FIELDS = ("cell", "dtype", "seq_len", "batch", "hidden", "state", "reverse", "lengths",
+               "w_hh", "b_hh", "w_hr", "h0", "c0", "out", "gates", "c_seq", "d_out", "d_hn",
+               "d_cn", "d_xproj", "d_hproj", "d_h_seq", "d_h0", "d_c0", "num_threads",
+               "cuda_stream")
+_BULK_INIT = {}
+
+
+def _has_bulk_init(module) -> bool:
+    """Whether the module's params classes have the all-fields constructor (a module built
+    before it was added has only the empty one; the attribute path then fills them)."""
+    found = _BULK_INIT.get(module.__name__)
+    if found is None:
+        try:
+            module.FwdParams(*((0,) * 8 + ((0, 0, 0),) + (0,) * 5 + ((0, 0, 0),) + (0,) * 2
+                               + ((0, 0, 0),) * 3 + (1, 0)))
+            found = True
+        except TypeError:
+            found = False
+        _BULK_INIT[module.__name__] = found
+    return found
+
+
+def _set_fields(p, names, values):
+    for name, value in zip(names, values):
+        setattr(p, name, value)
+    return p
+
+
 def forward_layer(cell: str, xproj: torch.Tensor, w_hh, b_hh, w_hr, h0, c0, out: torch.Tensor,
                   hn: torch.Tensor, cn, gates, c_seq, r_seq, lengths) -> None:
     """One native forward call for all D directions of a layer.
@@ -264,24 +296,18 @@ def forward_layer(cell: str, xproj: torch.Tensor, w_hh, b_hh, w_hr, h0, c0, out:
     lengths_ptr = lengths.data_ptr() if lengths is not None else 0
     threads = torch.get_num_threads()
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    bulk = _has_bulk_init(module)
     params = []
     for d in range(num_dirs):
-        p = module.FwdParams()
-        p.cell, p.dtype = cell_code, dtype_code
-        p.seq_len, p.batch, p.hidden, p.state = seq_len, batch, hidden, state
-        p.reverse = d == 1
-        p.lengths = lengths_ptr
-        p.xproj = _half_seq(xproj, d, gates_width)
-        p.w_hh = w_hh[d].data_ptr()
-        p.b_hh = b_hh[d].data_ptr() if b_hh[d] is not None else 0
-        p.w_hr = w_hr[d].data_ptr() if w_hr[d] is not None else 0
-        p.h0, p.c0 = _dir_ptr(h0, d), _dir_ptr(c0, d)
-        p.out = _half_seq(out, d, state)
-        p.hn, p.cn = _dir_ptr(hn, d), _dir_ptr(cn, d)
-        if gates is not None or c_seq is not None or r_seq is not None:
-            p.gates, p.c_seq, p.r_seq = _dir_seq(gates, d), _dir_seq(c_seq, d), _dir_seq(r_seq, d)
-        p.num_threads, p.cuda_stream = threads, stream
-        params.append(p)
+        fields = (cell_code, dtype_code, seq_len, batch, hidden, state, d == 1, lengths_ptr,
+                  _half_seq(xproj, d, gates_width), w_hh[d].data_ptr(),
+                  b_hh[d].data_ptr() if b_hh[d] is not None else 0,
+                  w_hr[d].data_ptr() if w_hr[d] is not None else 0,
+                  _dir_ptr(h0, d), _dir_ptr(c0, d), _half_seq(out, d, state),
+                  _dir_ptr(hn, d), _dir_ptr(cn, d),
+                  _dir_seq(gates, d), _dir_seq(c_seq, d), _dir_seq(r_seq, d), threads, stream)
+        params.append(module.FwdParams(*fields) if bulk else _set_fields(
+            module.FwdParams(), _FWD_FIELDS, fields))
     ws = _workspace(module, "forward", params, device)
     module.forward(params)
     del ws  # torch's allocator orders the free after the kernel on the stream
@@ -311,27 +337,19 @@ def backward_layer(cell: str, w_hh, b_hh, w_hr, h0, c0, out: torch.Tensor, gates
     lengths_ptr = lengths.data_ptr() if lengths is not None else 0
     threads = torch.get_num_threads()
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    bulk = _has_bulk_init(module)
     params = []
     for d in range(num_dirs):
-        p = module.BwdParams()
-        p.cell, p.dtype = cell_code, dtype_code
-        p.seq_len, p.batch, p.hidden, p.state = seq_len, batch, hidden, state
-        p.reverse = d == 1
-        p.lengths = lengths_ptr
-        p.w_hh = w_hh[d].data_ptr()
-        p.b_hh = b_hh[d].data_ptr() if b_hh[d] is not None else 0
-        p.w_hr = w_hr[d].data_ptr() if w_hr[d] is not None else 0
-        p.h0, p.c0 = _dir_ptr(h0, d), _dir_ptr(c0, d)
-        p.out = _half_seq(out, d, state)
-        p.gates, p.c_seq = _dir_seq(gates, d), _dir_seq(c_seq, d)
-        p.d_out = _half_seq(d_out, d, state)
-        p.d_hn, p.d_cn = _dir_ptr(d_hn, d), _dir_ptr(d_cn, d)
-        p.d_xproj = _half_seq(d_xproj, d, gates_width)
-        p.d_hproj = _half_seq(d_hproj, d, gates_width)
-        p.d_h_seq = _dir_seq(d_h_seq, d)
-        p.d_h0, p.d_c0 = _dir_ptr(d_h0, d), _dir_ptr(d_c0, d)
-        p.num_threads, p.cuda_stream = threads, stream
-        params.append(p)
+        fields = (cell_code, dtype_code, seq_len, batch, hidden, state, d == 1, lengths_ptr,
+                  w_hh[d].data_ptr(), b_hh[d].data_ptr() if b_hh[d] is not None else 0,
+                  w_hr[d].data_ptr() if w_hr[d] is not None else 0,
+                  _dir_ptr(h0, d), _dir_ptr(c0, d), _half_seq(out, d, state),
+                  _dir_seq(gates, d), _dir_seq(c_seq, d), _half_seq(d_out, d, state),
+                  _dir_ptr(d_hn, d), _dir_ptr(d_cn, d), _half_seq(d_xproj, d, gates_width),
+                  _half_seq(d_hproj, d, gates_width), _dir_seq(d_h_seq, d),
+                  _dir_ptr(d_h0, d), _dir_ptr(d_c0, d), threads, stream)
+        params.append(module.BwdParams(*fields) if bulk else _set_fields(
+            module.BwdParams(), _BWD_FIELDS, fields))
     ws = _workspace(module, "backward", params, device)
     module.backward(params)
     del ws

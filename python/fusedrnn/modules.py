@@ -117,12 +117,61 @@ class RNNBase(nn.Module):
     def _layer_weights(self) -> list:
         """(w_ih, w_hh, b_ih, b_hh, w_hr) per layer and direction, for functional.rnn; read at
         every call, so .to(), load_state_dict and torch.func.functional_call are always seen."""
-        num_directions = 2 if self.bidirectional else 1
-        return [tuple(getattr(self, f"{name}_l{layer}{'_reverse' if direction else ''}", None)
-                      for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr"))
-                for layer in range(self.num_layers) for direction in range(num_directions)]
+        names = self.__dict__.get("_layer_weight_names")
+        if names is None:  # built once: the names __init__ registered, None for absent ones
+            num_directions = 2 if self.bidirectional else 1
+            present = {"weight_ih": True, "weight_hh": True, "bias_ih": self.bias,
+                       "bias_hh": self.bias, "weight_hr": self.proj_size > 0}
+            names = [tuple(f"{name}_l{layer}{'_reverse' if direction else ''}" if there else None
+                           for name, there in present.items())
+                     for layer in range(self.num_layers) for direction in range(num_directions)]
+            self.__dict__["_layer_weight_names"] = names
+        return [tuple(getattr(self, name) if name is not None else None for name in layer)
+                for layer in names]
+
+    def _fast_forward(self, input, hx):
+        """The common inference call (no gradient, a batched float32/float64 tensor, valid or no
+        state, no autocast, no dropout to apply) straight to functional.rnn_inference, with only
+        the checks that decide it; None for anything else, which the full path then handles
+        (and reports, for bad input) exactly as before."""
+        if (torch.is_grad_enabled() or type(input) is not Tensor or input.dim() != 3
+                or (self.training and self.dropout > 0 and self.num_layers > 1)):
+            return None
+        weight = self.weight_ih_l0
+        dtype, device = input.dtype, input.device
+        if (dtype is not weight.dtype or dtype not in _NATIVE_DTYPES or device != weight.device
+                or input.size(2) != self.input_size
+                or torch.is_autocast_enabled(device.type)):
+            return None
+        x = input.transpose(0, 1) if self.batch_first else input
+        seq_len, batch = x.shape[0], x.shape[1]
+        if seq_len == 0 or batch == 0:
+            return None
+        is_lstm = self.mode == "LSTM"
+        num_states = self.num_layers * (2 if self.bidirectional else 1)
+        h0 = c0 = None
+        if hx is not None:
+            if is_lstm:
+                if type(hx) not in (tuple, list) or len(hx) != 2:
+                    return None
+                h0, c0 = hx
+                if not _is_state(c0, (num_states, batch, self.hidden_size), dtype, device):
+                    return None
+            else:
+                h0 = hx
+            if not _is_state(h0, (num_states, batch, self._state_size), dtype, device):
+                return None
+        output, h_n, c_n = functional.rnn_inference(
+            self._cell, x, self._layer_weights(), h0, c0, self.num_layers,
+            2 if self.bidirectional else 1)
+        if self.batch_first:
+            output = output.transpose(0, 1)
+        return (output, (h_n, c_n)) if is_lstm else (output, h_n)
 
     def forward(self, input, hx=None):
+        fast = self._fast_forward(input, hx)
+        if fast is not None:
+            return fast
         is_lstm = self.mode == "LSTM"
         weight = self.weight_ih_l0
         input, hx = _follow_autocast(input, hx, weight)
@@ -228,6 +277,15 @@ class RNN(RNNBase):
         mode = "RNN_TANH" if nonlinearity == "tanh" else "RNN_RELU"
         super().__init__(mode, input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, 0, device, dtype)
+
+
+# The dtypes every backend runs natively (the CPU upcasts float16/bfloat16: not the fast path).
+_NATIVE_DTYPES = (torch.float32, torch.float64)
+
+
+def _is_state(t, shape: tuple, dtype: torch.dtype, device: torch.device) -> bool:
+    return (type(t) is Tensor or isinstance(t, Tensor)) and t.dtype is dtype \
+        and t.shape == shape and t.device == device
 
 
 def _follow_autocast(input, hx, weight: Tensor):
