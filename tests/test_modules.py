@@ -14,8 +14,9 @@ from torch.nn.utils.rnn import PackedSequence
 
 import fusedrnn
 
-from _helpers import (CELL_VARIANTS, PACKING, Case, assert_close, compare_with_torch,
-                      covering_design, make_inputs, make_modules, requires_native, run_module)
+from _helpers import (CELL_VARIANTS, PACKING, TOLERANCE, Case, assert_close, compare_with_torch,
+                      covering_design, flat_results, make_inputs, make_modules, requires_native,
+                      run_module)
 
 FACTORS = dict(
     cell=CELL_VARIANTS,
@@ -197,6 +198,27 @@ def test_inference_saves_nothing_and_matches():
     with torch.inference_mode():
         out2, _ = ours(x)
     assert_close(out2, out, 0, "inference_mode output")
+
+
+@functools.lru_cache(maxsize=None)
+def inference_grid() -> list:
+    return [Case(**row, dtype=dtype) for dtype in (torch.float64, torch.float32)
+            for row in covering_design(FACTORS, strength=2, seed=1)]
+
+
+@requires_native
+@pytest.mark.parametrize("case", inference_grid(), ids=[c.id for c in inference_grid()])
+def test_inference_path_matches_torch(case):
+    """The no-grad fast path (modules.RNNBase.forward -> functional.rnn_inference) over every pair
+    of feature values: outputs and final states as torch.nn's."""
+    theirs, ours = make_modules(case)
+    inputs = make_inputs(case)
+    with torch.no_grad():
+        expected = flat_results(*theirs(inputs.input, inputs.hx))
+        actual = flat_results(*ours(inputs.input, inputs.hx))
+    for name, a, e in zip(["output", "h_n", "c_n"], actual, expected):
+        assert a.dtype == e.dtype and a.shape == e.shape, name
+        assert_close(a, e, TOLERANCE[case.dtype], name)
 
 
 @requires_native

@@ -239,36 +239,9 @@ def _check_seq_operands(named) -> None:
                 f"dimension, got shape {tuple(t.shape)} strides {t.stride()}")
 
 
-# Field order of the all-fields constructors in csrc/bindings/params_binding.h.
-_FWD_FIELDS = ("cell", "dtype", "seq_len", "batch", "hidden", "state", "reverse", "lengths",
-               "xproj", "w_hh", "b_hh", "w_hr", "h0", "c0", "out", "hn", "cn", "gates", "c_seq",
-               "r_seq", "num_threads", "cuda_stream")
-_BWD_FIELDS = ("cell", "dtype", "seq_len", "batch", "hidden", "state", "reverse", "lengths",
-               "w_hh", "b_hh", "w_hr", "h0", "c0", "out", "gates", "c_seq", "d_out", "d_hn",
-               "d_cn", "d_xproj", "d_hproj", "d_h_seq", "d_h0", "d_c0", "num_threads",
-               "cuda_stream")
-_BULK_INIT = {}
-
-
-def _has_bulk_init(module) -> bool:
-    """Whether the module's params classes have the all-fields constructor (a module built
-    before it was added has only the empty one; the attribute path then fills them)."""
-    found = _BULK_INIT.get(module.__name__)
-    if found is None:
-        try:
-            module.FwdParams(*((0,) * 8 + ((0, 0, 0),) + (0,) * 5 + ((0, 0, 0),) + (0,) * 2
-                               + ((0, 0, 0),) * 3 + (1, 0)))
-            found = True
-        except TypeError:
-            found = False
-        _BULK_INIT[module.__name__] = found
-    return found
-
-
-def _set_fields(p, names, values):
-    for name, value in zip(names, values):
-        setattr(p, name, value)
-    return p
+# Both layer calls build the params structs with the all-fields constructors of
+# csrc/bindings/params_binding.h (one pybind11 call per direction instead of one per field);
+# the argument order there is the field order of RecurrenceFwdParams / RecurrenceBwdParams.
 
 
 def forward_layer(cell: str, xproj: torch.Tensor, w_hh, b_hh, w_hr, h0, c0, out: torch.Tensor,
@@ -296,7 +269,6 @@ def forward_layer(cell: str, xproj: torch.Tensor, w_hh, b_hh, w_hr, h0, c0, out:
     lengths_ptr = lengths.data_ptr() if lengths is not None else 0
     threads = torch.get_num_threads()
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    bulk = _has_bulk_init(module)
     params = []
     for d in range(num_dirs):
         fields = (cell_code, dtype_code, seq_len, batch, hidden, state, d == 1, lengths_ptr,
@@ -306,8 +278,7 @@ def forward_layer(cell: str, xproj: torch.Tensor, w_hh, b_hh, w_hr, h0, c0, out:
                   _dir_ptr(h0, d), _dir_ptr(c0, d), _half_seq(out, d, state),
                   _dir_ptr(hn, d), _dir_ptr(cn, d),
                   _dir_seq(gates, d), _dir_seq(c_seq, d), _dir_seq(r_seq, d), threads, stream)
-        params.append(module.FwdParams(*fields) if bulk else _set_fields(
-            module.FwdParams(), _FWD_FIELDS, fields))
+        params.append(module.FwdParams(*fields))
     ws = _workspace(module, "forward", params, device)
     module.forward(params)
     del ws  # torch's allocator orders the free after the kernel on the stream
@@ -337,7 +308,6 @@ def backward_layer(cell: str, w_hh, b_hh, w_hr, h0, c0, out: torch.Tensor, gates
     lengths_ptr = lengths.data_ptr() if lengths is not None else 0
     threads = torch.get_num_threads()
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    bulk = _has_bulk_init(module)
     params = []
     for d in range(num_dirs):
         fields = (cell_code, dtype_code, seq_len, batch, hidden, state, d == 1, lengths_ptr,
@@ -348,8 +318,7 @@ def backward_layer(cell: str, w_hh, b_hh, w_hr, h0, c0, out: torch.Tensor, gates
                   _dir_ptr(d_hn, d), _dir_ptr(d_cn, d), _half_seq(d_xproj, d, gates_width),
                   _half_seq(d_hproj, d, gates_width), _dir_seq(d_h_seq, d),
                   _dir_ptr(d_h0, d), _dir_ptr(d_c0, d), threads, stream)
-        params.append(module.BwdParams(*fields) if bulk else _set_fields(
-            module.BwdParams(), _BWD_FIELDS, fields))
+        params.append(module.BwdParams(*fields))
     ws = _workspace(module, "backward", params, device)
     module.backward(params)
     del ws
