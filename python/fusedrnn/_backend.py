@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -244,6 +244,27 @@ def _check_seq_operands(named) -> None:
 # the argument order there is the field order of RecurrenceFwdParams / RecurrenceBwdParams.
 
 
+class _LayerCall(NamedTuple):
+    """The params fields that forward_layer and backward_layer fill alike."""
+    codes: tuple        # (cell code, dtype code)
+    lengths: int        # data pointer of lengths, or 0
+    weights: list       # per direction: (w_hh, b_hh, w_hr) data pointers, 0 for None
+    execution: tuple    # (num_threads, cuda_stream)
+
+
+def _layer_call(cell: str, device: torch.device, w_hh, b_hh, w_hr, lengths):
+    """Checks the layer's weights and returns the native module and the shared fields."""
+    _check_layer_operands([("w_hh", w) for w in w_hh] + [("b_hh", b) for b in b_hh]
+                          + [("w_hr", w) for w in w_hr])
+    weights = [tuple(t.data_ptr() if t is not None else 0 for t in ws)
+               for ws in zip(w_hh, b_hh, w_hr)]
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    call = _LayerCall((CELL_CODES[cell], DTYPE_CODES[w_hh[0].dtype]),
+                      lengths.data_ptr() if lengths is not None else 0, weights,
+                      (torch.get_num_threads(), stream))
+    return module_for(device), call
+
+
 def forward_layer(cell: str, xproj: torch.Tensor, w_hh, b_hh, w_hr, h0, c0, out: torch.Tensor,
                   hn: torch.Tensor, cn, gates, c_seq, r_seq, lengths) -> None:
     """One native forward call for all D directions of a layer.
@@ -255,7 +276,6 @@ def forward_layer(cell: str, xproj: torch.Tensor, w_hh, b_hh, w_hr, h0, c0, out:
     """
     num_dirs = len(w_hh)
     device = xproj.device
-    module = module_for(device)
     seq_len, batch = xproj.shape[0], xproj.shape[1]
     gates_width = xproj.shape[2] // num_dirs
     hidden = gates_width // GATE_COUNT[cell]
@@ -263,21 +283,14 @@ def forward_layer(cell: str, xproj: torch.Tensor, w_hh, b_hh, w_hr, h0, c0, out:
     _check_seq_operands((("xproj", xproj), ("out", out)))
     _check_layer_operands((("h0", h0), ("c0", c0), ("hn", hn), ("cn", cn), ("gates", gates),
                            ("c_seq", c_seq), ("r_seq", r_seq), ("lengths", lengths)))
-    _check_layer_operands([("w_hh", w) for w in w_hh] + [("b_hh", b) for b in b_hh]
-                          + [("w_hr", w) for w in w_hr])
-    cell_code, dtype_code = CELL_CODES[cell], DTYPE_CODES[w_hh[0].dtype]
-    lengths_ptr = lengths.data_ptr() if lengths is not None else 0
-    threads = torch.get_num_threads()
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    module, call = _layer_call(cell, device, w_hh, b_hh, w_hr, lengths)
     params = []
     for d in range(num_dirs):
-        fields = (cell_code, dtype_code, seq_len, batch, hidden, state, d == 1, lengths_ptr,
-                  _half_seq(xproj, d, gates_width), w_hh[d].data_ptr(),
-                  b_hh[d].data_ptr() if b_hh[d] is not None else 0,
-                  w_hr[d].data_ptr() if w_hr[d] is not None else 0,
+        fields = (*call.codes, seq_len, batch, hidden, state, d == 1, call.lengths,
+                  _half_seq(xproj, d, gates_width), *call.weights[d],
                   _dir_ptr(h0, d), _dir_ptr(c0, d), _half_seq(out, d, state),
                   _dir_ptr(hn, d), _dir_ptr(cn, d),
-                  _dir_seq(gates, d), _dir_seq(c_seq, d), _dir_seq(r_seq, d), threads, stream)
+                  _dir_seq(gates, d), _dir_seq(c_seq, d), _dir_seq(r_seq, d), *call.execution)
         params.append(module.FwdParams(*fields))
     ws = _workspace(module, "forward", params, device)
     module.forward(params)
@@ -292,7 +305,6 @@ def backward_layer(cell: str, w_hh, b_hh, w_hr, h0, c0, out: torch.Tensor, gates
     d_xproj and d_hproj [T, B, D*G*H], d_h_seq [D, T, B, P], d_h0 [D, B, P], d_c0 [D, B, H]."""
     num_dirs = len(w_hh)
     device = out.device
-    module = module_for(device)
     seq_len, batch = out.shape[0], out.shape[1]
     gates_width = d_xproj.shape[2] // num_dirs
     hidden = gates_width // GATE_COUNT[cell]
@@ -302,22 +314,16 @@ def backward_layer(cell: str, w_hh, b_hh, w_hr, h0, c0, out: torch.Tensor, gates
     _check_layer_operands((("h0", h0), ("c0", c0), ("gates", gates), ("c_seq", c_seq),
                            ("d_hn", d_hn), ("d_cn", d_cn), ("d_h_seq", d_h_seq), ("d_h0", d_h0),
                            ("d_c0", d_c0), ("lengths", lengths)))
-    _check_layer_operands([("w_hh", w) for w in w_hh] + [("b_hh", b) for b in b_hh]
-                          + [("w_hr", w) for w in w_hr])
-    cell_code, dtype_code = CELL_CODES[cell], DTYPE_CODES[w_hh[0].dtype]
-    lengths_ptr = lengths.data_ptr() if lengths is not None else 0
-    threads = torch.get_num_threads()
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    module, call = _layer_call(cell, device, w_hh, b_hh, w_hr, lengths)
     params = []
     for d in range(num_dirs):
-        fields = (cell_code, dtype_code, seq_len, batch, hidden, state, d == 1, lengths_ptr,
-                  w_hh[d].data_ptr(), b_hh[d].data_ptr() if b_hh[d] is not None else 0,
-                  w_hr[d].data_ptr() if w_hr[d] is not None else 0,
+        fields = (*call.codes, seq_len, batch, hidden, state, d == 1, call.lengths,
+                  *call.weights[d],
                   _dir_ptr(h0, d), _dir_ptr(c0, d), _half_seq(out, d, state),
                   _dir_seq(gates, d), _dir_seq(c_seq, d), _half_seq(d_out, d, state),
                   _dir_ptr(d_hn, d), _dir_ptr(d_cn, d), _half_seq(d_xproj, d, gates_width),
                   _half_seq(d_hproj, d, gates_width), _dir_seq(d_h_seq, d),
-                  _dir_ptr(d_h0, d), _dir_ptr(d_c0, d), threads, stream)
+                  _dir_ptr(d_h0, d), _dir_ptr(d_c0, d), *call.execution)
         params.append(module.BwdParams(*fields))
     ws = _workspace(module, "backward", params, device)
     module.backward(params)
