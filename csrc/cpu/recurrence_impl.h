@@ -288,6 +288,16 @@ inline char* aligned_base(void* workspace) {
   return reinterpret_cast<char*>((addr + 63) & ~uintptr_t(63));
 }
 
+// Row stride of the per-step row buffers (h, d_pre, ...). The micro-kernel reads MR rows at
+// once; with a power-of-two stride (H = 256, 1024, ...) every row of a column falls into the same
+// L1 set and the rows evict each other (and 4K-alias with the stores), so the A operand would come
+// from L2 on every k. One extra cache line per row spreads the rows over the sets.
+template <typename T>
+constexpr int64_t padded_ld(int64_t cols) {
+  constexpr int64_t line = 64 / static_cast<int64_t>(sizeof(T));
+  return round_up(cols, line) + line;
+}
+
 // Forward panel shape per cell: LSTM and GRU put the G gates of W units in one panel; the Elman
 // RNN has one gate, so its panel spans 4 vectors of units to keep enough accumulators busy.
 template <CellKind C>
@@ -312,7 +322,7 @@ struct FwdLayout {
     units_per_panel = UV * W;
     panels = ceil_div(H, units_per_panel);
     proj_panels = projected ? ceil_div(P, kColVecs * W) : 0;
-    ld = round_up(imax(H, P), kColVecs * W);
+    ld = padded_ld<T>(round_up(imax(H, P), kColVecs * W));
     const int64_t e = sizeof(T);
     Carver carve;
     w_pack = carve.take(panels * P * NV * W * e);
@@ -338,8 +348,8 @@ struct BwdLayout {
     cols_per_panel = kColVecs * W;
     panels = ceil_div(P, cols_per_panel);
     proj_panels = projected ? ceil_div(H, cols_per_panel) : 0;
-    ld = round_up(imax(H, P), cols_per_panel);
-    ldg = round_up(G * H, W);
+    ld = padded_ld<T>(round_up(imax(H, P), cols_per_panel));
+    ldg = padded_ld<T>(round_up(G * H, W));
     const int64_t e = sizeof(T);
     Carver carve;
     wt_pack = carve.take(panels * G * H * kColVecs * W * e);
