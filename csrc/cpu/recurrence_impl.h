@@ -242,8 +242,20 @@ struct PanelGemm {
       for (int64_t sl = 0; sl < slices; ++sl) {
         const int64_t k0 = sl * kc, k1 = slices > 1 ? imin(K, k0 + kc) : K;
         const bool last = sl + 1 == slices;
+        // The packed panels are one linear stream: the data after this slice (the next slice or
+        // the next panel) is pulled into L2 a piece per row block, so that the first row block
+        // of the next slice does not wait on L3/DRAM (the hardware prefetcher stops at every
+        // 4 KB page, and a large W_hh does not stay in L2 between steps).
+        const char* ahead = reinterpret_cast<const char*>(panel + k1 * NV * W);
+        const int64_t ahead_bytes = (k1 - k0) * NV * W * static_cast<int64_t>(sizeof(T));
+        const int64_t blocks = imax(1, ceil_div(rows, MR));  // rows may be 0 (all padded)
+        const int64_t chunk = round_up(ceil_div(ahead_bytes, blocks), 64);
         for (int64_t r0 = 0; r0 < rows; r0 += MR) {
           const int m = static_cast<int>(imin(MR, rows - r0));
+          {
+            const int64_t from = (r0 / MR) * chunk, to = imin(from + chunk, ahead_bytes);
+            for (int64_t off = from; off < to; off += 64) __builtin_prefetch(ahead + off, 0, 2);
+          }
           Acc acc;
           if (sl == 0) {
             for (int i = 0; i < MR; ++i) {
