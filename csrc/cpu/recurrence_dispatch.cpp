@@ -151,8 +151,17 @@ void run_directions(const std::vector<Params>& dirs, BytesFn bytes_of, ThreadsFn
 
   // Either one team runs the directions one after the other (team1 == 0), or two teams run them
   // side by side.
+  // A wait counts as a stall past half of a thread's share of a step (estimated at 40K
+  // multiply-adds per microsecond), at least 50 us and at most 1 ms (a descheduled member loses
+  // its core for a scheduler slice, milliseconds). With a fixed 50 us, large steps (LSTM H=1024
+  // B=64: ~3 ms per step) counted ordinary imbalance as stalls and fell back to one thread.
+  auto stall_micros = [&](const Params& p, int team) {
+    const int64_t us = macs_per_step(p) / (team > 0 ? team : 1) / 40000 / 2;
+    return us < 50 ? int64_t(50) : (us > 1000 ? int64_t(1000) : us);
+  };
   auto execute = [&](int team0, int team1) {
-    SpinBarrier barrier0(team0), barrier1(team1 > 0 ? team1 : 1);
+    SpinBarrier barrier0(team0, stall_micros(local[0], team0)),
+        barrier1(team1 > 0 ? team1 : 1, stall_micros(local.back(), team1));
     const bool ran = parallel_run(team0 + team1, [&](int rank) {
       if (team1 == 0) {
         for (auto& p : local) run(p, Team{rank, team0, &barrier0});

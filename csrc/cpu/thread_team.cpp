@@ -40,23 +40,28 @@ void SpinBarrier::wait() {
   }
   // Spin (a step's imbalance is well under the budget); past it, a team member has most likely
   // lost its core to another process, so yield ours and count the stall (see stalls()).
+  // The yield starts after kBarrierSpinMicros; the stall is counted (once) only past the
+  // caller's stall budget, which scales with the step's work.
   int spins = 0;
   auto start = std::chrono::steady_clock::time_point();
-  bool yielding = false;
+  bool yielding = false, stalled = false;
   while (generation_.load(std::memory_order_acquire) == gen) {
     if (yielding) {
       sched_yield();
+    } else {
+      FUSEDRNN_PAUSE();
+    }
+    if (stalled || ++spins % 64 != 0) continue;
+    const auto now = std::chrono::steady_clock::now();
+    if (spins == 64) {
+      start = now;
       continue;
     }
-    FUSEDRNN_PAUSE();
-    if (++spins % 64 == 0) {
-      const auto now = std::chrono::steady_clock::now();
-      if (spins == 64) {
-        start = now;
-      } else if (now - start > std::chrono::microseconds(kBarrierSpinMicros)) {
-        yielding = true;
-        stalls_.fetch_add(1, std::memory_order_relaxed);
-      }
+    const auto waited = now - start;
+    if (waited > std::chrono::microseconds(kBarrierSpinMicros)) yielding = true;
+    if (waited > std::chrono::microseconds(stall_micros_)) {
+      stalled = true;
+      stalls_.fetch_add(1, std::memory_order_relaxed);
     }
   }
 }

@@ -13,9 +13,13 @@ namespace fusedrnn::cpu {
 // and yields to the OS after a while so that an oversubscribed machine still makes progress.
 class SpinBarrier {
  public:
-  explicit SpinBarrier(int count) : count_(count) {}
+  // stall_micros: a wait longer than this counts as a stall. It should scale with the work of a
+  // step: with milliseconds per step, a wait of 50 us is ordinary imbalance (a page fault, a
+  // cache miss burst), not a member that lost its core.
+  explicit SpinBarrier(int count, int64_t stall_micros = 50)
+      : count_(count), stall_micros_(stall_micros) {}
   void wait();
-  // Waits that outlasted the spin budget (a member was descheduled).
+  // Waits that outlasted the stall budget (a member was most likely descheduled).
   int stalls() const { return stalls_.load(std::memory_order_relaxed); }
 
  private:
@@ -23,6 +27,7 @@ class SpinBarrier {
   alignas(64) std::atomic<int> generation_{0};
   std::atomic<int> stalls_{0};
   int count_;
+  int64_t stall_micros_;
 };
 
 // The threads of one direction inside a call: this thread's index and the team's barrier.
