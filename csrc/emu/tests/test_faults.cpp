@@ -50,10 +50,13 @@ __global__ void barrier_after_exit(int* flag) {
   __syncthreads();
 }
 
+// The flag is set before thread 0 returns, so on a loaded machine the others can reach the barrier
+// before the emulator has recorded the exit: then the exit is reported as "exited the kernel while
+// N thread(s) ... wait". Both reports name the same misuse; the test accepts either.
 TEST_CASE(fault_barrier_after_a_thread_exited) {
   int flag = 0;
   CHECK_LAUNCH_FAILS(emu::launch(barrier_after_exit, dim3(1), dim3(4), 0, &flag),
-                     cudaErrorLaunchFailure, "reached after 1 thread(s) of the block exited");
+                     cudaErrorLaunchFailure, "exited");
 }
 
 __global__ void lane_not_in_mask(int* out) {
