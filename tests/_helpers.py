@@ -50,6 +50,23 @@ def assert_close(actual, expected, tol: float, what: str) -> None:
     assert err <= tol, f"{what}: relative error {err:.3g} > {tol:.1g}"
 
 
+def ramp_loss(results) -> torch.Tensor:
+    """A scalar that weighs every element of every result by a different fixed value (a ramp from
+    -1 to 1), so its gradient reaches every output element with a distinct weight."""
+    return sum((r * torch.linspace(-1, 1, r.numel(), dtype=r.dtype).view_as(r)).sum()
+               for r in results)
+
+
+def assert_runs_close(expected_run, actual_run, tol: float, what: str = "") -> None:
+    """Compares two runs, each (results, gradients), element by element."""
+    (results_e, grads_e), (results_a, grads_a) = expected_run, actual_run
+    for name, actual, expected in (("result", results_a, results_e),
+                                   ("gradient", grads_a, grads_e)):
+        assert len(actual) == len(expected), f"{what}{name}s: {len(actual)} != {len(expected)}"
+        for a, e in zip(actual, expected):
+            assert_close(a, e, tol, what + name)
+
+
 # --- configurations -------------------------------------------------------------------------------
 
 CELL_VARIANTS = ("lstm", "lstm_proj", "gru", "rnn_tanh", "rnn_relu")

@@ -14,9 +14,9 @@ from torch.nn.utils.rnn import PackedSequence
 
 import fusedrnn
 
-from _helpers import (CELL_VARIANTS, PACKING, TOLERANCE, Case, assert_close, compare_with_torch,
-                      covering_design, flat_results, make_inputs, make_modules, requires_native,
-                      run_module)
+from _helpers import (CELL_VARIANTS, PACKING, TOLERANCE, Case, assert_close, assert_runs_close,
+                      compare_with_torch, covering_design, flat_results, make_inputs, make_modules,
+                      ramp_loss, requires_native, run_module)
 
 FACTORS = dict(
     cell=CELL_VARIANTS,
@@ -175,14 +175,8 @@ def test_non_contiguous_input_and_state(cell):
             leaves.append(c_base)
         out, st_ = module(x, hx)
         flat = [out] + list(st_ if isinstance(st_, tuple) else (st_,))
-        loss = sum((r * torch.linspace(-1, 1, r.numel(), dtype=r.dtype).view_as(r)).sum()
-                   for r in flat)
-        results.append((flat, torch.autograd.grad(loss, leaves)))
-    (flat_e, grads_e), (flat_a, grads_a) = results
-    for a, e in zip(flat_a, flat_e):
-        assert_close(a, e, 1e-9, "result")
-    for a, e in zip(grads_a, grads_e):
-        assert_close(a, e, 1e-9, "gradient")
+        results.append((flat, torch.autograd.grad(ramp_loss(flat), leaves)))
+    assert_runs_close(*results, 1e-9)
 
 
 @requires_native
@@ -400,15 +394,9 @@ def test_cells_match_torch(name, kwargs, with_hx, batched, dtype):
     for module in (theirs, ours):
         out = module(x, hx)
         flat = list(out) if isinstance(out, tuple) else [out]
-        weights = [torch.linspace(-1, 1, r.numel(), dtype=dtype).view_as(r) for r in flat]
-        loss = sum((r * w).sum() for r, w in zip(flat, weights))
-        results.append((flat, torch.autograd.grad(loss, [x, *leaves, *module.parameters()])))
-    (flat_e, grads_e), (flat_a, grads_a) = results
-    for a, e in zip(flat_a, flat_e):
-        assert a.shape == e.shape
-        assert_close(a, e, tol, "cell output")
-    for a, e in zip(grads_a, grads_e):
-        assert_close(a, e, tol, "cell gradient")
+        results.append((flat, torch.autograd.grad(ramp_loss(flat),
+                                                  [x, *leaves, *module.parameters()])))
+    assert_runs_close(*results, tol, "cell ")  # rel_err also checks the shapes
 
 
 # --- partial and oddly-strided incoming gradients -------------------------------------------------
