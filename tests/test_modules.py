@@ -203,8 +203,8 @@ def inference_grid() -> list:
 @requires_native
 @pytest.mark.parametrize("case", inference_grid(), ids=[c.id for c in inference_grid()])
 def test_inference_path_matches_torch(case):
-    """The no-grad fast path (modules.RNNBase.forward -> functional.rnn_inference) over every pair
-    of feature values: outputs and final states as torch.nn's."""
+    """The no-grad fast path (modules.RNNBase.forward -> the module's _inference plan) over every
+    pair of feature values: outputs and final states as torch.nn's."""
     theirs, ours = make_modules(case)
     inputs = make_inputs(case)
     with torch.no_grad():

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "params_binding.h"
+#include "prepared_forward_binding.h"
 #include "recurrence.h"
 
 namespace py = pybind11;
@@ -43,6 +44,10 @@ PYBIND11_MODULE(_cpu, m) {
         return fusedrnn::cpu::backward_workspace_bytes(dirs);
       },
       py::arg("directions"));
+  fusedrnn::bind_prepared_forward(
+      m, [](const auto& dirs) { fusedrnn::validate_forward(dirs, /*half_supported=*/false); },
+      [](const auto& dirs) { return fusedrnn::cpu::forward_workspace_bytes(dirs); },
+      [](const auto& dirs) { fusedrnn::cpu::forward(dirs); });
   m.def("isa", &fusedrnn::cpu::active_isa,
         "The instruction set the recurrence runs with (FUSEDRNN_CPU_ISA lowers it).");
 }

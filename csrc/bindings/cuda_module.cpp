@@ -4,8 +4,8 @@
 //   _emu   the same kernel sources compiled by g++ against csrc/emu (FUSEDRNN_EMULATED_CUDA), run
 //          on CPU threads over host memory; test-only.
 // Both expose what python/fusedrnn/_backend.py calls: FwdParams, BwdParams, forward, backward,
-// forward_workspace_bytes, backward_workspace_bytes; plus test knobs _set_launch_options and
-// _launch_plan.
+// forward_workspace_bytes, backward_workspace_bytes, forward_prepared (+ its workspace bytes);
+// plus test knobs _set_launch_options and _launch_plan.
 // First: with the emulator it defines __host__/__device__, which the core headers use.
 #include "launch_compat.h"
 
@@ -17,6 +17,7 @@
 
 #include "fusedrnn/params.h"
 #include "params_binding.h"
+#include "prepared_forward_binding.h"
 #include "recurrence_launch.h"
 
 #ifndef FUSEDRNN_MODULE_NAME
@@ -85,6 +86,11 @@ PYBIND11_MODULE(FUSEDRNN_MODULE_NAME, m) {
         cu::backward(dirs);
       },
       py::arg("dirs"), "Runs the backward recurrence of one layer (1 or 2 directions).");
+
+  fusedrnn::bind_prepared_forward(
+      m, [](const auto& dirs) { fusedrnn::validate_forward(dirs, true); },
+      [](const auto& dirs) { return cu::forward_workspace_bytes(dirs); },
+      [](const auto& dirs) { cu::forward(dirs); });
 
   m.def(
       "_set_launch_options",

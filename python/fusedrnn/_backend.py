@@ -328,3 +328,62 @@ def backward_layer(cell: str, w_hh, b_hh, w_hr, h0, c0, out: torch.Tensor, gates
     ws = _workspace(module, "backward", params, device)
     module.backward(params)
     del ws
+
+
+# --- prepared forward (the modules' repeated inference call) --------------------------------------
+#
+# Everything of a layer's forward that does not change from call to call (cell, dtype, sizes,
+# direction, weight pointers) is built once into per-direction FwdParams "templates"; a call then
+# passes only its sequences and states (csrc/bindings/prepared_forward_binding.h).
+
+
+class PreparedForward(NamedTuple):
+    """A layer's forward, ready for repeated inference calls (see prepare_forward)."""
+    module: object           # the native module that runs it
+    device: torch.device
+    templates: list          # FwdParams per direction: weights and sizes; per-call fields unset
+    weights: tuple           # the tensors the templates point into: alive while this is
+    workspace_bytes: dict    # (seq_len, batch) -> bytes, filled as calls come
+
+
+def prepare_forward(cell: str, w_hh, b_hh, w_hr) -> PreparedForward:
+    """Templates for the D directions of a layer; w_hh, b_hh, w_hr: sequences of D contiguous
+    tensors (or Nones), all of one dtype on one device. The caller keeps them unchanged."""
+    device = w_hh[0].device
+    module, call = _layer_call(cell, device, w_hh, b_hh, w_hr, None)
+    hidden = w_hh[0].shape[0] // GATE_COUNT[cell]
+    state = w_hh[0].shape[1]
+    null_seq = (0, 0, 0)
+    templates = [module.FwdParams(*call.codes, 1, 1, hidden, state, d == 1, 0, null_seq,
+                                  *call.weights[d], 0, 0, null_seq, 0, 0, null_seq, null_seq,
+                                  null_seq, 1, 0)
+                 for d in range(len(w_hh))]
+    return PreparedForward(module, device, templates, (*w_hh, *b_hh, *w_hr), {})
+
+
+def forward_prepared(prep: PreparedForward, xproj: torch.Tensor, out: torch.Tensor, h0, c0,
+                     hn: torch.Tensor, cn) -> None:
+    """Inference forward of a prepared layer; the layouts of forward_layer: xproj [T, B, D*G*H]
+    and out [T, B, D*P] with a dense last dimension, h0/hn [D, B, P] and c0/cn [D, B, H]
+    contiguous (h0, c0 may be None)."""
+    seq_len, batch = xproj.shape[0], xproj.shape[1]
+    if xproj.stride(2) != 1 or out.stride(2) != 1:
+        raise RuntimeError("fusedrnn internal error: xproj and out need a dense last dimension")
+    module = prep.module
+    key = (seq_len, batch)
+    nbytes = prep.workspace_bytes.get(key)
+    if nbytes is None:
+        nbytes = int(module.forward_prepared_workspace_bytes(prep.templates, seq_len, batch))
+        if len(prep.workspace_bytes) >= 64:  # many shapes (serving): keep the cache bounded
+            prep.workspace_bytes.clear()
+        prep.workspace_bytes[key] = nbytes
+    device = prep.device
+    ws = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device)
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    module.forward_prepared(
+        prep.templates, seq_len, batch, (xproj.data_ptr(), xproj.stride(0), xproj.stride(1)),
+        (out.data_ptr(), out.stride(0), out.stride(1)),
+        h0.data_ptr() if h0 is not None else 0, c0.data_ptr() if c0 is not None else 0,
+        hn.data_ptr(), cn.data_ptr() if cn is not None else 0, ws.data_ptr(), nbytes,
+        torch.get_num_threads(), stream)
+    del ws  # torch's allocator orders the free after the kernel on the stream

@@ -103,57 +103,6 @@ def _rnn(cell, input, weights, hx, num_layers, num_directions, batch_first, leng
     return output, h_n, c_n
 
 
-@torch.compiler.disable  # a native call on data pointers: a clean graph break, as _layer
-def rnn_inference(cell: str, x: Tensor, weights, h0_all: Optional[Tensor],
-                  c0_all: Optional[Tensor], num_layers: int, num_directions: int):
-    """The lean path of `rnn` for the common inference call; same results, same kernels.
-
-    The caller (RNNBase.forward's fast path) guarantees: no gradient is needed, x is time-major
-    [T, B, I] with T, B >= 1, x, weights and states share a dtype the native backend runs
-    (float32/float64 on the CPU) and a device, no autocast, no lengths, no dropout to apply, every
-    layer has H >= 1, and h0_all [L*D, B, P] / c0_all [L*D, B, H] (or None) have valid shapes.
-    Each layer's h_n/c_n is written straight into its slice of the [L*D, ...] results (no cat).
-    """
-    seq_len, batch = x.shape[0], x.shape[1]
-    w_hh0 = weights[0][1]
-    state = w_hh0.size(1)
-    hidden = w_hh0.size(0) // GATE_COUNT[cell]
-    fold_bias = cell != "gru"
-    h_n = x.new_empty(num_layers * num_directions, batch, state)
-    c_n = x.new_empty(num_layers * num_directions, batch, hidden) if cell == "lstm" else None
-    for layer in range(num_layers):
-        first, last = layer * num_directions, (layer + 1) * num_directions
-        lw = weights[first:last] if num_layers > 1 else weights
-        has_bias = lw[0][2] is not None
-        if num_directions > 1:
-            w_ih = torch.cat([w[0] for w in lw])
-            b_ih = torch.cat([w[2] for w in lw]) if has_bias and not fold_bias else None
-        else:
-            w_ih = lw[0][0]
-            b_ih = lw[0][2] if has_bias and not fold_bias else None
-        xproj = F.linear(x, w_ih, b_ih)
-        if xproj.stride(2) != 1:
-            xproj = xproj.contiguous()
-        if has_bias:
-            b_hh = [w[2] + w[3] for w in lw] if fold_bias else [w[3].contiguous() for w in lw]
-        else:
-            b_hh = [None] * num_directions
-        w_hr = [_contiguous(w[4]) for w in lw]
-        h0 = c0 = None
-        if h0_all is not None:
-            h0 = (h0_all[first:last] if num_layers > 1 else h0_all).contiguous()
-        if c0_all is not None:
-            c0 = (c0_all[first:last] if num_layers > 1 else c0_all).contiguous()
-        _check_native_operands(xproj, [h0, c0, *(w for ws in lw for w in ws[1:])])
-        out = x.new_empty(seq_len, batch, num_directions * state)
-        hn = h_n[first:last] if num_layers > 1 else h_n
-        cn = (c_n[first:last] if num_layers > 1 else c_n) if c_n is not None else None
-        _backend.forward_layer(cell, xproj, [w[1].contiguous() for w in lw], b_hh, w_hr, h0, c0,
-                               out, hn, cn, None, None, None, None)
-        x = out
-    return x, h_n, c_n
-
-
 def cell_step(cell: str, input: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
               b_hh: Optional[Tensor], hx=None):
     """One step of a cell (LSTMCell/GRUCell/RNNCell) on the native kernels: a sequence of T=1.

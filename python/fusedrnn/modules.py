@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
+from . import _inference
 from . import _validation as check
 from . import functional
 from ._packing import PackedLayout
@@ -131,10 +132,11 @@ class RNNBase(nn.Module):
 
     def _fast_forward(self, input, hx):
         """The common inference call (no gradient, a batched float32/float64 tensor, valid or no
-        state, no autocast, no dropout to apply) straight to functional.rnn_inference, with only
-        the checks that decide it; None for anything else, which the full path then handles
-        (and reports, for bad input) exactly as before."""
-        if (torch.is_grad_enabled() or type(input) is not Tensor or input.dim() != 3
+        state, no autocast, no dropout to apply) straight to the module's inference plan
+        (_inference.py), with only the checks that decide it; None for anything else, which the
+        full path then handles (and reports, for bad input) exactly as before."""
+        if (torch.is_grad_enabled() or torch.compiler.is_compiling() or type(input) is not Tensor
+                or input.dim() != 3
                 or (self.training and self.dropout > 0 and self.num_layers > 1)):
             return None
         weight = self.weight_ih_l0
@@ -161,9 +163,11 @@ class RNNBase(nn.Module):
                 h0 = hx
             if not _is_state(h0, (num_states, batch, self._state_size), dtype, device):
                 return None
-        output, h_n, c_n = functional.rnn_inference(
-            self._cell, x, self._layer_weights(), h0, c0, self.num_layers,
-            2 if self.bidirectional else 1)
+        result = _inference.forward(self, self._cell, self.num_layers,
+                                    2 if self.bidirectional else 1, x, h0, c0)
+        if result is None:
+            return None
+        output, h_n, c_n = result
         if self.batch_first:
             output = output.transpose(0, 1)
         return (output, (h_n, c_n)) if is_lstm else (output, h_n)

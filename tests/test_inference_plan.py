@@ -1,0 +1,181 @@
+"""The modules' cached inference plan (python/fusedrnn/_inference.py) never serves stale weights:
+after every way a weight can change, a no-grad call must give what torch.nn gives with the same
+change, and copies of a module must not share the original's plan."""
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+import fusedrnn
+from fusedrnn import _inference
+
+from _helpers import TOLERANCE, assert_close, requires_native
+
+DTYPE = torch.float64
+TOL = TOLERANCE[DTYPE]
+
+
+def make_pair(kind="LSTM", **kwargs):
+    kwargs = {"input_size": 3, "hidden_size": 5, "dtype": DTYPE, **kwargs}
+    torch.manual_seed(0)
+    theirs = getattr(nn, kind)(**kwargs)
+    ours = getattr(fusedrnn, kind)(**kwargs)
+    ours.load_state_dict(theirs.state_dict())
+    return theirs, ours
+
+
+def fresh_input(seed, batch=2):
+    return torch.randn(4, batch, 3, dtype=DTYPE, generator=torch.Generator().manual_seed(seed))
+
+
+def flat(result):
+    out, state = result
+    return [out, *(state if isinstance(state, tuple) else (state,))]
+
+
+def check_same(theirs, ours, seed=1, **kwargs):
+    x = fresh_input(seed)
+    with torch.no_grad():
+        expected, actual = flat(theirs(x, **kwargs)), flat(ours(x, **kwargs))
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        assert_close(a, e, TOL, f"result {i}")
+
+
+pytestmark = requires_native
+
+
+@pytest.mark.parametrize("kind,kwargs", [
+    ("LSTM", {}), ("GRU", {"num_layers": 2, "bidirectional": True}),
+    ("RNN", {"nonlinearity": "relu"}), ("LSTM", {"proj_size": 2, "bidirectional": True}),
+])
+def test_in_place_updates_are_seen(kind, kwargs):
+    theirs, ours = make_pair(kind, **kwargs)
+    check_same(theirs, ours)  # builds and caches the plan
+    for name in ("weight_hh_l0", "bias_ih_l0", "weight_ih_l0"):
+        with torch.no_grad():
+            for m in (theirs, ours):
+                getattr(m, name).mul_(1.5).add_(0.25)
+        check_same(theirs, ours, seed=2)
+
+
+def test_optimizer_step_is_seen():
+    theirs, ours = make_pair()
+    check_same(theirs, ours)
+    for m in (theirs, ours):
+        opt = torch.optim.SGD(m.parameters(), lr=0.5)
+        out, _ = m(fresh_input(3))
+        out.sum().backward()
+        opt.step()
+    check_same(theirs, ours, seed=4)
+
+
+def test_load_state_dict_is_seen():
+    theirs, ours = make_pair(num_layers=2)
+    check_same(theirs, ours)
+    other, _ = make_pair(num_layers=2)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.normal_()
+    theirs.load_state_dict(other.state_dict())
+    ours.load_state_dict(other.state_dict())
+    check_same(theirs, ours, seed=5)
+
+
+def test_data_assignment_is_seen():
+    """`.data =` keeps the Parameter object and its version but moves its storage."""
+    theirs, ours = make_pair()
+    check_same(theirs, ours)
+    new = torch.randn_like(theirs.weight_hh_l0)
+    theirs.weight_hh_l0.data = new.clone()
+    ours.weight_hh_l0.data = new.clone()
+    check_same(theirs, ours, seed=6)
+
+
+def test_parameter_replacement_is_seen():
+    theirs, ours = make_pair("GRU")
+    check_same(theirs, ours)
+    new = torch.randn_like(theirs.weight_ih_l0)
+    theirs.weight_ih_l0 = nn.Parameter(new.clone())
+    ours.weight_ih_l0 = nn.Parameter(new.clone())
+    check_same(theirs, ours, seed=7)
+
+
+def test_functional_call_uses_the_given_weights():
+    theirs, ours = make_pair()
+    check_same(theirs, ours)
+    params = {k: torch.randn_like(v) for k, v in theirs.named_parameters()}
+    x = fresh_input(8)
+    with torch.no_grad():
+        expected = flat(functional_call(theirs, params, (x,)))
+        actual = flat(functional_call(ours, params, (x,)))
+        after = flat(ours(x))  # and the module's own weights again afterwards
+        own = flat(theirs(x))
+    for a, e in zip(actual + after, expected + own):
+        assert_close(a, e, TOL, "functional_call")
+
+
+def test_deepcopy_and_pickle_do_not_share_the_plan():
+    theirs, ours = make_pair(bidirectional=True)
+    check_same(theirs, ours)
+    for clone in (copy.deepcopy(ours), pickle.loads(pickle.dumps(ours))):
+        twin = copy.deepcopy(theirs)
+        with torch.no_grad():
+            for m in (twin, clone):
+                m.weight_hh_l0_reverse.mul_(-2.0)
+        check_same(twin, clone, seed=9)
+        check_same(theirs, ours, seed=9)  # the original is unaffected
+    buffer = io.BytesIO()
+    torch.save(ours, buffer)
+    buffer.seek(0)
+    check_same(theirs, torch.load(buffer, weights_only=False), seed=10)
+
+
+def test_modules_built_in_inference_mode():
+    """Inference tensors have no version counter: the plan is then rebuilt at every call."""
+    with torch.inference_mode():
+        theirs, ours = make_pair()
+        check_same(theirs, ours)
+        for m in (theirs, ours):
+            m.weight_hh_l0.add_(1.0)
+        check_same(theirs, ours, seed=11)
+
+
+def test_parametrized_weights_take_the_fresh_path():
+    theirs, ours = make_pair()
+    for m in (theirs, ours):
+        torch.nn.utils.parametrize.register_parametrization(m, "weight_hh_l0", _Double())
+    check_same(theirs, ours)
+    with torch.no_grad():
+        for m in (theirs, ours):
+            m.parametrizations.weight_hh_l0.original.add_(0.5)
+    check_same(theirs, ours, seed=12)
+
+
+class _Double(nn.Module):
+    def forward(self, w):
+        return 2 * w
+
+
+def test_mixed_dtypes_fall_back_to_the_full_checks():
+    _, ours = make_pair()
+    ours.weight_hh_l0.data = ours.weight_hh_l0.data.float()
+    with torch.no_grad(), pytest.raises((RuntimeError, TypeError, ValueError)):
+        ours(fresh_input(13))
+
+
+def test_plans_do_not_keep_modules_alive():
+    import gc
+    import weakref
+    _, ours = make_pair()
+    check_same(*make_pair())
+    with torch.no_grad():
+        ours(fresh_input(14))
+    ref = weakref.ref(ours)
+    del ours
+    gc.collect()
+    assert ref() is None
+    assert all(m is not None for m in _inference._plans.keys())
