@@ -83,9 +83,11 @@ std::atomic<int> g_stall_backoff{0};
 std::atomic<int> g_next_backoff{kMinBackoffCalls};
 
 // Below this many multiply-adds per step and direction, a second thread costs about as much in
-// barrier time as it saves. Measured on the 2-core SPR VM (AVX-512, fp32, B=1): LSTM H=64
-// (16K MACs) 75 us per 100 steps on 1 thread, 74 on 2; LSTM H=128 (64K) 247 -> 159 us.
-constexpr int64_t kMinMacsPerStepForThreads = 32 * 1024;
+// barrier time as it saves. Measured on the 2-core SPR VM (AVX-512, fp32, B=1, 100 steps, with
+// the dissemination barrier): LSTM H=32 (4K MACs) 33 us on 1 thread, 50 on 2; LSTM H=64 (16K)
+// 73 -> 66 us (its 64 KB W_hh streams from L2 on one core, fits two L1s on two); H=128 (64K)
+// 220 -> 158 us.
+constexpr int64_t kMinMacsPerStepForThreads = 16 * 1024;
 
 // Test-only knob: FUSEDRNN_CPU_TEST_THREADS=n runs every direction on exactly n threads (ignoring
 // the core count and the size heuristic), so that small test shapes exercise uneven splits.

@@ -31,21 +31,33 @@ constexpr int kBarrierSpinMicros = 50;
 constexpr int kIdleSpinsBeforeSleep = 1 << 12;
 }  // namespace
 
-void SpinBarrier::wait() {
-  const int gen = generation_.load(std::memory_order_acquire);
-  if (arrived_.fetch_add(1, std::memory_order_acq_rel) == count_ - 1) {
-    arrived_.store(0, std::memory_order_relaxed);
-    generation_.fetch_add(1, std::memory_order_release);
-    return;
+SpinBarrier::SpinBarrier(int count, int64_t stall_micros)
+    : count_(count), rounds_(0), stall_micros_(stall_micros) {
+  while ((1 << rounds_) < count_) ++rounds_;
+  announced_.reset(new Line[static_cast<size_t>(rounds_ > 0 ? rounds_ * count_ : 1)]);
+  epoch_.reset(new Line[static_cast<size_t>(count_ > 0 ? count_ : 1)]);
+}
+
+void SpinBarrier::wait(int rank) {
+  auto& own = epoch_[rank].value;
+  const int64_t epoch = own.load(std::memory_order_relaxed) + 1;
+  own.store(epoch, std::memory_order_relaxed);
+  for (int k = 0; k < rounds_; ++k) {
+    // Release: what this member (and, transitively, those it heard from) wrote before arriving
+    // is visible to whoever acquires the announcement.
+    announced_[k * count_ + rank].value.store(epoch, std::memory_order_release);
+    const int from = (rank - (1 << k) + count_) % count_;
+    spin_until_reaches(announced_[k * count_ + from].value, epoch);
   }
-  // Spin (a step's imbalance is well under the budget); past it, a team member has most likely
-  // lost its core to another process, so yield ours and count the stall (see stalls()).
-  // The yield starts after kBarrierSpinMicros; the stall is counted (once) only past the
-  // caller's stall budget, which scales with the step's work.
+}
+
+// Spin while the wait is short; past kBarrierSpinMicros a team member has most likely lost its
+// core to another process, so yield ours; past the caller's stall budget, count the stall (once).
+void SpinBarrier::spin_until_reaches(const std::atomic<int64_t>& announced, int64_t epoch) {
   int spins = 0;
   auto start = std::chrono::steady_clock::time_point();
   bool yielding = false, stalled = false;
-  while (generation_.load(std::memory_order_acquire) == gen) {
+  while (announced.load(std::memory_order_acquire) < epoch) {
     if (yielding) {
       sched_yield();
     } else {
