@@ -82,12 +82,13 @@ constexpr int kMaxBackoffCalls = 4096;
 std::atomic<int> g_stall_backoff{0};
 std::atomic<int> g_next_backoff{kMinBackoffCalls};
 
-// Below this many multiply-adds per step and direction, a second thread costs about as much in
-// barrier time as it saves. Measured on the 2-core SPR VM (AVX-512, fp32, B=1, 100 steps, with
-// the dissemination barrier): LSTM H=32 (4K MACs) 33 us on 1 thread, 50 on 2; LSTM H=64 (16K)
-// 73 -> 66 us (its 64 KB W_hh streams from L2 on one core, fits two L1s on two); H=128 (64K)
-// 220 -> 158 us.
-constexpr int64_t kMinMacsPerStepForThreads = 16 * 1024;
+// Below this many multiply-adds per step and direction, a second thread costs about as much as it
+// saves. Measured on the 2-core SPR VM (AVX-512, fp32, B=1, 100 steps): LSTM H=64 (16K MACs)
+// 73 us on 1 thread, 66 on 2 in a loop of back-to-back calls, but 124 against 244 us when the
+// call comes after 0.5 ms idle (waking the sleeping OpenMP worker costs ~100 us on this VM, which
+// a call this short cannot win back); LSTM H=128 (64K) 220 -> 158 us, and no idle penalty
+// (torch's input-projection GEMM before it has woken the worker already).
+constexpr int64_t kMinMacsPerStepForThreads = 32 * 1024;
 
 // Test-only knob: FUSEDRNN_CPU_TEST_THREADS=n runs every direction on exactly n threads (ignoring
 // the core count and the size heuristic), so that small test shapes exercise uneven splits.
