@@ -1,9 +1,14 @@
-"""Shared test tools: comparing fusedrnn modules with their torch.nn twins.
+"""Shared test tools.
 
-A `Case` describes one configuration; `run_pair` builds both modules with the same weights, feeds
-both the same random input (padded or packed, sorted or not) and initial state, backpropagates the
-same random projection of every result, and returns what each produced, so that a test compares
-outputs, final states and every parameter, input and state gradient.
+- Comparing fusedrnn modules with their torch.nn twins: a `Case` describes one configuration;
+  `compare_with_torch` builds both modules with the same weights, feeds both the same random input
+  (padded or packed, sorted or not) and initial state, backpropagates the same random projection
+  of every result, and compares outputs, final states and every parameter, input and state
+  gradient.
+- Driving the native recurrence of one layer directly (kernel-level tests): `run_forward_layer` /
+  `run_backward_layer` call `_backend.forward_layer` / `backward_layer`, the calls the modules
+  make, on NaN-poisoned outputs; `minimal_fwd_params` builds a valid FwdParams of any native
+  module by hand for the bad-parameter tests.
 """
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import itertools
 import os
 import random
 from dataclasses import dataclass
+from typing import Optional
 
 import pytest
 import torch
@@ -18,6 +24,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import fusedrnn
+from fusedrnn import _backend
 
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 2e-5}
 
@@ -258,3 +265,135 @@ def covering_design(factors: dict, strength: int = 2, seed: int = 0) -> list[dic
 def _gain(row, uncovered, strength) -> int:
     return sum(((combo, tuple(row[i] for i in combo)) in uncovered)
                for combo in itertools.combinations(range(len(row)), strength))
+
+
+# --- the native recurrence of one layer (kernel-level tests) --------------------------------------
+#
+# The layouts are those of _backend.forward_layer / backward_layer: direction d of a [T, B, D*X]
+# sequence is its d-th block of X columns, of a state or saved tensor its index d along dim 0; a
+# layer has 1 or 2 directions and direction 1 runs reversed.
+
+def column_block(t: torch.Tensor, d: int, num_dirs: int) -> torch.Tensor:
+    """Direction d of a [T, B, D*X] sequence: a view of its d-th block of columns."""
+    width = t.shape[-1] // num_dirs
+    return t[..., d * width:(d + 1) * width]
+
+
+def _nan(like: torch.Tensor, *shape) -> torch.Tensor:
+    return torch.full(shape, float("nan"), dtype=like.dtype, device=like.device)
+
+
+@dataclass
+class LayerRun:
+    """What run_forward_layer passed to and got from the native forward (outputs NaN-poisoned
+    before the call); run_backward_layer reads it."""
+    cell: str
+    xproj: torch.Tensor             # [T, B, D*G*H]
+    w_hh: list                      # D tensors [G*H, P]
+    b_hh: list                      # D tensors [G*H] or Nones
+    w_hr: list                      # D tensors [P, H] (projected LSTM) or Nones
+    h0: Optional[torch.Tensor]      # [D, B, P]
+    c0: Optional[torch.Tensor]      # [D, B, H] (LSTM)
+    lengths: Optional[torch.Tensor]
+    out: torch.Tensor               # [T, B, D*P]
+    hn: torch.Tensor                # [D, B, P]
+    cn: Optional[torch.Tensor]      # [D, B, H] (LSTM)
+    gates: Optional[torch.Tensor]   # [D, T, B, S*H], S saved gates (training LSTM and GRU)
+    c_seq: Optional[torch.Tensor]   # [D, T, B, H] (training LSTM)
+    r_seq: Optional[torch.Tensor]   # [D, T, B, H] (training projected LSTM)
+
+    @property
+    def num_dirs(self) -> int:
+        return len(self.w_hh)
+
+
+@dataclass
+class LayerGrads:
+    """The outputs of one native backward call (NaN-poisoned before the call)."""
+    d_xproj: torch.Tensor            # [T, B, D*G*H]
+    d_hproj: Optional[torch.Tensor]  # [T, B, D*G*H] (GRU)
+    d_h_seq: Optional[torch.Tensor]  # [D, T, B, P] (projected LSTM)
+    d_h0: torch.Tensor               # [D, B, P]
+    d_c0: Optional[torch.Tensor]     # [D, B, H] (LSTM)
+
+
+def run_forward_layer(cell: str, xproj, w_hh, b_hh, w_hr, h0=None, c0=None, lengths=None, *,
+                      training: bool = True, out: Optional[torch.Tensor] = None) -> LayerRun:
+    """One native forward call for the 1 or 2 directions of a layer (the lists w_hh, b_hh, w_hr
+    have one entry per direction). Without `training` the saved tensors are not asked for
+    (inference). `out` [T, B, D*P] may be given to choose its storage (strides); it is poisoned."""
+    num_dirs, lstm = len(w_hh), cell == "lstm"
+    seq_len, batch = xproj.shape[0], xproj.shape[1]
+    hidden = xproj.shape[2] // num_dirs // _backend.GATE_COUNT[cell]
+    state = w_hh[0].shape[1]
+    saved_gates = _backend.SAVED_GATE_COUNT[cell] if training else 0
+    if out is None:
+        out = _nan(xproj, seq_len, batch, num_dirs * state)
+    out.fill_(float("nan"))
+    run = LayerRun(
+        cell, xproj, list(w_hh), list(b_hh), list(w_hr), h0, c0, lengths, out,
+        hn=_nan(xproj, num_dirs, batch, state),
+        cn=_nan(xproj, num_dirs, batch, hidden) if lstm else None,
+        gates=_nan(xproj, num_dirs, seq_len, batch, saved_gates * hidden) if saved_gates else None,
+        c_seq=_nan(xproj, num_dirs, seq_len, batch, hidden) if training and lstm else None,
+        r_seq=(_nan(xproj, num_dirs, seq_len, batch, hidden)
+               if training and w_hr[0] is not None else None))
+    _backend.forward_layer(cell, xproj, run.w_hh, run.b_hh, run.w_hr, h0, c0, out, run.hn,
+                           run.cn, run.gates, run.c_seq, run.r_seq, lengths)
+    return run
+
+
+def run_backward_layer(run: LayerRun, d_out, d_hn, d_cn, *,
+                       d_xproj: Optional[torch.Tensor] = None) -> LayerGrads:
+    """One native backward call for the layer of a training run_forward_layer. d_out [T, B, D*P],
+    d_hn [D, B, P] and d_cn [D, B, H] may be None (zero gradients). `d_xproj` [T, B, D*G*H] may be
+    given to choose its storage; it is poisoned."""
+    num_dirs, lstm = run.num_dirs, run.cell == "lstm"
+    seq_len, batch, width = run.xproj.shape
+    state, hidden = run.w_hh[0].shape[1], width // num_dirs // _backend.GATE_COUNT[run.cell]
+    if d_xproj is None:
+        d_xproj = _nan(run.xproj, seq_len, batch, width)
+    d_xproj.fill_(float("nan"))
+    grads = LayerGrads(
+        d_xproj,
+        d_hproj=_nan(run.xproj, seq_len, batch, width) if run.cell == "gru" else None,
+        d_h_seq=(_nan(run.xproj, num_dirs, seq_len, batch, state)
+                 if run.w_hr[0] is not None else None),
+        d_h0=_nan(run.xproj, num_dirs, batch, state),
+        d_c0=_nan(run.xproj, num_dirs, batch, hidden) if lstm else None)
+    _backend.backward_layer(run.cell, run.w_hh, run.b_hh, run.w_hr, run.h0, run.c0, run.out,
+                            run.gates, run.c_seq, d_out, d_hn, d_cn, grads.d_xproj,
+                            grads.d_hproj, grads.d_h_seq, grads.d_h0, grads.d_c0, run.lengths)
+    return grads
+
+
+def minimal_fwd_params(module, cell: str = "lstm", T: int = 2, B: int = 2, H: int = 3,
+                       P: Optional[int] = None, dtype: torch.dtype = torch.float32,
+                       directions: int = 1):
+    """FwdParams of the native `module` (_cpu, _emu, _cuda) for a small valid forward, built
+    field by field as a bad-parameter test needs them: the required pointers point at host
+    buffers kept alive in the returned dict, optional ones are null, one thread. Returns
+    ([FwdParams per direction], buffers); direction 1 is reversed and shares direction 0's
+    buffers (enough for the workspace and launch-plan queries, not for running it)."""
+    P = P or H
+    G = _backend.GATE_COUNT[cell]
+    keep = dict(xproj=torch.randn(T, B, G * H).to(dtype), w_hh=torch.randn(G * H, P).to(dtype),
+                out=torch.empty(T, B, P, dtype=dtype), hn=torch.empty(B, P, dtype=dtype),
+                cn=torch.empty(B, H, dtype=dtype), w_hr=torch.randn(P, H).to(dtype))
+    params = []
+    for d in range(directions):
+        p = module.FwdParams()
+        p.cell, p.dtype = _backend.CELL_CODES[cell], _backend.DTYPE_CODES[dtype]
+        p.seq_len, p.batch, p.hidden, p.state = T, B, H, P
+        p.reverse = d == 1
+        p.xproj = (keep["xproj"].data_ptr(), B * G * H, G * H)
+        p.w_hh = keep["w_hh"].data_ptr()
+        p.out = (keep["out"].data_ptr(), B * P, P)
+        p.hn = keep["hn"].data_ptr()
+        if cell == "lstm":
+            p.cn = keep["cn"].data_ptr()
+        if P != H:
+            p.w_hr = keep["w_hr"].data_ptr()
+        p.num_threads = 1
+        params.append(p)
+    return params, keep

@@ -1,33 +1,39 @@
 """Kernel-level tests: the native recurrence (one layer, 1 or 2 directions per call) against
 fusedrnn.reference.rnn_layer, forward and every gradient.
 
-The kernels are driven through fusedrnn._backend.run_forward / run_backward exactly as the
-modules drive them. The reference is fed the input projection itself as its input (W_ih = I,
-no b_ih), so autograd on the reference gives d_xproj directly; dW_hh, db_hh and dW_hr are formed
-from the kernel's d_hproj / d_h_seq exactly as functional.py forms them (torch GEMMs), which
-checks those outputs too. Every output is poisoned with NaN first, so unwritten elements show.
+The kernels are driven through fusedrnn._backend.forward_layer / backward_layer exactly as the
+modules drive them (via _helpers.run_forward_layer / run_backward_layer). The reference is fed the
+input projection itself as its input (W_ih = I, no b_ih), so autograd on the reference gives
+d_xproj directly; dW_hh, db_hh and dW_hr are formed from the kernel's d_hproj / d_h_seq exactly as
+functional.py forms them (torch GEMMs), which checks those outputs too. Every output is poisoned
+with NaN first, so unwritten elements show.
 """
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Optional
 
 import pytest
 import torch
 
+from _helpers import column_block, minimal_fwd_params, run_backward_layer, run_forward_layer
 from fusedrnn import _backend, reference
 
 GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 NAN = float("nan")
 
+# Which directions a configuration runs and which of them it checks. The layer API runs a reversed
+# direction only as direction 1 of a two-direction layer, so "rev" runs both and checks the
+# reversed one.
+LAYOUTS = {"fwd": (1, (0,)), "rev": (2, (1,)), "bidir": (2, (0, 1))}
+
 
 @dataclass(frozen=True)
 class Config:
     cell: str
     proj: int             # proj_size, 0 = none (LSTM only)
-    directions: tuple     # reverse flag per direction: (False,), (True,), (False, True)
+    directions: str       # a key of LAYOUTS: "fwd", "rev" or "bidir"
     lengths: bool
     T: int
     B: int
@@ -36,11 +42,19 @@ class Config:
     batch_first: bool     # storage of the sequence tensors (strides), not a different math
 
     @property
+    def num_dirs(self) -> int:
+        return LAYOUTS[self.directions][0]
+
+    @property
+    def checked(self) -> tuple:
+        return LAYOUTS[self.directions][1]
+
+    @property
     def id(self) -> str:
         parts = [self.cell]
         if self.proj:
             parts.append("proj")
-        parts.append({(False,): "fwd", (True,): "rev", (False, True): "bidir"}[self.directions])
+        parts.append(self.directions)
         if self.lengths:
             parts.append("len")
         if self.batch_first:
@@ -57,7 +71,7 @@ def _grid():
     out = []
     for cell, proj_on in [("lstm", False), ("lstm", True), ("gru", False), ("rnn_tanh", False),
                           ("rnn_relu", False)]:
-        for directions in [(False,), (True,), (False, True)]:
+        for directions in LAYOUTS:
             for lengths in (False, True):
                 for i, (T, B, H) in enumerate(SIZES):
                     if proj_on and H < 2:
@@ -76,10 +90,6 @@ def _seq_storage(T, B, width, batch_first, dtype, device, fill=NAN):
     if batch_first:
         return torch.full((B, T, width), fill, dtype=dtype, device=device).transpose(0, 1)
     return torch.full((T, B, width), fill, dtype=dtype, device=device)
-
-
-def _halves(t, n, width):
-    return [t[..., d * width:(d + 1) * width] for d in range(n)]
 
 
 def _rel(actual, expected, floor=0.0):
@@ -121,7 +131,7 @@ def run_and_check(cfg: Config, device: torch.device, *, with_h0=True, with_grads
     seed = random.randrange(1 << 30)
     torch.manual_seed(seed)
     cell, T, B, H, dtype = cfg.cell, cfg.T, cfg.B, cfg.H, cfg.dtype
-    G, P, nd = GATES[cell], (cfg.proj or cfg.H), len(cfg.directions)
+    G, P, nd = GATES[cell], (cfg.proj or cfg.H), cfg.num_dirs
     X = G * H
     lstm, gru, projected = cell == "lstm", cell == "gru", cfg.proj > 0
     lengths = torch.randint(1, T + 1, (B,), dtype=torch.int64) if cfg.lengths else None
@@ -138,33 +148,32 @@ def run_and_check(cfg: Config, device: torch.device, *, with_h0=True, with_grads
     def as_ref(t):
         return t.to(dtype).double().requires_grad_() if t is not None else None
 
-    xproj_all = _seq_storage(T, B, nd * X, cfg.batch_first, dtype, device)
-    xproj_all.copy_(rnd(T, B, nd * X, s=1.5).to(dtype))
-    out_all = _seq_storage(T, B, nd * P, cfg.batch_first, dtype, device)
-    d_out_all = _seq_storage(T, B, nd * P, cfg.batch_first, dtype, device)
-    d_out_all.copy_(rnd(T, B, nd * P).to(dtype))
-    d_xproj_all = _seq_storage(T, B, nd * X, cfg.batch_first, dtype, device)
-    xprojs, outs = _halves(xproj_all, nd, X), _halves(out_all, nd, P)
-    d_outs, d_xprojs = _halves(d_out_all, nd, P), _halves(d_xproj_all, nd, X)
+    xproj = _seq_storage(T, B, nd * X, cfg.batch_first, dtype, device)
+    xproj.copy_(rnd(T, B, nd * X, s=1.5).to(dtype))
+    d_out = _seq_storage(T, B, nd * P, cfg.batch_first, dtype, device)
+    d_out.copy_(rnd(T, B, nd * P).to(dtype))
+    masters = [dict(w_hh=rnd(X, P, s=scale), b_hh=rnd(X, s=scale),
+                    w_hr=rnd(P, H, s=scale) if projected else None,
+                    h0=rnd(B, P) if with_h0 else None,
+                    c0=rnd(B, H) if (lstm and with_h0) else None)
+               for _ in range(nd)]
 
-    def nan(*shape):
-        return torch.full(shape, NAN, dtype=dtype, device=device)
+    def layer(name):
+        """The kernel's operand `name`: one tensor per direction (weights) or [D, ...] (states)."""
+        per_dir = [as_kernel(m[name]) for m in masters]
+        if name in ("h0", "c0"):
+            return torch.stack(per_dir) if per_dir[0] is not None else None
+        return per_dir
 
-    fwd_dirs, masters = [], []
-    for d, reverse in enumerate(cfg.directions):
-        m = dict(w_hh=rnd(X, P, s=scale), b_hh=rnd(X, s=scale),
-                 w_hr=rnd(P, H, s=scale) if projected else None,
-                 h0=rnd(B, P) if with_h0 else None,
-                 c0=rnd(B, H) if (lstm and with_h0) else None)
-        masters.append(m)
-        fwd_dirs.append(_backend.DirectionForward(
-            xproj=xprojs[d], w_hh=as_kernel(m["w_hh"]), b_hh=as_kernel(m["b_hh"]),
-            w_hr=as_kernel(m["w_hr"]), h0=as_kernel(m["h0"]), c0=as_kernel(m["c0"]),
-            out=outs[d], hn=nan(B, P), cn=nan(B, H) if lstm else None, reverse=reverse,
-            gates=nan(T, B, 4 * H) if (lstm or gru) else None,
-            c_seq=nan(T, B, H) if lstm else None,
-            r_seq=nan(T, B, H) if projected else None))
-    _backend.run_forward(cell, fwd_dirs, lengths_dev)
+    run = run_forward_layer(cell, xproj, layer("w_hh"), layer("b_hh"), layer("w_hr"),
+                            layer("h0"), layer("c0"), lengths_dev,
+                            out=_seq_storage(T, B, nd * P, cfg.batch_first, dtype, device))
+    if with_grads:
+        d_hn = rnd(nd, B, P).to(dtype)
+        d_cn = rnd(nd, B, H).to(dtype) if lstm else None
+        grads = run_backward_layer(
+            run, d_out, d_hn.to(device), d_cn.to(device) if lstm else None,
+            d_xproj=_seq_storage(T, B, nd * X, cfg.batch_first, dtype, device))
 
     tol = TOL[dtype]
     valid = _valid_mask(T, B, lengths)
@@ -177,60 +186,54 @@ def run_and_check(cfg: Config, device: torch.device, *, with_h0=True, with_grads
         if not err <= tol:
             failures.append(f"{name}: rel err {err:.3g} > {tol:g}")
 
-    for d, reverse in enumerate(cfg.directions):
-        m, f = masters[d], fwd_dirs[d]
-        x_ref = xprojs[d].detach().cpu().double().requires_grad_()
+    for d in cfg.checked:
+        reverse = d == 1  # the layer API's convention
+        m = masters[d]
+        out = column_block(run.out, d, nd)
+        x_ref = column_block(xproj, d, nd).detach().cpu().double().requires_grad_()
         eye = torch.eye(X, dtype=torch.float64)
         refs = {k: as_ref(v) for k, v in m.items()}
         out_r, hn_r, cn_r = reference.rnn_layer(
             cell, x_ref, eye, refs["w_hh"], None, refs["b_hh"], refs["w_hr"], refs["h0"],
             refs["c0"], lengths, reverse)
-        check(f"dir{d} out", f.out, out_r)
-        check(f"dir{d} h_n", f.hn, hn_r)
+        check(f"dir{d} out", out, out_r)
+        check(f"dir{d} h_n", run.hn[d], hn_r)
         if lstm:
-            check(f"dir{d} c_n", f.cn, cn_r)
-        padded_out = f.out.detach().cpu()[~valid]
+            check(f"dir{d} c_n", run.cn[d], cn_r)
+        padded_out = out.detach().cpu()[~valid]
         if padded_out.numel() and not (padded_out == 0).all():
             failures.append(f"dir{d}: padded output rows are not zero")
         if not with_grads:
             continue
 
-        d_hn = rnd(B, P).to(dtype)
-        d_cn = rnd(B, H).to(dtype) if lstm else None
-        loss = (out_r * d_outs[d].detach().cpu().double()).sum() + (hn_r * d_hn.double()).sum()
+        loss = ((out_r * column_block(d_out, d, nd).detach().cpu().double()).sum()
+                + (hn_r * d_hn[d].double()).sum())
         if lstm:
-            loss = loss + (cn_r * d_cn.double()).sum()
+            loss = loss + (cn_r * d_cn[d].double()).sum()
         leaves = [x_ref] + [v for v in refs.values() if v is not None]
-        grads = dict(zip(["x"] + [k for k, v in refs.items() if v is not None],
-                         torch.autograd.grad(loss, leaves)))
+        ref_grads = dict(zip(["x"] + [k for k, v in refs.items() if v is not None],
+                             torch.autograd.grad(loss, leaves)))
 
-        bwd = _backend.DirectionBackward(
-            w_hh=f.w_hh, b_hh=f.b_hh, w_hr=f.w_hr, h0=f.h0, c0=f.c0, out=f.out, gates=f.gates,
-            c_seq=f.c_seq, d_out=d_outs[d], d_hn=d_hn.to(device),
-            d_cn=d_cn.to(device) if lstm else None, d_xproj=d_xprojs[d],
-            d_hproj=nan(T, B, X) if gru else None,
-            d_h_seq=nan(T, B, P) if projected else None,
-            d_h0=nan(B, P), d_c0=nan(B, H) if lstm else None, reverse=reverse)
-        _backend.run_backward(cell, [bwd], lengths_dev)
-
-        check(f"dir{d} d_xproj", bwd.d_xproj, grads["x"])
-        padded_grad = bwd.d_xproj.detach().cpu()[~valid]
+        d_xproj = column_block(grads.d_xproj, d, nd)
+        check(f"dir{d} d_xproj", d_xproj, ref_grads["x"])
+        padded_grad = d_xproj.detach().cpu()[~valid]
         if padded_grad.numel() and not (padded_grad == 0).all():
             failures.append(f"dir{d}: padded d_xproj rows are not zero")
         if with_h0:
-            check(f"dir{d} d_h0", bwd.d_h0, grads["h0"])
+            check(f"dir{d} d_h0", grads.d_h0[d], ref_grads["h0"])
             if lstm:
-                check(f"dir{d} d_c0", bwd.d_c0, grads["c0"])
-        d_pre = (bwd.d_hproj if gru else bwd.d_xproj).detach().cpu().double()
+                check(f"dir{d} d_c0", grads.d_c0[d], ref_grads["c0"])
+        d_pre = column_block(grads.d_hproj if gru else grads.d_xproj, d, nd).detach().cpu().double()
         h0_used = m["h0"].to(dtype).double() if with_h0 else torch.zeros(B, P, dtype=torch.float64)
-        hp = _h_prev(f.out.detach().cpu().double(), h0_used, lengths, reverse)
-        check(f"dir{d} dW_hh", torch.einsum("tbx,tbp->xp", d_pre, hp), grads["w_hh"])
-        check(f"dir{d} db_hh", d_pre.sum((0, 1)), grads["b_hh"])
+        hp = _h_prev(out.detach().cpu().double(), h0_used, lengths, reverse)
+        check(f"dir{d} dW_hh", torch.einsum("tbx,tbp->xp", d_pre, hp), ref_grads["w_hh"])
+        check(f"dir{d} db_hh", d_pre.sum((0, 1)), ref_grads["b_hh"])
         if projected:
-            r_seq = torch.where(valid.unsqueeze(-1), f.r_seq.detach().cpu().double(),
+            r_seq = torch.where(valid.unsqueeze(-1), run.r_seq[d].detach().cpu().double(),
                                 torch.zeros(()))
-            d_h_seq = bwd.d_h_seq.detach().cpu().double()
-            check(f"dir{d} dW_hr", torch.einsum("tbp,tbh->ph", d_h_seq, r_seq), grads["w_hr"])
+            d_h_seq = grads.d_h_seq[d].detach().cpu().double()
+            check(f"dir{d} dW_hr", torch.einsum("tbp,tbh->ph", d_h_seq, r_seq),
+                  ref_grads["w_hr"])
     assert not failures, f"seed {seed}: " + "; ".join(failures)
 
 
@@ -243,7 +246,7 @@ def test_recurrence_matches_reference(cfg, backend):
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
 def test_no_initial_state(cell, backend):
-    run_and_check(Config(cell, 0, (False, True), True, 2, 3, 5, torch.float64, False),
+    run_and_check(Config(cell, 0, "bidir", True, 2, 3, 5, torch.float64, False),
                   backend.device, with_h0=False)
 
 
@@ -255,7 +258,7 @@ def test_thread_splits(cell, proj, threads, monkeypatch):
     pytest.importorskip("fusedrnn._cpu")
     monkeypatch.setenv("FUSEDRNN_CPU_TEST_THREADS", str(threads))
     for dtype in (torch.float64, torch.float32):
-        run_and_check(Config(cell, proj, (False, True), True, 7, 5, 37, dtype, True),
+        run_and_check(Config(cell, proj, "bidir", True, 7, 5, 37, dtype, True),
                       torch.device("cpu"))
 
 
@@ -268,7 +271,7 @@ def test_every_instruction_set(cell, proj, isa, monkeypatch):
     monkeypatch.setenv("FUSEDRNN_CPU_ISA", isa)
     for dtype in (torch.float64, torch.float32):
         for size in [(7, 5, 37), (3, 9, 70)]:
-            run_and_check(Config(cell, proj, (False, True), True, *size, dtype, False),
+            run_and_check(Config(cell, proj, "bidir", True, *size, dtype, False),
                           torch.device("cpu"))
     assert cpu.isa() in ("generic", "avx2", "avx512")
 
@@ -277,33 +280,11 @@ def test_larger_threaded_shapes(monkeypatch):
     """Shapes over the threading threshold, with the default thread count."""
     pytest.importorskip("fusedrnn._cpu")
     for cell, proj in [("lstm", 0), ("lstm", 40), ("gru", 0), ("rnn_tanh", 0)]:
-        run_and_check(Config(cell, proj, (False, True), True, 3, 17, 96, torch.float32, True),
+        run_and_check(Config(cell, proj, "bidir", True, 3, 17, 96, torch.float32, True),
                       torch.device("cpu"))
 
 
 # ------------------------------------------------------------------------------ bad parameters
-def _valid_fwd(cpu, cell="lstm", T=2, B=2, H=3, P=None):
-    """A FwdParams pointing at real buffers (kept alive in the returned dict)."""
-    P = P or H
-    G = GATES[cell]
-    keep = dict(xproj=torch.randn(T, B, G * H), w_hh=torch.randn(G * H, P),
-                out=torch.empty(T, B, P), hn=torch.empty(B, P), cn=torch.empty(B, H),
-                w_hr=torch.randn(P, H))
-    p = cpu.FwdParams()
-    p.cell, p.dtype = _backend.CELL_CODES[cell], 0
-    p.seq_len, p.batch, p.hidden, p.state = T, B, H, P
-    p.xproj = (keep["xproj"].data_ptr(), G * H * B, G * H)
-    p.w_hh = keep["w_hh"].data_ptr()
-    p.out = (keep["out"].data_ptr(), B * P, P)
-    p.hn = keep["hn"].data_ptr()
-    if cell == "lstm":
-        p.cn = keep["cn"].data_ptr()
-    if P != H:
-        p.w_hr = keep["w_hr"].data_ptr()
-    p.num_threads = 1
-    return p, keep
-
-
 def _valid_bwd(cpu, cell="gru", T=2, B=2, H=3):
     G = GATES[cell]
     keep = dict(w_hh=torch.randn(G * H, H), out=torch.randn(T, B, H),
@@ -334,7 +315,8 @@ def _expect(fn, *words):
 
 def test_valid_params_run():
     cpu = pytest.importorskip("fusedrnn._cpu")
-    for p, keep in [_valid_fwd(cpu), _valid_fwd(cpu, "gru"), _valid_fwd(cpu, "lstm", P=2)]:
+    for (p,), keep in [minimal_fwd_params(cpu), minimal_fwd_params(cpu, "gru"),
+                        minimal_fwd_params(cpu, "lstm", P=2)]:
         ws = torch.empty(cpu.forward_workspace_bytes([p]), dtype=torch.uint8)
         p.workspace, p.workspace_bytes = ws.data_ptr(), ws.numel()
         cpu.forward([p])
@@ -358,35 +340,35 @@ def test_valid_params_run():
 ])
 def test_bad_forward_params(field, value, words):
     cpu = pytest.importorskip("fusedrnn._cpu")
-    p, _keep = _valid_fwd(cpu)
+    (p,), _keep = minimal_fwd_params(cpu)
     setattr(p, field, value)
     _expect(lambda: cpu.forward([p]), "direction 0", *words)
 
 
 def test_bad_forward_structure():
     cpu = pytest.importorskip("fusedrnn._cpu")
-    p, _k = _valid_fwd(cpu)
+    (p,), _k = minimal_fwd_params(cpu)
     _expect(lambda: cpu.forward([]), "1 or 2 directions", "got 0")
     _expect(lambda: cpu.forward([p, p, p]), "1 or 2 directions", "got 3")
-    q, _k2 = _valid_fwd(cpu, H=4)
+    (q,), _k2 = minimal_fwd_params(cpu, H=4)
     _expect(lambda: cpu.forward([p, q]), "direction 1", "hidden")
-    g, _k3 = _valid_fwd(cpu, "gru")
+    (g,), _k3 = minimal_fwd_params(cpu, "gru")
     g.state = 2
     _expect(lambda: cpu.forward([g]), "state", "hidden")
-    proj, _k4 = _valid_fwd(cpu, "lstm", P=2)
+    (proj,), _k4 = minimal_fwd_params(cpu, "lstm", P=2)
     proj.w_hr = 0
     _expect(lambda: cpu.forward([proj]), "w_hr", "null")
-    s, _k5 = _valid_fwd(cpu)
+    (s,), _k5 = minimal_fwd_params(cpu)
     s.xproj = (s.xproj[0], -1, 3)
     _expect(lambda: cpu.forward([s]), "xproj", "stride")
-    t, _k6 = _valid_fwd(cpu)
+    (t,), _k6 = minimal_fwd_params(cpu)
     t.gates = (_k6["out"].data_ptr(), 0, 0)
     _expect(lambda: cpu.forward([t]), "c_seq")
 
 
 def test_bad_lengths_and_workspace():
     cpu = pytest.importorskip("fusedrnn._cpu")
-    p, keep = _valid_fwd(cpu)
+    (p,), keep = minimal_fwd_params(cpu)
     need = cpu.forward_workspace_bytes([p])
     ws = torch.empty(need, dtype=torch.uint8)
     p.workspace, p.workspace_bytes = ws.data_ptr(), need - 1
