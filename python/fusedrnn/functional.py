@@ -10,6 +10,11 @@ Per layer (DESIGN.md, "The one idea behind the speed"):
      gradients, and turns them into dW_hh, db_hh (and dW_hr) with torch GEMMs.
 Dropout between layers is torch's F.dropout on each non-last layer's output, as in torch.nn.
 
+Under torch.compile, steps 2 and 3 are the custom ops `fusedrnn::layer_forward` and
+`fusedrnn::layer_backward` (torch.library, with fake kernels and a registered backward formula),
+so a whole network compiles with fullgraph=True; eagerly the autograd.Function skips the ops'
+dispatch cost. Both run the same functions (_run_forward, _run_backward, _layer_grads).
+
 `rnn(...)` has the signature of `reference.rnn(...)` and the same semantics; the modules call it.
 """
 from __future__ import annotations
@@ -127,7 +132,8 @@ class _LayerSpec:
     has_proj: bool
 
     def split(self, params):
-        """The flat tensor arguments of `_LayerRecurrence` back into w_hh, b_hh, w_hr tuples."""
+        """A flat sequence (w_hh x D, then b_hh x D with bias, then w_hr x D with proj) back into
+        w_hh, b_hh, w_hr tuples of D entries, Nones for the absent ones."""
         d = self.directions
         w_hh, rest = tuple(params[:d]), params[d:]
         b_hh, rest = (tuple(rest[:d]), rest[d:]) if self.has_bias else ((None,) * d, rest)
@@ -135,9 +141,6 @@ class _LayerSpec:
         return w_hh, b_hh, w_hr
 
 
-# torch.compile cannot trace a native call that takes data pointers: it runs the layer eagerly
-# (a clean graph break) and compiles what is around it.
-@torch.compiler.disable
 def _layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor], c0: Optional[Tensor],
            lengths: Optional[Tensor]):
     """x [T, B, I] -> (out [T, B, D*P], h_n [D, B, P], c_n [D, B, H] or None)."""
@@ -156,22 +159,26 @@ def _layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor], c0: Option
     if xproj.stride(2) != 1:
         xproj = xproj.contiguous()
 
-    spec = _LayerSpec(cell, len(layer_weights), has_bias, layer_weights[0][4] is not None)
-    params = [w[1] for w in layer_weights]
-    if fold_bias:
-        params += [w[2] + w[3] for w in layer_weights]
-    elif spec.has_bias:
-        params += [w[3] for w in layer_weights]
-    if spec.has_proj:
-        params += [w[4] for w in layer_weights]
-
-    tensors = [xproj, h0, c0, *params]
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        results = _LayerRecurrence.apply(spec, lengths, xproj, h0, c0, *params)
-        return (results[0], results[1], results[2] if cell == "lstm" else None)
-    w_hh, b_hh, w_hr = spec.split(params)
-    out, hn, cn, _ = _recurrence_forward(spec, lengths, xproj, h0, c0, w_hh, b_hh, w_hr,
-                                         save_for_backward=False)
+    w_hh = [w[1] for w in layer_weights]
+    b_hh = ([w[2] + w[3] for w in layer_weights] if fold_bias
+            else [w[3] for w in layer_weights] if has_bias else [])
+    w_hr = [w[4] for w in layer_weights] if layer_weights[0][4] is not None else []
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (xproj, h0, c0, *w_hh, *b_hh, *w_hr))
+    if torch.compiler.is_compiling():
+        # torch.compile traces the custom op (its fake kernel gives the shapes) and, in training,
+        # the backward formula registered for it: no graph break.
+        out, hn, cn = layer_forward(cell, xproj, h0, c0, w_hh, b_hh, w_hr, lengths, needs_grad)[:3]
+        return out, hn, cn if cell == "lstm" else None
+    # Eagerly the autograd.Function runs the same forward and backward without the custom op's
+    # dispatch (several Python layers, measurable at B=1).
+    spec = _LayerSpec(cell, len(w_hh), has_bias, bool(w_hr))
+    if needs_grad:
+        results = _LayerRecurrence.apply(spec, lengths, xproj, h0, c0, *w_hh, *b_hh, *w_hr)
+        return results[0], results[1], results[2] if cell == "lstm" else None
+    num_dirs = len(w_hh)
+    out, hn, cn, *_ = _run_forward(cell, xproj, h0, c0, w_hh, _per_direction(b_hh, num_dirs),
+                                   _per_direction(w_hr, num_dirs), lengths, save=False)
     return out, hn, cn
 
 
@@ -189,115 +196,146 @@ def _empty_layer(cell: str, x: Tensor, layer_weights, num_directions: int):
     return out, hn, cn
 
 
-def _recurrence_forward(spec: _LayerSpec, lengths, xproj, h0, c0, w_hh, b_hh, w_hr,
-                        save_for_backward: bool):
-    """Allocates the outputs (and, for training, what backward needs) and runs the native
-    forward of all directions in one call. Returns (out, hn, cn, saved)."""
-    cell, num_dirs = spec.cell, spec.directions
-    seq_len, batch = xproj.shape[0], xproj.shape[1]
-    gates_width = xproj.shape[2] // num_dirs  # G*H
-    hidden = gates_width // GATE_COUNT[cell]
-    state = w_hh[0].shape[1]
-    is_lstm = cell == "lstm"
+# --- the native recurrence of a layer: the one implementation behind both the autograd.Function
+# (eager) and the custom ops (torch.compile) ---------------------------------------------------------
+#
+# Tensors of a layer: xproj [T, B, D*G*H] (last dim dense); h0 [D, B, P], c0 [D, B, H] contiguous
+# or None; w_hh, b_hh, w_hr sequences of D tensors, or of D Nones where absent.
 
+def _forward_outputs(cell: str, xproj: Tensor, num_dirs: int, state: int, has_proj: bool,
+                     lengths: Optional[Tensor], save: bool, zero_padding: bool = False):
+    """Allocates what a layer's forward writes: (out, hn, cn, gates, c_seq, r_seq), None where
+    the cell or mode has none; gates, c_seq, r_seq only when saving for backward. Also the fake
+    kernel of layer_forward, so torch.compile sees exactly the eager shapes and strides.
+
+    The kernels leave the rows of padded steps (lengths given) of gates, c_seq and r_seq
+    unwritten. Only the dW_hr GEMM reads them (r_seq, times a zero gradient): zeros there keep
+    garbage (NaN * 0) out of it. zero_padding zeros gates and c_seq too (the op's outputs must not
+    depend on uninitialised memory; eagerly they are private to the autograd.Function)."""
+    is_lstm = cell == "lstm"
+    seq_len, batch = xproj.shape[0], xproj.shape[1]
+    hidden = xproj.shape[2] // num_dirs // GATE_COUNT[cell]
     out = xproj.new_empty(seq_len, batch, num_dirs * state)
     hn = xproj.new_empty(num_dirs, batch, state)
     cn = xproj.new_empty(num_dirs, batch, hidden) if is_lstm else None
     gates = c_seq = r_seq = None
-    if save_for_backward:
+    if save:
+        padded = lengths is not None
+        saved = xproj.new_zeros if padded and zero_padding else xproj.new_empty
         saved_width = SAVED_GATE_COUNT[cell] * hidden
-        gates = xproj.new_empty(num_dirs, seq_len, batch, saved_width) if saved_width else None
-        c_seq = xproj.new_empty(num_dirs, seq_len, batch, hidden) if is_lstm else None
-        if spec.has_proj:
-            # Read by the dW_hr GEMM at every row, padded ones included (times a zero gradient):
-            # zeros there keep garbage (NaN * 0) out of it.
-            r_seq = (xproj.new_zeros if lengths is not None else xproj.new_empty)(
+        gates = saved(num_dirs, seq_len, batch, saved_width) if saved_width else None
+        c_seq = saved(num_dirs, seq_len, batch, hidden) if is_lstm else None
+        if has_proj:
+            r_seq = (xproj.new_zeros if padded else xproj.new_empty)(
                 num_dirs, seq_len, batch, hidden)
+    return out, hn, cn, gates, c_seq, r_seq
 
+
+def _run_forward(cell: str, xproj, h0, c0, w_hh, b_hh, w_hr, lengths, save: bool,
+                 zero_padding: bool = False):
+    """Allocates the outputs (and, with save, what backward needs) and runs the native forward of
+    all directions in one call. Returns _forward_outputs' tuple."""
+    results = _forward_outputs(cell, xproj, len(w_hh), w_hh[0].shape[1], w_hr[0] is not None,
+                               lengths, save, zero_padding)
+    out, hn, cn, gates, c_seq, r_seq = results
     _check_native_operands(xproj, [h0, c0, *w_hh, *b_hh, *w_hr])
     _backend.forward_layer(cell, xproj, [w.contiguous() for w in w_hh],
                            [_contiguous(b) for b in b_hh], [_contiguous(w) for w in w_hr],
                            h0, c0, out, hn, cn, gates, c_seq, r_seq, lengths)
-    return out, hn, cn, (gates, c_seq, r_seq)
+    return results
+
+
+def _backward_outputs(cell: str, out: Tensor, num_dirs: int, gates_width: int, state: int,
+                      has_proj: bool):
+    """Allocates what the native backward writes: (d_xproj, d_hproj, d_h_seq, d_h0, d_c0), None
+    where the cell has none. Also the fake kernel of layer_backward."""
+    seq_len, batch = out.shape[0], out.shape[1]
+    hidden = gates_width // GATE_COUNT[cell]
+    d_xproj = out.new_empty(seq_len, batch, num_dirs * gates_width)
+    # LSTM and RNN: the gradient of the recurrent product equals d_xproj (params.h).
+    d_hproj = out.new_empty(seq_len, batch, num_dirs * gates_width) if cell == "gru" else None
+    d_h_seq = out.new_empty(num_dirs, seq_len, batch, state) if has_proj else None
+    d_h0 = out.new_empty(num_dirs, batch, state)
+    d_c0 = out.new_empty(num_dirs, batch, hidden) if cell == "lstm" else None
+    return d_xproj, d_hproj, d_h_seq, d_h0, d_c0
+
+
+def _run_backward(cell: str, w_hh, b_hh, w_hr, h0, c0, out, gates, c_seq, d_out, d_hn, d_cn,
+                  lengths):
+    """The native backward recurrence of all directions in one call (d_out, d_hn, d_cn: None
+    for zero). Returns _backward_outputs' tuple."""
+    grads = _backward_outputs(cell, out, len(w_hh), w_hh[0].shape[0], w_hh[0].shape[1],
+                              w_hr[0] is not None)
+    _backend.backward_layer(
+        cell, [w.contiguous() for w in w_hh], [_contiguous(b) for b in b_hh],
+        [_contiguous(w) for w in w_hr], h0, c0, out, gates, c_seq, _last_dim_contiguous(d_out),
+        _contiguous(d_hn), _contiguous(d_cn), *grads, lengths)
+    return grads
+
+
+def _layer_grads(spec: _LayerSpec, saved, d_out, d_hn, d_cn, needs, run_backward) -> tuple:
+    """The gradients of a layer's recurrence: (d_xproj, d_h0, d_c0, then one per flat param:
+    w_hh x D, b_hh x D with bias, w_hr x D with proj), None where not needed.
+
+    saved: (lengths, h0, c0, out, gates, c_seq, r_seq, *params) as the forward saved them;
+    needs: one bool per flat param; run_backward: _run_backward, or while compiling the
+    layer_backward op around it. The native backward gives the gradients of xproj and the
+    states and the gate pre-activation gradients; torch GEMMs turn those into dW_hh, db_hh and
+    dW_hr. With create_graph the results are tagged so that differentiating them raises."""
+    create_graph = torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    with torch.no_grad():
+        grads = _layer_weight_grads(spec, saved, d_out, d_hn, d_cn, needs, run_backward)
+    return _NoDoubleBackward.mark(grads) if create_graph else grads
+
+
+def _layer_weight_grads(spec: _LayerSpec, saved, d_out, d_hn, d_cn, needs, run_backward):
+    lengths, h0, c0, out, gates, c_seq, r_seq, *params = saved
+    w_hh, b_hh, w_hr = spec.split(params)
+    num_dirs = spec.directions
+    d_xproj, d_hproj, d_h_seq, d_h0, d_c0 = run_backward(
+        spec.cell, w_hh, b_hh, w_hr, h0, c0, out, gates, c_seq, d_out, d_hn, d_cn, lengths)
+    gates_width = d_xproj.shape[2] // num_dirs
+    state, hidden = out.shape[2] // num_dirs, gates_width // GATE_COUNT[spec.cell]
+
+    d_pre = d_hproj if d_hproj is not None else d_xproj
+    d_w_hh, d_b_hh, d_w_hr = [], [], []
+    for d in range(num_dirs):
+        d_pre_d = d_pre[:, :, d * gates_width:(d + 1) * gates_width]
+        d_w_hh.append(_recurrent_weight_grad(d_pre_d, out[:, :, d * state:(d + 1) * state],
+                                             h0[d] if h0 is not None else None, lengths,
+                                             reverse=d == 1)
+                      if needs[d] else None)
+        if spec.has_bias:
+            d_b_hh.append(d_pre_d.sum((0, 1)) if needs[num_dirs + d] else None)
+        if spec.has_proj:
+            # dW_hr = sum_t d_h_t^T r_t, with r_t = o_t * tanh(c_t) the input of W_hr.
+            d_w_hr.append(d_h_seq[d].reshape(-1, state).t().mm(r_seq[d].reshape(-1, hidden))
+                          if needs[-num_dirs + d] else None)
+    return (d_xproj, d_h0 if h0 is not None else None, d_c0 if c0 is not None else None,
+            *d_w_hh, *d_b_hh, *d_w_hr)
 
 
 class _LayerRecurrence(torch.autograd.Function):
-    """The recurrence of all directions of one layer. Inputs: spec, lengths, xproj [T, B, D*G*H],
-    h0 [D, B, P] or None, c0 [D, B, H] or None, then w_hh x D, b_hh x D (with bias),
-    w_hr x D (with proj). Outputs: out [T, B, D*P], hn [D, B, P] (and cn [D, B, H] for LSTM)."""
+    """The recurrence of all directions of one layer, eagerly. Inputs: spec, lengths,
+    xproj [T, B, D*G*H], h0 [D, B, P] or None, c0 [D, B, H] or None, then w_hh x D, b_hh x D
+    (with bias), w_hr x D (with proj). Outputs: out [T, B, D*P], hn [D, B, P] (and cn [D, B, H]
+    for LSTM)."""
 
     @staticmethod
     def forward(ctx, spec: _LayerSpec, lengths, xproj, h0, c0, *params):
         w_hh, b_hh, w_hr = spec.split(params)
-        out, hn, cn, (gates, c_seq, r_seq) = _recurrence_forward(
-            spec, lengths, xproj, h0, c0, w_hh, b_hh, w_hr, save_for_backward=True)
+        out, hn, cn, gates, c_seq, r_seq = _run_forward(
+            spec.cell, xproj, h0, c0, w_hh, b_hh, w_hr, lengths, save=True)
         ctx.spec = spec
-        ctx.gates_width = xproj.shape[2] // spec.directions
-        ctx.has_h0, ctx.has_c0 = h0 is not None, c0 is not None
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(lengths, h0, c0, out, gates, c_seq, r_seq, *params)
         return (out, hn, cn) if spec.cell == "lstm" else (out, hn)
 
     @staticmethod
     def backward(ctx, d_out, d_hn, d_cn=None):
-        create_graph = torch.is_grad_enabled()
-        with torch.no_grad():
-            grads = _LayerRecurrence._backward(ctx, d_out, d_hn, d_cn)
-        if create_graph:
-            grads = _NoDoubleBackward.mark(grads)
-        return grads
-
-    @staticmethod
-    def _backward(ctx, d_out, d_hn, d_cn):
-        spec = ctx.spec
-        lengths, h0, c0, out, gates, c_seq, r_seq, *params = ctx.saved_tensors
-        w_hh, b_hh, w_hr = spec.split(params)
-        cell, num_dirs, gates_width = spec.cell, spec.directions, ctx.gates_width
-        seq_len, batch, state = out.shape[0], out.shape[1], out.shape[2] // num_dirs
-        hidden = gates_width // GATE_COUNT[cell]
-
-        d_out = _last_dim_contiguous(d_out)
-        d_hn = _contiguous(d_hn)
-        d_cn = _contiguous(d_cn)
-        d_xproj = out.new_empty(seq_len, batch, num_dirs * gates_width)
-        # LSTM and RNN: the gradient of the recurrent product equals d_xproj (params.h).
-        d_hproj = out.new_empty(seq_len, batch, num_dirs * gates_width) if cell == "gru" else None
-        d_h_seq = out.new_empty(num_dirs, seq_len, batch, state) if spec.has_proj else None
-        d_h0 = out.new_empty(num_dirs, batch, state)
-        d_c0 = out.new_empty(num_dirs, batch, hidden) if cell == "lstm" else None
-
-        _backend.backward_layer(
-            cell, [w.contiguous() for w in w_hh], [_contiguous(b) for b in b_hh],
-            [_contiguous(w) for w in w_hr], h0, c0, out, gates, c_seq, d_out, d_hn, d_cn,
-            d_xproj, d_hproj, d_h_seq, d_h0, d_c0, lengths)
-
-        def gate_half(t, d):
-            return t[:, :, d * gates_width:(d + 1) * gates_width] if t is not None else None
-
-        def state_half(t, d):
-            return t[:, :, d * state:(d + 1) * state] if t is not None else None
-
-        def pick(t, d):
-            return t[d] if t is not None else None
-
-        d_pre = d_hproj if d_hproj is not None else d_xproj
-        d_w_hh, d_b_hh, d_w_hr = [], [], []
-        needs = ctx.needs_input_grad[5:]  # w_hh..., b_hh..., w_hr...
-        for d in range(num_dirs):
-            d_pre_d = gate_half(d_pre, d)
-            d_w_hh.append(_recurrent_weight_grad(d_pre_d, state_half(out, d), pick(h0, d),
-                                                 lengths, reverse=d == 1)
-                          if needs[d] else None)
-            if spec.has_bias:
-                d_b_hh.append(d_pre_d.sum((0, 1)) if needs[num_dirs + d] else None)
-            if spec.has_proj:
-                # dW_hr = sum_t d_h_t^T r_t, with r_t = o_t * tanh(c_t) the input of W_hr.
-                d_w_hr.append(d_h_seq[d].reshape(-1, state).t().mm(r_seq[d].reshape(-1, hidden))
-                              if needs[-num_dirs + d] else None)
-        return (None, None, d_xproj,
-                d_h0 if ctx.has_h0 else None,
-                d_c0 if ctx.has_c0 else None,
-                *d_w_hh, *d_b_hh, *d_w_hr)
+        grads = _layer_grads(ctx.spec, ctx.saved_tensors, d_out, d_hn, d_cn,
+                             ctx.needs_input_grad[5:], _run_backward)
+        return (None, None, *grads)
 
 
 class _NoDoubleBackward(torch.autograd.Function):
@@ -318,10 +356,13 @@ class _NoDoubleBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *_):
-        raise RuntimeError(
-            "fusedrnn: double backward (differentiating a gradient of an LSTM/GRU/RNN) is not "
-            "supported by the native recurrence, like torch.nn's cuDNN RNNs; use "
-            "fusedrnn.reference for higher-order gradients")
+        raise RuntimeError(_DOUBLE_BACKWARD_ERROR)
+
+
+_DOUBLE_BACKWARD_ERROR = (
+    "fusedrnn: double backward (differentiating a gradient of an LSTM/GRU/RNN) is not supported "
+    "by the native recurrence, like torch.nn's cuDNN RNNs; use fusedrnn.reference for "
+    "higher-order gradients")
 
 
 def _recurrent_weight_grad(d_pre: Tensor, out: Tensor, h0: Optional[Tensor],
@@ -347,6 +388,127 @@ def _recurrent_weight_grad(d_pre: Tensor, out: Tensor, h0: Optional[Tensor],
             first = d_pre[lengths - 1, torch.arange(batch, device=d_pre.device)]
         grad.addmm_(first.t(), h0)  # in place: grad is this function's own fresh result
     return grad
+
+
+# --- the custom ops (torch.library): what torch.compile traces ---------------------------------------
+#
+# A native call takes data pointers, which torch.compile cannot trace; as custom ops with fake
+# kernels (shapes only) and a registered backward formula, a whole LSTM/GRU/RNN compiles with
+# fullgraph=True, forward and backward. The schema has no None outputs and no dataclasses: the
+# layer's spec travels as cell, the list lengths (D directions; an empty b_hh or w_hr list means
+# no bias or no projection) and save; an output the cell or mode has no use for (cn of GRU/RNN,
+# gates/c_seq/r_seq without save, d_hproj/d_h_seq/d_c0 of cells without them) is an empty tensor.
+
+def _none_as_empty(tensors, like: Tensor) -> tuple:
+    return tuple(t if t is not None else like.new_empty(0) for t in tensors)
+
+
+def _per_direction(tensors, num_dirs: int):
+    """An op's list argument (empty where absent) as D tensors or D Nones."""
+    return tuple(tensors) if tensors else (None,) * num_dirs
+
+
+@torch.library.custom_op("fusedrnn::layer_forward", mutates_args=())
+def layer_forward(cell: str, xproj: Tensor, h0: Optional[Tensor], c0: Optional[Tensor],
+                  w_hh: list[Tensor], b_hh: list[Tensor], w_hr: list[Tensor],
+                  lengths: Optional[Tensor], save: bool
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The recurrence of all D directions of a layer: xproj [T, B, D*G*H] = x W_ih^T (+ b_ih),
+    w_hh/b_hh/w_hr lists of D tensors (b_hh, w_hr empty when absent), h0 [D, B, P], c0 [D, B, H],
+    lengths [B] int64. Returns (out [T, B, D*P], hn [D, B, P], cn [D, B, H], then with save what
+    backward reads: gates [D, T, B, S*H], c_seq and r_seq [D, T, B, H], zero at padded steps);
+    empty where absent."""
+    num_dirs = len(w_hh)
+    results = _run_forward(cell, _last_dim_contiguous(xproj), _contiguous(h0), _contiguous(c0),
+                           w_hh, _per_direction(b_hh, num_dirs), _per_direction(w_hr, num_dirs),
+                           lengths, save, zero_padding=True)
+    return _none_as_empty(results, xproj)
+
+
+@layer_forward.register_fake
+def _layer_forward_fake(cell, xproj, h0, c0, w_hh, b_hh, w_hr, lengths, save):
+    return _none_as_empty(
+        _forward_outputs(cell, xproj, len(w_hh), w_hh[0].shape[1], bool(w_hr), lengths, save,
+                         zero_padding=True),
+        xproj)
+
+
+@torch.library.custom_op("fusedrnn::layer_backward", mutates_args=())
+def layer_backward(cell: str, w_hh: list[Tensor], b_hh: list[Tensor], w_hr: list[Tensor],
+                   h0: Optional[Tensor], c0: Optional[Tensor], out: Tensor,
+                   gates: Optional[Tensor], c_seq: Optional[Tensor], d_out: Optional[Tensor],
+                   d_hn: Optional[Tensor], d_cn: Optional[Tensor], lengths: Optional[Tensor]
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The backward recurrence of a layer (layer_forward's arguments and saved outputs; d_out,
+    d_hn, d_cn None for zero). Returns (d_xproj [T, B, D*G*H], d_hproj [T, B, D*G*H] (GRU: the
+    gradient of h W_hh^T + b_hh), d_h_seq [D, T, B, P] (projected LSTM: the gradient of each
+    step's projected state), d_h0 [D, B, P], d_c0 [D, B, H] (LSTM)); empty where absent."""
+    num_dirs = len(w_hh)
+    grads = _run_backward(cell, w_hh, _per_direction(b_hh, num_dirs),
+                          _per_direction(w_hr, num_dirs), _contiguous(h0), _contiguous(c0),
+                          _last_dim_contiguous(out), _contiguous(gates), _contiguous(c_seq),
+                          d_out, d_hn, d_cn, lengths)
+    return _none_as_empty(grads, out)
+
+
+@layer_backward.register_fake
+def _layer_backward_fake(cell, w_hh, b_hh, w_hr, h0, c0, out, gates, c_seq, d_out, d_hn, d_cn,
+                         lengths):
+    return _none_as_empty(
+        _backward_outputs(cell, out, len(w_hh), w_hh[0].shape[0], w_hh[0].shape[1], bool(w_hr)),
+        out)
+
+
+def _run_backward_op(cell: str, w_hh, b_hh, w_hr, h0, c0, out, gates, c_seq, d_out, d_hn, d_cn,
+                     lengths):
+    """_run_backward through the layer_backward op (what the compiled backward graph holds)."""
+    has_proj = w_hr[0] is not None
+    d_xproj, d_hproj, d_h_seq, d_h0, d_c0 = layer_backward(
+        cell, list(w_hh), [b for b in b_hh if b is not None], [w for w in w_hr if w is not None],
+        h0, c0, out, gates, c_seq, d_out, d_hn, d_cn, lengths)
+    return (d_xproj, d_hproj if cell == "gru" else None, d_h_seq if has_proj else None, d_h0,
+            d_c0 if cell == "lstm" else None)
+
+
+def _layer_forward_setup_context(ctx, inputs, output):
+    cell, xproj, h0, c0, w_hh, b_hh, w_hr, lengths, save = inputs
+    out, hn, cn, gates, c_seq, r_seq = output
+    spec = _LayerSpec(cell, len(w_hh), bool(b_hh), bool(w_hr))
+    ctx.mark_non_differentiable(*output[2 if cell != "lstm" else 3:])
+    ctx.set_materialize_grads(False)
+    ctx.spec, ctx.saved = spec, save
+    if save:  # what _forward_outputs allocated, Nones for the empty placeholders
+        gates = gates if SAVED_GATE_COUNT[cell] else None
+        c_seq = c_seq if cell == "lstm" else None
+        r_seq = r_seq if spec.has_proj else None
+        ctx.save_for_backward(lengths, h0, c0, out, gates, c_seq, r_seq, *w_hh, *b_hh, *w_hr)
+
+
+def _layer_forward_backward(ctx, d_out, d_hn, d_cn, *_):
+    if not ctx.saved:
+        raise RuntimeError("fusedrnn::layer_forward: backward needs the forward to run with "
+                           "save=True (it kept nothing for backward)")
+    needs = ctx.needs_input_grad  # nested as the inputs: the lists are lists of bools
+    spec = ctx.spec
+    grads = _layer_grads(spec, ctx.saved_tensors, d_out, d_hn,
+                         d_cn if spec.cell == "lstm" else None,
+                         [*needs[4], *needs[5], *needs[6]], _run_backward_op)
+    d_xproj, d_h0, d_c0, *d_params = grads
+    d_w_hh, d_b_hh, d_w_hr = spec.split(d_params)
+    return (None, d_xproj, d_h0, d_c0, list(d_w_hh),
+            list(d_b_hh) if spec.has_bias else [], list(d_w_hr) if spec.has_proj else [],
+            None, None)
+
+
+def _layer_backward_backward(ctx, *_):
+    raise RuntimeError(_DOUBLE_BACKWARD_ERROR)
+
+
+torch.library.register_autograd("fusedrnn::layer_forward", _layer_forward_backward,
+                                setup_context=_layer_forward_setup_context)
+# The native backward is not differentiable: say so, as _NoDoubleBackward does eagerly.
+torch.library.register_autograd("fusedrnn::layer_backward", _layer_backward_backward,
+                                setup_context=lambda ctx, inputs, output: None)
 
 
 # --- small helpers --------------------------------------------------------------------------------

@@ -1,0 +1,158 @@
+"""torch.compile(fullgraph=True) of the modules, training and inference, against the eager module
+and torch.nn (outputs and every gradient), and torch.library.opcheck of the custom ops that make
+the native recurrence traceable (schema, fake kernels, autograd registration, AOT dispatch).
+
+Compiling costs seconds per configuration even for tiny shapes, so this file keeps few of them:
+one per cell, each with the features that change the traced graph (projection, two layers,
+bidirectional, batch_first, given or absent states, no bias). The backend is aot_eager: it runs
+dynamo, the fake kernels and AOTAutograd's joint forward/backward trace, which is everything the
+custom ops have to support; inductor only generates code for the torch ops around them.
+"""
+import pytest
+import torch
+from torch import nn
+
+import fusedrnn
+from fusedrnn import functional
+
+from _helpers import assert_close, ramp_loss, requires_native
+
+pytestmark = requires_native
+
+TOLERANCE_TORCH = 1e-9    # float64, against torch.nn
+TOLERANCE_EAGER = 1e-12   # float64, against the same module run eagerly (same kernels, same GEMMs)
+
+CASES = [
+    # (id, torch.nn class, fusedrnn class, kwargs, with initial state)
+    ("lstm-proj-bidir-L2", nn.LSTM, fusedrnn.LSTM,
+     dict(num_layers=2, bidirectional=True, proj_size=2), True),
+    ("gru-batch_first", nn.GRU, fusedrnn.GRU, dict(batch_first=True), True),
+    ("rnn-relu-nobias", nn.RNN, fusedrnn.RNN, dict(nonlinearity="relu", bias=False), False),
+]
+
+
+def _modules(torch_cls, ours_cls, kwargs):
+    torch.manual_seed(0)
+    theirs = torch_cls(3, 4, dtype=torch.float64, **kwargs)
+    ours = ours_cls(3, 4, dtype=torch.float64, **kwargs)
+    ours.load_state_dict(theirs.state_dict())
+    return theirs, ours
+
+
+def _inputs(module, with_state: bool, requires_grad: bool):
+    seq_len, batch = 5, 3
+    g = torch.Generator().manual_seed(1)
+    shape = (batch, seq_len, 3) if module.batch_first else (seq_len, batch, 3)
+    x = torch.randn(shape, dtype=torch.float64, generator=g).requires_grad_(requires_grad)
+    if not with_state:
+        return x, None, [x]
+    num = module.num_layers * (2 if module.bidirectional else 1)
+    state = module.proj_size or module.hidden_size
+    h0 = torch.randn(num, batch, state, dtype=torch.float64,
+                     generator=g).requires_grad_(requires_grad)
+    if module.mode != "LSTM":
+        return x, h0, [x, h0]
+    c0 = torch.randn(num, batch, module.hidden_size, dtype=torch.float64,
+                     generator=g).requires_grad_(requires_grad)
+    return x, (h0, c0), [x, h0, c0]
+
+
+def _run(module, params, x, hx, leaves, train: bool):
+    """(results, gradients of the input, states and `params`) of one call; no .grad accumulation,
+    so the eager and the compiled module can share their parameters."""
+    output, state = module(x, hx)
+    results = [output, *(state if isinstance(state, tuple) else (state,))]
+    if not train:
+        return results, []
+    return results, torch.autograd.grad(ramp_loss(results), [*leaves, *params])
+
+
+def _assert_same(actual, expected, tol, what):
+    (results_a, grads_a), (results_e, grads_e) = actual, expected
+    assert len(results_a) == len(results_e) and len(grads_a) == len(grads_e)
+    for i, (a, e) in enumerate(zip(results_a, results_e)):
+        assert_close(a, e, tol, f"{what}: result {i}")
+    for i, (a, e) in enumerate(zip(grads_a, grads_e)):
+        assert_close(a, e, tol, f"{what}: gradient {i}")
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "infer"])
+@pytest.mark.parametrize("name, torch_cls, ours_cls, kwargs, with_state", CASES,
+                         ids=[c[0] for c in CASES])
+def test_compiled_module_matches_eager_and_torch(name, torch_cls, ours_cls, kwargs, with_state,
+                                                 train):
+    theirs, ours = _modules(torch_cls, ours_cls, kwargs)
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    x, hx, leaves = _inputs(ours, with_state, requires_grad=train)
+    with torch.set_grad_enabled(train):
+        run_theirs = _run(theirs, list(theirs.parameters()), x, hx, leaves, train)
+        run_eager = _run(ours, list(ours.parameters()), x, hx, leaves, train)
+        run_compiled = _run(compiled, list(ours.parameters()), x, hx, leaves, train)
+    _assert_same(run_compiled, run_eager, TOLERANCE_EAGER, f"{name} compiled vs eager")
+    _assert_same(run_compiled, run_theirs, TOLERANCE_TORCH, f"{name} compiled vs torch.nn")
+
+
+# --- the custom ops --------------------------------------------------------------------------------
+
+def _layer_args(cell: str, directions: int, bias: bool, proj: int, states: bool, lengths: bool):
+    """layer_forward's arguments for a random layer: T=4, B=3, H=5, float64, requiring grad."""
+    torch.manual_seed(0)
+    seq_len, batch, hidden = 4, 3, 5
+    gates = {"lstm": 4, "gru": 3}.get(cell, 1) * hidden
+    state = proj or hidden
+
+    def rand(*shape):
+        return (torch.randn(*shape, dtype=torch.float64) * 0.5).requires_grad_()
+
+    w_hh = [rand(gates, state) for _ in range(directions)]
+    b_hh = [rand(gates) for _ in range(directions)] if bias else []
+    w_hr = [rand(proj, hidden) for _ in range(directions)] if proj else []
+    h0 = rand(directions, batch, state) if states else None
+    c0 = rand(directions, batch, hidden) if states and cell == "lstm" else None
+    seq_lengths = torch.tensor([4, 2, 3]) if lengths else None
+    xproj = rand(seq_len, batch, directions * gates)
+    return [cell, xproj, h0, c0, w_hh, b_hh, w_hr, seq_lengths, True]
+
+
+OP_CASES = [
+    ("lstm-proj-bidir-states-lengths", dict(cell="lstm", directions=2, bias=True, proj=2,
+                                            states=True, lengths=True)),
+    ("gru", dict(cell="gru", directions=1, bias=True, proj=0, states=False, lengths=False)),
+    ("rnn_relu-bidir-nobias-states", dict(cell="rnn_relu", directions=2, bias=False, proj=0,
+                                          states=True, lengths=False)),
+]
+
+
+@pytest.mark.parametrize("name, case", OP_CASES, ids=[c[0] for c in OP_CASES])
+def test_opcheck_layer_ops(name, case):
+    args = _layer_args(**case)
+    torch.library.opcheck(functional.layer_forward, args)
+    # layer_backward on what a forward saved and random output gradients
+    cell, xproj, h0, c0, w_hh, b_hh, w_hr, lengths, _ = args
+    with torch.no_grad():
+        out, hn, cn, gates, c_seq, r_seq = functional.layer_forward(*args)
+    d_out, d_hn = torch.randn_like(out), torch.randn_like(hn)
+    d_cn = torch.randn_like(cn) if cell == "lstm" else None
+    # Not differentiable itself (its autograd formula raises): checked on detached inputs.
+    w_hh, b_hh, w_hr = ([t.detach() for t in ts] for ts in (w_hh, b_hh, w_hr))
+    h0, c0 = (t.detach() if t is not None else None for t in (h0, c0))
+    torch.library.opcheck(functional.layer_backward, [
+        cell, w_hh, b_hh, w_hr, h0, c0, out, gates if gates.numel() else None,
+        c_seq if c_seq.numel() else None, d_out, d_hn, d_cn, lengths])
+
+
+def test_op_gradients_match_eager_and_double_backward_raises():
+    """The op's registered backward gives the autograd.Function's gradients, and keeps its
+    refusal of double backward."""
+    args = _layer_args("lstm", directions=2, bias=True, proj=2, states=True, lengths=True)
+    cell, xproj, h0, c0, w_hh, b_hh, w_hr, lengths, _ = args
+    leaves = [xproj, h0, c0, *w_hh, *b_hh, *w_hr]
+    out, hn, cn = functional.layer_forward(*args)[:3]
+    grads_op = torch.autograd.grad(ramp_loss([out, hn, cn]), leaves, create_graph=True)
+    spec = functional._LayerSpec(cell, 2, True, True)
+    results = functional._LayerRecurrence.apply(spec, lengths, xproj, h0, c0, *w_hh, *b_hh, *w_hr)
+    grads_eager = torch.autograd.grad(ramp_loss(results), leaves)
+    for i, (a, e) in enumerate(zip(grads_op, grads_eager)):
+        assert torch.equal(a.detach(), e), f"gradient {i}"
+    with pytest.raises(RuntimeError, match="double backward"):
+        grads_op[0].sum().backward()
