@@ -4,7 +4,7 @@ the native recurrence traceable (schema, fake kernels, autograd registration, AO
 
 Compiling costs seconds per configuration even for tiny shapes, so this file keeps few of them:
 one per cell, each with the features that change the traced graph (projection, two layers,
-bidirectional, batch_first, given or absent states, no bias). The backend is aot_eager: it runs
+bidirectional, batch_first, given or absent states, no bias), and one cell module. The backend is aot_eager: it runs
 dynamo, the fake kernels and AOTAutograd's joint forward/backward trace, which is everything the
 custom ops have to support; inductor only generates code for the torch ops around them.
 """
@@ -18,6 +18,16 @@ from fusedrnn import functional
 from _helpers import assert_close, ramp_loss, requires_native
 
 pytestmark = requires_native
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Every test compiles from scratch: no test depends on (or fills up) another's cache of
+    compiled frames, which all the modules share through RNNBase.forward."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
 
 TOLERANCE_TORCH = 1e-9    # float64, against torch.nn
 TOLERANCE_EAGER = 1e-12   # float64, against the same module run eagerly (same kernels, same GEMMs)
@@ -39,9 +49,8 @@ def _modules(torch_cls, ours_cls, kwargs):
     return theirs, ours
 
 
-def _inputs(module, with_state: bool, requires_grad: bool):
-    seq_len, batch = 5, 3
-    g = torch.Generator().manual_seed(1)
+def _inputs(module, with_state: bool, requires_grad: bool, seq_len: int, batch: int):
+    g = torch.Generator().manual_seed(seq_len * 100 + batch)
     shape = (batch, seq_len, 3) if module.batch_first else (seq_len, batch, 3)
     x = torch.randn(shape, dtype=torch.float64, generator=g).requires_grad_(requires_grad)
     if not with_state:
@@ -83,13 +92,34 @@ def test_compiled_module_matches_eager_and_torch(name, torch_cls, ours_cls, kwar
                                                  train):
     theirs, ours = _modules(torch_cls, ours_cls, kwargs)
     compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
-    x, hx, leaves = _inputs(ours, with_state, requires_grad=train)
-    with torch.set_grad_enabled(train):
-        run_theirs = _run(theirs, list(theirs.parameters()), x, hx, leaves, train)
-        run_eager = _run(ours, list(ours.parameters()), x, hx, leaves, train)
-        run_compiled = _run(compiled, list(ours.parameters()), x, hx, leaves, train)
-    _assert_same(run_compiled, run_eager, TOLERANCE_EAGER, f"{name} compiled vs eager")
-    _assert_same(run_compiled, run_theirs, TOLERANCE_TORCH, f"{name} compiled vs torch.nn")
+    # A second shape recompiles with symbolic sizes (automatic dynamic shapes): the fake kernels
+    # then compute with SymInts.
+    for seq_len, batch in ((5, 3), (7, 2)):
+        x, hx, leaves = _inputs(ours, with_state, train, seq_len, batch)
+        with torch.set_grad_enabled(train):
+            run_theirs = _run(theirs, list(theirs.parameters()), x, hx, leaves, train)
+            run_eager = _run(ours, list(ours.parameters()), x, hx, leaves, train)
+            run_compiled = _run(compiled, list(ours.parameters()), x, hx, leaves, train)
+        what = f"{name} T={seq_len} B={batch} compiled vs"
+        _assert_same(run_compiled, run_eager, TOLERANCE_EAGER, f"{what} eager")
+        _assert_same(run_compiled, run_theirs, TOLERANCE_TORCH, f"{what} torch.nn")
+
+
+def test_compiled_cell_matches_eager_and_torch():
+    """The cells run as sequences of one step (functional.cell_step): the same op."""
+    torch.manual_seed(0)
+    theirs = nn.LSTMCell(3, 4, dtype=torch.float64)
+    ours = fusedrnn.LSTMCell(3, 4, dtype=torch.float64)
+    ours.load_state_dict(theirs.state_dict())
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    x, h, c = (torch.randn(2, size, dtype=torch.float64, requires_grad=True) for size in (3, 4, 4))
+    runs = []
+    for module in (theirs, ours, compiled):
+        results = list(module(x, (h, c)))
+        runs.append((results, torch.autograd.grad(ramp_loss(results),
+                                                  [x, h, c, *module.parameters()])))
+    _assert_same(runs[2], runs[1], TOLERANCE_EAGER, "LSTMCell compiled vs eager")
+    _assert_same(runs[2], runs[0], TOLERANCE_TORCH, "LSTMCell compiled vs torch.nn")
 
 
 # --- the custom ops --------------------------------------------------------------------------------
