@@ -282,6 +282,8 @@ def _layer_grads(spec: _LayerSpec, saved, d_out, d_hn, d_cn, needs, run_backward
     layer_backward op around it. The native backward gives the gradients of xproj and the
     states and the gate pre-activation gradients; torch GEMMs turn those into dW_hh, db_hh and
     dW_hr. With create_graph the results are tagged so that differentiating them raises."""
+    # Compiled graphs never differentiate their backward (AOTAutograd refuses double backward
+    # itself), so no tag is traced into them.
     create_graph = torch.is_grad_enabled() and not torch.compiler.is_compiling()
     with torch.no_grad():
         grads = _layer_weight_grads(spec, saved, d_out, d_hn, d_cn, needs, run_backward)
