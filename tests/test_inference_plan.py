@@ -1,6 +1,7 @@
 """The modules' cached inference plan (python/fusedrnn/_inference.py) never serves stale weights:
-after every way a weight can change, a no-grad call must give what torch.nn gives with the same
-change, and copies of a module must not share the original's plan."""
+after every way a weight can change (in place, with or without a version bump, or by swapping
+tensors or memory), a no-grad call must give what torch.nn gives with the same change, and
+copies of a module must not share the original's plan."""
 import copy
 import io
 import pickle
@@ -73,6 +74,37 @@ def test_optimizer_step_is_seen():
     check_same(theirs, ours, seed=4)
 
 
+@pytest.mark.parametrize("write", ["fused_adam", "data_add", "numpy"])
+@pytest.mark.parametrize("kind,kwargs", [("LSTM", {"bidirectional": True}), ("GRU", {})])
+def test_writes_without_a_version_bump_are_seen(write, kind, kwargs):
+    """Fused optimizers, `p.data` in-place ops and numpy views change values without bumping the
+    tensor's version counter: the plan must not hold anything derived from the values."""
+    theirs, ours = make_pair(kind, **kwargs)
+    check_same(theirs, ours)
+    for m in (theirs, ours):
+        if write == "fused_adam":
+            opt = torch.optim.Adam(m.parameters(), lr=0.1, fused=True)
+            out, _ = m(fresh_input(15))
+            out.sum().backward()
+            opt.step()
+        else:
+            for p in m.parameters():
+                if write == "data_add":
+                    p.data.add_(0.5)
+                else:
+                    p.detach().numpy()[...] *= -1.5
+    check_same(theirs, ours, seed=16)
+
+
+def test_instruction_set_switch_between_calls(monkeypatch):
+    """The CPU workspace size depends on the SIMD width (FUSEDRNN_CPU_ISA lowers it)."""
+    theirs, ours = make_pair()
+    monkeypatch.setenv("FUSEDRNN_CPU_ISA", "generic")
+    check_same(theirs, ours)
+    monkeypatch.delenv("FUSEDRNN_CPU_ISA")
+    check_same(theirs, ours, seed=17)
+
+
 def test_load_state_dict_is_seen():
     theirs, ours = make_pair(num_layers=2)
     check_same(theirs, ours)
@@ -135,7 +167,7 @@ def test_deepcopy_and_pickle_do_not_share_the_plan():
 
 
 def test_modules_built_in_inference_mode():
-    """Inference tensors have no version counter: the plan is then rebuilt at every call."""
+    """Inference tensors (no version counter) changed in place."""
     with torch.inference_mode():
         theirs, ours = make_pair()
         check_same(theirs, ours)

@@ -6,8 +6,11 @@
 // params struct per direction built from Python (~10 us of the ~40 us a B=1 call used to spend
 // outside the kernel).
 //
-// The per-direction parts are found by offset, in the layout of _backend.forward_layer:
-//   xproj [T, B, D*G*H], out [T, B, D*P]  direction d in columns [d*X, (d+1)*X) (last dim dense)
+// Each direction has its own input projection (xproj: one [T, B, G*H] sequence per direction,
+// so that the caller can run one GEMM per direction straight from the parameters, with no
+// concatenated copy of W_ih to keep in sync); the other per-direction parts are found by offset,
+// in the layout of _backend.forward_layer:
+//   out [T, B, D*P]                       direction d in columns [d*P, (d+1)*P) (last dim dense)
 //   h0, hn [D, B, P], c0, cn [D, B, H]    contiguous, direction d at d*B*X
 // Inference only: the saved tensors (gates, c_seq, r_seq) stay null.
 #pragma once
@@ -16,6 +19,8 @@
 #include <pybind11/stl.h>
 
 #include <cstdint>
+#include <stdexcept>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -43,19 +48,22 @@ inline uintptr_t offset_pointer(uintptr_t base, int64_t elements, DType dtype) {
 // The templates with this call's fields filled in (the templates themselves stay untouched).
 inline std::vector<RecurrenceFwdParams> instantiate(
     std::vector<RecurrenceFwdParams> dirs, int64_t seq_len, int64_t batch,
-    const binding_detail::SeqTuple& xproj, const binding_detail::SeqTuple& out, uintptr_t h0,
+    const std::vector<binding_detail::SeqTuple>& xproj, const binding_detail::SeqTuple& out,
+    uintptr_t h0,
     uintptr_t c0, uintptr_t hn, uintptr_t cn, uintptr_t workspace, int64_t workspace_bytes,
     int64_t num_threads, int64_t cuda_stream) {
   using binding_detail::seq_from_tuple;
+  if (xproj.size() != dirs.size()) {
+    throw std::invalid_argument("fusedrnn: forward_prepared: xproj holds " +
+                                std::to_string(xproj.size()) + " sequences for " +
+                                std::to_string(dirs.size()) + " directions");
+  }
   for (size_t d = 0; d < dirs.size(); ++d) {
     auto& p = dirs[d];
     const int64_t dir = static_cast<int64_t>(d);
-    const int64_t gates_width = gate_count(p.cell) * p.hidden;
     p.seq_len = seq_len;
     p.batch = batch;
-    p.xproj = seq_from_tuple(xproj);
-    p.xproj.data = reinterpret_cast<void*>(
-        offset_pointer(std::get<0>(xproj), dir * gates_width, p.dtype));
+    p.xproj = seq_from_tuple(xproj[d]);
     p.out = seq_from_tuple(out);
     p.out.data = reinterpret_cast<void*>(offset_pointer(std::get<0>(out), dir * p.state, p.dtype));
     p.h0 = reinterpret_cast<const void*>(offset_pointer(h0, dir * batch * p.state, p.dtype));
@@ -85,8 +93,10 @@ void bind_prepared_forward(py::module_& m, Validate validate, Bytes bytes, Run r
       "forward_prepared_workspace_bytes",
       [validate, bytes](const std::vector<Fwd>& templates, int64_t seq_len, int64_t batch) {
         // Placeholder non-null sequence/state pointers: only the sizes matter here.
-        auto dirs = prepared_detail::instantiate(templates, seq_len, batch, {64, 1, 1}, {64, 1, 1},
-                                                 0, 0, 64, 64, 0, 0, 1, 0);
+        const SeqTuple placeholder{64, 1, 1};
+        auto dirs = prepared_detail::instantiate(
+            templates, seq_len, batch, std::vector<SeqTuple>(templates.size(), placeholder),
+            placeholder, 0, 0, 64, 64, 0, 0, 1, 0);
         validate(dirs);
         return bytes(dirs);
       },
@@ -95,7 +105,7 @@ void bind_prepared_forward(py::module_& m, Validate validate, Bytes bytes, Run r
   m.def(
       "forward_prepared",
       [validate, run](const std::vector<Fwd>& templates, int64_t seq_len, int64_t batch,
-                      const SeqTuple& xproj, const SeqTuple& out, uintptr_t h0, uintptr_t c0,
+                      const std::vector<SeqTuple>& xproj, const SeqTuple& out, uintptr_t h0, uintptr_t c0,
                       uintptr_t hn, uintptr_t cn, uintptr_t workspace, int64_t workspace_bytes,
                       int64_t num_threads, int64_t cuda_stream) {
         auto dirs = prepared_detail::instantiate(templates, seq_len, batch, xproj, out, h0, c0,

@@ -220,13 +220,15 @@ class PreparedForward(NamedTuple):
     module: object           # the native module that runs it
     device: torch.device
     templates: list          # FwdParams per direction: weights and sizes; per-call fields unset
-    weights: tuple           # the tensors the templates point into: alive while this is
-    workspace_bytes: dict    # (seq_len, batch) -> bytes, filled as calls come
+    storage: tuple           # detached views of the tensors the templates point into: whatever
+                             # happens to the tensors (`.data =`), this memory stays alive
+    workspace_bytes: dict    # (seq_len, batch, FUSEDRNN_CPU_ISA) -> bytes, filled as calls come
 
 
 def prepare_forward(cell: str, w_hh, b_hh, w_hr) -> PreparedForward:
     """Templates for the D directions of a layer; w_hh, b_hh, w_hr: sequences of D contiguous
-    tensors (or Nones), all of one dtype on one device. The caller keeps them unchanged."""
+    tensors (or Nones), all of one dtype on one device. The templates point into their memory:
+    later in-place changes of the values are seen, a change of memory (`.data =`) is not."""
     device = w_hh[0].device
     module, call = _layer_call(cell, device, w_hh, b_hh, w_hr, None)
     hidden = w_hh[0].shape[0] // GATE_COUNT[cell]
@@ -236,19 +238,21 @@ def prepare_forward(cell: str, w_hh, b_hh, w_hr) -> PreparedForward:
                                   *call.weights[d], 0, 0, null_seq, 0, 0, null_seq, null_seq,
                                   null_seq, 1, 0)
                  for d in range(len(w_hh))]
-    return PreparedForward(module, device, templates, (*w_hh, *b_hh, *w_hr), {})
+    storage = tuple(t.detach() for t in (*w_hh, *b_hh, *w_hr) if t is not None)
+    return PreparedForward(module, device, templates, storage, {})
 
 
-def forward_prepared(prep: PreparedForward, xproj: torch.Tensor, out: torch.Tensor, h0, c0,
+def forward_prepared(prep: PreparedForward, xproj: list, out: torch.Tensor, h0, c0,
                      hn: torch.Tensor, cn) -> None:
-    """Inference forward of a prepared layer; the layouts of forward_layer: xproj [T, B, D*G*H]
-    and out [T, B, D*P] with a dense last dimension, h0/hn [D, B, P] and c0/cn [D, B, H]
-    contiguous (h0, c0 may be None)."""
-    seq_len, batch = xproj.shape[0], xproj.shape[1]
-    if xproj.stride(2) != 1 or out.stride(2) != 1:
+    """Inference forward of a prepared layer: xproj, one [T, B, G*H] input projection (x W_ih^T
+    + b_ih) per direction; out [T, B, D*P], both with a dense last dimension; h0/hn [D, B, P] and
+    c0/cn [D, B, H] contiguous (h0, c0 may be None)."""
+    seq_len, batch = out.shape[0], out.shape[1]
+    if out.stride(2) != 1 or any(x.stride(2) != 1 for x in xproj):
         raise RuntimeError("fusedrnn internal error: xproj and out need a dense last dimension")
     module = prep.module
-    key = (seq_len, batch)
+    # The CPU workspace layout depends on the SIMD width, which FUSEDRNN_CPU_ISA can lower.
+    key = (seq_len, batch, os.environ.get("FUSEDRNN_CPU_ISA"))
     nbytes = prep.workspace_bytes.get(key)
     if nbytes is None:
         nbytes = int(module.forward_prepared_workspace_bytes(prep.templates, seq_len, batch))
@@ -259,7 +263,7 @@ def forward_prepared(prep: PreparedForward, xproj: torch.Tensor, out: torch.Tens
     ws = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device)
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     module.forward_prepared(
-        prep.templates, seq_len, batch, (xproj.data_ptr(), xproj.stride(0), xproj.stride(1)),
+        prep.templates, seq_len, batch, [(x.data_ptr(), x.stride(0), x.stride(1)) for x in xproj],
         (out.data_ptr(), out.stride(0), out.stride(1)),
         h0.data_ptr() if h0 is not None else 0, c0.data_ptr() if c0 is not None else 0,
         hn.data_ptr(), cn.data_ptr() if cn is not None else 0, ws.data_ptr(), nbytes,

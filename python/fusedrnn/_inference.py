@@ -1,21 +1,23 @@
 """The modules' no-grad fast path: a per-module plan of everything an inference call does not
-need to redo, rebuilt as soon as a weight changes.
+need to redo, rebuilt as soon as a parameter is replaced.
 
 At B=1 the recurrence of a small LSTM takes tens of microseconds, so what surrounds it counts:
-folding b_ih into b_hh, concatenating the two directions' W_ih, making weights contiguous and
-building the native params structs cost more than the kernel (B=1 H=64: ~27 of ~37 us of fixed
-cost per call). A plan does that once: per layer the input-projection weight (and GRU's b_ih), and
-the native templates (_backend.prepare_forward) that point at the folded bias and W_hh.
+building the native params structs per call cost more than the kernel (B=1 H=64: ~16 of ~37 us
+of fixed cost per call). A plan builds them once: per layer, native templates
+(_backend.prepare_forward) that point straight into the W_hh, b_hh and W_hr parameters.
 
-A plan is valid while the module's parameters are the same tensor objects, at the same versions
-and data pointers: in-place updates (optimizer steps, load_state_dict, `w.mul_(2)` under no_grad)
-bump a tensor's version, `.data =` moves its pointer, and .to()/functional_call/assignments swap
-the objects. The plan holds references to the tensors it was built from, so no new tensor can take
-over an identity it checks. Plans live in a weak table beside the modules, never in them: a
-deepcopy or pickle of a module must not carry raw pointers into the original's weights. Calls only
-read a plan; concurrent calls from several threads are safe (each allocates its own outputs and
-workspace). Modules whose weights are not plain registered parameters (torch.nn.utils
-parametrizations, inference-mode tensors without a version counter) take the ordinary path.
+A plan keeps NO derived copy of a weight (no folded b_ih + b_hh, no concatenated W_ih): each call
+reads every parameter's current values, so writes that leave a tensor's version counter alone
+(fused optimizers, `p.data.add_()`, writes through numpy) are seen like any other. What the plan
+fixes is where the weights live: it is valid while the module's parameters are the same tensor
+objects with the same data pointers, shapes and strides, which catches .to(), assignments,
+functional_call and `.data =`. It holds detached views of the memory its templates point into,
+so that memory outlives any swap. Plans live in a weak table beside the modules, never in them:
+a deepcopy or pickle of a module must not carry raw pointers into the original's weights. Calls
+only read a plan; concurrent calls from several threads are safe (each allocates its own outputs
+and workspace). A layer whose W_hh, b_hh or W_hr is not contiguous, or a module whose weights are
+not exactly its registered parameters (torch.nn.utils parametrizations), get a fresh plan at
+every call instead.
 """
 from __future__ import annotations
 
@@ -32,8 +34,8 @@ from ._backend import GATE_COUNT
 
 
 class _LayerPlan(NamedTuple):
-    w_ih: Tensor                    # [D*G*H, I]: the directions' W_ih, one GEMM for all
-    b_ih: Optional[Tensor]          # [D*G*H] GRU's b_ih (LSTM/RNN fold it into b_hh), or None
+    w_ih: tuple                     # per direction [G*H, I], the parameters themselves
+    b_ih: tuple                     # per direction [G*H] or None, the parameters themselves
     prepared: _backend.PreparedForward
 
 
@@ -61,8 +63,8 @@ def plan_for(module, cell: str, num_layers: int, num_directions: int):
     if any(t.dtype is not dtype or t.device != device for t in used):
         return None
     plan = InferencePlan(cell, layer_weights, num_layers, num_directions)
-    if (len(used) == len(params) and {id(t) for t in used} == {id(p) for p in params}
-            and not any(p.is_inference() for p in params)):
+    if (plan.points_into_parameters and len(used) == len(params)
+            and {id(t) for t in used} == {id(p) for p in params}):
         _plans[module] = _CachedPlan(plan, params)
     return plan
 
@@ -76,22 +78,22 @@ class InferencePlan:
         self.state = w_hh0.size(1)
         self.hidden = w_hh0.size(0) // GATE_COUNT[cell]
         self.is_lstm = cell == "lstm"
-        fold_bias = cell != "gru"
         layers = []
+        copies = False
         for layer in range(num_layers):
             lw = layer_weights[layer * num_directions:(layer + 1) * num_directions]
-            has_bias = lw[0][2] is not None
-            w_ih = torch.cat([w[0] for w in lw]) if num_directions > 1 else lw[0][0]
-            b_ih = None
-            if has_bias and not fold_bias:
-                b_ih = torch.cat([w[2] for w in lw]) if num_directions > 1 else lw[0][2]
-            if has_bias:
-                b_hh = [(w[2] + w[3]) if fold_bias else w[3].contiguous() for w in lw]
-            else:
-                b_hh = [None] * num_directions
-            w_hh = [w[1].contiguous() for w in lw]
-            w_hr = [w[4].contiguous() if w[4] is not None else None for w in lw]
-            layers.append(_LayerPlan(w_ih, b_ih, _backend.prepare_forward(cell, w_hh, b_hh, w_hr)))
+            native = [[w[1], w[3], w[4]] for w in lw]  # w_hh, b_hh, w_hr: read by the kernel
+            for tensors in native:
+                for i, t in enumerate(tensors):
+                    if t is not None and not t.is_contiguous():
+                        tensors[i] = t.contiguous()
+                        copies = True
+            w_hh, b_hh, w_hr = (list(column) for column in zip(*native))
+            layers.append(_LayerPlan(tuple(w[0] for w in lw), tuple(w[2] for w in lw),
+                                     _backend.prepare_forward(cell, w_hh, b_hh, w_hr)))
+        # Contiguous copies would not follow later writes to the parameters: such a plan is
+        # good for one call only.
+        self.points_into_parameters = not copies
         self.layers = layers
 
     def run(self, x: Tensor, h0_all: Optional[Tensor], c0_all: Optional[Tensor]):
@@ -110,9 +112,8 @@ class InferencePlan:
         single = len(self.layers) == 1
         for layer, plan in enumerate(self.layers):
             first, last = layer * num_dirs, (layer + 1) * num_dirs
-            xproj = F.linear(x, plan.w_ih, plan.b_ih)
-            if xproj.stride(2) != 1:
-                xproj = xproj.contiguous()
+            xproj = [F.linear(x, w, b) for w, b in zip(plan.w_ih, plan.b_ih)]
+            xproj = [p if p.stride(2) == 1 else p.contiguous() for p in xproj]
             out = x.new_empty(seq_len, batch, num_dirs * state)
             h0 = h0_all if single or h0_all is None else h0_all[first:last]
             c0 = c0_all if single or c0_all is None else c0_all[first:last]
@@ -124,22 +125,26 @@ class InferencePlan:
 
 
 class _CachedPlan:
-    """A plan with the parameter tensors, versions and data pointers it was built from."""
+    """A plan with the parameter tensors and the memory layout (pointer, shape, strides) of each
+    when it was built."""
 
     def __init__(self, plan: InferencePlan, params: tuple):
         self.plan = plan
         self.params = params
-        self.versions = tuple(p._version for p in params)
-        self.pointers = tuple(p.data_ptr() for p in params)
+        self.layout = _layout(params)
+        self.storage = tuple(p.detach() for p in params)  # the checked pointers stay unique
         self.module = _backend.module_for(params[0].device)
 
     def matches(self, params: tuple) -> bool:
-        """Whether the plan was built from exactly these tensors, unchanged since, for the native
-        module that runs them now (FUSEDRNN_BACKEND may change between calls)."""
+        """Whether the plan was built from exactly these tensors, still in the same memory, for
+        the native module that runs them now (FUSEDRNN_BACKEND may change between calls)."""
         return (len(params) == len(self.params) and all(map(is_, params, self.params))
-                and tuple(p._version for p in params) == self.versions
-                and tuple(p.data_ptr() for p in params) == self.pointers
+                and _layout(params) == self.layout
                 and _backend.module_for(params[0].device) is self.module)
+
+
+def _layout(params: tuple) -> tuple:
+    return tuple((p.data_ptr(), p.shape, p.stride()) for p in params)
 
 
 _plans: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
