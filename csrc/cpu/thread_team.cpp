@@ -42,18 +42,21 @@ void SpinBarrier::wait(int rank) {
   auto& own = epoch_[rank].value;
   const int64_t epoch = own.load(std::memory_order_relaxed) + 1;
   own.store(epoch, std::memory_order_relaxed);
+  bool stalled = false;
   for (int k = 0; k < rounds_; ++k) {
     // Release: what this member (and, transitively, those it heard from) wrote before arriving
     // is visible to whoever acquires the announcement.
     announced_[k * count_ + rank].value.store(epoch, std::memory_order_release);
     const int from = (rank - (1 << k) + count_) % count_;
-    spin_until_reaches(announced_[k * count_ + from].value, epoch);
+    stalled = spin_until_reaches(announced_[k * count_ + from].value, epoch) || stalled;
   }
+  // One stall per wait at most, however many rounds it took.
+  if (stalled) stalls_.fetch_add(1, std::memory_order_relaxed);
 }
 
 // Spin while the wait is short; past kBarrierSpinMicros a team member has most likely lost its
-// core to another process, so yield ours; past the caller's stall budget, count the stall (once).
-void SpinBarrier::spin_until_reaches(const std::atomic<int64_t>& announced, int64_t epoch) {
+// core to another process, so yield ours. Returns whether the wait outlasted the stall budget.
+bool SpinBarrier::spin_until_reaches(const std::atomic<int64_t>& announced, int64_t epoch) {
   int spins = 0;
   auto start = std::chrono::steady_clock::time_point();
   bool yielding = false, stalled = false;
@@ -63,19 +66,17 @@ void SpinBarrier::spin_until_reaches(const std::atomic<int64_t>& announced, int6
     } else {
       FUSEDRNN_PAUSE();
     }
-    if (stalled || ++spins % 64 != 0) continue;
+    if ((yielding && stalled) || ++spins % 64 != 0) continue;
     const auto now = std::chrono::steady_clock::now();
     if (spins == 64) {
       start = now;
       continue;
     }
     const auto waited = now - start;
-    if (waited > std::chrono::microseconds(kBarrierSpinMicros)) yielding = true;
-    if (waited > std::chrono::microseconds(stall_micros_)) {
-      stalled = true;
-      stalls_.fetch_add(1, std::memory_order_relaxed);
-    }
+    yielding = yielding || waited > std::chrono::microseconds(kBarrierSpinMicros);
+    stalled = stalled || waited > std::chrono::microseconds(stall_micros_);
   }
+  return stalled;
 }
 
 #ifndef _OPENMP

@@ -34,7 +34,7 @@ class SpinBarrier {
   struct alignas(64) Line {
     std::atomic<int64_t> value{0};
   };
-  void spin_until_reaches(const std::atomic<int64_t>& announced, int64_t epoch);
+  bool spin_until_reaches(const std::atomic<int64_t>& announced, int64_t epoch);
 
   int count_;
   int rounds_;
