@@ -211,3 +211,23 @@ def test_plans_do_not_keep_modules_alive():
     gc.collect()
     assert ref() is None
     assert all(m is not None for m in _inference._plans.keys())
+
+
+class _LstmWithInitialState(fusedrnn.LSTM):
+    """A subclass with one more parameter: its plan is still cached and still checked."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.h_init = nn.Parameter(torch.zeros(1, 1, self.hidden_size, dtype=DTYPE))
+
+
+def test_subclass_with_extra_parameters_is_cached_and_checked():
+    theirs, _ = make_pair()
+    ours = _LstmWithInitialState(3, 5, dtype=DTYPE)
+    ours.load_state_dict(theirs.state_dict(), strict=False)
+    check_same(theirs, ours)
+    assert ours in _inference._plans and _inference._plans[ours] is not None
+    with torch.no_grad():
+        for m in (theirs, ours):
+            m.weight_hh_l0.data.mul_(0.5)
+    check_same(theirs, ours, seed=18)

@@ -16,7 +16,7 @@ so that memory outlives any swap. Plans live in a weak table beside the modules,
 a deepcopy or pickle of a module must not carry raw pointers into the original's weights. Calls
 only read a plan; concurrent calls from several threads are safe (each allocates its own outputs
 and workspace). A layer whose W_hh, b_hh or W_hr is not contiguous, or a module whose weights are
-not exactly its registered parameters (torch.nn.utils parametrizations), get a fresh plan at
+not among its registered parameters (torch.nn.utils parametrizations), get a fresh plan at
 every call instead.
 """
 from __future__ import annotations
@@ -63,8 +63,9 @@ def plan_for(module, cell: str, num_layers: int, num_directions: int):
     if any(t.dtype is not dtype or t.device != device for t in used):
         return None
     plan = InferencePlan(cell, layer_weights, num_layers, num_directions)
-    if (plan.points_into_parameters and len(used) == len(params)
-            and {id(t) for t in used} == {id(p) for p in params}):
+    # Cached only when every weight used is one of the checked parameters (a subclass may
+    # register more parameters, e.g. a learnable initial state; they are checked too).
+    if plan.points_into_parameters and {id(t) for t in used} <= {id(p) for p in params}:
         _plans[module] = _CachedPlan(plan, params)
     return plan
 
