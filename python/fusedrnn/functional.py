@@ -169,13 +169,13 @@ def _layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor], c0: Option
         # torch.compile traces the custom op (its fake kernel gives the shapes) and, in training,
         # the backward formula registered for it: no graph break.
         out, hn, cn = layer_forward(cell, xproj, h0, c0, w_hh, b_hh, w_hr, lengths, needs_grad)[:3]
-        return out, hn, cn if cell == "lstm" else None
+        return out, hn, (cn if cell == "lstm" else None)
     # Eagerly the autograd.Function runs the same forward and backward without the custom op's
     # dispatch (several Python layers, measurable at B=1).
     spec = _LayerSpec(cell, len(w_hh), has_bias, bool(w_hr))
     if needs_grad:
         results = _LayerRecurrence.apply(spec, lengths, xproj, h0, c0, *w_hh, *b_hh, *w_hr)
-        return results[0], results[1], results[2] if cell == "lstm" else None
+        return results[0], results[1], (results[2] if cell == "lstm" else None)
     num_dirs = len(w_hh)
     out, hn, cn, *_ = _run_forward(cell, xproj, h0, c0, w_hh, _per_direction(b_hh, num_dirs),
                                    _per_direction(w_hr, num_dirs), lengths, save=False)
