@@ -148,6 +148,8 @@ OP_CASES = [
     ("lstm-proj-bidir-states-lengths", dict(cell="lstm", directions=2, bias=True, proj=2,
                                             states=True, lengths=True)),
     ("gru", dict(cell="gru", directions=1, bias=True, proj=0, states=False, lengths=False)),
+    ("gru-bidir-states-lengths", dict(cell="gru", directions=2, bias=True, proj=0, states=True,
+                                      lengths=True)),
     ("rnn_relu-bidir-nobias-states", dict(cell="rnn_relu", directions=2, bias=False, proj=0,
                                           states=True, lengths=False)),
 ]

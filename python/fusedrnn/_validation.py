@@ -1,4 +1,4 @@
-"""Argument checks for the modules, done in Python before any native call.
+"""Argument checks for the modules and the custom ops, done in Python before any native call.
 
 Each check raises the exception class torch.nn raises for the same mistake (so code written against
 torch.nn keeps catching it), with a message that names the argument and the expected and received
@@ -11,7 +11,10 @@ from __future__ import annotations
 import numbers
 import warnings
 
+import torch
 from torch import Tensor
+
+from ._backend import DTYPE_CODES, GATE_COUNT, SAVED_GATE_COUNT
 
 
 class HiddenStateError(RuntimeError, TypeError, IndexError, AttributeError):
@@ -207,3 +210,188 @@ def check_cell_hidden(name: str, hx: Tensor, what: str, input: Tensor, hidden_si
                            f"{input.dtype}")
     if hx.device != input.device:
         raise RuntimeError(f"{name}: {what} is on {hx.device} but input is on {input.device}")
+
+
+
+# --- the custom ops' arguments (functional.layer_forward / layer_backward) -----------------------
+#
+# torch.ops.fusedrnn.layer_forward / layer_backward are reachable by anyone, and the native kernels
+# get data pointers, not tensors: they trust every size, so one wrong shape is an out-of-bounds
+# read or write. The ops therefore check every argument here before allocating or calling
+# anything. Compiled models call them once per layer, so the checks are a few attribute reads per
+# tensor (about 100 ns each): messages are only built on failure, and the lengths' values, the
+# one check that needs a reduction, are left to the native module where it checks them itself.
+# The fake kernels run the same checks, so torch.compile reports a bad call while tracing.
+# Classes: shapes, dtypes and devices raise RuntimeError (like torch's ops); the cell, the number
+# of directions and lengths raise ValueError (like fusedrnn.functional.rnn).
+
+_SIZES = "(D directions, T steps, B batch, G*H gates x hidden, S*H saved gates x hidden, P state)"
+_CELL_STATE = "(only an lstm has a cell state)"
+
+
+def check_layer_forward(cell: str, xproj: Tensor, h0, c0, w_hh, b_hh, w_hr, lengths,
+                        check_lengths_values: bool) -> None:
+    """Every argument of fusedrnn::layer_forward (see there). c0 of another cell than lstm may
+    be None or empty (a placeholder, which the caller drops)."""
+    op = "fusedrnn::layer_forward"
+    num_dirs, hidden, state, tensors = _check_layer_weights(op, cell, w_hh, b_hh, w_hr)
+    seq_len, batch = _check_sequence(op, "xproj", xproj, "[T, B, D*G*H]",
+                                     num_dirs * GATE_COUNT[cell] * hidden)
+    if h0 is not None:
+        tensors.append(("h0", h0, "[D, B, P]", (num_dirs, batch, state)))
+    if c0 is not None:
+        if cell == "lstm":
+            tensors.append(("c0", c0, "[D, B, H]", (num_dirs, batch, hidden)))
+        else:
+            _check_unused(op, "c0", c0, f"for {cell} {_CELL_STATE}")
+    _check_tensors(op, tensors, xproj, "xproj")
+    check_op_lengths(op, lengths, seq_len, batch, xproj, "xproj", check_lengths_values)
+
+
+def check_layer_backward(cell: str, w_hh, b_hh, w_hr, h0, c0, out: Tensor, gates, c_seq, d_out,
+                         d_hn, d_cn, lengths, check_lengths_values: bool) -> None:
+    """Every argument of fusedrnn::layer_backward (see there). What the cell has no use for (c0,
+    c_seq, d_cn of GRU/RNN, gates of RNN) may be None or empty (layer_forward's placeholders,
+    which the caller drops)."""
+    op = "fusedrnn::layer_backward"
+    num_dirs, hidden, state, tensors = _check_layer_weights(op, cell, w_hh, b_hh, w_hr)
+    seq_len, batch = _check_sequence(op, "out", out, "[T, B, D*P]", num_dirs * state)
+    is_lstm = cell == "lstm"
+    saved_width = SAVED_GATE_COUNT[cell] * hidden
+    # What the backward kernels read of forward's save=True outputs must be there (a wrong shape,
+    # empty included, is left to the shape checks below).
+    if saved_width and gates is None:
+        raise RuntimeError(f"{op}: gates is required for {cell}: the [D, T, B, S*H] = "
+                           f"{[num_dirs, seq_len, batch, saved_width]} gates that layer_forward "
+                           f"saved (save=True)")
+    if is_lstm and c_seq is None:
+        raise RuntimeError(f"{op}: c_seq is required for lstm: the [D, T, B, H] = "
+                           f"{[num_dirs, seq_len, batch, hidden]} cell states that layer_forward "
+                           f"saved (save=True)")
+    state_shape = (num_dirs, batch, state)
+    if h0 is not None:
+        tensors.append(("h0", h0, "[D, B, P]", state_shape))
+    if d_out is not None:
+        tensors.append(("d_out", d_out, "[T, B, D*P]", (seq_len, batch, num_dirs * state)))
+    if d_hn is not None:
+        tensors.append(("d_hn", d_hn, "[D, B, P]", state_shape))
+    if saved_width:
+        tensors.append(("gates", gates, "[D, T, B, S*H]",
+                        (num_dirs, seq_len, batch, saved_width)))
+    else:
+        _check_unused(op, "gates", gates, f"for {cell} (it saves no gates)")
+    if is_lstm:
+        tensors.append(("c_seq", c_seq, "[D, T, B, H]", (num_dirs, seq_len, batch, hidden)))
+        cell_shape = (num_dirs, batch, hidden)
+        if c0 is not None:
+            tensors.append(("c0", c0, "[D, B, H]", cell_shape))
+        if d_cn is not None:
+            tensors.append(("d_cn", d_cn, "[D, B, H]", cell_shape))
+    else:
+        for name, t in (("c0", c0), ("c_seq", c_seq), ("d_cn", d_cn)):
+            _check_unused(op, name, t, f"for {cell} {_CELL_STATE}")
+    _check_tensors(op, tensors, out, "out")
+    check_op_lengths(op, lengths, seq_len, batch, out, "out", check_lengths_values)
+
+
+def check_op_lengths(op: str, lengths, seq_len: int, batch: int, like: Tensor, like_name: str,
+                     check_values: bool) -> None:
+    """lengths (params.h): [B] int64 on like's device, every entry in [1, T]. The values need a
+    reduction (on CUDA a sync): callers skip them where the native module checks them itself
+    (the CPU module) and in fake kernels (no data). While a CUDA graph is captured, where a sync
+    is not allowed, a device-side assert stops the launch instead (no kernel then reads past T)."""
+    if lengths is None:
+        return
+    if lengths.dtype != torch.int64 or lengths.shape != (batch,) or lengths.device != like.device:
+        raise ValueError(f"{op}: lengths must be an int64 tensor of shape [B] = [{batch}] on "
+                         f"{like.device} ({like_name}'s device), got {lengths.dtype} of shape "
+                         f"{list(lengths.shape)} on {lengths.device}")
+    if not check_values:
+        return
+    in_range = f"{op}: lengths must lie in [1, {seq_len}] (T, the sequence length)"
+    if lengths.is_cuda and torch.cuda.is_current_stream_capturing():
+        torch._assert_async(((lengths >= 1) & (lengths <= seq_len)).all(), in_range)
+        return
+    low, high = (int(v) for v in torch.aminmax(lengths))
+    if low < 1 or high > seq_len:
+        raise ValueError(f"{in_range}, got values from {low} to {high}")
+
+
+def _check_layer_weights(op: str, cell: str, w_hh, b_hh, w_hr) -> tuple:
+    """The cell and the weights' count and sizes: w_hh D in {1, 2} tensors [G*H, P]; b_hh empty
+    or D tensors [G*H]; w_hr empty or (LSTM only) D tensors [P, H] with P < H, else P = H.
+    Returns (D, H, P, the weights as _check_tensors entries for their dtype and device)."""
+    if cell not in GATE_COUNT:  # first: every size below depends on the cell
+        raise ValueError(f"{op}: cell must be one of {tuple(GATE_COUNT)}, got {cell!r}")
+    num_dirs = len(w_hh)
+    if num_dirs not in (1, 2):
+        raise ValueError(f"{op}: w_hh must hold 1 or 2 tensors (one per direction), got "
+                         f"{num_dirs}")
+    if b_hh and len(b_hh) != num_dirs:
+        raise ValueError(f"{op}: b_hh must be empty (no bias) or hold one tensor per direction "
+                         f"({num_dirs}, like w_hh), got {len(b_hh)}")
+    if w_hr and (len(w_hr) != num_dirs or cell != "lstm"):
+        raise ValueError(f"{op}: w_hr must be empty (no projection) or, for lstm only, hold one "
+                         f"tensor per direction ({num_dirs}, like w_hh), got {len(w_hr)} for "
+                         f"{cell}")
+    gate_count = GATE_COUNT[cell]
+    weight_shape = w_hh[0].shape
+    if len(weight_shape) != 2 or weight_shape[0] % gate_count or 0 in weight_shape:
+        raise RuntimeError(f"{op}: w_hh[0] must be a 2-D [G*H, P] tensor with G = {gate_count} "
+                           f"for {cell} and H, P >= 1, got shape {list(weight_shape)} {_SIZES}")
+    gates_width, state = weight_shape
+    hidden = gates_width // gate_count
+    if w_hr:
+        if state >= hidden:
+            raise RuntimeError(f"{op}: with w_hr (a projection) w_hh must be [G*H, P] with P "
+                               f"below H = {hidden}, got {list(weight_shape)}")
+    elif state != hidden:
+        raise RuntimeError(f"{op}: w_hh[0] must be [G*H, H] = {[gates_width, hidden]} without "
+                           f"w_hr (no projection), got {list(weight_shape)}")
+    tensors = [("w_hh[0]", w_hh[0], "[G*H, P]", weight_shape)]
+    if num_dirs == 2:
+        tensors.append(("w_hh[1]", w_hh[1], "[G*H, P]", weight_shape))
+    if b_hh:
+        bias_shape = (gates_width,)
+        tensors += [(_B_HH[d], b_hh[d], "[G*H]", bias_shape) for d in range(num_dirs)]
+    if w_hr:
+        proj_shape = (state, hidden)
+        tensors += [(_W_HR[d], w_hr[d], "[P, H]", proj_shape) for d in range(num_dirs)]
+    return num_dirs, hidden, state, tensors
+
+
+_B_HH, _W_HR = ("b_hh[0]", "b_hh[1]"), ("w_hr[0]", "w_hr[1]")
+
+
+
+def _check_sequence(op: str, name: str, t: Tensor, layout: str, last: int) -> tuple:
+    """A 3-D [T, B, last] sequence (`layout` in the letters of _SIZES) with T, B >= 1 (the
+    kernels' minimum, params.h), of a dtype the kernels take. Returns (T, B)."""
+    shape = t.shape
+    if len(shape) != 3 or shape[0] == 0 or shape[1] == 0 or shape[2] != last:
+        raise RuntimeError(f"{op}: {name} must be a 3-D {layout} = [T, B, {last}] tensor with "
+                           f"T, B >= 1, got shape {list(shape)} {_SIZES}")
+    if t.dtype not in DTYPE_CODES:
+        raise RuntimeError(f"{op}: {name} must be float32, float64, float16 or bfloat16, got "
+                           f"{t.dtype}")
+    return shape[0], shape[1]
+
+
+def _check_tensors(op: str, entries, like: Tensor, like_name: str) -> None:
+    """Each (name, tensor, layout, shape) entry has its shape and like's dtype and device."""
+    dtype, device = like.dtype, like.device
+    for name, t, layout, shape in entries:
+        # One test on the path every call takes (dtypes are singletons: `is` is exact).
+        if t.shape != shape or t.dtype is not dtype or t.device != device:
+            if t.shape != shape:
+                raise RuntimeError(f"{op}: {name} must have shape {layout} = {list(shape)}, got "
+                                   f"{list(t.shape)} {_SIZES}")
+            raise RuntimeError(f"{op}: {name} must be {dtype} on {device} like {like_name}, got "
+                               f"{t.dtype} on {t.device}")
+
+
+def _check_unused(op: str, name: str, t, why: str) -> None:
+    """What the cell has no use for: None or an empty placeholder."""
+    if t is not None and t.numel() != 0:
+        raise RuntimeError(f"{op}: {name} must be None or empty {why}, got shape "
+                           f"{list(t.shape)}")

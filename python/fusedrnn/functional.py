@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _backend
+from . import _backend, _validation
 from ._backend import GATE_COUNT, SAVED_GATE_COUNT
 
 CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
@@ -171,7 +171,9 @@ def _layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor], c0: Option
         out, hn, cn = layer_forward(cell, xproj, h0, c0, w_hh, b_hh, w_hr, lengths, needs_grad)[:3]
         return out, hn, (cn if cell == "lstm" else None)
     # Eagerly the autograd.Function runs the same forward and backward without the custom op's
-    # dispatch (several Python layers, measurable at B=1).
+    # dispatch (several Python layers, measurable at B=1), and without the op's argument checks
+    # (the modules check shapes before they call rnn()): only dtype and device are checked here.
+    _check_native_operands(xproj, [h0, c0, *w_hh, *b_hh, *w_hr])
     spec = _LayerSpec(cell, len(w_hh), has_bias, bool(w_hr))
     if needs_grad:
         results = _LayerRecurrence.apply(spec, lengths, xproj, h0, c0, *w_hh, *b_hh, *w_hr)
@@ -234,11 +236,11 @@ def _forward_outputs(cell: str, xproj: Tensor, num_dirs: int, state: int, has_pr
 def _run_forward(cell: str, xproj, h0, c0, w_hh, b_hh, w_hr, lengths, save: bool,
                  zero_padding: bool = False):
     """Allocates the outputs (and, with save, what backward needs) and runs the native forward of
-    all directions in one call. Returns _forward_outputs' tuple."""
+    all directions in one call. Returns _forward_outputs' tuple. The callers have checked the
+    arguments (the native call trusts their sizes, dtype and device)."""
     results = _forward_outputs(cell, xproj, len(w_hh), w_hh[0].shape[1], w_hr[0] is not None,
                                lengths, save, zero_padding)
     out, hn, cn, gates, c_seq, r_seq = results
-    _check_native_operands(xproj, [h0, c0, *w_hh, *b_hh, *w_hr])
     _backend.forward_layer(cell, xproj, [w.contiguous() for w in w_hh],
                            [_contiguous(b) for b in b_hh], [_contiguous(w) for w in w_hr],
                            h0, c0, out, hn, cn, gates, c_seq, r_seq, lengths)
@@ -419,16 +421,21 @@ def layer_forward(cell: str, xproj: Tensor, h0: Optional[Tensor], c0: Optional[T
     w_hh/b_hh/w_hr lists of D tensors (b_hh, w_hr empty when absent), h0 [D, B, P], c0 [D, B, H],
     lengths [B] int64. Returns (out [T, B, D*P], hn [D, B, P], cn [D, B, H], then with save what
     backward reads: gates [D, T, B, S*H], c_seq and r_seq [D, T, B, H], zero at padded steps);
-    empty where absent."""
+    empty where absent. Bad arguments raise (_validation.check_layer_forward) before any native
+    call: the kernels trust every size."""
+    _validation.check_layer_forward(cell, xproj, h0, c0, w_hh, b_hh, w_hr, lengths,
+                                    lengths is not None and not _native_checks_lengths(xproj))
     num_dirs = len(w_hh)
+    c0 = c0 if cell == "lstm" else None  # another cell's c0 can only be an empty placeholder
     results = _run_forward(cell, _last_dim_contiguous(xproj), _contiguous(h0), _contiguous(c0),
                            w_hh, _per_direction(b_hh, num_dirs), _per_direction(w_hr, num_dirs),
-                           lengths, save, zero_padding=True)
+                           _contiguous(lengths), save, zero_padding=True)
     return _none_as_empty(results, xproj)
 
 
 @layer_forward.register_fake
 def _layer_forward_fake(cell, xproj, h0, c0, w_hh, b_hh, w_hr, lengths, save):
+    _validation.check_layer_forward(cell, xproj, h0, c0, w_hh, b_hh, w_hr, lengths, False)
     return _none_as_empty(
         _forward_outputs(cell, xproj, len(w_hh), w_hh[0].shape[1], bool(w_hr), lengths, save,
                          zero_padding=True),
@@ -444,18 +451,28 @@ def layer_backward(cell: str, w_hh: list[Tensor], b_hh: list[Tensor], w_hr: list
     """The backward recurrence of a layer (layer_forward's arguments and saved outputs; d_out,
     d_hn, d_cn None for zero). Returns (d_xproj [T, B, D*G*H], d_hproj [T, B, D*G*H] (GRU: the
     gradient of h W_hh^T + b_hh), d_h_seq [D, T, B, P] (projected LSTM: the gradient of each
-    step's projected state), d_h0 [D, B, P], d_c0 [D, B, H] (LSTM)); empty where absent."""
+    step's projected state), d_h0 [D, B, P], d_c0 [D, B, H] (LSTM)); empty where absent.
+    Bad arguments raise (_validation.check_layer_backward) before any native call."""
+    _validation.check_layer_backward(cell, w_hh, b_hh, w_hr, h0, c0, out, gates, c_seq, d_out,
+                                     d_hn, d_cn, lengths,
+                                     lengths is not None and not _native_checks_lengths(out))
     num_dirs = len(w_hh)
+    if cell != "lstm":  # what another cell has no use for can only be an empty placeholder
+        c0 = c_seq = d_cn = None
+    if not SAVED_GATE_COUNT[cell]:
+        gates = None
     grads = _run_backward(cell, w_hh, _per_direction(b_hh, num_dirs),
                           _per_direction(w_hr, num_dirs), _contiguous(h0), _contiguous(c0),
                           _last_dim_contiguous(out), _contiguous(gates), _contiguous(c_seq),
-                          d_out, d_hn, d_cn, lengths)
+                          d_out, d_hn, d_cn, _contiguous(lengths))
     return _none_as_empty(grads, out)
 
 
 @layer_backward.register_fake
 def _layer_backward_fake(cell, w_hh, b_hh, w_hr, h0, c0, out, gates, c_seq, d_out, d_hn, d_cn,
                          lengths):
+    _validation.check_layer_backward(cell, w_hh, b_hh, w_hr, h0, c0, out, gates, c_seq, d_out,
+                                     d_hn, d_cn, lengths, False)
     return _none_as_empty(
         _backward_outputs(cell, out, len(w_hh), w_hh[0].shape[0], w_hh[0].shape[1], bool(w_hr)),
         out)
@@ -524,6 +541,13 @@ def _check_native_operands(xproj: Tensor, others) -> None:
                 f"fusedrnn: the weights, states and input of a layer must share one dtype and "
                 f"device; got input projection {xproj.dtype} on {xproj.device} and a tensor of "
                 f"shape {tuple(t.shape)} with {t.dtype} on {t.device}")
+
+
+def _native_checks_lengths(like: Tensor) -> bool:
+    """Whether the native module checks lengths' values itself: the CPU module does (before
+    reading any step; ValueError naming lengths[b]); the CUDA kernels and their emulation do not
+    (on a GPU that would need a sync), so for them Python does (_validation.check_op_lengths)."""
+    return not like.is_cuda and _backend.backend_name() == "cpu"
 
 
 def _checked_lengths(lengths, input: Tensor, batch_first: bool) -> Tensor:
