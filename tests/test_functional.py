@@ -129,5 +129,5 @@ def test_mismatched_dtypes_raise_instead_of_reaching_native():
     weights = random_weights("lstm", 3, 4, 1, 1)
     x = torch.randn(4, 2, 3, dtype=torch.float64)
     h0 = torch.randn(1, 2, 4, dtype=torch.float32)
-    with pytest.raises(RuntimeError, match="dtype"):
+    with pytest.raises(RuntimeError, match="h0 must be torch.float64"):
         functional.rnn("lstm", x, weights, (h0, h0.double()))

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+import fusedrnn
 from fusedrnn import functional
 
 from _helpers import requires_native
@@ -245,3 +246,15 @@ def test_empty_placeholders_are_accepted(cell):
         changes["gates"] = empty
     for actual, expected in zip(layer_backward({**bwd, **changes}), reference):
         assert torch.equal(actual, expected)
+
+
+def test_functional_rnn_checks_state_shapes():
+    """fusedrnn.functional.rnn is public: a state of the wrong shape is an error naming it, not
+    an out-of-bounds read (the modules check before they call it; direct callers did not)."""
+    lstm = fusedrnn.LSTM(4, 3, dtype=torch.float64)
+    weights = lstm._layer_weights()
+    x = torch.randn(5, 2, 4, dtype=torch.float64)
+    bad = (torch.randn(1, 1, 1, dtype=torch.float64), torch.randn(1, 1, 1, dtype=torch.float64))
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad), pytest.raises(RuntimeError, match="h0"):
+            functional.rnn("lstm", x, weights, bad)

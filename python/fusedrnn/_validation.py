@@ -230,10 +230,9 @@ _CELL_STATE = "(only an lstm has a cell state)"
 
 
 def check_layer_forward(cell: str, xproj: Tensor, h0, c0, w_hh, b_hh, w_hr, lengths,
-                        check_lengths_values: bool) -> None:
-    """Every argument of fusedrnn::layer_forward (see there). c0 of another cell than lstm may
-    be None or empty (a placeholder, which the caller drops)."""
-    op = "fusedrnn::layer_forward"
+                        check_lengths_values: bool, op: str = "fusedrnn::layer_forward") -> None:
+    """Every argument of fusedrnn::layer_forward (see there); `op` names the caller in messages.
+    c0 of another cell than lstm may be None or empty (a placeholder, which the caller drops)."""
     num_dirs, hidden, state, tensors = _check_layer_weights(op, cell, w_hh, b_hh, w_hr)
     seq_len, batch = _check_sequence(op, "xproj", xproj, "[T, B, D*G*H]",
                                      num_dirs * GATE_COUNT[cell] * hidden)

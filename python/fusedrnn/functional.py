@@ -171,9 +171,10 @@ def _layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor], c0: Option
         out, hn, cn = layer_forward(cell, xproj, h0, c0, w_hh, b_hh, w_hr, lengths, needs_grad)[:3]
         return out, hn, (cn if cell == "lstm" else None)
     # Eagerly the autograd.Function runs the same forward and backward without the custom op's
-    # dispatch (several Python layers, measurable at B=1), and without the op's argument checks
-    # (the modules check shapes before they call rnn()): only dtype and device are checked here.
-    _check_native_operands(xproj, [h0, c0, *w_hh, *b_hh, *w_hr])
+    # dispatch (several Python layers, measurable at B=1), with the op's checks: rnn() is public,
+    # and the kernels trust every size (lengths values were checked by _checked_lengths).
+    _validation.check_layer_forward(cell, xproj, h0, c0, w_hh, b_hh, w_hr, lengths, False,
+                                    op="fusedrnn.functional.rnn")
     spec = _LayerSpec(cell, len(w_hh), has_bias, bool(w_hr))
     if needs_grad:
         results = _LayerRecurrence.apply(spec, lengths, xproj, h0, c0, *w_hh, *b_hh, *w_hr)
@@ -531,17 +532,6 @@ torch.library.register_autograd("fusedrnn::layer_backward", _layer_backward_back
 
 
 # --- small helpers --------------------------------------------------------------------------------
-
-def _check_native_operands(xproj: Tensor, others) -> None:
-    """The native call reads every tensor as xproj's dtype on xproj's device: a mismatch would be
-    a wrong result or a crash, so it is an error here (the modules never let one through)."""
-    for t in others:
-        if t is not None and (t.dtype != xproj.dtype or t.device != xproj.device):
-            raise RuntimeError(
-                f"fusedrnn: the weights, states and input of a layer must share one dtype and "
-                f"device; got input projection {xproj.dtype} on {xproj.device} and a tensor of "
-                f"shape {tuple(t.shape)} with {t.dtype} on {t.device}")
-
 
 def _native_checks_lengths(like: Tensor) -> bool:
     """Whether the native module checks lengths' values itself: the CPU module does (before
