@@ -44,6 +44,20 @@ inline SeqTensor seq_from_tuple(const SeqTuple& t) {
   return s;
 }
 
+// The RecurrenceShape fields, which both all-fields constructors take first and in this order.
+inline void set_shape(RecurrenceShape& p, int32_t cell, int32_t dtype, int64_t seq_len,
+                      int64_t batch, int64_t hidden, int64_t state, bool reverse,
+                      uintptr_t lengths) {
+  p.cell = static_cast<CellKind>(cell);
+  p.dtype = static_cast<DType>(dtype);
+  p.seq_len = seq_len;
+  p.batch = batch;
+  p.hidden = hidden;
+  p.state = state;
+  p.reverse = reverse;
+  p.lengths = reinterpret_cast<const int64_t*>(lengths);
+}
+
 // Read/write attribute for a pointer field, seen from Python as an int (0 = null).
 template <typename Class, typename Struct, typename Ptr>
 void def_pointer(Class& cls, const char* name, Ptr Struct::*field) {
@@ -211,14 +225,7 @@ inline void bind_params(py::module_& m) {
                       const SeqTuple& c_seq, const SeqTuple& r_seq, int64_t num_threads,
                       int64_t cuda_stream) {
             Fwd p;
-            p.cell = static_cast<CellKind>(cell);
-            p.dtype = static_cast<DType>(dtype);
-            p.seq_len = seq_len;
-            p.batch = batch;
-            p.hidden = hidden;
-            p.state = state;
-            p.reverse = reverse;
-            p.lengths = reinterpret_cast<const int64_t*>(lengths);
+            set_shape(p, cell, dtype, seq_len, batch, hidden, state, reverse, lengths);
             p.xproj = seq_from_tuple(xproj);
             p.w_hh = reinterpret_cast<const void*>(w_hh);
             p.b_hh = reinterpret_cast<const void*>(b_hh);
@@ -262,14 +269,7 @@ inline void bind_params(py::module_& m) {
                       const SeqTuple& d_xproj, const SeqTuple& d_hproj, const SeqTuple& d_h_seq,
                       uintptr_t d_h0, uintptr_t d_c0, int64_t num_threads, int64_t cuda_stream) {
             Bwd p;
-            p.cell = static_cast<CellKind>(cell);
-            p.dtype = static_cast<DType>(dtype);
-            p.seq_len = seq_len;
-            p.batch = batch;
-            p.hidden = hidden;
-            p.state = state;
-            p.reverse = reverse;
-            p.lengths = reinterpret_cast<const int64_t*>(lengths);
+            set_shape(p, cell, dtype, seq_len, batch, hidden, state, reverse, lengths);
             p.w_hh = reinterpret_cast<const void*>(w_hh);
             p.b_hh = reinterpret_cast<const void*>(b_hh);
             p.w_hr = reinterpret_cast<const void*>(w_hr);

@@ -32,17 +32,9 @@ namespace fusedrnn {
 
 namespace prepared_detail {
 
-inline int64_t element_bytes(DType dtype) {
-  switch (dtype) {
-    case DType::kFloat64: return 8;
-    case DType::kFloat16:
-    case DType::kBFloat16: return 2;
-    default: return 4;
-  }
-}
-
+// (An unknown dtype offsets by 0 bytes; validate() rejects it before anything runs.)
 inline uintptr_t offset_pointer(uintptr_t base, int64_t elements, DType dtype) {
-  return base == 0 ? 0 : base + static_cast<uintptr_t>(elements * element_bytes(dtype));
+  return base == 0 ? 0 : base + static_cast<uintptr_t>(elements * dtype_bytes(dtype));
 }
 
 // The templates with this call's fields filled in (the templates themselves stay untouched).

@@ -17,12 +17,7 @@ LaunchOptions& launch_options() {
 namespace {
 
 int64_t elem_bytes(DType dtype) {
-  switch (dtype) {
-    case DType::kFloat32: return 4;
-    case DType::kFloat64: return 8;
-    case DType::kFloat16:
-    case DType::kBFloat16: return 2;
-  }
+  if (const int64_t bytes = dtype_bytes(dtype)) return bytes;
   throw std::invalid_argument("fusedrnn: unknown dtype code " +
                               std::to_string(static_cast<int>(dtype)));
 }

@@ -34,6 +34,14 @@ FUSEDRNN_HOST_DEVICE constexpr int saved_gate_count(CellKind cell) {
   return cell == CellKind::kLstm ? 4 : cell == CellKind::kGru ? 4 : 0;
 }
 
+// Bytes per element of a tensor of this dtype; 0 for a code outside the enum.
+FUSEDRNN_HOST_DEVICE constexpr int64_t dtype_bytes(DType dtype) {
+  return dtype == DType::kFloat32 ? 4
+         : dtype == DType::kFloat64 ? 8
+         : (dtype == DType::kFloat16 || dtype == DType::kBFloat16) ? 2
+         : 0;
+}
+
 inline const char* cell_name(CellKind cell) {
   switch (cell) {
     case CellKind::kLstm: return "lstm";
