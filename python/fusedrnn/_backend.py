@@ -125,6 +125,9 @@ def _check_seq_operands(named) -> None:
 class _LayerCall(NamedTuple):
     """The params fields that forward_layer and backward_layer fill alike."""
     codes: tuple        # (cell code, dtype code)
+    hidden: int         # H, from w_hh [G*H, P]
+    state: int          # P
+    gates_width: int    # G*H: one direction's columns of xproj / d_xproj / d_hproj
     lengths: int        # data pointer of lengths, or 0
     weights: list       # per direction: (w_hh, b_hh, w_hr) data pointers, 0 for None
     execution: tuple    # (num_threads, cuda_stream)
@@ -137,7 +140,9 @@ def _layer_call(cell: str, device: torch.device, w_hh, b_hh, w_hr, lengths):
     weights = [tuple(t.data_ptr() if t is not None else 0 for t in ws)
                for ws in zip(w_hh, b_hh, w_hr)]
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    gates_width, state = w_hh[0].shape
     call = _LayerCall((CELL_CODES[cell], DTYPE_CODES[w_hh[0].dtype]),
+                      gates_width // GATE_COUNT[cell], state, gates_width,
                       lengths.data_ptr() if lengths is not None else 0, weights,
                       (torch.get_num_threads(), stream))
     return module_for(device), call
@@ -152,25 +157,21 @@ def forward_layer(cell: str, xproj: torch.Tensor, w_hh, b_hh, w_hr, h0, c0, out:
     contiguous); hn [D, B, P], cn [D, B, H] contiguous; gates [D, T, B, S*H], c_seq and r_seq
     [D, T, B, H] contiguous or None (inference). Direction 1 runs reversed.
     """
-    num_dirs = len(w_hh)
-    device = xproj.device
     seq_len, batch = xproj.shape[0], xproj.shape[1]
-    gates_width = xproj.shape[2] // num_dirs
-    hidden = gates_width // GATE_COUNT[cell]
-    state = w_hh[0].shape[1]
     _check_seq_operands((("xproj", xproj), ("out", out)))
     _check_layer_operands((("h0", h0), ("c0", c0), ("hn", hn), ("cn", cn), ("gates", gates),
                            ("c_seq", c_seq), ("r_seq", r_seq), ("lengths", lengths)))
-    module, call = _layer_call(cell, device, w_hh, b_hh, w_hr, lengths)
+    module, call = _layer_call(cell, xproj.device, w_hh, b_hh, w_hr, lengths)
+    gates_width, state = call.gates_width, call.state
     params = []
-    for d in range(num_dirs):
-        fields = (*call.codes, seq_len, batch, hidden, state, d == 1, call.lengths,
+    for d in range(len(w_hh)):
+        fields = (*call.codes, seq_len, batch, call.hidden, state, d == 1, call.lengths,
                   _half_seq(xproj, d, gates_width), *call.weights[d],
                   _dir_ptr(h0, d), _dir_ptr(c0, d), _half_seq(out, d, state),
                   _dir_ptr(hn, d), _dir_ptr(cn, d),
                   _dir_seq(gates, d), _dir_seq(c_seq, d), _dir_seq(r_seq, d), *call.execution)
         params.append(module.FwdParams(*fields))
-    ws = _workspace(module, "forward", params, device)
+    ws = _workspace(module, "forward", params, xproj.device)
     module.forward(params)
     del ws  # torch's allocator orders the free after the kernel on the stream
 
@@ -181,21 +182,17 @@ def backward_layer(cell: str, w_hh, b_hh, w_hr, h0, c0, out: torch.Tensor, gates
     """One native backward call for all D directions of a layer; layouts as in forward_layer,
     plus d_out [T, B, D*P] (last dim contiguous) or None, d_hn [D, B, P], d_cn [D, B, H] or None,
     d_xproj and d_hproj [T, B, D*G*H], d_h_seq [D, T, B, P], d_h0 [D, B, P], d_c0 [D, B, H]."""
-    num_dirs = len(w_hh)
-    device = out.device
     seq_len, batch = out.shape[0], out.shape[1]
-    gates_width = d_xproj.shape[2] // num_dirs
-    hidden = gates_width // GATE_COUNT[cell]
-    state = w_hh[0].shape[1]
     _check_seq_operands((("out", out), ("d_out", d_out), ("d_xproj", d_xproj),
                          ("d_hproj", d_hproj)))
     _check_layer_operands((("h0", h0), ("c0", c0), ("gates", gates), ("c_seq", c_seq),
                            ("d_hn", d_hn), ("d_cn", d_cn), ("d_h_seq", d_h_seq), ("d_h0", d_h0),
                            ("d_c0", d_c0), ("lengths", lengths)))
-    module, call = _layer_call(cell, device, w_hh, b_hh, w_hr, lengths)
+    module, call = _layer_call(cell, out.device, w_hh, b_hh, w_hr, lengths)
+    gates_width, state = call.gates_width, call.state
     params = []
-    for d in range(num_dirs):
-        fields = (*call.codes, seq_len, batch, hidden, state, d == 1, call.lengths,
+    for d in range(len(w_hh)):
+        fields = (*call.codes, seq_len, batch, call.hidden, state, d == 1, call.lengths,
                   *call.weights[d],
                   _dir_ptr(h0, d), _dir_ptr(c0, d), _half_seq(out, d, state),
                   _dir_seq(gates, d), _dir_seq(c_seq, d), _half_seq(d_out, d, state),
@@ -203,7 +200,7 @@ def backward_layer(cell: str, w_hh, b_hh, w_hr, h0, c0, out: torch.Tensor, gates
                   _half_seq(d_hproj, d, gates_width), _dir_seq(d_h_seq, d),
                   _dir_ptr(d_h0, d), _dir_ptr(d_c0, d), *call.execution)
         params.append(module.BwdParams(*fields))
-    ws = _workspace(module, "backward", params, device)
+    ws = _workspace(module, "backward", params, out.device)
     module.backward(params)
     del ws
 
@@ -231,10 +228,8 @@ def prepare_forward(cell: str, w_hh, b_hh, w_hr) -> PreparedForward:
     later in-place changes of the values are seen, a change of memory (`.data =`) is not."""
     device = w_hh[0].device
     module, call = _layer_call(cell, device, w_hh, b_hh, w_hr, None)
-    hidden = w_hh[0].shape[0] // GATE_COUNT[cell]
-    state = w_hh[0].shape[1]
     null_seq = (0, 0, 0)
-    templates = [module.FwdParams(*call.codes, 1, 1, hidden, state, d == 1, 0, null_seq,
+    templates = [module.FwdParams(*call.codes, 1, 1, call.hidden, call.state, d == 1, 0, null_seq,
                                   *call.weights[d], 0, 0, null_seq, 0, 0, null_seq, null_seq,
                                   null_seq, 1, 0)
                  for d in range(len(w_hh))]
