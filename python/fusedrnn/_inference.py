@@ -40,7 +40,7 @@ class _LayerPlan(NamedTuple):
 
 
 # Not under torch.compiler.disable (its wrapper costs ~2 us a call): the modules never come here
-# while compiling (RNNBase._fast_forward), so torch.compile sees functional.rnn's clean break.
+# while compiling (RNNBase._fast_forward), so torch.compile traces functional.rnn's custom ops.
 def forward(module, cell: str, num_layers: int, num_directions: int, x: Tensor,
             h0_all: Optional[Tensor], c0_all: Optional[Tensor]):
     """The module's inference forward through its plan (InferencePlan.run: arguments and results);
@@ -67,6 +67,8 @@ def plan_for(module, cell: str, num_layers: int, num_directions: int):
     # register more parameters, e.g. a learnable initial state; they are checked too).
     if plan.points_into_parameters and {id(t) for t in used} <= {id(p) for p in params}:
         _plans[module] = _CachedPlan(plan, params)
+    else:
+        _plans.pop(module, None)  # an outdated plan would keep the old weights alive
     return plan
 
 
