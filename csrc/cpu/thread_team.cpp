@@ -35,13 +35,12 @@ SpinBarrier::SpinBarrier(int count, int64_t stall_micros)
     : count_(count), rounds_(0), stall_micros_(stall_micros) {
   while ((1 << rounds_) < count_) ++rounds_;
   announced_.reset(new Line[static_cast<size_t>(rounds_ > 0 ? rounds_ * count_ : 1)]);
-  epoch_.reset(new Line[static_cast<size_t>(count_ > 0 ? count_ : 1)]);
 }
 
 void SpinBarrier::wait(int rank) {
-  auto& own = epoch_[rank].value;
-  const int64_t epoch = own.load(std::memory_order_relaxed) + 1;
-  own.store(epoch, std::memory_order_relaxed);
+  if (rounds_ == 0) return;  // a team of one
+  // This member's epoch: one more than its last announcement (only it writes that line).
+  const int64_t epoch = announced_[rank].value.load(std::memory_order_relaxed) + 1;
   bool stalled = false;
   for (int k = 0; k < rounds_; ++k) {
     // Release: what this member (and, transitively, those it heard from) wrote before arriving

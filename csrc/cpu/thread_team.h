@@ -40,7 +40,6 @@ class SpinBarrier {
   int rounds_;
   int64_t stall_micros_;
   std::unique_ptr<Line[]> announced_;  // [rounds_ * count_]: member's latest epoch per round
-  std::unique_ptr<Line[]> epoch_;      // [count_]: member's own number of waits
   alignas(64) std::atomic<int> stalls_{0};
 };
 
