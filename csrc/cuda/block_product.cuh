@@ -1,7 +1,8 @@
 // The per-step product of a persistent recurrence block: out[b][r] = sum_k act[b][k] * w[r][k]
 // for the block's weight rows r and one chunk of batch rows b, accumulated in Acc (fp32, or fp64
-// for double). This is the FMA version; a tensor-core version replaces block_product_partials and
-// product_value and nothing else (see recurrence_layout.h for why the operands are laid out so).
+// for double). This is the FMA version; for fp16/bf16 with the weights in shared memory
+// block_product_partials hands the product to the tensor-core version (mma_product.cuh), which
+// writes its partial sums in the layout product_value reads, so the kernels are the same for both.
 //
 // Each thread owns a kTileRows x kTileBatch tile of outputs over a K range. The partial sums go to
 // shared memory, and after a __syncthreads product_value(r, b) adds the K-split partials of one
@@ -11,6 +12,7 @@
 
 #include "dtype_traits.cuh"
 #include "launch_compat.h"
+#include "mma_product.cuh"
 #include "recurrence_layout.h"
 
 namespace fusedrnn::cuda {
@@ -39,9 +41,15 @@ struct alignas(16) Vec16 {
   T v[kElems];
 };
 
+// Whether block_product_partials<kUnitK, kVectorK> runs on tensor cores for element type T.
+template <bool kVectorK, typename T>
+inline constexpr bool kTensorCoreProduct =
+    kIs16BitFloat<T> && tensor_core_product(static_cast<int64_t>(sizeof(T)), kVectorK);
+
 // The tiling of one product for the variant that block_product_partials<kUnitK, kVectorK> runs.
 template <bool kVectorK, typename T>
 __device__ __forceinline__ ProductTiling product_tiling(int rows, int batch, int k) {
+  if constexpr (kTensorCoreProduct<kVectorK, T>) return make_mma_tiling(rows, batch, k);
   return make_tiling(rows, batch, k, blockDim.x, kVectorK ? Vec16<T>::kElems : 1);
 }
 
@@ -54,6 +62,12 @@ __device__ __forceinline__ void block_product_partials(const WeightView<T>& w, i
                                                        const T* act, int64_t act_pitch, int batch,
                                                        int k_total, Acc<T>* partials,
                                                        const ProductTiling& tiling) {
+  if constexpr (kTensorCoreProduct<kVectorK, T>) {
+    // Shared-memory rows are packed: row r at row(0) + r * row_stride.
+    mma_product_partials<T>(w.row(0), w.row_stride, rows, act, act_pitch, batch, k_total,
+                            partials, tiling);
+    return;
+  }
   using A = Acc<T>;
   const int items = tiling.partial_count();
   for (int item = threadIdx.x; item < items; item += blockDim.x) {
@@ -127,15 +141,19 @@ __device__ __forceinline__ void block_product_partials(const WeightView<T>& w, i
   }
 }
 
-// The finished product for weight row r and chunk batch row b (after a __syncthreads).
+// The finished product for weight row r and chunk batch row b (after a __syncthreads), from the
+// partial sums of either product (FMA or tensor-core tiles).
 template <typename A>
 __device__ __forceinline__ A product_value(const A* partials, const ProductTiling& tiling, int r,
                                           int b) {
-  const int tile = r / kTileRows + (b / kTileBatch) * tiling.tiles_rows;
-  const int lane = (r % kTileRows) * kTileBatch + b % kTileBatch;
+  const int row_mask = (1 << tiling.tile_rows_log2) - 1;
+  const int batch_mask = (1 << tiling.tile_batch_log2) - 1;
+  const int tile = (r >> tiling.tile_rows_log2) + (b >> tiling.tile_batch_log2) * tiling.tiles_rows;
+  const int at = ((r & row_mask) << tiling.tile_batch_log2) + (b & batch_mask);
+  const int64_t tile_size = tiling.tile_size();
   A sum = A(0);
   for (int k_part = 0; k_part < tiling.split; ++k_part) {
-    sum += partials[static_cast<int64_t>(k_part * tiling.tiles + tile) * kTileSize + lane];
+    sum += partials[static_cast<int64_t>(k_part * tiling.tiles + tile) * tile_size + at];
   }
   return sum;
 }

@@ -44,21 +44,29 @@ FUSEDRNN_HOST_DEVICE constexpr int64_t smem_pitch(int64_t k, int64_t elem_bytes)
   return (round_up(k * elem_bytes, 16) + 16) / elem_bytes;
 }
 
-// How the threads of a block split one product: tiles of kTileRows x kTileBatch outputs, and when
-// there are fewer tiles than threads, the K range split `split` ways (partial sums reduced through
-// shared memory, so no warp shuffle is needed).
+// How the threads of a block split one product: output tiles of 2^tile_rows_log2 weight rows x
+// 2^tile_batch_log2 batch rows, and when there are fewer tiles than workers, the K range split
+// `split` ways (partial sums reduced through shared memory, so no warp shuffle is needed). The
+// partial sums of item i = k_part * tiles + tile are values [i * tile_size(), (i+1) * tile_size()),
+// row-in-tile major. Powers of two, so that locating an output is shifts and masks.
 struct ProductTiling {
+  int tile_rows_log2 = 1;   // kTileRows
+  int tile_batch_log2 = 2;  // kTileBatch
   int tiles_rows = 0;
   int tiles_batch = 0;
   int tiles = 0;
   int split = 1;
   int k_chunk = 0;
-  FUSEDRNN_HOST_DEVICE int partial_count() const { return tiles * split; }  // x kTileSize values
+  bool tensor_cores = false;  // one warp per item, mma.sync tiles (see make_mma_tiling)
+  FUSEDRNN_HOST_DEVICE int partial_count() const { return tiles * split; }
+  FUSEDRNN_HOST_DEVICE int tile_size() const { return 1 << (tile_rows_log2 + tile_batch_log2); }
 };
 
+// The FMA tiling: one thread per item, kTileRows x kTileBatch tiles.
 // k_align: K ranges start at multiples of it (the vector width of the shared-memory path).
 FUSEDRNN_HOST_DEVICE ProductTiling make_tiling(int rows, int batch, int k, int threads,
                                                int k_align = 1) {
+  static_assert(kTileRows == 2 && kTileBatch == 4, "ProductTiling's default shifts");
   ProductTiling t;
   t.tiles_rows = static_cast<int>(ceil_div(rows, kTileRows));
   t.tiles_batch = static_cast<int>(ceil_div(batch, kTileBatch));
@@ -74,6 +82,48 @@ FUSEDRNN_HOST_DEVICE ProductTiling make_tiling(int rows, int batch, int k, int t
   t.split = split;
   t.k_chunk = static_cast<int>(round_up(ceil_div(k, split), k_align));
   return t;
+}
+
+// The tensor-core product (16-bit operands with the weights in shared memory, block_product.cuh):
+// one warp per item, each item a 16 x 8 output tile of mma.sync.m16n8k16 over a K range that is a
+// multiple of 16 (rows are zero-padded to K rounded up to 16 in shared memory). Either operand can
+// be the M side, because both are K-contiguous rows: weight rows as M (tile 16 rows x 8 batch) or
+// batch rows as M (tile 8 rows x 16 batch); the plan takes whichever needs fewer MMAs (a block of
+// a few units with a batch of 16 wastes nothing as batch-major).
+constexpr int kMmaK = 16;
+// The split is planned for the GPU's warps per block in both builds, so that the emulator (one
+// warp per block) runs the K-split the GPU runs.
+constexpr int kMmaWarpsPerBlock = 8;
+
+FUSEDRNN_HOST_DEVICE ProductTiling make_mma_tiling(int rows, int batch, int k) {
+  ProductTiling t;
+  t.tensor_cores = true;
+  const int64_t rows_as_m = ceil_div(rows, 16) * ceil_div(batch, 8);
+  const int64_t batch_as_m = ceil_div(batch, 16) * ceil_div(rows, 8);
+  const bool batch_major = batch_as_m < rows_as_m;
+  t.tile_rows_log2 = batch_major ? 3 : 4;
+  t.tile_batch_log2 = batch_major ? 4 : 3;
+  t.tiles_rows = static_cast<int>(ceil_div(rows, int64_t{1} << t.tile_rows_log2));
+  t.tiles_batch = static_cast<int>(ceil_div(batch, int64_t{1} << t.tile_batch_log2));
+  t.tiles = t.tiles_rows * t.tiles_batch;
+  if (t.tiles == 0 || k == 0) {
+    t.tiles = 0;
+    return t;
+  }
+  const int k_steps = static_cast<int>(ceil_div(k, kMmaK));
+  int split = kMmaWarpsPerBlock / t.tiles;
+  split = split < 1 ? 1 : (split > k_steps ? k_steps : split);
+  const int steps_per_part = static_cast<int>(ceil_div(k_steps, split));
+  t.k_chunk = steps_per_part * kMmaK;
+  t.split = static_cast<int>(ceil_div(k_steps, steps_per_part));  // no empty K parts
+  return t;
+}
+
+// Whether a product runs on tensor cores: 16-bit elements (fp16, bf16) with the weight slice in
+// shared memory. fp32 stays on FMA (TF32 would round the operands); streamed weights are not
+// padded to K multiples of 16.
+FUSEDRNN_HOST_DEVICE constexpr bool tensor_core_product(int64_t elem_bytes, bool weights_in_smem) {
+  return elem_bytes == 2 && weights_in_smem;
 }
 
 // The two products of a step. Forward: phase 0 gates (rows G*U, K = P), phase 1 projection

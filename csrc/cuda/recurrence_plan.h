@@ -71,12 +71,15 @@ inline int64_t layout_smem(const PlanInput& in, int64_t bc, RecurrenceGeometry& 
   g.smem_act = at;
   at += round_up(bc * act_pitch * in.elem_bytes, 16);
   g.smem_partials = at;
-  int64_t partials = 0;
+  int64_t partials = static_cast<int64_t>(in.threads) * kTileSize;  // values
   for (const PhaseShape& ph : g.phase) {
-    const ProductTiling t = make_tiling(ph.rows, static_cast<int>(bc), ph.k, in.threads);
-    partials = std::max<int64_t>(partials, std::max(t.partial_count(), in.threads));
+    const ProductTiling t =
+        tensor_core_product(in.elem_bytes, g.weights_in_smem)
+            ? make_mma_tiling(ph.rows, static_cast<int>(bc), ph.k)
+            : make_tiling(ph.rows, static_cast<int>(bc), ph.k, in.threads);
+    partials = std::max<int64_t>(partials, static_cast<int64_t>(t.partial_count()) * t.tile_size());
   }
-  at += partials * kTileSize * in.acc_bytes;
+  at += partials * in.acc_bytes;
   g.smem_bytes = at;
   return at;
 }
