@@ -1,0 +1,190 @@
+"""What only a real GPU can show (bench/gpu_check.sh runs these; without a GPU they skip): CUDA-graph
+capture and replay, torch.compile on CUDA, the kernels running on the caller's current stream, and
+the real device's launch plans (tensor cores, weights streamed from L2) against cuDNN and float64.
+
+The emulator already checks the kernels' arithmetic on every shape class; these tests check the
+integration that the emulator cannot: stream and graph semantics, the occupancy-driven plan of a
+real device, and tensor-core rounding."""
+from __future__ import annotations
+
+import copy
+import importlib.util
+
+import pytest
+import torch
+
+import fusedrnn
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() or importlib.util.find_spec("fusedrnn._cuda") is None,
+    reason="needs a CUDA GPU and fusedrnn._cuda")
+
+CUDA = torch.device("cuda")
+UNIT_ROUNDOFF = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8, torch.float32: 2.0 ** -24}
+
+
+def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    expected = expected.double().cpu()
+    diff = (actual.double().cpu() - expected).abs().max().item()
+    return diff / max(expected.abs().max().item(), 1e-30)
+
+
+def _capture(fn, *static_inputs, after_warmup=None):
+    """Warms fn up on a side stream (as torch.cuda.graph requires) and captures one call."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn(*static_inputs)
+    torch.cuda.current_stream().wait_stream(side)
+    if after_warmup is not None:
+        after_warmup()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        result = fn(*static_inputs)
+    return graph, result
+
+
+@pytest.mark.parametrize("cls,dtype", [(fusedrnn.LSTM, torch.float32),
+                                       (fusedrnn.LSTM, torch.bfloat16),
+                                       (fusedrnn.GRU, torch.float16),
+                                       (fusedrnn.RNN, torch.float32)])
+def test_cuda_graph_inference_replays_new_inputs(cls, dtype):
+    torch.manual_seed(0)
+    module = cls(24, 40, num_layers=2, bidirectional=True).to(CUDA, dtype)
+    static_x = torch.randn(17, 5, 24, device=CUDA, dtype=dtype)
+    with torch.no_grad():
+        graph, (static_out, static_h) = _capture(lambda x: module(x), static_x)
+        for _ in range(2):  # each replay reads the current contents of the static input
+            fresh = torch.randn_like(static_x)
+            static_x.copy_(fresh)
+            graph.replay()
+            out, h = module(fresh)
+            torch.testing.assert_close(static_out, out)
+            torch.testing.assert_close(static_h, h)
+
+
+def test_cuda_graph_training_step_matches_eager():
+    torch.manual_seed(1)
+    module = fusedrnn.LSTM(16, 32, num_layers=2, proj_size=24).to(CUDA)
+    eager = copy.deepcopy(module)
+    static_x = torch.randn(12, 3, 16, device=CUDA, requires_grad=True)
+
+    def step(x):
+        out, (h, c) = module(x)
+        (out.square().sum() + h.sum() + c.sum()).backward()
+
+    def forget_warmup_grads():  # the captured backward then writes fresh .grad tensors
+        module.zero_grad(set_to_none=True)
+        static_x.grad = None
+
+    graph, _ = _capture(step, static_x, after_warmup=forget_warmup_grads)
+    fresh = torch.randn_like(static_x)
+    with torch.no_grad():
+        static_x.copy_(fresh)
+    graph.replay()
+
+    x = fresh.clone().requires_grad_()
+    out, (h, c) = eager(x)
+    (out.square().sum() + h.sum() + c.sum()).backward()
+    torch.testing.assert_close(static_x.grad, x.grad)
+    for (name, p), q in zip(module.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=lambda m: f"{name}: {m}")
+
+
+def test_compile_fullgraph_on_cuda_matches_eager():
+    torch.manual_seed(2)
+    module = fusedrnn.GRU(16, 32, bidirectional=True, batch_first=True).to(CUDA)
+    compiled = torch.compile(module, fullgraph=True)
+    x = torch.randn(4, 9, 16, device=CUDA, requires_grad=True)
+    out_c, h_c = compiled(x)
+    (out_c.sum() + h_c.square().sum()).backward()
+    grads_c = [x.grad.clone()] + [p.grad.clone() for p in module.parameters()]
+    x.grad = None
+    module.zero_grad(set_to_none=True)
+    out_e, h_e = module(x)
+    (out_e.sum() + h_e.square().sum()).backward()
+    grads_e = [x.grad] + [p.grad for p in module.parameters()]
+    torch.testing.assert_close(out_c, out_e)
+    torch.testing.assert_close(h_c, h_e)
+    for a, b in zip(grads_c, grads_e):
+        torch.testing.assert_close(a, b)
+
+
+def test_kernels_run_on_the_current_stream():
+    """The input becomes valid on a side stream only after a long sleep: a kernel launched on any
+    other stream would read the NaNs that were there before."""
+    torch.manual_seed(3)
+    module = fusedrnn.LSTM(8, 16).to(CUDA)
+    x = torch.randn(30, 2, 8, device=CUDA)
+    with torch.no_grad():
+        expected, _ = module(x)
+        y = torch.full_like(x, float("nan"))
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time
+            y.copy_(x)
+            out, _ = module(y)
+        torch.cuda.current_stream().wait_stream(side)
+    torch.testing.assert_close(out, expected)
+
+
+def _against_float64(cls, dtype, T, B, H, **kw):
+    """(fusedrnn error, cuDNN error) against torch.nn in float64 on the CPU, on the same
+    dtype-rounded weights and inputs: output, final state and the input gradient."""
+    torch.manual_seed(4)
+    ref = getattr(torch.nn, cls.__name__)(H, H, **kw).to(dtype)
+    ours = cls(H, H, **kw).to(dtype)
+    ours.load_state_dict(ref.state_dict())
+    truth = copy.deepcopy(ref).double()
+    x = torch.randn(T, B, H, dtype=dtype)
+    d_out = torch.randn(T, B, H * (2 if kw.get("bidirectional") else 1), dtype=dtype)
+
+    def run(module, device, prec):
+        inp = x.to(device, prec).clone().requires_grad_()
+        out = module.to(device)(inp)[0]
+        (out.double() * d_out.to(device).double()).sum().backward()
+        return out.detach(), inp.grad
+
+    true_out, true_dx = run(truth, "cpu", torch.float64)
+    mine = run(ours, CUDA, dtype)
+    cudnn = run(ref, CUDA, dtype)
+    return ([_rel_err(m, t) for m, t in zip(mine, (true_out, true_dx))],
+            [_rel_err(c, t) for c, t in zip(cudnn, (true_out, true_dx))])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_tensor_core_plan_against_cudnn(dtype):
+    """B=16 H=768: the anchor's shape class, weights on chip, the product on tensor cores."""
+    mine, cudnn = _against_float64(fusedrnn.LSTM, dtype, T=32, B=16, H=768)
+    u = UNIT_ROUNDOFF[dtype]
+    for what, m, c in zip(("out", "d_input"), mine, cudnn):
+        assert m <= 2 * c + 2 * u, f"{what}: fusedrnn {m:.3g} vs cuDNN {c:.3g} (u={u:g})"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_streamed_weights_plan_against_cudnn(dtype):
+    """H=2048 does not fit on chip in one slice per SM: W_hh streams from L2 every step."""
+    mine, cudnn = _against_float64(fusedrnn.LSTM, dtype, T=6, B=4, H=2048)
+    u = UNIT_ROUNDOFF[dtype]
+    for what, m, c in zip(("out", "d_input"), mine, cudnn):
+        assert m <= 2 * c + 8 * u, f"{what}: fusedrnn {m:.3g} vs cuDNN {c:.3g} (u={u:g})"
+
+
+@pytest.mark.parametrize("cls", [fusedrnn.LSTM, fusedrnn.GRU])
+def test_forced_streaming_matches_on_chip(cls):
+    """The same layer with the weights kept on chip and streamed: the same answer up to the
+    order of the sums (fp32 here, so the difference is rounding)."""
+    from fusedrnn import _cuda
+    torch.manual_seed(5)
+    module = cls(64, 96, bidirectional=True).to(CUDA)
+    x = torch.randn(20, 7, 64, device=CUDA)
+    with torch.no_grad():
+        on_chip, _ = module(x)
+        try:
+            _cuda._set_launch_options(force_streaming=True)
+            streamed, _ = module(x)
+        finally:
+            _cuda._set_launch_options()
+    assert _rel_err(streamed, on_chip) < 1e-5
