@@ -188,3 +188,21 @@ def test_forced_streaming_matches_on_chip(cls):
         finally:
             _cuda._set_launch_options()
     assert _rel_err(streamed, on_chip) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["LSTM", "GRU"])
+def test_autocast_matches_cudnn_dtype_and_accuracy(name):
+    """Under CUDA autocast torch.nn runs cuDNN in float16; fusedrnn runs its kernels in the
+    autocast dtype too (the tensor-core product), within 2x cuDNN's error against float32."""
+    torch.manual_seed(6)
+    ours = getattr(fusedrnn, name)(64, 128, num_layers=2).to(CUDA)
+    theirs = getattr(torch.nn, name)(64, 128, num_layers=2).to(CUDA)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(40, 16, 64, device=CUDA)
+    with torch.no_grad():
+        truth = theirs(x)[0]
+        with torch.autocast("cuda"):
+            mine, ref = ours(x)[0], theirs(x)[0]
+    assert mine.dtype == ref.dtype
+    u = UNIT_ROUNDOFF[mine.dtype]
+    assert _rel_err(mine, truth) <= 2 * _rel_err(ref, truth) + 2 * u

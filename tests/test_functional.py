@@ -111,18 +111,51 @@ def test_lengths_on_any_device_and_dtype_are_accepted():
     assert torch.equal(a, b)
 
 
-def test_autocast_runs_in_parameter_dtype():
-    """Under autocast torch.nn accepts an input dtype other than the parameters'; so do we."""
+@pytest.mark.parametrize("backend", ["cpu", "emu"])
+@pytest.mark.parametrize("name", ["LSTM", "GRU", "RNN"])
+def test_autocast_runs_in_autocast_dtype(name, backend, monkeypatch):
+    """Under autocast the recurrence runs in the autocast dtype, as torch.nn's CUDA RNNs do: the
+    output is bfloat16, close to the float32 result, and gradients reach the float32 parameters.
+    With the emulator the CUDA kernels run natively in bfloat16 (the GPU's path)."""
+    if backend == "emu":
+        pytest.importorskip("fusedrnn._emu")
+        monkeypatch.setenv("FUSEDRNN_BACKEND", "emu")
     torch.manual_seed(0)
-    ours = fusedrnn.LSTM(4, 6, 2)
-    theirs = torch.nn.LSTM(4, 6, 2)
-    theirs.load_state_dict(ours.state_dict())
-    x = torch.randn(5, 3, 4, dtype=torch.bfloat16)
+    ours = getattr(fusedrnn, name)(4, 6, 2, bidirectional=True)
+    x = torch.randn(5, 3, 4)
+    expected, _ = ours(x)
+    expected.sum().backward()
+    expected_grads = [p.grad.clone() for p in ours.parameters()]
+    ours.zero_grad(set_to_none=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out, (h, c) = ours(x)
-        expected, _ = theirs(x)
-    assert out.dtype == expected.dtype or out.dtype == torch.float32
-    assert_close(out.float(), expected.float(), 2e-2, "autocast output")
+        out, _ = ours(x.bfloat16())
+    assert out.dtype == torch.bfloat16
+    assert_close(out.float(), expected, 3e-2, "autocast output")
+    out.float().sum().backward()
+    for p, g in zip(ours.parameters(), expected_grads):
+        assert p.grad.dtype == torch.float32
+        assert_close(p.grad, g, 5e-2, "autocast gradient")
+    if name == "LSTM":  # torch.nn's CPU LSTM also runs in bfloat16 under autocast
+        theirs = torch.nn.LSTM(4, 6, 2, bidirectional=True)
+        theirs.load_state_dict(ours.state_dict())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert theirs(x)[0].dtype == out.dtype
+
+
+@pytest.mark.parametrize("name", ["LSTMCell", "GRUCell", "RNNCell"])
+def test_autocast_cells_accept_lower_precision_input(name):
+    """torch.nn's cells take a bfloat16 input with float32 weights under autocast; so do ours."""
+    torch.manual_seed(0)
+    ours = getattr(fusedrnn, name)(4, 6)
+    theirs = getattr(torch.nn, name)(4, 6)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 4, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mine, ref = ours(x), theirs(x)
+    mine = mine[0] if name == "LSTMCell" else mine
+    ref = ref[0] if name == "LSTMCell" else ref
+    assert mine.dtype == ref.dtype == torch.bfloat16
+    assert_close(mine.float(), ref.float(), 3e-2, "autocast cell output")
 
 
 def test_mismatched_dtypes_raise_instead_of_reaching_native():

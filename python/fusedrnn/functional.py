@@ -57,9 +57,35 @@ def rnn(cell: str, input: Tensor, weights, hx=None, *, num_layers: int = 1,
     if not torch.is_autocast_enabled(input.device.type):  # entering autocast costs ~3 us
         return _rnn(cell, input, weights, hx, num_layers, num_directions, batch_first, lengths,
                     dropout, training, dropout_fn)
+    input, weights, hx = _autocast_operands(input, weights, hx)
     with torch.autocast(input.device.type, enabled=False):
         return _rnn(cell, input, weights, hx, num_layers, num_directions, batch_first, lengths,
                     dropout, training, dropout_fn)
+
+
+def _autocast_operands(input, weights, hx):
+    """Under autocast the whole recurrence runs in the autocast dtype, as torch.nn's CUDA RNNs do
+    (cuDNN's autocast kernel casts input, weights and states; the cells are on autocast's
+    lower-precision list). The casts are differentiable, so gradients reach the float32
+    parameters. Like autocast, only float32/float16/bfloat16 tensors are cast, never float64.
+    On the CPU torch.nn differs per cell (LSTM and RNN return bfloat16, GRU float32); fusedrnn
+    follows the one rule on both devices."""
+    dtype = torch.get_autocast_dtype(input.device.type)
+
+    def cast(t):
+        if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64:
+            return t.to(dtype)
+        return t
+
+    if any(isinstance(t, Tensor) and t.dtype == torch.float64
+           for t in (input, *[w for layer in weights for w in layer])):
+        return input, weights, hx  # float64 stays float64 (autocast leaves it alone)
+    weights = [tuple(cast(w) for w in layer) for layer in weights]
+    if isinstance(hx, (tuple, list)):
+        hx = type(hx)(cast(s) for s in hx)
+    else:
+        hx = cast(hx)
+    return cast(input), weights, hx
 
 
 def _rnn(cell, input, weights, hx, num_layers, num_directions, batch_first, lengths, dropout,

@@ -293,8 +293,9 @@ def _is_state(t, shape: tuple, dtype: torch.dtype, device: torch.device) -> bool
 
 
 def _follow_autocast(input, hx, weight: Tensor):
-    """Under autocast torch.nn accepts inputs of another float dtype than the parameters; the
-    recurrence then runs in the parameters' dtype (the input and states are cast to it)."""
+    """Under autocast torch.nn accepts inputs of another float dtype than the parameters: they
+    are cast to the parameters' dtype for the checks, and functional.rnn then runs everything in
+    the autocast dtype."""
     data = input.data if isinstance(input, PackedSequence) else input
     if not isinstance(data, Tensor) or data.dtype == weight.dtype or not data.is_floating_point():
         return input, hx
@@ -359,6 +360,7 @@ class RNNCellBase(nn.Module):
         runs one step. hx: None, a tensor, or for LSTM a pair."""
         name = type(self).__name__
         is_lstm = cell == "lstm"
+        input, hx = _follow_autocast(input, hx, self.weight_ih)
         check.check_input_dim(name, input, (1, 2))
         states = None
         if hx is not None:
