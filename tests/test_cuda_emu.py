@@ -109,6 +109,13 @@ def test_no_initial_state_multi_block():
                       with_h0=False)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_activation_loads_in_flight(dtype):
+    """H=32, B=9: the backward's B x G*H activation chunk is 288 (fp32) or 576 (fp64) vectors,
+    so each emulated thread runs several rounds of kLoadsInFlight loads, the last one partial."""
+    run_and_check(Config("lstm", 0, "bidir", True, 2, 9, 32, dtype, False), CPU)
+
+
 def _per_direction(num_dirs, make):
     """A weight list of a layer: one fresh make() per direction."""
     return [make() for _ in range(num_dirs)]

@@ -161,6 +161,14 @@ __device__ __forceinline__ A product_value(const A* partials, const ProductTilin
 // Copies act rows [0, batch) of a [*, K] row-major matrix (row stride src_ld elements) into the
 // shared chunk with pitch act_pitch (16-byte aligned rows); a null source reads as zeros (h0 = 0).
 // 16 bytes per load when the source rows allow it. Converts nothing.
+//
+// The source was written by other blocks in the previous step, so every load goes to L2. A thread
+// issues kLoadsInFlight loads before it stores any of them: in a plain load-store loop the
+// compiler cannot move the next load above a store through a generic pointer (it may alias), and
+// each vector then costs a full L2 round trip (at B=16, K=768 in bf16: 6 trips per step; with a
+// G*H-wide backward chunk 24).
+constexpr int kLoadsInFlight = 8;
+
 template <typename T>
 __device__ __forceinline__ void load_act_chunk(T* dst, int64_t act_pitch, const T* src,
                                                int64_t src_ld, int batch, int k) {
@@ -169,11 +177,25 @@ __device__ __forceinline__ void load_act_chunk(T* dst, int64_t act_pitch, const 
       reinterpret_cast<uintptr_t>(src) % 16 == 0) {
     const int row_vecs = k / V;
     const int total = batch * row_vecs;
-    for (int i = threadIdx.x; i < total; i += blockDim.x) {
-      const int b = i / row_vecs;
-      const int kk = (i - b * row_vecs) * V;
-      *reinterpret_cast<Vec16<T>*>(dst + b * act_pitch + kk) =
-          *reinterpret_cast<const Vec16<T>*>(src + b * src_ld + kk);
+    const int stride = static_cast<int>(blockDim.x);
+    for (int first = threadIdx.x; first < total; first += stride * kLoadsInFlight) {
+      Vec16<T> v[kLoadsInFlight];
+#pragma unroll
+      for (int j = 0; j < kLoadsInFlight; ++j) {
+        const int i = first + j * stride;
+        if (i < total) {
+          const int b = i / row_vecs;
+          v[j] = *reinterpret_cast<const Vec16<T>*>(src + b * src_ld + (i - b * row_vecs) * V);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < kLoadsInFlight; ++j) {
+        const int i = first + j * stride;
+        if (i < total) {
+          const int b = i / row_vecs;
+          *reinterpret_cast<Vec16<T>*>(dst + b * act_pitch + (i - b * row_vecs) * V) = v[j];
+        }
+      }
     }
     return;
   }
