@@ -236,29 +236,40 @@ struct PanelGemm {
   // prefetch(panel, first_row, row_count) runs before the last slice of a row block: the
   // epilogue's rows are spread over memory (one line per gate per batch row, 4 KB+ apart), which
   // no hardware prefetcher follows, so without it each epilogue waits on cache misses.
+  // reversed: visit the panels from the last to the first (each panel's own k order, hence every
+  // output's arithmetic, is unchanged). A caller that alternates the direction from one step to
+  // the next (serpentine order) starts each step on the panels the previous step touched last,
+  // which are still in L1/L2; in one fixed order an LRU cache smaller than the panels evicts
+  // every panel just before it is needed again.
   template <typename Epi, typename Prefetch>
   static void run(const T* a, int64_t lda, int64_t rows, int64_t K, const T* packed,
                   const T* bias_packed, int64_t panel_begin, int64_t panel_end, T* scratch,
-                  Epi&& epi, Prefetch&& prefetch) {
+                  Epi&& epi, Prefetch&& prefetch, bool reversed = false) {
     constexpr int64_t kc = kDepth<T, NV>;
     const int64_t slices = K > kc ? ceil_div(K, kc) : 1;
+    const int64_t panel_elems = K * NV * W;
     // With one row block per slice (small batch) there is no later block to hide the prefetch
     // behind: it only bursts ahead of the hardware prefetcher (B=1 H=1024: ~8% slower).
     const bool prefetch_stream =
-        rows > MR && (panel_end - panel_begin) * K * NV * W * static_cast<int64_t>(sizeof(T)) >
+        rows > MR && (panel_end - panel_begin) * panel_elems * static_cast<int64_t>(sizeof(T)) >
                          kPrefetchStreamBytes;
-    for (int64_t pan = panel_begin; pan < panel_end; ++pan) {
-      const T* panel = packed + pan * K * NV * W;
+    for (int64_t j = 0; j < panel_end - panel_begin; ++j) {
+      const int64_t pan = reversed ? panel_end - 1 - j : panel_begin + j;
+      const T* panel = packed + pan * panel_elems;
+      // The panel visited after this one (none after the last).
+      const int64_t next_pan = j + 1 < panel_end - panel_begin ? (reversed ? pan - 1 : pan + 1) : -1;
       T* part = slices > 1 ? scratch + pan * rows * NV * W : nullptr;
       for (int64_t sl = 0; sl < slices; ++sl) {
         const int64_t k0 = sl * kc, k1 = slices > 1 ? imin(K, k0 + kc) : K;
         const bool last = sl + 1 == slices;
-        // The packed panels are one linear stream: the data after this slice (the next slice or
-        // the next panel) is pulled into L2 a piece per row block, so that the first row block
-        // of the next slice does not wait on L3/DRAM (the hardware prefetcher stops at every
-        // 4 KB page, and a large W_hh does not stay in L2 between steps).
-        const char* ahead = reinterpret_cast<const char*>(panel + k1 * NV * W);
-        const int64_t ahead_bytes = (k1 - k0) * NV * W * static_cast<int64_t>(sizeof(T));
+        // The data read after this slice (the next slice of this panel, or the start of the next
+        // panel) is pulled into L2 a piece per row block, so that the first row block of the
+        // next slice does not wait on L3/DRAM (the hardware prefetcher stops at every 4 KB
+        // page, and a large W_hh does not stay in L2 between steps).
+        const char* ahead = reinterpret_cast<const char*>(
+            last ? packed + (next_pan < 0 ? 0 : next_pan) * panel_elems : panel + k1 * NV * W);
+        const int64_t ahead_bytes =
+            last && next_pan < 0 ? 0 : (k1 - k0) * NV * W * static_cast<int64_t>(sizeof(T));
         const int64_t blocks = imax(1, ceil_div(rows, MR));  // rows may be 0 (all padded)
         const int64_t chunk = round_up(ceil_div(ahead_bytes, blocks), 64);
         for (int64_t r0 = 0; r0 < rows; r0 += MR) {
@@ -540,8 +551,10 @@ void forward_impl(const RecurrenceFwdParams& p, const Team& team) {
         }
       }
     };
+    // Serpentine panel order (odd steps backwards): W_hh of a small layer is a little larger
+    // than L1 (LSTM H=64 fp32: 64 KB against 48 KB), and the turn keeps most of it there.
     PanelGemm<T, NV>::run(h_prev, ld, rows, P, w_pack, bias_pack, pan_begin, pan_end, scratch,
-                          cell_epilogue, cell_prefetch);
+                          cell_epilogue, cell_prefetch, (s & 1) != 0);
 
     // Padded rows: the state stays, the output row is zero.
     if (p.lengths) {
