@@ -22,19 +22,15 @@
 
 namespace fusedrnn::cuda {
 
-// The cell backward of one (batch row, unit) at a valid step, with d_h the total state gradient.
-// Writes d_xproj, d_hproj, the dpre exchange row, and the carried LSTM dc / GRU direct term.
+// What a unit's backward at valid step s reads from the forward's sequences (and h0 / c0): the
+// saved gate values, c_t and c_{t-1}, h_{t-1} and h_t, as each cell needs them. Not d_h / d_c.
 template <class Cell, typename T>
-__device__ __forceinline__ void unit_backward(const RecurrenceBwdParams& p, int s, int b, int unit,
-                                              const StepRow& row, Acc<T> d_h, T* d_dst,
-                                              Acc<T>* dc_state, Acc<T>* direct_state) {
+__device__ __forceinline__ UnitBackwardInput<Acc<T>> load_unit_backward_input(
+    const RecurrenceBwdParams& p, int s, int b, int unit, const StepRow& row) {
   using A = Acc<T>;
-  constexpr int G = Cell::kGates;
   const int64_t H = p.hidden;
   const int64_t at = static_cast<int64_t>(b) * H + unit;
-  const bool next_valid = s + 1 < row.length;
   UnitBackwardInput<A> in{};
-  in.d_h = d_h;
   if constexpr (Cell::kSaved > 0) {
     const T* saved = seq_at<const T>(p.gates, row.t, b);
 #pragma unroll
@@ -47,8 +43,6 @@ __device__ __forceinline__ void unit_backward(const RecurrenceBwdParams& p, int 
     const T* c0 = static_cast<const T*>(p.c0);
     in.c_prev = s > 0 ? to_acc(seq_at<const T>(p.c_seq, t_prev, b)[unit])
                       : (c0 != nullptr ? to_acc(c0[at]) : A(0));
-    const T* d_cn = static_cast<const T*>(p.d_cn);
-    in.d_c = next_valid ? dc_state[at] : (d_cn != nullptr ? to_acc(d_cn[at]) : A(0));
   }
   if constexpr (Cell::kNeedsHPrev) {
     const T* h0 = static_cast<const T*>(p.h0);
@@ -57,6 +51,26 @@ __device__ __forceinline__ void unit_backward(const RecurrenceBwdParams& p, int 
                       : (h0 != nullptr ? to_acc(h0[static_cast<int64_t>(b) * P + unit]) : A(0));
   }
   if constexpr (Cell::kNeedsHNext) in.h_next = to_acc(seq_at<const T>(p.out, row.t, b)[unit]);
+  return in;
+}
+
+// The cell backward of one (batch row, unit) at a valid step, with `in` from
+// load_unit_backward_input and d_h the total state gradient. Writes d_xproj, d_hproj, the dpre
+// exchange row, and the carried LSTM dc / GRU direct term.
+template <class Cell, typename T>
+__device__ __forceinline__ void unit_backward(const RecurrenceBwdParams& p, int s, int b, int unit,
+                                              const StepRow& row, UnitBackwardInput<Acc<T>> in,
+                                              Acc<T> d_h, T* d_dst, Acc<T>* dc_state,
+                                              Acc<T>* direct_state) {
+  using A = Acc<T>;
+  constexpr int G = Cell::kGates;
+  const int64_t H = p.hidden;
+  const int64_t at = static_cast<int64_t>(b) * H + unit;
+  in.d_h = d_h;
+  if constexpr (Cell::kHasCell) {
+    const T* d_cn = static_cast<const T*>(p.d_cn);
+    in.d_c = s + 1 < row.length ? dc_state[at] : (d_cn != nullptr ? to_acc(d_cn[at]) : A(0));
+  }
 
   const UnitBackward<A> res = Cell::backward(p.cell, in);
   T* dx = seq_at<T>(p.d_xproj, row.t, b);
@@ -74,6 +88,24 @@ __device__ __forceinline__ void unit_backward(const RecurrenceBwdParams& p, int 
     if (s == 0 && p.d_c0 != nullptr) static_cast<T*>(p.d_c0)[at] = from_acc<T>(res.dc_prev);
   }
   if constexpr (Cell::kNeedsHPrev) direct_state[at] = res.dh_direct;
+}
+
+// What the backward of one (batch row, unit) reads from the forward's sequences and from d_out at
+// step s, loaded one step ahead by the thread that owns the pair (see own_item in the kernel).
+template <typename T>
+struct StagedStep {
+  UnitBackwardInput<Acc<T>> in{};
+  Acc<T> d_out = Acc<T>(0);
+};
+
+template <class Cell, typename T>
+__device__ __forceinline__ void stage_step(const RecurrenceBwdParams& p, int s, int b, int unit,
+                                           StagedStep<T>& staged) {
+  if (s < 0) return;
+  const StepRow row = step_row(p, s, b);
+  if (!row.valid) return;  // a padded step reads nothing
+  staged.in = load_unit_backward_input<Cell, T>(p, s, b, unit, row);
+  if (p.d_out.data != nullptr) staged.d_out = to_acc(seq_at<const T>(p.d_out, row.t, b)[unit]);
 }
 
 // A padded step: zero gradient rows for the unit, zero exchange row (read by nobody, but kept
@@ -166,6 +198,18 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
     proj_rows = WeightView<T>{projected ? w_hr + u0 : w_hr, max(nu, 1), 0, 1, H};
   }
 
+  // Without projection, when each (batch row, unit) of the block has a thread of its own for the
+  // whole sequence (one batch chunk, B * nc <= threads), that thread loads what its backward of
+  // step s-1 reads from the forward's sequences during step s: those loads (saved gates, c, out,
+  // d_out; at the anchor sizes from HBM) then overlap the cell update and the grid barrier instead
+  // of following the product.
+  const bool own_item = !projected && geo.batch_chunk >= B && B * nc <= static_cast<int>(blockDim.x);
+  StagedStep<T> staged;
+  if (own_item && static_cast<int>(threadIdx.x) < B * nc) {
+    const int item = static_cast<int>(threadIdx.x);
+    stage_step<Cell, T>(p, steps - 1, item / nc, c0 + item % nc, staged);
+  }
+
   for (int s = steps - 1; s >= -1; --s) {
     // dpre_{s+1} (written last iteration); none at s = T-1, where every row takes d_hn.
     const T* d_src = s + 1 < steps ? d_exchange + static_cast<int64_t>((s + 1) & 1) * B * GH : nullptr;
@@ -187,6 +231,11 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
         const int c = i - bl * nc;
         const int b = b0 + bl;
         const int col = c0 + c;
+        StagedStep<T> now;
+        if (own_item) {
+          now = staged;
+          stage_step<Cell, T>(p, s - 1, b, col, staged);
+        }
         const int64_t length = p.lengths != nullptr ? p.lengths[b] : steps;
         A d_h;
         if (s + 1 < length) {
@@ -201,14 +250,17 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
         }
         const StepRow row = step_row(p, s, b);
         if (row.valid && p.d_out.data != nullptr) {
-          d_h += to_acc(seq_at<const T>(p.d_out, row.t, b)[col]);
+          d_h += own_item ? now.d_out : to_acc(seq_at<const T>(p.d_out, row.t, b)[col]);
         }
         if (projected) {
           const T d_val = from_acc<T>(row.valid ? d_h : A(0));
           seq_at<T>(p.d_h_seq, row.t, b)[col] = d_val;
           dh_exchange[static_cast<int64_t>(b) * P + col] = d_val;
         } else if (row.valid) {
-          unit_backward<Cell, T>(p, s, b, col, row, d_h, d_dst, dc_state, direct_state);
+          unit_backward<Cell, T>(
+              p, s, b, col, row,
+              own_item ? now.in : load_unit_backward_input<Cell, T>(p, s, b, col, row), d_h,
+              d_dst, dc_state, direct_state);
         } else {
           unit_padded<Cell, T>(p, b, col, row, d_dst);
         }
@@ -236,8 +288,10 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
           const int b = b0 + bl;
           const StepRow row = step_row(p, s, b);
           if (row.valid) {
-            unit_backward<Cell, T>(p, s, b, u0 + u, row, product_value(partials, tiling, u, bl),
-                                   d_dst, dc_state, direct_state);
+            unit_backward<Cell, T>(p, s, b, u0 + u, row,
+                                   load_unit_backward_input<Cell, T>(p, s, b, u0 + u, row),
+                                   product_value(partials, tiling, u, bl), d_dst, dc_state,
+                                   direct_state);
           } else {
             unit_padded<Cell, T>(p, b, u0 + u, row, d_dst);
           }

@@ -20,6 +20,19 @@
 
 namespace fusedrnn::cuda {
 
+// The G input-projection values of (batch row b, unit) at processing step s; nothing for a padded
+// step (its values are never used).
+template <int G, typename T>
+__device__ __forceinline__ void load_step_inputs(const RecurrenceFwdParams& p, int s, int b,
+                                                 int unit, Acc<T> (&x)[G]) {
+  const StepRow row = step_row(p, s, b);
+  if (!row.valid) return;
+  const T* x_row = seq_at<const T>(p.xproj, row.t, b);
+  const int64_t H = p.hidden;
+#pragma unroll
+  for (int g = 0; g < G; ++g) x[g] = to_acc(x_row[g * H + unit]);
+}
+
 template <class Cell, typename T, bool kWeightsInSmem>
 __global__ void __launch_bounds__(kThreadsPerBlock, 1)
     recurrence_forward_kernel(const __grid_constant__ FwdKernelArgs args) {
@@ -90,6 +103,19 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
                               0, H, 1};
   }
 
+  // When each (batch row, unit) of the block has a thread of its own for the whole sequence (one
+  // batch chunk, B * nu <= threads), that thread loads its xproj values of step s+1 during step s,
+  // so their trip to memory (xproj is T x B x G*H, far larger than L2 at the anchor's 100 MB)
+  // overlaps the cell update and the grid barrier instead of following the product.
+  const bool own_item = geo.batch_chunk >= B && B * nu <= static_cast<int>(blockDim.x);
+  A x_next[G];
+#pragma unroll
+  for (int g = 0; g < G; ++g) x_next[g] = A(0);
+  if (own_item && static_cast<int>(threadIdx.x) < B * nu) {
+    const int item = static_cast<int>(threadIdx.x);
+    load_step_inputs<G, T>(p, 0, item / nu, u0 + item % nu, x_next);
+  }
+
   for (int s = 0; s < steps; ++s) {
     // h_{s-1}: h0 (null = zeros) at the first step, else the exchange buffer written last step.
     const T* h_src = s == 0 ? h0 : h_exchange + static_cast<int64_t>(s & 1) * B * P;
@@ -120,11 +146,16 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
           continue;
         }
         A x[G];
+        if (own_item) {
+#pragma unroll
+          for (int g = 0; g < G; ++g) x[g] = x_next[g];
+          if (s + 1 < steps) load_step_inputs<G, T>(p, s + 1, b, unit, x_next);
+        } else {
+          load_step_inputs<G, T>(p, s, b, unit, x);
+        }
         A hh[G];
-        const T* x_row = seq_at<const T>(p.xproj, row.t, b);
 #pragma unroll
         for (int g = 0; g < G; ++g) {
-          x[g] = to_acc(x_row[g * H + unit]);
           hh[g] = product_value(partials, tiling, g * nu + u, bl) +
                   (b_hh != nullptr ? to_acc(b_hh[g * H + unit]) : A(0));
         }
