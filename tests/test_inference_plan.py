@@ -105,6 +105,25 @@ def test_instruction_set_switch_between_calls(monkeypatch):
     check_same(theirs, ours, seed=17)
 
 
+def test_backend_switch_between_calls(monkeypatch):
+    """A cached plan runs on the native module FUSEDRNN_BACKEND picks at each call, and a bad
+    value still raises, plan or not."""
+    from fusedrnn import _backend
+    theirs, ours = make_pair()
+    monkeypatch.setenv("FUSEDRNN_BACKEND", "cpu")
+    check_same(theirs, ours)
+    assert _inference._plans[ours].module is _backend._cpu
+    if _backend.HAS_EMU:
+        monkeypatch.setenv("FUSEDRNN_BACKEND", "emu")
+        check_same(theirs, ours, seed=18)
+        assert _inference._plans[ours].module is _backend._emu
+    monkeypatch.setenv("FUSEDRNN_BACKEND", "nonsense")
+    with torch.no_grad(), pytest.raises(RuntimeError, match="FUSEDRNN_BACKEND"):
+        ours(fresh_input(19))
+    monkeypatch.setenv("FUSEDRNN_BACKEND", "cpu")
+    check_same(theirs, ours, seed=20)
+
+
 def test_load_state_dict_is_seen():
     theirs, ours = make_pair(num_layers=2)
     check_same(theirs, ours)

@@ -21,6 +21,7 @@ from . import functional
 from ._packing import PackedLayout
 
 _GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+_CELLS = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}
 
 
 class RNNBase(nn.Module):
@@ -109,7 +110,7 @@ class RNNBase(nn.Module):
 
     @property
     def _cell(self) -> str:
-        return {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}[self.mode]
+        return _CELLS[self.mode]
 
     @property
     def _display_name(self) -> str:
@@ -139,14 +140,17 @@ class RNNBase(nn.Module):
                 or input.dim() != 3
                 or (self.training and self.dropout > 0 and self.num_layers > 1)):
             return None
-        weight = self.weight_ih_l0
+        # Straight from the parameter table (nn.Module.__getattr__ costs ~0.5 us); a weight that
+        # is not a plain parameter (torch.nn.utils parametrizations) takes the full path.
+        weight = self._parameters.get("weight_ih_l0")
         dtype, device = input.dtype, input.device
-        if (dtype is not weight.dtype or dtype not in _NATIVE_DTYPES or device != weight.device
+        if (weight is None or dtype is not weight.dtype or dtype not in _NATIVE_DTYPES
+                or device != weight.device
                 or input.size(2) != self.input_size
                 or torch.is_autocast_enabled(device.type)):
             return None
         x = input.transpose(0, 1) if self.batch_first else input
-        seq_len, batch = x.shape[0], x.shape[1]
+        seq_len, batch, _ = x.shape
         if seq_len == 0 or batch == 0:
             return None
         is_lstm = self.mode == "LSTM"
@@ -163,7 +167,7 @@ class RNNBase(nn.Module):
                 h0 = hx
             if not _is_state(h0, (num_states, batch, self._state_size), dtype, device):
                 return None
-        result = _inference.forward(self, self._cell, self.num_layers,
+        result = _inference.forward(self, _CELLS[self.mode], self.num_layers,
                                     2 if self.bidirectional else 1, x, h0, c0)
         if result is None:
             return None
