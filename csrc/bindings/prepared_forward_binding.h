@@ -74,7 +74,7 @@ inline std::vector<RecurrenceFwdParams> instantiate(
 }  // namespace prepared_detail
 
 // Defines forward_prepared(templates, seq_len, batch, xproj, out, h0, c0, hn, cn, workspace,
-// workspace_bytes, num_threads, cuda_stream) and forward_prepared_workspace_bytes(templates,
+// workspace_bytes, num_threads, cuda_stream, b_hh=[]) and forward_prepared_workspace_bytes(templates,
 // seq_len, batch). `validate(dirs)` is the module's validate_forward, `bytes(dirs)` its workspace
 // size and `run(dirs)` its forward; run is called without the GIL.
 template <typename Validate, typename Bytes, typename Run>
@@ -99,10 +99,21 @@ void bind_prepared_forward(py::module_& m, Validate validate, Bytes bytes, Run r
       [validate, run](const std::vector<Fwd>& templates, int64_t seq_len, int64_t batch,
                       const std::vector<SeqTuple>& xproj, const SeqTuple& out, uintptr_t h0, uintptr_t c0,
                       uintptr_t hn, uintptr_t cn, uintptr_t workspace, int64_t workspace_bytes,
-                      int64_t num_threads, int64_t cuda_stream) {
+                      int64_t num_threads, int64_t cuda_stream, const std::vector<uintptr_t>& b_hh) {
         auto dirs = prepared_detail::instantiate(templates, seq_len, batch, xproj, out, h0, c0,
                                                  hn, cn, workspace, workspace_bytes, num_threads,
                                                  cuda_stream);
+        // This call's bias per direction in place of the prepared b_hh (empty: keep them). The
+        // caller may pass b_ih + b_hh of an LSTM or Elman layer here and leave b_ih out of xproj
+        // (both only add to the pre-activations; never a GRU's, whose b_hn sits inside r * (...)).
+        if (!b_hh.empty()) {
+          if (b_hh.size() != dirs.size()) {
+            throw std::invalid_argument("fusedrnn: forward_prepared: b_hh holds " +
+                                        std::to_string(b_hh.size()) + " pointers for " +
+                                        std::to_string(dirs.size()) + " directions");
+          }
+          for (size_t d = 0; d < dirs.size(); ++d) dirs[d].b_hh = reinterpret_cast<const void*>(b_hh[d]);
+        }
         validate(dirs);
         py::gil_scoped_release release;
         run(dirs);
@@ -110,9 +121,12 @@ void bind_prepared_forward(py::module_& m, Validate validate, Bytes bytes, Run r
       py::arg("templates"), py::arg("seq_len"), py::arg("batch"), py::arg("xproj"),
       py::arg("out"), py::arg("h0"), py::arg("c0"), py::arg("hn"), py::arg("cn"),
       py::arg("workspace"), py::arg("workspace_bytes"), py::arg("num_threads"),
-      py::arg("cuda_stream"),
+      py::arg("cuda_stream"), py::arg("b_hh") = std::vector<uintptr_t>{},
       "Inference forward of one layer from per-direction templates (see "
       "csrc/bindings/prepared_forward_binding.h for the layout).");
+  // Lets Python tell this build from one whose forward_prepared has no b_hh argument (developer
+  // trees share one module directory, where a stale module may sit until it is rebuilt).
+  m.attr("forward_prepared_takes_b_hh") = true;
 }
 
 }  // namespace fusedrnn

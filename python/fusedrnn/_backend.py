@@ -238,10 +238,13 @@ def prepare_forward(cell: str, w_hh, b_hh, w_hr) -> PreparedForward:
 
 
 def forward_prepared(prep: PreparedForward, xproj: list, out: torch.Tensor, h0, c0,
-                     hn: torch.Tensor, cn) -> None:
+                     hn: torch.Tensor, cn, b_hh=None) -> None:
     """Inference forward of a prepared layer: xproj, one [T, B, G*H] input projection (x W_ih^T
     + b_ih) per direction; out [T, B, D*P], both with a dense last dimension; h0/hn [D, B, P] and
-    c0/cn [D, B, H] contiguous (h0, c0 may be None)."""
+    c0/cn [D, B, H] contiguous (h0, c0 may be None). b_hh: None, or per direction a contiguous
+    [G*H] bias the kernel adds in place of the prepared b_hh for this call (for LSTM and Elman
+    layers b_ih + b_hh, with xproj = x W_ih^T; never for a GRU; only where the native module
+    has forward_prepared_takes_b_hh)."""
     seq_len, batch = out.shape[0], out.shape[1]
     if out.stride(2) != 1 or any(x.stride(2) != 1 for x in xproj):
         raise RuntimeError("fusedrnn internal error: xproj and out need a dense last dimension")
@@ -262,5 +265,5 @@ def forward_prepared(prep: PreparedForward, xproj: list, out: torch.Tensor, h0, 
         (out.data_ptr(), out.stride(0), out.stride(1)),
         h0.data_ptr() if h0 is not None else 0, c0.data_ptr() if c0 is not None else 0,
         hn.data_ptr(), cn.data_ptr() if cn is not None else 0, ws.data_ptr(), nbytes,
-        torch.get_num_threads(), stream)
+        torch.get_num_threads(), stream, *(() if b_hh is None else ([b.data_ptr() for b in b_hh],)))
     del ws  # torch's allocator orders the free after the kernel on the stream
