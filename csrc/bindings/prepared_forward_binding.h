@@ -124,9 +124,6 @@ void bind_prepared_forward(py::module_& m, Validate validate, Bytes bytes, Run r
       py::arg("cuda_stream"), py::arg("b_hh") = std::vector<uintptr_t>{},
       "Inference forward of one layer from per-direction templates (see "
       "csrc/bindings/prepared_forward_binding.h for the layout).");
-  // Lets Python tell this build from one whose forward_prepared has no b_hh argument (developer
-  // trees share one module directory, where a stale module may sit until it is rebuilt).
-  m.attr("forward_prepared_takes_b_hh") = true;
 }
 
 }  // namespace fusedrnn

@@ -243,8 +243,7 @@ def forward_prepared(prep: PreparedForward, xproj: list, out: torch.Tensor, h0, 
     + b_ih) per direction; out [T, B, D*P], both with a dense last dimension; h0/hn [D, B, P] and
     c0/cn [D, B, H] contiguous (h0, c0 may be None). b_hh: None, or per direction a contiguous
     [G*H] bias the kernel adds in place of the prepared b_hh for this call (for LSTM and Elman
-    layers b_ih + b_hh, with xproj = x W_ih^T; never for a GRU; only where the native module
-    has forward_prepared_takes_b_hh)."""
+    layers b_ih + b_hh, with xproj = x W_ih^T; never for a GRU)."""
     seq_len, batch = out.shape[0], out.shape[1]
     if out.stride(2) != 1 or any(x.stride(2) != 1 for x in xproj):
         raise RuntimeError("fusedrnn internal error: xproj and out need a dense last dimension")

@@ -101,8 +101,7 @@ class InferencePlan:
             w_hh, b_hh, w_hr = (list(column) for column in zip(*native))
             b_ih = tuple(w[2] for w in lw)
             prepared = _backend.prepare_forward(cell, w_hh, b_hh, w_hr)
-            fold = (cell != "gru" and all(b is not None for b in (*b_ih, *b_hh))
-                    and getattr(prepared.module, "forward_prepared_takes_b_hh", False))
+            fold = cell != "gru" and all(b is not None for b in (*b_ih, *b_hh))
             layers.append(_LayerPlan(tuple(w[0] for w in lw), b_ih, prepared,
                                      tuple(b_hh) if fold else None))
         # Contiguous copies would not follow later writes to the parameters: such a plan is
