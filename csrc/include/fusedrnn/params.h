@@ -62,6 +62,8 @@ struct RecurrenceFwdParams : RecurrenceShape {
   void* cn = nullptr;          // [B, H] LSTM only
   // Saved for backward; all nullable together (inference). With them set, training forward.
   SeqTensor gates;             // [T, B, S*H] see saved_gate_count (unused for RNN)
+                               // _cpu, LSTM: may be xproj itself (a row's xproj is read before
+                               // that row's gates are written, by the same thread)
   SeqTensor c_seq;             // [T, B, H] LSTM: c_t after step t (rows of padded steps: any)
   SeqTensor r_seq;             // [T, B, H] projected LSTM: o_t * tanh(c_t), the input of W_hr
   // --- execution ---
