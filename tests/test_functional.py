@@ -166,10 +166,12 @@ def test_mismatched_dtypes_raise_instead_of_reaching_native():
         functional.rnn("lstm", x, weights, (h0, h0.double()))
 
 
+@pytest.mark.parametrize("directions", [1, 2], ids=["uni", "bidir"])
 @pytest.mark.parametrize("proj", [0, 3], ids=["noproj", "proj"])
 @pytest.mark.parametrize("padded", [False, True], ids=["dense", "lengths"])
-def test_lstm_gates_saved_over_xproj(proj, padded, monkeypatch):
-    """A one-direction LSTM layer saves its gates over its own input projection (CPU): results
+def test_lstm_gates_saved_over_xproj(directions, proj, padded, monkeypatch):
+    """An LSTM layer saves its gates over its own input projection (CPU), each direction over its
+    own columns: results
     and every gradient match the reference, also for a second backward (retain_graph), which
     reads the same saved gates again."""
     torch.manual_seed(0)
@@ -180,13 +182,14 @@ def test_lstm_gates_saved_over_xproj(proj, padded, monkeypatch):
     monkeypatch.setattr(functional, "_gates_can_overwrite_xproj",
                         lambda *a: used.append(check(*a)) or used[-1])
     layers, seq_len, batch, hidden = 2, 7, 5, 9
-    weights = random_weights("lstm", 4, hidden, layers, 1, proj)
+    weights = random_weights("lstm", 4, hidden, layers, directions, proj)
     x = torch.randn(seq_len, batch, 4, dtype=torch.float64, requires_grad=True)
     lengths = torch.tensor([7, 3, 7, 1, 5]) if padded else None
     leaves = [x] + [w for ws in weights for w in ws if w is not None]
     runs = []
     for impl in (reference.rnn, functional.rnn):
-        out, h_n, c_n = impl("lstm", x, weights, None, num_layers=layers, lengths=lengths)
+        out, h_n, c_n = impl("lstm", x, weights, None, num_layers=layers,
+                             bidirectional=directions == 2, lengths=lengths)
         flat = [out, h_n, c_n]
         loss = ramp_loss(flat)
         first = torch.autograd.grad(loss, leaves, retain_graph=True)

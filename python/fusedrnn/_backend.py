@@ -109,6 +109,14 @@ def _check_layer_operands(named) -> None:
             raise RuntimeError(f"fusedrnn internal error: {name} must be contiguous")
 
 
+def _check_dir_seq_operands(named) -> None:
+    for name, t in named:
+        if t is not None and (t.dim() != 4 or (t.size(3) > 1 and t.stride(3) != 1)):
+            raise RuntimeError(
+                f"fusedrnn internal error: {name} must be [D, T, B, X] with a contiguous last "
+                f"dimension, got shape {tuple(t.shape)} strides {t.stride()}")
+
+
 def _check_seq_operands(named) -> None:
     for name, t in named:
         if t is not None and (t.dim() != 3 or (t.size(2) > 1 and t.stride(2) != 1)):
@@ -154,12 +162,14 @@ def forward_layer(cell: str, xproj: torch.Tensor, w_hh, b_hh, w_hr, h0, c0, out:
 
     xproj [T, B, D*G*H] (last dim contiguous); w_hh, b_hh, w_hr: sequences of D tensors (or Nones),
     contiguous; h0 [D, B, P], c0 [D, B, H] contiguous or None; out [T, B, D*P] (last dim
-    contiguous); hn [D, B, P], cn [D, B, H] contiguous; gates [D, T, B, S*H], c_seq and r_seq
-    [D, T, B, H] contiguous or None (inference). Direction 1 runs reversed.
+    contiguous); hn [D, B, P], cn [D, B, H] contiguous; gates [D, T, B, S*H] (last dim
+    contiguous: it may be a view of xproj, params.h), c_seq and r_seq [D, T, B, H] contiguous or
+    None (inference). Direction 1 runs reversed.
     """
     seq_len, batch = xproj.shape[0], xproj.shape[1]
     _check_seq_operands((("xproj", xproj), ("out", out)))
-    _check_layer_operands((("h0", h0), ("c0", c0), ("hn", hn), ("cn", cn), ("gates", gates),
+    _check_dir_seq_operands((("gates", gates),))
+    _check_layer_operands((("h0", h0), ("c0", c0), ("hn", hn), ("cn", cn),
                            ("c_seq", c_seq), ("r_seq", r_seq), ("lengths", lengths)))
     module, call = _layer_call(cell, xproj.device, w_hh, b_hh, w_hr, lengths)
     gates_width, state = call.gates_width, call.state
@@ -185,7 +195,8 @@ def backward_layer(cell: str, w_hh, b_hh, w_hr, h0, c0, out: torch.Tensor, gates
     seq_len, batch = out.shape[0], out.shape[1]
     _check_seq_operands((("out", out), ("d_out", d_out), ("d_xproj", d_xproj),
                          ("d_hproj", d_hproj)))
-    _check_layer_operands((("h0", h0), ("c0", c0), ("gates", gates), ("c_seq", c_seq),
+    _check_dir_seq_operands((("gates", gates),))
+    _check_layer_operands((("h0", h0), ("c0", c0), ("c_seq", c_seq),
                            ("d_hn", d_hn), ("d_cn", d_cn), ("d_h_seq", d_h_seq), ("d_h0", d_h0),
                            ("d_c0", d_c0), ("lengths", lengths)))
     module, call = _layer_call(cell, out.device, w_hh, b_hh, w_hr, lengths)

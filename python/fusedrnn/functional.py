@@ -254,8 +254,8 @@ def _forward_outputs(cell: str, xproj: Tensor, num_dirs: int, state: int, has_pr
         padded = lengths is not None
         saved = xproj.new_zeros if padded and zero_padding else xproj.new_empty
         saved_width = SAVED_GATE_COUNT[cell] * hidden
-        if gates_over_xproj:
-            gates = xproj.unsqueeze(0)
+        if gates_over_xproj:  # [D, T, B, 4H] view: direction d's gates over its xproj columns
+            gates = xproj.view(seq_len, batch, num_dirs, -1).permute(2, 0, 1, 3)
         else:
             gates = saved(num_dirs, seq_len, batch, saved_width) if saved_width else None
         c_seq = saved(num_dirs, seq_len, batch, hidden) if is_lstm else None
@@ -273,7 +273,7 @@ def _run_forward(cell: str, xproj, h0, c0, w_hh, b_hh, w_hr, lengths, save: bool
 
     xproj_is_scratch: the caller owns xproj and will not read it again, so where the backend
     allows it the saved gates overwrite it instead of taking a tensor of their own."""
-    over = xproj_is_scratch and save and _gates_can_overwrite_xproj(cell, xproj, len(w_hh))
+    over = xproj_is_scratch and save and _gates_can_overwrite_xproj(cell, xproj)
     results = _forward_outputs(cell, xproj, len(w_hh), w_hh[0].shape[1], w_hr[0] is not None,
                                lengths, save, zero_padding, gates_over_xproj=over)
     out, hn, cn, gates, c_seq, r_seq = results
@@ -412,15 +412,14 @@ _DOUBLE_BACKWARD_ERROR = (
     "higher-order gradients")
 
 
-def _gates_can_overwrite_xproj(cell: str, xproj: Tensor, num_dirs: int) -> bool:
+def _gates_can_overwrite_xproj(cell: str, xproj: Tensor) -> bool:
     """Whether the native forward may write the saved gates over xproj (params.h): the CPU
     kernel reads a row's xproj before it writes that row's gates, for the same units on the same
-    thread, so an LSTM (4H gates saved, 4H of xproj per row) of one direction (the backend takes
-    gates as a dense [D, T, B, 4H] tensor, which one direction of a [T, B, 2*4H] xproj is not)
-    can save its gates in place. That saves a [T, B, 4H] tensor per layer and call, its page
-    faults and its traffic: each gates store hits the line its xproj load just brought in."""
-    return (cell == "lstm" and num_dirs == 1 and xproj.device.type == "cpu"
-            and _backend.backend_name() == "cpu" and xproj.is_contiguous())
+    thread, so an LSTM (4H gates saved per direction, 4H of xproj) can save its gates in place,
+    each direction over its own columns. That saves a [D, T, B, 4H] tensor per layer and call,
+    its page faults and its traffic: each gates store hits the line its xproj load just fetched."""
+    return (cell == "lstm" and xproj.device.type == "cpu" and _backend.backend_name() == "cpu"
+            and xproj.is_contiguous())
 
 
 def _row_sum(d_pre: Tensor) -> Tensor:
