@@ -212,6 +212,19 @@ def test_half_precision(cell, proj, dtype, streaming):
                          f"beyond 2x torch + 2u (u={u:g}): {bad}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_mma_partials_fit_the_last_block(dtype):
+    """H=18 B=25 LSTM: blocks of 5, 5, 5 and 3 units. The planned block (20 rows) tiles as 6
+    batch-major MMA tiles with no K split (768 partial values); the last block (12 rows) as 4
+    tiles split 2 ways over K=18 (1024 values). The partials region must hold the larger one:
+    sized for the planned block only, the last block wrote past the end of shared memory (a
+    crash here, an ASan report in the sanitizer build)."""
+    u = UNIT_ROUNDOFF[dtype]
+    seed, errors = _half_case("lstm", 0, dtype, 2, 25, 18, 1, False, False)
+    bad = {k: v for k, v in errors.items() if not v[0] <= 2 * v[1] + 2 * u}
+    assert not bad, f"seed {seed}: {bad}"
+
+
 # ------------------------------------------------------------------ plan and errors
 # A valid FwdParams list of _emu (the sizes the launch-plan checks below assume: B=3, H=5).
 _fwd_params = functools.partial(minimal_fwd_params, emu, T=2, B=3, H=5)

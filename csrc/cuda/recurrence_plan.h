@@ -72,9 +72,15 @@ inline int64_t layout_smem(const PlanInput& in, int64_t bc, RecurrenceGeometry& 
   at += round_up(bc * act_pitch * in.elem_bytes, 16);
   g.smem_partials = at;
   int64_t partials = static_cast<int64_t>(in.threads) * kTileSize;  // values
+  const bool mma = tensor_core_product(in.elem_bytes, g.weights_in_smem);
+  // A block with fewer rows (the last one) or a smaller batch chunk than the planned shape can
+  // have fewer MMA tiles but a wider K split: up to kMmaWarpsPerBlock items (tiles * split <=
+  // max(tiles, kMmaWarpsPerBlock), and its tiles <= the planned shape's). The FMA floor above
+  // covers that with 256 threads, but not with the emulator's 32.
+  if (mma) partials = std::max<int64_t>(partials, int64_t{kMmaWarpsPerBlock} * 16 * 8);
   for (const PhaseShape& ph : g.phase) {
     const ProductTiling t =
-        tensor_core_product(in.elem_bytes, g.weights_in_smem)
+        mma
             ? make_mma_tiling(ph.rows, static_cast<int>(bc), ph.k)
             : make_tiling(ph.rows, static_cast<int>(bc), ph.k, in.threads);
     partials = std::max<int64_t>(partials, static_cast<int64_t>(t.partial_count()) * t.tile_size());
