@@ -246,6 +246,18 @@ def test_launch_plan():
                                          max_batch_chunk=2)
 
 
+def test_every_kernel_gets_its_shared_memory_limit():
+    """Dynamic shared memory above 48 KiB needs cudaFuncSetAttribute for each kernel. Every
+    forward kernel has the same function type (so has every backward kernel), and the launcher
+    once remembered "configured" per device in a static of that type: only the first kernel a
+    process launched got the limit, and any other one needing more than 48 KiB failed with
+    cudaErrorInvalidValue (on a GPU as here). Two kernels that both need more, one process."""
+    for cell, H in [("lstm", 70), ("gru", 90)]:
+        params, _keep = minimal_fwd_params(emu, cell=cell, T=2, B=9, H=H, directions=2)
+        assert emu._launch_plan(params)["smem_bytes"] > 48 * 1024
+        run_and_check(Config(cell, 0, "bidir", False, 2, 9, H, torch.float32, False), CPU)
+
+
 def test_large_hidden_streams_weights():
     """A slice too big for the fake device's 99 KiB of shared memory per block streams instead."""
     params, _keep = _fwd_params(T=1, B=1, H=200, dtype=torch.float64)

@@ -3,11 +3,12 @@
 // error, never a hang. Included only by the per-dtype instantiation files.
 #pragma once
 
-#include <atomic>
 #include <cstdint>
 #include <mutex>
+#include <set>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cuda_check.h"
@@ -56,11 +57,28 @@ struct DeviceLimits {
   int64_t max_smem_per_block = 0;
 };
 
+// The launcher's per-process caches and the functions that use them. In an unnamed namespace
+// (internal linkage, also not interposable across modules): a function-local
+// static of an inline function is one STB_GNU_UNIQUE object for the whole process, shared by every
+// module built from this header (_cuda and _emu load together in one test process), so _emu's fake
+// device limits would reach _cuda's plans, one module's "configured" mark would skip the other's
+// cudaFuncSetAttribute, and two builds of different versions would even share one object.
+namespace {
+struct LaunchCaches {
+  std::mutex mutex;
+  DeviceLimits limits[64];
+  std::set<std::pair<const void*, int>> smem_configured;  // (kernel, device)
+};
+LaunchCaches& launch_caches() {
+  static LaunchCaches caches;
+  return caches;
+}
+
 inline DeviceLimits device_limits(int device) {
   constexpr int kMaxDevices = 64;
-  static std::mutex mutex;
-  static DeviceLimits cache[kMaxDevices];
-  std::lock_guard<std::mutex> lock(mutex);
+  LaunchCaches& caches = launch_caches();
+  DeviceLimits* cache = caches.limits;
+  std::lock_guard<std::mutex> lock(caches.mutex);
   if (device >= 0 && device < kMaxDevices && cache[device].sm_count > 0) return cache[device];
   DeviceLimits limits;
   int optin = 0;
@@ -74,17 +92,22 @@ inline DeviceLimits device_limits(int device) {
   return limits;
 }
 
-// Raises a kernel's dynamic shared memory limit to the device maximum, once per device.
+// Raises a kernel's dynamic shared memory limit to the device maximum, once per kernel and
+// device. Keyed by the kernel's address: every forward kernel has the same type (as has every
+// backward kernel), so a static per template instance would configure only the first one launched.
 template <typename Kernel>
 void allow_max_smem(Kernel* kernel, int device, int64_t max_smem, const std::string& name) {
-  static std::atomic<uint64_t> configured{0};
-  const uint64_t bit = device >= 0 && device < 64 ? (uint64_t{1} << device) : 0;
-  if (bit != 0 && (configured.load() & bit)) return;
+  LaunchCaches& caches = launch_caches();
+  std::set<std::pair<const void*, int>>& configured = caches.smem_configured;
+  const std::pair<const void*, int> key{reinterpret_cast<const void*>(kernel), device};
+  std::lock_guard<std::mutex> lock(caches.mutex);
+  if (configured.count(key) != 0) return;
   FUSEDRNN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            static_cast<int>(max_smem)),
                       ("cudaFuncSetAttribute(MaxDynamicSharedMemorySize) for " + name).c_str());
-  configured.fetch_or(bit);
+  configured.insert(key);
 }
+}  // namespace
 
 inline std::string kernel_name(const char* base, CellKind cell, DType dtype, bool smem) {
   return std::string(base) + "<" + cell_name(cell) + ", " + dtype_name(dtype) + ", " +
