@@ -91,7 +91,7 @@ __device__ __forceinline__ void unit_backward(const RecurrenceBwdParams& p, int 
 }
 
 // What the backward of one (batch row, unit) reads from the forward's sequences and from d_out at
-// step s, loaded one step ahead by the thread that owns the pair (see own_item in the kernel).
+// step s, loaded at the start of the step by the thread that owns the pair (own_item in the kernel).
 template <typename T>
 struct StagedStep {
   UnitBackwardInput<Acc<T>> in{};
@@ -200,20 +200,22 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
 
   // Without projection, when each (batch row, unit) of the block has a thread of its own for the
   // whole sequence (one batch chunk, B * nc <= threads), that thread loads what its backward of
-  // step s-1 reads from the forward's sequences during step s: those loads (saved gates, c, out,
-  // d_out; at the anchor sizes from HBM) then overlap the cell update and the grid barrier instead
-  // of following the product.
+  // step s reads from the forward's sequences (saved gates, c, out, d_out; at the anchor sizes
+  // from HBM) at the start of the step, so those loads overlap the activation load and the
+  // product. Not a step earlier: the grid barrier's release would wait for them.
   const bool own_item = !projected && geo.batch_chunk >= B && B * nc <= static_cast<int>(blockDim.x);
-  StagedStep<T> staged;
-  if (own_item && static_cast<int>(threadIdx.x) < B * nc) {
-    const int item = static_cast<int>(threadIdx.x);
-    stage_step<Cell, T>(p, steps - 1, item / nc, c0 + item % nc, staged);
-  }
+  const bool has_item = own_item && static_cast<int>(threadIdx.x) < B * nc;
+  StagedStep<T> early;
 
   for (int s = steps - 1; s >= -1; --s) {
     // dpre_{s+1} (written last iteration); none at s = T-1, where every row takes d_hn.
     const T* d_src = s + 1 < steps ? d_exchange + static_cast<int64_t>((s + 1) & 1) * B * GH : nullptr;
     T* d_dst = d_exchange + static_cast<int64_t>(s & 1) * B * GH;
+
+    if (has_item) {
+      const int item = static_cast<int>(threadIdx.x);
+      stage_step<Cell, T>(p, s, item / nc, c0 + item % nc, early);
+    }
 
     // ---- phase 0: dh for the block's columns (and, without projection, the cell backward)
     for (int b0 = 0; b0 < B; b0 += geo.batch_chunk) {
@@ -231,11 +233,6 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
         const int c = i - bl * nc;
         const int b = b0 + bl;
         const int col = c0 + c;
-        StagedStep<T> now;
-        if (own_item) {
-          now = staged;
-          stage_step<Cell, T>(p, s - 1, b, col, staged);
-        }
         const int64_t length = p.lengths != nullptr ? p.lengths[b] : steps;
         A d_h;
         if (s + 1 < length) {
@@ -250,7 +247,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
         }
         const StepRow row = step_row(p, s, b);
         if (row.valid && p.d_out.data != nullptr) {
-          d_h += own_item ? now.d_out : to_acc(seq_at<const T>(p.d_out, row.t, b)[col]);
+          d_h += own_item ? early.d_out : to_acc(seq_at<const T>(p.d_out, row.t, b)[col]);
         }
         if (projected) {
           const T d_val = from_acc<T>(row.valid ? d_h : A(0));
@@ -259,7 +256,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
         } else if (row.valid) {
           unit_backward<Cell, T>(
               p, s, b, col, row,
-              own_item ? now.in : load_unit_backward_input<Cell, T>(p, s, b, col, row), d_h,
+              own_item ? early.in : load_unit_backward_input<Cell, T>(p, s, b, col, row), d_h,
               d_dst, dc_state, direct_state);
         } else {
           unit_padded<Cell, T>(p, b, col, row, d_dst);

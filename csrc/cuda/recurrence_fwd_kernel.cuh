@@ -104,22 +104,23 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
   }
 
   // When each (batch row, unit) of the block has a thread of its own for the whole sequence (one
-  // batch chunk, B * nu <= threads), that thread loads its xproj values of step s+1 during step s,
-  // so their trip to memory (xproj is T x B x G*H, far larger than L2 at the anchor's 100 MB)
-  // overlaps the cell update and the grid barrier instead of following the product.
+  // batch chunk, B * nu <= threads), that thread loads its xproj values of step s at the start of
+  // the step, before the activation load and the product, which their trip to memory (xproj is
+  // T x B x G*H, far larger than L2 at the anchor's 100 MB) then overlaps. Not a step earlier:
+  // the grid barrier's release would wait for the outstanding loads of its arriving thread.
   const bool own_item = geo.batch_chunk >= B && B * nu <= static_cast<int>(blockDim.x);
-  A x_next[G];
-#pragma unroll
-  for (int g = 0; g < G; ++g) x_next[g] = A(0);
-  if (own_item && static_cast<int>(threadIdx.x) < B * nu) {
-    const int item = static_cast<int>(threadIdx.x);
-    load_step_inputs<G, T>(p, 0, item / nu, u0 + item % nu, x_next);
-  }
+  const bool has_item = own_item && static_cast<int>(threadIdx.x) < B * nu;
+  A x_early[G];
 
   for (int s = 0; s < steps; ++s) {
     // h_{s-1}: h0 (null = zeros) at the first step, else the exchange buffer written last step.
     const T* h_src = s == 0 ? h0 : h_exchange + static_cast<int64_t>(s & 1) * B * P;
     T* h_dst = h_exchange + static_cast<int64_t>((s + 1) & 1) * B * P;
+
+    if (has_item) {
+      const int item = static_cast<int>(threadIdx.x);
+      load_step_inputs<G, T>(p, s, item / nu, u0 + item % nu, x_early);
+    }
 
     // ---- phase 0: gates and cell update of the block's units
     for (int b0 = 0; b0 < B; b0 += geo.batch_chunk) {
@@ -146,10 +147,9 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
           continue;
         }
         A x[G];
-        if (own_item) {
+        if (own_item) {  // this thread's item, loaded at the start of the step
 #pragma unroll
-          for (int g = 0; g < G; ++g) x[g] = x_next[g];
-          if (s + 1 < steps) load_step_inputs<G, T>(p, s + 1, b, unit, x_next);
+          for (int g = 0; g < G; ++g) x[g] = x_early[g];
         } else {
           load_step_inputs<G, T>(p, s, b, unit, x);
         }
