@@ -109,19 +109,14 @@ def _check_layer_operands(named) -> None:
             raise RuntimeError(f"fusedrnn internal error: {name} must be contiguous")
 
 
-def _check_dir_seq_operands(named) -> None:
+def _check_seq_operands(named, layout: str = "[T, B, X]") -> None:
+    """Sequence operands (`layout`: [T, B, X], or [D, T, B, X] per direction) need a dense last
+    dimension; the other dimensions may have any strides (params.h's SeqTensor)."""
+    dims = layout.count(",") + 1
     for name, t in named:
-        if t is not None and (t.dim() != 4 or (t.size(3) > 1 and t.stride(3) != 1)):
+        if t is not None and (t.dim() != dims or (t.size(-1) > 1 and t.stride(-1) != 1)):
             raise RuntimeError(
-                f"fusedrnn internal error: {name} must be [D, T, B, X] with a contiguous last "
-                f"dimension, got shape {tuple(t.shape)} strides {t.stride()}")
-
-
-def _check_seq_operands(named) -> None:
-    for name, t in named:
-        if t is not None and (t.dim() != 3 or (t.size(2) > 1 and t.stride(2) != 1)):
-            raise RuntimeError(
-                f"fusedrnn internal error: {name} must be [T, B, X] with a contiguous last "
+                f"fusedrnn internal error: {name} must be {layout} with a contiguous last "
                 f"dimension, got shape {tuple(t.shape)} strides {t.stride()}")
 
 
@@ -168,7 +163,7 @@ def forward_layer(cell: str, xproj: torch.Tensor, w_hh, b_hh, w_hr, h0, c0, out:
     """
     seq_len, batch = xproj.shape[0], xproj.shape[1]
     _check_seq_operands((("xproj", xproj), ("out", out)))
-    _check_dir_seq_operands((("gates", gates),))
+    _check_seq_operands((("gates", gates),), "[D, T, B, X]")
     _check_layer_operands((("h0", h0), ("c0", c0), ("hn", hn), ("cn", cn),
                            ("c_seq", c_seq), ("r_seq", r_seq), ("lengths", lengths)))
     module, call = _layer_call(cell, xproj.device, w_hh, b_hh, w_hr, lengths)
@@ -195,7 +190,7 @@ def backward_layer(cell: str, w_hh, b_hh, w_hr, h0, c0, out: torch.Tensor, gates
     seq_len, batch = out.shape[0], out.shape[1]
     _check_seq_operands((("out", out), ("d_out", d_out), ("d_xproj", d_xproj),
                          ("d_hproj", d_hproj)))
-    _check_dir_seq_operands((("gates", gates),))
+    _check_seq_operands((("gates", gates),), "[D, T, B, X]")
     _check_layer_operands((("h0", h0), ("c0", c0), ("c_seq", c_seq),
                            ("d_hn", d_hn), ("d_cn", d_cn), ("d_h_seq", d_h_seq), ("d_h0", d_h0),
                            ("d_c0", d_c0), ("lengths", lengths)))
