@@ -173,6 +173,17 @@ template <typename T>
 __device__ __forceinline__ void load_act_chunk(T* dst, int64_t act_pitch, const T* src,
                                                int64_t src_ld, int batch, int k) {
   constexpr int V = Vec16<T>::kElems;
+  if constexpr (kIs16BitFloat<T>) {
+    // The tensor-core product reads K rounded up to 16. Columns [k, k16) must hold zeros, not
+    // what a phase with a wider K left there: an fp16 gradient that overflowed to inf, times the
+    // weights' zero padding, would be NaN. (The row pitch always covers k16.)
+    const int pad = static_cast<int>(round_up(k, kMmaK)) - k;
+    if (pad > 0) {
+      for (int i = threadIdx.x; i < batch * pad; i += blockDim.x) {
+        dst[(i / pad) * act_pitch + k + i % pad] = from_acc<T>(Acc<T>(0));
+      }
+    }
+  }
   if (src != nullptr && k % V == 0 && src_ld % V == 0 &&
       reinterpret_cast<uintptr_t>(src) % 16 == 0) {
     const int row_vecs = k / V;

@@ -8,7 +8,7 @@
 // and of B (K x N, column-major, i.e. N rows of K), so ldmatrix without .trans loads either; the
 // tiling picks which one is the M side. K is read in steps of 16 up to K rounded up to 16: the
 // kernel zero-fills shared memory once at the start (zero_shared_memory), so the padding columns
-// of the weight rows are zero and those of the activation rows are zero or finite.
+// of the weight rows are zero, and load_act_chunk zeroes those of the activation rows it loads.
 #pragma once
 
 #include <cstdint>
