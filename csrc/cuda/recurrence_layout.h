@@ -39,9 +39,12 @@ FUSEDRNN_HOST_DEVICE constexpr int64_t ceil_div(int64_t a, int64_t b) { return (
 FUSEDRNN_HOST_DEVICE constexpr int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
 // Row pitch, in elements, of a K-long row in shared memory: 16-byte aligned rows (vector loads,
-// ldmatrix) plus 16 bytes so that consecutive rows start in different bank groups.
+// ldmatrix) and an odd number of 16-byte chunks, so that 8 consecutive rows start in 8 different
+// 16-byte bank groups (an ldmatrix phase, or 8 threads' 16-byte loads, without conflicts). At
+// least one spare chunk, which also covers K rounded up to 16 for the tensor-core product.
 FUSEDRNN_HOST_DEVICE constexpr int64_t smem_pitch(int64_t k, int64_t elem_bytes) {
-  return (round_up(k * elem_bytes, 16) + 16) / elem_bytes;
+  const int64_t chunks = ceil_div(k * elem_bytes, 16);
+  return (chunks + 1 + (chunks & 1)) * 16 / elem_bytes;
 }
 
 // How the threads of a block split one product: output tiles of 2^tile_rows_log2 weight rows x
