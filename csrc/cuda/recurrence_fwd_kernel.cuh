@@ -105,9 +105,9 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
 
   // When each (batch row, unit) of the block has a thread of its own for the whole sequence (one
   // batch chunk, B * nu <= threads), that thread loads its xproj values of step s at the start of
-  // the step, before the activation load and the product, which their trip to memory (xproj is
-  // T x B x G*H, far larger than L2 at the anchor's 100 MB) then overlaps. Not a step earlier:
-  // the grid barrier's release would wait for the outstanding loads of its arriving thread.
+  // the step, so that their trip to memory (xproj is T x B x G*H, far larger than L2 at the
+  // anchor's 100 MB) overlaps the activation load and the product. Not a step earlier: the grid
+  // barrier's release would wait for the outstanding loads of its arriving thread.
   const bool own_item = geo.batch_chunk >= B && B * nu <= static_cast<int>(blockDim.x);
   const bool has_item = own_item && static_cast<int>(threadIdx.x) < B * nu;
   A x_early[G];
