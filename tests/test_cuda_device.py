@@ -149,7 +149,10 @@ def _against_float64(cls, dtype, T, B, H, **kw):
 
     true_out, true_dx = run(truth, "cpu", torch.float64)
     mine = run(ours, CUDA, dtype)
-    cudnn = run(ref, CUDA, dtype)
+    try:
+        cudnn = run(ref, CUDA, dtype)
+    except RuntimeError as exc:  # a cuDNN/torch build without this dtype's RNN
+        pytest.skip(f"torch.nn has no {dtype} {cls.__name__} on this GPU: {exc}")
     return ([_rel_err(m, t) for m, t in zip(mine, (true_out, true_dx))],
             [_rel_err(c, t) for c, t in zip(cudnn, (true_out, true_dx))])
 
