@@ -46,6 +46,17 @@ template <bool kVectorK, typename T>
 inline constexpr bool kTensorCoreProduct =
     kIs16BitFloat<T> && tensor_core_product(static_cast<int64_t>(sizeof(T)), kVectorK);
 
+// Before the weight slices are copied in: with the tensor-core product, zeroes the block's shared
+// memory (the MMA reads weight rows up to K rounded up to 16, so their padding must hold zeros, not
+// stale bits) and waits for it. Nothing for the FMA product.
+template <bool kVectorK, typename T>
+__device__ __forceinline__ void zero_padding_for_tensor_cores(unsigned char* smem, int64_t bytes) {
+  if constexpr (kTensorCoreProduct<kVectorK, T>) {
+    zero_shared_memory(smem, bytes);
+    __syncthreads();
+  }
+}
+
 // The tiling of one product for the variant that block_product_partials<kUnitK, kVectorK> runs.
 template <bool kVectorK, typename T>
 __device__ __forceinline__ ProductTiling product_tiling(int rows, int batch, int k) {

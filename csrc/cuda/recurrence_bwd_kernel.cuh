@@ -167,11 +167,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
   // Phase 0 row c (K = G*H): column c0 + c of W_hh. Phase 1 row u (K = P): column u0 + u of W_hr.
   WeightView<T> state_rows;
   WeightView<T> proj_rows;
-  if constexpr (kTensorCoreProduct<kWeightsInSmem, T>) {
-    // The MMA reads rows up to K rounded up to 16: the padding must hold zeros, not stale bits.
-    zero_shared_memory(smem, geo.smem_bytes);
-    __syncthreads();
-  }
+  zero_padding_for_tensor_cores<kWeightsInSmem, T>(smem, geo.smem_bytes);
   if constexpr (kWeightsInSmem) {
     T* w0 = smem_at<T>(smem, geo.smem_weights[0]);
     T* w1 = smem_at<T>(smem, geo.smem_weights[1]);

@@ -73,11 +73,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
   // Weight rows: phase 0 row g*nu + u is W_hh row g*H + u0 + u; phase 1 row c is W_hr row c0 + c.
   WeightView<T> gate_rows;
   WeightView<T> proj_rows;
-  if constexpr (kTensorCoreProduct<kWeightsInSmem, T>) {
-    // The MMA reads rows up to K rounded up to 16: the padding must hold zeros, not stale bits.
-    zero_shared_memory(smem, geo.smem_bytes);
-    __syncthreads();
-  }
+  zero_padding_for_tensor_cores<kWeightsInSmem, T>(smem, geo.smem_bytes);
   if constexpr (kWeightsInSmem) {
     T* w0 = smem_at<T>(smem, geo.smem_weights[0]);
     T* w1 = smem_at<T>(smem, geo.smem_weights[1]);

@@ -65,8 +65,9 @@ struct DeviceLimits {
 // cudaFuncSetAttribute, and two builds of different versions would even share one object.
 namespace {
 struct LaunchCaches {
+  static constexpr int kMaxDevices = 64;
   std::mutex mutex;
-  DeviceLimits limits[64];
+  DeviceLimits limits[kMaxDevices];
   std::set<std::pair<const void*, int>> smem_configured;  // (kernel, device)
 };
 LaunchCaches& launch_caches() {
@@ -75,7 +76,7 @@ LaunchCaches& launch_caches() {
 }
 
 inline DeviceLimits device_limits(int device) {
-  constexpr int kMaxDevices = 64;
+  constexpr int kMaxDevices = LaunchCaches::kMaxDevices;
   LaunchCaches& caches = launch_caches();
   DeviceLimits* cache = caches.limits;
   std::lock_guard<std::mutex> lock(caches.mutex);

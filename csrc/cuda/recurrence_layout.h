@@ -60,7 +60,6 @@ struct ProductTiling {
   int tiles = 0;
   int split = 1;
   int k_chunk = 0;
-  bool tensor_cores = false;  // one warp per item, mma.sync tiles (see make_mma_tiling)
   FUSEDRNN_HOST_DEVICE int partial_count() const { return tiles * split; }
   FUSEDRNN_HOST_DEVICE int tile_size() const { return 1 << (tile_rows_log2 + tile_batch_log2); }
 };
@@ -94,13 +93,13 @@ FUSEDRNN_HOST_DEVICE ProductTiling make_tiling(int rows, int batch, int k, int t
 // batch rows as M (tile 8 rows x 16 batch); the plan takes whichever needs fewer MMAs (a block of
 // a few units with a batch of 16 wastes nothing as batch-major).
 constexpr int kMmaK = 16;
+constexpr int kMmaTileValues = 16 * 8;  // outputs of one m16n8 tile, in either orientation
 // The split is planned for the GPU's warps per block in both builds, so that the emulator (one
 // warp per block) runs the K-split the GPU runs.
 constexpr int kMmaWarpsPerBlock = 8;
 
 FUSEDRNN_HOST_DEVICE ProductTiling make_mma_tiling(int rows, int batch, int k) {
   ProductTiling t;
-  t.tensor_cores = true;
   const int64_t rows_as_m = ceil_div(rows, 16) * ceil_div(batch, 8);
   const int64_t batch_as_m = ceil_div(batch, 16) * ceil_div(rows, 8);
   const bool batch_major = batch_as_m < rows_as_m;

@@ -77,7 +77,7 @@ inline int64_t layout_smem(const PlanInput& in, int64_t bc, RecurrenceGeometry& 
   // have fewer MMA tiles but a wider K split: up to kMmaWarpsPerBlock items (tiles * split <=
   // max(tiles, kMmaWarpsPerBlock), and its tiles <= the planned shape's). The FMA floor above
   // covers that with 256 threads, but not with the emulator's 32.
-  if (mma) partials = std::max<int64_t>(partials, int64_t{kMmaWarpsPerBlock} * 16 * 8);
+  if (mma) partials = std::max<int64_t>(partials, int64_t{kMmaWarpsPerBlock} * kMmaTileValues);
   for (const PhaseShape& ph : g.phase) {
     const ProductTiling t =
         mma
