@@ -37,9 +37,13 @@ HAS_CUDA = _cuda is not None and torch.cuda.is_available()
 HAS_EMU = _emu is not None
 
 
+# The environment variable that backend_name (and so module_for) reads.
+BACKEND_VARIABLE = "FUSEDRNN_BACKEND"
+
+
 def backend_name() -> str:
     """What CPU tensors run on: 'cpu' (default) or 'emu' (FUSEDRNN_BACKEND=emu)."""
-    name = os.environ.get("FUSEDRNN_BACKEND", "cpu").strip().lower() or "cpu"
+    name = os.environ.get(BACKEND_VARIABLE, "cpu").strip().lower() or "cpu"
     if name not in ("cpu", "emu"):
         raise RuntimeError(f"FUSEDRNN_BACKEND must be 'cpu' or 'emu', got {name!r}")
     return name

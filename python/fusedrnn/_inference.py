@@ -152,7 +152,7 @@ class _CachedPlan:
         self.layout = _layout(params)
         self.storage = tuple(p.detach() for p in params)  # the checked pointers stay unique
         self.module = _backend.module_for(params[0].device)
-        self.backend_setting = os.environ.get(_BACKEND_VARIABLE)
+        self.backend_setting = os.environ.get(_backend.BACKEND_VARIABLE)
 
     def matches(self, params: tuple) -> bool:
         """Whether the plan was built from exactly these tensors, still in the same memory, for
@@ -161,17 +161,12 @@ class _CachedPlan:
         if not (len(params) == len(self.params) and all(map(is_, params, self.params))
                 and _layout(params) == self.layout):
             return False
-        return (os.environ.get(_BACKEND_VARIABLE) == self.backend_setting
+        return (os.environ.get(_backend.BACKEND_VARIABLE) == self.backend_setting
                 or _backend.module_for(params[0].device) is self.module)
 
 
 def _layout(params: tuple) -> list:
     return [(p.data_ptr(), p.shape, p.stride()) for p in params]
-
-
-# What _backend.module_for reads besides the device (the device of the plan's parameters is fixed
-# by their identity and pointers).
-_BACKEND_VARIABLE = "FUSEDRNN_BACKEND"
 
 
 _plans: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
