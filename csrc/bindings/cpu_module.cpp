@@ -10,6 +10,20 @@
 
 namespace py = pybind11;
 
+namespace {
+
+void* as_ptr(uintptr_t address) { return reinterpret_cast<void*>(address); }
+
+void set_cell_step_shape(fusedrnn::CellStepShape& p, int32_t cell, int32_t dtype, int64_t batch,
+                         int64_t hidden) {
+  p.cell = static_cast<fusedrnn::CellKind>(cell);
+  p.dtype = static_cast<fusedrnn::DType>(dtype);
+  p.batch = batch;
+  p.hidden = hidden;
+}
+
+}  // namespace
+
 PYBIND11_MODULE(_cpu, m) {
   m.doc() = "fusedrnn CPU recurrence (one layer, 1 or 2 directions per call)";
   fusedrnn::bind_params(m);
@@ -48,6 +62,53 @@ PYBIND11_MODULE(_cpu, m) {
       m, [](const auto& dirs) { fusedrnn::validate_forward(dirs, /*half_supported=*/false); },
       [](const auto& dirs) { return fusedrnn::cpu::forward_workspace_bytes(dirs); },
       [](const auto& dirs) { fusedrnn::cpu::forward(dirs); });
+  // The pointwise cell step: pointers as ints (0 = null), as in the params classes; positional
+  // arguments only, because a cell step is a few microseconds and keyword parsing is not free.
+  m.def(
+      "cell_step_forward",
+      [](int32_t cell, int32_t dtype, int64_t batch, int64_t hidden, uintptr_t xpre, uintptr_t hpre,
+         uintptr_t b_ih, uintptr_t b_hh, uintptr_t h_prev, uintptr_t c_prev, uintptr_t h,
+         uintptr_t c, uintptr_t gates, int64_t num_threads) {
+        fusedrnn::CellStepFwdParams p;
+        set_cell_step_shape(p, cell, dtype, batch, hidden);
+        p.xpre = as_ptr(xpre);
+        p.hpre = as_ptr(hpre);
+        p.b_ih = as_ptr(b_ih);
+        p.b_hh = as_ptr(b_hh);
+        p.h_prev = as_ptr(h_prev);
+        p.c_prev = as_ptr(c_prev);
+        p.h = as_ptr(h);
+        p.c = as_ptr(c);
+        p.gates = as_ptr(gates);
+        p.num_threads = num_threads;
+        py::gil_scoped_release release;
+        fusedrnn::cpu::cell_step_forward(p);
+      },
+      "One pointwise cell step on formed pre-activations (fusedrnn/cell_step_params.h).");
+  m.def(
+      "cell_step_backward",
+      [](int32_t cell, int32_t dtype, int64_t batch, int64_t hidden, uintptr_t gates, uintptr_t c,
+         uintptr_t c_prev, uintptr_t h_prev, uintptr_t h, uintptr_t d_h, uintptr_t d_c,
+         uintptr_t d_xpre, uintptr_t d_hpre, uintptr_t d_c_prev, uintptr_t d_h_prev,
+         int64_t num_threads) {
+        fusedrnn::CellStepBwdParams p;
+        set_cell_step_shape(p, cell, dtype, batch, hidden);
+        p.gates = as_ptr(gates);
+        p.c = as_ptr(c);
+        p.c_prev = as_ptr(c_prev);
+        p.h_prev = as_ptr(h_prev);
+        p.h = as_ptr(h);
+        p.d_h = as_ptr(d_h);
+        p.d_c = as_ptr(d_c);
+        p.d_xpre = as_ptr(d_xpre);
+        p.d_hpre = as_ptr(d_hpre);
+        p.d_c_prev = as_ptr(d_c_prev);
+        p.d_h_prev = as_ptr(d_h_prev);
+        p.num_threads = num_threads;
+        py::gil_scoped_release release;
+        fusedrnn::cpu::cell_step_backward(p);
+      },
+      "The backward of one pointwise cell step (fusedrnn/cell_step_params.h).");
   m.def("isa", &fusedrnn::cpu::active_isa,
         "The instruction set the recurrence runs with (FUSEDRNN_CPU_ISA lowers it).");
 }

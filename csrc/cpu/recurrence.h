@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "fusedrnn/cell_step_params.h"
 #include "fusedrnn/params.h"
 
 namespace fusedrnn::cpu {
@@ -17,6 +18,11 @@ int64_t backward_workspace_bytes(const std::vector<RecurrenceBwdParams>& dirs);
 // size); then run all directions, concurrently when there are threads for both.
 void forward(const std::vector<RecurrenceFwdParams>& dirs);
 void backward(const std::vector<RecurrenceBwdParams>& dirs);
+
+// One pointwise cell step (fusedrnn/cell_step_params.h), rows split over up to num_threads
+// threads; throws std::invalid_argument for a null required pointer or a bad shape/dtype/cell.
+void cell_step_forward(const CellStepFwdParams& p);
+void cell_step_backward(const CellStepBwdParams& p);
 
 // The instruction set picked at run time: "avx512", "avx2" or "generic". FUSEDRNN_CPU_ISA in the
 // environment (same names) lowers the choice, for tests of every path on one machine.

@@ -22,12 +22,15 @@ struct IsaOps {
   int (*backward_threads)(const RecurrenceBwdParams&);
   void (*forward_direction)(const RecurrenceFwdParams&, const Team&);
   void (*backward_direction)(const RecurrenceBwdParams&, const Team&);
+  void (*cell_step_forward)(const CellStepFwdParams&, int64_t, int64_t);
+  void (*cell_step_backward)(const CellStepBwdParams&, int64_t, int64_t);
 };
 
 #define FUSEDRNN_ISA_OPS(isa)                                                                  \
   IsaOps {                                                                                     \
     #isa, isa::forward_workspace_bytes, isa::backward_workspace_bytes, isa::forward_max_threads, \
-        isa::backward_max_threads, isa::forward_direction, isa::backward_direction             \
+        isa::backward_max_threads, isa::forward_direction, isa::backward_direction,            \
+        isa::cell_step_forward, isa::cell_step_backward                                        \
   }
 
 int isa_rank(const char* name) {
@@ -222,6 +225,84 @@ void forward(const std::vector<RecurrenceFwdParams>& dirs) {
 void backward(const std::vector<RecurrenceBwdParams>& dirs) {
   const IsaOps o = ops();
   run_directions(dirs, o.backward_bytes, o.backward_threads, o.backward_direction);
+}
+
+namespace {
+
+// (row, unit) pairs per thread at least: below, a thread's share is a few microseconds, less
+// than what handing it to another thread costs.
+constexpr int64_t kMinCellStepElementsForThreads = 8 * 1024;
+
+void require(const void* pointer, const char* name, const char* when) {
+  if (pointer == nullptr) {
+    throw std::invalid_argument(std::string("fusedrnn: cell step: ") + name + " must not be null " +
+                                when);
+  }
+}
+
+void check_shape(const CellStepShape& p) {
+  if (p.dtype != DType::kFloat32 && p.dtype != DType::kFloat64) {
+    throw std::invalid_argument("fusedrnn: cell step: dtype must be float32 or float64 on the CPU");
+  }
+  if (static_cast<int>(p.cell) < 0 || static_cast<int>(p.cell) > static_cast<int>(CellKind::kRnnRelu)) {
+    throw std::invalid_argument("fusedrnn: cell step: unknown cell code " +
+                                std::to_string(static_cast<int>(p.cell)));
+  }
+  if (p.batch < 1 || p.hidden < 1) {
+    throw std::invalid_argument("fusedrnn: cell step: batch and hidden must be >= 1, got " +
+                                std::to_string(p.batch) + " and " + std::to_string(p.hidden));
+  }
+}
+
+// Rows split in contiguous blocks over the useful threads (rows are independent).
+template <typename Params, typename Fn>
+void run_rows(const Params& p, Fn fn) {
+  const int64_t most = p.batch * p.hidden / kMinCellStepElementsForThreads;
+  int64_t threads = p.num_threads < available_cpus() ? p.num_threads : available_cpus();
+  threads = threads < most ? threads : most;
+  threads = threads < p.batch ? threads : p.batch;
+  const int n = threads > 1 ? static_cast<int>(threads) : 1;
+  auto rows = [&](int rank) {
+    int64_t begin, end;
+    split_range(p.batch, rank, n, begin, end);
+    fn(p, begin, end);
+  };
+  // Nested parallelism gives no threads: then one thread does every row.
+  if (!parallel_run(n, rows)) fn(p, 0, p.batch);
+}
+
+}  // namespace
+
+void cell_step_forward(const CellStepFwdParams& p) {
+  check_shape(p);
+  const bool lstm = p.cell == CellKind::kLstm, gru = p.cell == CellKind::kGru;
+  require(p.xpre, "xpre", "");
+  require(p.h, "h", "");
+  if (lstm) require(p.c, "c", "for an LSTM");
+  if (gru) {
+    require(p.hpre, "hpre", "for a GRU");
+    require(p.h_prev, "h_prev", "for a GRU");
+  }
+  run_rows(p, ops().cell_step_forward);
+}
+
+void cell_step_backward(const CellStepBwdParams& p) {
+  check_shape(p);
+  const bool lstm = p.cell == CellKind::kLstm, gru = p.cell == CellKind::kGru;
+  require(p.d_xpre, "d_xpre", "");
+  if (lstm) {
+    require(p.gates, "gates", "for an LSTM");
+    require(p.c, "c", "for an LSTM");
+    require(p.d_c_prev, "d_c_prev", "for an LSTM");
+  } else if (gru) {
+    require(p.gates, "gates", "for a GRU");
+    require(p.h_prev, "h_prev", "for a GRU");
+    require(p.d_hpre, "d_hpre", "for a GRU");
+    require(p.d_h_prev, "d_h_prev", "for a GRU");
+  } else {
+    require(p.h, "h", "for an Elman RNN");
+  }
+  run_rows(p, ops().cell_step_backward);
 }
 
 }  // namespace fusedrnn::cpu

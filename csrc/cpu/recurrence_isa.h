@@ -7,6 +7,7 @@
 
 #include <cstdint>
 
+#include "fusedrnn/cell_step_params.h"
 #include "fusedrnn/params.h"
 #include "thread_team.h"
 
@@ -20,6 +21,9 @@
   /* Called by every member of `team`; p.workspace is this direction's slice. */       \
   void forward_direction(const RecurrenceFwdParams& p, const Team& team);               \
   void backward_direction(const RecurrenceBwdParams& p, const Team& team);              \
+  /* The pointwise cell step (cell_step_impl.h) for rows [row_begin, row_end). */       \
+  void cell_step_forward(const CellStepFwdParams& p, int64_t row_begin, int64_t row_end); \
+  void cell_step_backward(const CellStepBwdParams& p, int64_t row_begin, int64_t row_end); \
   }
 
 FUSEDRNN_DECLARE_CPU_ISA(generic)

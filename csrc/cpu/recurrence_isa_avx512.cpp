@@ -4,3 +4,4 @@
 #define FUSEDRNN_CPU_VEC_BYTES 64
 #define FUSEDRNN_CPU_ACC_REGS 24
 #include "recurrence_impl.h"
+#include "cell_step_impl.h"

@@ -3,3 +3,4 @@
 #define FUSEDRNN_CPU_VEC_BYTES 16
 #define FUSEDRNN_CPU_ACC_REGS 12
 #include "recurrence_impl.h"
+#include "cell_step_impl.h"

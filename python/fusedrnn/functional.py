@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _backend, _validation
+from . import _backend, _cell_step, _validation
 from ._backend import GATE_COUNT, SAVED_GATE_COUNT
 
 CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
@@ -136,11 +136,16 @@ def _rnn(cell, input, weights, hx, num_layers, num_directions, batch_first, leng
 
 def cell_step(cell: str, input: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
               b_hh: Optional[Tensor], hx=None):
-    """One step of a cell (LSTMCell/GRUCell/RNNCell) on the native kernels: a sequence of T=1.
+    """One step of a cell (LSTMCell/GRUCell/RNNCell): on CPU float32/float64 torch GEMMs and a
+    native pointwise pass (_cell_step.py), elsewhere the recurrence as a sequence of T=1.
 
     input [B, I]; hx: h [B, H], or for LSTM (h, c), None for zeros.
     Returns h' [B, H], or for LSTM (h', c').
     """
+    h, c = (hx if cell == "lstm" else (hx, None)) if hx is not None else (None, None)
+    if (w_hh.size(0) > 0 and not torch.is_autocast_enabled(input.device.type)
+            and _cell_step.applies(input, (w_ih, w_hh, b_ih, b_hh, h, c))):
+        return _cell_step.step(cell, input, h, c, w_ih, w_hh, b_ih, b_hh)
     if hx is not None:
         hx = tuple(s.unsqueeze(0) for s in hx) if cell == "lstm" else hx.unsqueeze(0)
     _, h_n, c_n = rnn(cell, input.unsqueeze(0), [(w_ih, w_hh, b_ih, b_hh, None)], hx)

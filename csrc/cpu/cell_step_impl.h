@@ -1,0 +1,147 @@
+// The pointwise cell step (fusedrnn/cell_step_params.h) on SIMD vectors, compiled per instruction
+// set next to the recurrence (recurrence_isa_*.cpp include this after recurrence_impl.h).
+//
+// Rows are independent: a caller may split [0, B) among threads. The formulas are the ones of
+// fusedrnn/cell_math.h, instantiated on Vec like the recurrence's fused epilogue.
+#pragma once
+
+#ifndef FUSEDRNN_CPU_ISA
+#error "cell_step_impl.h is included by the per-ISA translation units only"
+#endif
+
+#include <cstdint>
+
+#include "fusedrnn/cell_kind.h"
+#include "fusedrnn/cell_math.h"
+#include "fusedrnn/cell_step_params.h"
+#include "simd_vec.h"
+
+namespace fusedrnn::cpu::FUSEDRNN_CPU_ISA {
+
+template <typename T, CellKind C>
+void cell_step_forward_rows(const CellStepFwdParams& p, int64_t row_begin, int64_t row_end) {
+  constexpr int W = FUSEDRNN_CPU_VEC_BYTES / static_cast<int>(sizeof(T));
+  constexpr int G = gate_count(C);
+  using V = Vec<T, W>;
+  const int64_t H = p.hidden;
+  for (int64_t b = row_begin; b < row_end; ++b) {
+    const T* x = static_cast<const T*>(p.xpre) + b * G * H;
+    const T* hp = p.hpre ? static_cast<const T*>(p.hpre) + b * G * H : nullptr;
+    T* h = static_cast<T*>(p.h) + b * H;
+    T* gates = p.gates ? static_cast<T*>(p.gates) + b * saved_gate_count(C) * H : nullptr;
+    for (int64_t u = 0; u < H; u += W) {
+      const int n = static_cast<int>(H - u < W ? H - u : W);
+      auto bias = [&](const void* b, int g) {
+        return b ? V::load_partial(static_cast<const T*>(b) + g * H + u, n) : V::zero();
+      };
+      auto x_part = [&](int g) { return V::load_partial(x + g * H + u, n) + bias(p.b_ih, g); };
+      auto h_part = [&](int g) {
+        return (hp ? V::load_partial(hp + g * H + u, n) : V::zero()) + bias(p.b_hh, g);
+      };
+      if constexpr (C == CellKind::kLstm) {
+        const V c_prev =
+            p.c_prev ? V::load_partial(static_cast<const T*>(p.c_prev) + b * H + u, n) : V::zero();
+        V c_next, r;
+        const auto gate = lstm_forward(x_part(0) + h_part(0), x_part(1) + h_part(1),
+                                       x_part(2) + h_part(2), x_part(3) + h_part(3), c_prev,
+                                       c_next, r);
+        r.store_partial(h + u, n);
+        c_next.store_partial(static_cast<T*>(p.c) + b * H + u, n);
+        if (gates) {
+          gate.i.store_partial(gates + u, n);
+          gate.f.store_partial(gates + H + u, n);
+          gate.g.store_partial(gates + 2 * H + u, n);
+          gate.o.store_partial(gates + 3 * H + u, n);
+        }
+      } else if constexpr (C == CellKind::kGru) {
+        V h_next;
+        const auto gate =
+            gru_forward(x_part(0), x_part(1), x_part(2), h_part(0), h_part(1), h_part(2),
+                        V::load_partial(static_cast<const T*>(p.h_prev) + b * H + u, n), h_next);
+        h_next.store_partial(h + u, n);
+        if (gates) {
+          gate.r.store_partial(gates + u, n);
+          gate.z.store_partial(gates + H + u, n);
+          gate.n.store_partial(gates + 2 * H + u, n);
+          gate.h_n.store_partial(gates + 3 * H + u, n);
+        }
+      } else {
+        rnn_forward(p.cell, x_part(0) + h_part(0)).store_partial(h + u, n);
+      }
+    }
+  }
+}
+
+template <typename T, CellKind C>
+void cell_step_backward_rows(const CellStepBwdParams& p, int64_t row_begin, int64_t row_end) {
+  constexpr int W = FUSEDRNN_CPU_VEC_BYTES / static_cast<int>(sizeof(T));
+  constexpr int G = gate_count(C);
+  using V = Vec<T, W>;
+  const int64_t H = p.hidden;
+  for (int64_t b = row_begin; b < row_end; ++b) {
+    T* dx = static_cast<T*>(p.d_xpre) + b * G * H;
+    const T* gates = p.gates ? static_cast<const T*>(p.gates) + b * saved_gate_count(C) * H : nullptr;
+    for (int64_t u = 0; u < H; u += W) {
+      const int n = static_cast<int>(H - u < W ? H - u : W);
+      auto row = [&](const void* base) {
+        return base ? V::load_partial(static_cast<const T*>(base) + b * H + u, n) : V::zero();
+      };
+      auto gate_part = [&](int g) { return V::load_partial(gates + g * H + u, n); };
+      const V d_h = row(p.d_h);
+      if constexpr (C == CellKind::kLstm) {
+        const LstmGates<V> gate{gate_part(0), gate_part(1), gate_part(2), gate_part(3)};
+        const auto grad = lstm_backward(gate, row(p.c), row(p.c_prev), d_h, row(p.d_c));
+        grad.d_c_prev.store_partial(static_cast<T*>(p.d_c_prev) + b * H + u, n);
+        const V parts[4] = {grad.d_i, grad.d_f, grad.d_g, grad.d_o};
+        for (int g = 0; g < 4; ++g) parts[g].store_partial(dx + g * H + u, n);
+      } else if constexpr (C == CellKind::kGru) {
+        GruGates<V> gate;
+        gate.r = gate_part(0);
+        gate.z = gate_part(1);
+        gate.n = gate_part(2);
+        gate.h_n = gate_part(3);
+        const auto grad = gru_backward(gate, row(p.h_prev), d_h);
+        grad.d_h_prev_direct.store_partial(static_cast<T*>(p.d_h_prev) + b * H + u, n);
+        T* dh = static_cast<T*>(p.d_hpre) + b * G * H;
+        const V dxs[3] = {grad.dx_r, grad.dx_z, grad.dx_n};
+        const V dhs[3] = {grad.dh_r, grad.dh_z, grad.dh_n};
+        for (int g = 0; g < 3; ++g) {
+          dxs[g].store_partial(dx + g * H + u, n);
+          dhs[g].store_partial(dh + g * H + u, n);
+        }
+      } else {
+        // Lane by lane: the relu derivative is a comparison, which Vec does not offer.
+        const V h_next = row(p.h);
+        V pre;
+        for (int w = 0; w < W; ++w) {
+          pre.v[w] = rnn_backward(p.cell, Vec<T, 1>(h_next.v[w]), Vec<T, 1>(d_h.v[w])).v;
+        }
+        pre.store_partial(dx + u, n);
+      }
+    }
+  }
+}
+
+template <typename T, CellKind C>
+struct CellStepFwdRun {
+  static int call(const CellStepFwdParams& p, int64_t row_begin, int64_t row_end) {
+    cell_step_forward_rows<T, C>(p, row_begin, row_end);
+    return 0;
+  }
+};
+template <typename T, CellKind C>
+struct CellStepBwdRun {
+  static int call(const CellStepBwdParams& p, int64_t row_begin, int64_t row_end) {
+    cell_step_backward_rows<T, C>(p, row_begin, row_end);
+    return 0;
+  }
+};
+
+void cell_step_forward(const CellStepFwdParams& p, int64_t row_begin, int64_t row_end) {
+  dispatch_cell_dtype<CellStepFwdRun>(p, row_begin, row_end);
+}
+void cell_step_backward(const CellStepBwdParams& p, int64_t row_begin, int64_t row_end) {
+  dispatch_cell_dtype<CellStepBwdRun>(p, row_begin, row_end);
+}
+
+}  // namespace fusedrnn::cpu::FUSEDRNN_CPU_ISA

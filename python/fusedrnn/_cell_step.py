@@ -1,0 +1,144 @@
+"""One cell step on the CPU: torch's GEMMs around one native pointwise pass.
+
+A cell call (LSTMCell, GRUCell, RNNCell) is a single step. Run as a sequence of length 1, the
+recurrence kernel packs W_hh (G*H x H, transposed) for one use and adds a workspace, output and
+state round trip: at B=1 that made fusedrnn's cells 3-7x slower than torch.nn's. Here:
+
+  forward   LSTM/RNN  pre = x W_ih^T + h W_hh^T         two GEMMs into one buffer
+            GRU       xpre = x W_ih^T, hpre = h W_hh^T  (r multiplies hpre's n part)
+            then, natively in one pass, the biases and the cell update of cell_math.h (h', c',
+            the gates saved for backward)
+  backward  the native pointwise backward (d_pre), then torch GEMMs for dx, dh, dW_ih, dW_hh, db
+
+torch.nn's CPU cells do the same GEMMs but the update as ~10 separate elementwise ops.
+
+Used for float32/float64 CPU tensors on the `_cpu` backend outside torch.compile; everything else
+(CUDA, FUSEDRNN_BACKEND=emu, half precision, compiling) keeps the sequence-of-one path of
+functional.cell_step, which the custom ops make traceable.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _backend
+from ._backend import CELL_CODES, DTYPE_CODES, GATE_COUNT, SAVED_GATE_COUNT, _cpu
+
+_DTYPES = (torch.float32, torch.float64)
+
+
+def applies(input: Tensor, operands) -> bool:
+    """Whether a cell step of input [B, I] runs here; operands: the weights and states (None
+    where absent). Anything else (and any mismatch, which functional.rnn then reports) takes the
+    sequence-of-one path."""
+    dtype = input.dtype
+    # (is_cpu, not device.type: ~0.05 against ~0.3 us, and this runs at every cell call.)
+    if (not input.is_cpu or dtype not in _DTYPES or input.dim() != 2 or 0 in input.shape
+            or _cpu is None or torch.compiler.is_compiling()):
+        return False
+    for t in operands:
+        if t is not None and (t.dtype is not dtype or not t.is_cpu):
+            return False
+    backend = os.environ.get(_backend.BACKEND_VARIABLE)
+    return not backend or _backend.backend_name() == "cpu"
+
+
+def step(cell: str, x: Tensor, h: Optional[Tensor], c: Optional[Tensor], w_ih: Tensor,
+         w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor]):
+    """x [B, I]; h [B, H] or None (zeros); c [B, H] or None (LSTM only). Returns h', or for an
+    LSTM (h', c')."""
+    if h is None:
+        h = x.new_zeros(x.size(0), w_hh.size(1))
+    operands = (x, h, c, w_ih, w_hh, b_ih, b_hh)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in operands):
+        return _CellStep.apply(cell, *operands)
+    h_next, c_next, _ = _forward(cell, x, h, c, w_ih, w_hh, b_ih, b_hh, save=False)
+    return (h_next, c_next) if cell == "lstm" else h_next
+
+
+def _products(cell, x, h, w_ih, w_hh):
+    """(xpre, hpre) without biases (the native pass adds them): for a GRU x W_ih^T and h W_hh^T;
+    for LSTM and RNN their sum in xpre (hpre None), the second GEMM accumulating in place."""
+    xpre = torch.mm(x, w_ih.t())
+    if cell == "gru":
+        return xpre, torch.mm(h, w_hh.t())
+    return xpre.addmm_(h, w_hh.t()), None
+
+
+def _forward(cell, x, h, c, w_ih, w_hh, b_ih, b_hh, save: bool):
+    """(h', c' or None, saved gates or None)."""
+    xpre, hpre = _products(cell, x, h, w_ih, w_hh)
+    batch, hidden = x.size(0), w_hh.size(1)
+    is_lstm, is_gru = cell == "lstm", cell == "gru"
+    h_prev = h.contiguous() if is_gru else None
+    c_prev = c.contiguous() if c is not None else None
+    h_next = x.new_empty(batch, hidden)
+    c_next = x.new_empty(batch, hidden) if is_lstm else None
+    gates = x.new_empty(batch, SAVED_GATE_COUNT[cell] * hidden) if save and (is_lstm or is_gru) else None
+    _cpu.cell_step_forward(
+        CELL_CODES[cell], DTYPE_CODES[x.dtype], batch, hidden, xpre.data_ptr(), _ptr(hpre),
+        _ptr(_contiguous(b_ih)), _ptr(_contiguous(b_hh)), _ptr(h_prev), _ptr(c_prev),
+        h_next.data_ptr(), _ptr(c_next), _ptr(gates), torch.get_num_threads())
+    return h_next, c_next, gates
+
+
+def _contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
+    return t.contiguous() if t is not None else None
+
+
+def _ptr(t: Optional[Tensor]) -> int:
+    return t.data_ptr() if t is not None else 0
+
+
+class _CellStep(torch.autograd.Function):
+    """A cell step with autograd. Inputs: cell, x, h, c (LSTM, or None), w_ih, w_hh, b_ih, b_hh
+    (None without bias). Outputs: h', and c' for an LSTM."""
+
+    @staticmethod
+    def forward(ctx, cell, x, h, c, w_ih, w_hh, b_ih, b_hh):
+        h_next, c_next, gates = _forward(cell, x, h, c, w_ih, w_hh, b_ih, b_hh, save=True)
+        ctx.cell = cell
+        ctx.set_materialize_grads(False)
+        # What the pointwise backward reads: the gates and c' (LSTM), the gates (GRU), h' (RNN).
+        saved = c_next if cell == "lstm" else (None if cell == "gru" else h_next)
+        ctx.save_for_backward(x, h, c, w_ih, w_hh, gates, saved)
+        return (h_next, c_next) if cell == "lstm" else h_next
+
+    @staticmethod
+    def backward(ctx, d_h, d_c=None):
+        from .functional import _NoDoubleBackward
+
+        cell = ctx.cell
+        x, h, c, w_ih, w_hh, gates, saved = ctx.saved_tensors
+        needs = ctx.needs_input_grad[1:]  # x, h, c, w_ih, w_hh, b_ih, b_hh
+        batch, hidden = x.size(0), w_hh.size(1)
+        is_lstm, is_gru = cell == "lstm", cell == "gru"
+        d_xpre = x.new_empty(batch, GATE_COUNT[cell] * hidden)
+        d_hpre = torch.empty_like(d_xpre) if is_gru else None
+        d_c_prev = x.new_empty(batch, hidden) if is_lstm else None
+        d_h_direct = x.new_empty(batch, hidden) if is_gru else None
+        d_h = d_h.contiguous() if d_h is not None else None
+        d_c = d_c.contiguous() if d_c is not None else None
+        _cpu.cell_step_backward(
+            CELL_CODES[cell], DTYPE_CODES[x.dtype], batch, hidden, _ptr(gates),
+            _ptr(saved) if is_lstm else 0, _ptr(c.contiguous() if c is not None else None),
+            _ptr(h.contiguous() if is_gru else None), 0 if (is_lstm or is_gru) else _ptr(saved),
+            _ptr(d_h), _ptr(d_c), d_xpre.data_ptr(), _ptr(d_hpre), _ptr(d_c_prev),
+            _ptr(d_h_direct), torch.get_num_threads())
+        d_hp = d_hpre if is_gru else d_xpre  # gradient w.r.t. h W_hh^T + b_hh
+        grads = [
+            d_xpre.mm(w_ih) if needs[0] else None,
+            (d_hp.mm(w_hh) if not is_gru else torch.addmm(d_h_direct, d_hp, w_hh))
+            if needs[1] else None,
+            d_c_prev if needs[2] and c is not None else None,
+            d_xpre.t().mm(x) if needs[3] else None,
+            d_hp.t().mm(h) if needs[4] else None,
+            d_xpre.sum(0) if needs[5] else None,
+            d_hp.sum(0) if needs[6] else None,
+        ]
+        if torch.is_grad_enabled():  # create_graph=True: differentiating these again must raise
+            grads = list(_NoDoubleBackward.mark(tuple(grads)))
+        return (None, *grads)

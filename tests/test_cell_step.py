@@ -1,0 +1,267 @@
+"""The CPU cell step (python/fusedrnn/_cell_step.py, csrc/cpu/cell_step_impl.h): torch's GEMMs
+around one native pointwise pass, which LSTMCell/GRUCell/RNNCell run on float32/float64 CPU
+tensors.
+
+Kernel level: the native forward and backward passes on NaN-poisoned outputs against the
+reference cells (forward) and torch autograd through the reference (backward), with odd hidden
+sizes (SIMD tails), with and without biases and states, on one thread and split over threads.
+Path level: every output and gradient equal to the sequence-of-one path that CUDA and the
+emulator take, and the fallbacks that keep other cases on that path.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fusedrnn
+from fusedrnn import _backend, _cell_step, functional, reference
+from fusedrnn._backend import CELL_CODES, DTYPE_CODES, GATE_COUNT, SAVED_GATE_COUNT
+
+from _helpers import TOLERANCE, assert_close, requires_native
+
+pytestmark = requires_native
+
+CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
+
+
+def _nan(*shape, dtype):
+    return torch.full(shape, float("nan"), dtype=dtype)
+
+
+def _ptr(t):
+    return t.data_ptr() if t is not None else 0
+
+
+def _operands(cell, B, I, H, dtype, bias, gen):
+    G = GATE_COUNT[cell]
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
+
+    x, h, c = rand(B, I), rand(B, H), rand(B, H)
+    w_ih, w_hh = rand(G * H, I) * 0.5, rand(G * H, H) * 0.5
+    b_ih, b_hh = (rand(G * H), rand(G * H)) if bias else (None, None)
+    return x, h, c, w_ih, w_hh, b_ih, b_hh
+
+
+def _expected_cell(cell, x, h, c, w_ih, w_hh, b_ih, b_hh):
+    args = [t.double() if t is not None else None for t in (x, h, c, w_ih, w_hh, b_ih, b_hh)]
+    x, h, c, w_ih, w_hh, b_ih, b_hh = args
+    if cell == "lstm":
+        return reference.lstm_cell(x, h, c, w_ih, w_hh, b_ih, b_hh)
+    if cell == "gru":
+        return reference.gru_cell(x, h, w_ih, w_hh, b_ih, b_hh)
+    return reference.rnn_cell(x, h, w_ih, w_hh, b_ih, b_hh, cell[4:])
+
+
+def _native_forward(cell, x, h, c, w_ih, w_hh, b_ih, b_hh, *, split_products, threads=1):
+    """The native pass on NaN-poisoned outputs; returns (h', c' or None, gates or None)."""
+    B, H = x.size(0), w_hh.size(1)
+    dtype = x.dtype
+    xpre, hpre = x @ w_ih.t(), h @ w_hh.t()
+    if not split_products:  # LSTM/RNN: both products in xpre, as _cell_step passes them
+        xpre, hpre = xpre + hpre, None
+    h_next = _nan(B, H, dtype=dtype)
+    c_next = _nan(B, H, dtype=dtype) if cell == "lstm" else None
+    gates = _nan(B, SAVED_GATE_COUNT[cell] * H, dtype=dtype) if SAVED_GATE_COUNT[cell] else None
+    _backend._cpu.cell_step_forward(
+        CELL_CODES[cell], DTYPE_CODES[dtype], B, H, xpre.data_ptr(), _ptr(hpre), _ptr(b_ih),
+        _ptr(b_hh), _ptr(h if cell == "gru" else None), _ptr(c if cell == "lstm" else None),
+        h_next.data_ptr(), _ptr(c_next), _ptr(gates), threads)
+    return h_next, c_next, gates
+
+
+SHAPES = [(1, 3, 5), (3, 4, 37), (2, 7, 16)]
+# B * H = 16900: two threads of the native pass (each takes at least 8192 (row, unit) pairs).
+WIDE = (130, 3, 130)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("shape", SHAPES + [WIDE], ids=lambda s: "B{}-I{}-H{}".format(*s))
+@pytest.mark.parametrize("cell", CELLS)
+def test_native_forward_matches_reference(cell, shape, bias, dtype):
+    gen = torch.Generator().manual_seed(hash((cell, shape, bias)) % 2**31)
+    B, I, H = shape
+    ops = _operands(cell, B, I, H, dtype, bias, gen)
+    expected = _expected_cell(cell, *ops)
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    tol = TOLERANCE[dtype]
+    for split in ([True] if cell == "gru" else [False, True]):
+        h_next, c_next, _ = _native_forward(cell, *ops, split_products=split, threads=2)
+        assert_close(h_next, expected[0], tol, f"h' (split products: {split})")
+        if cell == "lstm":
+            assert_close(c_next, expected[1], tol, f"c' (split products: {split})")
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+def test_every_instruction_set(isa, monkeypatch):
+    """FUSEDRNN_CPU_ISA lowers the run-time choice, so each compiled copy of the pass runs (SIMD
+    widths 4/8/16 for float32: H=37 leaves a tail in each)."""
+    monkeypatch.setenv("FUSEDRNN_CPU_ISA", isa)
+    for cell in CELLS:
+        for dtype in (torch.float64, torch.float32):
+            test_native_forward_matches_reference(cell, (3, 4, 37), True, dtype)
+        test_native_backward_matches_autograd(cell, (3, 4, 37))
+
+
+def test_native_forward_lstm_without_c_prev_is_zero_state():
+    gen = torch.Generator().manual_seed(3)
+    x, h, c, w_ih, w_hh, b_ih, b_hh = _operands("lstm", 3, 4, 21, torch.float64, True, gen)
+    h_next, c_next, _ = _native_forward("lstm", x, h, None, w_ih, w_hh, b_ih, b_hh,
+                                        split_products=False)
+    expected = reference.lstm_cell(x, h, torch.zeros_like(c), w_ih, w_hh, b_ih, b_hh)
+    assert_close(h_next, expected[0], 1e-12, "h'")
+    assert_close(c_next, expected[1], 1e-12, "c'")
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 5), (3, 4, 37), WIDE], ids=lambda s: "B{}-I{}-H{}".format(*s))
+@pytest.mark.parametrize("cell", CELLS)
+def test_native_backward_matches_autograd(cell, shape):
+    """d_pre (and GRU's d_hpre, d_h direct; LSTM's d_c_prev) against autograd through the
+    reference cell's formulas on the same pre-activations, outputs NaN-poisoned."""
+    dtype = torch.float64
+    gen = torch.Generator().manual_seed(11)
+    B, I, H = shape
+    G = GATE_COUNT[cell]
+    x, h, c, w_ih, w_hh, b_ih, b_hh = _operands(cell, B, I, H, dtype, True, gen)
+    xpre = (x @ w_ih.t() + b_ih).requires_grad_()
+    hpre = (h @ w_hh.t() + b_hh).requires_grad_()
+    h_leaf, c_leaf = h.clone().requires_grad_(), c.clone().requires_grad_()
+    # The cell formulas of reference.py, written on the pre-activations.
+    if cell == "lstm":
+        i, f, g, o = (xpre + hpre).chunk(4, 1)
+        c_next = torch.sigmoid(f) * c_leaf + torch.sigmoid(i) * torch.tanh(g)
+        outs = (torch.sigmoid(o) * torch.tanh(c_next), c_next)
+    elif cell == "gru":
+        xr, xz, xn = xpre.chunk(3, 1)
+        hr, hz, hn = hpre.chunk(3, 1)
+        r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+        n = torch.tanh(xn + r * hn)
+        outs = ((1 - z) * n + z * h_leaf,)
+    else:
+        act = torch.relu if cell == "rnn_relu" else torch.tanh
+        outs = (act(xpre + hpre),)
+    d_outs = [torch.randn(o.shape, generator=gen, dtype=dtype) for o in outs]
+    wrt = [xpre, hpre] + ([c_leaf] if cell == "lstm" else []) + ([h_leaf] if cell == "gru" else [])
+    grads = torch.autograd.grad(outs, wrt, d_outs)
+
+    # Forward natively to get the saved gates, then the native backward on poisoned buffers.
+    h_next, c_next, gates = _native_forward(cell, x, h, c, w_ih, w_hh, b_ih, b_hh,
+                                            split_products=True)
+    d_xpre = _nan(B, G * H, dtype=dtype)
+    d_hpre = _nan(B, G * H, dtype=dtype) if cell == "gru" else None
+    d_c_prev = _nan(B, H, dtype=dtype) if cell == "lstm" else None
+    d_h_prev = _nan(B, H, dtype=dtype) if cell == "gru" else None
+    _backend._cpu.cell_step_backward(
+        CELL_CODES[cell], DTYPE_CODES[dtype], B, H, _ptr(gates),
+        _ptr(c_next), _ptr(c if cell == "lstm" else None), _ptr(h if cell == "gru" else None),
+        _ptr(h_next if cell.startswith("rnn") else None), d_outs[0].data_ptr(),
+        _ptr(d_outs[1] if cell == "lstm" else None), d_xpre.data_ptr(), _ptr(d_hpre),
+        _ptr(d_c_prev), _ptr(d_h_prev), 2)
+    assert_close(d_xpre, grads[0], 1e-12, "d_xpre")
+    if cell == "gru":
+        assert_close(d_hpre, grads[1], 1e-12, "d_hpre")
+        assert_close(d_h_prev, grads[2], 1e-12, "d_h_prev (direct part)")
+    else:
+        assert_close(d_xpre, grads[1], 1e-12, "d_xpre equals d_hpre")
+    if cell == "lstm":
+        assert_close(d_c_prev, grads[2], 1e-12, "d_c_prev")
+
+
+@pytest.mark.parametrize("missing, cell, message", [
+    ("xpre", "rnn_tanh", "xpre"), ("hpre", "gru", "hpre"), ("h_prev", "gru", "h_prev"),
+    ("c", "lstm", "c must not be null")])
+def test_native_forward_rejects_missing_pointers(missing, cell, message):
+    H, B = 4, 2
+    G = GATE_COUNT[cell]
+    buf = {name: torch.zeros(B, G * H) for name in ("xpre", "hpre")}
+    buf.update({name: torch.zeros(B, H) for name in ("h_prev", "h", "c")})
+    ptrs = {k: (0 if k == missing else v.data_ptr()) for k, v in buf.items()}
+    with pytest.raises(ValueError, match=message):
+        _backend._cpu.cell_step_forward(CELL_CODES[cell], DTYPE_CODES[torch.float32], B, H,
+                                        ptrs["xpre"], ptrs["hpre"], 0, 0, ptrs["h_prev"], 0,
+                                        ptrs["h"], ptrs["c"], 0, 1)
+
+
+def test_native_rejects_bad_shape_and_dtype():
+    t = torch.zeros(8)
+    with pytest.raises(ValueError, match="batch and hidden"):
+        _backend._cpu.cell_step_forward(2, 0, 0, 4, t.data_ptr(), 0, 0, 0, 0, 0, t.data_ptr(), 0,
+                                        0, 1)
+    with pytest.raises(ValueError, match="float32 or float64"):
+        _backend._cpu.cell_step_forward(2, DTYPE_CODES[torch.float16], 1, 4, t.data_ptr(), 0, 0,
+                                        0, 0, 0, t.data_ptr(), 0, 0, 1)
+    with pytest.raises(ValueError, match="cell code"):
+        _backend._cpu.cell_step_forward(9, 0, 1, 4, t.data_ptr(), 0, 0, 0, 0, 0, t.data_ptr(), 0,
+                                        0, 1)
+
+
+# ------------------------------------------------------------------------------ the path
+def _sequence_of_one(cell, x, hx, w_ih, w_hh, b_ih, b_hh):
+    """What CUDA and the emulator run for a cell: functional.rnn with T=1."""
+    if hx is not None:
+        hx = tuple(s.unsqueeze(0) for s in hx) if cell == "lstm" else hx.unsqueeze(0)
+    _, h_n, c_n = functional.rnn(cell, x.unsqueeze(0), [(w_ih, w_hh, b_ih, b_hh, None)], hx)
+    return (h_n[0], c_n[0]) if cell == "lstm" else h_n[0]
+
+
+@pytest.mark.parametrize("with_state", [True, False], ids=["hx", "no-hx"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_cell_step_equals_sequence_of_one(cell, bias, with_state):
+    """Outputs and every gradient (input, states, weights, biases) equal the recurrence path's."""
+    gen = torch.Generator().manual_seed(5)
+    x, h, c, w_ih, w_hh, b_ih, b_hh = _operands(cell, 3, 4, 19, torch.float64, bias, gen)
+    leaves = [t.requires_grad_() for t in (x, h, c, w_ih, w_hh, b_ih, b_hh) if t is not None]
+    hx = ((h, c) if cell == "lstm" else h) if with_state else None
+    assert _cell_step.applies(x, (w_ih, w_hh, b_ih, b_hh, h, c))
+    runs = []
+    for run in (lambda: functional.cell_step(cell, x, w_ih, w_hh, b_ih, b_hh, hx),
+                lambda: _sequence_of_one(cell, x, hx, w_ih, w_hh, b_ih, b_hh)):
+        out = run()
+        out = out if isinstance(out, tuple) else (out,)
+        loss = sum((o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view_as(o)).sum()
+                   for o in out)
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+        runs.append((out, grads))
+    (out_a, grads_a), (out_b, grads_b) = runs
+    for a, b in zip(out_a, out_b):
+        assert_close(a, b, 1e-12, "output")
+    for leaf_index, (a, b) in enumerate(zip(grads_a, grads_b)):
+        if b is None:
+            assert a is None or not a.any(), f"gradient {leaf_index}: expected none"
+            continue
+        assert_close(a, b, 1e-12, f"gradient {leaf_index}")
+
+
+def test_cell_step_inference_saves_nothing_and_matches():
+    cell = fusedrnn.GRUCell(5, 9, dtype=torch.float64)
+    x, h = torch.randn(4, 5, dtype=torch.float64), torch.randn(4, 9, dtype=torch.float64)
+    with torch.no_grad():
+        got = cell(x, h)
+    assert got.grad_fn is None
+    expected = reference.gru_cell(x, h, cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)
+    assert_close(got, expected, 1e-12, "h'")
+
+
+def test_cell_step_double_backward_raises():
+    cell = fusedrnn.LSTMCell(3, 4, dtype=torch.float64)
+    x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    h, c = cell(x)
+    (gx,) = torch.autograd.grad(h.sum() + c.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        gx.sum().backward()
+
+
+def test_cell_step_fallbacks(monkeypatch):
+    """Half precision, a non-CPU backend, 1-D inputs and empty batches keep the other path."""
+    x = torch.randn(2, 3)
+    w = torch.randn(4, 3)
+    assert _cell_step.applies(x, (w,))
+    assert not _cell_step.applies(x.bfloat16(), (w.bfloat16(),))
+    assert not _cell_step.applies(x, (w.double(),))
+    assert not _cell_step.applies(x[0], (w,))
+    assert not _cell_step.applies(x[:0], (w,))
+    monkeypatch.setenv(_backend.BACKEND_VARIABLE, "emu")
+    assert not _cell_step.applies(x, (w,))
