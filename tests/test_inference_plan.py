@@ -250,3 +250,33 @@ def test_subclass_with_extra_parameters_is_cached_and_checked():
         for m in (theirs, ours):
             m.weight_hh_l0.data.mul_(0.5)
     check_same(theirs, ours, seed=18)
+
+
+@pytest.mark.parametrize("with_state", [True, False], ids=["hx", "no-hx"])
+@pytest.mark.parametrize("kind, kwargs", [
+    ("LSTM", {}), ("LSTM", dict(proj_size=3, num_layers=2, bidirectional=True)),
+    ("GRU", dict(num_layers=2, bidirectional=True)), ("GRU", dict(bias=False, batch_first=True)),
+    ("RNN", dict(nonlinearity="relu", bidirectional=True)), ("RNN", dict(num_layers=2))],
+    ids=["lstm", "lstm-proj-2l-bidir", "gru-2l-bidir", "gru-nobias-bf", "relu-bidir", "tanh-2l"])
+def test_one_step_sequences_match_torch(kind, kwargs, with_state):
+    """T=1 (streaming inference) runs every layer and direction as a cell step (_cell_step):
+    outputs and final states as torch.nn's, after an in-place weight change too."""
+    theirs, ours = make_pair(kind, **kwargs)
+    batch_first = kwargs.get("batch_first", False)
+    num_states = theirs.num_layers * (2 if theirs.bidirectional else 1)
+    state = theirs.proj_size or theirs.hidden_size
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 3, 3, dtype=DTYPE, generator=gen)
+    x = x.transpose(0, 1) if batch_first else x
+    hx = None
+    if with_state:
+        h = torch.randn(num_states, 3, state, dtype=DTYPE, generator=gen)
+        hx = (h, torch.randn(num_states, 3, 5, dtype=DTYPE, generator=gen)) if kind == "LSTM" else h
+    for round_ in range(2):
+        with torch.no_grad():
+            expected, got = flat(theirs(x, hx)), flat(ours(x, hx))
+            for e, g in zip(expected, got):
+                assert g.shape == e.shape
+                assert_close(g, e, TOL, f"round {round_}")
+            for module in (theirs, ours):
+                module.weight_hh_l0.mul_(0.5)  # seen by the next call

@@ -51,7 +51,7 @@ def step(cell: str, x: Tensor, h: Optional[Tensor], c: Optional[Tensor], w_ih: T
     """x [B, I]; h [B, H] or None (zeros); c [B, H] or None (LSTM only). Returns h', or for an
     LSTM (h', c')."""
     if h is None:
-        h = x.new_zeros(x.size(0), w_hh.size(1))
+        h = x.new_zeros(x.size(0), w_hh.size(1))  # a cell's W_hh is [G*H, H]
     operands = (x, h, c, w_ih, w_hh, b_ih, b_hh)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in operands):
         return _CellStep.apply(cell, *operands)
@@ -71,7 +71,8 @@ def _products(cell, x, h, w_ih, w_hh):
 def _forward(cell, x, h, c, w_ih, w_hh, b_ih, b_hh, save: bool):
     """(h', c' or None, saved gates or None)."""
     xpre, hpre = _products(cell, x, h, w_ih, w_hh)
-    batch, hidden = x.size(0), w_hh.size(1)
+    # (Not w_hh.size(1): a projected LSTM layer's W_hh is [4H, P].)
+    batch, hidden = x.size(0), w_hh.size(0) // GATE_COUNT[cell]
     is_lstm, is_gru = cell == "lstm", cell == "gru"
     h_prev = h.contiguous() if is_gru else None
     c_prev = c.contiguous() if c is not None else None
@@ -114,7 +115,7 @@ class _CellStep(torch.autograd.Function):
         cell = ctx.cell
         x, h, c, w_ih, w_hh, gates, saved = ctx.saved_tensors
         needs = ctx.needs_input_grad[1:]  # x, h, c, w_ih, w_hh, b_ih, b_hh
-        batch, hidden = x.size(0), w_hh.size(1)
+        batch, hidden = x.size(0), w_hh.size(0) // GATE_COUNT[cell]
         is_lstm, is_gru = cell == "lstm", cell == "gru"
         d_xpre = x.new_empty(batch, GATE_COUNT[cell] * hidden)
         d_hpre = torch.empty_like(d_xpre) if is_gru else None

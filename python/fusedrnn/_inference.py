@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _backend
+from . import _backend, _cell_step
 from ._backend import GATE_COUNT
 
 
@@ -44,6 +44,9 @@ class _LayerPlan(NamedTuple):
     # T=100 H=64, 2 threads: ~28 against ~20 us with the sum), and both biases only add to the
     # pre-activations. A GRU's b_hn sits inside r * (...), so a GRU keeps b_ih in its GEMM.
     b_hh: Optional[tuple]
+    # Per direction (w_hh, b_hh, w_hr), the parameters themselves: a call of one step runs as a
+    # cell step (_cell_step), which reads W_hh through torch's GEMM instead of packing it.
+    recurrent: tuple
 
 
 # Not under torch.compiler.disable (its wrapper costs ~2 us a call): the modules never come here
@@ -83,6 +86,7 @@ class InferencePlan:
     """The prepared layers of one module's weights: what each inference call would redo."""
 
     def __init__(self, cell: str, layer_weights: list, num_layers: int, num_directions: int):
+        self.cell = cell
         self.num_directions = num_directions
         w_hh0 = layer_weights[0][1]
         self.state = w_hh0.size(1)
@@ -103,7 +107,8 @@ class InferencePlan:
             prepared = _backend.prepare_forward(cell, w_hh, b_hh, w_hr)
             fold = cell != "gru" and all(b is not None for b in (*b_ih, *b_hh))
             layers.append(_LayerPlan(tuple(w[0] for w in lw), b_ih, prepared,
-                                     tuple(b_hh) if fold else None))
+                                     tuple(b_hh) if fold else None,
+                                     tuple((w[1], w[3], w[4]) for w in lw)))
         # Contiguous copies would not follow later writes to the parameters: such a plan is
         # good for one call only.
         self.points_into_parameters = not copies
@@ -122,6 +127,8 @@ class InferencePlan:
             h0_all = h0_all.contiguous()
         if c0_all is not None:
             c0_all = c0_all.contiguous()
+        if seq_len == 1 and _cell_step.applies(x[0], ()):
+            return self._run_one_step(x, h_n, c_n, h0_all, c0_all)
         single = len(self.layers) == 1
         for layer, plan in enumerate(self.layers):
             first, last = layer * num_dirs, (layer + 1) * num_dirs
@@ -140,6 +147,34 @@ class InferencePlan:
             _backend.forward_prepared(plan.prepared, xproj, out, h0, c0, hn, cn, biases)
             x = out
         return x, h_n, c_n
+
+
+    def _run_one_step(self, x: Tensor, h_n: Tensor, c_n: Optional[Tensor], h0_all, c0_all):
+        """A sequence of one step (streaming inference feeds one step per call): every layer and
+        direction is a cell step, which at T=1 costs what the recurrence's packing of W_hh alone
+        would (the GEMMs read W_hh once either way). Same arguments and results as run."""
+        num_dirs, state = self.num_directions, self.state
+        step = x[0]
+        cell = self.cell
+        for layer, plan in enumerate(self.layers):
+            outs = []
+            for d in range(num_dirs):
+                index = layer * num_dirs + d
+                w_hh, b_hh, w_hr = plan.recurrent[d]
+                h0 = h0_all[index] if h0_all is not None else None
+                c0 = c0_all[index] if c0_all is not None else None
+                if h0 is None:  # zeros, as the recurrence starts
+                    h0 = step.new_zeros(step.size(0), state)
+                h, c, _ = _cell_step._forward(cell, step, h0, c0, plan.w_ih[d], w_hh,
+                                              plan.b_ih[d], b_hh, save=False)
+                if w_hr is not None:
+                    h = torch.mm(h, w_hr.t())
+                h_n[index] = h
+                if c_n is not None:
+                    c_n[index] = c
+                outs.append(h)
+            step = outs[0] if num_dirs == 1 else torch.cat(outs, 1)
+        return step.unsqueeze(0), h_n, c_n
 
 
 class _CachedPlan:
