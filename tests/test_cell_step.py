@@ -265,3 +265,30 @@ def test_cell_step_fallbacks(monkeypatch):
     assert not _cell_step.applies(x[:0], (w,))
     monkeypatch.setenv(_backend.BACKEND_VARIABLE, "emu")
     assert not _cell_step.applies(x, (w,))
+
+
+@pytest.mark.parametrize("kind, kwargs", [("LSTM", dict(proj_size=2, bidirectional=True)),
+                                          ("GRU", dict(num_layers=2, bidirectional=True))],
+                         ids=["lstm-proj-bidir", "gru-2l-bidir"])
+def test_gradcheck_one_step_layers(kind, kwargs):
+    """A module called with T=1 runs each layer as cell steps (_cell_step.layer): gradcheck
+    through inputs, states and every parameter."""
+    from torch.func import functional_call
+    torch.manual_seed(0)
+    module = getattr(fusedrnn, kind)(3, 4, dtype=torch.float64, **kwargs)
+    names = [n for n, _ in module.named_parameters()]
+    params = [p.detach().clone().requires_grad_() for p in module.parameters()]
+    num_states = module.num_layers * 2
+    state = module.proj_size or module.hidden_size
+    x = torch.randn(1, 2, 3, dtype=torch.float64, requires_grad=True)
+    states = [torch.randn(num_states, 2, state, dtype=torch.float64, requires_grad=True)]
+    if kind == "LSTM":
+        states.append(torch.randn(num_states, 2, 4, dtype=torch.float64, requires_grad=True))
+
+    def run(x, *tensors):
+        hx = tuple(tensors[:2]) if kind == "LSTM" else tensors[0]
+        params = tensors[len(states):]
+        out, final = functional_call(module, dict(zip(names, params)), (x, hx))
+        return (out, *final) if kind == "LSTM" else (out, final)
+
+    assert torch.autograd.gradcheck(run, (x, *states, *params), atol=1e-6, rtol=1e-5)

@@ -59,6 +59,27 @@ def step(cell: str, x: Tensor, h: Optional[Tensor], c: Optional[Tensor], w_ih: T
     return (h_next, c_next) if cell == "lstm" else h_next
 
 
+def layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor], c0: Optional[Tensor]):
+    """A layer over a sequence of ONE step (a stream or a decoder fed a step per call): each
+    direction is a cell step (at T=1 the reverse direction is the same step), a projected LSTM
+    adding r W_hr^T. x [B, I]; layer_weights: per direction (w_ih, w_hh, b_ih, b_hh, w_hr);
+    h0 [D, B, P], c0 [D, B, H] or None. Returns (out [B, D*P], h_n [D, B, P], c_n [D, B, H] or
+    None), differentiable."""
+    hs, cs = [], []
+    for d, (w_ih, w_hh, b_ih, b_hh, w_hr) in enumerate(layer_weights):
+        h = h0[d] if h0 is not None else None
+        c = c0[d] if c0 is not None else None
+        result = step(cell, x, h, c, w_ih, w_hh, b_ih, b_hh)
+        h, c = result if cell == "lstm" else (result, None)
+        if w_hr is not None:
+            h = torch.mm(h, w_hr.t())
+        hs.append(h)
+        cs.append(c)
+    if len(hs) == 1:
+        return hs[0], hs[0].unsqueeze(0), cs[0].unsqueeze(0) if cell == "lstm" else None
+    return torch.cat(hs, 1), torch.stack(hs), torch.stack(cs) if cell == "lstm" else None
+
+
 def _products(cell, x, h, w_ih, w_hh):
     """(xpre, hpre) without biases (the native pass adds them): for a GRU x W_ih^T and h W_hh^T;
     for LSTM and RNN their sum in xpre (hpre None), the second GEMM accumulating in place."""

@@ -119,6 +119,8 @@ class InferencePlan:
         [L*D, B, P], c0_all [L*D, B, H] or None, already checked by the caller.
         Returns (output [T, B, D*P], h_n, c_n or None)."""
         seq_len, batch = x.shape[0], x.shape[1]
+        if seq_len == 1 and _cell_step.applies(x[0], ()):
+            return self._run_one_step(x, h0_all, c0_all)
         num_dirs, state, hidden = self.num_directions, self.state, self.hidden
         num_states = len(self.layers) * num_dirs
         h_n = x.new_empty(num_states, batch, state)
@@ -127,8 +129,6 @@ class InferencePlan:
             h0_all = h0_all.contiguous()
         if c0_all is not None:
             c0_all = c0_all.contiguous()
-        if seq_len == 1 and _cell_step.applies(x[0], ()):
-            return self._run_one_step(x, h_n, c_n, h0_all, c0_all)
         single = len(self.layers) == 1
         for layer, plan in enumerate(self.layers):
             first, last = layer * num_dirs, (layer + 1) * num_dirs
@@ -149,32 +149,25 @@ class InferencePlan:
         return x, h_n, c_n
 
 
-    def _run_one_step(self, x: Tensor, h_n: Tensor, c_n: Optional[Tensor], h0_all, c0_all):
+    def _run_one_step(self, x: Tensor, h0_all, c0_all):
         """A sequence of one step (streaming inference feeds one step per call): every layer and
-        direction is a cell step, which at T=1 costs what the recurrence's packing of W_hh alone
-        would (the GEMMs read W_hh once either way). Same arguments and results as run."""
-        num_dirs, state = self.num_directions, self.state
+        direction is a cell step (_cell_step.layer), which at T=1 costs what the recurrence's
+        packing of W_hh alone would. Same arguments and results as run."""
+        num_dirs = self.num_directions
         step = x[0]
-        cell = self.cell
+        h_n, c_n = [], []
         for layer, plan in enumerate(self.layers):
-            outs = []
-            for d in range(num_dirs):
-                index = layer * num_dirs + d
-                w_hh, b_hh, w_hr = plan.recurrent[d]
-                h0 = h0_all[index] if h0_all is not None else None
-                c0 = c0_all[index] if c0_all is not None else None
-                if h0 is None:  # zeros, as the recurrence starts
-                    h0 = step.new_zeros(step.size(0), state)
-                h, c, _ = _cell_step._forward(cell, step, h0, c0, plan.w_ih[d], w_hh,
-                                              plan.b_ih[d], b_hh, save=False)
-                if w_hr is not None:
-                    h = torch.mm(h, w_hr.t())
-                h_n[index] = h
-                if c_n is not None:
-                    c_n[index] = c
-                outs.append(h)
-            step = outs[0] if num_dirs == 1 else torch.cat(outs, 1)
-        return step.unsqueeze(0), h_n, c_n
+            first, last = layer * num_dirs, (layer + 1) * num_dirs
+            weights = [(w_ih, w_hh, b_ih, b_hh, w_hr) for w_ih, b_ih, (w_hh, b_hh, w_hr)
+                       in zip(plan.w_ih, plan.b_ih, plan.recurrent)]
+            step, hn, cn = _cell_step.layer(
+                self.cell, step, weights, h0_all[first:last] if h0_all is not None else None,
+                c0_all[first:last] if c0_all is not None else None)
+            h_n.append(hn)
+            c_n.append(cn)
+        single = len(h_n) == 1
+        return (step.unsqueeze(0), h_n[0] if single else torch.cat(h_n),
+                (c_n[0] if single else torch.cat(c_n)) if self.is_lstm else None)
 
 
 class _CachedPlan:

@@ -175,6 +175,9 @@ class _LayerSpec:
 def _layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor], c0: Optional[Tensor],
            lengths: Optional[Tensor]):
     """x [T, B, I] -> (out [T, B, D*P], h_n [D, B, P], c_n [D, B, H] or None)."""
+    if x.size(0) == 1 and lengths is None and _one_step_applies(cell, x, layer_weights, h0, c0):
+        out, hn, cn = _cell_step.layer(cell, x[0], layer_weights, h0, c0)
+        return out.unsqueeze(0), hn, cn
     w_ih = torch.cat([w[0] for w in layer_weights]) if len(layer_weights) > 1 else layer_weights[0][0]
     has_bias = layer_weights[0][2] is not None
     # LSTM and RNN add b_ih and b_hh to the same pre-activation: the kernel adds b_ih + b_hh once
@@ -214,6 +217,18 @@ def _layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor], c0: Option
     out, hn, cn, *_ = _run_forward(cell, xproj, h0, c0, w_hh, _per_direction(b_hh, num_dirs),
                                    _per_direction(w_hr, num_dirs), lengths, save=False)
     return out, hn, cn
+
+
+def _one_step_applies(cell, x, layer_weights, h0, c0) -> bool:
+    """Whether a one-step layer runs as cell steps (_cell_step.layer): on what _cell_step runs,
+    with states of the expected shapes (anything else takes the recurrence, which reports it)."""
+    w_hh = layer_weights[0][1]
+    batch, num_dirs = x.size(1), len(layer_weights)
+    if h0 is not None and h0.shape != (num_dirs, batch, w_hh.size(1)):
+        return False
+    if c0 is not None and (cell != "lstm" or c0.shape != (num_dirs, batch, w_hh.size(0) // 4)):
+        return False
+    return _cell_step.applies(x[0], [t for w in layer_weights for t in w] + [h0, c0])
 
 
 def _empty_layer(cell: str, x: Tensor, layer_weights, num_directions: int):
