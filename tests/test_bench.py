@@ -19,6 +19,7 @@ from fusedrnn.bench.progress import Progress
 TINY = [
     BenchConfig("lstm", seq_len=5, batch=2, hidden=8, input_size=4, modes=("inference", "training")),
     BenchConfig("gru", seq_len=4, batch=3, hidden=6, modes=("training",)),
+    BenchConfig("lstm", seq_len=3, batch=2, hidden=5, layers=2, proj_size=3, step_calls=True),
 ]
 FEATURES = [
     BenchConfig("lstm", seq_len=6, batch=3, hidden=8, input_size=5, layers=2, bidirectional=True),
@@ -62,7 +63,7 @@ def test_json_schema_table_and_error_column(tmp_path, capsys, tiny_presets, torc
         assert key in data["machine"], key
     rows = data["results"]
     cells = {(r["config"]["name"], r["mode"]) for r in rows}
-    assert len(cells) == 3  # lstm inference + training, gru training
+    assert len(cells) == 5  # lstm inference + training, gru training, steps inference + training
     assert {r["impl"] for r in rows} == {"fusedrnn", "torch"}
     for r in rows:
         assert r["median_ms"] > 0 and r["q1_ms"] <= r["median_ms"] <= r["q3_ms"]

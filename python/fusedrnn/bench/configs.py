@@ -52,6 +52,9 @@ class BenchConfig:
     dtype: str = "float32"
     modes: Tuple[str, ...] = MODES
     cuda_only: bool = False        # shapes that only make sense on a GPU (the anchor in fp16)
+    # Feed the sequence one step per call, carrying the state, as a streaming server or a decoder
+    # loop does: T calls of T=1 per timed run, the same Python loop around every implementation.
+    step_calls: bool = False
     # Issue 4's CPU goal for this shape, as torch.nn median / fusedrnn median; reported, never asserted.
     target_speedup: Optional[float] = field(default=None, compare=False)
 
@@ -60,6 +63,10 @@ class BenchConfig:
             raise ValueError(f"cell must be one of {CELLS}, got {self.cell!r}")
         if self.proj_size and self.cell != "lstm":
             raise ValueError(f"proj_size is LSTM only, got cell={self.cell!r} proj_size={self.proj_size}")
+        if self.step_calls and (self.packed or self.bidirectional):
+            # A reverse direction fed one step per call sees one step, not the sequence.
+            raise ValueError("step_calls feeds one forward step per call: it cannot be combined "
+                             "with packed=True or bidirectional=True")
         for mode in self.modes:
             if mode not in MODES:
                 raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -96,6 +103,8 @@ class BenchConfig:
             parts.append(f"P{self.proj_size}")
         if self.packed:
             parts.append("packed")
+        if self.step_calls:
+            parts.append("steps")
         parts.append(DTYPE_SHORT[self.dtype])
         return "-".join(parts)
 
@@ -171,6 +180,20 @@ STANDARD: List[BenchConfig] = ISSUE4_TARGETS + [
     _c("gru", 200, 16, 256, INF, packed=True),
 ]
 
+# A sequence fed one step per call (step_calls): streaming inference, and training through a
+# loop of steps (a decoder with teacher forcing). Each call is one step of every layer, so the
+# per-call cost is the whole story: fusedrnn runs such a step as torch GEMMs and one native
+# pointwise pass per layer and direction (_cell_step.py), with no packing of W_hh.
+STREAMING: List[BenchConfig] = [
+    _c("lstm", 50, 1, 64, BOTH, step_calls=True),
+    _c("lstm", 50, 1, 256, BOTH, step_calls=True),
+    _c("lstm", 50, 1, 256, INF, layers=2, step_calls=True),
+    _c("lstm", 50, 16, 512, BOTH, step_calls=True),
+    _c("gru", 50, 1, 128, BOTH, step_calls=True),
+    _c("gru", 50, 16, 512, BOTH, step_calls=True),
+    _c("rnn_tanh", 50, 1, 256, BOTH, step_calls=True),
+]
+
 # The published comparison point (DESIGN.md): H100, LSTM B=16 T=1024 H=768.
 ANCHOR: List[BenchConfig] = [
     _c("lstm", 1024, 16, 768, BOTH, dtype="float16", cuda_only=True),
@@ -197,6 +220,7 @@ PRESETS: Dict[str, List[BenchConfig]] = {
     "standard": STANDARD,
     "anchor": ANCHOR,
     "gpu": GPU,
+    "streaming": STREAMING,
 }
 
 PRESET_HELP = {
@@ -204,6 +228,7 @@ PRESET_HELP = {
     "standard": "issue 4: small-batch inference, B=64 training, GRU/RNN, bidirectional, packed, the CPU targets",
     "anchor": "LSTM B=16 T=1024 H=768 in fp16, bf16 (CUDA) and fp32",
     "gpu": "the anchor plus GPU shapes where cuDNN leaves its fast path (bench/gpu_check.sh)",
+    "streaming": "sequences fed one step per call (streaming inference, decoder-style training)",
 }
 
 

@@ -51,7 +51,7 @@ def _named_parameters(module):
     named = getattr(module, "named_parameters", None)
     if not callable(named):
         return []
-    # ReferenceStack wraps the torch module as `src`: report torch's own parameter names.
+    # ReferenceStack and StepCalls wrap a module as `src`: report its own parameter names.
     return [(n[len("src."):] if n.startswith("src.") else n, p) for n, p in named()]
 
 

@@ -69,11 +69,32 @@ class Impl:
         raise NotImplementedError
 
 
+class StepCalls(nn.Module):
+    """A torch.nn-style RNN called once per time step (BenchConfig.step_calls), the state carried
+    from call to call; the outputs are concatenated into the whole sequence's. `src` holds the
+    module, so the harness reports its parameter names unprefixed."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.src = module
+
+    def forward(self, x, state):
+        outs = []
+        for t in range(x.size(0)):
+            out, state = self.src(x[t:t + 1], state)
+            outs.append(out)
+        return torch.cat(outs), state
+
+
+def _per_call(cfg: BenchConfig, module):
+    return StepCalls(module) if cfg.step_calls else module
+
+
 class TorchImpl(Impl):
     name = "torch"
 
     def build(self, cfg, reference_module):
-        return reference_module
+        return _per_call(cfg, reference_module)
 
 
 class FusedImpl(Impl):
@@ -90,7 +111,7 @@ class FusedImpl(Impl):
         p = next(reference_module.parameters())
         module = fused_module_class(cfg.cell)(**cfg.module_kwargs()).to(device=p.device, dtype=p.dtype)
         module.load_state_dict(reference_module.state_dict())
-        return module
+        return _per_call(cfg, module)
 
 
 class ReferenceImpl(Impl):
@@ -106,6 +127,8 @@ class ReferenceImpl(Impl):
         return None
 
     def skip_reason(self, cfg, mode, device):
+        if cfg.step_calls:
+            return "times whole sequences only (step_calls compares per-call costs)"
         steps = cfg.seq_len * cfg.layers * cfg.directions
         if steps > REFERENCE_MAX_STEPS:
             return f"step loop too slow to time: T*layers*directions = {steps} > {REFERENCE_MAX_STEPS}"
@@ -175,8 +198,8 @@ class ReferenceStack(nn.Module):
 
 
 def _single_layer_dense(cfg: BenchConfig) -> Optional[str]:
-    if cfg.layers != 1 or cfg.bidirectional or cfg.packed or cfg.proj_size:
-        return "supports one layer, one direction, no packing, no projection"
+    if cfg.layers != 1 or cfg.bidirectional or cfg.packed or cfg.proj_size or cfg.step_calls:
+        return "supports one layer, one direction, whole sequences, no packing, no projection"
     return None
 
 
