@@ -284,6 +284,95 @@ def test_larger_threaded_shapes(monkeypatch):
                       torch.device("cpu"))
 
 
+# ------------------------------------------------------------------------------ small batch
+# At B <= 2 and short sequences the CPU forward reads W_hh and b_hh in place instead of packing
+# them (csrc/cpu/recurrence_impl.h, forward_in_place: while T * B * 2 * W <= P * log2(W), W the
+# SIMD width in elements, and at B=1 whenever W_hh is 512 KB or more). The shapes below take
+# that path under every instruction set and dtype (the strictest case, W=16, needs T * B * 8 <=
+# P), B=3 the packed one; both must match the reference. H=37 and P=20 leave tails in the units
+# (rows of a panel past H) and in the depth (masked loads past P).
+def _small_batch_grid():
+    out = []
+    for cell, proj in [("lstm", 0), ("lstm", 20), ("gru", 0), ("rnn_tanh", 0), ("rnn_relu", 0)]:
+        for B in (1, 2, 3):
+            T = {1: 4, 2: 2, 3: 2}[B] if not proj else {1: 2, 2: 1, 3: 2}[B]
+            for directions in ("fwd", "rev"):
+                for lengths in (False, True):
+                    for dtype in (torch.float64, torch.float32):
+                        out.append(Config(cell, proj, directions, lengths, T, B, 37, dtype,
+                                          batch_first=B == 2))
+    return out
+
+
+SMALL_BATCH_GRID = _small_batch_grid()
+
+
+@pytest.mark.parametrize("cfg", SMALL_BATCH_GRID, ids=[c.id for c in SMALL_BATCH_GRID])
+def test_small_batch_matches_reference(cfg):
+    pytest.importorskip("fusedrnn._cpu")
+    run_and_check(cfg, torch.device("cpu"))
+
+
+def _w_hh_bytes(cell, H, P, dtype):
+    return GATES[cell] * H * P * torch.empty((), dtype=dtype).element_size()
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+@pytest.mark.parametrize("cell,proj", [("lstm", 0), ("lstm", 20), ("gru", 0), ("rnn_tanh", 0)])
+def test_small_batch_packs_nothing(cell, proj, isa, monkeypatch):
+    """The in-place forward carves no packed W_hh from the workspace (so the tests above do run
+    it): its workspace is smaller than the packed B=3 one by at least W_hh (the rest, row buffers
+    and a packed W_hr, differs by far less)."""
+    cpu = pytest.importorskip("fusedrnn._cpu")
+    monkeypatch.setenv("FUSEDRNN_CPU_ISA", isa)
+
+    def workspace(T, B, H, P, dtype, c=cell):
+        (p,), _ = minimal_fwd_params(cpu, c, T=T, B=B, H=H, P=P, dtype=dtype)
+        return cpu.forward_workspace_bytes([p])
+
+    H, P = 37, proj or 37
+    for dtype in (torch.float64, torch.float32):
+        w_bytes = _w_hh_bytes(cell, H, P, dtype)
+        for T, B in [(2 if proj else 4, 1), (1 if proj else 2, 2)]:
+            packed = workspace(T, 3, H, P, dtype)
+            assert workspace(T, B, H, P, dtype) + w_bytes <= packed, (T, B, dtype)
+    # A W_hh of 512 KB or more is read in place at B=1 whatever the length.
+    w_bytes = _w_hh_bytes("lstm", 182, 182, torch.float32)
+    assert (workspace(500, 1, 182, 182, torch.float32, "lstm") + w_bytes
+            <= workspace(500, 3, 182, 182, torch.float32, "lstm"))
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+@pytest.mark.parametrize("cell,proj", [("lstm", 0), ("lstm", 20), ("gru", 0), ("rnn_relu", 0)])
+def test_small_batch_every_instruction_set(cell, proj, isa, monkeypatch):
+    pytest.importorskip("fusedrnn._cpu")
+    monkeypatch.setenv("FUSEDRNN_CPU_ISA", isa)
+    for dtype in (torch.float64, torch.float32):
+        for T, B in [(2 if proj else 4, 1), (1 if proj else 2, 2)]:
+            run_and_check(Config(cell, proj, "bidir", True, T, B, 37, dtype, False),
+                          torch.device("cpu"))
+
+
+@pytest.mark.parametrize("threads", [2, 3, 5])
+@pytest.mark.parametrize("cell,proj", [("lstm", 0), ("lstm", 20), ("gru", 0), ("rnn_tanh", 0)])
+def test_small_batch_thread_splits(cell, proj, threads, monkeypatch):
+    """In-place products on teams of several threads (some with no panel at all)."""
+    pytest.importorskip("fusedrnn._cpu")
+    monkeypatch.setenv("FUSEDRNN_CPU_TEST_THREADS", str(threads))
+    for dtype in (torch.float64, torch.float32):
+        run_and_check(Config(cell, proj, "bidir", True, 2, 1, 37, dtype, True),
+                      torch.device("cpu"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_small_batch_large_w_hh(dtype):
+    """LSTM H=182 (a W_hh over 512 KB: in place at any length at B=1; 182 = 11 * 16 + 6 leaves
+    tails in the units and the depth), both directions, with the default thread count."""
+    pytest.importorskip("fusedrnn._cpu")
+    run_and_check(Config("lstm", 0, "bidir", False, 3, 1, 182, dtype, False),
+                  torch.device("cpu"))
+
+
 # ------------------------------------------------------------------------------ bad parameters
 def _valid_bwd(cpu, cell="gru", T=2, B=2, H=3):
     G = GATES[cell]

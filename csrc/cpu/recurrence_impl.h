@@ -12,8 +12,10 @@
 // registers. In the forward panels the NV vectors are the G gates of the SAME W hidden units, so
 // when the dot products finish, the registers hold every pre-activation of those units and the
 // cell update (fusedrnn/cell_math.h, instantiated on SIMD vectors) runs right there, without a
-// round trip through memory. Threads own contiguous ranges of panels (hence of hidden units);
-// the cell state of a unit never leaves its thread and one barrier per step publishes h_t.
+// round trip through memory. At small batch and short sequences the forward skips the pack and
+// reads W_hh in place (InPlaceDots, forward_in_place), leaving the same registers to the cell
+// update. Threads own contiguous ranges of panels (hence of hidden units); the cell state of a
+// unit never leaves its thread and one barrier per step publishes h_t.
 // The backward product d_pre W_hh has output columns over the state (P); the same thread owns
 // the same units in the pointwise part and in the product, so it too needs one barrier per step.
 // A projected LSTM (proj_size) adds a second product (r W_hr^T forward, d_h W_hr backward) and
@@ -305,6 +307,175 @@ struct PanelGemm {
   }
 };
 
+// ------------------------------------------------------------------------------ in-place product
+// Small batch (forward): the product reads W_hh where it lies, row-major [G*H, P], instead of
+// packing it into panels first. At B=1 the pack (a register transpose of all of W_hh, ~15 GB/s)
+// cost more than the whole recurrence of a short sequence (LSTM H=512 T=1: ~75% of the call),
+// and the inference plan may not keep a packed copy across calls (a parameter written in place
+// behind its version counter must still be seen), so every call paid it.
+//
+// Each output vector of a forward panel (gate g of W consecutive units) is W rows of W_hh,
+// contiguous along k. Row w accumulates a vector of products row_w[k..k+W) * h[k..k+W) over
+// the k chunks; a transpose-and-add tree then folds the W row vectors into ONE vector whose
+// lane w is row w's dot product: the same register layout the packed product leaves, so the
+// cell epilogue does not know which product ran.
+
+// Batch rows up to which the forward may read W_hh in place (InPlaceDots keeps their sums on the
+// stack).
+constexpr int64_t kInPlaceMaxBatch = 2;
+
+// Whether the forward reads W_hh in place rather than packing it. The pack transposes all of
+// W_hh once per call (about log2(W) / W shuffles per weight); the in-place product instead folds
+// W row vectors into each output vector at every step and for every batch row (2 shuffles per
+// output). By that count the in-place product wins while seq_len * batch * 2 * W / log2(W)
+// <= depth (P), the rule below. Measured (2-core SPR VM, AVX-512 fp32, whole native calls at
+// B=1): LSTM H=64 breaks even near T=10 (rule: 8), H=128 between T=10 and 100 (rule: 16).
+// A W_hh of 512 KB or more (LSTM H >= 256 fp32) does not stay in the L1/L2 of the threads
+// between steps, the product streams it either way and the in-place one was no slower per step
+// (LSTM H=256 T=100: 553 against 612 us; H=512: 3.2 against 3.6 ms), so at B=1 it is taken
+// at any length.
+template <typename T>
+bool forward_in_place(int64_t seq_len, int64_t batch, int64_t rows, int64_t depth) {
+  constexpr int W = kWidth<T>;
+  constexpr int log2w = W >= 16 ? 4 : W >= 8 ? 3 : W >= 4 ? 2 : 1;
+  if (batch > kInPlaceMaxBatch) return false;
+  if (batch == 1 && rows * depth * static_cast<int64_t>(sizeof(T)) >= (int64_t(512) << 10)) {
+    return true;
+  }
+  return seq_len * batch * 2 * W <= depth * log2w;
+}
+
+// Loads p[0..n) (n in 1..W), the other lanes zero, without touching memory past p[n-1]: the
+// K tail of a W_hh row, whose next elements may lie past the end of the tensor.
+template <typename T, int W>
+FUSEDRNN_VEC_INLINE Vec<T, W> load_first(const T* p, int n) {
+  using V = Vec<T, W>;
+#if defined(__AVX512F__)
+  if constexpr (sizeof(T) * W == 64) {
+    const auto mask = static_cast<__mmask16>((1u << n) - 1);
+    if constexpr (sizeof(T) == 4) {
+      return V::of(reinterpret_cast<typename V::Raw>(_mm512_maskz_loadu_ps(mask, p)));
+    } else {
+      return V::of(reinterpret_cast<typename V::Raw>(_mm512_maskz_loadu_pd(
+          static_cast<__mmask8>(mask), p)));
+    }
+  }
+#endif
+#if defined(__AVX2__)
+  if constexpr (sizeof(T) * W == 32) {
+    using I = typename V::IRaw;
+    I lane;
+    for (int i = 0; i < W; ++i) lane[i] = i;
+    const I mask = lane < static_cast<typename V::Int>(n);  // all-ones where loaded
+    if constexpr (sizeof(T) == 4) {
+      return V::of(reinterpret_cast<typename V::Raw>(
+          _mm256_maskload_ps(p, reinterpret_cast<__m256i>(mask))));
+    } else {
+      return V::of(reinterpret_cast<typename V::Raw>(
+          _mm256_maskload_pd(p, reinterpret_cast<__m256i>(mask))));
+    }
+  }
+#endif
+  return V::load_partial(p, n);
+}
+
+template <typename T>
+struct InPlaceDots {
+  static constexpr int W = kWidth<T>;
+  using V = Vec<T, W>;
+  // Independent accumulator sets over consecutive k chunks: W rows give W chains, which hide
+  // the FMA latency (4 cycles, 2 ports) only from W = 8 on.
+  static constexpr int kSets = W >= 8 ? 1 : 8 / W;
+
+  // Folds acc[0..W) into one vector, lane w = the sum of acc[w]'s lanes. Stage s pairs
+  // acc[i] (rows whose index has bit s clear) with acc[i+s]: lanes with bit s clear take
+  // x[l] + x[l+s], lanes with bit s set y[l-s] + y[l], so after the stages s = 1, 2, ..., W/2
+  // the bits of a lane's index are the bits of its row's.
+  template <int S = 1>
+  static FUSEDRNN_VEC_INLINE V fold(V (&acc)[W]) {
+    if constexpr (S >= W) {
+      return acc[0];
+    } else {
+#pragma GCC unroll 16
+      for (int i = 0; i < W; i += 2 * S) {
+        const auto x = acc[i].v, y = acc[i + S].v;
+        acc[i] = V::of(swap_blocks<T, W, S, false>(x, y, std::make_index_sequence<W>{}) +
+                       swap_blocks<T, W, S, true>(x, y, std::make_index_sequence<W>{}));
+      }
+      return fold<2 * S>(acc);
+    }
+  }
+
+  // Lane w = rows[w] . h over k in [0, K), for rows[w] = first + min(w, n - 1) * ld: the rows
+  // past the last unit (n < W, the tail of H) repeat the last one, and their lanes are never
+  // published.
+  template <bool kFull>
+  static FUSEDRNN_VEC_INLINE V dots(const T* first, int64_t ld, int n, const T* h, int64_t K) {
+    const T* row[W];
+#pragma GCC unroll 16
+    for (int w = 0; w < W; ++w) row[w] = first + (kFull ? w : imin(w, n - 1)) * ld;
+    V acc[kSets][W];
+#pragma GCC unroll 16
+    for (int j = 0; j < kSets; ++j) {
+#pragma GCC unroll 16
+      for (int w = 0; w < W; ++w) acc[j][w] = V::zero();
+    }
+    int64_t k = 0;
+    for (; k + kSets * W <= K; k += kSets * W) {
+#pragma GCC unroll 8
+      for (int j = 0; j < kSets; ++j) {
+        const V hv = V::load(h + k + j * W);
+#pragma GCC unroll 16
+        for (int w = 0; w < W; ++w) acc[j][w] = V::load(row[w] + k + j * W) * hv + acc[j][w];
+      }
+    }
+    for (; k < K; k += W) {
+      const int left = static_cast<int>(imin(W, K - k));
+      const V hv = load_first<T, W>(h + k, left);
+#pragma GCC unroll 16
+      for (int w = 0; w < W; ++w) acc[0][w] = load_first<T, W>(row[w] + k, left) * hv + acc[0][w];
+    }
+#pragma GCC unroll 8
+    for (int j = 1; j < kSets; ++j) {
+#pragma GCC unroll 16
+      for (int w = 0; w < W; ++w) acc[0][w] += acc[j][w];
+    }
+    return fold(acc[0]);
+  }
+
+  // The forward product of panels [panel_begin, panel_end) (FwdPanel: NV vectors, gate v / UV
+  // of the units pan * UV * W + (v % UV) * W ...) for batch rows [0, rows): acc[b][v] =
+  // b_hh + h_b W_hh^T, then epi(panel, 0, rows, acc). The epilogue's operands are prefetched
+  // (prefetch(panel, 0, rows)) before the products, which hide their misses. reversed: the
+  // serpentine order of PanelGemm::run.
+  template <int NV, int UV, typename Epi, typename Prefetch>
+  static void run(const T* h, int64_t ldh, int64_t rows, int64_t K, const T* w_hh,
+                  const T* b_hh, int64_t H, int64_t panel_begin, int64_t panel_end, Epi&& epi,
+                  Prefetch&& prefetch, bool reversed) {
+    V acc[kInPlaceMaxBatch][NV];
+    for (int64_t j = 0; j < panel_end - panel_begin; ++j) {
+      const int64_t pan = reversed ? panel_end - 1 - j : panel_begin + j;
+      prefetch(pan, 0, static_cast<int>(rows));
+      for (int v = 0; v < NV; ++v) {
+        const int64_t u = pan * UV * W + (v % UV) * W;
+        const int64_t row0 = (v / UV) * H + u;
+        const int n = static_cast<int>(imin(W, H - u));
+        for (int64_t b = 0; b < rows; ++b) {
+          if (n <= 0) {
+            acc[b][v] = V::zero();
+            continue;
+          }
+          const T* hb = h + b * ldh;
+          acc[b][v] = n == W ? dots<true>(w_hh + row0 * K, K, n, hb, K)
+                             : dots<false>(w_hh + row0 * K, K, n, hb, K);
+          if (b_hh) acc[b][v] += V::load_partial(b_hh + row0, n);
+        }
+      }
+      epi(pan, 0, static_cast<int>(rows), acc);
+    }
+  }
+};
+
 // ------------------------------------------------------------------------------ workspace
 struct Carver {
   int64_t size = 0;
@@ -349,23 +520,26 @@ struct FwdLayout {
   static constexpr int NV = FwdPanel<C>::kVecs;
   static constexpr int UV = FwdPanel<C>::kUnitVecs;
   int64_t units_per_panel, panels, proj_panels, ld;
+  // Small batch: the product reads W_hh and b_hh in place (InPlaceDots), nothing is packed.
+  bool in_place;
   int64_t w_pack, bias_pack, wr_pack, h, c, r, scratch, proj_scratch, bytes;
   explicit FwdLayout(const RecurrenceFwdParams& p) {
     const int64_t H = p.hidden, P = p.state, B = p.batch;
     const bool projected = C == CellKind::kLstm && P != H;
+    in_place = forward_in_place<T>(p.seq_len, B, gate_count(C) * H, P);
     units_per_panel = UV * W;
     panels = ceil_div(H, units_per_panel);
     proj_panels = projected ? ceil_div(P, kColVecs * W) : 0;
     ld = padded_ld<T>(round_up(imax(H, P), kColVecs * W));
     const int64_t e = sizeof(T);
     Carver carve;
-    w_pack = carve.take(panels * P * NV * W * e);
-    bias_pack = carve.take(panels * NV * W * e);
+    w_pack = carve.take(in_place ? 0 : panels * P * NV * W * e);
+    bias_pack = carve.take(in_place ? 0 : panels * NV * W * e);
     wr_pack = carve.take(proj_panels * H * kColVecs * W * e);
     h = carve.take(2 * B * ld * e);
     c = carve.take(C == CellKind::kLstm ? B * ld * e : 0);
     r = carve.take(projected ? B * ld * e : 0);
-    scratch = carve.take(PanelGemm<T, NV>::scratch_elems(panels, B, P) * e);
+    scratch = carve.take(in_place ? 0 : PanelGemm<T, NV>::scratch_elems(panels, B, P) * e);
     proj_scratch = carve.take(PanelGemm<T, kColVecs>::scratch_elems(proj_panels, B, H) * e);
     bytes = carve.total();
   }
@@ -415,7 +589,7 @@ void forward_impl(const RecurrenceFwdParams& p, const Team& team) {
 
   char* ws = aligned_base(p.workspace);
   T* w_pack = reinterpret_cast<T*>(ws + lay.w_pack);
-  T* bias_pack = p.b_hh ? reinterpret_cast<T*>(ws + lay.bias_pack) : nullptr;
+  T* bias_pack = p.b_hh && !lay.in_place ? reinterpret_cast<T*>(ws + lay.bias_pack) : nullptr;
   T* wr_pack = reinterpret_cast<T*>(ws + lay.wr_pack);
   T* hbuf[2] = {reinterpret_cast<T*>(ws + lay.h), reinterpret_cast<T*>(ws + lay.h) + B * ld};
   T* cbuf = reinterpret_cast<T*>(ws + lay.c);
@@ -442,8 +616,10 @@ void forward_impl(const RecurrenceFwdParams& p, const Team& team) {
     const int64_t g = v / UV, u = pan * upp + (v % UV) * W + w;
     return u < H ? g * H + u : -1;
   };
-  pack_panels<T, NV>(w_pack, w_hh, P, P, 1, pan_begin, pan_end, gate_row);
-  if (bias_pack) pack_panels<T, NV>(bias_pack, b_hh, 1, 1, 0, pan_begin, pan_end, gate_row);
+  if (!lay.in_place) {
+    pack_panels<T, NV>(w_pack, w_hh, P, P, 1, pan_begin, pan_end, gate_row);
+    if (bias_pack) pack_panels<T, NV>(bias_pack, b_hh, 1, 1, 0, pan_begin, pan_end, gate_row);
+  }
   if (projected) {
     pack_panels<T, kColVecs>(
         wr_pack, w_hr, H, H, 1, ppan_begin, ppan_end, [&](int64_t pan, int v, int w) -> int64_t {
@@ -552,9 +728,16 @@ void forward_impl(const RecurrenceFwdParams& p, const Team& team) {
       }
     };
     // Serpentine panel order (odd steps backwards): W_hh of a small layer is a little larger
-    // than L1 (LSTM H=64 fp32: 64 KB against 48 KB), and the turn keeps most of it there.
-    PanelGemm<T, NV>::run(h_prev, ld, rows, P, w_pack, bias_pack, pan_begin, pan_end, scratch,
-                          cell_epilogue, cell_prefetch, (s & 1) != 0);
+    // than L1 (LSTM H=64 fp32: 64 KB against 48 KB), and the turn keeps most of it there. The
+    // in-place product gains as much (B=1, one thread: H=64 0.71 against 0.88 us a step, H=512
+    // 111 against 148 us).
+    if (lay.in_place) {
+      InPlaceDots<T>::template run<NV, UV>(h_prev, ld, rows, P, w_hh, b_hh, H, pan_begin,
+                                           pan_end, cell_epilogue, cell_prefetch, (s & 1) != 0);
+    } else {
+      PanelGemm<T, NV>::run(h_prev, ld, rows, P, w_pack, bias_pack, pan_begin, pan_end, scratch,
+                            cell_epilogue, cell_prefetch, (s & 1) != 0);
+    }
 
     // Padded rows: the state stays, the output row is zero.
     if (p.lengths) {
