@@ -292,3 +292,32 @@ def test_gradcheck_one_step_layers(kind, kwargs):
         return (out, *final) if kind == "LSTM" else (out, final)
 
     assert torch.autograd.gradcheck(run, (x, *states, *params), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_non_contiguous_states_and_biases(cell):
+    """States, biases and upstream gradients that are strided views: the pass reads contiguous
+    copies, which must stay alive through the native call (a freed temporary would be read)."""
+    gen = torch.Generator().manual_seed(8)
+    x, h, c, w_ih, w_hh, b_ih, b_hh = _operands(cell, 3, 4, 23, torch.float64, True, gen)
+    h_view = torch.randn(23, 3, dtype=torch.float64, generator=gen).t()
+    c_view = torch.randn(23, 3, dtype=torch.float64, generator=gen).t()
+    b_ih_view = torch.randn(2 * b_ih.numel(), dtype=torch.float64, generator=gen)[::2]
+    b_hh_view = torch.randn(2 * b_hh.numel(), dtype=torch.float64, generator=gen)[::2]
+    tensors = [t.requires_grad_() for t in (x, h_view, c_view, w_ih, w_hh, b_ih_view, b_hh_view)]
+    hx = (tensors[1], tensors[2]) if cell == "lstm" else tensors[1]
+    args = (x, w_ih, w_hh, tensors[5], tensors[6], hx)
+    got = functional.cell_step(cell, *args)
+    expected = _sequence_of_one(cell, x, hx, w_ih, w_hh, tensors[5], tensors[6])
+    got = got if isinstance(got, tuple) else (got,)
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    leaves = [t for i, t in enumerate(tensors) if i != 2 or cell == "lstm"]
+    upstream = [torch.randn(o.shape, dtype=o.dtype, generator=gen) for o in got]
+    # The same values stored column-major: a strided upstream gradient.
+    upstream = [u.t().contiguous().t() for u in upstream]
+    for a, b in zip(got, expected):
+        assert_close(a, b, 1e-12, "output")
+    grads_got = torch.autograd.grad(got, leaves, upstream)
+    grads_expected = torch.autograd.grad(expected, leaves, upstream)
+    for i, (a, b) in enumerate(zip(grads_got, grads_expected)):
+        assert_close(a, b, 1e-12, f"gradient {i}")

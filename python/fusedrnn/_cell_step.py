@@ -95,14 +95,17 @@ def _forward(cell, x, h, c, w_ih, w_hh, b_ih, b_hh, save: bool):
     # (Not w_hh.size(1): a projected LSTM layer's W_hh is [4H, P].)
     batch, hidden = x.size(0), w_hh.size(0) // GATE_COUNT[cell]
     is_lstm, is_gru = cell == "lstm", cell == "gru"
+    # Every tensor whose pointer the native pass reads is bound to a name until it returns: a
+    # temporary (a contiguous copy) would be freed as soon as its data_ptr() was taken.
     h_prev = h.contiguous() if is_gru else None
-    c_prev = c.contiguous() if c is not None else None
+    c_prev = _contiguous(c)
+    b_ih, b_hh = _contiguous(b_ih), _contiguous(b_hh)
     h_next = x.new_empty(batch, hidden)
     c_next = x.new_empty(batch, hidden) if is_lstm else None
     gates = x.new_empty(batch, SAVED_GATE_COUNT[cell] * hidden) if save and (is_lstm or is_gru) else None
     _cpu.cell_step_forward(
         CELL_CODES[cell], DTYPE_CODES[x.dtype], batch, hidden, xpre.data_ptr(), _ptr(hpre),
-        _ptr(_contiguous(b_ih)), _ptr(_contiguous(b_hh)), _ptr(h_prev), _ptr(c_prev),
+        _ptr(b_ih), _ptr(b_hh), _ptr(h_prev), _ptr(c_prev),
         h_next.data_ptr(), _ptr(c_next), _ptr(gates), torch.get_num_threads())
     return h_next, c_next, gates
 
@@ -142,12 +145,12 @@ class _CellStep(torch.autograd.Function):
         d_hpre = torch.empty_like(d_xpre) if is_gru else None
         d_c_prev = x.new_empty(batch, hidden) if is_lstm else None
         d_h_direct = x.new_empty(batch, hidden) if is_gru else None
-        d_h = d_h.contiguous() if d_h is not None else None
-        d_c = d_c.contiguous() if d_c is not None else None
+        d_h, d_c = _contiguous(d_h), _contiguous(d_c)
+        c_prev, h_prev = _contiguous(c), (h.contiguous() if is_gru else None)  # named: see _forward
         _cpu.cell_step_backward(
             CELL_CODES[cell], DTYPE_CODES[x.dtype], batch, hidden, _ptr(gates),
-            _ptr(saved) if is_lstm else 0, _ptr(c.contiguous() if c is not None else None),
-            _ptr(h.contiguous() if is_gru else None), 0 if (is_lstm or is_gru) else _ptr(saved),
+            _ptr(saved) if is_lstm else 0, _ptr(c_prev), _ptr(h_prev),
+            0 if (is_lstm or is_gru) else _ptr(saved),
             _ptr(d_h), _ptr(d_c), d_xpre.data_ptr(), _ptr(d_hpre), _ptr(d_c_prev),
             _ptr(d_h_direct), torch.get_num_threads())
         d_hp = d_hpre if is_gru else d_xpre  # gradient w.r.t. h W_hh^T + b_hh
