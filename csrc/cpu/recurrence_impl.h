@@ -318,7 +318,8 @@ struct PanelGemm {
 // contiguous along k. Row w accumulates a vector of products row_w[k..k+W) * h[k..k+W) over
 // the k chunks; a transpose-and-add tree then folds the W row vectors into ONE vector whose
 // lane w is row w's dot product: the same register layout the packed product leaves, so the
-// cell epilogue does not know which product ran.
+// cell epilogue does not know which product ran. A projected LSTM reads W_hr ([P, H]) in place
+// the same way, under the same rule (forward_in_place with P rows of depth H).
 
 // Batch rows up to which the forward may read W_hh in place (InPlaceDots keeps their sums on the
 // stack).
@@ -443,14 +444,15 @@ struct InPlaceDots {
     return fold(acc[0]);
   }
 
-  // The forward product of panels [panel_begin, panel_end) (FwdPanel: NV vectors, gate v / UV
-  // of the units pan * UV * W + (v % UV) * W ...) for batch rows [0, rows): acc[b][v] =
-  // b_hh + h_b W_hh^T, then epi(panel, 0, rows, acc). The epilogue's operands are prefetched
-  // (prefetch(panel, 0, rows)) before the products, which hide their misses. reversed: the
-  // serpentine order of PanelGemm::run.
+  // The product of panels [panel_begin, panel_end) for batch rows [0, rows): acc[b][v] = bias +
+  // h_b w^T, then epi(panel, 0, rows, acc). w is [G * N, K], bias [G * N] or null; vector v of
+  // a panel is gate v / UV of the outputs pan * UV * W + (v % UV) * W ... (< N): FwdPanel's
+  // layout over W_hh (N = H), or plain columns over W_hr (G = 1, UV = NV, N = P). The
+  // epilogue's operands are prefetched (prefetch(panel, 0, rows)) before the products, which
+  // hide their misses. reversed: the serpentine order of PanelGemm::run.
   template <int NV, int UV, typename Epi, typename Prefetch>
-  static void run(const T* h, int64_t ldh, int64_t rows, int64_t K, const T* w_hh,
-                  const T* b_hh, int64_t H, int64_t panel_begin, int64_t panel_end, Epi&& epi,
+  static void run(const T* h, int64_t ldh, int64_t rows, int64_t K, const T* w, const T* bias,
+                  int64_t N, int64_t panel_begin, int64_t panel_end, Epi&& epi,
                   Prefetch&& prefetch, bool reversed) {
     V acc[kInPlaceMaxBatch][NV];
     for (int64_t j = 0; j < panel_end - panel_begin; ++j) {
@@ -458,17 +460,17 @@ struct InPlaceDots {
       prefetch(pan, 0, static_cast<int>(rows));
       for (int v = 0; v < NV; ++v) {
         const int64_t u = pan * UV * W + (v % UV) * W;
-        const int64_t row0 = (v / UV) * H + u;
-        const int n = static_cast<int>(imin(W, H - u));
+        const int64_t row0 = (v / UV) * N + u;
+        const int n = static_cast<int>(imin(W, N - u));
         for (int64_t b = 0; b < rows; ++b) {
           if (n <= 0) {
             acc[b][v] = V::zero();
             continue;
           }
           const T* hb = h + b * ldh;
-          acc[b][v] = n == W ? dots<true>(w_hh + row0 * K, K, n, hb, K)
-                             : dots<false>(w_hh + row0 * K, K, n, hb, K);
-          if (b_hh) acc[b][v] += V::load_partial(b_hh + row0, n);
+          acc[b][v] = n == W ? dots<true>(w + row0 * K, K, n, hb, K)
+                             : dots<false>(w + row0 * K, K, n, hb, K);
+          if (bias) acc[b][v] += V::load_partial(bias + row0, n);
         }
       }
       epi(pan, 0, static_cast<int>(rows), acc);
@@ -520,13 +522,15 @@ struct FwdLayout {
   static constexpr int NV = FwdPanel<C>::kVecs;
   static constexpr int UV = FwdPanel<C>::kUnitVecs;
   int64_t units_per_panel, panels, proj_panels, ld;
-  // Small batch: the product reads W_hh and b_hh in place (InPlaceDots), nothing is packed.
-  bool in_place;
+  // Small batch: the product reads W_hh and b_hh in place (InPlaceDots), nothing is packed;
+  // proj_in_place: the same for the projection's W_hr.
+  bool in_place, proj_in_place;
   int64_t w_pack, bias_pack, wr_pack, h, c, r, scratch, proj_scratch, bytes;
   explicit FwdLayout(const RecurrenceFwdParams& p) {
     const int64_t H = p.hidden, P = p.state, B = p.batch;
     const bool projected = C == CellKind::kLstm && P != H;
     in_place = forward_in_place<T>(p.seq_len, B, gate_count(C) * H, P);
+    proj_in_place = projected && forward_in_place<T>(p.seq_len, B, P, H);
     units_per_panel = UV * W;
     panels = ceil_div(H, units_per_panel);
     proj_panels = projected ? ceil_div(P, kColVecs * W) : 0;
@@ -535,12 +539,13 @@ struct FwdLayout {
     Carver carve;
     w_pack = carve.take(in_place ? 0 : panels * P * NV * W * e);
     bias_pack = carve.take(in_place ? 0 : panels * NV * W * e);
-    wr_pack = carve.take(proj_panels * H * kColVecs * W * e);
+    wr_pack = carve.take(proj_in_place ? 0 : proj_panels * H * kColVecs * W * e);
     h = carve.take(2 * B * ld * e);
     c = carve.take(C == CellKind::kLstm ? B * ld * e : 0);
     r = carve.take(projected ? B * ld * e : 0);
     scratch = carve.take(in_place ? 0 : PanelGemm<T, NV>::scratch_elems(panels, B, P) * e);
-    proj_scratch = carve.take(PanelGemm<T, kColVecs>::scratch_elems(proj_panels, B, H) * e);
+    proj_scratch = carve.take(
+        proj_in_place ? 0 : PanelGemm<T, kColVecs>::scratch_elems(proj_panels, B, H) * e);
     bytes = carve.total();
   }
 };
@@ -620,7 +625,7 @@ void forward_impl(const RecurrenceFwdParams& p, const Team& team) {
     pack_panels<T, NV>(w_pack, w_hh, P, P, 1, pan_begin, pan_end, gate_row);
     if (bias_pack) pack_panels<T, NV>(bias_pack, b_hh, 1, 1, 0, pan_begin, pan_end, gate_row);
   }
-  if (projected) {
+  if (projected && !lay.proj_in_place) {
     pack_panels<T, kColVecs>(
         wr_pack, w_hr, H, H, 1, ppan_begin, ppan_end, [&](int64_t pan, int v, int w) -> int64_t {
           const int64_t col = (pan * kColVecs + v) * W + w;
@@ -766,8 +771,14 @@ void forward_impl(const RecurrenceFwdParams& p, const Team& team) {
           }
         }
       };
-      PanelGemm<T, kColVecs>::run(rbuf, ld, rows, H, wr_pack, nullptr, ppan_begin, ppan_end,
-                                  proj_scratch, proj_epilogue);
+      if (lay.proj_in_place) {
+        InPlaceDots<T>::template run<kColVecs, kColVecs>(
+            rbuf, ld, rows, H, w_hr, nullptr, P, ppan_begin, ppan_end, proj_epilogue,
+            [](int64_t, int64_t, int) {}, false);
+      } else {
+        PanelGemm<T, kColVecs>::run(rbuf, ld, rows, H, wr_pack, nullptr, ppan_begin, ppan_end,
+                                    proj_scratch, proj_epilogue);
+      }
       if (p.lengths) {
         for (int64_t b = 0; b < B; ++b) {
           if (steps.active(b, s)) continue;
