@@ -64,10 +64,14 @@ def _native_forward(cell, x, h, c, w_ih, w_hh, b_ih, b_hh, *, split_products, th
     h_next = _nan(B, H, dtype=dtype)
     c_next = _nan(B, H, dtype=dtype) if cell == "lstm" else None
     gates = _nan(B, SAVED_GATE_COUNT[cell] * H, dtype=dtype) if SAVED_GATE_COUNT[cell] else None
+    saved_state = _nan(B, H, dtype=dtype) if cell != "gru" else None
     _backend._cpu.cell_step_forward(
         CELL_CODES[cell], DTYPE_CODES[dtype], B, H, xpre.data_ptr(), _ptr(hpre), _ptr(b_ih),
         _ptr(b_hh), _ptr(h if cell == "gru" else None), _ptr(c if cell == "lstm" else None),
-        h_next.data_ptr(), _ptr(c_next), _ptr(gates), threads)
+        h_next.data_ptr(), _ptr(c_next), _ptr(gates), _ptr(saved_state), threads)
+    # The private copy the backward reads: c' (LSTM) or h' (RNN), bit for bit.
+    if saved_state is not None:
+        assert torch.equal(saved_state, c_next if cell == "lstm" else h_next)
     return h_next, c_next, gates
 
 
@@ -102,7 +106,7 @@ def test_every_instruction_set(isa, monkeypatch):
     for cell in CELLS:
         for dtype in (torch.float64, torch.float32):
             test_native_forward_matches_reference(cell, (3, 4, 37), True, dtype)
-        test_native_backward_matches_autograd(cell, (3, 4, 37))
+            test_native_backward_matches_autograd(cell, (3, 4, 37), dtype)
 
 
 def test_native_forward_lstm_without_c_prev_is_zero_state():
@@ -115,19 +119,21 @@ def test_native_forward_lstm_without_c_prev_is_zero_state():
     assert_close(c_next, expected[1], 1e-12, "c'")
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("shape", [(1, 3, 5), (3, 4, 37), WIDE], ids=lambda s: "B{}-I{}-H{}".format(*s))
 @pytest.mark.parametrize("cell", CELLS)
-def test_native_backward_matches_autograd(cell, shape):
-    """d_pre (and GRU's d_hpre, d_h direct; LSTM's d_c_prev) against autograd through the
-    reference cell's formulas on the same pre-activations, outputs NaN-poisoned."""
-    dtype = torch.float64
+def test_native_backward_matches_autograd(cell, shape, dtype):
+    """d_pre (and GRU's d_hpre, d_h direct; LSTM's d_c_prev) against autograd in float64 through
+    the reference cell's formulas on the same pre-activations, outputs NaN-poisoned."""
+    tol = 1e-12 if dtype == torch.float64 else TOLERANCE[dtype]
     gen = torch.Generator().manual_seed(11)
     B, I, H = shape
     G = GATE_COUNT[cell]
     x, h, c, w_ih, w_hh, b_ih, b_hh = _operands(cell, B, I, H, dtype, True, gen)
-    xpre = (x @ w_ih.t() + b_ih).requires_grad_()
-    hpre = (h @ w_hh.t() + b_hh).requires_grad_()
-    h_leaf, c_leaf = h.clone().requires_grad_(), c.clone().requires_grad_()
+    x64, h64, c64, w_ih64, w_hh64, b_ih64, b_hh64 = (t.double() for t in (x, h, c, w_ih, w_hh, b_ih, b_hh))
+    xpre = (x64 @ w_ih64.t() + b_ih64).requires_grad_()
+    hpre = (h64 @ w_hh64.t() + b_hh64).requires_grad_()
+    h_leaf, c_leaf = h64.clone().requires_grad_(), c64.clone().requires_grad_()
     # The cell formulas of reference.py, written on the pre-activations.
     if cell == "lstm":
         i, f, g, o = (xpre + hpre).chunk(4, 1)
@@ -142,7 +148,8 @@ def test_native_backward_matches_autograd(cell, shape):
     else:
         act = torch.relu if cell == "rnn_relu" else torch.tanh
         outs = (act(xpre + hpre),)
-    d_outs = [torch.randn(o.shape, generator=gen, dtype=dtype) for o in outs]
+    d_outs = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(dtype).double()
+              for o in outs]
     wrt = [xpre, hpre] + ([c_leaf] if cell == "lstm" else []) + ([h_leaf] if cell == "gru" else [])
     grads = torch.autograd.grad(outs, wrt, d_outs)
 
@@ -153,20 +160,21 @@ def test_native_backward_matches_autograd(cell, shape):
     d_hpre = _nan(B, G * H, dtype=dtype) if cell == "gru" else None
     d_c_prev = _nan(B, H, dtype=dtype) if cell == "lstm" else None
     d_h_prev = _nan(B, H, dtype=dtype) if cell == "gru" else None
+    d_native = [d.to(dtype) for d in d_outs]
     _backend._cpu.cell_step_backward(
         CELL_CODES[cell], DTYPE_CODES[dtype], B, H, _ptr(gates),
         _ptr(c_next), _ptr(c if cell == "lstm" else None), _ptr(h if cell == "gru" else None),
-        _ptr(h_next if cell.startswith("rnn") else None), d_outs[0].data_ptr(),
-        _ptr(d_outs[1] if cell == "lstm" else None), d_xpre.data_ptr(), _ptr(d_hpre),
+        _ptr(h_next if cell.startswith("rnn") else None), d_native[0].data_ptr(),
+        _ptr(d_native[1] if cell == "lstm" else None), d_xpre.data_ptr(), _ptr(d_hpre),
         _ptr(d_c_prev), _ptr(d_h_prev), 2)
-    assert_close(d_xpre, grads[0], 1e-12, "d_xpre")
+    assert_close(d_xpre, grads[0], tol, "d_xpre")
     if cell == "gru":
-        assert_close(d_hpre, grads[1], 1e-12, "d_hpre")
-        assert_close(d_h_prev, grads[2], 1e-12, "d_h_prev (direct part)")
+        assert_close(d_hpre, grads[1], tol, "d_hpre")
+        assert_close(d_h_prev, grads[2], tol, "d_h_prev (direct part)")
     else:
-        assert_close(d_xpre, grads[1], 1e-12, "d_xpre equals d_hpre")
+        assert_close(d_xpre, grads[1], tol, "d_xpre equals d_hpre")
     if cell == "lstm":
-        assert_close(d_c_prev, grads[2], 1e-12, "d_c_prev")
+        assert_close(d_c_prev, grads[2], tol, "d_c_prev")
 
 
 @pytest.mark.parametrize("missing, cell, message", [
@@ -181,28 +189,31 @@ def test_native_forward_rejects_missing_pointers(missing, cell, message):
     with pytest.raises(ValueError, match=message):
         _backend._cpu.cell_step_forward(CELL_CODES[cell], DTYPE_CODES[torch.float32], B, H,
                                         ptrs["xpre"], ptrs["hpre"], 0, 0, ptrs["h_prev"], 0,
-                                        ptrs["h"], ptrs["c"], 0, 1)
+                                        ptrs["h"], ptrs["c"], 0, 0, 1)
 
 
 def test_native_rejects_bad_shape_and_dtype():
     t = torch.zeros(8)
     with pytest.raises(ValueError, match="batch and hidden"):
         _backend._cpu.cell_step_forward(2, 0, 0, 4, t.data_ptr(), 0, 0, 0, 0, 0, t.data_ptr(), 0,
-                                        0, 1)
+                                        0, 0, 1)
     with pytest.raises(ValueError, match="float32 or float64"):
         _backend._cpu.cell_step_forward(2, DTYPE_CODES[torch.float16], 1, 4, t.data_ptr(), 0, 0,
-                                        0, 0, 0, t.data_ptr(), 0, 0, 1)
+                                        0, 0, 0, t.data_ptr(), 0, 0, 0, 1)
     with pytest.raises(ValueError, match="cell code"):
         _backend._cpu.cell_step_forward(9, 0, 1, 4, t.data_ptr(), 0, 0, 0, 0, 0, t.data_ptr(), 0,
-                                        0, 1)
+                                        0, 0, 1)
 
 
 # ------------------------------------------------------------------------------ the path
 def _sequence_of_one(cell, x, hx, w_ih, w_hh, b_ih, b_hh):
-    """What CUDA and the emulator run for a cell: functional.rnn with T=1."""
+    """What CUDA and the emulator run for a cell: the native recurrence over T=1 (forced: on the
+    CPU functional.rnn would send T=1 to the cell step itself)."""
     if hx is not None:
         hx = tuple(s.unsqueeze(0) for s in hx) if cell == "lstm" else hx.unsqueeze(0)
-    _, h_n, c_n = functional.rnn(cell, x.unsqueeze(0), [(w_ih, w_hh, b_ih, b_hh, None)], hx)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(functional, "_one_step_applies", lambda *args: False)
+        _, h_n, c_n = functional.rnn(cell, x.unsqueeze(0), [(w_ih, w_hh, b_ih, b_hh, None)], hx)
     return (h_n[0], c_n[0]) if cell == "lstm" else h_n[0]
 
 
@@ -321,3 +332,92 @@ def test_non_contiguous_states_and_biases(cell):
     grads_expected = torch.autograd.grad(expected, leaves, upstream)
     for i, (a, b) in enumerate(zip(grads_got, grads_expected)):
         assert_close(a, b, 1e-12, f"gradient {i}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("name", ["LSTMCell", "GRUCell", "RNNCell"])
+def test_cells_match_torch_at_odd_width(name, dtype):
+    """H=37: full SIMD vectors and a tail in every ISA; outputs and every gradient of a
+    three-step loop against torch.nn's cell (float32 within the fp32 tolerance)."""
+    torch.manual_seed(2)
+    theirs = getattr(torch.nn, name)(11, 37, dtype=dtype)
+    ours = getattr(fusedrnn, name)(11, 37, dtype=dtype)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(3, 5, 11, dtype=dtype)
+    runs = []
+    for module in (theirs, ours):
+        xs = x.clone().requires_grad_()
+        state, outs = None, []
+        for t in range(3):
+            state = module(xs[t], state)
+            outs.append(state[0] if name == "LSTMCell" else state)
+        loss = sum((o * (k + 1)).sum() for k, o in enumerate(outs))
+        loss.backward()
+        runs.append([*outs, xs.grad, *(p.grad for p in module.parameters())])
+    for i, (a, b) in enumerate(zip(*runs)):
+        assert_close(b, a, TOLERANCE[dtype] * 5, f"result {i}")
+
+
+def test_one_step_output_and_h_n_do_not_share_memory():
+    """torch.nn's output and h_n are separate tensors: a stream may change one in place."""
+    for module in (fusedrnn.LSTM(3, 4), fusedrnn.GRU(3, 4), fusedrnn.RNN(3, 4)):
+        x = torch.randn(1, 2, 3)
+        for grad in (False, True):
+            with torch.set_grad_enabled(grad):
+                out, state = module(x)
+            h_n = state[0] if isinstance(state, tuple) else state
+            assert out.data_ptr() != h_n.data_ptr()
+            before = h_n.clone()
+            out.detach().mul_(2)
+            assert torch.equal(h_n, before)
+
+
+@pytest.mark.parametrize("name", ["LSTMCell", "GRUCell", "LSTM", "GRU", "RNN"])
+def test_returned_tensors_may_change_in_place_before_backward(name):
+    """Nothing returned is a saved tensor: an in-place reset of the state (c[done] = 0), or of a
+    layer's output, before backward works as with torch.nn."""
+    torch.manual_seed(3)
+    ours = getattr(fusedrnn, name)(3, 4, dtype=torch.float64)
+    theirs = getattr(torch.nn, name)(3, 4, dtype=torch.float64)
+    theirs.load_state_dict(ours.state_dict())
+    is_cell = name.endswith("Cell")
+    x = torch.randn(2, 3, dtype=torch.float64) if is_cell else torch.randn(1, 2, 3, dtype=torch.float64)
+    grads = []
+    for module in (theirs, ours):
+        out = module(x)
+        tensors = list(out) if isinstance(out, tuple) else [out]
+        if not is_cell:  # (output, h_n) or (output, (h_n, c_n))
+            tensors = [tensors[0], *(tensors[1] if isinstance(tensors[1], tuple) else [tensors[1]])]
+        for t in tensors:
+            t.mul_(0.5)
+        sum(t.sum() for t in tensors).backward()
+        grads.append([p.grad for p in module.parameters()])
+    for a, b in zip(*grads):
+        assert_close(b, a, 1e-12, "parameter gradient")
+
+
+@pytest.mark.parametrize("args", [dict(b_hh=torch.randn(19)), dict(w_ih=torch.randn(16, 5)),
+                                  dict(w_hh=torch.randn(24, 5))], ids=["b_hh", "w_ih", "w_hh"])
+def test_one_step_bad_shapes_get_the_checked_errors(args):
+    """functional.rnn at T=1 reports a bad weight shape exactly as at T=2 (it falls back to the
+    checked recurrence path instead of handing the shape to the native pass); so does
+    functional.cell_step, and a bad state shape too."""
+    H, I, B = 8, 5, 2
+    weights = dict(w_ih=torch.randn(3 * H, I), w_hh=torch.randn(3 * H, H), b_ih=torch.randn(3 * H),
+                   b_hh=torch.randn(3 * H))
+    weights.update(args)
+    layer = [(weights["w_ih"], weights["w_hh"], weights["b_ih"], weights["b_hh"], None)]
+    errors = []
+    for seq_len in (2, 1):
+        with pytest.raises(RuntimeError) as error:
+            functional.rnn("gru", torch.randn(seq_len, B, I), layer)
+        errors.append(str(error.value).replace("[4, ", "[2, "))  # (T*B rows in one message)
+    assert errors[0] == errors[1]
+    with pytest.raises(RuntimeError):
+        functional.cell_step("gru", torch.randn(B, I), *layer[0][:4], torch.randn(B, H))
+
+
+def test_cell_step_bad_state_shape_is_an_error():
+    with pytest.raises(RuntimeError, match="c0|hidden"):
+        functional.cell_step("lstm", torch.randn(2, 5), torch.randn(32, 5), torch.randn(32, 8),
+                             None, None, (torch.randn(2, 8), torch.randn(2, 3)))

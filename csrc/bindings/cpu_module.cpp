@@ -68,7 +68,7 @@ PYBIND11_MODULE(_cpu, m) {
       "cell_step_forward",
       [](int32_t cell, int32_t dtype, int64_t batch, int64_t hidden, uintptr_t xpre, uintptr_t hpre,
          uintptr_t b_ih, uintptr_t b_hh, uintptr_t h_prev, uintptr_t c_prev, uintptr_t h,
-         uintptr_t c, uintptr_t gates, int64_t num_threads) {
+         uintptr_t c, uintptr_t gates, uintptr_t saved_state, int64_t num_threads) {
         fusedrnn::CellStepFwdParams p;
         set_cell_step_shape(p, cell, dtype, batch, hidden);
         p.xpre = as_ptr(xpre);
@@ -80,6 +80,7 @@ PYBIND11_MODULE(_cpu, m) {
         p.h = as_ptr(h);
         p.c = as_ptr(c);
         p.gates = as_ptr(gates);
+        p.saved_state = as_ptr(saved_state);
         p.num_threads = num_threads;
         py::gil_scoped_release release;
         fusedrnn::cpu::cell_step_forward(p);

@@ -47,6 +47,7 @@ void cell_step_forward_rows(const CellStepFwdParams& p, int64_t row_begin, int64
                                        c_next, r);
         r.store_partial(h + u, n);
         c_next.store_partial(static_cast<T*>(p.c) + b * H + u, n);
+        if (p.saved_state) c_next.store_partial(static_cast<T*>(p.saved_state) + b * H + u, n);
         if (gates) {
           gate.i.store_partial(gates + u, n);
           gate.f.store_partial(gates + H + u, n);
@@ -66,7 +67,9 @@ void cell_step_forward_rows(const CellStepFwdParams& p, int64_t row_begin, int64
           gate.h_n.store_partial(gates + 3 * H + u, n);
         }
       } else {
-        rnn_forward(p.cell, x_part(0) + h_part(0)).store_partial(h + u, n);
+        const V h_next = rnn_forward(p.cell, x_part(0) + h_part(0));
+        h_next.store_partial(h + u, n);
+        if (p.saved_state) h_next.store_partial(static_cast<T*>(p.saved_state) + b * H + u, n);
       }
     }
   }

@@ -46,6 +46,36 @@ def applies(input: Tensor, operands) -> bool:
     return not backend or _backend.backend_name() == "cpu"
 
 
+def shape_problem(cell: str, x: Tensor, h: Optional[Tensor], c: Optional[Tensor], w_ih: Tensor,
+                  w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor],
+                  w_hr: Optional[Tensor] = None, projection_elsewhere: bool = False
+                  ) -> Optional[str]:
+    """What is wrong with the shapes of a cell step (x [B, I], w_ih [G*H, I], w_hh [G*H, P],
+    biases [G*H], h [B, P], c [B, H], w_hr [P, H]; P = H without w_hr), or None. The native pass
+    trusts them: callers fall back to the checked path, or raise, on any problem.
+    projection_elsewhere: an LSTM's P may differ from H without w_hr here (a projected layer's
+    step, whose caller applies and checks W_hr)."""
+    gates = GATE_COUNT[cell]
+    if w_hh.dim() != 2 or w_hh.size(0) % gates or w_hh.size(0) == 0:
+        return f"weight_hh of shape {tuple(w_hh.shape)} is not [{gates}*hidden_size, state]"
+    rows, hidden, state = w_hh.size(0), w_hh.size(0) // gates, w_hh.size(1)
+    if w_hr is None and state != hidden and not (projection_elsewhere and cell == "lstm"):
+        return f"weight_hh of shape {tuple(w_hh.shape)}: expected [{rows}, {hidden}]"
+    if w_hr is not None and (cell != "lstm" or w_hr.shape != (state, hidden)):
+        return f"weight_hr of shape {tuple(w_hr.shape)}: expected [{state}, {hidden}]"
+    if w_ih.shape != (rows, x.size(1)):
+        return f"weight_ih of shape {tuple(w_ih.shape)}: expected [{rows}, {x.size(1)}]"
+    for name, b in (("bias_ih", b_ih), ("bias_hh", b_hh)):
+        if b is not None and b.shape != (rows,):
+            return f"{name} of shape {tuple(b.shape)}: expected [{rows}]"
+    batch = x.size(0)
+    if h is not None and h.shape != (batch, state):
+        return f"hidden state of shape {tuple(h.shape)}: expected [{batch}, {state}]"
+    if c is not None and (cell != "lstm" or c.shape != (batch, hidden)):
+        return f"cell state of shape {tuple(c.shape)}: expected [{batch}, {hidden}]"
+    return None
+
+
 def step(cell: str, x: Tensor, h: Optional[Tensor], c: Optional[Tensor], w_ih: Tensor,
          w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor]):
     """x [B, I]; h [B, H] or None (zeros); c [B, H] or None (LSTM only). Returns h', or for an
@@ -75,9 +105,10 @@ def layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor], c0: Optiona
             h = torch.mm(h, w_hr.t())
         hs.append(h)
         cs.append(c)
-    if len(hs) == 1:
-        return hs[0], hs[0].unsqueeze(0), cs[0].unsqueeze(0) if cell == "lstm" else None
-    return torch.cat(hs, 1), torch.stack(hs), torch.stack(cs) if cell == "lstm" else None
+    # h_n is a copy: torch.nn's output and h_n never share memory (a stream may change one in
+    # place and feed the other back).
+    out = hs[0] if len(hs) == 1 else torch.cat(hs, 1)
+    return out, torch.stack(hs), torch.stack(cs) if cell == "lstm" else None
 
 
 def _products(cell, x, h, w_ih, w_hh):
@@ -90,7 +121,10 @@ def _products(cell, x, h, w_ih, w_hh):
 
 
 def _forward(cell, x, h, c, w_ih, w_hh, b_ih, b_hh, save: bool):
-    """(h', c' or None, saved gates or None)."""
+    """(h', c' or None, (saved gates, saved state) or None)."""
+    problem = shape_problem(cell, x, h, c, w_ih, w_hh, b_ih, b_hh, projection_elsewhere=True)
+    if problem is not None:  # callers check first: this guards the native pass's reads
+        raise ValueError(f"fusedrnn cell step: {problem}")
     xpre, hpre = _products(cell, x, h, w_ih, w_hh)
     # (Not w_hh.size(1): a projected LSTM layer's W_hh is [4H, P].)
     batch, hidden = x.size(0), w_hh.size(0) // GATE_COUNT[cell]
@@ -103,11 +137,12 @@ def _forward(cell, x, h, c, w_ih, w_hh, b_ih, b_hh, save: bool):
     h_next = x.new_empty(batch, hidden)
     c_next = x.new_empty(batch, hidden) if is_lstm else None
     gates = x.new_empty(batch, SAVED_GATE_COUNT[cell] * hidden) if save and (is_lstm or is_gru) else None
+    saved_state = x.new_empty(batch, hidden) if save and not is_gru else None
     _cpu.cell_step_forward(
         CELL_CODES[cell], DTYPE_CODES[x.dtype], batch, hidden, xpre.data_ptr(), _ptr(hpre),
         _ptr(b_ih), _ptr(b_hh), _ptr(h_prev), _ptr(c_prev),
-        h_next.data_ptr(), _ptr(c_next), _ptr(gates), torch.get_num_threads())
-    return h_next, c_next, gates
+        h_next.data_ptr(), _ptr(c_next), _ptr(gates), _ptr(saved_state), torch.get_num_threads())
+    return h_next, c_next, ((gates, saved_state) if save else None)
 
 
 def _contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -124,11 +159,12 @@ class _CellStep(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, cell, x, h, c, w_ih, w_hh, b_ih, b_hh):
-        h_next, c_next, gates = _forward(cell, x, h, c, w_ih, w_hh, b_ih, b_hh, save=True)
+        h_next, c_next, (gates, saved) = _forward(cell, x, h, c, w_ih, w_hh, b_ih, b_hh,
+                                                  save=True)
         ctx.cell = cell
         ctx.set_materialize_grads(False)
-        # What the pointwise backward reads: the gates and c' (LSTM), the gates (GRU), h' (RNN).
-        saved = c_next if cell == "lstm" else (None if cell == "gru" else h_next)
+        # What the pointwise backward reads: the gates and a private copy of c' (LSTM), the
+        # gates (GRU), a private copy of h' (RNN); never a tensor returned to the user.
         ctx.save_for_backward(x, h, c, w_ih, w_hh, gates, saved)
         return (h_next, c_next) if cell == "lstm" else h_next
 

@@ -142,10 +142,14 @@ def cell_step(cell: str, input: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Option
     input [B, I]; hx: h [B, H], or for LSTM (h, c), None for zeros.
     Returns h' [B, H], or for LSTM (h', c').
     """
-    h, c = (hx if cell == "lstm" else (hx, None)) if hx is not None else (None, None)
-    if (w_hh.size(0) > 0 and not torch.is_autocast_enabled(input.device.type)
-            and _cell_step.applies(input, (w_ih, w_hh, b_ih, b_hh, h, c))):
-        return _cell_step.step(cell, input, h, c, w_ih, w_hh, b_ih, b_hh)
+    lstm_pair = cell == "lstm" and isinstance(hx, (tuple, list)) and len(hx) == 2
+    if hx is None or lstm_pair or (cell != "lstm" and isinstance(hx, Tensor)):
+        h, c = hx if lstm_pair else (hx, None)
+        if (not torch.is_autocast_enabled(input.device.type)
+                and _cell_step.applies(input, (w_ih, w_hh, b_ih, b_hh, h, c))
+                and _cell_step.shape_problem(cell, input, h, c, w_ih, w_hh, b_ih, b_hh) is None):
+            return _cell_step.step(cell, input, h, c, w_ih, w_hh, b_ih, b_hh)
+    # Everything else, bad input included, as a sequence of one step through rnn()'s checks.
     if hx is not None:
         hx = tuple(s.unsqueeze(0) for s in hx) if cell == "lstm" else hx.unsqueeze(0)
     _, h_n, c_n = rnn(cell, input.unsqueeze(0), [(w_ih, w_hh, b_ih, b_hh, None)], hx)
@@ -222,13 +226,14 @@ def _layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor], c0: Option
 def _one_step_applies(cell, x, layer_weights, h0, c0) -> bool:
     """Whether a one-step layer runs as cell steps (_cell_step.layer): on what _cell_step runs,
     with states of the expected shapes (anything else takes the recurrence, which reports it)."""
-    w_hh = layer_weights[0][1]
-    batch, num_dirs = x.size(1), len(layer_weights)
-    if h0 is not None and h0.shape != (num_dirs, batch, w_hh.size(1)):
+    num_dirs = len(layer_weights)
+    if ((h0 is not None and h0.size(0) != num_dirs) or (c0 is not None and c0.size(0) != num_dirs)
+            or not _cell_step.applies(x[0], [t for w in layer_weights for t in w] + [h0, c0])):
         return False
-    if c0 is not None and (cell != "lstm" or c0.shape != (num_dirs, batch, w_hh.size(0) // 4)):
-        return False
-    return _cell_step.applies(x[0], [t for w in layer_weights for t in w] + [h0, c0])
+    return all(_cell_step.shape_problem(
+        cell, x[0], h0[d] if h0 is not None else None, c0[d] if c0 is not None else None,
+        w_ih, w_hh, b_ih, b_hh, w_hr) is None
+        for d, (w_ih, w_hh, b_ih, b_hh, w_hr) in enumerate(layer_weights))
 
 
 def _empty_layer(cell: str, x: Tensor, layer_weights, num_directions: int):

@@ -41,17 +41,21 @@ struct CellStepFwdParams : CellStepShape {
   void* h = nullptr;             // [B, H] h'
   void* c = nullptr;             // [B, H] LSTM only: c'
   // [B, S*H] saved for backward (LSTM i, f, g, o; GRU r, z, n, h_n), nullable (inference);
-  // unused by the Elman RNN, whose backward reads h'.
+  // unused by the Elman RNN.
   void* gates = nullptr;
+  // [B, H] nullable: a second copy of c' (LSTM) or h' (Elman RNN), the one the backward reads,
+  // so that the tensors handed to the user are not saved ones (torch.nn's cells let a user
+  // change c' in place before backward). Unused by a GRU.
+  void* saved_state = nullptr;
   int64_t num_threads = 1;       // torch.get_num_threads()
 };
 
 struct CellStepBwdParams : CellStepShape {
   const void* gates = nullptr;   // [B, S*H] as saved by the forward (LSTM, GRU)
-  const void* c = nullptr;       // [B, H] LSTM: c'
+  const void* c = nullptr;       // [B, H] LSTM: c' (the forward's saved_state)
   const void* c_prev = nullptr;  // [B, H] LSTM, nullable (zeros)
   const void* h_prev = nullptr;  // [B, H] GRU (required)
-  const void* h = nullptr;       // [B, H] Elman RNN: h'
+  const void* h = nullptr;       // [B, H] Elman RNN: h' (the forward's saved_state)
   const void* d_h = nullptr;     // [B, H] gradient w.r.t. h', nullable (zeros)
   const void* d_c = nullptr;     // [B, H] LSTM: gradient w.r.t. c', nullable (zeros)
   void* d_xpre = nullptr;        // [B, G*H] gradient w.r.t. xpre (and hpre, except for a GRU)
