@@ -54,21 +54,31 @@ def _expected_cell(cell, x, h, c, w_ih, w_hh, b_ih, b_hh):
     return reference.rnn_cell(x, h, w_ih, w_hh, b_ih, b_hh, cell[4:])
 
 
-def _native_forward(cell, x, h, c, w_ih, w_hh, b_ih, b_hh, *, split_products, threads=1):
-    """The native pass on NaN-poisoned outputs; returns (h', c' or None, gates or None)."""
+def _native_forward(cell, x, h, c, w_ih, w_hh, b_ih, b_hh, *, products, threads=1):
+    """The native pass on NaN-poisoned outputs; returns (h', c' or None, gates or None).
+    products: "summed" (LSTM/RNN: x W_ih^T + h W_hh^T in xpre, as _cell_step passes them with
+    torch's GEMMs), "split" (xpre and hpre), "native" (the pass forms them from x, W_ih, W_hh
+    and h), "native-zero-state" (no h: no recurrent term)."""
     B, H = x.size(0), w_hh.size(1)
     dtype = x.dtype
     xpre, hpre = x @ w_ih.t(), h @ w_hh.t()
-    if not split_products:  # LSTM/RNN: both products in xpre, as _cell_step passes them
+    if products == "summed":
         xpre, hpre = xpre + hpre, None
+    native = products.startswith("native")
+    if native:
+        xpre = hpre = None
+        if products == "native-zero-state":
+            h = torch.zeros_like(h) if cell == "gru" else None
     h_next = _nan(B, H, dtype=dtype)
     c_next = _nan(B, H, dtype=dtype) if cell == "lstm" else None
     gates = _nan(B, SAVED_GATE_COUNT[cell] * H, dtype=dtype) if SAVED_GATE_COUNT[cell] else None
     saved_state = _nan(B, H, dtype=dtype) if cell != "gru" else None
     _backend._cpu.cell_step_forward(
-        CELL_CODES[cell], DTYPE_CODES[dtype], B, H, xpre.data_ptr(), _ptr(hpre), _ptr(b_ih),
-        _ptr(b_hh), _ptr(h if cell == "gru" else None), _ptr(c if cell == "lstm" else None),
-        h_next.data_ptr(), _ptr(c_next), _ptr(gates), _ptr(saved_state), threads)
+        CELL_CODES[cell], DTYPE_CODES[dtype], B, H, _ptr(xpre), _ptr(hpre), _ptr(b_ih),
+        _ptr(b_hh), _ptr(h if cell == "gru" or native else None),
+        _ptr(c if cell == "lstm" else None), h_next.data_ptr(), _ptr(c_next), _ptr(gates),
+        _ptr(saved_state), threads,
+        *((x.data_ptr(), w_ih.data_ptr(), w_hh.data_ptr(), x.size(1), H) if native else (0,) * 5))
     # The private copy the backward reads: c' (LSTM) or h' (RNN), bit for bit.
     if saved_state is not None:
         assert torch.equal(saved_state, c_next if cell == "lstm" else h_next)
@@ -91,11 +101,17 @@ def test_native_forward_matches_reference(cell, shape, bias, dtype):
     expected = _expected_cell(cell, *ops)
     expected = expected if isinstance(expected, tuple) else (expected,)
     tol = TOLERANCE[dtype]
-    for split in ([True] if cell == "gru" else [False, True]):
-        h_next, c_next, _ = _native_forward(cell, *ops, split_products=split, threads=2)
-        assert_close(h_next, expected[0], tol, f"h' (split products: {split})")
+    for products in (["split", "native"] if cell == "gru" else ["summed", "split", "native"]):
+        h_next, c_next, _ = _native_forward(cell, *ops, products=products, threads=2)
+        assert_close(h_next, expected[0], tol, f"h' (products: {products})")
         if cell == "lstm":
-            assert_close(c_next, expected[1], tol, f"c' (split products: {split})")
+            assert_close(c_next, expected[1], tol, f"c' (products: {products})")
+    # Without a previous state the products mode has no recurrent term.
+    x, h, c, w_ih, w_hh, b_ih, b_hh = ops
+    h_next, c_next, _ = _native_forward(cell, *ops, products="native-zero-state", threads=2)
+    zero = _expected_cell(cell, x, torch.zeros_like(h), c, w_ih, w_hh, b_ih, b_hh)
+    zero = zero if isinstance(zero, tuple) else (zero,)
+    assert_close(h_next, zero[0], tol, "h' (zero state)")
 
 
 @pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
@@ -113,7 +129,7 @@ def test_native_forward_lstm_without_c_prev_is_zero_state():
     gen = torch.Generator().manual_seed(3)
     x, h, c, w_ih, w_hh, b_ih, b_hh = _operands("lstm", 3, 4, 21, torch.float64, True, gen)
     h_next, c_next, _ = _native_forward("lstm", x, h, None, w_ih, w_hh, b_ih, b_hh,
-                                        split_products=False)
+                                        products="summed")
     expected = reference.lstm_cell(x, h, torch.zeros_like(c), w_ih, w_hh, b_ih, b_hh)
     assert_close(h_next, expected[0], 1e-12, "h'")
     assert_close(c_next, expected[1], 1e-12, "c'")
@@ -155,7 +171,7 @@ def test_native_backward_matches_autograd(cell, shape, dtype):
 
     # Forward natively to get the saved gates, then the native backward on poisoned buffers.
     h_next, c_next, gates = _native_forward(cell, x, h, c, w_ih, w_hh, b_ih, b_hh,
-                                            split_products=True)
+                                            products="native")
     d_xpre = _nan(B, G * H, dtype=dtype)
     d_hpre = _nan(B, G * H, dtype=dtype) if cell == "gru" else None
     d_c_prev = _nan(B, H, dtype=dtype) if cell == "lstm" else None
@@ -189,20 +205,20 @@ def test_native_forward_rejects_missing_pointers(missing, cell, message):
     with pytest.raises(ValueError, match=message):
         _backend._cpu.cell_step_forward(CELL_CODES[cell], DTYPE_CODES[torch.float32], B, H,
                                         ptrs["xpre"], ptrs["hpre"], 0, 0, ptrs["h_prev"], 0,
-                                        ptrs["h"], ptrs["c"], 0, 0, 1)
+                                        ptrs["h"], ptrs["c"], 0, 0, 1, 0, 0, 0, 0, 0)
 
 
 def test_native_rejects_bad_shape_and_dtype():
     t = torch.zeros(8)
     with pytest.raises(ValueError, match="batch and hidden"):
         _backend._cpu.cell_step_forward(2, 0, 0, 4, t.data_ptr(), 0, 0, 0, 0, 0, t.data_ptr(), 0,
-                                        0, 0, 1)
+                                        0, 0, 1, 0, 0, 0, 0, 0)
     with pytest.raises(ValueError, match="float32 or float64"):
         _backend._cpu.cell_step_forward(2, DTYPE_CODES[torch.float16], 1, 4, t.data_ptr(), 0, 0,
-                                        0, 0, 0, t.data_ptr(), 0, 0, 0, 1)
+                                        0, 0, 0, t.data_ptr(), 0, 0, 0, 1, 0, 0, 0, 0, 0)
     with pytest.raises(ValueError, match="cell code"):
         _backend._cpu.cell_step_forward(9, 0, 1, 4, t.data_ptr(), 0, 0, 0, 0, 0, t.data_ptr(), 0,
-                                        0, 0, 1)
+                                        0, 0, 1, 0, 0, 0, 0, 0)
 
 
 # ------------------------------------------------------------------------------ the path
@@ -334,16 +350,18 @@ def test_non_contiguous_states_and_biases(cell):
         assert_close(a, b, 1e-12, f"gradient {i}")
 
 
+@pytest.mark.parametrize("batch", [1, 5], ids=["B1-native-products", "B5-torch-gemms"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("name", ["LSTMCell", "GRUCell", "RNNCell"])
-def test_cells_match_torch_at_odd_width(name, dtype):
-    """H=37: full SIMD vectors and a tail in every ISA; outputs and every gradient of a
-    three-step loop against torch.nn's cell (float32 within the fp32 tolerance)."""
+def test_cells_match_torch_at_odd_width(name, dtype, batch):
+    """H=37, I=19: full SIMD vectors and a tail in every ISA; outputs and every gradient of a
+    three-step loop against torch.nn's cell (float32 within the fp32 tolerance), with the
+    products formed natively (B=1) and by torch's GEMMs (B=5)."""
     torch.manual_seed(2)
-    theirs = getattr(torch.nn, name)(11, 37, dtype=dtype)
-    ours = getattr(fusedrnn, name)(11, 37, dtype=dtype)
+    theirs = getattr(torch.nn, name)(19, 37, dtype=dtype)
+    ours = getattr(fusedrnn, name)(19, 37, dtype=dtype)
     ours.load_state_dict(theirs.state_dict())
-    x = torch.randn(3, 5, 11, dtype=dtype)
+    x = torch.randn(3, batch, 19, dtype=dtype)
     runs = []
     for module in (theirs, ours):
         xs = x.clone().requires_grad_()

@@ -68,11 +68,17 @@ PYBIND11_MODULE(_cpu, m) {
       "cell_step_forward",
       [](int32_t cell, int32_t dtype, int64_t batch, int64_t hidden, uintptr_t xpre, uintptr_t hpre,
          uintptr_t b_ih, uintptr_t b_hh, uintptr_t h_prev, uintptr_t c_prev, uintptr_t h,
-         uintptr_t c, uintptr_t gates, uintptr_t saved_state, int64_t num_threads) {
+         uintptr_t c, uintptr_t gates, uintptr_t saved_state, int64_t num_threads, uintptr_t x,
+         uintptr_t w_ih, uintptr_t w_hh, int64_t input_size, int64_t state) {
         fusedrnn::CellStepFwdParams p;
         set_cell_step_shape(p, cell, dtype, batch, hidden);
         p.xpre = as_ptr(xpre);
         p.hpre = as_ptr(hpre);
+        p.x = as_ptr(x);
+        p.w_ih = as_ptr(w_ih);
+        p.w_hh = as_ptr(w_hh);
+        p.input_size = input_size;
+        p.state = state;
         p.b_ih = as_ptr(b_ih);
         p.b_hh = as_ptr(b_hh);
         p.h_prev = as_ptr(h_prev);
@@ -85,7 +91,8 @@ PYBIND11_MODULE(_cpu, m) {
         py::gil_scoped_release release;
         fusedrnn::cpu::cell_step_forward(p);
       },
-      "One pointwise cell step on formed pre-activations (fusedrnn/cell_step_params.h).");
+      "One pointwise cell step (fusedrnn/cell_step_params.h): on formed pre-activations, or\n"
+      "with xpre = 0 forming them from x, w_ih, w_hh, h_prev (the last five arguments).");
   m.def(
       "cell_step_backward",
       [](int32_t cell, int32_t dtype, int64_t batch, int64_t hidden, uintptr_t gates, uintptr_t c,

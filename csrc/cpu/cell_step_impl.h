@@ -23,9 +23,13 @@ void cell_step_forward_rows(const CellStepFwdParams& p, int64_t row_begin, int64
   constexpr int W = FUSEDRNN_CPU_VEC_BYTES / static_cast<int>(sizeof(T));
   constexpr int G = gate_count(C);
   using V = Vec<T, W>;
-  const int64_t H = p.hidden;
+  const int64_t H = p.hidden, I = p.input_size, P = p.state;
+  const T* w_ih = static_cast<const T*>(p.w_ih);
+  const T* w_hh = p.h_prev ? static_cast<const T*>(p.w_hh) : nullptr;  // zero state: no term
   for (int64_t b = row_begin; b < row_end; ++b) {
-    const T* x = static_cast<const T*>(p.xpre) + b * G * H;
+    const T* x = p.xpre ? static_cast<const T*>(p.xpre) + b * G * H : nullptr;
+    const T* x_in = x ? nullptr : static_cast<const T*>(p.x) + b * I;
+    const T* h_in = w_hh ? static_cast<const T*>(p.h_prev) + b * P : nullptr;
     const T* hp = p.hpre ? static_cast<const T*>(p.hpre) + b * G * H : nullptr;
     T* h = static_cast<T*>(p.h) + b * H;
     T* gates = p.gates ? static_cast<T*>(p.gates) + b * saved_gate_count(C) * H : nullptr;
@@ -34,9 +38,20 @@ void cell_step_forward_rows(const CellStepFwdParams& p, int64_t row_begin, int64
       auto bias = [&](const void* b, int g) {
         return b ? V::load_partial(static_cast<const T*>(b) + g * H + u, n) : V::zero();
       };
-      auto x_part = [&](int g) { return V::load_partial(x + g * H + u, n) + bias(p.b_ih, g); };
+      // Lane w: row g*H + u + w of `weights` (K wide) dotted with `v`.
+      auto dots = [&](const T* weights, int64_t K, int g, const T* v) {
+        const T* first = weights + (g * H + u) * K;
+        return n == W ? InPlaceDots<T>::template dots<true>(first, K, n, v, K)
+                      : InPlaceDots<T>::template dots<false>(first, K, n, v, K);
+      };
+      auto x_part = [&](int g) {
+        const V product = x ? V::load_partial(x + g * H + u, n) : dots(w_ih, I, g, x_in);
+        return product + bias(p.b_ih, g);
+      };
       auto h_part = [&](int g) {
-        return (hp ? V::load_partial(hp + g * H + u, n) : V::zero()) + bias(p.b_hh, g);
+        const V product = hp ? V::load_partial(hp + g * H + u, n)
+                             : h_in ? dots(w_hh, P, g, h_in) : V::zero();
+        return product + bias(p.b_hh, g);
       };
       if constexpr (C == CellKind::kLstm) {
         const V c_prev =

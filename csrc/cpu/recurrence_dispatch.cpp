@@ -276,13 +276,24 @@ void run_rows(const Params& p, Fn fn) {
 void cell_step_forward(const CellStepFwdParams& p) {
   check_shape(p);
   const bool lstm = p.cell == CellKind::kLstm, gru = p.cell == CellKind::kGru;
-  require(p.xpre, "xpre", "");
+  if (p.xpre == nullptr) {  // the pass forms the products
+    require(p.x, "x", "without xpre");
+    require(p.w_ih, "w_ih", "without xpre");
+    if (p.input_size < 1 || (p.w_hh && p.state < 1)) {
+      throw std::invalid_argument("fusedrnn: cell step: input_size (and state, with w_hh) must be "
+                                  ">= 1 without xpre, got " + std::to_string(p.input_size) +
+                                  " and " + std::to_string(p.state));
+    }
+    if (gru && p.state != p.hidden) {
+      throw std::invalid_argument("fusedrnn: cell step: a GRU's state must equal hidden, got " +
+                                  std::to_string(p.state) + " and " + std::to_string(p.hidden));
+    }
+  } else if (gru) {
+    require(p.hpre, "hpre", "for a GRU given xpre");
+  }
   require(p.h, "h", "");
   if (lstm) require(p.c, "c", "for an LSTM");
-  if (gru) {
-    require(p.hpre, "hpre", "for a GRU");
-    require(p.h_prev, "h_prev", "for a GRU");
-  }
+  if (gru) require(p.h_prev, "h_prev", "for a GRU");
   run_rows(p, ops().cell_step_forward);
 }
 

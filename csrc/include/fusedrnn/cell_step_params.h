@@ -27,16 +27,27 @@ struct CellStepShape {
 
 struct CellStepFwdParams : CellStepShape {
   // [B, G*H] x W_ih^T. For LSTM and RNN it may already hold both products (x W_ih^T + h W_hh^T):
-  // then hpre is nullptr.
+  // then hpre is nullptr. nullptr: the pass forms the products itself (below).
   const void* xpre = nullptr;
-  // [B, G*H] h W_hh^T; nullptr for LSTM/RNN when xpre holds the sum. GRU: required (its n gate
-  // multiplies the recurrent part by r).
+  // [B, G*H] h W_hh^T; nullptr for LSTM/RNN when xpre holds the sum. GRU: required when xpre is
+  // given (its n gate multiplies the recurrent part by r).
   const void* hpre = nullptr;
+  // Small batch, xpre == nullptr: the pass forms x W_ih^T and h_prev W_hh^T itself, reading the
+  // weights where they lie (one row dot product per output, as the small-batch recurrence does).
+  // At B=1 the two torch GEMM calls it saves cost more than the products. x [B, I] and
+  // w_ih [G*H, I] are required then; w_hh [G*H, P] is nullable (h_prev zero: no recurrent term).
+  const void* x = nullptr;
+  const void* w_ih = nullptr;
+  const void* w_hh = nullptr;
+  int64_t input_size = 0;        // I
+  int64_t state = 0;             // P (proj_size of a projected LSTM layer, else H)
   // [G*H] each, nullable (bias=False): added here, not by the GEMMs (a GEMM with a broadcast
   // bias is a separate, slower torch op on the CPU, and at B=1 every op costs microseconds).
   const void* b_ih = nullptr;
   const void* b_hh = nullptr;
-  const void* h_prev = nullptr;  // [B, H] GRU only (required): h' = (1 - z) n + z h_prev
+  // [B, P] the previous hidden state: required by a GRU (P = H: h' = (1 - z) n + z h_prev);
+  // the operand of the recurrent product when w_hh is set (nullable there: zeros).
+  const void* h_prev = nullptr;
   const void* c_prev = nullptr;  // [B, H] LSTM only, nullable (zeros)
   void* h = nullptr;             // [B, H] h'
   void* c = nullptr;             // [B, H] LSTM only: c'
