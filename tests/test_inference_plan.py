@@ -280,3 +280,17 @@ def test_one_step_sequences_match_torch(kind, kwargs, with_state):
                 assert_close(g, e, TOL, f"round {round_}")
             for module in (theirs, ours):
                 module.weight_hh_l0.mul_(0.5)  # seen by the next call
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_one_step_with_large_weights_takes_the_recurrence(kind):
+    """At B <= 2 with weights past the cell step's own products (H=240 float64: 1.4-1.8 MB), a
+    one-step inference call runs the recurrence (which reads W_hh in place there): same results
+    as torch.nn, and the path is the plan's."""
+    theirs, ours = make_pair(kind, hidden_size=240)
+    x = torch.randn(1, 1, 3, dtype=DTYPE)
+    assert not ours._one_step_applies(x, ours.weight_ih_l0)
+    assert ours._one_step_applies(torch.randn(1, 3, 3, dtype=DTYPE), ours.weight_ih_l0)
+    with torch.no_grad():
+        for e, g in zip(flat(theirs(x)), flat(ours(x))):
+            assert_close(g, e, TOL, "one step, large weights")

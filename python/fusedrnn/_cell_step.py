@@ -153,6 +153,13 @@ NATIVE_PRODUCTS_MAX_BATCH = 2
 NATIVE_PRODUCTS_MAX_BYTES = 1 << 20
 
 
+def uses_native_products(batch: int, w_ih: Tensor, w_hh: Tensor) -> bool:
+    """Whether a cell step of this batch forms its products in the native pass."""
+    return (batch <= NATIVE_PRODUCTS_MAX_BATCH
+            and batch * (w_ih.numel() + w_hh.numel()) * w_ih.element_size()
+            <= NATIVE_PRODUCTS_MAX_BYTES)
+
+
 def _forward(cell, x, h, c, w_ih, w_hh, b_ih, b_hh, save: bool):
     """(h', c' or None, (saved gates, saved state) or None)."""
     problem = shape_problem(cell, x, h, c, w_ih, w_hh, b_ih, b_hh, projection_elsewhere=True)
@@ -163,9 +170,7 @@ def _forward(cell, x, h, c, w_ih, w_hh, b_ih, b_hh, save: bool):
     is_lstm, is_gru = cell == "lstm", cell == "gru"
     # Every tensor whose pointer the native pass reads is bound to a name until it returns: a
     # temporary (a contiguous copy) would be freed as soon as its data_ptr() was taken.
-    native_products = (batch <= NATIVE_PRODUCTS_MAX_BATCH
-                       and batch * (w_ih.numel() + w_hh.numel()) * x.element_size()
-                       <= NATIVE_PRODUCTS_MAX_BYTES)
+    native_products = uses_native_products(batch, w_ih, w_hh)
     if native_products:
         xpre = hpre = None
         x, w_ih, w_hh = x.contiguous(), w_ih.contiguous(), w_hh.contiguous()

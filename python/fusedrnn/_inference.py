@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _backend, _cell_step
+from . import _backend
 from ._backend import GATE_COUNT
 
 
@@ -44,9 +44,6 @@ class _LayerPlan(NamedTuple):
     # T=100 H=64, 2 threads: ~28 against ~20 us with the sum), and both biases only add to the
     # pre-activations. A GRU's b_hn sits inside r * (...), so a GRU keeps b_ih in its GEMM.
     b_hh: Optional[tuple]
-    # Per direction (w_hh, b_hh, w_hr), the parameters themselves: a call of one step runs as a
-    # cell step (_cell_step), which reads W_hh through torch's GEMM instead of packing it.
-    recurrent: tuple
 
 
 # Not under torch.compiler.disable (its wrapper costs ~2 us a call): the modules never come here
@@ -86,7 +83,6 @@ class InferencePlan:
     """The prepared layers of one module's weights: what each inference call would redo."""
 
     def __init__(self, cell: str, layer_weights: list, num_layers: int, num_directions: int):
-        self.cell = cell
         self.num_directions = num_directions
         w_hh0 = layer_weights[0][1]
         self.state = w_hh0.size(1)
@@ -107,8 +103,7 @@ class InferencePlan:
             prepared = _backend.prepare_forward(cell, w_hh, b_hh, w_hr)
             fold = cell != "gru" and all(b is not None for b in (*b_ih, *b_hh))
             layers.append(_LayerPlan(tuple(w[0] for w in lw), b_ih, prepared,
-                                     tuple(b_hh) if fold else None,
-                                     tuple((w[1], w[3], w[4]) for w in lw)))
+                                     tuple(b_hh) if fold else None))
         # Contiguous copies would not follow later writes to the parameters: such a plan is
         # good for one call only.
         self.points_into_parameters = not copies
@@ -119,8 +114,6 @@ class InferencePlan:
         [L*D, B, P], c0_all [L*D, B, H] or None, already checked by the caller.
         Returns (output [T, B, D*P], h_n, c_n or None)."""
         seq_len, batch = x.shape[0], x.shape[1]
-        if seq_len == 1 and _cell_step.applies(x[0], ()):
-            return self._run_one_step(x, h0_all, c0_all)
         num_dirs, state, hidden = self.num_directions, self.state, self.hidden
         num_states = len(self.layers) * num_dirs
         h_n = x.new_empty(num_states, batch, state)
@@ -147,27 +140,6 @@ class InferencePlan:
             _backend.forward_prepared(plan.prepared, xproj, out, h0, c0, hn, cn, biases)
             x = out
         return x, h_n, c_n
-
-
-    def _run_one_step(self, x: Tensor, h0_all, c0_all):
-        """A sequence of one step (streaming inference feeds one step per call): every layer and
-        direction is a cell step (_cell_step.layer), which at T=1 costs what the recurrence's
-        packing of W_hh alone would. Same arguments and results as run."""
-        num_dirs = self.num_directions
-        step = x[0]
-        h_n, c_n = [], []
-        for layer, plan in enumerate(self.layers):
-            first, last = layer * num_dirs, (layer + 1) * num_dirs
-            weights = [(w_ih, w_hh, b_ih, b_hh, w_hr) for w_ih, b_ih, (w_hh, b_hh, w_hr)
-                       in zip(plan.w_ih, plan.b_ih, plan.recurrent)]
-            step, hn, cn = _cell_step.layer(
-                self.cell, step, weights, h0_all[first:last] if h0_all is not None else None,
-                c0_all[first:last] if c0_all is not None else None)
-            h_n.append(hn)
-            c_n.append(cn)
-        single = len(h_n) == 1
-        return (step.unsqueeze(0), h_n[0] if single else torch.cat(h_n),
-                (c_n[0] if single else torch.cat(c_n)) if self.is_lstm else None)
 
 
 class _CachedPlan:
