@@ -154,6 +154,7 @@ STANDARD_FLOOR = 0.95
 
 QUICK: List[BenchConfig] = ISSUE4_TARGETS[:3] + [
     _c("lstm", 50, 8, 128, TRAIN),
+    _c("lstm", 50, 1, 256, INF, step_calls=True),  # streaming: one step per call
 ]
 
 STANDARD: List[BenchConfig] = ISSUE4_TARGETS + [
@@ -224,7 +225,7 @@ PRESETS: Dict[str, List[BenchConfig]] = {
 }
 
 PRESET_HELP = {
-    "quick": "a few small CPU-relevant shapes, under 3 minutes on a 2-core CPU",
+    "quick": "a few small CPU-relevant shapes and one streaming one, under 3 minutes on a 2-core CPU",
     "standard": "issue 4: small-batch inference, B=64 training, GRU/RNN, bidirectional, packed, the CPU targets",
     "anchor": "LSTM B=16 T=1024 H=768 in fp16, bf16 (CUDA) and fp32",
     "gpu": "the anchor plus GPU shapes where cuDNN leaves its fast path (bench/gpu_check.sh)",
