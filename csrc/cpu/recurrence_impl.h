@@ -516,6 +516,9 @@ struct FwdPanel {
 // Panels over plain output columns (backward products, projections).
 constexpr int kColVecs = 4;
 
+// The h, c and r row buffers are ld wide; lanes past H (or P) are padding. The packed product
+// leaves zeros there, the in-place one copies of the last unit's value: no reader may use them
+// (products read k < K, outputs and final states stop at H and P).
 template <typename T, CellKind C>
 struct FwdLayout {
   static constexpr int W = kWidth<T>;
