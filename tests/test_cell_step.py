@@ -439,3 +439,38 @@ def test_cell_step_bad_state_shape_is_an_error():
     with pytest.raises(RuntimeError, match="c0|hidden"):
         functional.cell_step("lstm", torch.randn(2, 5), torch.randn(32, 5), torch.randn(32, 8),
                              None, None, (torch.randn(2, 8), torch.randn(2, 3)))
+
+
+def test_cell_with_a_recurrent_weight_of_another_width_is_refused():
+    """LSTMCell's W_hh must be [4H, H]: a [4H, P] one is an error, as in torch.nn (a projected
+    layer's step accepts it only through _cell_step.layer, whose caller checks W_hr)."""
+    for lib in (torch.nn, fusedrnn):
+        cell = lib.LSTMCell(8, 16)
+        cell.weight_hh = torch.nn.Parameter(torch.randn(64, 5))
+        with pytest.raises(RuntimeError):
+            cell(torch.randn(1, 8))
+
+
+@pytest.mark.parametrize("case, message", [
+    ("mixed-modes", "must be null when xpre is given"),
+    ("h-prev-without-w-hh", "w_hh must not be null"),
+    ("gru-state", "state must equal hidden"),
+    ("input-size", "input_size"),
+])
+def test_native_rejects_inconsistent_product_arguments(case, message):
+    """The products mode's arguments: never both modes at once (a product counted twice), a
+    previous state needs its weights, a GRU's state is H wide, sizes >= 1."""
+    H, B, I = 4, 1, 3
+    buf = torch.zeros(64)
+    p = buf.data_ptr()
+    cell = CELL_CODES["gru" if case == "gru-state" else "lstm"]
+    # Positional: cell, dtype, B, H, xpre, hpre, b_ih, b_hh, h_prev, c_prev, h, c, gates,
+    # saved_state, threads, x, w_ih, w_hh, input_size, state.
+    args = {
+        "mixed-modes": (p, 0, 0, 0, 0, 0, p, p, 0, 0, 1, p, p, 0, I, H),
+        "h-prev-without-w-hh": (0, 0, 0, 0, p, 0, p, p, 0, 0, 1, p, p, 0, I, H),
+        "gru-state": (0, 0, 0, 0, p, 0, p, p, 0, 0, 1, p, p, p, I, H + 1),
+        "input-size": (0, 0, 0, 0, 0, 0, p, p, 0, 0, 1, p, p, 0, 0, H),
+    }[case]
+    with pytest.raises(ValueError, match=message):
+        _backend._cpu.cell_step_forward(cell, DTYPE_CODES[torch.float32], B, H, *args)

@@ -258,20 +258,22 @@ def test_subclass_with_extra_parameters_is_cached_and_checked():
     ("GRU", dict(num_layers=2, bidirectional=True)), ("GRU", dict(bias=False, batch_first=True)),
     ("RNN", dict(nonlinearity="relu", bidirectional=True)), ("RNN", dict(num_layers=2))],
     ids=["lstm", "lstm-proj-2l-bidir", "gru-2l-bidir", "gru-nobias-bf", "relu-bidir", "tanh-2l"])
-def test_one_step_sequences_match_torch(kind, kwargs, with_state):
-    """T=1 (streaming inference) runs every layer and direction as a cell step (_cell_step):
-    outputs and final states as torch.nn's, after an in-place weight change too."""
+@pytest.mark.parametrize("batch", [1, 2, 3], ids=["B1", "B2", "B3"])
+def test_one_step_sequences_match_torch(kind, kwargs, with_state, batch):
+    """T=1 (streaming inference) runs every layer and direction as a cell step (_cell_step),
+    whose native pass forms the products at B <= 2 and follows torch's GEMMs at B=3: outputs
+    and final states as torch.nn's, after an in-place weight change too."""
     theirs, ours = make_pair(kind, **kwargs)
     batch_first = kwargs.get("batch_first", False)
     num_states = theirs.num_layers * (2 if theirs.bidirectional else 1)
     state = theirs.proj_size or theirs.hidden_size
     gen = torch.Generator().manual_seed(4)
-    x = torch.randn(1, 3, 3, dtype=DTYPE, generator=gen)
+    x = torch.randn(1, batch, 3, dtype=DTYPE, generator=gen)
     x = x.transpose(0, 1) if batch_first else x
     hx = None
     if with_state:
-        h = torch.randn(num_states, 3, state, dtype=DTYPE, generator=gen)
-        hx = (h, torch.randn(num_states, 3, 5, dtype=DTYPE, generator=gen)) if kind == "LSTM" else h
+        h = torch.randn(num_states, batch, state, dtype=DTYPE, generator=gen)
+        hx = (h, torch.randn(num_states, batch, 5, dtype=DTYPE, generator=gen)) if kind == "LSTM" else h
     for round_ in range(2):
         with torch.no_grad():
             expected, got = flat(theirs(x, hx)), flat(ours(x, hx))
@@ -289,8 +291,46 @@ def test_one_step_with_large_weights_takes_the_recurrence(kind):
     as torch.nn, and the path is the plan's."""
     theirs, ours = make_pair(kind, hidden_size=240)
     x = torch.randn(1, 1, 3, dtype=DTYPE)
-    assert not ours._one_step_applies(x, ours.weight_ih_l0)
-    assert ours._one_step_applies(torch.randn(1, 3, 3, dtype=DTYPE), ours.weight_ih_l0)
+    assert ours._one_step_weights(x, None, None) is None
+    assert ours._one_step_weights(torch.randn(1, 3, 3, dtype=DTYPE), None, None) is not None
     with torch.no_grad():
         for e, g in zip(flat(theirs(x)), flat(ours(x))):
             assert_close(g, e, TOL, "one step, large weights")
+
+
+@pytest.mark.parametrize("seq_len, batch", [(1, 1), (1, 3), (4, 1)])
+def test_bias_of_another_dtype_is_refused(seq_len, batch):
+    """torch.nn refuses a float32 bias in a float64 LSTM; b_ih + b_hh must not promote it."""
+    for module in make_pair("LSTM"):
+        module.bias_ih_l0.data = module.bias_ih_l0.data.float()
+        with pytest.raises(RuntimeError), torch.no_grad():
+            module(torch.randn(seq_len, batch, 3, dtype=DTYPE))
+
+
+@pytest.mark.parametrize("kind", ["GRU", "LSTM"])
+@pytest.mark.parametrize("seq_len", [1, 2])
+@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
+def test_parameter_of_another_shape_is_refused(kind, seq_len, grad):
+    """A parameter replaced by one of another shape is an error, as in torch.nn, on every path
+    (the native calls would read past its end)."""
+    for module in make_pair(kind):
+        module.bias_hh_l0 = nn.Parameter(torch.randn(19, dtype=DTYPE))
+        with pytest.raises(RuntimeError), torch.set_grad_enabled(grad):
+            module(torch.randn(seq_len, 1, 3, dtype=DTYPE))
+
+
+def test_parametrized_recurrent_weight_one_step():
+    """weight_hh_l0 under a parametrization (pruning, weight norm) at T=1, B=1."""
+    import torch.nn.utils.parametrize as parametrize
+
+    class Halve(nn.Module):
+        def forward(self, w):
+            return w * 0.5
+
+    theirs, ours = make_pair("GRU")
+    for module in (theirs, ours):
+        parametrize.register_parametrization(module, "weight_hh_l0", Halve())
+    x = torch.randn(1, 1, 3, dtype=DTYPE)
+    with torch.no_grad():
+        for e, g in zip(flat(theirs(x)), flat(ours(x))):
+            assert_close(g, e, TOL, "parametrized W_hh, one step")

@@ -24,8 +24,9 @@ void cell_step_forward_rows(const CellStepFwdParams& p, int64_t row_begin, int64
   constexpr int G = gate_count(C);
   using V = Vec<T, W>;
   const int64_t H = p.hidden, I = p.input_size, P = p.state;
+  // Products mode (xpre null) only; without h_prev (a zero state) there is no recurrent term.
   const T* w_ih = static_cast<const T*>(p.w_ih);
-  const T* w_hh = p.h_prev ? static_cast<const T*>(p.w_hh) : nullptr;  // zero state: no term
+  const T* w_hh = p.xpre == nullptr && p.h_prev ? static_cast<const T*>(p.w_hh) : nullptr;
   for (int64_t b = row_begin; b < row_end; ++b) {
     const T* x = p.xpre ? static_cast<const T*>(p.xpre) + b * G * H : nullptr;
     const T* x_in = x ? nullptr : static_cast<const T*>(p.x) + b * I;

@@ -279,6 +279,7 @@ void cell_step_forward(const CellStepFwdParams& p) {
   if (p.xpre == nullptr) {  // the pass forms the products
     require(p.x, "x", "without xpre");
     require(p.w_ih, "w_ih", "without xpre");
+    if (p.h_prev) require(p.w_hh, "w_hh", "without xpre when h_prev is given");
     if (p.input_size < 1 || (p.w_hh && p.state < 1)) {
       throw std::invalid_argument("fusedrnn: cell step: input_size (and state, with w_hh) must be "
                                   ">= 1 without xpre, got " + std::to_string(p.input_size) +
@@ -288,8 +289,12 @@ void cell_step_forward(const CellStepFwdParams& p) {
       throw std::invalid_argument("fusedrnn: cell step: a GRU's state must equal hidden, got " +
                                   std::to_string(p.state) + " and " + std::to_string(p.hidden));
     }
-  } else if (gru) {
-    require(p.hpre, "hpre", "for a GRU given xpre");
+  } else {
+    if (p.x || p.w_ih || p.w_hh) {  // one mode or the other, never a product counted twice
+      throw std::invalid_argument(
+          "fusedrnn: cell step: x, w_ih and w_hh must be null when xpre is given");
+    }
+    if (gru) require(p.hpre, "hpre", "for a GRU given xpre");
   }
   require(p.h, "h", "");
   if (lstm) require(p.c, "c", "for an LSTM");

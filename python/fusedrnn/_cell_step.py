@@ -1,16 +1,21 @@
-"""One cell step on the CPU: torch's GEMMs around one native pointwise pass.
+"""One cell step on the CPU: one native pass, with torch's GEMMs around it where they win.
 
-A cell call (LSTMCell, GRUCell, RNNCell) is a single step. Run as a sequence of length 1, the
-recurrence kernel packs W_hh (G*H x H, transposed) for one use and adds a workspace, output and
-state round trip: at B=1 that made fusedrnn's cells 3-7x slower than torch.nn's. Here:
+A cell call (LSTMCell, GRUCell, RNNCell), or a layer called with one time step, is a single
+step. Run as a sequence of length 1, the recurrence kernel packs W_hh (G*H x H, transposed) for
+one use and adds a workspace, output and state round trip: at B=1 that made fusedrnn's cells
+3-7x slower than torch.nn's. Here:
 
-  forward   LSTM/RNN  pre = x W_ih^T + h W_hh^T         two GEMMs into one buffer
-            GRU       xpre = x W_ih^T, hpre = h W_hh^T  (r multiplies hpre's n part)
-            then, natively in one pass, the biases and the cell update of cell_math.h (h', c',
-            the gates saved for backward)
+  forward   B <= 2, small weights: the native pass forms x W_ih^T and h W_hh^T itself (weights
+            read in place), adds the biases and applies the cell update of cell_math.h;
+            otherwise torch's GEMMs form the products first (LSTM/RNN: both into one buffer;
+            GRU: two, r multiplies the recurrent n part) and the pass does the rest.
+            The pass writes h', c' and what the backward reads (the gates, a private c' or h').
   backward  the native pointwise backward (d_pre), then torch GEMMs for dx, dh, dW_ih, dW_hh, db
 
 torch.nn's CPU cells do the same GEMMs but the update as ~10 separate elementwise ops.
+
+The native pass trusts its operands: every caller first asks operand_problem() and takes the
+checked sequence-of-one path (which reports bad input as torch.nn does) on any problem.
 
 Used for float32/float64 CPU tensors on the `_cpu` backend outside torch.compile; everything else
 (CUDA, FUSEDRNN_BACKEND=emu, half precision, compiling) keeps the sequence-of-one path of
@@ -46,39 +51,43 @@ def applies(input: Tensor, operands) -> bool:
     return not backend or _backend.backend_name() == "cpu"
 
 
-def shape_problem(cell: str, x: Tensor, h: Optional[Tensor], c: Optional[Tensor], w_ih: Tensor,
-                  w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor],
-                  w_hr: Optional[Tensor] = None, projection_elsewhere: bool = False
-                  ) -> Optional[str]:
-    """What is wrong with the shapes of a cell step (x [B, I], w_ih [G*H, I], w_hh [G*H, P],
-    biases [G*H], h [B, P], c [B, H], w_hr [P, H]; P = H without w_hr), or None. The native pass
-    trusts them: callers fall back to the checked path, or raise, on any problem.
+def operand_problem(cell: str, dtype: torch.dtype, batch: int, width: int,
+                    h: Optional[Tensor], c: Optional[Tensor], w_ih: Tensor, w_hh: Tensor,
+                    b_ih: Optional[Tensor], b_hh: Optional[Tensor], w_hr: Optional[Tensor] = None,
+                    projection_elsewhere: bool = False) -> Optional[str]:
+    """What is wrong with the operands of a cell step of an input [batch, width] of `dtype`, or
+    None: every tensor a CPU tensor of that dtype, shapes x [B, I], w_ih [G*H, I], w_hh [G*H, P],
+    biases [G*H], h [B, P], c [B, H], w_hr [P, H], with P = H without w_hr.
     projection_elsewhere: an LSTM's P may differ from H without w_hr here (a projected layer's
     step, whose caller applies and checks W_hr)."""
     # One pass of plain comparisons for the common, valid call (this runs at every cell step,
     # where each microsecond shows); the messages are built only for a mismatch.
-    gates, w_shape, x_shape = GATE_COUNT[cell], w_hh.shape, x.shape
-    if len(w_shape) == 2 and len(x_shape) == 2:
+    gates, w_shape = GATE_COUNT[cell], w_hh.shape
+    tensors = (h, c, w_ih, w_hh, b_ih, b_hh, w_hr)
+    for t in tensors:
+        if t is not None and (t.dtype is not dtype or not t.is_cpu):
+            return (f"a {t.dtype} tensor on {t.device} among the operands of a {dtype} CPU cell "
+                    "step")
+    if len(w_shape) == 2:
         rows, state = w_shape
-        hidden, batch, lstm = rows // gates, x_shape[0], cell == "lstm"
+        hidden, lstm = rows // gates, cell == "lstm"
         if w_hr is None:
             state_fits = state == hidden or (projection_elsewhere and lstm)
         else:
             state_fits = lstm and w_hr.shape == (state, hidden)
-        if (rows > 0 and rows == hidden * gates and state_fits and w_ih.shape == (rows, x_shape[1])
+        if (rows > 0 and rows == hidden * gates and state_fits and w_ih.shape == (rows, width)
                 and (b_ih is None or b_ih.shape == (rows,))
                 and (b_hh is None or b_hh.shape == (rows,))
                 and (h is None or h.shape == (batch, state))
                 and (c is None or (lstm and c.shape == (batch, hidden)))):
             return None
-    return _describe_shape_problem(cell, x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr,
+    return _describe_shape_problem(cell, batch, width, h, c, w_ih, w_hh, b_ih, b_hh, w_hr,
                                    projection_elsewhere)
 
 
-def _describe_shape_problem(cell, x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr, projection_elsewhere):
+def _describe_shape_problem(cell, batch, width, h, c, w_ih, w_hh, b_ih, b_hh, w_hr,
+                            projection_elsewhere):
     gates = GATE_COUNT[cell]
-    if x.dim() != 2:
-        return f"input of shape {tuple(x.shape)} is not [batch, input_size]"
     if w_hh.dim() != 2 or w_hh.size(0) % gates or w_hh.size(0) == 0:
         return f"weight_hh of shape {tuple(w_hh.shape)} is not [{gates}*hidden_size, state]"
     rows, hidden, state = w_hh.size(0), w_hh.size(0) // gates, w_hh.size(1)
@@ -86,27 +95,42 @@ def _describe_shape_problem(cell, x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr, project
         return f"weight_hh of shape {tuple(w_hh.shape)}: expected [{rows}, {hidden}]"
     if w_hr is not None and (cell != "lstm" or w_hr.shape != (state, hidden)):
         return f"weight_hr of shape {tuple(w_hr.shape)}: expected [{state}, {hidden}]"
-    if w_ih.shape != (rows, x.size(1)):
-        return f"weight_ih of shape {tuple(w_ih.shape)}: expected [{rows}, {x.size(1)}]"
+    if w_ih.shape != (rows, width):
+        return f"weight_ih of shape {tuple(w_ih.shape)}: expected [{rows}, {width}]"
     for name, b in (("bias_ih", b_ih), ("bias_hh", b_hh)):
         if b is not None and b.shape != (rows,):
             return f"{name} of shape {tuple(b.shape)}: expected [{rows}]"
-    batch = x.size(0)
     if h is not None and h.shape != (batch, state):
         return f"hidden state of shape {tuple(h.shape)}: expected [{batch}, {state}]"
     return f"cell state of shape {tuple(c.shape)}: expected [{batch}, {hidden}]"
 
 
+def layer_problem(cell: str, dtype: torch.dtype, batch: int, width: int, layer_weights,
+                  h0: Optional[Tensor], c0: Optional[Tensor]) -> Optional[str]:
+    """operand_problem for every direction of a one-step layer whose input is [batch, width] of
+    `dtype` (the other arguments as layer's)."""
+    if (h0 is not None and (h0.dim() != 3 or h0.size(0) != len(layer_weights))) or (
+            c0 is not None and (c0.dim() != 3 or c0.size(0) != len(layer_weights))):
+        return "initial states that are not [directions, batch, size]"
+    for d, (w_ih, w_hh, b_ih, b_hh, w_hr) in enumerate(layer_weights):
+        problem = operand_problem(cell, dtype, batch, width, h0[d] if h0 is not None else None,
+                                  c0[d] if c0 is not None else None, w_ih, w_hh, b_ih, b_hh, w_hr)
+        if problem is not None:
+            return problem
+    return None
+
+
 def step(cell: str, x: Tensor, h: Optional[Tensor], c: Optional[Tensor], w_ih: Tensor,
-         w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor]):
-    """x [B, I]; h [B, H] or None (zeros); c [B, H] or None (LSTM only). Returns h', or for an
-    LSTM (h', c')."""
+         w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor], checked: bool = False):
+    """x [B, I]; h [B, P] or None (zeros); c [B, H] or None (LSTM only). checked: the caller has
+    found no operand_problem. Returns h', or for an LSTM (h', c')."""
     if h is None:
-        h = x.new_zeros(x.size(0), w_hh.size(1))  # a cell's W_hh is [G*H, H]
+        h = x.new_zeros(x.size(0), w_hh.size(1))
     operands = (x, h, c, w_ih, w_hh, b_ih, b_hh)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in operands):
-        return _CellStep.apply(cell, *operands)
-    h_next, c_next, _ = _forward(cell, x, h, c, w_ih, w_hh, b_ih, b_hh, save=False)
+        return _CellStep.apply(cell, checked, *operands)
+    h_next, c_next, _ = _forward(cell, x, h, c, w_ih, w_hh, b_ih, b_hh, save=False,
+                                 checked=checked)
     return (h_next, c_next) if cell == "lstm" else h_next
 
 
@@ -114,13 +138,13 @@ def layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor], c0: Optiona
     """A layer over a sequence of ONE step (a stream or a decoder fed a step per call): each
     direction is a cell step (at T=1 the reverse direction is the same step), a projected LSTM
     adding r W_hr^T. x [B, I]; layer_weights: per direction (w_ih, w_hh, b_ih, b_hh, w_hr);
-    h0 [D, B, P], c0 [D, B, H] or None. Returns (out [B, D*P], h_n [D, B, P], c_n [D, B, H] or
-    None), differentiable."""
+    h0 [D, B, P], c0 [D, B, H] or None; checked by the caller (layer_problem). Returns (out
+    [B, D*P], h_n [D, B, P], c_n [D, B, H] or None), differentiable."""
     hs, cs = [], []
     for d, (w_ih, w_hh, b_ih, b_hh, w_hr) in enumerate(layer_weights):
         h = h0[d] if h0 is not None else None
         c = c0[d] if c0 is not None else None
-        result = step(cell, x, h, c, w_ih, w_hh, b_ih, b_hh)
+        result = step(cell, x, h, c, w_ih, w_hh, b_ih, b_hh, checked=True)
         h, c = result if cell == "lstm" else (result, None)
         if w_hr is not None:
             h = torch.mm(h, w_hr.t())
@@ -160,11 +184,14 @@ def uses_native_products(batch: int, w_ih: Tensor, w_hh: Tensor) -> bool:
             <= NATIVE_PRODUCTS_MAX_BYTES)
 
 
-def _forward(cell, x, h, c, w_ih, w_hh, b_ih, b_hh, save: bool):
-    """(h', c' or None, (saved gates, saved state) or None)."""
-    problem = shape_problem(cell, x, h, c, w_ih, w_hh, b_ih, b_hh, projection_elsewhere=True)
-    if problem is not None:  # callers check first: this guards the native pass's reads
-        raise ValueError(f"fusedrnn cell step: {problem}")
+def _forward(cell, x, h, c, w_ih, w_hh, b_ih, b_hh, save: bool, checked: bool):
+    """(h', c' or None, (saved gates, saved state) or None). checked: the caller has found no
+    operand_problem (else it is asked here, and a problem raises)."""
+    if not checked:  # the native pass trusts every pointer and extent
+        problem = operand_problem(cell, x.dtype, x.size(0), x.size(1), h, c, w_ih, w_hh, b_ih,
+                                  b_hh, projection_elsewhere=True)
+        if problem is not None:
+            raise ValueError(f"fusedrnn cell step: {problem}")
     # (Not w_hh.size(1): a projected LSTM layer's W_hh is [4H, P].)
     batch, hidden = x.size(0), w_hh.size(0) // GATE_COUNT[cell]
     is_lstm, is_gru = cell == "lstm", cell == "gru"
@@ -202,13 +229,13 @@ def _ptr(t: Optional[Tensor]) -> int:
 
 
 class _CellStep(torch.autograd.Function):
-    """A cell step with autograd. Inputs: cell, x, h, c (LSTM, or None), w_ih, w_hh, b_ih, b_hh
-    (None without bias). Outputs: h', and c' for an LSTM."""
+    """A cell step with autograd. Inputs: cell, checked (see step), x, h, c (LSTM, or None),
+    w_ih, w_hh, b_ih, b_hh (None without bias). Outputs: h', and c' for an LSTM."""
 
     @staticmethod
-    def forward(ctx, cell, x, h, c, w_ih, w_hh, b_ih, b_hh):
+    def forward(ctx, cell, checked, x, h, c, w_ih, w_hh, b_ih, b_hh):
         h_next, c_next, (gates, saved) = _forward(cell, x, h, c, w_ih, w_hh, b_ih, b_hh,
-                                                  save=True)
+                                                  save=True, checked=checked)
         ctx.cell = cell
         ctx.set_materialize_grads(False)
         # What the pointwise backward reads: the gates and a private copy of c' (LSTM), the
@@ -222,7 +249,7 @@ class _CellStep(torch.autograd.Function):
 
         cell = ctx.cell
         x, h, c, w_ih, w_hh, gates, saved = ctx.saved_tensors
-        needs = ctx.needs_input_grad[1:]  # x, h, c, w_ih, w_hh, b_ih, b_hh
+        needs = ctx.needs_input_grad[2:]  # x, h, c, w_ih, w_hh, b_ih, b_hh
         batch, hidden = x.size(0), w_hh.size(0) // GATE_COUNT[cell]
         is_lstm, is_gru = cell == "lstm", cell == "gru"
         d_xpre = x.new_empty(batch, GATE_COUNT[cell] * hidden)
@@ -250,4 +277,4 @@ class _CellStep(torch.autograd.Function):
         ]
         if torch.is_grad_enabled():  # create_graph=True: differentiating these again must raise
             grads = list(_NoDoubleBackward.mark(tuple(grads)))
-        return (None, *grads)
+        return (None, None, *grads)

@@ -59,7 +59,7 @@ def forward(module, cell: str, num_layers: int, num_directions: int, x: Tensor,
 def plan_for(module, cell: str, num_layers: int, num_directions: int):
     """A plan for the module's current weights: its cached one while valid, else a new one
     (cached where the weights allow it); None where the weights do not share one dtype and device
-    (the ordinary path then reports it)."""
+    or do not have the module's shapes (the ordinary path then reports it)."""
     params = tuple(module._parameters.values())
     cached = _plans.get(module)
     if cached is not None and cached.matches(params):
@@ -69,6 +69,8 @@ def plan_for(module, cell: str, num_layers: int, num_directions: int):
     dtype, device = used[0].dtype, used[0].device
     if any(t.dtype is not dtype or t.device != device for t in used):
         return None
+    if not _shapes_fit(module, cell, layer_weights, num_directions):
+        return None
     plan = InferencePlan(cell, layer_weights, num_layers, num_directions)
     # Cached only when every weight used is one of the checked parameters (a subclass may
     # register more parameters, e.g. a learnable initial state; they are checked too).
@@ -77,6 +79,22 @@ def plan_for(module, cell: str, num_layers: int, num_directions: int):
     else:
         _plans.pop(module, None)  # an outdated plan would keep the old weights alive
     return plan
+
+
+def _shapes_fit(module, cell: str, layer_weights: list, num_directions: int) -> bool:
+    """Whether every weight has the shape the module's sizes imply. The native calls trust them:
+    a parameter replaced by one of another shape must not be read past its end. Checked when a
+    plan is built, so once per set of weights."""
+    hidden, state = module.hidden_size, module._state_size
+    rows = GATE_COUNT[cell] * hidden
+    for index, (w_ih, w_hh, b_ih, b_hh, w_hr) in enumerate(layer_weights):
+        width = module.input_size if index < num_directions else num_directions * state
+        if (w_ih.shape != (rows, width) or w_hh.shape != (rows, state)
+                or any(b is not None and b.shape != (rows,) for b in (b_ih, b_hh))
+                or (w_hr is not None and w_hr.shape != (state, hidden))
+                or (w_hr is None and state != hidden)):
+            return False
+    return True
 
 
 class InferencePlan:

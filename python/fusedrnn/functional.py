@@ -147,8 +147,9 @@ def cell_step(cell: str, input: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Option
         h, c = hx if lstm_pair else (hx, None)
         if (not torch.is_autocast_enabled(input.device.type)
                 and _cell_step.applies(input, (w_ih, w_hh, b_ih, b_hh, h, c))
-                and _cell_step.shape_problem(cell, input, h, c, w_ih, w_hh, b_ih, b_hh) is None):
-            return _cell_step.step(cell, input, h, c, w_ih, w_hh, b_ih, b_hh)
+                and _cell_step.operand_problem(cell, input.dtype, input.size(0), input.size(1),
+                                               h, c, w_ih, w_hh, b_ih, b_hh) is None):
+            return _cell_step.step(cell, input, h, c, w_ih, w_hh, b_ih, b_hh, checked=True)
     # Everything else, bad input included, as a sequence of one step through rnn()'s checks.
     if hx is not None:
         hx = tuple(s.unsqueeze(0) for s in hx) if cell == "lstm" else hx.unsqueeze(0)
@@ -190,6 +191,14 @@ def _layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor], c0: Option
     # hands that one sum to both biases) instead of once per bias. GRU's b_hn sits inside
     # r * (W_hn h + b_hn), so GRU keeps b_ih in the projection.
     fold_bias = has_bias and cell != "gru"
+    if fold_bias:
+        # b_ih + b_hh would promote a bias of another dtype silently; torch.nn refuses it.
+        for w in layer_weights:
+            for name, b in (("b_ih", w[2]), ("b_hh", w[3])):
+                if b.dtype != x.dtype or b.device != x.device:
+                    raise RuntimeError(
+                        f"fusedrnn.functional.rnn: {name} must be {x.dtype} on {x.device} like "
+                        f"the input, got {b.dtype} on {b.device}")
     b_ih = None
     if has_bias and not fold_bias:
         b_ih = torch.cat([w[2] for w in layer_weights]) if len(layer_weights) > 1 else layer_weights[0][2]
@@ -226,14 +235,9 @@ def _layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor], c0: Option
 def _one_step_applies(cell, x, layer_weights, h0, c0) -> bool:
     """Whether a one-step layer runs as cell steps (_cell_step.layer): on what _cell_step runs,
     with states of the expected shapes (anything else takes the recurrence, which reports it)."""
-    num_dirs = len(layer_weights)
-    if ((h0 is not None and h0.size(0) != num_dirs) or (c0 is not None and c0.size(0) != num_dirs)
-            or not _cell_step.applies(x[0], [t for w in layer_weights for t in w] + [h0, c0])):
-        return False
-    return all(_cell_step.shape_problem(
-        cell, x[0], h0[d] if h0 is not None else None, c0[d] if c0 is not None else None,
-        w_ih, w_hh, b_ih, b_hh, w_hr) is None
-        for d, (w_ih, w_hh, b_ih, b_hh, w_hr) in enumerate(layer_weights))
+    return (_cell_step.applies(x[0], ())
+            and _cell_step.layer_problem(cell, x.dtype, x.size(1), x.size(2), layer_weights, h0,
+                                         c0) is None)
 
 
 def _empty_layer(cell: str, x: Tensor, layer_weights, num_directions: int):

@@ -167,8 +167,9 @@ class RNNBase(nn.Module):
                 h0 = hx
             if not _is_state(h0, (num_states, batch, self._state_size), dtype, device):
                 return None
-        if seq_len == 1 and self._one_step_applies(x, weight):
-            result = self._one_step(x, h0, c0)
+        weights = self._one_step_weights(x, h0, c0) if seq_len == 1 else None
+        if weights is not None:
+            result = self._one_step(x, h0, c0, weights)
         else:
             result = _inference.forward(self, _CELLS[self.mode], self.num_layers,
                                         2 if self.bidirectional else 1, x, h0, c0)
@@ -179,27 +180,37 @@ class RNNBase(nn.Module):
             output = output.transpose(0, 1)
         return (output, (h_n, c_n)) if is_lstm else (output, h_n)
 
-    def _one_step_applies(self, x: Tensor, weight_ih: Tensor) -> bool:
-        """Whether an inference call of one step runs as cell steps: what _cell_step runs, except
+    def _one_step_weights(self, x: Tensor, h0: Optional[Tensor], c0: Optional[Tensor]):
+        """The layer weights when an inference call of one step runs as cell steps, else None:
+        every operand fits a cell step (else the full path reports it as torch.nn does), except
         at B <= 2 with weights too large for the cell step's own products. There the recurrence
         reads W_hh in place (no packing at that batch) on every thread, where the cell step would
         make torch GEMM calls: LSTM B=1 H=256 107 against 117 us a call; GRU 77 against 84."""
         if not _cell_step.applies(x[0], ()):
-            return False
-        batch = x.size(1)
-        return (batch > _cell_step.NATIVE_PRODUCTS_MAX_BATCH
-                or _cell_step.uses_native_products(batch, weight_ih,
-                                                    self._parameters["weight_hh_l0"]))
+            return None
+        weights = self._layer_weights()
+        batch, num_dirs = x.size(1), 2 if self.bidirectional else 1
+        if (batch <= _cell_step.NATIVE_PRODUCTS_MAX_BATCH
+                and not _cell_step.uses_native_products(batch, weights[0][0], weights[0][1])):
+            return None
+        cell, width = _CELLS[self.mode], x.size(2)
+        for layer in range(self.num_layers):
+            first, last = layer * num_dirs, (layer + 1) * num_dirs
+            if _cell_step.layer_problem(cell, x.dtype, batch, width, weights[first:last],
+                                        h0[first:last] if h0 is not None else None,
+                                        c0[first:last] if c0 is not None else None) is not None:
+                return None
+            width = num_dirs * self._state_size  # the next layer's input: this one's output
+        return weights
 
-    def _one_step(self, x: Tensor, h0: Optional[Tensor], c0: Optional[Tensor]):
+    def _one_step(self, x: Tensor, h0: Optional[Tensor], c0: Optional[Tensor], weights):
         """A sequence of one step (streaming inference feeds one step per call): every layer and
         direction is a cell step (_cell_step.layer), straight from the parameters. At T=1 the
         recurrence would pack W_hh for a single use, and the inference plan's bookkeeping costs
         more than it saves (RNN B=1 H=256: ~50 against ~35 us a call this way).
-        Returns (output [1, B, D*P], h_n, c_n or None)."""
+        weights: _one_step_weights'. Returns (output [1, B, D*P], h_n, c_n or None)."""
         cell = _CELLS[self.mode]
         num_dirs = 2 if self.bidirectional else 1
-        weights = self._layer_weights()
         step = x[0]
         h_n, c_n = [], []
         for layer in range(self.num_layers):
@@ -455,9 +466,11 @@ class RNNCellBase(nn.Module):
             if not _is_state(h, shape, input.dtype, input.device):
                 return None
         w_hh, b_ih, b_hh = params.get("weight_hh"), params.get("bias_ih"), params.get("bias_hh")
-        if w_hh is None or not _cell_step.applies(input, (weight, w_hh, b_ih, b_hh)):
+        if (w_hh is None or not _cell_step.applies(input, ())
+                or _cell_step.operand_problem(cell, input.dtype, shape[0], input.size(1), h, c,
+                                              weight, w_hh, b_ih, b_hh) is not None):
             return None
-        return _cell_step.step(cell, input, h, c, weight, w_hh, b_ih, b_hh)
+        return _cell_step.step(cell, input, h, c, weight, w_hh, b_ih, b_hh, checked=True)
 
 
 class LSTMCell(RNNCellBase):

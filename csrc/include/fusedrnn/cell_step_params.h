@@ -1,5 +1,5 @@
-// The parameters of one pointwise cell step: the cell update of fusedrnn/cell_math.h on
-// pre-activations that torch has already formed (CPU only).
+// The parameters of one cell step (CPU only): the cell update of fusedrnn/cell_math.h, on
+// pre-activations torch has formed, or, at small batch, on products the pass forms itself.
 //
 // Why a step without the recurrence's product: a single step (LSTMCell/GRUCell/RNNCell, or a
 // layer called with T = 1, as streaming inference does) would pay the recurrence kernel's
@@ -35,7 +35,8 @@ struct CellStepFwdParams : CellStepShape {
   // Small batch, xpre == nullptr: the pass forms x W_ih^T and h_prev W_hh^T itself, reading the
   // weights where they lie (one row dot product per output, as the small-batch recurrence does).
   // At B=1 the two torch GEMM calls it saves cost more than the products. x [B, I] and
-  // w_ih [G*H, I] are required then; w_hh [G*H, P] is nullable (h_prev zero: no recurrent term).
+  // w_ih [G*H, I] are required then, and w_hh [G*H, P] with h_prev (no h_prev: a zero state, no
+  // recurrent term). With xpre given, x, w_ih and w_hh must be null.
   const void* x = nullptr;
   const void* w_ih = nullptr;
   const void* w_hh = nullptr;
