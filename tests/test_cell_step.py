@@ -242,7 +242,9 @@ def test_cell_step_equals_sequence_of_one(cell, bias, with_state):
     x, h, c, w_ih, w_hh, b_ih, b_hh = _operands(cell, 3, 4, 19, torch.float64, bias, gen)
     leaves = [t.requires_grad_() for t in (x, h, c, w_ih, w_hh, b_ih, b_hh) if t is not None]
     hx = ((h, c) if cell == "lstm" else h) if with_state else None
-    assert _cell_step.applies(x, (w_ih, w_hh, b_ih, b_hh, h, c))
+    assert _cell_step.applies(x)
+    assert _cell_step.operand_problem(cell, x.dtype, 3, 4, h, c if cell == "lstm" else None,
+                                      w_ih, w_hh, b_ih, b_hh) is None
     runs = []
     for run in (lambda: functional.cell_step(cell, x, w_ih, w_hh, b_ih, b_hh, hx),
                 lambda: _sequence_of_one(cell, x, hx, w_ih, w_hh, b_ih, b_hh)):
@@ -282,16 +284,21 @@ def test_cell_step_double_backward_raises():
 
 
 def test_cell_step_fallbacks(monkeypatch):
-    """Half precision, a non-CPU backend, 1-D inputs and empty batches keep the other path."""
+    """Half precision, 1-D inputs, empty batches and a non-CPU backend keep the other path;
+    operands of another dtype are a problem (the checked path then reports it)."""
     x = torch.randn(2, 3)
-    w = torch.randn(4, 3)
-    assert _cell_step.applies(x, (w,))
-    assert not _cell_step.applies(x.bfloat16(), (w.bfloat16(),))
-    assert not _cell_step.applies(x, (w.double(),))
-    assert not _cell_step.applies(x[0], (w,))
-    assert not _cell_step.applies(x[:0], (w,))
+    w_ih, w_hh = torch.randn(4, 3), torch.randn(4, 4)
+    assert _cell_step.applies(x)
+    assert not _cell_step.applies(x.bfloat16())
+    assert not _cell_step.applies(x[0])
+    assert not _cell_step.applies(x[:0])
+    ok = _cell_step.operand_problem("rnn_tanh", x.dtype, 2, 3, None, None, w_ih, w_hh, None, None)
+    assert ok is None
+    problem = _cell_step.operand_problem("rnn_tanh", x.dtype, 2, 3, None, None, w_ih,
+                                         w_hh.double(), None, None)
+    assert "float64" in problem
     monkeypatch.setenv(_backend.BACKEND_VARIABLE, "emu")
-    assert not _cell_step.applies(x, (w,))
+    assert not _cell_step.applies(x)
 
 
 @pytest.mark.parametrize("kind, kwargs", [("LSTM", dict(proj_size=2, bidirectional=True)),

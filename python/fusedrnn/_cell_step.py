@@ -35,18 +35,14 @@ from ._backend import CELL_CODES, DTYPE_CODES, GATE_COUNT, SAVED_GATE_COUNT, _cp
 _DTYPES = (torch.float32, torch.float64)
 
 
-def applies(input: Tensor, operands) -> bool:
-    """Whether a cell step of input [B, I] runs here; operands: the weights and states (None
-    where absent). Anything else (and any mismatch, which functional.rnn then reports) takes the
-    sequence-of-one path."""
-    dtype = input.dtype
+def applies(input: Tensor) -> bool:
+    """Whether a cell step of input [B, I] may run here: a non-empty float32/float64 CPU input,
+    the _cpu backend, not compiling. The operands are then asked operand_problem(); anything
+    else takes the sequence-of-one path."""
     # (is_cpu, not device.type: ~0.05 against ~0.3 us, and this runs at every cell call.)
-    if (not input.is_cpu or dtype not in _DTYPES or input.dim() != 2 or 0 in input.shape
+    if (not input.is_cpu or input.dtype not in _DTYPES or input.dim() != 2 or 0 in input.shape
             or _cpu is None or torch.compiler.is_compiling()):
         return False
-    for t in operands:
-        if t is not None and (t.dtype is not dtype or not t.is_cpu):
-            return False
     backend = os.environ.get(_backend.BACKEND_VARIABLE)
     return not backend or _backend.backend_name() == "cpu"
 

@@ -146,7 +146,7 @@ def cell_step(cell: str, input: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Option
     if hx is None or lstm_pair or (cell != "lstm" and isinstance(hx, Tensor)):
         h, c = hx if lstm_pair else (hx, None)
         if (not torch.is_autocast_enabled(input.device.type)
-                and _cell_step.applies(input, (w_ih, w_hh, b_ih, b_hh, h, c))
+                and _cell_step.applies(input)
                 and _cell_step.operand_problem(cell, input.dtype, input.size(0), input.size(1),
                                                h, c, w_ih, w_hh, b_ih, b_hh) is None):
             return _cell_step.step(cell, input, h, c, w_ih, w_hh, b_ih, b_hh, checked=True)
@@ -235,7 +235,7 @@ def _layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor], c0: Option
 def _one_step_applies(cell, x, layer_weights, h0, c0) -> bool:
     """Whether a one-step layer runs as cell steps (_cell_step.layer): on what _cell_step runs,
     with states of the expected shapes (anything else takes the recurrence, which reports it)."""
-    return (_cell_step.applies(x[0], ())
+    return (_cell_step.applies(x[0])
             and _cell_step.layer_problem(cell, x.dtype, x.size(1), x.size(2), layer_weights, h0,
                                          c0) is None)
 

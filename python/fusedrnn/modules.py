@@ -186,7 +186,7 @@ class RNNBase(nn.Module):
         at B <= 2 with weights too large for the cell step's own products. There the recurrence
         reads W_hh in place (no packing at that batch) on every thread, where the cell step would
         make torch GEMM calls: LSTM B=1 H=256 107 against 117 us a call; GRU 77 against 84."""
-        if not _cell_step.applies(x[0], ()):
+        if not _cell_step.applies(x[0]):
             return None
         weights = self._layer_weights()
         batch, num_dirs = x.size(1), 2 if self.bidirectional else 1
@@ -466,7 +466,7 @@ class RNNCellBase(nn.Module):
             if not _is_state(h, shape, input.dtype, input.device):
                 return None
         w_hh, b_ih, b_hh = params.get("weight_hh"), params.get("bias_ih"), params.get("bias_hh")
-        if (w_hh is None or not _cell_step.applies(input, ())
+        if (w_hh is None or not _cell_step.applies(input)
                 or _cell_step.operand_problem(cell, input.dtype, shape[0], input.size(1), h, c,
                                               weight, w_hh, b_ih, b_hh) is not None):
             return None
