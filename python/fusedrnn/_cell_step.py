@@ -241,8 +241,6 @@ class _CellStep(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_h, d_c=None):
-        from .functional import _NoDoubleBackward
-
         cell = ctx.cell
         x, h, c, w_ih, w_hh, gates, saved = ctx.saved_tensors
         needs = ctx.needs_input_grad[2:]  # x, h, c, w_ih, w_hh, b_ih, b_hh
@@ -272,5 +270,6 @@ class _CellStep(torch.autograd.Function):
             d_hp.sum(0) if needs[6] else None,
         ]
         if torch.is_grad_enabled():  # create_graph=True: differentiating these again must raise
+            from .functional import _NoDoubleBackward  # (functional imports this module)
             grads = list(_NoDoubleBackward.mark(tuple(grads)))
         return (None, None, *grads)
