@@ -122,9 +122,11 @@ def step(cell: str, x: Tensor, h: Optional[Tensor], c: Optional[Tensor], w_ih: T
     found no operand_problem. Returns h', or for an LSTM (h', c')."""
     if h is None:
         h = x.new_zeros(x.size(0), w_hh.size(1))
-    operands = (x, h, c, w_ih, w_hh, b_ih, b_hh)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in operands):
-        return _CellStep.apply(cell, checked, *operands)
+    if torch.is_grad_enabled() and (
+            x.requires_grad or h.requires_grad or w_ih.requires_grad or w_hh.requires_grad
+            or (c is not None and c.requires_grad) or (b_ih is not None and b_ih.requires_grad)
+            or (b_hh is not None and b_hh.requires_grad)):
+        return _CellStep.apply(cell, checked, x, h, c, w_ih, w_hh, b_ih, b_hh)
     h_next, c_next, _ = _forward(cell, x, h, c, w_ih, w_hh, b_ih, b_hh, save=False,
                                  checked=checked)
     return (h_next, c_next) if cell == "lstm" else h_next
