@@ -2,7 +2,8 @@
 // set next to the recurrence (recurrence_isa_*.cpp include this after recurrence_impl.h).
 //
 // Rows are independent: a caller may split [0, B) among threads. The formulas are the ones of
-// fusedrnn/cell_math.h, instantiated on Vec like the recurrence's fused epilogue.
+// fusedrnn/cell_math.h, instantiated on Vec like the recurrence's fused epilogue; the saved gates,
+// the SIMD width and the small-batch products are the recurrence's (recurrence_impl.h).
 #pragma once
 
 #ifndef FUSEDRNN_CPU_ISA
@@ -20,7 +21,7 @@ namespace fusedrnn::cpu::FUSEDRNN_CPU_ISA {
 
 template <typename T, CellKind C>
 void cell_step_forward_rows(const CellStepFwdParams& p, int64_t row_begin, int64_t row_end) {
-  constexpr int W = FUSEDRNN_CPU_VEC_BYTES / static_cast<int>(sizeof(T));
+  constexpr int W = kWidth<T>;
   constexpr int G = gate_count(C);
   using V = Vec<T, W>;
   const int64_t H = p.hidden, I = p.input_size, P = p.state;
@@ -35,7 +36,7 @@ void cell_step_forward_rows(const CellStepFwdParams& p, int64_t row_begin, int64
     T* h = static_cast<T*>(p.h) + b * H;
     T* gates = p.gates ? static_cast<T*>(p.gates) + b * saved_gate_count(C) * H : nullptr;
     for (int64_t u = 0; u < H; u += W) {
-      const int n = static_cast<int>(H - u < W ? H - u : W);
+      const int n = static_cast<int>(imin(W, H - u));
       auto bias = [&](const void* b, int g) {
         return b ? V::load_partial(static_cast<const T*>(b) + g * H + u, n) : V::zero();
       };
@@ -64,24 +65,14 @@ void cell_step_forward_rows(const CellStepFwdParams& p, int64_t row_begin, int64
         r.store_partial(h + u, n);
         c_next.store_partial(static_cast<T*>(p.c) + b * H + u, n);
         if (p.saved_state) c_next.store_partial(static_cast<T*>(p.saved_state) + b * H + u, n);
-        if (gates) {
-          gate.i.store_partial(gates + u, n);
-          gate.f.store_partial(gates + H + u, n);
-          gate.g.store_partial(gates + 2 * H + u, n);
-          gate.o.store_partial(gates + 3 * H + u, n);
-        }
+        if (gates) store_saved_gates(gate, gates, H, u, n);
       } else if constexpr (C == CellKind::kGru) {
         V h_next;
         const auto gate =
             gru_forward(x_part(0), x_part(1), x_part(2), h_part(0), h_part(1), h_part(2),
                         V::load_partial(static_cast<const T*>(p.h_prev) + b * H + u, n), h_next);
         h_next.store_partial(h + u, n);
-        if (gates) {
-          gate.r.store_partial(gates + u, n);
-          gate.z.store_partial(gates + H + u, n);
-          gate.n.store_partial(gates + 2 * H + u, n);
-          gate.h_n.store_partial(gates + 3 * H + u, n);
-        }
+        if (gates) store_saved_gates(gate, gates, H, u, n);
       } else {
         const V h_next = rnn_forward(p.cell, x_part(0) + h_part(0));
         h_next.store_partial(h + u, n);
@@ -93,7 +84,7 @@ void cell_step_forward_rows(const CellStepFwdParams& p, int64_t row_begin, int64
 
 template <typename T, CellKind C>
 void cell_step_backward_rows(const CellStepBwdParams& p, int64_t row_begin, int64_t row_end) {
-  constexpr int W = FUSEDRNN_CPU_VEC_BYTES / static_cast<int>(sizeof(T));
+  constexpr int W = kWidth<T>;
   constexpr int G = gate_count(C);
   using V = Vec<T, W>;
   const int64_t H = p.hidden;
@@ -101,24 +92,19 @@ void cell_step_backward_rows(const CellStepBwdParams& p, int64_t row_begin, int6
     T* dx = static_cast<T*>(p.d_xpre) + b * G * H;
     const T* gates = p.gates ? static_cast<const T*>(p.gates) + b * saved_gate_count(C) * H : nullptr;
     for (int64_t u = 0; u < H; u += W) {
-      const int n = static_cast<int>(H - u < W ? H - u : W);
+      const int n = static_cast<int>(imin(W, H - u));
       auto row = [&](const void* base) {
         return base ? V::load_partial(static_cast<const T*>(base) + b * H + u, n) : V::zero();
       };
-      auto gate_part = [&](int g) { return V::load_partial(gates + g * H + u, n); };
       const V d_h = row(p.d_h);
       if constexpr (C == CellKind::kLstm) {
-        const LstmGates<V> gate{gate_part(0), gate_part(1), gate_part(2), gate_part(3)};
+        const auto gate = load_saved_lstm_gates<V>(gates, H, u, n);
         const auto grad = lstm_backward(gate, row(p.c), row(p.c_prev), d_h, row(p.d_c));
         grad.d_c_prev.store_partial(static_cast<T*>(p.d_c_prev) + b * H + u, n);
         const V parts[4] = {grad.d_i, grad.d_f, grad.d_g, grad.d_o};
         for (int g = 0; g < 4; ++g) parts[g].store_partial(dx + g * H + u, n);
       } else if constexpr (C == CellKind::kGru) {
-        GruGates<V> gate;
-        gate.r = gate_part(0);
-        gate.z = gate_part(1);
-        gate.n = gate_part(2);
-        gate.h_n = gate_part(3);
+        const auto gate = load_saved_gru_gates<V>(gates, H, u, n);
         const auto grad = gru_backward(gate, row(p.h_prev), d_h);
         grad.d_h_prev_direct.store_partial(static_cast<T*>(p.d_h_prev) + b * H + u, n);
         T* dh = static_cast<T*>(p.d_hpre) + b * G * H;

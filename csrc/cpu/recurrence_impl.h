@@ -82,6 +82,39 @@ inline T* row_of(const SeqTensor& seq, int64_t t, int64_t b) {
   return static_cast<T*>(seq.data) + t * seq.stride_t + b * seq.stride_b;
 }
 
+// ------------------------------------------------------------------------------ saved gates
+// One row of the gates saved for backward (params.h, saved_gate_count): gate k of unit u at
+// row[k * H + u], LSTM i, f, g, o and GRU r, z, n, h_n. The recurrence and the cell step
+// (cell_step_impl.h) write and read them only through these, W units (n valid) at u.
+template <typename T, typename V>
+inline void store_saved_gates(const LstmGates<V>& gate, T* row, int64_t H, int64_t u, int n) {
+  gate.i.store_partial(row + u, n);
+  gate.f.store_partial(row + H + u, n);
+  gate.g.store_partial(row + 2 * H + u, n);
+  gate.o.store_partial(row + 3 * H + u, n);
+}
+template <typename T, typename V>
+inline void store_saved_gates(const GruGates<V>& gate, T* row, int64_t H, int64_t u, int n) {
+  gate.r.store_partial(row + u, n);
+  gate.z.store_partial(row + H + u, n);
+  gate.n.store_partial(row + 2 * H + u, n);
+  gate.h_n.store_partial(row + 3 * H + u, n);
+}
+template <typename V, typename T>
+inline LstmGates<V> load_saved_lstm_gates(const T* row, int64_t H, int64_t u, int n) {
+  return {V::load_partial(row + u, n), V::load_partial(row + H + u, n),
+          V::load_partial(row + 2 * H + u, n), V::load_partial(row + 3 * H + u, n)};
+}
+template <typename V, typename T>
+inline GruGates<V> load_saved_gru_gates(const T* row, int64_t H, int64_t u, int n) {
+  GruGates<V> gate;
+  gate.r = V::load_partial(row + u, n);
+  gate.z = V::load_partial(row + H + u, n);
+  gate.n = V::load_partial(row + 2 * H + u, n);
+  gate.h_n = V::load_partial(row + 3 * H + u, n);
+  return gate;
+}
+
 // ------------------------------------------------------------------------------ packing
 // dest[((panel * K + k) * NV + v) * W + w] = src[col * stride_col + k * stride_k], where
 // col = col_of(panel, v, w), or 0 where col_of returns -1 (padding past the last unit/column).
@@ -689,13 +722,7 @@ void forward_impl(const RecurrenceFwdParams& p, const Team& team) {
               r.store(h_next + b * ld + u);
               r.store_partial(out + u, n);
             }
-            if (gates_data) {
-              T* gs = row_of<T>(p.gates, t, b);
-              gate.i.store_partial(gs + u, n);
-              gate.f.store_partial(gs + H + u, n);
-              gate.g.store_partial(gs + 2 * H + u, n);
-              gate.o.store_partial(gs + 3 * H + u, n);
-            }
+            if (gates_data) store_saved_gates(gate, row_of<T>(p.gates, t, b), H, u, n);
             if (c_seq_data) c_next.store_partial(row_of<T>(p.c_seq, t, b) + u, n);
           } else if constexpr (C == CellKind::kGru) {
             V h;
@@ -705,13 +732,7 @@ void forward_impl(const RecurrenceFwdParams& p, const Team& team) {
                 V::load(h_prev + b * ld + u), h);
             h.store(h_next + b * ld + u);
             h.store_partial(out + u, n);
-            if (gates_data) {
-              T* gs = row_of<T>(p.gates, t, b);
-              gate.r.store_partial(gs + u, n);
-              gate.z.store_partial(gs + H + u, n);
-              gate.n.store_partial(gs + 2 * H + u, n);
-              gate.h_n.store_partial(gs + 3 * H + u, n);
-            }
+            if (gates_data) store_saved_gates(gate, row_of<T>(p.gates, t, b), H, u, n);
           } else {
             const V h = rnn_forward(p.cell, acc[i][uv] + V::load_partial(x + u, n));
             h.store(h_next + b * ld + u);
@@ -889,10 +910,7 @@ void backward_impl(const RecurrenceBwdParams& p, const Team& team) {
     T* dhp = p.d_hproj.data ? row_of<T>(p.d_hproj, t, b) : nullptr;
     T* dp = dpre + b * ldg;
     if constexpr (C == CellKind::kLstm) {
-      const T* gs = row_of<const T>(p.gates, t, b);
-      const LstmGates<V> gate{V::load_partial(gs + u, n), V::load_partial(gs + H + u, n),
-                              V::load_partial(gs + 2 * H + u, n),
-                              V::load_partial(gs + 3 * H + u, n)};
+      const auto gate = load_saved_lstm_gates<V>(row_of<const T>(p.gates, t, b), H, u, n);
       const V c = V::load_partial(row_of<const T>(p.c_seq, t, b) + u, n);
       V c_prev = V::zero();
       if (s > 0) {
@@ -909,12 +927,7 @@ void backward_impl(const RecurrenceBwdParams& p, const Team& team) {
         if (dhp) parts[g].store_partial(dhp + g * H + u, n);
       }
     } else if constexpr (C == CellKind::kGru) {
-      const T* gs = row_of<const T>(p.gates, t, b);
-      GruGates<V> gate;
-      gate.r = V::load_partial(gs + u, n);
-      gate.z = V::load_partial(gs + H + u, n);
-      gate.n = V::load_partial(gs + 2 * H + u, n);
-      gate.h_n = V::load_partial(gs + 3 * H + u, n);
+      const auto gate = load_saved_gru_gates<V>(row_of<const T>(p.gates, t, b), H, u, n);
       V h_prev = V::zero();
       if (s > 0) {
         h_prev = V::load_partial(row_of<const T>(p.out, steps.prev_time(b, s), b) + u, n);
