@@ -157,7 +157,7 @@ FUSEDRNN_VEC_INLINE Vec<float, W> exp_poly(Vec<float, W> x) {
   p = p * r + 5.0000001201e-1f;
   const R y = (p * (r * r) + r) + 1.0f;
   const I bits = (__builtin_convertvector(n, I) + 127) << 23;
-  return V::of(y * reinterpret_cast<const R&>(bits));
+  return V::of(y * reinterpret_cast<R>(bits));
 }
 
 // 1/x: the hardware estimate refined by one Newton step (about 1 ulp, like the division it
@@ -166,10 +166,13 @@ FUSEDRNN_VEC_INLINE Vec<float, W> exp_poly(Vec<float, W> x) {
 template <int W>
 FUSEDRNN_VEC_INLINE Vec<float, W> recip(Vec<float, W> x) {
   using V = Vec<float, W>;
-  using R = typename V::Raw;
+  [[maybe_unused]] typedef typename V::Raw R;
 #if defined(__AVX512F__)
   if constexpr (W == 16) {
-    const R est = reinterpret_cast<R>(_mm512_rcp14_ps(reinterpret_cast<__m512>(x.v)));
+    // The all-lanes mask form: _mm512_rcp14_ps passes GCC 12 an "undefined" source vector that
+    // it then reports as used uninitialized (a false positive, the same instruction).
+    const R est = reinterpret_cast<R>(
+        _mm512_maskz_rcp14_ps(static_cast<__mmask16>(0xFFFF), reinterpret_cast<__m512>(x.v)));
     return V::of(est * (2.0f - x.v * est));
   }
 #endif
@@ -194,14 +197,14 @@ FUSEDRNN_VEC_INLINE Vec<float, W> act_tanh(Vec<float, W> x) {
   using V = Vec<float, W>;
   using R = typename V::Raw;
   using I = typename V::IRaw;
-  const I bits = reinterpret_cast<const I&>(x.v);
+  const I bits = reinterpret_cast<I>(x.v);
   const I sign = bits & (I{} + int32_t(0x80000000u));
   const I abs_bits = bits & (I{} + 0x7fffffff);
-  const R a = reinterpret_cast<const R&>(abs_bits);
+  const R a = reinterpret_cast<R>(abs_bits);
   // |x| >= 0.625: 1 - 2 / (e^{2|x|} + 1), sign restored.
   const R e = exp_poly(V::of(a + a)).v;
   const R big = 1.0f - 2.0f * recip(V::of(e + 1.0f)).v;
-  const I big_signed = reinterpret_cast<const I&>(big) | sign;
+  const I big_signed = reinterpret_cast<I>(big) | sign;
   // |x| < 0.625: x + x^3 P(x^2).
   const R z = x.v * x.v;
   R p = R{} - 5.70498872745e-3f;
@@ -210,7 +213,7 @@ FUSEDRNN_VEC_INLINE Vec<float, W> act_tanh(Vec<float, W> x) {
   p = p * z + 1.33314422036e-1f;
   p = p * z - 3.33332819422e-1f;
   const R small = x.v + x.v * z * p;
-  const R big_r = reinterpret_cast<const R&>(big_signed);
+  const R big_r = reinterpret_cast<R>(big_signed);
   return V::of(a < 0.625f ? small : big_r);
 }
 
