@@ -284,6 +284,24 @@ def test_larger_threaded_shapes(monkeypatch):
                       torch.device("cpu"))
 
 
+# ------------------------------------------------------------------------------ deferred cell update
+# From kDeferredMinStepBytes of input projection per step (B x G*H elements) and a thread share of
+# at least kDeferredMinRowBytes of each gate row (256 fp32 or 128 fp64 units), the CPU forward parks
+# the packed product's sums and runs the cell update row by row after the whole step's product
+# (csrc/cpu/recurrence_impl.h). These shapes take that path; with two threads and H=520 (33 fp32
+# panels: shares of 272 and 248 units) one thread defers and the other does not, in one team.
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("cell,proj,B", [("lstm", 0, 16), ("lstm", 100, 16), ("gru", 0, 16),
+                                         ("rnn_tanh", 0, 56)])
+def test_deferred_cell_update(cell, proj, B, threads, monkeypatch):
+    pytest.importorskip("fusedrnn._cpu")
+    monkeypatch.setenv("FUSEDRNN_CPU_TEST_THREADS", str(threads))
+    H = 300 if threads == 1 else 520
+    for dtype in (torch.float32, torch.float64):
+        run_and_check(Config(cell, proj, "bidir", True, 3, B, H, dtype, threads == 2),
+                      torch.device("cpu"))
+
+
 # ------------------------------------------------------------------------------ small batch
 # At B <= 2 and short sequences the CPU forward reads W_hh and b_hh in place instead of packing
 # them (csrc/cpu/recurrence_impl.h, forward_in_place: while T * B * 2 * W <= P * log2(W), W the
