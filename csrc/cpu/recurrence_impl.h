@@ -12,7 +12,10 @@
 // registers. In the forward panels the NV vectors are the G gates of the SAME W hidden units, so
 // when the dot products finish, the registers hold every pre-activation of those units and the
 // cell update (fusedrnn/cell_math.h, instantiated on SIMD vectors) runs right there, without a
-// round trip through memory. At small batch and short sequences the forward skips the pack and
+// round trip through memory. At large steps (kDeferredMinStepBytes) the sums take one round trip
+// through a small buffer instead, so that the update can walk each batch row's xproj, gates and
+// outputs front to back after the product (the epilogue's scattered lines were cache misses in
+// series). At small batch and short sequences the forward skips the pack and
 // reads W_hh in place (InPlaceDots, forward_in_place), leaving the same registers to the cell
 // update. Threads own contiguous ranges of panels (hence of hidden units); the cell state of a
 // unit never leaves its thread and one barrier per step publishes h_t.
