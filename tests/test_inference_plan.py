@@ -29,8 +29,9 @@ def make_pair(kind="LSTM", **kwargs):
     return theirs, ours
 
 
-def fresh_input(seed, batch=2):
-    return torch.randn(4, batch, 3, dtype=DTYPE, generator=torch.Generator().manual_seed(seed))
+def fresh_input(seed, batch=2, steps=4):
+    return torch.randn(steps, batch, 3, dtype=DTYPE,
+                       generator=torch.Generator().manual_seed(seed))
 
 
 def flat(result):
@@ -39,11 +40,15 @@ def flat(result):
 
 
 def check_same(theirs, ours, seed=1, **kwargs):
-    x = fresh_input(seed)
-    with torch.no_grad():
-        expected, actual = flat(theirs(x, **kwargs)), flat(ours(x, **kwargs))
-    for i, (a, e) in enumerate(zip(actual, expected)):
-        assert_close(a, e, TOL, f"result {i}")
+    """A sequence, then a single step: a call of one step runs as cell steps with weights
+    checked once per set of parameters (_inference.one_step_weights), which must not go stale
+    either."""
+    for steps in (4, 1):
+        x = fresh_input(seed, steps=steps)
+        with torch.no_grad():
+            expected, actual = flat(theirs(x, **kwargs)), flat(ours(x, **kwargs))
+        for i, (a, e) in enumerate(zip(actual, expected)):
+            assert_close(a, e, TOL, f"T={steps} result {i}")
 
 
 pytestmark = requires_native
@@ -316,6 +321,23 @@ def test_parameter_of_another_shape_is_refused(kind, seq_len, grad):
     for module in make_pair(kind):
         module.bias_hh_l0 = nn.Parameter(torch.randn(19, dtype=DTYPE))
         with pytest.raises(RuntimeError), torch.set_grad_enabled(grad):
+            module(torch.randn(seq_len, 1, 3, dtype=DTYPE))
+
+
+@pytest.mark.parametrize("kind", ["GRU", "LSTM"])
+@pytest.mark.parametrize("seq_len", [1, 4])
+@pytest.mark.parametrize("how", ["data", "parameter"])
+def test_shape_change_after_a_cached_call_is_refused(kind, seq_len, how):
+    """The same after a call has cached the module's plan or its checked one-step weights:
+    `.data =` keeps the Parameter object, so only the cached memory layout tells the change."""
+    for module in make_pair(kind):
+        with torch.no_grad():
+            module(torch.randn(seq_len, 1, 3, dtype=DTYPE))
+        if how == "data":
+            module.bias_hh_l0.data = torch.randn(19, dtype=DTYPE)
+        else:
+            module.bias_hh_l0 = nn.Parameter(torch.randn(19, dtype=DTYPE))
+        with pytest.raises(RuntimeError), torch.no_grad():
             module(torch.randn(seq_len, 1, 3, dtype=DTYPE))
 
 

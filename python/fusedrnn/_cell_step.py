@@ -35,12 +35,13 @@ from ._backend import CELL_CODES, DTYPE_CODES, GATE_COUNT, SAVED_GATE_COUNT, _cp
 _DTYPES = (torch.float32, torch.float64)
 
 
-def applies(input: Tensor) -> bool:
+def applies(input: Tensor, dims: int = 2) -> bool:
     """Whether a cell step of input [B, I] may run here: a non-empty float32/float64 CPU input,
     the _cpu backend, not compiling. The operands are then asked operand_problem(); anything
-    else takes the sequence-of-one path."""
+    else takes the sequence-of-one path. dims=3: the same for a one-step sequence [1, B, I]
+    (without making the view of its step)."""
     # (is_cpu, not device.type: ~0.05 against ~0.3 us, and this runs at every cell call.)
-    if (not input.is_cpu or input.dtype not in _DTYPES or input.dim() != 2 or 0 in input.shape
+    if (not input.is_cpu or input.dtype not in _DTYPES or input.dim() != dims or 0 in input.shape
             or _cpu is None or torch.compiler.is_compiling()):
         return False
     backend = os.environ.get(_backend.BACKEND_VARIABLE)
@@ -104,15 +105,25 @@ def _describe_shape_problem(cell, batch, width, h, c, w_ih, w_hh, b_ih, b_hh, w_
 def layer_problem(cell: str, dtype: torch.dtype, batch: int, width: int, layer_weights,
                   h0: Optional[Tensor], c0: Optional[Tensor]) -> Optional[str]:
     """operand_problem for every direction of a one-step layer whose input is [batch, width] of
-    `dtype` (the other arguments as layer's)."""
-    if (h0 is not None and (h0.dim() != 3 or h0.size(0) != len(layer_weights))) or (
-            c0 is not None and (c0.dim() != 3 or c0.size(0) != len(layer_weights))):
-        return "initial states that are not [directions, batch, size]"
-    for d, (w_ih, w_hh, b_ih, b_hh, w_hr) in enumerate(layer_weights):
-        problem = operand_problem(cell, dtype, batch, width, h0[d] if h0 is not None else None,
-                                  c0[d] if c0 is not None else None, w_ih, w_hh, b_ih, b_hh, w_hr)
+    `dtype` (the other arguments as layer's). The states are checked whole, [D, batch, size],
+    not direction by direction: a view per direction costs about a microsecond, and a streaming
+    call makes one step per call."""
+    num_dirs = len(layer_weights)
+    for t in (h0, c0):
+        if t is not None and (t.dtype is not dtype or not t.is_cpu or t.dim() != 3
+                              or t.size(0) != num_dirs or t.size(1) != batch):
+            return (f"initial states that are not [{num_dirs}, {batch}, size] {dtype} CPU tensors: "
+                    f"{t.dtype} {tuple(t.shape)} on {t.device}")
+    for w_ih, w_hh, b_ih, b_hh, w_hr in layer_weights:
+        problem = operand_problem(cell, dtype, batch, width, None, None, w_ih, w_hh, b_ih, b_hh,
+                                  w_hr)
         if problem is not None:
             return problem
+        # operand_problem found w_hh [G*H, P] with P = H, or the W_hr [P, H] of a projection.
+        if h0 is not None and h0.size(2) != w_hh.size(1):
+            return f"h0 of shape {tuple(h0.shape)}: expected size {w_hh.size(1)} last"
+        if c0 is not None and (cell != "lstm" or c0.size(2) != w_hh.size(0) // 4):
+            return f"c0 of shape {tuple(c0.shape)}: expected size {w_hh.size(0) // 4} last"
     return None
 
 

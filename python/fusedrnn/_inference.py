@@ -81,6 +81,31 @@ def plan_for(module, cell: str, num_layers: int, num_directions: int):
     return plan
 
 
+def one_step_weights(module, cell: str, num_directions: int):
+    """module._layer_weights() when every weight is one of the module's own parameters, all of
+    one dtype and device, of the shapes the module's sizes imply; else None (the caller then
+    checks the weights it gets itself). Checked once per set of parameters, like a plan, and
+    valid on the same terms (the same tensors at the same memory): a streaming call makes one
+    step per call, and checking every weight at every step cost about as much as the step
+    (RNN B=1 H=64: ~27 of ~51 us)."""
+    params = tuple(module._parameters.values())
+    cached = _step_weights.get(module)
+    # (The weights do not depend on the backend: only the tensors and their layout are compared.)
+    if (cached is not None and len(params) == len(cached.params)
+            and all(map(is_, params, cached.params)) and _layout(params) == cached.layout):
+        return cached.plan
+    layer_weights = module._layer_weights()
+    used = [t for w in layer_weights for t in w if t is not None]
+    dtype, device = used[0].dtype, used[0].device
+    if (all(t.dtype is dtype and t.device == device for t in used)
+            and {id(t) for t in used} <= {id(p) for p in params}
+            and _shapes_fit(module, cell, layer_weights, num_directions)):
+        _step_weights[module] = _CachedPlan(layer_weights, params)
+        return layer_weights
+    _step_weights.pop(module, None)
+    return None
+
+
 def _shapes_fit(module, cell: str, layer_weights: list, num_directions: int) -> bool:
     """Whether every weight has the shape the module's sizes imply. The native calls trust them:
     a parameter replaced by one of another shape must not be read past its end. Checked when a
@@ -161,8 +186,8 @@ class InferencePlan:
 
 
 class _CachedPlan:
-    """A plan with the parameter tensors and the memory layout (pointer, shape, strides) of each
-    when it was built."""
+    """A plan (or one_step_weights' checked weights) with the parameter tensors and the memory
+    layout (pointer, shape, strides) of each when it was built."""
 
     def __init__(self, plan: InferencePlan, params: tuple):
         self.plan = plan
@@ -188,3 +213,4 @@ def _layout(params: tuple) -> list:
 
 
 _plans: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_step_weights: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()

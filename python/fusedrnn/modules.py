@@ -186,19 +186,23 @@ class RNNBase(nn.Module):
         at B <= 2 with weights too large for the cell step's own products. There the recurrence
         reads W_hh in place (no packing at that batch) on every thread, where the cell step would
         make torch GEMM calls: LSTM B=1 H=256 107 against 117 us a call; GRU 77 against 84."""
-        if not _cell_step.applies(x[0]):
+        if not _cell_step.applies(x, dims=3):
             return None
-        weights = self._layer_weights()
-        batch, num_dirs = x.size(1), 2 if self.bidirectional else 1
+        cell, batch, num_dirs = _CELLS[self.mode], x.size(1), 2 if self.bidirectional else 1
+        # The module's own parameters, checked once (the caller checked x and the states).
+        checked = _inference.one_step_weights(self, cell, num_dirs)
+        weights = checked if checked is not None else self._layer_weights()
         if (batch <= _cell_step.NATIVE_PRODUCTS_MAX_BATCH
                 and not _cell_step.uses_native_products(batch, weights[0][0], weights[0][1])):
             return None
-        cell, width = _CELLS[self.mode], x.size(2)
+        if checked is not None:
+            return weights
+        width = x.size(2)
         for layer in range(self.num_layers):
-            first, last = layer * num_dirs, (layer + 1) * num_dirs
-            if _cell_step.layer_problem(cell, x.dtype, batch, width, weights[first:last],
-                                        h0[first:last] if h0 is not None else None,
-                                        c0[first:last] if c0 is not None else None) is not None:
+            h0_layer, c0_layer = _layer_states(h0, c0, layer, num_dirs)
+            if _cell_step.layer_problem(cell, x.dtype, batch, width,
+                                        weights[layer * num_dirs:(layer + 1) * num_dirs],
+                                        h0_layer, c0_layer) is not None:
                 return None
             width = num_dirs * self._state_size  # the next layer's input: this one's output
         return weights
@@ -214,10 +218,9 @@ class RNNBase(nn.Module):
         step = x[0]
         h_n, c_n = [], []
         for layer in range(self.num_layers):
-            first, last = layer * num_dirs, (layer + 1) * num_dirs
+            h0_layer, c0_layer = _layer_states(h0, c0, layer, num_dirs)
             step, hn, cn = _cell_step.layer(
-                cell, step, weights[first:last], h0[first:last] if h0 is not None else None,
-                c0[first:last] if c0 is not None else None)
+                cell, step, weights[layer * num_dirs:(layer + 1) * num_dirs], h0_layer, c0_layer)
             h_n.append(hn)
             c_n.append(cn)
         single = len(h_n) == 1
@@ -337,6 +340,17 @@ class RNN(RNNBase):
 
 # The dtypes every backend runs natively (the CPU upcasts float16/bfloat16: not the fast path).
 _NATIVE_DTYPES = (torch.float32, torch.float64)
+
+
+def _layer_states(h0: Optional[Tensor], c0: Optional[Tensor], layer: int, num_dirs: int):
+    """The [D, B, size] slices of layer `layer` of the initial states (None stays None); the
+    states themselves when they hold one layer (a slice would be a view, ~1 us, at every step
+    of a stream)."""
+    if h0 is not None and h0.size(0) != num_dirs:
+        h0 = h0[layer * num_dirs:(layer + 1) * num_dirs]
+    if c0 is not None and c0.size(0) != num_dirs:
+        c0 = c0[layer * num_dirs:(layer + 1) * num_dirs]
+    return h0, c0
 
 
 def _is_state(t, shape: tuple, dtype: torch.dtype, device: torch.device) -> bool:
