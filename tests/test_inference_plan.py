@@ -289,15 +289,18 @@ def test_one_step_sequences_match_torch(kind, kwargs, with_state, batch):
                 module.weight_hh_l0.mul_(0.5)  # seen by the next call
 
 
+@pytest.mark.parametrize("batch", [1, 2, 3])
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])
-def test_one_step_with_large_weights_takes_the_recurrence(kind):
+def test_one_step_with_large_weights(kind, batch):
     """At B <= 2 with weights past the cell step's own products (H=240 float64: 1.4-1.8 MB), a
-    one-step inference call runs the recurrence (which reads W_hh in place there): same results
-    as torch.nn, and the path is the plan's."""
+    one-step inference call is still a cell step, with torch's GEMMs forming the products: same
+    results as torch.nn."""
+    from fusedrnn import _cell_step
     theirs, ours = make_pair(kind, hidden_size=240)
-    x = torch.randn(1, 1, 3, dtype=DTYPE)
-    assert ours._one_step_weights(x, None, None) is None
-    assert ours._one_step_weights(torch.randn(1, 3, 3, dtype=DTYPE), None, None) is not None
+    x = torch.randn(1, batch, 3, dtype=DTYPE)
+    weights = ours._one_step_weights(x, None, None)
+    assert weights is not None
+    assert not _cell_step.uses_native_products(batch, weights[0][0], weights[0][1])
     with torch.no_grad():
         for e, g in zip(flat(theirs(x)), flat(ours(x))):
             assert_close(g, e, TOL, "one step, large weights")
