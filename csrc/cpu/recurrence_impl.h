@@ -795,11 +795,13 @@ void forward_impl(const RecurrenceFwdParams& p, const Team& team) {
                                            pan_end, cell_epilogue, cell_prefetch, (s & 1) != 0);
     } else if (deferred) {
       // The product parks its sums in `pre`; then each row's cell update walks the row's units
-      // in order (kDeferredMinBatch says why). Each thread parks and reads only its own panels.
+      // in order (kDeferredMinStepBytes says why). Each thread parks and reads only its own
+      // panels.
       const int64_t pre_ld = lay.pre_row_elems();
       auto park = [&](int64_t pan, int64_t r0, int m, auto& acc) {
         for (int i = 0; i < m; ++i) {
-          for (int v = 0; v < NV; ++v) acc[i][v].store(pre + (r0 + i) * pre_ld + (pan * NV + v) * W);
+          T* row = pre + (r0 + i) * pre_ld + pan * NV * W;
+          for (int v = 0; v < NV; ++v) acc[i][v].store(row + v * W);
         }
       };
       PanelGemm<T, NV>::run(h_prev, ld, rows, P, w_pack, bias_pack, pan_begin, pan_end, scratch,
