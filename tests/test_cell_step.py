@@ -383,6 +383,39 @@ def test_cells_match_torch_at_odd_width(name, dtype, batch):
         assert_close(b, a, TOLERANCE[dtype] * 5, f"result {i}")
 
 
+@pytest.mark.parametrize("with_state", [True, False], ids=["hx", "no-hx"])
+@pytest.mark.parametrize("kind, kwargs", [
+    ("LSTM", {}), ("LSTM", dict(proj_size=2, num_layers=2, bidirectional=True)),
+    ("GRU", dict(batch_first=True)), ("RNN", dict(nonlinearity="relu", num_layers=2))],
+    ids=["lstm", "lstm-proj-2l-bidir", "gru-bf", "relu-2l"])
+def test_one_step_training_matches_torch(kind, kwargs, with_state):
+    """With a gradient, a call of one step goes straight to the cell steps (the modules' fast
+    path): outputs and every gradient (input, states, parameters) as torch.nn's, in float64."""
+    torch.manual_seed(0)
+    theirs = getattr(torch.nn, kind)(3, 4, dtype=torch.float64, **kwargs)
+    ours = getattr(fusedrnn, kind)(3, 4, dtype=torch.float64, **kwargs)
+    ours.load_state_dict(theirs.state_dict())
+    num_states = ours.num_layers * (2 if ours.bidirectional else 1)
+    x = torch.randn(*((2, 1) if ours.batch_first else (1, 2)), 3, dtype=torch.float64)
+    states = []
+    if with_state:
+        states.append(torch.randn(num_states, 2, ours.proj_size or 4, dtype=torch.float64))
+        if kind == "LSTM":
+            states.append(torch.randn(num_states, 2, 4, dtype=torch.float64))
+    results = []
+    for module in (theirs, ours):
+        inputs = [t.clone().requires_grad_() for t in (x, *states)]
+        hx = (tuple(inputs[1:]) if kind == "LSTM" else inputs[1]) if with_state else None
+        if module is ours:
+            assert module._fast_forward(inputs[0], hx) is not None  # the path under test
+        out, final = module(inputs[0], hx)
+        outputs = [out, *(final if kind == "LSTM" else (final,))]
+        sum(o.pow(2).sum() * (i + 1) for i, o in enumerate(outputs)).backward()
+        results.append(outputs + [t.grad for t in inputs] + [p.grad for p in module.parameters()])
+    for expected, actual in zip(*results):
+        torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-12)
+
+
 def test_one_step_output_and_h_n_do_not_share_memory():
     """torch.nn's output and h_n are separate tensors: a stream may change one in place."""
     for module in (fusedrnn.LSTM(3, 4), fusedrnn.GRU(3, 4), fusedrnn.RNN(3, 4)):

@@ -134,10 +134,14 @@ class RNNBase(nn.Module):
     def _fast_forward(self, input, hx):
         """The common inference call (no gradient, a batched float32/float64 tensor, valid or no
         state, no autocast, no dropout to apply) straight to the module's inference plan
-        (_inference.py), with only the checks that decide it; None for anything else, which the
-        full path then handles (and reports, for bad input) exactly as before."""
-        if (torch.is_grad_enabled() or torch.compiler.is_compiling() or type(input) is not Tensor
-                or input.dim() != 3
+        (_inference.py), with only the checks that decide it; with a gradient, the same for a
+        call of one time step (a decoder or a stream trained a step per call), which the cell
+        steps run under autograd exactly as the full path would, without its ~20 us of
+        per-call bookkeeping. None for anything else, which the full path then handles (and
+        reports, for bad input) exactly as before."""
+        grad = torch.is_grad_enabled()
+        if (torch.compiler.is_compiling() or type(input) is not Tensor or input.dim() != 3
+                or (grad and input.size(1 if self.batch_first else 0) != 1)
                 or (self.training and self.dropout > 0 and self.num_layers > 1)):
             return None
         # Straight from the parameter table (nn.Module.__getattr__ costs ~0.5 us); a weight that
@@ -170,6 +174,8 @@ class RNNBase(nn.Module):
         weights = self._one_step_weights(x, h0, c0) if seq_len == 1 else None
         if weights is not None:
             result = self._one_step(x, h0, c0, weights)
+        elif grad:  # the inference plan has no backward
+            return None
         else:
             result = _inference.forward(self, _CELLS[self.mode], self.num_layers,
                                         2 if self.bidirectional else 1, x, h0, c0)
@@ -206,8 +212,9 @@ class RNNBase(nn.Module):
         return weights
 
     def _one_step(self, x: Tensor, h0: Optional[Tensor], c0: Optional[Tensor], weights):
-        """A sequence of one step (streaming inference feeds one step per call): every layer and
-        direction is a cell step (_cell_step.layer), straight from the parameters. At T=1 the
+        """A sequence of one step (a stream or a decoder fed one step per call, with or without
+        autograd): every layer and direction is a cell step (_cell_step.layer), straight from
+        the parameters. At T=1 the
         recurrence would pack W_hh for a single use, and the inference plan's bookkeeping costs
         more than it saves (RNN B=1 H=256: ~50 against ~35 us a call this way).
         weights: _one_step_weights'. Returns (output [1, B, D*P], h_n, c_n or None)."""
