@@ -64,17 +64,14 @@ def plan_for(module, cell: str, num_layers: int, num_directions: int):
     cached = _plans.get(module)
     if cached is not None and cached.matches(params):
         return cached.plan
-    layer_weights = module._layer_weights()
-    used = [t for w in layer_weights for t in w if t is not None]
-    dtype, device = used[0].dtype, used[0].device
-    if any(t.dtype is not dtype or t.device != device for t in used):
+    checked = _checked_layer_weights(module, cell, num_directions)
+    if checked is None:
         return None
-    if not _shapes_fit(module, cell, layer_weights, num_directions):
-        return None
+    layer_weights, used = checked
     plan = InferencePlan(cell, layer_weights, num_layers, num_directions)
     # Cached only when every weight used is one of the checked parameters (a subclass may
     # register more parameters, e.g. a learnable initial state; they are checked too).
-    if plan.points_into_parameters and {id(t) for t in used} <= {id(p) for p in params}:
+    if plan.points_into_parameters and _all_own(used, params):
         _plans[module] = _CachedPlan(plan, params)
     else:
         _plans.pop(module, None)  # an outdated plan would keep the old weights alive
@@ -90,20 +87,32 @@ def one_step_weights(module, cell: str, num_directions: int):
     (RNN B=1 H=64: ~27 of ~51 us)."""
     params = tuple(module._parameters.values())
     cached = _step_weights.get(module)
-    # (The weights do not depend on the backend: only the tensors and their layout are compared.)
-    if (cached is not None and len(params) == len(cached.params)
-            and all(map(is_, params, cached.params)) and _layout(params) == cached.layout):
+    # (The weights do not depend on the backend: only the tensors and their memory count.)
+    if cached is not None and cached.holds(params):
         return cached.plan
+    checked = _checked_layer_weights(module, cell, num_directions)
+    if checked is not None and _all_own(checked[1], params):
+        _step_weights[module] = _CachedPlan(checked[0], params)
+        return checked[0]
+    _step_weights.pop(module, None)
+    return None
+
+
+def _checked_layer_weights(module, cell: str, num_directions: int):
+    """(module._layer_weights(), the tensors among them) when they share one dtype and device
+    and have the shapes the module's sizes imply, else None."""
     layer_weights = module._layer_weights()
     used = [t for w in layer_weights for t in w if t is not None]
     dtype, device = used[0].dtype, used[0].device
-    if (all(t.dtype is dtype and t.device == device for t in used)
-            and {id(t) for t in used} <= {id(p) for p in params}
-            and _shapes_fit(module, cell, layer_weights, num_directions)):
-        _step_weights[module] = _CachedPlan(layer_weights, params)
-        return layer_weights
-    _step_weights.pop(module, None)
-    return None
+    if (any(t.dtype is not dtype or t.device != device for t in used)
+            or not _shapes_fit(module, cell, layer_weights, num_directions)):
+        return None
+    return layer_weights, used
+
+
+def _all_own(used: list, params: tuple) -> bool:
+    """Whether every tensor used is one of the module's registered parameters."""
+    return {id(t) for t in used} <= {id(p) for p in params}
 
 
 def _shapes_fit(module, cell: str, layer_weights: list, num_directions: int) -> bool:
@@ -197,12 +206,16 @@ class _CachedPlan:
         self.module = _backend.module_for(params[0].device)
         self.backend_setting = os.environ.get(_backend.BACKEND_VARIABLE)
 
+    def holds(self, params: tuple) -> bool:
+        """Whether it was built from exactly these tensors, still in the same memory."""
+        return (len(params) == len(self.params) and all(map(is_, params, self.params))
+                and _layout(params) == self.layout)
+
     def matches(self, params: tuple) -> bool:
-        """Whether the plan was built from exactly these tensors, still in the same memory, for
-        the native module that runs them now (FUSEDRNN_BACKEND may change between calls; the
-        module is looked up again only when the variable did: ~1.5 of the ~4 us of this check)."""
-        if not (len(params) == len(self.params) and all(map(is_, params, self.params))
-                and _layout(params) == self.layout):
+        """holds(params), for the native module that runs them now (FUSEDRNN_BACKEND may change
+        between calls; the module is looked up again only when the variable did: ~1.5 of the
+        ~4 us of this check)."""
+        if not self.holds(params):
             return False
         return (os.environ.get(_backend.BACKEND_VARIABLE) == self.backend_setting
                 or _backend.module_for(params[0].device) is self.module)

@@ -235,7 +235,7 @@ def _layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor], c0: Option
 def _one_step_applies(cell, x, layer_weights, h0, c0) -> bool:
     """Whether a one-step layer runs as cell steps (_cell_step.layer): on what _cell_step runs,
     with states of the expected shapes (anything else takes the recurrence, which reports it)."""
-    return (_cell_step.applies(x[0])
+    return (_cell_step.applies(x, dims=3)
             and _cell_step.layer_problem(cell, x.dtype, x.size(1), x.size(2), layer_weights, h0,
                                          c0) is None)
 

@@ -187,7 +187,7 @@ class RNNBase(nn.Module):
         return (output, (h_n, c_n)) if is_lstm else (output, h_n)
 
     def _one_step_weights(self, x: Tensor, h0: Optional[Tensor], c0: Optional[Tensor]):
-        """The layer weights when an inference call of one step runs as cell steps, else None:
+        """The layer weights when a call of one step runs as cell steps, else None:
         every operand fits a cell step (else the full path reports it as torch.nn does).
         Cell steps win at every size measured, also at B <= 2 with weights too large for the
         cell step's own products, where torch's GEMMs form them (B=1, us a call, against the
@@ -214,9 +214,9 @@ class RNNBase(nn.Module):
     def _one_step(self, x: Tensor, h0: Optional[Tensor], c0: Optional[Tensor], weights):
         """A sequence of one step (a stream or a decoder fed one step per call, with or without
         autograd): every layer and direction is a cell step (_cell_step.layer), straight from
-        the parameters. At T=1 the
-        recurrence would pack W_hh for a single use, and the inference plan's bookkeeping costs
-        more than it saves (RNN B=1 H=256: ~50 against ~35 us a call this way).
+        the parameters. At T=1 the recurrence would pack W_hh for a single use, and the inference
+        plan's bookkeeping costs more than it saves (RNN B=1 H=256: ~50 against ~35 us a call
+        this way).
         weights: _one_step_weights'. Returns (output [1, B, D*P], h_n, c_n or None)."""
         cell = _CELLS[self.mode]
         num_dirs = 2 if self.bidirectional else 1
