@@ -24,6 +24,14 @@ pytestmark = requires_native
 CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
 
 
+@pytest.fixture(autouse=True)
+def _cpu_backend(monkeypatch):
+    """The cell step is the _cpu backend's: these tests pin it, so that they test it also when
+    the whole suite runs with FUSEDRNN_BACKEND=emu (where modules take the emulated recurrence
+    instead, which the rest of the suite covers). A test may still switch to emu itself."""
+    monkeypatch.setenv(_backend.BACKEND_VARIABLE, "cpu")
+
+
 def _nan(*shape, dtype):
     return torch.full(shape, float("nan"), dtype=dtype)
 

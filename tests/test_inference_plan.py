@@ -291,11 +291,12 @@ def test_one_step_sequences_match_torch(kind, kwargs, with_state, batch):
 
 @pytest.mark.parametrize("batch", [1, 2, 3])
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])
-def test_one_step_with_large_weights(kind, batch):
+def test_one_step_with_large_weights(kind, batch, monkeypatch):
     """At B <= 2 with weights past the cell step's own products (H=240 float64: 1.4-1.8 MB), a
     one-step inference call is still a cell step, with torch's GEMMs forming the products: same
-    results as torch.nn."""
+    results as torch.nn. (Cell steps are the _cpu backend's, pinned here.)"""
     from fusedrnn import _cell_step
+    monkeypatch.setenv("FUSEDRNN_BACKEND", "cpu")
     theirs, ours = make_pair(kind, hidden_size=240)
     x = torch.randn(1, batch, 3, dtype=DTYPE)
     weights = ours._one_step_weights(x, None, None)
