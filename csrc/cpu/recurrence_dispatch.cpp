@@ -3,6 +3,7 @@
 #include "recurrence.h"
 
 #include <atomic>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
@@ -80,7 +81,17 @@ IsaOps ops() {
 // After a call whose barriers stalled, the next calls run without per-step barriers; the
 // pause doubles with every stalled retry (up to kMaxBackoffCalls) and resets after a clean one,
 // so an oversubscribed machine pays for a stalled call rarely and a quiet one not at all.
-constexpr int kMinBackoffCalls = 16;
+// A call counts as stalled when its stalled waits add up to more than 1/kStalledShareDivisor of
+// its wall time. Measured on the 2-core VM (LSTM B=64 H=256 T=100 forward, two threads): a
+// quiet machine loses up to ~16% of a call that way (bursts of host noise; once in 300 calls
+// over 25%), an oversubscribed one (a busy process on one core) mostly 30-58%. The earlier
+// rule, more than 2 + T/16 stalled waits, confused the two: quiet calls had up to 17 such waits
+// and oversubscribed ones 5-9, so a quiet machine dropped to one thread for 16 calls about once
+// in 100 calls (forward 36 against 25 ms), and an oversubscribed one mostly kept its team
+// (50-68 ms a call, against ~37 on one thread, which it now gets). The shortest pause is small
+// because a rare false alarm should cost little; a real oversubscription doubles it quickly.
+constexpr int64_t kStalledShareDivisor = 3;
+constexpr int kMinBackoffCalls = 4;
 constexpr int kMaxBackoffCalls = 4096;
 std::atomic<int> g_stall_backoff{0};
 std::atomic<int> g_next_backoff{kMinBackoffCalls};
@@ -168,6 +179,7 @@ void run_directions(const std::vector<Params>& dirs, BytesFn bytes_of, ThreadsFn
   auto execute = [&](int team0, int team1) {
     SpinBarrier barrier0(team0, stall_micros(local[0], team0)),
         barrier1(team1 > 0 ? team1 : 1, stall_micros(local.back(), team1));
+    const auto start = std::chrono::steady_clock::now();
     const bool ran = parallel_run(team0 + team1, [&](int rank) {
       if (team1 == 0) {
         for (auto& p : local) run(p, Team{rank, team0, &barrier0});
@@ -177,8 +189,11 @@ void run_directions(const std::vector<Params>& dirs, BytesFn bytes_of, ThreadsFn
         run(local[1], Team{rank - team0, team1, &barrier1});
       }
     });
+    const int64_t wall = std::chrono::duration_cast<std::chrono::microseconds>(
+                             std::chrono::steady_clock::now() - start).count();
+    const int64_t lost = barrier0.stalled_micros() + barrier1.stalled_micros();
     if (ran && (team0 > 1 || team1 > 1) && forced == 0) {
-      if (barrier0.stalls() + barrier1.stalls() > 2 + dirs[0].seq_len / 16) {
+      if (lost * kStalledShareDivisor > wall) {
         const int pause = g_next_backoff.load(std::memory_order_relaxed);
         g_stall_backoff.store(pause, std::memory_order_relaxed);
         g_next_backoff.store(pause * 2 < kMaxBackoffCalls ? pause * 2 : kMaxBackoffCalls,

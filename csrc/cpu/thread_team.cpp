@@ -41,23 +41,26 @@ void SpinBarrier::wait(int rank) {
   if (rounds_ == 0) return;  // a team of one
   // This member's epoch: one more than its last announcement (only it writes that line).
   const int64_t epoch = announced_[rank].value.load(std::memory_order_relaxed) + 1;
-  bool stalled = false;
+  int64_t stalled_for = 0;
   for (int k = 0; k < rounds_; ++k) {
     // Release: what this member (and, transitively, those it heard from) wrote before arriving
     // is visible to whoever acquires the announcement.
     announced_[k * count_ + rank].value.store(epoch, std::memory_order_release);
     const int from = (rank - (1 << k) + count_) % count_;
-    stalled = spin_until_reaches(announced_[k * count_ + from].value, epoch) || stalled;
+    stalled_for += spin_until_reaches(announced_[k * count_ + from].value, epoch);
   }
-  // One stall per wait at most, however many rounds it took.
-  if (stalled) stalls_.fetch_add(1, std::memory_order_relaxed);
+  // The first wait of a call also waits for the team to start (waking a sleeping worker took
+  // ~100 us on the 2-core VM): that is not time lost to a descheduled member.
+  if (stalled_for > 0 && epoch > 1) stalled_micros_.fetch_add(stalled_for, std::memory_order_relaxed);
 }
 
 // Spin while the wait is short; past kBarrierSpinMicros a team member has most likely lost its
-// core to another process, so yield ours. Returns whether the wait outlasted the stall budget.
-bool SpinBarrier::spin_until_reaches(const std::atomic<int64_t>& announced, int64_t epoch) {
+// core to another process, so yield ours. A stalled wait is timed to its end (the clock is read
+// every 64 spins or yields): the caller weighs the time lost, not just the number of stalls.
+int64_t SpinBarrier::spin_until_reaches(const std::atomic<int64_t>& announced, int64_t epoch) {
   int spins = 0;
   auto start = std::chrono::steady_clock::time_point();
+  auto now = start;
   bool yielding = false, stalled = false;
   while (announced.load(std::memory_order_acquire) < epoch) {
     if (yielding) {
@@ -65,8 +68,8 @@ bool SpinBarrier::spin_until_reaches(const std::atomic<int64_t>& announced, int6
     } else {
       FUSEDRNN_PAUSE();
     }
-    if ((yielding && stalled) || ++spins % 64 != 0) continue;
-    const auto now = std::chrono::steady_clock::now();
+    if (++spins % 64 != 0) continue;
+    now = std::chrono::steady_clock::now();
     if (spins == 64) {
       start = now;
       continue;
@@ -75,7 +78,10 @@ bool SpinBarrier::spin_until_reaches(const std::atomic<int64_t>& announced, int6
     yielding = yielding || waited > std::chrono::microseconds(kBarrierSpinMicros);
     stalled = stalled || waited > std::chrono::microseconds(stall_micros_);
   }
-  return stalled;
+  if (!stalled) return 0;
+  const int64_t us =
+      std::chrono::duration_cast<std::chrono::microseconds>(now - start).count();
+  return us > 0 ? us : 1;
 }
 
 #ifndef _OPENMP

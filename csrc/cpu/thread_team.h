@@ -27,20 +27,22 @@ class SpinBarrier {
   explicit SpinBarrier(int count, int64_t stall_micros = 50);
   // Member `rank` (0 <= rank < count) arrives and waits for all others.
   void wait(int rank);
-  // Waits that outlasted the stall budget (a member was most likely descheduled).
-  int stalls() const { return stalls_.load(std::memory_order_relaxed); }
+  // Microseconds spent in waits that outlasted the stall budget (a member was most likely
+  // descheduled), over all members and waits.
+  int64_t stalled_micros() const { return stalled_micros_.load(std::memory_order_relaxed); }
 
  private:
   struct alignas(64) Line {
     std::atomic<int64_t> value{0};
   };
-  bool spin_until_reaches(const std::atomic<int64_t>& announced, int64_t epoch);
+  // Returns the length of the wait in microseconds when it outlasted the stall budget, else 0.
+  int64_t spin_until_reaches(const std::atomic<int64_t>& announced, int64_t epoch);
 
   int count_;
   int rounds_;
   int64_t stall_micros_;
   std::unique_ptr<Line[]> announced_;  // [rounds_ * count_]: member's latest epoch per round
-  alignas(64) std::atomic<int> stalls_{0};
+  alignas(64) std::atomic<int64_t> stalled_micros_{0};
 };
 
 // The threads of one direction inside a call: this thread's index and the team's barrier.
