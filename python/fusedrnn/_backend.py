@@ -41,6 +41,16 @@ HAS_EMU = _emu is not None
 BACKEND_VARIABLE = "FUSEDRNN_BACKEND"
 
 
+def recording_graph() -> bool:
+    """Whether torch.compile or torch.jit.trace is recording a graph. Then every recurrence must
+    run as the custom ops (functional.layer_forward / layer_backward), which the recorder sees
+    as ops: a direct native call is invisible to it, and a trace would replay the torch ops
+    around the call without the call itself (garbage outputs, and a trace check that passes)."""
+    # (torch._C._is_tracing is what torch.jit.is_tracing asks, without its scripting check:
+    # this runs at every call of the modules' fast paths.)
+    return torch.compiler.is_compiling() or torch._C._is_tracing()
+
+
 def backend_name() -> str:
     """What CPU tensors run on: 'cpu' (default) or 'emu' (FUSEDRNN_BACKEND=emu)."""
     name = os.environ.get(BACKEND_VARIABLE, "cpu").strip().lower() or "cpu"

@@ -17,8 +17,8 @@ torch.nn's CPU cells do the same GEMMs but the update as ~10 separate elementwis
 The native pass trusts its operands: every caller first asks operand_problem() and takes the
 checked sequence-of-one path (which reports bad input as torch.nn does) on any problem.
 
-Used for float32/float64 CPU tensors on the `_cpu` backend outside torch.compile; everything else
-(CUDA, FUSEDRNN_BACKEND=emu, half precision, compiling) keeps the sequence-of-one path of
+Used for float32/float64 CPU tensors on the `_cpu` backend outside torch.compile and torch.jit.trace; everything else
+(CUDA, FUSEDRNN_BACKEND=emu, half precision, recording a graph) keeps the sequence-of-one path of
 functional.cell_step, which the custom ops make traceable.
 """
 from __future__ import annotations
@@ -42,7 +42,7 @@ def applies(input: Tensor, dims: int = 2) -> bool:
     (without making the view of its step)."""
     # (is_cpu, not device.type: ~0.05 against ~0.3 us, and this runs at every cell call.)
     if (not input.is_cpu or input.dtype not in _DTYPES or input.dim() != dims or 0 in input.shape
-            or _cpu is None or torch.compiler.is_compiling()):
+            or _cpu is None or _backend.recording_graph()):
         return False
     backend = os.environ.get(_backend.BACKEND_VARIABLE)
     return not backend or _backend.backend_name() == "cpu"

@@ -210,11 +210,15 @@ def _layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor], c0: Option
     b_hh = ([w[2] + w[3] for w in layer_weights] if fold_bias
             else [w[3] for w in layer_weights] if has_bias else [])
     w_hr = [w[4] for w in layer_weights] if layer_weights[0][4] is not None else []
-    needs_grad = torch.is_grad_enabled() and any(
+    # A traced graph must not depend on grad mode (torch.jit.trace checks a trace by tracing
+    # again under no_grad): there a layer saves for backward whenever a weight or input requires
+    # grad, also when the trace runs without gradients.
+    needs_grad = (torch.is_grad_enabled() or torch.jit.is_tracing()) and any(
         t is not None and t.requires_grad for t in (xproj, h0, c0, *w_hh, *b_hh, *w_hr))
-    if torch.compiler.is_compiling():
+    if _backend.recording_graph():
         # torch.compile traces the custom op (its fake kernel gives the shapes) and, in training,
-        # the backward formula registered for it: no graph break.
+        # the backward formula registered for it: no graph break. torch.jit.trace records it as
+        # an op of the traced graph.
         out, hn, cn = layer_forward(cell, xproj, h0, c0, w_hh, b_hh, w_hr, lengths, needs_grad)[:3]
         return out, hn, (cn if cell == "lstm" else None)
     # Eagerly the autograd.Function runs the same forward and backward without the custom op's

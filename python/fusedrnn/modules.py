@@ -8,20 +8,33 @@ The math runs in `functional.rnn`; this file only adapts torch.nn's calling conv
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from . import _cell_step, _inference
+from . import _backend, _cell_step, _inference
 from . import _validation as check
 from . import functional
 from ._packing import PackedLayout
 
 _GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 _CELLS = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}
+
+
+@contextlib.contextmanager
+def _tracing_shape_checks():
+    """While torch.jit.trace records a module (the recurrence then runs as the custom ops,
+    _backend.recording_graph), the input checks compare traced sizes, which warns that the trace
+    may not generalize. They are shape checks: the traced ops take any T and B
+    (tests/test_trace.py runs traced modules on other shapes), as torch.nn's traces do."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        yield
 
 
 class RNNBase(nn.Module):
@@ -140,7 +153,7 @@ class RNNBase(nn.Module):
         per-call bookkeeping. None for anything else, which the full path then handles (and
         reports, for bad input) exactly as before."""
         grad = torch.is_grad_enabled()
-        if (torch.compiler.is_compiling() or type(input) is not Tensor or input.dim() != 3
+        if (_backend.recording_graph() or type(input) is not Tensor or input.dim() != 3
                 or (grad and input.size(1 if self.batch_first else 0) != 1)
                 or (self.training and self.dropout > 0 and self.num_layers > 1)):
             return None
@@ -236,6 +249,13 @@ class RNNBase(nn.Module):
         fast = self._fast_forward(input, hx)
         if fast is not None:
             return fast
+        if torch.jit.is_tracing():
+            with _tracing_shape_checks():
+                return self._checked_forward(input, hx)
+        return self._checked_forward(input, hx)
+
+    def _checked_forward(self, input, hx):
+        """Every other call: validated like torch.nn, packed sequences, autocast, dropout."""
         is_lstm = self.mode == "LSTM"
         weight = self.weight_ih_l0
         input, hx = _follow_autocast(input, hx, weight)
@@ -432,6 +452,12 @@ class RNNCellBase(nn.Module):
         fast = self._fast_step(cell, input, hx)
         if fast is not None:
             return fast
+        if torch.jit.is_tracing():
+            with _tracing_shape_checks():
+                return self._checked_step(cell, input, hx)
+        return self._checked_step(cell, input, hx)
+
+    def _checked_step(self, cell: str, input: Tensor, hx):
         name = type(self).__name__
         is_lstm = cell == "lstm"
         input, hx = _follow_autocast(input, hx, self.weight_ih)
@@ -467,7 +493,8 @@ class RNNCellBase(nn.Module):
         then validates and reports exactly as before."""
         params = self._parameters
         weight = params.get("weight_ih")
-        if (type(input) is not Tensor or input.dim() != 2 or weight is None
+        if (_backend.recording_graph() or type(input) is not Tensor or input.dim() != 2
+                or weight is None
                 or input.dtype is not weight.dtype or input.size(1) != self.input_size
                 or self.hidden_size == 0 or torch.is_autocast_enabled("cpu")):
             return None
