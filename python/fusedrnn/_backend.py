@@ -51,6 +51,18 @@ def recording_graph() -> bool:
     return torch.compiler.is_compiling() or torch._C._is_tracing()
 
 
+def without_data(t: torch.Tensor) -> bool:
+    """Whether t has no memory a kernel could read: a meta tensor, or a FakeTensor (shape
+    propagation under FakeTensorMode). Such a layer runs as the custom ops too, whose fake
+    kernels give the results' shapes, as torch.nn's ops do for these tensors."""
+    return t.is_meta or (type(t) is not torch.Tensor and _is_fake(t))
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake  # only for Tensor subclasses
+    return is_fake(t)
+
+
 def backend_name() -> str:
     """What CPU tensors run on: 'cpu' (default) or 'emu' (FUSEDRNN_BACKEND=emu)."""
     name = os.environ.get(BACKEND_VARIABLE, "cpu").strip().lower() or "cpu"

@@ -54,7 +54,8 @@ def rnn(cell: str, input: Tensor, weights, hx=None, *, num_layers: int = 1,
                          f"(num_layers * num_directions), got {len(weights)}")
     # Autocast would turn the input projection into another dtype than the recurrent weights, and
     # the native call takes one dtype for all its tensors: dtypes are chosen explicitly here.
-    if not torch.is_autocast_enabled(input.device.type):  # entering autocast costs ~3 us
+    # (Autocast has no meta device: a meta input runs as it is.)
+    if input.is_meta or not torch.is_autocast_enabled(input.device.type):  # entering costs ~3 us
         return _rnn(cell, input, weights, hx, num_layers, num_directions, batch_first, lengths,
                     dropout, training, dropout_fn)
     input, weights, hx = _autocast_operands(input, weights, hx)
@@ -145,8 +146,7 @@ def cell_step(cell: str, input: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Option
     lstm_pair = cell == "lstm" and isinstance(hx, (tuple, list)) and len(hx) == 2
     if hx is None or lstm_pair or (cell != "lstm" and isinstance(hx, Tensor)):
         h, c = hx if lstm_pair else (hx, None)
-        if (not torch.is_autocast_enabled(input.device.type)
-                and _cell_step.applies(input)
+        if (_cell_step.applies(input) and not torch.is_autocast_enabled(input.device.type)
                 and _cell_step.operand_problem(cell, input.dtype, input.size(0), input.size(1),
                                                h, c, w_ih, w_hh, b_ih, b_hh) is None):
             return _cell_step.step(cell, input, h, c, w_ih, w_hh, b_ih, b_hh, checked=True)
@@ -215,10 +215,10 @@ def _layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor], c0: Option
     # grad, also when the trace runs without gradients.
     needs_grad = (torch.is_grad_enabled() or torch.jit.is_tracing()) and any(
         t is not None and t.requires_grad for t in (xproj, h0, c0, *w_hh, *b_hh, *w_hr))
-    if _backend.recording_graph():
+    if _backend.recording_graph() or _backend.without_data(xproj):
         # torch.compile traces the custom op (its fake kernel gives the shapes) and, in training,
         # the backward formula registered for it: no graph break. torch.jit.trace records it as
-        # an op of the traced graph.
+        # an op of the traced graph; meta and fake tensors get the fake kernel's results.
         out, hn, cn = layer_forward(cell, xproj, h0, c0, w_hh, b_hh, w_hr, lengths, needs_grad)[:3]
         return out, hn, (cn if cell == "lstm" else None)
     # Eagerly the autograd.Function runs the same forward and backward without the custom op's

@@ -153,7 +153,8 @@ class RNNBase(nn.Module):
         per-call bookkeeping. None for anything else, which the full path then handles (and
         reports, for bad input) exactly as before."""
         grad = torch.is_grad_enabled()
-        if (_backend.recording_graph() or type(input) is not Tensor or input.dim() != 3
+        if (_backend.recording_graph() or type(input) is not Tensor or input.is_meta
+                or input.dim() != 3
                 or (grad and input.size(1 if self.batch_first else 0) != 1)
                 or (self.training and self.dropout > 0 and self.num_layers > 1)):
             return None
@@ -390,7 +391,7 @@ def _follow_autocast(input, hx, weight: Tensor):
     data = input.data if isinstance(input, PackedSequence) else input
     if not isinstance(data, Tensor) or data.dtype == weight.dtype or not data.is_floating_point():
         return input, hx
-    if not torch.is_autocast_enabled(data.device.type):
+    if data.is_meta or not torch.is_autocast_enabled(data.device.type):
         return input, hx
     if isinstance(input, PackedSequence):
         input = input._replace(data=input.data.to(weight.dtype))
