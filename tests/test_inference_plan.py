@@ -360,3 +360,47 @@ def test_parametrized_recurrent_weight_one_step():
     with torch.no_grad():
         for e, g in zip(flat(theirs(x)), flat(ours(x))):
             assert_close(g, e, TOL, "parametrized W_hh, one step")
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_frozen_module_with_gradients_enabled_takes_the_plan(kind):
+    """Gradients enabled, nothing requiring one (model.requires_grad_(False), no no_grad): an
+    inference call, like torch.nn's, through the plan; an input or a state that requires grad
+    still gets its graph and gradient."""
+    theirs, ours = make_pair(kind)
+    theirs.requires_grad_(False)
+    ours.requires_grad_(False)
+    x = fresh_input(4)
+    expected, actual = flat(theirs(x)), flat(ours(x))
+    assert ours in _inference._plans
+    for a, e in zip(actual, expected):
+        assert not a.requires_grad
+        assert_close(a, e, TOL, "frozen module")
+    for grad_of in ("input", "state"):
+        grads = []
+        for module in (theirs, ours):
+            x = fresh_input(4).requires_grad_(grad_of == "input")
+            h0 = torch.zeros(1, 2, 5, dtype=DTYPE, requires_grad=grad_of == "state")
+            hx = (h0, torch.zeros(1, 2, 5, dtype=DTYPE)) if kind == "LSTM" else h0
+            module(x, hx)[0].sum().backward()
+            grads.append(x.grad if grad_of == "input" else h0.grad)
+        assert_close(grads[1], grads[0], TOL, f"gradient of the {grad_of}")
+
+
+def test_frozen_parameters_with_a_trainable_parametrization_keep_the_graph():
+    """The plain parameters frozen, a parametrized weight trainable (its original lives in a
+    submodule): the output requires grad and the gradient reaches the parametrization."""
+    theirs, ours = make_pair("GRU")
+    for module in (theirs, ours):
+        module.requires_grad_(False)
+        torch.nn.utils.parametrizations.weight_norm(module, "weight_hh_l0")
+        module.parametrizations.weight_hh_l0.requires_grad_(True)
+    x = fresh_input(5)
+    grads = []
+    for module in (theirs, ours):
+        out = module(x)[0]
+        assert out.requires_grad
+        out.sum().backward()
+        grads.append([p.grad for p in module.parametrizations.weight_hh_l0.parameters()])
+    for a, e in zip(grads[1], grads[0]):
+        assert_close(a, e, TOL, "parametrization gradient")

@@ -151,8 +151,9 @@ class RNNBase(nn.Module):
         call of one time step (a decoder or a stream trained a step per call), which the cell
         steps run under autograd exactly as the full path would, without its ~20 us of
         per-call bookkeeping. None for anything else, which the full path then handles (and
-        reports, for bad input) exactly as before."""
-        grad = torch.is_grad_enabled()
+        reports, for bad input) exactly as before. A call with gradients enabled where nothing
+        requires one (a frozen module called without no_grad) is an inference call."""
+        grad = torch.is_grad_enabled() and self._may_record_graph(input, hx)
         if (_backend.recording_graph() or type(input) is not Tensor or input.is_meta
                 or input.dim() != 3
                 or (grad and input.size(1 if self.batch_first else 0) != 1)
@@ -199,6 +200,18 @@ class RNNBase(nn.Module):
         if self.batch_first:
             output = output.transpose(0, 1)
         return (output, (h_n, c_n)) if is_lstm else (output, h_n)
+
+    def _may_record_graph(self, input, hx) -> bool:
+        """False when neither the input, nor the states, nor a parameter requires grad: then
+        torch.nn's result has no autograd graph either. (Parametrized weights live in
+        submodules, which a plain module has none of: with any, assume a graph.)"""
+        if self._modules or not isinstance(input, Tensor) or input.requires_grad:
+            return True
+        if hx is not None:
+            states = hx if isinstance(hx, (tuple, list)) else (hx,)
+            if any(not isinstance(s, Tensor) or s.requires_grad for s in states):
+                return True
+        return any(p.requires_grad for p in self._parameters.values())
 
     def _one_step_weights(self, x: Tensor, h0: Optional[Tensor], c0: Optional[Tensor]):
         """The layer weights when a call of one step runs as cell steps, else None:
