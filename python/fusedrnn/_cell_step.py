@@ -17,9 +17,10 @@ torch.nn's CPU cells do the same GEMMs but the update as ~10 separate elementwis
 The native pass trusts its operands: every caller first asks operand_problem() and takes the
 checked sequence-of-one path (which reports bad input as torch.nn does) on any problem.
 
-Used for float32/float64 CPU tensors on the `_cpu` backend outside torch.compile and torch.jit.trace; everything else
-(CUDA, FUSEDRNN_BACKEND=emu, half precision, recording a graph) keeps the sequence-of-one path of
-functional.cell_step, which the custom ops make traceable.
+Used for float32/float64 CPU tensors on the `_cpu` backend outside torch.compile and
+torch.jit.trace; everything else (CUDA, FUSEDRNN_BACKEND=emu, half precision, recording a graph,
+meta and fake tensors) keeps the sequence-of-one path of functional.cell_step, which the custom
+ops make traceable.
 """
 from __future__ import annotations
 
