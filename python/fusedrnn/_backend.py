@@ -13,6 +13,7 @@ import os
 from typing import NamedTuple, Optional
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 # Mirrors fusedrnn::CellKind and fusedrnn::DType (csrc/include/fusedrnn/cell_kind.h).
 CELL_CODES = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3}
@@ -49,6 +50,28 @@ def recording_graph() -> bool:
     # (torch._C._is_tracing is what torch.jit.is_tracing asks, without its scripting check:
     # this runs at every call of the modules' fast paths.)
     return torch.compiler.is_compiling() or torch._C._is_tracing()
+
+
+def under_transform() -> bool:
+    """Whether a torch.func transform (grad, jvp, vmap, jacrev, ...) or forward-mode AD
+    (torch.autograd.forward_ad.dual_level) is active. The native recurrence's autograd Functions
+    have no forward-mode formula and are not in the form the transforms need (nor are
+    torch.library custom ops' in this torch), and under vmap the tensors have no memory of their
+    own: there a layer runs as fusedrnn.reference's plain torch ops, which all of them support.
+    Never while torch.compile traces (dynamo reports an interpreter of its own there): compiled
+    code holds the custom ops."""
+    return not torch.compiler.is_compiling() and (
+        torch._C._functorch.peek_interpreter_stack() is not None
+        or _forward_ad._current_level >= 0)
+
+
+def plain_eager() -> bool:
+    """Neither recording_graph() nor under_transform(), in one call: the only state in which the
+    modules' fast paths and the cell step call the native kernels directly (they run at every
+    call, and each of these checks costs a Python call)."""
+    return not (torch.compiler.is_compiling() or torch._C._is_tracing()
+                or torch._C._functorch.peek_interpreter_stack() is not None
+                or _forward_ad._current_level >= 0)
 
 
 def without_data(t: torch.Tensor) -> bool:

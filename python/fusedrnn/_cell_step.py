@@ -38,12 +38,14 @@ _DTYPES = (torch.float32, torch.float64)
 
 def applies(input: Tensor, dims: int = 2) -> bool:
     """Whether a cell step of input [B, I] may run here: a non-empty float32/float64 CPU input,
-    the _cpu backend, not compiling. The operands are then asked operand_problem(); anything
+    the _cpu backend, plain eager mode (_backend.plain_eager: no graph recorded, no torch.func
+    transform). The operands are then asked operand_problem(); anything
     else takes the sequence-of-one path. dims=3: the same for a one-step sequence [1, B, I]
     (without making the view of its step)."""
     # (is_cpu, not device.type: ~0.05 against ~0.3 us, and this runs at every cell call.)
-    if (not input.is_cpu or input.dtype not in _DTYPES or input.dim() != dims or 0 in input.shape
-            or _cpu is None or _backend.recording_graph()
+    # (plain_eager before any size comparison: a size is a tensor while torch.jit.trace records.)
+    if (not input.is_cpu or not _backend.plain_eager() or input.dtype not in _DTYPES
+            or input.dim() != dims or 0 in input.shape or _cpu is None
             or (type(input) is not Tensor and _backend.without_data(input))):  # a FakeTensor
         return False
     backend = os.environ.get(_backend.BACKEND_VARIABLE)

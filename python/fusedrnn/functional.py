@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _backend, _cell_step, _validation
+from . import _backend, _cell_step, _validation, reference
 from ._backend import GATE_COUNT, SAVED_GATE_COUNT
 
 CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
@@ -180,6 +180,8 @@ class _LayerSpec:
 def _layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor], c0: Optional[Tensor],
            lengths: Optional[Tensor]):
     """x [T, B, I] -> (out [T, B, D*P], h_n [D, B, P], c_n [D, B, H] or None)."""
+    if _backend.under_transform():
+        return _reference_layer(cell, x, layer_weights, h0, c0, lengths)
     if x.size(0) == 1 and lengths is None and _one_step_applies(cell, x, layer_weights, h0, c0):
         out, hn, cn = _cell_step.layer(cell, x[0], layer_weights, h0, c0)
         return out.unsqueeze(0), hn, cn
@@ -234,6 +236,23 @@ def _layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor], c0: Option
     out, hn, cn, *_ = _run_forward(cell, xproj, h0, c0, w_hh, _per_direction(b_hh, num_dirs),
                                    _per_direction(w_hr, num_dirs), lengths, save=False)
     return out, hn, cn
+
+
+def _reference_layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor],
+                     c0: Optional[Tensor], lengths: Optional[Tensor]):
+    """_layer under a torch.func transform (_backend.under_transform): each direction as
+    reference.rnn_layer, plain torch ops that grad, jvp and vmap all support."""
+    outs, h_n, c_n = [], [], []
+    for d, (w_ih, w_hh, b_ih, b_hh, w_hr) in enumerate(layer_weights):
+        out, hn, cn = reference.rnn_layer(cell, x, w_ih, w_hh, b_ih, b_hh, w_hr,
+                                          h0[d] if h0 is not None else None,
+                                          c0[d] if c0 is not None else None, lengths,
+                                          reverse=d == 1)
+        outs.append(out)
+        h_n.append(hn)
+        c_n.append(cn)
+    out = torch.cat(outs, 2) if len(outs) > 1 else outs[0]
+    return out, torch.stack(h_n), torch.stack(c_n) if cell == "lstm" else None
 
 
 def _one_step_applies(cell, x, layer_weights, h0, c0) -> bool:

@@ -154,7 +154,7 @@ class RNNBase(nn.Module):
         reports, for bad input) exactly as before. A call with gradients enabled where nothing
         requires one (a frozen module called without no_grad) is an inference call."""
         grad = torch.is_grad_enabled() and self._may_record_graph(input, hx)
-        if (_backend.recording_graph() or type(input) is not Tensor or input.is_meta
+        if (type(input) is not Tensor or input.is_meta or not _backend.plain_eager()
                 or input.dim() != 3
                 or (grad and input.size(1 if self.batch_first else 0) != 1)
                 or (self.training and self.dropout > 0 and self.num_layers > 1)):
@@ -507,8 +507,9 @@ class RNNCellBase(nn.Module):
         then validates and reports exactly as before."""
         params = self._parameters
         weight = params.get("weight_ih")
-        if (_backend.recording_graph() or type(input) is not Tensor or input.dim() != 2
-                or weight is None
+        # (applies() first: it also declines while a graph is recorded, before any comparison
+        # of a traced size.)
+        if (type(input) is not Tensor or not _cell_step.applies(input) or weight is None
                 or input.dtype is not weight.dtype or input.size(1) != self.input_size
                 or self.hidden_size == 0 or torch.is_autocast_enabled("cpu")):
             return None
@@ -526,7 +527,7 @@ class RNNCellBase(nn.Module):
             if not _is_state(h, shape, input.dtype, input.device):
                 return None
         w_hh, b_ih, b_hh = params.get("weight_hh"), params.get("bias_ih"), params.get("bias_hh")
-        if (w_hh is None or not _cell_step.applies(input)
+        if (w_hh is None
                 or _cell_step.operand_problem(cell, input.dtype, shape[0], input.size(1), h, c,
                                               weight, w_hh, b_ih, b_hh) is not None):
             return None

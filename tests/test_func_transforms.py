@@ -1,0 +1,89 @@
+"""torch.func transforms (grad, jvp, vmap) and forward-mode AD over the modules and cells.
+
+Under them a layer runs as fusedrnn.reference's plain torch ops (_backend.under_transform): the
+native recurrence's autograd Functions have no forward-mode formula and are not in the form the
+transforms need. grad and jvp are compared with torch.nn's (which supports both on the CPU);
+vmap, which torch.nn's RNNs do not support, with a loop of eager calls.
+"""
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch.func import functional_call, grad, jvp, vmap
+
+import fusedrnn
+
+from _helpers import assert_close, ramp_loss, requires_native
+
+pytestmark = requires_native
+
+DTYPE = torch.float64
+TOLERANCE = 1e-10
+
+CASES = [
+    # (id, class name, kwargs, sequence length or None for a cell)
+    ("lstm-proj-bidir-L2", "LSTM", dict(num_layers=2, bidirectional=True, proj_size=2), 4),
+    ("lstm-one-step", "LSTM", {}, 1),
+    ("gru-batch_first", "GRU", dict(batch_first=True), 4),
+    ("rnn-relu", "RNN", dict(nonlinearity="relu"), 3),
+    ("lstm-cell", "LSTMCell", {}, None),
+    ("gru-cell", "GRUCell", {}, None),
+]
+IDS = [c[0] for c in CASES]
+
+
+def _pair(cls, kwargs):
+    torch.manual_seed(0)
+    theirs = getattr(torch.nn, cls)(3, 4, dtype=DTYPE, **kwargs)
+    ours = getattr(fusedrnn, cls)(3, 4, dtype=DTYPE, **kwargs)
+    ours.load_state_dict(theirs.state_dict())
+    return theirs, ours
+
+
+def _input(seq_len, *leading):
+    shape = (*leading, 2, 3) if seq_len is None else (*leading, seq_len, 2, 3)
+    return torch.randn(*shape, dtype=DTYPE)
+
+
+def _output(result):
+    return result[0] if isinstance(result, tuple) else result
+
+
+def _loss(module, x):
+    return ramp_loss([_output(module(x))])
+
+
+@pytest.mark.parametrize("name, cls, kwargs, seq_len", CASES, ids=IDS)
+def test_grad_matches_torch(name, cls, kwargs, seq_len):
+    theirs, ours = _pair(cls, kwargs)
+    x = _input(seq_len)
+    assert_close(grad(lambda x: _loss(ours, x))(x), grad(lambda x: _loss(theirs, x))(x),
+                 TOLERANCE, "torch.func.grad w.r.t. the input")
+    params = [{k: v.detach() for k, v in m.named_parameters()} for m in (theirs, ours)]
+    expected, actual = (grad(lambda p, m=m: _loss(lambda x: functional_call(m, p, (x,)), x))(p)
+                        for m, p in zip((theirs, ours), params))
+    for key in expected:
+        assert_close(actual[key], expected[key], TOLERANCE, f"torch.func.grad w.r.t. {key}")
+
+
+@pytest.mark.parametrize("name, cls, kwargs, seq_len", CASES, ids=IDS)
+def test_forward_mode_matches_torch(name, cls, kwargs, seq_len):
+    theirs, ours = _pair(cls, kwargs)
+    x, tangent = _input(seq_len), _input(seq_len)
+    expected = jvp(lambda x: _output(theirs(x)), (x,), (tangent,))[1]
+    assert_close(jvp(lambda x: _output(ours(x)), (x,), (tangent,))[1], expected, TOLERANCE,
+                 "torch.func.jvp")
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, tangent)
+        actual = fwAD.unpack_dual(_output(ours(dual))).tangent
+    assert_close(actual, expected, TOLERANCE, "forward_ad dual tensors")
+
+
+@pytest.mark.parametrize("grad_enabled", [True, False], ids=["grad", "no_grad"])
+@pytest.mark.parametrize("name, cls, kwargs, seq_len", CASES, ids=IDS)
+def test_vmap_matches_a_loop(name, cls, kwargs, seq_len, grad_enabled):
+    _, ours = _pair(cls, kwargs)
+    xs = _input(seq_len, 5)
+    with torch.set_grad_enabled(grad_enabled):
+        actual = vmap(lambda x: _output(ours(x)))(xs)
+        expected = torch.stack([_output(ours(x)) for x in xs])
+    assert_close(actual, expected, TOLERANCE, "vmap")
