@@ -42,14 +42,25 @@ HAS_EMU = _emu is not None
 BACKEND_VARIABLE = "FUSEDRNN_BACKEND"
 
 
+# torch internals the mode checks below read, resolved once, with public fallbacks: the checks
+# run at every call of the fast paths, and a private name may move in a later torch (without
+# the transform stack, torch.func transforms are not detected and refuse the kernels as before).
+_is_tracing = getattr(torch._C, "_is_tracing", torch.jit.is_tracing)
+_transform_stack = (getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
+                    or (lambda: None))
+
+
+def _dual_level() -> int:
+    return getattr(_forward_ad, "_current_level", -1)
+
+
 def recording_graph() -> bool:
     """Whether torch.compile or torch.jit.trace is recording a graph. Then every recurrence must
     run as the custom ops (functional.layer_forward / layer_backward), which the recorder sees
     as ops: a direct native call is invisible to it, and a trace would replay the torch ops
     around the call without the call itself (garbage outputs, and a trace check that passes)."""
-    # (torch._C._is_tracing is what torch.jit.is_tracing asks, without its scripting check:
-    # this runs at every call of the modules' fast paths.)
-    return torch.compiler.is_compiling() or torch._C._is_tracing()
+    # (torch._C._is_tracing is what torch.jit.is_tracing asks, without its scripting check.)
+    return torch.compiler.is_compiling() or _is_tracing()
 
 
 def under_transform() -> bool:
@@ -61,17 +72,15 @@ def under_transform() -> bool:
     Never while torch.compile traces (dynamo reports an interpreter of its own there): compiled
     code holds the custom ops."""
     return not torch.compiler.is_compiling() and (
-        torch._C._functorch.peek_interpreter_stack() is not None
-        or _forward_ad._current_level >= 0)
+        _transform_stack() is not None or _dual_level() >= 0)
 
 
 def plain_eager() -> bool:
     """Neither recording_graph() nor under_transform(), in one call: the only state in which the
     modules' fast paths and the cell step call the native kernels directly (they run at every
     call, and each of these checks costs a Python call)."""
-    return not (torch.compiler.is_compiling() or torch._C._is_tracing()
-                or torch._C._functorch.peek_interpreter_stack() is not None
-                or _forward_ad._current_level >= 0)
+    return not (torch.compiler.is_compiling() or _is_tracing()
+                or _transform_stack() is not None or _dual_level() >= 0)
 
 
 def without_data(t: torch.Tensor) -> bool:
