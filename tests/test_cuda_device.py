@@ -1,5 +1,5 @@
 """What only a real GPU can show (bench/gpu_check.sh runs these; without a GPU they skip): CUDA-graph
-capture and replay, torch.compile on CUDA, the kernels running on the caller's current stream, and
+capture and replay, torch.compile and torch.jit.trace on CUDA, the kernels running on the caller's current stream, and
 the real device's launch plans (tensor cores, weights streamed from L2) against cuDNN and float64.
 
 The emulator already checks the kernels' arithmetic on every shape class; these tests check the
@@ -108,6 +108,29 @@ def test_compile_fullgraph_on_cuda_matches_eager():
     torch.testing.assert_close(out_c, out_e)
     torch.testing.assert_close(h_c, h_e)
     for a, b in zip(grads_c, grads_e):
+        torch.testing.assert_close(a, b)
+
+
+def test_trace_on_cuda_matches_eager():
+    """torch.jit.trace records the CUDA recurrence as the custom op (tests/test_trace.py checks
+    the CPU): a trace made under no_grad, run on other shapes, and one made with gradients, run
+    through backward."""
+    torch.manual_seed(5)
+    module = fusedrnn.LSTM(16, 32, num_layers=2, bidirectional=True).to(CUDA)
+    with torch.no_grad():
+        traced = torch.jit.trace(module, (torch.randn(6, 3, 16, device=CUDA),))
+        x = torch.randn(11, 5, 16, device=CUDA)
+        for a, b in zip((traced(x)[0], *traced(x)[1]), (module(x)[0], *module(x)[1])):
+            torch.testing.assert_close(a, b)
+    traced = torch.jit.trace(module, (torch.randn(6, 3, 16, device=CUDA),))
+    x = torch.randn(9, 4, 16, device=CUDA, requires_grad=True)
+    grads = []
+    for run in (traced, module):
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        run(x)[0].square().sum().backward()
+        grads.append([x.grad.clone()] + [p.grad.clone() for p in module.parameters()])
+    for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
 
 
