@@ -179,7 +179,11 @@ void run_directions(const std::vector<Params>& dirs, BytesFn bytes_of, ThreadsFn
   auto execute = [&](int team0, int team1) {
     SpinBarrier barrier0(team0, stall_micros(local[0], team0)),
         barrier1(team1 > 0 ? team1 : 1, stall_micros(local.back(), team1));
-    const auto start = std::chrono::steady_clock::now();
+    // Only a team of more than one thread can stall, and back off (forced teams never do): the
+    // clock is read for those calls only.
+    const bool watched = (team0 > 1 || team1 > 1) && forced == 0;
+    const auto start = watched ? std::chrono::steady_clock::now()
+                               : std::chrono::steady_clock::time_point();
     const bool ran = parallel_run(team0 + team1, [&](int rank) {
       if (team1 == 0) {
         for (auto& p : local) run(p, Team{rank, team0, &barrier0});
@@ -189,10 +193,10 @@ void run_directions(const std::vector<Params>& dirs, BytesFn bytes_of, ThreadsFn
         run(local[1], Team{rank - team0, team1, &barrier1});
       }
     });
-    const int64_t wall = std::chrono::duration_cast<std::chrono::microseconds>(
-                             std::chrono::steady_clock::now() - start).count();
-    const int64_t lost = barrier0.stalled_micros() + barrier1.stalled_micros();
-    if (ran && (team0 > 1 || team1 > 1) && forced == 0) {
+    if (ran && watched) {
+      const int64_t wall = std::chrono::duration_cast<std::chrono::microseconds>(
+                               std::chrono::steady_clock::now() - start).count();
+      const int64_t lost = barrier0.stalled_micros() + barrier1.stalled_micros();
       if (lost * kStalledShareDivisor > wall) {
         const int pause = g_next_backoff.load(std::memory_order_relaxed);
         g_stall_backoff.store(pause, std::memory_order_relaxed);

@@ -51,7 +51,9 @@ void SpinBarrier::wait(int rank) {
   }
   // The first wait of a call also waits for the team to start (waking a sleeping worker took
   // ~100 us on the 2-core VM): that is not time lost to a descheduled member.
-  if (stalled_for > 0 && epoch > 1) stalled_micros_.fetch_add(stalled_for, std::memory_order_relaxed);
+  if (stalled_for > 0 && epoch > 1) {
+    stalled_micros_.fetch_add(stalled_for, std::memory_order_relaxed);
+  }
 }
 
 // Spin while the wait is short; past kBarrierSpinMicros a team member has most likely lost its
