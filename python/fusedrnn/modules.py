@@ -8,7 +8,6 @@ The math runs in `functional.rnn`; this file only adapts torch.nn's calling conv
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 from typing import Optional
@@ -26,15 +25,17 @@ _GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 _CELLS = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}
 
 
-@contextlib.contextmanager
-def _tracing_shape_checks():
-    """While torch.jit.trace records a module (the recurrence then runs as the custom ops,
-    _backend.recording_graph), the input checks compare traced sizes, which warns that the trace
-    may not generalize. They are shape checks: the traced ops take any T and B
-    (tests/test_trace.py runs traced modules on other shapes), as torch.nn's traces do."""
+def _checked_call(method, *args):
+    """method(*args): a module's validated full path. While torch.jit.trace records (the
+    recurrence then runs as the custom ops, _backend.recording_graph), its input checks compare
+    traced sizes, which warns that the trace may not generalize. They are shape checks: the
+    traced ops take any T and B (tests/test_trace.py runs traced modules on other shapes), as
+    torch.nn's traces do, so those warnings are silenced there."""
+    if not torch.jit.is_tracing():
+        return method(*args)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        yield
+        return method(*args)
 
 
 class RNNBase(nn.Module):
@@ -263,10 +264,7 @@ class RNNBase(nn.Module):
         fast = self._fast_forward(input, hx)
         if fast is not None:
             return fast
-        if torch.jit.is_tracing():
-            with _tracing_shape_checks():
-                return self._checked_forward(input, hx)
-        return self._checked_forward(input, hx)
+        return _checked_call(self._checked_forward, input, hx)
 
     def _checked_forward(self, input, hx):
         """Every other call: validated like torch.nn, packed sequences, autocast, dropout."""
@@ -466,10 +464,7 @@ class RNNCellBase(nn.Module):
         fast = self._fast_step(cell, input, hx)
         if fast is not None:
             return fast
-        if torch.jit.is_tracing():
-            with _tracing_shape_checks():
-                return self._checked_step(cell, input, hx)
-        return self._checked_step(cell, input, hx)
+        return _checked_call(self._checked_step, cell, input, hx)
 
     def _checked_step(self, cell: str, input: Tensor, hx):
         name = type(self).__name__
