@@ -1,5 +1,5 @@
 """What only a real GPU can show (bench/gpu_check.sh runs these; without a GPU they skip):
-CUDA-graph capture and replay, torch.compile and torch.jit.trace on CUDA, the kernels running on
+CUDA-graph capture and replay, torch.compile, torch.jit.trace and torch.jit.script on CUDA, the kernels running on
 the caller's current stream, and the real device's launch plans (tensor cores, weights streamed
 from L2) against cuDNN and float64.
 
@@ -131,6 +131,35 @@ def test_trace_on_cuda_matches_eager():
         x.grad = None
         run(x)[0].square().sum().backward()
         grads.append([x.grad.clone()] + [p.grad.clone() for p in module.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+class _ScriptedLstm(torch.nn.Module):
+    def __init__(self, rnn):
+        super().__init__()
+        self.rnn = rnn
+
+    def forward(self, x: torch.Tensor):
+        out, (h, c) = self.rnn(x)
+        return out, h, c
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+def test_script_on_cuda_matches_eager():
+    """torch.jit.script runs the CUDA recurrence as the custom op (tests/test_script.py checks
+    the CPU), forward and backward."""
+    torch.manual_seed(6)
+    module = fusedrnn.LSTM(16, 32, num_layers=2, bidirectional=True).to(CUDA)
+    scripted = torch.jit.script(_ScriptedLstm(module))
+    x = torch.randn(9, 4, 16, device=CUDA, requires_grad=True)
+    grads = []
+    for run in (scripted, _ScriptedLstm(module)):
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        results = run(x)
+        sum(r.square().sum() for r in results).backward()
+        grads.append([*results, x.grad.clone()] + [p.grad.clone() for p in module.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
 

@@ -6,17 +6,16 @@ torch.nn's sorted/unsorted index handling, result shapes) and the exception clas
 torch.nn's, so a module can replace its torch.nn twin and `load_state_dict` works both ways.
 The math runs in `functional.rnn`; this file only adapts torch.nn's calling conventions to it.
 """
-from __future__ import annotations
 
 import math
 import warnings
-from typing import Optional
+from typing import Optional, overload
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from . import _backend, _cell_step, _inference
+from . import _backend, _cell_step, _inference, _script
 from . import _validation as check
 from . import functional
 from ._packing import PackedLayout
@@ -40,6 +39,10 @@ def _checked_call(method, *args):
 
 class RNNBase(nn.Module):
     """What LSTM, GRU and RNN share: parameters, their layout, and the forward contract."""
+
+    # torch.jit.script compiles every property it finds; these serve the eager path only.
+    __jit_unused_properties__ = ["all_weights", "_flat_weights", "_cell", "_display_name",
+                                 "_state_size", "_num_states"]
 
     def __init__(self, mode: str, input_size: int, hidden_size: int, num_layers: int = 1,
                  bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
@@ -260,7 +263,7 @@ class RNNBase(nn.Module):
         return (step.unsqueeze(0), h_n[0] if single else torch.cat(h_n),
                 (c_n[0] if single else torch.cat(c_n)) if cell == "lstm" else None)
 
-    def forward(self, input, hx=None):
+    def _eager_forward(self, input, hx):
         fast = self._fast_forward(input, hx)
         if fast is not None:
             return fast
@@ -330,6 +333,93 @@ class RNNBase(nn.Module):
             prepared.append(state)
         return tuple(prepared) if is_lstm else prepared[0]
 
+    # --- TorchScript (_script.py): what torch.jit.script compiles instead of the eager path ----------
+
+    def __prepare_scriptable__(self):
+        """torch.jit.script calls this first. A script cannot look parameters up by name, so the
+        module hands it the flat weight list (torch.nn keeps one as an attribute, too). The list
+        holds the parameters themselves: in-place updates, load_state_dict and .to() (which
+        keeps the Parameter objects) stay visible to the script."""
+        self.__dict__["_script_weights"] = self._flat_weights
+        return self
+
+    def _script_states(self, h0: Optional[Tensor], c0: Optional[Tensor], x: Tensor,
+                       batched: bool, lstm: bool) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """TorchScript: the initial states checked against the time-major input x [T, B, I] and
+        given a batch dimension when the input has none."""
+        batch = x.size(1)
+        num_states = self.num_layers * (2 if self.bidirectional else 1)
+        state_size = self.proj_size if self.proj_size > 0 else self.hidden_size
+        if h0 is not None:
+            if h0.dim() != (3 if batched else 2):
+                raise RuntimeError(f"For {'batched 3-D' if batched else 'unbatched 2-D'} input, "
+                                   f"hx should also be {3 if batched else 2}-D but got "
+                                   f"{h0.dim()}-D tensor")
+            h0 = h0 if batched else h0.unsqueeze(1)
+            _script.check_state(h0, [num_states, batch, state_size], x, "h_0" if lstm else "hx")
+        if c0 is not None:
+            if c0.dim() != (3 if batched else 2):
+                raise RuntimeError(f"For {'batched 3-D' if batched else 'unbatched 2-D'} input, "
+                                   f"c_0 should also be {3 if batched else 2}-D but got "
+                                   f"{c0.dim()}-D tensor")
+            c0 = c0 if batched else c0.unsqueeze(1)
+            _script.check_state(c0, [num_states, batch, self.hidden_size], x, "c_0")
+        return h0, c0
+
+    def _script_forward(self, input: Tensor, h0: Optional[Tensor], c0: Optional[Tensor]
+                        ) -> tuple[Tensor, Tensor, Tensor]:
+        """TorchScript, a tensor input: (output, h_n, c_n or an empty tensor), as
+        _checked_forward returns them."""
+        if input.dim() != 2 and input.dim() != 3:
+            raise ValueError(f"{self.mode}: Expected input to be 2D or 3D, got {input.dim()}D "
+                             "instead")
+        batched = input.dim() == 3
+        x = input if batched else input.unsqueeze(0 if self.batch_first else 1)
+        weights = self._script_weights
+        _script.check_input(x, weights[0], self.input_size, 3)
+        x = x.transpose(0, 1) if self.batch_first else x
+        if x.size(0) == 0:
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN, got an "
+                               "input with 0 time steps")
+        lstm = self.mode == "LSTM"
+        h0, c0 = self._script_states(h0, c0, x, batched, lstm)
+        output, h_n, c_n = _script.rnn(
+            self.mode.lower(), x, h0, c0, weights, self.num_layers,
+            2 if self.bidirectional else 1, self.bias, self.proj_size > 0, self.dropout,
+            self.training, None)
+        output = output.transpose(0, 1) if self.batch_first else output
+        if not batched:
+            output = output.squeeze(0 if self.batch_first else 1)
+            h_n = h_n.squeeze(1)
+            c_n = c_n.squeeze(1) if lstm else c_n
+        return output, h_n, c_n
+
+    def _script_packed_forward(self, input: PackedSequence, h0: Optional[Tensor],
+                               c0: Optional[Tensor]) -> tuple[PackedSequence, Tensor, Tensor]:
+        """TorchScript, a PackedSequence: the states are in the caller's batch order, the packed
+        data in sorted order (as _checked_forward handles them)."""
+        data, batch_sizes = input.data, input.batch_sizes
+        sorted_indices, unsorted_indices = input.sorted_indices, input.unsorted_indices
+        weights = self._script_weights
+        _script.check_input(data, weights[0], self.input_size, 2)
+        if batch_sizes.size(0) == 0:
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN, got an "
+                               "input with 0 time steps")
+        lstm = self.mode == "LSTM"
+        dummy = data.new_empty(1, int(batch_sizes[0]), 1)  # [T, B, .]: the batch to check
+        h0, c0 = self._script_states(h0, c0, dummy, True, lstm)
+        if sorted_indices is not None:
+            h0 = h0.index_select(1, sorted_indices) if h0 is not None else None
+            c0 = c0.index_select(1, sorted_indices) if c0 is not None else None
+        out_data, h_n, c_n = _script.packed_rnn(
+            self.mode.lower(), data, batch_sizes, h0, c0, weights, self.num_layers,
+            2 if self.bidirectional else 1, self.bias, self.proj_size > 0, self.dropout,
+            self.training)
+        if unsorted_indices is not None:
+            h_n = h_n.index_select(1, unsorted_indices)
+            c_n = c_n.index_select(1, unsorted_indices) if lstm else c_n
+        return PackedSequence(out_data, batch_sizes, sorted_indices, unsorted_indices), h_n, c_n
+
     @property
     def _state_size(self) -> int:
         return self.proj_size if self.proj_size > 0 else self.hidden_size
@@ -348,6 +438,29 @@ class LSTM(RNNBase):
         super().__init__("LSTM", input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, proj_size, device, dtype)
 
+    @overload
+    @torch._jit_internal._overload_method  # torch.nn.LSTM's two signatures, for TorchScript
+    def forward(self, input: Tensor, hx: Optional[tuple[Tensor, Tensor]] = None
+                ) -> tuple[Tensor, tuple[Tensor, Tensor]]: ...
+
+    @overload
+    @torch._jit_internal._overload_method
+    def forward(self, input: PackedSequence, hx: Optional[tuple[Tensor, Tensor]] = None
+                ) -> tuple[PackedSequence, tuple[Tensor, Tensor]]: ...
+
+    def forward(self, input, hx=None):
+        if torch.jit.is_scripting():
+            h0: Optional[Tensor] = None
+            c0: Optional[Tensor] = None
+            if hx is not None:
+                h0, c0 = hx[0], hx[1]
+            if isinstance(input, PackedSequence):
+                packed, h_n, c_n = self._script_packed_forward(input, h0, c0)
+                return packed, (h_n, c_n)
+            output, h_n, c_n = self._script_forward(input, h0, c0)
+            return output, (h_n, c_n)
+        return self._eager_forward(input, hx)
+
 
 class GRU(RNNBase):
     """Drop-in torch.nn.GRU (same arguments, parameters and results) on fusedrnn's kernels."""
@@ -358,6 +471,26 @@ class GRU(RNNBase):
         _reject_proj_size(kwargs)
         super().__init__("GRU", input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, 0, device, dtype)
+
+    # torch.nn's two signatures, for TorchScript. It looks overloads up by the class that declares
+    # them, so GRU and RNN each carry this block (as torch.nn's do).
+    @overload
+    @torch._jit_internal._overload_method
+    def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> tuple[Tensor, Tensor]: ...
+
+    @overload
+    @torch._jit_internal._overload_method
+    def forward(self, input: PackedSequence, hx: Optional[Tensor] = None
+                ) -> tuple[PackedSequence, Tensor]: ...
+
+    def forward(self, input, hx=None):
+        if torch.jit.is_scripting():
+            if isinstance(input, PackedSequence):
+                packed, h_n, _ = self._script_packed_forward(input, hx, None)
+                return packed, h_n
+            output, h_n, _ = self._script_forward(input, hx, None)
+            return output, h_n
+        return self._eager_forward(input, hx)
 
 
 class RNN(RNNBase):
@@ -373,6 +506,26 @@ class RNN(RNNBase):
         mode = "RNN_TANH" if nonlinearity == "tanh" else "RNN_RELU"
         super().__init__(mode, input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, 0, device, dtype)
+
+    # torch.nn's two signatures, for TorchScript. It looks overloads up by the class that declares
+    # them, so GRU and RNN each carry this block (as torch.nn's do).
+    @overload
+    @torch._jit_internal._overload_method
+    def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> tuple[Tensor, Tensor]: ...
+
+    @overload
+    @torch._jit_internal._overload_method
+    def forward(self, input: PackedSequence, hx: Optional[Tensor] = None
+                ) -> tuple[PackedSequence, Tensor]: ...
+
+    def forward(self, input, hx=None):
+        if torch.jit.is_scripting():
+            if isinstance(input, PackedSequence):
+                packed, h_n, _ = self._script_packed_forward(input, hx, None)
+                return packed, h_n
+            output, h_n, _ = self._script_forward(input, hx, None)
+            return output, h_n
+        return self._eager_forward(input, hx)
 
 
 # The dtypes every backend runs natively (the CPU upcasts float16/bfloat16: not the fast path).
@@ -466,6 +619,14 @@ class RNNCellBase(nn.Module):
             return fast
         return _checked_call(self._checked_step, cell, input, hx)
 
+    def _script_cell_weights(self) -> list[Tensor]:
+        """TorchScript: the cell's weights in torch.nn's order (_script.cell_step)."""
+        weights = [self.weight_ih, self.weight_hh]
+        b_ih, b_hh = self.bias_ih, self.bias_hh
+        if b_ih is not None and b_hh is not None:
+            weights += [b_ih, b_hh]
+        return weights
+
     def _checked_step(self, cell: str, input: Tensor, hx):
         name = type(self).__name__
         is_lstm = cell == "lstm"
@@ -536,7 +697,15 @@ class LSTMCell(RNNCellBase):
                  dtype=None):
         super().__init__(input_size, hidden_size, bias, num_chunks=4, device=device, dtype=dtype)
 
-    def forward(self, input: Tensor, hx: Optional[tuple] = None) -> tuple:
+    def forward(self, input: Tensor, hx: Optional[tuple[Tensor, Tensor]] = None
+                ) -> tuple[Tensor, Tensor]:
+        if torch.jit.is_scripting():
+            h: Optional[Tensor] = None
+            c: Optional[Tensor] = None
+            if hx is not None:
+                h, c = hx[0], hx[1]
+            return _script.cell_step("lstm", "LSTMCell", input, h, c, self._script_cell_weights(),
+                                     self.input_size, self.hidden_size)
         return self._step("lstm", input, hx)
 
 
@@ -548,6 +717,9 @@ class GRUCell(RNNCellBase):
         super().__init__(input_size, hidden_size, bias, num_chunks=3, device=device, dtype=dtype)
 
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
+        if torch.jit.is_scripting():
+            return _script.cell_step("gru", "GRUCell", input, hx, None, self._script_cell_weights(),
+                                     self.input_size, self.hidden_size)[0]
         return self._step("gru", input, hx)
 
 
@@ -564,4 +736,8 @@ class RNNCell(RNNCellBase):
             # torch.nn accepts any nonlinearity at construction and fails here, with this class.
             raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity} "
                                "(RNNCell supports 'tanh' and 'relu')")
+        if torch.jit.is_scripting():
+            return _script.cell_step("rnn_" + self.nonlinearity, "RNNCell", input, hx, None,
+                                     self._script_cell_weights(), self.input_size,
+                                     self.hidden_size)[0]
         return self._step("rnn_" + self.nonlinearity, input, hx)

@@ -1,0 +1,233 @@
+"""What `torch.jit.script` compiles for fusedrnn's modules and cells.
+
+torch.nn's RNNs and cells are scriptable, so fusedrnn's are too. The eager path (fast paths,
+inference plans, autocast, Python-side checks) is not TorchScript, so a scripted module's forward
+takes this one instead: the layer loop of `functional._rnn`, in TorchScript's subset, with each
+layer's recurrence the custom op `fusedrnn::layer_forward` (functional.py). That op runs the same
+native forward as eager, and its registered backward formula the same native backward, so a
+scripted model runs on fusedrnn's kernels and trains. The op is registered by `import fusedrnn`:
+a saved script loads and runs in a process that imported fusedrnn (as a saved trace does).
+
+What this path leaves out, against eager: the fast paths for B=1 and one-step calls (it always
+runs the recurrence op), autocast (a script runs in the input's dtype, as torch.nn's scripted
+RNNs do), and the exception classes: TorchScript raises torch.jit.Error, whose message ends with
+the original class and text (torch.nn's scripted modules behave the same).
+
+Every function here takes the flat weight list of torch.nn's `_flat_weights` order: per layer
+and direction w_ih, w_hh, then b_ih, b_hh with bias, then w_hr with a projection.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def check_input(input: Tensor, weight: Tensor, input_size: int, expected_dim: int) -> None:
+    """torch.nn.RNNBase.check_input's checks, as the eager path makes them (_validation)."""
+    if input.dtype != weight.dtype:
+        raise ValueError("RNN input dtype does not match the weights' dtype: convert the input "
+                         "(input.to(weight.dtype)) or the model (model.to(input.dtype))")
+    if input.dim() != expected_dim:
+        raise RuntimeError(f"input must have {expected_dim} dimensions, got {input.dim()}")
+    if input.size(-1) != input_size:
+        raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected {input_size}, "
+                           f"got {input.size(-1)}")
+    if input.device != weight.device:
+        raise RuntimeError(f"Input and parameter tensors are not at the same device, found input "
+                           f"tensor at {input.device} and parameter tensor at {weight.device}")
+
+
+def check_state(state: Tensor, expected: List[int], input: Tensor, name: str) -> None:
+    """One initial state of a module: shape, device and dtype (RuntimeError, like torch.nn)."""
+    if state.shape != expected:
+        raise RuntimeError(f"Expected {name} size {expected} (num_layers * num_directions, "
+                           f"batch, state size), got {list(state.shape)}")
+    if state.device != input.device:
+        raise RuntimeError(f"Input and hidden tensors are not at the same device, found input "
+                           f"tensor at {input.device} and {name} tensor at {state.device}")
+    if state.dtype != input.dtype:
+        raise RuntimeError(f"Expected {name} to have the input's dtype")
+
+
+def _layer_tensors(weights: List[Tensor], first: int, num_dirs: int, has_bias: bool,
+                   has_proj: bool) -> Tuple[List[Tensor], List[Tensor], List[Tensor],
+                                            List[Tensor], List[Tensor]]:
+    """(w_ih, w_hh, b_ih, b_hh, w_hr) lists of one layer's directions (empty where absent);
+    `first` is the flat index of the layer's first tensor."""
+    per_direction = 2 + (2 if has_bias else 0) + (1 if has_proj else 0)
+    w_ih: List[Tensor] = []
+    w_hh: List[Tensor] = []
+    b_ih: List[Tensor] = []
+    b_hh: List[Tensor] = []
+    w_hr: List[Tensor] = []
+    for d in range(num_dirs):
+        base = first + d * per_direction
+        w_ih.append(weights[base])
+        w_hh.append(weights[base + 1])
+        if has_bias:
+            b_ih.append(weights[base + 2])
+            b_hh.append(weights[base + 3])
+        if has_proj:
+            w_hr.append(weights[base + per_direction - 1])
+    return w_ih, w_hh, b_ih, b_hh, w_hr
+
+
+def _requires_grad(tensors: List[Tensor]) -> bool:
+    for t in tensors:
+        if t.requires_grad:
+            return True
+    return False
+
+
+def _layer(cell: str, x: Tensor, weights: List[Tensor], first: int, num_dirs: int,
+           has_bias: bool, has_proj: bool, h0: Optional[Tensor], c0: Optional[Tensor],
+           lengths: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+    """One layer, all directions: x [T, B, I] -> (out [T, B, D*P], h_n [D, B, P], c_n [D, B, H]
+    for LSTM, else an empty tensor). The projection and bias handling of functional._layer
+    (LSTM and RNN fold b_ih into b_hh; GRU keeps b_ih in the projection, its b_hn being gated)."""
+    w_ih, w_hh, b_ih, b_hh, w_hr = _layer_tensors(weights, first, num_dirs, has_bias, has_proj)
+    gates = w_hh[0].size(0)
+    if x.size(1) == 0 or gates == 0:  # B = 0 or H = 0, as functional._empty_layer
+        zero = x.new_zeros(())
+        for t in w_ih + w_hh + b_ih + b_hh + w_hr:
+            zero = zero + t.sum() * 0  # the graph stays connected to the weights
+        state = w_hh[0].size(1)
+        hidden = w_ih[0].size(0) // (4 if cell == "lstm" else 3 if cell == "gru" else 1)
+        out = x.new_zeros(x.size(0), x.size(1), num_dirs * state) + zero
+        cn = x.new_zeros(num_dirs, x.size(1), hidden) + zero if cell == "lstm" else x.new_empty(0)
+        return out, x.new_zeros(num_dirs, x.size(1), state) + zero, cn
+    fold_bias = has_bias and cell != "gru"
+    proj_bias: Optional[Tensor] = None
+    if has_bias and not fold_bias:
+        proj_bias = torch.cat(b_ih) if num_dirs > 1 else b_ih[0]
+    xproj = F.linear(x, torch.cat(w_ih) if num_dirs > 1 else w_ih[0], proj_bias)
+    recurrent_bias: List[Tensor] = b_hh
+    if fold_bias:
+        recurrent_bias = [b_ih[d] + b_hh[d] for d in range(num_dirs)]
+    save = torch.is_grad_enabled() and _requires_grad([xproj] + w_hh + recurrent_bias + w_hr)
+    if h0 is not None:
+        save = save or (torch.is_grad_enabled() and h0.requires_grad)
+    if c0 is not None:
+        save = save or (torch.is_grad_enabled() and c0.requires_grad)
+    out, hn, cn, _, _, _ = torch.ops.fusedrnn.layer_forward(
+        cell, xproj, h0, c0 if cell == "lstm" else None, w_hh, recurrent_bias, w_hr, lengths,
+        save)
+    return out, hn, cn
+
+
+def _compute_dtype(input: Tensor) -> torch.dtype:
+    """float16/bfloat16 CPU tensors run in float32 (functional._compute_dtype)."""
+    if input.device.type == "cpu" and (input.dtype == torch.float16
+                                        or input.dtype == torch.bfloat16):
+        return torch.float32
+    return input.dtype
+
+
+def _packed_dropout(x: Tensor, lengths: Tensor, p: float) -> Tensor:
+    """Dropout between layers of a packed input, drawn on the packed rows like torch.nn (and
+    _packing.PackedLayout.dropout: same mask shape, same RNG stream)."""
+    lengths_cpu = lengths.cpu()
+    data, batch_sizes = torch._pack_padded_sequence(x, lengths_cpu, False)
+    padded, _ = torch._pad_packed_sequence(F.dropout(data, p, True), batch_sizes, False, 0.0,
+                                           x.size(0))
+    return padded
+
+
+def rnn(cell: str, x: Tensor, h0_all: Optional[Tensor], c0_all: Optional[Tensor],
+        weights: List[Tensor], num_layers: int, num_dirs: int, has_bias: bool, has_proj: bool,
+        dropout: float, training: bool, lengths: Optional[Tensor]
+        ) -> Tuple[Tensor, Tensor, Tensor]:
+    """The stacked layers over a time-major x [T, B, I] (states [L*D, B, .] or None; lengths [B]
+    with a packed input). Returns (output [T, B, D*P], h_n [L*D, B, P], c_n [L*D, B, H] for
+    LSTM, else an empty tensor), in the input's dtype."""
+    out_dtype = x.dtype
+    dtype = _compute_dtype(x)
+    if dtype != out_dtype:
+        x = x.to(dtype)
+        weights = [w.to(dtype) for w in weights]
+        if h0_all is not None:
+            h0_all = h0_all.to(dtype)
+        if c0_all is not None:
+            c0_all = c0_all.to(dtype)
+    per_layer = num_dirs * (2 + (2 if has_bias else 0) + (1 if has_proj else 0))
+    h_n: List[Tensor] = []
+    c_n: List[Tensor] = []
+    for layer in range(num_layers):
+        h0: Optional[Tensor] = None
+        c0: Optional[Tensor] = None
+        if h0_all is not None:
+            h0 = h0_all[layer * num_dirs:(layer + 1) * num_dirs].contiguous()
+        if c0_all is not None:
+            c0 = c0_all[layer * num_dirs:(layer + 1) * num_dirs].contiguous()
+        x, hn, cn = _layer(cell, x, weights, layer * per_layer, num_dirs, has_bias, has_proj,
+                           h0, c0, lengths)
+        h_n.append(hn)
+        c_n.append(cn)
+        if training and dropout > 0 and layer < num_layers - 1:
+            if lengths is None:
+                x = F.dropout(x, dropout, True)
+            else:
+                x = _packed_dropout(x, lengths, dropout)
+    h = torch.cat(h_n) if num_layers > 1 else h_n[0]
+    c = torch.cat(c_n) if num_layers > 1 else c_n[0]
+    if dtype != out_dtype:
+        x, h, c = x.to(out_dtype), h.to(out_dtype), c.to(out_dtype)
+    return x, h, c
+
+
+def packed_rnn(cell: str, data: Tensor, batch_sizes: Tensor, h0_all: Optional[Tensor],
+               c0_all: Optional[Tensor], weights: List[Tensor], num_layers: int, num_dirs: int,
+               has_bias: bool, has_proj: bool, dropout: float, training: bool
+               ) -> Tuple[Tensor, Tensor, Tensor]:
+    """rnn() over a PackedSequence's data [N, I] (sorted batch order, states in that order too):
+    padded to [T, B, I] with per-sequence lengths, packed again after. Returns (packed output
+    data [N, D*P], h_n, c_n or an empty tensor)."""
+    padded, lengths_cpu = torch._pad_packed_sequence(data, batch_sizes, False, 0.0,
+                                                     batch_sizes.size(0))
+    lengths = lengths_cpu.to(data.device)
+    out, h, c = rnn(cell, padded, h0_all, c0_all, weights, num_layers, num_dirs, has_bias,
+                    has_proj, dropout, training, lengths)
+    out_data, _ = torch._pack_padded_sequence(out, lengths_cpu, False)
+    return out_data, h, c
+
+
+def _cell_state(name: str, state: Optional[Tensor], input: Tensor, x: Tensor,
+                hidden_size: int) -> Optional[Tensor]:
+    """A cell's state ([B, H], or [H] with an unbatched input) checked and shaped as a layer's
+    initial state [1, B, H] for the batched input x [B, I]."""
+    if state is None:
+        return None
+    if state.dim() != input.dim():
+        raise RuntimeError(f"{name}: the state must be {input.dim()}-D like the input, got shape "
+                           f"{list(state.shape)}")
+    state = state if input.dim() == 2 else state.unsqueeze(0)
+    check_state(state, [x.size(0), hidden_size], x, "hx")
+    return state.unsqueeze(0)
+
+
+def cell_step(cell: str, name: str, input: Tensor, h: Optional[Tensor], c: Optional[Tensor],
+              weights: List[Tensor], input_size: int, hidden_size: int
+              ) -> Tuple[Tensor, Tensor]:
+    """One step of LSTMCell/GRUCell/RNNCell (input [B, I] or [I], states of the same batching,
+    None for zeros), as a one-step sequence through rnn(). Returns (h', c' for LSTM, else an
+    empty tensor), batched like the input."""
+    if input.dim() != 1 and input.dim() != 2:
+        raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
+    batched = input.dim() == 2
+    x = input if batched else input.unsqueeze(0)
+    if x.size(1) != input_size:
+        raise RuntimeError(f"input has inconsistent input_size: got {x.size(1)} expected "
+                           f"{input_size}")
+    check_input(x, weights[0], input_size, 2)
+    h = _cell_state(name, h, input, x, hidden_size)
+    c = _cell_state(name, c, input, x, hidden_size)
+    has_bias = len(weights) == 4
+    _, h_n, c_n = rnn(cell, x.unsqueeze(0), h, c, weights, 1, 1, has_bias, False, 0.0, False,
+                      None)
+    h_out = h_n[0] if batched else h_n[0, 0]
+    if cell != "lstm":
+        return h_out, c_n
+    return h_out, c_n[0] if batched else c_n[0, 0]
