@@ -336,3 +336,14 @@ def test_scripted_bad_input_raises_naming_it(bad, message):
     with pytest.raises(Exception, match=message.replace("(", r"\(").replace(")", r"\)")
                        .replace("[", r"\[").replace("]", r"\]")):
         scripted(x, h0, c0)
+
+
+def test_frozen_script_matches_torch():
+    """torch.jit.freeze (and optimize_for_inference, which freezes first) folds the parameters
+    into the graph as constants; the op takes them as any other tensor."""
+    reference, ours = _pair("LSTM", dict(num_layers=2, bidirectional=True))
+    frozen = torch.jit.freeze(torch.jit.script(_Lstm(ours)).eval())
+    x = torch.randn(5, 2, 3, dtype=DTYPE)
+    with torch.no_grad():
+        for e, a in zip(_Lstm(reference)(x, None, None), frozen(x, None, None)):
+            assert_close(a, e, TOLERANCE, "frozen script")
