@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _backend, _cell_step, _validation, reference
+from . import _backend, _cell_step, _onnx_export, _validation, reference
 from ._backend import GATE_COUNT, SAVED_GATE_COUNT
 
 CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
@@ -182,6 +182,8 @@ def _layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor], c0: Option
     """x [T, B, I] -> (out [T, B, D*P], h_n [D, B, P], c_n [D, B, H] or None)."""
     if _backend.under_transform():
         return _reference_layer(cell, x, layer_weights, h0, c0, lengths)
+    if _backend.recording_graph() and _onnx_export.active():
+        return _onnx_export.layer(cell, x, layer_weights, h0, c0, lengths)
     if x.size(0) == 1 and lengths is None and _one_step_applies(cell, x, layer_weights, h0, c0):
         out, hn, cn = _cell_step.layer(cell, x[0], layer_weights, h0, c0)
         return out.unsqueeze(0), hn, cn

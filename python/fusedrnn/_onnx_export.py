@@ -1,0 +1,52 @@
+"""ONNX export: a layer as torch's own RNN op, which the exporters translate to ONNX's LSTM, GRU
+and RNN operators.
+
+An ONNX model runs where fusedrnn does not (onnxruntime, TensorRT, a phone), so the custom op
+fusedrnn::layer_forward, which only this process can run, must not reach the ONNX graph. While
+`torch.onnx.export` traces (either exporter: `dynamo=True` or the TorchScript-based one), each
+layer runs as `torch._VF.lstm` / `gru` / `rnn_tanh` / `rnn_relu` with num_layers=1, the calls
+torch.nn's modules make: same gate order, same weights, same numbers, so the exported model is
+the one torch.nn's twin would give (one ONNX RNN node per layer, as torch exports them).
+What torch.nn cannot export (an LSTM with proj_size) fails the same way here.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+_TORCH_OPS = {"lstm": torch._VF.lstm, "gru": torch._VF.gru, "rnn_tanh": torch._VF.rnn_tanh,
+              "rnn_relu": torch._VF.rnn_relu}
+
+
+def active() -> bool:
+    """Whether torch.onnx.export is tracing the model (callers ask only while a graph is being
+    recorded: torch.onnx's import is not free)."""
+    return torch.onnx.is_in_onnx_export()
+
+
+def layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor], c0: Optional[Tensor],
+          lengths: Optional[Tensor]):
+    """functional._layer under export: x [T, B, I] -> (out [T, B, D*P], h_n [D, B, P],
+    c_n [D, B, H] or None), through torch's RNN op of the cell."""
+    if lengths is not None:
+        raise NotImplementedError(
+            "fusedrnn: ONNX export of a PackedSequence input (per-sequence lengths) is not "
+            "supported; export the model with a padded input tensor")
+    num_dirs = len(layer_weights)
+    w_hh, w_hr = layer_weights[0][1], layer_weights[0][4]
+    state = w_hh.size(1)
+    hidden = w_hr.size(1) if w_hr is not None else state
+    has_bias = layer_weights[0][2] is not None
+    flat = [w for direction in layer_weights for w in direction if w is not None]
+    if h0 is None:
+        h0 = x.new_zeros(num_dirs, x.size(1), state)
+    if cell == "lstm":
+        if c0 is None:
+            c0 = x.new_zeros(num_dirs, x.size(1), hidden)
+        out, hn, cn = torch._VF.lstm(x, (h0, c0), flat, has_bias, 1, 0.0, False,
+                                     num_dirs == 2, False)
+        return out, hn, cn
+    out, hn = _TORCH_OPS[cell](x, h0, flat, has_bias, 1, 0.0, False, num_dirs == 2, False)
+    return out, hn, None

@@ -1,0 +1,147 @@
+"""torch.onnx.export of the modules and cells (fusedrnn/_onnx_export.py): each layer becomes
+ONNX's own LSTM/GRU/RNN node, as torch.nn's would, so the exported model runs in onnxruntime
+(without fusedrnn) and gives torch.nn's numbers. Both exporters: dynamo=True (torch.export) and
+the TorchScript-based one.
+
+Before, export failed: the graph held fusedrnn::layer_forward, which no ONNX runtime knows.
+"""
+import io
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import fusedrnn
+
+from _helpers import requires_native
+
+onnx = pytest.importorskip("onnx")
+onnxruntime = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")  # the dynamo exporter's translation library
+pytestmark = requires_native
+
+TOLERANCE = 2e-5  # float32, onnxruntime's kernels against torch's
+
+MODULES = [
+    # (id, class name, kwargs, ONNX operator)
+    ("lstm-bidir-L2", "LSTM", dict(num_layers=2, bidirectional=True), "LSTM"),
+    ("gru-batch_first", "GRU", dict(batch_first=True), "GRU"),
+    ("rnn-relu-nobias-L2", "RNN", dict(nonlinearity="relu", bias=False, num_layers=2), "RNN"),
+]
+
+
+def _pair(name, kwargs):
+    torch.manual_seed(0)
+    reference = getattr(torch.nn, name)(3, 5, **kwargs).eval()
+    ours = getattr(fusedrnn, name)(3, 5, **kwargs).eval()
+    ours.load_state_dict(reference.state_dict())
+    return reference, ours
+
+
+def _export(module, args, dynamo, dynamic_axes=None):
+    """The ONNX model (bytes) of module(*args)."""
+    buffer = io.BytesIO()
+    names = [f"input{i}" for i in range(len(args))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporters' deprecation and progress notes
+        if dynamo:
+            program = torch.onnx.export(module, args, dynamo=True, input_names=names,
+                                        verbose=False)
+            program.save(buffer)
+        else:
+            torch.onnx.export(module, args, buffer, dynamo=False, input_names=names,
+                              dynamic_axes=dynamic_axes)
+    return buffer.getvalue()
+
+
+def _run_onnx(model: bytes, args):
+    session = onnxruntime.InferenceSession(model, providers=["CPUExecutionProvider"])
+    feeds = {i.name: a.numpy() for i, a in zip(session.get_inputs(), args)}
+    return session.run(None, feeds)
+
+
+def _flat(result):
+    if isinstance(result, torch.Tensor):
+        return [result]
+    return [t for part in result for t in _flat(part)]
+
+
+def _ops(model: bytes) -> set:
+    return {(node.domain, node.op_type) for node in onnx.load_from_string(model).graph.node}
+
+
+def _check(ours, reference, args, same_ops=True, **export):
+    """fusedrnn's export holds no fusedrnn op and (same_ops) the ONNX operators torch.nn's twin
+    exports to (its RNN node, or what the exporter decomposes it into); onnxruntime, fed the
+    flattened args (x, h0[, c0]), gives what torch.nn gives on args. Returns the operator
+    types."""
+    model = _export(ours, args, **export)
+    ops = _ops(model)
+    assert not any("fusedrnn" in domain for domain, _ in ops)
+    if same_ops:
+        assert ops == _ops(_export(reference, args, **export))
+    with torch.no_grad():
+        expected = _flat(reference(*args))
+    actual = _run_onnx(model, _flat(args))
+    assert len(actual) == len(expected)
+    for a, e in zip(actual, expected):
+        np.testing.assert_allclose(a, e.numpy(), rtol=TOLERANCE, atol=TOLERANCE)
+    return {op for _, op in ops}
+
+
+@pytest.mark.parametrize("case", MODULES, ids=[c[0] for c in MODULES])
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
+def test_exported_module_runs_in_onnxruntime_like_torch(case, dynamo):
+    _, name, kwargs, op = case
+    reference, ours = _pair(name, kwargs)
+    x = torch.randn(2, 6, 3) if ours.batch_first else torch.randn(6, 2, 3)
+    states = ours.num_layers * (2 if ours.bidirectional else 1)
+    h0 = torch.randn(states, 2, 5)
+    args = (x, (h0, torch.randn(states, 2, 5))) if name == "LSTM" else (x, h0)
+    ops = _check(ours, reference, args, dynamo=dynamo)
+    if not (dynamo and name == "RNN"):  # dynamo decomposes torch.nn.RNN into MatMul, Add, Relu
+        assert op in ops
+
+def test_exported_model_takes_other_lengths_and_batches():
+    """The TorchScript-based exporter with dynamic axes: the ONNX LSTM runs any T and B."""
+    reference, ours = _pair("LSTM", dict(num_layers=2))
+    model = _export(ours, (torch.randn(4, 2, 3),), dynamo=False,
+                    dynamic_axes={"input0": {0: "time", 1: "batch"}})
+    x = torch.randn(9, 3, 3)
+    with torch.no_grad():
+        expected = _flat(reference(x))
+    for a, e in zip(_run_onnx(model, (x,)), expected):
+        np.testing.assert_allclose(a, e.numpy(), rtol=TOLERANCE, atol=TOLERANCE)
+
+
+CELLS = [("LSTMCell", "LSTM"), ("GRUCell", "GRU"), ("RNNCell", "RNN")]
+
+
+@pytest.mark.parametrize("case", CELLS, ids=[c[0] for c in CELLS])
+def test_exported_cell_runs_in_onnxruntime_like_torch(case):
+    name, op = case
+    torch.manual_seed(0)
+    reference = getattr(torch.nn, name)(3, 5)
+    ours = getattr(fusedrnn, name)(3, 5)
+    ours.load_state_dict(reference.state_dict())
+    x, h = torch.randn(2, 3), torch.randn(2, 5)
+    args = (x, (h, torch.randn(2, 5))) if name == "LSTMCell" else (x, h)
+    # torch.nn exports a cell as its gate arithmetic; fusedrnn as a one-step RNN node.
+    assert op in _check(ours, reference, args, same_ops=False, dynamo=False)
+
+
+class _PackedInside(torch.nn.Module):
+    def __init__(self, rnn):
+        super().__init__()
+        self.rnn = rnn
+
+    def forward(self, x, lengths):
+        return self.rnn(pack_padded_sequence(x, lengths))[1]
+
+
+def test_export_of_packed_input_says_what_to_do():
+    _, ours = _pair("GRU", {})
+    with pytest.raises(Exception, match="export the model with a padded input"):
+        _export(_PackedInside(ours), (torch.randn(4, 2, 3), torch.tensor([4, 3])), dynamo=False)
