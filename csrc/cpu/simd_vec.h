@@ -131,10 +131,9 @@ FUSEDRNN_VEC_INLINE Vec<T, 1> act_sigmoid(Vec<T, 1> x) { return Vec<T, 1>(T(1) /
 template <typename T>
 FUSEDRNN_VEC_INLINE Vec<T, 1> act_relu(Vec<T, 1> x) { return x.v > T(0) ? x : Vec<T, 1>(T(0)); }
 
-// ------------------------------------------------------------------ float: polynomial exp/tanh
+// ------------------------------------------------------------------ float: polynomial exp, rational tanh
 // Cephes-style: exp(x) = 2^n * e^r with |r| <= ln2/2 and a degree-6 polynomial for e^r (about
-// 1 ulp); tanh(x) by its odd polynomial for |x| < 0.625 (keeps relative accuracy near zero) and
-// 1 - 2 / (exp(2|x|) + 1) beyond. NaN propagates (comparisons are written so NaN keeps its lane).
+// 1 ulp). NaN propagates (comparisons are written so NaN keeps its lane).
 template <int W>
 FUSEDRNN_VEC_INLINE Vec<float, W> exp_poly(Vec<float, W> x) {
   using V = Vec<float, W>;
@@ -192,29 +191,35 @@ FUSEDRNN_VEC_INLINE Vec<float, W> act_sigmoid(Vec<float, W> x) {
   return recip(V(1.0f) + exp_poly(-x));
 }
 
+// tanh(x) = x P(x^2) / Q(x^2) on |x| <= 9, a rational fit of degree 13/6 (relative error 7e-9 in
+// exact arithmetic; beyond 9 tanh rounds to +-1 in float, and this gives +-(1 - 2^-24)). In
+// float32 it is within 6 ulp of the true value over the float range (measured: 5.1 ulp with
+// AVX-512, 5.6 AVX2, 5.8 generic; tests/test_activations.py), and x itself for tiny x. It
+// replaced an exp-based formula (1.6 ulp) that computed two branches, |x| < 0.625 by an odd
+// polynomial and 1 - 2 / (e^2|x| + 1) beyond: 17 vector operations instead of about 36, and an
+// LSTM cell runs two tanh per unit. LSTM B=64 H=256 T=100 inference, native forward on the
+// 2-core SPR VM (3 A/B pairs): 16.4-17.6 -> 15.0-15.5 ms on two threads, 26.8-28.1 -> 25.5-26.0
+// on one.
 template <int W>
 FUSEDRNN_VEC_INLINE Vec<float, W> act_tanh(Vec<float, W> x) {
   using V = Vec<float, W>;
   using R = typename V::Raw;
-  using I = typename V::IRaw;
-  const I bits = reinterpret_cast<I>(x.v);
-  const I sign = bits & (I{} + int32_t(0x80000000u));
-  const I abs_bits = bits & (I{} + 0x7fffffff);
-  const R a = reinterpret_cast<R>(abs_bits);
-  // |x| >= 0.625: 1 - 2 / (e^{2|x|} + 1), sign restored.
-  const R e = exp_poly(V::of(a + a)).v;
-  const R big = 1.0f - 2.0f * recip(V::of(e + 1.0f)).v;
-  const I big_signed = reinterpret_cast<I>(big) | sign;
-  // |x| < 0.625: x + x^3 P(x^2).
-  const R z = x.v * x.v;
-  R p = R{} - 5.70498872745e-3f;
-  p = p * z + 2.06390887954e-2f;
-  p = p * z - 5.37397155531e-2f;
-  p = p * z + 1.33314422036e-1f;
-  p = p * z - 3.33332819422e-1f;
-  const R small = x.v + x.v * z * p;
-  const R big_r = reinterpret_cast<R>(big_signed);
-  return V::of(a < 0.625f ? small : big_r);
+  R a = x.v;
+  a = a > 9.0f ? R{} + 9.0f : a;  // NaN keeps its lane
+  a = a < -9.0f ? R{} - 9.0f : a;
+  const R z = a * a;
+  R p = R{} - 8.488272e-14f;
+  p = p * z + 5.277841e-11f;
+  p = p * z - 2.0225155e-08f;
+  p = p * z + 1.1154327e-05f;
+  p = p * z + 3.1039603e-03f;
+  p = p * z + 1.3084015e-01f;
+  p = p * z + 1.0f;
+  R q = R{} + 2.5461498e-04f;
+  q = q * z + 2.4495197e-02f;
+  q = q * z + 4.641734e-01f;
+  q = q * z + 1.0f;
+  return V::of((a * p) * recip(V::of(q)).v);
 }
 
 template <int W>
