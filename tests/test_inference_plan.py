@@ -110,6 +110,29 @@ def test_instruction_set_switch_between_calls(monkeypatch):
     check_same(theirs, ours, seed=17)
 
 
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_thread_split_switch_between_calls(kind, monkeypatch):
+    """The CPU workspace size depends on how the threads split the work: threads that take
+    rows of the batch each have their own (csrc/cpu/row_groups.h). One plan, called with every
+    split and thread count in turn, including the default and torch's own thread count."""
+    theirs, ours = make_pair(kind, num_layers=2, bidirectional=True)
+    monkeypatch.setenv("FUSEDRNN_CPU_TEST_THREADS", "2")
+    for seed, split in enumerate(["units", "rows", "units"]):
+        monkeypatch.setenv("FUSEDRNN_CPU_TEST_SPLIT", split)
+        check_same(theirs, ours, seed=30 + seed)
+    monkeypatch.setenv("FUSEDRNN_CPU_TEST_THREADS", "3")
+    check_same(theirs, ours, seed=33)
+    monkeypatch.delenv("FUSEDRNN_CPU_TEST_THREADS")
+    monkeypatch.delenv("FUSEDRNN_CPU_TEST_SPLIT")
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            check_same(theirs, ours, seed=34 + count)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_backend_switch_between_calls(monkeypatch):
     """A cached plan runs on the native module FUSEDRNN_BACKEND picks at each call, and a bad
     value still raises, plan or not."""

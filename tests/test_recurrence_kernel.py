@@ -262,6 +262,24 @@ def test_thread_splits(cell, proj, threads, monkeypatch):
                       torch.device("cpu"))
 
 
+@pytest.mark.parametrize("threads", [2, 3, 5])
+@pytest.mark.parametrize("cell,proj", [("lstm", 0), ("lstm", 13), ("gru", 0), ("rnn_relu", 0)])
+def test_row_group_splits(cell, proj, threads, monkeypatch):
+    """Threads that split the batch rows (csrc/cpu/row_groups.h) instead of the units, forced on
+    shapes below the rule that picks them: uneven groups (5 rows over 2 or 3 threads), one row
+    each, and groups with no row at all (2 rows over 3 and 5 threads); forward and backward,
+    lengths, both directions side by side."""
+    pytest.importorskip("fusedrnn._cpu")
+    monkeypatch.setenv("FUSEDRNN_CPU_TEST_THREADS", str(threads))
+    monkeypatch.setenv("FUSEDRNN_CPU_TEST_SPLIT", "rows")
+    for dtype in (torch.float64, torch.float32):
+        for T, B in ((7, 5), (4, 2)):
+            run_and_check(Config(cell, proj, "bidir", True, T, B, 37, dtype, True),
+                          torch.device("cpu"))
+        run_and_check(Config(cell, proj, "fwd", False, 3, 40, 70, dtype, False),
+                      torch.device("cpu"))
+
+
 @pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
 @pytest.mark.parametrize("cell,proj", [("lstm", 0), ("lstm", 9), ("gru", 0), ("rnn_tanh", 0)])
 def test_every_instruction_set(cell, proj, isa, monkeypatch):

@@ -83,17 +83,19 @@ void bind_prepared_forward(py::module_& m, Validate validate, Bytes bytes, Run r
   using Fwd = RecurrenceFwdParams;
   m.def(
       "forward_prepared_workspace_bytes",
-      [validate, bytes](const std::vector<Fwd>& templates, int64_t seq_len, int64_t batch) {
+      [validate, bytes](const std::vector<Fwd>& templates, int64_t seq_len, int64_t batch,
+                        int64_t num_threads) {
         // Placeholder non-null sequence/state pointers: only the sizes matter here.
         const SeqTuple placeholder{64, 1, 1};
         auto dirs = prepared_detail::instantiate(
             templates, seq_len, batch, std::vector<SeqTuple>(templates.size(), placeholder),
-            placeholder, 0, 0, 64, 64, 0, 0, 1, 0);
+            placeholder, 0, 0, 64, 64, 0, 0, num_threads, 0);
         validate(dirs);
         return bytes(dirs);
       },
-      py::arg("templates"), py::arg("seq_len"), py::arg("batch"),
-      "Workspace bytes forward_prepared needs for this sequence length and batch.");
+      py::arg("templates"), py::arg("seq_len"), py::arg("batch"), py::arg("num_threads") = 1,
+      "Workspace bytes forward_prepared needs for this sequence length, batch and thread count "
+      "(the CPU's threads may each take rows of the batch, with a workspace of their own).");
   m.def(
       "forward_prepared",
       [validate, run](const std::vector<Fwd>& templates, int64_t seq_len, int64_t batch,

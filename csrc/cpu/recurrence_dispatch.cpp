@@ -7,8 +7,10 @@
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
+#include <utility>
 
 #include "recurrence_isa.h"
+#include "row_groups.h"
 #include "thread_team.h"
 
 namespace fusedrnn::cpu {
@@ -104,12 +106,6 @@ std::atomic<int> g_next_backoff{kMinBackoffCalls};
 // (torch's input-projection GEMM before it has woken the worker already).
 constexpr int64_t kMinMacsPerStepForThreads = 32 * 1024;
 
-// Test-only knob: FUSEDRNN_CPU_TEST_THREADS=n runs every direction on exactly n threads (ignoring
-// the core count and the size heuristic), so that small test shapes exercise uneven splits.
-int forced_threads() {
-  const char* v = std::getenv("FUSEDRNN_CPU_TEST_THREADS");
-  return v && *v ? std::atoi(v) : 0;
-}
 
 template <typename Params>
 int64_t macs_per_step(const Params& p) {
@@ -128,13 +124,137 @@ void check_lengths(const Params& p) {
   }
 }
 
+// How a direction's threads share its work. A team splits the hidden units (each thread packs
+// and streams its share of W_hh; h_t is shared, one barrier per step). Row groups split the
+// batch rows (row_groups.h): each thread runs the whole recurrence of its rows alone, with no
+// barrier and nothing shared but the weights, at the price of a copy of all of W_hh per thread.
+// Row groups win when each thread has enough rows and W_hh fits a core's L2 next to them.
+// Measured on the 2-core SPR VM, fp32, two threads, team against row groups (A/B pairs):
+// LSTM H=256 (W_hh 1 MB) T=100 B=64 native forward 16.6-17.5 -> 13.7-13.9 ms; B=256 T=50
+// 34.5 -> 29.8; whole training calls LSTM B=64 T=200 191-209 -> 178-180 ms, GRU B=64 T=100
+// 77-80 -> 66-67, Elman B=64 25-26 -> 21-22. At 8 rows a thread (B=16) both were even, and
+// with H=512 (4 MB, streamed from L3 by each thread) the team was faster (estimated as two
+// one-thread processes running half the batch each).
+constexpr int64_t kMinRowsPerThreadForRowGroups = 16;
+constexpr int64_t kMaxWeightBytesForRowGroups = int64_t(1) << 20;
+
+// Test-only knobs, read once per call (getenv scans the environment):
+// FUSEDRNN_CPU_TEST_THREADS=n runs every direction on exactly n threads (ignoring the core count
+// and the size heuristic), so that small test shapes exercise uneven splits;
+// FUSEDRNN_CPU_TEST_SPLIT=rows or units forces the split of every direction with more than one
+// thread.
+struct TestKnobs {
+  enum Split { kAny, kRows, kUnits };
+  int threads = 0;
+  Split split = kAny;
+
+  static TestKnobs read() {
+    TestKnobs knobs;
+    if (const char* v = std::getenv("FUSEDRNN_CPU_TEST_THREADS"); v && *v) knobs.threads = std::atoi(v);
+    if (const char* v = std::getenv("FUSEDRNN_CPU_TEST_SPLIT"); v && *v) {
+      if (std::strcmp(v, "rows") == 0) {
+        knobs.split = kRows;
+      } else if (std::strcmp(v, "units") == 0) {
+        knobs.split = kUnits;
+      } else {
+        throw std::invalid_argument(
+            std::string("FUSEDRNN_CPU_TEST_SPLIT must be rows or units, got '") + v + "'");
+      }
+    }
+    return knobs;
+  }
+};
+
+template <typename Params>
+bool splits_rows(const Params& p, int threads, const TestKnobs& knobs) {
+  if (threads < 2) return false;
+  if (knobs.split != TestKnobs::kAny) return knobs.split == TestKnobs::kRows;
+  const int64_t weights = gate_count(p.cell) * p.hidden * p.state +
+                          (p.state != p.hidden ? p.state * p.hidden : 0);
+  return p.batch >= kMinRowsPerThreadForRowGroups * threads &&
+         weights * dtype_bytes(p.dtype) <= kMaxWeightBytesForRowGroups;
+}
+
+// Thread `rank` of `threads` row groups: its rows [b0, b1) as a problem of its own, with its
+// slice of the direction's workspace (the groups' workspaces follow each other).
+template <typename Params, typename BytesFn>
+Params row_group(const Params& p, int rank, int threads, BytesFn bytes_of) {
+  char* workspace = static_cast<char*>(p.workspace);
+  int64_t b0 = 0, b1 = 0;
+  for (int g = 0; g <= rank; ++g) {
+    split_range(p.batch, g, threads, b0, b1);
+    if (g < rank && b1 > b0) workspace += bytes_of(rows_of(p, b0, b1));
+  }
+  Params q = rows_of(p, b0, b1);
+  q.workspace = workspace;
+  q.workspace_bytes = b1 > b0 ? bytes_of(q) : 0;
+  return q;
+}
+
+// Workspace of a direction run by `threads` threads: a team's, or the sum of the row groups'
+// (at least the former: a call that backs off to one thread runs as a team of one).
+template <typename Params, typename BytesFn>
+int64_t direction_bytes(const Params& p, int threads, const TestKnobs& knobs, BytesFn bytes_of) {
+  const int64_t team = bytes_of(p);
+  if (!splits_rows(p, threads, knobs)) return team;
+  int64_t groups = 0;
+  for (int g = 0; g < threads; ++g) {
+    int64_t b0, b1;
+    split_range(p.batch, g, threads, b0, b1);
+    if (b1 > b0) groups += bytes_of(rows_of(p, b0, b1));
+  }
+  return groups > team ? groups : team;
+}
+
+// Threads per direction: {first, second}; second == 0 when one team runs the directions one
+// after the other. Without back-off this is what the workspace is sized for.
+template <typename Params, typename ThreadsFn>
+std::pair<int, int> plan_threads(const std::vector<Params>& dirs, ThreadsFn threads_of,
+                                 const TestKnobs& knobs, bool backing_off) {
+  int64_t want = 1;
+  for (const auto& p : dirs) want = want > p.num_threads ? want : p.num_threads;
+  int threads = static_cast<int>(want < available_cpus() ? want : available_cpus());
+  const int forced = knobs.threads;
+  if (forced > 0) threads = 2 * forced;
+  auto useful = [&](const Params& p, int budget) {
+    if (forced > 0) return forced;
+    if (backing_off || macs_per_step(p) < kMinMacsPerStepForThreads) return 1;
+    const int most = splits_rows(p, budget, knobs) ? budget : threads_of(p);
+    return budget < most ? budget : most;
+  };
+  if (dirs.size() == 1 || (threads < 2 && forced == 0)) {
+    return {dirs.size() == 1 ? useful(dirs[0], threads) : 1, 0};
+  }
+  return {useful(dirs[0], (threads + 1) / 2), useful(dirs[1], threads / 2)};
+}
+
+template <typename Params, typename BytesFn, typename ThreadsFn>
+int64_t workspace_bytes(const std::vector<Params>& dirs, BytesFn bytes_of, ThreadsFn threads_of) {
+  const TestKnobs knobs = TestKnobs::read();
+  const auto [team0, team1] = plan_threads(dirs, threads_of, knobs, false);
+  int64_t total = 0;
+  for (size_t d = 0; d < dirs.size(); ++d) {
+    const int threads = team1 == 0 ? team0 : (d == 0 ? team0 : team1);
+    total += direction_bytes(dirs[d], threads, knobs, bytes_of);
+  }
+  return total;
+}
+
 template <typename Params, typename BytesFn, typename ThreadsFn, typename RunFn>
 void run_directions(const std::vector<Params>& dirs, BytesFn bytes_of, ThreadsFn threads_of,
                     RunFn run) {
   check_lengths(dirs[0]);
+  const TestKnobs knobs = TestKnobs::read();
+  // The workspace is carved as workspace_bytes() sized it: by the plan without back-off.
+  const auto planned = plan_threads(dirs, threads_of, knobs, false);
   std::vector<Params> local = dirs;
+  std::vector<int64_t> own(local.size());
   int64_t total = 0;
-  for (auto& p : local) total += bytes_of(p);
+  for (size_t d = 0; d < local.size(); ++d) {
+    const int threads = planned.second == 0 ? planned.first : (d == 0 ? planned.first : planned.second);
+    own[d] = direction_bytes(local[d], threads, knobs, bytes_of);
+    total += own[d];
+  }
   for (size_t d = 0; d < local.size(); ++d) {
     if (dirs[d].workspace_bytes < total) {
       throw std::invalid_argument("fusedrnn: direction " + std::to_string(d) + ": workspace_bytes " +
@@ -143,31 +263,19 @@ void run_directions(const std::vector<Params>& dirs, BytesFn bytes_of, ThreadsFn
     }
   }
   int64_t offset = 0;
-  for (auto& p : local) {
-    const int64_t own = bytes_of(p);
-    p.workspace = static_cast<char*>(p.workspace) + offset;
-    p.workspace_bytes = own;
-    offset += own;
+  for (size_t d = 0; d < local.size(); ++d) {
+    local[d].workspace = static_cast<char*>(local[d].workspace) + offset;
+    local[d].workspace_bytes = own[d];
+    offset += own[d];
   }
 
-  int64_t want = 1;
-  for (auto& p : local) want = want > p.num_threads ? want : p.num_threads;
-  int threads = static_cast<int>(want < available_cpus() ? want : available_cpus());
-  const int forced = forced_threads();
-  if (forced > 0) threads = 2 * forced;
   // After a call whose barriers stalled (a team member lost its core: the machine is
   // oversubscribed), run the next calls without per-step barriers: one thread per direction.
+  const int forced = knobs.threads;
   const bool backing_off = forced == 0 && g_stall_backoff.load(std::memory_order_relaxed) > 0;
   if (backing_off) g_stall_backoff.fetch_sub(1, std::memory_order_relaxed);
-  auto useful = [&](const Params& p, int budget) {
-    if (forced > 0) return forced;
-    if (backing_off || macs_per_step(p) < kMinMacsPerStepForThreads) return 1;
-    const int most = threads_of(p);
-    return budget < most ? budget : most;
-  };
+  const auto [team0, team1] = backing_off ? plan_threads(dirs, threads_of, knobs, true) : planned;
 
-  // Either one team runs the directions one after the other (team1 == 0), or two teams run them
-  // side by side.
   // A wait counts as a stall past half of a thread's share of a step (estimated at 40K
   // multiply-adds per microsecond), at least 50 us and at most 1 ms (a descheduled member loses
   // its core for a scheduler slice, milliseconds). With a fixed 50 us, large steps (LSTM H=1024
@@ -176,21 +284,30 @@ void run_directions(const std::vector<Params>& dirs, BytesFn bytes_of, ThreadsFn
     const int64_t us = macs_per_step(p) / (team > 0 ? team : 1) / 40000 / 2;
     return us < 50 ? int64_t(50) : (us > 1000 ? int64_t(1000) : us);
   };
-  auto execute = [&](int team0, int team1) {
-    SpinBarrier barrier0(team0, stall_micros(local[0], team0)),
-        barrier1(team1 > 0 ? team1 : 1, stall_micros(local.back(), team1));
+  // Member `rank` of the `threads` threads of direction p: a member of its team, or a row group.
+  auto run_member = [&](const Params& p, int rank, int threads, SpinBarrier* barrier) {
+    if (!splits_rows(p, threads, knobs)) {
+      run(p, Team{rank, threads, barrier});
+      return;
+    }
+    const Params rows = row_group(p, rank, threads, bytes_of);
+    if (rows.batch > 0) run(rows, Team{0, 1, nullptr});
+  };
+  auto execute = [&](int threads0, int threads1) {
+    SpinBarrier barrier0(threads0, stall_micros(local[0], threads0)),
+        barrier1(threads1 > 0 ? threads1 : 1, stall_micros(local.back(), threads1));
     // Only a team of more than one thread can stall, and back off (forced teams never do): the
     // clock is read for those calls only.
-    const bool watched = (team0 > 1 || team1 > 1) && forced == 0;
+    const bool watched = (threads0 > 1 || threads1 > 1) && forced == 0;
     const auto start = watched ? std::chrono::steady_clock::now()
                                : std::chrono::steady_clock::time_point();
-    const bool ran = parallel_run(team0 + team1, [&](int rank) {
-      if (team1 == 0) {
-        for (auto& p : local) run(p, Team{rank, team0, &barrier0});
-      } else if (rank < team0) {
-        run(local[0], Team{rank, team0, &barrier0});
+    const bool ran = parallel_run(threads0 + threads1, [&](int rank) {
+      if (threads1 == 0) {
+        for (auto& p : local) run_member(p, rank, threads0, &barrier0);
+      } else if (rank < threads0) {
+        run_member(local[0], rank, threads0, &barrier0);
       } else {
-        run(local[1], Team{rank - team0, team1, &barrier1});
+        run_member(local[1], rank - threads0, threads1, &barrier1);
       }
     });
     if (ran && watched) {
@@ -209,13 +326,7 @@ void run_directions(const std::vector<Params>& dirs, BytesFn bytes_of, ThreadsFn
     return ran;
   };
 
-  bool ran;
-  if (local.size() == 1 || (threads < 2 && forced == 0)) {
-    ran = execute(local.size() == 1 ? useful(local[0], threads) : 1, 0);
-  } else {
-    ran = execute(useful(local[0], (threads + 1) / 2), useful(local[1], threads / 2));
-  }
-  if (!ran) execute(1, 0);  // the runtime could not give us the threads (nested parallelism)
+  if (!execute(team0, team1)) execute(1, 0);  // no threads to be had (nested parallelism)
 }
 
 }  // namespace
@@ -224,16 +335,12 @@ std::string active_isa() { return ops().name; }
 
 int64_t forward_workspace_bytes(const std::vector<RecurrenceFwdParams>& dirs) {
   const IsaOps o = ops();
-  int64_t total = 0;
-  for (const auto& p : dirs) total += o.forward_bytes(p);
-  return total;
+  return workspace_bytes(dirs, o.forward_bytes, o.forward_threads);
 }
 
 int64_t backward_workspace_bytes(const std::vector<RecurrenceBwdParams>& dirs) {
   const IsaOps o = ops();
-  int64_t total = 0;
-  for (const auto& p : dirs) total += o.backward_bytes(p);
-  return total;
+  return workspace_bytes(dirs, o.backward_bytes, o.backward_threads);
 }
 
 void forward(const std::vector<RecurrenceFwdParams>& dirs) {

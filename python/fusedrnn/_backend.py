@@ -283,7 +283,7 @@ class PreparedForward(NamedTuple):
     templates: list          # FwdParams per direction: weights and sizes; per-call fields unset
     storage: tuple           # detached views of the tensors the templates point into: whatever
                              # happens to the tensors (`.data =`), this memory stays alive
-    workspace_bytes: dict    # (seq_len, batch, FUSEDRNN_CPU_ISA) -> bytes, filled as calls come
+    workspace_bytes: dict    # (seq_len, batch, threads, environment knobs) -> bytes, as calls come
 
 
 def prepare_forward(cell: str, w_hh, b_hh, w_hr) -> PreparedForward:
@@ -312,11 +312,17 @@ def forward_prepared(prep: PreparedForward, xproj: list, out: torch.Tensor, h0, 
     if out.stride(2) != 1 or any(x.stride(2) != 1 for x in xproj):
         raise RuntimeError("fusedrnn internal error: xproj and out need a dense last dimension")
     module = prep.module
-    # The CPU workspace layout depends on the SIMD width, which FUSEDRNN_CPU_ISA can lower.
-    key = (seq_len, batch, os.environ.get("FUSEDRNN_CPU_ISA"))
+    # The CPU workspace layout depends on the SIMD width, which FUSEDRNN_CPU_ISA can lower, and
+    # on how the threads split the work (threads that split the batch rows each have a
+    # workspace): the thread count, and the tests' knobs that force a split.
+    threads = torch.get_num_threads()
+    environ = os.environ
+    key = (seq_len, batch, threads, environ.get("FUSEDRNN_CPU_ISA"),
+           environ.get("FUSEDRNN_CPU_TEST_THREADS"), environ.get("FUSEDRNN_CPU_TEST_SPLIT"))
     nbytes = prep.workspace_bytes.get(key)
     if nbytes is None:
-        nbytes = int(module.forward_prepared_workspace_bytes(prep.templates, seq_len, batch))
+        nbytes = int(module.forward_prepared_workspace_bytes(prep.templates, seq_len, batch,
+                                                             threads))
         if len(prep.workspace_bytes) >= 64:  # many shapes (serving): keep the cache bounded
             prep.workspace_bytes.clear()
         prep.workspace_bytes[key] = nbytes
@@ -328,5 +334,5 @@ def forward_prepared(prep: PreparedForward, xproj: list, out: torch.Tensor, h0, 
         (out.data_ptr(), out.stride(0), out.stride(1)),
         h0.data_ptr() if h0 is not None else 0, c0.data_ptr() if c0 is not None else 0,
         hn.data_ptr(), cn.data_ptr() if cn is not None else 0, ws.data_ptr(), nbytes,
-        torch.get_num_threads(), stream, *(() if b_hh is None else ([b.data_ptr() for b in b_hh],)))
+        threads, stream, *(() if b_hh is None else ([b.data_ptr() for b in b_hh],)))
     del ws  # torch's allocator orders the free after the kernel on the stream
