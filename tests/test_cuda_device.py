@@ -1,7 +1,7 @@
 """What only a real GPU can show (bench/gpu_check.sh runs these; without a GPU they skip):
-CUDA-graph capture and replay, torch.compile, torch.jit.trace and torch.jit.script on CUDA, the kernels running on
-the caller's current stream, and the real device's launch plans (tensor cores, weights streamed
-from L2) against cuDNN and float64.
+CUDA-graph capture and replay, torch.compile, torch.jit.trace and torch.jit.script on CUDA, the
+kernels running on the caller's current stream, and the real device's launch plans (tensor
+cores, weights streamed from L2) against cuDNN and float64.
 
 The emulator already checks the kernels' arithmetic on every shape class; these tests check the
 integration that the emulator cannot: stream and graph semantics, the occupancy-driven plan of a

@@ -247,7 +247,8 @@ def test_scripted_cell_matches_torch(case, batched):
     shape = (2,) if batched else ()
     x = torch.randn(*shape, 3, dtype=DTYPE, requires_grad=True)
     h = torch.randn(*shape, 4, dtype=DTYPE, requires_grad=True)
-    state = (h, torch.randn(*shape, 4, dtype=DTYPE, requires_grad=True)) if name == "LSTMCell" else h
+    c = torch.randn(*shape, 4, dtype=DTYPE, requires_grad=True)
+    state = (h, c) if name == "LSTMCell" else h
 
     def run(module):
         results = module(x, state)

@@ -156,7 +156,9 @@ struct TestKnobs {
 
   static TestKnobs read() {
     TestKnobs knobs;
-    if (const char* v = std::getenv("FUSEDRNN_CPU_TEST_THREADS"); v && *v) knobs.threads = std::atoi(v);
+    if (const char* v = std::getenv("FUSEDRNN_CPU_TEST_THREADS"); v && *v) {
+      knobs.threads = std::atoi(v);
+    }
     if (const char* v = std::getenv("FUSEDRNN_CPU_TEST_SPLIT"); v && *v) {
       if (std::strcmp(v, "rows") == 0) {
         knobs.split = kRows;
@@ -260,7 +262,8 @@ void run_directions(const std::vector<Params>& dirs, BytesFn bytes_of, ThreadsFn
   std::vector<int64_t> own(local.size());
   int64_t total = 0;
   for (size_t d = 0; d < local.size(); ++d) {
-    const int threads = planned.second == 0 ? planned.first : (d == 0 ? planned.first : planned.second);
+    const int threads =
+        planned.second == 0 ? planned.first : (d == 0 ? planned.first : planned.second);
     own[d] = direction_bytes(local[d], threads, knobs, bytes_of);
     total += own[d];
   }

@@ -131,7 +131,7 @@ FUSEDRNN_VEC_INLINE Vec<T, 1> act_sigmoid(Vec<T, 1> x) { return Vec<T, 1>(T(1) /
 template <typename T>
 FUSEDRNN_VEC_INLINE Vec<T, 1> act_relu(Vec<T, 1> x) { return x.v > T(0) ? x : Vec<T, 1>(T(0)); }
 
-// ------------------------------------------------------------------ float: polynomial exp, rational tanh
+// ---------------------------------------------------------- float: polynomial exp, rational tanh
 // Cephes-style: exp(x) = 2^n * e^r with |r| <= ln2/2 and a degree-6 polynomial for e^r (about
 // 1 ulp). NaN propagates (comparisons are written so NaN keeps its lane).
 template <int W>

@@ -333,7 +333,7 @@ class RNNBase(nn.Module):
             prepared.append(state)
         return tuple(prepared) if is_lstm else prepared[0]
 
-    # --- TorchScript (_script.py): what torch.jit.script compiles instead of the eager path ----------
+    # --- TorchScript (_script.py): what torch.jit.script compiles instead of the eager path ------
 
     def __prepare_scriptable__(self):
         """torch.jit.script calls this first. A script cannot look parameters up by name, so the
