@@ -191,15 +191,15 @@ FUSEDRNN_VEC_INLINE Vec<float, W> act_sigmoid(Vec<float, W> x) {
   return recip(V(1.0f) + exp_poly(-x));
 }
 
-// tanh(x) = x P(x^2) / Q(x^2) on |x| <= 9, a rational fit of degree 13/6 (relative error 7e-9 in
-// exact arithmetic; beyond 9 tanh rounds to +-1 in float, and this gives +-(1 - 2^-24)). In
-// float32 it is within 6 ulp of the true value over the float range (measured: 5.1 ulp with
-// AVX-512, 5.6 AVX2, 5.8 generic; tests/test_activations.py), and x itself for tiny x. It
-// replaced an exp-based formula (1.6 ulp) that computed two branches, |x| < 0.625 by an odd
-// polynomial and 1 - 2 / (e^2|x| + 1) beyond: 17 vector operations instead of about 36, and an
-// LSTM cell runs two tanh per unit. LSTM B=64 H=256 T=100 inference, native forward on the
-// 2-core SPR VM (3 A/B pairs): 16.4-17.6 -> 15.0-15.5 ms on two threads, 26.8-28.1 -> 25.5-26.0
-// on one.
+// tanh(x) = x P(x^2) / Q(x^2) on |x| <= 9, a rational fit of degree 13/6 (relative error 5e-8
+// with its coefficients rounded to float; beyond 9 tanh rounds to +-1 in float, and this gives
+// +-(1 - 2^-24), where libm gives +-1). In float32 it is within 6.5 ulp of the true value over
+// the float range (measured: 5.6 ulp with AVX-512, 5.8 AVX2, 6.3 generic;
+// tests/test_activations.py), x itself for tiny x, and never past +-1. It replaced an
+// exp-based formula (1.6 ulp) that computed two branches, |x| < 0.625 by an odd polynomial and
+// 1 - 2 / (e^2|x| + 1) beyond: 19 vector operations instead of about 36, and an LSTM cell runs
+// two tanh per unit. LSTM B=64 H=256 T=100 inference, native forward on the 2-core SPR VM
+// (3 A/B pairs): 16.4-17.6 -> 15.0-15.5 ms on two threads, 26.8-28.1 -> 25.5-26.0 on one.
 template <int W>
 FUSEDRNN_VEC_INLINE Vec<float, W> act_tanh(Vec<float, W> x) {
   using V = Vec<float, W>;
@@ -219,7 +219,11 @@ FUSEDRNN_VEC_INLINE Vec<float, W> act_tanh(Vec<float, W> x) {
   q = q * z + 2.4495197e-02f;
   q = q * z + 4.641734e-01f;
   q = q * z + 1.0f;
-  return V::of((a * p) * recip(V::of(q)).v);
+  // Near |x| = 9 the rounding of P and Q can carry the quotient past 1 (by up to 2 ulp).
+  R y = (a * p) * recip(V::of(q)).v;
+  y = y > 1.0f ? R{} + 1.0f : y;  // NaN keeps its lane
+  y = y < -1.0f ? R{} - 1.0f : y;
+  return V::of(y);
 }
 
 template <int W>
