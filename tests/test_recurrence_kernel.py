@@ -10,6 +10,7 @@ with NaN first, so unwritten elements show.
 """
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass
 
@@ -530,3 +531,34 @@ def test_params_round_trip():
     b = cpu.BwdParams()
     b.d_h_seq, b.d_c0 = (8, 1, 2), 77
     assert (b.d_h_seq, b.d_c0, b.w_hh) == ((8, 1, 2), 77, 0)
+
+
+def test_workspace_sized_for_one_thread_runs_on_two(monkeypatch):
+    """Row groups each need a workspace: a workspace sized for one thread (a stale size after
+    torch.set_num_threads or a change of CPU affinity) still runs, the threads then splitting
+    the units, and gives the same results."""
+    pytest.importorskip("fusedrnn._cpu")
+    sized = {}
+    original = _backend._workspace
+
+    def sized_for_one_thread(module, kind, params, device):
+        threads = [p.num_threads for p in params]
+        for p in params:
+            p.num_threads = 1
+        ws = original(module, kind, params, device)
+        for p, n in zip(params, threads):
+            p.num_threads = n
+        sized[kind] = ws.numel()
+        return ws
+
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two CPUs for two threads")
+    monkeypatch.setattr(_backend, "_workspace", sized_for_one_thread)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run_and_check(Config("lstm", 0, "fwd", True, 3, 40, 70, torch.float64, False),
+                      torch.device("cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    assert sized, "the layer ran through _backend._workspace"

@@ -74,9 +74,11 @@ inline std::vector<RecurrenceFwdParams> instantiate(
 }  // namespace prepared_detail
 
 // Defines forward_prepared(templates, seq_len, batch, xproj, out, h0, c0, hn, cn, workspace,
-// workspace_bytes, num_threads, cuda_stream, b_hh=[]) and forward_prepared_workspace_bytes(templates,
-// seq_len, batch). `validate(dirs)` is the module's validate_forward, `bytes(dirs)` its workspace
-// size and `run(dirs)` its forward; run is called without the GIL.
+// workspace_bytes, num_threads, cuda_stream, b_hh=[]) and
+// forward_prepared_workspace_bytes(templates, seq_len, batch, num_threads=1) (a CPU workspace
+// sized for fewer threads than a call runs on still works, without row groups:
+// csrc/cpu/recurrence_dispatch.cpp). `validate(dirs)` is the module's validate_forward,
+// `bytes(dirs)` its workspace size and `run(dirs)` its forward; run is called without the GIL.
 template <typename Validate, typename Bytes, typename Run>
 void bind_prepared_forward(py::module_& m, Validate validate, Bytes bytes, Run run) {
   using binding_detail::SeqTuple;

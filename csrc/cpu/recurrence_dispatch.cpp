@@ -255,17 +255,27 @@ template <typename Params, typename BytesFn, typename ThreadsFn, typename RunFn>
 void run_directions(const std::vector<Params>& dirs, BytesFn bytes_of, ThreadsFn threads_of,
                     RunFn run) {
   check_lengths(dirs[0]);
-  const TestKnobs knobs = TestKnobs::read();
+  TestKnobs knobs = TestKnobs::read();
   // The workspace is carved as workspace_bytes() sized it: by the plan without back-off.
   const auto planned = plan_threads(dirs, threads_of, knobs, false);
   std::vector<Params> local = dirs;
   std::vector<int64_t> own(local.size());
-  int64_t total = 0;
-  for (size_t d = 0; d < local.size(); ++d) {
-    const int threads =
-        planned.second == 0 ? planned.first : (d == 0 ? planned.first : planned.second);
-    own[d] = direction_bytes(local[d], threads, knobs, bytes_of);
-    total += own[d];
+  auto size_workspace = [&] {
+    int64_t sum = 0;
+    for (size_t d = 0; d < local.size(); ++d) {
+      const int threads =
+          planned.second == 0 ? planned.first : (d == 0 ? planned.first : planned.second);
+      own[d] = direction_bytes(local[d], threads, knobs, bytes_of);
+      sum += own[d];
+    }
+    return sum;
+  };
+  int64_t total = size_workspace();
+  if (dirs[0].workspace_bytes < total && knobs.split != TestKnobs::kRows) {
+    // A workspace sized for fewer row groups (another thread count, or a CPU affinity changed
+    // since): the threads split the units instead, which needs no more than one thread does.
+    knobs.split = TestKnobs::kUnits;
+    total = size_workspace();
   }
   for (size_t d = 0; d < local.size(); ++d) {
     if (dirs[d].workspace_bytes < total) {
