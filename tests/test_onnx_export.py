@@ -27,7 +27,9 @@ TOLERANCE = 2e-5  # float32, onnxruntime's kernels against torch's
 MODULES = [
     # (id, class name, kwargs, ONNX operator)
     ("lstm-bidir-L2", "LSTM", dict(num_layers=2, bidirectional=True), "LSTM"),
+    ("lstm-nobias", "LSTM", dict(bias=False), "LSTM"),
     ("gru-batch_first", "GRU", dict(batch_first=True), "GRU"),
+    ("gru-bidir-nobias", "GRU", dict(bidirectional=True, bias=False), "GRU"),
     ("rnn-relu-nobias-L2", "RNN", dict(nonlinearity="relu", bias=False, num_layers=2), "RNN"),
 ]
 
@@ -103,6 +105,18 @@ def test_exported_module_runs_in_onnxruntime_like_torch(case, dynamo):
     ops = _check(ours, reference, args, dynamo=dynamo)
     if not (dynamo and name == "RNN"):  # dynamo decomposes torch.nn.RNN into MatMul, Add, Relu
         assert op in ops
+
+
+def test_projected_lstm_export_fails_as_torch_does():
+    """torch.nn's TorchScript-based exporter refuses an LSTM with proj_size, and fusedrnn's
+    export fails the same way. (The dynamo exporter of torch 2.13 writes both as an ONNX LSTM
+    node whose initial cell state onnxruntime rejects: not tested here, it is torch's.)"""
+    reference, ours = _pair("LSTM", dict(proj_size=2))
+    x = torch.randn(6, 2, 3)
+    for module in (reference, ours):
+        with pytest.raises(Exception, match="projections"):
+            _export(module, (x,), dynamo=False)
+
 
 def test_exported_model_takes_other_lengths_and_batches():
     """The TorchScript-based exporter with dynamic axes: the ONNX LSTM runs any T and B."""

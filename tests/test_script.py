@@ -174,11 +174,15 @@ def test_scripted_module_matches_torch(case, with_state, monkeypatch):
 
 @pytest.mark.parametrize("case", MODULES, ids=[c[0] for c in MODULES])
 @pytest.mark.parametrize("with_state", [False, True], ids=["no-state", "state"])
-def test_scripted_module_packed_matches_torch(case, with_state):
+@pytest.mark.parametrize("in_order", [False, True], ids=["unsorted", "sorted"])
+def test_scripted_module_packed_matches_torch(case, with_state, in_order):
+    """Unsorted sequences (sorted_indices and unsorted_indices reorder the states) and sorted
+    ones (pack_sequence(enforce_sorted=True): no indices)."""
     _, name, kwargs = case
     reference, ours = _pair(name, kwargs)
     torch.manual_seed(1)
-    sequences = [torch.randn(n, 3, dtype=DTYPE, requires_grad=True) for n in (3, 5, 1, 4)]
+    lengths = (5, 4, 3, 1) if in_order else (3, 5, 1, 4)
+    sequences = [torch.randn(n, 3, dtype=DTYPE, requires_grad=True) for n in lengths]
     h0, c0 = _states(ours, len(sequences), with_state)
     if not with_state:
         make, states = _Packed, ()
@@ -189,7 +193,7 @@ def test_scripted_module_packed_matches_torch(case, with_state):
     scripted = torch.jit.script(make(ours))
 
     def run(module):
-        results = module(pack_sequence(sequences, enforce_sorted=False), *states)
+        results = module(pack_sequence(sequences, enforce_sorted=in_order), *states)
         leaves = sequences + list(states) + list(module.parameters())
         return results, torch.autograd.grad(ramp_loss(results), leaves, allow_unused=True)
 
@@ -253,7 +257,7 @@ def test_scripted_cell_matches_torch(case, batched):
     def run(module):
         results = module(x, state)
         results = list(results) if isinstance(results, tuple) else [results]
-        leaves = [x, h] + list(module.parameters())
+        leaves = [x, h] + ([c] if name == "LSTMCell" else []) + list(module.parameters())
         return results, torch.autograd.grad(ramp_loss(results), leaves, allow_unused=True)
 
     _compare(run(reference), run(scripted), f"{name} {kwargs}")
@@ -286,6 +290,12 @@ def test_script_sees_parameter_updates_and_dtype_changes():
     x, h0 = torch.randn(4, 2, 3, dtype=DTYPE), torch.zeros(2, 2, 4, dtype=DTYPE)
     for e, a in zip(_Single(reference)(x, h0), scripted(x, h0)):
         assert_close(a, e, TOLERANCE, "after an in-place update")
+    torch.manual_seed(7)
+    fresh = torch.nn.GRU(3, 4, num_layers=2, dtype=DTYPE)
+    reference.load_state_dict(fresh.state_dict())
+    scripted.rnn.load_state_dict(fresh.state_dict())
+    for e, a in zip(_Single(reference)(x, h0), scripted(x, h0)):
+        assert_close(a, e, TOLERANCE, "after load_state_dict")
     scripted.float()
     reference.float()
     for e, a in zip(_Single(reference)(x.float(), h0.float()),
@@ -348,3 +358,16 @@ def test_frozen_script_matches_torch():
     with torch.no_grad():
         for e, a in zip(_Lstm(reference)(x, None, None), frozen(x, None, None)):
             assert_close(a, e, TOLERANCE, "frozen script")
+
+
+@pytest.mark.parametrize("name", ["LSTM", "GRU"])
+def test_scripted_empty_batch_matches_torch(name):
+    """B = 0, which torch.nn accepts: empty results of the right shapes, still connected to the
+    weights."""
+    reference, ours = _pair(name, dict(num_layers=2, bidirectional=True))
+    make = _Lstm if name == "LSTM" else _Single
+    x = torch.randn(5, 0, 3, dtype=DTYPE)
+    args = (x, None, None) if name == "LSTM" else (x, None)
+    expected, actual = make(reference)(*args), torch.jit.script(make(ours))(*args)
+    assert [tuple(t.shape) for t in actual] == [tuple(t.shape) for t in expected]
+    assert all(t.requires_grad for t in actual)

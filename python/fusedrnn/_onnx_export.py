@@ -7,7 +7,10 @@ fusedrnn::layer_forward, which only this process can run, must not reach the ONN
 layer runs as `torch._VF.lstm` / `gru` / `rnn_tanh` / `rnn_relu` with num_layers=1, the calls
 torch.nn's modules make: same gate order, same weights, same numbers, so the exported model is
 the one torch.nn's twin would give (one ONNX RNN node per layer, as torch exports them).
-What torch.nn cannot export (an LSTM with proj_size) fails the same way here.
+What torch.nn cannot export fails the same way here: the TorchScript-based exporter refuses an
+LSTM with proj_size, and the dynamo exporter of torch 2.13 writes one that onnxruntime rejects.
+The exporters of torch 2.13 were checked (tests/test_onnx_export.py); an exporter that does not
+set torch.onnx.is_in_onnx_export() would meet the custom op and fail to translate it.
 """
 from __future__ import annotations
 

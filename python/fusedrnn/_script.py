@@ -43,8 +43,7 @@ def check_input(input: Tensor, weight: Tensor, input_size: int, expected_dim: in
 def check_state(state: Tensor, expected: List[int], input: Tensor, name: str) -> None:
     """One initial state of a module: shape, device and dtype (RuntimeError, like torch.nn)."""
     if state.shape != expected:
-        raise RuntimeError(f"Expected {name} size {expected} (num_layers * num_directions, "
-                           f"batch, state size), got {list(state.shape)}")
+        raise RuntimeError(f"Expected {name} size {expected}, got {list(state.shape)}")
     if state.device != input.device:
         raise RuntimeError(f"Input and hidden tensors are not at the same device, found input "
                            f"tensor at {input.device} and {name} tensor at {state.device}")
@@ -119,17 +118,17 @@ def _layer(cell: str, x: Tensor, weights: List[Tensor], first: int, num_dirs: in
 
 
 def _compute_dtype(input: Tensor) -> torch.dtype:
-    """float16/bfloat16 CPU tensors run in float32 (functional._compute_dtype)."""
+    """float16/bfloat16 CPU tensors run in float32, as functional._compute_dtype does for the
+    _cpu backend (a script does not see FUSEDRNN_BACKEND: under emu it upcasts too)."""
     if input.device.type == "cpu" and (input.dtype == torch.float16
                                         or input.dtype == torch.bfloat16):
         return torch.float32
     return input.dtype
 
 
-def _packed_dropout(x: Tensor, lengths: Tensor, p: float) -> Tensor:
+def _packed_dropout(x: Tensor, lengths_cpu: Tensor, p: float) -> Tensor:
     """Dropout between layers of a packed input, drawn on the packed rows like torch.nn (and
     _packing.PackedLayout.dropout: same mask shape, same RNG stream)."""
-    lengths_cpu = lengths.cpu()
     data, batch_sizes = torch._pack_padded_sequence(x, lengths_cpu, False)
     padded, _ = torch._pad_packed_sequence(F.dropout(data, p, True), batch_sizes, False, 0.0,
                                            x.size(0))
@@ -138,11 +137,12 @@ def _packed_dropout(x: Tensor, lengths: Tensor, p: float) -> Tensor:
 
 def rnn(cell: str, x: Tensor, h0_all: Optional[Tensor], c0_all: Optional[Tensor],
         weights: List[Tensor], num_layers: int, num_dirs: int, has_bias: bool, has_proj: bool,
-        dropout: float, training: bool, lengths: Optional[Tensor]
-        ) -> Tuple[Tensor, Tensor, Tensor]:
+        dropout: float, training: bool, lengths: Optional[Tensor],
+        lengths_cpu: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """The stacked layers over a time-major x [T, B, I] (states [L*D, B, .] or None; lengths [B]
-    with a packed input). Returns (output [T, B, D*P], h_n [L*D, B, P], c_n [L*D, B, H] for
-    LSTM, else an empty tensor), in the input's dtype."""
+    on x's device with a packed input, and lengths_cpu the same on the CPU). Returns (output
+    [T, B, D*P], h_n [L*D, B, P], c_n [L*D, B, H] for LSTM, else an empty tensor), in the
+    input's dtype."""
     out_dtype = x.dtype
     dtype = _compute_dtype(x)
     if dtype != out_dtype:
@@ -158,19 +158,22 @@ def rnn(cell: str, x: Tensor, h0_all: Optional[Tensor], c0_all: Optional[Tensor]
     for layer in range(num_layers):
         h0: Optional[Tensor] = None
         c0: Optional[Tensor] = None
+        # One layer: no slice (in training, no SliceBackward zero-fill), as functional._rnn.
         if h0_all is not None:
-            h0 = h0_all[layer * num_dirs:(layer + 1) * num_dirs].contiguous()
+            h0 = (h0_all if num_layers == 1 else
+                  h0_all[layer * num_dirs:(layer + 1) * num_dirs]).contiguous()
         if c0_all is not None:
-            c0 = c0_all[layer * num_dirs:(layer + 1) * num_dirs].contiguous()
+            c0 = (c0_all if num_layers == 1 else
+                  c0_all[layer * num_dirs:(layer + 1) * num_dirs]).contiguous()
         x, hn, cn = _layer(cell, x, weights, layer * per_layer, num_dirs, has_bias, has_proj,
                            h0, c0, lengths)
         h_n.append(hn)
         c_n.append(cn)
         if training and dropout > 0 and layer < num_layers - 1:
-            if lengths is None:
+            if lengths_cpu is None:
                 x = F.dropout(x, dropout, True)
             else:
-                x = _packed_dropout(x, lengths, dropout)
+                x = _packed_dropout(x, lengths_cpu, dropout)
     h = torch.cat(h_n) if num_layers > 1 else h_n[0]
     c = torch.cat(c_n) if num_layers > 1 else c_n[0]
     if dtype != out_dtype:
@@ -189,22 +192,22 @@ def packed_rnn(cell: str, data: Tensor, batch_sizes: Tensor, h0_all: Optional[Te
                                                      batch_sizes.size(0))
     lengths = lengths_cpu.to(data.device)
     out, h, c = rnn(cell, padded, h0_all, c0_all, weights, num_layers, num_dirs, has_bias,
-                    has_proj, dropout, training, lengths)
+                    has_proj, dropout, training, lengths, lengths_cpu)
     out_data, _ = torch._pack_padded_sequence(out, lengths_cpu, False)
     return out_data, h, c
 
 
-def _cell_state(name: str, state: Optional[Tensor], input: Tensor, x: Tensor,
+def _cell_state(name: str, what: str, state: Optional[Tensor], input: Tensor, x: Tensor,
                 hidden_size: int) -> Optional[Tensor]:
     """A cell's state ([B, H], or [H] with an unbatched input) checked and shaped as a layer's
     initial state [1, B, H] for the batched input x [B, I]."""
     if state is None:
         return None
     if state.dim() != input.dim():
-        raise RuntimeError(f"{name}: the state must be {input.dim()}-D like the input, got shape "
+        raise RuntimeError(f"{name}: {what} must be {input.dim()}-D like the input, got shape "
                            f"{list(state.shape)}")
     state = state if input.dim() == 2 else state.unsqueeze(0)
-    check_state(state, [x.size(0), hidden_size], x, "hx")
+    check_state(state, [x.size(0), hidden_size], x, what)
     return state.unsqueeze(0)
 
 
@@ -222,8 +225,8 @@ def cell_step(cell: str, name: str, input: Tensor, h: Optional[Tensor], c: Optio
         raise RuntimeError(f"input has inconsistent input_size: got {x.size(1)} expected "
                            f"{input_size}")
     check_input(x, weights[0], input_size, 2)
-    h = _cell_state(name, h, input, x, hidden_size)
-    c = _cell_state(name, c, input, x, hidden_size)
+    h = _cell_state(name, "hx[0]" if cell == "lstm" else "hx", h, input, x, hidden_size)
+    c = _cell_state(name, "hx[1]", c, input, x, hidden_size)
     has_bias = len(weights) == 4
     _, h_n, c_n = rnn(cell, x.unsqueeze(0), h, c, weights, 1, 1, has_bias, False, 0.0, False,
                       None)

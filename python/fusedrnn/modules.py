@@ -4,7 +4,8 @@ Constructor signatures, attributes, parameter names/order/shapes/initialisation,
 contract (batched and unbatched input, batch_first, optional hx, PackedSequence in and out with
 torch.nn's sorted/unsorted index handling, result shapes) and the exception classes of bad input are
 torch.nn's, so a module can replace its torch.nn twin and `load_state_dict` works both ways.
-The math runs in `functional.rnn`; this file only adapts torch.nn's calling conventions to it.
+The math runs in `functional.rnn` (under torch.jit.script, in its TorchScript twin, _script.py);
+this file only adapts torch.nn's calling conventions to it.
 """
 
 import math
@@ -371,8 +372,8 @@ class RNNBase(nn.Module):
         """TorchScript, a tensor input: (output, h_n, c_n or an empty tensor), as
         _checked_forward returns them."""
         if input.dim() != 2 and input.dim() != 3:
-            raise ValueError(f"{self.mode}: Expected input to be 2D or 3D, got {input.dim()}D "
-                             "instead")
+            name = "RNN" if self.mode.startswith("RNN") else self.mode
+            raise ValueError(f"{name}: Expected input to be 2D or 3D, got {input.dim()}D instead")
         batched = input.dim() == 3
         x = input if batched else input.unsqueeze(0 if self.batch_first else 1)
         weights = self._script_weights
