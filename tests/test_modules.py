@@ -4,6 +4,7 @@ in some case), in float64 (1e-9 relative) and float32 (2e-5 relative); plus a hy
 dropout masks, PackedSequence details, unbatched input, non-contiguous tensors, inference mode,
 low precision and the module surface (names, state_dict, repr)."""
 import functools
+import os
 
 import pytest
 import torch
@@ -569,3 +570,20 @@ def test_low_precision_through_emulator(dtype, monkeypatch):
     assert rel_err(out, reference) <= max(2 * rel_err(torch_out, reference), 1e-2)
     out.float().sum().backward()
     assert torch.isfinite(ours.weight_hh_l0.grad.float()).all()
+
+
+@pytest.mark.parametrize("cell", ["lstm", "lstm_proj", "gru", "rnn_tanh"])
+@pytest.mark.parametrize("packing", ["padded", "packed_unsorted"])
+def test_threads_on_their_own_rows_match_torch(cell, packing):
+    """Shapes whose CPU threads take rows of the batch unforced (csrc/cpu/row_groups.h: B=40,
+    W_hh small, two threads): the training forward (LSTM: gates saved over the input
+    projection, by the thread that owns the row) and the backward, against torch.nn."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two CPUs for two threads")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        compare_with_torch(Case(cell=cell, layers=2, bidirectional=False, packing=packing,
+                                hx=True, seq_len=6, batch=40, hidden=48, input_size=8))
+    finally:
+        torch.set_num_threads(threads)
