@@ -11,7 +11,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from torch.nn.utils.rnn import pack_padded_sequence
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import fusedrnn
 
@@ -147,15 +147,58 @@ def test_exported_cell_runs_in_onnxruntime_like_torch(case):
 
 
 class _PackedInside(torch.nn.Module):
+    """Packs its padded input itself (the usual way a packed model is exported), with an
+    optional initial state in the caller's batch order."""
+
     def __init__(self, rnn):
         super().__init__()
         self.rnn = rnn
 
-    def forward(self, x, lengths):
-        return self.rnn(pack_padded_sequence(x, lengths))[1]
+    def forward(self, x, lengths, *state):
+        hx = None
+        if state:
+            hx = tuple(state) if isinstance(self.rnn, (torch.nn.LSTM, fusedrnn.LSTM)) else state[0]
+        out, h = self.rnn(pack_padded_sequence(x, lengths, enforce_sorted=False), hx)
+        h = h if isinstance(h, torch.Tensor) else torch.cat(h)
+        return pad_packed_sequence(out)[0], h
 
 
-def test_export_of_packed_input_says_what_to_do():
-    _, ours = _pair("GRU", {})
-    with pytest.raises(Exception, match="export the model with a padded input"):
-        _export(_PackedInside(ours), (torch.randn(4, 2, 3), torch.tensor([4, 3])), dynamo=False)
+@pytest.mark.parametrize("name", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("with_state", [False, True], ids=["no-state", "state"])
+def test_exported_packed_model_runs_like_torch(name, with_state):
+    """The TorchScript-based exporter: a module fed a PackedSequence exports as torch.nn's does
+    (its packed RNN op), and the model then takes other lengths."""
+    reference, ours = _pair(name, dict(num_layers=2, bidirectional=True))
+    x, lengths = torch.randn(6, 3, 3), torch.tensor([4, 6, 2])
+    states = ()
+    if with_state:
+        states = (torch.randn(4, 3, 5),) + ((torch.randn(4, 3, 5),) if name == "LSTM" else ())
+    args = (x, lengths, *states)
+    model = _export(_PackedInside(ours), args, dynamo=False)
+    assert _ops(model) == _ops(_export(_PackedInside(reference), args, dynamo=False))
+    for run_lengths in (lengths, torch.tensor([6, 1, 5])):
+        run_args = (x, run_lengths, *states)
+        with torch.no_grad():
+            expected = _PackedInside(reference)(*run_args)
+        for a, e in zip(_run_onnx(model, run_args), expected):
+            np.testing.assert_allclose(a, e.numpy(), rtol=TOLERANCE, atol=TOLERANCE)
+
+
+def test_dynamo_export_of_a_packed_model_fails_as_torch_does():
+    reference, ours = _pair("GRU", {})
+    args = (torch.randn(4, 2, 3), torch.tensor([4, 3]))
+    for module in (reference, ours):
+        with pytest.raises(Exception, match="torch.export"):
+            _export(_PackedInside(module), args, dynamo=True)
+
+
+def test_functional_export_with_lengths_says_what_to_do():
+    torch.manual_seed(0)
+    weights = [(torch.randn(12, 3), torch.randn(12, 4), None, None, None)]
+
+    class Functional(torch.nn.Module):
+        def forward(self, x, lengths):
+            return fusedrnn.functional.rnn("gru", x, weights, lengths=lengths)[0]
+
+    with pytest.raises(Exception, match="export a module"):
+        _export(Functional(), (torch.randn(4, 2, 3), torch.tensor([4, 3])), dynamo=False)

@@ -6,7 +6,9 @@ fusedrnn::layer_forward, which only this process can run, must not reach the ONN
 `torch.onnx.export` traces (either exporter: `dynamo=True` or the TorchScript-based one), each
 layer runs as `torch._VF.lstm` / `gru` / `rnn_tanh` / `rnn_relu` with num_layers=1, the calls
 torch.nn's modules make: same gate order, same weights, same numbers, so the exported model is
-the one torch.nn's twin would give (one ONNX RNN node per layer, as torch exports them).
+the one torch.nn's twin would give (one ONNX RNN node per layer, as torch exports them). A module
+fed a PackedSequence runs torch.nn's packed RNN op over all its layers instead (packed_rnn),
+which the TorchScript-based exporter translates as it does torch.nn's.
 What torch.nn cannot export fails the same way here: the TorchScript-based exporter refuses an
 LSTM with proj_size, and the dynamo exporter of torch 2.13 writes one that onnxruntime rejects.
 The exporters of torch 2.13 were checked (tests/test_onnx_export.py); an exporter that does not
@@ -33,10 +35,10 @@ def layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor], c0: Optiona
           lengths: Optional[Tensor]):
     """functional._layer under export: x [T, B, I] -> (out [T, B, D*P], h_n [D, B, P],
     c_n [D, B, H] or None), through torch's RNN op of the cell."""
-    if lengths is not None:
+    if lengths is not None:  # the modules export packed input by packed_rnn
         raise NotImplementedError(
-            "fusedrnn: ONNX export of a PackedSequence input (per-sequence lengths) is not "
-            "supported; export the model with a padded input tensor")
+            "fusedrnn.functional.rnn: ONNX export with per-sequence lengths is not supported; "
+            "export a module (fusedrnn.LSTM/GRU/RNN) fed a PackedSequence, or a padded input")
     num_dirs = len(layer_weights)
     w_hh, w_hr = layer_weights[0][1], layer_weights[0][4]
     state = w_hh.size(1)
@@ -53,3 +55,20 @@ def layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor], c0: Optiona
         return out, hn, cn
     out, hn = _TORCH_OPS[cell](x, h0, flat, has_bias, 1, 0.0, False, num_dirs == 2, False)
     return out, hn, None
+
+
+def packed_rnn(cell: str, data: Tensor, batch_sizes: Tensor, hx, weights: list, has_bias: bool,
+               num_layers: int, dropout: float, training: bool, bidirectional: bool,
+               state: int, hidden: int):
+    """A module's forward of a PackedSequence under export, as torch.nn runs it: its packed RNN
+    op over the packed data (sorted batch order; hx None or in that order, as the module checked
+    it), all layers at once. Returns (output data [N, D*P], h_n, c_n or None)."""
+    num_states = num_layers * (2 if bidirectional else 1)
+    if hx is None:
+        max_batch = batch_sizes[0]
+        h0 = torch.zeros(num_states, max_batch, state, dtype=data.dtype, device=data.device)
+        hx = ((h0, torch.zeros(num_states, max_batch, hidden, dtype=data.dtype,
+                               device=data.device)) if cell == "lstm" else h0)
+    result = _TORCH_OPS[cell](data, batch_sizes, hx, weights, has_bias, num_layers, dropout,
+                              training, bidirectional)
+    return result[0], result[1], (result[2] if cell == "lstm" else None)

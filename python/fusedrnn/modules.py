@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from . import _backend, _cell_step, _inference, _script
+from . import _backend, _cell_step, _inference, _onnx_export, _script
 from . import _validation as check
 from . import functional
 from ._packing import PackedLayout
@@ -276,6 +276,8 @@ class RNNBase(nn.Module):
         weight = self.weight_ih_l0
         input, hx = _follow_autocast(input, hx, weight)
         packed = isinstance(input, PackedSequence)
+        if packed and _backend.recording_graph() and _onnx_export.active():
+            return self._exported_packed_forward(input, hx)
         if packed:
             data, batch_sizes, sorted_indices, unsorted_indices = input
             check.check_input(data, weight, self.input_size, expected_dim=2)
@@ -312,6 +314,22 @@ class RNNBase(nn.Module):
             h_n = h_n.squeeze(1)
             c_n = c_n.squeeze(1) if c_n is not None else None
         return (output, (h_n, c_n)) if is_lstm else (output, h_n)
+
+    def _exported_packed_forward(self, input: PackedSequence, hx):
+        """torch.onnx.export of a packed input: the packed RNN op torch.nn calls, which the
+        TorchScript-based exporter translates (_onnx_export.py)."""
+        data, batch_sizes, sorted_indices, unsorted_indices = input
+        check.check_input(data, self.weight_ih_l0, self.input_size, expected_dim=2)
+        if hx is not None:
+            hx = self._checked_hx(hx, data, int(batch_sizes[0]), True, True, sorted_indices)
+        output, h_n, c_n = _onnx_export.packed_rnn(
+            self._cell, data, batch_sizes, hx, self._flat_weights, self.bias, self.num_layers,
+            self.dropout, self.training, self.bidirectional, self._state_size, self.hidden_size)
+        if unsorted_indices is not None:
+            h_n = h_n.index_select(1, unsorted_indices)
+            c_n = c_n.index_select(1, unsorted_indices) if c_n is not None else None
+        output = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
+        return (output, (h_n, c_n)) if self.mode == "LSTM" else (output, h_n)
 
     def _checked_hx(self, hx, x: Tensor, batch: int, batched: bool, packed: bool,
                     sorted_indices: Optional[Tensor]):
