@@ -242,19 +242,10 @@ def _layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor], c0: Option
 
 def _reference_layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor],
                      c0: Optional[Tensor], lengths: Optional[Tensor]):
-    """_layer under a torch.func transform (_backend.under_transform): each direction as
-    reference.rnn_layer, plain torch ops that grad, jvp and vmap all support."""
-    outs, h_n, c_n = [], [], []
-    for d, (w_ih, w_hh, b_ih, b_hh, w_hr) in enumerate(layer_weights):
-        out, hn, cn = reference.rnn_layer(cell, x, w_ih, w_hh, b_ih, b_hh, w_hr,
-                                          h0[d] if h0 is not None else None,
-                                          c0[d] if c0 is not None else None, lengths,
-                                          reverse=d == 1)
-        outs.append(out)
-        h_n.append(hn)
-        c_n.append(cn)
-    out = torch.cat(outs, 2) if len(outs) > 1 else outs[0]
-    return out, torch.stack(h_n), torch.stack(c_n) if cell == "lstm" else None
+    """_layer under a torch.func transform (_backend.under_transform): the layer as
+    fusedrnn.reference.rnn, plain torch ops that grad, jvp and vmap all support."""
+    return reference.rnn(cell, x, layer_weights, (h0, c0) if cell == "lstm" else h0,
+                         bidirectional=len(layer_weights) == 2, lengths=lengths)
 
 
 def _one_step_applies(cell, x, layer_weights, h0, c0) -> bool:
