@@ -47,14 +47,11 @@ def layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor], c0: Optiona
     flat = [w for direction in layer_weights for w in direction if w is not None]
     if h0 is None:
         h0 = x.new_zeros(num_dirs, x.size(1), state)
-    if cell == "lstm":
-        if c0 is None:
-            c0 = x.new_zeros(num_dirs, x.size(1), hidden)
-        out, hn, cn = torch._VF.lstm(x, (h0, c0), flat, has_bias, 1, 0.0, False,
-                                     num_dirs == 2, False)
-        return out, hn, cn
-    out, hn = _TORCH_OPS[cell](x, h0, flat, has_bias, 1, 0.0, False, num_dirs == 2, False)
-    return out, hn, None
+    if cell == "lstm" and c0 is None:
+        c0 = x.new_zeros(num_dirs, x.size(1), hidden)
+    result = _TORCH_OPS[cell](x, (h0, c0) if cell == "lstm" else h0, flat, has_bias, 1, 0.0,
+                              False, num_dirs == 2, False)
+    return result[0], result[1], (result[2] if cell == "lstm" else None)
 
 
 def packed_rnn(cell: str, data: Tensor, batch_sizes: Tensor, hx, weights: list, has_bias: bool,
