@@ -51,6 +51,22 @@ def check_state(state: Tensor, expected: List[int], input: Tensor, name: str) ->
         raise RuntimeError(f"Expected {name} to have the input's dtype")
 
 
+def module_state(state: Optional[Tensor], expected: List[int], x: Tensor, batched: bool,
+                 name: str) -> Optional[Tensor]:
+    """One initial state of a module (None stays None): 3-D for a batched input, 2-D for an
+    unbatched one (then given its batch dimension), then checked against `expected`, the
+    [L*D, B, size] shape for the time-major input x."""
+    if state is None:
+        return None
+    if state.dim() != (3 if batched else 2):
+        raise RuntimeError(f"For {'batched 3-D' if batched else 'unbatched 2-D'} input, {name} "
+                           f"should also be {3 if batched else 2}-D but got {state.dim()}-D "
+                           "tensor")
+    state = state if batched else state.unsqueeze(1)
+    check_state(state, expected, x, name)
+    return state
+
+
 def _layer_tensors(weights: List[Tensor], first: int, num_dirs: int, has_bias: bool,
                    has_proj: bool) -> Tuple[List[Tensor], List[Tensor], List[Tensor],
                                             List[Tensor], List[Tensor]]:

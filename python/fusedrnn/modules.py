@@ -306,9 +306,7 @@ class RNNBase(nn.Module):
         if packed:
             output = PackedSequence(layout.pack(output), batch_sizes, sorted_indices,
                                     unsorted_indices)
-            if unsorted_indices is not None:
-                h_n = h_n.index_select(1, unsorted_indices)
-                c_n = c_n.index_select(1, unsorted_indices) if c_n is not None else None
+            h_n, c_n = _in_caller_order(h_n, c_n, unsorted_indices)
         elif not batched:
             output = output.squeeze(0 if batch_first else 1)
             h_n = h_n.squeeze(1)
@@ -325,9 +323,7 @@ class RNNBase(nn.Module):
         output, h_n, c_n = _onnx_export.packed_rnn(
             self._cell, data, batch_sizes, hx, self._flat_weights, self.bias, self.num_layers,
             self.dropout, self.training, self.bidirectional, self._state_size, self.hidden_size)
-        if unsorted_indices is not None:
-            h_n = h_n.index_select(1, unsorted_indices)
-            c_n = c_n.index_select(1, unsorted_indices) if c_n is not None else None
+        h_n, c_n = _in_caller_order(h_n, c_n, unsorted_indices)
         output = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
         return (output, (h_n, c_n)) if self.mode == "LSTM" else (output, h_n)
 
@@ -366,23 +362,12 @@ class RNNBase(nn.Module):
                        batched: bool, lstm: bool) -> tuple[Optional[Tensor], Optional[Tensor]]:
         """TorchScript: the initial states checked against the time-major input x [T, B, I] and
         given a batch dimension when the input has none."""
-        batch = x.size(1)
         num_states = self.num_layers * (2 if self.bidirectional else 1)
         state_size = self.proj_size if self.proj_size > 0 else self.hidden_size
-        if h0 is not None:
-            if h0.dim() != (3 if batched else 2):
-                raise RuntimeError(f"For {'batched 3-D' if batched else 'unbatched 2-D'} input, "
-                                   f"hx should also be {3 if batched else 2}-D but got "
-                                   f"{h0.dim()}-D tensor")
-            h0 = h0 if batched else h0.unsqueeze(1)
-            _script.check_state(h0, [num_states, batch, state_size], x, "h_0" if lstm else "hx")
-        if c0 is not None:
-            if c0.dim() != (3 if batched else 2):
-                raise RuntimeError(f"For {'batched 3-D' if batched else 'unbatched 2-D'} input, "
-                                   f"c_0 should also be {3 if batched else 2}-D but got "
-                                   f"{c0.dim()}-D tensor")
-            c0 = c0 if batched else c0.unsqueeze(1)
-            _script.check_state(c0, [num_states, batch, self.hidden_size], x, "c_0")
+        h0 = _script.module_state(h0, [num_states, x.size(1), state_size], x, batched,
+                                  "h_0" if lstm else "hx")
+        c0 = _script.module_state(c0, [num_states, x.size(1), self.hidden_size], x, batched,
+                                  "c_0")
         return h0, c0
 
     def _script_forward(self, input: Tensor, h0: Optional[Tensor], c0: Optional[Tensor]
@@ -560,6 +545,15 @@ def _layer_states(h0: Optional[Tensor], c0: Optional[Tensor], layer: int, num_di
     if c0 is not None and c0.size(0) != num_dirs:
         c0 = c0[layer * num_dirs:(layer + 1) * num_dirs]
     return h0, c0
+
+
+def _in_caller_order(h_n: Tensor, c_n: Optional[Tensor], unsorted_indices: Optional[Tensor]):
+    """Final states of a packed run, from the packed (sorted) batch order back to the caller's,
+    as torch.nn returns them."""
+    if unsorted_indices is None:
+        return h_n, c_n
+    return (h_n.index_select(1, unsorted_indices),
+            c_n.index_select(1, unsorted_indices) if c_n is not None else None)
 
 
 def _is_state(t, shape: tuple, dtype: torch.dtype, device: torch.device) -> bool:
