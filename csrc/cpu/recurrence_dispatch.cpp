@@ -257,16 +257,28 @@ std::pair<int, int> plan_threads(const std::vector<Params>& dirs, ThreadsFn thre
   return {useful(dirs[0], (threads + 1) / 2), useful(dirs[1], threads / 2)};
 }
 
+// Workspace of each direction under a plan (plan_threads' pair).
+template <typename Params, typename BytesFn>
+std::vector<int64_t> planned_bytes(const std::vector<Params>& dirs, std::pair<int, int> plan,
+                                   const TestKnobs& knobs, BytesFn bytes_of) {
+  std::vector<int64_t> bytes(dirs.size());
+  for (size_t d = 0; d < dirs.size(); ++d) {
+    const int threads = plan.second == 0 || d == 0 ? plan.first : plan.second;
+    bytes[d] = direction_bytes(dirs[d], threads, knobs, bytes_of);
+  }
+  return bytes;
+}
+
+int64_t sum(const std::vector<int64_t>& values) {
+  int64_t total = 0;
+  for (const int64_t v : values) total += v;
+  return total;
+}
+
 template <typename Params, typename BytesFn, typename ThreadsFn>
 int64_t workspace_bytes(const std::vector<Params>& dirs, BytesFn bytes_of, ThreadsFn threads_of) {
   const TestKnobs knobs = TestKnobs::read();
-  const auto [team0, team1] = plan_threads(dirs, threads_of, knobs, false);
-  int64_t total = 0;
-  for (size_t d = 0; d < dirs.size(); ++d) {
-    const int threads = team1 == 0 ? team0 : (d == 0 ? team0 : team1);
-    total += direction_bytes(dirs[d], threads, knobs, bytes_of);
-  }
-  return total;
+  return sum(planned_bytes(dirs, plan_threads(dirs, threads_of, knobs, false), knobs, bytes_of));
 }
 
 template <typename Params, typename BytesFn, typename ThreadsFn, typename RunFn>
@@ -277,23 +289,14 @@ void run_directions(const std::vector<Params>& dirs, BytesFn bytes_of, ThreadsFn
   // The workspace is carved as workspace_bytes() sized it: by the plan without back-off.
   const auto planned = plan_threads(dirs, threads_of, knobs, false);
   std::vector<Params> local = dirs;
-  std::vector<int64_t> own(local.size());
-  auto size_workspace = [&] {
-    int64_t sum = 0;
-    for (size_t d = 0; d < local.size(); ++d) {
-      const int threads =
-          planned.second == 0 ? planned.first : (d == 0 ? planned.first : planned.second);
-      own[d] = direction_bytes(local[d], threads, knobs, bytes_of);
-      sum += own[d];
-    }
-    return sum;
-  };
-  int64_t total = size_workspace();
+  std::vector<int64_t> own = planned_bytes(dirs, planned, knobs, bytes_of);
+  int64_t total = sum(own);
   if (dirs[0].workspace_bytes < total && knobs.split != TestKnobs::kRows) {
     // A workspace sized for fewer row groups (another thread count, or a CPU affinity changed
     // since): the threads split the units instead, which needs no more than one thread does.
     knobs.split = TestKnobs::kUnits;
-    total = size_workspace();
+    own = planned_bytes(dirs, planned, knobs, bytes_of);
+    total = sum(own);
   }
   for (size_t d = 0; d < local.size(); ++d) {
     if (dirs[d].workspace_bytes < total) {
