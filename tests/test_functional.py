@@ -171,9 +171,9 @@ def test_mismatched_dtypes_raise_instead_of_reaching_native():
 @pytest.mark.parametrize("padded", [False, True], ids=["dense", "lengths"])
 def test_lstm_gates_saved_over_xproj(directions, proj, padded, monkeypatch):
     """An LSTM layer saves its gates over its own input projection (CPU), each direction over its
-    own columns: results
-    and every gradient match the reference, also for a second backward (retain_graph), which
-    reads the same saved gates again."""
+    own columns, and a backward that frees the graph writes d_xproj over those gates: results
+    and every gradient match the reference, with retain_graph (gates kept: d_xproj has its own
+    tensor) and then without."""
     torch.manual_seed(0)
     if fusedrnn._backend.backend_name() != "cpu":
         pytest.skip("the in-place gates are a _cpu feature")
@@ -181,6 +181,11 @@ def test_lstm_gates_saved_over_xproj(directions, proj, padded, monkeypatch):
     check = functional._gates_can_overwrite_xproj
     monkeypatch.setattr(functional, "_gates_can_overwrite_xproj",
                         lambda *a: used.append(check(*a)) or used[-1])
+    over_gates = []
+    run_backward = functional._run_backward
+    monkeypatch.setattr(functional, "_run_backward", lambda *a, d_xproj_over_gates=False: (
+        over_gates.append(d_xproj_over_gates), run_backward(
+            *a, d_xproj_over_gates=d_xproj_over_gates))[1])
     layers, seq_len, batch, hidden = 2, 7, 5, 9
     weights = random_weights("lstm", 4, hidden, layers, directions, proj)
     x = torch.randn(seq_len, batch, 4, dtype=torch.float64, requires_grad=True)
@@ -198,3 +203,4 @@ def test_lstm_gates_saved_over_xproj(directions, proj, padded, monkeypatch):
         runs.append((flat, first))
     assert_runs_close(*runs, 1e-9)
     assert used and all(used)
+    assert over_gates == [False] * layers + [True] * layers
