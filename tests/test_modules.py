@@ -286,6 +286,42 @@ def test_low_precision_computes_in_float32(cell, dtype):
     assert torch.isfinite(ours.weight_hh_l0.grad.float()).all()
 
 
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("emu", marks=pytest.mark.emu)])
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
+def test_relu_rnn_keeps_nan_like_torch(backend, grad, monkeypatch):
+    """A NaN reaching a ReLU RNN's pre-activation stays NaN, as torch.relu keeps it (the kernels'
+    relu once returned 0 there: a silently finite answer), and the gradient passes where the
+    output is NaN, as torch's relu backward lets it."""
+    from fusedrnn import _backend
+    if backend == "emu":
+        if not _backend.HAS_EMU:
+            pytest.skip("fusedrnn._emu is not built (configure with -DFUSEDRNN_EMU=ON)")
+        monkeypatch.setenv("FUSEDRNN_BACKEND", "emu")
+    torch.manual_seed(0)
+    theirs = nn.RNN(3, 4, nonlinearity="relu", num_layers=2).double()
+    ours = fusedrnn.RNN(3, 4, nonlinearity="relu", num_layers=2).double()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    x[1, 0, 0] = float("nan")
+    runs = []
+    for module in (theirs, ours):
+        module.zero_grad()
+        xi = x.clone().requires_grad_(grad)
+        with torch.set_grad_enabled(grad):
+            out, h_n = module(xi)
+        grads = []
+        if grad:
+            out.backward(torch.randn(out.shape, dtype=out.dtype,
+                                     generator=torch.Generator().manual_seed(1)))
+            grads = [xi.grad] + [p.grad for p in module.parameters()]
+        runs.append([out.detach(), h_n.detach(), *grads])
+    assert runs[0][0].isnan().any() and not runs[0][0].isnan().all()
+    for want, got in zip(*runs):
+        assert torch.equal(got.isnan(), want.isnan())
+        keep = ~want.isnan()
+        assert torch.allclose(got[keep], want[keep], rtol=1e-9, atol=1e-12)
+
+
 # --- module surface -------------------------------------------------------------------------------
 
 SURFACE_CASES = [

@@ -121,7 +121,8 @@ struct Vec<T, 1> {
   friend Vec operator*(Vec a, Vec b) { return Vec(a.v * b.v); }
   friend Vec operator/(Vec a, Vec b) { return Vec(a.v / b.v); }
   friend Vec operator-(Vec a) { return Vec(-a.v); }
-  friend bool operator>(Vec a, Vec b) { return a.v > b.v; }
+  friend bool operator<(Vec a, Vec b) { return a.v < b.v; }
+  friend bool operator<=(Vec a, Vec b) { return a.v <= b.v; }
 };
 
 template <typename T>
@@ -129,7 +130,7 @@ FUSEDRNN_VEC_INLINE Vec<T, 1> act_tanh(Vec<T, 1> x) { return Vec<T, 1>(std::tanh
 template <typename T>
 FUSEDRNN_VEC_INLINE Vec<T, 1> act_sigmoid(Vec<T, 1> x) { return Vec<T, 1>(T(1) / (T(1) + std::exp(-x.v))); }
 template <typename T>
-FUSEDRNN_VEC_INLINE Vec<T, 1> act_relu(Vec<T, 1> x) { return x.v > T(0) ? x : Vec<T, 1>(T(0)); }
+FUSEDRNN_VEC_INLINE Vec<T, 1> act_relu(Vec<T, 1> x) { return x.v < T(0) ? Vec<T, 1>(T(0)) : x; }
 
 // ---------------------------------------------------------- float: polynomial exp, rational tanh
 // Cephes-style: exp(x) = 2^n * e^r with |r| <= ln2/2 and a degree-6 polynomial for e^r (about
@@ -230,7 +231,7 @@ template <int W>
 FUSEDRNN_VEC_INLINE Vec<float, W> act_relu(Vec<float, W> x) {
   using V = Vec<float, W>;
   const typename V::Raw zero{};
-  return V::of(x.v > zero ? x.v : zero);
+  return V::of(x.v < zero ? zero : x.v);  // NaN and -0 kept, as cell_math.h's act_relu
 }
 
 // ------------------------------------------------------------------ double: libm per lane
@@ -253,7 +254,7 @@ template <int W>
 FUSEDRNN_VEC_INLINE Vec<double, W> act_relu(Vec<double, W> x) {
   using V = Vec<double, W>;
   const typename V::Raw zero{};
-  return V::of(x.v > zero ? x.v : zero);
+  return V::of(x.v < zero ? zero : x.v);  // NaN and -0 kept, as cell_math.h's act_relu
 }
 
 }  // namespace fusedrnn::cpu::FUSEDRNN_CPU_ISA

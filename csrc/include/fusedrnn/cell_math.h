@@ -20,8 +20,9 @@ FUSEDRNN_HOST_DEVICE float act_tanh(float x) { return tanhf(x); }
 FUSEDRNN_HOST_DEVICE double act_tanh(double x) { return tanh(x); }
 FUSEDRNN_HOST_DEVICE float act_sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
 FUSEDRNN_HOST_DEVICE double act_sigmoid(double x) { return 1.0 / (1.0 + exp(-x)); }
+// NaN stays NaN and -0 stays -0, as torch.relu has it (x > 0 ? x : 0 turned a NaN into 0).
 template <typename Acc>
-FUSEDRNN_HOST_DEVICE Acc act_relu(Acc x) { return x > Acc(0) ? x : Acc(0); }
+FUSEDRNN_HOST_DEVICE Acc act_relu(Acc x) { return x < Acc(0) ? Acc(0) : x; }
 
 // ---------------------------------------------------------------- LSTM
 template <typename Acc>
@@ -115,7 +116,9 @@ FUSEDRNN_HOST_DEVICE Acc rnn_forward(CellKind cell, Acc pre) {
 // Gradient w.r.t. the pre-activation, from h' = act(pre) and d_h.
 template <typename Acc>
 FUSEDRNN_HOST_DEVICE Acc rnn_backward(CellKind cell, Acc h_next, Acc d_h) {
-  return cell == CellKind::kRnnRelu ? (h_next > Acc(0) ? d_h : Acc(0))
+  // relu: the gradient passes where h' is not <= 0, a NaN h' included (torch's
+  // threshold_backward).
+  return cell == CellKind::kRnnRelu ? (h_next <= Acc(0) ? Acc(0) : d_h)
                                     : d_h * (Acc(1) - h_next * h_next);
 }
 
