@@ -59,21 +59,21 @@ PYBIND11_MODULE(FUSEDRNN_MODULE_NAME, m) {
   m.def(
       "forward_workspace_bytes",
       [](const std::vector<RecurrenceFwdParams>& dirs) {
-        fusedrnn::validate_forward(dirs, true);
+        fusedrnn::validate_forward(dirs, fusedrnn::kEveryDType);
         return cu::forward_workspace_bytes(dirs);
       },
       py::arg("dirs"), "Workspace bytes forward needs for these directions.");
   m.def(
       "backward_workspace_bytes",
       [](const std::vector<RecurrenceBwdParams>& dirs) {
-        fusedrnn::validate_backward(dirs, true);
+        fusedrnn::validate_backward(dirs, fusedrnn::kEveryDType);
         return cu::backward_workspace_bytes(dirs);
       },
       py::arg("dirs"), "Workspace bytes backward needs for these directions.");
   m.def(
       "forward",
       [](const std::vector<RecurrenceFwdParams>& dirs) {
-        fusedrnn::validate_forward(dirs, true);
+        fusedrnn::validate_forward(dirs, fusedrnn::kEveryDType);
         py::gil_scoped_release release;
         cu::forward(dirs);
       },
@@ -81,14 +81,14 @@ PYBIND11_MODULE(FUSEDRNN_MODULE_NAME, m) {
   m.def(
       "backward",
       [](const std::vector<RecurrenceBwdParams>& dirs) {
-        fusedrnn::validate_backward(dirs, true);
+        fusedrnn::validate_backward(dirs, fusedrnn::kEveryDType);
         py::gil_scoped_release release;
         cu::backward(dirs);
       },
       py::arg("dirs"), "Runs the backward recurrence of one layer (1 or 2 directions).");
 
   fusedrnn::bind_prepared_forward(
-      m, [](const auto& dirs) { fusedrnn::validate_forward(dirs, true); },
+      m, [](const auto& dirs) { fusedrnn::validate_forward(dirs, fusedrnn::kEveryDType); },
       [](const auto& dirs) { return cu::forward_workspace_bytes(dirs); },
       [](const auto& dirs) { cu::forward(dirs); });
 
@@ -116,14 +116,14 @@ PYBIND11_MODULE(FUSEDRNN_MODULE_NAME, m) {
   m.def(
       "_launch_plan",
       [](const std::vector<RecurrenceFwdParams>& dirs) {
-        fusedrnn::validate_forward(dirs, true);
+        fusedrnn::validate_forward(dirs, fusedrnn::kEveryDType);
         return plan_to_dict(cu::plan_forward(dirs));
       },
       py::arg("dirs"), "The grid and shared-memory plan forward would launch.");
   m.def(
       "_launch_plan_backward",
       [](const std::vector<RecurrenceBwdParams>& dirs) {
-        fusedrnn::validate_backward(dirs, true);
+        fusedrnn::validate_backward(dirs, fusedrnn::kEveryDType);
         return plan_to_dict(cu::plan_backward(dirs));
       },
       py::arg("dirs"), "The grid and shared-memory plan backward would launch.");

@@ -28,6 +28,16 @@ namespace fusedrnn {
 
 namespace py = pybind11;
 
+// The dtypes an entry point runs besides float32 and float64: CUDA runs both half types; the CPU
+// forward runs bfloat16 tensors (widened to float inside, storage.h), its backward neither.
+struct DTypeSupport {
+  bool float16;
+  bool bfloat16;
+};
+inline constexpr DTypeSupport kFloatOnly{false, false};
+inline constexpr DTypeSupport kEveryDType{true, true};
+inline constexpr DTypeSupport kFloatAndBFloat16{false, true};
+
 namespace binding_detail {
 
 using SeqTuple = std::tuple<uintptr_t, int64_t, int64_t>;
@@ -134,19 +144,20 @@ inline void check_seq_strides(const SeqTensor& s, const std::string& where, cons
   }
 }
 
-inline void check_shape(const RecurrenceShape& p, const std::string& where, bool half_supported) {
+inline void check_shape(const RecurrenceShape& p, const std::string& where, DTypeSupport dtypes) {
   const auto cell = static_cast<int32_t>(p.cell);
   if (cell < 0 || cell > 3) {
     fail(where, "cell must be 0 (lstm), 1 (gru), 2 (rnn_tanh) or 3 (rnn_relu), got " +
                     std::to_string(cell));
   }
   const auto dtype = static_cast<int32_t>(p.dtype);
-  const int32_t max_dtype = half_supported ? 3 : 1;
-  if (dtype < 0 || dtype > max_dtype) {
-    fail(where, std::string("dtype must be ") +
-                    (half_supported ? "0 (float32), 1 (float64), 2 (float16) or 3 (bfloat16)"
-                                    : "0 (float32) or 1 (float64) on this backend") +
-                    ", got " + std::to_string(dtype));
+  const bool supported = dtype == 0 || dtype == 1 || (dtype == 2 && dtypes.float16) ||
+                         (dtype == 3 && dtypes.bfloat16);
+  if (!supported) {
+    fail(where, std::string("dtype must be 0 (float32), 1 (float64)") +
+                    (dtypes.float16 ? ", 2 (float16)" : "") +
+                    (dtypes.bfloat16 ? ", 3 (bfloat16)" : "") + " here, got " +
+                    std::to_string(dtype));
   }
   auto positive = [&](int64_t v, const char* field) {
     if (v < 1) fail(where, std::string(field) + " must be >= 1, got " + std::to_string(v));
@@ -311,14 +322,14 @@ inline void bind_params(py::module_& m) {
 }
 
 // Throws std::invalid_argument (Python: ValueError) naming the direction and the field.
-// half_supported: whether the backend runs float16/bfloat16 (CUDA) or only float32/float64.
-inline void validate_forward(const std::vector<RecurrenceFwdParams>& dirs, bool half_supported) {
+// dtypes: what the backend's entry point runs besides float32/float64.
+inline void validate_forward(const std::vector<RecurrenceFwdParams>& dirs, DTypeSupport dtypes) {
   using namespace binding_detail;
   check_directions_agree(dirs, "forward");
   for (size_t d = 0; d < dirs.size(); ++d) {
     const auto& p = dirs[d];
     const std::string where = direction_name(d);
-    check_shape(p, where, half_supported);
+    check_shape(p, where, dtypes);
     const bool lstm = p.cell == CellKind::kLstm;
     const bool projected = lstm && p.state != p.hidden;
     require_pointer(p.xproj.data, where, "xproj", "the [T, B, G*H] input projection");
@@ -350,13 +361,13 @@ inline void validate_forward(const std::vector<RecurrenceFwdParams>& dirs, bool 
   }
 }
 
-inline void validate_backward(const std::vector<RecurrenceBwdParams>& dirs, bool half_supported) {
+inline void validate_backward(const std::vector<RecurrenceBwdParams>& dirs, DTypeSupport dtypes) {
   using namespace binding_detail;
   check_directions_agree(dirs, "backward");
   for (size_t d = 0; d < dirs.size(); ++d) {
     const auto& p = dirs[d];
     const std::string where = direction_name(d);
-    check_shape(p, where, half_supported);
+    check_shape(p, where, dtypes);
     const bool lstm = p.cell == CellKind::kLstm;
     const bool projected = lstm && p.state != p.hidden;
     require_pointer(p.w_hh, where, "w_hh", "the [G*H, P] recurrent weight");

@@ -127,14 +127,14 @@ void cell_step_backward_rows(const CellStepBwdParams& p, int64_t row_begin, int6
   }
 }
 
-template <typename T, CellKind C>
+template <typename T, CellKind C, typename S>
 struct CellStepFwdRun {
   static int call(const CellStepFwdParams& p, int64_t row_begin, int64_t row_end) {
     cell_step_forward_rows<T, C>(p, row_begin, row_end);
     return 0;
   }
 };
-template <typename T, CellKind C>
+template <typename T, CellKind C, typename S>
 struct CellStepBwdRun {
   static int call(const CellStepBwdParams& p, int64_t row_begin, int64_t row_end) {
     cell_step_backward_rows<T, C>(p, row_begin, row_end);
@@ -143,10 +143,10 @@ struct CellStepBwdRun {
 };
 
 void cell_step_forward(const CellStepFwdParams& p, int64_t row_begin, int64_t row_end) {
-  dispatch_cell_dtype<CellStepFwdRun>(p, row_begin, row_end);
+  dispatch_cell_dtype<CellStepFwdRun, false>(p, row_begin, row_end);
 }
 void cell_step_backward(const CellStepBwdParams& p, int64_t row_begin, int64_t row_end) {
-  dispatch_cell_dtype<CellStepBwdRun>(p, row_begin, row_end);
+  dispatch_cell_dtype<CellStepBwdRun, false>(p, row_begin, row_end);
 }
 
 }  // namespace fusedrnn::cpu::FUSEDRNN_CPU_ISA

@@ -200,8 +200,10 @@ bool splits_rows(const Params& p, int threads, const TestKnobs& knobs) {
   const int64_t min_rows = std::is_same_v<Params, RecurrenceBwdParams>
                                ? kMinRowsPerThreadForRowGroupsBackward
                                : kMinRowsPerThreadForRowGroupsForward;
+  // Each group packs its copy in the compute type (float for bfloat16 tensors).
+  const int64_t packed_bytes = p.dtype == DType::kFloat64 ? 8 : 4;
   return p.batch >= min_rows * threads &&
-         weights * dtype_bytes(p.dtype) <= max_weight_bytes_for_row_groups();
+         weights * packed_bytes <= max_weight_bytes_for_row_groups();
 }
 
 // Thread `rank` of `threads` row groups: its rows [b0, b1) as a problem of its own, with its

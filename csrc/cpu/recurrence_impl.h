@@ -41,6 +41,7 @@
 #include "fusedrnn/params.h"
 #include "recurrence_isa.h"
 #include "simd_vec.h"
+#include "storage.h"
 #include "thread_team.h"
 
 namespace fusedrnn::cpu::FUSEDRNN_CPU_ISA {
@@ -89,19 +90,19 @@ inline T* row_of(const SeqTensor& seq, int64_t t, int64_t b) {
 // One row of the gates saved for backward (params.h, saved_gate_count): gate k of unit u at
 // row[k * H + u], LSTM i, f, g, o and GRU r, z, n, h_n. The recurrence and the cell step
 // (cell_step_impl.h) write and read them only through these, W units (n valid) at u.
-template <typename T, typename V>
-inline void store_saved_gates(const LstmGates<V>& gate, T* row, int64_t H, int64_t u, int n) {
-  gate.i.store_partial(row + u, n);
-  gate.f.store_partial(row + H + u, n);
-  gate.g.store_partial(row + 2 * H + u, n);
-  gate.o.store_partial(row + 3 * H + u, n);
+template <typename S, typename V>
+inline void store_saved_gates(const LstmGates<V>& gate, S* row, int64_t H, int64_t u, int n) {
+  store_as(row + u, gate.i, n);
+  store_as(row + H + u, gate.f, n);
+  store_as(row + 2 * H + u, gate.g, n);
+  store_as(row + 3 * H + u, gate.o, n);
 }
-template <typename T, typename V>
-inline void store_saved_gates(const GruGates<V>& gate, T* row, int64_t H, int64_t u, int n) {
-  gate.r.store_partial(row + u, n);
-  gate.z.store_partial(row + H + u, n);
-  gate.n.store_partial(row + 2 * H + u, n);
-  gate.h_n.store_partial(row + 3 * H + u, n);
+template <typename S, typename V>
+inline void store_saved_gates(const GruGates<V>& gate, S* row, int64_t H, int64_t u, int n) {
+  store_as(row + u, gate.r, n);
+  store_as(row + H + u, gate.z, n);
+  store_as(row + 2 * H + u, gate.n, n);
+  store_as(row + 3 * H + u, gate.h_n, n);
 }
 template <typename V, typename T>
 inline LstmGates<V> load_saved_lstm_gates(const T* row, int64_t H, int64_t u, int n) {
@@ -122,9 +123,10 @@ inline GruGates<V> load_saved_gru_gates(const T* row, int64_t H, int64_t u, int 
 // dest[((panel * K + k) * NV + v) * W + w] = src[col * stride_col + k * stride_k], where
 // col = col_of(panel, v, w), or 0 where col_of returns -1 (padding past the last unit/column).
 // Two loop orders, so that the source is always read with unit stride: along k when the source
-// rows are contiguous in k (forward W_hh, W_hr^T), along the columns otherwise.
-template <typename T, int NV, typename ColOf>
-void pack_panels(T* dest, const T* src, int64_t K, int64_t stride_col, int64_t stride_k,
+// rows are contiguous in k (forward W_hh, W_hr^T), along the columns otherwise. The source may
+// be of a storage type (storage.h): the panels are always in the compute type T.
+template <typename T, int NV, typename S, typename ColOf>
+void pack_panels(T* dest, const S* src, int64_t K, int64_t stride_col, int64_t stride_k,
                  int64_t panel_begin, int64_t panel_end, ColOf col_of) {
   constexpr int W = kWidth<T>;
   constexpr int NW = NV * W;
@@ -149,28 +151,30 @@ void pack_panels(T* dest, const T* src, int64_t K, int64_t stride_col, int64_t s
       } else if (consecutive && stride_col == 1) {
         // Columns contiguous in the source: one (partial) vector copy per k.
         for (int64_t k = 0; k < K; ++k) {
-          V::load_partial(src + base + k * stride_k, valid).store(o + k * NW);
+          load_as<V>(src + base + k * stride_k, valid).store(o + k * NW);
         }
       } else if (consecutive && stride_k == 1) {
         // Columns are source rows, contiguous along k: transpose W x W tiles in registers.
-        const T* in = src + base * stride_col;
+        const S* in = src + base * stride_col;
         int64_t k = 0;
         for (; k + W <= K; k += W) {
           V tile[W];
           for (int w = 0; w < W; ++w) {
-            tile[w] = w < valid ? V::load(in + w * stride_col + k) : V::zero();
+            tile[w] = w < valid ? load_as<V>(in + w * stride_col + k) : V::zero();
           }
           transpose<T, W>(tile);
           for (int i = 0; i < W; ++i) tile[i].store(o + (k + i) * NW);
         }
         for (; k < K; ++k) {
-          for (int w = 0; w < W; ++w) o[k * NW + w] = w < valid ? in[w * stride_col + k] : T(0);
+          for (int w = 0; w < W; ++w) {
+            o[k * NW + w] = w < valid ? to_compute<T>(in[w * stride_col + k]) : T(0);
+          }
         }
       } else {
         for (int64_t k = 0; k < K; ++k) {
           for (int w = 0; w < W; ++w) {
             const int64_t col = col_of(pan, v, w);
-            o[k * NW + w] = col >= 0 ? src[col * stride_col + k * stride_k] : T(0);
+            o[k * NW + w] = col >= 0 ? to_compute<T>(src[col * stride_col + k * stride_k]) : T(0);
           }
         }
       }
@@ -370,13 +374,17 @@ constexpr int64_t kInPlaceMaxBatch = 2;
 // A W_hh of 512 KB or more (LSTM H >= 256 fp32) does not stay in the L1/L2 of the threads
 // between steps, the product streams it either way and the in-place one was no slower per step
 // (LSTM H=256 T=100: 553 against 612 us; H=512: 3.2 against 3.6 ms), so at B=1 it is taken
-// at any length.
+// at any length. Not so for bfloat16 weights (widened): there the in-place product widens every
+// weight at every step, which doubled its time (LSTM H=256 B=1 T=100: 1245 against 580 us for
+// float), and they are packed, widened once per call.
 template <typename T>
-bool forward_in_place(int64_t seq_len, int64_t batch, int64_t rows, int64_t depth) {
+bool forward_in_place(int64_t seq_len, int64_t batch, int64_t rows, int64_t depth,
+                      bool widened_weights) {
   constexpr int W = kWidth<T>;
   constexpr int log2w = W >= 16 ? 4 : W >= 8 ? 3 : W >= 4 ? 2 : 1;
   if (batch > kInPlaceMaxBatch) return false;
-  if (batch == 1 && rows * depth * static_cast<int64_t>(sizeof(T)) >= (int64_t(512) << 10)) {
+  if (batch == 1 && !widened_weights &&
+      rows * depth * static_cast<int64_t>(sizeof(T)) >= (int64_t(512) << 10)) {
     return true;
   }
   return seq_len * batch * 2 * W <= depth * log2w;
@@ -416,6 +424,17 @@ FUSEDRNN_VEC_INLINE Vec<T, W> load_first(const T* p, int n) {
   return V::load_partial(p, n);
 }
 
+// load_first for a weight row of any storage type (a bfloat16 row is widened, load_as reading
+// exactly n elements).
+template <typename T, int W, typename S>
+FUSEDRNN_VEC_INLINE Vec<T, W> load_first_as(const S* p, int n) {
+  if constexpr (std::is_same_v<S, T>) {
+    return load_first<T, W>(p, n);
+  } else {
+    return load_as<Vec<T, W>>(p, n);
+  }
+}
+
 template <typename T>
 struct InPlaceDots {
   static constexpr int W = kWidth<T>;
@@ -445,10 +464,10 @@ struct InPlaceDots {
 
   // Lane w = rows[w] . h over k in [0, K), for rows[w] = first + min(w, n - 1) * ld: the rows
   // past the last unit (n < W, the tail of H) repeat the last one, and their lanes are never
-  // published.
-  template <bool kFull>
-  static FUSEDRNN_VEC_INLINE V dots(const T* first, int64_t ld, int n, const T* h, int64_t K) {
-    const T* row[W];
+  // published. The rows may be of a storage type (storage.h), h is in T.
+  template <bool kFull, typename S>
+  static FUSEDRNN_VEC_INLINE V dots(const S* first, int64_t ld, int n, const T* h, int64_t K) {
+    const S* row[W];
 #pragma GCC unroll 16
     for (int w = 0; w < W; ++w) row[w] = first + (kFull ? w : imin(w, n - 1)) * ld;
     V acc[kSets][W];
@@ -463,14 +482,16 @@ struct InPlaceDots {
       for (int j = 0; j < kSets; ++j) {
         const V hv = V::load(h + k + j * W);
 #pragma GCC unroll 16
-        for (int w = 0; w < W; ++w) acc[j][w] = V::load(row[w] + k + j * W) * hv + acc[j][w];
+        for (int w = 0; w < W; ++w) acc[j][w] = load_as<V>(row[w] + k + j * W) * hv + acc[j][w];
       }
     }
     for (; k < K; k += W) {
       const int left = static_cast<int>(imin(W, K - k));
       const V hv = load_first<T, W>(h + k, left);
 #pragma GCC unroll 16
-      for (int w = 0; w < W; ++w) acc[0][w] = load_first<T, W>(row[w] + k, left) * hv + acc[0][w];
+      for (int w = 0; w < W; ++w) {
+        acc[0][w] = load_first_as<T, W>(row[w] + k, left) * hv + acc[0][w];
+      }
     }
 #pragma GCC unroll 8
     for (int j = 1; j < kSets; ++j) {
@@ -486,8 +507,8 @@ struct InPlaceDots {
   // layout over W_hh (N = H), or plain columns over W_hr (G = 1, UV = NV, N = P). The
   // epilogue's operands are prefetched (prefetch(panel, 0, rows)) before the products, which
   // hide their misses. reversed: the serpentine order of PanelGemm::run.
-  template <int NV, int UV, typename Epi, typename Prefetch>
-  static void run(const T* h, int64_t ldh, int64_t rows, int64_t K, const T* w, const T* bias,
+  template <int NV, int UV, typename S, typename Epi, typename Prefetch>
+  static void run(const T* h, int64_t ldh, int64_t rows, int64_t K, const S* w, const S* bias,
                   int64_t N, int64_t panel_begin, int64_t panel_end, Epi&& epi,
                   Prefetch&& prefetch, bool reversed) {
     V acc[kInPlaceMaxBatch][NV];
@@ -506,7 +527,7 @@ struct InPlaceDots {
           const T* hb = h + b * ldh;
           acc[b][v] = n == W ? dots<true>(w + row0 * K, K, n, hb, K)
                              : dots<false>(w + row0 * K, K, n, hb, K);
-          if (bias) acc[b][v] += V::load_partial(bias + row0, n);
+          if (bias) acc[b][v] += load_as<V>(bias + row0, n);
         }
       }
       epi(pan, 0, static_cast<int>(rows), acc);
@@ -585,8 +606,9 @@ struct FwdLayout {
   explicit FwdLayout(const RecurrenceFwdParams& p) {
     const int64_t H = p.hidden, P = p.state, B = p.batch;
     const bool projected = C == CellKind::kLstm && P != H;
-    in_place = forward_in_place<T>(p.seq_len, B, gate_count(C) * H, P);
-    proj_in_place = projected && forward_in_place<T>(p.seq_len, B, P, H);
+    const bool widened = p.dtype == DType::kBFloat16;
+    in_place = forward_in_place<T>(p.seq_len, B, gate_count(C) * H, P, widened);
+    proj_in_place = projected && forward_in_place<T>(p.seq_len, B, P, H, widened);
     units_per_panel = UV * W;
     panels = ceil_div(H, units_per_panel);
     proj_panels = projected ? ceil_div(P, kColVecs * W) : 0;
@@ -641,7 +663,8 @@ struct BwdLayout {
 };
 
 // ------------------------------------------------------------------------------ forward
-template <typename T, CellKind C>
+// T: the compute type; S: what the tensors hold (storage.h: T itself, or bfloat16 with T float).
+template <typename T, CellKind C, typename S = T>
 void forward_impl(const RecurrenceFwdParams& p, const Team& team) {
   constexpr int W = kWidth<T>;
   constexpr int G = gate_count(C);
@@ -664,9 +687,9 @@ void forward_impl(const RecurrenceFwdParams& p, const Team& team) {
   T* scratch = reinterpret_cast<T*>(ws + lay.scratch);
   T* proj_scratch = reinterpret_cast<T*>(ws + lay.proj_scratch);
   T* pre = reinterpret_cast<T*>(ws + lay.pre);
-  const T* w_hh = static_cast<const T*>(p.w_hh);
-  const T* b_hh = static_cast<const T*>(p.b_hh);
-  const T* w_hr = static_cast<const T*>(p.w_hr);
+  const S* w_hh = static_cast<const S*>(p.w_hh);
+  const S* b_hh = static_cast<const S*>(p.b_hh);
+  const S* w_hr = static_cast<const S*>(p.w_hr);
 
   // This thread's panels: units [unit_begin, unit_end) and, projected, state columns.
   int64_t pan_begin, pan_end, ppan_begin = 0, ppan_end = 0;
@@ -702,23 +725,23 @@ void forward_impl(const RecurrenceFwdParams& p, const Team& team) {
     std::memset(hbuf[0], 0, sizeof(T) * 2 * B * ld);
     if (p.h0) {
       for (int64_t b = 0; b < B; ++b) {
-        std::memcpy(hbuf[0] + b * ld, static_cast<const T*>(p.h0) + b * P, sizeof(T) * P);
+        convert_row(hbuf[0] + b * ld, static_cast<const S*>(p.h0) + b * P, P);
       }
     }
     if constexpr (C == CellKind::kLstm) {
       std::memset(cbuf, 0, sizeof(T) * B * ld);
       if (p.c0) {
         for (int64_t b = 0; b < B; ++b) {
-          std::memcpy(cbuf + b * ld, static_cast<const T*>(p.c0) + b * H, sizeof(T) * H);
+          convert_row(cbuf + b * ld, static_cast<const S*>(p.c0) + b * H, H);
         }
       }
     }
   }
   team.sync();
 
-  T* gates_data = static_cast<T*>(p.gates.data);
-  T* c_seq_data = static_cast<T*>(p.c_seq.data);
-  T* r_seq_data = static_cast<T*>(p.r_seq.data);
+  S* gates_data = static_cast<S*>(p.gates.data);
+  S* c_seq_data = static_cast<S*>(p.c_seq.data);
+  S* r_seq_data = static_cast<S*>(p.r_seq.data);
 
   for (int64_t s = 0; s < seq_len; ++s) {
     const T* h_prev = hbuf[s & 1];
@@ -730,8 +753,8 @@ void forward_impl(const RecurrenceFwdParams& p, const Team& team) {
         const int64_t b = r0 + i;
         if (!steps.active(b, s)) continue;
         const int64_t t = steps.time(b, s);
-        const T* x = row_of<const T>(p.xproj, t, b);
-        T* out = row_of<T>(p.out, t, b);
+        const S* x = row_of<const S>(p.xproj, t, b);
+        S* out = row_of<S>(p.out, t, b);
         for (int uv = 0; uv < UV; ++uv) {
           const int64_t u = pan * upp + uv * W;
           if (u >= H) break;
@@ -739,34 +762,33 @@ void forward_impl(const RecurrenceFwdParams& p, const Team& team) {
           if constexpr (C == CellKind::kLstm) {
             const V c_prev = V::load(cbuf + b * ld + u);
             V c_next, r;
-            const auto gate = lstm_forward(acc[i][0] + V::load_partial(x + u, n),
-                                           acc[i][1] + V::load_partial(x + H + u, n),
-                                           acc[i][2] + V::load_partial(x + 2 * H + u, n),
-                                           acc[i][3] + V::load_partial(x + 3 * H + u, n),
+            const auto gate = lstm_forward(acc[i][0] + load_as<V>(x + u, n),
+                                           acc[i][1] + load_as<V>(x + H + u, n),
+                                           acc[i][2] + load_as<V>(x + 2 * H + u, n),
+                                           acc[i][3] + load_as<V>(x + 3 * H + u, n),
                                            c_prev, c_next, r);
             c_next.store(cbuf + b * ld + u);
             if (projected) {
               r.store(rbuf + b * ld + u);
-              if (r_seq_data) r.store_partial(row_of<T>(p.r_seq, t, b) + u, n);
+              if (r_seq_data) store_as(row_of<S>(p.r_seq, t, b) + u, r, n);
             } else {
               r.store(h_next + b * ld + u);
-              r.store_partial(out + u, n);
+              store_as(out + u, r, n);
             }
-            if (gates_data) store_saved_gates(gate, row_of<T>(p.gates, t, b), H, u, n);
-            if (c_seq_data) c_next.store_partial(row_of<T>(p.c_seq, t, b) + u, n);
+            if (gates_data) store_saved_gates(gate, row_of<S>(p.gates, t, b), H, u, n);
+            if (c_seq_data) store_as(row_of<S>(p.c_seq, t, b) + u, c_next, n);
           } else if constexpr (C == CellKind::kGru) {
             V h;
             const auto gate = gru_forward(
-                V::load_partial(x + u, n), V::load_partial(x + H + u, n),
-                V::load_partial(x + 2 * H + u, n), acc[i][0], acc[i][1], acc[i][2],
-                V::load(h_prev + b * ld + u), h);
+                load_as<V>(x + u, n), load_as<V>(x + H + u, n), load_as<V>(x + 2 * H + u, n),
+                acc[i][0], acc[i][1], acc[i][2], V::load(h_prev + b * ld + u), h);
             h.store(h_next + b * ld + u);
-            h.store_partial(out + u, n);
-            if (gates_data) store_saved_gates(gate, row_of<T>(p.gates, t, b), H, u, n);
+            store_as(out + u, h, n);
+            if (gates_data) store_saved_gates(gate, row_of<S>(p.gates, t, b), H, u, n);
           } else {
-            const V h = rnn_forward(p.cell, acc[i][uv] + V::load_partial(x + u, n));
+            const V h = rnn_forward(p.cell, acc[i][uv] + load_as<V>(x + u, n));
             h.store(h_next + b * ld + u);
-            h.store_partial(out + u, n);
+            store_as(out + u, h, n);
           }
         }
       }
@@ -776,10 +798,10 @@ void forward_impl(const RecurrenceFwdParams& p, const Team& team) {
         const int64_t b = r0 + i;
         if (!steps.active(b, s)) continue;
         const int64_t t = steps.time(b, s);
-        const T* x = row_of<const T>(p.xproj, t, b) + pan * upp;
-        T* gs = gates_data ? row_of<T>(p.gates, t, b) + pan * upp : nullptr;
+        const S* x = row_of<const S>(p.xproj, t, b) + pan * upp;
+        S* gs = gates_data ? row_of<S>(p.gates, t, b) + pan * upp : nullptr;
         for (int g = 0; g < G; ++g) {
-          for (int64_t e = 0; e < upp; e += 64 / static_cast<int64_t>(sizeof(T))) {
+          for (int64_t e = 0; e < upp; e += 64 / static_cast<int64_t>(sizeof(S))) {
             __builtin_prefetch(x + g * H + e, 0, 3);
             if (gs) __builtin_prefetch(gs + g * H + e, 1, 3);
           }
@@ -825,7 +847,7 @@ void forward_impl(const RecurrenceFwdParams& p, const Team& team) {
         if (!projected) {
           std::memcpy(h_next + b * ld + unit_begin, h_prev + b * ld + unit_begin,
                       sizeof(T) * (unit_end - unit_begin));
-          std::memset(row_of<T>(p.out, s, b) + unit_begin, 0, sizeof(T) * (unit_end - unit_begin));
+          zero_row(row_of<S>(p.out, s, b) + unit_begin, unit_end - unit_begin);
         }
       }
     }
@@ -836,18 +858,19 @@ void forward_impl(const RecurrenceFwdParams& p, const Team& team) {
         for (int i = 0; i < m; ++i) {
           const int64_t b = r0 + i;
           if (!steps.active(b, s)) continue;
-          T* out = row_of<T>(p.out, steps.time(b, s), b);
+          S* out = row_of<S>(p.out, steps.time(b, s), b);
           for (int v = 0; v < kColVecs; ++v) {
             const int64_t col = (pan * kColVecs + v) * W;
             if (col >= P) break;
             acc[i][v].store(h_next + b * ld + col);
-            acc[i][v].store_partial(out + col, static_cast<int>(imin(W, P - col)));
+            store_as(out + col, acc[i][v], static_cast<int>(imin(W, P - col)));
           }
         }
       };
       if (lay.proj_in_place) {
         InPlaceDots<T>::template run<kColVecs, kColVecs>(
-            rbuf, ld, rows, H, w_hr, nullptr, P, ppan_begin, ppan_end, proj_epilogue,
+            rbuf, ld, rows, H, w_hr, static_cast<const S*>(nullptr), P, ppan_begin, ppan_end,
+            proj_epilogue,
             [](int64_t, int64_t, int) {}, false);
       } else {
         PanelGemm<T, kColVecs>::run(rbuf, ld, rows, H, wr_pack, nullptr, ppan_begin, ppan_end,
@@ -858,7 +881,7 @@ void forward_impl(const RecurrenceFwdParams& p, const Team& team) {
           if (steps.active(b, s)) continue;
           std::memcpy(h_next + b * ld + col_begin, h_prev + b * ld + col_begin,
                       sizeof(T) * (col_end - col_begin));
-          std::memset(row_of<T>(p.out, s, b) + col_begin, 0, sizeof(T) * (col_end - col_begin));
+          zero_row(row_of<S>(p.out, s, b) + col_begin, col_end - col_begin);
         }
       }
     }
@@ -870,11 +893,11 @@ void forward_impl(const RecurrenceFwdParams& p, const Team& team) {
   const int64_t own_begin = projected ? col_begin : unit_begin;
   const int64_t own_end = projected ? col_end : unit_end;
   for (int64_t b = 0; b < B; ++b) {
-    std::memcpy(static_cast<T*>(p.hn) + b * P + own_begin, h_last + b * ld + own_begin,
-                sizeof(T) * (own_end - own_begin));
+    convert_row(static_cast<S*>(p.hn) + b * P + own_begin, h_last + b * ld + own_begin,
+                own_end - own_begin);
     if constexpr (C == CellKind::kLstm) {
-      std::memcpy(static_cast<T*>(p.cn) + b * H + unit_begin, cbuf + b * ld + unit_begin,
-                  sizeof(T) * (unit_end - unit_begin));
+      convert_row(static_cast<S*>(p.cn) + b * H + unit_begin, cbuf + b * ld + unit_begin,
+                  unit_end - unit_begin);
     }
   }
 }
@@ -1104,50 +1127,59 @@ void backward_impl(const RecurrenceBwdParams& p, const Team& team) {
 }
 
 // ------------------------------------------------------------------------------ entry points
-template <template <typename, CellKind> class Fn, typename Params, typename... Args>
+// Fn<T, C, S>::call for the params' cell and dtype: T the compute type, S the storage type
+// (storage.h). kStored: whether bfloat16 tensors are taken (the forward's), else only float and
+// double (a bfloat16 backward never gets here: the bindings reject it).
+template <template <typename, CellKind, typename> class Fn, bool kStored, typename Params,
+          typename... Args>
 auto dispatch_cell_dtype(const Params& p, Args&&... args) {
-  const bool f64 = p.dtype == DType::kFloat64;
-  switch (p.cell) {
-    case CellKind::kLstm:
-      return f64 ? Fn<double, CellKind::kLstm>::call(p, args...)
-                 : Fn<float, CellKind::kLstm>::call(p, args...);
-    case CellKind::kGru:
-      return f64 ? Fn<double, CellKind::kGru>::call(p, args...)
-                 : Fn<float, CellKind::kGru>::call(p, args...);
-    default:  // tanh and relu share the code; the cell picks the nonlinearity at run time
-      return f64 ? Fn<double, CellKind::kRnnTanh>::call(p, args...)
-                 : Fn<float, CellKind::kRnnTanh>::call(p, args...);
+  auto with_cell = [&](auto compute, auto storage) {
+    using T = decltype(compute);
+    using S = decltype(storage);
+    switch (p.cell) {
+      case CellKind::kLstm:
+        return Fn<T, CellKind::kLstm, S>::call(p, args...);
+      case CellKind::kGru:
+        return Fn<T, CellKind::kGru, S>::call(p, args...);
+      default:  // tanh and relu share the code; the cell picks the nonlinearity at run time
+        return Fn<T, CellKind::kRnnTanh, S>::call(p, args...);
+    }
+  };
+  if (p.dtype == DType::kFloat64) return with_cell(double{}, double{});
+  if constexpr (kStored) {
+    if (p.dtype == DType::kBFloat16) return with_cell(float{}, BFloat16{});
   }
+  return with_cell(float{}, float{});
 }
 
-template <typename T, CellKind C>
+template <typename T, CellKind C, typename S>
 struct FwdBytes {
   static int64_t call(const RecurrenceFwdParams& p) { return FwdLayout<T, C>(p).bytes; }
 };
-template <typename T, CellKind C>
+template <typename T, CellKind C, typename S>
 struct BwdBytes {
   static int64_t call(const RecurrenceBwdParams& p) { return BwdLayout<T, C>(p).bytes; }
 };
-template <typename T, CellKind C>
+template <typename T, CellKind C, typename S>
 struct FwdThreads {
   static int call(const RecurrenceFwdParams& p) {
     return static_cast<int>(FwdLayout<T, C>(p).panels);
   }
 };
-template <typename T, CellKind C>
+template <typename T, CellKind C, typename S>
 struct BwdThreads {
   static int call(const RecurrenceBwdParams& p) {
     return static_cast<int>(BwdLayout<T, C>(p).panels);
   }
 };
-template <typename T, CellKind C>
+template <typename T, CellKind C, typename S>
 struct FwdRun {
   static int call(const RecurrenceFwdParams& p, const Team& team) {
-    forward_impl<T, C>(p, team);
+    forward_impl<T, C, S>(p, team);
     return 0;
   }
 };
-template <typename T, CellKind C>
+template <typename T, CellKind C, typename S>
 struct BwdRun {
   static int call(const RecurrenceBwdParams& p, const Team& team) {
     backward_impl<T, C>(p, team);
@@ -1156,22 +1188,22 @@ struct BwdRun {
 };
 
 int64_t forward_workspace_bytes(const RecurrenceFwdParams& p) {
-  return dispatch_cell_dtype<FwdBytes>(p);
+  return dispatch_cell_dtype<FwdBytes, true>(p);
 }
 int64_t backward_workspace_bytes(const RecurrenceBwdParams& p) {
-  return dispatch_cell_dtype<BwdBytes>(p);
+  return dispatch_cell_dtype<BwdBytes, false>(p);
 }
 int forward_max_threads(const RecurrenceFwdParams& p) {
-  return dispatch_cell_dtype<FwdThreads>(p);
+  return dispatch_cell_dtype<FwdThreads, true>(p);
 }
 int backward_max_threads(const RecurrenceBwdParams& p) {
-  return dispatch_cell_dtype<BwdThreads>(p);
+  return dispatch_cell_dtype<BwdThreads, false>(p);
 }
 void forward_direction(const RecurrenceFwdParams& p, const Team& team) {
-  dispatch_cell_dtype<FwdRun>(p, team);
+  dispatch_cell_dtype<FwdRun, true>(p, team);
 }
 void backward_direction(const RecurrenceBwdParams& p, const Team& team) {
-  dispatch_cell_dtype<BwdRun>(p, team);
+  dispatch_cell_dtype<BwdRun, false>(p, team);
 }
 
 }  // namespace fusedrnn::cpu::FUSEDRNN_CPU_ISA

@@ -153,7 +153,11 @@ class InferencePlan:
             w_hh, b_hh, w_hr = (list(column) for column in zip(*native))
             b_ih = tuple(w[2] for w in lw)
             prepared = _backend.prepare_forward(cell, w_hh, b_hh, w_hr)
-            fold = cell != "gru" and all(b is not None for b in (*b_ih, *b_hh))
+            # bfloat16 weights keep b_ih in the GEMM, as a GRU does: b_ih + b_hh would round
+            # the sum to bfloat16, where the GEMM adds b_ih before its one rounding and the
+            # kernel widens b_hh exactly.
+            fold = (cell != "gru" and w_hh[0].dtype is not torch.bfloat16
+                    and all(b is not None for b in (*b_ih, *b_hh)))
             layers.append(_LayerPlan(tuple(w[0] for w in lw), b_ih, prepared,
                                      tuple(b_hh) if fold else None))
         # Contiguous copies would not follow later writes to the parameters: such a plan is

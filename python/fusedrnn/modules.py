@@ -168,7 +168,8 @@ class RNNBase(nn.Module):
         # is not a plain parameter (torch.nn.utils parametrizations) takes the full path.
         weight = self._parameters.get("weight_ih_l0")
         dtype, device = input.dtype, input.device
-        if (weight is None or dtype is not weight.dtype or dtype not in _NATIVE_DTYPES
+        native = _CPU_INFERENCE_DTYPES if not grad and device.type == "cpu" else _NATIVE_DTYPES
+        if (weight is None or dtype is not weight.dtype or dtype not in native
                 or device != weight.device
                 or input.size(2) != self.input_size
                 or torch.is_autocast_enabled(device.type)):
@@ -532,8 +533,11 @@ class RNN(RNNBase):
         return self._eager_forward(input, hx)
 
 
-# The dtypes every backend runs natively (the CPU upcasts float16/bfloat16: not the fast path).
+# The dtypes every backend runs natively (the CPU upcasts float16: not the fast path).
 _NATIVE_DTYPES = (torch.float32, torch.float64)
+# The CPU forward also takes bfloat16 tensors (widened to float inside the kernel), so a
+# bfloat16 inference call on the CPU takes the inference plan; with gradients it upcasts.
+_CPU_INFERENCE_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
 
 def _layer_states(h0: Optional[Tensor], c0: Optional[Tensor], layer: int, num_dirs: int):
