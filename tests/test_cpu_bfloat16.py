@@ -1,26 +1,28 @@
-"""bfloat16 tensors on the CPU forward (csrc/cpu/storage.h): the kernel widens every bfloat16 it
-reads to float and rounds every float it writes to the nearest bfloat16, and computes in float in
-between. So a bfloat16 call must give exactly the float32 kernel's results on the widened tensors,
-rounded: that is checked bit for bit, per cell, instruction set, layout and feature, with every
-output poisoned with NaN first. Then the modules: a bfloat16 inference call on the CPU runs the
-native forward (no upcast copies) with torch.nn's error bar (DESIGN.md: at most twice torch.nn's
-error in the same precision, against float64); a call that may need gradients still runs in
-float32 (the CPU backward takes float tensors only).
+"""bfloat16 tensors on the CPU recurrence (csrc/cpu/storage.h): the kernels widen every bfloat16
+they read to float, round every float they write to the nearest bfloat16, and compute in float in
+between. So a bfloat16 call must give exactly the float32 kernel's results on the widened
+tensors, rounded: that is checked bit for bit, forward (inference and training) and backward, per
+cell, instruction set, layout and feature, with every output poisoned with NaN first. Then the
+modules: bfloat16 inference and training on the CPU run the native kernels (no upcast copies)
+with torch.nn's error bar (DESIGN.md: at most twice torch.nn's error in the same precision,
+against float64).
 """
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
 
 import fusedrnn
-from _helpers import rel_err
+from _helpers import rel_err, run_backward_layer, run_forward_layer
 from fusedrnn import _backend
 
 GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 NAN = float("nan")
 
 pytestmark = pytest.mark.skipif(
-    _backend.backend_name() != "cpu", reason="the bfloat16 forward is a _cpu feature")
+    _backend.backend_name() != "cpu", reason="bfloat16 tensors in the CPU kernels are a _cpu feature")
 
 
 def _layer(cell, T, B, H, P, D, lengths, states, dtype, seed, batch_first=False):
@@ -47,18 +49,33 @@ def _layer(cell, T, B, H, P, D, lengths, states, dtype, seed, batch_first=False)
     return xproj, w_hh, b_hh, w_hr, h0, c0, lens
 
 
-def _forward(cell, xproj, w_hh, b_hh, w_hr, h0, c0, lens, dtype):
-    """The native forward of the operands cast to `dtype`, outputs NaN-poisoned first."""
+def _forward(cell, xproj, w_hh, b_hh, w_hr, h0, c0, lens, dtype, training=False):
+    """The native forward of the operands cast to `dtype` (_helpers.run_forward_layer: outputs
+    NaN-poisoned first)."""
     cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
-    T, B = xproj.shape[0], xproj.shape[1]
-    D, P, H = len(w_hh), w_hh[0].shape[1], w_hh[0].shape[0] // GATES[cell]
-    out = torch.full((T, B, D * P), NAN, dtype=dtype)
-    hn = torch.full((D, B, P), NAN, dtype=dtype)
-    cn = torch.full((D, B, H), NAN, dtype=dtype) if cell == "lstm" else None
-    _backend.forward_layer(cell, cast(xproj), [cast(w) for w in w_hh], [cast(b) for b in b_hh],
-                           [cast(w) for w in w_hr], cast(h0), cast(c0), out, hn, cn,
-                           None, None, None, lens)
-    return out, hn, cn
+    return run_forward_layer(cell, cast(xproj), [cast(w) for w in w_hh], [cast(b) for b in b_hh],
+                             [cast(w) for w in w_hr], cast(h0), cast(c0), lens, training=training)
+
+
+def _widened(run):
+    """The same layer run with every tensor widened to float32 (exact), for the float kernel."""
+    wide = lambda t: None if t is None or not t.is_floating_point() else t.float()  # noqa: E731
+    return dataclasses.replace(
+        run, **{f.name: (wide(getattr(run, f.name)) if f.name not in ("w_hh", "b_hh", "w_hr")
+                         else [wide(t) for t in getattr(run, f.name)])
+                for f in dataclasses.fields(run) if f.name not in ("cell", "lengths")})
+
+
+def _assert_rounded(name, got, want):
+    """got (bfloat16) is want (float32) rounded, NaN (an element the kernel leaves, such as a
+    padded step's saved gates) where want has NaN."""
+    if want is None:
+        assert got is None
+        return
+    assert got.dtype == torch.bfloat16, name
+    assert torch.equal(got.isnan(), want.isnan()), f"{name}: NaN where the float kernel has none"
+    keep = ~want.isnan()
+    assert torch.equal(got[keep], want.to(torch.bfloat16)[keep]), f"{name} differs"
 
 
 CASES = [
@@ -87,20 +104,33 @@ def _case_id(case):
 
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
 @pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
-def test_bfloat16_forward_is_the_float_kernel_rounded(case, isa, monkeypatch):
+def test_bfloat16_layer_is_the_float_kernel_rounded(case, isa, monkeypatch):
+    """Inference and training forward, then the backward of the training run, each against the
+    float kernel on the same values widened."""
     monkeypatch.setenv("FUSEDRNN_CPU_ISA", isa)  # lowered to what the machine has
     cell, T, B, H, P, D, lengths, states = case
     for batch_first in (False, True):
         operands = _layer(cell, T, B, H, P, D, lengths, states, torch.bfloat16, seed=T * B + H,
                           batch_first=batch_first)
-        ours = _forward(cell, *operands, torch.bfloat16)
-        wide = _forward(cell, *operands, torch.float32)  # the same values, widened exactly
-        for name, got, want in zip(("out", "hn", "cn"), ours, wide):
-            if want is None:
-                continue
-            assert got.dtype == torch.bfloat16
-            assert not torch.isnan(got).any(), f"{name}: unwritten elements"
-            assert torch.equal(got, want.to(torch.bfloat16)), f"{name} differs"
+        for training in (False, True):
+            ours = _forward(cell, *operands, torch.bfloat16, training)
+            wide = _forward(cell, *operands, torch.float32, training)
+            for name in ("out", "hn", "cn", "gates", "c_seq", "r_seq"):
+                _assert_rounded(name, getattr(ours, name), getattr(wide, name))
+            if lengths:  # padded output rows are zeros, the rest written
+                assert not ours.out.isnan().any()
+        g = torch.Generator().manual_seed(H)
+        d_out = torch.randn(ours.out.shape, generator=g).bfloat16()
+        d_hn = torch.randn(ours.hn.shape, generator=g).bfloat16()
+        d_cn = torch.randn(ours.cn.shape, generator=g).bfloat16() if cell == "lstm" else None
+        grads = run_backward_layer(ours, d_out, d_hn, d_cn)
+        wide_grads = run_backward_layer(_widened(ours), d_out.float(), d_hn.float(),
+                                        d_cn.float() if d_cn is not None else None)
+        for field in dataclasses.fields(grads):
+            _assert_rounded(field.name, getattr(grads, field.name),
+                            getattr(wide_grads, field.name))
+            if getattr(grads, field.name) is not None:
+                assert not getattr(grads, field.name).isnan().any(), field.name
 
 
 def test_bfloat16_stores_round_like_torch():
@@ -116,21 +146,13 @@ def test_bfloat16_stores_round_like_torch():
     for cell, fn in (("rnn_relu", torch.relu), ("rnn_tanh", torch.tanh)):
         xproj = x.view(1, 1, H)
         w_hh = [torch.zeros(H, H, dtype=torch.bfloat16)]
-        out, hn, _ = _forward(cell, xproj, w_hh, [b], [None], None, None, None, torch.bfloat16)
+        run = _forward(cell, xproj, w_hh, [b], [None], None, None, None, torch.bfloat16)
+        out, hn = run.out, run.hn
         expected = fn(x.float() + b.float()).bfloat16()
         assert torch.equal(out.view(-1).isnan(), expected.isnan())
         keep = ~expected.isnan()
         assert torch.equal(out.view(-1)[keep], expected[keep]), cell
         assert torch.equal(hn.view(-1)[keep], expected[keep])
-
-
-def test_cpu_backward_refuses_bfloat16():
-    w = torch.randn(2, 2).bfloat16()
-    out = torch.randn(3, 2, 2).bfloat16()
-    with pytest.raises(ValueError, match=r"dtype must be 0 \(float32\), 1 \(float64\) here, got 3"):
-        _backend.backward_layer("rnn_tanh", [w], [None], [None], None, None, out, None, None,
-                                out, None, None, torch.empty(3, 2, 2).bfloat16(), None, None,
-                                torch.empty(1, 2, 2).bfloat16(), None, None)
 
 
 def test_cpu_forward_refuses_float16():
@@ -201,16 +223,50 @@ def _to(x, dtype):
     return x.to(dtype)
 
 
-def test_bfloat16_with_gradients_still_upcasts(monkeypatch):
-    """A call that may need gradients runs in float32: the CPU backward takes no bfloat16."""
+TRAINING_CASES = [
+    ("LSTM", dict(num_layers=2, bidirectional=True), 9, 3),
+    ("LSTM", dict(proj_size=5), 9, 3),
+    ("LSTM", dict(), 9, 40),
+    ("GRU", dict(bidirectional=True), 9, 3),
+    ("RNN", dict(num_layers=2), 9, 3),
+]
+
+
+@pytest.mark.parametrize("name, kwargs, T, B", TRAINING_CASES,
+                         ids=["lstm-L2-bidir", "lstm-proj", "lstm-B40", "gru-bidir", "rnn-L2"])
+def test_bfloat16_training_runs_native_within_torch_error(name, kwargs, T, B, monkeypatch):
+    """Forward and backward in bfloat16 on the native kernels: the output and every gradient
+    (input, states, each parameter) within twice torch.nn's bfloat16 error against float64."""
     torch.manual_seed(0)
-    ours = fusedrnn.GRU(4, 6).bfloat16()
+    exact = getattr(torch.nn, name)(6, 12, **kwargs).double()
+    theirs = getattr(torch.nn, name)(6, 12, **kwargs).bfloat16()
+    ours = getattr(fusedrnn, name)(6, 12, **kwargs).bfloat16()
+    theirs.load_state_dict(exact.state_dict())
+    ours.load_state_dict(exact.state_dict())
+    exact.load_state_dict(ours.state_dict())
+    x = torch.randn(T, B, 6).bfloat16()
+    num_states = (2 if kwargs.get("bidirectional") else 1) * kwargs.get("num_layers", 1)
+    h0 = torch.randn(num_states, B, kwargs.get("proj_size") or 12).bfloat16()
+    c0 = torch.randn(num_states, B, 12).bfloat16()
     seen = []
-    forward = _backend.forward_layer
-    monkeypatch.setattr(_backend, "forward_layer",
-                        lambda cell, xproj, *a: (seen.append(xproj.dtype),
-                                                 forward(cell, xproj, *a))[1])
-    out, _ = ours(torch.randn(5, 2, 4).bfloat16())
-    out.float().sum().backward()
-    assert seen == [torch.float32] and out.dtype == torch.bfloat16
-    assert ours.weight_hh_l0.grad.dtype == torch.bfloat16
+    for entry in ("forward_layer", "backward_layer"):
+        native = getattr(_backend, entry)
+        monkeypatch.setattr(_backend, entry, lambda cell, first, *a, native=native: (
+            seen.append(first[0].dtype if isinstance(first, list) else first.dtype),
+            native(cell, first, *a))[1])
+    runs = []
+    for module in (exact, ours, theirs):
+        dtype = torch.float64 if module is exact else torch.bfloat16
+        leaves = [t.to(dtype).clone().requires_grad_()  # each module its own leaves
+                  for t in ((x, h0, c0) if name == "LSTM" else (x, h0))]
+        hx = tuple(leaves[1:]) if name == "LSTM" else leaves[1]
+        out, state = module(leaves[0], hx)
+        weight = torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view_as(out)
+        (out.double() * weight).sum().backward()
+        runs.append([out.detach()] + [t.grad for t in leaves] +
+                    [p.grad for p in module.parameters()])
+    assert set(seen) == {torch.bfloat16} and len(seen) >= 2, "native bfloat16 forward and backward"
+    reference, got, torch_got = runs
+    for index, (want, mine, theirs_) in enumerate(zip(reference, got, torch_got)):
+        assert mine.dtype == torch.bfloat16
+        assert rel_err(mine, want) <= max(2 * rel_err(theirs_, want), 1e-2), index

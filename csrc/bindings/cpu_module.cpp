@@ -39,7 +39,7 @@ PYBIND11_MODULE(_cpu, m) {
   m.def(
       "backward",
       [](const std::vector<fusedrnn::RecurrenceBwdParams>& dirs) {
-        fusedrnn::validate_backward(dirs, fusedrnn::kFloatOnly);
+        fusedrnn::validate_backward(dirs, fusedrnn::kFloatAndBFloat16);
         py::gil_scoped_release release;
         fusedrnn::cpu::backward(dirs);
       },
@@ -54,7 +54,7 @@ PYBIND11_MODULE(_cpu, m) {
   m.def(
       "backward_workspace_bytes",
       [](const std::vector<fusedrnn::RecurrenceBwdParams>& dirs) {
-        fusedrnn::validate_backward(dirs, fusedrnn::kFloatOnly);
+        fusedrnn::validate_backward(dirs, fusedrnn::kFloatAndBFloat16);
         return fusedrnn::cpu::backward_workspace_bytes(dirs);
       },
       py::arg("directions"));

@@ -29,12 +29,11 @@ namespace fusedrnn {
 namespace py = pybind11;
 
 // The dtypes an entry point runs besides float32 and float64: CUDA runs both half types; the CPU
-// forward runs bfloat16 tensors (widened to float inside, storage.h), its backward neither.
+// recurrence runs bfloat16 tensors (widened to float inside, csrc/cpu/storage.h).
 struct DTypeSupport {
   bool float16;
   bool bfloat16;
 };
-inline constexpr DTypeSupport kFloatOnly{false, false};
 inline constexpr DTypeSupport kEveryDType{true, true};
 inline constexpr DTypeSupport kFloatAndBFloat16{false, true};
 

@@ -104,18 +104,18 @@ inline void store_saved_gates(const GruGates<V>& gate, S* row, int64_t H, int64_
   store_as(row + 2 * H + u, gate.n, n);
   store_as(row + 3 * H + u, gate.h_n, n);
 }
-template <typename V, typename T>
-inline LstmGates<V> load_saved_lstm_gates(const T* row, int64_t H, int64_t u, int n) {
-  return {V::load_partial(row + u, n), V::load_partial(row + H + u, n),
-          V::load_partial(row + 2 * H + u, n), V::load_partial(row + 3 * H + u, n)};
+template <typename V, typename S>
+inline LstmGates<V> load_saved_lstm_gates(const S* row, int64_t H, int64_t u, int n) {
+  return {load_as<V>(row + u, n), load_as<V>(row + H + u, n), load_as<V>(row + 2 * H + u, n),
+          load_as<V>(row + 3 * H + u, n)};
 }
-template <typename V, typename T>
-inline GruGates<V> load_saved_gru_gates(const T* row, int64_t H, int64_t u, int n) {
+template <typename V, typename S>
+inline GruGates<V> load_saved_gru_gates(const S* row, int64_t H, int64_t u, int n) {
   GruGates<V> gate;
-  gate.r = V::load_partial(row + u, n);
-  gate.z = V::load_partial(row + H + u, n);
-  gate.n = V::load_partial(row + 2 * H + u, n);
-  gate.h_n = V::load_partial(row + 3 * H + u, n);
+  gate.r = load_as<V>(row + u, n);
+  gate.z = load_as<V>(row + H + u, n);
+  gate.n = load_as<V>(row + 2 * H + u, n);
+  gate.h_n = load_as<V>(row + 3 * H + u, n);
   return gate;
 }
 
@@ -903,7 +903,8 @@ void forward_impl(const RecurrenceFwdParams& p, const Team& team) {
 }
 
 // ------------------------------------------------------------------------------ backward
-template <typename T, CellKind C>
+// T, S: as forward_impl's (the carried d_h, d_c and d_pre stay in T).
+template <typename T, CellKind C, typename S = T>
 void backward_impl(const RecurrenceBwdParams& p, const Team& team) {
   constexpr int W = kWidth<T>;
   constexpr int G = gate_count(C);
@@ -927,8 +928,8 @@ void backward_impl(const RecurrenceBwdParams& p, const Team& team) {
   T* dht = reinterpret_cast<T*>(ws + lay.dht);
   T* scratch = reinterpret_cast<T*>(ws + lay.scratch);
   T* proj_scratch = reinterpret_cast<T*>(ws + lay.proj_scratch);
-  const T* w_hh = static_cast<const T*>(p.w_hh);
-  const T* w_hr = static_cast<const T*>(p.w_hr);
+  const S* w_hh = static_cast<const S*>(p.w_hh);
+  const S* w_hr = static_cast<const S*>(p.w_hr);
 
   // Panels over state columns (the product d_pre W_hh); without projection also the units of
   // the pointwise part. Projected: units come from the panels over H of the d_h W_hr product.
@@ -958,14 +959,14 @@ void backward_impl(const RecurrenceBwdParams& p, const Team& team) {
     std::memset(dh_state, 0, sizeof(T) * B * ld);
     if (p.d_hn) {
       for (int64_t b = 0; b < B; ++b) {
-        std::memcpy(dh_state + b * ld, static_cast<const T*>(p.d_hn) + b * P, sizeof(T) * P);
+        convert_row(dh_state + b * ld, static_cast<const S*>(p.d_hn) + b * P, P);
       }
     }
     if constexpr (C == CellKind::kLstm) {
       std::memset(dc_state, 0, sizeof(T) * B * ld);
       if (p.d_cn) {
         for (int64_t b = 0; b < B; ++b) {
-          std::memcpy(dc_state + b * ld, static_cast<const T*>(p.d_cn) + b * H, sizeof(T) * H);
+          convert_row(dc_state + b * ld, static_cast<const S*>(p.d_cn) + b * H, H);
         }
       }
     }
@@ -979,63 +980,61 @@ void backward_impl(const RecurrenceBwdParams& p, const Team& team) {
   // d_hproj and the carried states.
   auto cell_backward = [&](int64_t b, int64_t s, int64_t u, int n, V d, T* dpre) {
     const int64_t t = steps.time(b, s);
-    T* dx = row_of<T>(p.d_xproj, t, b);
-    T* dhp = p.d_hproj.data ? row_of<T>(p.d_hproj, t, b) : nullptr;
+    S* dx = row_of<S>(p.d_xproj, t, b);
+    S* dhp = p.d_hproj.data ? row_of<S>(p.d_hproj, t, b) : nullptr;
     T* dp = dpre + b * ldg;
     if constexpr (C == CellKind::kLstm) {
-      const auto gate = load_saved_lstm_gates<V>(row_of<const T>(p.gates, t, b), H, u, n);
-      const V c = V::load_partial(row_of<const T>(p.c_seq, t, b) + u, n);
+      const auto gate = load_saved_lstm_gates<V>(row_of<const S>(p.gates, t, b), H, u, n);
+      const V c = load_as<V>(row_of<const S>(p.c_seq, t, b) + u, n);
       V c_prev = V::zero();
       if (s > 0) {
-        c_prev = V::load_partial(row_of<const T>(p.c_seq, steps.prev_time(b, s), b) + u, n);
+        c_prev = load_as<V>(row_of<const S>(p.c_seq, steps.prev_time(b, s), b) + u, n);
       } else if (p.c0) {
-        c_prev = V::load_partial(static_cast<const T*>(p.c0) + b * H + u, n);
+        c_prev = load_as<V>(static_cast<const S*>(p.c0) + b * H + u, n);
       }
       const auto grad = lstm_backward(gate, c, c_prev, d, V::load(dc_state + b * ld + u));
       grad.d_c_prev.store(dc_state + b * ld + u);
       const V parts[4] = {grad.d_i, grad.d_f, grad.d_g, grad.d_o};
       for (int g = 0; g < 4; ++g) {
-        parts[g].store_partial(dx + g * H + u, n);
+        store_as(dx + g * H + u, parts[g], n);
         parts[g].store_partial(dp + g * H + u, n);
-        if (dhp) parts[g].store_partial(dhp + g * H + u, n);
+        if (dhp) store_as(dhp + g * H + u, parts[g], n);
       }
     } else if constexpr (C == CellKind::kGru) {
-      const auto gate = load_saved_gru_gates<V>(row_of<const T>(p.gates, t, b), H, u, n);
+      const auto gate = load_saved_gru_gates<V>(row_of<const S>(p.gates, t, b), H, u, n);
       V h_prev = V::zero();
       if (s > 0) {
-        h_prev = V::load_partial(row_of<const T>(p.out, steps.prev_time(b, s), b) + u, n);
+        h_prev = load_as<V>(row_of<const S>(p.out, steps.prev_time(b, s), b) + u, n);
       } else if (p.h0) {
-        h_prev = V::load_partial(static_cast<const T*>(p.h0) + b * P + u, n);
+        h_prev = load_as<V>(static_cast<const S*>(p.h0) + b * P + u, n);
       }
       const auto grad = gru_backward(gate, h_prev, d);
       grad.d_h_prev_direct.store(dh_direct + b * ld + u);
       const V dxs[3] = {grad.dx_r, grad.dx_z, grad.dx_n};
       const V dhs[3] = {grad.dh_r, grad.dh_z, grad.dh_n};
       for (int g = 0; g < 3; ++g) {
-        dxs[g].store_partial(dx + g * H + u, n);
-        dhs[g].store_partial(dhp + g * H + u, n);
+        store_as(dx + g * H + u, dxs[g], n);
+        store_as(dhp + g * H + u, dhs[g], n);
         dhs[g].store_partial(dp + g * H + u, n);
       }
     } else {
-      const V h_next = V::load_partial(row_of<const T>(p.out, t, b) + u, n);
+      const V h_next = load_as<V>(row_of<const S>(p.out, t, b) + u, n);
       V pre;
       for (int w = 0; w < W; ++w) {
         pre.v[w] = rnn_backward(p.cell, Vec<T, 1>(h_next.v[w]), Vec<T, 1>(d.v[w])).v;
       }
-      pre.store_partial(dx + u, n);
+      store_as(dx + u, pre, n);
       pre.store_partial(dp + u, n);
-      if (dhp) pre.store_partial(dhp + u, n);
+      if (dhp) store_as(dhp + u, pre, n);
     }
   };
 
   // Zero gradient rows of padded steps, for this thread's units (and columns).
   auto zero_padded = [&](int64_t b, int64_t s) {
     for (int g = 0; g < G; ++g) {
-      std::memset(row_of<T>(p.d_xproj, s, b) + g * H + unit_begin, 0,
-                  sizeof(T) * (unit_end - unit_begin));
+      zero_row(row_of<S>(p.d_xproj, s, b) + g * H + unit_begin, unit_end - unit_begin);
       if (p.d_hproj.data) {
-        std::memset(row_of<T>(p.d_hproj, s, b) + g * H + unit_begin, 0,
-                    sizeof(T) * (unit_end - unit_begin));
+        zero_row(row_of<S>(p.d_hproj, s, b) + g * H + unit_begin, unit_end - unit_begin);
       }
     }
   };
@@ -1049,11 +1048,11 @@ void backward_impl(const RecurrenceBwdParams& p, const Team& team) {
           zero_padded(b, s);
           continue;
         }
-        const T* d_out = p.d_out.data ? row_of<const T>(p.d_out, steps.time(b, s), b) : nullptr;
+        const S* d_out = p.d_out.data ? row_of<const S>(p.d_out, steps.time(b, s), b) : nullptr;
         for (int64_t u = unit_begin; u < unit_end; u += W) {
           const int n = static_cast<int>(imin(W, unit_end - u));
           V d = V::load(dh_state + b * ld + u);
-          if (d_out) d += V::load_partial(d_out + u, n);
+          if (d_out) d += load_as<V>(d_out + u, n);
           cell_backward(b, s, u, n, d, dpre);
         }
       }
@@ -1061,19 +1060,18 @@ void backward_impl(const RecurrenceBwdParams& p, const Team& team) {
       // d_h_t = carried + d_out, over this thread's state columns.
       for (int64_t b = 0; b < B; ++b) {
         if (!steps.active(b, s)) {
-          std::memset(row_of<T>(p.d_h_seq, s, b) + col_begin, 0,
-                      sizeof(T) * (col_end - col_begin));
+          zero_row(row_of<S>(p.d_h_seq, s, b) + col_begin, col_end - col_begin);
           continue;
         }
         const int64_t t = steps.time(b, s);
-        const T* d_out = p.d_out.data ? row_of<const T>(p.d_out, t, b) : nullptr;
-        T* dhs = row_of<T>(p.d_h_seq, t, b);
+        const S* d_out = p.d_out.data ? row_of<const S>(p.d_out, t, b) : nullptr;
+        S* dhs = row_of<S>(p.d_h_seq, t, b);
         for (int64_t c = col_begin; c < col_end; c += W) {
           const int n = static_cast<int>(imin(W, col_end - c));
           V d = V::load(dh_state + b * ld + c);
-          if (d_out) d += V::load_partial(d_out + c, n);
+          if (d_out) d += load_as<V>(d_out + c, n);
           d.store(dht + b * ld + c);
-          d.store_partial(dhs + c, n);
+          store_as(dhs + c, d, n);
         }
       }
       team.sync();  // d_h_t complete
@@ -1115,12 +1113,12 @@ void backward_impl(const RecurrenceBwdParams& p, const Team& team) {
   }
 
   for (int64_t b = 0; b < B; ++b) {
-    std::memcpy(static_cast<T*>(p.d_h0) + b * P + col_begin, dh_state + b * ld + col_begin,
-                sizeof(T) * (col_end - col_begin));
+    convert_row(static_cast<S*>(p.d_h0) + b * P + col_begin, dh_state + b * ld + col_begin,
+                col_end - col_begin);
     if constexpr (C == CellKind::kLstm) {
       if (p.d_c0) {
-        std::memcpy(static_cast<T*>(p.d_c0) + b * H + unit_begin, dc_state + b * ld + unit_begin,
-                    sizeof(T) * (unit_end - unit_begin));
+        convert_row(static_cast<S*>(p.d_c0) + b * H + unit_begin, dc_state + b * ld + unit_begin,
+                    unit_end - unit_begin);
       }
     }
   }
@@ -1128,8 +1126,8 @@ void backward_impl(const RecurrenceBwdParams& p, const Team& team) {
 
 // ------------------------------------------------------------------------------ entry points
 // Fn<T, C, S>::call for the params' cell and dtype: T the compute type, S the storage type
-// (storage.h). kStored: whether bfloat16 tensors are taken (the forward's), else only float and
-// double (a bfloat16 backward never gets here: the bindings reject it).
+// (storage.h). kStored: whether bfloat16 tensors are taken (the recurrence's), else only float
+// and double (the cell step's: the bindings reject bfloat16 there).
 template <template <typename, CellKind, typename> class Fn, bool kStored, typename Params,
           typename... Args>
 auto dispatch_cell_dtype(const Params& p, Args&&... args) {
@@ -1182,7 +1180,7 @@ struct FwdRun {
 template <typename T, CellKind C, typename S>
 struct BwdRun {
   static int call(const RecurrenceBwdParams& p, const Team& team) {
-    backward_impl<T, C>(p, team);
+    backward_impl<T, C, S>(p, team);
     return 0;
   }
 };
@@ -1191,19 +1189,19 @@ int64_t forward_workspace_bytes(const RecurrenceFwdParams& p) {
   return dispatch_cell_dtype<FwdBytes, true>(p);
 }
 int64_t backward_workspace_bytes(const RecurrenceBwdParams& p) {
-  return dispatch_cell_dtype<BwdBytes, false>(p);
+  return dispatch_cell_dtype<BwdBytes, true>(p);
 }
 int forward_max_threads(const RecurrenceFwdParams& p) {
   return dispatch_cell_dtype<FwdThreads, true>(p);
 }
 int backward_max_threads(const RecurrenceBwdParams& p) {
-  return dispatch_cell_dtype<BwdThreads, false>(p);
+  return dispatch_cell_dtype<BwdThreads, true>(p);
 }
 void forward_direction(const RecurrenceFwdParams& p, const Team& team) {
   dispatch_cell_dtype<FwdRun, true>(p, team);
 }
 void backward_direction(const RecurrenceBwdParams& p, const Team& team) {
-  dispatch_cell_dtype<BwdRun, false>(p, team);
+  dispatch_cell_dtype<BwdRun, true>(p, team);
 }
 
 }  // namespace fusedrnn::cpu::FUSEDRNN_CPU_ISA

@@ -114,7 +114,9 @@ def _layer(cell: str, x: Tensor, weights: List[Tensor], first: int, num_dirs: in
         out = x.new_zeros(x.size(0), x.size(1), num_dirs * state) + zero
         cn = x.new_zeros(num_dirs, x.size(1), hidden) + zero if cell == "lstm" else x.new_empty(0)
         return out, x.new_zeros(num_dirs, x.size(1), state) + zero, cn
-    fold_bias = has_bias and cell != "gru"
+    # (As functional._layer: bfloat16 CPU layers keep b_ih in the GEMM.)
+    fold_bias = has_bias and cell != "gru" and not (x.dtype == torch.bfloat16
+                                                    and x.device.type == "cpu")
     proj_bias: Optional[Tensor] = None
     if has_bias and not fold_bias:
         proj_bias = torch.cat(b_ih) if num_dirs > 1 else b_ih[0]
@@ -134,10 +136,10 @@ def _layer(cell: str, x: Tensor, weights: List[Tensor], first: int, num_dirs: in
 
 
 def _compute_dtype(input: Tensor) -> torch.dtype:
-    """float16/bfloat16 CPU tensors run in float32, as functional._compute_dtype does for the
-    _cpu backend (a script does not see FUSEDRNN_BACKEND: under emu it upcasts too)."""
-    if input.device.type == "cpu" and (input.dtype == torch.float16
-                                        or input.dtype == torch.bfloat16):
+    """float16 CPU tensors run in float32, as functional._compute_dtype does for the _cpu backend
+    (a script does not see FUSEDRNN_BACKEND: under emu it upcasts too); bfloat16 runs natively
+    on every backend."""
+    if input.device.type == "cpu" and input.dtype == torch.float16:
         return torch.float32
     return input.dtype
 

@@ -31,11 +31,10 @@ from . import _backend, _cell_step, _onnx_export, _validation, reference
 from ._backend import GATE_COUNT, SAVED_GATE_COUNT
 
 CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
-# Precisions the CPU kernels do not compute in: float32 then, returned in the input's dtype. The
-# CPU forward takes bfloat16 tensors (widened inside the kernel, csrc/cpu/storage.h), its backward
-# does not: see _compute_dtype. (The CUDA kernels implement both, also when emulated on CPU
-# tensors with FUSEDRNN_BACKEND=emu.)
-_UPCAST_ON_CPU = (torch.float16, torch.bfloat16)
+# Precision the CPU kernels do not take: computed in float32, returned in the input's dtype. (They
+# take bfloat16 tensors, widened to float inside, csrc/cpu/storage.h. The CUDA kernels implement
+# both half types, also when emulated on CPU tensors with FUSEDRNN_BACKEND=emu.)
+_UPCAST_ON_CPU = (torch.float16,)
 
 
 def rnn(cell: str, input: Tensor, weights, hx=None, *, num_layers: int = 1,
@@ -99,7 +98,7 @@ def _rnn(cell, input, weights, hx, num_layers, num_directions, batch_first, leng
         lengths = _checked_lengths(lengths, input, batch_first)
 
     out_dtype = input.dtype
-    compute_dtype = _compute_dtype(input, weights, hx)
+    compute_dtype = _compute_dtype(input)
     if compute_dtype != out_dtype:
         input = input.to(compute_dtype)
         weights = [tuple(_cast(w, compute_dtype) for w in ws) for ws in weights]
@@ -686,24 +685,11 @@ def _checked_lengths(lengths, input: Tensor, batch_first: bool) -> Tensor:
     return lengths.to(device=input.device, dtype=torch.int64).contiguous()
 
 
-def _compute_dtype(input: Tensor, weights, hx) -> torch.dtype:
-    """The dtype the layers run in: the input's, but float32 for float16 on the _cpu backend, and
-    for bfloat16 there unless the call can need no gradient (eager, and grad mode off or nothing
-    requiring grad): only the CPU forward takes bfloat16. A recorded graph (torch.compile,
-    torch.jit.trace) must not depend on grad mode: it upcasts."""
-    if (input.dtype not in _UPCAST_ON_CPU or input.device.type != "cpu"
-            or _backend.backend_name() != "cpu"):
-        return input.dtype
-    if input.dtype is torch.bfloat16 and not _backend.recording_graph() and not (
-            torch.is_grad_enabled() and _any_requires_grad(input, weights, hx)):
-        return input.dtype
-    return torch.float32
-
-
-def _any_requires_grad(input: Tensor, weights, hx) -> bool:
-    states = hx if isinstance(hx, (tuple, list)) else (hx,)
-    return any(t is not None and t.requires_grad
-               for t in (input, *states, *[w for layer in weights for w in layer]))
+def _compute_dtype(input: Tensor) -> torch.dtype:
+    if (input.dtype in _UPCAST_ON_CPU and input.device.type == "cpu"
+            and _backend.backend_name() == "cpu"):
+        return torch.float32
+    return input.dtype
 
 
 def _cast(t, dtype):

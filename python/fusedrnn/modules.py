@@ -168,7 +168,7 @@ class RNNBase(nn.Module):
         # is not a plain parameter (torch.nn.utils parametrizations) takes the full path.
         weight = self._parameters.get("weight_ih_l0")
         dtype, device = input.dtype, input.device
-        native = _CPU_INFERENCE_DTYPES if not grad and device.type == "cpu" else _NATIVE_DTYPES
+        native = _CPU_DTYPES if device.type == "cpu" else _NATIVE_DTYPES
         if (weight is None or dtype is not weight.dtype or dtype not in native
                 or device != weight.device
                 or input.size(2) != self.input_size
@@ -535,9 +535,10 @@ class RNN(RNNBase):
 
 # The dtypes every backend runs natively (the CPU upcasts float16: not the fast path).
 _NATIVE_DTYPES = (torch.float32, torch.float64)
-# The CPU forward also takes bfloat16 tensors (widened to float inside the kernel), so a
-# bfloat16 inference call on the CPU takes the inference plan; with gradients it upcasts.
-_CPU_INFERENCE_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+# The CPU recurrence also takes bfloat16 tensors (widened to float inside the kernel), so a
+# bfloat16 inference call on the CPU takes the inference plan. (CUDA's half types take the full
+# path, as before: the plan has not been measured on a GPU in them.)
+_CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
 
 def _layer_states(h0: Optional[Tensor], c0: Optional[Tensor], layer: int, num_dirs: int):
