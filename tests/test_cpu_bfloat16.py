@@ -66,22 +66,30 @@ def _widened(run):
                 for f in dataclasses.fields(run) if f.name not in ("cell", "lengths")})
 
 
-def _assert_rounded(name, got, want):
+def _assert_rounded(name, got, want, ulps=0):
     """got (bfloat16) is want (float32) rounded, NaN (an element the kernel leaves, such as a
-    padded step's saved gates) where want has NaN."""
+    padded step's saved gates) where want has NaN; within `ulps` bfloat16 units in the last place
+    where the product's summation order differs from the float kernel's."""
     if want is None:
         assert got is None
         return
     assert got.dtype == torch.bfloat16, name
     assert torch.equal(got.isnan(), want.isnan()), f"{name}: NaN where the float kernel has none"
     keep = ~want.isnan()
-    assert torch.equal(got[keep], want.to(torch.bfloat16)[keep]), f"{name} differs"
+    got, rounded = got[keep], want.to(torch.bfloat16)[keep]
+    if ulps == 0:
+        assert torch.equal(got, rounded), f"{name} differs"
+    else:
+        apart = (got.view(torch.int16).int() - rounded.view(torch.int16).int()).abs()
+        assert int(apart.max()) <= ulps, f"{name}: {int(apart.max())} bfloat16 ulps apart"
 
 
 CASES = [
     # cell, T, B, H, P, D, lengths, states
     ("lstm", 7, 1, 37, 37, 1, False, False),     # B=1, short: W_hh read in place
     ("lstm", 40, 1, 33, 33, 2, False, True),     # B=1, long: W_hh packed
+    ("lstm", 12, 1, 256, 256, 1, False, True),   # B=1, W_hh of 1 MB in float: read in place
+    ("gru", 6, 2, 70, 70, 1, True, True),        # B=2, short: in place, both rows
     ("lstm", 5, 3, 20, 20, 2, True, True),
     ("lstm", 6, 2, 40, 17, 1, False, True),      # projection, read in place
     ("lstm", 6, 20, 40, 17, 2, True, False),     # projection, packed
@@ -106,7 +114,9 @@ def _case_id(case):
 @pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
 def test_bfloat16_layer_is_the_float_kernel_rounded(case, isa, monkeypatch):
     """Inference and training forward, then the backward of the training run, each against the
-    float kernel on the same values widened."""
+    float kernel on the same values widened. At B <= 2 the forward may read bfloat16 W_hh in
+    place, as pairs of k (InPlaceDots::dots), which sums in another order than the float kernel:
+    there its outputs may be 1 bfloat16 ulp apart; everywhere else they are equal."""
     monkeypatch.setenv("FUSEDRNN_CPU_ISA", isa)  # lowered to what the machine has
     cell, T, B, H, P, D, lengths, states = case
     for batch_first in (False, True):
@@ -116,7 +126,8 @@ def test_bfloat16_layer_is_the_float_kernel_rounded(case, isa, monkeypatch):
             ours = _forward(cell, *operands, torch.bfloat16, training)
             wide = _forward(cell, *operands, torch.float32, training)
             for name in ("out", "hn", "cn", "gates", "c_seq", "r_seq"):
-                _assert_rounded(name, getattr(ours, name), getattr(wide, name))
+                _assert_rounded(name, getattr(ours, name), getattr(wide, name),
+                                ulps=1 if B <= 2 else 0)
             if lengths:  # padded output rows are zeros, the rest written
                 assert not ours.out.isnan().any()
         g = torch.Generator().manual_seed(H)
