@@ -6,7 +6,8 @@
 // cell state and the sums never round to bfloat16 between steps.
 //
 // Call sites read and write every sequence, state and weight through load_as / store_as, which
-// are plain vector loads and stores when S is T.
+// are plain vector loads and stores when S is T. One exception: InPlaceDots::dots reads bfloat16
+// W_hh rows as pairs of weights per 32-bit lane, which widens them in fewer operations.
 #pragma once
 
 #ifndef FUSEDRNN_CPU_ISA
