@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _backend
+from . import _backend, functional
 from ._backend import GATE_COUNT
 
 
@@ -38,11 +38,10 @@ class _LayerPlan(NamedTuple):
     w_ih: tuple                     # per direction [G*H, I], the parameters themselves
     b_ih: tuple                     # per direction [G*H] or None, the parameters themselves
     prepared: _backend.PreparedForward
-    # LSTM and Elman layers with both biases: per direction b_hh, the tensor the kernel reads.
-    # Their calls project x without b_ih and hand the kernel b_ih + b_hh, summed at every call
-    # (never kept): a small input GEMM with a bias costs far more than without on the CPU (B=1
-    # T=100 H=64, 2 threads: ~28 against ~20 us with the sum), and both biases only add to the
-    # pre-activations. A GRU's b_hn sits inside r * (...), so a GRU keeps b_ih in its GEMM.
+    # Layers that fold their biases (functional.folds_bias): per direction b_hh, the tensor the
+    # kernel reads. Their calls project x without b_ih and hand the kernel b_ih + b_hh, summed at
+    # every call (never kept): a small input GEMM with a bias costs far more than without on the
+    # CPU (B=1 T=100 H=64, 2 threads: ~28 against ~20 us with the sum).
     b_hh: Optional[tuple]
 
 
@@ -153,11 +152,8 @@ class InferencePlan:
             w_hh, b_hh, w_hr = (list(column) for column in zip(*native))
             b_ih = tuple(w[2] for w in lw)
             prepared = _backend.prepare_forward(cell, w_hh, b_hh, w_hr)
-            # bfloat16 weights keep b_ih in the GEMM, as a GRU does: b_ih + b_hh would round
-            # the sum to bfloat16, where the GEMM adds b_ih before its one rounding and the
-            # kernel widens b_hh exactly.
-            fold = (cell != "gru" and w_hh[0].dtype is not torch.bfloat16
-                    and all(b is not None for b in (*b_ih, *b_hh)))
+            fold = (all(b is not None for b in (*b_ih, *b_hh))
+                    and functional.folds_bias(cell, w_hh[0].dtype, w_hh[0].device))
             layers.append(_LayerPlan(tuple(w[0] for w in lw), b_ih, prepared,
                                      tuple(b_hh) if fold else None))
         # Contiguous copies would not follow later writes to the parameters: such a plan is

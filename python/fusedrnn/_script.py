@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .functional import folds_bias
+
 
 def check_input(input: Tensor, weight: Tensor, input_size: int, expected_dim: int) -> None:
     """torch.nn.RNNBase.check_input's checks, as the eager path makes them (_validation)."""
@@ -102,7 +104,7 @@ def _layer(cell: str, x: Tensor, weights: List[Tensor], first: int, num_dirs: in
            lengths: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
     """One layer, all directions: x [T, B, I] -> (out [T, B, D*P], h_n [D, B, P], c_n [D, B, H]
     for LSTM, else an empty tensor). The projection and bias handling of functional._layer
-    (LSTM and RNN fold b_ih into b_hh; GRU keeps b_ih in the projection, its b_hn being gated)."""
+    (functional.folds_bias: when b_ih joins b_hh in the kernel's bias)."""
     w_ih, w_hh, b_ih, b_hh, w_hr = _layer_tensors(weights, first, num_dirs, has_bias, has_proj)
     gates = w_hh[0].size(0)
     if x.size(1) == 0 or gates == 0:  # B = 0 or H = 0, as functional._empty_layer
@@ -114,9 +116,7 @@ def _layer(cell: str, x: Tensor, weights: List[Tensor], first: int, num_dirs: in
         out = x.new_zeros(x.size(0), x.size(1), num_dirs * state) + zero
         cn = x.new_zeros(num_dirs, x.size(1), hidden) + zero if cell == "lstm" else x.new_empty(0)
         return out, x.new_zeros(num_dirs, x.size(1), state) + zero, cn
-    # (As functional._layer: bfloat16 CPU layers keep b_ih in the GEMM.)
-    fold_bias = has_bias and cell != "gru" and not (x.dtype == torch.bfloat16
-                                                    and x.device.type == "cpu")
+    fold_bias = has_bias and folds_bias(cell, x.dtype, x.device)
     proj_bias: Optional[Tensor] = None
     if has_bias and not fold_bias:
         proj_bias = torch.cat(b_ih) if num_dirs > 1 else b_ih[0]

@@ -191,14 +191,7 @@ def _layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor], c0: Option
         return out.unsqueeze(0), hn, cn
     w_ih = torch.cat([w[0] for w in layer_weights]) if len(layer_weights) > 1 else layer_weights[0][0]
     has_bias = layer_weights[0][2] is not None
-    # LSTM and RNN add b_ih and b_hh to the same pre-activation: the kernel adds b_ih + b_hh once
-    # and the projection is a plain GEMM. That saves addmm's broadcast copy of the bias into its
-    # [T*B, D*G*H] result, and backward sums the pre-activation gradient once (the add's backward
-    # hands that one sum to both biases) instead of once per bias. GRU's b_hn sits inside
-    # r * (W_hn h + b_hn), so GRU keeps b_ih in the projection.
-    # (Not bfloat16 on the CPU either, as _inference's plan: the sum would round to bfloat16,
-    # where the GEMM adds b_ih before its one rounding and the kernel widens b_hh exactly.)
-    fold_bias = has_bias and cell != "gru" and not (x.dtype is torch.bfloat16 and x.is_cpu)
+    fold_bias = has_bias and folds_bias(cell, x.dtype, x.device)
     if fold_bias:
         # b_ih + b_hh would promote a bias of another dtype silently; torch.nn refuses it.
         for w in layer_weights:
@@ -242,6 +235,20 @@ def _layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor], c0: Option
     out, hn, cn, *_ = _run_forward(cell, xproj, h0, c0, w_hh, _per_direction(b_hh, num_dirs),
                                    _per_direction(w_hr, num_dirs), lengths, save=False)
     return out, hn, cn
+
+
+def folds_bias(cell: str, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a layer with both biases hands the kernel b_ih + b_hh and projects x without b_ih
+    (functional._layer, the inference plan and the TorchScript path all ask this).
+
+    LSTM and RNN add b_ih and b_hh to the same pre-activation: the kernel adds b_ih + b_hh once
+    and the projection is a plain GEMM. That saves addmm's broadcast copy of the bias into its
+    [T*B, D*G*H] result, and backward sums the pre-activation gradient once (the add's backward
+    hands that one sum to both biases) instead of once per bias. GRU's b_hn sits inside
+    r * (W_hn h + b_hn), so a GRU keeps b_ih in the projection. So do bfloat16 layers on the CPU:
+    b_ih + b_hh would round the sum to bfloat16, where the GEMM adds b_ih before its one rounding
+    and the kernel widens b_hh exactly."""
+    return cell != "gru" and not (dtype == torch.bfloat16 and device.type == "cpu")
 
 
 def _reference_layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor],
