@@ -175,6 +175,30 @@ def test_cpu_forward_refuses_float16():
 
 # --- modules ------------------------------------------------------------------------------------
 
+def _module_trio(name, kwargs):
+    """(float64 torch.nn, bfloat16 torch.nn, bfloat16 fusedrnn) modules with the same weights:
+    random bfloat16 values, held exactly by the float64 one."""
+    torch.manual_seed(0)
+    exact = getattr(torch.nn, name)(6, 12, **kwargs).double()
+    theirs = getattr(torch.nn, name)(6, 12, **kwargs).bfloat16()
+    ours = getattr(fusedrnn, name)(6, 12, **kwargs).bfloat16()
+    theirs.load_state_dict(exact.state_dict())
+    ours.load_state_dict(exact.state_dict())
+    exact.load_state_dict(ours.state_dict())
+    return exact, theirs, ours
+
+
+def _record_dtypes(monkeypatch, *entries):
+    """Wraps these _backend entries so that each call records the dtype of the tensors it hands
+    the kernel: its second argument (xproj, or W_hh for the backward; the first of a list)."""
+    seen = []
+    for entry in entries:
+        def recording(first, second, *rest, native=getattr(_backend, entry)):
+            seen.append((second[0] if isinstance(second, list) else second).dtype)
+            return native(first, second, *rest)
+        monkeypatch.setattr(_backend, entry, recording)
+    return seen
+
 MODULE_CASES = [
     ("LSTM", dict(num_layers=2, bidirectional=True), 9, 3),
     ("LSTM", dict(proj_size=5, batch_first=True), 9, 3),
@@ -190,15 +214,8 @@ MODULE_IDS = ["lstm-L2-bidir", "lstm-proj-bf", "lstm-B1-T60", "gru-L2-B40", "rnn
 
 @pytest.mark.parametrize("name, kwargs, T, B", MODULE_CASES, ids=MODULE_IDS)
 def test_bfloat16_inference_runs_native_within_torch_error(name, kwargs, T, B, monkeypatch):
-    torch.manual_seed(0)
-    exact = getattr(torch.nn, name)(6, 12, **kwargs).double()
-    theirs = getattr(torch.nn, name)(6, 12, **kwargs).bfloat16()
-    ours = getattr(fusedrnn, name)(6, 12, **kwargs).bfloat16()
-    theirs.load_state_dict(exact.state_dict())
-    ours.load_state_dict(exact.state_dict())
-    exact.load_state_dict(ours.state_dict())  # the bfloat16 weights, exactly, in float64
+    exact, theirs, ours = _module_trio(name, kwargs)
     batch_first = kwargs.get("batch_first", False)
-    calls = []
     if B == "packed":  # through functional.rnn, whose layers call forward_layer
         lengths = torch.tensor([9, 4, 7, 1])
         x = torch.nn.utils.rnn.pack_padded_sequence(torch.randn(T, 4, 6).bfloat16(), lengths,
@@ -207,10 +224,7 @@ def test_bfloat16_inference_runs_native_within_torch_error(name, kwargs, T, B, m
     else:
         x = torch.randn((B, T, 6) if batch_first else (T, B, 6)).bfloat16()
         entry = "forward_prepared"  # the modules' inference plan
-    native = getattr(_backend, entry)
-    monkeypatch.setattr(_backend, entry, lambda prep, xproj, *a: (
-        calls.append((xproj[0] if isinstance(xproj, list) else xproj).dtype),
-        native(prep, xproj, *a))[1])
+    calls = _record_dtypes(monkeypatch, entry)
     with torch.no_grad():
         out, state = ours(x)
         ref, ref_state = exact(_to(x, torch.float64))
@@ -248,23 +262,12 @@ TRAINING_CASES = [
 def test_bfloat16_training_runs_native_within_torch_error(name, kwargs, T, B, monkeypatch):
     """Forward and backward in bfloat16 on the native kernels: the output and every gradient
     (input, states, each parameter) within twice torch.nn's bfloat16 error against float64."""
-    torch.manual_seed(0)
-    exact = getattr(torch.nn, name)(6, 12, **kwargs).double()
-    theirs = getattr(torch.nn, name)(6, 12, **kwargs).bfloat16()
-    ours = getattr(fusedrnn, name)(6, 12, **kwargs).bfloat16()
-    theirs.load_state_dict(exact.state_dict())
-    ours.load_state_dict(exact.state_dict())
-    exact.load_state_dict(ours.state_dict())
+    exact, theirs, ours = _module_trio(name, kwargs)
     x = torch.randn(T, B, 6).bfloat16()
     num_states = (2 if kwargs.get("bidirectional") else 1) * kwargs.get("num_layers", 1)
     h0 = torch.randn(num_states, B, kwargs.get("proj_size") or 12).bfloat16()
     c0 = torch.randn(num_states, B, 12).bfloat16()
-    seen = []
-    for entry in ("forward_layer", "backward_layer"):
-        native = getattr(_backend, entry)
-        monkeypatch.setattr(_backend, entry, lambda cell, first, *a, native=native: (
-            seen.append(first[0].dtype if isinstance(first, list) else first.dtype),
-            native(cell, first, *a))[1])
+    seen = _record_dtypes(monkeypatch, "forward_layer", "backward_layer")
     runs = []
     for module in (exact, ours, theirs):
         dtype = torch.float64 if module is exact else torch.bfloat16
