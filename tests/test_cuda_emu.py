@@ -4,8 +4,9 @@ of test_recurrence_kernel.py does not reach.
 - Shapes that give several blocks per direction with uneven unit slices (the emulator's fake
   device has 4 SMs: H=37 runs 4 blocks of 10, 10, 10 and 7 units), and single-block grids.
 - float16 and bfloat16 against the float64 reference, with the bar of DESIGN.md: the kernel's error
-  is at most twice torch's own error in the same precision (plus one unit roundoff, because at
-  these tiny sizes torch's error is itself a small random number).
+  is at most twice torch's own error in the same precision (plus 2 unit roundoffs, and as a
+  geometric mean over a few fresh inputs, because at these tiny sizes each error is itself a
+  small random number: see TRIALS).
 - The streaming variant (weights read from global memory every step) and batch chunking.
 - The launch plan and the errors of the binding.
 
@@ -14,6 +15,7 @@ Workspaces are poisoned (0xFF bytes: NaN) so that a read of an unwritten exchang
 from __future__ import annotations
 
 import functools
+import math
 import random
 
 import pytest
@@ -188,6 +190,42 @@ def _half_case(cell, proj, dtype, T, B, H, num_dirs, lengths_on, streaming):
     return seed, errors
 
 
+# At these tiny sizes one run's error is a small random number, for torch as for the kernel, and
+# its size is set by how ill-conditioned that draw is (a 3-element d_h0 can cancel to 15u for
+# torch and the kernel alike). Checked on one sample, the worst cases failed the bar about once in
+# 600 runs with no bug behind it (one CI run did): torch's rounding happened to cancel (0.85u)
+# where the kernel's did not (4.8u).
+# So each shape runs on TRIALS fresh inputs and the bar holds for the geometric mean, over them,
+# of each trial's ratio kernel error / (2x torch error + 2u): the conditioning of a draw cancels
+# in its ratio, and the mean over trials averages out the luck. Over 2,400 draws of the worst
+# case (LSTM with projection, float16, B=1 H=6) the largest such mean was 0.46, and no single
+# trial passed 1.15. A ratio counts as at least RATIO_FLOOR (a trial can be exact: error 0), so
+# one lucky trial cannot hide the others, and no single trial may pass TRIAL_CAP, so a bug that
+# only some inputs hit still shows; a kernel bug gives ratios in the hundreds.
+TRIALS, RATIO_FLOOR, TRIAL_CAP = 4, 0.1, 4.0
+
+
+def _assert_within_torch_error(dtype, *case):
+    """_half_case(*case) on TRIALS seeds: for every output, the geometric mean over the trials of
+    kernel error / (2x torch's error in `dtype` + 2u) is at most 1, and no trial's above TRIAL_CAP."""
+    u = UNIT_ROUNDOFF[dtype]
+    seeds, ratios = [], {}
+    for _ in range(TRIALS):
+        seed, errors = _half_case(*case)
+        seeds.append(seed)
+        for name, (mine, theirs) in errors.items():
+            ratios.setdefault(name, []).append(mine / (2 * theirs + 2 * u))
+
+    def geometric_mean(rs):
+        return math.exp(sum(math.log(max(r, RATIO_FLOOR)) for r in rs) / len(rs))
+
+    bad = {name: [f"{r:.3g}" for r in rs] for name, rs in ratios.items()
+           if not (geometric_mean(rs) <= 1 and max(rs) <= TRIAL_CAP)}
+    assert not bad, (f"seeds {seeds} case {case[4:]} in {dtype} (u={u:g}): kernel error / "
+                     f"(2x torch error + 2u) per trial, geometric mean above 1 or one above "
+                     f"{TRIAL_CAP}: {bad}")
+
+
 HALF = [(cell, proj, dtype, streaming)
         for cell, proj in CELLS
         for dtype in (torch.float16, torch.bfloat16)
@@ -199,17 +237,13 @@ HALF = [(cell, proj, dtype, streaming)
     ids=[f"{c}{'-proj' if p else ''}-{str(d).split('.')[1]}-{'streaming' if s else 'smem'}"
          for c, p, d, s in HALF])
 def test_half_precision(cell, proj, dtype, streaming):
-    u = UNIT_ROUNDOFF[dtype]
     # Two directions: the layer API runs a reversed direction only as direction 1.
     # fp16/bf16 with weights on chip run on (emulated) tensor cores: H=37 pads K to 16s and its
     # backward splits K across warps; B=17 with H=5 makes the batch rows the MMA's M side.
     for T, B, H, num_dirs, lengths_on in [(5, 3, 37, 1, True), (3, 2, 5, 2, True),
                                            (2, 1, 6, 1, False), (2, 17, 5, 1, True)]:
-        seed, errors = _half_case(cell, proj, dtype, T, B, H, num_dirs, lengths_on, streaming)
-        bad = {k: (mine, theirs) for k, (mine, theirs) in errors.items()
-               if not mine <= 2 * theirs + 2 * u}
-        assert not bad, (f"seed {seed} T{T} B{B} H{H}: (kernel error, torch {dtype} error) "
-                         f"beyond 2x torch + 2u (u={u:g}): {bad}")
+        _assert_within_torch_error(dtype, cell, proj, dtype, T, B, H, num_dirs, lengths_on,
+                                   streaming)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -219,10 +253,7 @@ def test_mma_partials_fit_the_last_block(dtype):
     tiles split 2 ways over K=18 (1024 values). The partials region must hold the larger one:
     sized for the planned block only, the last block wrote past the end of shared memory (a
     crash here, an ASan report in the sanitizer build)."""
-    u = UNIT_ROUNDOFF[dtype]
-    seed, errors = _half_case("lstm", 0, dtype, 2, 25, 18, 1, False, False)
-    bad = {k: v for k, v in errors.items() if not v[0] <= 2 * v[1] + 2 * u}
-    assert not bad, f"seed {seed}: {bad}"
+    _assert_within_torch_error(dtype, "lstm", 0, dtype, 2, 25, 18, 1, False, False)
 
 
 # ------------------------------------------------------------------ plan and errors
