@@ -9,6 +9,7 @@
   `run_backward_layer` call `_backend.forward_layer` / `backward_layer`, the calls the modules
   make, on NaN-poisoned outputs; `minimal_fwd_params` builds a valid FwdParams of any native
   module by hand for the bad-parameter tests.
+- `assert_every_second_derivative_raises`: the refusal of double backward, by every route.
 """
 from __future__ import annotations
 
@@ -397,3 +398,20 @@ def minimal_fwd_params(module, cell: str = "lstm", T: int = 2, B: int = 2, H: in
         p.num_threads = 1
         params.append(p)
     return params, keep
+
+
+def assert_every_second_derivative_raises(run, x, params):
+    """run(x) -> output. Its gradient wrt x taken with create_graph=True must refuse to be
+    differentiated by every route: .backward(), and torch.autograd.grad wrt x and wrt each
+    parameter alone (allow_unused=True, where a missing path would read as "no dependence").
+    The last two once returned only the terms of the ops after the recurrence, or None: a
+    gradient penalty on an RNN was silently wrong."""
+    targets = [("backward", None), ("x", x)] + list(params)
+    for name, target in targets:
+        (gx,) = torch.autograd.grad(run(x).pow(2).sum(), x, create_graph=True)
+        with pytest.raises(RuntimeError, match="double backward"):
+            if target is None:
+                gx.pow(2).sum().backward()
+            else:
+                torch.autograd.grad(gx.pow(2).sum(), target, allow_unused=True)
+            pytest.fail(f"differentiating the gradient wrt {name} did not raise")

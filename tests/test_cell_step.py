@@ -17,7 +17,7 @@ import fusedrnn
 from fusedrnn import _backend, _cell_step, functional, reference
 from fusedrnn._backend import CELL_CODES, DTYPE_CODES, GATE_COUNT, SAVED_GATE_COUNT
 
-from _helpers import TOLERANCE, assert_close, requires_native
+from _helpers import TOLERANCE, assert_close, assert_every_second_derivative_raises, requires_native
 
 pytestmark = requires_native
 
@@ -282,13 +282,16 @@ def test_cell_step_inference_saves_nothing_and_matches():
     assert_close(got, expected, 1e-12, "h'")
 
 
-def test_cell_step_double_backward_raises():
-    cell = fusedrnn.LSTMCell(3, 4, dtype=torch.float64)
+@pytest.mark.parametrize("name", ["LSTMCell", "GRUCell", "RNNCell"])
+def test_cell_step_double_backward_raises(name):
+    cell = getattr(fusedrnn, name)(3, 4, dtype=torch.float64)
     x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
-    h, c = cell(x)
-    (gx,) = torch.autograd.grad(h.sum() + c.sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="double backward"):
-        gx.sum().backward()
+
+    def run(x):
+        out = cell(x)
+        return out[0] + out[1] if name == "LSTMCell" else out
+
+    assert_every_second_derivative_raises(run, x, cell.named_parameters())
 
 
 def test_cell_step_fallbacks(monkeypatch):

@@ -187,4 +187,8 @@ def test_op_gradients_match_eager_and_double_backward_raises():
     for i, (a, e) in enumerate(zip(grads_op, grads_eager)):
         assert torch.equal(a.detach(), e), f"gradient {i}"
     with pytest.raises(RuntimeError, match="double backward"):
-        grads_op[0].sum().backward()
+        grads_op[0].sum().backward(retain_graph=True)
+    for i, leaf in enumerate(leaves):  # (see _helpers.assert_every_second_derivative_raises)
+        with pytest.raises(RuntimeError, match="double backward"):
+            torch.autograd.grad(grads_op[0].sum(), leaf, retain_graph=True, allow_unused=True)
+            pytest.fail(f"differentiating d_xproj wrt leaf {i} did not raise")

@@ -66,6 +66,23 @@ def test_grad_matches_torch(name, cls, kwargs, seq_len):
 
 
 @pytest.mark.parametrize("name, cls, kwargs, seq_len", CASES, ids=IDS)
+def test_gradient_penalty_matches_torch(name, cls, kwargs, seq_len):
+    """Second order, the route the eager modules refuse (double backward): the gradient wrt the
+    parameters of a penalty on the input gradient, grad of grad."""
+    theirs, ours = _pair(cls, kwargs)
+    x = _input(seq_len)
+
+    def penalty(p, m):
+        gx = grad(lambda x: _loss(lambda x: functional_call(m, p, (x,)), x))(x)
+        return gx.pow(2).sum()
+
+    params = [{k: v.detach() for k, v in m.named_parameters()} for m in (theirs, ours)]
+    expected, actual = (grad(penalty)(p, m) for m, p in zip((theirs, ours), params))
+    for key in expected:
+        assert_close(actual[key], expected[key], TOLERANCE, f"grad of grad w.r.t. {key}")
+
+
+@pytest.mark.parametrize("name, cls, kwargs, seq_len", CASES, ids=IDS)
 def test_forward_mode_matches_torch(name, cls, kwargs, seq_len):
     theirs, ours = _pair(cls, kwargs)
     x, tangent = _input(seq_len), _input(seq_len)

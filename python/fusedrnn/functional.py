@@ -389,7 +389,7 @@ def _layer_grads(spec: _LayerSpec, saved, d_out, d_hn, d_cn, needs, run_backward
     create_graph = torch.is_grad_enabled() and not torch.compiler.is_compiling()
     with torch.no_grad():
         grads = _layer_weight_grads(spec, saved, d_out, d_hn, d_cn, needs, run_backward)
-    return _NoDoubleBackward.mark(grads) if create_graph else grads
+    return _NoDoubleBackward.mark(grads, (*saved, d_out, d_hn, d_cn)) if create_graph else grads
 
 
 def _layer_weight_grads(spec: _LayerSpec, saved, d_out, d_hn, d_cn, needs, run_backward):
@@ -465,15 +465,25 @@ class _NoDoubleBackward(torch.autograd.Function):
     instead of silently missing the second-order terms of the recurrence."""
 
     @staticmethod
-    def mark(grads: tuple) -> tuple:
+    def mark(grads: tuple, computed_from) -> tuple:
+        """grads, each behind the tag's node; computed_from: every tensor they were computed
+        from (saved inputs and outputs, incoming gradients). The node takes those as inputs too,
+        so that every path from a gradient back to a leaf runs through it. With the gradients
+        alone as its inputs (once_differentiable's way), torch.autograd.grad(penalty(grads),
+        params) found no path through the node, never ran it, and returned only the terms of
+        the differentiable ops after the recurrence (the input GEMM's): a silently wrong
+        gradient penalty."""
         tensors = [g for g in grads if g is not None]
-        # Like once_differentiable: detached inputs that require grad give the outputs a grad_fn.
-        marked = iter(_NoDoubleBackward.apply(*(t.detach().requires_grad_() for t in tensors)))
+        sources = [t for t in computed_from if isinstance(t, Tensor) and t.requires_grad]
+        # Detached inputs that require grad give the outputs a grad_fn even where no source
+        # requires grad (like once_differentiable).
+        marked = iter(_NoDoubleBackward.apply(
+            len(tensors), *(t.detach().requires_grad_() for t in tensors), *sources))
         return tuple(next(marked) if g is not None else None for g in grads)
 
     @staticmethod
-    def forward(ctx, *grads):
-        return tuple(g.view_as(g) for g in grads)
+    def forward(ctx, count, *tensors):
+        return tuple(g.view_as(g) for g in tensors[:count])
 
     @staticmethod
     def backward(ctx, *_):
@@ -482,8 +492,8 @@ class _NoDoubleBackward(torch.autograd.Function):
 
 _DOUBLE_BACKWARD_ERROR = (
     "fusedrnn: double backward (differentiating a gradient of an LSTM/GRU/RNN) is not supported "
-    "by the native recurrence, like torch.nn's cuDNN RNNs; use fusedrnn.reference for "
-    "higher-order gradients")
+    "by the native recurrence, like torch.nn's cuDNN RNNs; for higher-order gradients use "
+    "torch.func (grad of grad runs the layers as fusedrnn.reference's ops) or fusedrnn.reference")
 
 
 def _gates_can_overwrite_xproj(cell: str, xproj: Tensor) -> bool:
