@@ -433,3 +433,59 @@ def test_frozen_parameters_with_a_trainable_parametrization_keep_the_graph():
         grads.append([p.grad for p in module.parametrizations.weight_hh_l0.parameters()])
     for a, e in zip(grads[1], grads[0]):
         assert_close(a, e, TOL, "parametrization gradient")
+
+
+# --- the input projection's kept block (_projection_buffer) ------------------------------------
+
+PROJECTION_CASES = [
+    ("LSTM", dict(num_layers=2), DTYPE),                            # folded biases: mm
+    ("GRU", dict(bidirectional=True, batch_first=True), DTYPE),     # b_ih in addmm; strided x
+    ("LSTM", dict(proj_size=2, bias=False), DTYPE),
+    ("RNN", dict(num_layers=2, bidirectional=True), torch.float32),
+    ("LSTM", dict(bidirectional=True), torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("kind,kwargs,dtype", PROJECTION_CASES,
+                         ids=["lstm-L2", "gru-bidir-bf", "lstm-proj-nobias", "rnn-L2-bidir-fp32",
+                              "lstm-bidir-bf16"])
+def test_kept_projection_block_gives_identical_results(kind, kwargs, dtype, monkeypatch):
+    """With the block lent at every size, results are bit-identical to fresh projections, the
+    block is kept and reused by the next call, grows for a larger call and serves a smaller one,
+    and a call that finds it lent (another thread's) allocates its own."""
+    from fusedrnn import _projection_buffer
+    _, ours = make_pair(kind, **kwargs)
+    ours.to(dtype)
+    x_small, x_large = (torch.randn(steps, 2, 3, dtype=torch.float64).to(dtype)
+                        for steps in (3, 6))
+    if ours.batch_first:
+        x_small, x_large = x_small.transpose(0, 1), x_large.transpose(0, 1)
+    with torch.no_grad():
+        expected = [flat(ours(x)) for x in (x_small, x_large)]
+        monkeypatch.setattr(_projection_buffer, "REUSE_MIN_BYTES", 0)
+        plan = _inference.plan_for(ours, ours._cell, ours.num_layers,
+                                   2 if ours.bidirectional else 1)
+        buffer = plan.projection_buffer
+        blocks = []
+        for x, want in [(x_small, expected[0]), (x_small, expected[0]), (x_large, expected[1]),
+                        (x_small, expected[0])]:
+            got = flat(ours(x))
+            for i, (a, e) in enumerate(zip(got, want)):
+                assert torch.equal(a, e), f"result {i}"
+            blocks.append(buffer._block.data_ptr())
+        assert blocks[0] == blocks[1] and blocks[2] == blocks[3], "the block is kept and reused"
+        assert buffer._lock.acquire(blocking=False)  # as if another thread held the block
+        try:
+            got = flat(ours(x_large))
+        finally:
+            buffer._lock.release()
+        for i, (a, e) in enumerate(zip(got, expected[1])):
+            assert torch.equal(a, e), f"result {i} with the block lent elsewhere"
+
+
+def test_small_projections_keep_no_block():
+    _, ours = make_pair("LSTM")
+    with torch.no_grad():
+        ours(fresh_input(0))
+    plan = _inference.plan_for(ours, "lstm", 1, 1)
+    assert plan.projection_buffer._block is None

@@ -14,8 +14,9 @@ objects with the same data pointers, shapes and strides, which catches .to(), as
 functional_call and `.data =`. It holds detached views of the memory its templates point into,
 so that memory outlives any swap. Plans live in a weak table beside the modules, never in them:
 a deepcopy or pickle of a module must not carry raw pointers into the original's weights. Calls
-only read a plan; concurrent calls from several threads are safe (each allocates its own outputs
-and workspace). A layer whose W_hh, b_hh or W_hr is not contiguous, or a module whose weights are
+only read a plan, except for the one block of memory it lends to a large CPU call's input
+projection (_projection_buffer); concurrent calls from several threads are safe (each allocates
+its own outputs and workspace, and a call that finds the block lent allocates its own). A layer whose W_hh, b_hh or W_hr is not contiguous, or a module whose weights are
 not among its registered parameters (torch.nn.utils parametrizations), get a fresh plan at
 every call instead.
 """
@@ -32,6 +33,7 @@ from torch import Tensor
 
 from . import _backend, functional
 from ._backend import GATE_COUNT
+from ._projection_buffer import ProjectionBuffer
 
 
 class _LayerPlan(NamedTuple):
@@ -160,6 +162,7 @@ class InferencePlan:
         # good for one call only.
         self.points_into_parameters = not copies
         self.layers = layers
+        self.projection_buffer = ProjectionBuffer()
 
     def run(self, x: Tensor, h0_all: Optional[Tensor], c0_all: Optional[Tensor]):
         """x [T, B, I] (time-major, any strides) of the weights' dtype and device; h0_all
@@ -175,23 +178,47 @@ class InferencePlan:
         if c0_all is not None:
             c0_all = c0_all.contiguous()
         single = len(self.layers) == 1
-        for layer, plan in enumerate(self.layers):
-            first, last = layer * num_dirs, (layer + 1) * num_dirs
-            if plan.b_hh is None:
-                xproj = [F.linear(x, w, b) for w, b in zip(plan.w_ih, plan.b_ih)]
-                biases = None
-            else:
-                xproj = [F.linear(x, w) for w in plan.w_ih]
-                biases = [torch.add(bi, bh) for bi, bh in zip(plan.b_ih, plan.b_hh)]
-            xproj = [p if p.stride(2) == 1 else p.contiguous() for p in xproj]
-            out = x.new_empty(seq_len, batch, num_dirs * state)
-            h0 = h0_all if single or h0_all is None else h0_all[first:last]
-            c0 = c0_all if single or c0_all is None else c0_all[first:last]
-            hn = h_n if single else h_n[first:last]
-            cn = c_n if single or c_n is None else c_n[first:last]
-            _backend.forward_prepared(plan.prepared, xproj, out, h0, c0, hn, cn, biases)
-            x = out
+        # Every layer's projection has the same size and is dead once its layer has run: one
+        # block serves them all.
+        gates_width = self.layers[0].w_ih[0].size(0)
+        with self.projection_buffer.lend(x, seq_len * batch * num_dirs * gates_width) as block:
+            for layer, plan in enumerate(self.layers):
+                first, last = layer * num_dirs, (layer + 1) * num_dirs
+                if plan.b_hh is None:
+                    xproj = _project(x, plan.w_ih, plan.b_ih, block)
+                    biases = None
+                else:
+                    xproj = _project(x, plan.w_ih, (None,) * num_dirs, block)
+                    biases = [torch.add(bi, bh) for bi, bh in zip(plan.b_ih, plan.b_hh)]
+                out = x.new_empty(seq_len, batch, num_dirs * state)
+                h0 = h0_all if single or h0_all is None else h0_all[first:last]
+                c0 = c0_all if single or c0_all is None else c0_all[first:last]
+                hn = h_n if single else h_n[first:last]
+                cn = c_n if single or c_n is None else c_n[first:last]
+                _backend.forward_prepared(plan.prepared, xproj, out, h0, c0, hn, cn, biases)
+                x = out
         return x, h_n, c_n
+
+
+def _project(x: Tensor, w_ih: tuple, b_ih: tuple, block: Optional[Tensor]) -> list:
+    """Per direction x W_ih^T (+ b_ih): [T, B, G*H] with unit stride in the last dimension; in
+    `block` (ProjectionBuffer.lend) where one is lent, with the same GEMM F.linear runs."""
+    if block is None:
+        xproj = [F.linear(x, w, b) for w, b in zip(w_ih, b_ih)]
+        return [p if p.stride(2) == 1 else p.contiguous() for p in xproj]
+    seq_len, batch, width = x.shape
+    rows, gates_width = seq_len * batch, w_ih[0].size(0)
+    x_rows = x.reshape(rows, width)
+    xproj = []
+    for direction, (w, b) in enumerate(zip(w_ih, b_ih)):
+        dest = block[direction * rows * gates_width:(direction + 1) * rows * gates_width]
+        dest = dest.view(rows, gates_width)
+        if b is None:
+            torch.mm(x_rows, w.t(), out=dest)
+        else:
+            torch.addmm(b, x_rows, w.t(), out=dest)
+        xproj.append(dest.view(seq_len, batch, gates_width))
+    return xproj
 
 
 class _CachedPlan:
