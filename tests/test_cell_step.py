@@ -221,7 +221,7 @@ def test_native_rejects_bad_shape_and_dtype():
     with pytest.raises(ValueError, match="batch and hidden"):
         _backend._cpu.cell_step_forward(2, 0, 0, 4, t.data_ptr(), 0, 0, 0, 0, 0, t.data_ptr(), 0,
                                         0, 0, 1, 0, 0, 0, 0, 0)
-    with pytest.raises(ValueError, match="float32 or float64"):
+    with pytest.raises(ValueError, match="float32, float64 or bfloat16"):
         _backend._cpu.cell_step_forward(2, DTYPE_CODES[torch.float16], 1, 4, t.data_ptr(), 0, 0,
                                         0, 0, 0, t.data_ptr(), 0, 0, 0, 1, 0, 0, 0, 0, 0)
     with pytest.raises(ValueError, match="cell code"):
@@ -295,12 +295,12 @@ def test_cell_step_double_backward_raises(name):
 
 
 def test_cell_step_fallbacks(monkeypatch):
-    """Half precision, 1-D inputs, empty batches and a non-CPU backend keep the other path;
-    operands of another dtype are a problem (the checked path then reports it)."""
+    """float16, 1-D inputs, empty batches and a non-CPU backend keep the other path; operands
+    of another dtype are a problem (the checked path then reports it)."""
     x = torch.randn(2, 3)
     w_ih, w_hh = torch.randn(4, 3), torch.randn(4, 4)
-    assert _cell_step.applies(x)
-    assert not _cell_step.applies(x.bfloat16())
+    assert _cell_step.applies(x) and _cell_step.applies(x.bfloat16())
+    assert not _cell_step.applies(x.half())
     assert not _cell_step.applies(x[0])
     assert not _cell_step.applies(x[:0])
     ok = _cell_step.operand_problem("rnn_tanh", x.dtype, 2, 3, None, None, w_ih, w_hh, None, None)

@@ -1,11 +1,11 @@
-"""bfloat16 tensors on the CPU recurrence (csrc/cpu/storage.h): the kernels widen every bfloat16
-they read to float, round every float they write to the nearest bfloat16, and compute in float in
-between. So a bfloat16 call must give exactly the float32 kernel's results on the widened
-tensors, rounded: that is checked bit for bit, forward (inference and training) and backward, per
-cell, instruction set, layout and feature, with every output poisoned with NaN first. Then the
-modules: bfloat16 inference and training on the CPU run the native kernels (no upcast copies)
-with torch.nn's error bar (DESIGN.md: at most twice torch.nn's error in the same precision,
-against float64).
+"""bfloat16 tensors on the CPU recurrence and cell step (csrc/cpu/storage.h): the kernels widen
+every bfloat16 they read to float, round every float they write to the nearest bfloat16, and
+compute in float in between. So a bfloat16 call must give exactly the float32 kernel's results on
+the widened tensors, rounded: that is checked bit for bit, forward (inference and training) and
+backward, per cell, instruction set, layout and feature, with every output poisoned with NaN
+first. Then the modules and cells: bfloat16 inference and training on the CPU run the native
+kernels (no upcast copies) with torch.nn's error bar (DESIGN.md: at most twice torch.nn's error
+in the same precision, against float64).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 
 import fusedrnn
 from _helpers import rel_err, run_backward_layer, run_forward_layer
-from fusedrnn import _backend
+from fusedrnn import _backend, _cell_step
 
 GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 NAN = float("nan")
@@ -188,15 +188,16 @@ def _module_trio(name, kwargs):
     return exact, theirs, ours
 
 
-def _record_dtypes(monkeypatch, *entries):
-    """Wraps these _backend entries so that each call records the dtype of the tensors it hands
-    the kernel: its second argument (xproj, or W_hh for the backward; the first of a list)."""
+def _record_dtypes(monkeypatch, *entries, module=_backend):
+    """Wraps these entries of `module` so that each call records the dtype of the tensors it
+    hands the kernel: its second argument (xproj, or W_hh for the backward, the first of a list;
+    x for the cell step's _forward)."""
     seen = []
     for entry in entries:
-        def recording(first, second, *rest, native=getattr(_backend, entry)):
+        def recording(first, second, *rest, native=getattr(module, entry), **kwargs):
             seen.append((second[0] if isinstance(second, list) else second).dtype)
-            return native(first, second, *rest)
-        monkeypatch.setattr(_backend, entry, recording)
+            return native(first, second, *rest, **kwargs)
+        monkeypatch.setattr(module, entry, recording)
     return seen
 
 MODULE_CASES = [
@@ -224,7 +225,9 @@ def test_bfloat16_inference_runs_native_within_torch_error(name, kwargs, T, B, m
     else:
         x = torch.randn((B, T, 6) if batch_first else (T, B, 6)).bfloat16()
         entry = "forward_prepared"  # the modules' inference plan
-    calls = _record_dtypes(monkeypatch, entry)
+    # A call of one step runs as a cell step (_cell_step.layer), whose _forward gets x.
+    calls = (_record_dtypes(monkeypatch, "_forward", module=_cell_step) if T == 1
+             else _record_dtypes(monkeypatch, entry))
     with torch.no_grad():
         out, state = ours(x)
         ref, ref_state = exact(_to(x, torch.float64))
@@ -284,3 +287,128 @@ def test_bfloat16_training_runs_native_within_torch_error(name, kwargs, T, B, mo
     for index, (want, mine, theirs_) in enumerate(zip(reference, got, torch_got)):
         assert mine.dtype == torch.bfloat16
         assert rel_err(mine, want) <= max(2 * rel_err(theirs_, want), 1e-2), index
+
+
+# --- one cell step (csrc/cpu/cell_step_impl.h) ----------------------------------------------------
+
+CELL_CASES = [("LSTMCell", {}, 1), ("LSTMCell", {}, 9), ("GRUCell", {}, 2), ("GRUCell", {}, 9),
+              ("RNNCell", dict(nonlinearity="relu"), 1), ("RNNCell", dict(bias=False), 9)]
+
+
+@pytest.mark.parametrize("name, kwargs, B", CELL_CASES,
+                         ids=["lstm-B1", "lstm-B9", "gru-B2", "gru-B9", "rnn-relu-B1",
+                              "rnn-nobias-B9"])
+def test_bfloat16_cells_run_native_within_torch_error(name, kwargs, B, monkeypatch):
+    """bfloat16 cells on the CPU take the cell step on bfloat16 tensors (B <= 2: the pass forms
+    the products from bfloat16 weights in place; else after torch's bfloat16 GEMMs), inference
+    and training: the output and every gradient within twice torch.nn's bfloat16 error."""
+    exact, theirs, ours = _module_trio(name, kwargs)
+    x, h0, c0 = (torch.randn(B, size).bfloat16() for size in (6, 12, 12))
+    seen = _record_dtypes(monkeypatch, "_forward", module=_cell_step)
+    with torch.no_grad():
+        results = [m(x.to(dt), (h0.to(dt), c0.to(dt)) if name == "LSTMCell" else h0.to(dt))
+                   for m, dt in ((exact, torch.float64), (ours, torch.bfloat16),
+                                 (theirs, torch.bfloat16))]
+    reference, got, torch_got = ([r] if torch.is_tensor(r) else list(r) for r in results)
+    for want, mine, theirs_ in zip(reference, got, torch_got):
+        assert mine.dtype == torch.bfloat16
+        assert rel_err(mine, want) <= max(2 * rel_err(theirs_, want), 1e-3)
+    runs = []
+    for module in (exact, ours, theirs):
+        dtype = torch.float64 if module is exact else torch.bfloat16
+        leaves = [t.to(dtype).clone().requires_grad_() for t in (x, h0, c0)]
+        out = module(leaves[0], tuple(leaves[1:]) if name == "LSTMCell" else leaves[1])
+        outs = list(out) if isinstance(out, tuple) else [out]
+        loss = sum((o.double() * torch.linspace(-1, 1, o.numel(), dtype=torch.float64)
+                    .view_as(o)).sum() for o in outs)
+        loss.backward()
+        runs.append([t.grad for t in leaves[:2 if name != "LSTMCell" else 3]] +
+                    [p.grad for p in module.parameters()])
+    assert set(seen) == {torch.bfloat16} and len(seen) == 2, "the native pass, twice"
+    reference, got, torch_got = runs
+    for index, (want, mine, theirs_) in enumerate(zip(reference, got, torch_got)):
+        assert mine.dtype == torch.bfloat16
+        assert rel_err(mine, want) <= max(2 * rel_err(theirs_, want), 1e-2), index
+
+
+def _cell_step_native_forward(cell, o, dtype, products):
+    """The native pass of one cell step's forward on operands `o` cast to dtype, outputs
+    NaN-poisoned first: {h, c, gates, saved}, None where the cell has none. products: the pass
+    forms x W_ih^T and h W_hh^T itself (weights read in place); else it gets them formed (xpre,
+    and hpre for a GRU), as after torch's GEMMs."""
+    from fusedrnn._backend import CELL_CODES, DTYPE_CODES, SAVED_GATE_COUNT, _cpu
+    o = {k: v.to(dtype) for k, v in o.items()}
+    B, H = o["h_prev"].shape
+    lstm, gru = cell == "lstm", cell == "gru"
+    fwd = dict(h=_poisoned(dtype, B, H), c=_poisoned(dtype, B, H) if lstm else None,
+               gates=_poisoned(dtype, B, SAVED_GATE_COUNT[cell] * H) if lstm or gru else None,
+               saved=_poisoned(dtype, B, H) if not gru else None)
+    _cpu.cell_step_forward(
+        CELL_CODES[cell], DTYPE_CODES[dtype], B, H, _ptr(None if products else o["xpre"]),
+        _ptr(o["hpre"] if gru and not products else None), _ptr(o["b_ih"]), _ptr(o["b_hh"]),
+        _ptr(o["h_prev"]), _ptr(o["c_prev"] if lstm else None), _ptr(fwd["h"]), _ptr(fwd["c"]),
+        _ptr(fwd["gates"]), _ptr(fwd["saved"]), 2,
+        *((_ptr(o["x"]), _ptr(o["w_ih"]), _ptr(o["w_hh"]), o["x"].size(1), H) if products
+          else (0, 0, 0, 0, 0)))
+    return fwd
+
+
+def _cell_step_native_backward(cell, o, fwd, dtype):
+    """The native pass of one cell step's backward from the forward's saved values `fwd` and
+    the operands `o` (h_prev, c_prev, d_h, d_c), all cast to dtype: {d_xpre, d_hpre, d_c_prev,
+    d_h_prev}, NaN-poisoned first, None where the cell has none."""
+    from fusedrnn._backend import CELL_CODES, DTYPE_CODES, GATE_COUNT, _cpu
+    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    o, fwd = ({k: cast(v) for k, v in d.items()} for d in (o, fwd))
+    B, H = o["h_prev"].shape
+    lstm, gru = cell == "lstm", cell == "gru"
+    bwd = dict(d_xpre=_poisoned(dtype, B, GATE_COUNT[cell] * H),
+               d_hpre=_poisoned(dtype, B, GATE_COUNT[cell] * H) if gru else None,
+               d_c_prev=_poisoned(dtype, B, H) if lstm else None,
+               d_h_prev=_poisoned(dtype, B, H) if gru else None)
+    _cpu.cell_step_backward(
+        CELL_CODES[cell], DTYPE_CODES[dtype], B, H, _ptr(fwd["gates"]),
+        _ptr(fwd["saved"] if lstm else None), _ptr(o["c_prev"] if lstm else None),
+        _ptr(o["h_prev"]), _ptr(fwd["saved"] if not (lstm or gru) else None), _ptr(o["d_h"]),
+        _ptr(o["d_c"] if lstm else None), _ptr(bwd["d_xpre"]), _ptr(bwd["d_hpre"]),
+        _ptr(bwd["d_c_prev"]), _ptr(bwd["d_h_prev"]), 2)
+    return bwd
+
+
+def _poisoned(dtype, *shape):
+    return torch.full(shape, NAN, dtype=dtype)
+
+
+def _ptr(t):
+    return 0 if t is None else t.data_ptr()
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
+@pytest.mark.parametrize("products", [True, False], ids=["products", "formed"])
+def test_bfloat16_cell_step_is_the_float_pass_rounded(cell, products, isa, monkeypatch):
+    """The cell step's native pass on bfloat16 tensors against the float32 pass on the same
+    values widened: forward outputs and saved values, then the backward from the bfloat16
+    forward's saved values. Equal after rounding, except where the pass forms the products
+    itself: it reads bfloat16 weights as pairs of k (InPlaceDots::dots), another summation order,
+    so there the forward may be 1 bfloat16 ulp apart. H=37 leaves a partial vector in each row."""
+    monkeypatch.setenv("FUSEDRNN_CPU_ISA", isa)  # lowered to what the machine has
+    B, H, I, G = (2 if products else 5), 37, 19, GATES[cell]
+    g = torch.Generator().manual_seed(G * 100 + B)
+    rand = lambda *shape, s=1.0: (torch.randn(*shape, generator=g) * s).bfloat16()  # noqa: E731
+    operands = dict(x=rand(B, I), w_ih=rand(G * H, I, s=0.3), w_hh=rand(G * H, H, s=0.2),
+                    b_ih=rand(G * H, s=0.3), b_hh=rand(G * H, s=0.3), h_prev=rand(B, H),
+                    c_prev=rand(B, H), xpre=rand(B, G * H), hpre=rand(B, G * H),
+                    d_h=rand(B, H), d_c=rand(B, H))
+    fwd = _cell_step_native_forward(cell, operands, torch.bfloat16, products)
+    wide_fwd = _cell_step_native_forward(cell, operands, torch.float32, products)
+    for name in fwd:
+        _assert_rounded(name, fwd[name], wide_fwd[name], ulps=1 if products else 0)
+        if fwd[name] is not None:
+            assert not fwd[name].isnan().any(), name
+    bwd = _cell_step_native_backward(cell, operands, fwd, torch.bfloat16)
+    wide_bwd = _cell_step_native_backward(cell, operands, fwd, torch.float32)
+    for name in bwd:
+        _assert_rounded(name, bwd[name], wide_bwd[name])
+        if bwd[name] is not None:
+            assert not bwd[name].isnan().any(), name

@@ -412,8 +412,9 @@ void require(const void* pointer, const char* name, const char* when) {
 }
 
 void check_shape(const CellStepShape& p) {
-  if (p.dtype != DType::kFloat32 && p.dtype != DType::kFloat64) {
-    throw std::invalid_argument("fusedrnn: cell step: dtype must be float32 or float64 on the CPU");
+  if (p.dtype != DType::kFloat32 && p.dtype != DType::kFloat64 && p.dtype != DType::kBFloat16) {
+    throw std::invalid_argument(
+        "fusedrnn: cell step: dtype must be float32, float64 or bfloat16 on the CPU");
   }
   if (static_cast<int>(p.cell) < 0 || static_cast<int>(p.cell) > static_cast<int>(CellKind::kRnnRelu)) {
     throw std::invalid_argument("fusedrnn: cell step: unknown cell code " +

@@ -1177,10 +1177,8 @@ void backward_impl(const RecurrenceBwdParams& p, const Team& team) {
 
 // ------------------------------------------------------------------------------ entry points
 // Fn<T, C, S>::call for the params' cell and dtype: T the compute type, S the storage type
-// (storage.h). kStored: whether bfloat16 tensors are taken (the recurrence's), else only float
-// and double (the cell step's: the bindings reject bfloat16 there).
-template <template <typename, CellKind, typename> class Fn, bool kStored, typename Params,
-          typename... Args>
+// (storage.h).
+template <template <typename, CellKind, typename> class Fn, typename Params, typename... Args>
 auto dispatch_cell_dtype(const Params& p, Args&&... args) {
   auto with_cell = [&](auto compute, auto storage) {
     using T = decltype(compute);
@@ -1195,9 +1193,7 @@ auto dispatch_cell_dtype(const Params& p, Args&&... args) {
     }
   };
   if (p.dtype == DType::kFloat64) return with_cell(double{}, double{});
-  if constexpr (kStored) {
-    if (p.dtype == DType::kBFloat16) return with_cell(float{}, BFloat16{});
-  }
+  if (p.dtype == DType::kBFloat16) return with_cell(float{}, BFloat16{});
   return with_cell(float{}, float{});
 }
 
@@ -1237,22 +1233,22 @@ struct BwdRun {
 };
 
 int64_t forward_workspace_bytes(const RecurrenceFwdParams& p) {
-  return dispatch_cell_dtype<FwdBytes, true>(p);
+  return dispatch_cell_dtype<FwdBytes>(p);
 }
 int64_t backward_workspace_bytes(const RecurrenceBwdParams& p) {
-  return dispatch_cell_dtype<BwdBytes, true>(p);
+  return dispatch_cell_dtype<BwdBytes>(p);
 }
 int forward_max_threads(const RecurrenceFwdParams& p) {
-  return dispatch_cell_dtype<FwdThreads, true>(p);
+  return dispatch_cell_dtype<FwdThreads>(p);
 }
 int backward_max_threads(const RecurrenceBwdParams& p) {
-  return dispatch_cell_dtype<BwdThreads, true>(p);
+  return dispatch_cell_dtype<BwdThreads>(p);
 }
 void forward_direction(const RecurrenceFwdParams& p, const Team& team) {
-  dispatch_cell_dtype<FwdRun, true>(p, team);
+  dispatch_cell_dtype<FwdRun>(p, team);
 }
 void backward_direction(const RecurrenceBwdParams& p, const Team& team) {
-  dispatch_cell_dtype<BwdRun, true>(p, team);
+  dispatch_cell_dtype<BwdRun>(p, team);
 }
 
 }  // namespace fusedrnn::cpu::FUSEDRNN_CPU_ISA
