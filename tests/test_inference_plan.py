@@ -483,6 +483,24 @@ def test_kept_projection_block_gives_identical_results(kind, kwargs, dtype, monk
             assert torch.equal(a, e), f"result {i} with the block lent elsewhere"
 
 
+def test_kept_projection_block_across_inference_mode(monkeypatch):
+    """A block first lent under torch.inference_mode serves a later call under no_grad, and the
+    other way round (an inference tensor cannot be written outside inference mode)."""
+    from fusedrnn import _projection_buffer
+    monkeypatch.setattr(_projection_buffer, "REUSE_MIN_BYTES", 0)
+    for first, then in [(torch.inference_mode, torch.no_grad), (torch.no_grad, torch.inference_mode)]:
+        theirs, ours = make_pair("GRU", num_layers=2)
+        x = fresh_input(3)
+        with first():
+            a = flat(ours(x))
+        with then():
+            b = flat(ours(x))
+            expected = flat(theirs(x))
+        for got in (a, b):
+            for i, (g, e) in enumerate(zip(got, expected)):
+                assert_close(g, e, TOL, f"result {i}")
+
+
 def test_small_projections_keep_no_block():
     _, ours = make_pair("LSTM")
     with torch.no_grad():

@@ -50,7 +50,10 @@ class ProjectionBuffer:
             block = self._block
             if block is None or block.dtype != like.dtype or block.numel() < numel:
                 self._block = None  # drop the old block before allocating the larger one
-                block = self._block = torch.empty(numel, dtype=like.dtype)
+                # A normal tensor even under torch.inference_mode: an inference tensor could
+                # not be written by a later call made outside it.
+                with torch.inference_mode(False):
+                    block = self._block = torch.empty(numel, dtype=like.dtype)
             yield block[:numel]
         finally:
             self._lock.release()
