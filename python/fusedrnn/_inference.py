@@ -16,9 +16,9 @@ so that memory outlives any swap. Plans live in a weak table beside the modules,
 a deepcopy or pickle of a module must not carry raw pointers into the original's weights. Calls
 only read a plan, except for the one block of memory it lends to a large CPU call's input
 projection (_projection_buffer); concurrent calls from several threads are safe (each allocates
-its own outputs and workspace, and a call that finds the block lent allocates its own). A layer whose W_hh, b_hh or W_hr is not contiguous, or a module whose weights are
-not among its registered parameters (torch.nn.utils parametrizations), get a fresh plan at
-every call instead.
+its own outputs and workspace, and a call that finds the block lent allocates its own). A layer
+whose W_hh, b_hh or W_hr is not contiguous, or a module whose weights are not among its
+registered parameters (torch.nn.utils parametrizations), get a fresh plan at every call instead.
 """
 from __future__ import annotations
 
@@ -177,26 +177,34 @@ class InferencePlan:
             h0_all = h0_all.contiguous()
         if c0_all is not None:
             c0_all = c0_all.contiguous()
-        single = len(self.layers) == 1
         # Every layer's projection has the same size and is dead once its layer has run: one
-        # block serves them all.
-        gates_width = self.layers[0].w_ih[0].size(0)
-        with self.projection_buffer.lend(x, seq_len * batch * num_dirs * gates_width) as block:
-            for layer, plan in enumerate(self.layers):
-                first, last = layer * num_dirs, (layer + 1) * num_dirs
-                if plan.b_hh is None:
-                    xproj = _project(x, plan.w_ih, plan.b_ih, block)
-                    biases = None
-                else:
-                    xproj = _project(x, plan.w_ih, (None,) * num_dirs, block)
-                    biases = [torch.add(bi, bh) for bi, bh in zip(plan.b_ih, plan.b_hh)]
-                out = x.new_empty(seq_len, batch, num_dirs * state)
-                h0 = h0_all if single or h0_all is None else h0_all[first:last]
-                c0 = c0_all if single or c0_all is None else c0_all[first:last]
-                hn = h_n if single else h_n[first:last]
-                cn = c_n if single or c_n is None else c_n[first:last]
-                _backend.forward_prepared(plan.prepared, xproj, out, h0, c0, hn, cn, biases)
-                x = out
+        # kept block serves them all.
+        numel = seq_len * batch * num_dirs * self.layers[0].w_ih[0].size(0)
+        if not ProjectionBuffer.applies(x, numel):
+            return self._run_layers(x, h0_all, c0_all, h_n, c_n, None)
+        with self.projection_buffer.lend(x, numel) as block:
+            return self._run_layers(x, h0_all, c0_all, h_n, c_n, block)
+
+    def _run_layers(self, x, h0_all, c0_all, h_n, c_n, block: Optional[Tensor]):
+        """run()'s layers, each projecting x into `block` where one is lent."""
+        seq_len, batch = x.shape[0], x.shape[1]
+        num_dirs, state = self.num_directions, self.state
+        single = len(self.layers) == 1
+        for layer, plan in enumerate(self.layers):
+            first, last = layer * num_dirs, (layer + 1) * num_dirs
+            if plan.b_hh is None:
+                xproj = _project(x, plan.w_ih, plan.b_ih, block)
+                biases = None
+            else:
+                xproj = _project(x, plan.w_ih, (None,) * num_dirs, block)
+                biases = [torch.add(bi, bh) for bi, bh in zip(plan.b_ih, plan.b_hh)]
+            out = x.new_empty(seq_len, batch, num_dirs * state)
+            h0 = h0_all if single or h0_all is None else h0_all[first:last]
+            c0 = c0_all if single or c0_all is None else c0_all[first:last]
+            hn = h_n if single else h_n[first:last]
+            cn = c_n if single or c_n is None else c_n[first:last]
+            _backend.forward_prepared(plan.prepared, xproj, out, h0, c0, hn, cn, biases)
+            x = out
         return x, h_n, c_n
 
 
