@@ -20,6 +20,9 @@ CELL_CODES = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3}
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 GATE_COUNT = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 SAVED_GATE_COUNT = {"lstm": 4, "gru": 4, "rnn_tanh": 0, "rnn_relu": 0}
+# The dtypes the CPU kernels (recurrence and cell step) take natively: bfloat16 tensors are
+# widened to float inside (csrc/cpu/storage.h); float16 is upcast in Python.
+CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
 
 def _try_import(name: str):

@@ -34,9 +34,7 @@ import torch
 from torch import Tensor
 
 from . import _backend
-from ._backend import CELL_CODES, DTYPE_CODES, GATE_COUNT, SAVED_GATE_COUNT, _cpu
-
-_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+from ._backend import CELL_CODES, CPU_DTYPES, DTYPE_CODES, GATE_COUNT, SAVED_GATE_COUNT, _cpu
 
 
 def applies(input: Tensor, dims: int = 2) -> bool:
@@ -48,7 +46,7 @@ def applies(input: Tensor, dims: int = 2) -> bool:
     (without making the view of its step)."""
     # (is_cpu, not device.type: ~0.05 against ~0.3 us, and this runs at every cell call.)
     # (plain_eager before any size comparison: a size is a tensor while torch.jit.trace records.)
-    if (not input.is_cpu or not _backend.plain_eager() or input.dtype not in _DTYPES
+    if (not input.is_cpu or not _backend.plain_eager() or input.dtype not in CPU_DTYPES
             or input.dim() != dims or 0 in input.shape or _cpu is None
             or (type(input) is not Tensor and _backend.without_data(input))):  # a FakeTensor
         return False

@@ -19,6 +19,7 @@ from torch.nn.utils.rnn import PackedSequence
 from . import _backend, _cell_step, _inference, _onnx_export, _script
 from . import _validation as check
 from . import functional
+from ._backend import CPU_DTYPES
 from ._packing import PackedLayout
 
 _GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
@@ -168,7 +169,7 @@ class RNNBase(nn.Module):
         # is not a plain parameter (torch.nn.utils parametrizations) takes the full path.
         weight = self._parameters.get("weight_ih_l0")
         dtype, device = input.dtype, input.device
-        native = _CPU_DTYPES if device.type == "cpu" else _NATIVE_DTYPES
+        native = CPU_DTYPES if device.type == "cpu" else _NATIVE_DTYPES
         if (weight is None or dtype is not weight.dtype or dtype not in native
                 or device != weight.device
                 or input.size(2) != self.input_size
@@ -533,12 +534,10 @@ class RNN(RNNBase):
         return self._eager_forward(input, hx)
 
 
-# The dtypes every backend runs natively (the CPU upcasts float16: not the fast path).
+# The dtypes every backend runs natively. On the CPU the inference plan also takes bfloat16
+# (CPU_DTYPES); CUDA's half types take the full path, as before: the plan has not been
+# measured on a GPU in them.
 _NATIVE_DTYPES = (torch.float32, torch.float64)
-# The CPU recurrence also takes bfloat16 tensors (widened to float inside the kernel), so a
-# bfloat16 inference call on the CPU takes the inference plan. (CUDA's half types take the full
-# path, as before: the plan has not been measured on a GPU in them.)
-_CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
 
 def _layer_states(h0: Optional[Tensor], c0: Optional[Tensor], layer: int, num_dirs: int):
