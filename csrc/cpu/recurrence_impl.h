@@ -715,7 +715,7 @@ struct BwdLayout {
 
 // ------------------------------------------------------------------------------ forward
 // T: the compute type; S: what the tensors hold (storage.h: T itself, or bfloat16 with T float).
-template <typename T, CellKind C, typename S = T>
+template <typename T, CellKind C, typename S>
 void forward_impl(const RecurrenceFwdParams& p, const Team& team) {
   constexpr int W = kWidth<T>;
   constexpr int G = gate_count(C);
@@ -955,7 +955,7 @@ void forward_impl(const RecurrenceFwdParams& p, const Team& team) {
 
 // ------------------------------------------------------------------------------ backward
 // T, S: as forward_impl's (the carried d_h, d_c and d_pre stay in T).
-template <typename T, CellKind C, typename S = T>
+template <typename T, CellKind C, typename S>
 void backward_impl(const RecurrenceBwdParams& p, const Team& team) {
   constexpr int W = kWidth<T>;
   constexpr int G = gate_count(C);

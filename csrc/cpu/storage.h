@@ -1,9 +1,10 @@
-// What the CPU recurrence's tensors hold (the storage type S) as opposed to what it computes in
-// (T). float and double are both at once. bfloat16 is storage only: every load widens it to
-// float (exact: a bfloat16 is the top half of a float) and every store rounds a float to the
-// nearest bfloat16 (ties to even, NaN stays NaN), so a bfloat16 layer runs the float kernel with
-// bfloat16 tensors at its edges. The kernel's own buffers (packed weights, h, c) stay in T: the
-// cell state and the sums never round to bfloat16 between steps.
+// What the CPU kernels' tensors hold (the storage type S) as opposed to what they compute in (T):
+// the recurrence's and the cell step's (cell_step_impl.h). float and double are both at once.
+// bfloat16 is storage only: every load widens it to float (exact: a bfloat16 is the top half of
+// a float) and every store rounds a float to the nearest bfloat16 (ties to even, NaN stays NaN),
+// so a bfloat16 layer runs the float kernel with bfloat16 tensors at its edges. The kernel's own
+// buffers (packed weights, h, c) stay in T: the cell state and the sums never round to bfloat16
+// between steps.
 //
 // Call sites read and write every sequence, state and weight through load_as / store_as, which
 // are plain vector loads and stores when S is T. One exception: InPlaceDots::dots reads bfloat16

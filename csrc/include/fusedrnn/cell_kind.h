@@ -19,7 +19,7 @@ enum class DType : int32_t {
   kFloat32 = 0,
   kFloat64 = 1,
   kFloat16 = 2,   // CUDA only; the CPU path upcasts in Python
-  kBFloat16 = 3,  // CUDA; on the CPU the forward only (csrc/cpu/storage.h), else upcast in Python
+  kBFloat16 = 3,  // CUDA; on the CPU as storage only, computed in float (csrc/cpu/storage.h)
 };
 
 // Number of gate blocks of H rows in W_ih / W_hh (and columns of the input projection).
