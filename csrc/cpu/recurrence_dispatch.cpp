@@ -11,7 +11,13 @@
 #include <utility>
 
 #if defined(__unix__) || defined(__APPLE__)
-#include <unistd.h>  // sysconf
+#include <unistd.h>  // sysconf, syscall
+#endif
+#if defined(__linux__)
+#include <sys/syscall.h>  // SYS_arch_prctl
+#endif
+#if defined(__x86_64__)
+#include <cpuid.h>
 #endif
 
 #include "recurrence_isa.h"
@@ -42,9 +48,33 @@ struct IsaOps {
   }
 
 int isa_rank(const char* name) {
+  if (std::strcmp(name, "amx") == 0) return 3;
   if (std::strcmp(name, "avx512") == 0) return 2;
   if (std::strcmp(name, "avx2") == 0) return 1;
   return 0;
+}
+
+// AMX-BF16 and AMX-TILE in cpuid, the tile state enabled by the OS (XCR0 bits 17 and 18), and
+// this process granted it: Linux (5.16+) hands the 8 KB of tile data to a process only on request
+// (arch_prctl ARCH_REQ_XCOMP_PERM), and a tile instruction without it kills the process with
+// SIGILL. The request is per process and idempotent (oneDNN makes the same one).
+bool amx_usable() {
+#if defined(FUSEDRNN_CPU_HAS_AMX_BUILD) && defined(__linux__)
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+  const bool amx_bf16 = (edx >> 22) & 1u, amx_tile = (edx >> 24) & 1u;
+  if (!amx_bf16 || !amx_tile) return false;
+  if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx) || !((ecx >> 27) & 1u)) return false;  // OSXSAVE
+  uint32_t xcr0_lo = 0, xcr0_hi = 0;
+  __asm__ volatile("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
+  constexpr uint32_t kTileState = (1u << 17) | (1u << 18);  // XTILECFG, XTILEDATA
+  if ((xcr0_lo & kTileState) != kTileState) return false;
+  constexpr long kArchReqXcompPerm = 0x1023;
+  constexpr long kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
 }
 
 int supported_rank() {
@@ -54,7 +84,7 @@ int supported_rank() {
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("fma")) {
-      return 2;
+      return amx_usable() ? 3 : 2;
     }
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
     return 0;
@@ -71,15 +101,19 @@ IsaOps ops() {
   if (const char* want = std::getenv("FUSEDRNN_CPU_ISA")) {
     if (*want) {
       if (std::strcmp(want, "generic") != 0 && std::strcmp(want, "avx2") != 0 &&
-          std::strcmp(want, "avx512") != 0) {
-        throw std::invalid_argument(std::string("FUSEDRNN_CPU_ISA must be generic, avx2 or avx512, got '") +
-                                    want + "'");
+          std::strcmp(want, "avx512") != 0 && std::strcmp(want, "amx") != 0) {
+        throw std::invalid_argument(
+            std::string("FUSEDRNN_CPU_ISA must be generic, avx2, avx512 or amx, got '") + want +
+            "'");
       }
       if (isa_rank(want) < rank) rank = isa_rank(want);
     }
   }
 #if defined(__x86_64__)
-  if (rank == 2) return FUSEDRNN_ISA_OPS(avx512);
+#if defined(FUSEDRNN_CPU_HAS_AMX_BUILD)
+  if (rank == 3) return FUSEDRNN_ISA_OPS(amx);
+#endif
+  if (rank >= 2) return FUSEDRNN_ISA_OPS(avx512);
   if (rank == 1) return FUSEDRNN_ISA_OPS(avx2);
 #endif
   return FUSEDRNN_ISA_OPS(generic);

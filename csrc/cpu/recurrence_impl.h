@@ -39,6 +39,7 @@
 #include "fusedrnn/cell_kind.h"
 #include "fusedrnn/cell_math.h"
 #include "fusedrnn/params.h"
+#include "amx_tiles.h"
 #include "recurrence_isa.h"
 #include "simd_vec.h"
 #include "storage.h"
@@ -654,7 +655,12 @@ struct FwdLayout {
   // can_defer: there is a `pre` buffer where the packed product can park each step's
   // pre-activations, for the cell update to run afterwards row by row (kDeferredMinStepBytes).
   bool can_defer;
-  int64_t w_pack, bias_pack, wr_pack, h, c, r, pre, scratch, proj_scratch, bytes;
+  // amx: the product runs on AMX tiles (amx_tiles.h): bfloat16 layers of the AMX build that
+  // would pack W_hh, except projected LSTMs. W_hh is packed into amx_pack, h is kept in
+  // bfloat16 too (double-buffered, hbf: the product's A operand) and the sums always take the
+  // round trip through `pre` (amx_rows(B) rows: a tile store writes 16).
+  bool amx;
+  int64_t w_pack, bias_pack, wr_pack, amx_pack, h, hbf, c, r, pre, scratch, proj_scratch, bytes;
   explicit FwdLayout(const RecurrenceFwdParams& p) {
     const int64_t H = p.hidden, P = p.state, B = p.batch;
     const bool projected = C == CellKind::kLstm && P != H;
@@ -664,32 +670,43 @@ struct FwdLayout {
     panels = ceil_div(H, units_per_panel);
     proj_panels = projected ? ceil_div(P, kColVecs * W) : 0;
     ld = padded_ld<T>(round_up(imax(H, P), kColVecs * W));
-    can_defer = !in_place && B * gate_count(C) * H * static_cast<int64_t>(sizeof(T)) >=
-                                 kDeferredMinStepBytes;
-    const int64_t e = sizeof(T);
+    amx = kAmxBuild && p.dtype == DType::kBFloat16 && !in_place && !projected &&
+          NV <= kAmxMaxVecs && W == kAmxCols;
+    can_defer = amx || (!in_place && B * gate_count(C) * H * static_cast<int64_t>(sizeof(T)) >=
+                                         kDeferredMinStepBytes);
+    const int64_t e = sizeof(T), bf16 = 2;
     Carver carve;
-    w_pack = carve.take(in_place ? 0 : panels * P * NV * W * e);
+    w_pack = carve.take(in_place || amx ? 0 : panels * P * NV * W * e);
     bias_pack = carve.take(in_place ? 0 : panels * NV * W * e);
     wr_pack = carve.take(proj_in_place ? 0 : proj_panels * H * kColVecs * W * e);
+    amx_pack = carve.take(amx ? panels * amx_panel_elems(NV, P) * bf16 : 0);
     h = carve.take(2 * B * ld * e);
+    hbf = carve.take(amx ? 2 * amx_rows(B) * amx_lda(P) * bf16 : 0);
     c = carve.take(C == CellKind::kLstm ? B * ld * e : 0);
     r = carve.take(projected ? B * ld * e : 0);
-    pre = carve.take(can_defer ? B * pre_row_elems() * e : 0);
-    scratch = carve.take(in_place ? 0 : PanelGemm<T, NV>::scratch_elems(panels, B, P) * e);
+    pre = carve.take(can_defer ? (amx ? amx_rows(B) : B) * pre_row_elems() * e : 0);
+    scratch = carve.take(in_place || amx ? 0 : PanelGemm<T, NV>::scratch_elems(panels, B, P) * e);
     proj_scratch = carve.take(
         proj_in_place ? 0 : PanelGemm<T, kColVecs>::scratch_elems(proj_panels, B, H) * e);
     bytes = carve.total();
   }
   // One batch row of `pre`: every panel's NV vectors, panel after panel, so that the cell
-  // update of a row reads it front to back.
-  int64_t pre_row_elems() const { return panels * NV * W; }
+  // update of a row reads it front to back. The AMX product stores and reloads 16 rows of a
+  // panel at a time: one more cache line per row keeps rows 2^n floats long out of one L1 set.
+  int64_t pre_row_elems() const { return panels * NV * W + (amx ? W : 0); }
 };
 
 template <typename T, CellKind C>
 struct BwdLayout {
   static constexpr int W = kWidth<T>;
   int64_t cols_per_panel, panels, proj_panels, ld, ldg;
-  int64_t wt_pack, wr_pack, dh, dc, dpre, dh_direct, dht, scratch, proj_scratch, bytes;
+  // amx: as FwdLayout's, for the product d_pre W_hh: W_hh packed into amx_pack, d_pre kept in
+  // bfloat16 too (double-buffered, dpbf) and the sums coming back through amx_sums (amx_rows(B)
+  // rows of amx_sums_ld floats).
+  bool amx;
+  int64_t amx_sums_ld;
+  int64_t wt_pack, wr_pack, amx_pack, dh, dc, dpre, dpbf, amx_sums, dh_direct, dht, scratch,
+      proj_scratch, bytes;
   explicit BwdLayout(const RecurrenceBwdParams& p) {
     const int64_t H = p.hidden, P = p.state, B = p.batch, G = gate_count(C);
     const bool projected = C == CellKind::kLstm && P != H;
@@ -698,16 +715,21 @@ struct BwdLayout {
     proj_panels = projected ? ceil_div(H, cols_per_panel) : 0;
     ld = padded_ld<T>(round_up(imax(H, P), cols_per_panel));
     ldg = padded_ld<T>(round_up(G * H, W));
-    const int64_t e = sizeof(T);
+    amx = kAmxBuild && p.dtype == DType::kBFloat16 && !projected && W == kAmxCols;
+    amx_sums_ld = panels * cols_per_panel + W;  // + a line: see FwdLayout::pre_row_elems
+    const int64_t e = sizeof(T), bf16 = 2;
     Carver carve;
-    wt_pack = carve.take(panels * G * H * kColVecs * W * e);
+    wt_pack = carve.take(amx ? 0 : panels * G * H * kColVecs * W * e);
     wr_pack = carve.take(proj_panels * P * kColVecs * W * e);
+    amx_pack = carve.take(amx ? panels * amx_panel_elems(kColVecs, G * H) * bf16 : 0);
     dh = carve.take(B * ld * e);
     dc = carve.take(C == CellKind::kLstm ? B * ld * e : 0);
     dpre = carve.take(2 * B * ldg * e);
+    dpbf = carve.take(amx ? 2 * amx_rows(B) * amx_lda(G * H) * bf16 : 0);
+    amx_sums = carve.take(amx ? amx_rows(B) * amx_sums_ld * e : 0);
     dh_direct = carve.take(C == CellKind::kGru ? B * ld * e : 0);
     dht = carve.take(projected ? B * ld * e : 0);
-    scratch = carve.take(PanelGemm<T, kColVecs>::scratch_elems(panels, B, G * H) * e);
+    scratch = carve.take(amx ? 0 : PanelGemm<T, kColVecs>::scratch_elems(panels, B, G * H) * e);
     proj_scratch = carve.take(PanelGemm<T, kColVecs>::scratch_elems(proj_panels, B, P) * e);
     bytes = carve.total();
   }
@@ -733,6 +755,11 @@ void forward_impl(const RecurrenceFwdParams& p, const Team& team) {
   T* bias_pack = p.b_hh && !lay.in_place ? reinterpret_cast<T*>(ws + lay.bias_pack) : nullptr;
   T* wr_pack = reinterpret_cast<T*>(ws + lay.wr_pack);
   T* hbuf[2] = {reinterpret_cast<T*>(ws + lay.h), reinterpret_cast<T*>(ws + lay.h) + B * ld};
+  // The AMX product's bfloat16 copies of h (FwdLayout::amx), amx_ld apart.
+  const int64_t amx_ld = amx_lda(P), amx_row_count = amx_rows(B);
+  BFloat16* hbf[2] = {reinterpret_cast<BFloat16*>(ws + lay.hbf),
+                      reinterpret_cast<BFloat16*>(ws + lay.hbf) + amx_row_count * amx_ld};
+  BFloat16* amx_pack = reinterpret_cast<BFloat16*>(ws + lay.amx_pack);
   T* cbuf = reinterpret_cast<T*>(ws + lay.c);
   T* rbuf = reinterpret_cast<T*>(ws + lay.r);
   T* scratch = reinterpret_cast<T*>(ws + lay.scratch);
@@ -752,19 +779,28 @@ void forward_impl(const RecurrenceFwdParams& p, const Team& team) {
   const int64_t col_begin = imin(ppan_begin * kColVecs * W, P);
   const int64_t col_end = imin(ppan_end * kColVecs * W, P);
   const bool deferred =
-      lay.can_defer &&
-      (unit_end - unit_begin) * static_cast<int64_t>(sizeof(T)) >= kDeferredMinRowBytes;
+      lay.amx || (lay.can_defer && (unit_end - unit_begin) * static_cast<int64_t>(sizeof(T)) >=
+                                       kDeferredMinRowBytes);
 
-  // Each thread packs the panels it will read (they stay in its own cache).
+  // Each thread packs the panels it will read (they stay in its own cache), and configures its
+  // AMX tiles for them (FwdLayout::amx) until it returns.
+  AmxTileScope tiles(lay.amx);
   const int64_t upp = lay.units_per_panel;
   auto gate_row = [&](int64_t pan, int v, int w) -> int64_t {
     const int64_t g = v / UV, u = pan * upp + (v % UV) * W + w;
     return u < H ? g * H + u : -1;
   };
-  if (!lay.in_place) {
+  if (lay.amx) {
+    if constexpr (std::is_same_v<S, BFloat16>) {
+      for (int64_t pan = pan_begin; pan < pan_end; ++pan) {
+        pack_amx_panel<NV>(amx_pack + pan * amx_panel_elems(NV, P), w_hh, P, P,
+                           [&](int v, int w) { return gate_row(pan, v, w); });
+      }
+    }
+  } else if (!lay.in_place) {
     pack_panels<T, NV>(w_pack, w_hh, P, P, 1, pan_begin, pan_end, gate_row);
-    if (bias_pack) pack_panels<T, NV>(bias_pack, b_hh, 1, 1, 0, pan_begin, pan_end, gate_row);
   }
+  if (bias_pack) pack_panels<T, NV>(bias_pack, b_hh, 1, 1, 0, pan_begin, pan_end, gate_row);
   if (projected && !lay.proj_in_place) {
     pack_panels<T, kColVecs>(
         wr_pack, w_hr, H, H, 1, ppan_begin, ppan_end, [&](int64_t pan, int v, int w) -> int64_t {
@@ -777,6 +813,17 @@ void forward_impl(const RecurrenceFwdParams& p, const Team& team) {
     if (p.h0) {
       for (int64_t b = 0; b < B; ++b) {
         convert_row(hbuf[0] + b * ld, static_cast<const S*>(p.h0) + b * P, P);
+      }
+    }
+    if (lay.amx) {
+      // Zeros past P and past B: a padding k must not meet a NaN (0 x NaN), and the sums of
+      // padding rows are never read.
+      std::memset(static_cast<void*>(hbf[0]), 0, sizeof(BFloat16) * 2 * amx_row_count * amx_ld);
+      if (p.h0) {
+        for (int64_t b = 0; b < B; ++b) {
+          std::memcpy(static_cast<void*>(hbf[0] + b * amx_ld),
+                      static_cast<const char*>(p.h0) + b * P * sizeof(S), sizeof(S) * P);
+        }
       }
     }
     if constexpr (C == CellKind::kLstm) {
@@ -797,7 +844,15 @@ void forward_impl(const RecurrenceFwdParams& p, const Team& team) {
   for (int64_t s = 0; s < seq_len; ++s) {
     const T* h_prev = hbuf[s & 1];
     T* h_next = hbuf[(s + 1) & 1];
+    BFloat16* hbf_next = lay.amx ? hbf[(s + 1) & 1] : nullptr;
     const int64_t rows = steps.rows_needed(s, B);
+    // h_t of units [u, u + n) of row b, to the next step's product (and its bfloat16 operand).
+    auto publish_h = [&](int64_t b, int64_t u, const V& h, int n) {
+      h.store(h_next + b * ld + u);
+      if constexpr (std::is_same_v<T, float>) {
+        if (hbf_next) store_as(hbf_next + b * amx_ld + u, h, n);
+      }
+    };
 
     auto cell_epilogue = [&](int64_t pan, int64_t r0, int m, auto& acc) {
       for (int i = 0; i < m; ++i) {
@@ -823,7 +878,7 @@ void forward_impl(const RecurrenceFwdParams& p, const Team& team) {
               r.store(rbuf + b * ld + u);
               if (r_seq_data) store_as(row_of<S>(p.r_seq, t, b) + u, r, n);
             } else {
-              r.store(h_next + b * ld + u);
+              publish_h(b, u, r, n);
               store_as(out + u, r, n);
             }
             if (gates_data) store_saved_gates(gate, row_of<S>(p.gates, t, b), H, u, n);
@@ -833,12 +888,12 @@ void forward_impl(const RecurrenceFwdParams& p, const Team& team) {
             const auto gate = gru_forward(
                 load_as<V>(x + u, n), load_as<V>(x + H + u, n), load_as<V>(x + 2 * H + u, n),
                 acc[i][0], acc[i][1], acc[i][2], V::load(h_prev + b * ld + u), h);
-            h.store(h_next + b * ld + u);
+            publish_h(b, u, h, n);
             store_as(out + u, h, n);
             if (gates_data) store_saved_gates(gate, row_of<S>(p.gates, t, b), H, u, n);
           } else {
             const V h = rnn_forward(p.cell, acc[i][uv] + load_as<V>(x + u, n));
-            h.store(h_next + b * ld + u);
+            publish_h(b, u, h, n);
             store_as(out + u, h, n);
           }
         }
@@ -877,12 +932,27 @@ void forward_impl(const RecurrenceFwdParams& p, const Team& team) {
           for (int v = 0; v < NV; ++v) acc[i][v].store(row + v * W);
         }
       };
-      PanelGemm<T, NV>::run(h_prev, ld, rows, P, w_pack, bias_pack, pan_begin, pan_end, scratch,
-                            park, [](int64_t, int64_t, int) {}, (s & 1) != 0);
+      if (lay.amx) {
+        // The tiles leave the bias out: it joins the sums as they come back from `pre`.
+        if constexpr (std::is_same_v<T, float>) {
+          for (int64_t pan = pan_begin; pan < pan_end; ++pan) {
+            amx_panel_product<NV>(hbf[s & 1], amx_ld, ceil_div(rows, kAmxRows),
+                                  amx_pack + pan * amx_panel_elems(NV, P), amx_chunks(P),
+                                  pre + pan * NV * W, pre_ld);
+          }
+        }
+      } else {
+        PanelGemm<T, NV>::run(h_prev, ld, rows, P, w_pack, bias_pack, pan_begin, pan_end,
+                              scratch, park, [](int64_t, int64_t, int) {}, (s & 1) != 0);
+      }
+      const T* amx_bias = lay.amx ? bias_pack : nullptr;
       for (int64_t b = 0; b < rows; ++b) {
         for (int64_t pan = pan_begin; pan < pan_end; ++pan) {
           V sums[1][NV];
-          for (int v = 0; v < NV; ++v) sums[0][v] = V::load(pre + b * pre_ld + (pan * NV + v) * W);
+          for (int v = 0; v < NV; ++v) {
+            sums[0][v] = V::load(pre + b * pre_ld + (pan * NV + v) * W);
+            if (amx_bias) sums[0][v] += V::load(amx_bias + (pan * NV + v) * W);
+          }
           cell_epilogue(pan, b, 1, sums);
         }
       }
@@ -898,6 +968,11 @@ void forward_impl(const RecurrenceFwdParams& p, const Team& team) {
         if (!projected) {
           std::memcpy(h_next + b * ld + unit_begin, h_prev + b * ld + unit_begin,
                       sizeof(T) * (unit_end - unit_begin));
+          if (hbf_next) {
+            std::memcpy(static_cast<void*>(hbf_next + b * amx_ld + unit_begin),
+                        hbf[s & 1] + b * amx_ld + unit_begin,
+                        sizeof(BFloat16) * (unit_end - unit_begin));
+          }
           zero_row(row_of<S>(p.out, s, b) + unit_begin, unit_end - unit_begin);
         }
       }
@@ -975,6 +1050,12 @@ void backward_impl(const RecurrenceBwdParams& p, const Team& team) {
   T* dc_state = reinterpret_cast<T*>(ws + lay.dc);
   T* dpre_buf[2] = {reinterpret_cast<T*>(ws + lay.dpre),
                     reinterpret_cast<T*>(ws + lay.dpre) + B * ldg};
+  // The AMX product's bfloat16 copies of d_pre (BwdLayout::amx), amx_ld apart, and its sums.
+  const int64_t amx_ld = amx_lda(G * H), amx_row_count = amx_rows(B);
+  BFloat16* dpbf_buf[2] = {reinterpret_cast<BFloat16*>(ws + lay.dpbf),
+                           reinterpret_cast<BFloat16*>(ws + lay.dpbf) + amx_row_count * amx_ld};
+  BFloat16* amx_pack = reinterpret_cast<BFloat16*>(ws + lay.amx_pack);
+  T* amx_sums = reinterpret_cast<T*>(ws + lay.amx_sums);
   T* dh_direct = reinterpret_cast<T*>(ws + lay.dh_direct);
   T* dht = reinterpret_cast<T*>(ws + lay.dht);
   T* scratch = reinterpret_cast<T*>(ws + lay.scratch);
@@ -994,11 +1075,22 @@ void backward_impl(const RecurrenceBwdParams& p, const Team& team) {
     unit_end = imin(upan_end * cpp, H);
   }
 
-  pack_panels<T, kColVecs>(wt_pack, w_hh, G * H, 1, P, pan_begin, pan_end,
-                           [&](int64_t pan, int v, int w) -> int64_t {
-                             const int64_t col = (pan * kColVecs + v) * W + w;
-                             return col < P ? col : -1;
-                           });
+  // As in the forward: this thread's panels, and its AMX tiles while it runs.
+  AmxTileScope tiles(lay.amx);
+  if (lay.amx) {
+    if constexpr (std::is_same_v<S, BFloat16>) {
+      for (int64_t pan = pan_begin; pan < pan_end; ++pan) {
+        pack_amx_panel_by_rows<kColVecs>(amx_pack + pan * amx_panel_elems(kColVecs, G * H), w_hh,
+                                         P, G * H, pan * cpp, imin(cpp, P - pan * cpp));
+      }
+    }
+  } else {
+    pack_panels<T, kColVecs>(wt_pack, w_hh, G * H, 1, P, pan_begin, pan_end,
+                             [&](int64_t pan, int v, int w) -> int64_t {
+                               const int64_t col = (pan * kColVecs + v) * W + w;
+                               return col < P ? col : -1;
+                             });
+  }
   if (projected) {
     pack_panels<T, kColVecs>(wr_pack, w_hr, P, 1, H, upan_begin, upan_end,
                              [&](int64_t pan, int v, int w) -> int64_t {
@@ -1023,12 +1115,24 @@ void backward_impl(const RecurrenceBwdParams& p, const Team& team) {
     }
     if constexpr (C == CellKind::kGru) std::memset(dh_direct, 0, sizeof(T) * B * ld);
     std::memset(dpre_buf[0], 0, sizeof(T) * 2 * B * ldg);
+    if (lay.amx) {  // padding k and rows: zeros, as in the forward's hbf
+      std::memset(static_cast<void*>(dpbf_buf[0]), 0,
+                  sizeof(BFloat16) * 2 * amx_row_count * amx_ld);
+    }
   }
   team.sync();
 
   // The cell backward for row b at step s, units [u, u + n): d is the gradient w.r.t. h_t
   // (w.r.t. r_t = o tanh(c_t) for a projected LSTM). Writes d_pre (for the product), d_xproj,
   // d_hproj and the carried states.
+  BFloat16* dpbf = nullptr;  // this step's bfloat16 d_pre (BwdLayout::amx), else null
+  // d_pre of gate g, units [u, u + n) of row b, for the product (and its bfloat16 operand).
+  auto publish_dpre = [&](T* dp, int64_t b, int g, int64_t u, const V& x, int n) {
+    x.store_partial(dp + g * H + u, n);
+    if constexpr (std::is_same_v<T, float>) {
+      if (dpbf) store_as(dpbf + b * amx_ld + g * H + u, x, n);
+    }
+  };
   auto cell_backward = [&](int64_t b, int64_t s, int64_t u, int n, V d, T* dpre) {
     const int64_t t = steps.time(b, s);
     S* dx = row_of<S>(p.d_xproj, t, b);
@@ -1048,7 +1152,7 @@ void backward_impl(const RecurrenceBwdParams& p, const Team& team) {
       const V parts[4] = {grad.d_i, grad.d_f, grad.d_g, grad.d_o};
       for (int g = 0; g < 4; ++g) {
         store_as(dx + g * H + u, parts[g], n);
-        parts[g].store_partial(dp + g * H + u, n);
+        publish_dpre(dp, b, g, u, parts[g], n);
         if (dhp) store_as(dhp + g * H + u, parts[g], n);
       }
     } else if constexpr (C == CellKind::kGru) {
@@ -1066,7 +1170,7 @@ void backward_impl(const RecurrenceBwdParams& p, const Team& team) {
       for (int g = 0; g < 3; ++g) {
         store_as(dx + g * H + u, dxs[g], n);
         store_as(dhp + g * H + u, dhs[g], n);
-        dhs[g].store_partial(dp + g * H + u, n);
+        publish_dpre(dp, b, g, u, dhs[g], n);
       }
     } else {
       const V h_next = load_as<V>(row_of<const S>(p.out, t, b) + u, n);
@@ -1075,7 +1179,7 @@ void backward_impl(const RecurrenceBwdParams& p, const Team& team) {
         pre.v[w] = rnn_backward(p.cell, Vec<T, 1>(h_next.v[w]), Vec<T, 1>(d.v[w])).v;
       }
       store_as(dx + u, pre, n);
-      pre.store_partial(dp + u, n);
+      publish_dpre(dp, b, 0, u, pre, n);
       if (dhp) store_as(dhp + u, pre, n);
     }
   };
@@ -1092,6 +1196,7 @@ void backward_impl(const RecurrenceBwdParams& p, const Team& team) {
 
   for (int64_t s = seq_len - 1; s >= 0; --s) {
     T* dpre = dpre_buf[s & 1];
+    dpbf = lay.amx ? dpbf_buf[s & 1] : nullptr;
     const int64_t rows = steps.rows_needed(s, B);
     if (!projected) {
       for (int64_t b = 0; b < B; ++b) {
@@ -1159,8 +1264,26 @@ void backward_impl(const RecurrenceBwdParams& p, const Team& team) {
         }
       }
     };
-    PanelGemm<T, kColVecs>::run(dpre, ldg, rows, G * H, wt_pack, nullptr, pan_begin, pan_end,
-                                scratch, carry_epilogue);
+    if (lay.amx) {
+      if constexpr (std::is_same_v<T, float>) {
+        const int64_t sums_ld = lay.amx_sums_ld;
+        for (int64_t pan = pan_begin; pan < pan_end; ++pan) {
+          amx_panel_product<kColVecs>(dpbf, amx_ld, ceil_div(rows, kAmxRows),
+                                      amx_pack + pan * amx_panel_elems(kColVecs, G * H),
+                                      amx_chunks(G * H), amx_sums + pan * cpp, sums_ld);
+          for (int64_t b = 0; b < rows; ++b) {
+            V sums[1][kColVecs];
+            for (int v = 0; v < kColVecs; ++v) {
+              sums[0][v] = V::load(amx_sums + b * sums_ld + pan * cpp + v * W);
+            }
+            carry_epilogue(pan, b, 1, sums);
+          }
+        }
+      }
+    } else {
+      PanelGemm<T, kColVecs>::run(dpre, ldg, rows, G * H, wt_pack, nullptr, pan_begin, pan_end,
+                                  scratch, carry_epilogue);
+    }
   }
 
   for (int64_t b = 0; b < B; ++b) {
