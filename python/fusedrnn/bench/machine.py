@@ -109,14 +109,23 @@ def gpu_info(device_index: int = 0) -> Dict[str, object]:
 
 
 def native_backends() -> Dict[str, object]:
-    """Which fusedrnn native modules import here (never raises: the header must always print)."""
+    """Which fusedrnn native modules import here, and which build of the CPU kernel runs
+    (generic, avx2, avx512 or amx: picked by cpuid, lowered by FUSEDRNN_CPU_ISA). Never raises:
+    the header must always print."""
     try:
         from fusedrnn import _backend
     except Exception as exc:  # the package may be half-built while developing
         return {"fusedrnn_backends": f"unavailable ({type(exc).__name__}: {exc})"}
-    return {"fusedrnn_backends": ",".join(
+    info: Dict[str, object] = {"fusedrnn_backends": ",".join(
         name for name, ok in (("cpu", _backend.HAS_CPU), ("cuda", _backend.HAS_CUDA), ("emu", _backend.HAS_EMU)) if ok)
         or "none built"}
+    if _backend.HAS_CPU:
+        try:
+            from fusedrnn import _cpu
+            info["fusedrnn_cpu_isa"] = _cpu.isa()
+        except Exception as exc:  # FUSEDRNN_CPU_ISA set to a name the kernel does not know
+            info["fusedrnn_cpu_isa"] = f"unknown ({exc})"
+    return info
 
 
 def load_average() -> Optional[float]:
@@ -162,7 +171,8 @@ def header_lines(info: Dict[str, object]) -> list:
         f"CPU    {info['cpu']} | {info['cpu_cores']} cores usable | torch threads {info['torch_threads']}"
         f" | {info['cpu_simd']} | load {info.get('load_avg_1m')}",
         f"torch  {info['torch']} (mkldnn {'on' if info['mkldnn'] else 'off'}) | python {info['python']}",
-        f"fusedrnn {info['fusedrnn']} commit {short} | native: {info.get('fusedrnn_backends')}",
+        f"fusedrnn {info['fusedrnn']} commit {short} | native: {info.get('fusedrnn_backends')}"
+        + (f" | CPU kernel {info['fusedrnn_cpu_isa']}" if info.get("fusedrnn_cpu_isa") else ""),
     ]
     if info.get("gpu"):
         lines.append(
