@@ -3,10 +3,11 @@ kernel). Its per-step product takes h_{t-1} (forward) or d_pre (backward) rounde
 every bfloat16 GEMM does, so it is not the float kernel rounded (test_cpu_bfloat16.py checks that
 bit for bit on the AVX-512 build). Checked here instead:
 - one step, where every operand of the forward product is a bfloat16 value already: the outputs
-  are the float64 result rounded, within one bfloat16 ulp; the backward's d_h0 within the bound
-  that the rounding of d_pre to bfloat16 allows;
+  are the float64 result rounded, within one bfloat16 ulp; the backward's d_h0 is the product of
+  the bfloat16 d_pre the kernel writes out, rounded once;
 - whole sequences with every feature (lengths, both directions, initial states, odd sizes) within
   a bfloat16 error bar against float64, padded rows zero;
+- a NaN in one row of h0 stays in that row;
 - torch.nn's own bfloat16 kernels (oneDNN, also on AMX on this kind of CPU) still right after ours
   ran on the same threads: the kernel gives each thread its tile configuration back.
 Each test also runs on the AVX-512 build (FUSEDRNN_CPU_ISA=avx512), which must meet the same bars.
@@ -173,3 +174,20 @@ def test_torch_bfloat16_kernels_still_right_after_ours(isa):
         with torch.no_grad():
             assert torch.equal(a @ b, mm_before)
             assert torch.equal(theirs(x)[0], lstm_before)
+
+
+def test_nan_stays_in_its_row(isa):
+    """A NaN in one row of h0 makes that row's outputs NaN and leaves the others as they were:
+    a tile row's sums read only its own row of A (B=20: the NaN row and others share a tile)."""
+    g = torch.Generator().manual_seed(7)
+    T, B, H = 3, 20, 37
+    xproj = _bf16(g, T, B, 4 * H)
+    w_hh, b_hh = _bf16(g, 4 * H, H, scale=0.3), _bf16(g, 4 * H)
+    h0 = _bf16(g, 1, B, H)
+    c0 = _bf16(g, 1, B, H)
+    clean = run_forward_layer("lstm", xproj, [w_hh], [b_hh], [None], h0, c0, training=False)
+    h0[0, 5, 11] = float("nan")
+    poisoned = run_forward_layer("lstm", xproj, [w_hh], [b_hh], [None], h0, c0, training=False)
+    assert poisoned.out[:, 5].isnan().all()
+    others = [b for b in range(B) if b != 5]
+    assert torch.equal(poisoned.out[:, others], clean.out[:, others])
