@@ -933,9 +933,13 @@ void forward_impl(const RecurrenceFwdParams& p, const Team& team) {
         }
       };
       if (lay.amx) {
-        // The tiles leave the bias out: it joins the sums as they come back from `pre`.
+        // The tiles leave the bias out: it joins the sums as they come back from `pre`. Each
+        // panel's product first asks for the lines of xproj (and saved gates) that the update
+        // after the product will touch for its units: the tiles do not wait on them, and
+        // otherwise the update waited on each (DRAM: xproj was written long before).
         if constexpr (std::is_same_v<T, float>) {
           for (int64_t pan = pan_begin; pan < pan_end; ++pan) {
+            cell_prefetch(pan, 0, static_cast<int>(rows));
             amx_panel_product<NV>(hbf[s & 1], amx_ld, ceil_div(rows, kAmxRows),
                                   amx_pack + pan * amx_panel_elems(NV, P), amx_chunks(P),
                                   pre + pan * NV * W, pre_ld);
