@@ -4,7 +4,8 @@
 // a float) and every store rounds a float to the nearest bfloat16 (ties to even, NaN stays NaN),
 // so a bfloat16 layer runs the float kernel with bfloat16 tensors at its edges. The kernel's own
 // buffers (packed weights, h, c) stay in T: the cell state and the sums never round to bfloat16
-// between steps.
+// between steps. (The AMX build is the exception for the per-step product only: it multiplies
+// bfloat16 copies of h and d_pre on tiles, amx_tiles.h.)
 //
 // Call sites read and write every sequence, state and weight through load_as / store_as, which
 // are plain vector loads and stores when S is T. One exception: InPlaceDots::dots reads bfloat16
