@@ -35,6 +35,8 @@
 
 #if defined(FUSEDRNN_CPU_AMX)
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 #include <cstdint>
@@ -70,6 +72,19 @@ constexpr int64_t amx_panel_elems(int nv, int64_t depth) {
 }
 
 #if defined(FUSEDRNN_CPU_AMX)
+// Whether Linux (5.16+) grants this process the tile data state: asked once, the first time a
+// layer would use the tiles (arch_prctl ARCH_REQ_XCOMP_PERM, as oneDNN does before its AMX
+// kernels; per process, idempotent). A tile instruction without the grant is a SIGILL. Refused,
+// the layers keep the AVX-512 path.
+inline bool amx_tiles_granted() {
+  static const bool granted = [] {
+    constexpr long kArchReqXcompPerm = 0x1023;
+    constexpr long kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return granted;
+}
+
 // The tile configuration, as LDTILECFG reads it (64 bytes).
 struct alignas(64) AmxTileConfig {
   uint8_t palette = 0;
@@ -190,6 +205,10 @@ inline void amx_panel_product(const BFloat16* a, int64_t lda, int64_t row_tiles,
   static_assert(NV >= 1 && NV <= kAmxMaxVecs, "a panel uses at most 4 C tiles");
   const int64_t a_stride = lda * static_cast<int64_t>(sizeof(BFloat16));
   const int64_t c_stride = ldc * static_cast<int64_t>(sizeof(float));
+  // GCC's tile intrinsics do not tell the compiler which memory they read or write: compiler
+  // barriers order the stores of A and of the packed panel before the loads here, and the tile
+  // stores before the reads of C after (with one thread there is no team barrier in between).
+  __asm__ volatile("" ::: "memory");
   for (int64_t rt = 0; rt < row_tiles; ++rt) {
     _tile_zero(0);
     if constexpr (NV > 1) _tile_zero(1);
@@ -221,9 +240,11 @@ inline void amx_panel_product(const BFloat16* a, int64_t lda, int64_t row_tiles,
     if constexpr (NV > 2) _tile_stored(2, c_rows + 2 * kAmxCols, c_stride);
     if constexpr (NV > 3) _tile_stored(3, c_rows + 3 * kAmxCols, c_stride);
   }
+  __asm__ volatile("" ::: "memory");
 }
 #else
 // The other builds never run a tile instruction: FwdLayout::amx is false there.
+constexpr bool amx_tiles_granted() { return false; }
 struct AmxTileScope {
   explicit AmxTileScope(bool) {}
 };

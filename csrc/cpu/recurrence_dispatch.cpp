@@ -11,10 +11,7 @@
 #include <utility>
 
 #if defined(__unix__) || defined(__APPLE__)
-#include <unistd.h>  // sysconf, syscall
-#endif
-#if defined(__linux__)
-#include <sys/syscall.h>  // SYS_arch_prctl
+#include <unistd.h>  // sysconf
 #endif
 #if defined(__x86_64__)
 #include <cpuid.h>
@@ -54,10 +51,11 @@ int isa_rank(const char* name) {
   return 0;
 }
 
-// AMX-BF16 and AMX-TILE in cpuid, the tile state enabled by the OS (XCR0 bits 17 and 18), and
-// this process granted it: Linux (5.16+) hands the 8 KB of tile data to a process only on request
-// (arch_prctl ARCH_REQ_XCOMP_PERM), and a tile instruction without it kills the process with
-// SIGILL. The request is per process and idempotent (oneDNN makes the same one).
+// AMX-BF16 and AMX-TILE in cpuid and the tile state enabled by the OS (XCR0 bits 17 and 18).
+// Whether Linux also grants this process the tile state is asked only when a bfloat16 layer is
+// about to use the tiles (amx_tiles.h, amx_tiles_granted): the grant changes the process (larger
+// signal frames, a larger minimum sigaltstack), which a program with no bfloat16 layer should
+// not pay for. The AMX build runs float layers exactly as the avx512 build does.
 bool amx_usable() {
 #if defined(FUSEDRNN_CPU_HAS_AMX_BUILD) && defined(__linux__)
   unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
@@ -68,10 +66,7 @@ bool amx_usable() {
   uint32_t xcr0_lo = 0, xcr0_hi = 0;
   __asm__ volatile("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
   constexpr uint32_t kTileState = (1u << 17) | (1u << 18);  // XTILECFG, XTILEDATA
-  if ((xcr0_lo & kTileState) != kTileState) return false;
-  constexpr long kArchReqXcompPerm = 0x1023;
-  constexpr long kXfeatureXtiledata = 18;
-  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  return (xcr0_lo & kTileState) == kTileState;
 #else
   return false;
 #endif

@@ -671,7 +671,7 @@ struct FwdLayout {
     proj_panels = projected ? ceil_div(P, kColVecs * W) : 0;
     ld = padded_ld<T>(round_up(imax(H, P), kColVecs * W));
     amx = kAmxBuild && p.dtype == DType::kBFloat16 && !in_place && !projected &&
-          NV <= kAmxMaxVecs && W == kAmxCols;
+          NV <= kAmxMaxVecs && W == kAmxCols && amx_tiles_granted();
     can_defer = amx || (!in_place && B * gate_count(C) * H * static_cast<int64_t>(sizeof(T)) >=
                                          kDeferredMinStepBytes);
     const int64_t e = sizeof(T), bf16 = 2;
@@ -715,7 +715,8 @@ struct BwdLayout {
     proj_panels = projected ? ceil_div(H, cols_per_panel) : 0;
     ld = padded_ld<T>(round_up(imax(H, P), cols_per_panel));
     ldg = padded_ld<T>(round_up(G * H, W));
-    amx = kAmxBuild && p.dtype == DType::kBFloat16 && !projected && W == kAmxCols;
+    amx = kAmxBuild && p.dtype == DType::kBFloat16 && !projected && W == kAmxCols &&
+          amx_tiles_granted();
     amx_sums_ld = panels * cols_per_panel + W;  // + a line: see FwdLayout::pre_row_elems
     const int64_t e = sizeof(T), bf16 = 2;
     Carver carve;
