@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _helpers import rel_err, run_backward_layer, run_forward_layer
+from _helpers import minimal_fwd_params, rel_err, run_backward_layer, run_forward_layer
 from fusedrnn import _backend, reference
 
 GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
@@ -111,15 +111,51 @@ def test_one_step_is_the_float64_result_rounded(cell, B, H, isa):
     assert torch.isfinite(grads.d_h0).all() and worst <= 0, f"d_h0: {worst} past the bound"
 
 
-SEQUENCE_CASES = [("lstm", 2), ("gru", 2), ("rnn_tanh", 1), ("lstm", 1)]
+def test_bfloat16_layers_take_the_tiles():
+    """Where the CPU has AMX, a bfloat16 layer at batch 17 takes the tile path (its workspace
+    has the tiles' layout, not the FMA one's) and a float32 layer does not: so the tests above
+    that run with isa=amx test the tiles, not a silent fallback."""
+    if not _cpu_has_amx():
+        pytest.skip("needs a CPU with AMX-BF16 and an OS that enables the tile state")
+    from fusedrnn import _cpu
+    import os
+
+    def workspace(dtype, isa):
+        os.environ["FUSEDRNN_CPU_ISA"] = isa
+        params, _ = minimal_fwd_params(_cpu, "lstm", T=2, B=17, H=40, dtype=dtype)
+        return _cpu.forward_workspace_bytes(params)
+
+    saved = os.environ.get("FUSEDRNN_CPU_ISA")
+    try:
+        assert workspace(torch.bfloat16, "amx") != workspace(torch.bfloat16, "avx512")
+        assert workspace(torch.float32, "amx") == workspace(torch.float32, "avx512")
+    finally:
+        if saved is None:
+            os.environ.pop("FUSEDRNN_CPU_ISA", None)
+        else:
+            os.environ["FUSEDRNN_CPU_ISA"] = saved
 
 
-@pytest.mark.parametrize("cell, D", SEQUENCE_CASES, ids=[f"{c}-D{d}" for c, d in SEQUENCE_CASES])
-def test_sequences_with_every_feature_within_bfloat16_error(cell, D, isa):
-    """T=7, B=19 (a partial second row tile) with unsorted lengths, H=37, initial states, one or
-    two directions: outputs, final states and the backward's gradients against float64 within a
-    bfloat16 bar (errors of 3-6e-3 are typical, a layout slip gives O(1)), padded rows zero."""
-    T, B, H = 7, 19, 37
+SEQUENCE_CASES = [("lstm", 2, 37), ("gru", 2, 37), ("rnn_tanh", 1, 37), ("lstm", 1, 37),
+                  ("lstm", 1, 100), ("gru", 1, 100)]
+# Thread teams forced (FUSEDRNN_CPU_TEST_THREADS, FUSEDRNN_CPU_TEST_SPLIT): None leaves the
+# kernel's own choice; teams that split the units share the bfloat16 h / d_pre between threads
+# at every step (H=100: 7 forward panels, 2 backward ones, uneven over 2 and 3 threads).
+TEAMS = [None, ("2", "units"), ("3", "units"), ("2", "rows")]
+
+
+@pytest.mark.parametrize("team", TEAMS, ids=["auto", "2-units", "3-units", "2-rows"])
+@pytest.mark.parametrize("cell, D, H", SEQUENCE_CASES,
+                         ids=[f"{c}-D{d}-H{h}" for c, d, h in SEQUENCE_CASES])
+def test_sequences_with_every_feature_within_bfloat16_error(cell, D, H, team, isa, monkeypatch):
+    """T=7, B=19 (a partial second row tile) with unsorted lengths, initial states, one or two
+    directions, on several thread teams: outputs, final states and the backward's gradients
+    against float64 within a bfloat16 bar (errors of 3-6e-3 are typical, a layout slip or a
+    race gives O(1)), padded rows zero."""
+    if team is not None:
+        monkeypatch.setenv("FUSEDRNN_CPU_TEST_THREADS", team[0])
+        monkeypatch.setenv("FUSEDRNN_CPU_TEST_SPLIT", team[1])
+    T, B = 7, 19
     g = torch.Generator().manual_seed(D * 10 + GATES[cell])
     G = GATES[cell]
     xproj = _bf16(g, T, B, D * G * H)
@@ -159,7 +195,9 @@ def test_sequences_with_every_feature_within_bfloat16_error(cell, D, isa):
 
 def test_torch_bfloat16_kernels_still_right_after_ours(isa):
     """oneDNN (torch.nn's bfloat16 LSTM and matmul) may run on AMX tiles on the same threads as
-    our kernel: after each of our calls, torch's results must be unchanged."""
+    our kernel: after each of our calls, torch's results are unchanged. (oneDNN may well load
+    its own tile configuration before each kernel, in which case this cannot see a kernel that
+    forgets to give a thread its configuration back; AmxTileScope does so regardless.)"""
     torch.manual_seed(0)
     a, b = torch.randn(64, 96).bfloat16(), torch.randn(96, 80).bfloat16()
     theirs = torch.nn.LSTM(32, 48).bfloat16()
