@@ -50,12 +50,12 @@ def _bf16(g, *shape, scale=1.0):
     return (torch.randn(*shape, generator=g) * scale).bfloat16()
 
 
-def _reference(cell, xproj, w_hh, b_hh, h0, c0, lengths=None, reverse=False):
+def _reference(cell, xproj, w_hh, b_hh, h0, c0, lengths=None, reverse=False, w_hr=None):
     """fusedrnn.reference's layer in float64 on xproj (an identity input weight)."""
     width = xproj.shape[-1]
     eye = torch.eye(width, dtype=torch.float64)
     cast = lambda t: None if t is None else t.double()  # noqa: E731
-    return reference.rnn_layer(cell, cast(xproj), eye, cast(w_hh), None, cast(b_hh), None,
+    return reference.rnn_layer(cell, cast(xproj), eye, cast(w_hh), None, cast(b_hh), cast(w_hr),
                                cast(h0), cast(c0), lengths, reverse)
 
 
@@ -68,12 +68,15 @@ def _within_ulp(got, want, name):
     assert torch.isfinite(got).all() and worst <= 0, f"{name}: {worst} past the bound"
 
 
-STEP_CASES = [("lstm", 3, 16), ("lstm", 17, 37), ("lstm", 20, 70), ("gru", 3, 16),
-              ("gru", 17, 37), ("gru", 33, 70), ("rnn_tanh", 17, 37), ("rnn_relu", 20, 70)]
+STEP_CASES = [("lstm", 3, 16, 16), ("lstm", 17, 37, 37), ("lstm", 20, 70, 70),
+              ("lstm", 17, 37, 21), ("gru", 3, 16, 16), ("gru", 17, 37, 37), ("gru", 33, 70, 70),
+              ("rnn_tanh", 17, 37, 37), ("rnn_relu", 20, 70, 70)]
 
 
-@pytest.mark.parametrize("cell, B, H", STEP_CASES, ids=[f"{c}-B{b}-H{h}" for c, b, h in STEP_CASES])
-def test_one_step_is_the_float64_result_rounded(cell, B, H, isa):
+@pytest.mark.parametrize("cell, B, H, P", STEP_CASES,
+                         ids=[f"{c}-B{b}-H{h}" + (f"-P{p}" if p != h else "")
+                              for c, b, h, p in STEP_CASES])
+def test_one_step_is_the_float64_result_rounded(cell, B, H, P, isa):
     """T=1 from a bfloat16 h0: the forward product's operands are exact, so the outputs are the
     float64 ones rounded (B > 2 packs W_hh; B=17 and more leave a partial row tile, H=37 and 70
     partial panels and chunks of k).
@@ -81,22 +84,25 @@ def test_one_step_is_the_float64_result_rounded(cell, B, H, isa):
     Then the backward's d_h0 = d_pre W_hh (+ a GRU's direct part z * d_h). The AMX product reads
     d_pre rounded to bfloat16, which is exactly what the kernel writes out as d_xproj (LSTM,
     RNN) or d_hproj (GRU), so d_h0 is that product of bfloat16 values, rounded once. The AVX-512
-    build multiplies the float d_pre: it may differ by half an ulp of each term (2^-9 relative)."""
-    g = torch.Generator().manual_seed(B * 100 + H)
+    build multiplies the float d_pre: it may differ by half an ulp of each term (2^-9 relative).
+    P < H: a projected LSTM (its r W_hr^T on FMAs, in float: no rounding on that product)."""
+    g = torch.Generator().manual_seed(B * 100 + H + P)
     G = GATES[cell]
     xproj = _bf16(g, 1, B, G * H)
-    w_hh, b_hh = _bf16(g, G * H, H, scale=0.3), _bf16(g, G * H, scale=0.3)
-    h0 = _bf16(g, 1, B, H)
+    w_hh, b_hh = _bf16(g, G * H, P, scale=0.3), _bf16(g, G * H, scale=0.3)
+    w_hr = _bf16(g, P, H, scale=0.3) if P != H else None
+    h0 = _bf16(g, 1, B, P)
     c0 = _bf16(g, 1, B, H) if cell == "lstm" else None
-    run = run_forward_layer(cell, xproj, [w_hh], [b_hh], [None], h0, c0, training=True)
+    run = run_forward_layer(cell, xproj, [w_hh], [b_hh], [w_hr], h0, c0, training=True)
 
-    out, hn, cn = _reference(cell, xproj, w_hh, b_hh, h0[0], c0[0] if cell == "lstm" else None)
+    out, hn, cn = _reference(cell, xproj, w_hh, b_hh, h0[0], c0[0] if cell == "lstm" else None,
+                             w_hr=w_hr)
     _within_ulp(run.out, out, "out")
     _within_ulp(run.hn[0], hn, "h_n")
     if cell == "lstm":
         _within_ulp(run.cn[0], cn, "c_n")
 
-    d_out = _bf16(g, 1, B, H)
+    d_out = _bf16(g, 1, B, P)
     d_cn = _bf16(g, 1, B, H) if cell == "lstm" else None
     grads = run_backward_layer(run, d_out, None, d_cn)
     d_pre = (grads.d_hproj if cell == "gru" else grads.d_xproj)[0].double()
@@ -136,8 +142,9 @@ def test_bfloat16_layers_take_the_tiles():
             os.environ["FUSEDRNN_CPU_ISA"] = saved
 
 
-SEQUENCE_CASES = [("lstm", 2, 37), ("gru", 2, 37), ("rnn_tanh", 1, 37), ("lstm", 1, 37),
-                  ("lstm", 1, 100), ("gru", 1, 100)]
+SEQUENCE_CASES = [("lstm", 2, 37, 37), ("gru", 2, 37, 37), ("rnn_tanh", 1, 37, 37),
+                  ("lstm", 1, 37, 37), ("lstm", 1, 100, 100), ("gru", 1, 100, 100),
+                  ("lstm", 2, 37, 21), ("lstm", 1, 100, 70)]
 # Thread teams forced (FUSEDRNN_CPU_TEST_THREADS, FUSEDRNN_CPU_TEST_SPLIT): None leaves the
 # kernel's own choice; teams that split the units share the bfloat16 h / d_pre between threads
 # at every step (H=100: 7 forward panels, 2 backward ones, uneven over 2 and 3 threads).
@@ -145,13 +152,14 @@ TEAMS = [None, ("2", "units"), ("3", "units"), ("2", "rows")]
 
 
 @pytest.mark.parametrize("team", TEAMS, ids=["auto", "2-units", "3-units", "2-rows"])
-@pytest.mark.parametrize("cell, D, H", SEQUENCE_CASES,
-                         ids=[f"{c}-D{d}-H{h}" for c, d, h in SEQUENCE_CASES])
-def test_sequences_with_every_feature_within_bfloat16_error(cell, D, H, team, isa, monkeypatch):
+@pytest.mark.parametrize("cell, D, H, P", SEQUENCE_CASES,
+                         ids=[f"{c}-D{d}-H{h}" + (f"-P{p}" if p != h else "")
+                              for c, d, h, p in SEQUENCE_CASES])
+def test_sequences_with_every_feature_within_bfloat16_error(cell, D, H, P, team, isa, monkeypatch):
     """T=7, B=19 (a partial second row tile) with unsorted lengths, initial states, one or two
-    directions, on several thread teams: outputs, final states and the backward's gradients
-    against float64 within a bfloat16 bar (errors of 3-6e-3 are typical, a layout slip or a
-    race gives O(1)), padded rows zero."""
+    directions, projected LSTMs (P < H), on several thread teams: outputs, final states and the
+    backward's gradients against float64 within a bfloat16 bar (errors of 3-6e-3 are typical, a
+    layout slip or a race gives O(1)), padded rows zero."""
     if team is not None:
         monkeypatch.setenv("FUSEDRNN_CPU_TEST_THREADS", team[0])
         monkeypatch.setenv("FUSEDRNN_CPU_TEST_SPLIT", team[1])
@@ -159,20 +167,23 @@ def test_sequences_with_every_feature_within_bfloat16_error(cell, D, H, team, is
     g = torch.Generator().manual_seed(D * 10 + GATES[cell])
     G = GATES[cell]
     xproj = _bf16(g, T, B, D * G * H)
-    w_hh = [_bf16(g, G * H, H, scale=0.3) for _ in range(D)]
+    w_hh = [_bf16(g, G * H, P, scale=0.3) for _ in range(D)]
     b_hh = [_bf16(g, G * H, scale=0.3) for _ in range(D)]
-    h0 = _bf16(g, D, B, H)
+    # W_hr at torch.nn's init scale (1/sqrt(H)): larger, h grows with H and the recurrence
+    # amplifies the bfloat16 rounding of h (both builds' errors grew 2-3x at 0.3, H=100).
+    w_hr = [_bf16(g, P, H, scale=H ** -0.5) if P != H else None for _ in range(D)]
+    h0 = _bf16(g, D, B, P)
     c0 = _bf16(g, D, B, H) if cell == "lstm" else None
     lengths = torch.randint(1, T + 1, (B,), generator=g)
     lengths[3] = T
-    run = run_forward_layer(cell, xproj, w_hh, b_hh, [None] * D, h0, c0, lengths, training=True)
+    run = run_forward_layer(cell, xproj, w_hh, b_hh, w_hr, h0, c0, lengths, training=True)
 
     leaves = [t.double().requires_grad_() for t in (xproj, h0, c0) if t is not None]
     outs, finals, cells = [], [], []
     for d in range(D):
         out, hn, cn = _reference(cell, leaves[0][..., d * G * H:(d + 1) * G * H], w_hh[d], b_hh[d],
                                  leaves[1][d], leaves[2][d] if cell == "lstm" else None,
-                                 lengths, reverse=d == 1)
+                                 lengths, reverse=d == 1, w_hr=w_hr[d])
         outs.append(out)
         finals.append(hn)
         cells.append(cn)
@@ -184,7 +195,7 @@ def test_sequences_with_every_feature_within_bfloat16_error(cell, D, H, team, is
     padded = torch.arange(T)[:, None] >= lengths[None, :]
     assert (run.out[padded] == 0).all()
 
-    d_out = _bf16(g, T, B, D * H)
+    d_out = _bf16(g, T, B, D * P)
     (out * d_out.double()).sum().backward()
     grads = run_backward_layer(run, d_out, None, None)
     assert rel_err(grads.d_xproj, leaves[0].grad) <= 2e-2

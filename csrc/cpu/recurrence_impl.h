@@ -655,10 +655,10 @@ struct FwdLayout {
   // can_defer: there is a `pre` buffer where the packed product can park each step's
   // pre-activations, for the cell update to run afterwards row by row (kDeferredMinStepBytes).
   bool can_defer;
-  // amx: the product runs on AMX tiles (amx_tiles.h): bfloat16 layers of the AMX build that
-  // would pack W_hh, except projected LSTMs. W_hh is packed into amx_pack, h is kept in
-  // bfloat16 too (double-buffered, hbf: the product's A operand) and the sums always take the
-  // round trip through `pre` (amx_rows(B) rows: a tile store writes 16).
+  // amx: the product h_{t-1} W_hh^T runs on AMX tiles (amx_tiles.h): bfloat16 layers of the AMX
+  // build that would pack W_hh (a projected LSTM's r W_hr^T stays on FMAs). W_hh is packed into
+  // amx_pack, h is kept in bfloat16 too (double-buffered, hbf: the product's A operand) and the
+  // sums always take the round trip through `pre` (amx_rows(B) rows: a tile store writes 16).
   bool amx;
   int64_t w_pack, bias_pack, wr_pack, amx_pack, h, hbf, c, r, pre, scratch, proj_scratch, bytes;
   explicit FwdLayout(const RecurrenceFwdParams& p) {
@@ -670,8 +670,8 @@ struct FwdLayout {
     panels = ceil_div(H, units_per_panel);
     proj_panels = projected ? ceil_div(P, kColVecs * W) : 0;
     ld = padded_ld<T>(round_up(imax(H, P), kColVecs * W));
-    amx = kAmxBuild && p.dtype == DType::kBFloat16 && !in_place && !projected &&
-          NV <= kAmxMaxVecs && W == kAmxCols && amx_tiles_granted();
+    amx = kAmxBuild && p.dtype == DType::kBFloat16 && !in_place && NV <= kAmxMaxVecs &&
+          W == kAmxCols && amx_tiles_granted();
     can_defer = amx || (!in_place && B * gate_count(C) * H * static_cast<int64_t>(sizeof(T)) >=
                                          kDeferredMinStepBytes);
     const int64_t e = sizeof(T), bf16 = 2;
@@ -715,8 +715,7 @@ struct BwdLayout {
     proj_panels = projected ? ceil_div(H, cols_per_panel) : 0;
     ld = padded_ld<T>(round_up(imax(H, P), cols_per_panel));
     ldg = padded_ld<T>(round_up(G * H, W));
-    amx = kAmxBuild && p.dtype == DType::kBFloat16 && !projected && W == kAmxCols &&
-          amx_tiles_granted();
+    amx = kAmxBuild && p.dtype == DType::kBFloat16 && W == kAmxCols && amx_tiles_granted();
     amx_sums_ld = panels * cols_per_panel + W;  // + a line: see FwdLayout::pre_row_elems
     const int64_t e = sizeof(T), bf16 = 2;
     Carver carve;
@@ -847,7 +846,8 @@ void forward_impl(const RecurrenceFwdParams& p, const Team& team) {
     T* h_next = hbuf[(s + 1) & 1];
     BFloat16* hbf_next = lay.amx ? hbf[(s + 1) & 1] : nullptr;
     const int64_t rows = steps.rows_needed(s, B);
-    // h_t of units [u, u + n) of row b, to the next step's product (and its bfloat16 operand).
+    // h_t of row b, units (or a projected LSTM's state columns) [u, u + n), to the next step's
+    // product (and its bfloat16 operand).
     auto publish_h = [&](int64_t b, int64_t u, const V& h, int n) {
       h.store(h_next + b * ld + u);
       if constexpr (std::is_same_v<T, float>) {
@@ -993,8 +993,9 @@ void forward_impl(const RecurrenceFwdParams& p, const Team& team) {
           for (int v = 0; v < kColVecs; ++v) {
             const int64_t col = (pan * kColVecs + v) * W;
             if (col >= P) break;
-            acc[i][v].store(h_next + b * ld + col);
-            store_as(out + col, acc[i][v], static_cast<int>(imin(W, P - col)));
+            const int n = static_cast<int>(imin(W, P - col));
+            publish_h(b, col, acc[i][v], n);
+            store_as(out + col, acc[i][v], n);
           }
         }
       };
@@ -1012,6 +1013,11 @@ void forward_impl(const RecurrenceFwdParams& p, const Team& team) {
           if (steps.active(b, s)) continue;
           std::memcpy(h_next + b * ld + col_begin, h_prev + b * ld + col_begin,
                       sizeof(T) * (col_end - col_begin));
+          if (hbf_next) {
+            std::memcpy(static_cast<void*>(hbf_next + b * amx_ld + col_begin),
+                        hbf[s & 1] + b * amx_ld + col_begin,
+                        sizeof(BFloat16) * (col_end - col_begin));
+          }
           zero_row(row_of<S>(p.out, s, b) + col_begin, col_end - col_begin);
         }
       }
