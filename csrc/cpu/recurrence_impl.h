@@ -701,8 +701,8 @@ struct BwdLayout {
   static constexpr int W = kWidth<T>;
   int64_t cols_per_panel, panels, proj_panels, ld, ldg;
   // amx: as FwdLayout's, for the product d_pre W_hh: W_hh packed into amx_pack, d_pre kept in
-  // bfloat16 too (double-buffered, dpbf) and the sums coming back through amx_sums (amx_rows(B)
-  // rows of amx_sums_ld floats).
+  // bfloat16 only (double-buffered, dpbf: nothing else reads d_pre, so the float dpre is not
+  // carved) and the sums coming back through amx_sums (amx_rows(B) rows of amx_sums_ld floats).
   bool amx;
   int64_t amx_sums_ld;
   int64_t wt_pack, wr_pack, amx_pack, dh, dc, dpre, dpbf, amx_sums, dh_direct, dht, scratch,
@@ -724,7 +724,7 @@ struct BwdLayout {
     amx_pack = carve.take(amx ? panels * amx_panel_elems(kColVecs, G * H) * bf16 : 0);
     dh = carve.take(B * ld * e);
     dc = carve.take(C == CellKind::kLstm ? B * ld * e : 0);
-    dpre = carve.take(2 * B * ldg * e);
+    dpre = carve.take(amx ? 0 : 2 * B * ldg * e);
     dpbf = carve.take(amx ? 2 * amx_rows(B) * amx_lda(G * H) * bf16 : 0);
     amx_sums = carve.take(amx ? amx_rows(B) * amx_sums_ld * e : 0);
     dh_direct = carve.take(C == CellKind::kGru ? B * ld * e : 0);
@@ -755,10 +755,13 @@ void forward_impl(const RecurrenceFwdParams& p, const Team& team) {
   T* bias_pack = p.b_hh && !lay.in_place ? reinterpret_cast<T*>(ws + lay.bias_pack) : nullptr;
   T* wr_pack = reinterpret_cast<T*>(ws + lay.wr_pack);
   T* hbuf[2] = {reinterpret_cast<T*>(ws + lay.h), reinterpret_cast<T*>(ws + lay.h) + B * ld};
-  // The AMX product's bfloat16 copies of h (FwdLayout::amx), amx_ld apart.
+  // The AMX product's bfloat16 copies of h (FwdLayout::amx; null otherwise), amx_ld apart.
   const int64_t amx_ld = amx_lda(P), amx_row_count = amx_rows(B);
-  BFloat16* hbf[2] = {reinterpret_cast<BFloat16*>(ws + lay.hbf),
-                      reinterpret_cast<BFloat16*>(ws + lay.hbf) + amx_row_count * amx_ld};
+  BFloat16* hbf[2] = {nullptr, nullptr};
+  if (lay.amx) {
+    hbf[0] = reinterpret_cast<BFloat16*>(ws + lay.hbf);
+    hbf[1] = hbf[0] + amx_row_count * amx_ld;
+  }
   BFloat16* amx_pack = reinterpret_cast<BFloat16*>(ws + lay.amx_pack);
   T* cbuf = reinterpret_cast<T*>(ws + lay.c);
   T* rbuf = reinterpret_cast<T*>(ws + lay.r);
@@ -844,7 +847,7 @@ void forward_impl(const RecurrenceFwdParams& p, const Team& team) {
   for (int64_t s = 0; s < seq_len; ++s) {
     const T* h_prev = hbuf[s & 1];
     T* h_next = hbuf[(s + 1) & 1];
-    BFloat16* hbf_next = lay.amx ? hbf[(s + 1) & 1] : nullptr;
+    BFloat16* hbf_next = hbf[(s + 1) & 1];
     const int64_t rows = steps.rows_needed(s, B);
     // h_t of row b, units (or a projected LSTM's state columns) [u, u + n), to the next step's
     // product (and its bfloat16 operand).
@@ -853,6 +856,16 @@ void forward_impl(const RecurrenceFwdParams& p, const Team& team) {
       if constexpr (std::is_same_v<T, float>) {
         if (hbf_next) store_as(hbf_next + b * amx_ld + u, h, n);
       }
+    };
+    // A padded row b: h_{t-1} carries over for columns [begin, end) (and its bfloat16 copy),
+    // the output row is zero.
+    auto keep_h = [&](int64_t b, int64_t begin, int64_t end) {
+      std::memcpy(h_next + b * ld + begin, h_prev + b * ld + begin, sizeof(T) * (end - begin));
+      if (hbf_next) {
+        std::memcpy(static_cast<void*>(hbf_next + b * amx_ld + begin),
+                    hbf[s & 1] + b * amx_ld + begin, sizeof(BFloat16) * (end - begin));
+      }
+      zero_row(row_of<S>(p.out, s, b) + begin, end - begin);
     };
 
     auto cell_epilogue = [&](int64_t pan, int64_t r0, int m, auto& acc) {
@@ -970,16 +983,7 @@ void forward_impl(const RecurrenceFwdParams& p, const Team& team) {
     if (p.lengths) {
       for (int64_t b = 0; b < B; ++b) {
         if (steps.active(b, s)) continue;
-        if (!projected) {
-          std::memcpy(h_next + b * ld + unit_begin, h_prev + b * ld + unit_begin,
-                      sizeof(T) * (unit_end - unit_begin));
-          if (hbf_next) {
-            std::memcpy(static_cast<void*>(hbf_next + b * amx_ld + unit_begin),
-                        hbf[s & 1] + b * amx_ld + unit_begin,
-                        sizeof(BFloat16) * (unit_end - unit_begin));
-          }
-          zero_row(row_of<S>(p.out, s, b) + unit_begin, unit_end - unit_begin);
-        }
+        if (!projected) keep_h(b, unit_begin, unit_end);
       }
     }
 
@@ -1011,14 +1015,7 @@ void forward_impl(const RecurrenceFwdParams& p, const Team& team) {
       if (p.lengths) {
         for (int64_t b = 0; b < B; ++b) {
           if (steps.active(b, s)) continue;
-          std::memcpy(h_next + b * ld + col_begin, h_prev + b * ld + col_begin,
-                      sizeof(T) * (col_end - col_begin));
-          if (hbf_next) {
-            std::memcpy(static_cast<void*>(hbf_next + b * amx_ld + col_begin),
-                        hbf[s & 1] + b * amx_ld + col_begin,
-                        sizeof(BFloat16) * (col_end - col_begin));
-          }
-          zero_row(row_of<S>(p.out, s, b) + col_begin, col_end - col_begin);
+          keep_h(b, col_begin, col_end);
         }
       }
     }
@@ -1059,12 +1056,20 @@ void backward_impl(const RecurrenceBwdParams& p, const Team& team) {
   T* wr_pack = reinterpret_cast<T*>(ws + lay.wr_pack);
   T* dh_state = reinterpret_cast<T*>(ws + lay.dh);
   T* dc_state = reinterpret_cast<T*>(ws + lay.dc);
-  T* dpre_buf[2] = {reinterpret_cast<T*>(ws + lay.dpre),
-                    reinterpret_cast<T*>(ws + lay.dpre) + B * ldg};
-  // The AMX product's bfloat16 copies of d_pre (BwdLayout::amx), amx_ld apart, and its sums.
+  // The product's d_pre in float (null with the tiles, which read dpbf_buf instead).
+  T* dpre_buf[2] = {nullptr, nullptr};
+  if (!lay.amx) {
+    dpre_buf[0] = reinterpret_cast<T*>(ws + lay.dpre);
+    dpre_buf[1] = dpre_buf[0] + B * ldg;
+  }
+  // The AMX product's bfloat16 copies of d_pre (BwdLayout::amx; null otherwise), amx_ld apart,
+  // and its sums.
   const int64_t amx_ld = amx_lda(G * H), amx_row_count = amx_rows(B);
-  BFloat16* dpbf_buf[2] = {reinterpret_cast<BFloat16*>(ws + lay.dpbf),
-                           reinterpret_cast<BFloat16*>(ws + lay.dpbf) + amx_row_count * amx_ld};
+  BFloat16* dpbf_buf[2] = {nullptr, nullptr};
+  if (lay.amx) {
+    dpbf_buf[0] = reinterpret_cast<BFloat16*>(ws + lay.dpbf);
+    dpbf_buf[1] = dpbf_buf[0] + amx_row_count * amx_ld;
+  }
   BFloat16* amx_pack = reinterpret_cast<BFloat16*>(ws + lay.amx_pack);
   T* amx_sums = reinterpret_cast<T*>(ws + lay.amx_sums);
   T* dh_direct = reinterpret_cast<T*>(ws + lay.dh_direct);
@@ -1125,10 +1130,11 @@ void backward_impl(const RecurrenceBwdParams& p, const Team& team) {
       }
     }
     if constexpr (C == CellKind::kGru) std::memset(dh_direct, 0, sizeof(T) * B * ld);
-    std::memset(dpre_buf[0], 0, sizeof(T) * 2 * B * ldg);
     if (lay.amx) {  // padding k and rows: zeros, as in the forward's hbf
       std::memset(static_cast<void*>(dpbf_buf[0]), 0,
                   sizeof(BFloat16) * 2 * amx_row_count * amx_ld);
+    } else {
+      std::memset(dpre_buf[0], 0, sizeof(T) * 2 * B * ldg);
     }
   }
   team.sync();
@@ -1137,18 +1143,21 @@ void backward_impl(const RecurrenceBwdParams& p, const Team& team) {
   // (w.r.t. r_t = o tanh(c_t) for a projected LSTM). Writes d_pre (for the product), d_xproj,
   // d_hproj and the carried states.
   BFloat16* dpbf = nullptr;  // this step's bfloat16 d_pre (BwdLayout::amx), else null
-  // d_pre of gate g, units [u, u + n) of row b, for the product (and its bfloat16 operand).
-  auto publish_dpre = [&](T* dp, int64_t b, int g, int64_t u, const V& x, int n) {
-    x.store_partial(dp + g * H + u, n);
+  // d_pre of gate g, units [u, u + n) of row b, for the product: into this step's float dpre,
+  // or into its bfloat16 copy where the tiles read that instead.
+  auto publish_dpre = [&](T* dpre, int64_t b, int g, int64_t u, const V& x, int n) {
     if constexpr (std::is_same_v<T, float>) {
-      if (dpbf) store_as(dpbf + b * amx_ld + g * H + u, x, n);
+      if (dpbf) {
+        store_as(dpbf + b * amx_ld + g * H + u, x, n);
+        return;
+      }
     }
+    x.store_partial(dpre + b * ldg + g * H + u, n);
   };
   auto cell_backward = [&](int64_t b, int64_t s, int64_t u, int n, V d, T* dpre) {
     const int64_t t = steps.time(b, s);
     S* dx = row_of<S>(p.d_xproj, t, b);
     S* dhp = p.d_hproj.data ? row_of<S>(p.d_hproj, t, b) : nullptr;
-    T* dp = dpre + b * ldg;
     if constexpr (C == CellKind::kLstm) {
       const auto gate = load_saved_lstm_gates<V>(row_of<const S>(p.gates, t, b), H, u, n);
       const V c = load_as<V>(row_of<const S>(p.c_seq, t, b) + u, n);
@@ -1163,7 +1172,7 @@ void backward_impl(const RecurrenceBwdParams& p, const Team& team) {
       const V parts[4] = {grad.d_i, grad.d_f, grad.d_g, grad.d_o};
       for (int g = 0; g < 4; ++g) {
         store_as(dx + g * H + u, parts[g], n);
-        publish_dpre(dp, b, g, u, parts[g], n);
+        publish_dpre(dpre, b, g, u, parts[g], n);
         if (dhp) store_as(dhp + g * H + u, parts[g], n);
       }
     } else if constexpr (C == CellKind::kGru) {
@@ -1181,7 +1190,7 @@ void backward_impl(const RecurrenceBwdParams& p, const Team& team) {
       for (int g = 0; g < 3; ++g) {
         store_as(dx + g * H + u, dxs[g], n);
         store_as(dhp + g * H + u, dhs[g], n);
-        publish_dpre(dp, b, g, u, dhs[g], n);
+        publish_dpre(dpre, b, g, u, dhs[g], n);
       }
     } else {
       const V h_next = load_as<V>(row_of<const S>(p.out, t, b) + u, n);
@@ -1190,7 +1199,7 @@ void backward_impl(const RecurrenceBwdParams& p, const Team& team) {
         pre.v[w] = rnn_backward(p.cell, Vec<T, 1>(h_next.v[w]), Vec<T, 1>(d.v[w])).v;
       }
       store_as(dx + u, pre, n);
-      publish_dpre(dp, b, 0, u, pre, n);
+      publish_dpre(dpre, b, 0, u, pre, n);
       if (dhp) store_as(dhp + u, pre, n);
     }
   };
@@ -1207,7 +1216,7 @@ void backward_impl(const RecurrenceBwdParams& p, const Team& team) {
 
   for (int64_t s = seq_len - 1; s >= 0; --s) {
     T* dpre = dpre_buf[s & 1];
-    dpbf = lay.amx ? dpbf_buf[s & 1] : nullptr;
+    dpbf = dpbf_buf[s & 1];
     const int64_t rows = steps.rows_needed(s, B);
     if (!projected) {
       for (int64_t b = 0; b < B; ++b) {
