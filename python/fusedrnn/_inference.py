@@ -28,10 +28,9 @@ from operator import is_
 from typing import NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from . import _backend, functional
+from . import _backend, _input_projection, functional
 from ._backend import GATE_COUNT
 from ._projection_buffer import ProjectionBuffer
 
@@ -210,10 +209,10 @@ class InferencePlan:
 
 def _project(x: Tensor, w_ih: tuple, b_ih: tuple, block: Optional[Tensor]) -> list:
     """Per direction x W_ih^T (+ b_ih): [T, B, G*H] with unit stride in the last dimension; in
-    `block` (ProjectionBuffer.lend) where one is lent, with the same GEMM F.linear runs."""
+    `block` (ProjectionBuffer.lend) where one is lent, with torch's GEMM (oneDNN's op, which
+    _input_projection picks on some CPUs, has no out= form)."""
     if block is None:
-        xproj = [F.linear(x, w, b) for w, b in zip(w_ih, b_ih)]
-        return [p if p.stride(2) == 1 else p.contiguous() for p in xproj]
+        return [_input_projection.project(x, w, b) for w, b in zip(w_ih, b_ih)]
     seq_len, batch, width = x.shape
     rows, gates_width = seq_len * batch, w_ih[0].size(0)
     x_rows = x.reshape(rows, width)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _backend, _cell_step, _onnx_export, _validation, reference
+from . import _backend, _cell_step, _input_projection, _onnx_export, _validation, reference
 from ._backend import GATE_COUNT, SAVED_GATE_COUNT
 
 CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
@@ -203,9 +203,7 @@ def _layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor], c0: Option
     b_ih = None
     if has_bias and not fold_bias:
         b_ih = torch.cat([w[2] for w in layer_weights]) if len(layer_weights) > 1 else layer_weights[0][2]
-    xproj = F.linear(x, w_ih, b_ih)  # [T, B, D*G*H]: every direction in one GEMM
-    if xproj.stride(2) != 1:
-        xproj = xproj.contiguous()
+    xproj = _input_projection.project(x, w_ih, b_ih)  # [T, B, D*G*H]: all directions, one GEMM
 
     w_hh = [w[1] for w in layer_weights]
     b_hh = ([w[2] + w[3] for w in layer_weights] if fold_bias

@@ -1,0 +1,168 @@
+"""The input projection x W_ih^T (+ b_ih) of a layer, and which CPU GEMM runs it.
+
+Every layer starts with this GEMM over all T*B rows at once, and training adds two more of the
+same size (d_x = d_xproj W_ih, dW_ih = d_xproj^T x): in large-batch training on the CPU they are
+most of the call. torch.nn.functional.linear runs them on MKL. MKL picks its kernels by CPU
+vendor, and on AMD CPUs it runs well below oneDNN's GEMM (which torch.nn.LSTM itself uses).
+Measured on a 2-core AMD EPYC (Zen 4) VM, torch 2.13, 2 threads, fp32, same process:
+
+    rows x K x N (x W^T)      MKL (F.linear)   oneDNN (mkldnn._linear_pointwise)
+    3200 x 256 x 1024         10.4 ms          8.5 ms
+    3200 x 512 x 2048         41-49 ms         33-37 ms   (~150 against ~200 GFLOP/s)
+    3200 x 1024 x 4096        190 ms           153 ms
+    100 x 64 x 256            27 us            32 us      (small GEMMs: oneDNN's call costs more)
+
+while for dW = d^T x (a long reduction over the rows) MKL was as fast or faster (38 against 43
+ms at 3200 x 2048 x 512). On Intel CPUs MKL ran these GEMMs at the machine's peak (~305 GFLOP/s
+on the 2-core Sapphire Rapids VM), so there is nothing to win and they stay on F.linear.
+
+So on a CPU whose vendor is not Intel, a float32 projection of at least kMinMacs multiply-adds
+runs x W^T and d_x on oneDNN, and dW on torch.mm. Everything else (other dtypes and devices,
+small GEMMs, torch.compile, tracing, torch.func transforms, meta and fake tensors) is
+F.linear, unchanged. FUSEDRNN_CPU_GEMM=onednn or =torch overrides the choice (tests force
+oneDNN on any machine; a user can rule it out).
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _backend
+
+GEMM_VARIABLE = "FUSEDRNN_CPU_GEMM"
+_CHOICES = ("auto", "onednn", "torch")
+
+# Below about this many multiply-adds oneDNN's per-call cost ate its gain (table above: even at
+# 100 x 128 x 512 = 6.5 M, 1.2x at 26 M).
+kMinMacs = 1 << 23
+
+# Tensor subclasses (other than parameters) keep F.linear, which dispatches through them.
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def project(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
+    """x [T, B, I] (any strides) -> x W^T + b as [T, B, N] with unit stride in the last dim,
+    differentiable like F.linear."""
+    if not _onednn_applies(x, w, b):
+        xproj = F.linear(x, w, b)
+        return xproj if xproj.stride(2) == 1 else xproj.contiguous()
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad
+                                    or (b is not None and b.requires_grad)):
+        return _OneDnnProjection.apply(x, w, b)
+    return _onednn_linear(x.reshape(-1, x.size(2)), w, b).view(x.size(0), x.size(1), w.size(0))
+
+
+def choice() -> str:
+    """FUSEDRNN_CPU_GEMM as given (auto when unset); raises on anything else."""
+    value = os.environ.get(GEMM_VARIABLE, "auto") or "auto"
+    if value not in _CHOICES:
+        raise RuntimeError(f"fusedrnn: {GEMM_VARIABLE} must be one of {', '.join(_CHOICES)}, "
+                           f"got {value!r}")
+    return value
+
+
+def onednn_available() -> bool:
+    """Whether this torch has oneDNN and the linear op Inductor uses for it."""
+    return _linear_op() is not None
+
+
+def _onednn_applies(x: Tensor, w: Tensor, b: Optional[Tensor]) -> bool:
+    if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 3:
+        return False
+    wanted = choice()
+    if wanted == "torch" or (wanted == "auto" and not _vendor_prefers_onednn()):
+        return False
+    if x.size(0) * x.size(1) * x.size(2) * w.size(0) < (kMinMacs if wanted == "auto" else 1):
+        return False
+    if w.dtype != x.dtype or w.device != x.device or w.dim() != 2 or w.size(1) != x.size(2):
+        return False  # F.linear raises its own error
+    if b is not None and (b.dtype != x.dtype or b.device != x.device or b.dim() != 1):
+        return False
+    plain = all(t is None or type(t) in _PLAIN_TENSOR_TYPES for t in (x, w, b))
+    # torch.backends.mkldnn.flags(enabled=False) turns oneDNN off for torch.nn; here too.
+    return (plain and _backend.plain_eager() and torch.backends.mkldnn.enabled
+            and onednn_available())
+
+
+@functools.lru_cache(maxsize=None)
+def _vendor_prefers_onednn() -> bool:
+    return _cpu_vendor() not in ("GenuineIntel", "")
+
+
+def _cpu_vendor() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""  # unknown: keep torch's GEMM
+
+
+@functools.lru_cache(maxsize=None)
+def _linear_op():
+    """torch.ops.mkldnn._linear_pointwise when it exists and agrees with F.linear on a small
+    product (it is an internal op of torch's Inductor; a torch without it, or where it fails,
+    keeps F.linear), else None."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        op = torch.ops.mkldnn._linear_pointwise
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(7, 5, generator=gen)
+        w = torch.randn(3, 5, generator=gen)
+        b = torch.randn(3, generator=gen)
+        ok = torch.allclose(op(x, w, b, "none", [], ""), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+        ok = ok and torch.allclose(op(x, w.t().contiguous().t(), None, "none", [], ""),
+                                   F.linear(x, w), rtol=1e-5, atol=1e-5)
+    except (AttributeError, RuntimeError):
+        return None
+    return op if ok else None
+
+
+def _onednn_linear(x2: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
+    """x2 [R, K] (unit stride in K) times w^T [K, N] (+ b) on oneDNN: [R, N], contiguous."""
+    return _linear_op()(x2, w, b, "none", [], "")
+
+
+class _OneDnnProjection(torch.autograd.Function):
+    """x W^T + b with its gradients: d_x = d W on oneDNN, dW = d^T x and db = column sums of d
+    on torch (MKL). With create_graph the backward runs as differentiable torch ops."""
+
+    @staticmethod
+    def forward(ctx, x, w, b):
+        rows, width = x.size(0) * x.size(1), x.size(2)
+        x2 = x.reshape(rows, width)  # a copy when x is a strided view (batch_first input)
+        ctx.save_for_backward(x, w)
+        # A copy is kept for dW rather than made again; a view is made again from x.
+        ctx.x2 = x2 if x2.data_ptr() != x.data_ptr() else None
+        ctx.has_bias = b is not None
+        return _onednn_linear(x2, w, b).view(x.size(0), x.size(1), w.size(0))
+
+    @staticmethod
+    def backward(ctx, d):
+        x, w = ctx.saved_tensors
+        rows, width = x.size(0) * x.size(1), x.size(2)
+        d2 = d.reshape(rows, d.size(2))
+        needs_x, needs_w, needs_b = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph: every formula stays differentiable
+            x2 = x.reshape(rows, width)
+            return (d2.mm(w).view_as(x) if needs_x else None,
+                    d2.t().mm(x2) if needs_w else None,
+                    d2.sum(0) if needs_b and ctx.has_bias else None)
+        d_x = _onednn_linear(d2 if d2.stride(1) == 1 else d2.contiguous(), w.t(), None).view(
+            x.shape) if needs_x else None
+        d_w = None
+        if needs_w:
+            x2 = ctx.x2 if ctx.x2 is not None else x.reshape(rows, width)
+            d_w = d2.t().mm(x2)
+        # As a matrix-vector product: BLAS streams the rows once (functional._row_sum).
+        d_b = d2.t().mv(d2.new_ones(rows)) if needs_b and ctx.has_bias else None
+        ctx.x2 = None
+        return d_x, d_w, d_b
