@@ -52,7 +52,7 @@ def _ulps(actual: torch.Tensor, expected64: torch.Tensor) -> torch.Tensor:
     return (actual.double() - expected64).abs() / spacing.double()
 
 
-@pytest.mark.parametrize("isa", ["amx", "avx512", "avx2", "generic"])
+@pytest.mark.parametrize("isa", ["amx", "avx512bf16", "avx512", "avx2", "generic"])
 def test_tanh_within_its_ulp_bound_over_the_float_range(isa, monkeypatch):
     """Each instruction set's build (the dispatch reads FUSEDRNN_CPU_ISA at every call and runs
     the best one the CPU supports at or below it)."""
@@ -66,7 +66,7 @@ def test_tanh_within_its_ulp_bound_over_the_float_range(isa, monkeypatch):
     assert y[beyond].abs() <= 1, f"tanh({x[beyond].item()!r}) = {y[beyond].item()!r}"
 
 
-@pytest.mark.parametrize("isa", ["amx", "avx512", "avx2", "generic"])
+@pytest.mark.parametrize("isa", ["amx", "avx512bf16", "avx512", "avx2", "generic"])
 def test_tanh_special_values(isa, monkeypatch):
     monkeypatch.setenv("FUSEDRNN_CPU_ISA", isa)
     x = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e-45, 20.0, -20.0, 3e38, float("inf"),

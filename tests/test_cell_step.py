@@ -122,7 +122,7 @@ def test_native_forward_matches_reference(cell, shape, bias, dtype):
     assert_close(h_next, zero[0], tol, "h' (zero state)")
 
 
-@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512", "amx"])
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512", "avx512bf16", "amx"])
 def test_every_instruction_set(isa, monkeypatch):
     """FUSEDRNN_CPU_ISA lowers the run-time choice, so each compiled copy of the pass runs (SIMD
     widths 4/8/16 for float32: H=37 leaves a tail in each)."""

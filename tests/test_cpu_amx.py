@@ -1,5 +1,5 @@
 """The bfloat16 recurrence on AMX tiles (csrc/cpu/amx_tiles.h, the `amx` build of the CPU
-kernel). Its per-step product takes h_{t-1} (forward) or d_pre (backward) rounded to bfloat16, as
+kernel), and on AVX512-BF16's VDPBF16PS (the `avx512bf16` build, same layouts and products). Its per-step product takes h_{t-1} (forward) or d_pre (backward) rounded to bfloat16, as
 every bfloat16 GEMM does, so it is not the float kernel rounded (test_cpu_bfloat16.py checks that
 bit for bit on the AVX-512 build). Checked here instead:
 - one step, where every operand of the forward product is a bfloat16 value already: the outputs
@@ -27,21 +27,28 @@ pytestmark = pytest.mark.skipif(
     _backend.backend_name() != "cpu", reason="AMX runs in the _cpu kernels")
 
 
-def _cpu_has_amx() -> bool:
+def _cpu_runs(isa: str) -> bool:
+    """Whether this CPU (and build) runs `isa` when asked for it (a request above what the CPU
+    has runs the best it has)."""
     from fusedrnn import _cpu
     import os
-    saved = os.environ.pop("FUSEDRNN_CPU_ISA", None)
+    saved = os.environ.get("FUSEDRNN_CPU_ISA")
+    os.environ["FUSEDRNN_CPU_ISA"] = isa
     try:
-        return _cpu.isa() == "amx"
+        return _cpu.isa() == isa
     finally:
-        if saved is not None:
+        if saved is None:
+            del os.environ["FUSEDRNN_CPU_ISA"]
+        else:
             os.environ["FUSEDRNN_CPU_ISA"] = saved
 
 
-@pytest.fixture(params=["amx", "avx512"])
+@pytest.fixture(params=["amx", "avx512bf16", "avx512"])
 def isa(request, monkeypatch):
-    if request.param == "amx" and not _cpu_has_amx():
+    if request.param == "amx" and not _cpu_runs("amx"):
         pytest.skip("needs a CPU with AMX-BF16 and an OS that grants the tile state")
+    if request.param == "avx512bf16" and not _cpu_runs("avx512bf16"):
+        pytest.skip("needs a CPU with AVX512-BF16")
     monkeypatch.setenv("FUSEDRNN_CPU_ISA", request.param)
     return request.param
 
@@ -111,18 +118,20 @@ def test_one_step_is_the_float64_result_rounded(cell, B, H, P, isa):
     if cell == "gru":  # the direct part, from the saved z the kernel reads
         want = want + run.gates[0, 0, :, H:2 * H].double() * d_out[0].double()
     bound = BF16_ULP * want.abs() + 1e-4 * want.abs().max()
-    if isa != "amx":
+    if isa == "avx512":  # the FMA kernel multiplies d_pre in float, not rounded
         bound = bound + 2.0 ** -9 * (d_pre.abs() @ w.abs())
     worst = ((grads.d_h0[0].double() - want).abs() - bound).max().item()
     assert torch.isfinite(grads.d_h0).all() and worst <= 0, f"d_h0: {worst} past the bound"
 
 
-def test_bfloat16_layers_take_the_tiles():
-    """Where the CPU has AMX, a bfloat16 layer at batch 17 takes the tile path (its workspace
-    has the tiles' layout, not the FMA one's) and a float32 layer does not: so the tests above
-    that run with isa=amx test the tiles, not a silent fallback."""
-    if not _cpu_has_amx():
-        pytest.skip("needs a CPU with AMX-BF16 and an OS that enables the tile state")
+@pytest.mark.parametrize("vnni_isa", ["amx", "avx512bf16"])
+def test_bfloat16_layers_take_the_tiles(vnni_isa):
+    """Where the CPU has AMX (or AVX512-BF16), a bfloat16 layer at batch 17 takes the bfloat16
+    VNNI product (its workspace has that layout, not the FMA one's) and a float32 layer does not:
+    so the tests above that run with isa=amx (avx512bf16) test the tiles (VDPBF16PS), not a
+    silent fallback."""
+    if not _cpu_runs(vnni_isa):
+        pytest.skip(f"needs a CPU that runs the {vnni_isa} build")
     from fusedrnn import _cpu
     import os
 
@@ -133,8 +142,8 @@ def test_bfloat16_layers_take_the_tiles():
 
     saved = os.environ.get("FUSEDRNN_CPU_ISA")
     try:
-        assert workspace(torch.bfloat16, "amx") != workspace(torch.bfloat16, "avx512")
-        assert workspace(torch.float32, "amx") == workspace(torch.float32, "avx512")
+        assert workspace(torch.bfloat16, vnni_isa) != workspace(torch.bfloat16, "avx512")
+        assert workspace(torch.float32, vnni_isa) == workspace(torch.float32, "avx512")
     finally:
         if saved is None:
             os.environ.pop("FUSEDRNN_CPU_ISA", None)

@@ -385,7 +385,7 @@ def _ptr(t):
     return 0 if t is None else t.data_ptr()
 
 
-@pytest.mark.parametrize("isa", ["amx", "avx512", "avx2", "generic"])
+@pytest.mark.parametrize("isa", ["amx", "avx512bf16", "avx512", "avx2", "generic"])
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
 @pytest.mark.parametrize("products", [True, False], ids=["products", "formed"])
 def test_bfloat16_cell_step_is_the_float_pass_rounded(cell, products, isa, monkeypatch):

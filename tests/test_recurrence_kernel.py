@@ -281,7 +281,7 @@ def test_row_group_splits(cell, proj, threads, monkeypatch):
                       torch.device("cpu"))
 
 
-@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512", "amx"])
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512", "avx512bf16", "amx"])
 @pytest.mark.parametrize("cell,proj", [("lstm", 0), ("lstm", 9), ("gru", 0), ("rnn_tanh", 0)])
 def test_every_instruction_set(cell, proj, isa, monkeypatch):
     """FUSEDRNN_CPU_ISA lowers the run-time choice, so every compiled path runs here (a path the
@@ -292,7 +292,7 @@ def test_every_instruction_set(cell, proj, isa, monkeypatch):
         for size in [(7, 5, 37), (3, 9, 70)]:
             run_and_check(Config(cell, proj, "bidir", True, *size, dtype, False),
                           torch.device("cpu"))
-    assert cpu.isa() in ("generic", "avx2", "avx512", "amx")
+    assert cpu.isa() in ("generic", "avx2", "avx512", "avx512bf16", "amx")
 
 
 def test_larger_threaded_shapes(monkeypatch):
@@ -354,7 +354,7 @@ def _w_hh_bytes(cell, H, P, dtype):
     return GATES[cell] * H * P * torch.empty((), dtype=dtype).element_size()
 
 
-@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512", "amx"])
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512", "avx512bf16", "amx"])
 @pytest.mark.parametrize("cell,proj", [("lstm", 0), ("lstm", 20), ("gru", 0), ("rnn_tanh", 0)])
 def test_small_batch_packs_nothing(cell, proj, isa, monkeypatch):
     """The in-place forward carves no packed W_hh (nor W_hr) from the workspace (so the tests
@@ -380,7 +380,7 @@ def test_small_batch_packs_nothing(cell, proj, isa, monkeypatch):
             <= workspace(500, 3, 182, 182, torch.float32, "lstm"))
 
 
-@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512", "amx"])
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512", "avx512bf16", "amx"])
 @pytest.mark.parametrize("cell,proj", [("lstm", 0), ("lstm", 20), ("gru", 0), ("rnn_relu", 0)])
 def test_small_batch_every_instruction_set(cell, proj, isa, monkeypatch):
     pytest.importorskip("fusedrnn._cpu")

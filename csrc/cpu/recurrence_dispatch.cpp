@@ -44,8 +44,10 @@ struct IsaOps {
         isa::cell_step_forward, isa::cell_step_backward                                        \
   }
 
+// Ranks: a CPU that can run a build can run every build of a lower rank.
 int isa_rank(const char* name) {
-  if (std::strcmp(name, "amx") == 0) return 3;
+  if (std::strcmp(name, "amx") == 0) return 4;
+  if (std::strcmp(name, "avx512bf16") == 0) return 3;
   if (std::strcmp(name, "avx512") == 0) return 2;
   if (std::strcmp(name, "avx2") == 0) return 1;
   return 0;
@@ -72,6 +74,16 @@ bool amx_usable() {
 #endif
 }
 
+// AVX512-BF16 in cpuid (leaf 7, sub-leaf 1, EAX bit 5), where this build has its kernel.
+bool avx512bf16_usable() {
+#if defined(FUSEDRNN_CPU_HAS_AVX512BF16_BUILD)
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  return __get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) && ((eax >> 5) & 1u);
+#else
+  return false;
+#endif
+}
+
 int supported_rank() {
 #if defined(__x86_64__)
   static const int rank = [] {
@@ -79,7 +91,7 @@ int supported_rank() {
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("fma")) {
-      return amx_usable() ? 3 : 2;
+      return amx_usable() ? 4 : avx512bf16_usable() ? 3 : 2;
     }
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
     return 0;
@@ -96,17 +108,22 @@ IsaOps ops() {
   if (const char* want = std::getenv("FUSEDRNN_CPU_ISA")) {
     if (*want) {
       if (std::strcmp(want, "generic") != 0 && std::strcmp(want, "avx2") != 0 &&
-          std::strcmp(want, "avx512") != 0 && std::strcmp(want, "amx") != 0) {
+          std::strcmp(want, "avx512") != 0 && std::strcmp(want, "avx512bf16") != 0 &&
+          std::strcmp(want, "amx") != 0) {
         throw std::invalid_argument(
-            std::string("FUSEDRNN_CPU_ISA must be generic, avx2, avx512 or amx, got '") + want +
-            "'");
+            std::string("FUSEDRNN_CPU_ISA must be generic, avx2, avx512, avx512bf16 or amx, got '") +
+            want + "'");
       }
       if (isa_rank(want) < rank) rank = isa_rank(want);
     }
   }
 #if defined(__x86_64__)
 #if defined(FUSEDRNN_CPU_HAS_AMX_BUILD)
-  if (rank == 3) return FUSEDRNN_ISA_OPS(amx);
+  if (rank == 4) return FUSEDRNN_ISA_OPS(amx);
+#endif
+#if defined(FUSEDRNN_CPU_HAS_AVX512BF16_BUILD)
+  // An AMX CPU has AVX512-BF16 too; without the avx512bf16 build, rank 3 runs avx512 below.
+  if (rank >= 3) return FUSEDRNN_ISA_OPS(avx512bf16);
 #endif
   if (rank >= 2) return FUSEDRNN_ISA_OPS(avx512);
   if (rank == 1) return FUSEDRNN_ISA_OPS(avx2);

@@ -655,8 +655,9 @@ struct FwdLayout {
   // can_defer: there is a `pre` buffer where the packed product can park each step's
   // pre-activations, for the cell update to run afterwards row by row (kDeferredMinStepBytes).
   bool can_defer;
-  // amx: the product h_{t-1} W_hh^T runs on AMX tiles (amx_tiles.h): bfloat16 layers of the AMX
-  // build that would pack W_hh (a projected LSTM's r W_hr^T stays on FMAs). W_hh is packed into
+  // amx: the product h_{t-1} W_hh^T runs as the bfloat16 VNNI product (amx_tiles.h: AMX tiles,
+  // or VDPBF16PS in the avx512bf16 build): bfloat16 layers of those builds that would pack W_hh
+  // (a projected LSTM's r W_hr^T stays on FMAs). W_hh is packed into
   // amx_pack, h is kept in bfloat16 too (double-buffered, hbf: the product's A operand) and the
   // sums always take the round trip through `pre` (amx_rows(B) rows: a tile store writes 16).
   bool amx;
@@ -670,7 +671,7 @@ struct FwdLayout {
     panels = ceil_div(H, units_per_panel);
     proj_panels = projected ? ceil_div(P, kColVecs * W) : 0;
     ld = padded_ld<T>(round_up(imax(H, P), kColVecs * W));
-    amx = kAmxBuild && p.dtype == DType::kBFloat16 && !in_place && NV <= kAmxMaxVecs &&
+    amx = kVnniBf16Build && p.dtype == DType::kBFloat16 && !in_place && NV <= kAmxMaxVecs &&
           W == kAmxCols && amx_tiles_granted();
     can_defer = amx || (!in_place && B * gate_count(C) * H * static_cast<int64_t>(sizeof(T)) >=
                                          kDeferredMinStepBytes);
@@ -715,7 +716,7 @@ struct BwdLayout {
     proj_panels = projected ? ceil_div(H, cols_per_panel) : 0;
     ld = padded_ld<T>(round_up(imax(H, P), cols_per_panel));
     ldg = padded_ld<T>(round_up(G * H, W));
-    amx = kAmxBuild && p.dtype == DType::kBFloat16 && W == kAmxCols && amx_tiles_granted();
+    amx = kVnniBf16Build && p.dtype == DType::kBFloat16 && W == kAmxCols && amx_tiles_granted();
     amx_sums_ld = panels * cols_per_panel + W;  // + a line: see FwdLayout::pre_row_elems
     const int64_t e = sizeof(T), bf16 = 2;
     Carver carve;
@@ -954,7 +955,7 @@ void forward_impl(const RecurrenceFwdParams& p, const Team& team) {
         if constexpr (std::is_same_v<T, float>) {
           for (int64_t pan = pan_begin; pan < pan_end; ++pan) {
             cell_prefetch(pan, 0, static_cast<int>(rows));
-            amx_panel_product<NV>(hbf[s & 1], amx_ld, ceil_div(rows, kAmxRows),
+            amx_panel_product<NV>(hbf[s & 1], amx_ld, rows,
                                   amx_pack + pan * amx_panel_elems(NV, P), amx_chunks(P),
                                   pre + pan * NV * W, pre_ld);
           }
@@ -1288,7 +1289,7 @@ void backward_impl(const RecurrenceBwdParams& p, const Team& team) {
       if constexpr (std::is_same_v<T, float>) {
         const int64_t sums_ld = lay.amx_sums_ld;
         for (int64_t pan = pan_begin; pan < pan_end; ++pan) {
-          amx_panel_product<kColVecs>(dpbf, amx_ld, ceil_div(rows, kAmxRows),
+          amx_panel_product<kColVecs>(dpbf, amx_ld, rows,
                                       amx_pack + pan * amx_panel_elems(kColVecs, G * H),
                                       amx_chunks(G * H), amx_sums + pan * cpp, sums_ld);
           for (int64_t b = 0; b < rows; ++b) {

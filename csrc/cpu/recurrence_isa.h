@@ -1,7 +1,6 @@
 // The entry points each per-ISA build of the CPU recurrence provides (recurrence_isa_*.cpp compile
 // recurrence_impl.h with different instruction-set flags into namespaces generic / avx2 / avx512 /
-// amx;
-// recurrence_dispatch.cpp picks one at run time by cpuid).
+// avx512bf16 / amx; recurrence_dispatch.cpp picks one at run time by cpuid).
 //
 // All work on ONE direction: the dispatcher gives each direction its own workspace slice and team.
 #pragma once
@@ -31,6 +30,9 @@ FUSEDRNN_DECLARE_CPU_ISA(generic)
 #if defined(__x86_64__)
 FUSEDRNN_DECLARE_CPU_ISA(avx2)
 FUSEDRNN_DECLARE_CPU_ISA(avx512)
+#if defined(FUSEDRNN_CPU_HAS_AVX512BF16_BUILD)
+FUSEDRNN_DECLARE_CPU_ISA(avx512bf16)
+#endif
 #if defined(FUSEDRNN_CPU_HAS_AMX_BUILD)
 FUSEDRNN_DECLARE_CPU_ISA(amx)
 #endif

@@ -110,8 +110,8 @@ def gpu_info(device_index: int = 0) -> Dict[str, object]:
 
 def native_backends() -> Dict[str, object]:
     """Which fusedrnn native modules import here, and which build of the CPU kernel runs
-    (generic, avx2, avx512 or amx: picked by cpuid, lowered by FUSEDRNN_CPU_ISA). Never raises:
-    the header must always print."""
+    (generic, avx2, avx512, avx512bf16 or amx: picked by cpuid, lowered by FUSEDRNN_CPU_ISA).
+    Never raises: the header must always print."""
     try:
         from fusedrnn import _backend
     except Exception as exc:  # the package may be half-built while developing
