@@ -111,6 +111,20 @@ def test_backward_twice_with_retain_graph(onednn):
     torch.testing.assert_close(w.grad, 2 * first)
 
 
+@requires_onednn
+@pytest.mark.parametrize("strided", [False, True])
+def test_weight_grad_matches_mm(onednn, monkeypatch, strided):
+    gen = torch.Generator().manual_seed(5)
+    d2 = torch.randn(40, 24, generator=gen)
+    x2 = torch.randn(40, 2 * 9, generator=gen)[:, 9:] if strided else torch.randn(40, 9, generator=gen)
+    got = _input_projection.weight_grad(d2, x2)
+    torch.testing.assert_close(got, d2.t().mm(x2), rtol=1e-5, atol=1e-5)
+    got.addmm_(d2[:3].t(), x2[:3])  # functional adds the h0 term in place
+    torch.testing.assert_close(got, d2.t().mm(x2) + d2[:3].t().mm(x2[:3]), rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv(_input_projection.GEMM_VARIABLE, "auto")  # small: MKL's mm, contiguous
+    assert _input_projection.weight_grad(d2, x2).is_contiguous()
+
+
 def test_bad_setting_names_the_variable(monkeypatch):
     monkeypatch.setenv(_input_projection.GEMM_VARIABLE, "mkl")
     x, w, b = _operands(False, True)

@@ -12,12 +12,14 @@ Measured on a 2-core AMD EPYC (Zen 4) VM, torch 2.13, 2 threads, fp32, same proc
     3200 x 1024 x 4096        190 ms           153 ms
     100 x 64 x 256            27 us            32 us      (small GEMMs: oneDNN's call costs more)
 
-while for dW = d^T x (a long reduction over the rows) MKL was as fast or faster (38 against 43
-ms at 3200 x 2048 x 512). On Intel CPUs MKL ran these GEMMs at the machine's peak (~305 GFLOP/s
-on the 2-core Sapphire Rapids VM), so there is nothing to win and they stay on F.linear.
+while for dW = d^T x (a long reduction over the rows) MKL was as fast as oneDNN's d^T x; oneDNN
+wins there only as (x^T d^T)^T and only for large products (kMinWeightGradMacs). On Intel CPUs
+MKL ran these GEMMs at the machine's peak (~305 GFLOP/s on the 2-core Sapphire Rapids VM), so
+there is nothing to win and they stay on MKL.
 
 So on a CPU whose vendor is not Intel, a float32 projection of at least kMinMacs multiply-adds
-runs x W^T and d_x on oneDNN, and dW on torch.mm. Everything else (other dtypes and devices,
+runs x W^T and d_x on oneDNN, and the weight gradients (weight_grad: dW_ih here, dW_hh in
+functional) run there from kMinWeightGradMacs on. Everything else (other dtypes and devices,
 small GEMMs, torch.compile, tracing, torch.func transforms, meta and fake tensors) is
 F.linear, unchanged. FUSEDRNN_CPU_GEMM=onednn or =torch overrides the choice (tests force
 oneDNN on any machine; a user can rule it out).
@@ -40,6 +42,10 @@ _CHOICES = ("auto", "onednn", "torch")
 # Below about this many multiply-adds oneDNN's per-call cost ate its gain (table above: even at
 # 100 x 128 x 512 = 6.5 M, 1.2x at 26 M).
 kMinMacs = 1 << 23
+# The weight gradient d^T x (a long reduction over the rows) on oneDNN, as (x^T d^T)^T, against
+# MKL's d^T x, same VM (R x G x I): 1600 x 768 x 256 4.3 against 3.9 ms; 3200 x 1024 x 256
+# 10.5 / 11.0; 3200 x 2048 x 512 35 / 40; 3200 x 4096 x 1024 133 / 171.
+kMinWeightGradMacs = 1 << 29
 
 # Tensor subclasses (other than parameters) keep F.linear, which dispatches through them.
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
@@ -71,19 +77,39 @@ def onednn_available() -> bool:
     return _linear_op() is not None
 
 
+def weight_grad(d2: Tensor, x2: Tensor) -> Tensor:
+    """d2^T x2 ([R, G]^T [R, I] -> [G, I]): a weight gradient summed over all R = T*B rows
+    (dW_ih, and dW_hh in functional). MKL's kernel is kept below kMinWeightGradMacs, where it was
+    as fast or faster; above, oneDNN runs it as (x2^T d2)^T, returned as that transposed view."""
+    macs = d2.size(0) * d2.size(1) * x2.size(1)
+    if d2.dim() == 2 and x2.dim() == 2 and _use_onednn(macs, kMinWeightGradMacs, d2, x2):
+        return _onednn_linear(x2.t(), d2.t(), None).t()
+    return d2.t().mm(x2)
+
+
 def _onednn_applies(x: Tensor, w: Tensor, b: Optional[Tensor]) -> bool:
-    if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 3:
+    if x.dim() != 3 or w.dim() != 2 or w.size(1) != x.size(2):
+        return False  # F.linear raises its own error
+    if b is not None and (b.dtype != x.dtype or b.device != x.device or b.dim() != 1):
+        return False
+    macs = x.size(0) * x.size(1) * x.size(2) * w.size(0)
+    return _use_onednn(macs, kMinMacs, x, w, b)
+
+
+def _use_onednn(macs: int, min_macs: int, *tensors: Optional[Tensor]) -> bool:
+    """Whether a float32 CPU GEMM of `macs` multiply-adds over `tensors` runs on oneDNN."""
+    first = tensors[0]
+    if first.device.type != "cpu" or first.dtype != torch.float32:
+        return False
+    if any(t is not None and (t.dtype != first.dtype or t.device != first.device)
+           for t in tensors):
         return False
     wanted = choice()
     if wanted == "torch" or (wanted == "auto" and not _vendor_prefers_onednn()):
         return False
-    if x.size(0) * x.size(1) * x.size(2) * w.size(0) < (kMinMacs if wanted == "auto" else 1):
+    if wanted == "auto" and macs < min_macs:
         return False
-    if w.dtype != x.dtype or w.device != x.device or w.dim() != 2 or w.size(1) != x.size(2):
-        return False  # F.linear raises its own error
-    if b is not None and (b.dtype != x.dtype or b.device != x.device or b.dim() != 1):
-        return False
-    plain = all(t is None or type(t) in _PLAIN_TENSOR_TYPES for t in (x, w, b))
+    plain = all(t is None or type(t) in _PLAIN_TENSOR_TYPES for t in tensors)
     # torch.backends.mkldnn.flags(enabled=False) turns oneDNN off for torch.nn; here too.
     return (plain and _backend.plain_eager() and torch.backends.mkldnn.enabled
             and onednn_available())
@@ -132,8 +158,8 @@ def _onednn_linear(x2: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
 
 
 class _OneDnnProjection(torch.autograd.Function):
-    """x W^T + b with its gradients: d_x = d W on oneDNN, dW = d^T x and db = column sums of d
-    on torch (MKL). With create_graph the backward runs as differentiable torch ops."""
+    """x W^T + b with its gradients: d_x = d W on oneDNN, dW = d^T x by weight_grad, db = column
+    sums of d on torch (MKL). With create_graph the backward runs as differentiable torch ops."""
 
     @staticmethod
     def forward(ctx, x, w, b):
@@ -161,7 +187,7 @@ class _OneDnnProjection(torch.autograd.Function):
         d_w = None
         if needs_w:
             x2 = ctx.x2 if ctx.x2 is not None else x.reshape(rows, width)
-            d_w = d2.t().mm(x2)
+            d_w = weight_grad(d2, x2)
         # As a matrix-vector product: BLAS streams the rows once (functional._row_sum).
         d_b = d2.t().mv(d2.new_ones(rows)) if needs_b and ctx.has_bias else None
         ctx.x2 = None

@@ -526,9 +526,11 @@ def _recurrent_weight_grad(d_pre: Tensor, out: Tensor, h0: Optional[Tensor],
     seq_len, batch, gates_width = d_pre.shape
     state = out.shape[2]
     if reverse:
-        grad = d_pre[:-1].reshape(-1, gates_width).t().mm(out[1:].reshape(-1, state))
+        grad = _input_projection.weight_grad(d_pre[:-1].reshape(-1, gates_width),
+                                             out[1:].reshape(-1, state))
     else:
-        grad = d_pre[1:].reshape(-1, gates_width).t().mm(out[:-1].reshape(-1, state))
+        grad = _input_projection.weight_grad(d_pre[1:].reshape(-1, gates_width),
+                                             out[:-1].reshape(-1, state))
     if h0 is not None:
         if not reverse:
             first = d_pre[0]
