@@ -121,8 +121,30 @@ def test_weight_grad_matches_mm(onednn, monkeypatch, strided):
     torch.testing.assert_close(got, d2.t().mm(x2), rtol=1e-5, atol=1e-5)
     got.addmm_(d2[:3].t(), x2[:3])  # functional adds the h0 term in place
     torch.testing.assert_close(got, d2.t().mm(x2) + d2[:3].t().mm(x2[:3]), rtol=1e-5, atol=1e-5)
+    # A direction's columns of a bidirectional d_pre: rows with gaps, where oneDNN ran a
+    # reference kernel ~1000x slower. Right, and on MKL (whose result is contiguous).
+    d_pre = torch.randn(40, 2 * 24, generator=gen)
+    d_dir = d_pre[:, 24:]
+    got = _input_projection.weight_grad(d_dir, x2)
+    torch.testing.assert_close(got, d_dir.t().mm(x2), rtol=1e-5, atol=1e-5)
+    assert got.is_contiguous()
     monkeypatch.setenv(_input_projection.GEMM_VARIABLE, "auto")  # small: MKL's mm, contiguous
     assert _input_projection.weight_grad(d2, x2).is_contiguous()
+
+
+@requires_onednn
+def test_operands_with_gaps_are_right(onednn):
+    """x whose rows are a slice of wider rows: copied before oneDNN sees it."""
+    gen = torch.Generator().manual_seed(6)
+    wide = torch.randn(6, 5, 20, generator=gen, requires_grad=True)
+    x = wide[:, :, 3:12]
+    w = torch.randn(12, 9, generator=gen, requires_grad=True)
+    out = _input_projection.project(x, w, None)
+    torch.testing.assert_close(out, F.linear(x, w), rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    expected = torch.zeros_like(wide)
+    expected[:, :, 3:12] = w.sum(0)
+    torch.testing.assert_close(wide.grad, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_bad_setting_names_the_variable(monkeypatch):
