@@ -260,13 +260,16 @@ inline void amx_panel_product(const BFloat16* a, int64_t lda, int64_t rows,
   }
   __asm__ volatile("" ::: "memory");
 }
-#elif defined(FUSEDRNN_CPU_BF16DOT)
-// No tile state to ask for, and none to configure.
-constexpr bool amx_tiles_granted() { return true; }
+#else
+// No tile state to ask for or to configure: the avx512bf16 build needs none, and the other builds
+// never run a bfloat16 VNNI product (FwdLayout::amx is false there).
+constexpr bool amx_tiles_granted() { return kVnniBf16Build; }
 struct AmxTileScope {
   explicit AmxTileScope(bool) {}
 };
+#endif
 
+#if defined(FUSEDRNN_CPU_BF16DOT)
 // amx_panel_product's contract, on VDPBF16PS: blocks of MR rows x NV vectors of float sums stay
 // in registers for the whole depth; per pair of k, each B vector (a tile row of the panel) is
 // loaded once for the block and each row's pair of A is broadcast once for the NV vectors.
@@ -319,21 +322,18 @@ template <int NV>
 inline void amx_panel_product(const BFloat16* a, int64_t lda, int64_t rows,
                               const BFloat16* panel, int64_t chunks, float* c, int64_t ldc) {
   static_assert(NV >= 1 && NV <= kAmxMaxVecs, "a panel has at most 4 vectors");
-  // 24 of the 32 vector registers hold sums (as FUSEDRNN_CPU_ACC_REGS), the rest the B vectors
-  // and the broadcast; at most 16 rows, a tile's. Only the `rows` rows are computed (the tiles
-  // compute whole tiles: at batch 4 the backward took 30 instead of 23 ms on FMAs before this).
-  constexpr int MR = 24 / NV < kAmxRows ? 24 / NV : kAmxRows;
+  // FUSEDRNN_CPU_ACC_REGS of the 32 vector registers hold sums, the rest the B vectors and the
+  // broadcast; at most 16 rows, a tile's. Only the `rows` rows are computed (the tiles compute
+  // whole tiles: at batch 4 the backward took 30 instead of 23 ms on FMAs before this).
+  constexpr int kSums = FUSEDRNN_CPU_ACC_REGS / NV;
+  constexpr int MR = kSums < kAmxRows ? kSums : kAmxRows;
   for (int64_t r0 = 0; r0 < rows; r0 += MR) {
     const int m = static_cast<int>(rows - r0 < MR ? rows - r0 : MR);
     vnni_block<NV, MR>(m, a + r0 * lda, lda, panel, chunks, c + r0 * ldc, ldc);
   }
 }
-#else
+#elif !defined(FUSEDRNN_CPU_VNNI_BF16)
 // The other builds never run a bfloat16 VNNI product: FwdLayout::amx is false there.
-constexpr bool amx_tiles_granted() { return false; }
-struct AmxTileScope {
-  explicit AmxTileScope(bool) {}
-};
 template <int NV, typename ColOf>
 void pack_amx_panel(BFloat16*, const BFloat16*, int64_t, int64_t, ColOf) {
   __builtin_trap();

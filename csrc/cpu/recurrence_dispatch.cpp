@@ -44,13 +44,14 @@ struct IsaOps {
         isa::cell_step_forward, isa::cell_step_backward                                        \
   }
 
-// Ranks: a CPU that can run a build can run every build of a lower rank.
+// Ranks: a CPU that can run a build can run every build of a lower rank. -1: no such build.
 int isa_rank(const char* name) {
   if (std::strcmp(name, "amx") == 0) return 4;
   if (std::strcmp(name, "avx512bf16") == 0) return 3;
   if (std::strcmp(name, "avx512") == 0) return 2;
   if (std::strcmp(name, "avx2") == 0) return 1;
-  return 0;
+  if (std::strcmp(name, "generic") == 0) return 0;
+  return -1;
 }
 
 // AMX-BF16 and AMX-TILE in cpuid and the tile state enabled by the OS (XCR0 bits 17 and 18).
@@ -107,14 +108,13 @@ IsaOps ops() {
   int rank = supported_rank();
   if (const char* want = std::getenv("FUSEDRNN_CPU_ISA")) {
     if (*want) {
-      if (std::strcmp(want, "generic") != 0 && std::strcmp(want, "avx2") != 0 &&
-          std::strcmp(want, "avx512") != 0 && std::strcmp(want, "avx512bf16") != 0 &&
-          std::strcmp(want, "amx") != 0) {
+      const int wanted = isa_rank(want);
+      if (wanted < 0) {
         throw std::invalid_argument(
             std::string("FUSEDRNN_CPU_ISA must be generic, avx2, avx512, avx512bf16 or amx, got '") +
             want + "'");
       }
-      if (isa_rank(want) < rank) rank = isa_rank(want);
+      if (wanted < rank) rank = wanted;
     }
   }
 #if defined(__x86_64__)

@@ -1,4 +1,6 @@
-"""The input projection x W_ih^T (+ b_ih) of a layer, and which CPU GEMM runs it.
+"""The input projection x W_ih^T (+ b_ih) of a layer, and which CPU GEMM runs it; also the
+layer's weight-gradient GEMM and bias-gradient sum (weight_grad, row_sum), which functional's
+backward of the recurrence shares.
 
 Every layer starts with this GEMM over all T*B rows at once, and training adds two more of the
 same size (d_x = d_xproj W_ih, dW_ih = d_xproj^T x): in large-batch training on the CPU they are
@@ -90,6 +92,17 @@ def weight_grad(d2: Tensor, x2: Tensor) -> Tensor:
     return d2.t().mm(x2)
 
 
+def row_sum(d_pre: Tensor) -> Tensor:
+    """d_pre [T, B, X] (dense, as the native backward allocates it) summed over T and B: [X].
+
+    As a matrix-vector product with ones: BLAS streams the rows once on all threads, where
+    sum((0, 1)) took about twice as long on the CPU (B=64 T=50 X=1024: 0.36 -> 0.25 ms; a
+    bidirectional B=32 T=100 layer, both directions: 0.86 ms for one sum, 0.85 for one per
+    direction, 0.46 as mv)."""
+    rows = d_pre.shape[0] * d_pre.shape[1]
+    return d_pre.reshape(rows, d_pre.shape[2]).t().mv(d_pre.new_ones(rows))
+
+
 def _dense(t: Tensor) -> bool:
     """A matrix stored without gaps, row- or column-major."""
     return t.is_contiguous() or t.t().is_contiguous()
@@ -98,8 +111,8 @@ def _dense(t: Tensor) -> bool:
 def _onednn_applies(x: Tensor, w: Tensor, b: Optional[Tensor]) -> bool:
     if x.dim() != 3 or w.dim() != 2 or w.size(1) != x.size(2):
         return False  # F.linear raises its own error
-    if b is not None and (b.dtype != x.dtype or b.device != x.device or b.dim() != 1):
-        return False
+    if b is not None and b.dim() != 1:
+        return False  # (its dtype and device: _use_onednn)
     macs = x.size(0) * x.size(1) * x.size(2) * w.size(0)
     return _use_onednn(macs, kMinMacs, x, w, b)
 
@@ -199,7 +212,6 @@ class _OneDnnProjection(torch.autograd.Function):
         if needs_w:
             x2 = ctx.x2 if ctx.x2 is not None else x.reshape(rows, width)
             d_w = weight_grad(d2, x2)
-        # As a matrix-vector product: BLAS streams the rows once (functional._row_sum).
-        d_b = d2.t().mv(d2.new_ones(rows)) if needs_b and ctx.has_bias else None
+        d_b = row_sum(d) if needs_b and ctx.has_bias else None
         ctx.x2 = None
         return d_x, d_w, d_b
