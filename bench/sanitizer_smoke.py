@@ -6,6 +6,12 @@ bidirectional, proj_size, packed variable lengths, and an H large enough that W_
 chip (the streaming variant). Each result is also compared with torch.nn in float64 on the CPU,
 so a wrong answer fails the run even where the sanitizer sees nothing.
 
+Every case seeds its weights and inputs, so the three sanitizer runs compute the same thing: an
+error that moves between them points at a race. In float16 and bfloat16 an error is judged
+against torch.nn's own (cuDNN's) error in the same dtype, as DESIGN.md asks: at these tiny sizes
+one pre-activation rounded across zero flips a relu derivative, and a gradient's error jumps to
+1e-2 for cuDNN as for us (seen on an H200, 2026-11-27: rnn-relu-L2-fp16 at 2.85e-2 in one run).
+
     python bench/sanitizer_smoke.py            # exit 0: every case ran and matched
 """
 from __future__ import annotations
@@ -33,6 +39,7 @@ CASES = [
     ("rnn-relu-L2-fp16", "rnn_relu", torch.float16, 5, 3, 11, 37, {"num_layers": 2}, False),
 ]
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}
+UNIT_ROUNDOFF = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -44,11 +51,13 @@ def flatten(out, state):
     return [out.data if isinstance(out, PackedSequence) else out] + (list(state) if isinstance(state, tuple) else [state])
 
 
-def run_case(name, cell, dtype, T, B, I, H, extra, packed) -> float:
+def run_case(library, seed, name, cell, dtype, T, B, I, H, extra, packed) -> float:
+    """Max relative error of library's module (fusedrnn or torch.nn) on CUDA against float64."""
     cls_name, cell_kw = CLASSES[cell]
-    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
     ref = getattr(torch.nn, cls_name)(I, H, **cell_kw, **extra).double()
-    module = getattr(fusedrnn, cls_name)(I, H, **cell_kw, **extra).to("cuda", dtype)
+    module = getattr(library, cls_name)(I, H, **cell_kw, **extra).to("cuda", dtype)
     module.load_state_dict(ref.state_dict())
     ref.load_state_dict({k: v.to(dtype).double() for k, v in ref.state_dict().items()})  # same rounding
 
@@ -83,17 +92,22 @@ def main() -> int:
         print("sanitizer_smoke: no CUDA GPU visible to torch", file=sys.stderr)
         return 2
     failed = 0
-    for case in CASES:
+    for seed, case in enumerate(CASES):
         name, dtype = case[0], case[2]
         try:
-            err = run_case(*case)
+            err = run_case(fusedrnn, seed, *case)
+            bar, why = TOLERANCE[dtype], f"tolerance {TOLERANCE[dtype]:.0e}"
+            if dtype in UNIT_ROUNDOFF:
+                torch_err = run_case(torch.nn, seed, *case)
+                bar = max(bar, 2 * torch_err + 2 * UNIT_ROUNDOFF[dtype])
+                why += f"; torch.nn's {torch_err:.2e}"
         except Exception as exc:
             print(f"FAIL  {name}: {type(exc).__name__}: {exc}")
             failed += 1
             continue
-        ok = err <= TOLERANCE[dtype]
+        ok = err <= bar
         failed += not ok
-        print(f"{'ok  ' if ok else 'FAIL'}  {name}: max rel err {err:.2e} (tolerance {TOLERANCE[dtype]:.0e})")
+        print(f"{'ok  ' if ok else 'FAIL'}  {name}: max rel err {err:.2e} ({why})")
     print(f"sanitizer_smoke: {len(CASES) - failed} of {len(CASES)} cases ok")
     return 1 if failed else 0
 
