@@ -1,0 +1,233 @@
+"""Where a step of the persistent CUDA recurrence goes: numbers for the next kernel change.
+
+A lent GPU comes rarely and for minutes, so this gathers in one run what the bench table cannot
+say (bench/gpu_check.sh says how fast; this says why):
+
+- per step: the time of a forward (or forward + backward) at two sequence lengths, whose
+  difference over the step count is the cost of one step without the launch and the projections;
+  swept over H, B, the blocks per direction and the weight placement, for fusedrnn and for
+  torch.nn (cuDNN) on the same shapes;
+- the floor of a step's communication (cupy, when importable): a cooperative grid of 256-thread
+  blocks that only exchanges the state through L2 and meets at a grid barrier, with
+  cooperative_groups' grid.sync() and with a counter barrier of release/acquire atomics.
+
+    python bench/gpu_probe.py [sections...]     # sections: steps barrier (default: both)
+    ncu --clock-control none -k regex:recurrence_ --launch-skip 1 --launch-count 3 \
+        --section WarpStateStats --section SourceCounters -o anchor python bench/gpu_probe.py anchor
+
+The section anchor runs LSTM B=16 T=1024 H=768 bf16 twice in inference and once in training
+(forward kernel, forward kernel, backward kernel), for a profiler to catch the last three.
+
+Prints one line per measurement; nothing is asserted.
+"""
+from __future__ import annotations
+
+import statistics
+import sys
+
+import torch
+
+import fusedrnn
+from fusedrnn import _backend
+
+CUDA = torch.device("cuda")
+T_SHORT, T_LONG = 256, 1024
+
+
+def median_ms(fn, reps: int = 7, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def modules(cell: str, H: int, dtype, I: int = 256, **kw):
+    torch.manual_seed(0)
+    theirs = getattr(torch.nn, cell)(I, H, **kw).to(CUDA, dtype)
+    ours = getattr(fusedrnn, cell)(I, H, **kw).to(CUDA, dtype)
+    ours.load_state_dict(theirs.state_dict())
+    return ours, theirs
+
+
+def per_step_us(module, B: int, dtype, train: bool, I: int = 256, steps=(T_SHORT, T_LONG)):
+    """(ms at the short T, ms at the long T, us per step from their difference)."""
+    times = []
+    for T in steps:
+        x = torch.randn(T, B, I, device=CUDA, dtype=dtype, requires_grad=train)
+        if train:
+            dy = torch.randn(T, B, module.hidden_size * (2 if module.bidirectional else 1),
+                             device=CUDA, dtype=dtype)
+
+            def call():
+                module(x)[0].backward(dy)
+        else:
+            def call():
+                with torch.no_grad():
+                    module(x)
+        times.append(median_ms(call))
+    return times[0], times[1], (times[1] - times[0]) * 1e3 / (steps[1] - steps[0])
+
+
+def report(label: str, module, B: int, dtype, train: bool, **kw) -> None:
+    try:
+        short, long, us = per_step_us(module, B, dtype, train, **kw)
+        print(f"{label:58s} T{T_SHORT} {short:8.3f} ms  T{T_LONG} {long:8.3f} ms  {us:7.2f} us/step",
+              flush=True)
+    except Exception as exc:  # a probe reports and goes on
+        print(f"{label:58s} failed: {type(exc).__name__}: {exc}", flush=True)
+
+
+def launch_options(**kw) -> None:
+    _backend._cuda._set_launch_options(**kw)
+
+
+def steps_section() -> None:
+    bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+    print("== per-step cost, LSTM B=16 inference, over H (fusedrnn bf16 / cuDNN fp16)")
+    for H in (32, 128, 256, 512, 768, 1024):
+        ours, theirs = modules("LSTM", H, bf16)
+        report(f"fusedrnn bf16 LSTM B16 H{H} inf", ours, 16, bf16, False)
+        ours16, theirs16 = modules("LSTM", H, fp16)
+        report(f"fusedrnn fp16 LSTM B16 H{H} inf", ours16, 16, fp16, False)
+        report(f"cudnn    fp16 LSTM B16 H{H} inf", theirs16, 16, fp16, False)
+    ours, theirs = modules("LSTM", 768, fp32)
+    report("fusedrnn fp32 LSTM B16 H768 inf", ours, 16, fp32, False)
+    report("cudnn    fp32 LSTM B16 H768 inf (tf32 default)", theirs, 16, fp32, False)
+
+    print("== LSTM B=16 H=768 bf16 inference, blocks per direction capped (132 SMs)")
+    ours, _ = modules("LSTM", 768, bf16)
+    for cap in (96, 64, 48, 32, 24, 16, 8):
+        launch_options(max_blocks_per_direction=cap)
+        report(f"fusedrnn bf16 H768 blocks<={cap}", ours, 16, bf16, False)
+    launch_options()
+    launch_options(force_streaming=True)
+    report("fusedrnn bf16 H768 weights streamed (FMA)", ours, 16, bf16, False)
+    launch_options()
+
+    print("== LSTM H=768 bf16 inference over B")
+    for B in (1, 4, 16, 64, 128):
+        report(f"fusedrnn bf16 H768 B{B}", ours, B, bf16, False)
+
+    print("== training (forward + backward), LSTM B=16 H=768")
+    for dtype, name in ((bf16, "bf16"), (fp16, "fp16")):
+        ours, theirs = modules("LSTM", 768, dtype)
+        report(f"fusedrnn {name} H768 train", ours, 16, dtype, True)
+        report(f"cudnn    {name} H768 train", theirs, 16, dtype, True)
+    ours, _ = modules("LSTM", 768, bf16)
+    for cap in (64, 32):
+        launch_options(max_blocks_per_direction=cap)
+        report(f"fusedrnn bf16 H768 train blocks<={cap}", ours, 16, bf16, True)
+    launch_options()
+
+    print("== GRU and a large H (weights streamed)")
+    ours, theirs = modules("GRU", 768, bf16)
+    report("fusedrnn bf16 GRU B16 H768 inf", ours, 16, bf16, False)
+    for H in (1536, 2048):
+        ours, theirs = modules("LSTM", H, bf16)
+        report(f"fusedrnn bf16 LSTM B16 H{H} inf", ours, 16, bf16, False, steps=(32, 128))
+        report(f"cudnn    bf16 LSTM B16 H{H} inf", theirs, 16, bf16, False, steps=(32, 128))
+
+
+BARRIER_SOURCE = r"""
+#include <cooperative_groups.h>
+__device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
+  unsigned v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void red_release(unsigned* p, unsigned v) {
+  asm volatile("red.release.gpu.global.add.u32 [%0], %1;" :: "l"(p), "r"(v) : "memory");
+}
+__device__ __forceinline__ void grid_meet(unsigned* counter, unsigned target, int use_cg) {
+  if (use_cg) { cooperative_groups::this_grid().sync(); return; }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    red_release(counter, 1u);
+    while (ld_acquire(counter) < target) {}
+  }
+  __syncthreads();
+}
+// Per step: read the whole state (vecs 16-byte vectors) into shared memory, write this block's
+// slice of the next state, meet at the barrier. vecs = 0: the barrier alone.
+extern "C" __global__ void step_floor(unsigned* counter, uint4* state, int steps, int vecs, int use_cg) {
+  extern __shared__ uint4 smem[];
+  const int per = (vecs + gridDim.x - 1) / gridDim.x;
+  for (int s = 0; s < steps; ++s) {
+    const uint4* src = state + (s & 1) * vecs;
+    uint4* dst = state + ((s + 1) & 1) * vecs;
+    for (int i = threadIdx.x; i < vecs; i += blockDim.x) smem[i] = src[i];
+    __syncthreads();
+    for (int i = threadIdx.x; i < per; i += blockDim.x) {
+      const int j = blockIdx.x * per + i;
+      if (j < vecs) dst[j] = smem[(j + 1) % vecs];
+    }
+    grid_meet(counter, (unsigned)(s + 1) * gridDim.x, use_cg);
+  }
+}
+"""
+
+
+def barrier_section() -> None:
+    try:
+        import cupy
+    except ImportError:
+        print("== barrier floor: cupy not importable, skipped")
+        return
+    print("== step floor: state exchange through L2 + grid barrier, 256 threads per block")
+    kernel = cupy.RawKernel(BARRIER_SOURCE, "step_floor", options=("-std=c++17",),
+                            enable_cooperative_groups=True)
+    steps = 2000
+    for blocks in (132, 66, 32, 16):
+        for B, H in ((0, 0), (16, 768), (64, 1024)):
+            vecs = B * H * 2 // 16
+            kernel.max_dynamic_shared_size_bytes = max(vecs * 16, 16)
+            for use_cg in (1, 0):
+                counter = cupy.zeros(1, dtype=cupy.uint32)
+                state = cupy.zeros(max(2 * vecs, 1) * 4, dtype=cupy.uint32)
+                args = (counter, state, cupy.int32(steps), cupy.int32(vecs), cupy.int32(use_cg))
+                kernel((blocks,), (256,), args, shared_mem=max(vecs * 16, 16))  # warm-up
+                cupy.cuda.Device().synchronize()
+                start, end = cupy.cuda.Event(), cupy.cuda.Event()
+                counter.fill(0)
+                start.record()
+                kernel((blocks,), (256,), args, shared_mem=max(vecs * 16, 16))
+                end.record()
+                end.synchronize()
+                us = cupy.cuda.get_elapsed_time(start, end) * 1e3 / steps
+                what = "barrier only" if vecs == 0 else f"exchange B{B} H{H} bf16"
+                print(f"{blocks:4d} blocks  {what:26s} {'grid.sync' if use_cg else 'atomics  '}"
+                      f"  {us:6.2f} us/step", flush=True)
+
+
+def anchor_section() -> None:
+    ours, _ = modules("LSTM", 768, torch.bfloat16, I=768)
+    x = torch.randn(1024, 16, 768, device=CUDA, dtype=torch.bfloat16, requires_grad=True)
+    with torch.no_grad():
+        ours(x)
+        ours(x)
+    ours(x)[0].sum().backward()
+    torch.cuda.synchronize()
+    print("anchor: LSTM B16 T1024 H768 bf16, two inference calls and one training step ran")
+
+
+def main(argv) -> int:
+    if not torch.cuda.is_available() or not _backend.HAS_CUDA:
+        print("gpu_probe: needs a CUDA GPU and fusedrnn._cuda", file=sys.stderr)
+        return 2
+    sections = argv or ["barrier", "steps"]
+    print(f"gpu_probe on {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    for name in sections:
+        {"steps": steps_section, "barrier": barrier_section, "anchor": anchor_section}[name]()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
