@@ -3,8 +3,9 @@
 bench/gpu_check.sh runs it under memcheck, racecheck and synccheck. Shapes are tiny and odd (no
 multiple of any tile) and cover the kernel variants: every cell, fp32/fp64/fp16/bf16, two layers,
 bidirectional, proj_size, packed variable lengths, and an H large enough that W_hh cannot stay on
-chip (the streaming variant). Each result is also compared with torch.nn in float64 on the CPU,
-so a wrong answer fails the run even where the sanitizer sees nothing.
+chip (the streaming variant; in bf16 its forward stages the weights through shared memory). Each
+result is also compared with torch.nn in float64 on the CPU, so a wrong answer fails the run even
+where the sanitizer sees nothing.
 
 Every case seeds its weights and inputs, so the three sanitizer runs compute the same thing: an
 error that moves between them points at a race. In float16 and bfloat16 an error is judged
@@ -33,6 +34,7 @@ CASES = [
     ("lstm-packed-bi-fp32", "lstm", torch.float32, 6, 4, 11, 37, {"bidirectional": True}, True),
     ("lstm-fp64", "lstm", torch.float64, 3, 2, 5, 19, {}, False),
     ("lstm-streaming-fp32", "lstm", torch.float32, 3, 2, 16, 1536, {}, False),
+    ("lstm-staged-bf16", "lstm", torch.bfloat16, 3, 2, 16, 2048, {}, False),
     ("gru-bi-fp32", "gru", torch.float32, 5, 3, 11, 37, {"bidirectional": True}, False),
     ("gru-packed-bf16", "gru", torch.bfloat16, 5, 4, 11, 37, {}, True),
     ("rnn-tanh-fp32", "rnn_tanh", torch.float32, 5, 3, 11, 37, {}, False),

@@ -113,8 +113,8 @@ def test_no_initial_state_multi_block():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_activation_loads_in_flight(dtype):
-    """H=32, B=9: the backward's B x G*H activation chunk is 288 (fp32) or 576 (fp64) vectors,
-    so each emulated thread runs several rounds of kLoadsInFlight loads, the last one partial."""
+    """H=32, B=9: the backward's B x G*H activation chunk is 288 (fp32) or 576 (fp64) 16-byte
+    vectors, so each emulated thread issues several asynchronous copies before it waits."""
     run_and_check(Config("lstm", 0, "bidir", True, 2, 9, 32, dtype, False), CPU)
 
 
@@ -124,7 +124,7 @@ def _per_direction(num_dirs, make):
 
 
 # ------------------------------------------------------------------ float16 / bfloat16
-def _half_case(cell, proj, dtype, T, B, H, num_dirs, lengths_on, streaming):
+def _half_case(cell, proj, dtype, T, B, H, num_dirs, lengths_on, streaming, max_stage_rows=0):
     """Returns {name: (kernel error, torch error)} for forward and backward outputs of every
     direction of a layer (direction 1 runs reversed), each measured against the float64
     reference on the same (dtype-rounded) inputs."""
@@ -153,7 +153,7 @@ def _half_case(cell, proj, dtype, T, B, H, num_dirs, lengths_on, streaming):
     d_out, d_hn = rnd(T, B, num_dirs * P), rnd(num_dirs, B, P)
     d_cn = rnd(num_dirs, B, H) if lstm else None
 
-    emu._set_launch_options(force_streaming=streaming)
+    emu._set_launch_options(force_streaming=streaming, max_stage_rows=max_stage_rows)
     run = run_forward_layer(cell, xproj, w_hh, b_hh, w_hr, h0, c0, lengths)
     grads = run_backward_layer(run, d_out, d_hn, d_cn)
 
@@ -246,6 +246,41 @@ def test_half_precision(cell, proj, dtype, streaming):
                                    streaming)
 
 
+STAGED = [(cell, proj, dtype) for cell, proj in CELLS for dtype in (torch.float16, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("cell,proj,dtype", STAGED,
+                         ids=[f"{c}{'-proj' if p else ''}-{str(d).split('.')[1]}"
+                              for c, p, d in STAGED])
+def test_staged_streaming(cell, proj, dtype):
+    """A 16-bit forward whose weights stream passes them through shared memory in 16-row passes
+    (cp.async) onto the tensor cores; rows of a multiple of 8 elements, as the staging needs.
+    H=48: blocks of 12 units, an LSTM's 48 gate rows in 3 passes (a GRU's 36 in 16, 16, 4);
+    two directions of H=16 (2 blocks of 8 units); B=17: the batch rows as the MMA's M side. The
+    backward streams on FMA as before."""
+    for T, B, H, num_dirs, lengths_on in [(3, 3, 48, 1, True), (3, 2, 16, 2, True),
+                                           (2, 17, 16, 1, False)]:
+        _assert_within_torch_error(dtype, cell, proj, dtype, T, B, H, num_dirs, lengths_on, True,
+                                   16)
+
+
+def test_staged_streaming_plan():
+    """Staged streaming is planned for a streamed 16-bit forward with 16-byte weight rows only,
+    in passes of whole 16-row tiles, as many rows as fit (here the whole slice)."""
+    emu._set_launch_options(force_streaming=True)
+    bf16, _keep = _fwd_params(H=40, dtype=torch.bfloat16)  # 4 blocks of 10 units: 40 gate rows
+    assert emu._launch_plan(bf16)["stage_rows"] == (48, 0)
+    projected, _keep2 = _fwd_params(H=32, P=16, dtype=torch.float16)  # W_hr rows: 4 per block
+    assert emu._launch_plan(projected)["stage_rows"] == (32, 16)
+    for unstaged in (_fwd_params(H=40, dtype=torch.float32), _fwd_params(H=37, dtype=torch.bfloat16),
+                     _fwd_params(H=32, P=12, dtype=torch.bfloat16)):
+        assert emu._launch_plan(unstaged[0])["stage_rows"] == (0, 0)
+    emu._set_launch_options(force_streaming=True, max_stage_rows=20)  # rounded up to 32
+    assert emu._launch_plan(bf16)["stage_rows"] == (32, 0)
+    emu._set_launch_options()
+    assert emu._launch_plan(bf16)["stage_rows"] == (0, 0)  # weights on chip
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_mma_partials_fit_the_last_block(dtype):
     """H=18 B=25 LSTM: blocks of 5, 5, 5 and 3 units. The planned block (20 rows) tiles as 6
@@ -274,7 +309,7 @@ def test_launch_plan():
     plan = emu._launch_plan(params)
     assert not plan["weights_in_smem"] and plan["batch_chunk"] == 2
     assert emu._launch_options() == dict(force_streaming=True, max_blocks_per_direction=0,
-                                         max_batch_chunk=2)
+                                         max_batch_chunk=2, max_stage_rows=0)
 
 
 def test_every_kernel_gets_its_shared_memory_limit():

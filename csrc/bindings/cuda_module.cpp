@@ -37,6 +37,7 @@ py::dict plan_to_dict(const fusedrnn::cuda::RecurrenceGeometry& g) {
   d["cols_per_block"] = g.cols_per_block;
   d["batch_chunk"] = g.batch_chunk;
   d["weights_in_smem"] = g.weights_in_smem;
+  d["stage_rows"] = py::make_tuple(g.stage_rows[0], g.stage_rows[1]);
   d["smem_bytes"] = g.smem_bytes;
   return d;
 }
@@ -94,23 +95,27 @@ PYBIND11_MODULE(FUSEDRNN_MODULE_NAME, m) {
 
   m.def(
       "_set_launch_options",
-      [](bool force_streaming, int max_blocks_per_direction, int max_batch_chunk) {
-        if (max_blocks_per_direction < 0 || max_batch_chunk < 0) {
+      [](bool force_streaming, int max_blocks_per_direction, int max_batch_chunk,
+         int max_stage_rows) {
+        if (max_blocks_per_direction < 0 || max_batch_chunk < 0 || max_stage_rows < 0) {
           throw std::invalid_argument("fusedrnn: launch option caps must be >= 0 (0 = no cap)");
         }
         cu::launch_options().force_streaming = force_streaming;
         cu::launch_options().max_blocks_per_dir = max_blocks_per_direction;
         cu::launch_options().max_batch_chunk = max_batch_chunk;
+        cu::launch_options().max_stage_rows = max_stage_rows;
       },
       py::arg("force_streaming") = false, py::arg("max_blocks_per_direction") = 0,
-      py::arg("max_batch_chunk") = 0,
+      py::arg("max_batch_chunk") = 0, py::arg("max_stage_rows") = 0,
       "Test knob: stream the weights instead of keeping them in shared memory, cap the blocks per "
-      "direction and the batch rows per product pass (0 = no cap beyond the device's).");
+      "direction, the batch rows per product pass and the weight rows per staging pass of a "
+      "streamed 16-bit forward (0 = no cap beyond the device's).");
   m.def("_launch_options", []() {
     py::dict d;
     d["force_streaming"] = cu::launch_options().force_streaming;
     d["max_blocks_per_direction"] = cu::launch_options().max_blocks_per_dir;
     d["max_batch_chunk"] = cu::launch_options().max_batch_chunk;
+    d["max_stage_rows"] = cu::launch_options().max_stage_rows;
     return d;
   });
   m.def(

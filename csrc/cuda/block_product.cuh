@@ -10,6 +10,7 @@
 // never read), so the inner loop has no branches and reads no memory outside the operands.
 #pragma once
 
+#include "async_copy.cuh"
 #include "dtype_traits.cuh"
 #include "launch_compat.h"
 #include "mma_product.cuh"
@@ -57,10 +58,15 @@ __device__ __forceinline__ void zero_padding_for_tensor_cores(unsigned char* sme
   }
 }
 
-// The tiling of one product for the variant that block_product_partials<kUnitK, kVectorK> runs.
+// The tiling of one product for the variant that phase_product_partials<kUnitK, kVectorK> runs;
+// stage_rows: the plan's rows per staging pass (staged streaming), 0 when not staged.
 template <bool kVectorK, typename T>
-__device__ __forceinline__ ProductTiling product_tiling(int rows, int batch, int k) {
+__device__ __forceinline__ ProductTiling product_tiling(int rows, int batch, int k,
+                                                       int stage_rows = 0) {
   if constexpr (kTensorCoreProduct<kVectorK, T>) return make_mma_tiling(rows, batch, k);
+  if constexpr (kIs16BitFloat<T>) {
+    if (stage_rows > 0) return make_mma_tiling(rows, batch, k, stage_rows);
+  }
   return make_tiling(rows, batch, k, blockDim.x, kVectorK ? Vec16<T>::kElems : 1);
 }
 
@@ -152,6 +158,59 @@ __device__ __forceinline__ void block_product_partials(const WeightView<T>& w, i
   }
 }
 
+// Staged streaming (recurrence_layout.h): the weight rows, in global memory with K contiguous and
+// every row on 16 bytes (the launcher checks), pass through `stage` (pitch stage_pitch elements)
+// stage_rows at a time, copied with cp.async, and each pass runs the tensor-core product of its
+// tiles. Every thread of the block calls it; it ends with a __syncthreads.
+template <typename T>
+__device__ __forceinline__ void staged_product_partials(const WeightView<T>& w, int rows, T* stage,
+                                                        int64_t stage_pitch, int stage_rows,
+                                                        const T* act, int64_t act_pitch,
+                                                        int batch, int k_total, float* partials,
+                                                        const ProductTiling& tiling) {
+  constexpr int V = Vec16<T>::kElems;
+  const int row_vecs = k_total / V;
+  // The MMA reads K rounded up to 16: those columns of the stage must be zeros, not what a pass
+  // of the other phase (another pitch) left there.
+  const int pad = static_cast<int>(round_up(k_total, kMmaK)) - k_total;
+  const T zero = from_acc<T>(Acc<T>(0));
+  for (int r0 = 0; r0 < rows; r0 += stage_rows) {
+    const int nr = min(stage_rows, rows - r0);
+    for (int i = threadIdx.x; i < nr * row_vecs; i += blockDim.x) {
+      const int r = i / row_vecs;
+      const int v = i - r * row_vecs;
+      copy_16_async(stage + r * stage_pitch + v * V, w.row(r0 + r) + v * V);
+    }
+    for (int i = threadIdx.x; i < nr * pad; i += blockDim.x) {
+      stage[(i / pad) * stage_pitch + k_total + i % pad] = zero;
+    }
+    wait_async_copies();
+    __syncthreads();
+    mma_product_partials<T>(stage, stage_pitch, rows, act, act_pitch, batch, k_total, partials,
+                            tiling, r0, r0 + nr);
+    __syncthreads();  // the next pass overwrites the stage
+  }
+}
+
+// The product of one phase of a step: staged streaming where the plan chose it (a 16-bit forward
+// with streamed weights: kUnitK and not kVectorK), else block_product_partials.
+template <bool kUnitK, bool kVectorK, typename T>
+__device__ __forceinline__ void phase_product_partials(const WeightView<T>& w, int rows, T* stage,
+                                                       int64_t stage_pitch, int stage_rows,
+                                                       const T* act, int64_t act_pitch, int batch,
+                                                       int k_total, Acc<T>* partials,
+                                                       const ProductTiling& tiling) {
+  if constexpr (kUnitK && !kVectorK && kIs16BitFloat<T>) {
+    if (stage_rows > 0) {
+      staged_product_partials<T>(w, rows, stage, stage_pitch, stage_rows, act, act_pitch, batch,
+                                 k_total, partials, tiling);
+      return;
+    }
+  }
+  block_product_partials<kUnitK, kVectorK>(w, rows, act, act_pitch, batch, k_total, partials,
+                                           tiling);
+}
+
 // The finished product for weight row r and chunk batch row b (after a __syncthreads), from the
 // partial sums of either product (FMA or tensor-core tiles).
 template <typename A>
@@ -171,15 +230,14 @@ __device__ __forceinline__ A product_value(const A* partials, const ProductTilin
 
 // Copies act rows [0, batch) of a [*, K] row-major matrix (row stride src_ld elements) into the
 // shared chunk with pitch act_pitch (16-byte aligned rows); a null source reads as zeros (h0 = 0).
-// 16 bytes per load when the source rows allow it. Converts nothing.
+// Converts nothing. The caller's __syncthreads follows.
 //
-// The source was written by other blocks in the previous step, so every load goes to L2. A thread
-// issues kLoadsInFlight loads before it stores any of them: in a plain load-store loop the
-// compiler cannot move the next load above a store through a generic pointer (it may alias), and
-// each vector then costs a full L2 round trip (at B=16, K=768 in bf16: 6 trips per step; with a
-// G*H-wide backward chunk 24).
-constexpr int kLoadsInFlight = 8;
-
+// The source was written by other blocks in the previous step, so every load goes to L2, and the
+// step waits for the slowest. When the rows allow 16-byte copies, they go global to shared
+// without registers (cp.async), all of a thread's copies in flight at once: one L2 round trip.
+// (A load-to-register loop was measured on an H200 to issue its 16-byte loads one after another:
+// bf16 LSTM B=16 H=768 spent 15% of its forward samples and 29% of its backward ones waiting on
+// them, 6 and 24 round trips a step.)
 template <typename T>
 __device__ __forceinline__ void load_act_chunk(T* dst, int64_t act_pitch, const T* src,
                                                int64_t src_ld, int batch, int k) {
@@ -199,26 +257,12 @@ __device__ __forceinline__ void load_act_chunk(T* dst, int64_t act_pitch, const 
       reinterpret_cast<uintptr_t>(src) % 16 == 0) {
     const int row_vecs = k / V;
     const int total = batch * row_vecs;
-    const int stride = static_cast<int>(blockDim.x);
-    for (int first = threadIdx.x; first < total; first += stride * kLoadsInFlight) {
-      Vec16<T> v[kLoadsInFlight];
-#pragma unroll
-      for (int j = 0; j < kLoadsInFlight; ++j) {
-        const int i = first + j * stride;
-        if (i < total) {
-          const int b = i / row_vecs;
-          v[j] = *reinterpret_cast<const Vec16<T>*>(src + b * src_ld + (i - b * row_vecs) * V);
-        }
-      }
-#pragma unroll
-      for (int j = 0; j < kLoadsInFlight; ++j) {
-        const int i = first + j * stride;
-        if (i < total) {
-          const int b = i / row_vecs;
-          *reinterpret_cast<Vec16<T>*>(dst + b * act_pitch + (i - b * row_vecs) * V) = v[j];
-        }
-      }
+    for (int i = threadIdx.x; i < total; i += blockDim.x) {
+      const int b = i / row_vecs;
+      const int v = i - b * row_vecs;
+      copy_16_async(dst + b * act_pitch + v * V, src + b * src_ld + v * V);
     }
+    wait_async_copies();
     return;
   }
   const int total = batch * k;

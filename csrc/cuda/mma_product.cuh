@@ -46,26 +46,39 @@ __device__ __forceinline__ void mma_k_step(float (&acc)[4], const T* m_row, cons
   mma_16x8x16<T>(acc, a, b);
 }
 
-// w: the block's weight rows in shared memory, row r at w + r * w_pitch; act: the chunk's batch
-// rows, row b at act + b * act_pitch. Rows and batch rows beyond the valid ones are clamped to the
-// last valid one (their outputs are never read). All 32 lanes of a warp take part in every MMA.
+// w: the block's weight rows in shared memory, row r at w + (r - row_begin) * w_pitch; act: the
+// chunk's batch rows, row b at act + b * act_pitch. Rows and batch rows beyond the valid ones are
+// clamped to the last valid one (their outputs are never read). All 32 lanes of a warp take part
+// in every MMA. [row_begin, row_end): the rows present at w (a staging pass, at multiples of 16
+// rows, so that no tile straddles two passes); only their tiles are computed.
 template <typename T>
 __device__ __forceinline__ void mma_product_partials(const T* w, int64_t w_pitch, int rows,
                                                      const T* act, int64_t act_pitch, int batch,
                                                      int k_total, float* partials,
-                                                     const ProductTiling& tiling) {
+                                                     const ProductTiling& tiling,
+                                                     int row_begin = 0, int row_end = 1 << 30) {
   static_assert(kIs16BitFloat<T>, "tensor-core product: fp16 and bf16 operands only");
   const int lane = static_cast<int>(threadIdx.x) % 32;
   const int warp = static_cast<int>(threadIdx.x) / 32;
   const int warps = static_cast<int>(blockDim.x) / 32;
   const bool batch_major = tiling.tile_batch_log2 == 4;
   const int k_padded = static_cast<int>(round_up(k_total, kMmaK));
-  const int items = tiling.partial_count();
-  for (int item = warp; item < items; item += warps) {
-    const int tile = item % tiling.tiles;
-    const int k_part = item / tiling.tiles;
-    const int r0 = (tile % tiling.tiles_rows) << tiling.tile_rows_log2;
-    const int b0 = (tile / tiling.tiles_rows) << tiling.tile_batch_log2;
+  // The window's tile rows; its items are numbered like the whole product's (k_part major).
+  const int tile_row_begin = row_begin >> tiling.tile_rows_log2;
+  const int tile_row_end =
+      min(tiling.tiles_rows, static_cast<int>(ceil_div(min(row_end, rows), 1 << tiling.tile_rows_log2)));
+  const int window_rows = max(tile_row_end - tile_row_begin, 0);
+  const int window_tiles = window_rows * tiling.tiles_batch;
+  const int items = window_tiles * tiling.split;
+  for (int j = warp; j < items; j += warps) {
+    const int k_part = j / window_tiles;
+    const int local = j - k_part * window_tiles;
+    const int tile_row = tile_row_begin + local % window_rows;
+    const int tile_batch = local / window_rows;
+    const int tile = tile_row + tile_batch * tiling.tiles_rows;
+    const int item = k_part * tiling.tiles + tile;
+    const int r0 = tile_row << tiling.tile_rows_log2;
+    const int b0 = tile_batch << tiling.tile_batch_log2;
     // ldmatrix row addresses. x4 (M side): lanes 0-15 give rows 0-15 at k, lanes 16-31 the same
     // rows at k + 8. x2 (N side): lanes 0-7 rows 0-7 at k, lanes 8-15 at k + 8 (lanes 16-31
     // repeat them; their addresses are unused).
@@ -77,9 +90,9 @@ __device__ __forceinline__ void mma_product_partials(const T* w, int64_t w_pitch
     const T* n_row;
     if (batch_major) {
       m_row = act + min(b0 + m_index, batch - 1) * act_pitch + m_k;
-      n_row = w + min(r0 + n_index, rows - 1) * w_pitch + n_k;
+      n_row = w + (min(r0 + n_index, rows - 1) - row_begin) * w_pitch + n_k;
     } else {
-      m_row = w + min(r0 + m_index, rows - 1) * w_pitch + m_k;
+      m_row = w + (min(r0 + m_index, rows - 1) - row_begin) * w_pitch + m_k;
       n_row = act + min(b0 + n_index, batch - 1) * act_pitch + n_k;
     }
     // Two accumulators on alternate K steps: consecutive MMAs into one accumulator wait for each

@@ -15,6 +15,8 @@
 //            cell backward. A second barrier.
 #pragma once
 
+#include <type_traits>
+
 #include "block_product.cuh"
 #include "cell_traits.cuh"
 #include "dtype_traits.cuh"
@@ -22,46 +24,75 @@
 
 namespace fusedrnn::cuda {
 
+// A value read from a sequence of element type T, kept as stored (V = T) or converted to the
+// accumulation type (V = Acc<T>).
+template <typename V, typename T>
+__device__ __forceinline__ V stored_as(T value) {
+  if constexpr (std::is_same_v<V, T>) {
+    return value;
+  } else {
+    return to_acc(value);
+  }
+}
+
 // What a unit's backward at valid step s reads from the forward's sequences (and h0 / c0): the
 // saved gate values, c_t and c_{t-1}, h_{t-1} and h_t, as each cell needs them. Not d_h / d_c.
-template <class Cell, typename T>
-__device__ __forceinline__ UnitBackwardInput<Acc<T>> load_unit_backward_input(
+// V = T keeps them as stored, for a load issued early (widen converts them when they are used:
+// converting at once would wait for the loads right there).
+template <class Cell, typename T, typename V = Acc<T>>
+__device__ __forceinline__ UnitBackwardInput<V> load_unit_backward_input(
     const RecurrenceBwdParams& p, int s, int b, int unit, const StepRow& row) {
-  using A = Acc<T>;
+  const V zero = stored_as<V>(from_acc<T>(Acc<T>(0)));
   const int64_t H = p.hidden;
   const int64_t at = static_cast<int64_t>(b) * H + unit;
-  UnitBackwardInput<A> in{};
+  UnitBackwardInput<V> in{};
   if constexpr (Cell::kSaved > 0) {
     const T* saved = seq_at<const T>(p.gates, row.t, b);
 #pragma unroll
-    for (int k = 0; k < Cell::kSaved; ++k) in.saved[k] = to_acc(saved[k * H + unit]);
+    for (int k = 0; k < Cell::kSaved; ++k) in.saved[k] = stored_as<V>(saved[k * H + unit]);
   }
   // The previous step in processing order (forward's h_{t-1} / c_{t-1}); h0 / c0 at s == 0.
   const int64_t t_prev = s > 0 ? step_row(p, s - 1, b).t : 0;
   if constexpr (Cell::kHasCell) {
-    in.c = to_acc(seq_at<const T>(p.c_seq, row.t, b)[unit]);
+    in.c = stored_as<V>(seq_at<const T>(p.c_seq, row.t, b)[unit]);
     const T* c0 = static_cast<const T*>(p.c0);
-    in.c_prev = s > 0 ? to_acc(seq_at<const T>(p.c_seq, t_prev, b)[unit])
-                      : (c0 != nullptr ? to_acc(c0[at]) : A(0));
+    in.c_prev = s > 0 ? stored_as<V>(seq_at<const T>(p.c_seq, t_prev, b)[unit])
+                      : (c0 != nullptr ? stored_as<V>(c0[at]) : zero);
   }
   if constexpr (Cell::kNeedsHPrev) {
     const T* h0 = static_cast<const T*>(p.h0);
     const int64_t P = p.state;
-    in.h_prev = s > 0 ? to_acc(seq_at<const T>(p.out, t_prev, b)[unit])
-                      : (h0 != nullptr ? to_acc(h0[static_cast<int64_t>(b) * P + unit]) : A(0));
+    in.h_prev = s > 0 ? stored_as<V>(seq_at<const T>(p.out, t_prev, b)[unit])
+                      : (h0 != nullptr ? stored_as<V>(h0[static_cast<int64_t>(b) * P + unit]) : zero);
   }
-  if constexpr (Cell::kNeedsHNext) in.h_next = to_acc(seq_at<const T>(p.out, row.t, b)[unit]);
+  if constexpr (Cell::kNeedsHNext) in.h_next = stored_as<V>(seq_at<const T>(p.out, row.t, b)[unit]);
+  return in;
+}
+
+// The values load_unit_backward_input<Cell, T, T> kept as stored, converted for the cell math.
+template <class Cell, typename T>
+__device__ __forceinline__ UnitBackwardInput<Acc<T>> widen(const UnitBackwardInput<T>& raw) {
+  UnitBackwardInput<Acc<T>> in{};
+#pragma unroll
+  for (int k = 0; k < Cell::kSaved; ++k) in.saved[k] = to_acc(raw.saved[k]);
+  if constexpr (Cell::kHasCell) {
+    in.c = to_acc(raw.c);
+    in.c_prev = to_acc(raw.c_prev);
+  }
+  if constexpr (Cell::kNeedsHPrev) in.h_prev = to_acc(raw.h_prev);
+  if constexpr (Cell::kNeedsHNext) in.h_next = to_acc(raw.h_next);
   return in;
 }
 
 // The cell backward of one (batch row, unit) at a valid step, with `in` from
-// load_unit_backward_input and d_h the total state gradient. Writes d_xproj, d_hproj, the dpre
-// exchange row, and the carried LSTM dc / GRU direct term.
+// load_unit_backward_input and d_h the total state gradient. Writes d_xproj, d_hproj and the dpre
+// exchange row, and updates what is carried to the previous step: the LSTM dc (read here) and the
+// GRU direct term (read by the caller), in registers or in the workspace.
 template <class Cell, typename T>
 __device__ __forceinline__ void unit_backward(const RecurrenceBwdParams& p, int s, int b, int unit,
                                               const StepRow& row, UnitBackwardInput<Acc<T>> in,
-                                              Acc<T> d_h, T* d_dst, Acc<T>* dc_state,
-                                              Acc<T>* direct_state) {
+                                              Acc<T> d_h, T* d_dst, Acc<T>& dc_carry,
+                                              Acc<T>& direct_carry) {
   using A = Acc<T>;
   constexpr int G = Cell::kGates;
   const int64_t H = p.hidden;
@@ -69,7 +100,7 @@ __device__ __forceinline__ void unit_backward(const RecurrenceBwdParams& p, int 
   in.d_h = d_h;
   if constexpr (Cell::kHasCell) {
     const T* d_cn = static_cast<const T*>(p.d_cn);
-    in.d_c = s + 1 < row.length ? dc_state[at] : (d_cn != nullptr ? to_acc(d_cn[at]) : A(0));
+    in.d_c = s + 1 < row.length ? dc_carry : (d_cn != nullptr ? to_acc(d_cn[at]) : A(0));
   }
 
   const UnitBackward<A> res = Cell::backward(p.cell, in);
@@ -84,18 +115,19 @@ __device__ __forceinline__ void unit_backward(const RecurrenceBwdParams& p, int 
     exchange[g * H + unit] = dh_val;
   }
   if constexpr (Cell::kHasCell) {
-    dc_state[at] = res.dc_prev;
+    dc_carry = res.dc_prev;
     if (s == 0 && p.d_c0 != nullptr) static_cast<T*>(p.d_c0)[at] = from_acc<T>(res.dc_prev);
   }
-  if constexpr (Cell::kNeedsHPrev) direct_state[at] = res.dh_direct;
+  if constexpr (Cell::kNeedsHPrev) direct_carry = res.dh_direct;
 }
 
 // What the backward of one (batch row, unit) reads from the forward's sequences and from d_out at
-// step s, loaded at the start of the step by the thread that owns the pair (own_item in the kernel).
+// step s, loaded at the start of the step by the thread that owns the pair (own_item in the
+// kernel), kept as stored until the cell backward uses it.
 template <typename T>
 struct StagedStep {
-  UnitBackwardInput<Acc<T>> in{};
-  Acc<T> d_out = Acc<T>(0);
+  UnitBackwardInput<T> in{};
+  T d_out{};
 };
 
 template <class Cell, typename T>
@@ -104,8 +136,8 @@ __device__ __forceinline__ void stage_step(const RecurrenceBwdParams& p, int s, 
   if (s < 0) return;
   const StepRow row = step_row(p, s, b);
   if (!row.valid) return;  // a padded step reads nothing
-  staged.in = load_unit_backward_input<Cell, T>(p, s, b, unit, row);
-  if (p.d_out.data != nullptr) staged.d_out = to_acc(seq_at<const T>(p.d_out, row.t, b)[unit]);
+  staged.in = load_unit_backward_input<Cell, T, T>(p, s, b, unit, row);
+  if (p.d_out.data != nullptr) staged.d_out = seq_at<const T>(p.d_out, row.t, b)[unit];
 }
 
 // A padded step: zero gradient rows for the unit, zero exchange row (read by nobody, but kept
@@ -195,13 +227,18 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
   }
 
   // Without projection, when each (batch row, unit) of the block has a thread of its own for the
-  // whole sequence (one batch chunk, B * nc <= threads), that thread loads what its backward of
-  // step s reads from the forward's sequences (saved gates, c, out, d_out; at the anchor sizes
-  // from HBM) at the start of the step, so those loads overlap the activation load and the
-  // product. Not a step earlier: the grid barrier's release would wait for them.
+  // whole sequence (one batch chunk, B * nc <= threads), that thread
+  // - loads what its backward of step s reads from the forward's sequences (saved gates, c, out,
+  //   d_out; at the anchor sizes from HBM) at the start of the step, so those loads overlap the
+  //   activation load and the product. Not a step earlier: the grid barrier's release would wait
+  //   for them;
+  // - carries its LSTM dc and GRU direct term in registers: the grid barrier empties L1, so a
+  //   workspace read in the cell backward is an L2 round trip on the step's critical path.
   const bool own_item = !projected && geo.batch_chunk >= B && B * nc <= static_cast<int>(blockDim.x);
   const bool has_item = own_item && static_cast<int>(threadIdx.x) < B * nc;
   StagedStep<T> early;
+  A dc_own = A(0);
+  A direct_own = A(0);
 
   for (int s = steps - 1; s >= -1; --s) {
     // dpre_{s+1} (written last iteration); none at s = T-1, where every row takes d_hn.
@@ -233,7 +270,9 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
         A d_h;
         if (s + 1 < length) {
           d_h = product_value(partials, tiling, c, bl);
-          if constexpr (Cell::kNeedsHPrev) d_h += direct_state[static_cast<int64_t>(b) * H + col];
+          if constexpr (Cell::kNeedsHPrev) {
+            d_h += own_item ? direct_own : direct_state[static_cast<int64_t>(b) * H + col];
+          }
         } else {
           d_h = d_hn != nullptr ? to_acc(d_hn[static_cast<int64_t>(b) * P + col]) : A(0);
         }
@@ -243,17 +282,20 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
         }
         const StepRow row = step_row(p, s, b);
         if (row.valid && p.d_out.data != nullptr) {
-          d_h += own_item ? early.d_out : to_acc(seq_at<const T>(p.d_out, row.t, b)[col]);
+          d_h += to_acc(own_item ? early.d_out : seq_at<const T>(p.d_out, row.t, b)[col]);
         }
         if (projected) {
           const T d_val = from_acc<T>(row.valid ? d_h : A(0));
           seq_at<T>(p.d_h_seq, row.t, b)[col] = d_val;
           dh_exchange[static_cast<int64_t>(b) * P + col] = d_val;
+        } else if (row.valid && own_item) {
+          unit_backward<Cell, T>(p, s, b, col, row, widen<Cell, T>(early.in), d_h, d_dst, dc_own,
+                                 direct_own);
         } else if (row.valid) {
-          unit_backward<Cell, T>(
-              p, s, b, col, row,
-              own_item ? early.in : load_unit_backward_input<Cell, T>(p, s, b, col, row), d_h,
-              d_dst, dc_state, direct_state);
+          const int64_t at = static_cast<int64_t>(b) * H + col;
+          unit_backward<Cell, T>(p, s, b, col, row,
+                                 load_unit_backward_input<Cell, T>(p, s, b, col, row), d_h, d_dst,
+                                 dc_state[at], direct_state[at]);
         } else {
           unit_padded<Cell, T>(p, b, col, row, d_dst);
         }
@@ -281,10 +323,11 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
           const int b = b0 + bl;
           const StepRow row = step_row(p, s, b);
           if (row.valid) {
+            const int64_t at = static_cast<int64_t>(b) * H + u0 + u;
             unit_backward<Cell, T>(p, s, b, u0 + u, row,
                                    load_unit_backward_input<Cell, T>(p, s, b, u0 + u, row),
-                                   product_value(partials, tiling, u, bl), d_dst, dc_state,
-                                   direct_state);
+                                   product_value(partials, tiling, u, bl), d_dst, dc_state[at],
+                                   direct_state[at]);
           } else {
             unit_padded<Cell, T>(p, b, u0 + u, row, d_dst);
           }

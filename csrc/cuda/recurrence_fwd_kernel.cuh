@@ -13,6 +13,8 @@
 // Batch rows are processed in chunks of geo.batch_chunk when B x K does not fit next to the weights.
 #pragma once
 
+#include <type_traits>
+
 #include "block_product.cuh"
 #include "cell_traits.cuh"
 #include "dtype_traits.cuh"
@@ -20,17 +22,24 @@
 
 namespace fusedrnn::cuda {
 
-// The G input-projection values of (batch row b, unit) at processing step s; nothing for a padded
-// step (its values are never used).
-template <int G, typename T>
+// The G input-projection values of (batch row b, unit) at processing step s, as stored (V = T) or
+// converted (V = Acc<T>); nothing for a padded step (its values are never used). Kept as stored
+// when loaded early: converting them at once would wait for the load right there.
+template <int G, typename T, typename V>
 __device__ __forceinline__ void load_step_inputs(const RecurrenceFwdParams& p, int s, int b,
-                                                 int unit, Acc<T> (&x)[G]) {
+                                                 int unit, V (&x)[G]) {
   const StepRow row = step_row(p, s, b);
   if (!row.valid) return;
   const T* x_row = seq_at<const T>(p.xproj, row.t, b);
   const int64_t H = p.hidden;
 #pragma unroll
-  for (int g = 0; g < G; ++g) x[g] = to_acc(x_row[g * H + unit]);
+  for (int g = 0; g < G; ++g) {
+    if constexpr (std::is_same_v<V, T>) {
+      x[g] = x_row[g * H + unit];
+    } else {
+      x[g] = to_acc(x_row[g * H + unit]);
+    }
+  }
 }
 
 template <class Cell, typename T, bool kWeightsInSmem>
@@ -67,6 +76,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
 
   FUSEDRNN_DYNAMIC_SMEM(smem);
   T* act = smem_at<T>(smem, geo.smem_act);
+  T* stage = smem_at<T>(smem, geo.smem_weights[0]);  // staged streaming's pass buffer
   A* partials = smem_at<A>(smem, geo.smem_partials);
   const int64_t act_pitch = geo.act_pitch;
 
@@ -100,13 +110,27 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
   }
 
   // When each (batch row, unit) of the block has a thread of its own for the whole sequence (one
-  // batch chunk, B * nu <= threads), that thread loads its xproj values of step s at the start of
-  // the step, so that their trip to memory (xproj is T x B x G*H, far larger than L2 at the
-  // anchor's 100 MB) overlaps the activation load and the product. Not a step earlier: the grid
-  // barrier's release would wait for the outstanding loads of its arriving thread.
+  // batch chunk, B * nu <= threads), that thread
+  // - loads its xproj values of step s at the start of the step, so that their trip to memory
+  //   (xproj is T x B x G*H, far larger than L2 at the anchor's 100 MB) overlaps the activation
+  //   load and the product. Not a step earlier: the grid barrier's release would wait for the
+  //   outstanding loads of its arriving thread;
+  // - keeps its b_hh values and its LSTM cell state in registers: the grid barrier empties L1, so
+  //   every global read in the cell update is an L2 round trip on the step's critical path.
   const bool own_item = geo.batch_chunk >= B && B * nu <= static_cast<int>(blockDim.x);
   const bool has_item = own_item && static_cast<int>(threadIdx.x) < B * nu;
-  A x_early[G];
+  T x_early[G];
+  A bias_own[G];
+  A c_own = A(0);
+  if (has_item) {
+    const int unit = u0 + static_cast<int>(threadIdx.x) % max(nu, 1);
+#pragma unroll
+    for (int g = 0; g < G; ++g) bias_own[g] = b_hh != nullptr ? to_acc(b_hh[g * H + unit]) : A(0);
+    if constexpr (Cell::kHasCell) {
+      const int64_t at = static_cast<int64_t>(threadIdx.x) / nu * H + unit;
+      c_own = c_init != nullptr ? to_acc(c_init[at]) : A(0);
+    }
+  }
 
   for (int s = 0; s < steps; ++s) {
     // h_{s-1}: h0 (null = zeros) at the first step, else the exchange buffer written last step.
@@ -115,7 +139,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
 
     if (has_item) {
       const int item = static_cast<int>(threadIdx.x);
-      load_step_inputs<G, T>(p, s, item / nu, u0 + item % nu, x_early);
+      load_step_inputs<G, T>(p, s, item / nu, u0 + item % nu, x_early);  // raw: see own_item
     }
 
     // ---- phase 0: gates and cell update of the block's units
@@ -124,8 +148,9 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
       load_act_chunk(act, act_pitch, h_src != nullptr ? h_src + static_cast<int64_t>(b0) * P : nullptr,
                      P, nb, P);
       __syncthreads();
-      const ProductTiling tiling = product_tiling<kWeightsInSmem, T>(G * nu, nb, P);
-      block_product_partials<true, kWeightsInSmem>(gate_rows, G * nu, act, act_pitch, nb, P,
+      const ProductTiling tiling = product_tiling<kWeightsInSmem, T>(G * nu, nb, P, geo.stage_rows[0]);
+      phase_product_partials<true, kWeightsInSmem>(gate_rows, G * nu, stage, geo.weight_pitch[0],
+                                                   geo.stage_rows[0], act, act_pitch, nb, P,
                                                    partials, tiling);
       __syncthreads();
       for (int i = threadIdx.x; i < nb * nu; i += blockDim.x) {
@@ -143,30 +168,37 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
           continue;
         }
         A x[G];
-        if (own_item) {  // this thread's item, loaded at the start of the step
+        A hh[G];
+        A c_prev = A(0);
+        const int64_t at = static_cast<int64_t>(b) * H + unit;
+        if (own_item) {  // this thread's item: see own_item
 #pragma unroll
-          for (int g = 0; g < G; ++g) x[g] = x_early[g];
+          for (int g = 0; g < G; ++g) {
+            x[g] = to_acc(x_early[g]);
+            hh[g] = product_value(partials, tiling, g * nu + u, bl) + bias_own[g];
+          }
+          c_prev = c_own;
         } else {
           load_step_inputs<G, T>(p, s, b, unit, x);
-        }
-        A hh[G];
 #pragma unroll
-        for (int g = 0; g < G; ++g) {
-          hh[g] = product_value(partials, tiling, g * nu + u, bl) +
-                  (b_hh != nullptr ? to_acc(b_hh[g * H + unit]) : A(0));
+          for (int g = 0; g < G; ++g) {
+            hh[g] = product_value(partials, tiling, g * nu + u, bl) +
+                    (b_hh != nullptr ? to_acc(b_hh[g * H + unit]) : A(0));
+          }
+          if constexpr (Cell::kHasCell) {
+            c_prev = s == 0 ? (c_init != nullptr ? to_acc(c_init[at]) : A(0)) : cell_state[at];
+          }
         }
         const A h_prev = Cell::kNeedsHPrev ? to_acc(act[bl * act_pitch + unit]) : A(0);
-        A c_prev = A(0);
-        if constexpr (Cell::kHasCell) {
-          const int64_t at = static_cast<int64_t>(b) * H + unit;
-          c_prev = s == 0 ? (c_init != nullptr ? to_acc(c_init[at]) : A(0)) : cell_state[at];
-        }
         const UnitForward<A> res = Cell::forward(p.cell, x, hh, h_prev, c_prev);
         const T h_val = from_acc<T>(res.h);
         const bool last = s == row.length - 1;
         if constexpr (Cell::kHasCell) {
-          const int64_t at = static_cast<int64_t>(b) * H + unit;
-          cell_state[at] = res.c;
+          if (own_item) {
+            c_own = res.c;
+          } else {
+            cell_state[at] = res.c;
+          }
           if (p.c_seq.data != nullptr) seq_at<T>(p.c_seq, row.t, b)[unit] = from_acc<T>(res.c);
           if (last) static_cast<T*>(p.cn)[at] = from_acc<T>(res.c);
         }
@@ -198,8 +230,9 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
         const int nb = min(geo.batch_chunk, B - b0);
         load_act_chunk(act, act_pitch, r_exchange + static_cast<int64_t>(b0) * H, H, nb, H);
         __syncthreads();
-        const ProductTiling tiling = product_tiling<kWeightsInSmem, T>(nc, nb, H);
-        block_product_partials<true, kWeightsInSmem>(proj_rows, nc, act, act_pitch, nb, H,
+        const ProductTiling tiling = product_tiling<kWeightsInSmem, T>(nc, nb, H, geo.stage_rows[1]);
+        phase_product_partials<true, kWeightsInSmem>(proj_rows, nc, stage, geo.weight_pitch[1],
+                                                     geo.stage_rows[1], act, act_pitch, nb, H,
                                                      partials, tiling);
         __syncthreads();
         for (int i = threadIdx.x; i < nb * nc; i += blockDim.x) {

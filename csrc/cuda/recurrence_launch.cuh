@@ -8,6 +8,7 @@
 #include <set>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -110,6 +111,23 @@ void allow_max_smem(Kernel* kernel, int device, int64_t max_smem, const std::str
 }
 }  // namespace
 
+// Whether every weight row a forward streams starts on 16 bytes, as staged streaming's cp.async
+// needs: W_hh rows (K = P) and, projected, W_hr rows (K = H). The backward reads weight columns.
+template <typename Params>
+bool weight_rows_16_byte_aligned(const std::vector<Params>& dirs, int64_t elem_bytes) {
+  if constexpr (!std::is_same_v<Params, RecurrenceFwdParams>) {
+    return false;
+  } else {
+    auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
+    for (const Params& p : dirs) {
+      if (!aligned(p.w_hh) || (p.state * elem_bytes) % 16 != 0) return false;
+      const bool projected = p.cell == CellKind::kLstm && p.state != p.hidden;
+      if (projected && (!aligned(p.w_hr) || (p.hidden * elem_bytes) % 16 != 0)) return false;
+    }
+    return true;
+  }
+}
+
 inline std::string kernel_name(const char* base, CellKind cell, DType dtype, bool smem) {
   return std::string(base) + "<" + cell_name(cell) + ", " + dtype_name(dtype) + ", " +
          (smem ? "weights in shared memory" : "streamed weights") + ">";
@@ -151,6 +169,8 @@ void launch_persistent(const std::vector<Params>& dirs, bool backward, Kernel* s
   in.force_streaming = launch_options().force_streaming;
   in.max_blocks_per_dir = launch_options().max_blocks_per_dir;
   in.max_batch_chunk = launch_options().max_batch_chunk;
+  in.max_stage_rows = launch_options().max_stage_rows;
+  in.stageable = weight_rows_16_byte_aligned(dirs, sizeof(T));
   const RecurrenceGeometry geo = plan_recurrence(in, [&](bool smem, int64_t bytes) {
     int blocks = 0;
     FUSEDRNN_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(

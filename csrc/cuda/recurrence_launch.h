@@ -21,6 +21,7 @@ struct LaunchOptions {
   bool force_streaming = false;  // never keep weight slices in shared memory
   int max_blocks_per_dir = 0;    // cap on blocks per direction; 0 = as many as the device allows
   int max_batch_chunk = 0;       // cap on batch rows per product pass; 0 = as many as fit
+  int max_stage_rows = 0;        // cap on weight rows per staging pass; 0 = as many as fit
 };
 LaunchOptions& launch_options();
 

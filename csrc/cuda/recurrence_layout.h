@@ -92,13 +92,16 @@ FUSEDRNN_HOST_DEVICE ProductTiling make_tiling(int rows, int batch, int k, int t
 // be the M side, because both are K-contiguous rows: weight rows as M (tile 16 rows x 8 batch) or
 // batch rows as M (tile 8 rows x 16 batch); the plan takes whichever needs fewer MMAs (a block of
 // a few units with a batch of 16 wastes nothing as batch-major).
+// concurrent_rows: when the weight rows pass through shared memory a few at a time (staged
+// streaming, below), only the tiles of one pass run at once, so the K split is chosen for those.
 constexpr int kMmaK = 16;
 constexpr int kMmaTileValues = 16 * 8;  // outputs of one m16n8 tile, in either orientation
 // The split is planned for the GPU's warps per block in both builds, so that the emulator (one
 // warp per block) runs the K-split the GPU runs.
 constexpr int kMmaWarpsPerBlock = 8;
 
-FUSEDRNN_HOST_DEVICE ProductTiling make_mma_tiling(int rows, int batch, int k) {
+FUSEDRNN_HOST_DEVICE ProductTiling make_mma_tiling(int rows, int batch, int k,
+                                                   int concurrent_rows = 0) {
   ProductTiling t;
   const int64_t rows_as_m = ceil_div(rows, 16) * ceil_div(batch, 8);
   const int64_t batch_as_m = ceil_div(batch, 16) * ceil_div(rows, 8);
@@ -113,7 +116,11 @@ FUSEDRNN_HOST_DEVICE ProductTiling make_mma_tiling(int rows, int batch, int k) {
     return t;
   }
   const int k_steps = static_cast<int>(ceil_div(k, kMmaK));
-  int split = kMmaWarpsPerBlock / t.tiles;
+  const int concurrent_tiles =
+      concurrent_rows > 0 && concurrent_rows < rows
+          ? static_cast<int>(ceil_div(concurrent_rows, int64_t{1} << t.tile_rows_log2)) * t.tiles_batch
+          : t.tiles;
+  int split = kMmaWarpsPerBlock / concurrent_tiles;
   split = split < 1 ? 1 : (split > k_steps ? k_steps : split);
   const int steps_per_part = static_cast<int>(ceil_div(k_steps, split));
   t.k_chunk = steps_per_part * kMmaK;
@@ -122,11 +129,18 @@ FUSEDRNN_HOST_DEVICE ProductTiling make_mma_tiling(int rows, int batch, int k) {
 }
 
 // Whether a product runs on tensor cores: 16-bit elements (fp16, bf16) with the weight slice in
-// shared memory. fp32 stays on FMA (TF32 would round the operands); streamed weights are not
-// padded to K multiples of 16.
-FUSEDRNN_HOST_DEVICE constexpr bool tensor_core_product(int64_t elem_bytes, bool weights_in_smem) {
-  return elem_bytes == 2 && weights_in_smem;
+// shared memory, or passing through it (staged streaming). fp32 stays on FMA (TF32 would round
+// the operands); weights streamed straight from global memory stay on FMA.
+FUSEDRNN_HOST_DEVICE constexpr bool tensor_core_product(int64_t elem_bytes, bool weights_in_smem,
+                                                        bool staged = false) {
+  return elem_bytes == 2 && (weights_in_smem || staged);
 }
+
+// Staged streaming: the forward of a 16-bit recurrence whose weight slice does not fit on chip
+// copies it into shared memory every step, kStageRowMultiple-row passes at a time (cp.async, no
+// registers), and runs the tensor-core product on each pass. A multiple of 16 rows, so that no MMA
+// tile straddles two passes.
+constexpr int kStageRowMultiple = 16;
 
 // The two products of a step. Forward: phase 0 gates (rows G*U, K = P), phase 1 projection
 // (rows Ps of W_hr, K = H). Backward: phase 0 state gradient (rows U, or Ps with projection, of
@@ -146,6 +160,9 @@ struct RecurrenceGeometry {
   int batch_chunk = 1;      // Bc: batch rows per pass of a product (B if it fits)
   bool weights_in_smem = true;
   bool projected = false;
+  // Staged streaming (forward, 16-bit, weights not on chip): rows per pass of each phase's weight
+  // slice through the staging buffer at smem_weights[0]; 0 = the FMA product reads global memory.
+  int stage_rows[2] = {0, 0};
   PhaseShape phase[2];
   // Dynamic shared memory, byte offsets: weight slices of phase 0 and 1, the activation chunk,
   // the partial sums. Pitches in elements.

@@ -29,11 +29,15 @@ struct PlanInput {
   int sm_count = 1;
   int64_t max_smem_per_block = 48 * 1024;  // dynamic, opt-in maximum
   int threads = kThreadsPerBlock;
-  // Test and tuning knobs: never keep weights in shared memory; cap blocks per direction and batch
-  // rows per product pass (0: no cap).
+  // Whether streamed 16-bit forward weights may pass through shared memory (staged streaming):
+  // the launcher checks that every weight row starts on 16 bytes, as cp.async needs.
+  bool stageable = false;
+  // Test and tuning knobs: never keep weights in shared memory; cap blocks per direction, batch
+  // rows per product pass and weight rows per staging pass (0: no cap).
   bool force_streaming = false;
   int max_blocks_per_dir = 0;
   int max_batch_chunk = 0;
+  int max_stage_rows = 0;
 };
 
 // blocks_per_sm(weights_in_smem, smem_bytes): co-resident blocks per SM for that kernel variant.
@@ -60,28 +64,33 @@ inline void shape_phases(const PlanInput& in, int64_t units, int64_t cols, Recur
 inline int64_t layout_smem(const PlanInput& in, int64_t bc, RecurrenceGeometry& g) {
   int64_t at = 0;
   int64_t act_pitch = 0;
+  const bool staged = !g.weights_in_smem && g.stage_rows[0] > 0;
+  int64_t stage_bytes = 0;  // one buffer for the passes of both phases
   for (int i = 0; i < 2; ++i) {
     const PhaseShape& ph = g.phase[i];
     g.weight_pitch[i] = ph.k > 0 ? smem_pitch(ph.k, in.elem_bytes) : 0;
-    g.smem_weights[i] = at;
+    g.smem_weights[i] = staged ? 0 : at;
     if (g.weights_in_smem) at += round_up(ph.rows * g.weight_pitch[i] * in.elem_bytes, 16);
+    if (staged) stage_bytes = std::max(stage_bytes, g.stage_rows[i] * g.weight_pitch[i] * in.elem_bytes);
     if (ph.k > 0) act_pitch = std::max(act_pitch, g.weight_pitch[i]);
   }
+  at += round_up(stage_bytes, 16);
   g.act_pitch = act_pitch;
   g.smem_act = at;
   at += round_up(bc * act_pitch * in.elem_bytes, 16);
   g.smem_partials = at;
   int64_t partials = static_cast<int64_t>(in.threads) * kTileSize;  // values
-  const bool mma = tensor_core_product(in.elem_bytes, g.weights_in_smem);
+  const bool mma = tensor_core_product(in.elem_bytes, g.weights_in_smem, staged);
   // A block with fewer rows (the last one) or a smaller batch chunk than the planned shape can
   // have fewer MMA tiles but a wider K split: up to kMmaWarpsPerBlock items (tiles * split <=
   // max(tiles, kMmaWarpsPerBlock), and its tiles <= the planned shape's). The FMA floor above
   // covers that with 256 threads, but not with the emulator's 32.
   if (mma) partials = std::max<int64_t>(partials, int64_t{kMmaWarpsPerBlock} * kMmaTileValues);
-  for (const PhaseShape& ph : g.phase) {
+  for (int i = 0; i < 2; ++i) {
+    const PhaseShape& ph = g.phase[i];
     const ProductTiling t =
         mma
-            ? make_mma_tiling(ph.rows, static_cast<int>(bc), ph.k)
+            ? make_mma_tiling(ph.rows, static_cast<int>(bc), ph.k, g.stage_rows[i])
             : make_tiling(ph.rows, static_cast<int>(bc), ph.k, in.threads);
     partials = std::max<int64_t>(partials, static_cast<int64_t>(t.partial_count()) * t.tile_size());
   }
@@ -101,6 +110,45 @@ inline int64_t fit_batch_chunk(const PlanInput& in, int64_t budget, RecurrenceGe
   }
   if (lo > 0) layout_smem(in, lo, g);
   return lo;
+}
+
+// Rows per staging pass of each phase: `rows`, or the phase's whole slice when smaller (rounded
+// up to whole MMA tiles); none for a phase that does not exist.
+inline void set_stage_rows(int64_t rows, RecurrenceGeometry& g) {
+  for (int i = 0; i < 2; ++i) {
+    const int64_t slice = round_up(g.phase[i].rows, kStageRowMultiple);
+    g.stage_rows[i] = g.phase[i].k > 0 ? static_cast<int>(std::min(rows, slice)) : 0;
+  }
+}
+
+// The streaming variant's batch chunk and, where allowed, its staging passes: first the largest
+// batch chunk next to the smallest pass, then the largest pass that keeps that chunk (every pass
+// is a block barrier and an L2 round trip; every batch chunk reads the whole slice again).
+// Returns the batch chunk (0: nothing fits).
+inline int64_t fit_streaming(const PlanInput& in, RecurrenceGeometry& g) {
+  set_stage_rows(0, g);
+  const bool stage = in.stageable && !in.backward && in.elem_bytes == 2;
+  if (stage) {
+    set_stage_rows(kStageRowMultiple, g);
+    const int64_t bc = fit_batch_chunk(in, in.max_smem_per_block, g);
+    if (bc > 0) {
+      const int64_t cap = in.max_stage_rows > 0 ? round_up(in.max_stage_rows, kStageRowMultiple)
+                                                : int64_t{1} << 30;
+      const int64_t largest =
+          std::min(cap, round_up(std::max(g.phase[0].rows, g.phase[1].rows), kStageRowMultiple));
+      int64_t best = kStageRowMultiple;
+      for (int64_t rows = best + kStageRowMultiple; rows <= largest; rows += kStageRowMultiple) {
+        set_stage_rows(rows, g);
+        if (layout_smem(in, bc, g) > in.max_smem_per_block) break;
+        best = rows;
+      }
+      set_stage_rows(best, g);
+      layout_smem(in, bc, g);
+      return bc;
+    }
+    set_stage_rows(0, g);
+  }
+  return fit_batch_chunk(in, in.max_smem_per_block, g);
 }
 
 inline void split_units(const PlanInput& in, int64_t blocks, RecurrenceGeometry& g) {
@@ -141,7 +189,7 @@ inline RecurrenceGeometry plan_recurrence(const PlanInput& in, const BlocksPerSm
 
   g.weights_in_smem = false;
   split_units(in, blocks, g);  // the activation chunk and partials only depend on the largest block
-  const int64_t bc = fit_batch_chunk(in, in.max_smem_per_block, g);
+  const int64_t bc = fit_streaming(in, g);
   if (bc == 0) {
     throw std::runtime_error("fusedrnn: recurrence state too wide for shared memory (hidden=" +
                              std::to_string(in.hidden) + ", state=" + std::to_string(in.state) +
@@ -158,7 +206,7 @@ inline RecurrenceGeometry plan_recurrence(const PlanInput& in, const BlocksPerSm
   }
   if (resident < static_cast<int64_t>(g.blocks_per_dir) * in.num_dirs) {
     split_units(in, resident / in.num_dirs, g);
-    g.batch_chunk = static_cast<int>(fit_batch_chunk(in, in.max_smem_per_block, g));
+    g.batch_chunk = static_cast<int>(fit_streaming(in, g));
   }
   return g;
 }
