@@ -14,7 +14,9 @@
 #   GPU_CHECK_BUILD     pip (default): pip install --no-build-isolation, as a user would;
 #                       cmake: developer build into python/fusedrnn, run with PYTHONPATH=python
 #   GPU_CHECK_ARCH      compute capability digits, e.g. 90 (default: detected)
-#   GPU_CHECK_COMMIT    commit to record when the tree is not a git checkout
+#   GPU_CHECK_COMMIT    commit to record (default: git rev-parse HEAD). Set it from the machine
+#                       that sends the tree: a lent GPU machine's copy of .git was seen to lag
+#                       (2026-11-27: it named the session's first commit, not the one that ran)
 #   GPU_CHECK_PYTEST_K  pytest -k expression (default: "cuda and not cuda_emu": the tests marked
 #                       cuda, a marker being a keyword, and those parametrized over the 'cuda'
 #                       backend; not the emulator's)
@@ -110,7 +112,7 @@ fi
 if [ -z "$ARCH" ]; then
   ARCH=$("$PYTHON" -c 'import torch; print("%d%d" % torch.cuda.get_device_capability())' 2> /dev/null)
 fi
-COMMIT=$(git -C "$REPO" rev-parse HEAD 2> /dev/null || echo "${GPU_CHECK_COMMIT:-unknown}")
+COMMIT=${GPU_CHECK_COMMIT:-$(git -C "$REPO" rev-parse HEAD 2> /dev/null || echo unknown)}
 # What the steps below (each a fresh bash) need; the benchmark records the commit from it too.
 export REPO OUT PYTHON ARCH SANITIZER PRESET COMMIT
 export FUSEDRNN_BENCH_COMMIT=$COMMIT
@@ -210,10 +212,15 @@ sanitize() {
 }
 # racecheck and synccheck only look at fusedrnn's kernels (namespace fusedrnn): cuBLAS and torch
 # kernels are not ours to judge, and instrumenting them costs minutes.
+# The help text is read whole, whatever the exit status of --help: tested through a pipe into
+# grep -q under pipefail, this was false on an H200 (2026-11-27), so the filter was silently off
+# and racecheck reported hazards inside cuBLAS's kernels.
 KERNEL_FILTER=()
-if [ -n "$SANITIZER" ] && "$SANITIZER" --help 2>&1 | grep -q -- '--kernel-name'; then
+SANITIZER_HELP=$([ -n "$SANITIZER" ] && "$SANITIZER" --help 2>&1 || true)
+if [[ "$SANITIZER_HELP" == *--kernel-name* ]]; then
   KERNEL_FILTER=(--kernel-name kns=fusedrnn)
 fi
+echo "== racecheck and synccheck instrument: ${KERNEL_FILTER[*]:-every kernel (no --kernel-name)}"
 export -f sanitize
 run_step tests 240 "$PYTHON" -m pytest -q -p no:cacheprovider -k "$PYTEST_K" "${TEST_TIMEOUT[@]}" \
   --junitxml="$OUT/pytest-cuda.xml" "$REPO/tests" &
