@@ -27,8 +27,10 @@
 #                       150; only where pytest-timeout is installed), so a hung kernel cannot eat
 #                       the lease
 #   GPU_CHECK_SKIP      space-separated steps to skip: build import tests memcheck racecheck bench
-#                       synccheck (e.g. to finish, on a machine that is still warm, what an earlier
-#                       run did not reach)
+#                       synccheck probe (e.g. to finish, on a machine that is still warm, what an
+#                       earlier run did not reach)
+#   GPU_CHECK_PROBE     1: after the benchmark, also run bench/gpu_probe.py (per-step costs against
+#                       cuDNN, the barrier floor; ~40 s) into OUTDIR/probe.txt
 #   GPU_CHECK_DEADLINE  seconds the whole run may take (default 570): each step's time limit is cut
 #                       to what is left, and a step with less than 20 s left is not started (it
 #                       counts as failed, "out of time"). A lent GPU machine runs one command for at
@@ -247,6 +249,16 @@ bench() {
 export -f bench
 run_step bench 300 bench
 [ -f "$OUT/logs/bench.log" ] && cp "$OUT/logs/bench.log" "$OUT/bench.txt"
+
+# --- per-step probe (optional) ---------------------------------------------------------------------
+probe() {
+  (cd "$OUT" && "$PYTHON" "$REPO/bench/gpu_probe.py")
+}
+export -f probe
+if [ "${GPU_CHECK_PROBE:-0}" = 1 ]; then
+  run_step probe 90 probe
+  [ -f "$OUT/logs/probe.log" ] && cp "$OUT/logs/probe.log" "$OUT/probe.txt"
+fi
 
 # --- summary -------------------------------------------------------------------------------------
 {

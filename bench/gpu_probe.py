@@ -7,11 +7,13 @@ say (bench/gpu_check.sh says how fast; this says why):
   difference over the step count is the cost of one step without the launch and the projections;
   swept over H, B, the blocks per direction and the weight placement, for fusedrnn and for
   torch.nn (cuDNN) on the same shapes;
+- the forward's state exchange, grid barrier per step against tagged words (opt-in,
+  csrc/cuda/tagged_exchange.cuh), on the same shapes in the same process;
 - the floor of a step's communication (cupy, when importable): a cooperative grid of 256-thread
   blocks that only exchanges the state through L2 and meets at a grid barrier, with
   cooperative_groups' grid.sync() and with a counter barrier of release/acquire atomics.
 
-    python bench/gpu_probe.py [sections...]     # sections: steps barrier (default: both)
+    python bench/gpu_probe.py [sections...]     # sections: exchange steps barrier (default: all)
     ncu --clock-control none -k regex:recurrence_ --launch-skip 1 --launch-count 3 \
         --section WarpStateStats --section SourceCounters -o anchor python bench/gpu_probe.py anchor
 
@@ -136,6 +138,28 @@ def steps_section() -> None:
         report(f"cudnn    bf16 LSTM B16 H{H} inf", theirs, 16, bf16, False, steps=(32, 128))
 
 
+def exchange_section() -> None:
+    bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+    print("== forward exchange: a grid barrier per step against tagged words (opt-in)")
+    shapes = [("LSTM", bf16, 16, H, False) for H in (32, 256, 768, 1024)] + [
+        ("LSTM", fp16, 16, 768, False), ("LSTM", fp32, 16, 768, False), ("GRU", bf16, 16, 768, False),
+        ("LSTM", bf16, 64, 1024, False), ("LSTM", bf16, 16, 768, True)]
+    for cell, dtype, B, H, train in shapes:
+        ours, _ = modules(cell, H, dtype)
+        for tagged in (False, True):
+            launch_options(tagged_exchange=tagged)
+            label = (f"fusedrnn {str(dtype)[6:]} {cell} B{B} H{H} {'train' if train else 'inf'} "
+                     f"{'tagged' if tagged else 'barrier'}")
+            report(label, ours, B, dtype, train)
+        launch_options()
+    ours, _ = modules("LSTM", 2048, bf16)  # staged streaming
+    for tagged in (False, True):
+        launch_options(tagged_exchange=tagged)
+        report(f"fusedrnn bfloat16 LSTM B16 H2048 inf {'tagged' if tagged else 'barrier'}", ours, 16,
+               bf16, False, steps=(32, 128))
+    launch_options()
+
+
 BARRIER_SOURCE = r"""
 #include <cooperative_groups.h>
 __device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
@@ -222,10 +246,11 @@ def main(argv) -> int:
     if not torch.cuda.is_available() or not _backend.HAS_CUDA:
         print("gpu_probe: needs a CUDA GPU and fusedrnn._cuda", file=sys.stderr)
         return 2
-    sections = argv or ["barrier", "steps"]
+    sections = argv or ["exchange", "steps", "barrier"]
     print(f"gpu_probe on {torch.cuda.get_device_name()}, torch {torch.__version__}")
     for name in sections:
-        {"steps": steps_section, "barrier": barrier_section, "anchor": anchor_section}[name]()
+        {"steps": steps_section, "barrier": barrier_section, "anchor": anchor_section,
+         "exchange": exchange_section}[name]()
     return 0
 
 

@@ -124,7 +124,8 @@ def _per_direction(num_dirs, make):
 
 
 # ------------------------------------------------------------------ float16 / bfloat16
-def _half_case(cell, proj, dtype, T, B, H, num_dirs, lengths_on, streaming, max_stage_rows=0):
+def _half_case(cell, proj, dtype, T, B, H, num_dirs, lengths_on, streaming, max_stage_rows=0,
+               tagged_exchange=False):
     """Returns {name: (kernel error, torch error)} for forward and backward outputs of every
     direction of a layer (direction 1 runs reversed), each measured against the float64
     reference on the same (dtype-rounded) inputs."""
@@ -153,7 +154,8 @@ def _half_case(cell, proj, dtype, T, B, H, num_dirs, lengths_on, streaming, max_
     d_out, d_hn = rnd(T, B, num_dirs * P), rnd(num_dirs, B, P)
     d_cn = rnd(num_dirs, B, H) if lstm else None
 
-    emu._set_launch_options(force_streaming=streaming, max_stage_rows=max_stage_rows)
+    emu._set_launch_options(force_streaming=streaming, max_stage_rows=max_stage_rows,
+                            tagged_exchange=tagged_exchange)
     run = run_forward_layer(cell, xproj, w_hh, b_hh, w_hr, h0, c0, lengths)
     grads = run_backward_layer(run, d_out, d_hn, d_cn)
 
@@ -281,6 +283,65 @@ def test_staged_streaming_plan():
     assert emu._launch_plan(bf16)["stage_rows"] == (0, 0)  # weights on chip
 
 
+# ------------------------------------------------------------------ tagged exchange (forward)
+@pytest.mark.parametrize("cell,proj", CELLS)
+def test_tagged_exchange(cell, proj):
+    """The forward sends h_s to the other blocks as tagged words and polls for them instead of
+    meeting at a grid barrier every step: uneven blocks (H=37: 10, 10, 10, 7 units), both
+    directions with lengths, batch chunks of 2 (B=5), one block per direction, weights streamed.
+    A projected LSTM keeps the barrier (the plan says so; the result is the same)."""
+    shapes = [(5, 3, 37, "fwd", False, {}), (4, 3, 37, "bidir", True, {}),
+              (3, 5, 6, "bidir", True, dict(max_batch_chunk=2)),
+              (3, 2, 7, "rev", False, dict(max_blocks_per_direction=1)),
+              (3, 3, 37, "fwd", True, dict(force_streaming=True))]
+    for T, B, H, dirs, lengths, options in shapes:
+        emu._set_launch_options(tagged_exchange=True, **options)
+        run_and_check(_cfg(cell, proj, dirs, lengths, T, B, H, torch.float32), CPU)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("cell", list(GATES))
+def test_tagged_exchange_half(cell, dtype):
+    """Two 16-bit values per word: units per block rounded up to even (H=37: 10, 10, 10, 7; H=5
+    in two directions: blocks of 4 and 1 unit, whose word carries one value), B=17."""
+    for T, B, H, num_dirs, lengths_on in [(5, 3, 37, 1, True), (3, 2, 5, 2, True),
+                                           (2, 17, 5, 1, True)]:
+        _assert_within_torch_error(dtype, cell, 0, dtype, T, B, H, num_dirs, lengths_on, False, 0,
+                                   True)
+
+
+def test_tagged_exchange_ignores_stale_tags(monkeypatch):
+    """A workspace left by an earlier launch holds words with the tags this launch will wait for;
+    the kernel clears its words (and the grid meets once) before the first step. Without that,
+    step 1 would take these NaN words for h_0."""
+    stale = (1 << 32) | 0x7FC00000  # tag 1, a float NaN; for 16-bit words NaN-ish bits as well
+    original = _backend._workspace
+
+    def stale_words(module, kind, params, device):
+        ws = original(module, kind, params, device)
+        ws.view(torch.int64).fill_(stale)
+        return ws
+
+    monkeypatch.setattr(_backend, "_workspace", stale_words)
+    emu._set_launch_options(tagged_exchange=True)
+    for cell in GATES:
+        run_and_check(Config(cell, 0, "bidir", True, 4, 3, 37, torch.float32, False), CPU)
+
+
+def test_tagged_exchange_plan():
+    emu._set_launch_options(tagged_exchange=True)
+    for dtype, expected in [(torch.float32, True), (torch.bfloat16, True), (torch.float64, False)]:
+        params, _keep = _fwd_params(H=5, dtype=dtype)
+        plan = emu._launch_plan(params)
+        assert plan["tagged_exchange"] is expected
+        if dtype == torch.bfloat16:  # two values a word: whole words per block
+            assert plan["units_per_block"] % 2 == 0
+    projected, _keep = _fwd_params(H=8, P=4)
+    assert emu._launch_plan(projected)["tagged_exchange"] is False
+    emu._set_launch_options()
+    assert emu._launch_plan(_fwd_params(H=5)[0])["tagged_exchange"] is False
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_mma_partials_fit_the_last_block(dtype):
     """H=18 B=25 LSTM: blocks of 5, 5, 5 and 3 units. The planned block (20 rows) tiles as 6
@@ -309,7 +370,8 @@ def test_launch_plan():
     plan = emu._launch_plan(params)
     assert not plan["weights_in_smem"] and plan["batch_chunk"] == 2
     assert emu._launch_options() == dict(force_streaming=True, max_blocks_per_direction=0,
-                                         max_batch_chunk=2, max_stage_rows=0)
+                                         max_batch_chunk=2, max_stage_rows=0,
+                                         tagged_exchange=False)
 
 
 def test_every_kernel_gets_its_shared_memory_limit():

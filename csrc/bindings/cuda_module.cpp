@@ -38,6 +38,7 @@ py::dict plan_to_dict(const fusedrnn::cuda::RecurrenceGeometry& g) {
   d["batch_chunk"] = g.batch_chunk;
   d["weights_in_smem"] = g.weights_in_smem;
   d["stage_rows"] = py::make_tuple(g.stage_rows[0], g.stage_rows[1]);
+  d["tagged_exchange"] = g.tagged_exchange;
   d["smem_bytes"] = g.smem_bytes;
   return d;
 }
@@ -96,7 +97,7 @@ PYBIND11_MODULE(FUSEDRNN_MODULE_NAME, m) {
   m.def(
       "_set_launch_options",
       [](bool force_streaming, int max_blocks_per_direction, int max_batch_chunk,
-         int max_stage_rows) {
+         int max_stage_rows, bool tagged_exchange) {
         if (max_blocks_per_direction < 0 || max_batch_chunk < 0 || max_stage_rows < 0) {
           throw std::invalid_argument("fusedrnn: launch option caps must be >= 0 (0 = no cap)");
         }
@@ -104,18 +105,22 @@ PYBIND11_MODULE(FUSEDRNN_MODULE_NAME, m) {
         cu::launch_options().max_blocks_per_dir = max_blocks_per_direction;
         cu::launch_options().max_batch_chunk = max_batch_chunk;
         cu::launch_options().max_stage_rows = max_stage_rows;
+        cu::launch_options().tagged_exchange = tagged_exchange;
       },
       py::arg("force_streaming") = false, py::arg("max_blocks_per_direction") = 0,
       py::arg("max_batch_chunk") = 0, py::arg("max_stage_rows") = 0,
+      py::arg("tagged_exchange") = false,
       "Test knob: stream the weights instead of keeping them in shared memory, cap the blocks per "
       "direction, the batch rows per product pass and the weight rows per staging pass of a "
-      "streamed 16-bit forward (0 = no cap beyond the device's).");
+      "streamed 16-bit forward (0 = no cap beyond the device's); tagged_exchange: a forward "
+      "without projection exchanges h as tagged words instead of a grid barrier per step.");
   m.def("_launch_options", []() {
     py::dict d;
     d["force_streaming"] = cu::launch_options().force_streaming;
     d["max_blocks_per_direction"] = cu::launch_options().max_blocks_per_dir;
     d["max_batch_chunk"] = cu::launch_options().max_batch_chunk;
     d["max_stage_rows"] = cu::launch_options().max_stage_rows;
+    d["tagged_exchange"] = cu::launch_options().tagged_exchange;
     return d;
   });
   m.def(

@@ -238,14 +238,12 @@ __device__ __forceinline__ A product_value(const A* partials, const ProductTilin
 // (A load-to-register loop was measured on an H200 to issue its 16-byte loads one after another:
 // bf16 LSTM B=16 H=768 spent 15% of its forward samples and 29% of its backward ones waiting on
 // them, 6 and 24 round trips a step.)
+// The tensor-core product reads K rounded up to 16. Columns [k, k16) of a 16-bit activation chunk
+// must hold zeros, not what a phase with a wider K left there: an fp16 gradient that overflowed to
+// inf, times the weights' zero padding, would be NaN. (The row pitch always covers k16.)
 template <typename T>
-__device__ __forceinline__ void load_act_chunk(T* dst, int64_t act_pitch, const T* src,
-                                               int64_t src_ld, int batch, int k) {
-  constexpr int V = Vec16<T>::kElems;
+__device__ __forceinline__ void zero_act_padding(T* dst, int64_t act_pitch, int batch, int k) {
   if constexpr (kIs16BitFloat<T>) {
-    // The tensor-core product reads K rounded up to 16. Columns [k, k16) must hold zeros, not
-    // what a phase with a wider K left there: an fp16 gradient that overflowed to inf, times the
-    // weights' zero padding, would be NaN. (The row pitch always covers k16.)
     const int pad = static_cast<int>(round_up(k, kMmaK)) - k;
     if (pad > 0) {
       for (int i = threadIdx.x; i < batch * pad; i += blockDim.x) {
@@ -253,6 +251,13 @@ __device__ __forceinline__ void load_act_chunk(T* dst, int64_t act_pitch, const 
       }
     }
   }
+}
+
+template <typename T>
+__device__ __forceinline__ void load_act_chunk(T* dst, int64_t act_pitch, const T* src,
+                                               int64_t src_ld, int batch, int k) {
+  constexpr int V = Vec16<T>::kElems;
+  zero_act_padding(dst, act_pitch, batch, k);
   if (src != nullptr && k % V == 0 && src_ld % V == 0 &&
       reinterpret_cast<uintptr_t>(src) % 16 == 0) {
     const int row_vecs = k / V;

@@ -6,7 +6,8 @@
 //   phase 0: act = h_{s-1} (all B x P, from the exchange buffer or h0), product with the block's
 //            G*U gate rows, then the cell update of the block's units (block-local: all gates of
 //            a unit live in the block), writing out/gates/c_seq and h_s into the other exchange
-//            buffer. One grid barrier.
+//            buffer. One grid barrier; or, with the tagged exchange (tagged_exchange.cuh), h_s
+//            goes out as tagged words that the next step polls for, and no barrier.
 //   phase 1 (projected LSTM only): the r_s of phase 0 went to the r exchange buffer; after the
 //            barrier act = r_s (B x H), product with the block's rows of W_hr gives h_s for the
 //            block's state columns. A second grid barrier.
@@ -19,6 +20,7 @@
 #include "cell_traits.cuh"
 #include "dtype_traits.cuh"
 #include "recurrence_common.cuh"
+#include "tagged_exchange.cuh"
 
 namespace fusedrnn::cuda {
 
@@ -65,6 +67,8 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
   unsigned char* ws = static_cast<unsigned char*>(args.dir[0].workspace) +
                       static_cast<int64_t>(dir) * args.workspace.per_direction;
   T* h_exchange = reinterpret_cast<T*>(ws + args.workspace.offset[0]);  // 2 x [B, P]
+  // The same region as tagged words (geo.tagged_exchange): 2 x [B, row_words].
+  uint64_t* h_words = reinterpret_cast<uint64_t*>(ws + args.workspace.offset[0]);
   T* r_exchange = reinterpret_cast<T*>(ws + args.workspace.offset[1]);  // [B, H]
   A* cell_state = reinterpret_cast<A*>(ws + args.workspace.offset[2]);  // [B, H]
 
@@ -77,6 +81,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
   FUSEDRNN_DYNAMIC_SMEM(smem);
   T* act = smem_at<T>(smem, geo.smem_act);
   T* stage = smem_at<T>(smem, geo.smem_weights[0]);  // staged streaming's pass buffer
+  T* h_stage = smem_at<T>(smem, geo.smem_h_stage);    // the tagged exchange's slice of h_s
   A* partials = smem_at<A>(smem, geo.smem_partials);
   const int64_t act_pitch = geo.act_pitch;
 
@@ -132,6 +137,16 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
     }
   }
 
+  constexpr bool kCanTag = sizeof(T) <= 4;
+  const bool tagged = kCanTag && geo.tagged_exchange;
+  const int64_t row_words = ceil_div(P, kValuesPerWord<T>);
+  if constexpr (kCanTag) {
+    if (tagged) {
+      clear_tagged_words<T>(h_words, row_words, B, u0, nu);
+      grid_barrier();  // every block's words are cleared before anyone polls them
+    }
+  }
+
   for (int s = 0; s < steps; ++s) {
     // h_{s-1}: h0 (null = zeros) at the first step, else the exchange buffer written last step.
     const T* h_src = s == 0 ? h0 : h_exchange + static_cast<int64_t>(s & 1) * B * P;
@@ -145,8 +160,16 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
     // ---- phase 0: gates and cell update of the block's units
     for (int b0 = 0; b0 < B; b0 += geo.batch_chunk) {
       const int nb = min(geo.batch_chunk, B - b0);
-      load_act_chunk(act, act_pitch, h_src != nullptr ? h_src + static_cast<int64_t>(b0) * P : nullptr,
-                     P, nb, P);
+      if (tagged && s > 0) {
+        if constexpr (kCanTag) {
+          load_tagged_chunk(act, act_pitch,
+                            h_words + (static_cast<int64_t>(s & 1) * B + b0) * row_words,
+                            row_words, nb, P, static_cast<uint32_t>(s));
+        }
+      } else {
+        load_act_chunk(act, act_pitch,
+                       h_src != nullptr ? h_src + static_cast<int64_t>(b0) * P : nullptr, P, nb, P);
+      }
       __syncthreads();
       const ProductTiling tiling = product_tiling<kWeightsInSmem, T>(G * nu, nb, P, geo.stage_rows[0]);
       phase_product_partials<true, kWeightsInSmem>(gate_rows, G * nu, stage, geo.weight_pitch[0],
@@ -163,7 +186,11 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
           // Padded: the state stays; without projection this block also owns the output column.
           if (!projected) {
             seq_at<T>(p.out, row.t, b)[unit] = from_acc<T>(A(0));
-            h_dst[static_cast<int64_t>(b) * P + unit] = act[bl * act_pitch + unit];
+            if (tagged) {
+              h_stage[bl * nu + u] = act[bl * act_pitch + unit];
+            } else {
+              h_dst[static_cast<int64_t>(b) * P + unit] = act[bl * act_pitch + unit];
+            }
           }
           continue;
         }
@@ -214,13 +241,26 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
           if (p.r_seq.data != nullptr) seq_at<T>(p.r_seq, row.t, b)[unit] = h_val;
         } else {
           seq_at<T>(p.out, row.t, b)[unit] = h_val;
-          h_dst[static_cast<int64_t>(b) * P + unit] = h_val;
+          if (tagged) {
+            h_stage[bl * nu + u] = h_val;
+          } else {
+            h_dst[static_cast<int64_t>(b) * P + unit] = h_val;
+          }
           if (last) static_cast<T*>(p.hn)[static_cast<int64_t>(b) * P + unit] = h_val;
         }
       }
+      if (tagged) {
+        // Every unit of the chunk is staged (and every read of act and partials done): send them.
+        __syncthreads();
+        if constexpr (kCanTag) {
+          store_tagged_rows(h_words + static_cast<int64_t>((s + 1) & 1) * B * row_words, row_words,
+                            h_stage, b0, nb, u0, nu, static_cast<uint32_t>(s + 1));
+        }
+      }
       // act and partials are reused by the next chunk; after the last chunk a grid barrier
-      // (which includes a block barrier) comes first.
-      if (b0 + geo.batch_chunk < B) __syncthreads();
+      // (which includes a block barrier) comes first, or, tagged, the block barrier above (the
+      // next chunk's or step's first write to h_stage comes after its own block barrier).
+      if (!tagged && b0 + geo.batch_chunk < B) __syncthreads();
     }
 
     // ---- phase 1 (projected LSTM): h_s = r_s W_hr^T for the block's state columns
@@ -257,7 +297,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
         if (b0 + geo.batch_chunk < B) __syncthreads();
       }
     }
-    grid_barrier();  // h_s complete in h_dst for every block
+    if (!tagged) grid_barrier();  // h_s complete in h_dst for every block
   }
 }
 

@@ -22,6 +22,7 @@ struct LaunchOptions {
   int max_blocks_per_dir = 0;    // cap on blocks per direction; 0 = as many as the device allows
   int max_batch_chunk = 0;       // cap on batch rows per product pass; 0 = as many as fit
   int max_stage_rows = 0;        // cap on weight rows per staging pass; 0 = as many as fit
+  bool tagged_exchange = false;  // forward: tagged words instead of a grid barrier per step
 };
 LaunchOptions& launch_options();
 

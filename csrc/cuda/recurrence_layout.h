@@ -163,6 +163,11 @@ struct RecurrenceGeometry {
   // Staged streaming (forward, 16-bit, weights not on chip): rows per pass of each phase's weight
   // slice through the staging buffer at smem_weights[0]; 0 = the FMA product reads global memory.
   int stage_rows[2] = {0, 0};
+  // Forward without projection, fp32/fp16/bf16: h_s goes to the other blocks as tagged words
+  // (tagged_exchange.cuh) instead of through a grid barrier; the block stages its slice of h_s
+  // at smem_h_stage ([batch_chunk][units_per_block] elements) to pack the words.
+  bool tagged_exchange = false;
+  int64_t smem_h_stage = 0;
   PhaseShape phase[2];
   // Dynamic shared memory, byte offsets: weight slices of phase 0 and 1, the activation chunk,
   // the partial sums. Pitches in elements.
@@ -177,7 +182,8 @@ struct RecurrenceGeometry {
 // Workspace (allocated by torch per call): per direction, the exchange buffers and the block-local
 // state that persists across steps. Offsets in bytes from the direction's base, 256-byte aligned.
 //   forward:  [0] h exchange, 2 x [B, P] elements (double-buffered: step s reads s&1, writes the
-//                 other, so one grid barrier per step suffices)
+//                 other, so one grid barrier per step suffices); sized for the tagged exchange's
+//                 2 x [B, ceil(P / values per word)] 8-byte words, which are larger
 //             [1] r exchange [B, H] elements (projected LSTM)
 //             [2] LSTM cell state [B, H] accumulators
 //   backward: [0] gate-gradient exchange, 2 x [B, G*H] elements (double-buffered)
@@ -198,7 +204,10 @@ FUSEDRNN_HOST_DEVICE WorkspaceLayout make_workspace_layout(bool backward, CellKi
   const int64_t gates = gate_count(cell);
   int64_t size[4];
   if (!backward) {
-    size[0] = 2 * batch * state * elem_bytes;
+    const int64_t values_per_word = elem_bytes == 2 ? 2 : 1;
+    const int64_t value_bytes = state * elem_bytes;
+    const int64_t word_bytes = ceil_div(state, values_per_word) * 8;
+    size[0] = 2 * batch * (value_bytes > word_bytes ? value_bytes : word_bytes);
     size[1] = projected ? batch * hidden * elem_bytes : 0;
     size[2] = lstm ? batch * hidden * acc_bytes : 0;
     size[3] = 0;

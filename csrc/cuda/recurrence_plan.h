@@ -32,6 +32,9 @@ struct PlanInput {
   // Whether streamed 16-bit forward weights may pass through shared memory (staged streaming):
   // the launcher checks that every weight row starts on 16 bytes, as cp.async needs.
   bool stageable = false;
+  // Whether a forward without projection in fp32/fp16/bf16 exchanges h as tagged words instead of
+  // meeting at a grid barrier every step (tagged_exchange.cuh).
+  bool tagged_exchange = false;
   // Test and tuning knobs: never keep weights in shared memory; cap blocks per direction, batch
   // rows per product pass and weight rows per staging pass (0: no cap).
   bool force_streaming = false;
@@ -78,6 +81,8 @@ inline int64_t layout_smem(const PlanInput& in, int64_t bc, RecurrenceGeometry& 
   g.act_pitch = act_pitch;
   g.smem_act = at;
   at += round_up(bc * act_pitch * in.elem_bytes, 16);
+  g.smem_h_stage = at;
+  if (g.tagged_exchange) at += round_up(bc * g.units_per_block * in.elem_bytes, 16);
   g.smem_partials = at;
   int64_t partials = static_cast<int64_t>(in.threads) * kTileSize;  // values
   const bool mma = tensor_core_product(in.elem_bytes, g.weights_in_smem, staged);
@@ -153,7 +158,9 @@ inline int64_t fit_streaming(const PlanInput& in, RecurrenceGeometry& g) {
 
 inline void split_units(const PlanInput& in, int64_t blocks, RecurrenceGeometry& g) {
   blocks = std::max<int64_t>(1, std::min<int64_t>(blocks, in.hidden));
-  const int64_t units = ceil_div(in.hidden, blocks);
+  int64_t units = ceil_div(in.hidden, blocks);
+  // The tagged exchange packs two 16-bit values per word, and a block writes whole words.
+  if (g.tagged_exchange && in.elem_bytes == 2) units = round_up(units, 2);
   blocks = ceil_div(in.hidden, units);  // every block owns at least one unit
   g.blocks_per_dir = static_cast<int>(blocks);
   g.units_per_block = static_cast<int>(units);
@@ -172,6 +179,7 @@ inline RecurrenceGeometry plan_recurrence(const PlanInput& in, const BlocksPerSm
   g.num_dirs = in.num_dirs;
   g.threads = in.threads;
   g.projected = in.cell == CellKind::kLstm && in.state != in.hidden;
+  g.tagged_exchange = in.tagged_exchange && !in.backward && !g.projected && in.elem_bytes <= 4;
   int64_t blocks = std::max(1, in.sm_count / in.num_dirs);
   if (in.max_blocks_per_dir > 0) blocks = std::min<int64_t>(blocks, in.max_blocks_per_dir);
 

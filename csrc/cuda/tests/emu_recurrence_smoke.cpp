@@ -295,6 +295,18 @@ int main() {
       run_case<__half>(c, rng);
       run_case<__nv_bfloat16>(c, rng);
     }
+    // The forward's tagged exchange (opt-in) instead of its grid barrier: blocks poll each
+    // other's words, and the sanitizers see what else they share (nothing should be).
+    fusedrnn::cuda::launch_options().tagged_exchange = true;
+    const Case tagged[] = {
+        {CellKind::kLstm, 3, 3, 5, 5, 2, true, false},
+        {CellKind::kGru, 2, 3, 9, 9, 2, true, true},
+    };
+    for (const Case& c : tagged) {
+      run_case<float>(c, rng);
+      run_case<__nv_bfloat16>(c, rng);
+    }
+    fusedrnn::cuda::launch_options().tagged_exchange = false;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "FAIL: exception: %s\n", e.what());
     return 1;
