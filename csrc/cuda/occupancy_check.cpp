@@ -147,7 +147,7 @@ int main(int argc, char** argv) {
       continue;
     }
     int max_regs = 0;
-    int planned = 0, in_smem = 0, staged = 0;
+    int planned = 0, in_smem = 0, staged = 0, tagged = 0;
     std::string largest_smem_lstm;
     for (const auto& dt : dtypes) {
       for (const auto& cell : cells) {
@@ -170,48 +170,57 @@ int main(int argc, char** argv) {
               if (proj && (cell.kind != CellKind::kLstm || hidden < 2)) continue;
               for (const int64_t batch : batches) {
                 for (const int dirs : {1, 2}) {
-                  PlanInput in;
-                  in.backward = backward;
-                  in.cell = cell.kind;
-                  in.batch = batch;
-                  in.hidden = hidden;
-                  in.state = proj ? hidden / 2 : hidden;
-                  in.num_dirs = dirs;
-                  in.elem_bytes = dt.elem;
-                  in.acc_bytes = dt.acc;
-                  in.sm_count = dev.prop.numSms;
-                  in.max_smem_per_block = static_cast<int64_t>(dev.prop.sharedMemPerBlockOptin);
-                  // As the launcher decides for torch's (aligned) weights: rows of a multiple
-                  // of 16 bytes.
-                  in.stageable = !backward && (in.state * dt.elem) % 16 == 0 &&
-                                 (!proj || (hidden * dt.elem) % 16 == 0);
-                  try {
-                    const RecurrenceGeometry g = plan_recurrence(in, [&](bool smem, int64_t bytes) {
-                      return blocks_per_sm(dev, smem ? r_smem : r_stream, bytes);
-                    });
-                    const int per_sm =
-                        blocks_per_sm(dev, g.weights_in_smem ? r_smem : r_stream, g.smem_bytes);
-                    if (static_cast<int64_t>(per_sm) * dev.prop.numSms <
-                        static_cast<int64_t>(g.blocks_per_dir) * dirs) {
-                      throw std::runtime_error("grid of " +
-                                               std::to_string(g.blocks_per_dir * dirs) +
-                                               " blocks is not co-resident");
-                    }
-                    ++planned;
-                    if (g.stage_rows[0] > 0) ++staged;
-                    if (g.weights_in_smem) {
-                      ++in_smem;
-                      if (cell.kind == CellKind::kLstm && !proj && batch == 16 && dirs == 1 &&
-                          !backward && std::string(dt.name) == "bfloat16") {
-                        largest_smem_lstm = "H=" + std::to_string(hidden);
+                  // The tagged exchange (opt-in) changes units per block (16-bit: even) and
+                  // adds a staging slice of h: its plans must fit too.
+                  for (const bool tag : {false, true}) {
+                    if (tag && (backward || proj || dt.elem > 4)) continue;
+                    PlanInput in;
+                    in.tagged_exchange = tag;
+                    in.backward = backward;
+                    in.cell = cell.kind;
+                    in.batch = batch;
+                    in.hidden = hidden;
+                    in.state = proj ? hidden / 2 : hidden;
+                    in.num_dirs = dirs;
+                    in.elem_bytes = dt.elem;
+                    in.acc_bytes = dt.acc;
+                    in.sm_count = dev.prop.numSms;
+                    in.max_smem_per_block = static_cast<int64_t>(dev.prop.sharedMemPerBlockOptin);
+                    // As the launcher decides for torch's (aligned) weights: rows of a multiple
+                    // of 16 bytes.
+                    in.stageable = !backward && (in.state * dt.elem) % 16 == 0 &&
+                                   (!proj || (hidden * dt.elem) % 16 == 0);
+                    try {
+                      const auto per_sm_of = [&](bool smem, int64_t bytes) {
+                        return blocks_per_sm(dev, smem ? r_smem : r_stream, bytes);
+                      };
+                      const RecurrenceGeometry g = plan_recurrence(in, per_sm_of);
+                      const int per_sm =
+                          blocks_per_sm(dev, g.weights_in_smem ? r_smem : r_stream, g.smem_bytes);
+                      if (static_cast<int64_t>(per_sm) * dev.prop.numSms <
+                          static_cast<int64_t>(g.blocks_per_dir) * dirs) {
+                        throw std::runtime_error("grid of " +
+                                                 std::to_string(g.blocks_per_dir * dirs) +
+                                                 " blocks is not co-resident");
                       }
+                      ++planned;
+                      if (g.stage_rows[0] > 0) ++staged;
+                      if (g.tagged_exchange) ++tagged;
+                      if (g.weights_in_smem) {
+                        ++in_smem;
+                        if (cell.kind == CellKind::kLstm && !proj && batch == 16 && dirs == 1 &&
+                            !backward && !tag && std::string(dt.name) == "bfloat16") {
+                          largest_smem_lstm = "H=" + std::to_string(hidden);
+                        }
+                      }
+                    } catch (const std::exception& e) {
+                      std::printf("occupancy check: FAIL %s %s%s H=%lld P=%lld B=%lld "
+                                  "dirs=%d: %s\n",
+                                  dev.name, base.c_str(), tag ? " (tagged)" : "",
+                                  static_cast<long long>(hidden), static_cast<long long>(in.state),
+                                  static_cast<long long>(batch), dirs, e.what());
+                      ++failures;
                     }
-                  } catch (const std::exception& e) {
-                    std::printf("occupancy check: FAIL %s %s H=%lld P=%lld B=%lld dirs=%d: %s\n",
-                                dev.name, base.c_str(), static_cast<long long>(hidden),
-                                static_cast<long long>(in.state), static_cast<long long>(batch),
-                                dirs, e.what());
-                    ++failures;
                   }
                 }
               }
@@ -221,10 +230,10 @@ int main(int argc, char** argv) {
       }
     }
     std::printf("occupancy check: %s (%s, %d SMs, %zu B smem/block): %d plans fit, %d keep W_hh in "
-                "shared memory, %d stage it; max %d registers/thread; bf16 LSTM B=16 forward "
-                "keeps weights on chip up to %s\n",
+                "shared memory, %d stage it, %d exchange tagged words; max %d registers/thread; "
+                "bf16 LSTM B=16 forward keeps weights on chip up to %s\n",
                 dev.name, dev.arch, dev.prop.numSms, dev.prop.sharedMemPerBlockOptin, planned,
-                in_smem, staged, max_regs,
+                in_smem, staged, tagged, max_regs,
                 largest_smem_lstm.empty() ? "none" : largest_smem_lstm.c_str());
   }
   if (failures > 0) {
