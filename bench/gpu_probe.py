@@ -81,8 +81,8 @@ def per_step_us(module, B: int, dtype, train: bool, I: int = 256, steps=(T_SHORT
 def report(label: str, module, B: int, dtype, train: bool, **kw) -> None:
     try:
         short, long, us = per_step_us(module, B, dtype, train, **kw)
-        print(f"{label:58s} T{T_SHORT} {short:8.3f} ms  T{T_LONG} {long:8.3f} ms  {us:7.2f} us/step",
-              flush=True)
+        print(f"{label:58s} T{T_SHORT} {short:8.3f} ms  T{T_LONG} {long:8.3f} ms  "
+              f"{us:7.2f} us/step", flush=True)
     except Exception as exc:  # a probe reports and goes on
         print(f"{label:58s} failed: {type(exc).__name__}: {exc}", flush=True)
 
@@ -114,6 +114,14 @@ def steps_section() -> None:
     report("fusedrnn bf16 H768 weights streamed (FMA)", ours, 16, bf16, False)
     launch_options()
 
+    print("== small H, one block per direction (its own barrier) against the default plan")
+    for H in (64, 128):
+        ours, _ = modules("LSTM", H, bf16)
+        for cap in (0, 4, 1):
+            launch_options(max_blocks_per_direction=cap)
+            report(f"fusedrnn bf16 LSTM B16 H{H} inf blocks<={cap or 'all'}", ours, 16, bf16, False)
+        launch_options()
+
     print("== LSTM H=768 bf16 inference over B")
     for B in (1, 4, 16, 64, 128):
         report(f"fusedrnn bf16 H768 B{B}", ours, B, bf16, False)
@@ -142,8 +150,9 @@ def exchange_section() -> None:
     bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
     print("== forward exchange: a grid barrier per step against tagged words (opt-in)")
     shapes = [("LSTM", bf16, 16, H, False) for H in (32, 256, 768, 1024)] + [
-        ("LSTM", fp16, 16, 768, False), ("LSTM", fp32, 16, 768, False), ("GRU", bf16, 16, 768, False),
-        ("LSTM", bf16, 64, 1024, False), ("LSTM", bf16, 16, 768, True)]
+        ("LSTM", fp16, 16, 768, False), ("LSTM", fp32, 16, 768, False),
+        ("GRU", bf16, 16, 768, False), ("LSTM", bf16, 64, 1024, False),
+        ("LSTM", bf16, 16, 768, True)]
     for cell, dtype, B, H, train in shapes:
         ours, _ = modules(cell, H, dtype)
         for tagged in (False, True):
@@ -155,8 +164,8 @@ def exchange_section() -> None:
     ours, _ = modules("LSTM", 2048, bf16)  # staged streaming
     for tagged in (False, True):
         launch_options(tagged_exchange=tagged)
-        report(f"fusedrnn bfloat16 LSTM B16 H2048 inf {'tagged' if tagged else 'barrier'}", ours, 16,
-               bf16, False, steps=(32, 128))
+        label = f"fusedrnn bfloat16 LSTM B16 H2048 inf {'tagged' if tagged else 'barrier'}"
+        report(label, ours, 16, bf16, False, steps=(32, 128))
     launch_options()
 
 
@@ -181,7 +190,8 @@ __device__ __forceinline__ void grid_meet(unsigned* counter, unsigned target, in
 }
 // Per step: read the whole state (vecs 16-byte vectors) into shared memory, write this block's
 // slice of the next state, meet at the barrier. vecs = 0: the barrier alone.
-extern "C" __global__ void step_floor(unsigned* counter, uint4* state, int steps, int vecs, int use_cg) {
+extern "C" __global__ void step_floor(unsigned* counter, uint4* state, int steps, int vecs,
+                                      int use_cg) {
   extern __shared__ uint4 smem[];
   const int per = (vecs + gridDim.x - 1) / gridDim.x;
   for (int s = 0; s < steps; ++s) {

@@ -276,6 +276,33 @@ def test_tagged_exchange_matches_grid_barrier(cls, dtype):
             assert torch.equal(barrier, tagged)
 
 
+@pytest.mark.parametrize("cls", [fusedrnn.LSTM, fusedrnn.GRU])
+def test_one_block_per_direction_matches_many(cls):
+    """With one block per direction the kernels meet at the block's barrier, not the grid's: the
+    block reads back through global memory (cp.async, past L1) what its own threads wrote. Same
+    answer as many blocks up to the order of the sums (fp32), projection and lengths included."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+    from fusedrnn import _cuda
+    torch.manual_seed(7)
+    extra = dict(proj_size=24) if cls is fusedrnn.LSTM else {}
+    module = cls(32, 48, bidirectional=True, **extra).to(CUDA)
+    x = torch.randn(30, 5, 32, device=CUDA)
+    lengths = torch.tensor([30, 12, 29, 1, 17])
+    results = []
+    for cap in (0, 1):
+        _cuda._set_launch_options(max_blocks_per_direction=cap)
+        try:
+            leaf = x.clone().requires_grad_()
+            module.zero_grad(set_to_none=True)
+            out, _ = module(pack_padded_sequence(leaf, lengths, enforce_sorted=False))
+            out.data.square().sum().backward()
+            results.append([out.data, leaf.grad] + [p.grad for p in module.parameters()])
+        finally:
+            _cuda._set_launch_options()
+    for many, one in zip(*results):
+        assert _rel_err(one, many) < 1e-5
+
+
 @pytest.mark.parametrize("name", ["LSTM", "GRU"])
 def test_autocast_matches_cudnn_dtype_and_accuracy(name):
     """Under CUDA autocast torch.nn runs cuDNN in float16; fusedrnn runs its kernels in the

@@ -62,8 +62,9 @@ __device__ __forceinline__ UnitBackwardInput<V> load_unit_backward_input(
   if constexpr (Cell::kNeedsHPrev) {
     const T* h0 = static_cast<const T*>(p.h0);
     const int64_t P = p.state;
+    const T* h0_row = h0 != nullptr ? h0 + static_cast<int64_t>(b) * P : nullptr;
     in.h_prev = s > 0 ? stored_as<V>(seq_at<const T>(p.out, t_prev, b)[unit])
-                      : (h0 != nullptr ? stored_as<V>(h0[static_cast<int64_t>(b) * P + unit]) : zero);
+                      : (h0_row != nullptr ? stored_as<V>(h0_row[unit]) : zero);
   }
   if constexpr (Cell::kNeedsHNext) in.h_next = stored_as<V>(seq_at<const T>(p.out, row.t, b)[unit]);
   return in;
@@ -308,7 +309,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
 
     // ---- phase 1 (projected LSTM): d_r = dh W_hr for the block's units, then the cell backward
     if (projected) {
-      grid_barrier();  // dh of every state column is in dh_exchange
+      direction_barrier(geo.blocks_per_dir);  // dh of every state column is in dh_exchange
       for (int b0 = 0; b0 < B; b0 += geo.batch_chunk) {
         const int nb = min(geo.batch_chunk, B - b0);
         load_act_chunk(act, act_pitch, dh_exchange + static_cast<int64_t>(b0) * P, P, nb, P);
@@ -337,7 +338,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
         if (b0 + geo.batch_chunk < B) __syncthreads();
       }
     }
-    grid_barrier();  // dpre_s complete in d_dst for every block
+    direction_barrier(geo.blocks_per_dir);  // dpre_s complete in d_dst for every block
   }
 }
 

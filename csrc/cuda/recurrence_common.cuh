@@ -59,4 +59,16 @@ __device__ __forceinline__ T* smem_at(unsigned char* smem, int64_t offset) {
 // visible to every block after it.
 __device__ __forceinline__ void grid_barrier() { cooperative_groups::this_grid().sync(); }
 
+// The barrier between the blocks that exchange state: the blocks of one direction (the two
+// directions of a launch never read each other's buffers). With one block per direction that is
+// the block's own barrier, which also makes its global writes visible to its threads; the grid's
+// costs ~1 us a step on an H200 (bench/results/gpu-probe-h200-2026-11-27.md).
+__device__ __forceinline__ void direction_barrier(int blocks_per_dir) {
+  if (blocks_per_dir == 1) {
+    __syncthreads();
+    return;
+  }
+  grid_barrier();
+}
+
 }  // namespace fusedrnn::cuda

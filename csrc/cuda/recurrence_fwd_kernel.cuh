@@ -143,7 +143,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
   if constexpr (kCanTag) {
     if (tagged) {
       clear_tagged_words<T>(h_words, row_words, B, u0, nu);
-      grid_barrier();  // every block's words are cleared before anyone polls them
+      direction_barrier(geo.blocks_per_dir);  // every block's words cleared before any poll
     }
   }
 
@@ -171,7 +171,8 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
                        h_src != nullptr ? h_src + static_cast<int64_t>(b0) * P : nullptr, P, nb, P);
       }
       __syncthreads();
-      const ProductTiling tiling = product_tiling<kWeightsInSmem, T>(G * nu, nb, P, geo.stage_rows[0]);
+      const ProductTiling tiling =
+          product_tiling<kWeightsInSmem, T>(G * nu, nb, P, geo.stage_rows[0]);
       phase_product_partials<true, kWeightsInSmem>(gate_rows, G * nu, stage, geo.weight_pitch[0],
                                                    geo.stage_rows[0], act, act_pitch, nb, P,
                                                    partials, tiling);
@@ -265,12 +266,13 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
 
     // ---- phase 1 (projected LSTM): h_s = r_s W_hr^T for the block's state columns
     if (projected) {
-      grid_barrier();  // every unit's r_s is in r_exchange
+      direction_barrier(geo.blocks_per_dir);  // every unit's r_s is in r_exchange
       for (int b0 = 0; b0 < B; b0 += geo.batch_chunk) {
         const int nb = min(geo.batch_chunk, B - b0);
         load_act_chunk(act, act_pitch, r_exchange + static_cast<int64_t>(b0) * H, H, nb, H);
         __syncthreads();
-        const ProductTiling tiling = product_tiling<kWeightsInSmem, T>(nc, nb, H, geo.stage_rows[1]);
+        const ProductTiling tiling =
+            product_tiling<kWeightsInSmem, T>(nc, nb, H, geo.stage_rows[1]);
         phase_product_partials<true, kWeightsInSmem>(proj_rows, nc, stage, geo.weight_pitch[1],
                                                      geo.stage_rows[1], act, act_pitch, nb, H,
                                                      partials, tiling);
@@ -297,7 +299,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
         if (b0 + geo.batch_chunk < B) __syncthreads();
       }
     }
-    if (!tagged) grid_barrier();  // h_s complete in h_dst for every block
+    if (!tagged) direction_barrier(geo.blocks_per_dir);  // h_s complete in h_dst for every block
   }
 }
 
