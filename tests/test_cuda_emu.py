@@ -125,7 +125,7 @@ def _per_direction(num_dirs, make):
 
 # ------------------------------------------------------------------ float16 / bfloat16
 def _half_case(cell, proj, dtype, T, B, H, num_dirs, lengths_on, streaming, max_stage_rows=0,
-               tagged_exchange=False):
+               tagged_exchange=False, max_batch_chunk=0):
     """Returns {name: (kernel error, torch error)} for forward and backward outputs of every
     direction of a layer (direction 1 runs reversed), each measured against the float64
     reference on the same (dtype-rounded) inputs."""
@@ -155,7 +155,7 @@ def _half_case(cell, proj, dtype, T, B, H, num_dirs, lengths_on, streaming, max_
     d_cn = rnd(num_dirs, B, H) if lstm else None
 
     emu._set_launch_options(force_streaming=streaming, max_stage_rows=max_stage_rows,
-                            tagged_exchange=tagged_exchange)
+                            tagged_exchange=tagged_exchange, max_batch_chunk=max_batch_chunk)
     run = run_forward_layer(cell, xproj, w_hh, b_hh, w_hr, h0, c0, lengths)
     grads = run_backward_layer(run, d_out, d_hn, d_cn)
 
@@ -264,6 +264,22 @@ def test_staged_streaming(cell, proj, dtype):
                                            (2, 17, 16, 1, False)]:
         _assert_within_torch_error(dtype, cell, proj, dtype, T, B, H, num_dirs, lengths_on, True,
                                    16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_staged_partials_fit_a_smaller_last_chunk(dtype):
+    """Staged streaming picks its K split for one pass's tiles, so a smaller batch chunk can have
+    more items than the planned one. LSTM H=128 (4 blocks of 32 units: 128 gate rows, 8 passes of
+    16), B=36 in chunks of 24 and 12: the 24-row chunk has 3 tiles a pass, split 2, 48 items; the
+    12-row one 2 tiles a pass, split 4, 64 items. Shared memory sized for the planned chunk only
+    was 8 KiB short (found in review; as the H100 case B=64 fp16 H=2048, chunks of 38 and 26)."""
+    params, _keep = _fwd_params(T=2, B=36, H=128, dtype=dtype)
+    emu._set_launch_options(force_streaming=True, max_batch_chunk=24, max_stage_rows=16)
+    plan = emu._launch_plan(params)
+    assert plan["stage_rows"] == (16, 0) and plan["batch_chunk"] == 24
+    # act 24 rows x 272 B + the 16-row stage + 64 items x 128 floats of partials
+    assert plan["smem_bytes"] >= 24 * 272 + 16 * 272 + 64 * 128 * 4
+    _assert_within_torch_error(dtype, "lstm", 0, dtype, 2, 36, 128, 1, False, True, 16, False, 24)
 
 
 def test_staged_streaming_plan():

@@ -93,6 +93,16 @@ inline int64_t layout_smem(const PlanInput& in, int64_t bc, RecurrenceGeometry& 
   if (mma) partials = std::max<int64_t>(partials, int64_t{kMmaWarpsPerBlock} * kMmaTileValues);
   for (int i = 0; i < 2; ++i) {
     const PhaseShape& ph = g.phase[i];
+    if (staged && g.stage_rows[i] > 0) {
+      // With staging the split is chosen for one pass's tiles, so a smaller chunk (fewer batch
+      // tiles a pass, a wider split) can have more items than the planned one: B=64 fp16 H=2048
+      // on an H100 plans chunks of 38 (20 items) and then runs one of 26 (32 items). No tile
+      // straddles passes, and a pass with fewer tiles than kMmaWarpsPerBlock splits K to at most
+      // that many items; one with more has no split, and then every pass does, so the chunk's
+      // items are its tiles, at most the planned chunk's (counted below). The last block's too.
+      const int64_t passes = ceil_div(ph.rows, g.stage_rows[i]);
+      partials = std::max<int64_t>(partials, passes * kMmaWarpsPerBlock * kMmaTileValues);
+    }
     const ProductTiling t =
         mma
             ? make_mma_tiling(ph.rows, static_cast<int>(bc), ph.k, g.stage_rows[i])

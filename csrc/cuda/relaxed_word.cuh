@@ -4,8 +4,9 @@
 // substitutes std::atomic_ref (csrc/emu/emu_relaxed_word.h).
 //
 // store_word_relaxed(p, v) / load_word_relaxed(p): p 8-byte aligned, in global memory.
-// poll_pause(spins): between two polls of a word that is not ready yet; on the emulator it also
-// yields the CPU and reports a hang after the watchdog time (spins counts this thread's polls).
+// poll_pause(spins): between two polls of a word that is not ready yet (spins counts this
+// thread's polls of the word); it ends a launch that would hang (on the emulator: after the
+// watchdog time, as a reported fault), and on the emulator it also yields the CPU.
 #pragma once
 
 #if defined(FUSEDRNN_EMULATED_CUDA)
@@ -26,8 +27,13 @@ __device__ __forceinline__ uint64_t load_word_relaxed(const uint64_t* p) {
   return v;
 }
 
+// A word no writer will ever tag would hang the launch: after ~2^24 polls (seconds, far beyond
+// any step, even under compute-sanitizer) the kernel traps instead, so the caller gets a launch
+// failure, never a hang.
+constexpr unsigned kMaxPolls = 1u << 24;
+
 __device__ __forceinline__ void poll_pause(unsigned& spins) {
-  ++spins;
+  if (++spins > kMaxPolls) __trap();
   __nanosleep(32);
 }
 
