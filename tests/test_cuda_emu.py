@@ -207,13 +207,14 @@ def _half_case(cell, proj, dtype, T, B, H, num_dirs, lengths_on, streaming, max_
 TRIALS, RATIO_FLOOR, TRIAL_CAP = 4, 0.1, 4.0
 
 
-def _assert_within_torch_error(dtype, *case):
-    """_half_case(*case) on TRIALS seeds: for every output, the geometric mean over the trials of
-    kernel error / (2x torch's error in `dtype` + 2u) is at most 1, and no trial's above TRIAL_CAP."""
+def _assert_within_torch_error(dtype, *case, **launch):
+    """_half_case(*case, **launch) on TRIALS seeds: for every output, the geometric mean over the
+    trials of kernel error / (2x torch's error in `dtype` + 2u) is at most 1, and no trial's above
+    TRIAL_CAP."""
     u = UNIT_ROUNDOFF[dtype]
     seeds, ratios = [], {}
     for _ in range(TRIALS):
-        seed, errors = _half_case(*case)
+        seed, errors = _half_case(*case, **launch)
         seeds.append(seed)
         for name, (mine, theirs) in errors.items():
             ratios.setdefault(name, []).append(mine / (2 * theirs + 2 * u))
@@ -263,7 +264,7 @@ def test_staged_streaming(cell, proj, dtype):
     for T, B, H, num_dirs, lengths_on in [(3, 3, 48, 1, True), (3, 2, 16, 2, True),
                                            (2, 17, 16, 1, False)]:
         _assert_within_torch_error(dtype, cell, proj, dtype, T, B, H, num_dirs, lengths_on, True,
-                                   16)
+                                   max_stage_rows=16)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -279,7 +280,8 @@ def test_staged_partials_fit_a_smaller_last_chunk(dtype):
     assert plan["stage_rows"] == (16, 0) and plan["batch_chunk"] == 24
     # act 24 rows x 272 B + the 16-row stage + 64 items x 128 floats of partials
     assert plan["smem_bytes"] >= 24 * 272 + 16 * 272 + 64 * 128 * 4
-    _assert_within_torch_error(dtype, "lstm", 0, dtype, 2, 36, 128, 1, False, True, 16, False, 24)
+    _assert_within_torch_error(dtype, "lstm", 0, dtype, 2, 36, 128, 1, False, True,
+                               max_stage_rows=16, max_batch_chunk=24)
 
 
 def test_staged_streaming_plan():
@@ -322,8 +324,8 @@ def test_tagged_exchange_half(cell, dtype):
     in two directions: blocks of 4 and 1 unit, whose word carries one value), B=17."""
     for T, B, H, num_dirs, lengths_on in [(5, 3, 37, 1, True), (3, 2, 5, 2, True),
                                            (2, 17, 5, 1, True)]:
-        _assert_within_torch_error(dtype, cell, 0, dtype, T, B, H, num_dirs, lengths_on, False, 0,
-                                   True)
+        _assert_within_torch_error(dtype, cell, 0, dtype, T, B, H, num_dirs, lengths_on, False,
+                                   tagged_exchange=True)
 
 
 def test_tagged_exchange_ignores_stale_tags(monkeypatch):

@@ -158,6 +158,39 @@ __device__ __forceinline__ void block_product_partials(const WeightView<T>& w, i
   }
 }
 
+// The tensor-core product reads K rounded up to 16. Columns [k, k16) of `rows` 16-bit operand
+// rows in shared memory (pitch elements; it always covers k16) must hold zeros, not what a phase
+// with a wider K (or another pitch) left there: an fp16 gradient that overflowed to inf, times
+// the other operand's zero padding, would be NaN. Nothing for other types.
+template <typename T>
+__device__ __forceinline__ void zero_k_padding(T* dst, int64_t pitch, int rows, int k) {
+  if constexpr (kIs16BitFloat<T>) {
+    const int pad = static_cast<int>(round_up(k, kMmaK)) - k;
+    if (pad > 0) {
+      for (int i = threadIdx.x; i < rows * pad; i += blockDim.x) {
+        dst[(i / pad) * pitch + k + i % pad] = from_acc<T>(Acc<T>(0));
+      }
+    }
+  }
+}
+
+// Copies `rows` rows of k elements from global memory (row r at src_row(r); k a whole number of
+// 16-byte vectors, every row on 16 bytes) to shared memory (row r at dst + r * pitch) with
+// cp.async, every copy of a thread in flight at once, and waits for this thread's copies: a
+// __syncthreads must follow before other threads read them.
+template <typename T, typename SrcRow>
+__device__ __forceinline__ void copy_rows_async(T* dst, int64_t pitch, SrcRow src_row, int rows,
+                                                int k) {
+  constexpr int V = Vec16<T>::kElems;
+  const int row_vecs = k / V;
+  for (int i = threadIdx.x; i < rows * row_vecs; i += blockDim.x) {
+    const int r = i / row_vecs;
+    const int v = i - r * row_vecs;
+    copy_16_async(dst + r * pitch + v * V, src_row(r) + v * V);
+  }
+  wait_async_copies();
+}
+
 // Staged streaming (recurrence_layout.h): the weight rows, in global memory with K contiguous and
 // every row on 16 bytes (the launcher checks), pass through `stage` (pitch stage_pitch elements)
 // stage_rows at a time, copied with cp.async, and each pass runs the tensor-core product of its
@@ -168,23 +201,10 @@ __device__ __forceinline__ void staged_product_partials(const WeightView<T>& w, 
                                                         const T* act, int64_t act_pitch,
                                                         int batch, int k_total, float* partials,
                                                         const ProductTiling& tiling) {
-  constexpr int V = Vec16<T>::kElems;
-  const int row_vecs = k_total / V;
-  // The MMA reads K rounded up to 16: those columns of the stage must be zeros, not what a pass
-  // of the other phase (another pitch) left there.
-  const int pad = static_cast<int>(round_up(k_total, kMmaK)) - k_total;
-  const T zero = from_acc<T>(Acc<T>(0));
   for (int r0 = 0; r0 < rows; r0 += stage_rows) {
     const int nr = min(stage_rows, rows - r0);
-    for (int i = threadIdx.x; i < nr * row_vecs; i += blockDim.x) {
-      const int r = i / row_vecs;
-      const int v = i - r * row_vecs;
-      copy_16_async(stage + r * stage_pitch + v * V, w.row(r0 + r) + v * V);
-    }
-    for (int i = threadIdx.x; i < nr * pad; i += blockDim.x) {
-      stage[(i / pad) * stage_pitch + k_total + i % pad] = zero;
-    }
-    wait_async_copies();
+    zero_k_padding(stage, stage_pitch, nr, k_total);
+    copy_rows_async(stage, stage_pitch, [&](int r) { return w.row(r0 + r); }, nr, k_total);
     __syncthreads();
     mma_product_partials<T>(stage, stage_pitch, rows, act, act_pitch, batch, k_total, partials,
                             tiling, r0, r0 + nr);
@@ -238,36 +258,14 @@ __device__ __forceinline__ A product_value(const A* partials, const ProductTilin
 // (A load-to-register loop was measured on an H200 to issue its 16-byte loads one after another:
 // bf16 LSTM B=16 H=768 spent 15% of its forward samples and 29% of its backward ones waiting on
 // them, 6 and 24 round trips a step.)
-// The tensor-core product reads K rounded up to 16. Columns [k, k16) of a 16-bit activation chunk
-// must hold zeros, not what a phase with a wider K left there: an fp16 gradient that overflowed to
-// inf, times the weights' zero padding, would be NaN. (The row pitch always covers k16.)
-template <typename T>
-__device__ __forceinline__ void zero_act_padding(T* dst, int64_t act_pitch, int batch, int k) {
-  if constexpr (kIs16BitFloat<T>) {
-    const int pad = static_cast<int>(round_up(k, kMmaK)) - k;
-    if (pad > 0) {
-      for (int i = threadIdx.x; i < batch * pad; i += blockDim.x) {
-        dst[(i / pad) * act_pitch + k + i % pad] = from_acc<T>(Acc<T>(0));
-      }
-    }
-  }
-}
-
 template <typename T>
 __device__ __forceinline__ void load_act_chunk(T* dst, int64_t act_pitch, const T* src,
                                                int64_t src_ld, int batch, int k) {
   constexpr int V = Vec16<T>::kElems;
-  zero_act_padding(dst, act_pitch, batch, k);
+  zero_k_padding(dst, act_pitch, batch, k);
   if (src != nullptr && k % V == 0 && src_ld % V == 0 &&
       reinterpret_cast<uintptr_t>(src) % 16 == 0) {
-    const int row_vecs = k / V;
-    const int total = batch * row_vecs;
-    for (int i = threadIdx.x; i < total; i += blockDim.x) {
-      const int b = i / row_vecs;
-      const int v = i - b * row_vecs;
-      copy_16_async(dst + b * act_pitch + v * V, src + b * src_ld + v * V);
-    }
-    wait_async_copies();
+    copy_rows_async(dst, act_pitch, [&](int b) { return src + b * src_ld; }, batch, k);
     return;
   }
   const int total = batch * k;

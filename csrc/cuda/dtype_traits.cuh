@@ -5,6 +5,8 @@
 // rounding per stored value, as torch.nn does.
 #pragma once
 
+#include <type_traits>
+
 #include "launch_compat.h"
 
 namespace fusedrnn::cuda {
@@ -24,6 +26,17 @@ __device__ __forceinline__ float to_acc(float v) { return v; }
 __device__ __forceinline__ double to_acc(double v) { return v; }
 __device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+// A value read from memory of element type T, kept as stored (V = T: a load issued early, whose
+// conversion would wait for it) or converted to the accumulation type (V = Acc<T>).
+template <typename V, typename T>
+__device__ __forceinline__ V stored_as(T value) {
+  if constexpr (std::is_same_v<V, T>) {
+    return value;
+  } else {
+    return to_acc(value);
+  }
+}
 
 template <typename T>
 __device__ __forceinline__ T from_acc(Acc<T> v);

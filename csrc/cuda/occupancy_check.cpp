@@ -186,10 +186,8 @@ int main(int argc, char** argv) {
                     in.acc_bytes = dt.acc;
                     in.sm_count = dev.prop.numSms;
                     in.max_smem_per_block = static_cast<int64_t>(dev.prop.sharedMemPerBlockOptin);
-                    // As the launcher decides for torch's (aligned) weights: rows of a multiple
-                    // of 16 bytes.
-                    in.stageable = !backward && (in.state * dt.elem) % 16 == 0 &&
-                                   (!proj || (hidden * dt.elem) % 16 == 0);
+                    in.stageable =
+                        !backward && weight_rows_are_vectors(in.state, hidden, proj, dt.elem);
                     try {
                       const auto per_sm_of = [&](bool smem, int64_t bytes) {
                         return blocks_per_sm(dev, smem ? r_smem : r_stream, bytes);

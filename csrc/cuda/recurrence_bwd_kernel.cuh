@@ -15,25 +15,12 @@
 //            cell backward. A second barrier.
 #pragma once
 
-#include <type_traits>
-
 #include "block_product.cuh"
 #include "cell_traits.cuh"
 #include "dtype_traits.cuh"
 #include "recurrence_common.cuh"
 
 namespace fusedrnn::cuda {
-
-// A value read from a sequence of element type T, kept as stored (V = T) or converted to the
-// accumulation type (V = Acc<T>).
-template <typename V, typename T>
-__device__ __forceinline__ V stored_as(T value) {
-  if constexpr (std::is_same_v<V, T>) {
-    return value;
-  } else {
-    return to_acc(value);
-  }
-}
 
 // What a unit's backward at valid step s reads from the forward's sequences (and h0 / c0): the
 // saved gate values, c_t and c_{t-1}, h_{t-1} and h_t, as each cell needs them. Not d_h / d_c.

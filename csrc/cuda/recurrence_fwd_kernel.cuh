@@ -14,8 +14,6 @@
 // Batch rows are processed in chunks of geo.batch_chunk when B x K does not fit next to the weights.
 #pragma once
 
-#include <type_traits>
-
 #include "block_product.cuh"
 #include "cell_traits.cuh"
 #include "dtype_traits.cuh"
@@ -35,13 +33,7 @@ __device__ __forceinline__ void load_step_inputs(const RecurrenceFwdParams& p, i
   const T* x_row = seq_at<const T>(p.xproj, row.t, b);
   const int64_t H = p.hidden;
 #pragma unroll
-  for (int g = 0; g < G; ++g) {
-    if constexpr (std::is_same_v<V, T>) {
-      x[g] = x_row[g * H + unit];
-    } else {
-      x[g] = to_acc(x_row[g * H + unit]);
-    }
-  }
+  for (int g = 0; g < G; ++g) x[g] = stored_as<V>(x_row[g * H + unit]);
 }
 
 template <class Cell, typename T, bool kWeightsInSmem>

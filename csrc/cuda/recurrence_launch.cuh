@@ -120,9 +120,11 @@ bool weight_rows_16_byte_aligned(const std::vector<Params>& dirs, int64_t elem_b
   } else {
     auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
     for (const Params& p : dirs) {
-      if (!aligned(p.w_hh) || (p.state * elem_bytes) % 16 != 0) return false;
       const bool projected = p.cell == CellKind::kLstm && p.state != p.hidden;
-      if (projected && (!aligned(p.w_hr) || (p.hidden * elem_bytes) % 16 != 0)) return false;
+      if (!aligned(p.w_hh) || (projected && !aligned(p.w_hr)) ||
+          !weight_rows_are_vectors(p.state, p.hidden, projected, elem_bytes)) {
+        return false;
+      }
     }
     return true;
   }

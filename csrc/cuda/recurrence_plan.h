@@ -43,6 +43,14 @@ struct PlanInput {
   int max_stage_rows = 0;
 };
 
+// Whether a forward's weight rows are whole 16-byte vectors, as staged streaming's cp.async needs:
+// W_hh rows (K = P) and, projected, W_hr rows (K = H). The launcher also checks the weights' base
+// addresses; the occupancy check assumes torch's, which are aligned.
+inline bool weight_rows_are_vectors(int64_t state, int64_t hidden, bool projected,
+                                    int64_t elem_bytes) {
+  return (state * elem_bytes) % 16 == 0 && (!projected || (hidden * elem_bytes) % 16 == 0);
+}
+
 // blocks_per_sm(weights_in_smem, smem_bytes): co-resident blocks per SM for that kernel variant.
 using BlocksPerSm = std::function<int(bool, int64_t)>;
 
@@ -74,7 +82,9 @@ inline int64_t layout_smem(const PlanInput& in, int64_t bc, RecurrenceGeometry& 
     g.weight_pitch[i] = ph.k > 0 ? smem_pitch(ph.k, in.elem_bytes) : 0;
     g.smem_weights[i] = staged ? 0 : at;
     if (g.weights_in_smem) at += round_up(ph.rows * g.weight_pitch[i] * in.elem_bytes, 16);
-    if (staged) stage_bytes = std::max(stage_bytes, g.stage_rows[i] * g.weight_pitch[i] * in.elem_bytes);
+    if (staged) {
+      stage_bytes = std::max(stage_bytes, g.stage_rows[i] * g.weight_pitch[i] * in.elem_bytes);
+    }
     if (ph.k > 0) act_pitch = std::max(act_pitch, g.weight_pitch[i]);
   }
   at += round_up(stage_bytes, 16);

@@ -36,9 +36,13 @@ __device__ __forceinline__ uint32_t value_bits(T v) {
 
 template <typename T>
 __device__ __forceinline__ T value_from_bits(uint32_t bits) {
-  if constexpr (std::is_same_v<T, float>) return __uint_as_float(bits);
-  else if constexpr (std::is_same_v<T, __half>) return __ushort_as_half(static_cast<unsigned short>(bits));
-  else return __ushort_as_bfloat16(static_cast<unsigned short>(bits));
+  if constexpr (std::is_same_v<T, float>) {
+    return __uint_as_float(bits);
+  } else if constexpr (std::is_same_v<T, __half>) {
+    return __ushort_as_half(static_cast<unsigned short>(bits));
+  } else {
+    return __ushort_as_bfloat16(static_cast<unsigned short>(bits));
+  }
 }
 
 // Before the first step: zeroes the words of units [u0, u0 + nu) in both buffers (2 x rows x
@@ -88,7 +92,7 @@ __device__ __forceinline__ void load_tagged_chunk(T* dst, int64_t act_pitch, con
                                                   int64_t row_words, int batch, int k,
                                                   uint32_t tag) {
   constexpr int W = kValuesPerWord<T>;
-  zero_act_padding(dst, act_pitch, batch, k);
+  zero_k_padding(dst, act_pitch, batch, k);
   const int words = static_cast<int>(ceil_div(k, W));
   const int total = batch * words;
   const int stride = static_cast<int>(blockDim.x);
