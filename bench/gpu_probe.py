@@ -31,24 +31,18 @@ import torch
 
 import fusedrnn
 from fusedrnn import _backend
+from fusedrnn.bench.timing import CudaClock
 
 CUDA = torch.device("cuda")
 T_SHORT, T_LONG = 256, 1024
 
 
 def median_ms(fn, reps: int = 7, warmup: int = 2) -> float:
+    """Median of `reps` calls timed with CUDA events (the benchmark's clock), after `warmup`."""
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    clock = CudaClock(CUDA)
+    return statistics.median(clock.time_ms(fn) for _ in range(reps))
 
 
 def modules(cell: str, H: int, dtype, I: int = 256, **kw):
