@@ -8,7 +8,8 @@ say (bench/gpu_check.sh says how fast; this says why):
   swept over H, B, the blocks per direction and the weight placement, for fusedrnn and for
   torch.nn (cuDNN) on the same shapes;
 - the forward's state exchange, grid barrier per step against tagged words (opt-in,
-  csrc/cuda/tagged_exchange.cuh), on the same shapes in the same process;
+  csrc/cuda/tagged_exchange.cuh), each with and without the inputs loaded a step ahead (opt-in,
+  ItemThreads in csrc/cuda/recurrence_common.cuh), on the same shapes in the same process;
 - the floor of a step's communication (cupy, when importable): a cooperative grid of 256-thread
   blocks that only exchanges the state through L2 and meets at a grid barrier, with
   cooperative_groups' grid.sync() and with a counter barrier of release/acquire atomics.
@@ -140,25 +141,35 @@ def steps_section() -> None:
         report(f"cudnn    bf16 LSTM B16 H{H} inf", theirs, 16, bf16, False, steps=(32, 128))
 
 
+# The forward's exchange and when the owned items load their inputs: each (tagged, inputs_ahead)
+# pair of launch options (both opt-in until measured).
+EXCHANGE_VARIANTS = [(False, False), (False, True), (True, False), (True, True)]
+
+
+def variant_label(tagged: bool, ahead: bool) -> str:
+    return f"{'tagged' if tagged else 'barrier'}{' +ahead' if ahead else ''}"
+
+
 def exchange_section() -> None:
     bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
-    print("== forward exchange: a grid barrier per step against tagged words (opt-in)")
+    print("== forward exchange: a grid barrier per step against tagged words (opt-in); "
+          "+ahead: owned items load the next step's inputs during the exchange (opt-in)")
     shapes = [("LSTM", bf16, 16, H, False) for H in (32, 256, 768, 1024)] + [
         ("LSTM", fp16, 16, 768, False), ("LSTM", fp32, 16, 768, False),
         ("GRU", bf16, 16, 768, False), ("LSTM", bf16, 64, 1024, False),
-        ("LSTM", bf16, 16, 768, True)]
+        ("LSTM", bf16, 16, 768, True), ("GRU", bf16, 16, 768, True)]
     for cell, dtype, B, H, train in shapes:
         ours, _ = modules(cell, H, dtype)
-        for tagged in (False, True):
-            launch_options(tagged_exchange=tagged)
+        for tagged, ahead in EXCHANGE_VARIANTS:
+            launch_options(tagged_exchange=tagged, inputs_ahead=ahead)
             label = (f"fusedrnn {str(dtype)[6:]} {cell} B{B} H{H} {'train' if train else 'inf'} "
-                     f"{'tagged' if tagged else 'barrier'}")
+                     f"{variant_label(tagged, ahead)}")
             report(label, ours, B, dtype, train)
         launch_options()
     ours, _ = modules("LSTM", 2048, bf16)  # staged streaming
-    for tagged in (False, True):
-        launch_options(tagged_exchange=tagged)
-        label = f"fusedrnn bfloat16 LSTM B16 H2048 inf {'tagged' if tagged else 'barrier'}"
+    for tagged, ahead in EXCHANGE_VARIANTS:
+        launch_options(tagged_exchange=tagged, inputs_ahead=ahead)
+        label = f"fusedrnn bfloat16 LSTM B16 H2048 inf {variant_label(tagged, ahead)}"
         report(label, ours, 16, bf16, False, steps=(32, 128))
     launch_options()
 

@@ -248,12 +248,15 @@ def test_forced_streaming_matches_on_chip(cls):
     assert _rel_err(streamed, on_chip) < 1e-5
 
 
+@pytest.mark.parametrize("option", ["tagged_exchange", "inputs_ahead"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("cls", [fusedrnn.LSTM, fusedrnn.GRU, fusedrnn.RNN])
-def test_tagged_exchange_matches_grid_barrier(cls, dtype):
-    """The tagged exchange (opt-in) moves the same bits as the grid barrier's buffer: outputs and
-    gradients equal bit for bit, on a grid of many blocks, both directions, packed lengths,
-    with the weights on chip and streamed."""
+def test_opt_in_launch_options_change_no_bit(cls, dtype, option):
+    """The opt-in launch options move the same values by other means: the tagged exchange sends h
+    as tagged words instead of through the grid barrier's buffer, inputs_ahead loads each step's
+    inputs a step earlier (B=9 x 12 units per block: every item owned). Outputs and gradients equal
+    bit for bit, on a grid of many blocks, both directions, packed lengths, with the weights on
+    chip and streamed."""
     from torch.nn.utils.rnn import pack_padded_sequence
     from fusedrnn import _cuda
     torch.manual_seed(6)
@@ -262,8 +265,8 @@ def test_tagged_exchange_matches_grid_barrier(cls, dtype):
     lengths = torch.tensor([40, 31, 40, 7, 1, 22, 40, 13, 39])
     for force_streaming in (False, True):
         results = []
-        for tagged in (False, True):
-            _cuda._set_launch_options(force_streaming=force_streaming, tagged_exchange=tagged)
+        for enabled in (False, True):
+            _cuda._set_launch_options(force_streaming=force_streaming, **{option: enabled})
             try:
                 leaf = x.clone().requires_grad_()
                 module.zero_grad(set_to_none=True)
@@ -272,8 +275,8 @@ def test_tagged_exchange_matches_grid_barrier(cls, dtype):
                 results.append([out.data, leaf.grad] + [p.grad for p in module.parameters()])
             finally:
                 _cuda._set_launch_options()
-        for barrier, tagged in zip(*results):
-            assert torch.equal(barrier, tagged)
+        for default, opted in zip(*results):
+            assert torch.equal(default, opted)
 
 
 @pytest.mark.parametrize("cls", [fusedrnn.LSTM, fusedrnn.GRU])

@@ -125,7 +125,7 @@ def _per_direction(num_dirs, make):
 
 # ------------------------------------------------------------------ float16 / bfloat16
 def _half_case(cell, proj, dtype, T, B, H, num_dirs, lengths_on, streaming, max_stage_rows=0,
-               tagged_exchange=False, max_batch_chunk=0):
+               tagged_exchange=False, max_batch_chunk=0, inputs_ahead=False):
     """Returns {name: (kernel error, torch error)} for forward and backward outputs of every
     direction of a layer (direction 1 runs reversed), each measured against the float64
     reference on the same (dtype-rounded) inputs."""
@@ -155,7 +155,8 @@ def _half_case(cell, proj, dtype, T, B, H, num_dirs, lengths_on, streaming, max_
     d_cn = rnd(num_dirs, B, H) if lstm else None
 
     emu._set_launch_options(force_streaming=streaming, max_stage_rows=max_stage_rows,
-                            tagged_exchange=tagged_exchange, max_batch_chunk=max_batch_chunk)
+                            tagged_exchange=tagged_exchange, max_batch_chunk=max_batch_chunk,
+                            inputs_ahead=inputs_ahead)
     run = run_forward_layer(cell, xproj, w_hh, b_hh, w_hr, h0, c0, lengths)
     grads = run_backward_layer(run, d_out, d_hn, d_cn)
 
@@ -301,6 +302,42 @@ def test_staged_streaming_plan():
     assert emu._launch_plan(bf16)["stage_rows"] == (0, 0)  # weights on chip
 
 
+# ------------------------------------------------------------------ inputs one step ahead
+@pytest.mark.parametrize("tagged", [False, True], ids=["barrier", "tagged"])
+@pytest.mark.parametrize("cell,proj", CELLS)
+def test_inputs_ahead(cell, proj, tagged):
+    """Threads that own one (batch row, unit) load the next step's inputs right after their cell
+    update. Lengths make rows start (backward) and stop (forward) between steps, so a row padded at
+    one step is loaded for the next; uneven blocks (H=37), both directions, one block, batch chunks
+    (no owned items: the option changes nothing), and items on a block's last threads (B x units
+    below the block's threads)."""
+    shapes = [(5, 3, 37, "bidir", True, {}), (4, 3, 37, "fwd", False, {}),
+              (4, 2, 7, "rev", True, dict(max_blocks_per_direction=1)),
+              (3, 5, 6, "bidir", True, dict(max_batch_chunk=2)),
+              (3, 3, 37, "fwd", True, dict(force_streaming=True))]
+    for T, B, H, dirs, lengths, options in shapes:
+        emu._set_launch_options(inputs_ahead=True, tagged_exchange=tagged, **options)
+        for dtype in (torch.float64, torch.float32):
+            run_and_check(_cfg(cell, proj, dirs, lengths, T, B, H, dtype), CPU)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("cell", list(GATES))
+def test_inputs_ahead_half(cell, dtype):
+    """The early inputs of 16-bit kernels stay as stored across the exchange."""
+    for T, B, H, num_dirs, lengths_on in [(5, 3, 37, 1, True), (3, 2, 5, 2, True)]:
+        _assert_within_torch_error(dtype, cell, 0, dtype, T, B, H, num_dirs, lengths_on, False,
+                                   inputs_ahead=True)
+
+
+def test_inputs_ahead_plan():
+    params, _keep = _fwd_params(H=5)
+    assert emu._launch_plan(params)["inputs_ahead"] is False
+    emu._set_launch_options(inputs_ahead=True)
+    assert emu._launch_plan(params)["inputs_ahead"] is True
+    assert emu._launch_options()["inputs_ahead"] is True
+
+
 # ------------------------------------------------------------------ tagged exchange (forward)
 @pytest.mark.parametrize("cell,proj", CELLS)
 def test_tagged_exchange(cell, proj):
@@ -389,7 +426,7 @@ def test_launch_plan():
     assert not plan["weights_in_smem"] and plan["batch_chunk"] == 2
     assert emu._launch_options() == dict(force_streaming=True, max_blocks_per_direction=0,
                                          max_batch_chunk=2, max_stage_rows=0,
-                                         tagged_exchange=False)
+                                         tagged_exchange=False, inputs_ahead=False)
 
 
 def test_every_kernel_gets_its_shared_memory_limit():

@@ -39,6 +39,7 @@ py::dict plan_to_dict(const fusedrnn::cuda::RecurrenceGeometry& g) {
   d["weights_in_smem"] = g.weights_in_smem;
   d["stage_rows"] = py::make_tuple(g.stage_rows[0], g.stage_rows[1]);
   d["tagged_exchange"] = g.tagged_exchange;
+  d["inputs_ahead"] = g.inputs_ahead;
   d["smem_bytes"] = g.smem_bytes;
   return d;
 }
@@ -97,7 +98,7 @@ PYBIND11_MODULE(FUSEDRNN_MODULE_NAME, m) {
   m.def(
       "_set_launch_options",
       [](bool force_streaming, int max_blocks_per_direction, int max_batch_chunk,
-         int max_stage_rows, bool tagged_exchange) {
+         int max_stage_rows, bool tagged_exchange, bool inputs_ahead) {
         if (max_blocks_per_direction < 0 || max_batch_chunk < 0 || max_stage_rows < 0) {
           throw std::invalid_argument("fusedrnn: launch option caps must be >= 0 (0 = no cap)");
         }
@@ -106,14 +107,17 @@ PYBIND11_MODULE(FUSEDRNN_MODULE_NAME, m) {
         cu::launch_options().max_batch_chunk = max_batch_chunk;
         cu::launch_options().max_stage_rows = max_stage_rows;
         cu::launch_options().tagged_exchange = tagged_exchange;
+        cu::launch_options().inputs_ahead = inputs_ahead;
       },
       py::arg("force_streaming") = false, py::arg("max_blocks_per_direction") = 0,
       py::arg("max_batch_chunk") = 0, py::arg("max_stage_rows") = 0,
-      py::arg("tagged_exchange") = false,
+      py::arg("tagged_exchange") = false, py::arg("inputs_ahead") = false,
       "Test knob: stream the weights instead of keeping them in shared memory, cap the blocks per "
       "direction, the batch rows per product pass and the weight rows per staging pass of a "
       "streamed 16-bit forward (0 = no cap beyond the device's); tagged_exchange: a forward "
-      "without projection exchanges h as tagged words instead of a grid barrier per step.");
+      "without projection exchanges h as tagged words instead of a grid barrier per step; "
+      "inputs_ahead: a thread that owns one (batch row, unit) loads the next step's inputs right "
+      "after its cell update instead of at the start of the step.");
   m.def("_launch_options", []() {
     py::dict d;
     d["force_streaming"] = cu::launch_options().force_streaming;
@@ -121,6 +125,7 @@ PYBIND11_MODULE(FUSEDRNN_MODULE_NAME, m) {
     d["max_batch_chunk"] = cu::launch_options().max_batch_chunk;
     d["max_stage_rows"] = cu::launch_options().max_stage_rows;
     d["tagged_exchange"] = cu::launch_options().tagged_exchange;
+    d["inputs_ahead"] = cu::launch_options().inputs_ahead;
     return d;
   });
   m.def(

@@ -217,26 +217,27 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
   // Without projection, when each (batch row, unit) of the block has a thread of its own for the
   // whole sequence (one batch chunk, B * nc <= threads), that thread
   // - loads what its backward of step s reads from the forward's sequences (saved gates, c, out,
-  //   d_out; at the anchor sizes from HBM) at the start of the step, so those loads overlap the
-  //   activation load and the product. Not a step earlier: the grid barrier's release would wait
-  //   for them;
+  //   d_out; at the anchor sizes from HBM) early, so that those loads overlap other work: at the
+  //   start of step s, under the activation load and the product; with geo.inputs_ahead, right
+  //   after step s+1's cell backward, under the grid barrier as well (see ItemThreads);
   // - carries its LSTM dc and GRU direct term in registers: the grid barrier empties L1, so a
   //   workspace read in the cell backward is an L2 round trip on the step's critical path.
   const bool own_item = !projected && geo.batch_chunk >= B && B * nc <= static_cast<int>(blockDim.x);
-  const bool has_item = own_item && static_cast<int>(threadIdx.x) < B * nc;
+  const ItemThreads items(own_item, B * nc);
+  const bool has_item = items.has_item();
+  const bool ahead = geo.inputs_ahead;
   StagedStep<T> early;
   A dc_own = A(0);
   A direct_own = A(0);
+
+  if (has_item && ahead) stage_step<Cell, T>(p, steps - 1, items.item / nc, c0 + items.item % nc, early);
 
   for (int s = steps - 1; s >= -1; --s) {
     // dpre_{s+1} (written last iteration); none at s = T-1, where every row takes d_hn.
     const T* d_src = s + 1 < steps ? d_exchange + static_cast<int64_t>((s + 1) & 1) * B * GH : nullptr;
     T* d_dst = d_exchange + static_cast<int64_t>(s & 1) * B * GH;
 
-    if (has_item) {
-      const int item = static_cast<int>(threadIdx.x);
-      stage_step<Cell, T>(p, s, item / nc, c0 + item % nc, early);
-    }
+    if (has_item && !ahead) stage_step<Cell, T>(p, s, items.item / nc, c0 + items.item % nc, early);
 
     // ---- phase 0: dh for the block's columns (and, without projection, the cell backward)
     for (int b0 = 0; b0 < B; b0 += geo.batch_chunk) {
@@ -249,7 +250,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
                                                                 nb, GH, partials, tiling);
         __syncthreads();
       }
-      for (int i = threadIdx.x; i < nb * nc; i += blockDim.x) {
+      for (int i = items.first; i < nb * nc; i += blockDim.x) {
         const int bl = i / nc;
         const int c = i - bl * nc;
         const int b = b0 + bl;
@@ -293,6 +294,9 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
       if (b0 + geo.batch_chunk < B) __syncthreads();
     }
     if (s < 0) break;  // uniform: every block reaches it at the same iteration
+    // The previous step's inputs, read while the blocks exchange dpre_s (one chunk: the item's
+    // cell backward of step s has used `early`).
+    if (has_item && ahead) stage_step<Cell, T>(p, s - 1, items.item / nc, c0 + items.item % nc, early);
 
     // ---- phase 1 (projected LSTM): d_r = dh W_hr for the block's units, then the cell backward
     if (projected) {

@@ -54,6 +54,26 @@ __device__ __forceinline__ T* smem_at(unsigned char* smem, int64_t offset) {
   return reinterpret_cast<T*>(smem + offset);
 }
 
+// The (batch row, unit) item a thread owns for the whole sequence when a step's items all fit the
+// block's threads in one batch chunk (own items), and where its walk over a chunk's items starts.
+// Own items sit on the block's LAST `count` threads (item i on thread blockDim.x - count + i), so
+// that warp 0 holds none unless the block is full: its thread 0 arrives at the grid barrier for
+// the block, and that arrival (a release) waits for the warp's outstanding memory accesses, while
+// item threads may have loads in flight across the barrier (geo.inputs_ahead). Without own items
+// every thread walks the items from its own index.
+struct ItemThreads {
+  int item;   // this thread's own item; negative: none
+  int first;  // the first item of a chunk this thread processes (>= count: none)
+
+  __device__ __forceinline__ ItemThreads(bool own_items, int count) {
+    const int t = static_cast<int>(threadIdx.x);
+    const int threads = static_cast<int>(blockDim.x);
+    item = own_items ? t - (threads - count) : -1;
+    first = !own_items ? t : (item >= 0 ? item : threads);
+  }
+  __device__ __forceinline__ bool has_item() const { return item >= 0; }
+};
+
 // One barrier across all blocks of both directions; the launch is cooperative and co-resident
 // (checked by the launcher), so it cannot hang. It orders global memory: writes before it are
 // visible to every block after it.

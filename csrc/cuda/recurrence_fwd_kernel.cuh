@@ -108,25 +108,28 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
 
   // When each (batch row, unit) of the block has a thread of its own for the whole sequence (one
   // batch chunk, B * nu <= threads), that thread
-  // - loads its xproj values of step s at the start of the step, so that their trip to memory
-  //   (xproj is T x B x G*H, far larger than L2 at the anchor's 100 MB) overlaps the activation
-  //   load and the product. Not a step earlier: the grid barrier's release would wait for the
-  //   outstanding loads of its arriving thread;
+  // - loads its xproj values early, so that their trip to memory (xproj is T x B x G*H, far larger
+  //   than L2 at the anchor's 100 MB) overlaps other work: at the start of step s, under the
+  //   activation load and the product; with geo.inputs_ahead, right after step s-1's cell update,
+  //   under the exchange as well (see ItemThreads);
   // - keeps its b_hh values and its LSTM cell state in registers: the grid barrier empties L1, so
   //   every global read in the cell update is an L2 round trip on the step's critical path.
   const bool own_item = geo.batch_chunk >= B && B * nu <= static_cast<int>(blockDim.x);
-  const bool has_item = own_item && static_cast<int>(threadIdx.x) < B * nu;
+  const ItemThreads items(own_item, B * nu);
+  const bool has_item = items.has_item();
+  const bool ahead = geo.inputs_ahead;
   T x_early[G];
   A bias_own[G];
   A c_own = A(0);
   if (has_item) {
-    const int unit = u0 + static_cast<int>(threadIdx.x) % max(nu, 1);
+    const int unit = u0 + items.item % nu;
 #pragma unroll
     for (int g = 0; g < G; ++g) bias_own[g] = b_hh != nullptr ? to_acc(b_hh[g * H + unit]) : A(0);
     if constexpr (Cell::kHasCell) {
-      const int64_t at = static_cast<int64_t>(threadIdx.x) / nu * H + unit;
+      const int64_t at = static_cast<int64_t>(items.item / nu) * H + unit;
       c_own = c_init != nullptr ? to_acc(c_init[at]) : A(0);
     }
+    if (ahead) load_step_inputs<G, T>(p, 0, items.item / nu, unit, x_early);
   }
 
   constexpr bool kCanTag = sizeof(T) <= 4;
@@ -144,9 +147,8 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
     const T* h_src = s == 0 ? h0 : h_exchange + static_cast<int64_t>(s & 1) * B * P;
     T* h_dst = h_exchange + static_cast<int64_t>((s + 1) & 1) * B * P;
 
-    if (has_item) {
-      const int item = static_cast<int>(threadIdx.x);
-      load_step_inputs<G, T>(p, s, item / nu, u0 + item % nu, x_early);  // raw: see own_item
+    if (has_item && !ahead) {
+      load_step_inputs<G, T>(p, s, items.item / nu, u0 + items.item % nu, x_early);  // see own_item
     }
 
     // ---- phase 0: gates and cell update of the block's units
@@ -169,7 +171,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
                                                    geo.stage_rows[0], act, act_pitch, nb, P,
                                                    partials, tiling);
       __syncthreads();
-      for (int i = threadIdx.x; i < nb * nu; i += blockDim.x) {
+      for (int i = items.first; i < nb * nu; i += blockDim.x) {
         const int bl = i / nu;
         const int u = i - bl * nu;
         const int b = b0 + bl;
@@ -254,6 +256,11 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
       // (which includes a block barrier) comes first, or, tagged, the block barrier above (the
       // next chunk's or step's first write to h_stage comes after its own block barrier).
       if (!tagged && b0 + geo.batch_chunk < B) __syncthreads();
+    }
+    // The next step's inputs, read while the blocks exchange h_s (one chunk: the item's cell
+    // update of step s has used x_early).
+    if (has_item && ahead && s + 1 < steps) {
+      load_step_inputs<G, T>(p, s + 1, items.item / nu, u0 + items.item % nu, x_early);
     }
 
     // ---- phase 1 (projected LSTM): h_s = r_s W_hr^T for the block's state columns

@@ -173,6 +173,7 @@ void launch_persistent(const std::vector<Params>& dirs, bool backward, Kernel* s
   in.max_batch_chunk = launch_options().max_batch_chunk;
   in.max_stage_rows = launch_options().max_stage_rows;
   in.tagged_exchange = launch_options().tagged_exchange;
+  in.inputs_ahead = launch_options().inputs_ahead;
   in.stageable = weight_rows_16_byte_aligned(dirs, sizeof(T));
   const RecurrenceGeometry geo = plan_recurrence(in, [&](bool smem, int64_t bytes) {
     int blocks = 0;

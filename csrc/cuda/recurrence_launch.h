@@ -23,6 +23,7 @@ struct LaunchOptions {
   int max_batch_chunk = 0;       // cap on batch rows per product pass; 0 = as many as fit
   int max_stage_rows = 0;        // cap on weight rows per staging pass; 0 = as many as fit
   bool tagged_exchange = false;  // forward: tagged words instead of a grid barrier per step
+  bool inputs_ahead = false;     // owned items load the next step's inputs during the exchange
 };
 LaunchOptions& launch_options();
 

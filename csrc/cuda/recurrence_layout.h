@@ -168,6 +168,11 @@ struct RecurrenceGeometry {
   // at smem_h_stage ([batch_chunk][units_per_block] elements) to pack the words.
   bool tagged_exchange = false;
   int64_t smem_h_stage = 0;
+  // A thread that owns one (batch row, unit) for the whole sequence loads the next step's inputs
+  // from the sequences (xproj; backward: saved gates, c, out, d_out) right after its cell update,
+  // so that they arrive during the exchange, instead of at the start of the step
+  // (recurrence_common.cuh, ItemThreads).
+  bool inputs_ahead = false;
   PhaseShape phase[2];
   // Dynamic shared memory, byte offsets: weight slices of phase 0 and 1, the activation chunk,
   // the partial sums. Pitches in elements.

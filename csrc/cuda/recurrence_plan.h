@@ -35,6 +35,8 @@ struct PlanInput {
   // Whether a forward without projection in fp32/fp16/bf16 exchanges h as tagged words instead of
   // meeting at a grid barrier every step (tagged_exchange.cuh).
   bool tagged_exchange = false;
+  // Whether threads that own one item load the next step's inputs during the exchange.
+  bool inputs_ahead = false;
   // Test and tuning knobs: never keep weights in shared memory; cap blocks per direction, batch
   // rows per product pass and weight rows per staging pass (0: no cap).
   bool force_streaming = false;
@@ -200,6 +202,7 @@ inline RecurrenceGeometry plan_recurrence(const PlanInput& in, const BlocksPerSm
   g.threads = in.threads;
   g.projected = in.cell == CellKind::kLstm && in.state != in.hidden;
   g.tagged_exchange = in.tagged_exchange && !in.backward && !g.projected && in.elem_bytes <= 4;
+  g.inputs_ahead = in.inputs_ahead;
   int64_t blocks = std::max(1, in.sm_count / in.num_dirs);
   if (in.max_blocks_per_dir > 0) blocks = std::min<int64_t>(blocks, in.max_blocks_per_dir);
 

@@ -295,9 +295,11 @@ int main() {
       run_case<__half>(c, rng);
       run_case<__nv_bfloat16>(c, rng);
     }
-    // The forward's tagged exchange (opt-in) instead of its grid barrier: blocks poll each
-    // other's words, and the sanitizers see what else they share (nothing should be).
+    // The opt-in launch options: the forward's tagged exchange instead of its grid barrier
+    // (blocks poll each other's words, and the sanitizers see what else they share: nothing
+    // should be), and the inputs loaded a step ahead.
     fusedrnn::cuda::launch_options().tagged_exchange = true;
+    fusedrnn::cuda::launch_options().inputs_ahead = true;
     const Case tagged[] = {
         {CellKind::kLstm, 3, 3, 5, 5, 2, true, false},
         {CellKind::kGru, 2, 3, 9, 9, 2, true, true},
@@ -307,6 +309,7 @@ int main() {
       run_case<__nv_bfloat16>(c, rng);
     }
     fusedrnn::cuda::launch_options().tagged_exchange = false;
+    fusedrnn::cuda::launch_options().inputs_ahead = false;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "FAIL: exception: %s\n", e.what());
     return 1;
