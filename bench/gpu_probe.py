@@ -139,6 +139,10 @@ def steps_section() -> None:
         ours, theirs = modules("LSTM", H, bf16)
         report(f"fusedrnn bf16 LSTM B16 H{H} inf", ours, 16, bf16, False, steps=(32, 128))
         report(f"cudnn    bf16 LSTM B16 H{H} inf", theirs, 16, bf16, False, steps=(32, 128))
+    # The backward of H=2048 streams W_hh (K-staged on tensor cores).
+    ours, theirs = modules("LSTM", 2048, bf16)
+    report("fusedrnn bf16 LSTM B16 H2048 train", ours, 16, bf16, True, steps=(32, 128))
+    report("cudnn    bf16 LSTM B16 H2048 train", theirs, 16, bf16, True, steps=(32, 128))
 
 
 # The forward's exchange and when the owned items load their inputs: each (tagged, inputs_ahead)

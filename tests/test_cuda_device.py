@@ -230,6 +230,20 @@ def test_streamed_weights_plan_against_cudnn(dtype):
     _assert_within_cudnn(fusedrnn.LSTM, dtype, 8, T=6, B=4, H=2048)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cls", [fusedrnn.LSTM, fusedrnn.GRU])
+def test_staged_streaming_against_cudnn(cls, dtype):
+    """Weights forced to stream at H=256: the forward passes row slices through shared memory,
+    the backward K ranges of its W_hh columns (K-staged), both on tensor cores; B=20 gives two
+    batch tiles, the last one clamped."""
+    from fusedrnn import _cuda
+    _cuda._set_launch_options(force_streaming=True)
+    try:
+        _assert_within_cudnn(cls, dtype, 8, T=6, B=20, H=256)
+    finally:
+        _cuda._set_launch_options()
+
+
 @pytest.mark.parametrize("cls", [fusedrnn.LSTM, fusedrnn.GRU])
 def test_forced_streaming_matches_on_chip(cls):
     """The same layer with the weights kept on chip and streamed: the same answer up to the

@@ -261,7 +261,7 @@ def test_staged_streaming(cell, proj, dtype):
     (cp.async) onto the tensor cores; rows of a multiple of 8 elements, as the staging needs.
     H=48: blocks of 12 units, an LSTM's 48 gate rows in 3 passes (a GRU's 36 in 16, 16, 4);
     two directions of H=16 (2 blocks of 8 units); B=17: the batch rows as the MMA's M side. The
-    backward streams on FMA as before."""
+    backward (without projection) is K-staged, in passes of 16 K rows."""
     for T, B, H, num_dirs, lengths_on in [(3, 3, 48, 1, True), (3, 2, 16, 2, True),
                                            (2, 17, 16, 1, False)]:
         _assert_within_torch_error(dtype, cell, proj, dtype, T, B, H, num_dirs, lengths_on, True,
@@ -300,6 +300,65 @@ def test_staged_streaming_plan():
     assert emu._launch_plan(bf16)["stage_rows"] == (32, 0)
     emu._set_launch_options()
     assert emu._launch_plan(bf16)["stage_rows"] == (0, 0)  # weights on chip
+
+
+# ------------------------------------------------------------------ K-staged backward
+K_STAGED = [(cell, dtype) for cell in GATES for dtype in (torch.float16, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("cell,dtype", K_STAGED,
+                         ids=[f"{c}-{str(d).split('.')[1]}" for c, d in K_STAGED])
+def test_k_staged_backward(cell, dtype):
+    """A 16-bit backward whose weights stream copies K ranges of its W_hh columns and of the gate
+    gradients into shared memory and adds each range's tensor-core product to the partial sums.
+    H=40: blocks of 16, 16 and 8 columns; K = G*40 in passes of 32 rows, so the last pass is short
+    and, for a GRU (K=120) or an RNN (K=40), not a multiple of 16 (zero padding); both directions
+    with lengths; B=17 (two batch tiles, the last one clamped) and B=5 in chunks of 2."""
+    for T, B, H, num_dirs, lengths_on, options in [
+            (3, 3, 40, 2, True, dict(max_stage_rows=32)),
+            (2, 17, 40, 1, True, dict(max_stage_rows=32)),
+            (3, 5, 24, 1, False, dict(max_batch_chunk=2)),
+            (2, 2, 16, 2, True, {})]:
+        _assert_within_torch_error(dtype, cell, 0, dtype, T, B, H, num_dirs, lengths_on, True,
+                                   **options)
+
+
+def _bwd_params(cell="lstm", B=3, H=40, P=None, dtype=torch.bfloat16):
+    """BwdParams of _emu for a launch-plan query (the pointers a plan reads are real; nothing runs)."""
+    P = P or H
+    G = _backend.GATE_COUNT[cell]
+    keep = dict(w_hh=torch.zeros(G * H, P, dtype=dtype), w_hr=torch.zeros(P, H, dtype=dtype),
+                seq=torch.zeros(2, B, G * H, dtype=dtype), d_h0=torch.zeros(B, P, dtype=dtype))
+    p = emu.BwdParams()
+    p.cell, p.dtype = _backend.CELL_CODES[cell], _backend.DTYPE_CODES[dtype]
+    p.seq_len, p.batch, p.hidden, p.state = 2, B, H, P
+    seq = (keep["seq"].data_ptr(), B * G * H, G * H)
+    p.w_hh, p.out, p.d_xproj, p.d_h0 = keep["w_hh"].data_ptr(), seq, seq, keep["d_h0"].data_ptr()
+    p.gates, p.c_seq, p.d_hproj = seq, seq, seq
+    if P != H:
+        p.w_hr, p.d_h_seq = keep["w_hr"].data_ptr(), seq
+    p.num_threads = 1
+    return [p], keep
+
+
+def test_k_staged_backward_plan():
+    """K-staging is planned for a streamed 16-bit backward without projection whose W_hh rows are
+    16-byte vectors: units per block a multiple of 8 (H=40 on the 4-SM fake device: 16, 16, 8),
+    as many K rows a pass as fit (here all 160), or as few as need the same number of passes
+    under a cap (48: 4 passes of 40 rows, rounded up to 48)."""
+    emu._set_launch_options(force_streaming=True)
+    params, _keep = _bwd_params()
+    plan = emu._launch_plan_backward(params)
+    assert plan["stage_rows"] == (160, 0) and plan["units_per_block"] == 16
+    assert plan["blocks_per_dir"] == 3 and not plan["weights_in_smem"]
+    emu._set_launch_options(force_streaming=True, max_stage_rows=48)
+    assert emu._launch_plan_backward(params)["stage_rows"] == (48, 0)
+    emu._set_launch_options(force_streaming=True)
+    for unstaged in (_bwd_params(dtype=torch.float32), _bwd_params(H=37),
+                     _bwd_params(H=32, P=16)):
+        assert emu._launch_plan_backward(unstaged[0])["stage_rows"] == (0, 0)
+    emu._set_launch_options()
+    assert emu._launch_plan_backward(params)["weights_in_smem"]
 
 
 # ------------------------------------------------------------------ inputs one step ahead

@@ -174,13 +174,13 @@ __device__ __forceinline__ void zero_k_padding(T* dst, int64_t pitch, int rows, 
   }
 }
 
-// Copies `rows` rows of k elements from global memory (row r at src_row(r); k a whole number of
-// 16-byte vectors, every row on 16 bytes) to shared memory (row r at dst + r * pitch) with
-// cp.async, every copy of a thread in flight at once, and waits for this thread's copies: a
-// __syncthreads must follow before other threads read them.
+// Issues the copies of `rows` rows of k elements from global memory (row r at src_row(r); k a
+// whole number of 16-byte vectors, every row on 16 bytes) to shared memory (row r at
+// dst + r * pitch) with cp.async, every copy of a thread in flight at once. wait_async_copies()
+// and then a __syncthreads must follow before any thread reads them.
 template <typename T, typename SrcRow>
-__device__ __forceinline__ void copy_rows_async(T* dst, int64_t pitch, SrcRow src_row, int rows,
-                                                int k) {
+__device__ __forceinline__ void issue_row_copies(T* dst, int64_t pitch, SrcRow src_row, int rows,
+                                                 int k) {
   constexpr int V = Vec16<T>::kElems;
   const int row_vecs = k / V;
   for (int i = threadIdx.x; i < rows * row_vecs; i += blockDim.x) {
@@ -188,6 +188,14 @@ __device__ __forceinline__ void copy_rows_async(T* dst, int64_t pitch, SrcRow sr
     const int v = i - r * row_vecs;
     copy_16_async(dst + r * pitch + v * V, src_row(r) + v * V);
   }
+}
+
+// issue_row_copies, then waits for this thread's copies: a __syncthreads must follow before other
+// threads read them.
+template <typename T, typename SrcRow>
+__device__ __forceinline__ void copy_rows_async(T* dst, int64_t pitch, SrcRow src_row, int rows,
+                                                int k) {
+  issue_row_copies(dst, pitch, src_row, rows, k);
   wait_async_copies();
 }
 
@@ -209,6 +217,67 @@ __device__ __forceinline__ void staged_product_partials(const WeightView<T>& w, 
     mma_product_partials<T>(stage, stage_pitch, rows, act, act_pitch, batch, k_total, partials,
                             tiling, r0, r0 + nr);
     __syncthreads();  // the next pass overwrites the stage
+  }
+}
+
+// K-staged streaming (recurrence_layout.h), the backward's phase-0 product out[b][c] =
+// sum_k act[b][k] * W_hh[k][c0 + c] over k < k_total, for the block's `cols` columns (a multiple
+// of 8) and a chunk of `batch` rows. Per pass of pass_k K rows [k0, k0 + kw): rows k0.. of W_hh
+// (w points at column c0 of row 0, row stride w_ld; every piece on 16 bytes) go K-major into
+// `stage` (pitch stage_pitch), the same K range of the chunk's gate-gradient rows (act_src, row
+// stride act_ld) into `act` (pitch act_pitch), all with cp.async; then each warp runs the MMAs of
+// its items over its part of the pass's K range and adds them to the items' partial sums (the
+// first pass writes them). Batch rows are the M side (make_k_staged_tiling): ldmatrix .trans turns
+// 16 K rows x 8 columns of the stage into the N fragment. Every thread of the block calls it; it
+// ends with a __syncthreads.
+template <typename T>
+__device__ __forceinline__ void k_staged_product_partials(
+    const T* w, int64_t w_ld, int cols, T* stage, int64_t stage_pitch, int pass_k,
+    const T* act_src, int64_t act_ld, T* act, int64_t act_pitch, int batch, int k_total,
+    float* partials, const ProductTiling& tiling) {
+  static_assert(kIs16BitFloat<T>, "K-staged streaming: fp16 and bf16 operands only");
+  const int lane = static_cast<int>(threadIdx.x) % 32;
+  const int warp = static_cast<int>(threadIdx.x) / 32;
+  const int warps = static_cast<int>(blockDim.x) / 32;
+  const int items = tiling.partial_count();
+  const T zero = from_acc<T>(0.f);
+  for (int k0 = 0; k0 < k_total; k0 += pass_k) {
+    const int kw = min(pass_k, k_total - k0);
+    const int kw16 = static_cast<int>(round_up(kw, kMmaK));
+    // The MMAs read K up to kw16: zero the stage's rows and act's columns past kw (an fp16 inf
+    // times a stale value, or times a zero on one side only, would be NaN).
+    for (int i = threadIdx.x; i < (kw16 - kw) * cols; i += blockDim.x) {
+      stage[(kw + i / cols) * stage_pitch + i % cols] = zero;
+    }
+    zero_k_padding(act, act_pitch, batch, kw);
+    issue_row_copies(stage, stage_pitch, [&](int r) { return w + (k0 + r) * w_ld; }, kw, cols);
+    issue_row_copies(act, act_pitch, [&](int b) { return act_src + b * act_ld + k0; }, batch, kw);
+    wait_async_copies();
+    __syncthreads();
+    for (int j = warp; j < items; j += warps) {
+      const int k_part = j / tiling.tiles;
+      const int tile = j - k_part * tiling.tiles;
+      const int c_first = (tile % tiling.tiles_rows) << tiling.tile_rows_log2;
+      const int b_first = (tile / tiling.tiles_rows) << tiling.tile_batch_log2;
+      // x4 (M, batch rows): lanes 0-15 rows 0-15 at k, lanes 16-31 the same rows at k + 8.
+      // x2.trans (N): lanes 0-15 give K rows k..k+15 of the tile's 8 columns (16-31 repeat).
+      const T* m_row = act + min(b_first + lane % 16, batch - 1) * act_pitch + (lane / 16) * 8;
+      const T* n_row = stage + (lane % 16) * stage_pitch + c_first;
+      const int k_begin = k_part * tiling.k_chunk;
+      float d[4];
+      mma_k_range(k_begin, min(kw16, k_begin + tiling.k_chunk),
+                  [&](float(&acc)[4], int k) {
+                    uint32_t a[4];
+                    uint32_t b[2];
+                    fusedrnn::ldmatrix_x4(a, m_row + k);
+                    fusedrnn::ldmatrix_x2_trans(b, n_row + k * stage_pitch);
+                    mma_16x8x16<T>(acc, a, b);
+                  },
+                  d);
+      // Batch-major tile; passes after the first add to the sums.
+      store_tile_partials(partials + static_cast<int64_t>(j) * tiling.tile_size(), d, true, k0 > 0);
+    }
+    __syncthreads();  // the next pass overwrites stage and act; the last one's partials are read
   }
 }
 

@@ -46,6 +46,40 @@ __device__ __forceinline__ void mma_k_step(float (&acc)[4], const T* m_row, cons
   mma_16x8x16<T>(acc, a, b);
 }
 
+// The MMAs of the K steps [k_begin, k_end) (multiples of 16) of one output tile, k_step(acc, k)
+// each, into two accumulators on alternate steps (consecutive MMAs into one accumulator wait for
+// each other's result); returns their sum in `sum` (the D fragment).
+template <typename KStep>
+__device__ __forceinline__ void mma_k_range(int k_begin, int k_end, KStep k_step, float (&sum)[4]) {
+  float acc0[4] = {0.f, 0.f, 0.f, 0.f};
+  float acc1[4] = {0.f, 0.f, 0.f, 0.f};
+  int k = k_begin;
+  for (; k + kMmaK < k_end; k += 2 * kMmaK) {
+    k_step(acc0, k);
+    k_step(acc1, k + kMmaK);
+  }
+  if (k < k_end) k_step(acc0, k);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) sum[i] = acc0[i] + acc1[i];
+}
+
+// Stores a tile's D fragment (d[0..1] = D[g][2t..2t+1], d[2..3] = D[g+8][2t..2t+1]; M x N = 16 x 8)
+// into its partial sums, row-in-tile major: value (r, b) of the tile at (r << tile_batch_log2) + b,
+// where batch-major tiles have the batch rows as M. accumulate: add to what is there.
+__device__ __forceinline__ void store_tile_partials(float* dst, const float (&d)[4],
+                                                    bool batch_major, bool accumulate) {
+  const int lane = static_cast<int>(threadIdx.x) % 32;
+  const int g = lane >> 2;
+  const int t2 = (lane & 3) * 2;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int m = g + (i >= 2 ? 8 : 0);
+    const int n = t2 + (i & 1);
+    const int at = batch_major ? (n << 4) + m : (m << 3) + n;
+    dst[at] = accumulate ? dst[at] + d[i] : d[i];
+  }
+}
+
 // w: the block's weight rows in shared memory, row r at w + (r - row_begin) * w_pitch; act: the
 // chunk's batch rows, row b at act + b * act_pitch. Rows and batch rows beyond the valid ones are
 // clamped to the last valid one (their outputs are never read). All 32 lanes of a warp take part
@@ -95,31 +129,12 @@ __device__ __forceinline__ void mma_product_partials(const T* w, int64_t w_pitch
       m_row = w + (min(r0 + m_index, rows - 1) - row_begin) * w_pitch + m_k;
       n_row = act + min(b0 + n_index, batch - 1) * act_pitch + n_k;
     }
-    // Two accumulators on alternate K steps: consecutive MMAs into one accumulator wait for each
-    // other's result.
-    float acc0[4] = {0.f, 0.f, 0.f, 0.f};
-    float acc1[4] = {0.f, 0.f, 0.f, 0.f};
     const int k_begin = k_part * tiling.k_chunk;
-    const int k_end = min(k_padded, k_begin + tiling.k_chunk);
-    int k = k_begin;
-    for (; k + kMmaK < k_end; k += 2 * kMmaK) {
-      mma_k_step<T>(acc0, m_row, n_row, k);
-      mma_k_step<T>(acc1, m_row, n_row, k + kMmaK);
-    }
-    if (k < k_end) mma_k_step<T>(acc0, m_row, n_row, k);
-
-    // D fragment: d[0..1] = D[g][2t..2t+1], d[2..3] = D[g+8][2t..2t+1]. Partials are row-in-tile
-    // major: value (r, b) of the tile at (r << tile_batch_log2) + b.
-    float* dst = partials + static_cast<int64_t>(item) * tiling.tile_size();
-    const int g = lane >> 2;
-    const int t2 = (lane & 3) * 2;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int m = g + (i >= 2 ? 8 : 0);
-      const int n = t2 + (i & 1);
-      const int at = batch_major ? (n << 4) + m : (m << 3) + n;
-      dst[at] = acc0[i] + acc1[i];
-    }
+    float d[4];
+    mma_k_range(k_begin, min(k_padded, k_begin + tiling.k_chunk),
+                [&](float(&acc)[4], int k) { mma_k_step<T>(acc, m_row, n_row, k); }, d);
+    store_tile_partials(partials + static_cast<int64_t>(item) * tiling.tile_size(), d, batch_major,
+                        false);
   }
 }
 

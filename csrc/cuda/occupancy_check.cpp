@@ -147,7 +147,7 @@ int main(int argc, char** argv) {
       continue;
     }
     int max_regs = 0;
-    int planned = 0, in_smem = 0, staged = 0, tagged = 0;
+    int planned = 0, in_smem = 0, staged = 0, k_staged = 0, tagged = 0;
     std::string largest_smem_lstm;
     for (const auto& dt : dtypes) {
       for (const auto& cell : cells) {
@@ -186,8 +186,7 @@ int main(int argc, char** argv) {
                     in.acc_bytes = dt.acc;
                     in.sm_count = dev.prop.numSms;
                     in.max_smem_per_block = static_cast<int64_t>(dev.prop.sharedMemPerBlockOptin);
-                    in.stageable =
-                        !backward && weight_rows_are_vectors(in.state, hidden, proj, dt.elem);
+                    in.stageable = weight_rows_are_vectors(in.state, hidden, proj, dt.elem);
                     try {
                       const auto per_sm_of = [&](bool smem, int64_t bytes) {
                         return blocks_per_sm(dev, smem ? r_smem : r_stream, bytes);
@@ -202,7 +201,7 @@ int main(int argc, char** argv) {
                                                  " blocks is not co-resident");
                       }
                       ++planned;
-                      if (g.stage_rows[0] > 0) ++staged;
+                      if (g.stage_rows[0] > 0) ++(backward ? k_staged : staged);
                       if (g.tagged_exchange) ++tagged;
                       if (g.weights_in_smem) {
                         ++in_smem;
@@ -228,10 +227,11 @@ int main(int argc, char** argv) {
       }
     }
     std::printf("occupancy check: %s (%s, %d SMs, %zu B smem/block): %d plans fit, %d keep W_hh in "
-                "shared memory, %d stage it, %d exchange tagged words; max %d registers/thread; "
+                "shared memory, %d stage it (forward), %d stage K ranges of it (backward), %d exchange "
+                "tagged words; max %d registers/thread; "
                 "bf16 LSTM B=16 forward keeps weights on chip up to %s\n",
                 dev.name, dev.arch, dev.prop.numSms, dev.prop.sharedMemPerBlockOptin, planned,
-                in_smem, staged, tagged, max_regs,
+                in_smem, staged, k_staged, tagged, max_regs,
                 largest_smem_lstm.empty() ? "none" : largest_smem_lstm.c_str());
   }
   if (failures > 0) {

@@ -13,6 +13,8 @@
 //   phase 1 (projected LSTM): dh goes to the dh exchange buffer; after a barrier, act = dh
 //            (B x P) times the block's columns of W_hr gives d_r for the block's units; then the
 //            cell backward. A second barrier.
+// With streamed 16-bit weights (no projection), phase 0 is K-staged: K ranges of the block's W_hh
+// columns and of act pass through shared memory onto the tensor cores (recurrence_layout.h).
 #pragma once
 
 #include "block_product.cuh"
@@ -181,8 +183,12 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
 
   FUSEDRNN_DYNAMIC_SMEM(smem);
   T* act = smem_at<T>(smem, geo.smem_act);
+  T* stage = smem_at<T>(smem, geo.smem_weights[0]);  // K-staged streaming's W_hh rows
   A* partials = smem_at<A>(smem, geo.smem_partials);
   const int64_t act_pitch = geo.act_pitch;
+  // K-staged streaming (recurrence_layout.h): planned only for 16-bit kernels without projection.
+  constexpr bool kCanKStage = !kWeightsInSmem && kIs16BitFloat<T>;
+  const bool k_staged = kCanKStage && geo.stage_rows[0] > 0;
 
   // Phase 0 row c (K = G*H): column c0 + c of W_hh. Phase 1 row u (K = P): column u0 + u of W_hr.
   WeightView<T> state_rows;
@@ -242,8 +248,16 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
     // ---- phase 0: dh for the block's columns (and, without projection, the cell backward)
     for (int b0 = 0; b0 < B; b0 += geo.batch_chunk) {
       const int nb = min(geo.batch_chunk, B - b0);
-      const ProductTiling tiling = product_tiling<kWeightsInSmem, T>(nc, nb, GH);
-      if (d_src != nullptr) {
+      const ProductTiling tiling = k_staged
+                                       ? make_k_staged_tiling(nc, nb, geo.stage_rows[0])
+                                       : product_tiling<kWeightsInSmem, T>(nc, nb, GH);
+      if (d_src != nullptr && k_staged) {
+        if constexpr (kCanKStage) {
+          k_staged_product_partials<T>(w_hh + c0, P, nc, stage, geo.weight_pitch[0],
+                                       geo.stage_rows[0], d_src + static_cast<int64_t>(b0) * GH,
+                                       GH, act, act_pitch, nb, GH, partials, tiling);
+        }
+      } else if (d_src != nullptr) {
         load_act_chunk(act, act_pitch, d_src + static_cast<int64_t>(b0) * GH, GH, nb, GH);
         __syncthreads();
         block_product_partials<kWeightsInSmem, kWeightsInSmem>(state_rows, nc, act, act_pitch,

@@ -111,23 +111,20 @@ void allow_max_smem(Kernel* kernel, int device, int64_t max_smem, const std::str
 }
 }  // namespace
 
-// Whether every weight row a forward streams starts on 16 bytes, as staged streaming's cp.async
-// needs: W_hh rows (K = P) and, projected, W_hr rows (K = H). The backward reads weight columns.
+// Whether every weight row a launch streams starts on 16 bytes, as staged streaming's cp.async
+// needs: W_hh rows (K = P) and, projected, W_hr rows (K = H). (The K-staged backward copies
+// 16-byte pieces of W_hh rows; the plan makes them start on 16 bytes within a row.)
 template <typename Params>
 bool weight_rows_16_byte_aligned(const std::vector<Params>& dirs, int64_t elem_bytes) {
-  if constexpr (!std::is_same_v<Params, RecurrenceFwdParams>) {
-    return false;
-  } else {
-    auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
-    for (const Params& p : dirs) {
-      const bool projected = p.cell == CellKind::kLstm && p.state != p.hidden;
-      if (!aligned(p.w_hh) || (projected && !aligned(p.w_hr)) ||
-          !weight_rows_are_vectors(p.state, p.hidden, projected, elem_bytes)) {
-        return false;
-      }
+  auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
+  for (const Params& p : dirs) {
+    const bool projected = p.cell == CellKind::kLstm && p.state != p.hidden;
+    if (!aligned(p.w_hh) || (projected && !aligned(p.w_hr)) ||
+        !weight_rows_are_vectors(p.state, p.hidden, projected, elem_bytes)) {
+      return false;
     }
-    return true;
   }
+  return true;
 }
 
 inline std::string kernel_name(const char* base, CellKind cell, DType dtype, bool smem) {

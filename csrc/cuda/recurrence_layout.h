@@ -100,12 +100,12 @@ constexpr int kMmaTileValues = 16 * 8;  // outputs of one m16n8 tile, in either 
 // warp per block) runs the K-split the GPU runs.
 constexpr int kMmaWarpsPerBlock = 8;
 
-FUSEDRNN_HOST_DEVICE ProductTiling make_mma_tiling(int rows, int batch, int k,
-                                                   int concurrent_rows = 0) {
+// An MMA tiling of `rows` x `batch` outputs with batch rows as the M side or not, and its K split
+// for `concurrent_rows` rows computed at once (0: all).
+FUSEDRNN_HOST_DEVICE ProductTiling make_oriented_mma_tiling(int rows, int batch, int k,
+                                                            bool batch_major,
+                                                            int concurrent_rows = 0) {
   ProductTiling t;
-  const int64_t rows_as_m = ceil_div(rows, 16) * ceil_div(batch, 8);
-  const int64_t batch_as_m = ceil_div(batch, 16) * ceil_div(rows, 8);
-  const bool batch_major = batch_as_m < rows_as_m;
   t.tile_rows_log2 = batch_major ? 3 : 4;
   t.tile_batch_log2 = batch_major ? 4 : 3;
   t.tiles_rows = static_cast<int>(ceil_div(rows, int64_t{1} << t.tile_rows_log2));
@@ -128,6 +128,21 @@ FUSEDRNN_HOST_DEVICE ProductTiling make_mma_tiling(int rows, int batch, int k,
   return t;
 }
 
+FUSEDRNN_HOST_DEVICE ProductTiling make_mma_tiling(int rows, int batch, int k,
+                                                   int concurrent_rows = 0) {
+  const int64_t rows_as_m = ceil_div(rows, 16) * ceil_div(batch, 8);
+  const int64_t batch_as_m = ceil_div(batch, 16) * ceil_div(rows, 8);
+  return make_oriented_mma_tiling(rows, batch, k, batch_as_m < rows_as_m, concurrent_rows);
+}
+
+// The staged backward's tiling (K-staged streaming, below): batch rows are the M side, because
+// the weights arrive K-major and ldmatrix .trans turns an 8-column K-major block into the N
+// fragment. k is one pass's K rows; every pass splits its K range the same way, so item i of
+// every pass adds to the same partial sums.
+FUSEDRNN_HOST_DEVICE ProductTiling make_k_staged_tiling(int rows, int batch, int k_pass) {
+  return make_oriented_mma_tiling(rows, batch, k_pass, true);
+}
+
 // Whether a product runs on tensor cores: 16-bit elements (fp16, bf16) with the weight slice in
 // shared memory, or passing through it (staged streaming). fp32 stays on FMA (TF32 would round
 // the operands); weights streamed straight from global memory stay on FMA.
@@ -141,6 +156,15 @@ FUSEDRNN_HOST_DEVICE constexpr bool tensor_core_product(int64_t elem_bytes, bool
 // registers), and runs the tensor-core product on each pass. A multiple of 16 rows, so that no MMA
 // tile straddles two passes.
 constexpr int kStageRowMultiple = 16;
+
+// K-staged streaming: the backward's phase-0 product dh = dpre W_hh needs the block's COLUMNS of
+// W_hh, a strided read from global memory (the FMA streaming loads 2 bytes a row). In a 16-bit
+// backward without projection whose W_hh rows are whole 16-byte vectors, the block's columns
+// start on 16 bytes (units per block a multiple of kKStagedColumnMultiple), so each pass copies
+// stage_rows[0] rows of W_hh (K rows, the block's columns contiguous: K-major) and the same K
+// range of the gate-gradient rows into shared memory with cp.async, and runs the tensor-core
+// product of that K range, adding to the partial sums of the earlier passes.
+constexpr int kKStagedColumnMultiple = 8;
 
 // The two products of a step. Forward: phase 0 gates (rows G*U, K = P), phase 1 projection
 // (rows Ps of W_hr, K = H). Backward: phase 0 state gradient (rows U, or Ps with projection, of
@@ -160,8 +184,10 @@ struct RecurrenceGeometry {
   int batch_chunk = 1;      // Bc: batch rows per pass of a product (B if it fits)
   bool weights_in_smem = true;
   bool projected = false;
-  // Staged streaming (forward, 16-bit, weights not on chip): rows per pass of each phase's weight
-  // slice through the staging buffer at smem_weights[0]; 0 = the FMA product reads global memory.
+  // Staged streaming (16-bit, weights not on chip): rows of W_hh (W_hr) per pass of each phase
+  // through the staging buffer at smem_weights[0]; 0 = the FMA product reads global memory.
+  // Forward: rows of the block's slice, whole K. Backward (K-staged, phase 0 only): K rows of
+  // W_hh, the block's columns, with the same K range of act next to them.
   int stage_rows[2] = {0, 0};
   // Forward without projection, fp32/fp16/bf16: h_s goes to the other blocks as tagged words
   // (tagged_exchange.cuh) instead of through a grid barrier; the block stages its slice of h_s

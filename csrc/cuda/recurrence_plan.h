@@ -29,8 +29,8 @@ struct PlanInput {
   int sm_count = 1;
   int64_t max_smem_per_block = 48 * 1024;  // dynamic, opt-in maximum
   int threads = kThreadsPerBlock;
-  // Whether streamed 16-bit forward weights may pass through shared memory (staged streaming):
-  // the launcher checks that every weight row starts on 16 bytes, as cp.async needs.
+  // Whether streamed 16-bit weights may pass through shared memory (staged streaming; backward:
+  // K-staged): the launcher checks that every weight row starts on 16 bytes, as cp.async needs.
   bool stageable = false;
   // Whether a forward without projection in fp32/fp16/bf16 exchanges h as tagged words instead of
   // meeting at a grid barrier every step (tagged_exchange.cuh).
@@ -73,8 +73,42 @@ inline void shape_phases(const PlanInput& in, int64_t units, int64_t cols, Recur
   }
 }
 
+// Whether a streamed backward passes W_hh through shared memory in K ranges (K-staged streaming,
+// recurrence_layout.h): 16-bit, without projection, W_hh rows on 16 bytes.
+inline bool k_staged_candidate(const PlanInput& in, const RecurrenceGeometry& g) {
+  return in.backward && in.stageable && in.elem_bytes == 2 && !g.projected;
+}
+
+// The K-staged backward's layout for batch chunk bc and stage_rows[0] K rows a pass: the pass's
+// W_hh rows (the block's columns, K-major), then the same K range of bc gate-gradient rows, then
+// the partial sums. Returns the total bytes.
+inline int64_t layout_k_staged_smem(const PlanInput& in, int64_t bc, RecurrenceGeometry& g) {
+  const int64_t pass_k = g.stage_rows[0];
+  const int64_t columns = g.phase[0].rows;
+  g.weight_pitch[0] = smem_pitch(columns, in.elem_bytes);
+  g.weight_pitch[1] = 0;
+  g.smem_weights[0] = g.smem_weights[1] = 0;
+  int64_t at = round_up(pass_k * g.weight_pitch[0] * in.elem_bytes, 16);
+  g.act_pitch = smem_pitch(pass_k, in.elem_bytes);
+  g.smem_act = at;
+  at += round_up(bc * g.act_pitch * in.elem_bytes, 16);
+  g.smem_h_stage = at;
+  g.smem_partials = at;
+  // A smaller last block or batch chunk has fewer tiles and a wider K split: at most
+  // max(its tiles, kMmaWarpsPerBlock) items, and its tiles are at most the planned shape's.
+  const ProductTiling t = make_k_staged_tiling(static_cast<int>(columns), static_cast<int>(bc),
+                                               static_cast<int>(pass_k));
+  const int64_t items = std::max<int64_t>(t.partial_count(), kMmaWarpsPerBlock);
+  at += items * kMmaTileValues * in.acc_bytes;
+  g.smem_bytes = at;
+  return at;
+}
+
 // Fills the shared-memory layout for batch chunk bc; returns the total bytes.
 inline int64_t layout_smem(const PlanInput& in, int64_t bc, RecurrenceGeometry& g) {
+  if (!g.weights_in_smem && in.backward && g.stage_rows[0] > 0) {
+    return layout_k_staged_smem(in, bc, g);
+  }
   int64_t at = 0;
   int64_t act_pitch = 0;
   const bool staged = !g.weights_in_smem && g.stage_rows[0] > 0;
@@ -148,12 +182,42 @@ inline void set_stage_rows(int64_t rows, RecurrenceGeometry& g) {
   }
 }
 
+// The K-staged backward's batch chunk and K rows a pass: the largest batch chunk next to a 16-row
+// pass, then the largest pass that keeps it (binary search: K = G*H reaches thousands of rows),
+// then as few rows as need the same number of passes (a short last pass still costs two block
+// barriers and an L2 round trip). FMA streaming when not even one batch row fits.
+inline int64_t fit_k_staged(const PlanInput& in, RecurrenceGeometry& g) {
+  g.stage_rows[0] = kStageRowMultiple;
+  g.stage_rows[1] = 0;
+  const int64_t bc = fit_batch_chunk(in, in.max_smem_per_block, g);
+  if (bc == 0) {
+    set_stage_rows(0, g);
+    return fit_batch_chunk(in, in.max_smem_per_block, g);
+  }
+  const int64_t k = g.phase[0].k;
+  int64_t most = ceil_div(k, kStageRowMultiple);  // in 16-row units
+  if (in.max_stage_rows > 0) most = std::min(most, ceil_div(in.max_stage_rows, kStageRowMultiple));
+  int64_t lo = 1;
+  int64_t hi = most;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi + 1) / 2;
+    g.stage_rows[0] = static_cast<int>(mid * kStageRowMultiple);
+    if (layout_smem(in, bc, g) <= in.max_smem_per_block) lo = mid;
+    else hi = mid - 1;
+  }
+  const int64_t passes = ceil_div(k, lo * kStageRowMultiple);
+  g.stage_rows[0] = static_cast<int>(round_up(ceil_div(k, passes), kStageRowMultiple));
+  layout_smem(in, bc, g);
+  return bc;
+}
+
 // The streaming variant's batch chunk and, where allowed, its staging passes: first the largest
 // batch chunk next to the smallest pass, then the largest pass that keeps that chunk (every pass
 // is a block barrier and an L2 round trip; every batch chunk reads the whole slice again).
 // Returns the batch chunk (0: nothing fits).
 inline int64_t fit_streaming(const PlanInput& in, RecurrenceGeometry& g) {
   set_stage_rows(0, g);
+  if (k_staged_candidate(in, g)) return fit_k_staged(in, g);
   const bool stage = in.stageable && !in.backward && in.elem_bytes == 2;
   if (stage) {
     set_stage_rows(kStageRowMultiple, g);
@@ -183,6 +247,8 @@ inline void split_units(const PlanInput& in, int64_t blocks, RecurrenceGeometry&
   int64_t units = ceil_div(in.hidden, blocks);
   // The tagged exchange packs two 16-bit values per word, and a block writes whole words.
   if (g.tagged_exchange && in.elem_bytes == 2) units = round_up(units, 2);
+  // The K-staged backward copies the block's columns of W_hh as 16-byte vectors.
+  if (!g.weights_in_smem && k_staged_candidate(in, g)) units = round_up(units, kKStagedColumnMultiple);
   blocks = ceil_div(in.hidden, units);  // every block owns at least one unit
   g.blocks_per_dir = static_cast<int>(blocks);
   g.units_per_block = static_cast<int>(units);

@@ -295,6 +295,16 @@ int main() {
       run_case<__half>(c, rng);
       run_case<__nv_bfloat16>(c, rng);
     }
+    // Streamed 16-bit weights with 16-byte rows: the forward stages row passes through shared
+    // memory, the backward K ranges (cp.async into shared memory, tensor-core product).
+    const Case staged[] = {
+        {CellKind::kLstm, 3, 3, 16, 16, 2, true, true},
+        {CellKind::kGru, 2, 17, 24, 24, 1, true, true},
+    };
+    for (const Case& c : staged) {
+      run_case<__half>(c, rng);
+      run_case<__nv_bfloat16>(c, rng);
+    }
     // The opt-in launch options: the forward's tagged exchange instead of its grid barrier
     // (blocks poll each other's words, and the sanitizers see what else they share: nothing
     // should be), and the inputs loaded a step ahead.
