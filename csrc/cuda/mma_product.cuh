@@ -47,20 +47,31 @@ __device__ __forceinline__ void mma_k_step(float (&acc)[4], const T* m_row, cons
 }
 
 // The MMAs of the K steps [k_begin, k_end) (multiples of 16) of one output tile, k_step(acc, k)
-// each, into two accumulators on alternate steps (consecutive MMAs into one accumulator wait for
-// each other's result); returns their sum in `sum` (the D fragment).
+// each, into kMmaChains accumulators in turn (consecutive MMAs into one accumulator wait for each
+// other's result; a warp's K range is often its block's only MMA work, one warp per SM
+// sub-partition, so nothing else hides that latency); returns their sum in `sum` (the D fragment).
+constexpr int kMmaChains = 4;
+
 template <typename KStep>
 __device__ __forceinline__ void mma_k_range(int k_begin, int k_end, KStep k_step, float (&sum)[4]) {
-  float acc0[4] = {0.f, 0.f, 0.f, 0.f};
-  float acc1[4] = {0.f, 0.f, 0.f, 0.f};
+  float acc[kMmaChains][4] = {};
   int k = k_begin;
-  for (; k + kMmaK < k_end; k += 2 * kMmaK) {
-    k_step(acc0, k);
-    k_step(acc1, k + kMmaK);
-  }
-  if (k < k_end) k_step(acc0, k);
+  for (; k + (kMmaChains - 1) * kMmaK < k_end; k += kMmaChains * kMmaK) {
 #pragma unroll
-  for (int i = 0; i < 4; ++i) sum[i] = acc0[i] + acc1[i];
+    for (int c = 0; c < kMmaChains; ++c) k_step(acc[c], k + c * kMmaK);
+  }
+#pragma unroll
+  for (int c = 0; c < kMmaChains - 1; ++c) {
+    if (k < k_end) k_step(acc[c], k);
+    k += kMmaK;
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    float total = 0.f;
+#pragma unroll
+    for (int c = 0; c < kMmaChains; ++c) total += acc[c][i];
+    sum[i] = total;
+  }
 }
 
 // Stores a tile's D fragment (d[0..1] = D[g][2t..2t+1], d[2..3] = D[g+8][2t..2t+1]; M x N = 16 x 8)
