@@ -199,21 +199,44 @@ __device__ __forceinline__ void copy_rows_async(T* dst, int64_t pitch, SrcRow sr
   wait_async_copies();
 }
 
+// The order of a staged product's passes. A block's successive staged products over the same
+// weights (every batch chunk of every step) run their passes in alternating order, so that each
+// one's first pass is the previous one's last, still in the stage: one pass fewer to copy from L2
+// per product (of two passes, half the weight traffic). call: how many such products the block
+// ran before this one; -1 when the stage is not kept between products (a projected forward's
+// two phases share it).
+struct PassOrder {
+  int passes;
+  bool reversed;
+  bool first_in_stage;
+
+  __device__ __forceinline__ PassOrder(int passes_, int call)
+      : passes(passes_), reversed(call > 0 && (call & 1) != 0), first_in_stage(call > 0) {}
+  // The pass that runs i-th.
+  __device__ __forceinline__ int pass(int i) const { return reversed ? passes - 1 - i : i; }
+  // Whether the i-th pass's weights must be copied into the stage.
+  __device__ __forceinline__ bool copies(int i) const { return i > 0 || !first_in_stage; }
+};
+
 // Staged streaming (recurrence_layout.h): the weight rows, in global memory with K contiguous and
 // every row on 16 bytes (the launcher checks), pass through `stage` (pitch stage_pitch elements)
 // stage_rows at a time, copied with cp.async, and each pass runs the tensor-core product of its
-// tiles. Every thread of the block calls it; it ends with a __syncthreads.
+// tiles; call: see PassOrder. Every thread of the block calls it; it ends with a __syncthreads.
 template <typename T>
 __device__ __forceinline__ void staged_product_partials(const WeightView<T>& w, int rows, T* stage,
                                                         int64_t stage_pitch, int stage_rows,
                                                         const T* act, int64_t act_pitch,
                                                         int batch, int k_total, float* partials,
-                                                        const ProductTiling& tiling) {
-  for (int r0 = 0; r0 < rows; r0 += stage_rows) {
+                                                        const ProductTiling& tiling, int call) {
+  const PassOrder order(static_cast<int>(ceil_div(rows, stage_rows)), call);
+  for (int i = 0; i < order.passes; ++i) {
+    const int r0 = order.pass(i) * stage_rows;
     const int nr = min(stage_rows, rows - r0);
-    zero_k_padding(stage, stage_pitch, nr, k_total);
-    copy_rows_async(stage, stage_pitch, [&](int r) { return w.row(r0 + r); }, nr, k_total);
-    __syncthreads();
+    if (order.copies(i)) {  // else the act chunk's load and its block barrier came last
+      zero_k_padding(stage, stage_pitch, nr, k_total);
+      copy_rows_async(stage, stage_pitch, [&](int r) { return w.row(r0 + r); }, nr, k_total);
+      __syncthreads();
+    }
     mma_product_partials<T>(stage, stage_pitch, rows, act, act_pitch, batch, k_total, partials,
                             tiling, r0, r0 + nr);
     __syncthreads();  // the next pass overwrites the stage
@@ -228,29 +251,34 @@ __device__ __forceinline__ void staged_product_partials(const WeightView<T>& w, 
 // stride act_ld) into `act` (pitch act_pitch), all with cp.async; then each warp runs the MMAs of
 // its items over its part of the pass's K range and adds them to the items' partial sums (the
 // first pass writes them). Batch rows are the M side (make_k_staged_tiling): ldmatrix .trans turns
-// 16 K rows x 8 columns of the stage into the N fragment. Every thread of the block calls it; it
-// ends with a __syncthreads.
+// 16 K rows x 8 columns of the stage into the N fragment. call: see PassOrder (the weight part of
+// the first pass may still be in the stage; act is new every time). Every thread of the block
+// calls it; it ends with a __syncthreads.
 template <typename T>
 __device__ __forceinline__ void k_staged_product_partials(
     const T* w, int64_t w_ld, int cols, T* stage, int64_t stage_pitch, int pass_k,
     const T* act_src, int64_t act_ld, T* act, int64_t act_pitch, int batch, int k_total,
-    float* partials, const ProductTiling& tiling) {
+    float* partials, const ProductTiling& tiling, int call) {
   static_assert(kIs16BitFloat<T>, "K-staged streaming: fp16 and bf16 operands only");
   const int lane = static_cast<int>(threadIdx.x) % 32;
   const int warp = static_cast<int>(threadIdx.x) / 32;
   const int warps = static_cast<int>(blockDim.x) / 32;
   const int items = tiling.partial_count();
   const T zero = from_acc<T>(0.f);
-  for (int k0 = 0; k0 < k_total; k0 += pass_k) {
+  const PassOrder order(static_cast<int>(ceil_div(k_total, pass_k)), call);
+  for (int i = 0; i < order.passes; ++i) {
+    const int k0 = order.pass(i) * pass_k;
     const int kw = min(pass_k, k_total - k0);
     const int kw16 = static_cast<int>(round_up(kw, kMmaK));
     // The MMAs read K up to kw16: zero the stage's rows and act's columns past kw (an fp16 inf
     // times a stale value, or times a zero on one side only, would be NaN).
-    for (int i = threadIdx.x; i < (kw16 - kw) * cols; i += blockDim.x) {
-      stage[(kw + i / cols) * stage_pitch + i % cols] = zero;
+    if (order.copies(i)) {
+      for (int e = threadIdx.x; e < (kw16 - kw) * cols; e += blockDim.x) {
+        stage[(kw + e / cols) * stage_pitch + e % cols] = zero;
+      }
+      issue_row_copies(stage, stage_pitch, [&](int r) { return w + (k0 + r) * w_ld; }, kw, cols);
     }
     zero_k_padding(act, act_pitch, batch, kw);
-    issue_row_copies(stage, stage_pitch, [&](int r) { return w + (k0 + r) * w_ld; }, kw, cols);
     issue_row_copies(act, act_pitch, [&](int b) { return act_src + b * act_ld + k0; }, batch, kw);
     wait_async_copies();
     __syncthreads();
@@ -275,24 +303,26 @@ __device__ __forceinline__ void k_staged_product_partials(
                   },
                   d);
       // Batch-major tile; passes after the first add to the sums.
-      store_tile_partials(partials + static_cast<int64_t>(j) * tiling.tile_size(), d, true, k0 > 0);
+      store_tile_partials(partials + static_cast<int64_t>(j) * tiling.tile_size(), d, true, i > 0);
     }
     __syncthreads();  // the next pass overwrites stage and act; the last one's partials are read
   }
 }
 
 // The product of one phase of a step: staged streaming where the plan chose it (a 16-bit forward
-// with streamed weights: kUnitK and not kVectorK), else block_product_partials.
+// with streamed weights: kUnitK and not kVectorK; stage_call: see PassOrder), else
+// block_product_partials.
 template <bool kUnitK, bool kVectorK, typename T>
 __device__ __forceinline__ void phase_product_partials(const WeightView<T>& w, int rows, T* stage,
                                                        int64_t stage_pitch, int stage_rows,
                                                        const T* act, int64_t act_pitch, int batch,
                                                        int k_total, Acc<T>* partials,
-                                                       const ProductTiling& tiling) {
+                                                       const ProductTiling& tiling,
+                                                       int stage_call) {
   if constexpr (kUnitK && !kVectorK && kIs16BitFloat<T>) {
     if (stage_rows > 0) {
       staged_product_partials<T>(w, rows, stage, stage_pitch, stage_rows, act, act_pitch, batch,
-                                 k_total, partials, tiling);
+                                 k_total, partials, tiling, stage_call);
       return;
     }
   }

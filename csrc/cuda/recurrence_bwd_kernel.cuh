@@ -189,6 +189,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
   // K-staged streaming (recurrence_layout.h): planned only for 16-bit kernels without projection.
   constexpr bool kCanKStage = !kWeightsInSmem && kIs16BitFloat<T>;
   const bool k_staged = kCanKStage && geo.stage_rows[0] > 0;
+  int stage_calls = 0;  // K-staged products run so far (PassOrder)
 
   // Phase 0 row c (K = G*H): column c0 + c of W_hh. Phase 1 row u (K = P): column u0 + u of W_hr.
   WeightView<T> state_rows;
@@ -255,7 +256,8 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
         if constexpr (kCanKStage) {
           k_staged_product_partials<T>(w_hh + c0, P, nc, stage, geo.weight_pitch[0],
                                        geo.stage_rows[0], d_src + static_cast<int64_t>(b0) * GH,
-                                       GH, act, act_pitch, nb, GH, partials, tiling);
+                                       GH, act, act_pitch, nb, GH, partials, tiling,
+                                       stage_calls++);
         }
       } else if (d_src != nullptr) {
         load_act_chunk(act, act_pitch, d_src + static_cast<int64_t>(b0) * GH, GH, nb, GH);

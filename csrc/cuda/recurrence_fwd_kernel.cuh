@@ -142,6 +142,10 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
     }
   }
 
+  // Staged products run so far on phase 0's weights (PassOrder); a projected LSTM's phases share
+  // the stage, so theirs do not keep it.
+  int stage_calls = 0;
+
   for (int s = 0; s < steps; ++s) {
     // h_{s-1}: h0 (null = zeros) at the first step, else the exchange buffer written last step.
     const T* h_src = s == 0 ? h0 : h_exchange + static_cast<int64_t>(s & 1) * B * P;
@@ -169,7 +173,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
           product_tiling<kWeightsInSmem, T>(G * nu, nb, P, geo.stage_rows[0]);
       phase_product_partials<true, kWeightsInSmem>(gate_rows, G * nu, stage, geo.weight_pitch[0],
                                                    geo.stage_rows[0], act, act_pitch, nb, P,
-                                                   partials, tiling);
+                                                   partials, tiling, projected ? -1 : stage_calls++);
       __syncthreads();
       for (int i = items.first; i < nb * nu; i += blockDim.x) {
         const int bl = i / nu;
@@ -274,7 +278,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
             product_tiling<kWeightsInSmem, T>(nc, nb, H, geo.stage_rows[1]);
         phase_product_partials<true, kWeightsInSmem>(proj_rows, nc, stage, geo.weight_pitch[1],
                                                      geo.stage_rows[1], act, act_pitch, nb, H,
-                                                     partials, tiling);
+                                                     partials, tiling, -1);
         __syncthreads();
         for (int i = threadIdx.x; i < nb * nc; i += blockDim.x) {
           const int bl = i / nc;
