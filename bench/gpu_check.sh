@@ -30,7 +30,7 @@
 #                       synccheck probe (e.g. to finish, on a machine that is still warm, what an
 #                       earlier run did not reach)
 #   GPU_CHECK_PROBE     1: after the benchmark, also run bench/gpu_probe.py (per-step costs against
-#                       cuDNN, the barrier floor; ~40 s) into OUTDIR/probe.txt
+#                       cuDNN, the exchange variants, the barrier floor; up to 150 s) into OUTDIR/probe.txt
 #   GPU_CHECK_DEADLINE  seconds the whole run may take (default 570): each step's time limit is cut
 #                       to what is left, and a step with less than 20 s left is not started (it
 #                       counts as failed, "out of time"). A lent GPU machine runs one command for at
@@ -256,7 +256,7 @@ probe() {
 }
 export -f probe
 if [ "${GPU_CHECK_PROBE:-0}" = 1 ]; then
-  run_step probe 90 probe
+  run_step probe 150 probe
   [ -f "$OUT/logs/probe.log" ] && cp "$OUT/logs/probe.log" "$OUT/probe.txt"
 fi
 

@@ -132,6 +132,17 @@ def steps_section() -> None:
         report(f"fusedrnn bf16 H768 train blocks<={cap}", ours, 16, bf16, True)
     launch_options()
 
+    print("== LSTM B=64 H=1024 bf16, blocks per direction capped: every block reads the whole "
+          "B x 4H gate gradient each backward step (132 blocks: 67 MB a step through L2)")
+    ours, _ = modules("LSTM", 1024, bf16)
+    for cap in (0, 96, 66, 48, 33):
+        launch_options(max_blocks_per_direction=cap)
+        report(f"fusedrnn bf16 H1024 B64 inf blocks<={cap or 'all'}", ours, 64, bf16, False,
+               steps=(64, 256))
+        report(f"fusedrnn bf16 H1024 B64 train blocks<={cap or 'all'}", ours, 64, bf16, True,
+               steps=(64, 256))
+    launch_options()
+
     print("== GRU and a large H (weights streamed)")
     ours, theirs = modules("GRU", 768, bf16)
     report("fusedrnn bf16 GRU B16 H768 inf", ours, 16, bf16, False)
