@@ -357,6 +357,11 @@ def test_k_staged_backward_plan():
     for unstaged in (_bwd_params(dtype=torch.float32), _bwd_params(H=37),
                      _bwd_params(H=32, P=16)):
         assert emu._launch_plan_backward(unstaged[0])["stage_rows"] == (0, 0)
+    # The gate-gradient rows are copied from the workspace with cp.async: 16-byte aligned only.
+    misaligned, _keep3 = _bwd_params()
+    block = torch.empty(64, dtype=torch.uint8)
+    misaligned[0].workspace = block.data_ptr() + (16 - block.data_ptr() % 16) + 8
+    assert emu._launch_plan_backward(misaligned)["stage_rows"] == (0, 0)
     emu._set_launch_options()
     assert emu._launch_plan_backward(params)["weights_in_smem"]
 

@@ -113,8 +113,9 @@ PYBIND11_MODULE(FUSEDRNN_MODULE_NAME, m) {
       py::arg("max_batch_chunk") = 0, py::arg("max_stage_rows") = 0,
       py::arg("tagged_exchange") = false, py::arg("inputs_ahead") = false,
       "Test knob: stream the weights instead of keeping them in shared memory, cap the blocks per "
-      "direction, the batch rows per product pass and the weight rows per staging pass of a "
-      "streamed 16-bit forward (0 = no cap beyond the device's); tagged_exchange: a forward "
+      "direction, the batch rows per product pass and the W_hh rows per staging pass of streamed "
+      "16-bit weights (forward: gate rows; backward: K rows; rounded up to 16) (0 = no cap beyond "
+      "the device's); tagged_exchange: a forward "
       "without projection exchanges h as tagged words instead of a grid barrier per step; "
       "inputs_ahead: a thread that owns one (batch row, unit) loads the next step's inputs right "
       "after its cell update instead of at the start of the step.");

@@ -171,7 +171,10 @@ void launch_persistent(const std::vector<Params>& dirs, bool backward, Kernel* s
   in.max_stage_rows = launch_options().max_stage_rows;
   in.tagged_exchange = launch_options().tagged_exchange;
   in.inputs_ahead = launch_options().inputs_ahead;
-  in.stageable = weight_rows_16_byte_aligned(dirs, sizeof(T));
+  // The K-staged backward also copies the gate-gradient rows from the workspace with cp.async
+  // (torch's allocations are aligned; a C++ caller's might not be).
+  in.stageable = weight_rows_16_byte_aligned(dirs, sizeof(T)) &&
+                 (!backward || reinterpret_cast<uintptr_t>(first.workspace) % 16 == 0);
   const RecurrenceGeometry geo = plan_recurrence(in, [&](bool smem, int64_t bytes) {
     int blocks = 0;
     FUSEDRNN_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(

@@ -21,7 +21,7 @@ struct LaunchOptions {
   bool force_streaming = false;  // never keep weight slices in shared memory
   int max_blocks_per_dir = 0;    // cap on blocks per direction; 0 = as many as the device allows
   int max_batch_chunk = 0;       // cap on batch rows per product pass; 0 = as many as fit
-  int max_stage_rows = 0;        // cap on weight rows per staging pass; 0 = as many as fit
+  int max_stage_rows = 0;        // cap on W_hh rows per staging pass (x16); 0 = as many as fit
   bool tagged_exchange = false;  // forward: tagged words instead of a grid barrier per step
   bool inputs_ahead = false;     // owned items load the next step's inputs during the exchange
 };
