@@ -27,10 +27,15 @@
 #                       150; only where pytest-timeout is installed), so a hung kernel cannot eat
 #                       the lease
 #   GPU_CHECK_SKIP      space-separated steps to skip: build import tests memcheck racecheck bench
-#                       synccheck probe (e.g. to finish, on a machine that is still warm, what an
+#                       synccheck probe ncu (e.g. to finish, on a machine that is still warm, what an
 #                       earlier run did not reach)
 #   GPU_CHECK_PROBE     1: after the benchmark, also run bench/gpu_probe.py (per-step costs against
 #                       cuDNN, the exchange variants, the barrier floor; up to 150 s) into OUTDIR/probe.txt
+#   GPU_CHECK_NCU       1: last, profile the anchor's recurrence kernels (bf16 LSTM B=16 T=1024
+#                       H=768: an inference forward, a training forward and its backward) with
+#                       Nsight Compute's stall sampling (--clock-control none), into
+#                       OUTDIR/ncu-anchor.ncu-rep, OUTDIR/ncu-details.csv (warp states per kernel)
+#                       and OUTDIR/ncu-source.csv (stall samples per SASS line); up to 150 s
 #   GPU_CHECK_DEADLINE  seconds the whole run may take (default 570): each step's time limit is cut
 #                       to what is left, and a step with less than 20 s left is not started (it
 #                       counts as failed, "out of time"). A lent GPU machine runs one command for at
@@ -258,6 +263,23 @@ export -f probe
 if [ "${GPU_CHECK_PROBE:-0}" = 1 ]; then
   run_step probe 150 probe
   [ -f "$OUT/logs/probe.log" ] && cp "$OUT/logs/probe.log" "$OUT/probe.txt"
+fi
+
+# --- stall sampling of the anchor (optional) -----------------------------------------------------
+ncu_anchor() {
+  local ncu_bin
+  ncu_bin=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+  [ -x "$ncu_bin" ] || { echo "ncu not found"; return 1; }
+  (cd "$OUT" && "$ncu_bin" --clock-control none -k regex:recurrence_ --launch-skip 1 \
+    --launch-count 3 --section WarpStateStats --section SourceCounters -f -o "$OUT/ncu-anchor" \
+    "$PYTHON" "$REPO/bench/gpu_probe.py" anchor) || return 1
+  "$ncu_bin" -i "$OUT/ncu-anchor.ncu-rep" --page details --csv > "$OUT/ncu-details.csv" &&
+    "$ncu_bin" -i "$OUT/ncu-anchor.ncu-rep" --page source --csv --print-source sass \
+      > "$OUT/ncu-source.csv"
+}
+export -f ncu_anchor
+if [ "${GPU_CHECK_NCU:-0}" = 1 ]; then
+  run_step ncu 150 ncu_anchor
 fi
 
 # --- summary -------------------------------------------------------------------------------------
