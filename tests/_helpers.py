@@ -7,8 +7,8 @@
   gradient.
 - Driving the native recurrence of one layer directly (kernel-level tests): `run_forward_layer` /
   `run_backward_layer` call `_backend.forward_layer` / `backward_layer`, the calls the modules
-  make, on NaN-poisoned outputs; `minimal_fwd_params` builds a valid FwdParams of any native
-  module by hand for the bad-parameter tests.
+  make, on NaN-poisoned outputs; `minimal_fwd_params` / `minimal_bwd_params` build a valid
+  FwdParams / BwdParams of any native module by hand for the bad-parameter and plan tests.
 - `assert_every_second_derivative_raises`: the refusal of double backward, by every route.
 """
 from __future__ import annotations
@@ -401,6 +401,27 @@ def minimal_fwd_params(module, cell: str = "lstm", T: int = 2, B: int = 2, H: in
         p.num_threads = 1
         params.append(p)
     return params, keep
+
+
+def minimal_bwd_params(module, cell: str = "lstm", T: int = 2, B: int = 2, H: int = 3,
+                       P: Optional[int] = None, dtype: torch.dtype = torch.float32):
+    """The backward twin of minimal_fwd_params, one direction: BwdParams whose required pointers
+    point at host buffers kept alive in the returned dict (every sequence shares one [T, B, G*H]
+    buffer: enough for the workspace and launch-plan queries, not for running it)."""
+    P = P or H
+    G = _backend.GATE_COUNT[cell]
+    keep = dict(w_hh=torch.zeros(G * H, P, dtype=dtype), w_hr=torch.zeros(P, H, dtype=dtype),
+                seq=torch.zeros(T, B, G * H, dtype=dtype), d_h0=torch.zeros(B, P, dtype=dtype))
+    p = module.BwdParams()
+    p.cell, p.dtype = _backend.CELL_CODES[cell], _backend.DTYPE_CODES[dtype]
+    p.seq_len, p.batch, p.hidden, p.state = T, B, H, P
+    seq = (keep["seq"].data_ptr(), B * G * H, G * H)
+    p.w_hh, p.out, p.d_xproj, p.d_h0 = keep["w_hh"].data_ptr(), seq, seq, keep["d_h0"].data_ptr()
+    p.gates, p.c_seq, p.d_hproj = seq, seq, seq
+    if P != H:
+        p.w_hr, p.d_h_seq = keep["w_hr"].data_ptr(), seq
+    p.num_threads = 1
+    return [p], keep
 
 
 def assert_every_second_derivative_raises(run, x, params):

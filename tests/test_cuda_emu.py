@@ -21,8 +21,8 @@ import random
 import pytest
 import torch
 
-from _helpers import (column_block, minimal_fwd_params, rel_err, run_backward_layer,
-                      run_forward_layer)
+from _helpers import (column_block, minimal_bwd_params, minimal_fwd_params, rel_err,
+                      run_backward_layer, run_forward_layer)
 from fusedrnn import _backend, reference
 
 emu = pytest.importorskip("fusedrnn._emu", reason="fusedrnn._emu is not built (FUSEDRNN_EMU=ON)")
@@ -323,24 +323,6 @@ def test_k_staged_backward(cell, dtype):
                                    **options)
 
 
-def _bwd_params(cell="lstm", B=3, H=40, P=None, dtype=torch.bfloat16):
-    """BwdParams of _emu for a launch-plan query (the pointers a plan reads are real; nothing runs)."""
-    P = P or H
-    G = _backend.GATE_COUNT[cell]
-    keep = dict(w_hh=torch.zeros(G * H, P, dtype=dtype), w_hr=torch.zeros(P, H, dtype=dtype),
-                seq=torch.zeros(2, B, G * H, dtype=dtype), d_h0=torch.zeros(B, P, dtype=dtype))
-    p = emu.BwdParams()
-    p.cell, p.dtype = _backend.CELL_CODES[cell], _backend.DTYPE_CODES[dtype]
-    p.seq_len, p.batch, p.hidden, p.state = 2, B, H, P
-    seq = (keep["seq"].data_ptr(), B * G * H, G * H)
-    p.w_hh, p.out, p.d_xproj, p.d_h0 = keep["w_hh"].data_ptr(), seq, seq, keep["d_h0"].data_ptr()
-    p.gates, p.c_seq, p.d_hproj = seq, seq, seq
-    if P != H:
-        p.w_hr, p.d_h_seq = keep["w_hr"].data_ptr(), seq
-    p.num_threads = 1
-    return [p], keep
-
-
 def test_k_staged_backward_plan():
     """K-staging is planned for a streamed 16-bit backward without projection whose W_hh rows are
     16-byte vectors: units per block a multiple of 8 (H=40 on the 4-SM fake device: 16, 16, 8),
@@ -474,6 +456,7 @@ def test_mma_partials_fit_the_last_block(dtype):
 # ------------------------------------------------------------------ plan and errors
 # A valid FwdParams list of _emu (the sizes the launch-plan checks below assume: B=3, H=5).
 _fwd_params = functools.partial(minimal_fwd_params, emu, T=2, B=3, H=5)
+_bwd_params = functools.partial(minimal_bwd_params, emu, T=2, B=3, H=40, dtype=torch.bfloat16)
 
 
 def test_launch_plan():

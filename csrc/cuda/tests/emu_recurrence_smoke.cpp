@@ -7,6 +7,7 @@
 // (outputs are poisoned with NaN first) with finite values. Numerical gradient checks live in the
 // Python tests (tests/test_cuda_emu.py).
 #include <cmath>
+#include <cstddef>
 #include <cstdio>
 #include <cstring>
 #include <limits>
@@ -271,6 +272,12 @@ void run_case(const Case& c, std::mt19937& rng) {
   std::printf("%s: %s\n", failures == 0 ? "ok" : "checked", name.c_str());
 }
 
+// Every case in every one of the element types Elems, case by case (types in the order given).
+template <typename... Elems, size_t N>
+void run_cases(const Case (&cases)[N], std::mt19937& rng) {
+  for (const Case& c : cases) (run_case<Elems>(c, rng), ...);
+}
+
 }  // namespace
 
 int main() {
@@ -283,28 +290,21 @@ int main() {
       {CellKind::kRnnRelu, 2, 3, 4, 4, 1, true, true},
   };
   try {
-    for (const Case& c : cases) run_case<double>(c, rng);
+    run_cases<double>(cases, rng);
     // The other dtypes (their vector widths and conversions) on a projected bidirectional LSTM
     // and a GRU, both weight placements.
     const Case mixed[] = {
         {CellKind::kLstm, 3, 3, 8, 4, 2, true, false},
         {CellKind::kGru, 2, 3, 9, 9, 2, true, true},
     };
-    for (const Case& c : mixed) {
-      run_case<float>(c, rng);
-      run_case<__half>(c, rng);
-      run_case<__nv_bfloat16>(c, rng);
-    }
+    run_cases<float, __half, __nv_bfloat16>(mixed, rng);
     // Streamed 16-bit weights with 16-byte rows: the forward stages row passes through shared
     // memory, the backward K ranges (cp.async into shared memory, tensor-core product).
     const Case staged[] = {
         {CellKind::kLstm, 3, 3, 16, 16, 2, true, true},
         {CellKind::kGru, 2, 17, 24, 24, 1, true, true},
     };
-    for (const Case& c : staged) {
-      run_case<__half>(c, rng);
-      run_case<__nv_bfloat16>(c, rng);
-    }
+    run_cases<__half, __nv_bfloat16>(staged, rng);
     // The opt-in launch options: the forward's tagged exchange instead of its grid barrier
     // (blocks poll each other's words, and the sanitizers see what else they share: nothing
     // should be), and the inputs loaded a step ahead.
@@ -314,10 +314,7 @@ int main() {
         {CellKind::kLstm, 3, 3, 5, 5, 2, true, false},
         {CellKind::kGru, 2, 3, 9, 9, 2, true, true},
     };
-    for (const Case& c : tagged) {
-      run_case<float>(c, rng);
-      run_case<__nv_bfloat16>(c, rng);
-    }
+    run_cases<float, __nv_bfloat16>(tagged, rng);
     fusedrnn::cuda::launch_options().tagged_exchange = false;
     fusedrnn::cuda::launch_options().inputs_ahead = false;
   } catch (const std::exception& e) {
