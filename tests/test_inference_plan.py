@@ -435,6 +435,32 @@ def test_frozen_parameters_with_a_trainable_parametrization_keep_the_graph():
         assert_close(a, e, TOL, "parametrization gradient")
 
 
+@pytest.mark.parametrize("seq_len", [1, 5])
+def test_frozen_module_with_a_trainable_plain_weight_keeps_the_graph(seq_len):
+    """Every parameter frozen, one weight replaced by a plain tensor that requires grad (a hook
+    sets base + A @ B, a low-rank adapter): the output requires grad and the gradient reaches
+    the adapter, as in torch.nn (the plan, which runs without autograd, must not take it)."""
+    theirs, ours = make_pair("LSTM")
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(20, 2, dtype=DTYPE, generator=gen)
+    b = torch.randn(2, 5, dtype=DTYPE, generator=gen)
+    x = fresh_input(7, steps=seq_len)
+    grads = []
+    for module in (theirs, ours):
+        module.requires_grad_(False)
+        base = module.weight_hh_l0.detach().clone()
+        del module.weight_hh_l0
+        a_, b_ = a.clone().requires_grad_(), b.clone().requires_grad_()
+        module.register_forward_pre_hook(
+            lambda mod, args, base=base, a_=a_, b_=b_: setattr(mod, "weight_hh_l0", base + a_ @ b_))
+        out = module(x)[0]
+        assert out.requires_grad
+        out.sum().backward()
+        grads.append((a_.grad, b_.grad))
+    for a_grad, e_grad in zip(grads[1], grads[0]):
+        assert_close(a_grad, e_grad, TOL, "adapter gradient")
+
+
 # --- the input projection's kept block (_projection_buffer) ------------------------------------
 
 PROJECTION_CASES = [

@@ -209,7 +209,7 @@ class RNNBase(nn.Module):
         return (output, (h_n, c_n)) if is_lstm else (output, h_n)
 
     def _may_record_graph(self, input, hx) -> bool:
-        """False when neither the input, nor the states, nor a parameter requires grad: then
+        """False when neither the input, nor the states, nor a weight requires grad: then
         torch.nn's result has no autograd graph either. (Parametrized weights live in
         submodules, which a plain module has none of: with any, assume a graph.)"""
         if self._modules or not isinstance(input, Tensor) or input.requires_grad:
@@ -218,7 +218,14 @@ class RNNBase(nn.Module):
             states = hx if isinstance(hx, (tuple, list)) else (hx,)
             if any(not isinstance(s, Tensor) or s.requires_grad for s in states):
                 return True
-        return any(p.requires_grad for p in self._parameters.values())
+        params = self._parameters
+        if any(p is not None and p.requires_grad for p in params.values()):
+            return True
+        # A weight that is no longer a parameter but a plain attribute (deleted, then set by a
+        # hook, e.g. base + A @ B for a low-rank adapter) is read like one: its graph counts.
+        return any(isinstance(w, Tensor) and w.requires_grad
+                   for w in (getattr(self, name, None) for name in self._flat_weights_names
+                             if name not in params))
 
     def _one_step_weights(self, x: Tensor, h0: Optional[Tensor], c0: Optional[Tensor]):
         """The layer weights when a call of one step runs as cell steps, else None:
