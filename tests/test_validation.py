@@ -3,6 +3,7 @@ with a message that names the argument and what was expected and received. Valid
 before any native call, so these tests need no native module."""
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -71,6 +72,39 @@ def test_dropout_with_one_layer_warns_like_torch():
         warnings.simplefilter("error")
         fusedrnn.LSTM(4, 6, 2, dropout=0.5)
         fusedrnn.LSTM(4, 6, dropout=0)
+
+
+INTEGER_LIKE_CASES = [
+    # (id, class name, args, kwargs): sizes torch.nn takes without a type check
+    ("layers-numpy", "LSTM", (4, 6), dict(num_layers=np.int64(2))),
+    ("layers-tensor", "GRU", (4, 6), dict(num_layers=torch.tensor(2))),
+    ("proj-numpy", "LSTM", (4, 6), dict(proj_size=np.int32(3))),
+    ("cell-numpy", "GRUCell", (np.int64(4), np.int64(6)), {}),
+    ("cell-tensor", "LSTMCell", (torch.tensor(4), 6), {}),
+]
+
+
+@pytest.mark.parametrize("case", INTEGER_LIKE_CASES, ids=[c[0] for c in INTEGER_LIKE_CASES])
+def test_integer_like_sizes_are_taken_like_torch(case):
+    """torch.nn checks num_layers and proj_size by value only and its cells hand the sizes to
+    torch.empty, so any integer works there; the module then has torch.nn's parameters and
+    results, and keeps the sizes as ints."""
+    _, name, args, kwargs = case
+    torch.manual_seed(0)
+    theirs = getattr(nn, name)(*args, **kwargs).double()
+    ours = getattr(fusedrnn, name)(*args, **kwargs).double()
+    ours.load_state_dict(theirs.state_dict())
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()]
+    x = torch.randn(3, 2, 4, dtype=torch.float64)
+    if "Cell" in name:
+        x = x[0]
+    expected, actual = theirs(x), ours(x)
+    expected = expected[0] if isinstance(expected, tuple) else expected
+    actual = actual[0] if isinstance(actual, tuple) else actual
+    torch.testing.assert_close(actual, expected)
+    for attr in ("num_layers", "proj_size", "input_size", "hidden_size"):
+        if hasattr(ours, attr):
+            assert type(getattr(ours, attr)) is int, attr
 
 
 def test_cell_negative_hidden():

@@ -9,6 +9,7 @@ depending on what was passed), the error subclasses all of them.
 from __future__ import annotations
 
 import numbers
+import operator
 import warnings
 
 import torch
@@ -54,13 +55,11 @@ def check_rnn_arguments(mode: str, input_size, hidden_size, num_layers, bias, ba
     _check_type("hidden_size", hidden_size, int)
     if hidden_size <= 0:
         raise ValueError(f"hidden_size must be greater than zero, got hidden_size={hidden_size}")
-    if not isinstance(num_layers, int) or isinstance(num_layers, bool):
-        raise TypeError(f"num_layers should be of type int, got: {type(num_layers).__name__}")
-    if num_layers <= 0:
+    # torch.nn checks only the values of these two: any integer (numpy's, a 0-d integer tensor)
+    # passes, which the module then keeps as an int (integer_size).
+    if integer_size("num_layers", num_layers) <= 0:
         raise ValueError(f"num_layers must be greater than zero, got num_layers={num_layers}")
-    if not isinstance(proj_size, int) or isinstance(proj_size, bool):
-        raise TypeError(f"proj_size should be of type int, got: {type(proj_size).__name__}")
-    if proj_size < 0:
+    if integer_size("proj_size", proj_size) < 0:
         raise ValueError("proj_size should be a positive integer or zero to disable projections, "
                          f"got proj_size={proj_size}")
     if proj_size >= hidden_size:
@@ -78,12 +77,18 @@ def check_nonlinearity(nonlinearity) -> None:
 
 def check_cell_arguments(input_size, hidden_size, bias) -> None:
     """torch.nn's cells check nothing themselves; these are the failures their torch.empty calls
-    produce, with readable messages."""
+    produce, with readable messages (torch.empty takes any integer: numpy's, a 0-d tensor)."""
     for name, value in (("input_size", input_size), ("hidden_size", hidden_size)):
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise TypeError(f"{name} should be of type int, got: {type(value).__name__}")
-        if value < 0:
+        if integer_size(name, value) < 0:
             raise NegativeSizeError(f"{name} must not be negative, got {name}={value}")
+
+
+def integer_size(name: str, value) -> int:
+    """value as an int where it is an integer of any kind (operator.index), else TypeError."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} should be of type int, got: {type(value).__name__}") from None
 
 
 def _check_type(name: str, value, expected: type) -> None:

@@ -57,12 +57,12 @@ class RNNBase(nn.Module):
         self.mode = mode
         self.input_size = input_size
         self.hidden_size = hidden_size
-        self.num_layers = num_layers
+        self.num_layers = check.integer_size("num_layers", num_layers)
         self.bias = bias
         self.batch_first = batch_first
         self.dropout = float(dropout)
         self.bidirectional = bidirectional
-        self.proj_size = proj_size
+        self.proj_size = check.integer_size("proj_size", proj_size)
 
         factory = {"device": device, "dtype": dtype}
         gate_size = _GATES[mode] * hidden_size
@@ -609,6 +609,8 @@ class RNNCellBase(nn.Module):
         super().__init__()
         check.check_cell_arguments(input_size, hidden_size, bias)
         factory = {"device": device, "dtype": dtype}
+        input_size = check.integer_size("input_size", input_size)
+        hidden_size = check.integer_size("hidden_size", hidden_size)
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.bias = bias
