@@ -249,6 +249,37 @@ def test_double_backward_raises_clear_error(case):
 
 
 @requires_native
+@pytest.mark.parametrize("kind, seq_len", [("GRU", 5), ("LSTM", 5), ("LSTM", 1), ("RNN", 1),
+                                           ("GRUCell", None), ("LSTMCell", None)])
+def test_bias_written_in_place_before_backward(kind, seq_len):
+    """The backward reads no bias value: a bias written in place between forward and backward
+    gives torch.nn's gradients (its float64 paths allow it), and with only the biases trainable
+    a bias gradient taken with create_graph still refuses to be differentiated."""
+    name = "bias_hh" if seq_len is None else "bias_hh_l0"
+    shape = (2, 3) if seq_len is None else (seq_len, 2, 3)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for lib in (nn, fusedrnn):
+        torch.manual_seed(0)
+        m = getattr(lib, kind)(3, 4, dtype=torch.float64)
+        out = m(x)
+        out = out[0] if isinstance(out, tuple) else out
+        with torch.no_grad():
+            getattr(m, name).mul_(0.5)
+        grads.append(torch.autograd.grad(out.pow(2).sum(), [x, *m.parameters()]))
+    for a, e in zip(grads[1], grads[0]):
+        assert_close(a, e, 1e-12, "gradient after an in-place bias write")
+    torch.manual_seed(0)
+    m = getattr(fusedrnn, kind)(3, 4, dtype=torch.float64).requires_grad_(False)
+    bias = getattr(m, name).requires_grad_(True)
+    out = m(x.detach())
+    (d_bias,) = torch.autograd.grad((out[0] if isinstance(out, tuple) else out).pow(2).sum(),
+                                    bias, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(d_bias.pow(2).sum(), bias, allow_unused=True)
+
+
+@requires_native
 def test_zero_batch_like_torch():
     case = Case(cell="lstm", layers=2, bidirectional=True)
     theirs, ours = make_modules(case)

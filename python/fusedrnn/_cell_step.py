@@ -254,14 +254,18 @@ class _CellStep(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         # What the pointwise backward reads: the gates and a private copy of c' (LSTM), the
         # gates (GRU), a private copy of h' (RNN); never a tensor returned to the user.
-        # (The biases only for create_graph: _NoDoubleBackward.mark links the gradients to them.)
-        ctx.save_for_backward(x, h, c, w_ih, w_hh, b_ih, b_hh, gates, saved)
+        ctx.save_for_backward(x, h, c, w_ih, w_hh, gates, saved)
+        # The biases only for create_graph (_NoDoubleBackward.mark links the gradients to them),
+        # kept as they are: the backward reads no bias value, so a bias written in place before
+        # it is fine, as in torch.nn (saved, its version check would raise).
+        ctx.biases = (b_ih, b_hh)
         return (h_next, c_next) if cell == "lstm" else h_next
 
     @staticmethod
     def backward(ctx, d_h, d_c=None):
         cell = ctx.cell
-        x, h, c, w_ih, w_hh, b_ih, b_hh, gates, saved = ctx.saved_tensors
+        x, h, c, w_ih, w_hh, gates, saved = ctx.saved_tensors
+        b_ih, b_hh = ctx.biases
         needs = ctx.needs_input_grad[2:]  # x, h, c, w_ih, w_hh, b_ih, b_hh
         batch, hidden = x.size(0), w_hh.size(0) // GATE_COUNT[cell]
         is_lstm, is_gru = cell == "lstm", cell == "gru"

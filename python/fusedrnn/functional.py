@@ -438,7 +438,8 @@ class _LayerRecurrence(torch.autograd.Function):
         ctx.spec = spec
         ctx.gates_over_xproj = gates is not None and gates.data_ptr() == xproj.data_ptr()
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(lengths, h0, c0, out, gates, c_seq, r_seq, *params)
+        ctx.save_for_backward(lengths, h0, c0, out, gates, c_seq, r_seq,
+                              *_unsaved_biases(spec, params))
         return (out, hn, cn) if spec.cell == "lstm" else (out, hn)
 
     @staticmethod
@@ -492,6 +493,17 @@ _DOUBLE_BACKWARD_ERROR = (
     "fusedrnn: double backward (differentiating a gradient of an LSTM/GRU/RNN) is not supported "
     "by the native recurrence, like torch.nn's cuDNN RNNs; for higher-order gradients use "
     "torch.func (grad of grad runs the layers as fusedrnn.reference's ops) or fusedrnn.reference")
+
+
+def _unsaved_biases(spec: _LayerSpec, params) -> tuple:
+    """A layer's flat params as its backward keeps them: b_hh as None. The backward reads no
+    bias value (params.h), so a bias written in place between forward and backward is fine, as in
+    torch.nn (saved, its version check would raise); create_graph's tag still reaches b_hh
+    through the saved `out`, an output of the node b_hh is an input of."""
+    d = spec.directions
+    if not spec.has_bias:
+        return tuple(params)
+    return (*params[:d], *(None,) * d, *params[2 * d:])
 
 
 def _gates_can_overwrite_xproj(cell: str, xproj: Tensor) -> bool:
@@ -637,7 +649,8 @@ def _layer_forward_setup_context(ctx, inputs, output):
         gates = gates if SAVED_GATE_COUNT[cell] else None
         c_seq = c_seq if cell == "lstm" else None
         r_seq = r_seq if spec.has_proj else None
-        ctx.save_for_backward(lengths, h0, c0, out, gates, c_seq, r_seq, *w_hh, *b_hh, *w_hr)
+        ctx.save_for_backward(lengths, h0, c0, out, gates, c_seq, r_seq,
+                              *_unsaved_biases(spec, (*w_hh, *b_hh, *w_hr)))
 
 
 def _layer_forward_backward(ctx, d_out, d_hn, d_cn, *_):
