@@ -281,11 +281,21 @@ def test_bias_written_in_place_before_backward(kind, seq_len):
 
 @requires_native
 def test_zero_batch_like_torch():
+    """B = 0: results of torch.nn's shapes, and gradients of the input and the states (empty
+    tensors, not None) and of the weights (zeros)."""
     case = Case(cell="lstm", layers=2, bidirectional=True)
     theirs, ours = make_modules(case)
-    x = torch.randn(5, 0, 4, dtype=torch.float64)
-    (oe, (he, ce)), (oa, (ha, ca)) = theirs(x), ours(x)
-    assert oa.shape == oe.shape and ha.shape == he.shape and ca.shape == ce.shape
+    results = []
+    for m in (theirs, ours):
+        x = torch.randn(5, 0, 4, dtype=torch.float64, requires_grad=True)
+        h0, c0 = (torch.zeros(4, 0, case.hidden, dtype=torch.float64, requires_grad=True)
+                  for _ in range(2))
+        out, (hn, cn) = m(x, (h0, c0))
+        (out.sum() + hn.sum() + cn.sum()).backward()
+        results.append([out, hn, cn, x.grad, h0.grad, c0.grad,
+                        *(p.grad for p in m.parameters())])
+    for a, e in zip(*reversed(results)):
+        assert a is not None and a.shape == e.shape and torch.equal(a, e)
 
 
 # --- low precision on the CPU ---------------------------------------------------------------------

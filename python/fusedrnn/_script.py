@@ -108,9 +108,13 @@ def _layer(cell: str, x: Tensor, weights: List[Tensor], first: int, num_dirs: in
     w_ih, w_hh, b_ih, b_hh, w_hr = _layer_tensors(weights, first, num_dirs, has_bias, has_proj)
     gates = w_hh[0].size(0)
     if x.size(1) == 0 or gates == 0:  # B = 0 or H = 0, as functional._empty_layer
-        zero = x.new_zeros(())
+        zero = x.sum() * 0  # the graph stays connected to the input, states and weights
         for t in w_ih + w_hh + b_ih + b_hh + w_hr:
-            zero = zero + t.sum() * 0  # the graph stays connected to the weights
+            zero = zero + t.sum() * 0
+        if h0 is not None:
+            zero = zero + h0.sum() * 0
+        if c0 is not None:
+            zero = zero + c0.sum() * 0
         state = w_hh[0].size(1)
         hidden = w_ih[0].size(0) // (4 if cell == "lstm" else 3 if cell == "gru" else 1)
         out = x.new_zeros(x.size(0), x.size(1), num_dirs * state) + zero

@@ -121,7 +121,7 @@ def _rnn(cell, input, weights, hx, num_layers, num_directions, batch_first, leng
             c0 = c0_all[first:last] if c0_all is not None else None
         h0, c0 = _contiguous(h0), _contiguous(c0)
         if batch == 0 or layer_weights[0][1].size(0) == 0:
-            x, hn, cn = _empty_layer(cell, x, layer_weights, num_directions)
+            x, hn, cn = _empty_layer(cell, x, layer_weights, num_directions, h0, c0)
         else:
             x, hn, cn = _layer(cell, x, layer_weights, h0, c0, lengths)
         h_n.append(hn)
@@ -265,14 +265,18 @@ def _one_step_applies(cell, x, layer_weights, h0, c0) -> bool:
                                          c0) is None)
 
 
-def _empty_layer(cell: str, x: Tensor, layer_weights, num_directions: int):
+def _empty_layer(cell: str, x: Tensor, layer_weights, num_directions: int,
+                 h0: Optional[Tensor], c0: Optional[Tensor]):
     """B = 0 or H = 0 (torch.nn accepts both): nothing to run, empty results of the right shapes."""
     w_hh = layer_weights[0][1]
     hidden = w_hh.size(0) // GATE_COUNT[cell]
     state = w_hh.size(1)
     seq_len, batch = x.shape[0], x.shape[1]
-    # Keep the autograd graph connected to the weights, as a real run would.
-    zero = sum(w.sum() * 0 for ws in layer_weights for w in ws if w is not None)
+    # Keep the autograd graph connected to the weights, the input and the states, as a real run
+    # would: their gradients are zeros (of no elements where B = 0), not None. Every result has
+    # no elements, so a non-finite sum cannot show.
+    operands = [w for ws in layer_weights for w in ws] + [x, h0, c0]
+    zero = sum(t.sum() * 0 for t in operands if t is not None)
     out = x.new_zeros(seq_len, batch, num_directions * state) + zero
     hn = x.new_zeros(num_directions, batch, state) + zero
     cn = x.new_zeros(num_directions, batch, hidden) + zero if cell == "lstm" else None
