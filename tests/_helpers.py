@@ -9,7 +9,7 @@
   `run_backward_layer` call `_backend.forward_layer` / `backward_layer`, the calls the modules
   make, on NaN-poisoned outputs; `minimal_fwd_params` / `minimal_bwd_params` build a valid
   FwdParams / BwdParams of any native module by hand for the bad-parameter and plan tests.
-- `assert_every_second_derivative_raises`: the refusal of double backward, by every route.
+- `assert_second_derivatives_match`: double backward (a gradient penalty) against torch.nn's.
 """
 from __future__ import annotations
 
@@ -424,18 +424,24 @@ def minimal_bwd_params(module, cell: str = "lstm", T: int = 2, B: int = 2, H: in
     return [p], keep
 
 
-def assert_every_second_derivative_raises(run, x, params):
-    """run(x) -> output. Its gradient wrt x taken with create_graph=True must refuse to be
-    differentiated by every route: .backward(), and torch.autograd.grad wrt x and wrt each
-    parameter alone (allow_unused=True, where a missing path would read as "no dependence").
-    The last two once returned only the terms of the ops after the recurrence, or None: a
-    gradient penalty on an RNN was silently wrong."""
-    targets = [("backward", None), ("x", x)] + list(params)
-    for name, target in targets:
-        (gx,) = torch.autograd.grad(run(x).pow(2).sum(), x, create_graph=True)
-        with pytest.raises(RuntimeError, match="double backward"):
-            if target is None:
-                gx.pow(2).sum().backward()
-            else:
-                torch.autograd.grad(gx.pow(2).sum(), target, allow_unused=True)
-            pytest.fail(f"differentiating the gradient wrt {name} did not raise")
+def assert_second_derivatives_match(run, theirs, ours, x, tol=1e-10):
+    """run(module, x) -> a tensor. The gradient of run(module, x).pow(2).sum() wrt x, taken with
+    create_graph=True, differentiated again (a gradient penalty) wrt x and every parameter:
+    fusedrnn's module (the native backward recomputed as reference ops under create_graph) as
+    torch.nn's, by backward() and by torch.autograd.grad alike."""
+    results = []
+    for module in (theirs, ours):
+        xm = x.detach().clone().requires_grad_()
+        (gx,) = torch.autograd.grad(run(module, xm).pow(2).sum(), xm, create_graph=True)
+        penalty = gx.pow(2).sum()
+        targets = [xm, *module.parameters()]
+        results.append(torch.autograd.grad(penalty, targets, allow_unused=True, retain_graph=True))
+        module.zero_grad()
+        penalty.backward()
+        results.append([xm.grad, *(p.grad for p in module.parameters())])
+    for route, (expected, actual) in (("autograd.grad", results[0::2]), ("backward", results[1::2])):
+        for i, (e, a) in enumerate(zip(expected, actual)):
+            if e is None or a is None:  # no path: the other must be zero, if any
+                assert not (e if a is None else a).any(), f"{route}: target {i} on one side only"
+                continue
+            assert_close(a, e, tol, f"{route}: second derivative wrt target {i}")

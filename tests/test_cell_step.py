@@ -17,7 +17,7 @@ import fusedrnn
 from fusedrnn import _backend, _cell_step, functional, reference
 from fusedrnn._backend import CELL_CODES, DTYPE_CODES, GATE_COUNT, SAVED_GATE_COUNT
 
-from _helpers import TOLERANCE, assert_close, assert_every_second_derivative_raises, requires_native
+from _helpers import TOLERANCE, assert_close, assert_second_derivatives_match, requires_native
 
 pytestmark = requires_native
 
@@ -283,15 +283,18 @@ def test_cell_step_inference_saves_nothing_and_matches():
 
 
 @pytest.mark.parametrize("name", ["LSTMCell", "GRUCell", "RNNCell"])
-def test_cell_step_double_backward_raises(name):
-    cell = getattr(fusedrnn, name)(3, 4, dtype=torch.float64)
-    x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+def test_cell_step_double_backward_matches_torch(name):
+    torch.manual_seed(0)
+    theirs = getattr(torch.nn, name)(3, 4, dtype=torch.float64)
+    ours = getattr(fusedrnn, name)(3, 4, dtype=torch.float64)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 3, dtype=torch.float64)
 
-    def run(x):
+    def run(cell, x):
         out = cell(x)
         return out[0] + out[1] if name == "LSTMCell" else out
 
-    assert_every_second_derivative_raises(run, x, cell.named_parameters())
+    assert_second_derivatives_match(run, theirs, ours, x)
 
 
 def test_cell_step_fallbacks(monkeypatch):

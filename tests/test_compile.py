@@ -175,20 +175,23 @@ def test_opcheck_layer_ops(name, case):
 
 def test_op_gradients_match_eager_and_double_backward_raises():
     """The op's registered backward gives the autograd.Function's gradients, and keeps its
-    refusal of double backward."""
+    refusal of double backward (compiled graphs are never differentiated twice; the eager
+    Function recomputes instead: test_modules)."""
     args = _layer_args("lstm", directions=2, bias=True, proj=2, states=True, lengths=True)
     cell, xproj, h0, c0, w_hh, b_hh, w_hr, lengths, _ = args
     leaves = [xproj, h0, c0, *w_hh, *b_hh, *w_hr]
     out, hn, cn = functional.layer_forward(*args)[:3]
     grads_op = torch.autograd.grad(ramp_loss([out, hn, cn]), leaves, create_graph=True)
     spec = functional._LayerSpec(cell, 2, True, True)
-    results = functional._LayerRecurrence.apply(spec, lengths, xproj, h0, c0, *w_hh, *b_hh, *w_hr)
+    identity = (xproj, torch.eye(xproj.shape[-1], dtype=xproj.dtype), None)  # xproj's projection
+    results = functional._LayerRecurrence.apply(spec, lengths, xproj, h0, c0, identity, *w_hh,
+                                                *b_hh, *w_hr)
     grads_eager = torch.autograd.grad(ramp_loss(results), leaves)
     for i, (a, e) in enumerate(zip(grads_op, grads_eager)):
         assert torch.equal(a.detach(), e), f"gradient {i}"
     with pytest.raises(RuntimeError, match="double backward"):
         grads_op[0].sum().backward(retain_graph=True)
-    for i, leaf in enumerate(leaves):  # (see _helpers.assert_every_second_derivative_raises)
+    for i, leaf in enumerate(leaves):  # every route: a missing path would read as no dependence
         with pytest.raises(RuntimeError, match="double backward"):
             torch.autograd.grad(grads_op[0].sum(), leaf, retain_graph=True, allow_unused=True)
             pytest.fail(f"differentiating d_xproj wrt leaf {i} did not raise")

@@ -67,8 +67,8 @@ def test_grad_matches_torch(name, cls, kwargs, seq_len):
 
 @pytest.mark.parametrize("name, cls, kwargs, seq_len", CASES, ids=IDS)
 def test_gradient_penalty_matches_torch(name, cls, kwargs, seq_len):
-    """Second order, the route the eager modules refuse (double backward): the gradient wrt the
-    parameters of a penalty on the input gradient, grad of grad."""
+    """Second order through torch.func (eager double backward: test_modules): the gradient wrt
+    the parameters of a penalty on the input gradient, grad of grad."""
     theirs, ours = _pair(cls, kwargs)
     x = _input(seq_len)
 

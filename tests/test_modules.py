@@ -16,7 +16,7 @@ from torch.nn.utils.rnn import PackedSequence
 import fusedrnn
 
 from _helpers import (CELL_VARIANTS, PACKING, TOLERANCE, Case, assert_close, assert_runs_close,
-                      assert_every_second_derivative_raises, compare_with_torch, covering_design,
+                      assert_second_derivatives_match, compare_with_torch, covering_design,
                       flat_results, make_inputs, make_modules, ramp_loss, requires_native,
                       run_module)
 
@@ -238,14 +238,36 @@ DOUBLE_BACKWARD_CASES = [Case(cell="lstm_proj", layers=2, bidirectional=True),
 
 @requires_native
 @pytest.mark.parametrize("case", DOUBLE_BACKWARD_CASES, ids=["lstm-L2-bidir-proj", "gru-L2", "rnn"])
-def test_double_backward_raises_clear_error(case):
-    _, ours = make_modules(case)
+def test_double_backward_matches_torch(case):
+    """A gradient penalty through the layers (create_graph recomputes them as reference ops), and
+    the first-order gradients taken with create_graph=True equal the native ones."""
+    theirs, ours = make_modules(case)
     x = torch.randn(3, 2, 4, dtype=torch.float64, requires_grad=True)
-    assert_every_second_derivative_raises(lambda x: ours(x)[0], x, ours.named_parameters())
-    # first-order gradients with create_graph=True are still right
+    assert_second_derivatives_match(lambda m, x: m(x)[0], theirs, ours, x)
     (gx,) = torch.autograd.grad(ours(x)[0].sum(), x, create_graph=True)
     (gx2,) = torch.autograd.grad(ours(x)[0].sum(), x)
-    assert torch.equal(gx.detach(), gx2)
+    assert_close(gx.detach(), gx2, 1e-12, "first-order gradient under create_graph")
+
+
+@requires_native
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_double_backward_with_lengths_and_states(cell):
+    """Packed input and initial states that require grad: the penalty on the states' gradient,
+    differentiated again, as torch.nn's."""
+    results = []
+    for lib in (nn, fusedrnn):
+        torch.manual_seed(0)
+        m = getattr(lib, cell.upper())(3, 4, num_layers=2, bidirectional=True, dtype=torch.float64)
+        torch.manual_seed(1)
+        x = torch.randn(5, 3, 3, dtype=torch.float64)
+        h0 = torch.randn(4, 3, 4, dtype=torch.float64, requires_grad=True)
+        hx = (h0, torch.randn(4, 3, 4, dtype=torch.float64)) if cell == "lstm" else h0
+        packed = torch.nn.utils.rnn.pack_padded_sequence(x, [5, 2, 4], enforce_sorted=False)
+        out = m(packed, hx)[0].data
+        (gh,) = torch.autograd.grad(out.pow(2).sum(), h0, create_graph=True)
+        results.append(torch.autograd.grad(gh.pow(2).sum(), [h0, *m.parameters()]))
+    for a, e in zip(results[1], results[0]):
+        assert_close(a, e, 1e-10, "second derivative")
 
 
 @requires_native
@@ -254,7 +276,7 @@ def test_double_backward_raises_clear_error(case):
 def test_bias_written_in_place_before_backward(kind, seq_len):
     """The backward reads no bias value: a bias written in place between forward and backward
     gives torch.nn's gradients (its float64 paths allow it), and with only the biases trainable
-    a bias gradient taken with create_graph still refuses to be differentiated."""
+    a bias gradient taken with create_graph differentiates again as torch.nn's."""
     name = "bias_hh" if seq_len is None else "bias_hh_l0"
     shape = (2, 3) if seq_len is None else (seq_len, 2, 3)
     x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
@@ -269,14 +291,16 @@ def test_bias_written_in_place_before_backward(kind, seq_len):
         grads.append(torch.autograd.grad(out.pow(2).sum(), [x, *m.parameters()]))
     for a, e in zip(grads[1], grads[0]):
         assert_close(a, e, 1e-12, "gradient after an in-place bias write")
-    torch.manual_seed(0)
-    m = getattr(fusedrnn, kind)(3, 4, dtype=torch.float64).requires_grad_(False)
-    bias = getattr(m, name).requires_grad_(True)
-    out = m(x.detach())
-    (d_bias,) = torch.autograd.grad((out[0] if isinstance(out, tuple) else out).pow(2).sum(),
-                                    bias, create_graph=True)
-    with pytest.raises(RuntimeError, match="double backward"):
-        torch.autograd.grad(d_bias.pow(2).sum(), bias, allow_unused=True)
+    second = []
+    for lib in (nn, fusedrnn):
+        torch.manual_seed(0)
+        m = getattr(lib, kind)(3, 4, dtype=torch.float64).requires_grad_(False)
+        bias = getattr(m, name).requires_grad_(True)
+        out = m(x.detach())
+        (d_bias,) = torch.autograd.grad((out[0] if isinstance(out, tuple) else out).pow(2).sum(),
+                                        bias, create_graph=True)
+        second.append(torch.autograd.grad(d_bias.pow(2).sum(), bias))
+    assert_close(second[1][0], second[0][0], 1e-10, "second derivative wrt the bias alone")
 
 
 @requires_native
@@ -527,6 +551,20 @@ def test_modules_through_emulator(cell, monkeypatch):
                                 dtype=torch.float32))
 
 
+@pytest.mark.emu
+def test_double_backward_through_emulator(monkeypatch):
+    """create_graph on the emulated backend: the first backward's recomputation as reference ops
+    gives torch.nn's second derivatives there too."""
+    from fusedrnn import _backend
+    if not _backend.HAS_EMU:
+        pytest.skip("fusedrnn._emu is not built (configure with -DFUSEDRNN_EMU=ON)")
+    monkeypatch.setenv("FUSEDRNN_BACKEND", "emu")
+    theirs, ours = make_modules(Case(cell="lstm", layers=2, bidirectional=True, seq_len=3,
+                                     batch=2, hidden=5, input_size=3, dtype=torch.float64))
+    x = torch.randn(3, 2, 3, dtype=torch.float64)
+    assert_second_derivatives_match(lambda m, x: m(x)[0], theirs, ours, x)
+
+
 # --- CUDA (runs where a GPU and fusedrnn._cuda are present) ---------------------------------------
 
 CUDA_CASES = [
@@ -548,6 +586,26 @@ def test_matches_torch_on_cuda(case):
     if not _backend.HAS_CUDA:
         pytest.skip("needs a CUDA GPU and fusedrnn._cuda")
     compare_with_torch(case)
+
+
+@pytest.mark.cuda
+def test_double_backward_on_cuda():
+    """create_graph on the GPU (where cuDNN refuses double backward): torch.nn's float64 CPU
+    second derivatives."""
+    from fusedrnn import _backend
+    if not _backend.HAS_CUDA:
+        pytest.skip("needs a CUDA GPU and fusedrnn._cuda")
+    theirs, ours = make_modules(Case(cell="gru", layers=2, bidirectional=True, seq_len=4,
+                                     batch=3, hidden=6, dtype=torch.float64))
+    x = torch.randn(4, 3, 4, dtype=torch.float64)
+    results = []
+    for m, device in ((theirs, "cpu"), (ours.to("cuda"), "cuda")):
+        xm = x.to(device).requires_grad_()
+        (gx,) = torch.autograd.grad(m(xm)[0].pow(2).sum(), xm, create_graph=True)
+        results.append([g.cpu() for g in torch.autograd.grad(gx.pow(2).sum(),
+                                                            [xm, *m.parameters()])])
+    for a, e in zip(results[1], results[0]):
+        assert_close(a, e, 1e-10, "second derivative on cuda")
 
 
 @pytest.mark.cuda

@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _backend
+from . import _backend, _recomputed_grads
 from ._backend import CELL_CODES, CPU_DTYPES, DTYPE_CODES, GATE_COUNT, SAVED_GATE_COUNT, _cpu
 
 
@@ -255,9 +255,9 @@ class _CellStep(torch.autograd.Function):
         # What the pointwise backward reads: the gates and a private copy of c' (LSTM), the
         # gates (GRU), a private copy of h' (RNN); never a tensor returned to the user.
         ctx.save_for_backward(x, h, c, w_ih, w_hh, gates, saved)
-        # The biases only for create_graph (_NoDoubleBackward.mark links the gradients to them),
-        # kept as they are: the backward reads no bias value, so a bias written in place before
-        # it is fine, as in torch.nn (saved, its version check would raise).
+        # The biases only for create_graph (_recomputed_grads), kept as they are: the native
+        # backward reads no bias value, so a bias written in place before it is fine, as in
+        # torch.nn (saved, its version check would raise).
         ctx.biases = (b_ih, b_hh)
         return (h_next, c_next) if cell == "lstm" else h_next
 
@@ -267,6 +267,9 @@ class _CellStep(torch.autograd.Function):
         x, h, c, w_ih, w_hh, gates, saved = ctx.saved_tensors
         b_ih, b_hh = ctx.biases
         needs = ctx.needs_input_grad[2:]  # x, h, c, w_ih, w_hh, b_ih, b_hh
+        if torch.is_grad_enabled():  # create_graph: gradients that can be differentiated again
+            return (None, None, *_recomputed_grads.step_grads(cell, x, h, c, w_ih, w_hh, b_ih,
+                                                              b_hh, d_h, d_c, needs))
         batch, hidden = x.size(0), w_hh.size(0) // GATE_COUNT[cell]
         is_lstm, is_gru = cell == "lstm", cell == "gru"
         d_xpre = x.new_empty(batch, GATE_COUNT[cell] * hidden)
@@ -292,8 +295,4 @@ class _CellStep(torch.autograd.Function):
             d_xpre.sum(0) if needs[5] else None,
             d_hp.sum(0) if needs[6] else None,
         ]
-        if torch.is_grad_enabled():  # create_graph=True: differentiating these again must raise
-            from .functional import _NoDoubleBackward  # (functional imports this module)
-            grads = list(_NoDoubleBackward.mark(tuple(grads), (x, h, c, w_ih, w_hh, b_ih, b_hh,
-                                                                 d_h, d_c)))
         return (None, None, *grads)

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _backend, _cell_step, _input_projection, _onnx_export, _validation, reference
+from . import (_backend, _cell_step, _input_projection, _onnx_export, _recomputed_grads,
+               _validation, reference)
 from ._backend import GATE_COUNT, SAVED_GATE_COUNT
 
 CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
@@ -227,7 +228,8 @@ def _layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor], c0: Option
                                     op="fusedrnn.functional.rnn")
     spec = _LayerSpec(cell, len(w_hh), has_bias, bool(w_hr))
     if needs_grad:
-        results = _LayerRecurrence.apply(spec, lengths, xproj, h0, c0, *w_hh, *b_hh, *w_hr)
+        results = _LayerRecurrence.apply(spec, lengths, xproj, h0, c0, (x, w_ih, b_ih), *w_hh,
+                                         *b_hh, *w_hr)
         return results[0], results[1], (results[2] if cell == "lstm" else None)
     num_dirs = len(w_hh)
     out, hn, cn, *_ = _run_forward(cell, xproj, h0, c0, w_hh, _per_direction(b_hh, num_dirs),
@@ -385,7 +387,8 @@ def _layer_grads(spec: _LayerSpec, saved, d_out, d_hn, d_cn, needs, run_backward
     needs: one bool per flat param; run_backward: _run_backward, or while compiling the
     layer_backward op around it. The native backward gives the gradients of xproj and the
     states and the gate pre-activation gradients; torch GEMMs turn those into dW_hh, db_hh and
-    dW_hr. With create_graph the results are tagged so that differentiating them raises."""
+    dW_hr. With create_graph (reached only by the custom op: the eager Function recomputes,
+    _recomputed_grads) the results are tagged so that differentiating them raises."""
     # Compiled graphs never differentiate their backward (AOTAutograd refuses double backward
     # itself), so no tag is traced into them.
     create_graph = torch.is_grad_enabled() and not torch.compiler.is_compiling()
@@ -427,13 +430,17 @@ def _layer_weight_grads(spec: _LayerSpec, saved, d_out, d_hn, d_cn, needs, run_b
 
 class _LayerRecurrence(torch.autograd.Function):
     """The recurrence of all directions of one layer, eagerly. Inputs: spec, lengths,
-    xproj [T, B, D*G*H], h0 [D, B, P] or None, c0 [D, B, H] or None, then w_hh x D, b_hh x D
+    xproj [T, B, D*G*H], h0 [D, B, P] or None, c0 [D, B, H] or None, projection (x, w_ih, b_ih)
+    whose F.linear is xproj (for create_graph: _recomputed_grads), then w_hh x D, b_hh x D
     (with bias), w_hr x D (with proj). Outputs: out [T, B, D*P], hn [D, B, P] (and cn [D, B, H]
     for LSTM)."""
 
     @staticmethod
-    def forward(ctx, spec: _LayerSpec, lengths, xproj, h0, c0, *params):
+    def forward(ctx, spec: _LayerSpec, lengths, xproj, h0, c0, projection, *params):
         w_hh, b_hh, w_hr = spec.split(params)
+        # Kept as they are, not saved: read only under create_graph. (x, w_ih and b_ih are the
+        # projection's saved inputs already; its autograd node checks their versions.)
+        ctx.projection, ctx.b_hh = projection, b_hh
         # xproj is _layer's own projection, read by nothing after this call (its autograd node,
         # the linear's, keeps its inputs, not its result): the gates may overwrite it.
         out, hn, cn, gates, c_seq, r_seq = _run_forward(
@@ -454,18 +461,27 @@ class _LayerRecurrence(torch.autograd.Function):
         # Measured on the 2-core VM, LSTM training calls: B=64 T=50 H=256 38.6-42.1 -> 36.1-39.3
         # ms, H=512 143.6-146.4 -> 140.7-141.6 ms. Not when the graph is kept (retain_graph,
         # create_graph): a second backward reads the same saved gates again.
+        if torch.is_grad_enabled():  # create_graph: gradients that can be differentiated again
+            lengths, h0, c0 = ctx.saved_tensors[:3]
+            w_hh, _, w_hr = ctx.spec.split(ctx.saved_tensors[7:])
+            needs = ctx.needs_input_grad
+            grads = _recomputed_grads.layer_grads(
+                ctx.spec.cell, ctx.projection, lengths, h0, c0, w_hh, ctx.b_hh, w_hr,
+                (d_out, d_hn, d_cn), (*needs[2:5], *needs[6:]))
+            return (None, None, *grads[:3], None, *grads[3:])
         run_backward = _run_backward
         if ctx.gates_over_xproj and not torch._C._autograd._get_current_graph_task_keep_graph():
             run_backward = functools.partial(_run_backward, d_xproj_over_gates=True)
         grads = _layer_grads(ctx.spec, ctx.saved_tensors, d_out, d_hn, d_cn,
-                             ctx.needs_input_grad[5:], run_backward)
-        return (None, None, *grads)
+                             ctx.needs_input_grad[6:], run_backward)
+        return (None, None, *grads[:3], None, *grads[3:])
 
 
 class _NoDoubleBackward(torch.autograd.Function):
-    """Tags gradients computed with create_graph=True so that differentiating them again raises
-    (the native backward is not itself differentiable; torch.nn's cuDNN RNNs behave the same),
-    instead of silently missing the second-order terms of the recurrence."""
+    """Tags gradients computed with create_graph=True by the layer_forward op outside a
+    compiled graph (a traced or scripted model run eagerly) so that differentiating them again
+    raises (the native backward is not itself differentiable; torch.nn's cuDNN RNNs behave the
+    same), instead of silently missing the second-order terms of the recurrence."""
 
     @staticmethod
     def mark(grads: tuple, computed_from) -> tuple:
@@ -495,8 +511,8 @@ class _NoDoubleBackward(torch.autograd.Function):
 
 _DOUBLE_BACKWARD_ERROR = (
     "fusedrnn: double backward (differentiating a gradient of an LSTM/GRU/RNN) is not supported "
-    "by the native recurrence, like torch.nn's cuDNN RNNs; for higher-order gradients use "
-    "torch.func (grad of grad runs the layers as fusedrnn.reference's ops) or fusedrnn.reference")
+    "in a traced, scripted or compiled graph, like torch.nn's cuDNN RNNs; run the model eagerly "
+    "(create_graph then recomputes the layers as fusedrnn.reference's ops) or use torch.func")
 
 
 def _unsaved_biases(spec: _LayerSpec, params) -> tuple:

@@ -46,13 +46,14 @@ def rnn_cell(x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Te
     return torch.tanh(pre) if nonlinearity == "tanh" else torch.relu(pre)
 
 
-def rnn_layer(cell: str, x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
+def rnn_layer(cell: str, x: Tensor, w_ih: Optional[Tensor], w_hh: Tensor, b_ih: Optional[Tensor],
               b_hh: Optional[Tensor], w_hr: Optional[Tensor], h0: Optional[Tensor],
               c0: Optional[Tensor], lengths: Optional[Tensor] = None, reverse: bool = False):
     """One layer, one direction over a padded time-major sequence.
 
-    cell: 'lstm', 'gru', 'rnn_tanh' or 'rnn_relu'. x [T, B, I]; h0 [B, P] and c0 [B, H] (LSTM)
-    default to zeros. lengths [B] (int, each in [1, T]) marks sequence b valid at t < lengths[b]:
+    cell: 'lstm', 'gru', 'rnn_tanh' or 'rnn_relu'. x [T, B, I], or with w_ih=None the input
+    projection x W_ih^T + b_ih [T, B, G*H] that the native layers receive; h0 [B, P] and
+    c0 [B, H] (LSTM) default to zeros. lengths [B] (int, each in [1, T]) marks sequence b valid at t < lengths[b]:
     past it the state of b stays unchanged and its output is zero; the reverse direction starts at
     each sequence's last valid step. Returns (out [T, B, P], h_n [B, P], c_n [B, H] or None).
     """
@@ -87,8 +88,9 @@ def rnn_layer(cell: str, x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[T
     return torch.stack(outputs), h, c
 
 
-def _affine(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    y = x @ weight.t()
+def _affine(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+    """x W^T + b; without W, x is taken as already projected (rnn_layer's w_ih=None)."""
+    y = x @ weight.t() if weight is not None else x
     return y + bias if bias is not None else y
 
 

@@ -1,0 +1,84 @@
+"""Gradients that can be differentiated again (create_graph=True: a gradient penalty, MAML,
+Hessian-vector products).
+
+The native backward is a kernel, not a composition of torch ops, so its results carry no graph.
+Under create_graph the eager layer and cell step (functional._LayerRecurrence,
+_cell_step._CellStep) therefore run their forward again as fusedrnn.reference's plain torch ops,
+from the same inputs, and let autograd form the gradients with a graph: torch.nn's own CPU route
+and speed, for this one backward. The first-order results equal the native ones to rounding.
+
+The layer's recurrence receives xproj = x W_ih^T + b_ih, which the forward may have overwritten
+with its saved gates. So the recomputation projects x again, differentiably: the gradient it
+returns for xproj then depends on x and W_ih through that new projection, and autograd carries
+d_xproj into x and W_ih through the original projection's (differentiable) backward. Both paths
+exist, as they would in a graph of plain ops.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import reference
+
+
+def layer_grads(cell: str, projection: tuple, lengths: Optional[Tensor], h0: Optional[Tensor],
+                c0: Optional[Tensor], w_hh: Sequence[Tensor], b_hh: Sequence[Optional[Tensor]],
+                w_hr: Sequence[Optional[Tensor]], grad_outputs: tuple, needs: Sequence[bool]
+                ) -> tuple:
+    """A layer's gradients (d_xproj, d_h0, d_c0, *d_w_hh, *d_b_hh, *d_w_hr: the biases and
+    projections only where the layer has them), with graphs.
+
+    projection: (x, w_ih, b_ih), whose F.linear is the layer's xproj [T, B, D*G*H] (b_ih None
+    where absent or folded into b_hh); w_hh, b_hh, w_hr: per direction, as the kernel got them
+    (Nones where absent); grad_outputs: (d_out, d_hn, d_cn), None for zero; needs: one bool per
+    returned gradient."""
+    x, w_ih, b_ih = projection
+    xproj = F.linear(x, w_ih, b_ih)
+    width = w_hh[0].shape[0]
+    outs, hns, cns = [], [], []
+    for d in range(len(w_hh)):
+        out, hn, cn = reference.rnn_layer(
+            cell, xproj[..., d * width:(d + 1) * width], None, w_hh[d], None, b_hh[d], w_hr[d],
+            h0[d] if h0 is not None else None, c0[d] if c0 is not None else None, lengths,
+            reverse=d == 1)
+        outs.append(out)
+        hns.append(hn)
+        cns.append(cn)
+    results = (torch.cat(outs, 2), torch.stack(hns), torch.stack(cns) if cell == "lstm" else None)
+    params = [*w_hh, *(b for b in b_hh if b is not None), *(w for w in w_hr if w is not None)]
+    return _grads(results, grad_outputs, [xproj, h0, c0, *params], needs)
+
+
+def step_grads(cell: str, x: Tensor, h: Optional[Tensor], c: Optional[Tensor], w_ih: Tensor,
+               w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor], d_h: Optional[Tensor],
+               d_c: Optional[Tensor], needs: Sequence[bool]) -> tuple:
+    """A cell step's gradients (d_x, d_h, d_c, d_w_ih, d_w_hh, d_b_ih, d_b_hh), with graphs.
+    h, c: None for zeros; d_h, d_c: None for zero; needs: one bool per gradient."""
+    h_prev = h if h is not None else x.new_zeros(x.shape[0], w_hh.shape[1])
+    if cell == "lstm":  # (a projected LSTM's step returns r: W_hr is applied after it)
+        c_prev = c if c is not None else x.new_zeros(x.shape[0], w_hh.shape[0] // 4)
+        results = reference.lstm_cell(x, h_prev, c_prev, w_ih, w_hh, b_ih, b_hh)
+    elif cell == "gru":
+        results = (reference.gru_cell(x, h_prev, w_ih, w_hh, b_ih, b_hh), None)
+    else:
+        nonlinearity = "tanh" if cell == "rnn_tanh" else "relu"
+        results = (reference.rnn_cell(x, h_prev, w_ih, w_hh, b_ih, b_hh, nonlinearity), None)
+    return _grads(results, (d_h, d_c), [x, h, c, w_ih, w_hh, b_ih, b_hh], needs)
+
+
+def _grads(results, grad_outputs, inputs: list, needs: Sequence[bool]) -> tuple:
+    """The gradients of `inputs` (None where not needed) from results and their incoming
+    gradients, with create_graph."""
+    pairs = [(r, g) for r, g in zip(results, grad_outputs) if r is not None and g is not None]
+    wanted = [i for i, (t, need) in enumerate(zip(inputs, needs))
+              if need and t is not None and t.requires_grad]
+    grads: list = [None] * len(inputs)
+    if pairs and wanted:
+        found = torch.autograd.grad([r for r, _ in pairs], [inputs[i] for i in wanted],
+                                    [g for _, g in pairs], create_graph=True, allow_unused=True)
+        for i, g in zip(wanted, found):
+            grads[i] = g if g is not None else torch.zeros_like(inputs[i])
+    return tuple(grads)
