@@ -1,7 +1,8 @@
 """torch.autograd.gradcheck in float64 through the native recurrence: every cell, proj_size,
 bidirectional and multi-layer stacks, packed sequences (sorted and unsorted), the cells, and
 non-contiguous inputs. Finite differences of the module against its own analytic gradients, with
-respect to the input, the initial states and every parameter."""
+respect to the input, the initial states and every parameter; and gradgradcheck of the double
+backward (create_graph's recomputation)."""
 import pytest
 import torch
 from torch.func import functional_call
@@ -100,3 +101,53 @@ def test_gradcheck_non_contiguous_batch_first():
 
     assert torch.autograd.gradcheck(run, (base, h_base, *params), atol=1e-6, rtol=1e-5,
                                     fast_mode=True)
+
+
+GRADGRAD_CASES = [
+    ("lstm-proj-bidir-packed", fusedrnn.LSTM, dict(proj_size=2, bidirectional=True), True),
+    ("gru-L2", fusedrnn.GRU, dict(num_layers=2), False),
+    ("rnn-relu-bidir", fusedrnn.RNN, dict(nonlinearity="relu", bidirectional=True), False),
+]
+
+
+@pytest.mark.parametrize("name, cls, kwargs, packed", GRADGRAD_CASES,
+                         ids=[c[0] for c in GRADGRAD_CASES])
+def test_gradgradcheck_modules(name, cls, kwargs, packed):
+    """Double backward (create_graph recomputes the layers as reference ops): second
+    derivatives against finite differences of the first, wrt the input, the state and every
+    parameter."""
+    torch.manual_seed(0)
+    module = cls(3, 4, dtype=torch.float64, **kwargs)
+    names = [n for n, _ in module.named_parameters()]
+    params = [p.detach().clone().requires_grad_() for p in module.parameters()]
+    x = torch.randn(3, 2, 3, dtype=torch.float64, requires_grad=True)
+    num = module.num_layers * (2 if module.bidirectional else 1)
+    h0 = torch.randn(num, 2, module.proj_size or module.hidden_size, dtype=torch.float64,
+                     requires_grad=True)
+
+    def run(x, h0, *params):
+        inp = pack_padded_sequence(x, torch.tensor([2, 3]), enforce_sorted=False) if packed else x
+        hx = (h0, torch.zeros(num, 2, module.hidden_size, dtype=torch.float64)) \
+            if cls is fusedrnn.LSTM else h0
+        out, _ = functional_call(module, dict(zip(names, params)), (inp, hx))
+        return out.data if isinstance(out, PackedSequence) else out
+
+    assert torch.autograd.gradgradcheck(run, (x, h0, *params), atol=1e-6, rtol=1e-5,
+                                        fast_mode=True)
+
+
+@pytest.mark.parametrize("name", ["LSTMCell", "GRUCell", "RNNCell"])
+def test_gradgradcheck_cells(name):
+    torch.manual_seed(0)
+    cell = getattr(fusedrnn, name)(3, 4, dtype=torch.float64)
+    names = [n for n, _ in cell.named_parameters()]
+    params = [p.detach().clone().requires_grad_() for p in cell.parameters()]
+    x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    h = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+
+    def run(x, h, c, *params):
+        hx = (h, c) if name == "LSTMCell" else h
+        return functional_call(cell, dict(zip(names, params)), (x, hx))
+
+    assert torch.autograd.gradgradcheck(run, (x, h, c, *params), atol=1e-6, rtol=1e-5)
