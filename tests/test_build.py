@@ -67,4 +67,4 @@ def test_cpu_micro_kernel_is_inlined():
         pytest.skip("not an ELF64 little-endian module")
     assert b"PanelGemm" not in names, (
         "fusedrnn._cpu exports an out-of-line PanelGemm function: the CPU micro-kernel is not "
-        "inlined (see csrc/cpu/recurrence_impl.h, PanelGemm::kernel)")
+        "inlined (see csrc/cpu/panel_gemm.h, PanelGemm::kernel)")

@@ -307,7 +307,7 @@ def test_larger_threaded_shapes(monkeypatch):
 # From kDeferredMinStepBytes of input projection per step (B x G*H elements) and a thread share of
 # at least kDeferredMinRowBytes of each gate row (256 fp32 or 128 fp64 units), the CPU forward parks
 # the packed product's sums and runs the cell update row by row after the whole step's product
-# (csrc/cpu/recurrence_impl.h). These shapes take that path; with two threads and H=520 (33 fp32
+# (csrc/cpu/recurrence_forward.h). These shapes take that path; with two threads and H=520 (33 fp32
 # panels: shares of 272 and 248 units) one thread defers and the other does not, in one team.
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("cell,proj,B", [("lstm", 0, 16), ("lstm", 100, 16), ("gru", 0, 16),
@@ -323,7 +323,7 @@ def test_deferred_cell_update(cell, proj, B, threads, monkeypatch):
 
 # ------------------------------------------------------------------------------ small batch
 # At B <= 2 and short sequences the CPU forward reads W_hh and b_hh in place instead of packing
-# them (csrc/cpu/recurrence_impl.h, forward_in_place: while T * B * 2 * W <= P * log2(W), W the
+# them (csrc/cpu/in_place_dots.h, forward_in_place: while T * B * 2 * W <= P * log2(W), W the
 # SIMD width in elements, and at B=1 whenever W_hh is 512 KB or more). The shapes below take
 # that path under every instruction set and dtype (the strictest case, W=16, needs T * B * 8 <=
 # P), B=3 the packed one; both must match the reference. H=37 and P=20 leave tails in the units

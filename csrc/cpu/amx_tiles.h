@@ -33,7 +33,7 @@
 // VM: 7.1 G VDPBF16PS/s, 228 G multiply-adds/s per core, against ~50 G for the FMA kernel).
 // Its numerics are the tiles': bfloat16 products summed in float, denormals flushed.
 //
-// Every build includes this header (recurrence_impl.h names the layout helpers everywhere); only
+// Every build includes this header (recurrence_layouts.h names the layout helpers everywhere); only
 // the AMX and avx512bf16 builds have the product code, and only they ever set FwdLayout::amx
 // (which names the layout, "the bfloat16 VNNI product", after the build that came first).
 #pragma once

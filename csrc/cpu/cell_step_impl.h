@@ -1,9 +1,9 @@
 // The pointwise cell step (fusedrnn/cell_step_params.h) on SIMD vectors, compiled per instruction
-// set next to the recurrence (recurrence_isa_*.cpp include this after recurrence_impl.h).
+// set next to the recurrence (recurrence_isa_*.cpp include both).
 //
 // Rows are independent: a caller may split [0, B) among threads. The formulas are the ones of
 // fusedrnn/cell_math.h, instantiated on Vec like the recurrence's fused epilogue; the saved gates,
-// the SIMD width and the small-batch products are the recurrence's (recurrence_impl.h).
+// the SIMD width and the small-batch products are the recurrence's (recurrence_common.h, in_place_dots.h).
 #pragma once
 
 #ifndef FUSEDRNN_CPU_ISA
@@ -17,6 +17,8 @@
 #include "fusedrnn/cell_kind.h"
 #include "fusedrnn/cell_math.h"
 #include "fusedrnn/cell_step_params.h"
+#include "in_place_dots.h"
+#include "recurrence_common.h"
 #include "simd_vec.h"
 
 namespace fusedrnn::cpu::FUSEDRNN_CPU_ISA {
