@@ -68,6 +68,12 @@ def test_gradcheck_modules(name, cls, kwargs, packing):
                                           ("LSTMCell", dict(bias=False))],
                          ids=["lstm", "gru", "rnn-tanh", "rnn-relu", "lstm-nobias"])
 def test_gradcheck_cells(name, kwargs):
+    run, inputs = _cell_problem(name, **kwargs)
+    assert torch.autograd.gradcheck(run, inputs, atol=1e-6, rtol=1e-5)
+
+
+def _cell_problem(name, **kwargs):
+    """A float64 cell as a function of (x, h, c, *params), and random values for those."""
     torch.manual_seed(0)
     cell = getattr(fusedrnn, name)(3, 5, dtype=torch.float64, **kwargs)
     names = [n for n, _ in cell.named_parameters()]
@@ -80,7 +86,7 @@ def test_gradcheck_cells(name, kwargs):
         hx = (h, c) if name == "LSTMCell" else h
         return functional_call(cell, dict(zip(names, params)), (x, hx))
 
-    assert torch.autograd.gradcheck(run, (x, h, c, *params), atol=1e-6, rtol=1e-5)
+    return run, (x, h, c, *params)
 
 
 def test_gradcheck_non_contiguous_batch_first():
@@ -138,16 +144,5 @@ def test_gradgradcheck_modules(name, cls, kwargs, packed):
 
 @pytest.mark.parametrize("name", ["LSTMCell", "GRUCell", "RNNCell"])
 def test_gradgradcheck_cells(name):
-    torch.manual_seed(0)
-    cell = getattr(fusedrnn, name)(3, 4, dtype=torch.float64)
-    names = [n for n, _ in cell.named_parameters()]
-    params = [p.detach().clone().requires_grad_() for p in cell.parameters()]
-    x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
-    h = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
-    c = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
-
-    def run(x, h, c, *params):
-        hx = (h, c) if name == "LSTMCell" else h
-        return functional_call(cell, dict(zip(names, params)), (x, hx))
-
-    assert torch.autograd.gradgradcheck(run, (x, h, c, *params), atol=1e-6, rtol=1e-5)
+    run, inputs = _cell_problem(name)
+    assert torch.autograd.gradgradcheck(run, inputs, atol=1e-6, rtol=1e-5)
