@@ -177,6 +177,8 @@ FORWARD_CASES = [
     ("packed-unsorted-hx-batch", lstm_pair,
      (packed_input(True), (torch.randn(2, 1, 6), torch.randn(2, 1, 6))), ["h_0", "[2, 1, 6]"]),
     ("packed-hx-2d", gru_pair, (packed_input(), torch.randn(2, 6)), ["[2, 6]"]),
+    ("input-none", gru_pair, (None,), ["Tensor", "NoneType"]),
+    ("input-list", lstm_pair, ([X],), ["Tensor", "list"]),
 ]
 
 
@@ -213,6 +215,9 @@ CELL_CASES = [
     ("lstm-hx-3-tuple", "LSTMCell", (B, (torch.randn(2, 6),) * 3), ["tuple", "3"]),
     ("lstm-c-batch", "LSTMCell", (B, (torch.randn(2, 6), torch.randn(3, 6))), ["hidden1", "3"]),
     ("lstm-h-3d", "LSTMCell", (B, (torch.randn(1, 2, 6), torch.randn(2, 6))), ["hx[0]", "3D"]),
+    ("input-none", "GRUCell", (None,), ["Tensor", "NoneType"]),
+    ("hx-int", "RNNCell", (B, 3), ["Tensor", "int"]),
+    ("hx-1-tuple", "GRUCell", (B, (torch.randn(2, 6),)), ["Tensor", "tuple"]),
 ]
 
 

@@ -26,6 +26,12 @@ class HiddenStateError(RuntimeError, TypeError, IndexError, AttributeError):
     """
 
 
+class NotATensorError(TypeError, AttributeError):
+    """An input or a cell's state that is not a tensor (None, a list): torch.nn fails with
+    AttributeError there (it calls .dim() on it); this is the TypeError it is, and any handler
+    written for torch.nn catches it too."""
+
+
 class NegativeSizeError(ValueError, RuntimeError):
     """A cell's hidden_size below zero: torch.nn's cells fail with RuntimeError (from torch.empty),
     its RNN modules with ValueError."""
@@ -101,7 +107,8 @@ def _check_type(name: str, value, expected: type) -> None:
 def check_input_dim(name: str, input: Tensor, allowed: tuple) -> None:
     """torch.nn raises ValueError for an input of the wrong rank."""
     if not isinstance(input, Tensor):
-        raise TypeError(f"{name}: input must be a Tensor or PackedSequence, got {type(input).__name__}")
+        raise NotATensorError(
+            f"{name}: input must be a Tensor or PackedSequence, got {type(input).__name__}")
     if input.dim() not in allowed:
         dims = " or ".join(f"{d}D" for d in allowed)
         raise ValueError(f"{name}: Expected input to be {dims}, got {input.dim()}D instead "
@@ -190,7 +197,7 @@ def check_cell_input(name: str, input: Tensor, input_size: int, weight: Tensor) 
 def check_cell_hidden_dim(name: str, hx: Tensor, what: str) -> None:
     """torch.nn's cells: a state of rank other than 1 or 2 is a ValueError."""
     if not isinstance(hx, Tensor):
-        raise TypeError(f"{name}: {what} must be a Tensor, got {type(hx).__name__}")
+        raise NotATensorError(f"{name}: {what} must be a Tensor, got {type(hx).__name__}")
     if hx.dim() not in (1, 2):
         raise ValueError(f"{name}: Expected {what} to be 1D or 2D, got {hx.dim()}D instead")
 
