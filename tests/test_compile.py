@@ -105,6 +105,31 @@ def test_compiled_module_matches_eager_and_torch(name, torch_cls, ours_cls, kwar
         _assert_same(run_compiled, run_theirs, TOLERANCE_TORCH, f"{what} torch.nn")
 
 
+@pytest.mark.parametrize("gemm", ["auto", "onednn"])
+@pytest.mark.parametrize("kind", ["LSTM", "GRUCell"])
+def test_float32_fullgraph_like_the_readme(kind, gemm, monkeypatch):
+    """The README's example: a float32 model under torch.compile(fullgraph=True), forward and
+    backward. float32 is where the eager path may pick oneDNN for the input GEMM by the CPU
+    vendor (read from /proc/cpuinfo, which Dynamo cannot trace): compiling must not get there."""
+    monkeypatch.setenv("FUSEDRNN_CPU_GEMM", gemm)
+    torch.manual_seed(0)
+    ours = getattr(fusedrnn, kind)(3, 4, **({} if "Cell" in kind else dict(num_layers=2,
+                                                                          batch_first=True)))
+    theirs = getattr(nn, kind)(3, 4, **({} if "Cell" in kind else dict(num_layers=2,
+                                                                      batch_first=True)))
+    theirs.load_state_dict(ours.state_dict())
+    torch._dynamo.reset()
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3) if "Cell" in kind else torch.randn(2, 5, 3)
+    runs = []
+    for module in (theirs, compiled):
+        out = module(x)
+        out = out[0] if isinstance(out, tuple) else out
+        runs.append([out, *torch.autograd.grad(out.sum(), list(module.parameters()))])
+    for a, e in zip(*reversed(runs)):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+
+
 def test_compiled_cell_matches_eager_and_torch():
     """The cells run as sequences of one step (functional.cell_step): the same op."""
     torch.manual_seed(0)

@@ -119,6 +119,10 @@ def _onednn_applies(x: Tensor, w: Tensor, b: Optional[Tensor]) -> bool:
 
 def _use_onednn(macs: int, min_macs: int, *tensors: Optional[Tensor]) -> bool:
     """Whether a float32 CPU GEMM of `macs` multiply-adds over `tensors` runs on oneDNN."""
+    # First: torch.compile, tracing and the func transforms keep F.linear, and Dynamo must not
+    # trace what follows (the vendor check reads /proc/cpuinfo: open() breaks a fullgraph).
+    if not _backend.plain_eager():
+        return False
     first = tensors[0]
     if first.device.type != "cpu" or first.dtype != torch.float32:
         return False
@@ -132,8 +136,7 @@ def _use_onednn(macs: int, min_macs: int, *tensors: Optional[Tensor]) -> bool:
         return False
     plain = all(t is None or type(t) in _PLAIN_TENSOR_TYPES for t in tensors)
     # torch.backends.mkldnn.flags(enabled=False) turns oneDNN off for torch.nn; here too.
-    return (plain and _backend.plain_eager() and torch.backends.mkldnn.enabled
-            and onednn_available())
+    return plain and torch.backends.mkldnn.enabled and onednn_available()
 
 
 @functools.lru_cache(maxsize=None)
