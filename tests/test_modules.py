@@ -304,6 +304,24 @@ def test_bias_written_in_place_before_backward(kind, seq_len):
 
 
 @requires_native
+@pytest.mark.parametrize("kind, seq_len", [("GRU", 5), ("RNN", 1), ("GRUCell", None)])
+def test_create_graph_after_an_in_place_bias_write_raises(kind, seq_len):
+    """create_graph recomputes the layer from its biases, which are kept by reference: one
+    written after the forward must raise, as a saved tensor does, not give the gradient of a
+    forward that never ran."""
+    name = "bias_hh" if seq_len is None else "bias_hh_l0"
+    x = torch.randn(*((2, 3) if seq_len is None else (seq_len, 2, 3)), dtype=torch.float64)
+    m = getattr(fusedrnn, kind)(3, 4, dtype=torch.float64)
+    out = m(x)
+    out = out[0] if isinstance(out, tuple) else out
+    with torch.no_grad():
+        getattr(m, name).add_(0.5)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(out.pow(2).sum(), m.weight_hh if seq_len is None else m.weight_hh_l0,
+                            create_graph=True)
+
+
+@requires_native
 def test_zero_batch_like_torch():
     """B = 0: results of torch.nn's shapes, and gradients of the input and the states (empty
     tensors, not None) and of the weights (zeros)."""

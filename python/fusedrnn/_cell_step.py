@@ -255,10 +255,11 @@ class _CellStep(torch.autograd.Function):
         # What the pointwise backward reads: the gates and a private copy of c' (LSTM), the
         # gates (GRU), a private copy of h' (RNN); never a tensor returned to the user.
         ctx.save_for_backward(x, h, c, w_ih, w_hh, gates, saved)
-        # The biases only for create_graph (_recomputed_grads), kept as they are: the native
-        # backward reads no bias value, so a bias written in place before it is fine, as in
-        # torch.nn (saved, its version check would raise).
+        # The biases only for create_graph (_recomputed_grads), kept by reference with their
+        # versions: the native backward reads no bias value, so a bias written in place before
+        # it is fine, as in torch.nn (saved, its version check would raise).
         ctx.biases = (b_ih, b_hh)
+        ctx.bias_versions = _recomputed_grads.versions(ctx.biases)
         return (h_next, c_next) if cell == "lstm" else h_next
 
     @staticmethod
@@ -268,6 +269,7 @@ class _CellStep(torch.autograd.Function):
         b_ih, b_hh = ctx.biases
         needs = ctx.needs_input_grad[2:]  # x, h, c, w_ih, w_hh, b_ih, b_hh
         if torch.is_grad_enabled():  # create_graph: gradients that can be differentiated again
+            _recomputed_grads.check_unchanged(ctx.biases, ctx.bias_versions)
             return (None, None, *_recomputed_grads.step_grads(cell, x, h, c, w_ih, w_hh, b_ih,
                                                               b_hh, d_h, d_c, needs))
         batch, hidden = x.size(0), w_hh.size(0) // GATE_COUNT[cell]

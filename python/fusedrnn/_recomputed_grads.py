@@ -24,6 +24,26 @@ from torch import Tensor
 from . import reference
 
 
+def versions(tensors) -> tuple:
+    """The version counters of tensors kept for a recomputation (None for None)."""
+    return tuple(t._version if t is not None else None for t in tensors)
+
+
+def check_unchanged(tensors, kept: tuple) -> None:
+    """Raises, as autograd does for a saved tensor, where one of the tensors a recomputation
+    reads (kept by reference, not saved: the first-order backward never reads them) was written
+    in place after the forward: recomputing from the new values would give the gradient of a
+    forward that never ran."""
+    for t, version in zip(tensors, kept):
+        if t is not None and t._version != version:
+            raise RuntimeError(
+                "one of the variables needed for gradient computation has been modified by an "
+                f"inplace operation: [{t.type()} {list(t.shape)}] is at version {t._version}; "
+                f"expected version {version} instead. fusedrnn's backward with "
+                "create_graph=True runs the layer again from its input, W_ih and biases, so "
+                "none of them may be written between the forward and that backward.")
+
+
 def layer_grads(cell: str, projection: tuple, lengths: Optional[Tensor], h0: Optional[Tensor],
                 c0: Optional[Tensor], w_hh: Sequence[Tensor], b_hh: Sequence[Optional[Tensor]],
                 w_hr: Sequence[Optional[Tensor]], grad_outputs: tuple, needs: Sequence[bool]

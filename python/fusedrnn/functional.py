@@ -438,9 +438,11 @@ class _LayerRecurrence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec: _LayerSpec, lengths, xproj, h0, c0, projection, *params):
         w_hh, b_hh, w_hr = spec.split(params)
-        # Kept as they are, not saved: read only under create_graph. (x, w_ih and b_ih are the
-        # projection's saved inputs already; its autograd node checks their versions.)
+        # Kept by reference, not saved (a bias written in place before a first-order backward,
+        # which reads none of them, is fine, as in torch.nn); read only under create_graph,
+        # which checks their versions.
         ctx.projection, ctx.b_hh = projection, b_hh
+        ctx.kept_versions = _recomputed_grads.versions((*projection, *b_hh))
         # xproj is _layer's own projection, read by nothing after this call (its autograd node,
         # the linear's, keeps its inputs, not its result): the gates may overwrite it.
         out, hn, cn, gates, c_seq, r_seq = _run_forward(
@@ -462,6 +464,7 @@ class _LayerRecurrence(torch.autograd.Function):
         # ms, H=512 143.6-146.4 -> 140.7-141.6 ms. Not when the graph is kept (retain_graph,
         # create_graph): a second backward reads the same saved gates again.
         if torch.is_grad_enabled():  # create_graph: gradients that can be differentiated again
+            _recomputed_grads.check_unchanged((*ctx.projection, *ctx.b_hh), ctx.kept_versions)
             lengths, h0, c0 = ctx.saved_tensors[:3]
             w_hh, _, w_hr = ctx.spec.split(ctx.saved_tensors[7:])
             needs = ctx.needs_input_grad
