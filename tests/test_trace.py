@@ -114,3 +114,27 @@ def test_saved_and_loaded_trace_matches_eager():
     with torch.no_grad():
         for g, e in zip(_flat(loaded(x)), _flat(module(x))):
             assert_close(g, e, TOLERANCE, "loaded trace")
+
+
+@pytest.mark.parametrize("how", ["float16", "autocast", "frozen"])
+def test_trace_of_a_casting_or_frozen_model_trains(how):
+    """A forward that casts (float16 on the CPU computes in float32; autocast to bfloat16), or a
+    frozen model with an input that requires grad: the trace passes the tracer's own check
+    (a second trace under no_grad) and a trace taken under no_grad still trains, with the eager
+    module's gradients."""
+    torch.manual_seed(0)
+    dtype = torch.float16 if how == "float16" else torch.float32
+    module = fusedrnn.GRU(3, 5, num_layers=2, dtype=dtype)
+    if how == "frozen":
+        module.requires_grad_(False)
+    x = torch.randn(4, 2, 3, dtype=dtype, requires_grad=how == "frozen")
+    leaves = [x] if how == "frozen" else list(module.parameters())
+    context = (torch.autocast("cpu", dtype=torch.bfloat16) if how == "autocast"
+               else torch.autocast("cpu", enabled=False))
+    with context:
+        torch.jit.trace(module, (x,))  # raises if the two traces differ
+        with torch.no_grad():
+            traced = torch.jit.trace(module, (x,), check_trace=False)
+        grads = [torch.autograd.grad(m(x)[0].float().sum(), leaves) for m in (traced, module)]
+    for a, e in zip(*grads):
+        assert_close(a.float(), e.float(), 1e-6, f"{how}: traced gradient")

@@ -55,16 +55,27 @@ def rnn(cell: str, input: Tensor, weights, hx=None, *, num_layers: int = 1,
     if len(weights) != num_layers * num_directions:
         raise ValueError(f"expected {num_layers * num_directions} layer weights "
                          f"(num_layers * num_directions), got {len(weights)}")
+    # A traced graph must not depend on grad mode (torch.jit.trace checks a trace by tracing
+    # again under no_grad): there every layer saves for backward when the caller's tensors require
+    # grad, decided here, before a cast (float16, autocast) makes copies whose requires_grad
+    # follows grad mode.
+    trace_save = torch.jit.is_tracing() and _any_requires_grad(input, weights, hx)
     # Autocast would turn the input projection into another dtype than the recurrent weights, and
     # the native call takes one dtype for all its tensors: dtypes are chosen explicitly here.
     # (Autocast has no meta device: a meta input runs as it is.)
     if input.is_meta or not torch.is_autocast_enabled(input.device.type):  # entering costs ~3 us
         return _rnn(cell, input, weights, hx, num_layers, num_directions, batch_first, lengths,
-                    dropout, training, dropout_fn)
+                    dropout, training, dropout_fn, trace_save)
     input, weights, hx = _autocast_operands(input, weights, hx)
     with torch.autocast(input.device.type, enabled=False):
         return _rnn(cell, input, weights, hx, num_layers, num_directions, batch_first, lengths,
-                    dropout, training, dropout_fn)
+                    dropout, training, dropout_fn, trace_save)
+
+
+def _any_requires_grad(input: Tensor, weights, hx) -> bool:
+    states = hx if isinstance(hx, (tuple, list)) else (hx,)
+    return any(isinstance(t, Tensor) and t.requires_grad
+               for t in (input, *states, *(w for layer in weights for w in layer)))
 
 
 def _autocast_operands(input, weights, hx):
@@ -93,7 +104,7 @@ def _autocast_operands(input, weights, hx):
 
 
 def _rnn(cell, input, weights, hx, num_layers, num_directions, batch_first, lengths, dropout,
-         training, dropout_fn):
+         training, dropout_fn, trace_save: bool):
     h0_all, c0_all = (hx if cell == "lstm" else (hx, None)) if hx is not None else (None, None)
     if lengths is not None:
         lengths = _checked_lengths(lengths, input, batch_first)
@@ -124,7 +135,7 @@ def _rnn(cell, input, weights, hx, num_layers, num_directions, batch_first, leng
         if batch == 0 or layer_weights[0][1].size(0) == 0:
             x, hn, cn = _empty_layer(cell, x, layer_weights, num_directions, h0, c0)
         else:
-            x, hn, cn = _layer(cell, x, layer_weights, h0, c0, lengths)
+            x, hn, cn = _layer(cell, x, layer_weights, h0, c0, lengths, trace_save)
         h_n.append(hn)
         c_n.append(cn)
         if apply_dropout and layer < num_layers - 1:
@@ -181,8 +192,9 @@ class _LayerSpec:
 
 
 def _layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor], c0: Optional[Tensor],
-           lengths: Optional[Tensor]):
-    """x [T, B, I] -> (out [T, B, D*P], h_n [D, B, P], c_n [D, B, H] or None)."""
+           lengths: Optional[Tensor], trace_save: bool = False):
+    """x [T, B, I] -> (out [T, B, D*P], h_n [D, B, P], c_n [D, B, H] or None). trace_save:
+    while tracing, save for backward (rnn())."""
     if _backend.under_transform():
         return _reference_layer(cell, x, layer_weights, h0, c0, lengths)
     if _backend.recording_graph() and _onnx_export.active():
@@ -210,11 +222,8 @@ def _layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor], c0: Option
     b_hh = ([w[2] + w[3] for w in layer_weights] if fold_bias
             else [w[3] for w in layer_weights] if has_bias else [])
     w_hr = [w[4] for w in layer_weights] if layer_weights[0][4] is not None else []
-    # A traced graph must not depend on grad mode (torch.jit.trace checks a trace by tracing
-    # again under no_grad): there a layer saves for backward whenever a weight or input requires
-    # grad, also when the trace runs without gradients.
-    needs_grad = (torch.is_grad_enabled() or torch.jit.is_tracing()) and any(
-        t is not None and t.requires_grad for t in (xproj, h0, c0, *w_hh, *b_hh, *w_hr))
+    needs_grad = trace_save or (torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (xproj, h0, c0, *w_hh, *b_hh, *w_hr)))
     if _backend.recording_graph() or _backend.without_data(xproj):
         # torch.compile traces the custom op (its fake kernel gives the shapes) and, in training,
         # the backward formula registered for it: no graph break. torch.jit.trace records it as
