@@ -138,3 +138,32 @@ def test_trace_of_a_casting_or_frozen_model_trains(how):
         grads = [torch.autograd.grad(m(x)[0].float().sum(), leaves) for m in (traced, module)]
     for a, e in zip(*grads):
         assert_close(a.float(), e.float(), 1e-6, f"{how}: traced gradient")
+
+
+@pytest.mark.parametrize("kind, sorted_", [("GRU", False), ("LSTM", True)])
+def test_trace_of_a_model_that_packs_its_input_takes_other_shapes(kind, sorted_):
+    """pack_padded_sequence -> the module -> pad_packed_sequence, traced at one batch size and
+    length: the trace follows each call's batch_sizes (other B, longer and shorter T), as
+    torch.nn's trace does."""
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    class PackModel(torch.nn.Module):
+        def __init__(self, rnn):
+            super().__init__()
+            self.rnn = rnn
+
+        def forward(self, x, lengths):
+            out, state = self.rnn(pack_padded_sequence(x, lengths, enforce_sorted=sorted_))
+            return pad_packed_sequence(out, total_length=x.size(0))[0], state
+
+    torch.manual_seed(0)
+    model = PackModel(getattr(fusedrnn, kind)(3, 5, bidirectional=True, dtype=torch.float64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model, (torch.randn(5, 3, 3, dtype=torch.float64),
+                                         torch.tensor([5, 3, 2])))
+    for lengths in ([5, 4, 2, 1], [4, 4, 1, 1, 1], [7, 3], [2]):
+        x = torch.randn(lengths[0] + 1, len(lengths), 3, dtype=torch.float64)
+        expected, actual = model(x, torch.tensor(lengths)), traced(x, torch.tensor(lengths))
+        for a, e in zip(torch.jit._flatten(actual)[0], torch.jit._flatten(expected)[0]):
+            assert_close(a, e, 1e-12, f"traced {kind}, lengths {lengths}")

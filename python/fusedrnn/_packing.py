@@ -13,27 +13,31 @@ from torch import Tensor
 
 
 class PackedLayout:
-    """Where each packed row lives in the padded [T, B] grid, and each sequence's length."""
+    """Where each packed row lives in the padded [T, B] grid, and each sequence's length.
+
+    Built from batch_sizes with tensor ops only, never a Python int read from its values: a
+    torch.jit.trace of a model that packs its input then records a layout that follows each
+    call's batch_sizes (other batch sizes and lengths), as torch.nn's trace does."""
 
     def __init__(self, batch_sizes: Tensor, device: torch.device):
         batch_sizes = batch_sizes.to("cpu", torch.int64)
-        self.seq_len = int(batch_sizes.numel())
-        self.batch = int(batch_sizes[0]) if self.seq_len else 0
-        valid = torch.arange(self.batch).unsqueeze(0) < batch_sizes.unsqueeze(1)  # [T, B]
+        first = batch_sizes[:1].sum()  # B (the first step runs every sequence); 0 when empty
+        self.valid = torch.arange(first).unsqueeze(0) < batch_sizes.unsqueeze(1)  # [T, B]
         # Row-major order of the [T, B] grid is the packed order: step by step, in batch order.
-        self.rows = valid.flatten().nonzero().squeeze(1).to(device)
+        self.rows = self.valid.flatten().nonzero().squeeze(1).to(device)
         # [B], packed (sorted) order; on the CPU: functional.rnn checks it there, then moves it
-        self.lengths = valid.sum(0)
+        self.lengths = self.valid.sum(0)
         self.batch_sizes = batch_sizes
 
     def pad(self, data: Tensor) -> Tensor:
         """Packed data [N, X] -> padded [T, B, X], zeros past each sequence's end."""
-        padded = data.new_zeros(self.seq_len * self.batch, data.size(1))
-        return padded.index_copy(0, self.rows, data).view(self.seq_len, self.batch, data.size(1))
+        steps, batch = self.valid.size(0), self.valid.size(1)
+        padded = data.new_zeros(steps * batch, data.size(1))
+        return padded.index_copy(0, self.rows, data).view(steps, batch, data.size(1))
 
     def pack(self, padded: Tensor) -> Tensor:
         """Padded [T, B, X] -> packed data [N, X]."""
-        return padded.reshape(self.seq_len * self.batch, padded.size(2)).index_select(0, self.rows)
+        return padded.reshape(-1, padded.size(2)).index_select(0, self.rows)
 
     def dropout(self, p: float):
         """torch.nn applies dropout between layers to the packed data; this draws the same mask
