@@ -266,3 +266,52 @@ def test_issue4_targets_are_reported_on_cpu(capsys, monkeypatch, torch_as_fusedr
     code, out, _ = run_cli(FAST_ARGS + ["--preset", "target", "--impls", "fusedrnn"], capsys)
     assert code == 0  # a missed speed goal is information, never a failure
     assert "target lstm-B1-T4-H8-fp32 inference" in out and "(goal >= 1e+09x) NOT met" in out
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--threads", "100000"], ["--threads", "CPUs"]),
+    (["--budget", "0"], ["--budget"]),
+    (["--budget", "nan"], ["--budget"]),
+    (["--budget", "-1"], ["--budget"]),
+    (["--json", "{tmp}/missing/x.json"], ["--json", "no directory"]),
+    (["--json", "{tmp}"], ["--json", "is a directory"]),
+    (["--markdown", "{tmp}/missing/x.md"], ["--markdown"]),
+], ids=["threads-above-cores", "budget-zero", "budget-nan", "budget-negative", "json-dir-missing",
+        "json-is-dir", "markdown-dir-missing"])
+def test_bad_options_refused_before_the_run(extra, words, tmp_path, capsys, tiny_presets):
+    """Caught up front (exit 2), not after a long run or as a traceback: output paths, the
+    budget, and more threads than cores (fusedrnn never oversubscribes; torch.nn would)."""
+    extra = [e.format(tmp=tmp_path) for e in extra]
+    code, out, err = run_cli(FAST_ARGS + ["--preset", "tiny"] + extra, capsys)
+    assert code == cli.EXIT_USAGE and not out
+    for word in words:
+        assert word in err
+
+
+def test_a_run_without_fusedrnn_is_refused(capsys, tiny_presets, monkeypatch):
+    """No fusedrnn rows would be no comparison: refused with the reason (e.g. a GPU machine whose
+    fusedrnn was built without CUDA), not a table of torch rows and exit 0."""
+    monkeypatch.setattr(impls, "native_backend_problem", lambda device: "built without CUDA")
+    code, out, err = run_cli(FAST_ARGS + ["--preset", "tiny"], capsys)
+    assert code == cli.EXIT_USAGE and "fusedrnn cannot run" in err and "without CUDA" in err
+
+
+def test_header_names_fusedrnn_overrides(capsys, tiny_presets, torch_as_fusedrnn, monkeypatch):
+    monkeypatch.setenv("FUSEDRNN_BACKEND", "emu")
+    code, out, _ = run_cli(FAST_ARGS + ["--preset", "tiny", "--cell", "gru", "--impls", "fusedrnn"],
+                           capsys)
+    assert code == 0 and "env    FUSEDRNN_BACKEND=emu (fusedrnn rows time the CPU emulator" in out
+
+
+def test_a_wrong_row_meets_no_target(capsys, monkeypatch, torch_as_fusedrnn):
+    class Wrong(torch.nn.LSTM):
+        def forward(self, x, hx=None):
+            out, state = super().forward(x, hx)
+            return out * 1.01, state
+
+    target = BenchConfig("lstm", seq_len=4, batch=1, hidden=8, modes=("inference",), target_speedup=1e-9)
+    monkeypatch.setitem(configs.PRESETS, "target", [target])
+    monkeypatch.setitem(configs.PRESET_HELP, "target", "test")
+    monkeypatch.setattr(impls, "fused_module_class", lambda cell: Wrong)
+    code, out, _ = run_cli(FAST_ARGS + ["--preset", "target", "--impls", "fusedrnn"], capsys)
+    assert code == cli.EXIT_WRONG and "not met: the result is WRONG" in out

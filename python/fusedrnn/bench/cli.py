@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 from typing import List, Optional
 
@@ -68,6 +70,33 @@ def list_everything(device: torch.device) -> str:
     return "\n".join(lines)
 
 
+def _usage_problem(args, device: torch.device) -> Optional[str]:
+    """What is wrong with the numeric options and output paths, checked before a run that may
+    take many minutes; None when nothing is."""
+    for name in ("threads", "repeats", "warmup", "input_sets"):
+        value = getattr(args, name)
+        least = 0 if name == "warmup" else 1
+        if value is not None and value < least:
+            return f"--{name.replace('_', '-')} must be >= {least}, got {value}"
+    cpus = machine.usable_cores()
+    if device.type == "cpu" and args.threads and args.threads > cpus:
+        # fusedrnn's CPU kernels never run more threads than cores (thread_team.h) while torch
+        # would: the ratio would measure torch's oversubscription, not the kernels.
+        return (f"--threads {args.threads} is more than the {cpus} CPUs this process may use; "
+                f"fusedrnn never oversubscribes them, so torch.nn would be timed at a disadvantage")
+    if args.budget is not None and not (math.isfinite(args.budget) and args.budget > 0):
+        return f"--budget must be a positive number of seconds, got {args.budget}"
+    for option in ("json", "markdown", "plot"):
+        path = getattr(args, option)
+        if path is None:
+            continue
+        parent = os.path.dirname(os.path.abspath(path))
+        if os.path.isdir(path) or not os.path.isdir(parent):
+            return (f"--{option} {path}: " + ("is a directory" if os.path.isdir(path)
+                                              else f"no directory {parent}"))
+    return None
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = parser().parse_args(argv)
     device_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -78,12 +107,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.list:
         print(list_everything(device))
         return 0
-    for name in ("threads", "repeats", "warmup", "input_sets"):
-        value = getattr(args, name)
-        if value is not None and value < (0 if name == "warmup" else 1):
-            print(f"error: --{name.replace('_', '-')} must be >= {0 if name == 'warmup' else 1}, got {value}",
-                  file=sys.stderr)
-            return EXIT_USAGE
+    if args.plot and not os.path.splitext(args.plot)[1]:
+        args.plot += ".png"  # what matplotlib would write; said as written
+    problem = _usage_problem(args, device)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     if args.plot:
         try:
             require_matplotlib()  # before a long run, not after it
@@ -102,6 +131,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not configs:
         print("error: no configuration left after --cell/--dtype/--only filters", file=sys.stderr)
         return EXIT_USAGE
+    # A run without fusedrnn rows cannot say how fusedrnn compares: refuse it up front (the
+    # newcomer's first command on a GPU whose fusedrnn was built without CUDA lands here).
+    why = impls.REGISTRY["fusedrnn"].unavailable(device) if "fusedrnn" in impl_names else None
+    if why:
+        print(f"error: fusedrnn cannot run on {device_name}: {why}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.impls:  # asked for by name: say why one drops out
+        for name in set(_csv(args.impls)) & set(impls.REGISTRY) - set(impl_names):
+            notes.append(f"{name}: not run ({impls.REGISTRY[name].unavailable(device)})")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -143,7 +181,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         report.write_markdown(args.markdown, info, settings, outcome)
         print(f"wrote {args.markdown}")
     if args.plot:
-        title = f"fusedrnn vs torch.nn, {args.preset} on {info.get('gpu') or info['cpu']}"
+        where = info.get("gpu") if device.type == "cuda" else info["cpu"]
+        title = f"fusedrnn vs torch.nn, {args.preset} on {where}"
         plot_speedups(outcome.results, args.plot, title)
         print(f"wrote {args.plot}")
     return EXIT_WRONG if outcome.fused_failures else 0

@@ -160,6 +160,10 @@ def collect(device: str) -> Dict[str, object]:
     }
     info.update(git_commit())
     info.update(native_backends())
+    # FUSEDRNN_BACKEND=emu times the CPU emulator of the CUDA kernels; the others pick kernels
+    # and GEMMs (FUSEDRNN_CPU_ISA, FUSEDRNN_CPU_GEMM, ...).
+    info["fusedrnn_env"] = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items())
+                                    if k.startswith("FUSEDRNN_") and k != "FUSEDRNN_BENCH_COMMIT")
     info.update(gpu_info())
     return info
 
@@ -174,6 +178,11 @@ def header_lines(info: Dict[str, object]) -> list:
         f"fusedrnn {info['fusedrnn']} commit {short} | native: {info.get('fusedrnn_backends')}"
         + (f" | CPU kernel {info['fusedrnn_cpu_isa']}" if info.get("fusedrnn_cpu_isa") else ""),
     ]
+    if info.get("fusedrnn_env"):  # overrides change what is timed: say so where the numbers are
+        emulated = "FUSEDRNN_BACKEND=emu" in str(info["fusedrnn_env"]).split()
+        lines.append(f"env    {info['fusedrnn_env']}" + (
+            " (fusedrnn rows time the CPU emulator of the CUDA kernels, not a real kernel)"
+            if emulated else ""))
     if info.get("gpu"):
         lines.append(
             f"GPU    {info['gpu']} (sm_{str(info['compute_capability']).replace('.', '')}, "
