@@ -315,3 +315,19 @@ def test_a_wrong_row_meets_no_target(capsys, monkeypatch, torch_as_fusedrnn):
     monkeypatch.setattr(impls, "fused_module_class", lambda cell: Wrong)
     code, out, _ = run_cli(FAST_ARGS + ["--preset", "target", "--impls", "fusedrnn"], capsys)
     assert code == cli.EXIT_WRONG and "not met: the result is WRONG" in out
+
+
+@pytest.mark.parametrize("layout", ["inner-package", "top-level"])
+def test_flashrnn_entry_point_in_both_layouts(layout, tmp_path, monkeypatch):
+    """FlashRNN's function is flashrnn.flashrnn.flashrnn where pip installed its repository (the
+    outer folder has no __init__.py) and flashrnn.flashrnn where its inner package is on the
+    path (its README): both are found."""
+    package = tmp_path / "flashrnn" / ("flashrnn" if layout == "inner-package" else "")
+    package.mkdir(parents=True, exist_ok=True)
+    (package / "__init__.py").write_text("def flashrnn(*args, **kwargs):\n    return 'ran'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in [m for m in sys.modules if m == "flashrnn" or m.startswith("flashrnn.")]:
+        monkeypatch.delitem(sys.modules, name)
+    assert impls._flashrnn_function()() == "ran"
+    for name in [m for m in sys.modules if m == "flashrnn" or m.startswith("flashrnn.")]:
+        monkeypatch.delitem(sys.modules, name)

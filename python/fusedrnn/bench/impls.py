@@ -209,15 +209,20 @@ class FlashRnnImpl(Impl):
     name = "flashrnn"
     shares_weights = False
     silent_when_missing = True
-    FUNCTIONS = {"lstm": ("lstm", 4, 2), "gru": ("gru", 3, 1), "rnn_tanh": ("elman", 1, 1)}
+    # cell -> (FlashRNN function, gates with weights, states, bias gates). Its GRU takes a fourth
+    # bias (b_hn inside r * (...)) and always runs on its non-fused "cuda" backend (FlashRNN
+    # switches it there: its fused kernel needs gate counts that divide 8).
+    FUNCTIONS = {"lstm": ("lstm", 4, 2, 4), "gru": ("gru", 3, 1, 4), "rnn_tanh": ("elman", 1, 1, 1)}
 
     def unavailable(self, device):
         if device.type != "cuda":
             return "CUDA only"
         try:
-            importlib.import_module("flashrnn")
-        except Exception:
+            _flashrnn_function()
+        except ModuleNotFoundError:
             return "not installed"
+        except Exception as exc:
+            return f"not importable ({type(exc).__name__}: {exc})"
         return None
 
     def skip_reason(self, cfg, mode, device):
@@ -226,14 +231,14 @@ class FlashRnnImpl(Impl):
         return _single_layer_dense(cfg)
 
     def build(self, cfg, reference_module):
-        flashrnn = importlib.import_module("flashrnn").flashrnn
-        function, gates, states = self.FUNCTIONS[cfg.cell]
+        flashrnn = _flashrnn_function()
+        function, gates, states, bias_gates = self.FUNCTIONS[cfg.cell]
         p = next(reference_module.parameters())
         H = cfg.hidden
         kernel_dtype = str(p.dtype).replace("torch.", "")
         w_ih = nn.Parameter(reference_module.weight_ih_l0.detach().clone())
         R = nn.Parameter(torch.randn(gates, 1, H, H, device=p.device, dtype=p.dtype) / H ** 0.5)
-        b = nn.Parameter(torch.zeros(gates, 1, H, device=p.device, dtype=p.dtype))
+        b = nn.Parameter(torch.zeros(bias_gates, 1, H, device=p.device, dtype=p.dtype))
 
         def run(x, state):
             T, B, _ = x.shape
@@ -251,6 +256,17 @@ class FlashRnnImpl(Impl):
         return run
 
 
+def _flashrnn_function():
+    """FlashRNN's entry point. Its README imports `from flashrnn import flashrnn` with its inner
+    package on the path; installed from its repository, the same package sits one level down
+    (flashrnn.flashrnn, whose `flashrnn` is the function)."""
+    top = importlib.import_module("flashrnn")
+    function = getattr(top, "flashrnn", None)
+    if callable(function):
+        return function
+    return importlib.import_module("flashrnn.flashrnn").flashrnn
+
+
 class HasteImpl(Impl):
     """haste_pytorch's fused CUDA LSTM/GRU (timing only; its own weights)."""
     name = "haste"
@@ -262,8 +278,10 @@ class HasteImpl(Impl):
             return "CUDA only"
         try:
             importlib.import_module("haste_pytorch")
-        except Exception:
+        except ModuleNotFoundError:
             return "not installed"
+        except Exception as exc:  # installed, but broken (say, built for another torch)
+            return f"not importable ({type(exc).__name__}: {exc})"
         return None
 
     def skip_reason(self, cfg, mode, device):
