@@ -331,3 +331,21 @@ def test_flashrnn_entry_point_in_both_layouts(layout, tmp_path, monkeypatch):
     assert impls._flashrnn_function()() == "ran"
     for name in [m for m in sys.modules if m == "flashrnn" or m.startswith("flashrnn.")]:
         monkeypatch.delitem(sys.modules, name)
+
+
+def test_commit_of_an_installed_copy_is_the_one_it_was_built_from(tmp_path, monkeypatch):
+    """A package that is not tracked where it lies (installed, maybe into a checkout's .venv)
+    reports the commit CMake wrote into it at build time, not the HEAD of a repository around
+    it; a tracked one reports its checkout's HEAD."""
+    import types
+    from fusedrnn.bench import machine
+    installed = tmp_path / "site-packages" / "fusedrnn"
+    installed.mkdir(parents=True)
+    (installed / "__init__.py").write_text("")
+    monkeypatch.setattr(machine, "package_dir", lambda: installed)
+    monkeypatch.delenv("FUSEDRNN_BENCH_COMMIT", raising=False)
+    monkeypatch.setitem(sys.modules, "fusedrnn._build_info",
+                        types.SimpleNamespace(COMMIT="b" * 40, DIRTY=False))
+    assert machine.git_commit() == {"commit": "b" * 40, "dirty": False}
+    monkeypatch.setenv("FUSEDRNN_BENCH_COMMIT", "c" * 40)
+    assert machine.git_commit()["commit"] == "c" * 40

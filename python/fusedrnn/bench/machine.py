@@ -71,15 +71,23 @@ def fusedrnn_version() -> str:
 
 
 def git_commit() -> Dict[str, object]:
-    """The commit of the checkout the package was imported from, else $FUSEDRNN_BENCH_COMMIT, else
-    'unknown'."""
+    """The commit of the checkout the package was imported from (its files tracked there), else
+    $FUSEDRNN_BENCH_COMMIT (bench/gpu_check.sh passes the commit it built), else the commit the
+    installed package was built from (_build_info.py, written by CMake), else 'unknown'. A
+    package installed into a checkout's .venv is not that checkout: its HEAD may be newer."""
     where = str(package_dir())
-    commit = _run(["git", "rev-parse", "HEAD"], cwd=where)
-    if not commit:
-        # An installed package is no checkout: bench/gpu_check.sh passes the commit it built.
-        return {"commit": os.environ.get("FUSEDRNN_BENCH_COMMIT") or "unknown", "dirty": None}
-    status = _run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where)
-    return {"commit": commit, "dirty": bool(status) if status is not None else None}
+    if _run(["git", "ls-files", "--error-unmatch", "__init__.py"], cwd=where) is not None:
+        commit = _run(["git", "rev-parse", "HEAD"], cwd=where)
+        status = _run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where)
+        if commit:
+            return {"commit": commit, "dirty": bool(status) if status is not None else None}
+    if os.environ.get("FUSEDRNN_BENCH_COMMIT"):
+        return {"commit": os.environ["FUSEDRNN_BENCH_COMMIT"], "dirty": None}
+    try:
+        from fusedrnn import _build_info
+        return {"commit": _build_info.COMMIT, "dirty": _build_info.DIRTY}
+    except ImportError:
+        return {"commit": "unknown", "dirty": None}
 
 
 def gpu_info(device_index: int = 0) -> Dict[str, object]:
