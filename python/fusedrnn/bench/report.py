@@ -90,10 +90,15 @@ def summary_lines(outcome: Outcome) -> List[str]:
     lines += target_lines(outcome)
     checked = [r for r in fused if r.get("err_ok") is not None]
     bad = outcome.fused_failures
-    if fused:
+    unchecked = [r for r in fused if r.get("err_ok") is None and not r.get("error")]
+    if fused and not checked:
+        lines.append("fusedrnn accuracy: not checked (--no-check, or no float64 torch.nn result to compare with)")
+    elif fused:
         worst_err = max((r["max_rel_err"] for r in checked if r.get("max_rel_err") is not None), default=None)
         lines.append(f"fusedrnn accuracy: {len(checked) - sum(1 for r in checked if not r['err_ok'])}/{len(checked)} "
                      f"rows within tolerance" + (f", largest max rel err {worst_err:.1e}" if worst_err is not None else ""))
+    for r in unchecked if checked else []:  # a row that could not be judged is not a row that passed
+        lines.append(f"NOT CHECKED: fusedrnn {r['config']['name']} {r['mode']}: {r.get('max_rel_err_at') or 'no float64 result'}")
     for r in bad:
         why = r.get("error") or f"max rel err {r.get('max_rel_err')} at {r.get('max_rel_err_at')}"
         lines.append(f"WRONG OR FAILED: fusedrnn {r['config']['name']} {r['mode']}: {why}")
