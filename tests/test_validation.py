@@ -177,6 +177,10 @@ FORWARD_CASES = [
     ("packed-unsorted-hx-batch", lstm_pair,
      (packed_input(True), (torch.randn(2, 1, 6), torch.randn(2, 1, 6))), ["h_0", "[2, 1, 6]"]),
     ("packed-hx-2d", gru_pair, (packed_input(), torch.randn(2, 6)), ["[2, 6]"]),
+    ("packed-lstm-hx-2d", lstm_pair,
+     (packed_input(), (torch.randn(2, 6), torch.randn(2, 6))), ["h_0", "[2, 6]"]),
+    ("packed-dtype-lstm", lstm_pair,
+     (pack_padded_sequence(X.double(), torch.tensor([3, 2])),), ["float64"]),
     ("input-none", gru_pair, (None,), ["Tensor", "NoneType"]),
     ("input-list", lstm_pair, ([X],), ["Tensor", "list"]),
 ]

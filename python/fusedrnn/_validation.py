@@ -32,6 +32,16 @@ class NotATensorError(TypeError, AttributeError):
     written for torch.nn catches it too."""
 
 
+class StateShapeError(RuntimeError, IndexError):
+    """An initial state of the wrong shape: torch.nn raises RuntimeError, or IndexError for an
+    LSTM state of too few dimensions next to packed input; this is both."""
+
+
+class InputDtypeError(ValueError, RuntimeError):
+    """An input whose dtype is not the weights': torch.nn raises ValueError (its check_input), or
+    RuntimeError from its GEMM for an LSTM on packed input; this is both."""
+
+
 class NegativeSizeError(ValueError, RuntimeError):
     """A cell's hidden_size below zero: torch.nn's cells fail with RuntimeError (from torch.empty),
     its RNN modules with ValueError."""
@@ -118,7 +128,7 @@ def check_input_dim(name: str, input: Tensor, allowed: tuple) -> None:
 def check_input(input: Tensor, weight: Tensor, input_size: int, expected_dim: int) -> None:
     """torch.nn.RNNBase.check_input: dtype (ValueError), rank and feature size (RuntimeError)."""
     if input.dtype != weight.dtype:
-        raise ValueError(
+        raise InputDtypeError(
             f"RNN input dtype ({input.dtype}) does not match weight dtype ({weight.dtype}). "
             f"Convert input: input.to({weight.dtype}), or convert model: model.to({input.dtype})")
     if input.dim() != expected_dim:
@@ -167,7 +177,7 @@ def check_hidden_dim(hx: Tensor, batched: bool, name: str = "hx") -> None:
 def check_hidden(hx: Tensor, expected_shape: tuple, input: Tensor, name: str = "hx") -> None:
     """Shape (RuntimeError, like torch.nn), device and dtype of one initial state."""
     if tuple(hx.shape) != tuple(expected_shape):
-        raise RuntimeError(
+        raise StateShapeError(
             f"Expected {name} size {tuple(expected_shape)} "
             "(num_layers * num_directions, batch, state size), "
             f"got {list(hx.shape)}")
