@@ -349,3 +349,31 @@ def test_commit_of_an_installed_copy_is_the_one_it_was_built_from(tmp_path, monk
     assert machine.git_commit() == {"commit": "b" * 40, "dirty": False}
     monkeypatch.setenv("FUSEDRNN_BENCH_COMMIT", "c" * 40)
     assert machine.git_commit()["commit"] == "c" * 40
+
+
+def test_ctrl_c_prints_what_was_measured(tmp_path, capsys, tiny_presets, torch_as_fusedrnn,
+                                         monkeypatch):
+    """An interrupted run prints the cells measured so far and exits 130, keeping the partial
+    JSON; no traceback."""
+    from fusedrnn.bench import harness
+    real_run = harness.run
+
+    def interrupted_after_one_cell(*args, on_cell, **kwargs):
+        def then_stop(outcome):
+            on_cell(outcome)
+            raise KeyboardInterrupt
+        return real_run(*args, on_cell=then_stop, **kwargs)
+
+    monkeypatch.setattr(harness, "run", interrupted_after_one_cell)
+    path = tmp_path / "partial.json"
+    code, out, err = run_cli(FAST_ARGS + ["--preset", "tiny", "--json", str(path)], capsys)
+    assert code == cli.EXIT_INTERRUPTED and "interrupted" in err
+    assert "fusedrnn" in out and json.loads(path.read_text())["settings"]["partial"] is True
+
+
+def test_json_has_the_gpu_keys_without_a_gpu(tmp_path, capsys, tiny_presets, torch_as_fusedrnn):
+    path = tmp_path / "r.json"
+    code, _, _ = run_cli(FAST_ARGS + ["--preset", "tiny", "--cell", "gru", "--json", str(path)],
+                         capsys)
+    machine = json.loads(path.read_text())["machine"]
+    assert code == 0 and all(key in machine for key in ("gpu", "driver", "cuda_runtime", "cudnn"))

@@ -19,6 +19,7 @@ from .timing import Plan
 DEFAULT_BUDGET_S = {"cpu": 2.0, "cuda": 1.0}
 EXIT_WRONG = 1      # a fusedrnn row crashed or was outside its accuracy tolerance
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports it
 
 
 def _csv(text: Optional[str]) -> Optional[List[str]]:
@@ -30,7 +31,8 @@ def parser() -> argparse.ArgumentParser:
         prog="python -m fusedrnn.bench",
         description="Time fusedrnn against torch.nn (and the reference loop, FlashRNN, haste) in inference "
                     "and training mode; check every fusedrnn result against torch.nn in float64.",
-        epilog="Exit status: 0 ok, 1 a fusedrnn row failed or was outside its accuracy tolerance, 2 bad usage.")
+        epilog="Exit status: 0 ok, 1 a fusedrnn row failed or was outside its accuracy tolerance, 2 bad usage, "
+               "130 interrupted (the cells measured so far are printed, and kept in --json).")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="where to run (default: cuda when available, else cpu)")
     p.add_argument("--preset", default="quick", choices=sorted(config_registry.PRESETS),
@@ -158,12 +160,22 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     progress = Progress(sum(len(c.modes) for c in configs), enabled=not args.quiet)
 
+    measured = []
+
     def save_partial(partial):  # a long run that is stopped still leaves what it measured
+        measured[:] = [partial]
         if args.json:
             report.write_json(args.json, report.payload(info, dict(settings, partial=True), partial))
 
-    outcome = harness.run(configs, impl_names, device, plan, progress, check=not args.no_check,
-                          on_cell=save_partial)
+    try:
+        outcome = harness.run(configs, impl_names, device, plan, progress,
+                              check=not args.no_check, on_cell=save_partial)
+    except KeyboardInterrupt:
+        print("\ninterrupted: the cells measured so far" + (
+            f" (also in {args.json}, marked partial)" if args.json else ""), file=sys.stderr)
+        if measured:
+            print(report.format_table(measured[0].results))
+        return EXIT_INTERRUPTED
     outcome.notes[:0] = notes
     busy = machine.busy_warning(info)
     if busy:

@@ -91,7 +91,9 @@ def git_commit() -> Dict[str, object]:
 
 
 def gpu_info(device_index: int = 0) -> Dict[str, object]:
-    info: Dict[str, object] = {"gpu": None}
+    # Every key the JSON documents is present, null where there is no GPU.
+    info: Dict[str, object] = {"gpu": None, "driver": None, "cuda_runtime": torch.version.cuda,
+                               "cudnn": None}
     if not torch.cuda.is_available():
         return info
     props = torch.cuda.get_device_properties(device_index)
