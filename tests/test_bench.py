@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -354,6 +355,9 @@ def test_commit_of_an_installed_copy_is_the_one_it_was_built_from(tmp_path, monk
     monkeypatch.setitem(sys.modules, "fusedrnn._build_info", built)
     assert machine.git_commit() == {"commit": "b" * 40, "dirty": False}
     monkeypatch.setenv("FUSEDRNN_BENCH_COMMIT", "c" * 40)
+    assert machine.git_commit()["commit"] == "c" * 40
+    # gpu_check's commit wins also over a checkout (a copied checkout's .git may lag)
+    monkeypatch.setattr(machine, "package_dir", lambda: Path(fusedrnn.__file__).parent)
     assert machine.git_commit()["commit"] == "c" * 40
 
 

@@ -71,18 +71,19 @@ def fusedrnn_version() -> str:
 
 
 def git_commit() -> Dict[str, object]:
-    """The commit of the checkout the package was imported from (its files tracked there), else
-    $FUSEDRNN_BENCH_COMMIT (bench/gpu_check.sh passes the commit it built), else the commit the
-    installed package was built from (_build_info.py, written by CMake), else 'unknown'. A
-    package installed into a checkout's .venv is not that checkout: its HEAD may be newer."""
+    """$FUSEDRNN_BENCH_COMMIT when set (bench/gpu_check.sh passes the commit it built: a copied
+    checkout's .git may lag), else the commit of the checkout the package was imported from (its
+    files tracked there), else the commit the installed package was built from (_build_info.py,
+    written by CMake), else 'unknown'. A package installed into a checkout's .venv is not that
+    checkout: its HEAD may be newer."""
+    if os.environ.get("FUSEDRNN_BENCH_COMMIT"):
+        return {"commit": os.environ["FUSEDRNN_BENCH_COMMIT"], "dirty": None}
     where = str(package_dir())
     if _run(["git", "ls-files", "--error-unmatch", "__init__.py"], cwd=where) is not None:
         commit = _run(["git", "rev-parse", "HEAD"], cwd=where)
         status = _run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where)
         if commit:
             return {"commit": commit, "dirty": bool(status) if status is not None else None}
-    if os.environ.get("FUSEDRNN_BENCH_COMMIT"):
-        return {"commit": os.environ["FUSEDRNN_BENCH_COMMIT"], "dirty": None}
     try:
         from fusedrnn import _build_info
         return {"commit": _build_info.COMMIT, "dirty": _build_info.DIRTY}
