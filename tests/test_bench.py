@@ -40,6 +40,14 @@ def tiny_presets(monkeypatch):
     monkeypatch.setitem(configs.PRESET_HELP, "features", "test")
 
 
+class WrongLstm(torch.nn.LSTM):
+    """torch.nn's LSTM with every output 1% off: a fast wrong answer."""
+
+    def forward(self, x, hx=None):
+        out, state = super().forward(x, hx)
+        return out * 1.01, state
+
+
 @pytest.fixture
 def torch_as_fusedrnn(monkeypatch):
     """fusedrnn rows run torch.nn: the harness is tested apart from the kernels."""
@@ -100,13 +108,8 @@ def test_training_error_covers_gradients(capsys, tiny_presets, torch_as_fusedrnn
 
 
 def test_fast_wrong_answer_shows_and_fails(capsys, tiny_presets, torch_as_fusedrnn, monkeypatch):
-    class Wrong(torch.nn.LSTM):
-        def forward(self, x, hx=None):
-            out, state = super().forward(x, hx)
-            return out * 1.01, state
-
     monkeypatch.setattr(impls, "fused_module_class",
-                        lambda cell: Wrong if cell == "lstm" else impls.TORCH_CLASSES[cell])
+                        lambda cell: WrongLstm if cell == "lstm" else impls.TORCH_CLASSES[cell])
     code, out, _ = run_cli(FAST_ARGS + ["--preset", "tiny", "--cell", "lstm", "--impls", "fusedrnn"], capsys)
     assert code == cli.EXIT_WRONG
     assert "!! (output)" in out
@@ -307,15 +310,10 @@ def test_header_names_fusedrnn_overrides(capsys, tiny_presets, torch_as_fusedrnn
 
 
 def test_a_wrong_row_meets_no_target(capsys, monkeypatch, torch_as_fusedrnn):
-    class Wrong(torch.nn.LSTM):
-        def forward(self, x, hx=None):
-            out, state = super().forward(x, hx)
-            return out * 1.01, state
-
     target = BenchConfig("lstm", seq_len=4, batch=1, hidden=8, modes=("inference",), target_speedup=1e-9)
     monkeypatch.setitem(configs.PRESETS, "target", [target])
     monkeypatch.setitem(configs.PRESET_HELP, "target", "test")
-    monkeypatch.setattr(impls, "fused_module_class", lambda cell: Wrong)
+    monkeypatch.setattr(impls, "fused_module_class", lambda cell: WrongLstm)
     code, out, _ = run_cli(FAST_ARGS + ["--preset", "target", "--impls", "fusedrnn"], capsys)
     assert code == cli.EXIT_WRONG and "not met: the result is WRONG" in out
 

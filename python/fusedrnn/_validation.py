@@ -50,8 +50,9 @@ class NegativeSizeError(ValueError, RuntimeError):
 # --- constructor arguments -----------------------------------------------------------------------
 
 def check_rnn_arguments(mode: str, input_size, hidden_size, num_layers, bias, batch_first,
-                        dropout, bidirectional, proj_size) -> None:
-    """The checks of torch.nn.RNNBase.__init__, in the same order, with the same classes."""
+                        dropout, bidirectional, proj_size) -> tuple[int, int]:
+    """The checks of torch.nn.RNNBase.__init__, in the same order, with the same classes.
+    Returns num_layers and proj_size as ints."""
     float(dropout)  # torch.nn converts first: TypeError for None, ValueError for "abc"
     if (not isinstance(dropout, numbers.Number) or isinstance(dropout, bool)
             or not 0 <= dropout <= 1):
@@ -72,10 +73,12 @@ def check_rnn_arguments(mode: str, input_size, hidden_size, num_layers, bias, ba
     if hidden_size <= 0:
         raise ValueError(f"hidden_size must be greater than zero, got hidden_size={hidden_size}")
     # torch.nn checks only the values of these two: any integer (numpy's, a 0-d integer tensor)
-    # passes, which the module then keeps as an int (integer_size).
-    if integer_size("num_layers", num_layers) <= 0:
+    # passes, which the module then keeps as an int.
+    num_layers = integer_size("num_layers", num_layers)
+    if num_layers <= 0:
         raise ValueError(f"num_layers must be greater than zero, got num_layers={num_layers}")
-    if integer_size("proj_size", proj_size) < 0:
+    proj_size = integer_size("proj_size", proj_size)
+    if proj_size < 0:
         raise ValueError("proj_size should be a positive integer or zero to disable projections, "
                          f"got proj_size={proj_size}")
     if proj_size >= hidden_size:
@@ -83,6 +86,7 @@ def check_rnn_arguments(mode: str, input_size, hidden_size, num_layers, bias, ba
                          f"proj_size={proj_size} and hidden_size={hidden_size}")
     if proj_size > 0 and mode != "LSTM":
         raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+    return num_layers, proj_size
 
 
 def check_nonlinearity(nonlinearity) -> None:
@@ -91,12 +95,17 @@ def check_nonlinearity(nonlinearity) -> None:
             f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
 
 
-def check_cell_arguments(input_size, hidden_size, bias) -> None:
+def check_cell_arguments(input_size, hidden_size, bias) -> tuple[int, int]:
     """torch.nn's cells check nothing themselves; these are the failures their torch.empty calls
-    produce, with readable messages (torch.empty takes any integer: numpy's, a 0-d tensor)."""
+    produce, with readable messages (torch.empty takes any integer: numpy's, a 0-d tensor).
+    Returns input_size and hidden_size as ints."""
+    sizes = []
     for name, value in (("input_size", input_size), ("hidden_size", hidden_size)):
-        if integer_size(name, value) < 0:
+        size = integer_size(name, value)
+        if size < 0:
             raise NegativeSizeError(f"{name} must not be negative, got {name}={value}")
+        sizes.append(size)
+    return sizes[0], sizes[1]
 
 
 def integer_size(name: str, value) -> int:

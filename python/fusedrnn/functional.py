@@ -474,8 +474,8 @@ class _LayerRecurrence(torch.autograd.Function):
         # create_graph): a second backward reads the same saved gates again.
         if torch.is_grad_enabled():  # create_graph: gradients that can be differentiated again
             _recomputed_grads.check_unchanged((*ctx.projection, *ctx.b_hh), ctx.kept_versions)
-            lengths, h0, c0 = ctx.saved_tensors[:3]
-            w_hh, _, w_hr = ctx.spec.split(ctx.saved_tensors[7:])
+            lengths, h0, c0, _, _, _, _, *params = ctx.saved_tensors  # as _layer_weight_grads
+            w_hh, _, w_hr = ctx.spec.split(params)
             needs = ctx.needs_input_grad
             grads = _recomputed_grads.layer_grads(
                 ctx.spec.cell, ctx.projection, lengths, h0, c0, w_hh, ctx.b_hh, w_hr,

@@ -52,17 +52,18 @@ class RNNBase(nn.Module):
         super().__init__()
         if mode not in _GATES:
             raise ValueError(f"Unrecognized RNN mode: {mode}")
-        check.check_rnn_arguments(mode, input_size, hidden_size, num_layers, bias, batch_first,
-                                  dropout, bidirectional, proj_size)
+        num_layers, proj_size = check.check_rnn_arguments(
+            mode, input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+            proj_size)
         self.mode = mode
         self.input_size = input_size
         self.hidden_size = hidden_size
-        self.num_layers = check.integer_size("num_layers", num_layers)
+        self.num_layers = num_layers
         self.bias = bias
         self.batch_first = batch_first
         self.dropout = float(dropout)
         self.bidirectional = bidirectional
-        self.proj_size = check.integer_size("proj_size", proj_size)
+        self.proj_size = proj_size
 
         factory = {"device": device, "dtype": dtype}
         gate_size = _GATES[mode] * hidden_size
@@ -607,10 +608,8 @@ class RNNCellBase(nn.Module):
     def __init__(self, input_size: int, hidden_size: int, bias: bool, num_chunks: int,
                  device=None, dtype=None):
         super().__init__()
-        check.check_cell_arguments(input_size, hidden_size, bias)
+        input_size, hidden_size = check.check_cell_arguments(input_size, hidden_size, bias)
         factory = {"device": device, "dtype": dtype}
-        input_size = check.integer_size("input_size", input_size)
-        hidden_size = check.integer_size("hidden_size", hidden_size)
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.bias = bias

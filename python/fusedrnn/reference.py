@@ -53,9 +53,10 @@ def rnn_layer(cell: str, x: Tensor, w_ih: Optional[Tensor], w_hh: Tensor, b_ih: 
 
     cell: 'lstm', 'gru', 'rnn_tanh' or 'rnn_relu'. x [T, B, I], or with w_ih=None the input
     projection x W_ih^T + b_ih [T, B, G*H] that the native layers receive; h0 [B, P] and
-    c0 [B, H] (LSTM) default to zeros. lengths [B] (int, each in [1, T]) marks sequence b valid at t < lengths[b]:
-    past it the state of b stays unchanged and its output is zero; the reverse direction starts at
-    each sequence's last valid step. Returns (out [T, B, P], h_n [B, P], c_n [B, H] or None).
+    c0 [B, H] (LSTM) default to zeros. lengths [B] (int, each in [1, T]) marks sequence b valid
+    at t < lengths[b]: past it the state of b stays unchanged and its output is zero; the reverse
+    direction starts at each sequence's last valid step. Returns (out [T, B, P], h_n [B, P],
+    c_n [B, H] or None).
     """
     seq_len, batch = x.shape[0], x.shape[1]
     hidden = w_hh.shape[0] // {"lstm": 4, "gru": 3}.get(cell, 1)
