@@ -6,6 +6,7 @@ fusedrnn modules and skips, saying why, where they are not there yet. Timings ar
 """
 from __future__ import annotations
 
+import io
 import json
 import sys
 from pathlib import Path
@@ -211,6 +212,42 @@ def test_progress_prints_one_line_per_cell_off_a_terminal(tmp_path):
         stream.seek(0)
         lines = stream.read().splitlines()
     assert len(lines) == 2 and "100.0%" in lines[-1] and "\r" not in "".join(lines)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_names_the_stage_of_a_quiet_cell():
+    """The float64 check and the warm-up time nothing: the bar says which runs, then forgets it."""
+    stream = _Terminal()
+    bar = Progress(1, stream=stream)
+    bar.begin("lstm-B16 training")
+    bar.stage("checking against float64 torch.nn")
+    assert stream.getvalue().endswith("lstm-B16 training (checking against float64 torch.nn)")
+    bar.update(0.5)
+    assert stream.getvalue().endswith("(checking against float64 torch.nn)")  # kept until changed
+    bar.end_cell()
+    assert stream.getvalue().endswith("lstm-B16 training")
+
+
+def test_stages_reported_in_order_and_skipped_configs_are_dicts(tmp_path, capsys, tiny_presets,
+                                                                 torch_as_fusedrnn, monkeypatch):
+    stages = []
+    monkeypatch.setattr(Progress, "stage", lambda self, name: stages.append(name))
+    path = tmp_path / "s.json"
+    code, _, _ = run_cli(["--device", "cpu", "--warmup", "1", "--repeats", "2", "--input-sets", "1",
+                          "--preset", "tiny", "--json", str(path)], capsys)
+    assert code == 0
+    first_cell = stages[:stages.index("timing") + 1]
+    assert first_cell[0] == "checking against float64 torch.nn"
+    assert [s for s in first_cell if s.startswith("warm-up")] == [
+        "warm-up fusedrnn", "warm-up torch", "warm-up reference"]
+    skipped = json.loads(path.read_text())["skipped"]
+    assert skipped, "the tiny preset's per-step configuration skips the reference"
+    for s in skipped:
+        assert isinstance(s["config"], dict) and s["config"]["name"], s
 
 
 def _real_fusedrnn_reason():

@@ -17,7 +17,8 @@ from .timing import Plan, Runner, Stats, clock_for, measure
 @dataclass
 class Outcome:
     results: List[dict] = field(default_factory=list)
-    skipped: List[dict] = field(default_factory=list)   # {"config", "impl", "mode", "reason"}
+    # {"config", "impl", "mode", "reason"}; "config" is a dict, as in results
+    skipped: List[dict] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
     device: str = "cpu"
 
@@ -82,7 +83,7 @@ def run(configs: Sequence[BenchConfig], impl_names: Sequence[str], device: torch
             for impl in impls:
                 why = impl.skip_reason(cfg, mode, device)
                 if why:
-                    outcome.skipped.append({"config": cfg.name, "impl": impl.name, "mode": mode, "reason": why})
+                    outcome.skipped.append({"config": cfg.to_dict(), "impl": impl.name, "mode": mode, "reason": why})
                     continue
                 rows[impl.name] = _row(cfg, impl.name, mode, plan.input_sets)
                 if impl.name in build_errors:
@@ -96,11 +97,13 @@ def run(configs: Sequence[BenchConfig], impl_names: Sequence[str], device: torch
                     row["error"] = row["error"] or f"inputs: {type(exc).__name__}: {exc}"
                 mats = None
             if mats is not None and check:
+                progress.stage("checking against float64 torch.nn")
                 _check_accuracy(cfg, mode, torch_module, sets, mats, device, dtype, active, rows, impls)
             if mats is not None:
                 runners = [_runner(name, module, mats, training) for name, module in active.items()
                            if rows[name]["error"] is None]
-                measured = measure(runners, clock, plan, tick=progress.update)
+                measured = measure(runners, clock, plan, tick=progress.update,
+                                   stage=progress.stage)
                 for name, r in measured.items():
                     if r.error:
                         rows[name]["error"] = r.error

@@ -21,20 +21,31 @@ class Progress:
         self.width = width
         self.start = time.monotonic()
         self.label = ""
+        self.stage_name = ""     # what the current cell is doing, shown after its label
+        self.within = 0.0        # fraction of the current cell done, as last reported
 
     def _line(self, fraction: float) -> str:
         filled = int(self.width * fraction)
         elapsed = time.monotonic() - self.start
         eta = elapsed / fraction * (1 - fraction) if fraction > 0 else 0.0
+        stage = f" ({self.stage_name})" if self.stage_name else ""
         return (f"[{'#' * filled}{'.' * (self.width - filled)}] {fraction * 100:5.1f}% "
-                f"{_fmt_s(elapsed)} elapsed, ~{_fmt_s(eta)} left  {self.label}")
+                f"{_fmt_s(elapsed)} elapsed, ~{_fmt_s(eta)} left  {self.label}{stage}")
 
     def begin(self, label: str) -> None:
         self.label = label
+        self.stage_name = ""
         self.update(0.0)
+
+    def stage(self, name: str) -> None:
+        """Names what the cell does next. The float64 check and the warm-up of a large cell take
+        seconds with nothing timed, and a bar that neither moves nor says why looks hung."""
+        self.stage_name = name
+        self.update(self.within)
 
     def update(self, within_cell: float) -> None:
         """within_cell: fraction of the current cell done (0..1)."""
+        self.within = within_cell
         if not self.enabled or not self.tty:
             return
         fraction = min(1.0, (self.done + within_cell) / self.total)
@@ -44,6 +55,8 @@ class Progress:
     def end_cell(self, summary: str = "") -> None:
         """summary: the finished cell's results, shown in the one-line-per-cell (non-terminal) form."""
         self.done += 1
+        self.within = 0.0
+        self.stage_name = ""
         if not self.enabled:
             return
         if self.tty:

@@ -111,16 +111,20 @@ def _attempt(runner: Runner, clock, index: int) -> Optional[float]:
 
 
 def measure(runners: List[Runner], clock, plan: Plan,
-            tick: Optional[Callable[[float], None]] = None) -> Dict[str, Runner]:
+            tick: Optional[Callable[[float], None]] = None,
+            stage: Optional[Callable[[str], None]] = None) -> Dict[str, Runner]:
     """Warm-up, then interleaved timed rounds (Plan.done says when to stop); returns runners by
     name with their samples.
 
-    tick(fraction_done) reports progress within the cell.
+    tick(fraction_done) reports progress within the cell; stage(name) what runs before the
+    first tick ("warm-up NAME", then "timing").
     """
+    stage = stage or (lambda name: None)
     live = list(runners)
     last_ms: Dict[str, float] = {}
     for w in range(plan.warmup):
         for r in list(live):
+            stage(f"warm-up {r.name}")
             t = _attempt(r, clock, w % plan.input_sets)
             if t is None:
                 live.remove(r)
@@ -133,6 +137,7 @@ def measure(runners: List[Runner], clock, plan: Plan,
     was_enabled = gc.isenabled()
     gc.collect()
     gc.disable()  # a collection inside one call would charge one implementation for all
+    stage("timing")
     start = time.perf_counter()
     rep = 0
     try:
