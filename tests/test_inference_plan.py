@@ -4,6 +4,7 @@ tensors or memory), a no-grad call must give what torch.nn gives with the same c
 copies of a module must not share the original's plan."""
 import copy
 import io
+import os
 import pickle
 
 import pytest
@@ -12,7 +13,7 @@ from torch import nn
 from torch.func import functional_call
 
 import fusedrnn
-from fusedrnn import _inference
+from fusedrnn import _backend, _inference
 
 from _helpers import TOLERANCE, assert_close, requires_native
 
@@ -156,6 +157,18 @@ def test_backend_switch_between_calls(monkeypatch):
         ours(fresh_input(19))
     monkeypatch.setenv("FUSEDRNN_BACKEND", "cpu")
     check_same(theirs, ours, seed=20)
+
+
+@pytest.mark.parametrize("value", [None, "", "emu", "caf\u00e9", "\udcff"])
+def test_env_value_reads_what_os_environ_holds(value, monkeypatch):
+    """The fast path reads variables through _backend.env_value: the same answer as
+    os.environ.get, for unset, empty, non-ASCII and undecodable values, right after a change."""
+    name = "FUSEDRNN_TEST_ENV_VALUE"
+    if value is None:
+        monkeypatch.delenv(name, raising=False)
+    else:
+        monkeypatch.setenv(name, value)
+    assert _backend.env_value(name) == os.environ.get(name)
 
 
 def test_load_state_dict_is_seen():

@@ -27,7 +27,6 @@ speed (2-core VM: LSTMCell B=1 H=128 204 against 109 us).
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -49,7 +48,7 @@ def applies(input: Tensor, dims: int = 2) -> bool:
             or input.dim() != dims or 0 in input.shape or _cpu is None
             or (type(input) is not Tensor and _backend.without_data(input))):  # a FakeTensor
         return False
-    backend = os.environ.get(_backend.BACKEND_VARIABLE)
+    backend = _backend.env_value(_backend.BACKEND_VARIABLE)
     return not backend or _backend.backend_name() == "cpu"
 
 

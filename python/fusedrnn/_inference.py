@@ -22,7 +22,6 @@ registered parameters (torch.nn.utils parametrizations), get a fresh plan at eve
 """
 from __future__ import annotations
 
-import os
 import weakref
 from operator import is_
 from typing import NamedTuple, Optional
@@ -238,7 +237,7 @@ class _CachedPlan:
         self.layout = _layout(params)
         self.storage = tuple(p.detach() for p in params)  # the checked pointers stay unique
         self.module = _backend.module_for(params[0].device)
-        self.backend_setting = os.environ.get(_backend.BACKEND_VARIABLE)
+        self.backend_setting = _backend.env_value(_backend.BACKEND_VARIABLE)
 
     def holds(self, params: tuple) -> bool:
         """Whether it was built from exactly these tensors, still in the same memory."""
@@ -251,7 +250,7 @@ class _CachedPlan:
         ~4 us of this check)."""
         if not self.holds(params):
             return False
-        return (os.environ.get(_backend.BACKEND_VARIABLE) == self.backend_setting
+        return (_backend.env_value(_backend.BACKEND_VARIABLE) == self.backend_setting
                 or _backend.module_for(params[0].device) is self.module)
 
 

@@ -29,7 +29,6 @@ oneDNN on any machine; a user can rule it out).
 from __future__ import annotations
 
 import functools
-import os
 from typing import Optional
 
 import torch
@@ -67,7 +66,7 @@ def project(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
 
 def choice() -> str:
     """FUSEDRNN_CPU_GEMM as given (auto when unset); raises on anything else."""
-    value = os.environ.get(GEMM_VARIABLE, "auto") or "auto"
+    value = _backend.env_value(GEMM_VARIABLE) or "auto"
     if value not in _CHOICES:
         raise RuntimeError(f"fusedrnn: {GEMM_VARIABLE} must be one of {', '.join(_CHOICES)}, "
                            f"got {value!r}")
@@ -123,16 +122,17 @@ def _use_onednn(macs: int, min_macs: int, *tensors: Optional[Tensor]) -> bool:
     # trace what follows (the vendor check reads /proc/cpuinfo: open() breaks a fullgraph).
     if not _backend.plain_eager():
         return False
+    # Then the size: most calls of a small model stop here, before the checks that cost more.
+    wanted = choice()
+    if wanted == "torch" or (wanted == "auto" and macs < min_macs):
+        return False
     first = tensors[0]
     if first.device.type != "cpu" or first.dtype != torch.float32:
         return False
     if any(t is not None and (t.dtype != first.dtype or t.device != first.device)
            for t in tensors):
         return False
-    wanted = choice()
-    if wanted == "torch" or (wanted == "auto" and not _vendor_prefers_onednn()):
-        return False
-    if wanted == "auto" and macs < min_macs:
+    if wanted == "auto" and not _vendor_prefers_onednn():
         return False
     plain = all(t is None or type(t) in _PLAIN_TENSOR_TYPES for t in tensors)
     # torch.backends.mkldnn.flags(enabled=False) turns oneDNN off for torch.nn; here too.
