@@ -285,11 +285,13 @@ def test_row_group_splits(cell, proj, threads, monkeypatch):
 @pytest.mark.parametrize("cell,proj", [("lstm", 0), ("lstm", 9), ("gru", 0), ("rnn_tanh", 0)])
 def test_every_instruction_set(cell, proj, isa, monkeypatch):
     """FUSEDRNN_CPU_ISA lowers the run-time choice, so every compiled path runs here (a path the
-    CPU lacks falls back to the best one it has)."""
+    CPU lacks falls back to the best one it has). H=300 gives the backward a depth (G*H) of
+    more than one kDepth slice (panel_gemm.h: 64 KB of panel, 1024 rows at the narrowest
+    vectors), so the partial sums pass through scratch under every ISA."""
     cpu = pytest.importorskip("fusedrnn._cpu")
     monkeypatch.setenv("FUSEDRNN_CPU_ISA", isa)
     for dtype in (torch.float64, torch.float32):
-        for size in [(7, 5, 37), (3, 9, 70)]:
+        for size in [(7, 5, 37), (3, 9, 70), (2, 3, 300)]:
             run_and_check(Config(cell, proj, "bidir", True, *size, dtype, False),
                           torch.device("cpu"))
     assert cpu.isa() in ("generic", "avx2", "avx512", "avx512bf16", "amx")
