@@ -10,13 +10,11 @@
 #include <type_traits>
 #include <utility>
 
-#if defined(__unix__) || defined(__APPLE__)
-#include <unistd.h>  // sysconf
-#endif
 #if defined(__x86_64__)
 #include <cpuid.h>
 #endif
 
+#include "cpu_caches.h"
 #include "recurrence_isa.h"
 #include "row_groups.h"
 #include "thread_team.h"
@@ -179,7 +177,8 @@ void check_lengths(const Params& p) {
 // and streams its share of W_hh; h_t is shared, one barrier per step). Row groups split the
 // batch rows (row_groups.h): each thread runs the whole recurrence of its rows alone, with no
 // barrier and nothing shared but the weights, at the price of a copy of all of W_hh per thread.
-// Row groups win when each thread has enough rows and W_hh fits a core's L2 next to them.
+// Row groups win when each thread has enough rows and its copy of W_hh streams fast enough
+// (row_group_weights_fit).
 // Measured on the 2-core SPR VM, fp32, two threads, team against row groups (A/B pairs):
 // LSTM H=256 (W_hh 1 MB) T=100 B=64 native forward 16.6-17.5 -> 13.7-13.9 ms; B=256 T=50
 // 34.5 -> 29.8; whole training calls LSTM B=64 T=200 191-209 -> 178-180 ms, GRU B=64 T=100
@@ -193,19 +192,19 @@ void check_lengths(const Params& p) {
 constexpr int64_t kMinRowsPerThreadForRowGroupsForward = 16;
 constexpr int64_t kMinRowsPerThreadForRowGroupsBackward = 3;
 
-// The recurrent weights (W_hh, and W_hr with a projection) a row group may read: half of a
-// core's L2, so that they stay there next to the group's rows. 2 MB L2 on the VM measured
-// above: 1 MB (LSTM H=256 fp32) won, 4 MB lost. Many desktop cores have 512 KB-1.25 MB of L2;
-// where the OS does not say, 1 MB is assumed.
-int64_t max_weight_bytes_for_row_groups() {
-  static const int64_t bytes = [] {
-    int64_t l2 = 0;
-#if defined(_SC_LEVEL2_CACHE_SIZE)
-    l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
-#endif
-    return (l2 > 0 ? l2 : int64_t(1) << 20) / 2;
-  }();
-  return bytes;
+// Whether `threads` row groups may each read their own copy of the recurrent weights (W_hh, and
+// W_hr with a projection), `bytes` of them packed. Everywhere: up to half of a core's L2, so
+// that they stay there next to the group's rows. 2 MB L2 on the SPR VM measured above: 1 MB
+// (LSTM H=256 fp32) won, 4 MB lost (estimated). On AMD, also while all the copies take at most
+// half of the L3 the threads share: each thread streams its copy from L3 at every step, and
+// Zen's L3 keeps up. Measured on the 2-core Zen 4 VM (1 MB L2, 32 MB L3), fp32, two threads,
+// team against row groups in the same process: LSTM inference T=100 B=32 H=256 (1 MB) 20.8 ->
+// 18.8 ms, B=64 H=256 40.0 -> 36.1, B=64 H=512 (4 MB) 166 -> 144, B=32 H=512 81 -> 70;
+// training B=64 T=50 H=256 72 -> 59, H=512 248 -> 213; but B=64 H=1024 (16 MB: the two copies
+// fill the L3) 107 -> 127.
+bool row_group_weights_fit(int64_t bytes, int threads) {
+  if (bytes <= l2_bytes() / 2) return true;
+  return is_amd() && l3_bytes() > 0 && bytes * threads <= l3_bytes() / 2;
 }
 
 // Test-only knobs, read once per call (getenv scans the environment):
@@ -248,8 +247,7 @@ bool splits_rows(const Params& p, int threads, const TestKnobs& knobs) {
                                : kMinRowsPerThreadForRowGroupsForward;
   // Each group packs its copy in the compute type (float for bfloat16 tensors).
   const int64_t packed_bytes = p.dtype == DType::kFloat64 ? 8 : 4;
-  return p.batch >= min_rows * threads &&
-         weights * packed_bytes <= max_weight_bytes_for_row_groups();
+  return p.batch >= min_rows * threads && row_group_weights_fit(weights * packed_bytes, threads);
 }
 
 // Thread `rank` of `threads` row groups: its rows [b0, b1) as a problem of its own, with its
