@@ -122,12 +122,12 @@ def _use_onednn(macs: int, min_macs: int, *tensors: Optional[Tensor]) -> bool:
     # trace what follows (the vendor check reads /proc/cpuinfo: open() breaks a fullgraph).
     if not _backend.plain_eager():
         return False
+    first = tensors[0]
+    if first.device.type != "cpu" or first.dtype != torch.float32:
+        return False
     # Then the size: most calls of a small model stop here, before the checks that cost more.
     wanted = choice()
     if wanted == "torch" or (wanted == "auto" and macs < min_macs):
-        return False
-    first = tensors[0]
-    if first.device.type != "cpu" or first.dtype != torch.float32:
         return False
     if any(t is not None and (t.dtype != first.dtype or t.device != first.device)
            for t in tensors):
