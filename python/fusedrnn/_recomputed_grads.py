@@ -76,17 +76,12 @@ def step_grads(cell: str, x: Tensor, h: Optional[Tensor], c: Optional[Tensor], w
                w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor], d_h: Optional[Tensor],
                d_c: Optional[Tensor], needs: Sequence[bool]) -> tuple:
     """A cell step's gradients (d_x, d_h, d_c, d_w_ih, d_w_hh, d_b_ih, d_b_hh), with graphs.
-    h, c: None for zeros; d_h, d_c: None for zero; needs: one bool per gradient."""
-    h_prev = h if h is not None else x.new_zeros(x.shape[0], w_hh.shape[1])
-    if cell == "lstm":  # (a projected LSTM's step returns r: W_hr is applied after it)
-        c_prev = c if c is not None else x.new_zeros(x.shape[0], w_hh.shape[0] // 4)
-        results = reference.lstm_cell(x, h_prev, c_prev, w_ih, w_hh, b_ih, b_hh)
-    elif cell == "gru":
-        results = (reference.gru_cell(x, h_prev, w_ih, w_hh, b_ih, b_hh), None)
-    else:
-        nonlinearity = "tanh" if cell == "rnn_tanh" else "relu"
-        results = (reference.rnn_cell(x, h_prev, w_ih, w_hh, b_ih, b_hh, nonlinearity), None)
-    return _grads(results, (d_h, d_c), [x, h, c, w_ih, w_hh, b_ih, b_hh], needs)
+    h, c: None for zeros; d_h, d_c: None for zero; needs: one bool per gradient. The step runs
+    as reference.rnn_layer over a sequence of one (its final states are the step's results; a
+    projected LSTM's step returns r, W_hr being applied after it)."""
+    _, h_next, c_next = reference.rnn_layer(cell, x.unsqueeze(0), w_ih, w_hh, b_ih, b_hh, None,
+                                            h, c)
+    return _grads((h_next, c_next), (d_h, d_c), [x, h, c, w_ih, w_hh, b_ih, b_hh], needs)
 
 
 def _grads(results, grad_outputs, inputs: list, needs: Sequence[bool]) -> tuple:
