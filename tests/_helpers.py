@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import pytest
@@ -305,6 +305,7 @@ class LayerRun:
     gates: Optional[torch.Tensor]   # [D, T, B, S*H], S saved gates (training LSTM and GRU)
     c_seq: Optional[torch.Tensor]   # [D, T, B, H] (training LSTM)
     r_seq: Optional[torch.Tensor]   # [D, T, B, H] (training projected LSTM)
+    peephole: list = field(default_factory=list)  # D tensors [3, H] or empty
 
     @property
     def num_dirs(self) -> int:
@@ -322,10 +323,12 @@ class LayerGrads:
 
 
 def run_forward_layer(cell: str, xproj, w_hh, b_hh, w_hr, h0=None, c0=None, lengths=None, *,
-                      training: bool = True, out: Optional[torch.Tensor] = None) -> LayerRun:
+                      training: bool = True, out: Optional[torch.Tensor] = None,
+                      peephole=()) -> LayerRun:
     """One native forward call for the 1 or 2 directions of a layer (the lists w_hh, b_hh, w_hr
-    have one entry per direction). Without `training` the saved tensors are not asked for
-    (inference). `out` [T, B, D*P] may be given to choose its storage (strides); it is poisoned."""
+    and, for a peephole LSTM, peephole have one entry per direction). Without `training` the
+    saved tensors are not asked for (inference). `out` [T, B, D*P] may be given to choose its
+    storage (strides); it is poisoned."""
     num_dirs, lstm = len(w_hh), cell == "lstm"
     seq_len, batch = xproj.shape[0], xproj.shape[1]
     hidden = xproj.shape[2] // num_dirs // _backend.GATE_COUNT[cell]
@@ -341,9 +344,10 @@ def run_forward_layer(cell: str, xproj, w_hh, b_hh, w_hr, h0=None, c0=None, leng
         gates=_nan(xproj, num_dirs, seq_len, batch, saved_gates * hidden) if saved_gates else None,
         c_seq=_nan(xproj, num_dirs, seq_len, batch, hidden) if training and lstm else None,
         r_seq=(_nan(xproj, num_dirs, seq_len, batch, hidden)
-               if training and w_hr[0] is not None else None))
+               if training and w_hr[0] is not None else None),
+        peephole=list(peephole))
     _backend.forward_layer(cell, xproj, run.w_hh, run.b_hh, run.w_hr, h0, c0, out, run.hn,
-                           run.cn, run.gates, run.c_seq, run.r_seq, lengths)
+                           run.cn, run.gates, run.c_seq, run.r_seq, lengths, run.peephole)
     return run
 
 
@@ -367,7 +371,8 @@ def run_backward_layer(run: LayerRun, d_out, d_hn, d_cn, *,
         d_c0=_nan(run.xproj, num_dirs, batch, hidden) if lstm else None)
     _backend.backward_layer(run.cell, run.w_hh, run.b_hh, run.w_hr, run.h0, run.c0, run.out,
                             run.gates, run.c_seq, d_out, d_hn, d_cn, grads.d_xproj,
-                            grads.d_hproj, grads.d_h_seq, grads.d_h0, grads.d_c0, run.lengths)
+                            grads.d_hproj, grads.d_h_seq, grads.d_h0, grads.d_c0, run.lengths,
+                            run.peephole)
     return grads
 
 

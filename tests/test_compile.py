@@ -166,7 +166,7 @@ def _layer_args(cell: str, directions: int, bias: bool, proj: int, states: bool,
     c0 = rand(directions, batch, hidden) if states and cell == "lstm" else None
     seq_lengths = torch.tensor([4, 2, 3]) if lengths else None
     xproj = rand(seq_len, batch, directions * gates)
-    return [cell, xproj, h0, c0, w_hh, b_hh, w_hr, seq_lengths, True]
+    return [cell, xproj, h0, c0, w_hh, b_hh, w_hr, [], seq_lengths, True]
 
 
 OP_CASES = [
@@ -185,7 +185,7 @@ def test_opcheck_layer_ops(name, case):
     args = _layer_args(**case)
     torch.library.opcheck(functional.layer_forward, args)
     # layer_backward on what a forward saved and random output gradients
-    cell, xproj, h0, c0, w_hh, b_hh, w_hr, lengths, _ = args
+    cell, xproj, h0, c0, w_hh, b_hh, w_hr, _, lengths, _ = args
     with torch.no_grad():
         out, hn, cn, gates, c_seq, r_seq = functional.layer_forward(*args)
     d_out, d_hn = torch.randn_like(out), torch.randn_like(hn)
@@ -194,7 +194,7 @@ def test_opcheck_layer_ops(name, case):
     w_hh, b_hh, w_hr = ([t.detach() for t in ts] for ts in (w_hh, b_hh, w_hr))
     h0, c0 = (t.detach() if t is not None else None for t in (h0, c0))
     torch.library.opcheck(functional.layer_backward, [
-        cell, w_hh, b_hh, w_hr, h0, c0, out, gates if gates.numel() else None,
+        cell, w_hh, b_hh, w_hr, [], h0, c0, out, gates if gates.numel() else None,
         c_seq if c_seq.numel() else None, d_out, d_hn, d_cn, lengths])
 
 
@@ -203,7 +203,7 @@ def test_op_gradients_match_eager_and_double_backward_raises():
     refusal of double backward (compiled graphs are never differentiated twice; the eager
     Function recomputes instead: test_modules)."""
     args = _layer_args("lstm", directions=2, bias=True, proj=2, states=True, lengths=True)
-    cell, xproj, h0, c0, w_hh, b_hh, w_hr, lengths, _ = args
+    cell, xproj, h0, c0, w_hh, b_hh, w_hr, _, lengths, _ = args
     leaves = [xproj, h0, c0, *w_hh, *b_hh, *w_hr]
     out, hn, cn = functional.layer_forward(*args)[:3]
     grads_op = torch.autograd.grad(ramp_loss([out, hn, cn]), leaves, create_graph=True)

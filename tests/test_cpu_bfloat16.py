@@ -62,8 +62,9 @@ def _forward(cell, xproj, w_hh, b_hh, w_hr, h0, c0, lens, dtype, training=False)
 def _widened(run):
     """The same layer run with every tensor widened to float32 (exact), for the float kernel."""
     wide = lambda t: None if t is None or not t.is_floating_point() else t.float()  # noqa: E731
+    per_direction = ("w_hh", "b_hh", "w_hr", "peephole")  # lists of tensors
     return dataclasses.replace(
-        run, **{f.name: (wide(getattr(run, f.name)) if f.name not in ("w_hh", "b_hh", "w_hr")
+        run, **{f.name: (wide(getattr(run, f.name)) if f.name not in per_direction
                          else [wide(t) for t in getattr(run, f.name)])
                 for f in dataclasses.fields(run) if f.name not in ("cell", "lengths")})
 

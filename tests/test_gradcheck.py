@@ -27,6 +27,14 @@ CASES = [
     ("lstm-proj-packed-unsorted", fusedrnn.LSTM, dict(proj_size=2, bidirectional=True), "unsorted"),
     ("gru-packed-unsorted-L2", fusedrnn.GRU, dict(num_layers=2, bidirectional=True), "unsorted"),
     ("rnn-tanh-packed-sorted", fusedrnn.RNN, dict(bidirectional=True), "sorted"),
+    # The LSTM variants (peephole connections, coupled input and forget gates).
+    ("lstm-peephole", fusedrnn.LSTM, dict(peephole=True), None),
+    ("lstm-cifg", fusedrnn.LSTM, dict(coupled_input_forget=True), None),
+    ("lstm-peephole-cifg-proj-bidir-L2", fusedrnn.LSTM,
+     dict(peephole=True, coupled_input_forget=True, proj_size=2, bidirectional=True,
+          num_layers=2), None),
+    ("lstm-peephole-packed-unsorted", fusedrnn.LSTM, dict(peephole=True, bidirectional=True),
+     "unsorted"),
 ]
 
 
@@ -113,6 +121,8 @@ GRADGRAD_CASES = [
     ("lstm-proj-bidir-packed", fusedrnn.LSTM, dict(proj_size=2, bidirectional=True), True),
     ("gru-L2", fusedrnn.GRU, dict(num_layers=2), False),
     ("rnn-relu-bidir", fusedrnn.RNN, dict(nonlinearity="relu", bidirectional=True), False),
+    ("lstm-peephole-cifg-bidir-packed", fusedrnn.LSTM,
+     dict(peephole=True, coupled_input_forget=True, bidirectional=True), True),
 ]
 
 

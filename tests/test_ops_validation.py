@@ -34,7 +34,7 @@ def forward_args(cell="lstm", directions=1, proj=0):
         c0=rand(directions, BATCH, HIDDEN) if cell == "lstm" else None,
         w_hh=[rand(gates, state) for _ in range(directions)],
         b_hh=[rand(gates) for _ in range(directions)],
-        w_hr=[rand(proj, HIDDEN) for _ in range(directions)] if proj else [],
+        w_hr=[rand(proj, HIDDEN) for _ in range(directions)] if proj else [], peephole=[],
         lengths=torch.tensor([SEQ_LEN, 2]), save=True)
 
 
@@ -47,7 +47,8 @@ def backward_args(cell="lstm", directions=1, proj=0):
     args = forward_args(cell, directions, proj)
     out, hn, cn, gates, c_seq, _ = layer_forward(args)
     return dict(
-        cell=cell, w_hh=args["w_hh"], b_hh=args["b_hh"], w_hr=args["w_hr"], h0=args["h0"],
+        cell=cell, w_hh=args["w_hh"], b_hh=args["b_hh"], w_hr=args["w_hr"], peephole=[],
+        h0=args["h0"],
         c0=args["c0"], out=out, gates=gates if gates.numel() else None,
         c_seq=c_seq if c_seq.numel() else None, d_out=torch.randn_like(out),
         d_hn=torch.randn_like(hn), d_cn=torch.randn_like(cn) if cell == "lstm" else None,

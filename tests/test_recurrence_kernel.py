@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from _helpers import column_block, minimal_fwd_params, run_backward_layer, run_forward_layer
-from fusedrnn import _backend, reference
+from fusedrnn import _backend, functional, reference
 
 GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -41,6 +41,7 @@ class Config:
     H: int
     dtype: torch.dtype
     batch_first: bool     # storage of the sequence tensors (strides), not a different math
+    peephole: bool = False  # LSTM with peephole connections
 
     @property
     def num_dirs(self) -> int:
@@ -53,6 +54,8 @@ class Config:
     @property
     def id(self) -> str:
         parts = [self.cell]
+        if self.peephole:
+            parts.append("peep")
         if self.proj:
             parts.append("proj")
         parts.append(self.directions)
@@ -70,8 +73,10 @@ SIZES = [(1, 1, 1), (2, 3, 5), (7, 5, 37), (7, 1, 5)]  # (T, B, H)
 
 def _grid():
     out = []
-    for cell, proj_on in [("lstm", False), ("lstm", True), ("gru", False), ("rnn_tanh", False),
-                          ("rnn_relu", False)]:
+    for cell, proj_on, peephole in [
+            ("lstm", False, False), ("lstm", True, False), ("lstm", False, True),
+            ("lstm", True, True), ("gru", False, False), ("rnn_tanh", False, False),
+            ("rnn_relu", False, False)]:
         for directions in LAYOUTS:
             for lengths in (False, True):
                 for i, (T, B, H) in enumerate(SIZES):
@@ -79,7 +84,8 @@ def _grid():
                         continue
                     for dtype in (torch.float64, torch.float32):
                         out.append(Config(cell, H // 2 if proj_on else 0, directions, lengths,
-                                          T, B, H, dtype, batch_first=i % 2 == 1))
+                                          T, B, H, dtype, batch_first=i % 2 == 1,
+                                          peephole=peephole))
     return out
 
 
@@ -156,7 +162,8 @@ def run_and_check(cfg: Config, device: torch.device, *, with_h0=True, with_grads
     masters = [dict(w_hh=rnd(X, P, s=scale), b_hh=rnd(X, s=scale),
                     w_hr=rnd(P, H, s=scale) if projected else None,
                     h0=rnd(B, P) if with_h0 else None,
-                    c0=rnd(B, H) if (lstm and with_h0) else None)
+                    c0=rnd(B, H) if (lstm and with_h0) else None,
+                    peephole=rnd(3, H) if cfg.peephole else None)
                for _ in range(nd)]
 
     def layer(name):
@@ -168,7 +175,8 @@ def run_and_check(cfg: Config, device: torch.device, *, with_h0=True, with_grads
 
     run = run_forward_layer(cell, xproj, layer("w_hh"), layer("b_hh"), layer("w_hr"),
                             layer("h0"), layer("c0"), lengths_dev,
-                            out=_seq_storage(T, B, nd * P, cfg.batch_first, dtype, device))
+                            out=_seq_storage(T, B, nd * P, cfg.batch_first, dtype, device),
+                            peephole=layer("peephole") if cfg.peephole else ())
     if with_grads:
         d_hn = rnd(nd, B, P).to(dtype)
         d_cn = rnd(nd, B, H).to(dtype) if lstm else None
@@ -196,7 +204,7 @@ def run_and_check(cfg: Config, device: torch.device, *, with_h0=True, with_grads
         refs = {k: as_ref(v) for k, v in m.items()}
         out_r, hn_r, cn_r = reference.rnn_layer(
             cell, x_ref, eye, refs["w_hh"], None, refs["b_hh"], refs["w_hr"], refs["h0"],
-            refs["c0"], lengths, reverse)
+            refs["c0"], lengths, reverse, peephole=refs["peephole"])
         check(f"dir{d} out", out, out_r)
         check(f"dir{d} h_n", run.hn[d], hn_r)
         if lstm:
@@ -235,6 +243,11 @@ def run_and_check(cfg: Config, device: torch.device, *, with_h0=True, with_grads
             d_h_seq = grads.d_h_seq[d].detach().cpu().double()
             check(f"dir{d} dW_hr", torch.einsum("tbp,tbh->ph", d_h_seq, r_seq),
                   ref_grads["w_hr"])
+        if cfg.peephole:  # formed from the kernel's d_xproj and c_seq as functional.py does
+            c0_used = m["c0"].to(dtype).double() if with_h0 else None
+            d_peephole = functional._peephole_grad(d_pre, run.c_seq[d].detach().cpu().double(),
+                                                   c0_used, lengths, reverse)
+            check(f"dir{d} d_peephole", d_peephole, ref_grads["peephole"])
     assert not failures, f"seed {seed}: " + "; ".join(failures)
 
 

@@ -209,6 +209,7 @@ void check_directions_agree(const std::vector<Params>& dirs, const char* entry) 
     same(a.hidden == b.hidden, "hidden");
     same(a.state == b.state, "state");
     same(a.lengths == b.lengths, "lengths");
+    same((a.peephole == nullptr) == (b.peephole == nullptr), "peephole (set or null)");
   }
 }
 
@@ -257,6 +258,7 @@ inline void bind_params(py::module_& m) {
   def_pointer(fwd, "w_hh", &Fwd::w_hh);
   def_pointer(fwd, "b_hh", &Fwd::b_hh);
   def_pointer(fwd, "w_hr", &Fwd::w_hr);
+  def_pointer(fwd, "peephole", &Fwd::peephole);
   def_pointer(fwd, "h0", &Fwd::h0);
   def_pointer(fwd, "c0", &Fwd::c0);
   def_seq(fwd, "out", &Fwd::out);
@@ -304,6 +306,7 @@ inline void bind_params(py::module_& m) {
   def_pointer(bwd, "w_hh", &Bwd::w_hh);
   def_pointer(bwd, "b_hh", &Bwd::b_hh);
   def_pointer(bwd, "w_hr", &Bwd::w_hr);
+  def_pointer(bwd, "peephole", &Bwd::peephole);
   def_pointer(bwd, "h0", &Bwd::h0);
   def_pointer(bwd, "c0", &Bwd::c0);
   def_seq(bwd, "out", &Bwd::out);
@@ -341,6 +344,7 @@ inline void validate_forward(const std::vector<RecurrenceFwdParams>& dirs, DType
     } else {
       require_null(p.w_hr, where, "w_hr", "unless an lstm has state (proj_size) < hidden");
     }
+    if (!lstm) require_null(p.peephole, where, "peephole", "unless the cell is an lstm");
     // Saved tensors: all set (training) or all null (inference).
     if (p.gates.data != nullptr || p.c_seq.data != nullptr || p.r_seq.data != nullptr) {
       if (lstm || p.cell == CellKind::kGru) {
@@ -388,6 +392,7 @@ inline void validate_backward(const std::vector<RecurrenceBwdParams>& dirs, DTyp
     } else {
       require_null(p.w_hr, where, "w_hr", "unless an lstm has state (proj_size) < hidden");
     }
+    if (!lstm) require_null(p.peephole, where, "peephole", "unless the cell is an lstm");
     check_seq_strides(p.out, where, "out");
     check_seq_strides(p.gates, where, "gates");
     check_seq_strides(p.c_seq, where, "c_seq");

@@ -59,6 +59,7 @@ void backward_impl(const RecurrenceBwdParams& p, const Team& team) {
   T* proj_scratch = reinterpret_cast<T*>(ws + lay.proj_scratch);
   const S* w_hh = static_cast<const S*>(p.w_hh);
   const S* w_hr = static_cast<const S*>(p.w_hr);
+  const S* peephole = static_cast<const S*>(p.peephole);
 
   // Panels over state columns (the product d_pre W_hh); without projection also the units of
   // the pointwise part. Projected: units come from the panels over H of the d_h W_hr product.
@@ -148,7 +149,10 @@ void backward_impl(const RecurrenceBwdParams& p, const Team& team) {
       } else if (p.c0) {
         c_prev = load_as<V>(static_cast<const S*>(p.c0) + b * H + u, n);
       }
-      const auto grad = lstm_backward(gate, c, c_prev, d, V::load(dc_state + b * ld + u));
+      const V d_c = V::load(dc_state + b * ld + u);
+      const auto grad = peephole ? lstm_backward(gate, c, c_prev, d, d_c,
+                                                 load_peephole<V>(peephole, H, u, n))
+                                 : lstm_backward(gate, c, c_prev, d, d_c);
       grad.d_c_prev.store(dc_state + b * ld + u);
       const V parts[4] = {grad.d_i, grad.d_f, grad.d_g, grad.d_o};
       for (int g = 0; g < 4; ++g) {

@@ -91,4 +91,11 @@ inline GruGates<V> load_saved_gru_gates(const S* row, int64_t H, int64_t u, int 
   return gate;
 }
 
+// The peephole weights (params.h: [3, H], rows w_ci, w_cf, w_co) of W units (n valid) at u.
+template <typename V, typename S>
+inline LstmPeephole<V> load_peephole(const S* peephole, int64_t H, int64_t u, int n) {
+  return {load_as<V>(peephole + u, n), load_as<V>(peephole + H + u, n),
+          load_as<V>(peephole + 2 * H + u, n)};
+}
+
 }  // namespace fusedrnn::cpu::FUSEDRNN_CPU_ISA

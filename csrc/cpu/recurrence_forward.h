@@ -53,6 +53,7 @@ void forward_impl(const RecurrenceFwdParams& p, const Team& team) {
   const S* w_hh = static_cast<const S*>(p.w_hh);
   const S* b_hh = static_cast<const S*>(p.b_hh);
   const S* w_hr = static_cast<const S*>(p.w_hr);
+  const S* peephole = static_cast<const S*>(p.peephole);
 
   // This thread's panels: units [unit_begin, unit_end) and, projected, state columns.
   int64_t pan_begin, pan_end, ppan_begin = 0, ppan_end = 0;
@@ -164,11 +165,15 @@ void forward_impl(const RecurrenceFwdParams& p, const Team& team) {
           if constexpr (C == CellKind::kLstm) {
             const V c_prev = V::load(cbuf + b * ld + u);
             V c_next, r;
-            const auto gate = lstm_forward(acc[i][0] + load_as<V>(x + u, n),
-                                           acc[i][1] + load_as<V>(x + H + u, n),
-                                           acc[i][2] + load_as<V>(x + 2 * H + u, n),
-                                           acc[i][3] + load_as<V>(x + 3 * H + u, n),
-                                           c_prev, c_next, r);
+            auto update = [&](const auto& peephole_weights) {
+              return lstm_forward(acc[i][0] + load_as<V>(x + u, n),
+                                  acc[i][1] + load_as<V>(x + H + u, n),
+                                  acc[i][2] + load_as<V>(x + 2 * H + u, n),
+                                  acc[i][3] + load_as<V>(x + 3 * H + u, n), c_prev, c_next, r,
+                                  peephole_weights);
+            };
+            const auto gate = peephole ? update(load_peephole<V>(peephole, H, u, n))
+                                       : update(NoPeephole{});
             c_next.store(cbuf + b * ld + u);
             if (projected) {
               r.store(rbuf + b * ld + u);

@@ -6,6 +6,7 @@
 
 #include "fusedrnn/cell_kind.h"
 #include "fusedrnn/cell_math.h"
+#include "dtype_traits.cuh"
 #include "launch_compat.h"
 
 namespace fusedrnn::cuda {
@@ -42,6 +43,27 @@ struct UnitBackwardInput {
   A d_c;        // gradient reaching c_t from later steps (LSTM)
 };
 
+// The peephole weights of one LSTM unit (params.h), read by the thread that updates the unit;
+// `present` is false for the plain LSTM and for the other cells, which ignore it.
+template <typename A>
+struct UnitPeephole {
+  bool present = false;
+  LstmPeephole<A> w{};
+};
+
+// peephole: params.h's [3, H] weights (T elements) or null.
+template <typename T>
+__device__ __forceinline__ UnitPeephole<Acc<T>> load_unit_peephole(const void* peephole,
+                                                                   int64_t H, int unit) {
+  UnitPeephole<Acc<T>> out;
+  if (peephole != nullptr) {
+    const T* w = static_cast<const T*>(peephole);
+    out.present = true;
+    out.w = {to_acc(w[unit]), to_acc(w[H + unit]), to_acc(w[2 * H + unit])};
+  }
+  return out;
+}
+
 struct LstmTraits {
   static constexpr CellKind kKind = CellKind::kLstm;
   static constexpr int kGates = 4;
@@ -52,10 +74,16 @@ struct LstmTraits {
 
   template <typename A>
   __device__ __forceinline__ static UnitForward<A> forward(CellKind, const A* x, const A* hh,
-                                                           A /*h_prev*/, A c_prev) {
+                                                           A /*h_prev*/, A c_prev,
+                                                           const UnitPeephole<A>& peephole) {
     UnitForward<A> out;
+    // The branch is uniform: every thread of the launch has peephole weights or none.
     const LstmGates<A> g =
-        lstm_forward(x[0] + hh[0], x[1] + hh[1], x[2] + hh[2], x[3] + hh[3], c_prev, out.c, out.h);
+        peephole.present
+            ? lstm_forward(x[0] + hh[0], x[1] + hh[1], x[2] + hh[2], x[3] + hh[3], c_prev, out.c,
+                           out.h, peephole.w)
+            : lstm_forward(x[0] + hh[0], x[1] + hh[1], x[2] + hh[2], x[3] + hh[3], c_prev, out.c,
+                           out.h);
     out.saved[0] = g.i;
     out.saved[1] = g.f;
     out.saved[2] = g.g;
@@ -65,9 +93,12 @@ struct LstmTraits {
 
   template <typename A>
   __device__ __forceinline__ static UnitBackward<A> backward(CellKind,
-                                                             const UnitBackwardInput<A>& in) {
+                                                             const UnitBackwardInput<A>& in,
+                                                             const UnitPeephole<A>& peephole) {
     const LstmGates<A> g{in.saved[0], in.saved[1], in.saved[2], in.saved[3]};
-    const LstmGrads<A> d = lstm_backward(g, in.c, in.c_prev, in.d_h, in.d_c);
+    const LstmGrads<A> d =
+        peephole.present ? lstm_backward(g, in.c, in.c_prev, in.d_h, in.d_c, peephole.w)
+                         : lstm_backward(g, in.c, in.c_prev, in.d_h, in.d_c);
     UnitBackward<A> out;
     out.dx[0] = out.dh[0] = d.d_i;
     out.dx[1] = out.dh[1] = d.d_f;
@@ -88,7 +119,8 @@ struct GruTraits {
 
   template <typename A>
   __device__ __forceinline__ static UnitForward<A> forward(CellKind, const A* x, const A* hh,
-                                                           A h_prev, A /*c_prev*/) {
+                                                           A h_prev, A /*c_prev*/,
+                                                           const UnitPeephole<A>&) {
     UnitForward<A> out;
     const GruGates<A> g = gru_forward(x[0], x[1], x[2], hh[0], hh[1], hh[2], h_prev, out.h);
     out.saved[0] = g.r;
@@ -100,7 +132,8 @@ struct GruTraits {
 
   template <typename A>
   __device__ __forceinline__ static UnitBackward<A> backward(CellKind,
-                                                             const UnitBackwardInput<A>& in) {
+                                                             const UnitBackwardInput<A>& in,
+                                                             const UnitPeephole<A>&) {
     GruGates<A> g;
     g.r = in.saved[0];
     g.z = in.saved[1];
@@ -130,7 +163,8 @@ struct RnnTraits {
 
   template <typename A>
   __device__ __forceinline__ static UnitForward<A> forward(CellKind cell, const A* x, const A* hh,
-                                                           A /*h_prev*/, A /*c_prev*/) {
+                                                           A /*h_prev*/, A /*c_prev*/,
+                                                           const UnitPeephole<A>&) {
     UnitForward<A> out;
     out.h = rnn_forward(cell, x[0] + hh[0]);
     return out;
@@ -138,7 +172,8 @@ struct RnnTraits {
 
   template <typename A>
   __device__ __forceinline__ static UnitBackward<A> backward(CellKind cell,
-                                                             const UnitBackwardInput<A>& in) {
+                                                             const UnitBackwardInput<A>& in,
+                                                             const UnitPeephole<A>&) {
     UnitBackward<A> out;
     out.dx[0] = out.dh[0] = rnn_backward(cell, in.h_next, in.d_h);
     return out;

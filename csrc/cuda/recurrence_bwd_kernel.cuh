@@ -93,7 +93,8 @@ __device__ __forceinline__ void unit_backward(const RecurrenceBwdParams& p, int 
     in.d_c = s + 1 < row.length ? dc_carry : (d_cn != nullptr ? to_acc(d_cn[at]) : A(0));
   }
 
-  const UnitBackward<A> res = Cell::backward(p.cell, in);
+  const UnitBackward<A> res =
+      Cell::backward(p.cell, in, load_unit_peephole<T>(p.peephole, H, unit));
   T* dx = seq_at<T>(p.d_xproj, row.t, b);
   T* dh = p.d_hproj.data != nullptr ? seq_at<T>(p.d_hproj, row.t, b) : nullptr;
   T* exchange = d_dst + static_cast<int64_t>(b) * G * H;

@@ -228,15 +228,24 @@ def _layer_call(cell: str, device: torch.device, w_hh, b_hh, w_hr, lengths):
     return module_for(device), call
 
 
+def _set_peephole(params, peephole) -> None:
+    """Hands each direction's [3, H] peephole weights to its params (left null without)."""
+    if peephole:
+        _check_layer_operands([("peephole", w) for w in peephole])
+        for p, w in zip(params, peephole):
+            p.peephole = w.data_ptr()
+
+
 def forward_layer(cell: str, xproj: torch.Tensor, w_hh, b_hh, w_hr, h0, c0, out: torch.Tensor,
-                  hn: torch.Tensor, cn, gates, c_seq, r_seq, lengths) -> None:
+                  hn: torch.Tensor, cn, gates, c_seq, r_seq, lengths, peephole=()) -> None:
     """One native forward call for all D directions of a layer.
 
     xproj [T, B, D*G*H] (last dim contiguous); w_hh, b_hh, w_hr: sequences of D tensors (or Nones),
     contiguous; h0 [D, B, P], c0 [D, B, H] contiguous or None; out [T, B, D*P] (last dim
     contiguous); hn [D, B, P], cn [D, B, H] contiguous; gates [D, T, B, S*H] (last dim
     contiguous: it may be a view of xproj, params.h), c_seq and r_seq [D, T, B, H] contiguous or
-    None (inference). Direction 1 runs reversed.
+    None (inference); peephole: D contiguous [3, H] LSTM peephole weights, or empty for none.
+    Direction 1 runs reversed.
     """
     seq_len, batch = xproj.shape[0], xproj.shape[1]
     _check_seq_operands((("xproj", xproj), ("out", out)))
@@ -253,6 +262,7 @@ def forward_layer(cell: str, xproj: torch.Tensor, w_hh, b_hh, w_hr, h0, c0, out:
                   _dir_ptr(hn, d), _dir_ptr(cn, d),
                   _dir_seq(gates, d), _dir_seq(c_seq, d), _dir_seq(r_seq, d), *call.execution)
         params.append(module.FwdParams(*fields))
+    _set_peephole(params, peephole)
     ws = _workspace(module, "forward", params, xproj.device)
     module.forward(params)
     del ws  # torch's allocator orders the free after the kernel on the stream
@@ -260,7 +270,7 @@ def forward_layer(cell: str, xproj: torch.Tensor, w_hh, b_hh, w_hr, h0, c0, out:
 
 def backward_layer(cell: str, w_hh, b_hh, w_hr, h0, c0, out: torch.Tensor, gates, c_seq, d_out,
                    d_hn, d_cn, d_xproj: torch.Tensor, d_hproj, d_h_seq, d_h0: torch.Tensor, d_c0,
-                   lengths) -> None:
+                   lengths, peephole=()) -> None:
     """One native backward call for all D directions of a layer; layouts as in forward_layer,
     plus d_out [T, B, D*P] (last dim contiguous) or None, d_hn [D, B, P], d_cn [D, B, H] or None,
     d_xproj and d_hproj [T, B, D*G*H], d_h_seq [D, T, B, P], d_h0 [D, B, P], d_c0 [D, B, H]."""
@@ -283,6 +293,7 @@ def backward_layer(cell: str, w_hh, b_hh, w_hr, h0, c0, out: torch.Tensor, gates
                   _half_seq(d_hproj, d, gates_width), _dir_seq(d_h_seq, d),
                   _dir_ptr(d_h0, d), _dir_ptr(d_c0, d), *call.execution)
         params.append(module.BwdParams(*fields))
+    _set_peephole(params, peephole)
     ws = _workspace(module, "backward", params, out.device)
     module.backward(params)
     del ws

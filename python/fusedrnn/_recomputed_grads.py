@@ -46,10 +46,10 @@ def check_unchanged(tensors, kept: tuple) -> None:
 
 def layer_grads(cell: str, projection: tuple, lengths: Optional[Tensor], h0: Optional[Tensor],
                 c0: Optional[Tensor], w_hh: Sequence[Tensor], b_hh: Sequence[Optional[Tensor]],
-                w_hr: Sequence[Optional[Tensor]], grad_outputs: tuple, needs: Sequence[bool]
-                ) -> tuple:
-    """A layer's gradients (d_xproj, d_h0, d_c0, *d_w_hh, *d_b_hh, *d_w_hr: the biases and
-    projections only where the layer has them), with graphs.
+                w_hr: Sequence[Optional[Tensor]], grad_outputs: tuple, needs: Sequence[bool],
+                peephole: Sequence[Optional[Tensor]] = ()) -> tuple:
+    """A layer's gradients (d_xproj, d_h0, d_c0, *d_w_hh, *d_b_hh, *d_w_hr, *d_peephole: the
+    biases, projections and peephole weights only where the layer has them), with graphs.
 
     projection: (x, w_ih, b_ih), whose F.linear is the layer's xproj [T, B, D*G*H] (b_ih None
     where absent or folded into b_hh); w_hh, b_hh, w_hr: per direction, as the kernel got them
@@ -63,12 +63,13 @@ def layer_grads(cell: str, projection: tuple, lengths: Optional[Tensor], h0: Opt
         out, hn, cn = reference.rnn_layer(
             cell, xproj[..., d * width:(d + 1) * width], None, w_hh[d], None, b_hh[d], w_hr[d],
             h0[d] if h0 is not None else None, c0[d] if c0 is not None else None, lengths,
-            reverse=d == 1)
+            reverse=d == 1, peephole=peephole[d] if peephole else None)
         outs.append(out)
         hns.append(hn)
         cns.append(cn)
     results = (torch.cat(outs, 2), torch.stack(hns), torch.stack(cns) if cell == "lstm" else None)
-    params = [*w_hh, *(b for b in b_hh if b is not None), *(w for w in w_hr if w is not None)]
+    params = [*w_hh, *(b for b in b_hh if b is not None), *(w for w in w_hr if w is not None),
+              *(w for w in peephole if w is not None)]
     return _grads(results, grad_outputs, [xproj, h0, c0, *params], needs)
 
 

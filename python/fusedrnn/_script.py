@@ -134,8 +134,8 @@ def _layer(cell: str, x: Tensor, weights: List[Tensor], first: int, num_dirs: in
     if c0 is not None:
         save = save or (torch.is_grad_enabled() and c0.requires_grad)
     out, hn, cn, _, _, _ = torch.ops.fusedrnn.layer_forward(
-        cell, xproj, h0, c0 if cell == "lstm" else None, w_hh, recurrent_bias, w_hr, lengths,
-        save)
+        cell, xproj, h0, c0 if cell == "lstm" else None, w_hh, recurrent_bias, w_hr, [],
+        lengths, save)
     return out, hn, cn
 
 

@@ -261,10 +261,11 @@ _CELL_STATE = "(only an lstm has a cell state)"
 
 
 def check_layer_forward(cell: str, xproj: Tensor, h0, c0, w_hh, b_hh, w_hr, lengths,
-                        check_lengths_values: bool, op: str = "fusedrnn::layer_forward") -> None:
+                        check_lengths_values: bool, op: str = "fusedrnn::layer_forward",
+                        peephole=()) -> None:
     """Every argument of fusedrnn::layer_forward (see there); `op` names the caller in messages.
     c0 of another cell than lstm may be None or empty (a placeholder, which the caller drops)."""
-    num_dirs, hidden, state, tensors = _check_layer_weights(op, cell, w_hh, b_hh, w_hr)
+    num_dirs, hidden, state, tensors = _check_layer_weights(op, cell, w_hh, b_hh, w_hr, peephole)
     seq_len, batch = _check_sequence(op, "xproj", xproj, "[T, B, D*G*H]",
                                      num_dirs * GATE_COUNT[cell] * hidden)
     if h0 is not None:
@@ -279,12 +280,12 @@ def check_layer_forward(cell: str, xproj: Tensor, h0, c0, w_hh, b_hh, w_hr, leng
 
 
 def check_layer_backward(cell: str, w_hh, b_hh, w_hr, h0, c0, out: Tensor, gates, c_seq, d_out,
-                         d_hn, d_cn, lengths, check_lengths_values: bool) -> None:
+                         d_hn, d_cn, lengths, check_lengths_values: bool, peephole=()) -> None:
     """Every argument of fusedrnn::layer_backward (see there). What the cell has no use for (c0,
     c_seq, d_cn of GRU/RNN, gates of RNN) may be None or empty (layer_forward's placeholders,
     which the caller drops)."""
     op = "fusedrnn::layer_backward"
-    num_dirs, hidden, state, tensors = _check_layer_weights(op, cell, w_hh, b_hh, w_hr)
+    num_dirs, hidden, state, tensors = _check_layer_weights(op, cell, w_hh, b_hh, w_hr, peephole)
     seq_len, batch = _check_sequence(op, "out", out, "[T, B, D*P]", num_dirs * state)
     is_lstm = cell == "lstm"
     saved_width = SAVED_GATE_COUNT[cell] * hidden
@@ -347,9 +348,10 @@ def check_op_lengths(op: str, lengths, seq_len: int, batch: int, like: Tensor, l
         raise ValueError(f"{in_range}, got values from {low} to {high}")
 
 
-def _check_layer_weights(op: str, cell: str, w_hh, b_hh, w_hr) -> tuple:
+def _check_layer_weights(op: str, cell: str, w_hh, b_hh, w_hr, peephole=()) -> tuple:
     """The cell and the weights' count and sizes: w_hh D in {1, 2} tensors [G*H, P]; b_hh empty
-    or D tensors [G*H]; w_hr empty or (LSTM only) D tensors [P, H] with P < H, else P = H.
+    or D tensors [G*H]; w_hr empty or (LSTM only) D tensors [P, H] with P < H, else P = H;
+    peephole empty or (LSTM only) D tensors [3, H].
     Returns (D, H, P, the weights as _check_tensors entries for their dtype and device)."""
     if cell not in GATE_COUNT:  # first: every size below depends on the cell
         raise ValueError(f"{op}: cell must be one of {tuple(GATE_COUNT)}, got {cell!r}")
@@ -364,6 +366,10 @@ def _check_layer_weights(op: str, cell: str, w_hh, b_hh, w_hr) -> tuple:
         raise ValueError(f"{op}: w_hr must be empty (no projection) or, for lstm only, hold one "
                          f"tensor per direction ({num_dirs}, like w_hh), got {len(w_hr)} for "
                          f"{cell}")
+    if peephole and (len(peephole) != num_dirs or cell != "lstm"):
+        raise ValueError(f"{op}: peephole must be empty (no peephole connections) or, for lstm "
+                         f"only, hold one tensor per direction ({num_dirs}, like w_hh), got "
+                         f"{len(peephole)} for {cell}")
     gate_count = GATE_COUNT[cell]
     weight_shape = w_hh[0].shape
     if len(weight_shape) != 2 or weight_shape[0] % gate_count or 0 in weight_shape:
@@ -387,10 +393,13 @@ def _check_layer_weights(op: str, cell: str, w_hh, b_hh, w_hr) -> tuple:
     if w_hr:
         proj_shape = (state, hidden)
         tensors += [(_W_HR[d], w_hr[d], "[P, H]", proj_shape) for d in range(num_dirs)]
+    if peephole:
+        tensors += [(_PEEPHOLE[d], peephole[d], "[3, H]", (3, hidden)) for d in range(num_dirs)]
     return num_dirs, hidden, state, tensors
 
 
 _B_HH, _W_HR = ("b_hh[0]", "b_hh[1]"), ("w_hr[0]", "w_hr[1]")
+_PEEPHOLE = ("peephole[0]", "peephole[1]")
 
 
 

@@ -180,15 +180,18 @@ class _LayerSpec:
     directions: int
     has_bias: bool
     has_proj: bool
+    has_peephole: bool = False
 
     def split(self, params):
-        """A flat sequence (w_hh x D, then b_hh x D with bias, then w_hr x D with proj) back into
-        w_hh, b_hh, w_hr tuples of D entries, Nones for the absent ones."""
+        """A flat sequence (w_hh x D, then b_hh x D with bias, w_hr x D with proj, peephole x D
+        with peephole connections) back into w_hh, b_hh, w_hr, peephole tuples of D entries,
+        Nones for the absent ones."""
         d = self.directions
         w_hh, rest = tuple(params[:d]), params[d:]
         b_hh, rest = (tuple(rest[:d]), rest[d:]) if self.has_bias else ((None,) * d, rest)
-        w_hr = tuple(rest[:d]) if self.has_proj else (None,) * d
-        return w_hh, b_hh, w_hr
+        w_hr, rest = (tuple(rest[:d]), rest[d:]) if self.has_proj else ((None,) * d, rest)
+        peephole = tuple(rest[:d]) if self.has_peephole else (None,) * d
+        return w_hh, b_hh, w_hr, peephole
 
 
 def _layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor], c0: Optional[Tensor],
@@ -197,9 +200,14 @@ def _layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor], c0: Option
     while tracing, save for backward (rnn())."""
     if _backend.under_transform():
         return _reference_layer(cell, x, layer_weights, h0, c0, lengths)
+    peephole = peephole_weights(layer_weights)
     if _backend.recording_graph() and _onnx_export.active():
+        if peephole:
+            raise RuntimeError("fusedrnn: torch.onnx.export does not support peephole LSTMs "
+                               "yet; the exporter writes the plain LSTM only")
         return _onnx_export.layer(cell, x, layer_weights, h0, c0, lengths)
-    if x.size(0) == 1 and lengths is None and _one_step_applies(cell, x, layer_weights, h0, c0):
+    if (x.size(0) == 1 and lengths is None and not peephole
+            and _one_step_applies(cell, x, layer_weights, h0, c0)):
         out, hn, cn = _cell_step.layer(cell, x[0], layer_weights, h0, c0)
         return out.unsqueeze(0), hn, cn
     w_ih = torch.cat([w[0] for w in layer_weights]) if len(layer_weights) > 1 else layer_weights[0][0]
@@ -223,27 +231,39 @@ def _layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor], c0: Option
             else [w[3] for w in layer_weights] if has_bias else [])
     w_hr = [w[4] for w in layer_weights] if layer_weights[0][4] is not None else []
     needs_grad = trace_save or (torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (xproj, h0, c0, *w_hh, *b_hh, *w_hr)))
+        t is not None and t.requires_grad
+        for t in (xproj, h0, c0, *w_hh, *b_hh, *w_hr, *peephole)))
     if _backend.recording_graph() or _backend.without_data(xproj):
         # torch.compile traces the custom op (its fake kernel gives the shapes) and, in training,
         # the backward formula registered for it: no graph break. torch.jit.trace records it as
         # an op of the traced graph; meta and fake tensors get the fake kernel's results.
-        out, hn, cn = layer_forward(cell, xproj, h0, c0, w_hh, b_hh, w_hr, lengths, needs_grad)[:3]
+        out, hn, cn = layer_forward(cell, xproj, h0, c0, w_hh, b_hh, w_hr, peephole, lengths,
+                                    needs_grad)[:3]
         return out, hn, (cn if cell == "lstm" else None)
     # Eagerly the autograd.Function runs the same forward and backward without the custom op's
     # dispatch (several Python layers, measurable at B=1), with the op's checks: rnn() is public,
     # and the kernels trust every size (lengths values were checked by _checked_lengths).
     _validation.check_layer_forward(cell, xproj, h0, c0, w_hh, b_hh, w_hr, lengths, False,
-                                    op="fusedrnn.functional.rnn")
-    spec = _LayerSpec(cell, len(w_hh), has_bias, bool(w_hr))
+                                    op="fusedrnn.functional.rnn", peephole=peephole)
+    spec = _LayerSpec(cell, len(w_hh), has_bias, bool(w_hr), bool(peephole))
     if needs_grad:
         results = _LayerRecurrence.apply(spec, lengths, xproj, h0, c0, (x, w_ih, b_ih), *w_hh,
-                                         *b_hh, *w_hr)
+                                         *b_hh, *w_hr, *peephole)
         return results[0], results[1], (results[2] if cell == "lstm" else None)
     num_dirs = len(w_hh)
     out, hn, cn, *_ = _run_forward(cell, xproj, h0, c0, w_hh, _per_direction(b_hh, num_dirs),
-                                   _per_direction(w_hr, num_dirs), lengths, save=False)
+                                   _per_direction(w_hr, num_dirs), lengths, save=False,
+                                   peephole=peephole)
     return out, hn, cn
+
+
+def peephole_weights(layer_weights) -> list:
+    """The D [3, H] peephole weights of a layer's LayerWeights (their sixth entry,
+    reference.py), or [] for a layer without peephole connections."""
+    first = layer_weights[0]
+    if len(first) > 5 and first[5] is not None:
+        return [w[5] for w in layer_weights]
+    return []
 
 
 def folds_bias(cell: str, dtype: torch.dtype, device: torch.device) -> bool:
@@ -335,7 +355,7 @@ def _forward_outputs(cell: str, xproj: Tensor, num_dirs: int, state: int, has_pr
 
 
 def _run_forward(cell: str, xproj, h0, c0, w_hh, b_hh, w_hr, lengths, save: bool,
-                 zero_padding: bool = False, xproj_is_scratch: bool = False):
+                 zero_padding: bool = False, xproj_is_scratch: bool = False, peephole=()):
     """Allocates the outputs (and, with save, what backward needs) and runs the native forward of
     all directions in one call. Returns _forward_outputs' tuple. The callers have checked the
     arguments (the native call trusts their sizes, dtype and device).
@@ -348,7 +368,8 @@ def _run_forward(cell: str, xproj, h0, c0, w_hh, b_hh, w_hr, lengths, save: bool
     out, hn, cn, gates, c_seq, r_seq = results
     _backend.forward_layer(cell, xproj, [w.contiguous() for w in w_hh],
                            [_contiguous(b) for b in b_hh], [_contiguous(w) for w in w_hr],
-                           h0, c0, out, hn, cn, gates, c_seq, r_seq, lengths)
+                           h0, c0, out, hn, cn, gates, c_seq, r_seq, lengths,
+                           _present_contiguous(peephole))
     return results
 
 
@@ -370,7 +391,7 @@ def _backward_outputs(cell: str, out: Tensor, num_dirs: int, gates_width: int, s
 
 
 def _run_backward(cell: str, w_hh, b_hh, w_hr, h0, c0, out, gates, c_seq, d_out, d_hn, d_cn,
-                  lengths, d_xproj_over_gates: bool = False):
+                  lengths, peephole=(), d_xproj_over_gates: bool = False):
     """The native backward recurrence of all directions in one call (d_out, d_hn, d_cn: None
     for zero). Returns _backward_outputs' tuple.
 
@@ -384,13 +405,13 @@ def _run_backward(cell: str, w_hh, b_hh, w_hr, h0, c0, out, gates, c_seq, d_out,
     _backend.backward_layer(
         cell, [w.contiguous() for w in w_hh], [_contiguous(b) for b in b_hh],
         [_contiguous(w) for w in w_hr], h0, c0, out, gates, c_seq, _last_dim_contiguous(d_out),
-        _contiguous(d_hn), _contiguous(d_cn), *grads, lengths)
+        _contiguous(d_hn), _contiguous(d_cn), *grads, lengths, _present_contiguous(peephole))
     return grads
 
 
 def _layer_grads(spec: _LayerSpec, saved, d_out, d_hn, d_cn, needs, run_backward) -> tuple:
     """The gradients of a layer's recurrence: (d_xproj, d_h0, d_c0, then one per flat param:
-    w_hh x D, b_hh x D with bias, w_hr x D with proj), None where not needed.
+    w_hh x D, b_hh x D with bias, w_hr x D with proj, peephole x D), None where not needed.
 
     saved: (lengths, h0, c0, out, gates, c_seq, r_seq, *params) as the forward saved them;
     needs: one bool per flat param; run_backward: _run_backward, or while compiling the
@@ -408,18 +429,23 @@ def _layer_grads(spec: _LayerSpec, saved, d_out, d_hn, d_cn, needs, run_backward
 
 def _layer_weight_grads(spec: _LayerSpec, saved, d_out, d_hn, d_cn, needs, run_backward):
     lengths, h0, c0, out, gates, c_seq, r_seq, *params = saved
-    w_hh, b_hh, w_hr = spec.split(params)
+    w_hh, b_hh, w_hr, peephole = spec.split(params)
     num_dirs = spec.directions
     d_xproj, d_hproj, d_h_seq, d_h0, d_c0 = run_backward(
-        spec.cell, w_hh, b_hh, w_hr, h0, c0, out, gates, c_seq, d_out, d_hn, d_cn, lengths)
+        spec.cell, w_hh, b_hh, w_hr, h0, c0, out, gates, c_seq, d_out, d_hn, d_cn, lengths,
+        peephole if spec.has_peephole else ())
     gates_width = d_xproj.shape[2] // num_dirs
     state, hidden = out.shape[2] // num_dirs, gates_width // GATE_COUNT[spec.cell]
 
     d_pre = d_hproj if d_hproj is not None else d_xproj
+    # needs: w_hh x D, then b_hh x D, w_hr x D, peephole x D where the layer has them.
+    needs_bias = needs[num_dirs:] if spec.has_bias else ()
+    needs_proj = needs[num_dirs * (1 + spec.has_bias):] if spec.has_proj else ()
+    needs_peephole = needs[num_dirs * (1 + spec.has_bias + spec.has_proj):]
     d_bias = None
-    if spec.has_bias and any(needs[num_dirs:2 * num_dirs]):
+    if spec.has_bias and any(needs_bias[:num_dirs]):
         d_bias = _input_projection.row_sum(d_pre)  # every direction's db_hh at once
-    d_w_hh, d_b_hh, d_w_hr = [], [], []
+    d_w_hh, d_b_hh, d_w_hr, d_peephole = [], [], [], []
     for d in range(num_dirs):
         d_pre_d = d_pre[:, :, d * gates_width:(d + 1) * gates_width]
         d_w_hh.append(_recurrent_weight_grad(d_pre_d, out[:, :, d * state:(d + 1) * state],
@@ -428,25 +454,58 @@ def _layer_weight_grads(spec: _LayerSpec, saved, d_out, d_hn, d_cn, needs, run_b
                       if needs[d] else None)
         if spec.has_bias:
             d_b_hh.append(d_bias[d * gates_width:(d + 1) * gates_width]
-                          if needs[num_dirs + d] else None)
+                          if needs_bias[d] else None)
         if spec.has_proj:
             # dW_hr = sum_t d_h_t^T r_t, with r_t = o_t * tanh(c_t) the input of W_hr.
             d_w_hr.append(d_h_seq[d].reshape(-1, state).t().mm(r_seq[d].reshape(-1, hidden))
-                          if needs[-num_dirs + d] else None)
+                          if needs_proj[d] else None)
+        if spec.has_peephole:
+            d_peephole.append(_peephole_grad(d_pre[:, :, d * gates_width:(d + 1) * gates_width],
+                                             c_seq[d], c0[d] if c0 is not None else None,
+                                             lengths, reverse=d == 1)
+                              if needs_peephole[d] else None)
     return (d_xproj, d_h0 if h0 is not None else None, d_c0 if c0 is not None else None,
-            *d_w_hh, *d_b_hh, *d_w_hr)
+            *d_w_hh, *d_b_hh, *d_w_hr, *d_peephole)
+
+
+def _peephole_grad(d_pre: Tensor, c_seq: Tensor, c0: Optional[Tensor],
+                   lengths: Optional[Tensor], reverse: bool) -> Tensor:
+    """d(w_ci, w_cf, w_co) [3, H] = sums over steps and rows of (d_i c_{t-1}, d_f c_{t-1},
+    d_o c_t) for one direction: d_pre [T, B, 4H] the gate pre-activation gradients, c_seq
+    [T, B, H] the cell states after each step, c0 [B, H] or None for zeros.
+
+    c_{t-1} (params.h) is c_seq[t-1] going forward (c0 at t = 0), c_seq[t+1] going backward (c0
+    at each sequence's last valid step). Padded steps have zero gradient rows, but their c_seq
+    rows were never written (NaN * 0 is NaN), so they are masked out, not multiplied."""
+    seq_len = d_pre.shape[0]
+    first = c0.unsqueeze(0) if c0 is not None else c_seq.new_zeros(1, *c_seq.shape[1:])
+    if not reverse:
+        c_prev = torch.cat([first, c_seq[:-1]])
+    else:
+        c_prev = torch.cat([c_seq[1:], first])
+    valid = None
+    if lengths is not None:
+        steps = torch.arange(seq_len, device=lengths.device).unsqueeze(1)
+        valid = (steps < lengths).unsqueeze(2)  # [T, B, 1]
+        if reverse:  # the last valid step of each sequence starts from c0
+            c_prev = torch.where((steps + 1 < lengths).unsqueeze(2), c_prev, first)
+    d_i, d_f, _, d_o = d_pre.chunk(4, dim=2)
+    terms = (d_i * c_prev, d_f * c_prev, d_o * c_seq)
+    if valid is not None:
+        terms = tuple(torch.where(valid, term, 0) for term in terms)
+    return torch.stack([term.sum((0, 1)) for term in terms])
 
 
 class _LayerRecurrence(torch.autograd.Function):
     """The recurrence of all directions of one layer, eagerly. Inputs: spec, lengths,
     xproj [T, B, D*G*H], h0 [D, B, P] or None, c0 [D, B, H] or None, projection (x, w_ih, b_ih)
     whose F.linear is xproj (for create_graph: _recomputed_grads), then w_hh x D, b_hh x D
-    (with bias), w_hr x D (with proj). Outputs: out [T, B, D*P], hn [D, B, P] (and cn [D, B, H]
-    for LSTM)."""
+    (with bias), w_hr x D (with proj), peephole x D (with peephole connections). Outputs:
+    out [T, B, D*P], hn [D, B, P] (and cn [D, B, H] for LSTM)."""
 
     @staticmethod
     def forward(ctx, spec: _LayerSpec, lengths, xproj, h0, c0, projection, *params):
-        w_hh, b_hh, w_hr = spec.split(params)
+        w_hh, b_hh, w_hr, peephole = spec.split(params)
         # Kept by reference, not saved (a bias written in place before a first-order backward,
         # which reads none of them, is fine, as in torch.nn); read only under create_graph,
         # which checks their versions.
@@ -456,7 +515,7 @@ class _LayerRecurrence(torch.autograd.Function):
         # the linear's, keeps its inputs, not its result): the gates may overwrite it.
         out, hn, cn, gates, c_seq, r_seq = _run_forward(
             spec.cell, xproj, h0, c0, w_hh, b_hh, w_hr, lengths, save=True,
-            xproj_is_scratch=True)
+            xproj_is_scratch=True, peephole=peephole if spec.has_peephole else ())
         ctx.spec = spec
         ctx.gates_over_xproj = gates is not None and gates.data_ptr() == xproj.data_ptr()
         ctx.set_materialize_grads(False)
@@ -475,11 +534,12 @@ class _LayerRecurrence(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph: gradients that can be differentiated again
             _recomputed_grads.check_unchanged((*ctx.projection, *ctx.b_hh), ctx.kept_versions)
             lengths, h0, c0, _, _, _, _, *params = ctx.saved_tensors  # as _layer_weight_grads
-            w_hh, _, w_hr = ctx.spec.split(params)
+            w_hh, _, w_hr, peephole = ctx.spec.split(params)
             needs = ctx.needs_input_grad
             grads = _recomputed_grads.layer_grads(
                 ctx.spec.cell, ctx.projection, lengths, h0, c0, w_hh, ctx.b_hh, w_hr,
-                (d_out, d_hn, d_cn), (*needs[2:5], *needs[6:]))
+                (d_out, d_hn, d_cn), (*needs[2:5], *needs[6:]),
+                peephole if ctx.spec.has_peephole else ())
             return (None, None, *grads[:3], None, *grads[3:])
         run_backward = _run_backward
         if ctx.gates_over_xproj and not torch._C._autograd._get_current_graph_task_keep_graph():
@@ -596,27 +656,29 @@ def _per_direction(tensors, num_dirs: int):
 @torch.library.custom_op("fusedrnn::layer_forward", mutates_args=())
 def layer_forward(cell: str, xproj: Tensor, h0: Optional[Tensor], c0: Optional[Tensor],
                   w_hh: list[Tensor], b_hh: list[Tensor], w_hr: list[Tensor],
-                  lengths: Optional[Tensor], save: bool
+                  peephole: list[Tensor], lengths: Optional[Tensor], save: bool
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The recurrence of all D directions of a layer: xproj [T, B, D*G*H] = x W_ih^T (+ b_ih),
-    w_hh/b_hh/w_hr lists of D tensors (b_hh, w_hr empty when absent), h0 [D, B, P], c0 [D, B, H],
-    lengths [B] int64. Returns (out [T, B, D*P], hn [D, B, P], cn [D, B, H], then with save what
+    w_hh/b_hh/w_hr/peephole lists of D tensors (b_hh, w_hr, peephole empty when absent;
+    peephole [3, H], LSTM only), h0 [D, B, P], c0 [D, B, H], lengths [B] int64. Returns (out [T, B, D*P], hn [D, B, P], cn [D, B, H], then with save what
     backward reads: gates [D, T, B, S*H], c_seq and r_seq [D, T, B, H], zero at padded steps);
     empty where absent. Bad arguments raise (_validation.check_layer_forward) before any native
     call: the kernels trust every size."""
     _validation.check_layer_forward(cell, xproj, h0, c0, w_hh, b_hh, w_hr, lengths,
-                                    lengths is not None and not _native_checks_lengths(xproj))
+                                    lengths is not None and not _native_checks_lengths(xproj),
+                                    peephole=peephole)
     num_dirs = len(w_hh)
     c0 = c0 if cell == "lstm" else None  # another cell's c0 can only be an empty placeholder
     results = _run_forward(cell, _last_dim_contiguous(xproj), _contiguous(h0), _contiguous(c0),
                            w_hh, _per_direction(b_hh, num_dirs), _per_direction(w_hr, num_dirs),
-                           _contiguous(lengths), save, zero_padding=True)
+                           _contiguous(lengths), save, zero_padding=True, peephole=peephole)
     return _none_as_empty(results, xproj)
 
 
 @layer_forward.register_fake
-def _layer_forward_fake(cell, xproj, h0, c0, w_hh, b_hh, w_hr, lengths, save):
-    _validation.check_layer_forward(cell, xproj, h0, c0, w_hh, b_hh, w_hr, lengths, False)
+def _layer_forward_fake(cell, xproj, h0, c0, w_hh, b_hh, w_hr, peephole, lengths, save):
+    _validation.check_layer_forward(cell, xproj, h0, c0, w_hh, b_hh, w_hr, lengths, False,
+                                    peephole=peephole)
     return _none_as_empty(
         _forward_outputs(cell, xproj, len(w_hh), w_hh[0].shape[1], bool(w_hr), lengths, save,
                          zero_padding=True),
@@ -625,7 +687,7 @@ def _layer_forward_fake(cell, xproj, h0, c0, w_hh, b_hh, w_hr, lengths, save):
 
 @torch.library.custom_op("fusedrnn::layer_backward", mutates_args=())
 def layer_backward(cell: str, w_hh: list[Tensor], b_hh: list[Tensor], w_hr: list[Tensor],
-                   h0: Optional[Tensor], c0: Optional[Tensor], out: Tensor,
+                   peephole: list[Tensor], h0: Optional[Tensor], c0: Optional[Tensor], out: Tensor,
                    gates: Optional[Tensor], c_seq: Optional[Tensor], d_out: Optional[Tensor],
                    d_hn: Optional[Tensor], d_cn: Optional[Tensor], lengths: Optional[Tensor]
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -636,7 +698,8 @@ def layer_backward(cell: str, w_hh: list[Tensor], b_hh: list[Tensor], w_hr: list
     Bad arguments raise (_validation.check_layer_backward) before any native call."""
     _validation.check_layer_backward(cell, w_hh, b_hh, w_hr, h0, c0, out, gates, c_seq, d_out,
                                      d_hn, d_cn, lengths,
-                                     lengths is not None and not _native_checks_lengths(out))
+                                     lengths is not None and not _native_checks_lengths(out),
+                                     peephole=peephole)
     num_dirs = len(w_hh)
     if cell != "lstm":  # what another cell has no use for can only be an empty placeholder
         c0 = c_seq = d_cn = None
@@ -645,35 +708,35 @@ def layer_backward(cell: str, w_hh: list[Tensor], b_hh: list[Tensor], w_hr: list
     grads = _run_backward(cell, w_hh, _per_direction(b_hh, num_dirs),
                           _per_direction(w_hr, num_dirs), _contiguous(h0), _contiguous(c0),
                           _last_dim_contiguous(out), _contiguous(gates), _contiguous(c_seq),
-                          d_out, d_hn, d_cn, _contiguous(lengths))
+                          d_out, d_hn, d_cn, _contiguous(lengths), peephole)
     return _none_as_empty(grads, out)
 
 
 @layer_backward.register_fake
-def _layer_backward_fake(cell, w_hh, b_hh, w_hr, h0, c0, out, gates, c_seq, d_out, d_hn, d_cn,
-                         lengths):
+def _layer_backward_fake(cell, w_hh, b_hh, w_hr, peephole, h0, c0, out, gates, c_seq, d_out,
+                         d_hn, d_cn, lengths):
     _validation.check_layer_backward(cell, w_hh, b_hh, w_hr, h0, c0, out, gates, c_seq, d_out,
-                                     d_hn, d_cn, lengths, False)
+                                     d_hn, d_cn, lengths, False, peephole=peephole)
     return _none_as_empty(
         _backward_outputs(cell, out, len(w_hh), w_hh[0].shape[0], w_hh[0].shape[1], bool(w_hr)),
         out)
 
 
 def _run_backward_op(cell: str, w_hh, b_hh, w_hr, h0, c0, out, gates, c_seq, d_out, d_hn, d_cn,
-                     lengths):
+                     lengths, peephole=()):
     """_run_backward through the layer_backward op (what the compiled backward graph holds)."""
     has_proj = w_hr[0] is not None
     d_xproj, d_hproj, d_h_seq, d_h0, d_c0 = layer_backward(
         cell, list(w_hh), [b for b in b_hh if b is not None], [w for w in w_hr if w is not None],
-        h0, c0, out, gates, c_seq, d_out, d_hn, d_cn, lengths)
+        list(peephole), h0, c0, out, gates, c_seq, d_out, d_hn, d_cn, lengths)
     return (d_xproj, d_hproj if cell == "gru" else None, d_h_seq if has_proj else None, d_h0,
             d_c0 if cell == "lstm" else None)
 
 
 def _layer_forward_setup_context(ctx, inputs, output):
-    cell, xproj, h0, c0, w_hh, b_hh, w_hr, lengths, save = inputs
+    cell, xproj, h0, c0, w_hh, b_hh, w_hr, peephole, lengths, save = inputs
     out, hn, cn, gates, c_seq, r_seq = output
-    spec = _LayerSpec(cell, len(w_hh), bool(b_hh), bool(w_hr))
+    spec = _LayerSpec(cell, len(w_hh), bool(b_hh), bool(w_hr), bool(peephole))
     ctx.mark_non_differentiable(*output[2 if cell != "lstm" else 3:])
     ctx.set_materialize_grads(False)
     ctx.spec, ctx.saved = spec, save
@@ -682,7 +745,7 @@ def _layer_forward_setup_context(ctx, inputs, output):
         c_seq = c_seq if cell == "lstm" else None
         r_seq = r_seq if spec.has_proj else None
         ctx.save_for_backward(lengths, h0, c0, out, gates, c_seq, r_seq,
-                              *_unsaved_biases(spec, (*w_hh, *b_hh, *w_hr)))
+                              *_unsaved_biases(spec, (*w_hh, *b_hh, *w_hr, *peephole)))
 
 
 def _layer_forward_backward(ctx, d_out, d_hn, d_cn, *_):
@@ -693,12 +756,12 @@ def _layer_forward_backward(ctx, d_out, d_hn, d_cn, *_):
     spec = ctx.spec
     grads = _layer_grads(spec, ctx.saved_tensors, d_out, d_hn,
                          d_cn if spec.cell == "lstm" else None,
-                         [*needs[4], *needs[5], *needs[6]], _run_backward_op)
+                         [*needs[4], *needs[5], *needs[6], *needs[7]], _run_backward_op)
     d_xproj, d_h0, d_c0, *d_params = grads
-    d_w_hh, d_b_hh, d_w_hr = spec.split(d_params)
+    d_w_hh, d_b_hh, d_w_hr, d_peephole = spec.split(d_params)
     return (None, d_xproj, d_h0, d_c0, list(d_w_hh),
             list(d_b_hh) if spec.has_bias else [], list(d_w_hr) if spec.has_proj else [],
-            None, None)
+            list(d_peephole) if spec.has_peephole else [], None, None)
 
 
 def _layer_backward_backward(ctx, *_):
@@ -749,6 +812,12 @@ def _cast(t, dtype):
 
 def _contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
     return t.contiguous() if t is not None else None
+
+
+def _present_contiguous(tensors) -> list:
+    """A list argument with Nones for absent (_LayerSpec.split) as the native call takes it:
+    the tensors, contiguous, or [] where absent."""
+    return [t.contiguous() for t in tensors if t is not None]
 
 
 def _last_dim_contiguous(t: Optional[Tensor]) -> Optional[Tensor]:

@@ -66,7 +66,11 @@ class RNNBase(nn.Module):
         self.proj_size = proj_size
 
         factory = {"device": device, "dtype": dtype}
-        gate_size = _GATES[mode] * hidden_size
+        # The LSTM variants (LSTM's keyword arguments): set on the instance before this runs.
+        coupled = self.__dict__.get("coupled_input_forget", False)
+        peephole = self.__dict__.get("peephole", False)
+        self._is_variant = coupled or peephole
+        gate_size = (3 if coupled else _GATES[mode]) * hidden_size
         state_size = proj_size if proj_size > 0 else hidden_size
         num_directions = 2 if bidirectional else 1
         self._flat_weights_names: list[str] = []
@@ -83,6 +87,8 @@ class RNNBase(nn.Module):
                     shapes += [("bias_ih", (gate_size,)), ("bias_hh", (gate_size,))]
                 if proj_size > 0:
                     shapes += [("weight_hr", (proj_size, hidden_size))]
+                if peephole:  # rows w_ci, w_cf, w_co; a CIFG has no input gate: w_cf, w_co
+                    shapes += [("weight_peephole", (2 if coupled else 3, hidden_size))]
                 names = []
                 for name, shape in shapes:
                     setattr(self, name + suffix, nn.Parameter(torch.empty(shape, **factory)))
@@ -124,6 +130,10 @@ class RNNBase(nn.Module):
             s += ", dropout={dropout}"
         if self.bidirectional is not False:
             s += ", bidirectional={bidirectional}"
+        if self.__dict__.get("peephole"):
+            s += ", peephole=True"
+        if self.__dict__.get("coupled_input_forget"):
+            s += ", coupled_input_forget=True"
         return s.format(**self.__dict__)
 
     # --- forward -------------------------------------------------------------------------------------
@@ -137,19 +147,26 @@ class RNNBase(nn.Module):
         return "RNN" if self.mode.startswith("RNN") else self.mode
 
     def _layer_weights(self) -> list:
-        """(w_ih, w_hh, b_ih, b_hh, w_hr) per layer and direction, for functional.rnn; read at
-        every call, so .to(), load_state_dict and torch.func.functional_call are always seen."""
+        """(w_ih, w_hh, b_ih, b_hh, w_hr) per layer and direction, for functional.rnn, and a
+        peephole LSTM's [3, H] peephole weights as a sixth entry; read at every call, so .to(),
+        load_state_dict and torch.func.functional_call are always seen. A CIFG LSTM's weights
+        come as the plain LSTM's that compute it (_coupled_as_lstm)."""
         names = self.__dict__.get("_layer_weight_names")
         if names is None:  # built once: the names __init__ registered, None for absent ones
             num_directions = 2 if self.bidirectional else 1
             present = {"weight_ih": True, "weight_hh": True, "bias_ih": self.bias,
                        "bias_hh": self.bias, "weight_hr": self.proj_size > 0}
+            if self.__dict__.get("peephole"):
+                present["weight_peephole"] = True
             names = [tuple(f"{name}_l{layer}{'_reverse' if direction else ''}" if there else None
                            for name, there in present.items())
                      for layer in range(self.num_layers) for direction in range(num_directions)]
             self.__dict__["_layer_weight_names"] = names
-        return [tuple(getattr(self, name) if name is not None else None for name in layer)
-                for layer in names]
+        weights = [tuple(getattr(self, name) if name is not None else None for name in layer)
+                   for layer in names]
+        if self.__dict__.get("coupled_input_forget"):
+            weights = [_coupled_as_lstm(w, self.hidden_size) for w in weights]
+        return weights
 
     def _fast_forward(self, input, hx):
         """The common inference call (no gradient, a batched float32/float64 tensor, valid or no
@@ -160,6 +177,8 @@ class RNNBase(nn.Module):
         per-call bookkeeping. None for anything else, which the full path then handles (and
         reports, for bad input) exactly as before. A call with gradients enabled where nothing
         requires one (a frozen module called without no_grad) is an inference call."""
+        if self._is_variant:  # the inference plan and the cell steps run the plain cells only
+            return None
         grad = torch.is_grad_enabled() and self._may_record_graph(input, hx)
         if (type(input) is not Tensor or input.is_meta or not _backend.plain_eager()
                 or input.dim() != 3
@@ -286,6 +305,8 @@ class RNNBase(nn.Module):
         weight = self.weight_ih_l0
         input, hx = _follow_autocast(input, hx, weight)
         packed = isinstance(input, PackedSequence)
+        if self._is_variant and _backend.recording_graph() and _onnx_export.active():
+            _refuse_variant(self, "torch.onnx.export")
         if packed and _backend.recording_graph() and _onnx_export.active():
             return self._exported_packed_forward(input, hx)
         if packed:
@@ -365,6 +386,7 @@ class RNNBase(nn.Module):
         module hands it the flat weight list (torch.nn keeps one as an attribute, too). The list
         holds the parameters themselves: in-place updates, load_state_dict and .to() (which
         keeps the Parameter objects) stay visible to the script."""
+        _refuse_variant(self, "torch.jit.script")
         self.__dict__["_script_weights"] = self._flat_weights
         return self
 
@@ -444,11 +466,30 @@ class RNNBase(nn.Module):
 
 
 class LSTM(RNNBase):
-    """Drop-in torch.nn.LSTM (same arguments, parameters and results) on fusedrnn's kernels."""
+    """Drop-in torch.nn.LSTM (same arguments, parameters and results) on fusedrnn's kernels.
+
+    Beyond torch.nn, two variants of the literature, each a keyword argument (both may be set):
+    - peephole=True: peephole connections (Gers, Schraudolph & Schmidhuber, 2002). The input and
+      forget gates also see c_{t-1}, the output gate sees c_t, through one weight per unit and
+      gate: i = s(... + w_ci c_{t-1}), f = s(... + w_cf c_{t-1}), o = s(... + w_co c_t). Adds
+      `weight_peephole_l{k}` [3, hidden_size] (rows w_ci, w_cf, w_co) per layer and direction.
+    - coupled_input_forget=True: the coupled input and forget gate (CIFG; Greff et al., 2017):
+      no input gate of its own, i = 1 - f. weight_ih/weight_hh/biases hold the gates f, g, o
+      ([3 * hidden_size, .]), and weight_peephole the rows w_cf, w_co.
+    Both run on the native kernels (CPU and CUDA, training and inference, packed sequences,
+    torch.compile); torch.jit.script and torch.onnx.export take the plain LSTM only.
+    """
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 proj_size: int = 0, device=None, dtype=None):
+                 proj_size: int = 0, device=None, dtype=None, *, peephole: bool = False,
+                 coupled_input_forget: bool = False):
+        for name, value in (("peephole", peephole),
+                            ("coupled_input_forget", coupled_input_forget)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} should be of type bool, got: {type(value).__name__}")
+        self.peephole = peephole
+        self.coupled_input_forget = coupled_input_forget
         super().__init__("LSTM", input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, proj_size, device, dtype)
 
@@ -591,6 +632,30 @@ def _follow_autocast(input, hx, weight: Tensor):
     elif isinstance(hx, (tuple, list)):
         hx = type(hx)(s.to(weight.dtype) if isinstance(s, Tensor) else s for s in hx)
     return input, hx
+
+
+def _coupled_as_lstm(weights: tuple, hidden: int) -> tuple:
+    """A CIFG layer's weights (gates f, g, o; peephole rows w_cf, w_co) as the plain LSTM's
+    that compute it: the input gate's rows are the forget gate's, negated, since
+    s(-a) = 1 - s(a) makes i = 1 - f exact. So the native kernels run a CIFG as they are, and
+    autograd adds the input gate's gradients into the forget gate's. (The recurrent product
+    then does 4/3 of a 3-gate kernel's work.)"""
+    def with_input_gate(t):
+        return torch.cat([-t[:hidden], t]) if t is not None else None
+
+    w_ih, w_hh, b_ih, b_hh, w_hr, *peephole = weights
+    lstm = (with_input_gate(w_ih), with_input_gate(w_hh), with_input_gate(b_ih),
+            with_input_gate(b_hh), w_hr)
+    if peephole:
+        lstm += (torch.cat([-peephole[0][:1], peephole[0]]),)
+    return lstm
+
+
+def _refuse_variant(module, what: str) -> None:
+    """TorchScript and ONNX export run the plain LSTM's ops (_script.py, _onnx_export.py)."""
+    if getattr(module, "_is_variant", False):
+        raise RuntimeError(f"fusedrnn.LSTM: {what} does not support the peephole and "
+                           f"coupled_input_forget variants yet; torch.compile does")
 
 
 def _reject_proj_size(kwargs: dict) -> None:

@@ -16,12 +16,32 @@ from torch import Tensor
 
 
 def lstm_cell(x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tensor,
-              b_ih: Optional[Tensor], b_hh: Optional[Tensor], w_hr: Optional[Tensor] = None):
-    """One LSTM step. x [B, I], h [B, P], c [B, H] -> (h' [B, P], c' [B, H])."""
+              b_ih: Optional[Tensor], b_hh: Optional[Tensor], w_hr: Optional[Tensor] = None,
+              peephole: Optional[Tensor] = None, coupled_input_forget: bool = False):
+    """One LSTM step. x [B, I], h [B, P], c [B, H] -> (h' [B, P], c' [B, H]).
+
+    peephole [3, H]: the diagonal peephole weights (w_ci, w_cf, w_co) of Gers, Schraudolph and
+    Schmidhuber (2002): the input and forget gates also see c, the output gate sees c'.
+    coupled_input_forget: the coupled input and forget gate (CIFG) of Greff et al. (2017), an LSTM
+    without an input gate of its own: i = 1 - f. The weights then hold the gates f, g, o
+    ([3H, .] and [3H]) and the peephole weights w_cf, w_co ([2, H])."""
     gates = _affine(x, w_ih, b_ih) + _affine(h, w_hh, b_hh)
-    i, f, g, o = gates.chunk(4, dim=1)
-    i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+    if coupled_input_forget:
+        f, g, o = gates.chunk(3, dim=1)
+        if peephole is not None:
+            f = f + peephole[0] * c
+        f, g = torch.sigmoid(f), torch.tanh(g)
+        i = 1 - f
+    else:
+        i, f, g, o = gates.chunk(4, dim=1)
+        if peephole is not None:
+            i = i + peephole[0] * c
+            f = f + peephole[1] * c
+        i, f, g = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g)
     c_next = f * c + i * g
+    if peephole is not None:
+        o = o + peephole[-1] * c_next
+    o = torch.sigmoid(o)
     h_next = o * torch.tanh(c_next)
     if w_hr is not None:
         h_next = h_next @ w_hr.t()
@@ -48,18 +68,20 @@ def rnn_cell(x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Te
 
 def rnn_layer(cell: str, x: Tensor, w_ih: Optional[Tensor], w_hh: Tensor, b_ih: Optional[Tensor],
               b_hh: Optional[Tensor], w_hr: Optional[Tensor], h0: Optional[Tensor],
-              c0: Optional[Tensor], lengths: Optional[Tensor] = None, reverse: bool = False):
+              c0: Optional[Tensor], lengths: Optional[Tensor] = None, reverse: bool = False,
+              peephole: Optional[Tensor] = None, coupled_input_forget: bool = False):
     """One layer, one direction over a padded time-major sequence.
 
     cell: 'lstm', 'gru', 'rnn_tanh' or 'rnn_relu'. x [T, B, I], or with w_ih=None the input
     projection x W_ih^T + b_ih [T, B, G*H] that the native layers receive; h0 [B, P] and
     c0 [B, H] (LSTM) default to zeros. lengths [B] (int, each in [1, T]) marks sequence b valid
     at t < lengths[b]: past it the state of b stays unchanged and its output is zero; the reverse
-    direction starts at each sequence's last valid step. Returns (out [T, B, P], h_n [B, P],
-    c_n [B, H] or None).
+    direction starts at each sequence's last valid step. peephole, coupled_input_forget: the LSTM
+    variants of lstm_cell. Returns (out [T, B, P], h_n [B, P], c_n [B, H] or None).
     """
     seq_len, batch = x.shape[0], x.shape[1]
-    hidden = w_hh.shape[0] // {"lstm": 4, "gru": 3}.get(cell, 1)
+    gate_count = 3 if coupled_input_forget else {"lstm": 4, "gru": 3}.get(cell, 1)
+    hidden = w_hh.shape[0] // gate_count
     state = w_hh.shape[1]
     h = h0 if h0 is not None else x.new_zeros(batch, state)
     c = None
@@ -69,7 +91,8 @@ def rnn_layer(cell: str, x: Tensor, w_ih: Optional[Tensor], w_hh: Tensor, b_ih: 
     outputs: list[Optional[Tensor]] = [None] * seq_len
     for t in steps:
         if cell == "lstm":
-            h_next, c_next = lstm_cell(x[t], h, c, w_ih, w_hh, b_ih, b_hh, w_hr)
+            h_next, c_next = lstm_cell(x[t], h, c, w_ih, w_hh, b_ih, b_hh, w_hr, peephole,
+                                       coupled_input_forget)
         elif cell == "gru":
             h_next, c_next = gru_cell(x[t], h, w_ih, w_hh, b_ih, b_hh), None
         else:
@@ -101,12 +124,14 @@ CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
 
 # Per layer and direction, in torch's all_weights order (layer-major, forward before reverse):
 # (w_ih, w_hh, b_ih, b_hh, w_hr); the biases are None with bias=False, w_hr None without proj_size.
+# A peephole LSTM adds a sixth entry, its peephole weights (lstm_cell).
 LayerWeights = tuple
 
 
 def rnn(cell: str, input: Tensor, weights, hx=None, *, num_layers: int = 1,
         bidirectional: bool = False, batch_first: bool = False, lengths: Optional[Tensor] = None,
-        dropout: float = 0.0, training: bool = False, dropout_fn=None):
+        dropout: float = 0.0, training: bool = False, dropout_fn=None,
+        coupled_input_forget: bool = False):
     """A stacked, optionally bidirectional RNN over a padded sequence, like torch.nn.LSTM/GRU/RNN.
 
     cell: 'lstm', 'gru', 'rnn_tanh' or 'rnn_relu'. input [T, B, I] ([B, T, I] with batch_first).
@@ -115,7 +140,8 @@ def rnn(cell: str, input: Tensor, weights, hx=None, *, num_layers: int = 1,
     lengths: [B] valid lengths (what a PackedSequence stands for): see `rnn_layer`.
     Between layers, in training mode, the output of every layer but the last goes through
     `dropout_fn(output)` (time-major [T, B, D*P]); by default F.dropout(output, dropout), which
-    draws the same mask as torch.nn for the same RNG state.
+    draws the same mask as torch.nn for the same RNG state. coupled_input_forget: a CIFG LSTM
+    (lstm_cell).
 
     Returns (output [T, B, D*P] or [B, T, D*P], h_n [L*D, B, P], c_n [L*D, B, H] or None).
     """
@@ -136,11 +162,13 @@ def rnn(cell: str, input: Tensor, weights, hx=None, *, num_layers: int = 1,
         outputs = []
         for direction in range(num_directions):
             index = layer * num_directions + direction
-            w_ih, w_hh, b_ih, b_hh, w_hr = weights[index]
+            w_ih, w_hh, b_ih, b_hh, w_hr, *peephole = weights[index]
             h0 = h0_all[index] if h0_all is not None else None
             c0 = c0_all[index] if c0_all is not None else None
             out, h, c = rnn_layer(cell, x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, lengths,
-                                  reverse=direction == 1)
+                                  reverse=direction == 1,
+                                  peephole=peephole[0] if peephole else None,
+                                  coupled_input_forget=coupled_input_forget)
             outputs.append(out)
             h_n.append(h)
             c_n.append(c)
@@ -189,12 +217,15 @@ def cell_of(module) -> str:
 
 
 def weights_of(module) -> list:
-    """The LayerWeights of a torch.nn or fusedrnn LSTM/GRU/RNN module, in the order `rnn` expects."""
+    """The LayerWeights of a torch.nn or fusedrnn LSTM/GRU/RNN module, in the order `rnn` expects
+    (a fusedrnn LSTM's variants as it holds them: pass its coupled_input_forget to `rnn`)."""
     num_directions = 2 if module.bidirectional else 1
     weights = []
     for layer in range(module.num_layers):
         for direction in range(num_directions):
             suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
-            weights.append(tuple(getattr(module, name + suffix, None) for name in
-                                 ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")))
+            entry = tuple(getattr(module, name + suffix, None) for name in
+                          ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr"))
+            peephole = getattr(module, "weight_peephole" + suffix, None)
+            weights.append(entry + (peephole,) if peephole is not None else entry)
     return weights

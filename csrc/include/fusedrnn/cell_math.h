@@ -5,11 +5,15 @@
 // Pre-activations follow torch: for gate k, x_k = (x W_ih^T + b_ih)_k and h_k = (h W_hh^T + b_hh)_k.
 //   LSTM: i = s(x_i + h_i), f = s(x_f + h_f), g = tanh(x_g + h_g), o = s(x_o + h_o)
 //         c' = f c + i g, r = o tanh(c'), h' = r (or r W_hr^T with proj_size)
+//         With peephole connections (Gers, Schraudolph & Schmidhuber 2002; w_c* diagonal, one
+//         weight per unit): i = s(x_i + h_i + w_ci c), f = s(x_f + h_f + w_cf c),
+//         o = s(x_o + h_o + w_co c'), the output gate looking at the NEW cell state.
 //   GRU:  r = s(x_r + h_r), z = s(x_z + h_z), n = tanh(x_n + r h_n), h' = (1 - z) n + z h
 //   RNN:  h' = tanh(x + h) or relu(x + h)
 #pragma once
 
 #include <cmath>
+#include <type_traits>
 
 #include "fusedrnn/cell_kind.h"
 #include "fusedrnn/macros.h"
@@ -30,13 +34,35 @@ struct LstmGates {
   Acc i, f, g, o;  // post-activation
 };
 
-// pre_* = x_k + h_k. Returns the gates; writes the new cell state and r = o tanh(c').
+// The peephole weights of one unit (or one vector of units): w_ci, w_cf, w_co.
 template <typename Acc>
+struct LstmPeephole {
+  Acc i, f, o;
+};
+
+// The plain LSTM: no peephole terms at all (not zero weights, which would still cost the
+// multiply-adds and turn an infinite c into NaN).
+struct NoPeephole {};
+
+template <typename Peephole>
+inline constexpr bool kHasPeephole = !std::is_same<Peephole, NoPeephole>::value;
+
+// pre_* = x_k + h_k. Returns the gates; writes the new cell state and r = o tanh(c').
+template <typename Acc, typename Peephole = NoPeephole>
 FUSEDRNN_HOST_DEVICE LstmGates<Acc> lstm_forward(Acc pre_i, Acc pre_f, Acc pre_g, Acc pre_o,
-                                                 Acc c_prev, Acc& c_next, Acc& r) {
-  LstmGates<Acc> gate{act_sigmoid(pre_i), act_sigmoid(pre_f), act_tanh(pre_g),
-                      act_sigmoid(pre_o)};
+                                                 Acc c_prev, Acc& c_next, Acc& r,
+                                                 const Peephole& peephole = {}) {
+  if constexpr (kHasPeephole<Peephole>) {
+    pre_i = pre_i + peephole.i * c_prev;
+    pre_f = pre_f + peephole.f * c_prev;
+  }
+  LstmGates<Acc> gate;
+  gate.i = act_sigmoid(pre_i);
+  gate.f = act_sigmoid(pre_f);
+  gate.g = act_tanh(pre_g);
   c_next = gate.f * c_prev + gate.i * gate.g;
+  if constexpr (kHasPeephole<Peephole>) pre_o = pre_o + peephole.o * c_next;
+  gate.o = act_sigmoid(pre_o);
   r = gate.o * act_tanh(c_next);
   return gate;
 }
@@ -48,18 +74,26 @@ struct LstmGrads {
 };
 
 // d_r: gradient w.r.t. r = o tanh(c) (equal to dh without projection);
-// d_c: gradient reaching c_t from step t+1 (and from c_n).
-template <typename Acc>
+// d_c: gradient reaching c_t from step t+1 (and from c_n). With peephole connections c_t also
+// feeds o_t, and c_{t-1} feeds i_t and f_t: those paths join d_c_total and d_c_prev. (The
+// gradients of the peephole weights themselves, sums over steps and batch rows of d_i c_{t-1},
+// d_f c_{t-1} and d_o c_t, are time-parallel reductions left to torch.)
+template <typename Acc, typename Peephole = NoPeephole>
 FUSEDRNN_HOST_DEVICE LstmGrads<Acc> lstm_backward(const LstmGates<Acc>& gate, Acc c, Acc c_prev,
-                                                  Acc d_r, Acc d_c) {
+                                                  Acc d_r, Acc d_c,
+                                                  const Peephole& peephole = {}) {
   const Acc tanh_c = act_tanh(c);
-  const Acc d_c_total = d_c + d_r * gate.o * (Acc(1) - tanh_c * tanh_c);
   LstmGrads<Acc> grad;
   grad.d_o = d_r * tanh_c * gate.o * (Acc(1) - gate.o);
+  Acc d_c_total = d_c + d_r * gate.o * (Acc(1) - tanh_c * tanh_c);
+  if constexpr (kHasPeephole<Peephole>) d_c_total = d_c_total + grad.d_o * peephole.o;
   grad.d_i = d_c_total * gate.g * gate.i * (Acc(1) - gate.i);
   grad.d_f = d_c_total * c_prev * gate.f * (Acc(1) - gate.f);
   grad.d_g = d_c_total * gate.i * (Acc(1) - gate.g * gate.g);
   grad.d_c_prev = d_c_total * gate.f;
+  if constexpr (kHasPeephole<Peephole>) {
+    grad.d_c_prev = grad.d_c_prev + grad.d_i * peephole.i + grad.d_f * peephole.f;
+  }
   return grad;
 }
 

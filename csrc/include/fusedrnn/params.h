@@ -54,6 +54,9 @@ struct RecurrenceFwdParams : RecurrenceShape {
   const void* w_hh = nullptr;  // [G*H, P]
   const void* b_hh = nullptr;  // [G*H], nullable (bias=False)
   const void* w_hr = nullptr;  // [P, H], LSTM with proj_size only, else nullptr
+  // [3, H] LSTM only, nullable: the peephole weights w_ci, w_cf, w_co (cell_math.h), rows in
+  // that order. Null is the plain LSTM.
+  const void* peephole = nullptr;
   const void* h0 = nullptr;    // [B, P], nullable (zeros)
   const void* c0 = nullptr;    // [B, H], LSTM only, nullable (zeros)
   // --- write ---
@@ -78,6 +81,7 @@ struct RecurrenceBwdParams : RecurrenceShape {
   const void* w_hh = nullptr;  // [G*H, P]
   const void* b_hh = nullptr;  // [G*H], nullable; unused by the math but kept for symmetry
   const void* w_hr = nullptr;  // [P, H] projected LSTM only
+  const void* peephole = nullptr;  // [3, H] as in forward, nullable
   const void* h0 = nullptr;    // [B, P], nullable (zeros)
   const void* c0 = nullptr;    // [B, H], LSTM only, nullable (zeros)
   SeqTensor out;               // [T, B, P] forward output; supplies h_{t-1} (h0 at the first step)

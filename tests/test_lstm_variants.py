@@ -1,0 +1,258 @@
+"""The LSTM variants beyond torch.nn: peephole connections and the coupled input and forget gate
+(CIFG), as fusedrnn.LSTM(peephole=..., coupled_input_forget=...).
+
+The reference (fusedrnn.reference.lstm_cell) writes both from their papers' equations; it is
+pinned here to torch.nn where a variant reduces to the plain LSTM. The modules are checked
+against it in float64 and float32 on every backend (cpu, the emulated CUDA kernels, a GPU when
+present), over the features they combine with; their gradients by gradcheck in
+tests/test_gradcheck.py, the kernels' own outputs (NaN-poisoned) in test_recurrence_kernel.py.
+"""
+from __future__ import annotations
+
+import io
+import random
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import fusedrnn
+from fusedrnn import functional, reference
+
+from _helpers import covering_design, ramp_loss, requires_native, rel_err
+
+VARIANTS = {
+    "peephole": dict(peephole=True),
+    "cifg": dict(coupled_input_forget=True),
+    "peephole-cifg": dict(peephole=True, coupled_input_forget=True),
+}
+
+FACTORS = dict(
+    variant=tuple(VARIANTS),
+    layers=(1, 2),
+    bidirectional=(False, True),
+    batch_first=(False, True),
+    bias=(True, False),
+    packing=("padded", "sorted", "unsorted"),
+    hx=(False, True),
+    proj=(0, 2),
+)
+CASES = covering_design(FACTORS, strength=2, seed=0)
+
+
+def _case_id(case: dict) -> str:
+    parts = [case["variant"], f"L{case['layers']}"]
+    parts += [name for name in ("bidirectional", "batch_first", "hx") if case[name]]
+    parts += [] if case["bias"] else ["nobias"]
+    parts += [] if case["packing"] == "padded" else [case["packing"]]
+    parts += [f"proj{case['proj']}"] if case["proj"] else []
+    return "-".join(parts)
+
+
+def _random_module(variant: str, dtype, device, seed: int, **kwargs) -> fusedrnn.LSTM:
+    torch.manual_seed(seed)
+    module = fusedrnn.LSTM(3, 5, dtype=dtype, device=device, **VARIANTS[variant], **kwargs)
+    with torch.no_grad():  # wider than torch.nn's init, so that the peephole terms matter
+        for p in module.parameters():
+            p.uniform_(-0.7, 0.7)
+    return module
+
+
+def _reference_run(module: fusedrnn.LSTM, x, hx, lengths, batch_first: bool):
+    """The reference on the module's own parameters, in float64."""
+    weights = [tuple(w.double() if w is not None else None for w in layer)
+               for layer in reference.weights_of(module)]
+    return reference.rnn("lstm", x.double(), weights, hx, num_layers=module.num_layers,
+                         bidirectional=module.bidirectional, batch_first=batch_first,
+                         lengths=lengths, coupled_input_forget=module.coupled_input_forget)
+
+
+def _ramp_loss(results) -> torch.Tensor:
+    """_helpers.ramp_loss on the results' device."""
+    return sum((r * torch.linspace(-1, 1, r.numel(), dtype=r.dtype, device=r.device).view_as(r))
+               .sum() for r in results)
+
+
+@requires_native
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
+def test_variant_matches_reference(case, dtype, backend):
+    """Outputs, final states and the gradients of the input, the states and every parameter."""
+    seed = random.randrange(1 << 30)
+    module = _random_module(case["variant"], dtype, backend.device, seed,
+                            num_layers=case["layers"], bidirectional=case["bidirectional"],
+                            batch_first=case["batch_first"], bias=case["bias"],
+                            proj_size=case["proj"])
+    T, B = (2, 3) if backend.tiny else (6, 4)
+    shape = (B, T, 3) if case["batch_first"] else (T, B, 3)
+    x = torch.randn(*shape, dtype=dtype, device=backend.device, requires_grad=True)
+    lengths = None
+    inp = x
+    if case["packing"] != "padded":
+        lengths = torch.randint(1, T + 1, (B,))
+        lengths[0] = T
+        if case["packing"] == "sorted":
+            lengths = lengths.sort(descending=True).values
+        inp = pack_padded_sequence(x, lengths, batch_first=case["batch_first"],
+                                   enforce_sorted=case["packing"] == "sorted")
+    hx = None
+    if case["hx"]:
+        states = case["layers"] * (2 if case["bidirectional"] else 1)
+        hx = (torch.randn(states, B, case["proj"] or 5, dtype=dtype, device=backend.device),
+              torch.randn(states, B, 5, dtype=dtype, device=backend.device))
+
+    output, (h_n, c_n) = module(inp, hx)
+    if lengths is not None:
+        output, _ = pad_packed_sequence(output, batch_first=case["batch_first"],
+                                        total_length=T)
+    ref_hx = tuple(s.double() for s in hx) if hx is not None else None
+    expected = _reference_run(module, x, ref_hx, lengths, case["batch_first"])
+
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    results, params = (output, h_n, c_n), list(module.parameters())
+    for name, got, want in zip(("output", "h_n", "c_n"), results, expected):
+        assert rel_err(got, want) <= tol, f"seed {seed}: {name}"
+    grads = torch.autograd.grad(_ramp_loss(results), [x, *params])
+    want_grads = torch.autograd.grad(_ramp_loss(expected), [x, *params])
+    names = ["input"] + [n for n, _ in module.named_parameters()]
+    for name, got, want in zip(names, grads, want_grads):
+        assert rel_err(got, want) <= tol, f"seed {seed}: d {name}"
+
+
+def test_reference_peephole_with_zero_weights_is_torch_lstm():
+    """Pins the reference: peephole weights of zero give torch.nn.LSTM exactly."""
+    torch.manual_seed(0)
+    plain = nn.LSTM(3, 5, num_layers=2, bidirectional=True, dtype=torch.float64)
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    weights = [(*layer, torch.zeros(3, 5, dtype=torch.float64))
+               for layer in reference.weights_of(plain)]
+    out, h_n, c_n = reference.rnn("lstm", x, weights, num_layers=2, bidirectional=True)
+    want, (want_h, want_c) = plain(x)
+    for got, expected in ((out, want), (h_n, want_h), (c_n, want_c)):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_reference_cifg_input_gate_is_one_minus_forget():
+    """Pins the reference: a CIFG step is the plain LSTM step whose input gate is 1 - f, written
+    out here from the torch.nn equations with the input gate replaced."""
+    torch.manual_seed(0)
+    H = 4
+    x, h, c = (torch.randn(2, n, dtype=torch.float64) for n in (3, H, H))
+    w_ih, w_hh = torch.randn(3 * H, 3, dtype=torch.float64), torch.randn(3 * H, H,
+                                                                         dtype=torch.float64)
+    b = torch.randn(3 * H, dtype=torch.float64)
+    peephole = torch.randn(2, H, dtype=torch.float64)
+    got_h, got_c = reference.lstm_cell(x, h, c, w_ih, w_hh, b, None, peephole=peephole,
+                                       coupled_input_forget=True)
+    a_f, a_g, a_o = (x @ w_ih.t() + h @ w_hh.t() + b).chunk(3, dim=1)
+    f = torch.sigmoid(a_f + peephole[0] * c)
+    c_next = f * c + (1 - f) * torch.tanh(a_g)
+    h_next = torch.sigmoid(a_o + peephole[1] * c_next) * torch.tanh(c_next)
+    torch.testing.assert_close(got_c, c_next, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(got_h, h_next, rtol=1e-14, atol=1e-14)
+
+
+@requires_native
+def test_variant_parameters_and_state_dict():
+    module = fusedrnn.LSTM(3, 5, num_layers=2, bidirectional=True, proj_size=2, peephole=True,
+                           coupled_input_forget=True)
+    shapes = {name: tuple(p.shape) for name, p in module.named_parameters()}
+    assert shapes["weight_ih_l0"] == (15, 3) and shapes["weight_hh_l0"] == (15, 2)
+    assert shapes["bias_ih_l1_reverse"] == (15,)
+    assert shapes["weight_peephole_l0"] == (2, 5) and shapes["weight_peephole_l1_reverse"] == (2, 5)
+    assert list(shapes)[:6] == ["weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0",
+                                "weight_hr_l0", "weight_peephole_l0"]
+    assert repr(module) == ("LSTM(3, 5, proj_size=2, num_layers=2, bidirectional=True, "
+                            "peephole=True, coupled_input_forget=True)")
+    assert fusedrnn.LSTM(3, 5, peephole=True).weight_peephole_l0.shape == (3, 5)
+
+    twin = fusedrnn.LSTM(3, 5, num_layers=2, bidirectional=True, proj_size=2, peephole=True,
+                         coupled_input_forget=True)
+    twin.load_state_dict(module.state_dict())
+    x = torch.randn(4, 2, 3)
+    torch.testing.assert_close(twin(x)[0], module(x)[0], rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="weight_peephole_l0"):
+        nn.LSTM(3, 5).load_state_dict(fusedrnn.LSTM(3, 5, peephole=True).state_dict())
+
+
+@requires_native
+def test_variant_inference_paths_match_training_path():
+    """No grad, a single step, unbatched input and inference mode take the same route (the
+    inference plan and the cell steps run the plain LSTM only)."""
+    module = _random_module("peephole-cifg", torch.float32, "cpu", 0, num_layers=2)
+    x = torch.randn(7, 3, 3)
+    want = module(x)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(module(x)[0], want)
+    with torch.inference_mode():
+        torch.testing.assert_close(module(x)[0], want)
+    torch.testing.assert_close(module(x[:, 0])[0], want[:, 0])
+    step, (h, c) = module(x[:1])
+    torch.testing.assert_close(step, want[:1])
+    expected = _reference_run(module, x[:1], None, None, False)[0]
+    assert rel_err(step, expected) <= 2e-5
+
+
+def test_variant_arguments_are_checked():
+    with pytest.raises(TypeError, match="peephole should be of type bool"):
+        fusedrnn.LSTM(3, 5, peephole=1)
+    with pytest.raises(TypeError, match="coupled_input_forget should be of type bool"):
+        fusedrnn.LSTM(3, 5, coupled_input_forget="yes")
+    with pytest.raises(TypeError):
+        fusedrnn.GRU(3, 5, peephole=True)
+
+
+@requires_native
+def test_variant_refuses_torchscript_clearly():
+    module = fusedrnn.LSTM(3, 5, peephole=True)
+    with pytest.raises(RuntimeError, match="torch.jit.script does not support the peephole"):
+        torch.jit.script(module)
+
+
+@requires_native
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_variant_refuses_onnx_export_clearly(variant):
+    """The TorchScript-based exporter meets the refusal. (The dynamo exporter catches it, traces
+    again without its export flag and then fails on fusedrnn::layer_forward, which it cannot
+    translate.)"""
+    pytest.importorskip("onnx")
+    module = fusedrnn.LSTM(3, 5, **VARIANTS[variant])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(RuntimeError, match="torch.onnx.export does not support the peephole"):
+            torch.onnx.export(module, (torch.randn(4, 2, 3),), io.BytesIO(), dynamo=False)
+
+
+@requires_native
+def test_peephole_operand_checks():
+    """The layer API refuses peephole weights of another cell, count or shape by name."""
+    x = torch.randn(3, 2, 4, dtype=torch.float64)
+    w_ih, w_hh = torch.randn(12, 4, dtype=torch.float64), torch.randn(12, 3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"peephole\[0\].*\[3, H\]"):
+        functional.rnn("lstm", x, [(w_ih, w_hh, None, None, None,
+                                    torch.randn(2, 3, dtype=torch.float64))])
+    gru_ih, gru_hh = torch.randn(9, 4, dtype=torch.float64), torch.randn(9, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="peephole must be empty .* for lstm only"):
+        functional.rnn("gru", x, [(gru_ih, gru_hh, None, None, None,
+                                   torch.randn(3, 3, dtype=torch.float64))])
+    with pytest.raises(RuntimeError, match=r"peephole\[0\]"):
+        functional.rnn("lstm", x, [(w_ih, w_hh, None, None, None,
+                                    torch.randn(3, 3, dtype=torch.float32))])
+
+
+@requires_native
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_variant_compiles_fullgraph(variant):
+    """torch.compile traces the variants' custom ops (peephole weights included), forward and
+    backward, with no graph break."""
+    module = _random_module(variant, torch.float32, "cpu", 0, bidirectional=True)
+    x = torch.randn(5, 2, 3, requires_grad=True)
+    want = module(x)
+    want_grads = torch.autograd.grad(ramp_loss([want[0], *want[1]]), [x, *module.parameters()])
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    got = compiled(x)
+    grads = torch.autograd.grad(ramp_loss([got[0], *got[1]]), [x, *module.parameters()])
+    for a, b in zip([got[0], *got[1], *grads], [want[0], *want[1], *want_grads]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
