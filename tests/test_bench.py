@@ -268,6 +268,62 @@ def test_real_fusedrnn_modules_within_tolerance(tmp_path, capsys, tiny_presets):
     assert code == 0
 
 
+VARIANT_CONFIGS = [
+    BenchConfig("lstm", seq_len=5, batch=3, hidden=6, input_size=4, variant="peephole"),
+    BenchConfig("lstm", seq_len=4, batch=2, hidden=5, bidirectional=True, packed=True,
+                variant="peephole-cifg", modes=("training",)),
+]
+
+
+@pytest.mark.skipif(_real_fusedrnn_reason() is not None, reason=str(_real_fusedrnn_reason()))
+def test_variants_are_checked_against_the_reference(tmp_path, capsys, monkeypatch):
+    """A variant's rows: fusedrnn and the reference checked against the float64 reference loop,
+    torch.nn's plain LSTM of the shape timed only (it computes another function)."""
+    monkeypatch.setitem(configs.PRESETS, "variants-tiny", VARIANT_CONFIGS)
+    path = tmp_path / "variants.json"
+    code, out, _ = run_cli(FAST_ARGS + ["--preset", "variants-tiny", "--json", str(path)], capsys)
+    rows = json.loads(path.read_text())["results"]
+    assert {r["config"]["name"] for r in rows} == {
+        "lstm-peephole-B3-T5-I4-H6-fp32", "lstm-peephole-cifg-bi-B2-T4-H5-packed-fp32"}
+    for r in rows:
+        assert r["error"] is None and r["median_ms"] is not None, r
+        if r["impl"] == "torch":
+            assert r["max_rel_err"] is None  # another function: timed, not compared
+        else:
+            assert r["max_rel_err"] < 1e-5, r
+        if r["impl"] == "fusedrnn":
+            assert r["err_ok"] is True and r["speedup_vs_torch"] is not None
+    assert code == 0, out
+    assert "LSTM variants (peephole, peephole-cifg): torch.nn has none" in out
+
+
+@pytest.mark.skipif(_real_fusedrnn_reason() is not None, reason=str(_real_fusedrnn_reason()))
+def test_a_plain_lstm_in_a_variants_row_fails_its_check(tmp_path, capsys, monkeypatch):
+    """The yardstick is the variant's own reference: fusedrnn running the plain LSTM there is
+    a wrong answer."""
+    monkeypatch.setitem(configs.PRESETS, "variants-tiny", VARIANT_CONFIGS[:1])
+
+    def plain_build(self, cfg, weights_from):
+        module = impls.fused_module_class(cfg.cell)(**cfg.module_kwargs())
+        module.load_state_dict({k: v for k, v in weights_from.state_dict().items()
+                                if "peephole" not in k})
+        return module
+
+    monkeypatch.setattr(impls.FusedImpl, "build", plain_build)
+    code, out, _ = run_cli(FAST_ARGS + ["--preset", "variants-tiny"], capsys)
+    assert code == 1 and "0/2 rows within tolerance" in out, out
+
+
+def test_variant_configs_are_lstm_only():
+    with pytest.raises(ValueError, match="variant must be one of"):
+        BenchConfig("gru", seq_len=2, batch=1, hidden=3, variant="peephole")
+    with pytest.raises(ValueError, match="variant must be one of"):
+        BenchConfig("lstm", seq_len=2, batch=1, hidden=3, variant="forgetful")
+    assert "variant" not in BenchConfig("lstm", seq_len=2, batch=1, hidden=3).to_dict()
+    assert impls.FlashRnnImpl().skip_reason(VARIANT_CONFIGS[0], "inference", "cuda") == \
+        "no peephole LSTM"
+
+
 def test_timing_rounds_interleave_and_survive_a_failing_implementation():
     from fusedrnn.bench.timing import CpuClock, Plan, Runner, measure
 

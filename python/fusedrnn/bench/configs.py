@@ -19,6 +19,12 @@ DTYPE_ALIASES = {
     "bf16": "bfloat16", "bfloat16": "bfloat16",
 }
 DTYPE_SHORT = {"float32": "fp32", "float64": "fp64", "float16": "fp16", "bfloat16": "bf16"}
+# The LSTM variants fusedrnn adds (fusedrnn.LSTM's keyword arguments), by config name.
+VARIANTS = {
+    "peephole": {"peephole": True},
+    "cifg": {"coupled_input_forget": True},
+    "peephole-cifg": {"peephole": True, "coupled_input_forget": True},
+}
 
 
 def canonical_dtype(name: str) -> str:
@@ -57,12 +63,19 @@ class BenchConfig:
     step_calls: bool = False
     # Issue 4's CPU goal for this shape, as torch.nn median / fusedrnn median; reported, never asserted.
     target_speedup: Optional[float] = field(default=None, compare=False)
+    # An LSTM variant torch.nn does not have (VARIANTS), or "" for the plain cell. Its rows are
+    # checked against the float64 reference, and "vs torch" compares with torch.nn's plain LSTM
+    # of the same shape: what the variant costs against what users run today.
+    variant: str = ""
 
     def __post_init__(self):
         if self.cell not in CELLS:
             raise ValueError(f"cell must be one of {CELLS}, got {self.cell!r}")
         if self.proj_size and self.cell != "lstm":
             raise ValueError(f"proj_size is LSTM only, got cell={self.cell!r} proj_size={self.proj_size}")
+        if self.variant and (self.variant not in VARIANTS or self.cell != "lstm"):
+            raise ValueError(f"variant must be one of {sorted(VARIANTS)} for an LSTM, got "
+                             f"cell={self.cell!r} variant={self.variant!r}")
         if self.step_calls and (self.packed or self.bidirectional):
             # A reverse direction fed one step per call sees one step, not the sequence.
             raise ValueError("step_calls feeds one forward step per call: it cannot be combined "
@@ -91,6 +104,8 @@ class BenchConfig:
     def name(self) -> str:
         """A readable id, e.g. lstm-L2-bi-B32-T100-I256-H256-fp32."""
         parts = [self.cell.replace("_", "-")]
+        if self.variant:
+            parts.append(self.variant)
         if self.layers > 1:
             parts.append(f"L{self.layers}")
         if self.bidirectional:
@@ -118,6 +133,10 @@ class BenchConfig:
             kw["nonlinearity"] = self.cell[len("rnn_"):]
         return kw
 
+    def variant_kwargs(self) -> dict:
+        """The fusedrnn.LSTM keyword arguments of the variant ({} for the plain cell)."""
+        return dict(VARIANTS[self.variant]) if self.variant else {}
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["input_size"] = self.in_size
@@ -125,6 +144,8 @@ class BenchConfig:
         d["name"] = self.name
         if d["target_speedup"] is None:
             del d["target_speedup"]
+        if not d["variant"]:
+            del d["variant"]
         return d
 
     def replace(self, **changes) -> "BenchConfig":
@@ -226,6 +247,20 @@ GPU: List[BenchConfig] = ANCHOR + [
     _c("lstm", 256, 32, 512, BOTH, proj_size=256),
     _c("lstm", 512, 32, 512, BOTH, packed=True),
     _c("lstm", 256, 16, 2048, BOTH, dtype="bfloat16", cuda_only=True),  # W_hh streams from L2
+    # The anchor with peephole connections, against cuDNN's plain LSTM of the shape.
+    _c("lstm", 1024, 16, 768, BOTH, dtype="bfloat16", cuda_only=True, variant="peephole"),
+]
+
+# The LSTM variants torch.nn lacks, each next to the plain LSTM of its shape: "vs torch" is
+# torch.nn's plain LSTM over fusedrnn's variant, the reference row the plain-PyTorch loop a user
+# would otherwise write.
+LSTM_VARIANTS: List[BenchConfig] = [
+    _c("lstm", 100, 1, 128, INF, variant=v) for v in ("", *VARIANTS)
+] + [
+    _c("lstm", 100, 32, 256, TRAIN, variant=v) for v in ("", *VARIANTS)
+] + [
+    _c("lstm", 100, 16, 128, BOTH, bidirectional=True, packed=True, variant=v)
+    for v in ("", "peephole")
 ]
 
 PRESETS: Dict[str, List[BenchConfig]] = {
@@ -235,6 +270,7 @@ PRESETS: Dict[str, List[BenchConfig]] = {
     "gpu": GPU,
     "streaming": STREAMING,
     "batch": BATCH,
+    "variants": LSTM_VARIANTS,
 }
 
 PRESET_HELP = {
@@ -244,6 +280,7 @@ PRESET_HELP = {
     "gpu": "the anchor plus GPU shapes where cuDNN leaves its fast path (bench/gpu_check.sh)",
     "streaming": "sequences fed one step per call (streaming inference, decoder-style training)",
     "batch": "batched inference (B=16..64), where torch.nn's CPU LSTM is strongest",
+    "variants": "peephole and CIFG LSTMs (torch.nn has neither) next to the plain LSTM of each shape",
 }
 
 

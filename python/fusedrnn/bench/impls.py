@@ -25,9 +25,14 @@ REFERENCE_MAX_FLOPS = 2e9   # per forward: past it the unfused per-step products
 
 
 def build_torch_module(cfg: BenchConfig, device, dtype, seed: int = 0) -> nn.Module:
-    """The torch.nn module whose weights every comparable implementation loads."""
+    """The torch.nn module whose weights every comparable implementation loads. For an LSTM
+    variant, which torch.nn lacks, a fusedrnn.LSTM of that variant holds them (torch's own row
+    then runs a plain torch.nn.LSTM of the shape, TorchImpl)."""
     torch.manual_seed(seed)
-    module = TORCH_CLASSES[cfg.cell](**cfg.module_kwargs())
+    if cfg.variant:
+        module = fused_module_class(cfg.cell)(**cfg.module_kwargs(), **cfg.variant_kwargs())
+    else:
+        module = TORCH_CLASSES[cfg.cell](**cfg.module_kwargs())
     return module.to(device=device, dtype=dtype)
 
 
@@ -56,6 +61,11 @@ class Impl:
     name = "?"
     shares_weights = True      # rows carry max_rel_err against float64 torch.nn
     silent_when_missing = False
+
+    def computes(self, cfg: BenchConfig) -> bool:
+        """Whether this implementation's results are the configuration's function (checked
+        against the float64 yardstick), not just timed."""
+        return self.shares_weights
 
     def unavailable(self, device: torch.device) -> Optional[str]:
         """Why this implementation cannot run on `device` at all, or None."""
@@ -93,7 +103,13 @@ def _per_call(cfg: BenchConfig, module):
 class TorchImpl(Impl):
     name = "torch"
 
+    def computes(self, cfg):
+        return not cfg.variant  # a variant's row times torch.nn's plain LSTM of the shape
+
     def build(self, cfg, reference_module):
+        if cfg.variant:
+            p = next(reference_module.parameters())
+            return _per_call(cfg, build_torch_module(cfg.replace(variant=""), p.device, p.dtype))
         return _per_call(cfg, reference_module)
 
 
@@ -109,7 +125,8 @@ class FusedImpl(Impl):
 
     def build(self, cfg, reference_module):
         p = next(reference_module.parameters())
-        module = fused_module_class(cfg.cell)(**cfg.module_kwargs()).to(device=p.device, dtype=p.dtype)
+        module = fused_module_class(cfg.cell)(**cfg.module_kwargs(), **cfg.variant_kwargs())
+        module = module.to(device=p.device, dtype=p.dtype)
         module.load_state_dict(reference_module.state_dict())
         return _per_call(cfg, module)
 
@@ -166,9 +183,10 @@ class ReferenceStack(nn.Module):
         if packed:
             x, lengths = pad_packed_sequence(x)   # lengths on the CPU, in the original batch order
         if self.whole_network is not None:
+            variant = {"coupled_input_forget": True} if "cifg" in cfg.variant else {}
             out, h_n, c_n = self.whole_network(
                 cfg.cell, x, self.weights_of(self.src), state, num_layers=cfg.layers,
-                bidirectional=cfg.bidirectional, lengths=lengths)
+                bidirectional=cfg.bidirectional, lengths=lengths, **variant)
         else:
             out, h_n, c_n = self._stack(x, state, lengths)
         if packed:
@@ -198,6 +216,8 @@ class ReferenceStack(nn.Module):
 
 
 def _single_layer_dense(cfg: BenchConfig) -> Optional[str]:
+    if cfg.variant:
+        return f"no {cfg.variant} LSTM"
     if cfg.layers != 1 or cfg.bidirectional or cfg.packed or cfg.proj_size or cfg.step_calls:
         return "supports one layer, one direction, whole sequences, no packing, no projection"
     return None

@@ -87,6 +87,11 @@ def summary_lines(outcome: Outcome) -> List[str]:
         worst = min((r for r in fused if r.get("speedup_vs_torch")), key=lambda r: r["speedup_vs_torch"])
         lines.append(f"fusedrnn vs torch.nn: geometric mean {geometric_mean(speeds):.2f}x over {len(speeds)} rows, "
                      f"lowest {worst['speedup_vs_torch']:.2f}x ({worst['config']['name']} {worst['mode']})")
+    variants = sorted({r["config"]["variant"] for r in fused if r["config"].get("variant")})
+    if variants:
+        lines.append(f"LSTM variants ({', '.join(variants)}): torch.nn has none; their 'vs torch' "
+                     f"is torch.nn's plain LSTM of the shape over fusedrnn's variant, and they are "
+                     f"checked against fusedrnn.reference in float64")
     lines += target_lines(outcome)
     checked = [r for r in fused if r.get("err_ok") is not None]
     bad = outcome.fused_failures
