@@ -256,3 +256,77 @@ def test_variant_compiles_fullgraph(variant):
     grads = torch.autograd.grad(ramp_loss([got[0], *got[1]]), [x, *module.parameters()])
     for a, b in zip([got[0], *got[1], *grads], [want[0], *want[1], *want_grads]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@requires_native
+def test_cifg_inference_weights_follow_the_parameters():
+    """Inference calls keep a CIFG's plain-LSTM weights between calls: an in-place update and
+    torch.func.functional_call must still be seen, and the kept copies must serve a later call
+    whose input requires grad."""
+    from torch.func import functional_call
+    module = _random_module("peephole-cifg", torch.float64, "cpu", 0)
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+
+    def expected():
+        return _reference_run(module, x, None, None, False)[0]
+
+    with torch.inference_mode():
+        assert rel_err(module(x)[0], expected()) <= 1e-12
+    with torch.no_grad():
+        module.weight_ih_l0.add_(0.25)
+        module.weight_peephole_l0.mul_(-1)
+        assert rel_err(module(x)[0], expected()) <= 1e-12
+        doubled = {name: p * 2 for name, p in module.named_parameters()}
+        swapped = functional_call(module, doubled, (x,))[0]
+    twin = _random_module("peephole-cifg", torch.float64, "cpu", 0)
+    twin.load_state_dict(doubled)
+    assert rel_err(swapped, _reference_run(twin, x, None, None, False)[0]) <= 1e-12
+    module.requires_grad_(False)
+    leaf = x.clone().requires_grad_()
+    module(leaf)[0].sum().backward()
+    assert leaf.grad is not None and leaf.grad.abs().sum() > 0
+
+
+@requires_native
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_variant_cells_match_the_reference_step(variant, backend):
+    """LSTMCell(peephole=..., coupled_input_forget=...): a step, its gradients, unbatched input
+    and no state, against reference.lstm_cell on the cell's own parameters."""
+    torch.manual_seed(random.randrange(1 << 30))
+    cell = fusedrnn.LSTMCell(3, 5, dtype=torch.float64, device=backend.device,
+                             **VARIANTS[variant])
+    with torch.no_grad():
+        for p in cell.parameters():
+            p.uniform_(-0.7, 0.7)
+    x = torch.randn(4, 3, dtype=torch.float64, device=backend.device, requires_grad=True)
+    h, c = (torch.randn(4, 5, dtype=torch.float64, device=backend.device) for _ in range(2))
+    got = cell(x, (h, c))
+    want = reference.lstm_cell(x, h, c, cell.weight_ih, cell.weight_hh, cell.bias_ih,
+                               cell.bias_hh, None, getattr(cell, "weight_peephole", None),
+                               cell.coupled_input_forget)
+    for a, b in zip(got, want):
+        assert rel_err(a, b) <= 1e-12
+    params = [x, *cell.parameters()]
+    for a, b in zip(torch.autograd.grad(_ramp_loss(got), params),
+                    torch.autograd.grad(_ramp_loss(want), params)):
+        assert rel_err(a, b) <= 1e-12
+    zero = torch.zeros(1, 5, dtype=torch.float64, device=backend.device)
+    single = cell(x[0])
+    expected = reference.lstm_cell(x[:1], zero, zero, cell.weight_ih, cell.weight_hh,
+                                   cell.bias_ih, cell.bias_hh, None,
+                                   getattr(cell, "weight_peephole", None),
+                                   cell.coupled_input_forget)
+    for a, b in zip(single, expected):
+        assert a.shape == (5,) and rel_err(a, b[0]) <= 1e-12
+
+
+def test_variant_cell_surface():
+    cell = fusedrnn.LSTMCell(3, 5, peephole=True, coupled_input_forget=True)
+    assert [n for n, _ in cell.named_parameters()] == [
+        "weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_peephole"]
+    assert cell.weight_ih.shape == (15, 3) and cell.weight_peephole.shape == (2, 5)
+    assert repr(cell) == "LSTMCell(3, 5, peephole=True, coupled_input_forget=True)"
+    with pytest.raises(RuntimeError, match="LSTMCell: torch.jit.script does not support"):
+        torch.jit.script(cell)
+    with pytest.raises(TypeError, match="peephole should be of type bool"):
+        fusedrnn.LSTMCell(3, 5, peephole=None)

@@ -243,10 +243,15 @@ def run_and_check(cfg: Config, device: torch.device, *, with_h0=True, with_grads
             d_h_seq = grads.d_h_seq[d].detach().cpu().double()
             check(f"dir{d} dW_hr", torch.einsum("tbp,tbh->ph", d_h_seq, r_seq),
                   ref_grads["w_hr"])
-        if cfg.peephole:  # formed from the kernel's d_xproj and c_seq as functional.py does
+        if cfg.peephole:  # formed from the kernel's d_xproj and c_seq as functional.py does,
+            # which zeros c_seq's padded rows (here poisoned, to show they are left unwritten)
             c0_used = m["c0"].to(dtype).double() if with_h0 else None
-            d_peephole = functional._peephole_grad(d_pre, run.c_seq[d].detach().cpu().double(),
-                                                   c0_used, lengths, reverse)
+            c_seq = run.c_seq[d].detach().cpu().double()
+            padded_c = c_seq[~valid]
+            if padded_c.numel() and not padded_c.isnan().all():
+                failures.append(f"dir{d}: padded c_seq rows were written")
+            c_seq = torch.where(valid.unsqueeze(-1), c_seq, torch.zeros(()))
+            d_peephole = functional._peephole_grad(d_pre, c_seq, c0_used, lengths, reverse)
             check(f"dir{d} d_peephole", d_peephole, ref_grads["peephole"])
     assert not failures, f"seed {seed}: " + "; ".join(failures)
 

@@ -150,15 +150,17 @@ def _rnn(cell, input, weights, hx, num_layers, num_directions, batch_first, leng
 
 
 def cell_step(cell: str, input: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
-              b_hh: Optional[Tensor], hx=None):
+              b_hh: Optional[Tensor], hx=None, *, peephole: Optional[Tensor] = None):
     """One step of a cell (LSTMCell/GRUCell/RNNCell): on CPU float32/float64 torch GEMMs and a
     native pointwise pass (_cell_step.py), elsewhere the recurrence as a sequence of T=1.
 
-    input [B, I]; hx: h [B, H], or for LSTM (h, c), None for zeros.
+    input [B, I]; hx: h [B, H], or for LSTM (h, c), None for zeros; peephole: an LSTM's [3, H]
+    peephole weights (reference.lstm_cell), which take the recurrence.
     Returns h' [B, H], or for LSTM (h', c').
     """
     lstm_pair = cell == "lstm" and isinstance(hx, (tuple, list)) and len(hx) == 2
-    if hx is None or lstm_pair or (cell != "lstm" and isinstance(hx, Tensor)):
+    if peephole is None and (hx is None or lstm_pair
+                             or (cell != "lstm" and isinstance(hx, Tensor))):
         h, c = hx if lstm_pair else (hx, None)
         if (_cell_step.applies(input) and not torch.is_autocast_enabled(input.device.type)
                 and _cell_step.operand_problem(cell, input.dtype, input.size(0), input.size(1),
@@ -167,7 +169,8 @@ def cell_step(cell: str, input: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Option
     # Everything else, bad input included, as a sequence of one step through rnn()'s checks.
     if hx is not None:
         hx = tuple(s.unsqueeze(0) for s in hx) if cell == "lstm" else hx.unsqueeze(0)
-    _, h_n, c_n = rnn(cell, input.unsqueeze(0), [(w_ih, w_hh, b_ih, b_hh, None)], hx)
+    layer = (w_ih, w_hh, b_ih, b_hh, None) + ((peephole,) if peephole is not None else ())
+    _, h_n, c_n = rnn(cell, input.unsqueeze(0), [layer], hx)
     return (h_n[0], c_n[0]) if cell == "lstm" else h_n[0]
 
 
@@ -322,7 +325,7 @@ def _empty_layer(cell: str, x: Tensor, layer_weights, num_directions: int,
 
 def _forward_outputs(cell: str, xproj: Tensor, num_dirs: int, state: int, has_proj: bool,
                      lengths: Optional[Tensor], save: bool, zero_padding: bool = False,
-                     gates_over_xproj: bool = False):
+                     gates_over_xproj: bool = False, has_peephole: bool = False):
     """Allocates what a layer's forward writes: (out, hn, cn, gates, c_seq, r_seq), None where
     the cell or mode has none; gates, c_seq, r_seq only when saving for backward. Also the fake
     kernel of layer_forward, so torch.compile sees exactly the eager shapes and strides.
@@ -331,7 +334,9 @@ def _forward_outputs(cell: str, xproj: Tensor, num_dirs: int, state: int, has_pr
     unwritten. Only the dW_hr GEMM reads them (r_seq, times a zero gradient): zeros there keep
     garbage (NaN * 0) out of it. zero_padding zeros gates and c_seq too (the op's outputs must not
     depend on uninitialised memory; eagerly they are private to the autograd.Function).
-    gates_over_xproj: the gates are xproj itself (see _gates_can_overwrite_xproj)."""
+    A peephole LSTM's c_seq is always zero there: its weight gradients read every row
+    (_peephole_grad). gates_over_xproj: the gates are xproj itself (see
+    _gates_can_overwrite_xproj)."""
     is_lstm = cell == "lstm"
     seq_len, batch = xproj.shape[0], xproj.shape[1]
     hidden = xproj.shape[2] // num_dirs // GATE_COUNT[cell]
@@ -347,7 +352,8 @@ def _forward_outputs(cell: str, xproj: Tensor, num_dirs: int, state: int, has_pr
             gates = xproj.view(seq_len, batch, num_dirs, -1).permute(2, 0, 1, 3)
         else:
             gates = saved(num_dirs, seq_len, batch, saved_width) if saved_width else None
-        c_seq = saved(num_dirs, seq_len, batch, hidden) if is_lstm else None
+        c_saved = xproj.new_zeros if padded and has_peephole else saved
+        c_seq = c_saved(num_dirs, seq_len, batch, hidden) if is_lstm else None
         if has_proj:
             r_seq = (xproj.new_zeros if padded else xproj.new_empty)(
                 num_dirs, seq_len, batch, hidden)
@@ -364,7 +370,8 @@ def _run_forward(cell: str, xproj, h0, c0, w_hh, b_hh, w_hr, lengths, save: bool
     allows it the saved gates overwrite it instead of taking a tensor of their own."""
     over = xproj_is_scratch and save and _gates_can_overwrite_xproj(cell, xproj)
     results = _forward_outputs(cell, xproj, len(w_hh), w_hh[0].shape[1], w_hr[0] is not None,
-                               lengths, save, zero_padding, gates_over_xproj=over)
+                               lengths, save, zero_padding, gates_over_xproj=over,
+                               has_peephole=bool(peephole))
     out, hn, cn, gates, c_seq, r_seq = results
     _backend.forward_layer(cell, xproj, [w.contiguous() for w in w_hh],
                            [_contiguous(b) for b in b_hh], [_contiguous(w) for w in w_hr],
@@ -471,29 +478,26 @@ def _layer_weight_grads(spec: _LayerSpec, saved, d_out, d_hn, d_cn, needs, run_b
 def _peephole_grad(d_pre: Tensor, c_seq: Tensor, c0: Optional[Tensor],
                    lengths: Optional[Tensor], reverse: bool) -> Tensor:
     """d(w_ci, w_cf, w_co) [3, H] = sums over steps and rows of (d_i c_{t-1}, d_f c_{t-1},
-    d_o c_t) for one direction: d_pre [T, B, 4H] the gate pre-activation gradients, c_seq
-    [T, B, H] the cell states after each step, c0 [B, H] or None for zeros.
+    d_o c_t) for one direction: d_pre [T, B, 4H] the gate pre-activation gradients (zero rows at
+    padded steps), c_seq [T, B, H] the cell states after each step (zero rows at padded steps:
+    _forward_outputs), c0 [B, H] or None for zeros.
 
-    c_{t-1} (params.h) is c_seq[t-1] going forward (c0 at t = 0), c_seq[t+1] going backward (c0
-    at each sequence's last valid step). Padded steps have zero gradient rows, but their c_seq
-    rows were never written (NaN * 0 is NaN), so they are masked out, not multiplied."""
-    seq_len = d_pre.shape[0]
-    first = c0.unsqueeze(0) if c0 is not None else c_seq.new_zeros(1, *c_seq.shape[1:])
-    if not reverse:
-        c_prev = torch.cat([first, c_seq[:-1]])
-    else:
-        c_prev = torch.cat([c_seq[1:], first])
-    valid = None
-    if lengths is not None:
-        steps = torch.arange(seq_len, device=lengths.device).unsqueeze(1)
-        valid = (steps < lengths).unsqueeze(2)  # [T, B, 1]
-        if reverse:  # the last valid step of each sequence starts from c0
-            c_prev = torch.where((steps + 1 < lengths).unsqueeze(2), c_prev, first)
+    c_{t-1} (params.h) is c_seq one step earlier in processing order: c_seq[t-1] going forward,
+    c_seq[t+1] going backward (a padded row, zero, at each sequence's last valid step), and c0 at
+    each sequence's first step."""
+    seq_len, batch = d_pre.shape[0], d_pre.shape[1]
     d_i, d_f, _, d_o = d_pre.chunk(4, dim=2)
-    terms = (d_i * c_prev, d_f * c_prev, d_o * c_seq)
-    if valid is not None:
-        terms = tuple(torch.where(valid, term, 0) for term in terms)
-    return torch.stack([term.sum((0, 1)) for term in terms])
+    now, before = (slice(None, -1), slice(1, None)) if reverse else (slice(1, None), slice(None, -1))
+    grads = [(d[now] * c_seq[before]).sum((0, 1)) for d in (d_i, d_f)]
+    if c0 is not None:
+        if not reverse:
+            first = 0
+        elif lengths is None:
+            first = seq_len - 1
+        else:
+            first = (lengths - 1, torch.arange(batch, device=d_pre.device))
+        grads = [g + (d[first] * c0).sum(0) for g, d in zip(grads, (d_i, d_f))]
+    return torch.stack([*grads, (d_o * c_seq).sum((0, 1))])
 
 
 class _LayerRecurrence(torch.autograd.Function):

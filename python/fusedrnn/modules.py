@@ -165,8 +165,25 @@ class RNNBase(nn.Module):
         weights = [tuple(getattr(self, name) if name is not None else None for name in layer)
                    for layer in names]
         if self.__dict__.get("coupled_input_forget"):
-            weights = [_coupled_as_lstm(w, self.hidden_size) for w in weights]
+            return self._coupled_weights(weights)
         return weights
+
+    def _coupled_weights(self, weights: list) -> list:
+        """A CIFG's weights as the plain LSTM's (_coupled_as_lstm). Built at every call with
+        grad mode on (autograd then carries the tie); under no_grad and inference_mode kept
+        while the parameters are the same tensors at the same versions, so that inference
+        calls do not copy every weight again (B=1 H=128 T=100: that copy was a fifth of the
+        call). The kept copies are normal tensors, never inference tensors."""
+        if torch.is_grad_enabled():
+            return [_coupled_as_lstm(w, self.hidden_size) for w in weights]
+        key = [(w.data_ptr(), w._version, w.dtype, w.device, w.shape) if w is not None else None
+               for layer in weights for w in layer]
+        cached = self.__dict__.get("_coupled_cache")
+        if cached is None or cached[0] != key:
+            with torch.inference_mode(False):
+                cached = (key, [_coupled_as_lstm(w, self.hidden_size) for w in weights])
+            self.__dict__["_coupled_cache"] = cached
+        return cached[1]
 
     def _fast_forward(self, input, hx):
         """The common inference call (no gradient, a batched float32/float64 tensor, valid or no
@@ -484,10 +501,7 @@ class LSTM(RNNBase):
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
                  proj_size: int = 0, device=None, dtype=None, *, peephole: bool = False,
                  coupled_input_forget: bool = False):
-        for name, value in (("peephole", peephole),
-                            ("coupled_input_forget", coupled_input_forget)):
-            if not isinstance(value, bool):
-                raise TypeError(f"{name} should be of type bool, got: {type(value).__name__}")
+        _check_variant_flags(peephole, coupled_input_forget)
         self.peephole = peephole
         self.coupled_input_forget = coupled_input_forget
         super().__init__("LSTM", input_size, hidden_size, num_layers, bias, batch_first, dropout,
@@ -651,11 +665,17 @@ def _coupled_as_lstm(weights: tuple, hidden: int) -> tuple:
     return lstm
 
 
+def _check_variant_flags(peephole, coupled_input_forget) -> None:
+    for name, value in (("peephole", peephole), ("coupled_input_forget", coupled_input_forget)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} should be of type bool, got: {type(value).__name__}")
+
+
 def _refuse_variant(module, what: str) -> None:
     """TorchScript and ONNX export run the plain LSTM's ops (_script.py, _onnx_export.py)."""
     if getattr(module, "_is_variant", False):
-        raise RuntimeError(f"fusedrnn.LSTM: {what} does not support the peephole and "
-                           f"coupled_input_forget variants yet; torch.compile does")
+        raise RuntimeError(f"fusedrnn.{type(module).__name__}: {what} does not support the "
+                           f"peephole and coupled_input_forget variants yet; torch.compile does")
 
 
 def _reject_proj_size(kwargs: dict) -> None:
@@ -678,6 +698,12 @@ class RNNCellBase(nn.Module):
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.bias = bias
+        # The LSTM variants (LSTMCell's keyword arguments): set on the instance before this runs.
+        coupled = self.__dict__.get("coupled_input_forget", False)
+        peephole = self.__dict__.get("peephole", False)
+        self._is_variant = coupled or peephole
+        if coupled:
+            num_chunks = 3
         self.weight_ih = nn.Parameter(torch.empty((num_chunks * hidden_size, input_size), **factory))
         self.weight_hh = nn.Parameter(torch.empty((num_chunks * hidden_size, hidden_size), **factory))
         if bias:
@@ -686,6 +712,9 @@ class RNNCellBase(nn.Module):
         else:
             self.register_parameter("bias_ih", None)
             self.register_parameter("bias_hh", None)
+        if peephole:  # as LSTM's weight_peephole_l0
+            self.weight_peephole = nn.Parameter(
+                torch.empty((2 if coupled else 3, hidden_size), **factory))
         self.reset_parameters()
 
     def extra_repr(self) -> str:
@@ -694,6 +723,10 @@ class RNNCellBase(nn.Module):
             s += ", bias={bias}"
         if "nonlinearity" in self.__dict__ and self.nonlinearity != "tanh":
             s += ", nonlinearity={nonlinearity}"
+        if self.__dict__.get("peephole"):
+            s += ", peephole=True"
+        if self.__dict__.get("coupled_input_forget"):
+            s += ", coupled_input_forget=True"
         return s.format(**self.__dict__)
 
     def reset_parameters(self) -> None:
@@ -738,8 +771,13 @@ class RNNCellBase(nn.Module):
             if not batched:
                 states = tuple(s.unsqueeze(0) for s in states)
             hx = states if is_lstm else states[0]
-        result = functional.cell_step(cell, batch_input, self.weight_ih, self.weight_hh,
-                                      self.bias_ih, self.bias_hh, hx)
+        if self._is_variant:
+            w_ih, w_hh, b_ih, b_hh, _, *peephole = self._lstm_weights()
+            result = functional.cell_step(cell, batch_input, w_ih, w_hh, b_ih, b_hh, hx,
+                                          peephole=peephole[0] if peephole else None)
+        else:
+            result = functional.cell_step(cell, batch_input, self.weight_ih, self.weight_hh,
+                                          self.bias_ih, self.bias_hh, hx)
         if batched:
             return result
         return tuple(r.squeeze(0) for r in result) if is_lstm else result.squeeze(0)
@@ -750,7 +788,9 @@ class RNNCellBase(nn.Module):
         a CPU step that _cell_step runs) straight to _cell_step, with only the checks that decide
         it: the full validation costs more than the step itself at small sizes (~25 us against
         torch.nn's whole ~14 us RNNCell call at B=1 H=64). None for anything else, which _step
-        then validates and reports exactly as before."""
+        then validates and reports exactly as before. (The LSTM variants take the full path.)"""
+        if self._is_variant:
+            return None
         params = self._parameters
         weight = params.get("weight_ih")
         # (applies() first: it also declines while a graph is recorded, before any comparison
@@ -781,11 +821,29 @@ class RNNCellBase(nn.Module):
 
 
 class LSTMCell(RNNCellBase):
-    """Drop-in torch.nn.LSTMCell: (h', c') = cell(input, (h, c))."""
+    """Drop-in torch.nn.LSTMCell: (h', c') = cell(input, (h, c)). The keyword arguments peephole
+    and coupled_input_forget give LSTM's variants (see LSTM), with the parameter
+    `weight_peephole` [3 or 2, hidden_size]; a variant's step runs as the layer's recurrence
+    over one step."""
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None,
-                 dtype=None):
+                 dtype=None, *, peephole: bool = False, coupled_input_forget: bool = False):
+        _check_variant_flags(peephole, coupled_input_forget)
+        self.peephole = peephole
+        self.coupled_input_forget = coupled_input_forget
         super().__init__(input_size, hidden_size, bias, num_chunks=4, device=device, dtype=dtype)
+
+    def __prepare_scriptable__(self):
+        _refuse_variant(self, "torch.jit.script")
+        return self
+
+    def _lstm_weights(self) -> tuple:
+        """(w_ih, w_hh, b_ih, b_hh, None[, peephole [3, H]]) of the plain LSTM this cell
+        computes (LSTM._layer_weights)."""
+        weights = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, None)
+        if self.peephole:
+            weights += (self.weight_peephole,)
+        return _coupled_as_lstm(weights, self.hidden_size) if self.coupled_input_forget else weights
 
     def forward(self, input: Tensor, hx: Optional[tuple[Tensor, Tensor]] = None
                 ) -> tuple[Tensor, Tensor]:

@@ -67,7 +67,9 @@ struct RecurrenceFwdParams : RecurrenceShape {
   SeqTensor gates;             // [T, B, S*H] see saved_gate_count (unused for RNN)
                                // _cpu, LSTM: may be xproj itself (a row's xproj is read before
                                // that row's gates are written, by the same thread)
-  SeqTensor c_seq;             // [T, B, H] LSTM: c_t after step t (rows of padded steps: any)
+  SeqTensor c_seq;             // [T, B, H] LSTM: c_t after step t. Rows of padded steps are
+                               // left unwritten: a peephole LSTM's weight gradient reads the
+                               // zeros Python put there (functional._peephole_grad)
   SeqTensor r_seq;             // [T, B, H] projected LSTM: o_t * tanh(c_t), the input of W_hr
   // --- execution ---
   int64_t num_threads = 1;     // CPU: threads to use (torch.get_num_threads()); ignored on CUDA
