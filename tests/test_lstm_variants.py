@@ -330,3 +330,21 @@ def test_variant_cell_surface():
         torch.jit.script(cell)
     with pytest.raises(TypeError, match="peephole should be of type bool"):
         fusedrnn.LSTMCell(3, 5, peephole=None)
+
+
+@requires_native
+@pytest.mark.parametrize("variant", ["peephole", "peephole-cifg"])
+def test_variant_bfloat16_within_twice_the_reference_error(variant, backend):
+    """bfloat16 (the CPU kernels widen it, the CUDA kernels run it on tensor cores): the error
+    against float64 is at most twice that of the reference loop run in bfloat16 itself (torch.nn
+    plays that part for the plain cells)."""
+    module = _random_module(variant, torch.bfloat16, backend.device, 0, bidirectional=True)
+    T, B = (3, 2) if backend.tiny else (20, 4)
+    x = torch.randn(T, B, 3, device=backend.device).to(torch.bfloat16)
+    with torch.no_grad():
+        got = module(x)[0]
+        truth = _reference_run(module, x, None, None, False)[0]
+        weights = reference.weights_of(module)
+        low = reference.rnn("lstm", x, weights, bidirectional=True,
+                            coupled_input_forget=module.coupled_input_forget)[0]
+    assert rel_err(got, truth) <= 2 * rel_err(low, truth)

@@ -269,21 +269,26 @@ def test_no_initial_state(cell, backend):
                   backend.device, with_h0=False)
 
 
+# (cell, proj_size, peephole) of the CPU tests that force a code path
+FORCED_CELLS = [("lstm", 0, False), ("lstm", 13, False), ("lstm", 13, True), ("gru", 0, False),
+                ("rnn_relu", 0, False)]
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3, 5])
-@pytest.mark.parametrize("cell,proj", [("lstm", 0), ("lstm", 13), ("gru", 0), ("rnn_relu", 0)])
-def test_thread_splits(cell, proj, threads, monkeypatch):
+@pytest.mark.parametrize("cell,proj,peephole", FORCED_CELLS)
+def test_thread_splits(cell, proj, peephole, threads, monkeypatch):
     """Teams of several threads (forced: these shapes are below the threading threshold), with
     panel counts that do not divide evenly; both directions run side by side."""
     pytest.importorskip("fusedrnn._cpu")
     monkeypatch.setenv("FUSEDRNN_CPU_TEST_THREADS", str(threads))
     for dtype in (torch.float64, torch.float32):
-        run_and_check(Config(cell, proj, "bidir", True, 7, 5, 37, dtype, True),
+        run_and_check(Config(cell, proj, "bidir", True, 7, 5, 37, dtype, True, peephole),
                       torch.device("cpu"))
 
 
 @pytest.mark.parametrize("threads", [2, 3, 5])
-@pytest.mark.parametrize("cell,proj", [("lstm", 0), ("lstm", 13), ("gru", 0), ("rnn_relu", 0)])
-def test_row_group_splits(cell, proj, threads, monkeypatch):
+@pytest.mark.parametrize("cell,proj,peephole", FORCED_CELLS)
+def test_row_group_splits(cell, proj, peephole, threads, monkeypatch):
     """Threads that split the batch rows (csrc/cpu/row_groups.h) instead of the units, forced on
     shapes below the rule that picks them: uneven groups (5 rows over 2 or 3 threads), one row
     each, and groups with no row at all (2 rows over 3 and 5 threads); forward and backward,
@@ -293,15 +298,17 @@ def test_row_group_splits(cell, proj, threads, monkeypatch):
     monkeypatch.setenv("FUSEDRNN_CPU_TEST_SPLIT", "rows")
     for dtype in (torch.float64, torch.float32):
         for T, B in ((7, 5), (4, 2)):
-            run_and_check(Config(cell, proj, "bidir", True, T, B, 37, dtype, True),
+            run_and_check(Config(cell, proj, "bidir", True, T, B, 37, dtype, True, peephole),
                           torch.device("cpu"))
-        run_and_check(Config(cell, proj, "fwd", False, 3, 40, 70, dtype, False),
+        run_and_check(Config(cell, proj, "fwd", False, 3, 40, 70, dtype, False, peephole),
                       torch.device("cpu"))
 
 
 @pytest.mark.parametrize("isa", ["generic", "avx2", "avx512", "avx512bf16", "amx"])
-@pytest.mark.parametrize("cell,proj", [("lstm", 0), ("lstm", 9), ("gru", 0), ("rnn_tanh", 0)])
-def test_every_instruction_set(cell, proj, isa, monkeypatch):
+@pytest.mark.parametrize("cell,proj,peephole", [("lstm", 0, False), ("lstm", 9, False),
+                                                ("lstm", 0, True), ("gru", 0, False),
+                                                ("rnn_tanh", 0, False)])
+def test_every_instruction_set(cell, proj, peephole, isa, monkeypatch):
     """FUSEDRNN_CPU_ISA lowers the run-time choice, so every compiled path runs here (a path the
     CPU lacks falls back to the best one it has). H=300 gives the backward a depth (G*H) of
     more than one kDepth slice (panel_gemm.h: 64 KB of panel, 1024 rows at the narrowest
@@ -310,7 +317,7 @@ def test_every_instruction_set(cell, proj, isa, monkeypatch):
     monkeypatch.setenv("FUSEDRNN_CPU_ISA", isa)
     for dtype in (torch.float64, torch.float32):
         for size in [(7, 5, 37), (3, 9, 70), (2, 3, 300)]:
-            run_and_check(Config(cell, proj, "bidir", True, *size, dtype, False),
+            run_and_check(Config(cell, proj, "bidir", True, *size, dtype, False, peephole),
                           torch.device("cpu"))
     assert cpu.isa() in ("generic", "avx2", "avx512", "avx512bf16", "amx")
 

@@ -91,6 +91,12 @@ struct BwdThreads {
 template <typename T, CellKind C, typename S>
 struct FwdRun {
   static int call(const RecurrenceFwdParams& p, const Team& team) {
+    if constexpr (C == CellKind::kLstm) {
+      if (p.peephole) {
+        forward_impl<T, C, S, true>(p, team);
+        return 0;
+      }
+    }
     forward_impl<T, C, S>(p, team);
     return 0;
   }
