@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import fusedrnn
-from fusedrnn import functional, reference
+from fusedrnn import _inference, functional, reference
 
 from _helpers import covering_design, ramp_loss, requires_native, rel_err
 
@@ -178,19 +178,25 @@ def test_variant_parameters_and_state_dict():
 
 
 @requires_native
-def test_variant_inference_paths_match_training_path():
-    """No grad, a single step, unbatched input and inference mode take the same route (the
-    inference plan and the cell steps run the plain LSTM only)."""
-    module = _random_module("peephole-cifg", torch.float32, "cpu", 0, num_layers=2)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_variant_inference_paths_match_training_path(variant):
+    """No grad (a peephole LSTM's inference plan), inference mode, unbatched input and a single
+    step (the recurrence: the cell steps are the plain LSTM's) give the full path's results."""
+    module = _random_module(variant, torch.float32, "cpu", 0, num_layers=2, bidirectional=True)
     x = torch.randn(7, 3, 3)
     want = module(x)[0]
     with torch.no_grad():
         torch.testing.assert_close(module(x)[0], want)
+        assert (module in _inference._plans) == (variant == "peephole")
+        if module.peephole:  # the plan reads the peephole weights where they are
+            module.weight_peephole_l1_reverse.mul_(-2)
+            want = module(x.requires_grad_())[0].detach()
+            x.requires_grad_(False)
+            torch.testing.assert_close(module(x)[0], want)
     with torch.inference_mode():
         torch.testing.assert_close(module(x)[0], want)
     torch.testing.assert_close(module(x[:, 0])[0], want[:, 0])
     step, (h, c) = module(x[:1])
-    torch.testing.assert_close(step, want[:1])
     expected = _reference_run(module, x[:1], None, None, False)[0]
     assert rel_err(step, expected) <= 2e-5
 

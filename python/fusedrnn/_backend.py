@@ -316,10 +316,11 @@ class PreparedForward(NamedTuple):
     workspace_bytes: dict    # (seq_len, batch, threads, environment knobs) -> bytes, as calls come
 
 
-def prepare_forward(cell: str, w_hh, b_hh, w_hr) -> PreparedForward:
+def prepare_forward(cell: str, w_hh, b_hh, w_hr, peephole=()) -> PreparedForward:
     """Templates for the D directions of a layer; w_hh, b_hh, w_hr: sequences of D contiguous
-    tensors (or Nones), all of one dtype on one device. The templates point into their memory:
-    later in-place changes of the values are seen, a change of memory (`.data =`) is not."""
+    tensors (or Nones), peephole D contiguous [3, H] LSTM peephole weights or empty, all of one
+    dtype on one device. The templates point into their memory: later in-place changes of the
+    values are seen, a change of memory (`.data =`) is not."""
     device = w_hh[0].device
     module, call = _layer_call(cell, device, w_hh, b_hh, w_hr, None)
     null_seq = (0, 0, 0)
@@ -327,7 +328,8 @@ def prepare_forward(cell: str, w_hh, b_hh, w_hr) -> PreparedForward:
                                   *call.weights[d], 0, 0, null_seq, 0, 0, null_seq, null_seq,
                                   null_seq, 1, 0)
                  for d in range(len(w_hh))]
-    storage = tuple(t.detach() for t in (*w_hh, *b_hh, *w_hr) if t is not None)
+    _set_peephole(templates, peephole)
+    storage = tuple(t.detach() for t in (*w_hh, *b_hh, *w_hr, *peephole) if t is not None)
     return PreparedForward(module, device, templates, storage, {})
 
 

@@ -120,12 +120,13 @@ def _shapes_fit(module, cell: str, layer_weights: list, num_directions: int) -> 
     plan is built, so once per set of weights."""
     hidden, state = module.hidden_size, module._state_size
     rows = GATE_COUNT[cell] * hidden
-    for index, (w_ih, w_hh, b_ih, b_hh, w_hr) in enumerate(layer_weights):
+    for index, (w_ih, w_hh, b_ih, b_hh, w_hr, *peephole) in enumerate(layer_weights):
         width = module.input_size if index < num_directions else num_directions * state
         if (w_ih.shape != (rows, width) or w_hh.shape != (rows, state)
                 or any(b is not None and b.shape != (rows,) for b in (b_ih, b_hh))
                 or (w_hr is not None and w_hr.shape != (state, hidden))
-                or (w_hr is None and state != hidden)):
+                or (w_hr is None and state != hidden)
+                or any(w.shape != (3, hidden) for w in peephole)):
             return False
     return True
 
@@ -143,15 +144,17 @@ class InferencePlan:
         copies = False
         for layer in range(num_layers):
             lw = layer_weights[layer * num_directions:(layer + 1) * num_directions]
-            native = [[w[1], w[3], w[4]] for w in lw]  # w_hh, b_hh, w_hr: read by the kernel
+            # w_hh, b_hh, w_hr and a peephole LSTM's peephole weights: read by the kernel
+            native = [[w[1], w[3], w[4], *w[5:]] for w in lw]
             for tensors in native:
                 for i, t in enumerate(tensors):
                     if t is not None and not t.is_contiguous():
                         tensors[i] = t.contiguous()
                         copies = True
-            w_hh, b_hh, w_hr = (list(column) for column in zip(*native))
+            w_hh, b_hh, w_hr, *peephole = (list(column) for column in zip(*native))
             b_ih = tuple(w[2] for w in lw)
-            prepared = _backend.prepare_forward(cell, w_hh, b_hh, w_hr)
+            prepared = _backend.prepare_forward(cell, w_hh, b_hh, w_hr,
+                                                peephole[0] if peephole else ())
             fold = (all(b is not None for b in (*b_ih, *b_hh))
                     and functional.folds_bias(cell, w_hh[0].dtype, w_hh[0].device))
             layers.append(_LayerPlan(tuple(w[0] for w in lw), b_ih, prepared,

@@ -70,6 +70,8 @@ class RNNBase(nn.Module):
         coupled = self.__dict__.get("coupled_input_forget", False)
         peephole = self.__dict__.get("peephole", False)
         self._is_variant = coupled or peephole
+        self._has_peephole = peephole  # (plain attributes: the fast path reads them per call)
+        self._derived_weights = coupled  # _layer_weights computes the weights the kernels get
         gate_size = (3 if coupled else _GATES[mode]) * hidden_size
         state_size = proj_size if proj_size > 0 else hidden_size
         num_directions = 2 if bidirectional else 1
@@ -194,7 +196,7 @@ class RNNBase(nn.Module):
         per-call bookkeeping. None for anything else, which the full path then handles (and
         reports, for bad input) exactly as before. A call with gradients enabled where nothing
         requires one (a frozen module called without no_grad) is an inference call."""
-        if self._is_variant:  # the inference plan and the cell steps run the plain cells only
+        if self._derived_weights:  # the inference plan points into the parameters themselves
             return None
         grad = torch.is_grad_enabled() and self._may_record_graph(input, hx)
         if (type(input) is not Tensor or input.is_meta or not _backend.plain_eager()
@@ -230,7 +232,9 @@ class RNNBase(nn.Module):
                 h0 = hx
             if not _is_state(h0, (num_states, batch, self._state_size), dtype, device):
                 return None
-        weights = self._one_step_weights(x, h0, c0) if seq_len == 1 else None
+        # (The cell steps run the plain cells only: a peephole LSTM's step is the recurrence's.)
+        weights = (self._one_step_weights(x, h0, c0) if seq_len == 1 and not self._has_peephole
+                   else None)
         if weights is not None:
             result = self._one_step(x, h0, c0, weights)
         elif grad:  # the inference plan has no backward
