@@ -13,6 +13,7 @@ import io
 import random
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -212,23 +213,55 @@ def test_variant_arguments_are_checked():
 
 @requires_native
 def test_variant_refuses_torchscript_clearly():
+    """TorchScript runs the plain LSTM's ops: a variant is refused, never run as one."""
     module = fusedrnn.LSTM(3, 5, peephole=True)
     with pytest.raises(RuntimeError, match="torch.jit.script does not support the peephole"):
         torch.jit.script(module)
 
 
 @requires_native
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_variant_refuses_onnx_export_clearly(variant):
+@pytest.mark.parametrize("variant", ["peephole", "peephole-cifg"])
+def test_peephole_refuses_onnx_export_clearly(variant):
     """The TorchScript-based exporter meets the refusal. (The dynamo exporter catches it, traces
     again without its export flag and then fails on fusedrnn::layer_forward, which it cannot
     translate.)"""
     pytest.importorskip("onnx")
-    module = fusedrnn.LSTM(3, 5, **VARIANTS[variant])
+    for module, x in ((fusedrnn.LSTM(3, 5, **VARIANTS[variant]), torch.randn(4, 2, 3)),
+                      (fusedrnn.LSTMCell(3, 5, **VARIANTS[variant]), torch.randn(2, 3))):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with pytest.raises(RuntimeError, match="does not support peephole LSTMs"):
+                torch.onnx.export(module, (x,), io.BytesIO(), dynamo=False)
+
+
+@requires_native
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_cifg_exports_as_the_plain_lstm_that_computes_it(packed):
+    """ONNX has no CIFG; its LSTM node with the tied weights computes one, in onnxruntime."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    module = _random_module("cifg", torch.float32, "cpu", 0, bidirectional=True, num_layers=2)
+    x = torch.randn(5, 3, 3)
+    lengths = torch.tensor([5, 3, 2])
+
+    class Wrapped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = module
+
+        def forward(self, x):
+            inp = pack_padded_sequence(x, lengths) if packed else x
+            out = self.lstm(inp)[0]
+            return pad_packed_sequence(out)[0] if packed else out
+
+    buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with pytest.raises(RuntimeError, match="torch.onnx.export does not support the peephole"):
-            torch.onnx.export(module, (torch.randn(4, 2, 3),), io.BytesIO(), dynamo=False)
+        torch.onnx.export(Wrapped(), (x,), buffer, dynamo=False, input_names=["x"])
+    session = onnxruntime.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
+    want = _reference_run(module, x, None, lengths if packed else None, False)[0]
+    assert rel_err(got, want) <= 1e-5
 
 
 @requires_native
@@ -266,9 +299,9 @@ def test_variant_compiles_fullgraph(variant):
 
 @requires_native
 def test_cifg_inference_weights_follow_the_parameters():
-    """Inference calls keep a CIFG's plain-LSTM weights between calls: an in-place update and
-    torch.func.functional_call must still be seen, and the kept copies must serve a later call
-    whose input requires grad."""
+    """A CIFG's plain-LSTM weights follow its parameters from one inference call to the next:
+    in-place updates, torch.func.functional_call, and a later call whose input requires
+    grad."""
     from torch.func import functional_call
     module = _random_module("peephole-cifg", torch.float64, "cpu", 0)
     x = torch.randn(4, 2, 3, dtype=torch.float64)
@@ -354,3 +387,86 @@ def test_variant_bfloat16_within_twice_the_reference_error(variant, backend):
         low = reference.rnn("lstm", x, weights, bidirectional=True,
                             coupled_input_forget=module.coupled_input_forget)[0]
     assert rel_err(got, truth) <= 2 * rel_err(low, truth)
+
+
+@requires_native
+def test_cifg_follows_writes_that_keep_the_version_counter():
+    """A CIFG's plain-LSTM weights are derived at every call: a fused optimizer's step (which
+    leaves _version alone) and writes through .data are seen by the next no_grad call."""
+    module = _random_module("cifg", torch.float64, "cpu", 0)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    optimizer = torch.optim.Adam(module.parameters(), lr=0.1, fused=True)
+    with torch.no_grad():
+        module(x)
+    module(x)[0].pow(2).sum().backward()
+    optimizer.step()
+    module.weight_hh_l0.data.mul_(2)
+    with torch.no_grad():
+        assert rel_err(module(x)[0], _reference_run(module, x, None, None, False)[0]) <= 1e-12
+
+
+@requires_native
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_variants_trace_and_copy(variant):
+    """torch.jit.trace (whose check traces again under no_grad) and deepcopy after an inference
+    call, for the module and the cell."""
+    import copy
+    for module, x in ((_random_module(variant, torch.float32, "cpu", 0), torch.randn(4, 2, 3)),
+                      (fusedrnn.LSTMCell(3, 5, **VARIANTS[variant]), torch.randn(2, 3))):
+        with torch.no_grad():
+            module(x)
+        twin = copy.deepcopy(module)
+        traced = torch.jit.trace(module, (x,))
+        torch.testing.assert_close(traced(x)[0], twin(x)[0])
+
+
+def test_variant_errors_name_what_the_user_gave():
+    module = fusedrnn.LSTM(3, 5, coupled_input_forget=True, peephole=True)
+    module.weight_peephole_l0 = nn.Parameter(torch.zeros(3, 5))
+    with pytest.raises(RuntimeError, match=r"weight_peephole_l0 must have shape \[2, 5\]"):
+        module(torch.randn(4, 2, 3))
+    module = fusedrnn.LSTM(3, 5, coupled_input_forget=True)
+    module.weight_hh_l0 = nn.Parameter(torch.zeros(20, 5))
+    with pytest.raises(RuntimeError, match=r"weight_hh_l0 must have shape \[15, 5\]"):
+        module(torch.randn(4, 2, 3))
+    cell = fusedrnn.LSTMCell(3, 5, coupled_input_forget=True)
+    cell.weight_ih = nn.Parameter(torch.zeros(20, 3))
+    with pytest.raises(RuntimeError, match=r"LSTMCell: weight_ih must have shape \[15, 3\]"):
+        cell(torch.randn(2, 3))
+    with pytest.raises(ValueError, match=r"peephole must be \[3, H\]"):
+        reference.lstm_cell(torch.zeros(1, 3), torch.zeros(1, 5), torch.zeros(1, 5),
+                            torch.zeros(20, 3), torch.zeros(20, 5), None, None,
+                            peephole=torch.zeros(2, 5))
+    assert fusedrnn.LSTM(3, 5, peephole=np.bool_(True)).peephole is True
+    with pytest.raises(TypeError, match="should be of type bool, got: numpy.float64"):
+        fusedrnn.LSTM(3, 5, peephole=np.float64(1))
+
+
+@requires_native
+def test_layer_weights_with_peepholes_for_some_directions_are_refused():
+    x = torch.randn(3, 2, 4, dtype=torch.float64)
+
+    def direction(with_peephole):
+        entry = (torch.randn(12, 4, dtype=torch.float64), torch.randn(12, 3, dtype=torch.float64),
+                 None, None, None)
+        return entry + (torch.randn(3, 3, dtype=torch.float64),) if with_peephole else entry
+
+    for first, second in ((False, True), (True, False)):
+        with pytest.raises(ValueError, match="must all have peephole weights .* or none"):
+            functional.rnn("lstm", x, [direction(first), direction(second)], bidirectional=True)
+    with pytest.raises(ValueError, match="got 7 entries"):
+        functional.rnn("lstm", x, [direction(True) + (None,)])
+
+
+def test_modules_pickled_before_the_variants_still_run():
+    """A whole module pickled by a fusedrnn without the variants lacks their flags."""
+    import pickle
+    for module, x in ((fusedrnn.LSTM(3, 4), torch.randn(5, 2, 3)),
+                      (fusedrnn.GRU(3, 4), torch.randn(5, 2, 3)),
+                      (fusedrnn.LSTMCell(3, 4), torch.randn(2, 3))):
+        for name in ("_is_variant", "_has_peephole", "_derived_weights", "peephole",
+                     "coupled_input_forget"):
+            module.__dict__.pop(name, None)
+        restored = pickle.loads(pickle.dumps(module))
+        with torch.no_grad():
+            torch.testing.assert_close(restored(x)[0], module(x)[0])

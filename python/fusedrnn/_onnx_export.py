@@ -25,6 +25,14 @@ _TORCH_OPS = {"lstm": torch._VF.lstm, "gru": torch._VF.gru, "rnn_tanh": torch._V
               "rnn_relu": torch._VF.rnn_relu}
 
 
+def refuse_peephole() -> None:
+    """A peephole LSTM has no torch RNN op to export as (ONNX's LSTM node has peepholes, torch's
+    ops do not): say so instead of writing a plain LSTM."""
+    raise RuntimeError("fusedrnn: torch.onnx.export does not support peephole LSTMs yet (the "
+                       "exporter writes torch's plain LSTM op); a coupled_input_forget LSTM "
+                       "exports as the plain LSTM that computes it")
+
+
 def active() -> bool:
     """Whether torch.onnx.export is tracing the model (callers ask only while a graph is being
     recorded: torch.onnx's import is not free)."""

@@ -55,6 +55,11 @@ def rnn(cell: str, input: Tensor, weights, hx=None, *, num_layers: int = 1,
     if len(weights) != num_layers * num_directions:
         raise ValueError(f"expected {num_layers * num_directions} layer weights "
                          f"(num_layers * num_directions), got {len(weights)}")
+    for entry in weights:
+        if len(entry) not in (5, 6):
+            raise ValueError("each layer weights entry must be (w_ih, w_hh, b_ih, b_hh, w_hr) "
+                             f"or, for a peephole LSTM, those and the peephole weights; got "
+                             f"{len(entry)} entries")
     # A traced graph must not depend on grad mode (torch.jit.trace checks a trace by tracing
     # again under no_grad): there every layer saves for backward when the caller's tensors require
     # grad, decided here, before a cast (float16, autocast) makes copies whose requires_grad
@@ -206,8 +211,7 @@ def _layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor], c0: Option
     peephole = peephole_weights(layer_weights)
     if _backend.recording_graph() and _onnx_export.active():
         if peephole:
-            raise RuntimeError("fusedrnn: torch.onnx.export does not support peephole LSTMs "
-                               "yet; the exporter writes the plain LSTM only")
+            _onnx_export.refuse_peephole()
         return _onnx_export.layer(cell, x, layer_weights, h0, c0, lengths)
     if (x.size(0) == 1 and lengths is None and not peephole
             and _one_step_applies(cell, x, layer_weights, h0, c0)):
@@ -263,10 +267,14 @@ def _layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor], c0: Option
 def peephole_weights(layer_weights) -> list:
     """The D [3, H] peephole weights of a layer's LayerWeights (their sixth entry,
     reference.py), or [] for a layer without peephole connections."""
-    first = layer_weights[0]
-    if len(first) > 5 and first[5] is not None:
-        return [w[5] for w in layer_weights]
-    return []
+    present = [len(w) > 5 and w[5] is not None for w in layer_weights]
+    if not any(present):
+        return []
+    if not all(present):
+        raise ValueError("fusedrnn.functional.rnn: a layer's directions must all have peephole "
+                         "weights (a sixth LayerWeights entry) or none, got them for direction(s) "
+                         f"{[d for d, there in enumerate(present) if there]} only")
+    return [w[5] for w in layer_weights]
 
 
 def folds_bias(cell: str, dtype: torch.dtype, device: torch.device) -> bool:

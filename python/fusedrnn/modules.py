@@ -8,10 +8,12 @@ The math runs in `functional.rnn` (under torch.jit.script, in its TorchScript tw
 this file only adapts torch.nn's calling conventions to it.
 """
 
+import contextlib
 import math
 import warnings
 from typing import Optional, overload
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
@@ -45,6 +47,9 @@ class RNNBase(nn.Module):
     # torch.jit.script compiles every property it finds; these serve the eager path only.
     __jit_unused_properties__ = ["all_weights", "_flat_weights", "_cell", "_display_name",
                                  "_state_size", "_num_states"]
+    # The LSTM variants' flags (__init__ sets them on the instance). Here too, so that a module
+    # pickled whole by a fusedrnn without the variants still runs when loaded.
+    _is_variant = _has_peephole = _derived_weights = False
 
     def __init__(self, mode: str, input_size: int, hidden_size: int, num_layers: int = 1,
                  bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
@@ -167,25 +172,12 @@ class RNNBase(nn.Module):
         weights = [tuple(getattr(self, name) if name is not None else None for name in layer)
                    for layer in names]
         if self.__dict__.get("coupled_input_forget"):
-            return self._coupled_weights(weights)
-        return weights
-
-    def _coupled_weights(self, weights: list) -> list:
-        """A CIFG's weights as the plain LSTM's (_coupled_as_lstm). Built at every call with
-        grad mode on (autograd then carries the tie); under no_grad and inference_mode kept
-        while the parameters are the same tensors at the same versions, so that inference
-        calls do not copy every weight again (B=1 H=128 T=100: that copy was a fifth of the
-        call). The kept copies are normal tensors, never inference tensors."""
-        if torch.is_grad_enabled():
+            # Derived at every call, never kept: a kept copy would miss writes that leave the
+            # version counter alone (fused optimizers, .data, numpy) and memory reused at the
+            # same address, as _inference.py explains for its plans.
+            _check_coupled_shapes(self, weights, names)
             return [_coupled_as_lstm(w, self.hidden_size) for w in weights]
-        key = [(w.data_ptr(), w._version, w.dtype, w.device, w.shape) if w is not None else None
-               for layer in weights for w in layer]
-        cached = self.__dict__.get("_coupled_cache")
-        if cached is None or cached[0] != key:
-            with torch.inference_mode(False):
-                cached = (key, [_coupled_as_lstm(w, self.hidden_size) for w in weights])
-            self.__dict__["_coupled_cache"] = cached
-        return cached[1]
+        return weights
 
     def _fast_forward(self, input, hx):
         """The common inference call (no gradient, a batched float32/float64 tensor, valid or no
@@ -326,8 +318,8 @@ class RNNBase(nn.Module):
         weight = self.weight_ih_l0
         input, hx = _follow_autocast(input, hx, weight)
         packed = isinstance(input, PackedSequence)
-        if self._is_variant and _backend.recording_graph() and _onnx_export.active():
-            _refuse_variant(self, "torch.onnx.export")
+        if self._has_peephole and _backend.recording_graph() and _onnx_export.active():
+            _onnx_export.refuse_peephole()
         if packed and _backend.recording_graph() and _onnx_export.active():
             return self._exported_packed_forward(input, hx)
         if packed:
@@ -372,8 +364,10 @@ class RNNBase(nn.Module):
         check.check_input(data, self.weight_ih_l0, self.input_size, expected_dim=2)
         if hx is not None:
             hx = self._checked_hx(hx, data, int(batch_sizes[0]), True, True, sorted_indices)
+        # The weights the kernels would get (a CIFG's as the plain LSTM's), in torch's order.
+        flat = [w for layer in self._layer_weights() for w in layer[:5] if w is not None]
         output, h_n, c_n = _onnx_export.packed_rnn(
-            self._cell, data, batch_sizes, hx, self._flat_weights, self.bias, self.num_layers,
+            self._cell, data, batch_sizes, hx, flat, self.bias, self.num_layers,
             self.dropout, self.training, self.bidirectional, self._state_size, self.hidden_size)
         h_n, c_n = _in_caller_order(h_n, c_n, unsorted_indices)
         output = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
@@ -498,16 +492,19 @@ class LSTM(RNNBase):
       no input gate of its own, i = 1 - f. weight_ih/weight_hh/biases hold the gates f, g, o
       ([3 * hidden_size, .]), and weight_peephole the rows w_cf, w_co.
     Both run on the native kernels (CPU and CUDA, training and inference, packed sequences,
-    torch.compile); torch.jit.script and torch.onnx.export take the plain LSTM only.
+    torch.compile). torch.jit.script refuses them; torch.onnx.export refuses peephole weights
+    and writes a CIFG as the plain LSTM that computes it (_coupled_as_lstm).
     """
+
+    peephole = coupled_input_forget = False  # as RNNBase's flags
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
                  proj_size: int = 0, device=None, dtype=None, *, peephole: bool = False,
                  coupled_input_forget: bool = False):
         _check_variant_flags(peephole, coupled_input_forget)
-        self.peephole = peephole
-        self.coupled_input_forget = coupled_input_forget
+        self.peephole = bool(peephole)
+        self.coupled_input_forget = bool(coupled_input_forget)
         super().__init__("LSTM", input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, proj_size, device, dtype)
 
@@ -657,26 +654,57 @@ def _coupled_as_lstm(weights: tuple, hidden: int) -> tuple:
     that compute it: the input gate's rows are the forget gate's, negated, since
     s(-a) = 1 - s(a) makes i = 1 - f exact. So the native kernels run a CIFG as they are, and
     autograd adds the input gate's gradients into the forget gate's. (The recurrent product
-    then does 4/3 of a 3-gate kernel's work.)"""
+    then does 4/3 of a 3-gate kernel's work.)
+
+    While torch.jit.trace records, they require grad exactly when the parameters do, in either
+    grad mode: the tracer checks a trace by tracing again under no_grad, and functional.rnn
+    decides from the weights whether a traced layer saves for backward."""
     def with_input_gate(t):
         return torch.cat([-t[:hidden], t]) if t is not None else None
 
     w_ih, w_hh, b_ih, b_hh, w_hr, *peephole = weights
-    lstm = (with_input_gate(w_ih), with_input_gate(w_hh), with_input_gate(b_ih),
-            with_input_gate(b_hh), w_hr)
-    if peephole:
-        lstm += (torch.cat([-peephole[0][:1], peephole[0]]),)
+    with torch.enable_grad() if torch.jit.is_tracing() else contextlib.nullcontext():
+        lstm = (with_input_gate(w_ih), with_input_gate(w_hh), with_input_gate(b_ih),
+                with_input_gate(b_hh), w_hr)
+        if peephole:
+            lstm += (torch.cat([-peephole[0][:1], peephole[0]]),)
     return lstm
 
 
 def _check_variant_flags(peephole, coupled_input_forget) -> None:
     for name, value in (("peephole", peephole), ("coupled_input_forget", coupled_input_forget)):
-        if not isinstance(value, bool):
-            raise TypeError(f"{name} should be of type bool, got: {type(value).__name__}")
+        if not isinstance(value, (bool, np.bool_)):
+            kind = type(value)
+            kind_name = (kind.__name__ if kind.__module__ == "builtins"
+                         else f"{kind.__module__}.{kind.__qualname__}")
+            raise TypeError(f"{name} should be of type bool, got: {kind_name}")
+
+
+_CELL_WEIGHT_NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", None, "weight_peephole")
+
+
+def _check_coupled_shapes(module, weights, names) -> None:
+    """A CIFG's parameters, checked by their own names and shapes before they are turned into
+    the plain LSTM's (whose checks would name tensors the user never made)."""
+    hidden = module.hidden_size
+    gates = 3 * hidden
+    for layer, layer_names in zip(weights, names):
+        w_ih, w_hh, b_ih, b_hh, w_hr, *peephole = layer
+        expected = [(w_ih, (gates, w_ih.shape[-1] if w_ih.dim() == 2 else -1)),
+                    (w_hh, (gates, w_hh.shape[-1] if w_hh.dim() == 2 else -1)),
+                    (b_ih, (gates,)), (b_hh, (gates,))]
+        expected += [(w, (2, hidden)) for w in peephole]
+        for (tensor, shape), name in zip(expected, layer_names[:4] + layer_names[5:]):
+            if tensor is not None and tuple(tensor.shape) != shape:
+                raise RuntimeError(
+                    f"fusedrnn.{type(module).__name__}: {name} must have shape {list(shape)} "
+                    f"with coupled_input_forget=True (gates f, g, o; peephole rows w_cf, w_co), "
+                    f"got {list(tensor.shape)}")
 
 
 def _refuse_variant(module, what: str) -> None:
-    """TorchScript and ONNX export run the plain LSTM's ops (_script.py, _onnx_export.py)."""
+    """TorchScript runs the plain LSTM's ops (_script.py): refuse a variant, never run it as
+    the plain LSTM."""
     if getattr(module, "_is_variant", False):
         raise RuntimeError(f"fusedrnn.{type(module).__name__}: {what} does not support the "
                            f"peephole and coupled_input_forget variants yet; torch.compile does")
@@ -693,6 +721,8 @@ def _reject_proj_size(kwargs: dict) -> None:
 
 class RNNCellBase(nn.Module):
     """What LSTMCell, GRUCell and RNNCell share: torch.nn's parameters and initialisation."""
+
+    _is_variant = False  # as RNNBase's
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool, num_chunks: int,
                  device=None, dtype=None):
@@ -830,11 +860,13 @@ class LSTMCell(RNNCellBase):
     `weight_peephole` [3 or 2, hidden_size]; a variant's step runs as the layer's recurrence
     over one step."""
 
+    peephole = coupled_input_forget = False  # as RNNBase's flags
+
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None,
                  dtype=None, *, peephole: bool = False, coupled_input_forget: bool = False):
         _check_variant_flags(peephole, coupled_input_forget)
-        self.peephole = peephole
-        self.coupled_input_forget = coupled_input_forget
+        self.peephole = bool(peephole)
+        self.coupled_input_forget = bool(coupled_input_forget)
         super().__init__(input_size, hidden_size, bias, num_chunks=4, device=device, dtype=dtype)
 
     def __prepare_scriptable__(self):
@@ -847,7 +879,10 @@ class LSTMCell(RNNCellBase):
         weights = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, None)
         if self.peephole:
             weights += (self.weight_peephole,)
-        return _coupled_as_lstm(weights, self.hidden_size) if self.coupled_input_forget else weights
+        if not self.coupled_input_forget:
+            return weights
+        _check_coupled_shapes(self, [weights], [_CELL_WEIGHT_NAMES])
+        return _coupled_as_lstm(weights, self.hidden_size)
 
     def forward(self, input: Tensor, hx: Optional[tuple[Tensor, Tensor]] = None
                 ) -> tuple[Tensor, Tensor]:

@@ -25,6 +25,10 @@ def lstm_cell(x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tensor,
     coupled_input_forget: the coupled input and forget gate (CIFG) of Greff et al. (2017), an LSTM
     without an input gate of its own: i = 1 - f. The weights then hold the gates f, g, o
     ([3H, .] and [3H]) and the peephole weights w_cf, w_co ([2, H])."""
+    if peephole is not None and peephole.shape != (2 if coupled_input_forget else 3, c.shape[1]):
+        raise ValueError(f"peephole must be [{2 if coupled_input_forget else 3}, H] = "
+                         f"{[2 if coupled_input_forget else 3, c.shape[1]]} (rows w_ci, w_cf, "
+                         f"w_co; a CIFG has no w_ci), got {list(peephole.shape)}")
     gates = _affine(x, w_ih, b_ih) + _affine(h, w_hh, b_hh)
     if coupled_input_forget:
         f, g, o = gates.chunk(3, dim=1)
