@@ -181,14 +181,15 @@ def test_variant_parameters_and_state_dict():
 @requires_native
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_variant_inference_paths_match_training_path(variant):
-    """No grad (a peephole LSTM's inference plan), inference mode, unbatched input and a single
-    step (the recurrence: the cell steps are the plain LSTM's) give the full path's results."""
+    """No grad (the inference plan), inference mode, unbatched input and a single step (the
+    recurrence for a peephole LSTM: the cell steps are the plain LSTM's) give the full path's
+    results."""
     module = _random_module(variant, torch.float32, "cpu", 0, num_layers=2, bidirectional=True)
     x = torch.randn(7, 3, 3)
     want = module(x)[0]
     with torch.no_grad():
         torch.testing.assert_close(module(x)[0], want)
-        assert (module in _inference._plans) == (variant == "peephole")
+        assert module in _inference._plans  # a CIFG's plan derives its weights at every call
         if module.peephole:  # the plan reads the peephole weights where they are
             module.weight_peephole_l1_reverse.mul_(-2)
             want = module(x.requires_grad_())[0].detach()
@@ -390,18 +391,23 @@ def test_variant_bfloat16_within_twice_the_reference_error(variant, backend):
 
 
 @requires_native
-def test_cifg_follows_writes_that_keep_the_version_counter():
-    """A CIFG's plain-LSTM weights are derived at every call: a fused optimizer's step (which
-    leaves _version alone) and writes through .data are seen by the next no_grad call."""
-    module = _random_module("cifg", torch.float64, "cpu", 0)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_variants_follow_writes_that_keep_the_version_counter(variant):
+    """A CIFG's plain-LSTM weights are derived at every call (its inference plan derives them
+    into its own tensors): a fused optimizer's step (which leaves _version alone) and writes
+    through .data are seen by the next no_grad call."""
+    module = _random_module(variant, torch.float64, "cpu", 0, num_layers=2)
     x = torch.randn(5, 2, 3, dtype=torch.float64)
     optimizer = torch.optim.Adam(module.parameters(), lr=0.1, fused=True)
     with torch.no_grad():
         module(x)
     module(x)[0].pow(2).sum().backward()
     optimizer.step()
-    module.weight_hh_l0.data.mul_(2)
+    module.weight_hh_l1.data.mul_(2)
     with torch.no_grad():
+        assert rel_err(module(x)[0], _reference_run(module, x, None, None, False)[0]) <= 1e-12
+    with torch.inference_mode():
+        module.bias_ih_l0.data.add_(0.5)
         assert rel_err(module(x)[0], _reference_run(module, x, None, None, False)[0]) <= 1e-12
 
 

@@ -22,6 +22,7 @@ registered parameters (torch.nn.utils parametrizations), get a fresh plan at eve
 """
 from __future__ import annotations
 
+import functools
 import weakref
 from operator import is_
 from typing import NamedTuple, Optional
@@ -63,11 +64,21 @@ def plan_for(module, cell: str, num_layers: int, num_directions: int):
     cached = _plans.get(module)
     if cached is not None and cached.matches(params):
         return cached.plan
-    checked = _checked_layer_weights(module, cell, num_directions)
+    derived = module._derived_weights
+    with torch.inference_mode(False), torch.no_grad():  # a CIFG's buffers: normal tensors
+        checked = _checked_layer_weights(module, cell, num_directions)
     if checked is None:
         return None
     layer_weights, used = checked
-    plan = InferencePlan(cell, layer_weights, num_layers, num_directions)
+    refresh = None
+    if derived:
+        # A CIFG's weights are derived from its parameters (modules._coupled_as_lstm) into
+        # tensors the plan owns and points into; every run derives them again, in place, from
+        # the parameters' current values, so that no write is missed.
+        sources = module._layer_weights(derive=False)
+        used = [t for w in sources for t in w if t is not None]
+        refresh = functools.partial(module._derive_into, layer_weights, sources)
+    plan = InferencePlan(cell, layer_weights, num_layers, num_directions, refresh)
     # Cached only when every weight used is one of the checked parameters (a subclass may
     # register more parameters, e.g. a learnable initial state; they are checked too).
     if plan.points_into_parameters and _all_own(used, params):
@@ -134,8 +145,10 @@ def _shapes_fit(module, cell: str, layer_weights: list, num_directions: int) -> 
 class InferencePlan:
     """The prepared layers of one module's weights: what each inference call would redo."""
 
-    def __init__(self, cell: str, layer_weights: list, num_layers: int, num_directions: int):
+    def __init__(self, cell: str, layer_weights: list, num_layers: int, num_directions: int,
+                 refresh=None):
         self.num_directions = num_directions
+        self.refresh = refresh  # rewrites derived weights from the parameters, or None
         w_hh0 = layer_weights[0][1]
         self.state = w_hh0.size(1)
         self.hidden = w_hh0.size(0) // GATE_COUNT[cell]
@@ -169,6 +182,8 @@ class InferencePlan:
         """x [T, B, I] (time-major, any strides) of the weights' dtype and device; h0_all
         [L*D, B, P], c0_all [L*D, B, H] or None, already checked by the caller.
         Returns (output [T, B, D*P], h_n, c_n or None)."""
+        if self.refresh is not None:
+            self.refresh()
         seq_len, batch = x.shape[0], x.shape[1]
         num_dirs, state, hidden = self.num_directions, self.state, self.hidden
         num_states = len(self.layers) * num_dirs

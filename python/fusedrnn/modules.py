@@ -76,7 +76,7 @@ class RNNBase(nn.Module):
         peephole = self.__dict__.get("peephole", False)
         self._is_variant = coupled or peephole
         self._has_peephole = peephole  # (plain attributes: the fast path reads them per call)
-        self._derived_weights = coupled  # _layer_weights computes the weights the kernels get
+        self._derived_weights = coupled  # _layer_weights derives the weights the kernels get
         gate_size = (3 if coupled else _GATES[mode]) * hidden_size
         state_size = proj_size if proj_size > 0 else hidden_size
         num_directions = 2 if bidirectional else 1
@@ -153,11 +153,11 @@ class RNNBase(nn.Module):
     def _display_name(self) -> str:
         return "RNN" if self.mode.startswith("RNN") else self.mode
 
-    def _layer_weights(self) -> list:
+    def _layer_weights(self, derive: bool = True) -> list:
         """(w_ih, w_hh, b_ih, b_hh, w_hr) per layer and direction, for functional.rnn, and a
         peephole LSTM's [3, H] peephole weights as a sixth entry; read at every call, so .to(),
         load_state_dict and torch.func.functional_call are always seen. A CIFG LSTM's weights
-        come as the plain LSTM's that compute it (_coupled_as_lstm)."""
+        come as the plain LSTM's that compute it (_coupled_as_lstm), unless derive=False."""
         names = self.__dict__.get("_layer_weight_names")
         if names is None:  # built once: the names __init__ registered, None for absent ones
             num_directions = 2 if self.bidirectional else 1
@@ -171,13 +171,27 @@ class RNNBase(nn.Module):
             self.__dict__["_layer_weight_names"] = names
         weights = [tuple(getattr(self, name) if name is not None else None for name in layer)
                    for layer in names]
-        if self.__dict__.get("coupled_input_forget"):
+        if derive and self.__dict__.get("coupled_input_forget"):
             # Derived at every call, never kept: a kept copy would miss writes that leave the
             # version counter alone (fused optimizers, .data, numpy) and memory reused at the
-            # same address, as _inference.py explains for its plans.
+            # same address, as _inference.py explains for its plans (which derive again into
+            # their own tensors at every call, _derive_into).
             _check_coupled_shapes(self, weights, names)
             return [_coupled_as_lstm(w, self.hidden_size) for w in weights]
         return weights
+
+    @staticmethod
+    def _derive_into(derived: list, sources: list) -> None:
+        """_coupled_as_lstm again, into its earlier results: each derived tensor is its source
+        with the source's leading block (the forget gate's rows, or w_cf) prepended, negated."""
+        with torch.no_grad():
+            for layer, source_layer in zip(derived, sources):
+                for target, source in zip(layer, source_layer):
+                    if target is None or target is source:  # absent, or w_hr itself
+                        continue
+                    block = target.shape[0] - source.shape[0]
+                    target[block:].copy_(source)
+                    torch.neg(source[:block], out=target[:block])
 
     def _fast_forward(self, input, hx):
         """The common inference call (no gradient, a batched float32/float64 tensor, valid or no
@@ -188,8 +202,6 @@ class RNNBase(nn.Module):
         per-call bookkeeping. None for anything else, which the full path then handles (and
         reports, for bad input) exactly as before. A call with gradients enabled where nothing
         requires one (a frozen module called without no_grad) is an inference call."""
-        if self._derived_weights:  # the inference plan points into the parameters themselves
-            return None
         grad = torch.is_grad_enabled() and self._may_record_graph(input, hx)
         if (type(input) is not Tensor or input.is_meta or not _backend.plain_eager()
                 or input.dim() != 3
