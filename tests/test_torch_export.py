@@ -37,11 +37,26 @@ class _Elman(torch.nn.Module):
         return self.rnn(x, h0)
 
 
+class _Variants(torch.nn.Module):
+    """A peephole CIFG LSTM, bidirectional, and a peephole LSTM cell on its last output."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = fusedrnn.LSTM(4, 8, bidirectional=True, peephole=True,
+                                 coupled_input_forget=True)
+        self.cell = fusedrnn.LSTMCell(16, 5, peephole=True)
+
+    def forward(self, x):
+        out, _ = self.rnn(x)
+        return self.cell(out[-1])
+
+
 @pytest.mark.parametrize("make, args, dims", [
     (_Tagger, lambda b, t: (torch.randn(b, t, 4),), lambda b, t: ({0: b, 1: t},)),
     (_Elman, lambda b, t: (torch.randn(t, b, 4), torch.randn(1, b, 6)),
      lambda b, t: ({0: t, 1: b}, {1: b})),
-], ids=["lstm-bidir-proj-and-gru-cell", "rnn-relu-with-state"])
+    (_Variants, lambda b, t: (torch.randn(t, b, 4),), lambda b, t: ({0: t, 1: b},)),
+], ids=["lstm-bidir-proj-and-gru-cell", "rnn-relu-with-state", "lstm-variants-and-cell"])
 def test_exported_program_matches_eager(make, args, dims):
     torch.manual_seed(0)
     model = make().eval()
