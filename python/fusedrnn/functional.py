@@ -495,7 +495,8 @@ def _peephole_grad(d_pre: Tensor, c_seq: Tensor, c0: Optional[Tensor],
     each sequence's first step."""
     seq_len, batch = d_pre.shape[0], d_pre.shape[1]
     d_i, d_f, _, d_o = d_pre.chunk(4, dim=2)
-    now, before = (slice(None, -1), slice(1, None)) if reverse else (slice(1, None), slice(None, -1))
+    now, before = ((slice(None, -1), slice(1, None)) if reverse
+                   else (slice(1, None), slice(None, -1)))
     grads = [(d[now] * c_seq[before]).sum((0, 1)) for d in (d_i, d_f)]
     if c0 is not None:
         if not reverse:
@@ -672,8 +673,9 @@ def layer_forward(cell: str, xproj: Tensor, h0: Optional[Tensor], c0: Optional[T
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The recurrence of all D directions of a layer: xproj [T, B, D*G*H] = x W_ih^T (+ b_ih),
     w_hh/b_hh/w_hr/peephole lists of D tensors (b_hh, w_hr, peephole empty when absent;
-    peephole [3, H], LSTM only), h0 [D, B, P], c0 [D, B, H], lengths [B] int64. Returns (out [T, B, D*P], hn [D, B, P], cn [D, B, H], then with save what
-    backward reads: gates [D, T, B, S*H], c_seq and r_seq [D, T, B, H], zero at padded steps);
+    peephole [3, H], LSTM only), h0 [D, B, P], c0 [D, B, H], lengths [B] int64. Returns
+    (out [T, B, D*P], hn [D, B, P], cn [D, B, H], then with save what backward reads:
+    gates [D, T, B, S*H], c_seq and r_seq [D, T, B, H], zero at padded steps);
     empty where absent. Bad arguments raise (_validation.check_layer_forward) before any native
     call: the kernels trust every size."""
     _validation.check_layer_forward(cell, xproj, h0, c0, w_hh, b_hh, w_hr, lengths,
@@ -699,7 +701,8 @@ def _layer_forward_fake(cell, xproj, h0, c0, w_hh, b_hh, w_hr, peephole, lengths
 
 @torch.library.custom_op("fusedrnn::layer_backward", mutates_args=())
 def layer_backward(cell: str, w_hh: list[Tensor], b_hh: list[Tensor], w_hr: list[Tensor],
-                   peephole: list[Tensor], h0: Optional[Tensor], c0: Optional[Tensor], out: Tensor,
+                   peephole: list[Tensor], h0: Optional[Tensor], c0: Optional[Tensor],
+                   out: Tensor,
                    gates: Optional[Tensor], c_seq: Optional[Tensor], d_out: Optional[Tensor],
                    d_hn: Optional[Tensor], d_cn: Optional[Tensor], lengths: Optional[Tensor]
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
