@@ -222,17 +222,37 @@ def test_variant_refuses_torchscript_clearly():
 
 @requires_native
 @pytest.mark.parametrize("variant", ["peephole", "peephole-cifg"])
-def test_peephole_refuses_onnx_export_clearly(variant):
+def test_peephole_layers_refuse_onnx_export_clearly(variant):
     """The TorchScript-based exporter meets the refusal. (The dynamo exporter catches it, traces
     again without its export flag and then fails on fusedrnn::layer_forward, which it cannot
     translate.)"""
     pytest.importorskip("onnx")
-    for module, x in ((fusedrnn.LSTM(3, 5, **VARIANTS[variant]), torch.randn(4, 2, 3)),
-                      (fusedrnn.LSTMCell(3, 5, **VARIANTS[variant]), torch.randn(2, 3))):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with pytest.raises(RuntimeError, match="does not support peephole LSTMs"):
-                torch.onnx.export(module, (x,), io.BytesIO(), dynamo=False)
+    module = fusedrnn.LSTM(3, 5, **VARIANTS[variant])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(RuntimeError, match="does not support peephole LSTMs"):
+            torch.onnx.export(module, (torch.randn(4, 2, 3),), io.BytesIO(), dynamo=False)
+
+
+@requires_native
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_variant_cells_export_to_onnx(variant):
+    """A variant cell's step is torch ops, which both exporters write as ONNX ops."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    cell = fusedrnn.LSTMCell(3, 5, **VARIANTS[variant])
+    x, h, c = torch.randn(2, 3), torch.randn(2, 5), torch.randn(2, 5)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(cell, (x, (h, c)), buffer, dynamo=False,
+                          input_names=["x", "h", "c"])
+    session = onnxruntime.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"x": x.numpy(), "h": h.numpy(), "c": c.numpy()})
+    with torch.no_grad():
+        want = cell(x, (h, c))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(torch.from_numpy(a), b, rtol=1e-5, atol=1e-6)
 
 
 @requires_native

@@ -155,17 +155,15 @@ def _rnn(cell, input, weights, hx, num_layers, num_directions, batch_first, leng
 
 
 def cell_step(cell: str, input: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
-              b_hh: Optional[Tensor], hx=None, *, peephole: Optional[Tensor] = None):
+              b_hh: Optional[Tensor], hx=None):
     """One step of a cell (LSTMCell/GRUCell/RNNCell): on CPU float32/float64 torch GEMMs and a
     native pointwise pass (_cell_step.py), elsewhere the recurrence as a sequence of T=1.
 
-    input [B, I]; hx: h [B, H], or for LSTM (h, c), None for zeros; peephole: an LSTM's [3, H]
-    peephole weights (reference.lstm_cell), which take the recurrence.
+    input [B, I]; hx: h [B, H], or for LSTM (h, c), None for zeros.
     Returns h' [B, H], or for LSTM (h', c').
     """
     lstm_pair = cell == "lstm" and isinstance(hx, (tuple, list)) and len(hx) == 2
-    if peephole is None and (hx is None or lstm_pair
-                             or (cell != "lstm" and isinstance(hx, Tensor))):
+    if hx is None or lstm_pair or (cell != "lstm" and isinstance(hx, Tensor)):
         h, c = hx if lstm_pair else (hx, None)
         if (_cell_step.applies(input) and not torch.is_autocast_enabled(input.device.type)
                 and _cell_step.operand_problem(cell, input.dtype, input.size(0), input.size(1),
@@ -174,8 +172,7 @@ def cell_step(cell: str, input: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Option
     # Everything else, bad input included, as a sequence of one step through rnn()'s checks.
     if hx is not None:
         hx = tuple(s.unsqueeze(0) for s in hx) if cell == "lstm" else hx.unsqueeze(0)
-    layer = (w_ih, w_hh, b_ih, b_hh, None) + ((peephole,) if peephole is not None else ())
-    _, h_n, c_n = rnn(cell, input.unsqueeze(0), [layer], hx)
+    _, h_n, c_n = rnn(cell, input.unsqueeze(0), [(w_ih, w_hh, b_ih, b_hh, None)], hx)
     return (h_n[0], c_n[0]) if cell == "lstm" else h_n[0]
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from . import _backend, _cell_step, _inference, _onnx_export, _script
+from . import _backend, _cell_step, _inference, _onnx_export, _script, reference
 from . import _validation as check
 from . import functional
 from ._backend import CPU_DTYPES
@@ -818,9 +818,7 @@ class RNNCellBase(nn.Module):
                 states = tuple(s.unsqueeze(0) for s in states)
             hx = states if is_lstm else states[0]
         if self._is_variant:
-            w_ih, w_hh, b_ih, b_hh, _, *peephole = self._lstm_weights()
-            result = functional.cell_step(cell, batch_input, w_ih, w_hh, b_ih, b_hh, hx,
-                                          peephole=peephole[0] if peephole else None)
+            result = self._variant_step(batch_input, hx)
         else:
             result = functional.cell_step(cell, batch_input, self.weight_ih, self.weight_hh,
                                           self.bias_ih, self.bias_hh, hx)
@@ -869,8 +867,8 @@ class RNNCellBase(nn.Module):
 class LSTMCell(RNNCellBase):
     """Drop-in torch.nn.LSTMCell: (h', c') = cell(input, (h, c)). The keyword arguments peephole
     and coupled_input_forget give LSTM's variants (see LSTM), with the parameter
-    `weight_peephole` [3 or 2, hidden_size]; a variant's step runs as the layer's recurrence
-    over one step."""
+    `weight_peephole` [3 or 2, hidden_size]; a variant's step runs as torch ops
+    (_variant_step)."""
 
     peephole = coupled_input_forget = False  # as RNNBase's flags
 
@@ -885,16 +883,22 @@ class LSTMCell(RNNCellBase):
         _refuse_variant(self, "torch.jit.script")
         return self
 
-    def _lstm_weights(self) -> tuple:
-        """(w_ih, w_hh, b_ih, b_hh, None[, peephole [3, H]]) of the plain LSTM this cell
-        computes (LSTM._layer_weights)."""
+    def _variant_step(self, x: Tensor, hx):
+        """A variant's step (x [B, I], hx None or (h, c) [B, H], checked) as torch ops:
+        fusedrnn.reference.lstm_cell on the cell's own parameters. Not the layers' route: a
+        CIFG's tied four-gate weights would be copied at every step (more memory traffic than
+        the step itself at small batch: ~7 ms a step at B=1 H=256 on the 2-core VM, page
+        faults included), and the recurrence over one step packs W_hh for one use."""
         weights = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, None)
-        if self.peephole:
-            weights += (self.weight_peephole,)
-        if not self.coupled_input_forget:
-            return weights
-        _check_coupled_shapes(self, [weights], [_CELL_WEIGHT_NAMES])
-        return _coupled_as_lstm(weights, self.hidden_size)
+        peephole = self.weight_peephole if self.peephole else None
+        if self.coupled_input_forget:
+            _check_coupled_shapes(self, [(*weights, *((peephole,) if self.peephole else ()))],
+                                  [_CELL_WEIGHT_NAMES])
+        if hx is None:
+            zeros = x.new_zeros(x.size(0), self.hidden_size)
+            hx = (zeros, zeros)
+        return reference.lstm_cell(x, hx[0], hx[1], *weights[:4], None, peephole,
+                                   self.coupled_input_forget)
 
     def forward(self, input: Tensor, hx: Optional[tuple[Tensor, Tensor]] = None
                 ) -> tuple[Tensor, Tensor]:

@@ -1,8 +1,8 @@
 // A small emulated forward + backward of the persistent recurrence kernels, without Python, for the
 // sanitizer runs (ASan+UBSan, TSan: csrc/emu/run_sanitizers.sh) and as a CTest.
 //
-// Covers every cell, a bidirectional layer with per-sequence lengths, a projected LSTM and both
-// weight placements, on shapes that give several blocks per direction. The forward output is
+// Covers every cell, a bidirectional layer with per-sequence lengths, a projected LSTM, peephole
+// connections and both weight placements, on shapes that give several blocks per direction. The forward output is
 // compared with a plain loop over cell_math.h; backward is checked to write every element it owns
 // (outputs are poisoned with NaN first) with finite values. Numerical gradient checks live in the
 // Python tests (tests/test_cuda_emu.py).
@@ -34,6 +34,7 @@ struct Case {
   int T, B, H, P, dirs;
   bool lengths;
   bool streaming;
+  bool peephole = false;  // LSTM with peephole weights (params.h)
 };
 
 int failures = 0;
@@ -82,8 +83,8 @@ std::vector<double> widen(const std::vector<T>& v) {
 void reference_forward(const Case& c, bool reverse, const std::vector<double>& xproj,
                        const std::vector<double>& w_hh, const std::vector<double>& b_hh,
                        const std::vector<double>& w_hr, const std::vector<double>& h0,
-                       const std::vector<double>& c0, const std::vector<int64_t>& len,
-                       std::vector<double>& out) {
+                       const std::vector<double>& c0, const std::vector<double>& peephole,
+                       const std::vector<int64_t>& len, std::vector<double>& out) {
   const int G = fusedrnn::gate_count(c.cell), H = c.H, P = c.P;
   out.assign(static_cast<size_t>(c.T) * c.B * P, 0.0);
   for (int b = 0; b < c.B; ++b) {
@@ -101,8 +102,15 @@ void reference_forward(const Case& c, bool reverse, const std::vector<double>& x
       for (int u = 0; u < H; ++u) {
         if (c.cell == CellKind::kLstm) {
           double c_next, r_u;
-          fusedrnn::lstm_forward(x[u] + hh[u], x[H + u] + hh[H + u], x[2 * H + u] + hh[2 * H + u],
-                                 x[3 * H + u] + hh[3 * H + u], cell[u], c_next, r_u);
+          const double pre[4] = {x[u] + hh[u], x[H + u] + hh[H + u], x[2 * H + u] + hh[2 * H + u],
+                                 x[3 * H + u] + hh[3 * H + u]};
+          if (c.peephole) {
+            const fusedrnn::LstmPeephole<double> w{peephole[u], peephole[H + u],
+                                                   peephole[2 * H + u]};
+            fusedrnn::lstm_forward(pre[0], pre[1], pre[2], pre[3], cell[u], c_next, r_u, w);
+          } else {
+            fusedrnn::lstm_forward(pre[0], pre[1], pre[2], pre[3], cell[u], c_next, r_u);
+          }
           cell[u] = c_next;
           r[u] = r_u;
         } else if (c.cell == CellKind::kGru) {
@@ -133,7 +141,8 @@ void run_case(const Case& c, std::mt19937& rng) {
                            fusedrnn::dtype_name(dtype_of<Elem>()) + + " T" + std::to_string(c.T) +
                            " B" + std::to_string(c.B) + " H" + std::to_string(c.H) + " P" +
                            std::to_string(c.P) + (c.dirs == 2 ? " bidir" : "") +
-                           (c.lengths ? " lengths" : "") + (c.streaming ? " streaming" : "");
+                           (c.lengths ? " lengths" : "") + (c.streaming ? " streaming" : "") +
+                           (c.peephole ? " peephole" : "");
   std::uniform_real_distribution<double> uni(-0.5, 0.5);
   auto randv = [&](size_t n) {
     std::vector<Elem> v(n);
@@ -152,7 +161,7 @@ void run_case(const Case& c, std::mt19937& rng) {
   fusedrnn::cuda::launch_options().force_streaming = c.streaming;
 
   struct Dir {
-    std::vector<Elem> xproj, w_hh, b_hh, w_hr, h0, c0, out, hn, cn, gates, c_seq, r_seq;
+    std::vector<Elem> xproj, w_hh, b_hh, w_hr, peephole, h0, c0, out, hn, cn, gates, c_seq, r_seq;
     std::vector<Elem> d_out, d_hn, d_cn, d_xproj, d_hproj, d_h_seq, d_h0, d_c0;
   };
   std::vector<Dir> dirs(c.dirs);
@@ -163,6 +172,7 @@ void run_case(const Case& c, std::mt19937& rng) {
     v.w_hh = randv(size_t(G) * H * P);
     v.b_hh = randv(size_t(G) * H);
     v.w_hr = proj ? randv(size_t(P) * H) : std::vector<Elem>();
+    v.peephole = c.peephole ? randv(size_t(3) * H) : std::vector<Elem>();
     v.h0 = randv(size_t(B) * P);
     v.c0 = lstm ? randv(size_t(B) * H) : std::vector<Elem>(size_t(B) * H, Elem(0.0f));
     v.out = nanv(size_t(T) * B * P);
@@ -184,6 +194,7 @@ void run_case(const Case& c, std::mt19937& rng) {
     p.w_hh = v.w_hh.data();
     p.b_hh = v.b_hh.data();
     p.w_hr = proj ? v.w_hr.data() : nullptr;
+    p.peephole = c.peephole ? v.peephole.data() : nullptr;
     p.h0 = v.h0.data();
     p.c0 = lstm ? v.c0.data() : nullptr;
     p.out = seq(v.out, B, P);
@@ -204,7 +215,8 @@ void run_case(const Case& c, std::mt19937& rng) {
   for (int d = 0; d < c.dirs; ++d) {
     std::vector<double> ref;
     reference_forward(c, d == 1, widen(dirs[d].xproj), widen(dirs[d].w_hh), widen(dirs[d].b_hh),
-                      widen(dirs[d].w_hr), widen(dirs[d].h0), widen(dirs[d].c0), len, ref);
+                      widen(dirs[d].w_hr), widen(dirs[d].h0), widen(dirs[d].c0),
+                      widen(dirs[d].peephole), len, ref);
     const std::vector<double> out = widen(dirs[d].out);
     double max_err = 0;
     bool finite = true;
@@ -233,6 +245,7 @@ void run_case(const Case& c, std::mt19937& rng) {
     p.w_hh = fwd[d].w_hh;
     p.b_hh = fwd[d].b_hh;
     p.w_hr = fwd[d].w_hr;
+    p.peephole = fwd[d].peephole;
     p.h0 = fwd[d].h0;
     p.c0 = fwd[d].c0;
     p.out = fwd[d].out;
@@ -285,6 +298,7 @@ int main() {
   const Case cases[] = {
       {CellKind::kLstm, 3, 3, 5, 5, 2, true, false},
       {CellKind::kLstm, 2, 2, 6, 3, 1, true, false},
+      {CellKind::kLstm, 3, 3, 5, 5, 2, true, true, true},
       {CellKind::kGru, 3, 3, 5, 5, 2, true, true},
       {CellKind::kRnnTanh, 2, 1, 5, 5, 1, false, false},
       {CellKind::kRnnRelu, 2, 3, 4, 4, 1, true, true},
@@ -295,6 +309,7 @@ int main() {
     // and a GRU, both weight placements.
     const Case mixed[] = {
         {CellKind::kLstm, 3, 3, 8, 4, 2, true, false},
+        {CellKind::kLstm, 2, 3, 8, 4, 2, true, false, true},
         {CellKind::kGru, 2, 3, 9, 9, 2, true, true},
     };
     run_cases<float, __half, __nv_bfloat16>(mixed, rng);
