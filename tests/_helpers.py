@@ -61,8 +61,8 @@ def assert_close(actual, expected, tol: float, what: str) -> None:
 def ramp_loss(results) -> torch.Tensor:
     """A scalar that weighs every element of every result by a different fixed value (a ramp from
     -1 to 1), so its gradient reaches every output element with a distinct weight."""
-    return sum((r * torch.linspace(-1, 1, r.numel(), dtype=r.dtype).view_as(r)).sum()
-               for r in results)
+    return sum((r * torch.linspace(-1, 1, r.numel(), dtype=r.dtype, device=r.device).view_as(r))
+               .sum() for r in results)
 
 
 def assert_runs_close(expected_run, actual_run, tol: float, what: str = "") -> None:

@@ -70,12 +70,6 @@ def _reference_run(module: fusedrnn.LSTM, x, hx, lengths, batch_first: bool):
                          lengths=lengths, coupled_input_forget=module.coupled_input_forget)
 
 
-def _ramp_loss(results) -> torch.Tensor:
-    """_helpers.ramp_loss on the results' device."""
-    return sum((r * torch.linspace(-1, 1, r.numel(), dtype=r.dtype, device=r.device).view_as(r))
-               .sum() for r in results)
-
-
 @requires_native
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
@@ -115,8 +109,8 @@ def test_variant_matches_reference(case, dtype, backend):
     results, params = (output, h_n, c_n), list(module.parameters())
     for name, got, want in zip(("output", "h_n", "c_n"), results, expected):
         assert rel_err(got, want) <= tol, f"seed {seed}: {name}"
-    grads = torch.autograd.grad(_ramp_loss(results), [x, *params])
-    want_grads = torch.autograd.grad(_ramp_loss(expected), [x, *params])
+    grads = torch.autograd.grad(ramp_loss(results), [x, *params])
+    want_grads = torch.autograd.grad(ramp_loss(expected), [x, *params])
     names = ["input"] + [n for n, _ in module.named_parameters()]
     for name, got, want in zip(names, grads, want_grads):
         assert rel_err(got, want) <= tol, f"seed {seed}: d {name}"
@@ -367,8 +361,8 @@ def test_variant_cells_match_the_reference_step(variant, backend):
     for a, b in zip(got, want):
         assert rel_err(a, b) <= 1e-12
     params = [x, *cell.parameters()]
-    for a, b in zip(torch.autograd.grad(_ramp_loss(got), params),
-                    torch.autograd.grad(_ramp_loss(want), params)):
+    for a, b in zip(torch.autograd.grad(ramp_loss(got), params),
+                    torch.autograd.grad(ramp_loss(want), params)):
         assert rel_err(a, b) <= 1e-12
     zero = torch.zeros(1, 5, dtype=torch.float64, device=backend.device)
     single = cell(x[0])
