@@ -45,8 +45,10 @@ def rnn(cell: str, input: Tensor, weights, hx=None, *, num_layers: int = 1,
 
     Same arguments and results as `fusedrnn.reference.rnn` (see there): input [T, B, I]
     ([B, T, I] with batch_first); weights: per layer and direction (w_ih, w_hh, b_ih, b_hh, w_hr)
-    in torch's all_weights order; hx: h_0 [L*D, B, P] or for LSTM (h_0, c_0 [L*D, B, H]), None for
-    zeros; lengths [B] int64 (each in [1, T]) on input's device.
+    in torch's all_weights order, and for a peephole LSTM its [3, H] peephole weights as a sixth
+    entry (a CIFG comes as the plain LSTM that computes it: fusedrnn.LSTM's _coupled_as_lstm;
+    reference.rnn's coupled_input_forget has no twin here); hx: h_0 [L*D, B, P] or for LSTM
+    (h_0, c_0 [L*D, B, H]), None for zeros; lengths [B] int64 (each in [1, T]) on input's device.
     Returns (output, h_n [L*D, B, P], c_n [L*D, B, H] or None).
     """
     if cell not in CELLS:
