@@ -143,6 +143,16 @@ def steps_section() -> None:
                steps=(64, 256))
     launch_options()
 
+    print("== LSTM variants, B=16 H=768 bf16: the peephole weights are read from global memory "
+          "in every step's cell update (csrc/cuda/cell_traits.cuh); a CIFG runs the tied "
+          "four-gate LSTM")
+    for name, kw in (("plain", {}), ("peephole", dict(peephole=True)),
+                     ("cifg", dict(coupled_input_forget=True))):
+        torch.manual_seed(0)
+        variant = fusedrnn.LSTM(256, 768, **kw).to(CUDA, bf16)
+        report(f"fusedrnn bf16 LSTM {name} B16 H768 inf", variant, 16, bf16, False)
+        report(f"fusedrnn bf16 LSTM {name} B16 H768 train", variant, 16, bf16, True)
+
     print("== GRU and a large H (weights streamed)")
     ours, theirs = modules("GRU", 768, bf16)
     report("fusedrnn bf16 GRU B16 H768 inf", ours, 16, bf16, False)
