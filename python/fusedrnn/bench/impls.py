@@ -183,10 +183,12 @@ class ReferenceStack(nn.Module):
         if packed:
             x, lengths = pad_packed_sequence(x)   # lengths on the CPU, in the original batch order
         if self.whole_network is not None:
-            variant = {"coupled_input_forget": True} if "cifg" in cfg.variant else {}
+            # The peephole weights come with weights_of; a CIFG must be named (only when set:
+            # a reference from before the variants has no such argument).
+            coupled = {k: v for k, v in cfg.variant_kwargs().items() if k == "coupled_input_forget"}
             out, h_n, c_n = self.whole_network(
                 cfg.cell, x, self.weights_of(self.src), state, num_layers=cfg.layers,
-                bidirectional=cfg.bidirectional, lengths=lengths, **variant)
+                bidirectional=cfg.bidirectional, lengths=lengths, **coupled)
         else:
             out, h_n, c_n = self._stack(x, state, lengths)
         if packed:
