@@ -145,9 +145,10 @@ inline void check_seq_strides(const SeqTensor& s, const std::string& where, cons
 
 inline void check_shape(const RecurrenceShape& p, const std::string& where, DTypeSupport dtypes) {
   const auto cell = static_cast<int32_t>(p.cell);
-  if (cell < 0 || cell > 3) {
-    fail(where, "cell must be 0 (lstm), 1 (gru), 2 (rnn_tanh) or 3 (rnn_relu), got " +
-                    std::to_string(cell));
+  if (cell < 0 || cell > 4) {
+    fail(where,
+         "cell must be 0 (lstm), 1 (gru), 2 (rnn_tanh), 3 (rnn_relu) or 4 (lstm_cifg), got " +
+             std::to_string(cell));
   }
   const auto dtype = static_cast<int32_t>(p.dtype);
   const bool supported = dtype == 0 || dtype == 1 || (dtype == 2 && dtypes.float16) ||
@@ -165,10 +166,10 @@ inline void check_shape(const RecurrenceShape& p, const std::string& where, DTyp
   positive(p.batch, "batch");
   positive(p.hidden, "hidden");
   positive(p.state, "state");
-  if (p.cell == CellKind::kLstm) {
+  if (has_cell_state(p.cell)) {
     if (p.state > p.hidden) {
-      fail(where, "state (proj_size) must be <= hidden (" + std::to_string(p.hidden) +
-                      ") for lstm, got " + std::to_string(p.state));
+      fail(where, "state (proj_size) must be <= hidden (" + std::to_string(p.hidden) + ") for " +
+                      cell_name(p.cell) + ", got " + std::to_string(p.state));
     }
   } else if (p.state != p.hidden) {
     fail(where, std::string("state must equal hidden (") + std::to_string(p.hidden) + ") for " +
@@ -332,7 +333,7 @@ inline void validate_forward(const std::vector<RecurrenceFwdParams>& dirs, DType
     const auto& p = dirs[d];
     const std::string where = direction_name(d);
     check_shape(p, where, dtypes);
-    const bool lstm = p.cell == CellKind::kLstm;
+    const bool lstm = has_cell_state(p.cell);
     const bool projected = lstm && p.state != p.hidden;
     require_pointer(p.xproj.data, where, "xproj", "the [T, B, G*H] input projection");
     require_pointer(p.w_hh, where, "w_hh", "the [G*H, P] recurrent weight");
@@ -371,7 +372,7 @@ inline void validate_backward(const std::vector<RecurrenceBwdParams>& dirs, DTyp
     const auto& p = dirs[d];
     const std::string where = direction_name(d);
     check_shape(p, where, dtypes);
-    const bool lstm = p.cell == CellKind::kLstm;
+    const bool lstm = has_cell_state(p.cell);
     const bool projected = lstm && p.state != p.hidden;
     require_pointer(p.w_hh, where, "w_hh", "the [G*H, P] recurrent weight");
     require_pointer(p.out.data, where, "out", "the [T, B, P] forward output");

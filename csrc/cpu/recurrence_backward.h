@@ -28,7 +28,7 @@ void backward_impl(const RecurrenceBwdParams& p, const Team& team) {
   const L lay(p);
   const int64_t seq_len = p.seq_len, B = p.batch, H = p.hidden, P = p.state, ld = lay.ld;
   const int64_t ldg = lay.ldg;
-  const bool projected = C == CellKind::kLstm && P != H;
+  const bool projected = has_cell_state(C) && P != H;
   const Steps steps{p.lengths, seq_len, p.reverse};
   const int64_t cpp = lay.cols_per_panel;
 
@@ -103,7 +103,7 @@ void backward_impl(const RecurrenceBwdParams& p, const Team& team) {
         convert_row(dh_state + b * ld, static_cast<const S*>(p.d_hn) + b * P, P);
       }
     }
-    if constexpr (C == CellKind::kLstm) {
+    if constexpr (has_cell_state(C)) {
       std::memset(dc_state, 0, sizeof(T) * B * ld);
       if (p.d_cn) {
         for (int64_t b = 0; b < B; ++b) {
@@ -140,8 +140,8 @@ void backward_impl(const RecurrenceBwdParams& p, const Team& team) {
     const int64_t t = steps.time(b, s);
     S* dx = row_of<S>(p.d_xproj, t, b);
     S* dhp = p.d_hproj.data ? row_of<S>(p.d_hproj, t, b) : nullptr;
-    if constexpr (C == CellKind::kLstm) {
-      const auto gate = load_saved_lstm_gates<V>(row_of<const S>(p.gates, t, b), H, u, n);
+    if constexpr (has_cell_state(C)) {
+      const S* saved = row_of<const S>(p.gates, t, b);
       const V c = load_as<V>(row_of<const S>(p.c_seq, t, b) + u, n);
       V c_prev = V::zero();
       if (s > 0) {
@@ -150,15 +150,30 @@ void backward_impl(const RecurrenceBwdParams& p, const Team& team) {
         c_prev = load_as<V>(static_cast<const S*>(p.c0) + b * H + u, n);
       }
       const V d_c = V::load(dc_state + b * ld + u);
-      const auto grad = peephole ? lstm_backward(gate, c, c_prev, d, d_c,
-                                                 load_peephole<V>(peephole, H, u, n))
-                                 : lstm_backward(gate, c, c_prev, d, d_c);
-      grad.d_c_prev.store(dc_state + b * ld + u);
-      const V parts[4] = {grad.d_i, grad.d_f, grad.d_g, grad.d_o};
-      for (int g = 0; g < 4; ++g) {
-        store_as(dx + g * H + u, parts[g], n);
-        publish_dpre(dpre, b, g, u, parts[g], n);
-        if (dhp) store_as(dhp + g * H + u, parts[g], n);
+      auto publish = [&](const V* parts) {
+        for (int g = 0; g < G; ++g) {
+          store_as(dx + g * H + u, parts[g], n);
+          publish_dpre(dpre, b, g, u, parts[g], n);
+          if (dhp) store_as(dhp + g * H + u, parts[g], n);
+        }
+      };
+      if constexpr (C == CellKind::kLstmCifg) {
+        const auto gate = load_saved_cifg_gates<V>(saved, H, u, n);
+        const auto grad =
+            peephole ? cifg_backward(gate.f, gate.g, gate.o, c, c_prev, d, d_c,
+                                     load_peephole<C, V>(peephole, H, u, n))
+                     : cifg_backward(gate.f, gate.g, gate.o, c, c_prev, d, d_c);
+        grad.d_c_prev.store(dc_state + b * ld + u);
+        const V parts[3] = {grad.d_f, grad.d_g, grad.d_o};
+        publish(parts);
+      } else {
+        const auto gate = load_saved_lstm_gates<V>(saved, H, u, n);
+        const auto grad = peephole ? lstm_backward(gate, c, c_prev, d, d_c,
+                                                   load_peephole<C, V>(peephole, H, u, n))
+                                   : lstm_backward(gate, c, c_prev, d, d_c);
+        grad.d_c_prev.store(dc_state + b * ld + u);
+        const V parts[4] = {grad.d_i, grad.d_f, grad.d_g, grad.d_o};
+        publish(parts);
       }
     } else if constexpr (C == CellKind::kGru) {
       const auto gate = load_saved_gru_gates<V>(row_of<const S>(p.gates, t, b), H, u, n);
@@ -294,7 +309,7 @@ void backward_impl(const RecurrenceBwdParams& p, const Team& team) {
   for (int64_t b = 0; b < B; ++b) {
     convert_row(static_cast<S*>(p.d_h0) + b * P + col_begin, dh_state + b * ld + col_begin,
                 col_end - col_begin);
-    if constexpr (C == CellKind::kLstm) {
+    if constexpr (has_cell_state(C)) {
       if (p.d_c0) {
         convert_row(static_cast<S*>(p.d_c0) + b * H + unit_begin, dc_state + b * ld + unit_begin,
                     unit_end - unit_begin);

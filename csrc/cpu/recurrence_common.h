@@ -60,14 +60,21 @@ inline T* row_of(const SeqTensor& seq, int64_t t, int64_t b) {
 
 // ------------------------------------------------------------------------------ saved gates
 // One row of the gates saved for backward (params.h, saved_gate_count): gate k of unit u at
-// row[k * H + u], LSTM i, f, g, o and GRU r, z, n, h_n. The recurrence and the cell step
-// (cell_step_impl.h) write and read them only through these, W units (n valid) at u.
+// row[k * H + u], LSTM i, f, g, o, CIFG LSTM f, g, o and GRU r, z, n, h_n. The recurrence and
+// the cell step (cell_step_impl.h) write and read them only through these, W units (n valid)
+// at u.
 template <typename S, typename V>
 inline void store_saved_gates(const LstmGates<V>& gate, S* row, int64_t H, int64_t u, int n) {
   store_as(row + u, gate.i, n);
   store_as(row + H + u, gate.f, n);
   store_as(row + 2 * H + u, gate.g, n);
   store_as(row + 3 * H + u, gate.o, n);
+}
+template <typename S, typename V>
+inline void store_saved_cifg_gates(const LstmGates<V>& gate, S* row, int64_t H, int64_t u, int n) {
+  store_as(row + u, gate.f, n);
+  store_as(row + H + u, gate.g, n);
+  store_as(row + 2 * H + u, gate.o, n);
 }
 template <typename S, typename V>
 inline void store_saved_gates(const GruGates<V>& gate, S* row, int64_t H, int64_t u, int n) {
@@ -81,6 +88,12 @@ inline LstmGates<V> load_saved_lstm_gates(const S* row, int64_t H, int64_t u, in
   return {load_as<V>(row + u, n), load_as<V>(row + H + u, n), load_as<V>(row + 2 * H + u, n),
           load_as<V>(row + 3 * H + u, n)};
 }
+// A CIFG LSTM's f, g, o; i (not saved: 1 - f) is left zero.
+template <typename V, typename S>
+inline LstmGates<V> load_saved_cifg_gates(const S* row, int64_t H, int64_t u, int n) {
+  return {V::zero(), load_as<V>(row + u, n), load_as<V>(row + H + u, n),
+          load_as<V>(row + 2 * H + u, n)};
+}
 template <typename V, typename S>
 inline GruGates<V> load_saved_gru_gates(const S* row, int64_t H, int64_t u, int n) {
   GruGates<V> gate;
@@ -91,11 +104,16 @@ inline GruGates<V> load_saved_gru_gates(const S* row, int64_t H, int64_t u, int 
   return gate;
 }
 
-// The peephole weights (params.h: [3, H], rows w_ci, w_cf, w_co) of W units (n valid) at u.
-template <typename V, typename S>
+// The peephole weights of W units (n valid) at u, as cell_math.h's LSTM takes them: params.h's
+// [3, H] rows w_ci, w_cf, w_co, or a CIFG LSTM's [2, H] rows w_cf, w_co.
+template <CellKind C, typename V, typename S>
 inline LstmPeephole<V> load_peephole(const S* peephole, int64_t H, int64_t u, int n) {
-  return {load_as<V>(peephole + u, n), load_as<V>(peephole + H + u, n),
-          load_as<V>(peephole + 2 * H + u, n)};
+  if constexpr (C == CellKind::kLstmCifg) {
+    return cifg_peephole(load_as<V>(peephole + u, n), load_as<V>(peephole + H + u, n));
+  } else {
+    return {load_as<V>(peephole + u, n), load_as<V>(peephole + H + u, n),
+            load_as<V>(peephole + 2 * H + u, n)};
+  }
 }
 
 }  // namespace fusedrnn::cpu::FUSEDRNN_CPU_ISA

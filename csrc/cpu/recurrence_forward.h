@@ -19,8 +19,9 @@ namespace fusedrnn::cpu::FUSEDRNN_CPU_ISA {
 
 // ------------------------------------------------------------------------------ forward
 // T: the compute type; S: what the tensors hold (storage.h: T itself, or bfloat16 with T float).
-// kPeephole: an LSTM with peephole weights (params.h). A template flag, not a branch in the cell
-// update: the branch cost the plain LSTM's batched inference 1-3% on Zen 4 (same-process A/B).
+// kPeephole: an LSTM (plain or CIFG) with peephole weights (params.h). A template flag, not a
+// branch in the cell update: the branch cost the plain LSTM's batched inference 1-3% on Zen 4
+// (same-process A/B).
 template <typename T, CellKind C, typename S, bool kPeephole = false>
 void forward_impl(const RecurrenceFwdParams& p, const Team& team) {
   constexpr int W = kWidth<T>;
@@ -31,7 +32,7 @@ void forward_impl(const RecurrenceFwdParams& p, const Team& team) {
   constexpr int UV = L::UV;
   const L lay(p);
   const int64_t seq_len = p.seq_len, B = p.batch, H = p.hidden, P = p.state, ld = lay.ld;
-  const bool projected = C == CellKind::kLstm && P != H;
+  const bool projected = has_cell_state(C) && P != H;
   const Steps steps{p.lengths, seq_len, p.reverse};
 
   char* ws = aligned_base(p.workspace);
@@ -114,7 +115,7 @@ void forward_impl(const RecurrenceFwdParams& p, const Team& team) {
         }
       }
     }
-    if constexpr (C == CellKind::kLstm) {
+    if constexpr (has_cell_state(C)) {
       std::memset(cbuf, 0, sizeof(T) * B * ld);
       if (p.c0) {
         for (int64_t b = 0; b < B; ++b) {
@@ -164,21 +165,31 @@ void forward_impl(const RecurrenceFwdParams& p, const Team& team) {
           const int64_t u = pan * upp + uv * W;
           if (u >= H) break;
           const int n = static_cast<int>(imin(W, H - u));
-          if constexpr (C == CellKind::kLstm) {
+          if constexpr (has_cell_state(C)) {
             const V c_prev = V::load(cbuf + b * ld + u);
             V c_next, r;
             const auto peephole_weights = [&] {
               if constexpr (kPeephole) {
-                return load_peephole<V>(peephole, H, u, n);
+                return load_peephole<C, V>(peephole, H, u, n);
               } else {
                 return NoPeephole{};
               }
             }();
-            const auto gate = lstm_forward(acc[i][0] + load_as<V>(x + u, n),
-                                           acc[i][1] + load_as<V>(x + H + u, n),
-                                           acc[i][2] + load_as<V>(x + 2 * H + u, n),
-                                           acc[i][3] + load_as<V>(x + 3 * H + u, n),
-                                           c_prev, c_next, r, peephole_weights);
+            // (Set in the branches: returned from a lambda called in place, the gates cost the
+            // plain LSTM's batched inference 3%, B=32 H=256, same-process A/B on Zen 4.)
+            LstmGates<V> gate;
+            if constexpr (C == CellKind::kLstmCifg) {
+              gate = cifg_forward(acc[i][0] + load_as<V>(x + u, n),
+                                  acc[i][1] + load_as<V>(x + H + u, n),
+                                  acc[i][2] + load_as<V>(x + 2 * H + u, n), c_prev, c_next, r,
+                                  peephole_weights);
+            } else {
+              gate = lstm_forward(acc[i][0] + load_as<V>(x + u, n),
+                                  acc[i][1] + load_as<V>(x + H + u, n),
+                                  acc[i][2] + load_as<V>(x + 2 * H + u, n),
+                                  acc[i][3] + load_as<V>(x + 3 * H + u, n), c_prev, c_next, r,
+                                  peephole_weights);
+            }
             c_next.store(cbuf + b * ld + u);
             if (projected) {
               r.store(rbuf + b * ld + u);
@@ -187,7 +198,14 @@ void forward_impl(const RecurrenceFwdParams& p, const Team& team) {
               publish_h(b, u, r, n);
               store_as(out + u, r, n);
             }
-            if (gates_data) store_saved_gates(gate, row_of<S>(p.gates, t, b), H, u, n);
+            if (gates_data) {
+              S* saved = row_of<S>(p.gates, t, b);
+              if constexpr (C == CellKind::kLstmCifg) {
+                store_saved_cifg_gates(gate, saved, H, u, n);
+              } else {
+                store_saved_gates(gate, saved, H, u, n);
+              }
+            }
             if (c_seq_data) store_as(row_of<S>(p.c_seq, t, b) + u, c_next, n);
           } else if constexpr (C == CellKind::kGru) {
             V h;
@@ -321,7 +339,7 @@ void forward_impl(const RecurrenceFwdParams& p, const Team& team) {
   for (int64_t b = 0; b < B; ++b) {
     convert_row(static_cast<S*>(p.hn) + b * P + own_begin, h_last + b * ld + own_begin,
                 own_end - own_begin);
-    if constexpr (C == CellKind::kLstm) {
+    if constexpr (has_cell_state(C)) {
       convert_row(static_cast<S*>(p.cn) + b * H + unit_begin, cbuf + b * ld + unit_begin,
                   unit_end - unit_begin);
     }

@@ -57,6 +57,8 @@ auto dispatch_cell_dtype(const Params& p, Args&&... args) {
     switch (p.cell) {
       case CellKind::kLstm:
         return Fn<T, CellKind::kLstm, S>::call(p, args...);
+      case CellKind::kLstmCifg:
+        return Fn<T, CellKind::kLstmCifg, S>::call(p, args...);
       case CellKind::kGru:
         return Fn<T, CellKind::kGru, S>::call(p, args...);
       default:  // tanh and relu share the code; the cell picks the nonlinearity at run time
@@ -91,7 +93,7 @@ struct BwdThreads {
 template <typename T, CellKind C, typename S>
 struct FwdRun {
   static int call(const RecurrenceFwdParams& p, const Team& team) {
-    if constexpr (C == CellKind::kLstm) {
+    if constexpr (has_cell_state(C)) {
       if (p.peephole) {
         forward_impl<T, C, S, true>(p, team);
         return 0;

@@ -42,12 +42,12 @@ constexpr int64_t padded_ld(int64_t cols) {
   return round_up(cols, line) + line;
 }
 
-// Forward panel shape per cell: LSTM and GRU put the G gates of W units in one panel; the Elman
-// RNN has one gate, so its panel spans 4 vectors of units to keep enough accumulators busy.
+// Forward panel shape per cell: the LSTMs and GRU put the G gates of W units in one panel; the
+// Elman RNN has one gate, so its panel spans 4 vectors of units to keep enough accumulators busy.
 template <CellKind C>
 struct FwdPanel {
   static constexpr int kGates = gate_count(C);
-  static constexpr int kUnitVecs = (C == CellKind::kLstm || C == CellKind::kGru) ? 1 : 4;
+  static constexpr int kUnitVecs = gate_count(C) > 1 ? 1 : 4;
   static constexpr int kVecs = kGates * kUnitVecs;
 };
 // Panels over plain output columns (backward products, projections).
@@ -91,7 +91,7 @@ struct FwdLayout {
   int64_t w_pack, bias_pack, wr_pack, amx_pack, h, hbf, c, r, pre, scratch, proj_scratch, bytes;
   explicit FwdLayout(const RecurrenceFwdParams& p) {
     const int64_t H = p.hidden, P = p.state, B = p.batch;
-    const bool projected = C == CellKind::kLstm && P != H;
+    const bool projected = has_cell_state(C) && P != H;
     in_place = forward_in_place<T>(p.seq_len, B, gate_count(C) * H, P);
     proj_in_place = projected && forward_in_place<T>(p.seq_len, B, P, H);
     units_per_panel = UV * W;
@@ -110,7 +110,7 @@ struct FwdLayout {
     amx_pack = carve.take(amx ? panels * amx_panel_elems(NV, P) * bf16 : 0);
     h = carve.take(2 * B * ld * e);
     hbf = carve.take(amx ? 2 * amx_rows(B) * amx_lda(P) * bf16 : 0);
-    c = carve.take(C == CellKind::kLstm ? B * ld * e : 0);
+    c = carve.take(has_cell_state(C) ? B * ld * e : 0);
     r = carve.take(projected ? B * ld * e : 0);
     pre = carve.take(can_defer ? (amx ? amx_rows(B) : B) * pre_row_elems() * e : 0);
     scratch = carve.take(in_place || amx ? 0 : PanelGemm<T, NV>::scratch_elems(panels, B, P) * e);
@@ -137,7 +137,7 @@ struct BwdLayout {
       proj_scratch, bytes;
   explicit BwdLayout(const RecurrenceBwdParams& p) {
     const int64_t H = p.hidden, P = p.state, B = p.batch, G = gate_count(C);
-    const bool projected = C == CellKind::kLstm && P != H;
+    const bool projected = has_cell_state(C) && P != H;
     cols_per_panel = kColVecs * W;
     panels = ceil_div(P, cols_per_panel);
     proj_panels = projected ? ceil_div(H, cols_per_panel) : 0;
@@ -151,7 +151,7 @@ struct BwdLayout {
     wr_pack = carve.take(proj_panels * P * kColVecs * W * e);
     amx_pack = carve.take(amx ? panels * amx_panel_elems(kColVecs, G * H) * bf16 : 0);
     dh = carve.take(B * ld * e);
-    dc = carve.take(C == CellKind::kLstm ? B * ld * e : 0);
+    dc = carve.take(has_cell_state(C) ? B * ld * e : 0);
     dpre = carve.take(amx ? 0 : 2 * B * ldg * e);
     dpbf = carve.take(amx ? 2 * amx_rows(B) * amx_lda(G * H) * bf16 : 0);
     amx_sums = carve.take(amx ? amx_rows(B) * amx_sums_ld * e : 0);

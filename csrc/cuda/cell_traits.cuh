@@ -51,15 +51,19 @@ struct UnitPeephole {
   LstmPeephole<A> w{};
 };
 
-// peephole: params.h's [3, H] weights (T elements) or null.
-template <typename T>
+// peephole: params.h's [3, H] weights (T elements), a CIFG LSTM's [2, H], or null.
+template <typename T, typename Cell>
 __device__ __forceinline__ UnitPeephole<Acc<T>> load_unit_peephole(const void* peephole,
                                                                    int64_t H, int unit) {
   UnitPeephole<Acc<T>> out;
   if (peephole != nullptr) {
     const T* w = static_cast<const T*>(peephole);
     out.present = true;
-    out.w = {to_acc(w[unit]), to_acc(w[H + unit]), to_acc(w[2 * H + unit])};
+    if constexpr (Cell::kKind == CellKind::kLstmCifg) {
+      out.w = cifg_peephole(to_acc(w[unit]), to_acc(w[H + unit]));
+    } else {
+      out.w = {to_acc(w[unit]), to_acc(w[H + unit]), to_acc(w[2 * H + unit])};
+    }
   }
   return out;
 }
@@ -104,6 +108,49 @@ struct LstmTraits {
     out.dx[1] = out.dh[1] = d.d_f;
     out.dx[2] = out.dh[2] = d.d_g;
     out.dx[3] = out.dh[3] = d.d_o;
+    out.dc_prev = d.d_c_prev;
+    return out;
+  }
+};
+
+// The CIFG LSTM: three gate rows f, g, o; saves f, g, o (i = 1 - f).
+struct CifgTraits {
+  static constexpr CellKind kKind = CellKind::kLstmCifg;
+  static constexpr int kGates = 3;
+  static constexpr int kSaved = 3;
+  static constexpr bool kHasCell = true;
+  static constexpr bool kNeedsHPrev = false;
+  static constexpr bool kNeedsHNext = false;
+
+  template <typename A>
+  __device__ __forceinline__ static UnitForward<A> forward(CellKind, const A* x, const A* hh,
+                                                           A /*h_prev*/, A c_prev,
+                                                           const UnitPeephole<A>& peephole) {
+    UnitForward<A> out;
+    // The branch is uniform, as LstmTraits' is.
+    const LstmGates<A> g =
+        peephole.present
+            ? cifg_forward(x[0] + hh[0], x[1] + hh[1], x[2] + hh[2], c_prev, out.c, out.h,
+                           peephole.w)
+            : cifg_forward(x[0] + hh[0], x[1] + hh[1], x[2] + hh[2], c_prev, out.c, out.h);
+    out.saved[0] = g.f;
+    out.saved[1] = g.g;
+    out.saved[2] = g.o;
+    return out;
+  }
+
+  template <typename A>
+  __device__ __forceinline__ static UnitBackward<A> backward(CellKind,
+                                                             const UnitBackwardInput<A>& in,
+                                                             const UnitPeephole<A>& peephole) {
+    const A f = in.saved[0], g = in.saved[1], o = in.saved[2];
+    const CifgGrads<A> d =
+        peephole.present ? cifg_backward(f, g, o, in.c, in.c_prev, in.d_h, in.d_c, peephole.w)
+                         : cifg_backward(f, g, o, in.c, in.c_prev, in.d_h, in.d_c);
+    UnitBackward<A> out;
+    out.dx[0] = out.dh[0] = d.d_f;
+    out.dx[1] = out.dh[1] = d.d_g;
+    out.dx[2] = out.dh[2] = d.d_o;
     out.dc_prev = d.d_c_prev;
     return out;
   }

@@ -55,9 +55,10 @@ std::string kernel_key(const std::string& mangled) {
   const bool fwd = mangled.find("recurrence_forward_kernel") != std::string::npos;
   const bool bwd = mangled.find("recurrence_backward_kernel") != std::string::npos;
   if (!fwd && !bwd) return "";
-  std::string cell = mangled.find("LstmTraits") != std::string::npos  ? "lstm"
-                     : mangled.find("GruTraits") != std::string::npos ? "gru"
-                                                                       : "rnn";
+  std::string cell = mangled.find("LstmTraits") != std::string::npos   ? "lstm"
+                     : mangled.find("CifgTraits") != std::string::npos ? "lstm_cifg"
+                     : mangled.find("GruTraits") != std::string::npos  ? "gru"
+                                                                        : "rnn";
   // Template args after the traits: f (float), d (double), 6__half, 13__nv_bfloat16; then Lb1E/Lb0E.
   std::smatch m;
   static const std::regex args_re("Traits(EfL|EdL|E6__halfL|E13__nv_bfloat16L)b([01])E");
@@ -134,7 +135,8 @@ int main(int argc, char** argv) {
   const DtypeInfo dtypes[] = {{"float32", 4, 4}, {"float64", 8, 8}, {"float16", 2, 4},
                               {"bfloat16", 2, 4}};
   const struct { CellKind kind; const char* name; } cells[] = {
-      {CellKind::kLstm, "lstm"}, {CellKind::kGru, "gru"}, {CellKind::kRnnTanh, "rnn"}};
+      {CellKind::kLstm, "lstm"}, {CellKind::kLstmCifg, "lstm_cifg"}, {CellKind::kGru, "gru"},
+      {CellKind::kRnnTanh, "rnn"}};
   const int64_t hiddens[] = {1, 37, 128, 256, 512, 768, 1024, 2048, 4096};
   const int64_t batches[] = {1, 16, 64, 256};
 
@@ -167,7 +169,7 @@ int main(int argc, char** argv) {
           max_regs = std::max({max_regs, r_smem, r_stream});
           for (const int64_t hidden : hiddens) {
             for (const bool proj : {false, true}) {
-              if (proj && (cell.kind != CellKind::kLstm || hidden < 2)) continue;
+              if (proj && (!has_cell_state(cell.kind) || hidden < 2)) continue;
               for (const int64_t batch : batches) {
                 for (const int dirs : {1, 2}) {
                   // The tagged exchange (opt-in) changes units per block (16-bit: even) and

@@ -94,7 +94,7 @@ __device__ __forceinline__ void unit_backward(const RecurrenceBwdParams& p, int 
   }
 
   const UnitBackward<A> res =
-      Cell::backward(p.cell, in, load_unit_peephole<T>(p.peephole, H, unit));
+      Cell::backward(p.cell, in, load_unit_peephole<T, Cell>(p.peephole, H, unit));
   T* dx = seq_at<T>(p.d_xproj, row.t, b);
   T* dh = p.d_hproj.data != nullptr ? seq_at<T>(p.d_hproj, row.t, b) : nullptr;
   T* exchange = d_dst + static_cast<int64_t>(b) * G * H;

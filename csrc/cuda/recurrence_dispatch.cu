@@ -47,6 +47,7 @@ void dispatch(const std::vector<Params>& dirs, RecurrenceGeometry* plan_only) {
     using T = typename decltype(type_tag)::type;
     switch (p.cell) {
       case CellKind::kLstm: return Launcher<LstmTraits, T>::run(dirs, plan_only);
+      case CellKind::kLstmCifg: return Launcher<CifgTraits, T>::run(dirs, plan_only);
       case CellKind::kGru: return Launcher<GruTraits, T>::run(dirs, plan_only);
       case CellKind::kRnnTanh:
       case CellKind::kRnnRelu: return Launcher<RnnTraits, T>::run(dirs, plan_only);

@@ -217,7 +217,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
         }
         const A h_prev = Cell::kNeedsHPrev ? to_acc(act[bl * act_pitch + unit]) : A(0);
         const UnitForward<A> res = Cell::forward(p.cell, x, hh, h_prev, c_prev,
-                                                 load_unit_peephole<T>(p.peephole, H, unit));
+                                                 load_unit_peephole<T, Cell>(p.peephole, H, unit));
         const T h_val = from_acc<T>(res.h);
         const bool last = s == row.length - 1;
         if constexpr (Cell::kHasCell) {

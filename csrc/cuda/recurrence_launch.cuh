@@ -118,7 +118,7 @@ template <typename Params>
 bool weight_rows_16_byte_aligned(const std::vector<Params>& dirs, int64_t elem_bytes) {
   auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
   for (const Params& p : dirs) {
-    const bool projected = p.cell == CellKind::kLstm && p.state != p.hidden;
+    const bool projected = has_cell_state(p.cell) && p.state != p.hidden;
     if (!aligned(p.w_hh) || (projected && !aligned(p.w_hr)) ||
         !weight_rows_are_vectors(p.state, p.hidden, projected, elem_bytes)) {
       return false;
@@ -235,11 +235,15 @@ void launch_backward(const std::vector<RecurrenceBwdParams>& dirs, RecurrenceGeo
 #define FUSEDRNN_INSTANTIATE_RECURRENCE(T)                                                        \
   template void launch_forward<LstmTraits, T>(const std::vector<RecurrenceFwdParams>&,           \
                                               RecurrenceGeometry*);                              \
+  template void launch_forward<CifgTraits, T>(const std::vector<RecurrenceFwdParams>&,           \
+                                              RecurrenceGeometry*);                              \
   template void launch_forward<GruTraits, T>(const std::vector<RecurrenceFwdParams>&,            \
                                              RecurrenceGeometry*);                               \
   template void launch_forward<RnnTraits, T>(const std::vector<RecurrenceFwdParams>&,            \
                                              RecurrenceGeometry*);                               \
   template void launch_backward<LstmTraits, T>(const std::vector<RecurrenceBwdParams>&,          \
+                                               RecurrenceGeometry*);                             \
+  template void launch_backward<CifgTraits, T>(const std::vector<RecurrenceBwdParams>&,          \
                                                RecurrenceGeometry*);                             \
   template void launch_backward<GruTraits, T>(const std::vector<RecurrenceBwdParams>&,           \
                                               RecurrenceGeometry*);                              \

@@ -13,6 +13,7 @@
 namespace fusedrnn::cuda {
 
 struct LstmTraits;  // cell_traits.cuh
+struct CifgTraits;
 struct GruTraits;
 struct RnnTraits;
 

@@ -230,7 +230,7 @@ FUSEDRNN_HOST_DEVICE WorkspaceLayout make_workspace_layout(bool backward, CellKi
                                                            int64_t batch, int64_t hidden,
                                                            int64_t state, int64_t elem_bytes,
                                                            int64_t acc_bytes) {
-  const bool lstm = cell == CellKind::kLstm;
+  const bool lstm = has_cell_state(cell);
   const bool projected = lstm && state != hidden;
   const int64_t gates = gate_count(cell);
   int64_t size[4];

@@ -266,7 +266,7 @@ inline RecurrenceGeometry plan_recurrence(const PlanInput& in, const BlocksPerSm
   RecurrenceGeometry g;
   g.num_dirs = in.num_dirs;
   g.threads = in.threads;
-  g.projected = in.cell == CellKind::kLstm && in.state != in.hidden;
+  g.projected = has_cell_state(in.cell) && in.state != in.hidden;
   g.tagged_exchange = in.tagged_exchange && !in.backward && !g.projected && in.elem_bytes <= 4;
   g.inputs_ahead = in.inputs_ahead;
   int64_t blocks = std::max(1, in.sm_count / in.num_dirs);

@@ -1,8 +1,9 @@
 // A small emulated forward + backward of the persistent recurrence kernels, without Python, for the
 // sanitizer runs (ASan+UBSan, TSan: csrc/emu/run_sanitizers.sh) and as a CTest.
 //
-// Covers every cell, a bidirectional layer with per-sequence lengths, a projected LSTM, peephole
-// connections and both weight placements, on shapes that give several blocks per direction. The forward output is
+// Covers every cell (the CIFG LSTM too), a bidirectional layer with per-sequence lengths, a
+// projected LSTM, peephole connections and both weight placements, on shapes that give several
+// blocks per direction. The forward output is
 // compared with a plain loop over cell_math.h; backward is checked to write every element it owns
 // (outputs are poisoned with NaN first) with finite values. Numerical gradient checks live in the
 // Python tests (tests/test_cuda_emu.py).
@@ -34,7 +35,7 @@ struct Case {
   int T, B, H, P, dirs;
   bool lengths;
   bool streaming;
-  bool peephole = false;  // LSTM with peephole weights (params.h)
+  bool peephole = false;  // LSTM (plain or CIFG) with peephole weights (params.h)
 };
 
 int failures = 0;
@@ -100,7 +101,18 @@ void reference_forward(const Case& c, bool reverse, const std::vector<double>& x
       }
       const double* x = &xproj[(static_cast<size_t>(t) * c.B + b) * G * H];
       for (int u = 0; u < H; ++u) {
-        if (c.cell == CellKind::kLstm) {
+        if (c.cell == CellKind::kLstmCifg) {  // gates f, g, o; peephole rows w_cf, w_co
+          double c_next, r_u;
+          const double pre[3] = {x[u] + hh[u], x[H + u] + hh[H + u], x[2 * H + u] + hh[2 * H + u]};
+          if (c.peephole) {
+            const auto w = fusedrnn::cifg_peephole(peephole[u], peephole[H + u]);
+            fusedrnn::cifg_forward(pre[0], pre[1], pre[2], cell[u], c_next, r_u, w);
+          } else {
+            fusedrnn::cifg_forward(pre[0], pre[1], pre[2], cell[u], c_next, r_u);
+          }
+          cell[u] = c_next;
+          r[u] = r_u;
+        } else if (c.cell == CellKind::kLstm) {
           double c_next, r_u;
           const double pre[4] = {x[u] + hh[u], x[H + u] + hh[H + u], x[2 * H + u] + hh[2 * H + u],
                                  x[3 * H + u] + hh[3 * H + u]};
@@ -152,7 +164,7 @@ void run_case(const Case& c, std::mt19937& rng) {
   auto nanv = [&](size_t n) { return std::vector<Elem>(n, Elem(static_cast<float>(kNaN))); };
   const int G = fusedrnn::gate_count(c.cell), S = fusedrnn::saved_gate_count(c.cell);
   const int T = c.T, B = c.B, H = c.H, P = c.P;
-  const bool lstm = c.cell == CellKind::kLstm, proj = P != H;
+  const bool lstm = fusedrnn::has_cell_state(c.cell), proj = P != H;
   std::vector<int64_t> len(B, T);
   if (c.lengths) {
     for (int b = 0; b < B; ++b) len[b] = 1 + static_cast<int64_t>(rng() % T);
@@ -172,7 +184,8 @@ void run_case(const Case& c, std::mt19937& rng) {
     v.w_hh = randv(size_t(G) * H * P);
     v.b_hh = randv(size_t(G) * H);
     v.w_hr = proj ? randv(size_t(P) * H) : std::vector<Elem>();
-    v.peephole = c.peephole ? randv(size_t(3) * H) : std::vector<Elem>();
+    const int peephole_rows = c.cell == CellKind::kLstmCifg ? 2 : 3;
+    v.peephole = c.peephole ? randv(size_t(peephole_rows) * H) : std::vector<Elem>();
     v.h0 = randv(size_t(B) * P);
     v.c0 = lstm ? randv(size_t(B) * H) : std::vector<Elem>(size_t(B) * H, Elem(0.0f));
     v.out = nanv(size_t(T) * B * P);
@@ -299,6 +312,7 @@ int main() {
       {CellKind::kLstm, 3, 3, 5, 5, 2, true, false},
       {CellKind::kLstm, 2, 2, 6, 3, 1, true, false},
       {CellKind::kLstm, 3, 3, 5, 5, 2, true, true, true},
+      {CellKind::kLstmCifg, 3, 3, 5, 5, 2, true, false, true},
       {CellKind::kGru, 3, 3, 5, 5, 2, true, true},
       {CellKind::kRnnTanh, 2, 1, 5, 5, 1, false, false},
       {CellKind::kRnnRelu, 2, 3, 4, 4, 1, true, true},
@@ -310,6 +324,7 @@ int main() {
     const Case mixed[] = {
         {CellKind::kLstm, 3, 3, 8, 4, 2, true, false},
         {CellKind::kLstm, 2, 3, 8, 4, 2, true, false, true},
+        {CellKind::kLstmCifg, 2, 3, 8, 4, 2, true, true, true},
         {CellKind::kGru, 2, 3, 9, 9, 2, true, true},
     };
     run_cases<float, __half, __nv_bfloat16>(mixed, rng);

@@ -13,6 +13,7 @@ enum class CellKind : int32_t {
   kGru = 1,      // gates r, z, n (torch order), b_hn inside r * (W_hn h + b_hn)
   kRnnTanh = 2,  // h = tanh(pre)
   kRnnRelu = 3,  // h = relu(pre)
+  kLstmCifg = 4, // LSTM with coupled input and forget gates: gates f, g, o; i = 1 - f
 };
 
 enum class DType : int32_t {
@@ -24,14 +25,24 @@ enum class DType : int32_t {
 
 // Number of gate blocks of H rows in W_ih / W_hh (and columns of the input projection).
 FUSEDRNN_HOST_DEVICE constexpr int gate_count(CellKind cell) {
-  return cell == CellKind::kLstm ? 4 : cell == CellKind::kGru ? 3 : 1;
+  return cell == CellKind::kLstm                                  ? 4
+         : (cell == CellKind::kGru || cell == CellKind::kLstmCifg) ? 3
+                                                                   : 1;
+}
+
+// The LSTMs (plain and CIFG): a cell state c beside h, and an optional projection (proj_size).
+FUSEDRNN_HOST_DEVICE constexpr bool has_cell_state(CellKind cell) {
+  return cell == CellKind::kLstm || cell == CellKind::kLstmCifg;
 }
 
 // Number of H-wide blocks per (t, b) that forward saves for backward in `gates`:
-// LSTM saves i, f, g, o (post-activation); GRU saves r, z, n (post-activation) and
-// W_hn h + b_hn; the Elman RNN saves nothing (backward reads h_t from `out`).
+// LSTM saves i, f, g, o (post-activation), a CIFG LSTM f, g, o (i is 1 - f); GRU saves r, z, n
+// (post-activation) and W_hn h + b_hn; the Elman RNN saves nothing (backward reads h_t from
+// `out`).
 FUSEDRNN_HOST_DEVICE constexpr int saved_gate_count(CellKind cell) {
-  return cell == CellKind::kLstm ? 4 : cell == CellKind::kGru ? 4 : 0;
+  return (cell == CellKind::kLstm || cell == CellKind::kGru) ? 4
+         : cell == CellKind::kLstmCifg                       ? 3
+                                                             : 0;
 }
 
 // Bytes per element of a tensor of this dtype; 0 for a code outside the enum.
@@ -48,6 +59,7 @@ inline const char* cell_name(CellKind cell) {
     case CellKind::kGru: return "gru";
     case CellKind::kRnnTanh: return "rnn_tanh";
     case CellKind::kRnnRelu: return "rnn_relu";
+    case CellKind::kLstmCifg: return "lstm_cifg";
   }
   return "unknown";
 }

@@ -8,6 +8,8 @@
 //         With peephole connections (Gers, Schraudolph & Schmidhuber 2002; w_c* diagonal, one
 //         weight per unit): i = s(x_i + h_i + w_ci c), f = s(x_f + h_f + w_cf c),
 //         o = s(x_o + h_o + w_co c'), the output gate looking at the NEW cell state.
+//   CIFG LSTM (coupled input and forget gates, Greff et al. 2017): gates f, g, o only, i = 1 - f
+//         (with peepholes w_cf and w_co); written below as the LSTM it equals.
 //   GRU:  r = s(x_r + h_r), z = s(x_z + h_z), n = tanh(x_n + r h_n), h' = (1 - z) n + z h
 //   RNN:  h' = tanh(x + h) or relu(x + h)
 #pragma once
@@ -95,6 +97,43 @@ FUSEDRNN_HOST_DEVICE LstmGrads<Acc> lstm_backward(const LstmGates<Acc>& gate, Ac
     grad.d_c_prev = grad.d_c_prev + grad.d_i * peephole.i + grad.d_f * peephole.f;
   }
   return grad;
+}
+
+// ---------------------------------------------------------------- CIFG LSTM
+// The CIFG LSTM is the LSTM whose input-gate pre-activation is minus the forget gate's, since
+// s(-a) = 1 - s(a): with peepholes, w_ci = -w_cf. The functions below say exactly that and call
+// the LSTM's, so the formulas exist once; a CIFG kernel does three gates' product, not four.
+
+// The LSTM peephole weights a CIFG unit with w_cf, w_co (params.h: [2, H]) stands for.
+template <typename Acc>
+FUSEDRNN_HOST_DEVICE LstmPeephole<Acc> cifg_peephole(Acc w_cf, Acc w_co) {
+  return {-w_cf, w_cf, w_co};
+}
+
+// pre_* = x_k + h_k of the gates f, g, o; peephole: NoPeephole or cifg_peephole(...). Returns
+// all four gates (i = 1 - f); a CIFG kernel saves f, g, o.
+template <typename Acc, typename Peephole = NoPeephole>
+FUSEDRNN_HOST_DEVICE LstmGates<Acc> cifg_forward(Acc pre_f, Acc pre_g, Acc pre_o, Acc c_prev,
+                                                 Acc& c_next, Acc& r,
+                                                 const Peephole& peephole = {}) {
+  return lstm_forward(-pre_f, pre_f, pre_g, pre_o, c_prev, c_next, r, peephole);
+}
+
+template <typename Acc>
+struct CifgGrads {
+  Acc d_f, d_g, d_o;  // gradients w.r.t. the pre-activations of f, g, o
+  Acc d_c_prev;       // gradient w.r.t. c_{t-1}
+};
+
+// f, g, o: the saved gates; the rest as lstm_backward's.
+template <typename Acc, typename Peephole = NoPeephole>
+FUSEDRNN_HOST_DEVICE CifgGrads<Acc> cifg_backward(Acc f, Acc g, Acc o, Acc c, Acc c_prev,
+                                                  Acc d_r, Acc d_c,
+                                                  const Peephole& peephole = {}) {
+  const LstmGates<Acc> gate{Acc(1) - f, f, g, o};
+  const LstmGrads<Acc> d = lstm_backward(gate, c, c_prev, d_r, d_c, peephole);
+  // The forget gate's pre-activation also feeds i, negated.
+  return {d.d_f - d.d_i, d.d_g, d.d_o, d.d_c_prev};
 }
 
 // ---------------------------------------------------------------- GRU

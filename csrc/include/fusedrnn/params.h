@@ -7,7 +7,8 @@
 // sizes and lengths; a backend may run them concurrently.
 //
 // Notation: T = seq_len, B = batch, H = hidden, P = state (proj_size if > 0, else H),
-// G = gate_count(cell), S = saved_gate_count(cell). All pointers refer to memory of the backend's
+// G = gate_count(cell), S = saved_gate_count(cell); "LSTM" means both LSTM cells (the plain
+// one and the CIFG: has_cell_state). All pointers refer to memory of the backend's
 // device (host memory for _cpu and _emu), hold `dtype` elements unless said otherwise, and do not
 // alias one another unless said otherwise.
 //
@@ -55,7 +56,7 @@ struct RecurrenceFwdParams : RecurrenceShape {
   const void* b_hh = nullptr;  // [G*H], nullable (bias=False)
   const void* w_hr = nullptr;  // [P, H], LSTM with proj_size only, else nullptr
   // [3, H] LSTM only, nullable: the peephole weights w_ci, w_cf, w_co (cell_math.h), rows in
-  // that order. Null is the plain LSTM.
+  // that order; a CIFG LSTM's are [2, H], w_cf and w_co. Null: no peephole connections.
   const void* peephole = nullptr;
   const void* h0 = nullptr;    // [B, P], nullable (zeros)
   const void* c0 = nullptr;    // [B, H], LSTM only, nullable (zeros)
@@ -83,7 +84,7 @@ struct RecurrenceBwdParams : RecurrenceShape {
   const void* w_hh = nullptr;  // [G*H, P]
   const void* b_hh = nullptr;  // [G*H], nullable; unused by the math but kept for symmetry
   const void* w_hr = nullptr;  // [P, H] projected LSTM only
-  const void* peephole = nullptr;  // [3, H] as in forward, nullable
+  const void* peephole = nullptr;  // [3, H] ([2, H] CIFG) as in forward, nullable
   const void* h0 = nullptr;    // [B, P], nullable (zeros)
   const void* c0 = nullptr;    // [B, H], LSTM only, nullable (zeros)
   SeqTensor out;               // [T, B, P] forward output; supplies h_{t-1} (h0 at the first step)
