@@ -329,7 +329,7 @@ def run_forward_layer(cell: str, xproj, w_hh, b_hh, w_hr, h0=None, c0=None, leng
     and, for a peephole LSTM, peephole have one entry per direction). Without `training` the
     saved tensors are not asked for (inference). `out` [T, B, D*P] may be given to choose its
     storage (strides); it is poisoned."""
-    num_dirs, lstm = len(w_hh), cell == "lstm"
+    num_dirs, lstm = len(w_hh), cell in _backend.LSTM_CELLS
     seq_len, batch = xproj.shape[0], xproj.shape[1]
     hidden = xproj.shape[2] // num_dirs // _backend.GATE_COUNT[cell]
     state = w_hh[0].shape[1]
@@ -356,7 +356,7 @@ def run_backward_layer(run: LayerRun, d_out, d_hn, d_cn, *,
     """One native backward call for the layer of a training run_forward_layer. d_out [T, B, D*P],
     d_hn [D, B, P] and d_cn [D, B, H] may be None (zero gradients). `d_xproj` [T, B, D*G*H] may be
     given to choose its storage; it is poisoned."""
-    num_dirs, lstm = run.num_dirs, run.cell == "lstm"
+    num_dirs, lstm = run.num_dirs, run.cell in _backend.LSTM_CELLS
     seq_len, batch, width = run.xproj.shape
     state, hidden = run.w_hh[0].shape[1], width // num_dirs // _backend.GATE_COUNT[run.cell]
     if d_xproj is None:

@@ -107,7 +107,7 @@ FORWARD_CASES = [
     ("b_hh-count", "lstm", 2, 0, dict(b_hh=[_f64(16)]), ValueError,
      r"b_hh must be empty .* one tensor per direction \(2, like w_hh\), got 1"),
     ("w_hr-gru", "gru", 1, 0, dict(w_hr=[_f64(2, 4)]), ValueError,
-     r"w_hr must be empty .* for lstm only.* for gru"),
+     r"w_hr must be empty .* for \('lstm', 'lstm_cifg'\) only.* for gru"),
     ("w_hr-shape", "lstm", 1, 2, dict(w_hr=[_f64(2, 5)]), RuntimeError,
      r"w_hr\[0\] must have shape \[P, H\] = \[2, 4\], got \[2, 5\]"),
     ("w_hr-not-smaller", "lstm", 1, 0, dict(w_hr=[_f64(4, 4)]), RuntimeError,
@@ -122,7 +122,8 @@ FORWARD_CASES = [
     ("c0-shape", "lstm", 1, 2, dict(c0=_f64(1, 2, 2)), RuntimeError,
      r"c0 must have shape \[D, B, H\] = \[1, 2, 4\], got \[1, 2, 2\]"),
     ("c0-gru", "gru", 1, 0, dict(c0=_f64(1, 2, 4)), RuntimeError,
-     r"c0 must be None or empty for gru \(only an lstm has a cell state\), got shape \[1, 2, 4\]"),
+     r"c0 must be None or empty for gru \(only an lstm or lstm_cifg has a cell state\), "
+     r"got shape \[1, 2, 4\]"),
 ]
 
 

@@ -20,7 +20,7 @@ import torch
 from _helpers import column_block, minimal_fwd_params, run_backward_layer, run_forward_layer
 from fusedrnn import _backend, functional, reference
 
-GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+GATES = _backend.GATE_COUNT
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 NAN = float("nan")
 
@@ -41,7 +41,7 @@ class Config:
     H: int
     dtype: torch.dtype
     batch_first: bool     # storage of the sequence tensors (strides), not a different math
-    peephole: bool = False  # LSTM with peephole connections
+    peephole: bool = False  # LSTM (plain or CIFG) with peephole connections
 
     @property
     def num_dirs(self) -> int:
@@ -75,8 +75,8 @@ def _grid():
     out = []
     for cell, proj_on, peephole in [
             ("lstm", False, False), ("lstm", True, False), ("lstm", False, True),
-            ("lstm", True, True), ("gru", False, False), ("rnn_tanh", False, False),
-            ("rnn_relu", False, False)]:
+            ("lstm", True, True), ("lstm_cifg", False, False), ("lstm_cifg", True, True),
+            ("gru", False, False), ("rnn_tanh", False, False), ("rnn_relu", False, False)]:
         for directions in LAYOUTS:
             for lengths in (False, True):
                 for i, (T, B, H) in enumerate(SIZES):
@@ -140,7 +140,8 @@ def run_and_check(cfg: Config, device: torch.device, *, with_h0=True, with_grads
     cell, T, B, H, dtype = cfg.cell, cfg.T, cfg.B, cfg.H, cfg.dtype
     G, P, nd = GATES[cell], (cfg.proj or cfg.H), cfg.num_dirs
     X = G * H
-    lstm, gru, projected = cell == "lstm", cell == "gru", cfg.proj > 0
+    lstm, gru, projected = cell in _backend.LSTM_CELLS, cell == "gru", cfg.proj > 0
+    coupled = cell == "lstm_cifg"  # reference.py's LSTM with coupled_input_forget
     lengths = torch.randint(1, T + 1, (B,), dtype=torch.int64) if cfg.lengths else None
     lengths_dev = lengths.to(device) if lengths is not None else None
     scale = H ** -0.5
@@ -163,7 +164,7 @@ def run_and_check(cfg: Config, device: torch.device, *, with_h0=True, with_grads
                     w_hr=rnd(P, H, s=scale) if projected else None,
                     h0=rnd(B, P) if with_h0 else None,
                     c0=rnd(B, H) if (lstm and with_h0) else None,
-                    peephole=rnd(3, H) if cfg.peephole else None)
+                    peephole=rnd(2 if coupled else 3, H) if cfg.peephole else None)
                for _ in range(nd)]
 
     def layer(name):
@@ -203,8 +204,9 @@ def run_and_check(cfg: Config, device: torch.device, *, with_h0=True, with_grads
         eye = torch.eye(X, dtype=torch.float64)
         refs = {k: as_ref(v) for k, v in m.items()}
         out_r, hn_r, cn_r = reference.rnn_layer(
-            cell, x_ref, eye, refs["w_hh"], None, refs["b_hh"], refs["w_hr"], refs["h0"],
-            refs["c0"], lengths, reverse, peephole=refs["peephole"])
+            "lstm" if lstm else cell, x_ref, eye, refs["w_hh"], None, refs["b_hh"], refs["w_hr"],
+            refs["h0"], refs["c0"], lengths, reverse, peephole=refs["peephole"],
+            coupled_input_forget=coupled)
         check(f"dir{d} out", out, out_r)
         check(f"dir{d} h_n", run.hn[d], hn_r)
         if lstm:
@@ -251,7 +253,8 @@ def run_and_check(cfg: Config, device: torch.device, *, with_h0=True, with_grads
             if padded_c.numel() and not padded_c.isnan().all():
                 failures.append(f"dir{d}: padded c_seq rows were written")
             c_seq = torch.where(valid.unsqueeze(-1), c_seq, torch.zeros(()))
-            d_peephole = functional._peephole_grad(d_pre, c_seq, c0_used, lengths, reverse)
+            d_peephole = functional._peephole_grad(d_pre, c_seq, c0_used, lengths, reverse,
+                                                   coupled)
             check(f"dir{d} d_peephole", d_peephole, ref_grads["peephole"])
     assert not failures, f"seed {seed}: " + "; ".join(failures)
 
@@ -270,7 +273,8 @@ def test_no_initial_state(cell, backend):
 
 
 # (cell, proj_size, peephole) of the CPU tests that force a code path
-FORCED_CELLS = [("lstm", 0, False), ("lstm", 13, False), ("lstm", 13, True), ("gru", 0, False),
+FORCED_CELLS = [("lstm", 0, False), ("lstm", 13, False), ("lstm", 13, True),
+                ("lstm_cifg", 0, False), ("lstm_cifg", 13, True), ("gru", 0, False),
                 ("rnn_relu", 0, False)]
 
 
@@ -306,8 +310,8 @@ def test_row_group_splits(cell, proj, peephole, threads, monkeypatch):
 
 @pytest.mark.parametrize("isa", ["generic", "avx2", "avx512", "avx512bf16", "amx"])
 @pytest.mark.parametrize("cell,proj,peephole", [("lstm", 0, False), ("lstm", 9, False),
-                                                ("lstm", 0, True), ("gru", 0, False),
-                                                ("rnn_tanh", 0, False)])
+                                                ("lstm", 0, True), ("lstm_cifg", 0, True),
+                                                ("gru", 0, False), ("rnn_tanh", 0, False)])
 def test_every_instruction_set(cell, proj, peephole, isa, monkeypatch):
     """FUSEDRNN_CPU_ISA lowers the run-time choice, so every compiled path runs here (a path the
     CPU lacks falls back to the best one it has). H=300 gives the backward a depth (G*H) of

@@ -16,10 +16,13 @@ import torch
 import torch.autograd.forward_ad as _forward_ad
 
 # Mirrors fusedrnn::CellKind and fusedrnn::DType (csrc/include/fusedrnn/cell_kind.h).
-CELL_CODES = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3}
+# "lstm_cifg": the LSTM with coupled input and forget gates (gates f, g, o; i = 1 - f).
+CELL_CODES = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3, "lstm_cifg": 4}
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
-GATE_COUNT = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
-SAVED_GATE_COUNT = {"lstm": 4, "gru": 4, "rnn_tanh": 0, "rnn_relu": 0}
+GATE_COUNT = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1, "lstm_cifg": 3}
+SAVED_GATE_COUNT = {"lstm": 4, "gru": 4, "rnn_tanh": 0, "rnn_relu": 0, "lstm_cifg": 3}
+# The cells with a cell state c beside h (and proj_size, and peephole weights): has_cell_state.
+LSTM_CELLS = ("lstm", "lstm_cifg")
 # The dtypes the CPU kernels (recurrence and cell step) take natively: bfloat16 tensors are
 # widened to float inside (csrc/cpu/storage.h); float16 is upcast in Python.
 CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
@@ -229,7 +232,8 @@ def _layer_call(cell: str, device: torch.device, w_hh, b_hh, w_hr, lengths):
 
 
 def _set_peephole(params, peephole) -> None:
-    """Hands each direction's [3, H] peephole weights to its params (left null without)."""
+    """Hands each direction's peephole weights ([3, H], a CIFG's [2, H]) to its params (left
+    null without)."""
     if peephole:
         _check_layer_operands([("peephole", w) for w in peephole])
         for p, w in zip(params, peephole):

@@ -63,6 +63,8 @@ def operand_problem(cell: str, dtype: torch.dtype, batch: int, width: int,
     step, whose caller applies and checks W_hr)."""
     # One pass of plain comparisons for the common, valid call (this runs at every cell step,
     # where each microsecond shows); the messages are built only for a mismatch.
+    if cell == "lstm_cifg":  # (the pass has no CIFG update: its steps take the recurrence)
+        return "a CIFG LSTM, which the cell step does not run"
     gates, w_shape = GATE_COUNT[cell], w_hh.shape
     tensors = (h, c, w_ih, w_hh, b_ih, b_hh, w_hr)
     for t in tensors:

@@ -58,16 +58,19 @@ def layer_grads(cell: str, projection: tuple, lengths: Optional[Tensor], h0: Opt
     x, w_ih, b_ih = projection
     xproj = F.linear(x, w_ih, b_ih)
     width = w_hh[0].shape[0]
+    coupled = cell == "lstm_cifg"  # reference.py's LSTM with coupled_input_forget
     outs, hns, cns = [], [], []
     for d in range(len(w_hh)):
         out, hn, cn = reference.rnn_layer(
-            cell, xproj[..., d * width:(d + 1) * width], None, w_hh[d], None, b_hh[d], w_hr[d],
-            h0[d] if h0 is not None else None, c0[d] if c0 is not None else None, lengths,
-            reverse=d == 1, peephole=peephole[d] if peephole else None)
+            "lstm" if coupled else cell, xproj[..., d * width:(d + 1) * width], None, w_hh[d],
+            None, b_hh[d], w_hr[d], h0[d] if h0 is not None else None,
+            c0[d] if c0 is not None else None, lengths, reverse=d == 1,
+            peephole=peephole[d] if peephole else None, coupled_input_forget=coupled)
         outs.append(out)
         hns.append(hn)
         cns.append(cn)
-    results = (torch.cat(outs, 2), torch.stack(hns), torch.stack(cns) if cell == "lstm" else None)
+    results = (torch.cat(outs, 2), torch.stack(hns), torch.stack(cns) if cns[0] is not None
+               else None)
     params = [*w_hh, *(b for b in b_hh if b is not None), *(w for w in w_hr if w is not None),
               *(w for w in peephole if w is not None)]
     return _grads(results, grad_outputs, [xproj, h0, c0, *params], needs)

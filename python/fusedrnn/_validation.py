@@ -15,7 +15,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from ._backend import DTYPE_CODES, GATE_COUNT, SAVED_GATE_COUNT
+from ._backend import DTYPE_CODES, GATE_COUNT, LSTM_CELLS, SAVED_GATE_COUNT
 
 
 class HiddenStateError(RuntimeError, TypeError, IndexError, AttributeError):
@@ -257,7 +257,7 @@ def check_cell_hidden(name: str, hx: Tensor, what: str, input: Tensor, hidden_si
 # of directions and lengths raise ValueError (like fusedrnn.functional.rnn).
 
 _SIZES = "(D directions, T steps, B batch, G*H gates x hidden, S*H saved gates x hidden, P state)"
-_CELL_STATE = "(only an lstm has a cell state)"
+_CELL_STATE = "(only an lstm or lstm_cifg has a cell state)"
 
 
 def check_layer_forward(cell: str, xproj: Tensor, h0, c0, w_hh, b_hh, w_hr, lengths,
@@ -271,7 +271,7 @@ def check_layer_forward(cell: str, xproj: Tensor, h0, c0, w_hh, b_hh, w_hr, leng
     if h0 is not None:
         tensors.append(("h0", h0, "[D, B, P]", (num_dirs, batch, state)))
     if c0 is not None:
-        if cell == "lstm":
+        if cell in LSTM_CELLS:
             tensors.append(("c0", c0, "[D, B, H]", (num_dirs, batch, hidden)))
         else:
             _check_unused(op, "c0", c0, f"for {cell} {_CELL_STATE}")
@@ -287,7 +287,7 @@ def check_layer_backward(cell: str, w_hh, b_hh, w_hr, h0, c0, out: Tensor, gates
     op = "fusedrnn::layer_backward"
     num_dirs, hidden, state, tensors = _check_layer_weights(op, cell, w_hh, b_hh, w_hr, peephole)
     seq_len, batch = _check_sequence(op, "out", out, "[T, B, D*P]", num_dirs * state)
-    is_lstm = cell == "lstm"
+    is_lstm = cell in LSTM_CELLS
     saved_width = SAVED_GATE_COUNT[cell] * hidden
     # What the backward kernels read of forward's save=True outputs must be there (a wrong shape,
     # empty included, is left to the shape checks below).
@@ -296,7 +296,7 @@ def check_layer_backward(cell: str, w_hh, b_hh, w_hr, h0, c0, out: Tensor, gates
                            f"{[num_dirs, seq_len, batch, saved_width]} gates that layer_forward "
                            f"saved (save=True)")
     if is_lstm and c_seq is None:
-        raise RuntimeError(f"{op}: c_seq is required for lstm: the [D, T, B, H] = "
+        raise RuntimeError(f"{op}: c_seq is required for {cell}: the [D, T, B, H] = "
                            f"{[num_dirs, seq_len, batch, hidden]} cell states that layer_forward "
                            f"saved (save=True)")
     state_shape = (num_dirs, batch, state)
@@ -362,14 +362,14 @@ def _check_layer_weights(op: str, cell: str, w_hh, b_hh, w_hr, peephole=()) -> t
     if b_hh and len(b_hh) != num_dirs:
         raise ValueError(f"{op}: b_hh must be empty (no bias) or hold one tensor per direction "
                          f"({num_dirs}, like w_hh), got {len(b_hh)}")
-    if w_hr and (len(w_hr) != num_dirs or cell != "lstm"):
-        raise ValueError(f"{op}: w_hr must be empty (no projection) or, for lstm only, hold one "
-                         f"tensor per direction ({num_dirs}, like w_hh), got {len(w_hr)} for "
-                         f"{cell}")
-    if peephole and (len(peephole) != num_dirs or cell != "lstm"):
-        raise ValueError(f"{op}: peephole must be empty (no peephole connections) or, for lstm "
-                         f"only, hold one tensor per direction ({num_dirs}, like w_hh), got "
-                         f"{len(peephole)} for {cell}")
+    if w_hr and (len(w_hr) != num_dirs or cell not in LSTM_CELLS):
+        raise ValueError(f"{op}: w_hr must be empty (no projection) or, for {LSTM_CELLS} only, "
+                         f"hold one tensor per direction ({num_dirs}, like w_hh), got "
+                         f"{len(w_hr)} for {cell}")
+    if peephole and (len(peephole) != num_dirs or cell not in LSTM_CELLS):
+        raise ValueError(f"{op}: peephole must be empty (no peephole connections) or, for "
+                         f"{LSTM_CELLS} only, hold one tensor per direction ({num_dirs}, like "
+                         f"w_hh), got {len(peephole)} for {cell}")
     gate_count = GATE_COUNT[cell]
     weight_shape = w_hh[0].shape
     if len(weight_shape) != 2 or weight_shape[0] % gate_count or 0 in weight_shape:
@@ -393,8 +393,10 @@ def _check_layer_weights(op: str, cell: str, w_hh, b_hh, w_hr, peephole=()) -> t
     if w_hr:
         proj_shape = (state, hidden)
         tensors += [(_W_HR[d], w_hr[d], "[P, H]", proj_shape) for d in range(num_dirs)]
-    if peephole:
-        tensors += [(_PEEPHOLE[d], peephole[d], "[3, H]", (3, hidden)) for d in range(num_dirs)]
+    if peephole:  # rows w_ci, w_cf, w_co; a CIFG has no input gate: w_cf, w_co
+        rows = 2 if cell == "lstm_cifg" else 3
+        tensors += [(_PEEPHOLE[d], peephole[d], f"[{rows}, H]", (rows, hidden))
+                    for d in range(num_dirs)]
     return num_dirs, hidden, state, tensors
 
 

@@ -29,9 +29,9 @@ from torch import Tensor
 
 from . import (_backend, _cell_step, _input_projection, _onnx_export, _recomputed_grads,
                _validation, reference)
-from ._backend import GATE_COUNT, SAVED_GATE_COUNT
+from ._backend import GATE_COUNT, LSTM_CELLS, SAVED_GATE_COUNT
 
-CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
+CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu", "lstm_cifg")
 # Precision the CPU kernels do not take: computed in float32, returned in the input's dtype. (They
 # take bfloat16 tensors, widened to float inside, csrc/cpu/storage.h. The CUDA kernels implement
 # both half types, also when emulated on CPU tensors with FUSEDRNN_BACKEND=emu.)
@@ -46,8 +46,8 @@ def rnn(cell: str, input: Tensor, weights, hx=None, *, num_layers: int = 1,
     Same arguments and results as `fusedrnn.reference.rnn` (see there): input [T, B, I]
     ([B, T, I] with batch_first); weights: per layer and direction (w_ih, w_hh, b_ih, b_hh, w_hr)
     in torch's all_weights order, and for a peephole LSTM its [3, H] peephole weights as a sixth
-    entry (a CIFG comes as the plain LSTM that computes it: fusedrnn.LSTM's _coupled_as_lstm;
-    reference.rnn's coupled_input_forget has no twin here); hx: h_0 [L*D, B, P] or for LSTM
+    entry; cell "lstm_cifg" is reference.rnn's "lstm" with coupled_input_forget=True (weights of
+    the gates f, g, o; [2, H] peephole weights w_cf, w_co); hx: h_0 [L*D, B, P] or for an LSTM
     (h_0, c_0 [L*D, B, H]), None for zeros; lengths [B] int64 (each in [1, T]) on input's device.
     Returns (output, h_n [L*D, B, P], c_n [L*D, B, H] or None).
     """
@@ -112,7 +112,7 @@ def _autocast_operands(input, weights, hx):
 
 def _rnn(cell, input, weights, hx, num_layers, num_directions, batch_first, lengths, dropout,
          training, dropout_fn, trace_save: bool):
-    h0_all, c0_all = (hx if cell == "lstm" else (hx, None)) if hx is not None else (None, None)
+    h0_all, c0_all = (hx if cell in LSTM_CELLS else (hx, None)) if hx is not None else (None, None)
     if lengths is not None:
         lengths = _checked_lengths(lengths, input, batch_first)
 
@@ -150,7 +150,7 @@ def _rnn(cell, input, weights, hx, num_layers, num_directions, batch_first, leng
 
     output = x.transpose(0, 1) if batch_first else x
     h_n = torch.cat(h_n) if num_layers > 1 else h_n[0]
-    c_n = (torch.cat(c_n) if num_layers > 1 else c_n[0]) if cell == "lstm" else None
+    c_n = (torch.cat(c_n) if num_layers > 1 else c_n[0]) if cell in LSTM_CELLS else None
     if compute_dtype != out_dtype:
         output, h_n, c_n = output.to(out_dtype), h_n.to(out_dtype), _cast(c_n, out_dtype)
     return output, h_n, c_n
@@ -164,8 +164,8 @@ def cell_step(cell: str, input: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Option
     input [B, I]; hx: h [B, H], or for LSTM (h, c), None for zeros.
     Returns h' [B, H], or for LSTM (h', c').
     """
-    lstm_pair = cell == "lstm" and isinstance(hx, (tuple, list)) and len(hx) == 2
-    if hx is None or lstm_pair or (cell != "lstm" and isinstance(hx, Tensor)):
+    lstm_pair = cell in LSTM_CELLS and isinstance(hx, (tuple, list)) and len(hx) == 2
+    if hx is None or lstm_pair or (cell not in LSTM_CELLS and isinstance(hx, Tensor)):
         h, c = hx if lstm_pair else (hx, None)
         if (_cell_step.applies(input) and not torch.is_autocast_enabled(input.device.type)
                 and _cell_step.operand_problem(cell, input.dtype, input.size(0), input.size(1),
@@ -173,9 +173,9 @@ def cell_step(cell: str, input: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Option
             return _cell_step.step(cell, input, h, c, w_ih, w_hh, b_ih, b_hh, checked=True)
     # Everything else, bad input included, as a sequence of one step through rnn()'s checks.
     if hx is not None:
-        hx = tuple(s.unsqueeze(0) for s in hx) if cell == "lstm" else hx.unsqueeze(0)
+        hx = tuple(s.unsqueeze(0) for s in hx) if cell in LSTM_CELLS else hx.unsqueeze(0)
     _, h_n, c_n = rnn(cell, input.unsqueeze(0), [(w_ih, w_hh, b_ih, b_hh, None)], hx)
-    return (h_n[0], c_n[0]) if cell == "lstm" else h_n[0]
+    return (h_n[0], c_n[0]) if cell in LSTM_CELLS else h_n[0]
 
 
 # --- one layer ------------------------------------------------------------------------------------
@@ -245,7 +245,7 @@ def _layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor], c0: Option
         # an op of the traced graph; meta and fake tensors get the fake kernel's results.
         out, hn, cn = layer_forward(cell, xproj, h0, c0, w_hh, b_hh, w_hr, peephole, lengths,
                                     needs_grad)[:3]
-        return out, hn, (cn if cell == "lstm" else None)
+        return out, hn, (cn if cell in LSTM_CELLS else None)
     # Eagerly the autograd.Function runs the same forward and backward without the custom op's
     # dispatch (several Python layers, measurable at B=1), with the op's checks: rnn() is public,
     # and the kernels trust every size (lengths values were checked by _checked_lengths).
@@ -255,7 +255,7 @@ def _layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor], c0: Option
     if needs_grad:
         results = _LayerRecurrence.apply(spec, lengths, xproj, h0, c0, (x, w_ih, b_ih), *w_hh,
                                          *b_hh, *w_hr, *peephole)
-        return results[0], results[1], (results[2] if cell == "lstm" else None)
+        return results[0], results[1], (results[2] if cell in LSTM_CELLS else None)
     num_dirs = len(w_hh)
     out, hn, cn, *_ = _run_forward(cell, xproj, h0, c0, w_hh, _per_direction(b_hh, num_dirs),
                                    _per_direction(w_hr, num_dirs), lengths, save=False,
@@ -294,8 +294,10 @@ def _reference_layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor],
                      c0: Optional[Tensor], lengths: Optional[Tensor]):
     """_layer under a torch.func transform (_backend.under_transform): the layer as
     fusedrnn.reference.rnn, plain torch ops that grad, jvp and vmap all support."""
-    return reference.rnn(cell, x, layer_weights, (h0, c0) if cell == "lstm" else h0,
-                         bidirectional=len(layer_weights) == 2, lengths=lengths)
+    lstm = cell in LSTM_CELLS
+    return reference.rnn("lstm" if lstm else cell, x, layer_weights, (h0, c0) if lstm else h0,
+                         bidirectional=len(layer_weights) == 2, lengths=lengths,
+                         coupled_input_forget=cell == "lstm_cifg")
 
 
 def _one_step_applies(cell, x, layer_weights, h0, c0) -> bool:
@@ -320,7 +322,7 @@ def _empty_layer(cell: str, x: Tensor, layer_weights, num_directions: int,
     zero = sum(t.sum() * 0 for t in operands if t is not None)
     out = x.new_zeros(seq_len, batch, num_directions * state) + zero
     hn = x.new_zeros(num_directions, batch, state) + zero
-    cn = x.new_zeros(num_directions, batch, hidden) + zero if cell == "lstm" else None
+    cn = x.new_zeros(num_directions, batch, hidden) + zero if cell in LSTM_CELLS else None
     return out, hn, cn
 
 
@@ -344,7 +346,7 @@ def _forward_outputs(cell: str, xproj: Tensor, num_dirs: int, state: int, has_pr
     A peephole LSTM's c_seq is always zero there: its weight gradients read every row
     (_peephole_grad). gates_over_xproj: the gates are xproj itself (see
     _gates_can_overwrite_xproj)."""
-    is_lstm = cell == "lstm"
+    is_lstm = cell in LSTM_CELLS
     seq_len, batch = xproj.shape[0], xproj.shape[1]
     hidden = xproj.shape[2] // num_dirs // GATE_COUNT[cell]
     out = xproj.new_empty(seq_len, batch, num_dirs * state)
@@ -355,7 +357,7 @@ def _forward_outputs(cell: str, xproj: Tensor, num_dirs: int, state: int, has_pr
         padded = lengths is not None
         saved = xproj.new_zeros if padded and zero_padding else xproj.new_empty
         saved_width = SAVED_GATE_COUNT[cell] * hidden
-        if gates_over_xproj:  # [D, T, B, 4H] view: direction d's gates over its xproj columns
+        if gates_over_xproj:  # [D, T, B, S*H] view: direction d's gates over its xproj columns
             gates = xproj.view(seq_len, batch, num_dirs, -1).permute(2, 0, 1, 3)
         else:
             gates = saved(num_dirs, seq_len, batch, saved_width) if saved_width else None
@@ -400,7 +402,7 @@ def _backward_outputs(cell: str, out: Tensor, num_dirs: int, gates_width: int, s
     d_hproj = out.new_empty(seq_len, batch, num_dirs * gates_width) if cell == "gru" else None
     d_h_seq = out.new_empty(num_dirs, seq_len, batch, state) if has_proj else None
     d_h0 = out.new_empty(num_dirs, batch, state)
-    d_c0 = out.new_empty(num_dirs, batch, hidden) if cell == "lstm" else None
+    d_c0 = out.new_empty(num_dirs, batch, hidden) if cell in LSTM_CELLS else None
     return d_xproj, d_hproj, d_h_seq, d_h0, d_c0
 
 
@@ -476,27 +478,34 @@ def _layer_weight_grads(spec: _LayerSpec, saved, d_out, d_hn, d_cn, needs, run_b
         if spec.has_peephole:
             d_peephole.append(_peephole_grad(d_pre[:, :, d * gates_width:(d + 1) * gates_width],
                                              c_seq[d], c0[d] if c0 is not None else None,
-                                             lengths, reverse=d == 1)
+                                             lengths, reverse=d == 1,
+                                             coupled=spec.cell == "lstm_cifg")
                               if needs_peephole[d] else None)
     return (d_xproj, d_h0 if h0 is not None else None, d_c0 if c0 is not None else None,
             *d_w_hh, *d_b_hh, *d_w_hr, *d_peephole)
 
 
 def _peephole_grad(d_pre: Tensor, c_seq: Tensor, c0: Optional[Tensor],
-                   lengths: Optional[Tensor], reverse: bool) -> Tensor:
+                   lengths: Optional[Tensor], reverse: bool, coupled: bool = False) -> Tensor:
     """d(w_ci, w_cf, w_co) [3, H] = sums over steps and rows of (d_i c_{t-1}, d_f c_{t-1},
     d_o c_t) for one direction: d_pre [T, B, 4H] the gate pre-activation gradients (zero rows at
     padded steps), c_seq [T, B, H] the cell states after each step (zero rows at padded steps:
-    _forward_outputs), c0 [B, H] or None for zeros.
+    _forward_outputs), c0 [B, H] or None for zeros. coupled (a CIFG): d_pre [T, B, 3H] of f, g, o
+    (d_f counts the input gate's share too) and d(w_cf, w_co) [2, H].
 
     c_{t-1} (params.h) is c_seq one step earlier in processing order: c_seq[t-1] going forward,
     c_seq[t+1] going backward (a padded row, zero, at each sequence's last valid step), and c0 at
     each sequence's first step."""
     seq_len, batch = d_pre.shape[0], d_pre.shape[1]
-    d_i, d_f, _, d_o = d_pre.chunk(4, dim=2)
+    if coupled:
+        d_f, _, d_o = d_pre.chunk(3, dim=2)
+        seeing_c_prev = (d_f,)
+    else:
+        d_i, d_f, _, d_o = d_pre.chunk(4, dim=2)
+        seeing_c_prev = (d_i, d_f)
     now, before = ((slice(None, -1), slice(1, None)) if reverse
                    else (slice(1, None), slice(None, -1)))
-    grads = [(d[now] * c_seq[before]).sum((0, 1)) for d in (d_i, d_f)]
+    grads = [(d[now] * c_seq[before]).sum((0, 1)) for d in seeing_c_prev]
     if c0 is not None:
         if not reverse:
             first = 0
@@ -504,7 +513,7 @@ def _peephole_grad(d_pre: Tensor, c_seq: Tensor, c0: Optional[Tensor],
             first = seq_len - 1
         else:
             first = (lengths - 1, torch.arange(batch, device=d_pre.device))
-        grads = [g + (d[first] * c0).sum(0) for g, d in zip(grads, (d_i, d_f))]
+        grads = [g + (d[first] * c0).sum(0) for g, d in zip(grads, seeing_c_prev)]
     return torch.stack([*grads, (d_o * c_seq).sum((0, 1))])
 
 
@@ -533,7 +542,7 @@ class _LayerRecurrence(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(lengths, h0, c0, out, gates, c_seq, r_seq,
                               *_unsaved_biases(spec, params))
-        return (out, hn, cn) if spec.cell == "lstm" else (out, hn)
+        return (out, hn, cn) if spec.cell in LSTM_CELLS else (out, hn)
 
     @staticmethod
     def backward(ctx, d_out, d_hn, d_cn=None):
@@ -613,10 +622,11 @@ def _unsaved_biases(spec: _LayerSpec, params) -> tuple:
 def _gates_can_overwrite_xproj(cell: str, xproj: Tensor) -> bool:
     """Whether the native forward may write the saved gates over xproj (params.h): the CPU
     kernel reads a row's xproj before it writes that row's gates, for the same units on the same
-    thread, so an LSTM (4H gates saved per direction, 4H of xproj) can save its gates in place,
-    each direction over its own columns. That saves a [D, T, B, 4H] tensor per layer and call,
-    its page faults and its traffic: each gates store hits the line its xproj load just fetched."""
-    return (cell == "lstm" and xproj.device.type == "cpu" and _backend.backend_name() == "cpu"
+    thread, so an LSTM (4H gates saved per direction, 4H of xproj; a CIFG 3H and 3H) can save its
+    gates in place, each direction over its own columns. That saves a [D, T, B, S*H] tensor per
+    layer and call, its page faults and its traffic: each gates store hits the line its xproj
+    load just fetched."""
+    return (cell in LSTM_CELLS and xproj.device.type == "cpu" and _backend.backend_name() == "cpu"
             and xproj.is_contiguous())
 
 
@@ -672,16 +682,16 @@ def layer_forward(cell: str, xproj: Tensor, h0: Optional[Tensor], c0: Optional[T
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The recurrence of all D directions of a layer: xproj [T, B, D*G*H] = x W_ih^T (+ b_ih),
     w_hh/b_hh/w_hr/peephole lists of D tensors (b_hh, w_hr, peephole empty when absent;
-    peephole [3, H], LSTM only), h0 [D, B, P], c0 [D, B, H], lengths [B] int64. Returns
-    (out [T, B, D*P], hn [D, B, P], cn [D, B, H], then with save what backward reads:
-    gates [D, T, B, S*H], c_seq and r_seq [D, T, B, H], zero at padded steps);
-    empty where absent. Bad arguments raise (_validation.check_layer_forward) before any native
+    peephole [3, H], a CIFG's [2, H], LSTMs only), h0 [D, B, P], c0 [D, B, H], lengths [B]
+    int64. Returns (out [T, B, D*P], hn [D, B, P], cn [D, B, H], then with save what backward
+    reads: gates [D, T, B, S*H], c_seq and r_seq [D, T, B, H], zero at padded steps); empty
+    where absent. Bad arguments raise (_validation.check_layer_forward) before any native
     call: the kernels trust every size."""
     _validation.check_layer_forward(cell, xproj, h0, c0, w_hh, b_hh, w_hr, lengths,
                                     lengths is not None and not _native_checks_lengths(xproj),
                                     peephole=peephole)
     num_dirs = len(w_hh)
-    c0 = c0 if cell == "lstm" else None  # another cell's c0 can only be an empty placeholder
+    c0 = c0 if cell in LSTM_CELLS else None  # another cell's c0 can only be an empty placeholder
     results = _run_forward(cell, _last_dim_contiguous(xproj), _contiguous(h0), _contiguous(c0),
                            w_hh, _per_direction(b_hh, num_dirs), _per_direction(w_hr, num_dirs),
                            _contiguous(lengths), save, zero_padding=True, peephole=peephole)
@@ -715,7 +725,7 @@ def layer_backward(cell: str, w_hh: list[Tensor], b_hh: list[Tensor], w_hr: list
                                      lengths is not None and not _native_checks_lengths(out),
                                      peephole=peephole)
     num_dirs = len(w_hh)
-    if cell != "lstm":  # what another cell has no use for can only be an empty placeholder
+    if cell not in LSTM_CELLS:  # what another cell has no use for can only be an empty placeholder
         c0 = c_seq = d_cn = None
     if not SAVED_GATE_COUNT[cell]:
         gates = None
@@ -744,19 +754,19 @@ def _run_backward_op(cell: str, w_hh, b_hh, w_hr, h0, c0, out, gates, c_seq, d_o
         cell, list(w_hh), [b for b in b_hh if b is not None], [w for w in w_hr if w is not None],
         list(peephole), h0, c0, out, gates, c_seq, d_out, d_hn, d_cn, lengths)
     return (d_xproj, d_hproj if cell == "gru" else None, d_h_seq if has_proj else None, d_h0,
-            d_c0 if cell == "lstm" else None)
+            d_c0 if cell in LSTM_CELLS else None)
 
 
 def _layer_forward_setup_context(ctx, inputs, output):
     cell, xproj, h0, c0, w_hh, b_hh, w_hr, peephole, lengths, save = inputs
     out, hn, cn, gates, c_seq, r_seq = output
     spec = _LayerSpec(cell, len(w_hh), bool(b_hh), bool(w_hr), bool(peephole))
-    ctx.mark_non_differentiable(*output[2 if cell != "lstm" else 3:])
+    ctx.mark_non_differentiable(*output[2 if cell not in LSTM_CELLS else 3:])
     ctx.set_materialize_grads(False)
     ctx.spec, ctx.saved = spec, save
     if save:  # what _forward_outputs allocated, Nones for the empty placeholders
         gates = gates if SAVED_GATE_COUNT[cell] else None
-        c_seq = c_seq if cell == "lstm" else None
+        c_seq = c_seq if cell in LSTM_CELLS else None
         r_seq = r_seq if spec.has_proj else None
         ctx.save_for_backward(lengths, h0, c0, out, gates, c_seq, r_seq,
                               *_unsaved_biases(spec, (*w_hh, *b_hh, *w_hr, *peephole)))
@@ -769,7 +779,7 @@ def _layer_forward_backward(ctx, d_out, d_hn, d_cn, *_):
     needs = ctx.needs_input_grad  # nested as the inputs: the lists are lists of bools
     spec = ctx.spec
     grads = _layer_grads(spec, ctx.saved_tensors, d_out, d_hn,
-                         d_cn if spec.cell == "lstm" else None,
+                         d_cn if spec.cell in LSTM_CELLS else None,
                          [*needs[4], *needs[5], *needs[6], *needs[7]], _run_backward_op)
     d_xproj, d_h0, d_c0, *d_params = grads
     d_w_hh, d_b_hh, d_w_hr, d_peephole = spec.split(d_params)
