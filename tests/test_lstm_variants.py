@@ -183,7 +183,7 @@ def test_variant_inference_paths_match_training_path(variant):
     want = module(x)[0]
     with torch.no_grad():
         torch.testing.assert_close(module(x)[0], want)
-        assert module in _inference._plans  # a CIFG's plan derives its weights at every call
+        assert module in _inference._plans  # a variant's plan points into its parameters
         if module.peephole:  # the plan reads the peephole weights where they are
             module.weight_peephole_l1_reverse.mul_(-2)
             want = module(x.requires_grad_())[0].detach()
@@ -288,7 +288,8 @@ def test_peephole_operand_checks():
         functional.rnn("lstm", x, [(w_ih, w_hh, None, None, None,
                                     torch.randn(2, 3, dtype=torch.float64))])
     gru_ih, gru_hh = torch.randn(9, 4, dtype=torch.float64), torch.randn(9, 3, dtype=torch.float64)
-    with pytest.raises(ValueError, match="peephole must be empty .* for lstm only"):
+    with pytest.raises(ValueError,
+                       match=r"peephole must be empty .* for \('lstm', 'lstm_cifg'\) only"):
         functional.rnn("gru", x, [(gru_ih, gru_hh, None, None, None,
                                    torch.randn(3, 3, dtype=torch.float64))])
     with pytest.raises(RuntimeError, match=r"peephole\[0\]"):
@@ -313,10 +314,57 @@ def test_variant_compiles_fullgraph(variant):
 
 
 @requires_native
+@pytest.mark.parametrize("variant", ["cifg", "peephole-cifg"])
+def test_cifg_runs_three_gate_kernels(variant, monkeypatch):
+    """A CIFG reaches the kernels as the cell "lstm_cifg" with its own [3H, .] weights, in
+    training (forward and backward) and through the inference plan: never as a four-gate LSTM,
+    whose recurrence does a third more work."""
+    from fusedrnn import _backend
+    seen = []
+
+    def recording(name):
+        original = getattr(_backend, name)
+
+        def record(cell, *args, **kwargs):
+            seen.append((name, cell, args[0][0].shape[0] if name == "prepare_forward" else None))
+            return original(cell, *args, **kwargs)
+        monkeypatch.setattr(_backend, name, record)
+
+    for name in ("forward_layer", "backward_layer", "prepare_forward"):
+        recording(name)
+    module = _random_module(variant, torch.float32, "cpu", 0, bidirectional=True)
+    x = torch.randn(4, 2, 3, requires_grad=True)
+    module(x)[0].sum().backward()
+    with torch.no_grad():
+        module(x)
+    assert [s[:2] for s in seen] == [("forward_layer", "lstm_cifg"),
+                                     ("backward_layer", "lstm_cifg"),
+                                     ("prepare_forward", "lstm_cifg")]
+    assert seen[2][2] == 3 * 5  # the plan's w_hh: [3H, H]
+
+
+@requires_native
+def test_functional_rnn_takes_the_cifg_cell():
+    """functional.rnn("lstm_cifg") is reference.rnn's LSTM with coupled_input_forget, peephole
+    weights [2, H] included, forward and gradients."""
+    module = _random_module("peephole-cifg", torch.float64, "cpu", 0, num_layers=2)
+    weights = module._layer_weights()
+    x = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
+    out, h_n, c_n = functional.rnn("lstm_cifg", x, weights, num_layers=2)
+    ref = reference.rnn("lstm", x, weights, num_layers=2, coupled_input_forget=True)
+    for got, want in zip((out, h_n, c_n), ref):
+        assert rel_err(got, want) <= 1e-12
+    params = [x, *module.parameters()]
+    grads = torch.autograd.grad((out.sum() + c_n.sum()), params)
+    ref_grads = torch.autograd.grad((ref[0].sum() + ref[2].sum()), params)
+    for got, want in zip(grads, ref_grads):
+        assert rel_err(got, want) <= 1e-10
+
+
+@requires_native
 def test_cifg_inference_weights_follow_the_parameters():
-    """A CIFG's plain-LSTM weights follow its parameters from one inference call to the next:
-    in-place updates, torch.func.functional_call, and a later call whose input requires
-    grad."""
+    """A CIFG's inference follows its parameters from one call to the next: in-place updates,
+    torch.func.functional_call, and a later call whose input requires grad."""
     from torch.func import functional_call
     module = _random_module("peephole-cifg", torch.float64, "cpu", 0)
     x = torch.randn(4, 2, 3, dtype=torch.float64)
@@ -407,9 +455,9 @@ def test_variant_bfloat16_within_twice_the_reference_error(variant, backend):
 @requires_native
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_variants_follow_writes_that_keep_the_version_counter(variant):
-    """A CIFG's plain-LSTM weights are derived at every call (its inference plan derives them
-    into its own tensors): a fused optimizer's step (which leaves _version alone) and writes
-    through .data are seen by the next no_grad call."""
+    """A fused optimizer's step (which leaves _version alone) and writes through .data are seen
+    by the next no_grad call: the inference plan keeps nothing derived from a variant's weights
+    (a CIFG's used to be derived as the plain LSTM's, and this caught a cache of them)."""
     module = _random_module(variant, torch.float64, "cpu", 0, num_layers=2)
     x = torch.randn(5, 2, 3, dtype=torch.float64)
     optimizer = torch.optim.Adam(module.parameters(), lr=0.1, fused=True)
@@ -484,9 +532,23 @@ def test_modules_pickled_before_the_variants_still_run():
     for module, x in ((fusedrnn.LSTM(3, 4), torch.randn(5, 2, 3)),
                       (fusedrnn.GRU(3, 4), torch.randn(5, 2, 3)),
                       (fusedrnn.LSTMCell(3, 4), torch.randn(2, 3))):
-        for name in ("_is_variant", "_has_peephole", "_derived_weights", "peephole",
+        for name in ("_is_variant", "_has_peephole", "_coupled", "peephole",
                      "coupled_input_forget"):
             module.__dict__.pop(name, None)
         restored = pickle.loads(pickle.dumps(module))
         with torch.no_grad():
             torch.testing.assert_close(restored(x)[0], module(x)[0])
+
+
+def test_cifg_pickled_before_its_three_gate_kernels_still_runs():
+    """A CIFG pickled whole when it ran as the plain LSTM that computes it has its flags but not
+    _coupled (it had _derived_weights): loaded, it must run its three-gate weights as a CIFG."""
+    import pickle
+    for module, x in ((fusedrnn.LSTM(3, 4, coupled_input_forget=True, peephole=True),
+                       torch.randn(5, 2, 3)),
+                      (fusedrnn.LSTM(3, 4, coupled_input_forget=True), torch.randn(5, 2, 3))):
+        expected = module(x)[0]
+        state = module.__dict__
+        state["_derived_weights"] = state.pop("_coupled")
+        restored = pickle.loads(pickle.dumps(module))
+        torch.testing.assert_close(restored(x)[0], expected)

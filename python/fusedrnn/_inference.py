@@ -22,7 +22,6 @@ registered parameters (torch.nn.utils parametrizations), get a fresh plan at eve
 """
 from __future__ import annotations
 
-import functools
 import weakref
 from operator import is_
 from typing import NamedTuple, Optional
@@ -31,7 +30,7 @@ import torch
 from torch import Tensor
 
 from . import _backend, _input_projection, functional
-from ._backend import GATE_COUNT
+from ._backend import GATE_COUNT, LSTM_CELLS
 from ._projection_buffer import ProjectionBuffer
 
 
@@ -64,21 +63,11 @@ def plan_for(module, cell: str, num_layers: int, num_directions: int):
     cached = _plans.get(module)
     if cached is not None and cached.matches(params):
         return cached.plan
-    derived = module._derived_weights
-    with torch.inference_mode(False), torch.no_grad():  # a CIFG's buffers: normal tensors
-        checked = _checked_layer_weights(module, cell, num_directions)
+    checked = _checked_layer_weights(module, cell, num_directions)
     if checked is None:
         return None
     layer_weights, used = checked
-    refresh = None
-    if derived:
-        # A CIFG's weights are derived from its parameters (modules._coupled_as_lstm) into
-        # tensors the plan owns and points into; every run derives them again, in place, from
-        # the parameters' current values, so that no write is missed.
-        sources = module._layer_weights(derive=False)
-        used = [t for w in sources for t in w if t is not None]
-        refresh = functools.partial(module._derive_into, layer_weights, sources)
-    plan = InferencePlan(cell, layer_weights, num_layers, num_directions, refresh)
+    plan = InferencePlan(cell, layer_weights, num_layers, num_directions)
     # Cached only when every weight used is one of the checked parameters (a subclass may
     # register more parameters, e.g. a learnable initial state; they are checked too).
     if plan.points_into_parameters and _all_own(used, params):
@@ -131,13 +120,14 @@ def _shapes_fit(module, cell: str, layer_weights: list, num_directions: int) -> 
     plan is built, so once per set of weights."""
     hidden, state = module.hidden_size, module._state_size
     rows = GATE_COUNT[cell] * hidden
+    peephole_rows = 2 if cell == "lstm_cifg" else 3  # w_ci, w_cf, w_co; a CIFG has no w_ci
     for index, (w_ih, w_hh, b_ih, b_hh, w_hr, *peephole) in enumerate(layer_weights):
         width = module.input_size if index < num_directions else num_directions * state
         if (w_ih.shape != (rows, width) or w_hh.shape != (rows, state)
                 or any(b is not None and b.shape != (rows,) for b in (b_ih, b_hh))
                 or (w_hr is not None and w_hr.shape != (state, hidden))
                 or (w_hr is None and state != hidden)
-                or any(w.shape != (3, hidden) for w in peephole)):
+                or any(w.shape != (peephole_rows, hidden) for w in peephole)):
             return False
     return True
 
@@ -145,14 +135,12 @@ def _shapes_fit(module, cell: str, layer_weights: list, num_directions: int) -> 
 class InferencePlan:
     """The prepared layers of one module's weights: what each inference call would redo."""
 
-    def __init__(self, cell: str, layer_weights: list, num_layers: int, num_directions: int,
-                 refresh=None):
+    def __init__(self, cell: str, layer_weights: list, num_layers: int, num_directions: int):
         self.num_directions = num_directions
-        self.refresh = refresh  # rewrites derived weights from the parameters, or None
         w_hh0 = layer_weights[0][1]
         self.state = w_hh0.size(1)
         self.hidden = w_hh0.size(0) // GATE_COUNT[cell]
-        self.is_lstm = cell == "lstm"
+        self.is_lstm = cell in LSTM_CELLS
         layers = []
         copies = False
         for layer in range(num_layers):
@@ -182,8 +170,6 @@ class InferencePlan:
         """x [T, B, I] (time-major, any strides) of the weights' dtype and device; h0_all
         [L*D, B, P], c0_all [L*D, B, H] or None, already checked by the caller.
         Returns (output [T, B, D*P], h_n, c_n or None)."""
-        if self.refresh is not None:
-            self.refresh()
         seq_len, batch = x.shape[0], x.shape[1]
         num_dirs, state, hidden = self.num_directions, self.state, self.hidden
         num_states = len(self.layers) * num_dirs

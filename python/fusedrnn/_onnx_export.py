@@ -33,6 +33,25 @@ def refuse_peephole() -> None:
                        "exports as the plain LSTM that computes it")
 
 
+def as_exported(cell: str, layer_weights: list):
+    """(cell, layer weights) as torch's RNN ops take them: a CIFG ("lstm_cifg": gates f, g, o) as
+    the plain LSTM that computes it, whose input-gate rows are the forget gate's, negated
+    (s(-a) = 1 - s(a) makes i = 1 - f exact, as csrc's cell_math.h has it). Others unchanged."""
+    if cell != "lstm_cifg":
+        return cell, layer_weights
+
+    def with_input_gate(t, hidden):
+        return torch.cat([-t[:hidden], t]) if t is not None else None
+
+    plain = []
+    for w_ih, w_hh, b_ih, b_hh, w_hr, *peephole in layer_weights:
+        hidden = w_hh.size(0) // 3
+        plain.append((with_input_gate(w_ih, hidden), with_input_gate(w_hh, hidden),
+                      with_input_gate(b_ih, hidden), with_input_gate(b_hh, hidden), w_hr,
+                      *(with_input_gate(w, 1) for w in peephole)))
+    return "lstm", plain
+
+
 def active() -> bool:
     """Whether torch.onnx.export is tracing the model (callers ask only while a graph is being
     recorded: torch.onnx's import is not free)."""
@@ -47,6 +66,7 @@ def layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor], c0: Optiona
         raise NotImplementedError(
             "fusedrnn.functional.rnn: ONNX export with per-sequence lengths is not supported; "
             "export a module (fusedrnn.LSTM/GRU/RNN) fed a PackedSequence, or a padded input")
+    cell, layer_weights = as_exported(cell, layer_weights)
     num_dirs = len(layer_weights)
     w_hh, w_hr = layer_weights[0][1], layer_weights[0][4]
     state = w_hh.size(1)

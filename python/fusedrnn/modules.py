@@ -8,7 +8,6 @@ The math runs in `functional.rnn` (under torch.jit.script, in its TorchScript tw
 this file only adapts torch.nn's calling conventions to it.
 """
 
-import contextlib
 import math
 import warnings
 from typing import Optional, overload
@@ -49,7 +48,7 @@ class RNNBase(nn.Module):
                                  "_state_size", "_num_states"]
     # The LSTM variants' flags (__init__ sets them on the instance). Here too, so that a module
     # pickled whole by a fusedrnn without the variants still runs when loaded.
-    _is_variant = _has_peephole = _derived_weights = False
+    _is_variant = _has_peephole = _coupled = False
 
     def __init__(self, mode: str, input_size: int, hidden_size: int, num_layers: int = 1,
                  bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
@@ -76,7 +75,7 @@ class RNNBase(nn.Module):
         peephole = self.__dict__.get("peephole", False)
         self._is_variant = coupled or peephole
         self._has_peephole = peephole  # (plain attributes: the fast path reads them per call)
-        self._derived_weights = coupled  # _layer_weights derives the weights the kernels get
+        self._coupled = coupled  # the kernels' cell is "lstm_cifg" (_cell)
         gate_size = (3 if coupled else _GATES[mode]) * hidden_size
         state_size = proj_size if proj_size > 0 else hidden_size
         num_directions = 2 if bidirectional else 1
@@ -143,21 +142,28 @@ class RNNBase(nn.Module):
             s += ", coupled_input_forget=True"
         return s.format(**self.__dict__)
 
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        # A CIFG pickled whole before its kernels took three gates (which ran it as the plain
+        # LSTM that computes it) has its flag but not _coupled: without it, its 3-gate weights
+        # would meet the plain LSTM's kernels.
+        self.__dict__.setdefault("_coupled", bool(state.get("coupled_input_forget", False)))
+
     # --- forward -------------------------------------------------------------------------------------
 
     @property
     def _cell(self) -> str:
-        return _CELLS[self.mode]
+        """The cell of functional.rnn and the kernels."""
+        return "lstm_cifg" if self._coupled else _CELLS[self.mode]
 
     @property
     def _display_name(self) -> str:
         return "RNN" if self.mode.startswith("RNN") else self.mode
 
-    def _layer_weights(self, derive: bool = True) -> list:
+    def _layer_weights(self) -> list:
         """(w_ih, w_hh, b_ih, b_hh, w_hr) per layer and direction, for functional.rnn, and a
-        peephole LSTM's [3, H] peephole weights as a sixth entry; read at every call, so .to(),
-        load_state_dict and torch.func.functional_call are always seen. A CIFG LSTM's weights
-        come as the plain LSTM's that compute it (_coupled_as_lstm), unless derive=False."""
+        peephole LSTM's peephole weights as a sixth entry; read at every call, so .to(),
+        load_state_dict and torch.func.functional_call are always seen."""
         names = self.__dict__.get("_layer_weight_names")
         if names is None:  # built once: the names __init__ registered, None for absent ones
             num_directions = 2 if self.bidirectional else 1
@@ -171,27 +177,9 @@ class RNNBase(nn.Module):
             self.__dict__["_layer_weight_names"] = names
         weights = [tuple(getattr(self, name) if name is not None else None for name in layer)
                    for layer in names]
-        if derive and self.__dict__.get("coupled_input_forget"):
-            # Derived at every call, never kept: a kept copy would miss writes that leave the
-            # version counter alone (fused optimizers, .data, numpy) and memory reused at the
-            # same address, as _inference.py explains for its plans (which derive again into
-            # their own tensors at every call, _derive_into).
+        if self._coupled:
             _check_coupled_shapes(self, weights, names)
-            return [_coupled_as_lstm(w, self.hidden_size) for w in weights]
         return weights
-
-    @staticmethod
-    def _derive_into(derived: list, sources: list) -> None:
-        """_coupled_as_lstm again, into its earlier results: each derived tensor is its source
-        with the source's leading block (the forget gate's rows, or w_cf) prepended, negated."""
-        with torch.no_grad():
-            for layer, source_layer in zip(derived, sources):
-                for target, source in zip(layer, source_layer):
-                    if target is None or target is source:  # absent, or w_hr itself
-                        continue
-                    block = target.shape[0] - source.shape[0]
-                    target[block:].copy_(source)
-                    torch.neg(source[:block], out=target[:block])
 
     def _fast_forward(self, input, hx):
         """The common inference call (no gradient, a batched float32/float64 tensor, valid or no
@@ -236,15 +224,15 @@ class RNNBase(nn.Module):
                 h0 = hx
             if not _is_state(h0, (num_states, batch, self._state_size), dtype, device):
                 return None
-        # (The cell steps run the plain cells only: a peephole LSTM's step is the recurrence's.)
-        weights = (self._one_step_weights(x, h0, c0) if seq_len == 1 and not self._has_peephole
+        # (The cell steps run the plain cells only: a variant LSTM's step is the recurrence's.)
+        weights = (self._one_step_weights(x, h0, c0) if seq_len == 1 and not self._is_variant
                    else None)
         if weights is not None:
             result = self._one_step(x, h0, c0, weights)
         elif grad:  # the inference plan has no backward
             return None
         else:
-            result = _inference.forward(self, _CELLS[self.mode], self.num_layers,
+            result = _inference.forward(self, self._cell, self.num_layers,
                                         2 if self.bidirectional else 1, x, h0, c0)
         if result is None:
             return None
@@ -376,10 +364,11 @@ class RNNBase(nn.Module):
         check.check_input(data, self.weight_ih_l0, self.input_size, expected_dim=2)
         if hx is not None:
             hx = self._checked_hx(hx, data, int(batch_sizes[0]), True, True, sorted_indices)
-        # The weights the kernels would get (a CIFG's as the plain LSTM's), in torch's order.
-        flat = [w for layer in self._layer_weights() for w in layer[:5] if w is not None]
+        # The weights in torch's order (a CIFG's as the plain LSTM's that computes it).
+        cell, layer_weights = _onnx_export.as_exported(self._cell, self._layer_weights())
+        flat = [w for layer in layer_weights for w in layer[:5] if w is not None]
         output, h_n, c_n = _onnx_export.packed_rnn(
-            self._cell, data, batch_sizes, hx, flat, self.bias, self.num_layers,
+            cell, data, batch_sizes, hx, flat, self.bias, self.num_layers,
             self.dropout, self.training, self.bidirectional, self._state_size, self.hidden_size)
         h_n, c_n = _in_caller_order(h_n, c_n, unsorted_indices)
         output = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
@@ -502,10 +491,11 @@ class LSTM(RNNBase):
       `weight_peephole_l{k}` [3, hidden_size] (rows w_ci, w_cf, w_co) per layer and direction.
     - coupled_input_forget=True: the coupled input and forget gate (CIFG; Greff et al., 2017):
       no input gate of its own, i = 1 - f. weight_ih/weight_hh/biases hold the gates f, g, o
-      ([3 * hidden_size, .]), and weight_peephole the rows w_cf, w_co.
+      ([3 * hidden_size, .]), and weight_peephole the rows w_cf, w_co. Its kernels do the three
+      gates' work (the cell "lstm_cifg" of functional.rnn and the custom ops).
     Both run on the native kernels (CPU and CUDA, training and inference, packed sequences,
     torch.compile). torch.jit.script refuses them; torch.onnx.export refuses peephole weights
-    and writes a CIFG as the plain LSTM that computes it (_coupled_as_lstm).
+    and writes a CIFG as the plain LSTM that computes it (_onnx_export.as_exported).
     """
 
     peephole = coupled_input_forget = False  # as RNNBase's flags
@@ -661,28 +651,6 @@ def _follow_autocast(input, hx, weight: Tensor):
     return input, hx
 
 
-def _coupled_as_lstm(weights: tuple, hidden: int) -> tuple:
-    """A CIFG layer's weights (gates f, g, o; peephole rows w_cf, w_co) as the plain LSTM's
-    that compute it: the input gate's rows are the forget gate's, negated, since
-    s(-a) = 1 - s(a) makes i = 1 - f exact. So the native kernels run a CIFG as they are, and
-    autograd adds the input gate's gradients into the forget gate's. (The recurrent product
-    then does 4/3 of a 3-gate kernel's work.)
-
-    While torch.jit.trace records, they require grad exactly when the parameters do, in either
-    grad mode: the tracer checks a trace by tracing again under no_grad, and functional.rnn
-    decides from the weights whether a traced layer saves for backward."""
-    def with_input_gate(t):
-        return torch.cat([-t[:hidden], t]) if t is not None else None
-
-    w_ih, w_hh, b_ih, b_hh, w_hr, *peephole = weights
-    with torch.enable_grad() if torch.jit.is_tracing() else contextlib.nullcontext():
-        lstm = (with_input_gate(w_ih), with_input_gate(w_hh), with_input_gate(b_ih),
-                with_input_gate(b_hh), w_hr)
-        if peephole:
-            lstm += (torch.cat([-peephole[0][:1], peephole[0]]),)
-    return lstm
-
-
 def _check_variant_flags(peephole, coupled_input_forget) -> None:
     for name, value in (("peephole", peephole), ("coupled_input_forget", coupled_input_forget)):
         if not isinstance(value, (bool, np.bool_)):
@@ -696,8 +664,8 @@ _CELL_WEIGHT_NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", None, "wei
 
 
 def _check_coupled_shapes(module, weights, names) -> None:
-    """A CIFG's parameters, checked by their own names and shapes before they are turned into
-    the plain LSTM's (whose checks would name tensors the user never made)."""
+    """A CIFG's parameters, checked by their own names and shapes (the layer checks would name
+    the layer API's operands, w_hh[0] and the like, not the module's parameters)."""
     hidden = module.hidden_size
     gates = 3 * hidden
     for layer, layer_names in zip(weights, names):
@@ -885,10 +853,9 @@ class LSTMCell(RNNCellBase):
 
     def _variant_step(self, x: Tensor, hx):
         """A variant's step (x [B, I], hx None or (h, c) [B, H], checked) as torch ops:
-        fusedrnn.reference.lstm_cell on the cell's own parameters. Not the layers' route: a
-        CIFG's tied four-gate weights would be copied at every step (more memory traffic than
-        the step itself at small batch: ~7 ms a step at B=1 H=256 on the 2-core VM, page
-        faults included), and the recurrence over one step packs W_hh for one use."""
+        fusedrnn.reference.lstm_cell on the cell's own parameters. Not the layers' route: the
+        recurrence over one step packs W_hh for one use, and the native cell step
+        (_cell_step.py) has no variant update yet."""
         weights = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, None)
         peephole = self.weight_peephole if self.peephole else None
         if self.coupled_input_forget:
