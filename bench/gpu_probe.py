@@ -144,8 +144,8 @@ def steps_section() -> None:
     launch_options()
 
     print("== LSTM variants, B=16 H=768 bf16: the peephole weights are read from global memory "
-          "in every step's cell update (csrc/cuda/cell_traits.cuh); a CIFG runs the tied "
-          "four-gate LSTM")
+          "in every step's cell update (csrc/cuda/cell_traits.cuh); a CIFG runs three gates "
+          "(CifgTraits)")
     for name, kw in (("plain", {}), ("peephole", dict(peephole=True)),
                      ("cifg", dict(coupled_input_forget=True))):
         torch.manual_seed(0)

@@ -199,6 +199,8 @@ def test_flop_formula():
     assert flops.count_flops(bi, "inference") == 3 * per_token
     proj = BenchConfig("lstm", seq_len=1, batch=1, hidden=8, input_size=8, proj_size=2)
     assert flops.count_flops(proj, "inference", lengths=[1]) == 2 * 32 * 8 + 2 * 32 * 2 + 2 * 2 * 8
+    cifg = BenchConfig("lstm", seq_len=10, batch=2, hidden=8, input_size=4, variant="cifg")
+    assert flops.count_flops(cifg, "inference") == 10 * 2 * (2 * 24 * 4 + 2 * 24 * 8)
 
 
 def test_progress_prints_one_line_per_cell_off_a_terminal(tmp_path):

@@ -7,9 +7,10 @@ O(H) per step against O(H^2) for the products). Per layer l, per direction, per 
     recurrence         2 * G*H * P            (h_{t-1} @ W_hh^T)
     LSTM projection    2 * P*H                (h_t = (o*tanh c) @ W_hr^T, only with proj_size)
 
-G = 4 (LSTM), 3 (GRU), 1 (RNN); P = proj_size or H; D = directions. A "(step, sequence)" pair is
-counted T*B times, or sum(lengths) times for packed batches. Training (forward + backward) counts
-3x the forward: the backward of each product is two products of the same size (dX and dW).
+G = 4 (LSTM), 3 (CIFG LSTM, GRU), 1 (RNN); P = proj_size or H; D = directions. A
+"(step, sequence)" pair is counted T*B times, or sum(lengths) times for packed batches. Training
+(forward + backward) counts 3x the forward: the backward of each product is two products of the
+same size (dX and dW).
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 def flops_per_token(cfg: BenchConfig) -> int:
     """FLOPs of one forward (step, sequence) pair summed over layers and directions."""
     g, h, p, d = GATES[cfg.cell], cfg.hidden, cfg.state_size, cfg.directions
+    if cfg.variant_kwargs().get("coupled_input_forget"):
+        g = 3  # gates f, g, o
     total = 0
     for layer in range(cfg.layers):
         layer_in = cfg.in_size if layer == 0 else d * p
