@@ -62,7 +62,8 @@ def _expected_cell(cell, x, h, c, w_ih, w_hh, b_ih, b_hh):
     return reference.rnn_cell(x, h, w_ih, w_hh, b_ih, b_hh, cell[4:])
 
 
-def _native_forward(cell, x, h, c, w_ih, w_hh, b_ih, b_hh, *, products, threads=1):
+def _native_forward(cell, x, h, c, w_ih, w_hh, b_ih, b_hh, *, products, threads=1,
+                    peephole=None):
     """The native pass on NaN-poisoned outputs; returns (h', c' or None, gates or None).
     products: "summed" (LSTM/RNN: x W_ih^T + h W_hh^T in xpre, as _cell_step passes them with
     torch's GEMMs), "split" (xpre and hpre), "native" (the pass forms them from x, W_ih, W_hh
@@ -77,25 +78,71 @@ def _native_forward(cell, x, h, c, w_ih, w_hh, b_ih, b_hh, *, products, threads=
         xpre = hpre = None
         if products == "native-zero-state":
             h = torch.zeros_like(h) if cell == "gru" else None
+    lstm = cell in _backend.LSTM_CELLS
     h_next = _nan(B, H, dtype=dtype)
-    c_next = _nan(B, H, dtype=dtype) if cell == "lstm" else None
+    c_next = _nan(B, H, dtype=dtype) if lstm else None
     gates = _nan(B, SAVED_GATE_COUNT[cell] * H, dtype=dtype) if SAVED_GATE_COUNT[cell] else None
     saved_state = _nan(B, H, dtype=dtype) if cell != "gru" else None
     _backend._cpu.cell_step_forward(
         CELL_CODES[cell], DTYPE_CODES[dtype], B, H, _ptr(xpre), _ptr(hpre), _ptr(b_ih),
         _ptr(b_hh), _ptr(h if cell == "gru" or native else None),
-        _ptr(c if cell == "lstm" else None), h_next.data_ptr(), _ptr(c_next), _ptr(gates),
+        _ptr(c if lstm else None), h_next.data_ptr(), _ptr(c_next), _ptr(gates),
         _ptr(saved_state), threads,
-        *((x.data_ptr(), w_ih.data_ptr(), w_hh.data_ptr(), x.size(1), H) if native else (0,) * 5))
+        *((x.data_ptr(), w_ih.data_ptr(), w_hh.data_ptr(), x.size(1), H) if native else (0,) * 5),
+        _ptr(peephole))
     # The private copy the backward reads: c' (LSTM) or h' (RNN), bit for bit.
     if saved_state is not None:
-        assert torch.equal(saved_state, c_next if cell == "lstm" else h_next)
+        assert torch.equal(saved_state, c_next if lstm else h_next)
     return h_next, c_next, gates
 
 
 SHAPES = [(1, 3, 5), (3, 4, 37), (2, 7, 16)]
 # B * H = 16900: two threads of the native pass (each takes at least 8192 (row, unit) pairs).
 WIDE = (130, 3, 130)
+
+
+# The LSTM variants of the pass: (cell, with peephole weights).
+VARIANTS = [("lstm", True), ("lstm_cifg", False), ("lstm_cifg", True)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("shape", [(1, 3, 5), (3, 4, 37), WIDE],
+                         ids=lambda s: "B{}-I{}-H{}".format(*s))
+@pytest.mark.parametrize("cell, peephole", VARIANTS, ids=["peephole", "cifg", "peephole-cifg"])
+def test_native_variant_step_matches_reference(cell, peephole, shape, dtype):
+    """The peephole and CIFG updates of the pass, NaN-poisoned: h', c' and the saved gates' use
+    in every products mode against reference.lstm_cell, and the backward's d_pre and d_c_prev
+    against autograd through it (on the pre-activations: W_ih = I, no recurrent term)."""
+    tol = 1e-12 if dtype == torch.float64 else TOLERANCE[dtype]
+    coupled = cell == "lstm_cifg"
+    gen = torch.Generator().manual_seed(hash((cell, peephole, shape)) % 2**31)
+    B, I, H = shape
+    G = GATE_COUNT[cell]
+    x, h, c, w_ih, w_hh, b_ih, b_hh = _operands(cell, B, I, H, dtype, True, gen)
+    w_c = (torch.randn(2 if coupled else 3, H, generator=gen, dtype=torch.float64).to(dtype)
+           if peephole else None)
+    wide = [t.double() if t is not None else None for t in (x, h, c, w_ih, w_hh, b_ih, b_hh, w_c)]
+    want = reference.lstm_cell(*wide[:7], None, wide[7], coupled)
+    for products in ("summed", "split", "native"):
+        h_next, c_next, gates = _native_forward(cell, x, h, c, w_ih, w_hh, b_ih, b_hh,
+                                                products=products, threads=2, peephole=w_c)
+        assert_close(h_next, want[0], tol, f"h' (products: {products})")
+        assert_close(c_next, want[1], tol, f"c' (products: {products})")
+
+    pre = (wide[0] @ wide[3].t() + wide[5] + wide[1] @ wide[4].t() + wide[6]).requires_grad_()
+    c_leaf = wide[2].clone().requires_grad_()
+    eye, no_h = torch.eye(G * H, dtype=torch.float64), torch.zeros(B, H, dtype=torch.float64)
+    outs = reference.lstm_cell(pre, no_h, c_leaf, eye, torch.zeros(G * H, H, dtype=torch.float64),
+                               None, None, None, wide[7], coupled)
+    d_outs = [torch.randn(B, H, generator=gen, dtype=torch.float64).to(dtype) for _ in outs]
+    grads = torch.autograd.grad(outs, [pre, c_leaf], [d.double() for d in d_outs])
+    d_xpre, d_c_prev = _nan(B, G * H, dtype=dtype), _nan(B, H, dtype=dtype)
+    _backend._cpu.cell_step_backward(
+        CELL_CODES[cell], DTYPE_CODES[dtype], B, H, _ptr(gates), _ptr(c_next), _ptr(c), 0, 0,
+        d_outs[0].data_ptr(), d_outs[1].data_ptr(), d_xpre.data_ptr(), 0, d_c_prev.data_ptr(),
+        0, 2, _ptr(w_c))
+    assert_close(d_xpre, grads[0], tol, "d_pre")
+    assert_close(d_c_prev, grads[1], tol, "d_c_prev")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
@@ -127,10 +174,12 @@ def test_every_instruction_set(isa, monkeypatch):
     """FUSEDRNN_CPU_ISA lowers the run-time choice, so each compiled copy of the pass runs (SIMD
     widths 4/8/16 for float32: H=37 leaves a tail in each)."""
     monkeypatch.setenv("FUSEDRNN_CPU_ISA", isa)
-    for cell in CELLS:
-        for dtype in (torch.float64, torch.float32):
+    for dtype in (torch.float64, torch.float32):
+        for cell in CELLS:
             test_native_forward_matches_reference(cell, (3, 4, 37), True, dtype)
             test_native_backward_matches_autograd(cell, (3, 4, 37), dtype)
+        for cell, peephole in VARIANTS:
+            test_native_variant_step_matches_reference(cell, peephole, (3, 4, 37), dtype)
 
 
 def test_native_forward_lstm_without_c_prev_is_zero_state():
@@ -190,7 +239,7 @@ def test_native_backward_matches_autograd(cell, shape, dtype):
         _ptr(c_next), _ptr(c if cell == "lstm" else None), _ptr(h if cell == "gru" else None),
         _ptr(h_next if cell.startswith("rnn") else None), d_native[0].data_ptr(),
         _ptr(d_native[1] if cell == "lstm" else None), d_xpre.data_ptr(), _ptr(d_hpre),
-        _ptr(d_c_prev), _ptr(d_h_prev), 2)
+        _ptr(d_c_prev), _ptr(d_h_prev), 2, 0)
     assert_close(d_xpre, grads[0], tol, "d_xpre")
     if cell == "gru":
         assert_close(d_hpre, grads[1], tol, "d_hpre")
@@ -213,20 +262,20 @@ def test_native_forward_rejects_missing_pointers(missing, cell, message):
     with pytest.raises(ValueError, match=message):
         _backend._cpu.cell_step_forward(CELL_CODES[cell], DTYPE_CODES[torch.float32], B, H,
                                         ptrs["xpre"], ptrs["hpre"], 0, 0, ptrs["h_prev"], 0,
-                                        ptrs["h"], ptrs["c"], 0, 0, 1, 0, 0, 0, 0, 0)
+                                        ptrs["h"], ptrs["c"], 0, 0, 1, 0, 0, 0, 0, 0, 0)
 
 
 def test_native_rejects_bad_shape_and_dtype():
     t = torch.zeros(8)
     with pytest.raises(ValueError, match="batch and hidden"):
         _backend._cpu.cell_step_forward(2, 0, 0, 4, t.data_ptr(), 0, 0, 0, 0, 0, t.data_ptr(), 0,
-                                        0, 0, 1, 0, 0, 0, 0, 0)
+                                        0, 0, 1, 0, 0, 0, 0, 0, 0)
     with pytest.raises(ValueError, match="float32, float64 or bfloat16"):
         _backend._cpu.cell_step_forward(2, DTYPE_CODES[torch.float16], 1, 4, t.data_ptr(), 0, 0,
-                                        0, 0, 0, t.data_ptr(), 0, 0, 0, 1, 0, 0, 0, 0, 0)
+                                        0, 0, 0, t.data_ptr(), 0, 0, 0, 1, 0, 0, 0, 0, 0, 0)
     with pytest.raises(ValueError, match="cell code"):
         _backend._cpu.cell_step_forward(9, 0, 1, 4, t.data_ptr(), 0, 0, 0, 0, 0, t.data_ptr(), 0,
-                                        0, 0, 1, 0, 0, 0, 0, 0)
+                                        0, 0, 1, 0, 0, 0, 0, 0, 0)
 
 
 # ------------------------------------------------------------------------------ the path
@@ -510,21 +559,24 @@ def test_cell_with_a_recurrent_weight_of_another_width_is_refused():
     ("h-prev-without-w-hh", "w_hh must not be null"),
     ("gru-state", "state must equal hidden"),
     ("input-size", "input_size"),
+    ("gru-peephole", "peephole must be null"),
 ])
 def test_native_rejects_inconsistent_product_arguments(case, message):
     """The products mode's arguments: never both modes at once (a product counted twice), a
-    previous state needs its weights, a GRU's state is H wide, sizes >= 1."""
+    previous state needs its weights, a GRU's state is H wide, sizes >= 1, peepholes are an
+    LSTM's."""
     H, B, I = 4, 1, 3
     buf = torch.zeros(64)
     p = buf.data_ptr()
-    cell = CELL_CODES["gru" if case == "gru-state" else "lstm"]
+    cell = CELL_CODES["gru" if case in ("gru-state", "gru-peephole") else "lstm"]
     # Positional: cell, dtype, B, H, xpre, hpre, b_ih, b_hh, h_prev, c_prev, h, c, gates,
-    # saved_state, threads, x, w_ih, w_hh, input_size, state.
+    # saved_state, threads, x, w_ih, w_hh, input_size, state, peephole.
     args = {
-        "mixed-modes": (p, 0, 0, 0, 0, 0, p, p, 0, 0, 1, p, p, 0, I, H),
-        "h-prev-without-w-hh": (0, 0, 0, 0, p, 0, p, p, 0, 0, 1, p, p, 0, I, H),
-        "gru-state": (0, 0, 0, 0, p, 0, p, p, 0, 0, 1, p, p, p, I, H + 1),
-        "input-size": (0, 0, 0, 0, 0, 0, p, p, 0, 0, 1, p, p, 0, 0, H),
+        "mixed-modes": (p, 0, 0, 0, 0, 0, p, p, 0, 0, 1, p, p, 0, I, H, 0),
+        "h-prev-without-w-hh": (0, 0, 0, 0, p, 0, p, p, 0, 0, 1, p, p, 0, I, H, 0),
+        "gru-state": (0, 0, 0, 0, p, 0, p, p, 0, 0, 1, p, p, p, I, H + 1, 0),
+        "input-size": (0, 0, 0, 0, 0, 0, p, p, 0, 0, 1, p, p, 0, 0, H, 0),
+        "gru-peephole": (p, p, 0, 0, p, 0, p, 0, 0, 0, 1, 0, 0, 0, 0, 0, p),
     }[case]
     with pytest.raises(ValueError, match=message):
         _backend._cpu.cell_step_forward(cell, DTYPE_CODES[torch.float32], B, H, *args)

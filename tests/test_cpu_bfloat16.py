@@ -352,7 +352,7 @@ def _cell_step_native_forward(cell, o, dtype, products):
         _ptr(o["h_prev"]), _ptr(o["c_prev"] if lstm else None), _ptr(fwd["h"]), _ptr(fwd["c"]),
         _ptr(fwd["gates"]), _ptr(fwd["saved"]), 2,
         *((_ptr(o["x"]), _ptr(o["w_ih"]), _ptr(o["w_hh"]), o["x"].size(1), H) if products
-          else (0, 0, 0, 0, 0)))
+          else (0, 0, 0, 0, 0)), 0)
     return fwd
 
 
@@ -374,7 +374,7 @@ def _cell_step_native_backward(cell, o, fwd, dtype):
         _ptr(fwd["saved"] if lstm else None), _ptr(o["c_prev"] if lstm else None),
         _ptr(o["h_prev"]), _ptr(fwd["saved"] if not (lstm or gru) else None), _ptr(o["d_h"]),
         _ptr(o["d_c"] if lstm else None), _ptr(bwd["d_xpre"]), _ptr(bwd["d_hpre"]),
-        _ptr(bwd["d_c_prev"]), _ptr(bwd["d_h_prev"]), 2)
+        _ptr(bwd["d_c_prev"]), _ptr(bwd["d_h_prev"]), 2, 0)
     return bwd
 
 

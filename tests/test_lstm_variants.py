@@ -540,6 +540,24 @@ def test_modules_pickled_before_the_variants_still_run():
             torch.testing.assert_close(restored(x)[0], module(x)[0])
 
 
+def test_peephole_cell_pickled_before_its_native_step_still_runs():
+    """A peephole LSTMCell pickled whole when its steps ran as torch ops lacks _has_peephole:
+    loaded, its steps must keep their peepholes (on the native pass and on the checked path)."""
+    import pickle
+    for kwargs in (dict(peephole=True), dict(peephole=True, coupled_input_forget=True)):
+        cell = fusedrnn.LSTMCell(3, 4, **kwargs)
+        with torch.no_grad():
+            cell.weight_peephole.uniform_(-2, 2)
+        x, h, c = torch.randn(2, 3), torch.randn(2, 4), torch.randn(2, 4)
+        expected = cell(x, (h, c))
+        del cell.__dict__["_has_peephole"]
+        restored = pickle.loads(pickle.dumps(cell))
+        for got, want in zip(restored(x, (h, c)), expected):
+            torch.testing.assert_close(got, want)
+        for got, want in zip(restored(x[0], (h[0], c[0])), expected):  # unbatched: checked path
+            torch.testing.assert_close(got, want[0])
+
+
 def test_cifg_pickled_before_its_three_gate_kernels_still_runs():
     """A CIFG pickled whole when it ran as the plain LSTM that computes it has its flags but not
     _coupled (it had _derived_weights): loaded, it must run its three-gate weights as a CIFG."""

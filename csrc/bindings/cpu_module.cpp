@@ -69,7 +69,7 @@ PYBIND11_MODULE(_cpu, m) {
       [](int32_t cell, int32_t dtype, int64_t batch, int64_t hidden, uintptr_t xpre, uintptr_t hpre,
          uintptr_t b_ih, uintptr_t b_hh, uintptr_t h_prev, uintptr_t c_prev, uintptr_t h,
          uintptr_t c, uintptr_t gates, uintptr_t saved_state, int64_t num_threads, uintptr_t x,
-         uintptr_t w_ih, uintptr_t w_hh, int64_t input_size, int64_t state) {
+         uintptr_t w_ih, uintptr_t w_hh, int64_t input_size, int64_t state, uintptr_t peephole) {
         fusedrnn::CellStepFwdParams p;
         set_cell_step_shape(p, cell, dtype, batch, hidden);
         p.xpre = as_ptr(xpre);
@@ -87,18 +87,20 @@ PYBIND11_MODULE(_cpu, m) {
         p.c = as_ptr(c);
         p.gates = as_ptr(gates);
         p.saved_state = as_ptr(saved_state);
+        p.peephole = as_ptr(peephole);
         p.num_threads = num_threads;
         py::gil_scoped_release release;
         fusedrnn::cpu::cell_step_forward(p);
       },
       "One pointwise cell step (fusedrnn/cell_step_params.h): on formed pre-activations, or\n"
-      "with xpre = 0 forming them from x, w_ih, w_hh, h_prev (the last five arguments).");
+      "with xpre = 0 forming them from x, w_ih, w_hh, h_prev (the five arguments before\n"
+      "peephole, an LSTM's peephole weights or 0).");
   m.def(
       "cell_step_backward",
       [](int32_t cell, int32_t dtype, int64_t batch, int64_t hidden, uintptr_t gates, uintptr_t c,
          uintptr_t c_prev, uintptr_t h_prev, uintptr_t h, uintptr_t d_h, uintptr_t d_c,
          uintptr_t d_xpre, uintptr_t d_hpre, uintptr_t d_c_prev, uintptr_t d_h_prev,
-         int64_t num_threads) {
+         int64_t num_threads, uintptr_t peephole) {
         fusedrnn::CellStepBwdParams p;
         set_cell_step_shape(p, cell, dtype, batch, hidden);
         p.gates = as_ptr(gates);
@@ -112,6 +114,7 @@ PYBIND11_MODULE(_cpu, m) {
         p.d_hpre = as_ptr(d_hpre);
         p.d_c_prev = as_ptr(d_c_prev);
         p.d_h_prev = as_ptr(d_h_prev);
+        p.peephole = as_ptr(peephole);
         p.num_threads = num_threads;
         py::gil_scoped_release release;
         fusedrnn::cpu::cell_step_backward(p);

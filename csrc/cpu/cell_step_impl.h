@@ -26,7 +26,9 @@ namespace fusedrnn::cpu::FUSEDRNN_CPU_ISA {
 // T: the compute type; S: what the tensors hold (storage.h: T itself, or bfloat16 with T float).
 // Every tensor is read through load_as and written through store_as, so a bfloat16 step runs
 // the float arithmetic of a float step on widened operands and rounds only what it stores.
-template <typename T, CellKind C, typename S>
+// kPeephole: an LSTM (plain or CIFG) with peephole weights, a template flag as in the
+// recurrence's forward_impl.
+template <typename T, CellKind C, typename S, bool kPeephole = false>
 void cell_step_forward_rows(const CellStepFwdParams& p, int64_t row_begin, int64_t row_end) {
   constexpr int W = kWidth<T>;
   constexpr int G = gate_count(C);
@@ -80,16 +82,35 @@ void cell_step_forward_rows(const CellStepFwdParams& p, int64_t row_begin, int64
         return product + bias(p.b_hh, g);
       };
       auto state_row = [&](const void* base) { return static_cast<const S*>(base) + b * H + u; };
-      if constexpr (C == CellKind::kLstm) {
+      if constexpr (has_cell_state(C)) {
         const V c_prev = p.c_prev ? load_as<V>(state_row(p.c_prev), n) : V::zero();
         V c_next, r;
-        const auto gate = lstm_forward(x_part(0) + h_part(0), x_part(1) + h_part(1),
-                                       x_part(2) + h_part(2), x_part(3) + h_part(3), c_prev,
-                                       c_next, r);
+        const auto peephole = [&] {
+          if constexpr (kPeephole) {
+            return load_peephole<C, V>(static_cast<const S*>(p.peephole), H, u, n);
+          } else {
+            return NoPeephole{};
+          }
+        }();
+        LstmGates<V> gate;  // (set in the branches: see forward_impl's cell update)
+        if constexpr (C == CellKind::kLstmCifg) {
+          gate = cifg_forward(x_part(0) + h_part(0), x_part(1) + h_part(1),
+                              x_part(2) + h_part(2), c_prev, c_next, r, peephole);
+        } else {
+          gate = lstm_forward(x_part(0) + h_part(0), x_part(1) + h_part(1),
+                              x_part(2) + h_part(2), x_part(3) + h_part(3), c_prev, c_next, r,
+                              peephole);
+        }
         store_as(h + u, r, n);
         store_as(static_cast<S*>(p.c) + b * H + u, c_next, n);
         if (p.saved_state) store_as(static_cast<S*>(p.saved_state) + b * H + u, c_next, n);
-        if (gates) store_saved_gates(gate, gates, H, u, n);
+        if (gates) {
+          if constexpr (C == CellKind::kLstmCifg) {
+            store_saved_cifg_gates(gate, gates, H, u, n);
+          } else {
+            store_saved_gates(gate, gates, H, u, n);
+          }
+        }
       } else if constexpr (C == CellKind::kGru) {
         V h_next;
         const auto gate = gru_forward(x_part(0), x_part(1), x_part(2), h_part(0), h_part(1),
@@ -111,6 +132,7 @@ void cell_step_backward_rows(const CellStepBwdParams& p, int64_t row_begin, int6
   constexpr int G = gate_count(C);
   using V = Vec<T, W>;
   const int64_t H = p.hidden;
+  const S* peephole = static_cast<const S*>(p.peephole);
   for (int64_t b = row_begin; b < row_end; ++b) {
     S* dx = static_cast<S*>(p.d_xpre) + b * G * H;
     const S* gates = p.gates ? static_cast<const S*>(p.gates) + b * saved_gate_count(C) * H : nullptr;
@@ -121,9 +143,22 @@ void cell_step_backward_rows(const CellStepBwdParams& p, int64_t row_begin, int6
       };
       auto out_row = [&](void* base) { return static_cast<S*>(base) + b * H + u; };
       const V d_h = row(p.d_h);
-      if constexpr (C == CellKind::kLstm) {
+      if constexpr (C == CellKind::kLstmCifg) {
+        const auto gate = load_saved_cifg_gates<V>(gates, H, u, n);
+        const auto grad =
+            peephole ? cifg_backward(gate.f, gate.g, gate.o, row(p.c), row(p.c_prev), d_h,
+                                     row(p.d_c), load_peephole<C, V>(peephole, H, u, n))
+                     : cifg_backward(gate.f, gate.g, gate.o, row(p.c), row(p.c_prev), d_h,
+                                     row(p.d_c));
+        store_as(out_row(p.d_c_prev), grad.d_c_prev, n);
+        const V parts[3] = {grad.d_f, grad.d_g, grad.d_o};
+        for (int g = 0; g < 3; ++g) store_as(dx + g * H + u, parts[g], n);
+      } else if constexpr (C == CellKind::kLstm) {
         const auto gate = load_saved_lstm_gates<V>(gates, H, u, n);
-        const auto grad = lstm_backward(gate, row(p.c), row(p.c_prev), d_h, row(p.d_c));
+        const auto grad =
+            peephole ? lstm_backward(gate, row(p.c), row(p.c_prev), d_h, row(p.d_c),
+                                     load_peephole<C, V>(peephole, H, u, n))
+                     : lstm_backward(gate, row(p.c), row(p.c_prev), d_h, row(p.d_c));
         store_as(out_row(p.d_c_prev), grad.d_c_prev, n);
         const V parts[4] = {grad.d_i, grad.d_f, grad.d_g, grad.d_o};
         for (int g = 0; g < 4; ++g) store_as(dx + g * H + u, parts[g], n);
@@ -154,6 +189,12 @@ void cell_step_backward_rows(const CellStepBwdParams& p, int64_t row_begin, int6
 template <typename T, CellKind C, typename S>
 struct CellStepFwdRun {
   static int call(const CellStepFwdParams& p, int64_t row_begin, int64_t row_end) {
+    if constexpr (has_cell_state(C)) {
+      if (p.peephole) {
+        cell_step_forward_rows<T, C, S, true>(p, row_begin, row_end);
+        return 0;
+      }
+    }
     cell_step_forward_rows<T, C, S>(p, row_begin, row_end);
     return 0;
   }

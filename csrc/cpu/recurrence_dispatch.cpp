@@ -460,7 +460,8 @@ void check_shape(const CellStepShape& p) {
     throw std::invalid_argument(
         "fusedrnn: cell step: dtype must be float32, float64 or bfloat16 on the CPU");
   }
-  if (static_cast<int>(p.cell) < 0 || static_cast<int>(p.cell) > static_cast<int>(CellKind::kRnnRelu)) {
+  if (static_cast<int>(p.cell) < 0 ||
+      static_cast<int>(p.cell) > static_cast<int>(CellKind::kLstmCifg)) {
     throw std::invalid_argument("fusedrnn: cell step: unknown cell code " +
                                 std::to_string(static_cast<int>(p.cell)));
   }
@@ -491,7 +492,7 @@ void run_rows(const Params& p, Fn fn) {
 
 void cell_step_forward(const CellStepFwdParams& p) {
   check_shape(p);
-  const bool lstm = p.cell == CellKind::kLstm, gru = p.cell == CellKind::kGru;
+  const bool lstm = has_cell_state(p.cell), gru = p.cell == CellKind::kGru;
   if (p.xpre == nullptr) {  // the pass forms the products
     require(p.x, "x", "without xpre");
     require(p.w_ih, "w_ih", "without xpre");
@@ -514,14 +515,20 @@ void cell_step_forward(const CellStepFwdParams& p) {
   }
   require(p.h, "h", "");
   if (lstm) require(p.c, "c", "for an LSTM");
+  if (!lstm && p.peephole) {
+    throw std::invalid_argument("fusedrnn: cell step: peephole must be null but for an LSTM");
+  }
   if (gru) require(p.h_prev, "h_prev", "for a GRU");
   run_rows(p, ops().cell_step_forward);
 }
 
 void cell_step_backward(const CellStepBwdParams& p) {
   check_shape(p);
-  const bool lstm = p.cell == CellKind::kLstm, gru = p.cell == CellKind::kGru;
+  const bool lstm = has_cell_state(p.cell), gru = p.cell == CellKind::kGru;
   require(p.d_xpre, "d_xpre", "");
+  if (!lstm && p.peephole) {
+    throw std::invalid_argument("fusedrnn: cell step: peephole must be null but for an LSTM");
+  }
   if (lstm) {
     require(p.gates, "gates", "for an LSTM");
     require(p.c, "c", "for an LSTM");

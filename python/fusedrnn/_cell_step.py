@@ -1,9 +1,9 @@
 """One cell step on the CPU: one native pass, with torch's GEMMs around it where they win.
 
-A cell call (LSTMCell, GRUCell, RNNCell), or a layer called with one time step, is a single
-step. Run as a sequence of length 1, the recurrence kernel packs W_hh (G*H x H, transposed) for
-one use and adds a workspace, output and state round trip: at B=1 that made fusedrnn's cells
-3-7x slower than torch.nn's. Here:
+A cell call (LSTMCell, GRUCell, RNNCell, the LSTM variants' peephole and CIFG cells included),
+or a layer called with one time step, is a single step. Run as a sequence of length 1, the
+recurrence kernel packs W_hh (G*H x H, transposed) for one use and adds a workspace, output and
+state round trip: at B=1 that made fusedrnn's cells 3-7x slower than torch.nn's. Here:
 
   forward   B <= 2, small weights: the native pass forms x W_ih^T and h W_hh^T itself (weights
             read in place), adds the biases and applies the cell update of cell_math.h;
@@ -33,7 +33,8 @@ import torch
 from torch import Tensor
 
 from . import _backend, _recomputed_grads
-from ._backend import CELL_CODES, CPU_DTYPES, DTYPE_CODES, GATE_COUNT, SAVED_GATE_COUNT, _cpu
+from ._backend import (CELL_CODES, CPU_DTYPES, DTYPE_CODES, GATE_COUNT, LSTM_CELLS,
+                       SAVED_GATE_COUNT, _cpu)
 
 
 def applies(input: Tensor, dims: int = 2) -> bool:
@@ -55,25 +56,25 @@ def applies(input: Tensor, dims: int = 2) -> bool:
 def operand_problem(cell: str, dtype: torch.dtype, batch: int, width: int,
                     h: Optional[Tensor], c: Optional[Tensor], w_ih: Tensor, w_hh: Tensor,
                     b_ih: Optional[Tensor], b_hh: Optional[Tensor], w_hr: Optional[Tensor] = None,
-                    projection_elsewhere: bool = False) -> Optional[str]:
+                    projection_elsewhere: bool = False,
+                    peephole: Optional[Tensor] = None) -> Optional[str]:
     """What is wrong with the operands of a cell step of an input [batch, width] of `dtype`, or
     None: every tensor a CPU tensor of that dtype, shapes x [B, I], w_ih [G*H, I], w_hh [G*H, P],
-    biases [G*H], h [B, P], c [B, H], w_hr [P, H], with P = H without w_hr.
+    biases [G*H], h [B, P], c [B, H], w_hr [P, H], peephole [3, H] ([2, H] for lstm_cifg), with
+    P = H without w_hr.
     projection_elsewhere: an LSTM's P may differ from H without w_hr here (a projected layer's
     step, whose caller applies and checks W_hr)."""
     # One pass of plain comparisons for the common, valid call (this runs at every cell step,
     # where each microsecond shows); the messages are built only for a mismatch.
-    if cell == "lstm_cifg":  # (the pass has no CIFG update: its steps take the recurrence)
-        return "a CIFG LSTM, which the cell step does not run"
     gates, w_shape = GATE_COUNT[cell], w_hh.shape
-    tensors = (h, c, w_ih, w_hh, b_ih, b_hh, w_hr)
+    tensors = (h, c, w_ih, w_hh, b_ih, b_hh, w_hr, peephole)
     for t in tensors:
         if t is not None and (t.dtype is not dtype or not t.is_cpu):
             return (f"a {t.dtype} tensor on {t.device} among the operands of a {dtype} CPU cell "
                     "step")
     if len(w_shape) == 2:
         rows, state = w_shape
-        hidden, lstm = rows // gates, cell == "lstm"
+        hidden, lstm = rows // gates, cell in LSTM_CELLS
         if w_hr is None:
             state_fits = state == hidden or (projection_elsewhere and lstm)
         else:
@@ -82,21 +83,29 @@ def operand_problem(cell: str, dtype: torch.dtype, batch: int, width: int,
                 and (b_ih is None or b_ih.shape == (rows,))
                 and (b_hh is None or b_hh.shape == (rows,))
                 and (h is None or h.shape == (batch, state))
-                and (c is None or (lstm and c.shape == (batch, hidden)))):
+                and (c is None or (lstm and c.shape == (batch, hidden)))
+                and (peephole is None
+                     or (lstm and peephole.shape == _peephole_shape(cell, hidden)))):
             return None
     return _describe_shape_problem(cell, batch, width, h, c, w_ih, w_hh, b_ih, b_hh, w_hr,
-                                   projection_elsewhere)
+                                   projection_elsewhere, peephole)
+
+
+def _peephole_shape(cell: str, hidden: int) -> tuple:
+    """Rows w_ci, w_cf, w_co; a CIFG has no input gate: w_cf, w_co."""
+    return (2 if cell == "lstm_cifg" else 3, hidden)
 
 
 def _describe_shape_problem(cell, batch, width, h, c, w_ih, w_hh, b_ih, b_hh, w_hr,
-                            projection_elsewhere):
+                            projection_elsewhere, peephole=None):
     gates = GATE_COUNT[cell]
     if w_hh.dim() != 2 or w_hh.size(0) % gates or w_hh.size(0) == 0:
         return f"weight_hh of shape {tuple(w_hh.shape)} is not [{gates}*hidden_size, state]"
     rows, hidden, state = w_hh.size(0), w_hh.size(0) // gates, w_hh.size(1)
-    if w_hr is None and state != hidden and not (projection_elsewhere and cell == "lstm"):
+    lstm = cell in LSTM_CELLS
+    if w_hr is None and state != hidden and not (projection_elsewhere and lstm):
         return f"weight_hh of shape {tuple(w_hh.shape)}: expected [{rows}, {hidden}]"
-    if w_hr is not None and (cell != "lstm" or w_hr.shape != (state, hidden)):
+    if w_hr is not None and (not lstm or w_hr.shape != (state, hidden)):
         return f"weight_hr of shape {tuple(w_hr.shape)}: expected [{state}, {hidden}]"
     if w_ih.shape != (rows, width):
         return f"weight_ih of shape {tuple(w_ih.shape)}: expected [{rows}, {width}]"
@@ -105,6 +114,9 @@ def _describe_shape_problem(cell, batch, width, h, c, w_ih, w_hh, b_ih, b_hh, w_
             return f"{name} of shape {tuple(b.shape)}: expected [{rows}]"
     if h is not None and h.shape != (batch, state):
         return f"hidden state of shape {tuple(h.shape)}: expected [{batch}, {state}]"
+    if peephole is not None and (not lstm or peephole.shape != _peephole_shape(cell, hidden)):
+        return (f"weight_peephole of shape {tuple(peephole.shape)}: expected "
+                f"{list(_peephole_shape(cell, hidden))}")
     return f"cell state of shape {tuple(c.shape)}: expected [{batch}, {hidden}]"
 
 
@@ -120,47 +132,53 @@ def layer_problem(cell: str, dtype: torch.dtype, batch: int, width: int, layer_w
                               or t.size(0) != num_dirs or t.size(1) != batch):
             return (f"initial states that are not [{num_dirs}, {batch}, size] {dtype} CPU tensors: "
                     f"{t.dtype} {tuple(t.shape)} on {t.device}")
-    for w_ih, w_hh, b_ih, b_hh, w_hr in layer_weights:
+    for w_ih, w_hh, b_ih, b_hh, w_hr, *peephole in layer_weights:
         problem = operand_problem(cell, dtype, batch, width, None, None, w_ih, w_hh, b_ih, b_hh,
-                                  w_hr)
+                                  w_hr, peephole=peephole[0] if peephole else None)
         if problem is not None:
             return problem
         # operand_problem found w_hh [G*H, P] with P = H, or the W_hr [P, H] of a projection.
         if h0 is not None and h0.size(2) != w_hh.size(1):
             return f"h0 of shape {tuple(h0.shape)}: expected size {w_hh.size(1)} last"
-        if c0 is not None and (cell != "lstm" or c0.size(2) != w_hh.size(0) // 4):
-            return f"c0 of shape {tuple(c0.shape)}: expected size {w_hh.size(0) // 4} last"
+        hidden = w_hh.size(0) // GATE_COUNT[cell]
+        if c0 is not None and (cell not in LSTM_CELLS or c0.size(2) != hidden):
+            return f"c0 of shape {tuple(c0.shape)}: expected size {hidden} last"
     return None
 
 
 def step(cell: str, x: Tensor, h: Optional[Tensor], c: Optional[Tensor], w_ih: Tensor,
-         w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor], checked: bool = False):
-    """x [B, I]; h [B, P] or None (zeros); c [B, H] or None (LSTM only). checked: the caller has
-    found no operand_problem. Returns h', or for an LSTM (h', c')."""
+         w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor], checked: bool = False,
+         peephole: Optional[Tensor] = None):
+    """x [B, I]; h [B, P] or None (zeros); c [B, H] or None (LSTM only); peephole: an LSTM's
+    peephole weights or None. checked: the caller has found no operand_problem. Returns h', or
+    for an LSTM (h', c')."""
     if h is None:
         h = x.new_zeros(x.size(0), w_hh.size(1))
     if torch.is_grad_enabled() and (
             x.requires_grad or h.requires_grad or w_ih.requires_grad or w_hh.requires_grad
             or (c is not None and c.requires_grad) or (b_ih is not None and b_ih.requires_grad)
-            or (b_hh is not None and b_hh.requires_grad)):
-        return _CellStep.apply(cell, checked, x, h, c, w_ih, w_hh, b_ih, b_hh)
+            or (b_hh is not None and b_hh.requires_grad)
+            or (peephole is not None and peephole.requires_grad)):
+        return _CellStep.apply(cell, checked, x, h, c, w_ih, w_hh, b_ih, b_hh, peephole)
     h_next, c_next, _ = _forward(cell, x, h, c, w_ih, w_hh, b_ih, b_hh, save=False,
-                                 checked=checked)
-    return (h_next, c_next) if cell == "lstm" else h_next
+                                 checked=checked, peephole=peephole)
+    return (h_next, c_next) if cell in LSTM_CELLS else h_next
 
 
 def layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor], c0: Optional[Tensor]):
     """A layer over a sequence of ONE step (a stream or a decoder fed a step per call): each
     direction is a cell step (at T=1 the reverse direction is the same step), a projected LSTM
-    adding r W_hr^T. x [B, I]; layer_weights: per direction (w_ih, w_hh, b_ih, b_hh, w_hr);
+    adding r W_hr^T. x [B, I]; layer_weights: per direction (w_ih, w_hh, b_ih, b_hh, w_hr) and
+    an LSTM's peephole weights as a sixth entry where it has them;
     h0 [D, B, P], c0 [D, B, H] or None; checked by the caller (layer_problem). Returns (out
     [B, D*P], h_n [D, B, P], c_n [D, B, H] or None), differentiable."""
     hs, cs = [], []
-    for d, (w_ih, w_hh, b_ih, b_hh, w_hr) in enumerate(layer_weights):
+    for d, (w_ih, w_hh, b_ih, b_hh, w_hr, *peephole) in enumerate(layer_weights):
         h = h0[d] if h0 is not None else None
         c = c0[d] if c0 is not None else None
-        result = step(cell, x, h, c, w_ih, w_hh, b_ih, b_hh, checked=True)
-        h, c = result if cell == "lstm" else (result, None)
+        result = step(cell, x, h, c, w_ih, w_hh, b_ih, b_hh, checked=True,
+                      peephole=peephole[0] if peephole else None)
+        h, c = result if cell in LSTM_CELLS else (result, None)
         if w_hr is not None:
             h = torch.mm(h, w_hr.t())
         hs.append(h)
@@ -168,7 +186,7 @@ def layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor], c0: Optiona
     # h_n is a copy: torch.nn's output and h_n never share memory (a stream may change one in
     # place and feed the other back).
     out = hs[0] if len(hs) == 1 else torch.cat(hs, 1)
-    return out, torch.stack(hs), torch.stack(cs) if cell == "lstm" else None
+    return out, torch.stack(hs), torch.stack(cs) if cell in LSTM_CELLS else None
 
 
 def _products(cell, x, h, w_ih, w_hh):
@@ -199,17 +217,17 @@ def uses_native_products(batch: int, w_ih: Tensor, w_hh: Tensor) -> bool:
             <= NATIVE_PRODUCTS_MAX_BYTES)
 
 
-def _forward(cell, x, h, c, w_ih, w_hh, b_ih, b_hh, save: bool, checked: bool):
+def _forward(cell, x, h, c, w_ih, w_hh, b_ih, b_hh, save: bool, checked: bool, peephole=None):
     """(h', c' or None, (saved gates, saved state) or None). checked: the caller has found no
     operand_problem (else it is asked here, and a problem raises)."""
     if not checked:  # the native pass trusts every pointer and extent
         problem = operand_problem(cell, x.dtype, x.size(0), x.size(1), h, c, w_ih, w_hh, b_ih,
-                                  b_hh, projection_elsewhere=True)
+                                  b_hh, projection_elsewhere=True, peephole=peephole)
         if problem is not None:
             raise ValueError(f"fusedrnn cell step: {problem}")
     # (Not w_hh.size(1): a projected LSTM layer's W_hh is [4H, P].)
     batch, hidden = x.size(0), w_hh.size(0) // GATE_COUNT[cell]
-    is_lstm, is_gru = cell == "lstm", cell == "gru"
+    is_lstm, is_gru = cell in LSTM_CELLS, cell == "gru"
     # Every tensor whose pointer the native pass reads is bound to a name until it returns: a
     # temporary (a contiguous copy) would be freed as soon as its data_ptr() was taken.
     native_products = uses_native_products(batch, w_ih, w_hh)
@@ -221,7 +239,7 @@ def _forward(cell, x, h, c, w_ih, w_hh, b_ih, b_hh, save: bool, checked: bool):
         xpre, hpre = _products(cell, x, h, w_ih, w_hh)
         h_prev = h.contiguous() if is_gru else None
     c_prev = _contiguous(c)
-    b_ih, b_hh = _contiguous(b_ih), _contiguous(b_hh)
+    b_ih, b_hh, peephole = _contiguous(b_ih), _contiguous(b_hh), _contiguous(peephole)
     h_next = x.new_empty(batch, hidden)
     c_next = x.new_empty(batch, hidden) if is_lstm else None
     gates = x.new_empty(batch, SAVED_GATE_COUNT[cell] * hidden) if save and (is_lstm or is_gru) else None
@@ -231,7 +249,7 @@ def _forward(cell, x, h, c, w_ih, w_hh, b_ih, b_hh, save: bool, checked: bool):
         _ptr(b_ih), _ptr(b_hh), _ptr(h_prev), _ptr(c_prev),
         h_next.data_ptr(), _ptr(c_next), _ptr(gates), _ptr(saved_state), torch.get_num_threads(),
         *((x.data_ptr(), w_ih.data_ptr(), w_hh.data_ptr(), x.size(1), w_hh.size(1))
-          if native_products else (0, 0, 0, 0, 0)))
+          if native_products else (0, 0, 0, 0, 0)), _ptr(peephole))
     return h_next, c_next, ((gates, saved_state) if save else None)
 
 
@@ -245,36 +263,39 @@ def _ptr(t: Optional[Tensor]) -> int:
 
 class _CellStep(torch.autograd.Function):
     """A cell step with autograd. Inputs: cell, checked (see step), x, h, c (LSTM, or None),
-    w_ih, w_hh, b_ih, b_hh (None without bias). Outputs: h', and c' for an LSTM."""
+    w_ih, w_hh, b_ih, b_hh (None without bias), peephole (an LSTM's, or None). Outputs: h', and
+    c' for an LSTM."""
 
     @staticmethod
-    def forward(ctx, cell, checked, x, h, c, w_ih, w_hh, b_ih, b_hh):
+    def forward(ctx, cell, checked, x, h, c, w_ih, w_hh, b_ih, b_hh, peephole):
         h_next, c_next, (gates, saved) = _forward(cell, x, h, c, w_ih, w_hh, b_ih, b_hh,
-                                                  save=True, checked=checked)
+                                                  save=True, checked=checked, peephole=peephole)
         ctx.cell = cell
         ctx.set_materialize_grads(False)
         # What the pointwise backward reads: the gates and a private copy of c' (LSTM), the
-        # gates (GRU), a private copy of h' (RNN); never a tensor returned to the user.
-        ctx.save_for_backward(x, h, c, w_ih, w_hh, gates, saved)
+        # gates (GRU), a private copy of h' (RNN); never a tensor returned to the user. The
+        # peephole weights join the gradient of c (saved: a write to them before backward
+        # raises, as for W_hh).
+        ctx.save_for_backward(x, h, c, w_ih, w_hh, gates, saved, peephole)
         # The biases only for create_graph (_recomputed_grads), kept by reference with their
         # versions: the native backward reads no bias value, so a bias written in place before
         # it is fine, as in torch.nn (saved, its version check would raise).
         ctx.biases = (b_ih, b_hh)
         ctx.bias_versions = _recomputed_grads.versions(ctx.biases)
-        return (h_next, c_next) if cell == "lstm" else h_next
+        return (h_next, c_next) if cell in LSTM_CELLS else h_next
 
     @staticmethod
     def backward(ctx, d_h, d_c=None):
         cell = ctx.cell
-        x, h, c, w_ih, w_hh, gates, saved = ctx.saved_tensors
+        x, h, c, w_ih, w_hh, gates, saved, peephole = ctx.saved_tensors
         b_ih, b_hh = ctx.biases
-        needs = ctx.needs_input_grad[2:]  # x, h, c, w_ih, w_hh, b_ih, b_hh
+        needs = ctx.needs_input_grad[2:]  # x, h, c, w_ih, w_hh, b_ih, b_hh, peephole
         if torch.is_grad_enabled():  # create_graph: gradients that can be differentiated again
             _recomputed_grads.check_unchanged(ctx.biases, ctx.bias_versions)
             return (None, None, *_recomputed_grads.step_grads(cell, x, h, c, w_ih, w_hh, b_ih,
-                                                              b_hh, d_h, d_c, needs))
+                                                              b_hh, d_h, d_c, needs, peephole))
         batch, hidden = x.size(0), w_hh.size(0) // GATE_COUNT[cell]
-        is_lstm, is_gru = cell == "lstm", cell == "gru"
+        is_lstm, is_gru = cell in LSTM_CELLS, cell == "gru"
         d_xpre = x.new_empty(batch, GATE_COUNT[cell] * hidden)
         d_hpre = torch.empty_like(d_xpre) if is_gru else None
         d_c_prev = x.new_empty(batch, hidden) if is_lstm else None
@@ -286,7 +307,7 @@ class _CellStep(torch.autograd.Function):
             _ptr(saved) if is_lstm else 0, _ptr(c_prev), _ptr(h_prev),
             0 if (is_lstm or is_gru) else _ptr(saved),
             _ptr(d_h), _ptr(d_c), d_xpre.data_ptr(), _ptr(d_hpre), _ptr(d_c_prev),
-            _ptr(d_h_direct), torch.get_num_threads())
+            _ptr(d_h_direct), torch.get_num_threads(), _ptr(peephole))
         d_hp = d_hpre if is_gru else d_xpre  # gradient w.r.t. h W_hh^T + b_hh
         grads = [
             d_xpre.mm(w_ih) if needs[0] else None,
@@ -297,5 +318,14 @@ class _CellStep(torch.autograd.Function):
             d_hp.t().mm(h) if needs[4] else None,
             d_xpre.sum(0) if needs[5] else None,
             d_hp.sum(0) if needs[6] else None,
+            _peephole_grad(cell, d_xpre, saved, c) if needs[7] else None,
         ]
         return (None, None, *grads)
+
+
+def _peephole_grad(cell: str, d_xpre: Tensor, c_next: Tensor, c_prev: Optional[Tensor]):
+    """The peephole weights' gradient of one step: functional's formula over a sequence of one
+    (c_next [B, H] the step's c', c_prev None for zeros)."""
+    from .functional import _peephole_grad as over_steps  # (functional imports this module)
+    return over_steps(d_xpre.unsqueeze(0), c_next.unsqueeze(0), c_prev, None, False,
+                      coupled=cell == "lstm_cifg")

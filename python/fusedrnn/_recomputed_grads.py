@@ -78,14 +78,19 @@ def layer_grads(cell: str, projection: tuple, lengths: Optional[Tensor], h0: Opt
 
 def step_grads(cell: str, x: Tensor, h: Optional[Tensor], c: Optional[Tensor], w_ih: Tensor,
                w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor], d_h: Optional[Tensor],
-               d_c: Optional[Tensor], needs: Sequence[bool]) -> tuple:
-    """A cell step's gradients (d_x, d_h, d_c, d_w_ih, d_w_hh, d_b_ih, d_b_hh), with graphs.
-    h, c: None for zeros; d_h, d_c: None for zero; needs: one bool per gradient. The step runs
-    as reference.rnn_layer over a sequence of one (its final states are the step's results; a
-    projected LSTM's step returns r, W_hr being applied after it)."""
-    _, h_next, c_next = reference.rnn_layer(cell, x.unsqueeze(0), w_ih, w_hh, b_ih, b_hh, None,
-                                            h, c)
-    return _grads((h_next, c_next), (d_h, d_c), [x, h, c, w_ih, w_hh, b_ih, b_hh], needs)
+               d_c: Optional[Tensor], needs: Sequence[bool],
+               peephole: Optional[Tensor] = None) -> tuple:
+    """A cell step's gradients (d_x, d_h, d_c, d_w_ih, d_w_hh, d_b_ih, d_b_hh, d_peephole), with
+    graphs. h, c: None for zeros; d_h, d_c: None for zero; peephole: an LSTM's or None; needs:
+    one bool per gradient. The step runs as reference.rnn_layer over a sequence of one (its
+    final states are the step's results; a projected LSTM's step returns r, W_hr being applied
+    after it)."""
+    coupled = cell == "lstm_cifg"  # reference.py's LSTM with coupled_input_forget
+    _, h_next, c_next = reference.rnn_layer("lstm" if coupled else cell, x.unsqueeze(0), w_ih,
+                                            w_hh, b_ih, b_hh, None, h, c, peephole=peephole,
+                                            coupled_input_forget=coupled)
+    return _grads((h_next, c_next), (d_h, d_c), [x, h, c, w_ih, w_hh, b_ih, b_hh, peephole],
+                  needs)
 
 
 def _grads(results, grad_outputs, inputs: list, needs: Sequence[bool]) -> tuple:

@@ -157,11 +157,12 @@ def _rnn(cell, input, weights, hx, num_layers, num_directions, batch_first, leng
 
 
 def cell_step(cell: str, input: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
-              b_hh: Optional[Tensor], hx=None):
+              b_hh: Optional[Tensor], hx=None, peephole: Optional[Tensor] = None):
     """One step of a cell (LSTMCell/GRUCell/RNNCell): on CPU float32/float64 torch GEMMs and a
     native pointwise pass (_cell_step.py), elsewhere the recurrence as a sequence of T=1.
 
-    input [B, I]; hx: h [B, H], or for LSTM (h, c), None for zeros.
+    input [B, I]; hx: h [B, H], or for LSTM (h, c), None for zeros; peephole: an LSTM's
+    peephole weights (rnn's sixth LayerWeights entry) or None.
     Returns h' [B, H], or for LSTM (h', c').
     """
     lstm_pair = cell in LSTM_CELLS and isinstance(hx, (tuple, list)) and len(hx) == 2
@@ -169,12 +170,15 @@ def cell_step(cell: str, input: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Option
         h, c = hx if lstm_pair else (hx, None)
         if (_cell_step.applies(input) and not torch.is_autocast_enabled(input.device.type)
                 and _cell_step.operand_problem(cell, input.dtype, input.size(0), input.size(1),
-                                               h, c, w_ih, w_hh, b_ih, b_hh) is None):
-            return _cell_step.step(cell, input, h, c, w_ih, w_hh, b_ih, b_hh, checked=True)
+                                               h, c, w_ih, w_hh, b_ih, b_hh,
+                                               peephole=peephole) is None):
+            return _cell_step.step(cell, input, h, c, w_ih, w_hh, b_ih, b_hh, checked=True,
+                                   peephole=peephole)
     # Everything else, bad input included, as a sequence of one step through rnn()'s checks.
     if hx is not None:
         hx = tuple(s.unsqueeze(0) for s in hx) if cell in LSTM_CELLS else hx.unsqueeze(0)
-    _, h_n, c_n = rnn(cell, input.unsqueeze(0), [(w_ih, w_hh, b_ih, b_hh, None)], hx)
+    weights = (w_ih, w_hh, b_ih, b_hh, None) + ((peephole,) if peephole is not None else ())
+    _, h_n, c_n = rnn(cell, input.unsqueeze(0), [weights], hx)
     return (h_n[0], c_n[0]) if cell in LSTM_CELLS else h_n[0]
 
 
@@ -212,8 +216,7 @@ def _layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor], c0: Option
         if peephole:
             _onnx_export.refuse_peephole()
         return _onnx_export.layer(cell, x, layer_weights, h0, c0, lengths)
-    if (x.size(0) == 1 and lengths is None and not peephole
-            and _one_step_applies(cell, x, layer_weights, h0, c0)):
+    if x.size(0) == 1 and lengths is None and _one_step_applies(cell, x, layer_weights, h0, c0):
         out, hn, cn = _cell_step.layer(cell, x[0], layer_weights, h0, c0)
         return out.unsqueeze(0), hn, cn
     w_ih = torch.cat([w[0] for w in layer_weights]) if len(layer_weights) > 1 else layer_weights[0][0]

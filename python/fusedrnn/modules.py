@@ -20,7 +20,7 @@ from torch.nn.utils.rnn import PackedSequence
 from . import _backend, _cell_step, _inference, _onnx_export, _script, reference
 from . import _validation as check
 from . import functional
-from ._backend import CPU_DTYPES
+from ._backend import CPU_DTYPES, LSTM_CELLS
 from ._packing import PackedLayout
 
 _GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
@@ -224,9 +224,7 @@ class RNNBase(nn.Module):
                 h0 = hx
             if not _is_state(h0, (num_states, batch, self._state_size), dtype, device):
                 return None
-        # (The cell steps run the plain cells only: a variant LSTM's step is the recurrence's.)
-        weights = (self._one_step_weights(x, h0, c0) if seq_len == 1 and not self._is_variant
-                   else None)
+        weights = self._one_step_weights(x, h0, c0) if seq_len == 1 else None
         if weights is not None:
             result = self._one_step(x, h0, c0, weights)
         elif grad:  # the inference plan has no backward
@@ -269,7 +267,7 @@ class RNNBase(nn.Module):
         GRU H=256 B=2 34 against 80)."""
         if not _cell_step.applies(x, dims=3):
             return None
-        cell, batch, num_dirs = _CELLS[self.mode], x.size(1), 2 if self.bidirectional else 1
+        cell, batch, num_dirs = self._cell, x.size(1), 2 if self.bidirectional else 1
         # The module's own parameters, checked once (the caller checked x and the states).
         checked = _inference.one_step_weights(self, cell, num_dirs)
         if checked is not None:
@@ -292,7 +290,7 @@ class RNNBase(nn.Module):
         plan's bookkeeping costs more than it saves (RNN B=1 H=256: ~50 against ~35 us a call
         this way).
         weights: _one_step_weights'. Returns (output [1, B, D*P], h_n, c_n or None)."""
-        cell = _CELLS[self.mode]
+        cell = self._cell
         num_dirs = 2 if self.bidirectional else 1
         step = x[0]
         h_n, c_n = [], []
@@ -304,7 +302,7 @@ class RNNBase(nn.Module):
             c_n.append(cn)
         single = len(h_n) == 1
         return (step.unsqueeze(0), h_n[0] if single else torch.cat(h_n),
-                (c_n[0] if single else torch.cat(c_n)) if cell == "lstm" else None)
+                (c_n[0] if single else torch.cat(c_n)) if cell in LSTM_CELLS else None)
 
     def _eager_forward(self, input, hx):
         fast = self._fast_forward(input, hx)
@@ -702,7 +700,7 @@ def _reject_proj_size(kwargs: dict) -> None:
 class RNNCellBase(nn.Module):
     """What LSTMCell, GRUCell and RNNCell share: torch.nn's parameters and initialisation."""
 
-    _is_variant = False  # as RNNBase's
+    _is_variant = _has_peephole = False  # as RNNBase's
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool, num_chunks: int,
                  device=None, dtype=None):
@@ -716,6 +714,7 @@ class RNNCellBase(nn.Module):
         coupled = self.__dict__.get("coupled_input_forget", False)
         peephole = self.__dict__.get("peephole", False)
         self._is_variant = coupled or peephole
+        self._has_peephole = peephole
         if coupled:
             num_chunks = 3
         self.weight_ih = nn.Parameter(torch.empty((num_chunks * hidden_size, input_size), **factory))
@@ -730,6 +729,12 @@ class RNNCellBase(nn.Module):
             self.weight_peephole = nn.Parameter(
                 torch.empty((2 if coupled else 3, hidden_size), **factory))
         self.reset_parameters()
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        # A peephole cell pickled whole before its steps took the native pass has the flag but
+        # not _has_peephole: without it, that pass would run the step without its peepholes.
+        self.__dict__.setdefault("_has_peephole", bool(state.get("peephole", False)))
 
     def extra_repr(self) -> str:
         s = "{input_size}, {hidden_size}"
@@ -766,7 +771,7 @@ class RNNCellBase(nn.Module):
 
     def _checked_step(self, cell: str, input: Tensor, hx):
         name = type(self).__name__
-        is_lstm = cell == "lstm"
+        is_lstm = cell in LSTM_CELLS
         input, hx = _follow_autocast(input, hx, self.weight_ih)
         check.check_input_dim(name, input, (1, 2))
         states = None
@@ -785,11 +790,14 @@ class RNNCellBase(nn.Module):
             if not batched:
                 states = tuple(s.unsqueeze(0) for s in states)
             hx = states if is_lstm else states[0]
-        if self._is_variant:
+        if self._is_variant and _backend.recording_graph():
             result = self._variant_step(batch_input, hx)
         else:
+            if self._is_variant:
+                self._check_variant_shapes()
             result = functional.cell_step(cell, batch_input, self.weight_ih, self.weight_hh,
-                                          self.bias_ih, self.bias_hh, hx)
+                                          self.bias_ih, self.bias_hh, hx,
+                                          self.weight_peephole if self._has_peephole else None)
         if batched:
             return result
         return tuple(r.squeeze(0) for r in result) if is_lstm else result.squeeze(0)
@@ -800,9 +808,7 @@ class RNNCellBase(nn.Module):
         a CPU step that _cell_step runs) straight to _cell_step, with only the checks that decide
         it: the full validation costs more than the step itself at small sizes (~25 us against
         torch.nn's whole ~14 us RNNCell call at B=1 H=64). None for anything else, which _step
-        then validates and reports exactly as before. (The LSTM variants take the full path.)"""
-        if self._is_variant:
-            return None
+        then validates and reports exactly as before."""
         params = self._parameters
         weight = params.get("weight_ih")
         # (applies() first: it also declines while a graph is recorded, before any comparison
@@ -814,7 +820,7 @@ class RNNCellBase(nn.Module):
         shape = (input.size(0), self.hidden_size)
         h = c = None
         if hx is not None:
-            if cell == "lstm":
+            if cell in LSTM_CELLS:
                 if type(hx) not in (tuple, list) or len(hx) != 2:
                     return None
                 h, c = hx
@@ -825,18 +831,21 @@ class RNNCellBase(nn.Module):
             if not _is_state(h, shape, input.dtype, input.device):
                 return None
         w_hh, b_ih, b_hh = params.get("weight_hh"), params.get("bias_ih"), params.get("bias_hh")
-        if (w_hh is None
+        peephole = params.get("weight_peephole")
+        if (w_hh is None or (peephole is None and self._has_peephole)
                 or _cell_step.operand_problem(cell, input.dtype, shape[0], input.size(1), h, c,
-                                              weight, w_hh, b_ih, b_hh) is not None):
+                                              weight, w_hh, b_ih, b_hh,
+                                              peephole=peephole) is not None):
             return None
-        return _cell_step.step(cell, input, h, c, weight, w_hh, b_ih, b_hh, checked=True)
+        return _cell_step.step(cell, input, h, c, weight, w_hh, b_ih, b_hh, checked=True,
+                               peephole=peephole)
 
 
 class LSTMCell(RNNCellBase):
     """Drop-in torch.nn.LSTMCell: (h', c') = cell(input, (h, c)). The keyword arguments peephole
     and coupled_input_forget give LSTM's variants (see LSTM), with the parameter
-    `weight_peephole` [3 or 2, hidden_size]; a variant's step runs as torch ops
-    (_variant_step)."""
+    `weight_peephole` [3 or 2, hidden_size]; a variant's step runs on the native cell step like
+    the plain cell's, and as torch ops while a graph is recorded (_variant_step)."""
 
     peephole = coupled_input_forget = False  # as RNNBase's flags
 
@@ -851,16 +860,21 @@ class LSTMCell(RNNCellBase):
         _refuse_variant(self, "torch.jit.script")
         return self
 
+    def _check_variant_shapes(self) -> None:
+        """A CIFG cell's parameters, by their own names (_check_coupled_shapes)."""
+        if self.coupled_input_forget:
+            weights = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, None)
+            peephole = (self.weight_peephole,) if self.peephole else ()
+            _check_coupled_shapes(self, [(*weights, *peephole)], [_CELL_WEIGHT_NAMES])
+
     def _variant_step(self, x: Tensor, hx):
-        """A variant's step (x [B, I], hx None or (h, c) [B, H], checked) as torch ops:
-        fusedrnn.reference.lstm_cell on the cell's own parameters. Not the layers' route: the
-        recurrence over one step packs W_hh for one use, and the native cell step
-        (_cell_step.py) has no variant update yet."""
+        """A variant's step (x [B, I], hx None or (h, c) [B, H], checked) as torch ops while a
+        graph is recorded: fusedrnn.reference.lstm_cell on the cell's own parameters, which
+        torch.jit.trace records and both ONNX exporters write as ONNX ops (a recorded native
+        step would be the recurrence's custom op, and ONNX has no peephole LSTM op here)."""
+        self._check_variant_shapes()
         weights = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, None)
         peephole = self.weight_peephole if self.peephole else None
-        if self.coupled_input_forget:
-            _check_coupled_shapes(self, [(*weights, *((peephole,) if self.peephole else ()))],
-                                  [_CELL_WEIGHT_NAMES])
         if hx is None:
             zeros = x.new_zeros(x.size(0), self.hidden_size)
             hx = (zeros, zeros)
@@ -876,7 +890,7 @@ class LSTMCell(RNNCellBase):
                 h, c = hx[0], hx[1]
             return _script.cell_step("lstm", "LSTMCell", input, h, c, self._script_cell_weights(),
                                      self.input_size, self.hidden_size)
-        return self._step("lstm", input, hx)
+        return self._step("lstm_cifg" if self.coupled_input_forget else "lstm", input, hx)
 
 
 class GRUCell(RNNCellBase):

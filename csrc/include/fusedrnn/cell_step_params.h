@@ -7,7 +7,8 @@
 // two GEMMs (x W_ih^T and h W_hh^T, no packing) plus this one fused pointwise pass is the
 // cheapest split, and its backward is the same: this pass, then torch's GEMMs.
 //
-// Notation as in params.h: B = batch, H = hidden, G = gate_count(cell), S = saved_gate_count(cell).
+// Notation as in params.h: B = batch, H = hidden, G = gate_count(cell), S = saved_gate_count(cell);
+// "LSTM" means both LSTM cells, the plain one and the CIFG.
 // Every array is dense row-major, holds `dtype` elements (float32 or float64) and does not alias
 // another unless said otherwise.
 #pragma once
@@ -52,13 +53,15 @@ struct CellStepFwdParams : CellStepShape {
   const void* c_prev = nullptr;  // [B, H] LSTM only, nullable (zeros)
   void* h = nullptr;             // [B, H] h'
   void* c = nullptr;             // [B, H] LSTM only: c'
-  // [B, S*H] saved for backward (LSTM i, f, g, o; GRU r, z, n, h_n), nullable (inference);
+  // [B, S*H] saved for backward (LSTM i, f, g, o; CIFG f, g, o; GRU r, z, n, h_n), nullable;
   // unused by the Elman RNN.
   void* gates = nullptr;
   // [B, H] nullable: a second copy of c' (LSTM) or h' (Elman RNN), the one the backward reads,
   // so that the tensors handed to the user are not saved ones (torch.nn's cells let a user
   // change c' in place before backward). Unused by a GRU.
   void* saved_state = nullptr;
+  // [3, H] LSTM only, nullable: peephole weights as params.h has them ([2, H] for a CIFG).
+  const void* peephole = nullptr;
   int64_t num_threads = 1;       // torch.get_num_threads()
 };
 
@@ -74,6 +77,7 @@ struct CellStepBwdParams : CellStepShape {
   void* d_hpre = nullptr;        // [B, G*H] GRU only: gradient w.r.t. hpre (its n part is r times)
   void* d_c_prev = nullptr;      // [B, H] LSTM only
   void* d_h_prev = nullptr;      // [B, H] GRU only: the part of dh_prev that skips W_hh, z * d_h
+  const void* peephole = nullptr;  // as in the forward, nullable
   int64_t num_threads = 1;
 };
 
