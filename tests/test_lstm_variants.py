@@ -216,16 +216,62 @@ def test_variant_refuses_torchscript_clearly():
 
 @requires_native
 @pytest.mark.parametrize("variant", ["peephole", "peephole-cifg"])
-def test_peephole_layers_refuse_onnx_export_clearly(variant):
-    """The TorchScript-based exporter meets the refusal. (The dynamo exporter catches it, traces
-    again without its export flag and then fails on fusedrnn::layer_forward, which it cannot
-    translate.)"""
-    pytest.importorskip("onnx")
-    module = fusedrnn.LSTM(3, 5, **VARIANTS[variant])
+@pytest.mark.parametrize("with_state", [False, True], ids=["no-state", "state"])
+def test_peephole_layers_export_to_onnx(variant, with_state):
+    """The TorchScript-based exporter writes a peephole layer as ONNX's LSTM node with its
+    peephole input (a CIFG's weights tied as the plain LSTM's): onnxruntime runs it at other
+    sequence lengths and batch sizes and gives the reference's numbers."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    module = _random_module(variant, torch.float32, "cpu", 0, bidirectional=True, num_layers=2,
+                            batch_first=True)
+    states = (torch.randn(4, 2, 5), torch.randn(4, 2, 5)) if with_state else None
+    args = (torch.randn(2, 4, 3),) + ((states,) if with_state else ())
+    names = ["x", "h", "c"][:len(args) + with_state]
+    axes = {"x": {0: "B", 1: "T"}, "h": {1: "B"}, "c": {1: "B"}}
+    buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with pytest.raises(RuntimeError, match="does not support peephole LSTMs"):
-            torch.onnx.export(module, (torch.randn(4, 2, 3),), io.BytesIO(), dynamo=False)
+        torch.onnx.export(module, args, buffer, dynamo=False, input_names=names,
+                          dynamic_axes={n: axes[n] for n in names})
+    model = onnx.load_from_string(buffer.getvalue())
+    lstm_nodes = [n for n in model.graph.node if n.op_type == "LSTM"]
+    assert len(lstm_nodes) == 2 and all(len(n.input) == 8 and n.input[7] for n in lstm_nodes)
+    session = onnxruntime.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
+    x = torch.randn(3, 6, 3)  # another batch size and length
+    hx = (torch.randn(4, 3, 5), torch.randn(4, 3, 5)) if with_state else None
+    feed = {"x": x.numpy()}
+    if with_state:
+        feed.update(h=hx[0].numpy(), c=hx[1].numpy())
+    got = [torch.from_numpy(a) for a in session.run(None, feed)]
+    want = _reference_run(module, x, tuple(s.double() for s in hx) if hx else None, None, True)
+    for a, b in zip(got, want):
+        assert rel_err(a, b) <= 1e-5
+
+
+@requires_native
+def test_peephole_onnx_export_refusals_say_why():
+    """What ONNX's LSTM node (or torch's packed op) cannot express is refused by name."""
+    pytest.importorskip("onnx")
+
+    def export(module, x):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, (x,), io.BytesIO(), dynamo=False)
+
+    with pytest.raises(RuntimeError, match="peephole LSTM: proj_size is not supported"):
+        export(fusedrnn.LSTM(3, 5, proj_size=2, peephole=True), torch.randn(4, 2, 3))
+
+    class Packed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = fusedrnn.LSTM(3, 5, peephole=True)
+
+        def forward(self, x):
+            return pad_packed_sequence(self.lstm(pack_padded_sequence(x, [4, 2]))[0])[0]
+
+    with pytest.raises(RuntimeError, match="peephole LSTM: per-sequence lengths"):
+        export(Packed(), torch.randn(4, 2, 3))
 
 
 @requires_native

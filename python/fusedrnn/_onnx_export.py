@@ -8,7 +8,10 @@ layer runs as `torch._VF.lstm` / `gru` / `rnn_tanh` / `rnn_relu` with num_layers
 torch.nn's modules make: same gate order, same weights, same numbers, so the exported model is
 the one torch.nn's twin would give (one ONNX RNN node per layer, as torch exports them). A module
 fed a PackedSequence runs torch.nn's packed RNN op over all its layers instead (packed_rnn),
-which the TorchScript-based exporter translates as it does torch.nn's.
+which the TorchScript-based exporter translates as it does torch.nn's. The LSTM variants, which
+torch.nn does not have: a CIFG is written as the plain LSTM that computes it (as_exported); a
+peephole layer, for which torch has no op, as ONNX's LSTM node with its peephole input
+(peephole_layer, TorchScript-based exporter only).
 What torch.nn cannot export fails the same way here: the TorchScript-based exporter refuses an
 LSTM with proj_size, and the dynamo exporter of torch 2.13 writes one that onnxruntime rejects.
 The exporters of torch 2.13 were checked (tests/test_onnx_export.py); an exporter that does not
@@ -21,16 +24,22 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import reference
+
 _TORCH_OPS = {"lstm": torch._VF.lstm, "gru": torch._VF.gru, "rnn_tanh": torch._VF.rnn_tanh,
               "rnn_relu": torch._VF.rnn_relu}
 
 
-def refuse_peephole() -> None:
-    """A peephole LSTM has no torch RNN op to export as (ONNX's LSTM node has peepholes, torch's
-    ops do not): say so instead of writing a plain LSTM."""
-    raise RuntimeError("fusedrnn: torch.onnx.export does not support peephole LSTMs yet (the "
-                       "exporter writes torch's plain LSTM op); a coupled_input_forget LSTM "
-                       "exports as the plain LSTM that computes it")
+def refuse_peephole(why: str) -> None:
+    """Where a peephole LSTM cannot be exported (see peephole_layer): say so instead of writing a
+    plain LSTM."""
+    raise RuntimeError(f"fusedrnn: torch.onnx.export of a peephole LSTM: {why}")
+
+
+def refuse_packed_peephole() -> None:
+    refuse_peephole("per-sequence lengths (a PackedSequence) are not supported (torch's packed "
+                    "RNN op, which the exporter translates, has no peepholes); export a padded "
+                    "input")
 
 
 def as_exported(cell: str, layer_weights: list):
@@ -80,6 +89,71 @@ def layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor], c0: Optiona
     result = _TORCH_OPS[cell](x, (h0, c0) if cell == "lstm" else h0, flat, has_bias, 1, 0.0,
                               False, num_dirs == 2, False)
     return result[0], result[1], (result[2] if cell == "lstm" else None)
+
+
+def peephole_layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor],
+                   c0: Optional[Tensor], lengths: Optional[Tensor]):
+    """functional._layer of a peephole LSTM under export, as `layer`: torch has no peephole RNN
+    op, but ONNX's LSTM node has a peephole input (P), which the TorchScript-based exporter
+    writes from _PeepholeLstmNode's symbolic. The dynamo exporter has no such hook: refused, as
+    are a projection (ONNX's LSTM has none) and lengths (a PackedSequence: torch's packed op has
+    no peepholes either)."""
+    if torch.compiler.is_compiling():
+        refuse_peephole("the dynamo exporter cannot write one (torch has no peephole RNN op); "
+                        "export with dynamo=False, which writes ONNX's LSTM node with its "
+                        "peephole input")
+    if lengths is not None:
+        refuse_packed_peephole()
+    if layer_weights[0][4] is not None:
+        refuse_peephole("proj_size is not supported (ONNX's LSTM node has no projection)")
+    _, layer_weights = as_exported(cell, layer_weights)  # a CIFG as the plain LSTM
+    num_dirs, batch = len(layer_weights), x.size(1)
+    hidden = layer_weights[0][1].size(1)
+
+    def iofc(t):  # torch's gate blocks i, f, g, o in ONNX's order i, o, f, c
+        return torch.cat([t[:hidden], t[3 * hidden:], t[hidden:3 * hidden]])
+
+    onnx_w = torch.stack([iofc(w[0]) for w in layer_weights])
+    onnx_r = torch.stack([iofc(w[1]) for w in layer_weights])
+    onnx_b = torch.stack([torch.cat([iofc(w[2]), iofc(w[3])]) if w[2] is not None
+                          else x.new_zeros(8 * hidden) for w in layer_weights])
+    onnx_p = torch.stack([w[5][[0, 2, 1]].reshape(-1) for w in layer_weights])  # i, o, f
+    if h0 is None:
+        h0 = x.new_zeros(num_dirs, batch, hidden)
+    if c0 is None:
+        c0 = x.new_zeros(num_dirs, batch, hidden)
+    flat = [t for w in layer_weights for t in (w[0], w[1], w[2], w[3], w[5])]
+    return _PeepholeLstmNode.apply(x, h0, c0, onnx_w, onnx_r, onnx_b, onnx_p, *flat)
+
+
+class _PeepholeLstmNode(torch.autograd.Function):
+    """A peephole LSTM layer (padded, no projection) while the TorchScript-based exporter traces:
+    the values from fusedrnn.reference (the formulas stay there), the graph node ONNX's LSTM
+    with its P input. Inputs: x [T, B, I], h0 and c0 [D, B, H], the ONNX operands W, R, B, P
+    ([D, 4H, I], [D, 4H, H], [D, 8H], [D, 3H]), then per direction torch's
+    (w_ih, w_hh, b_ih, b_hh, peephole)."""
+
+    @staticmethod
+    def forward(ctx, x, h0, c0, onnx_w, onnx_r, onnx_b, onnx_p, *flat):
+        weights = [(*flat[i:i + 4], None, flat[i + 4]) for i in range(0, len(flat), 5)]
+        out, h_n, c_n = reference.rnn("lstm", x, weights, (h0, c0),
+                                      bidirectional=len(weights) == 2)
+        return out, h_n, c_n
+
+    @staticmethod
+    def symbolic(g, x, h0, c0, onnx_w, onnx_r, onnx_b, onnx_p, *flat):
+        hidden = onnx_r.type().sizes()[2]  # (the weights' sizes are static)
+        no_lengths = g.op("prim::Constant")  # an absent optional input, as torch's RNNs write it
+        no_lengths.setType(torch._C.OptionalType.ofTensor())
+        bidirectional = len(flat) == 10
+        y, y_h, y_c = g.op("LSTM", x, onnx_w, onnx_r, onnx_b, no_lengths, h0, c0, onnx_p,
+                           hidden_size_i=hidden,
+                           direction_s="bidirectional" if bidirectional else "forward",
+                           outputs=3)
+        # Y [T, D, B, H] -> torch's [T, B, D*H]
+        y = g.op("Transpose", y, perm_i=[0, 2, 1, 3])
+        y = g.op("Reshape", y, g.op("Constant", value_t=torch.tensor([0, 0, -1])))
+        return y, y_h, y_c
 
 
 def packed_rnn(cell: str, data: Tensor, batch_sizes: Tensor, hx, weights: list, has_bias: bool,

@@ -214,7 +214,7 @@ def _layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor], c0: Option
     peephole = peephole_weights(layer_weights)
     if _backend.recording_graph() and _onnx_export.active():
         if peephole:
-            _onnx_export.refuse_peephole()
+            return _onnx_export.peephole_layer(cell, x, layer_weights, h0, c0, lengths)
         return _onnx_export.layer(cell, x, layer_weights, h0, c0, lengths)
     if x.size(0) == 1 and lengths is None and _one_step_applies(cell, x, layer_weights, h0, c0):
         out, hn, cn = _cell_step.layer(cell, x[0], layer_weights, h0, c0)

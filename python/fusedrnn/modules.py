@@ -316,9 +316,9 @@ class RNNBase(nn.Module):
         weight = self.weight_ih_l0
         input, hx = _follow_autocast(input, hx, weight)
         packed = isinstance(input, PackedSequence)
-        if self._has_peephole and _backend.recording_graph() and _onnx_export.active():
-            _onnx_export.refuse_peephole()
         if packed and _backend.recording_graph() and _onnx_export.active():
+            if self._has_peephole:
+                _onnx_export.refuse_packed_peephole()
             return self._exported_packed_forward(input, hx)
         if packed:
             data, batch_sizes, sorted_indices, unsorted_indices = input
@@ -492,8 +492,9 @@ class LSTM(RNNBase):
       ([3 * hidden_size, .]), and weight_peephole the rows w_cf, w_co. Its kernels do the three
       gates' work (the cell "lstm_cifg" of functional.rnn and the custom ops).
     Both run on the native kernels (CPU and CUDA, training and inference, packed sequences,
-    torch.compile). torch.jit.script refuses them; torch.onnx.export refuses peephole weights
-    and writes a CIFG as the plain LSTM that computes it (_onnx_export.as_exported).
+    torch.compile). torch.jit.script refuses them; torch.onnx.export writes a CIFG as the plain
+    LSTM that computes it (_onnx_export.as_exported) and, with dynamo=False, a peephole layer as
+    ONNX's LSTM node with peepholes (_onnx_export.peephole_layer).
     """
 
     peephole = coupled_input_forget = False  # as RNNBase's flags
