@@ -68,26 +68,34 @@ __device__ __forceinline__ UnitPeephole<Acc<T>> load_unit_peephole(const void* p
   return out;
 }
 
-struct LstmTraits {
-  static constexpr CellKind kKind = CellKind::kLstm;
-  static constexpr int kGates = 4;
-  static constexpr int kSaved = 4;
+// fn(peephole weights) or fn(NoPeephole{}) for the plain update. The branch is uniform: every
+// thread of a launch has peephole weights or none.
+template <typename A, typename Fn>
+__device__ __forceinline__ auto with_peephole(const UnitPeephole<A>& peephole, Fn fn) {
+  return peephole.present ? fn(peephole.w) : fn(NoPeephole{});
+}
+
+// What both LSTM cells' traits share: a cell state; the backward reads neither h_{t-1} nor h_t.
+struct LstmStateTraits {
   static constexpr bool kHasCell = true;
   static constexpr bool kNeedsHPrev = false;
   static constexpr bool kNeedsHNext = false;
+};
+
+struct LstmTraits : LstmStateTraits {
+  static constexpr CellKind kKind = CellKind::kLstm;
+  static constexpr int kGates = 4;
+  static constexpr int kSaved = 4;
 
   template <typename A>
   __device__ __forceinline__ static UnitForward<A> forward(CellKind, const A* x, const A* hh,
                                                            A /*h_prev*/, A c_prev,
                                                            const UnitPeephole<A>& peephole) {
     UnitForward<A> out;
-    // The branch is uniform: every thread of the launch has peephole weights or none.
-    const LstmGates<A> g =
-        peephole.present
-            ? lstm_forward(x[0] + hh[0], x[1] + hh[1], x[2] + hh[2], x[3] + hh[3], c_prev, out.c,
-                           out.h, peephole.w)
-            : lstm_forward(x[0] + hh[0], x[1] + hh[1], x[2] + hh[2], x[3] + hh[3], c_prev, out.c,
-                           out.h);
+    const LstmGates<A> g = with_peephole(peephole, [&](const auto& w) {
+      return lstm_forward(x[0] + hh[0], x[1] + hh[1], x[2] + hh[2], x[3] + hh[3], c_prev, out.c,
+                          out.h, w);
+    });
     out.saved[0] = g.i;
     out.saved[1] = g.f;
     out.saved[2] = g.g;
@@ -100,9 +108,9 @@ struct LstmTraits {
                                                              const UnitBackwardInput<A>& in,
                                                              const UnitPeephole<A>& peephole) {
     const LstmGates<A> g{in.saved[0], in.saved[1], in.saved[2], in.saved[3]};
-    const LstmGrads<A> d =
-        peephole.present ? lstm_backward(g, in.c, in.c_prev, in.d_h, in.d_c, peephole.w)
-                         : lstm_backward(g, in.c, in.c_prev, in.d_h, in.d_c);
+    const LstmGrads<A> d = with_peephole(peephole, [&](const auto& w) {
+      return lstm_backward(g, in.c, in.c_prev, in.d_h, in.d_c, w);
+    });
     UnitBackward<A> out;
     out.dx[0] = out.dh[0] = d.d_i;
     out.dx[1] = out.dh[1] = d.d_f;
@@ -114,25 +122,19 @@ struct LstmTraits {
 };
 
 // The CIFG LSTM: three gate rows f, g, o; saves f, g, o (i = 1 - f).
-struct CifgTraits {
+struct CifgTraits : LstmStateTraits {
   static constexpr CellKind kKind = CellKind::kLstmCifg;
   static constexpr int kGates = 3;
   static constexpr int kSaved = 3;
-  static constexpr bool kHasCell = true;
-  static constexpr bool kNeedsHPrev = false;
-  static constexpr bool kNeedsHNext = false;
 
   template <typename A>
   __device__ __forceinline__ static UnitForward<A> forward(CellKind, const A* x, const A* hh,
                                                            A /*h_prev*/, A c_prev,
                                                            const UnitPeephole<A>& peephole) {
     UnitForward<A> out;
-    // The branch is uniform, as LstmTraits' is.
-    const LstmGates<A> g =
-        peephole.present
-            ? cifg_forward(x[0] + hh[0], x[1] + hh[1], x[2] + hh[2], c_prev, out.c, out.h,
-                           peephole.w)
-            : cifg_forward(x[0] + hh[0], x[1] + hh[1], x[2] + hh[2], c_prev, out.c, out.h);
+    const LstmGates<A> g = with_peephole(peephole, [&](const auto& w) {
+      return cifg_forward(x[0] + hh[0], x[1] + hh[1], x[2] + hh[2], c_prev, out.c, out.h, w);
+    });
     out.saved[0] = g.f;
     out.saved[1] = g.g;
     out.saved[2] = g.o;
@@ -143,10 +145,10 @@ struct CifgTraits {
   __device__ __forceinline__ static UnitBackward<A> backward(CellKind,
                                                              const UnitBackwardInput<A>& in,
                                                              const UnitPeephole<A>& peephole) {
-    const A f = in.saved[0], g = in.saved[1], o = in.saved[2];
-    const CifgGrads<A> d =
-        peephole.present ? cifg_backward(f, g, o, in.c, in.c_prev, in.d_h, in.d_c, peephole.w)
-                         : cifg_backward(f, g, o, in.c, in.c_prev, in.d_h, in.d_c);
+    const CifgGrads<A> d = with_peephole(peephole, [&](const auto& w) {
+      return cifg_backward(in.saved[0], in.saved[1], in.saved[2], in.c, in.c_prev, in.d_h,
+                           in.d_c, w);
+    });
     UnitBackward<A> out;
     out.dx[0] = out.dh[0] = d.d_f;
     out.dx[1] = out.dh[1] = d.d_g;
