@@ -547,6 +547,16 @@ def test_variant_errors_name_what_the_user_gave():
     cell.weight_ih = nn.Parameter(torch.zeros(20, 3))
     with pytest.raises(RuntimeError, match=r"LSTMCell: weight_ih must have shape \[15, 3\]"):
         cell(torch.randn(2, 3))
+    for one_step in (False, True):
+        module = fusedrnn.LSTM(3, 5, peephole=True, bidirectional=True)
+        module.weight_peephole_l0_reverse = nn.Parameter(torch.zeros(2, 5))
+        with pytest.raises(RuntimeError,
+                           match=r"weight_peephole_l0_reverse must have shape \[3, 5\]"):
+            module(torch.randn(1 if one_step else 4, 2, 3))
+    cell = fusedrnn.LSTMCell(3, 5, peephole=True)
+    cell.weight_peephole = nn.Parameter(torch.zeros(2, 5))
+    with pytest.raises(RuntimeError, match=r"LSTMCell: weight_peephole must have shape \[3, 5\]"):
+        cell(torch.randn(2, 3))
     with pytest.raises(ValueError, match=r"peephole must be \[3, H\]"):
         reference.lstm_cell(torch.zeros(1, 3), torch.zeros(1, 5), torch.zeros(1, 5),
                             torch.zeros(20, 3), torch.zeros(20, 5), None, None,
@@ -554,6 +564,59 @@ def test_variant_errors_name_what_the_user_gave():
     assert fusedrnn.LSTM(3, 5, peephole=np.bool_(True)).peephole is True
     with pytest.raises(TypeError, match="should be of type bool, got: numpy.float64"):
         fusedrnn.LSTM(3, 5, peephole=np.float64(1))
+
+
+@requires_native
+@pytest.mark.parametrize("variant", ["peephole", "peephole-cifg"])
+def test_non_contiguous_peephole_weights(variant):
+    """Peephole weights that are a non-contiguous view (a parametrization's result) give the
+    reference's values and gradients on every path: the cell, a one-step layer, a sequence."""
+    from torch.nn.utils import parametrize
+
+    class Strided(nn.Module):
+        def forward(self, w):  # the same values, column-major
+            return w.t().contiguous().t()
+
+    torch.manual_seed(0)
+    kwargs = VARIANTS[variant]
+    for module, x in ((fusedrnn.LSTMCell(3, 4, dtype=torch.float64, **kwargs), (2, 3)),
+                      (fusedrnn.LSTM(3, 4, dtype=torch.float64, **kwargs), (1, 2, 3)),
+                      (fusedrnn.LSTM(3, 4, dtype=torch.float64, **kwargs), (5, 2, 3))):
+        name = "weight_peephole" if isinstance(module, fusedrnn.LSTMCell) else "weight_peephole_l0"
+        with torch.no_grad():
+            getattr(module, name).uniform_(-2, 2)
+        parametrize.register_parametrization(module, name, Strided())
+        assert not getattr(module, name).is_contiguous()
+        x = torch.randn(*x, dtype=torch.float64, requires_grad=True)
+        c0 = torch.randn(*x.shape[:-1][-1:], 4, dtype=torch.float64, requires_grad=True)
+        h0 = torch.zeros_like(c0)
+        peephole = getattr(module, name)
+        if isinstance(module, fusedrnn.LSTMCell):
+            got = module(x, (h0, c0))
+            want = reference.lstm_cell(x, h0, c0, module.weight_ih, module.weight_hh,
+                                       module.bias_ih, module.bias_hh, None, peephole,
+                                       module.coupled_input_forget)
+        else:
+            out, (h_n, c_n) = module(x, (h0[None], c0[None]))
+            got = (out, c_n)
+            ref = _reference_run(module, x, (h0[None], c0[None]), None, False)
+            want = (ref[0], ref[2])
+        params = [x, c0, *module.parameters()]
+        for a, b in zip(torch.autograd.grad(ramp_loss(got), params),
+                        torch.autograd.grad(ramp_loss(want), params)):
+            assert rel_err(a, b) <= 1e-12
+
+
+@requires_native
+def test_a_weight_peephole_set_on_a_plain_cell_is_not_a_weight():
+    """Only a cell made with peephole=True has peepholes: a weight_peephole a user sets on
+    another cell is ignored alike on the fast (batched CPU) and the checked path."""
+    cell = fusedrnn.LSTMCell(3, 5)
+    x = torch.randn(2, 3)
+    want = cell(x)[0]
+    cell.weight_peephole = nn.Parameter(torch.randn(3, 5) * 5)
+    torch.testing.assert_close(cell(x)[0], want)
+    torch.testing.assert_close(cell(x[0])[0], want[0])
 
 
 @requires_native

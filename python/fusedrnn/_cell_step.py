@@ -302,6 +302,7 @@ class _CellStep(torch.autograd.Function):
         d_h_direct = x.new_empty(batch, hidden) if is_gru else None
         d_h, d_c = _contiguous(d_h), _contiguous(d_c)
         c_prev, h_prev = _contiguous(c), (h.contiguous() if is_gru else None)  # named: see _forward
+        peephole = _contiguous(peephole)  # (saved as given: the forward read a contiguous copy)
         _cpu.cell_step_backward(
             CELL_CODES[cell], DTYPE_CODES[x.dtype], batch, hidden, _ptr(gates),
             _ptr(saved) if is_lstm else 0, _ptr(c_prev), _ptr(h_prev),

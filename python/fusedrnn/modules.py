@@ -177,8 +177,8 @@ class RNNBase(nn.Module):
             self.__dict__["_layer_weight_names"] = names
         weights = [tuple(getattr(self, name) if name is not None else None for name in layer)
                    for layer in names]
-        if self._coupled:
-            _check_coupled_shapes(self, weights, names)
+        if self._is_variant:
+            _check_variant_shapes(self, weights, names)
         return weights
 
     def _fast_forward(self, input, hx):
@@ -662,23 +662,30 @@ def _check_variant_flags(peephole, coupled_input_forget) -> None:
 _CELL_WEIGHT_NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", None, "weight_peephole")
 
 
-def _check_coupled_shapes(module, weights, names) -> None:
-    """A CIFG's parameters, checked by their own names and shapes (the layer checks would name
-    the layer API's operands, w_hh[0] and the like, not the module's parameters)."""
+def _check_variant_shapes(module, weights, names) -> None:
+    """A variant LSTM's parameters that differ from the plain LSTM's (a CIFG's gate blocks, the
+    peephole weights), checked by their own names and shapes (the layer checks would name the
+    layer API's operands, w_hh[0] and the like, not the module's parameters)."""
     hidden = module.hidden_size
+    coupled = module.coupled_input_forget
     gates = 3 * hidden
+    what = ("with coupled_input_forget=True (gates f, g, o; peephole rows w_cf, w_co)" if coupled
+            else "with peephole=True (rows w_ci, w_cf, w_co)")
     for layer, layer_names in zip(weights, names):
         w_ih, w_hh, b_ih, b_hh, w_hr, *peephole = layer
-        expected = [(w_ih, (gates, w_ih.shape[-1] if w_ih.dim() == 2 else -1)),
-                    (w_hh, (gates, w_hh.shape[-1] if w_hh.dim() == 2 else -1)),
-                    (b_ih, (gates,)), (b_hh, (gates,))]
-        expected += [(w, (2, hidden)) for w in peephole]
+        expected = []
+        if coupled:
+            expected += [(w_ih, (gates, w_ih.shape[-1] if w_ih.dim() == 2 else -1)),
+                         (w_hh, (gates, w_hh.shape[-1] if w_hh.dim() == 2 else -1)),
+                         (b_ih, (gates,)), (b_hh, (gates,))]
+        else:
+            expected += [(None, None)] * 4
+        expected += [(w, (2 if coupled else 3, hidden)) for w in peephole]
         for (tensor, shape), name in zip(expected, layer_names[:4] + layer_names[5:]):
             if tensor is not None and tuple(tensor.shape) != shape:
                 raise RuntimeError(
                     f"fusedrnn.{type(module).__name__}: {name} must have shape {list(shape)} "
-                    f"with coupled_input_forget=True (gates f, g, o; peephole rows w_cf, w_co), "
-                    f"got {list(tensor.shape)}")
+                    f"{what}, got {list(tensor.shape)}")
 
 
 def _refuse_variant(module, what: str) -> None:
@@ -795,7 +802,7 @@ class RNNCellBase(nn.Module):
             result = self._variant_step(batch_input, hx)
         else:
             if self._is_variant:
-                self._check_variant_shapes()
+                self._check_variant_parameters()
             result = functional.cell_step(cell, batch_input, self.weight_ih, self.weight_hh,
                                           self.bias_ih, self.bias_hh, hx,
                                           self.weight_peephole if self._has_peephole else None)
@@ -832,7 +839,9 @@ class RNNCellBase(nn.Module):
             if not _is_state(h, shape, input.dtype, input.device):
                 return None
         w_hh, b_ih, b_hh = params.get("weight_hh"), params.get("bias_ih"), params.get("bias_hh")
-        peephole = params.get("weight_peephole")
+        # (A peephole cell's own parameter only: a weight_peephole set on another cell is not
+        # one of its weights, on this path or the checked one.)
+        peephole = params.get("weight_peephole") if self._has_peephole else None
         if (w_hh is None or (peephole is None and self._has_peephole)
                 or _cell_step.operand_problem(cell, input.dtype, shape[0], input.size(1), h, c,
                                               weight, w_hh, b_ih, b_hh,
@@ -861,19 +870,18 @@ class LSTMCell(RNNCellBase):
         _refuse_variant(self, "torch.jit.script")
         return self
 
-    def _check_variant_shapes(self) -> None:
-        """A CIFG cell's parameters, by their own names (_check_coupled_shapes)."""
-        if self.coupled_input_forget:
-            weights = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, None)
-            peephole = (self.weight_peephole,) if self.peephole else ()
-            _check_coupled_shapes(self, [(*weights, *peephole)], [_CELL_WEIGHT_NAMES])
+    def _check_variant_parameters(self) -> None:
+        """A variant cell's parameters, by their own names (modules._check_variant_shapes)."""
+        weights = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, None)
+        peephole = (self.weight_peephole,) if self.peephole else ()
+        _check_variant_shapes(self, [(*weights, *peephole)], [_CELL_WEIGHT_NAMES])
 
     def _variant_step(self, x: Tensor, hx):
         """A variant's step (x [B, I], hx None or (h, c) [B, H], checked) as torch ops while a
         graph is recorded: fusedrnn.reference.lstm_cell on the cell's own parameters, which
         torch.jit.trace records and both ONNX exporters write as ONNX ops (a recorded native
         step would be the recurrence's custom op, and ONNX has no peephole LSTM op here)."""
-        self._check_variant_shapes()
+        self._check_variant_parameters()
         weights = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, None)
         peephole = self.weight_peephole if self.peephole else None
         if hx is None:
