@@ -261,6 +261,9 @@ LSTM_VARIANTS: List[BenchConfig] = [
 ] + [
     _c("lstm", 100, 16, 128, BOTH, bidirectional=True, packed=True, variant=v)
     for v in ("", "peephole")
+] + [
+    _c("lstm", 50, 1, 256, BOTH, step_calls=True, variant=v)  # streaming: one step per call
+    for v in ("", *VARIANTS)
 ]
 
 PRESETS: Dict[str, List[BenchConfig]] = {
