@@ -53,8 +53,8 @@ struct CellStepFwdParams : CellStepShape {
   const void* c_prev = nullptr;  // [B, H] LSTM only, nullable (zeros)
   void* h = nullptr;             // [B, H] h'
   void* c = nullptr;             // [B, H] LSTM only: c'
-  // [B, S*H] saved for backward (LSTM i, f, g, o; CIFG f, g, o; GRU r, z, n, h_n), nullable;
-  // unused by the Elman RNN.
+  // [B, S*H] saved for backward (LSTM i, f, g, o; CIFG f, g, o; GRU r, z, n, h_n), nullable
+  // (inference); unused by the Elman RNN.
   void* gates = nullptr;
   // [B, H] nullable: a second copy of c' (LSTM) or h' (Elman RNN), the one the backward reads,
   // so that the tensors handed to the user are not saved ones (torch.nn's cells let a user
