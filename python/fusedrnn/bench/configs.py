@@ -247,8 +247,10 @@ GPU: List[BenchConfig] = ANCHOR + [
     _c("lstm", 256, 32, 512, BOTH, proj_size=256),
     _c("lstm", 512, 32, 512, BOTH, packed=True),
     _c("lstm", 256, 16, 2048, BOTH, dtype="bfloat16", cuda_only=True),  # W_hh streams from L2
-    # The anchor with peephole connections, against cuDNN's plain LSTM of the shape.
+    # The anchor with peephole connections, and as a CIFG (three gate blocks), against cuDNN's
+    # plain LSTM of the shape.
     _c("lstm", 1024, 16, 768, BOTH, dtype="bfloat16", cuda_only=True, variant="peephole"),
+    _c("lstm", 1024, 16, 768, BOTH, dtype="bfloat16", cuda_only=True, variant="cifg"),
 ]
 
 # The LSTM variants torch.nn lacks, each next to the plain LSTM of its shape: "vs torch" is
