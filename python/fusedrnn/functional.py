@@ -506,9 +506,11 @@ def _peephole_grad(d_pre: Tensor, c_seq: Tensor, c0: Optional[Tensor],
     else:
         d_i, d_f, _, d_o = d_pre.chunk(4, dim=2)
         seeing_c_prev = (d_i, d_f)
-    now, before = ((slice(None, -1), slice(1, None)) if reverse
-                   else (slice(1, None), slice(None, -1)))
-    grads = [(d[now] * c_seq[before]).sum((0, 1)) for d in seeing_c_prev]
+    grads = None
+    if seq_len > 1:  # (a single step, a cell step's, has nothing but c0 before it)
+        now, before = ((slice(None, -1), slice(1, None)) if reverse
+                       else (slice(1, None), slice(None, -1)))
+        grads = [(d[now] * c_seq[before]).sum((0, 1)) for d in seeing_c_prev]
     if c0 is not None:
         if not reverse:
             first = 0
@@ -516,7 +518,10 @@ def _peephole_grad(d_pre: Tensor, c_seq: Tensor, c0: Optional[Tensor],
             first = seq_len - 1
         else:
             first = (lengths - 1, torch.arange(batch, device=d_pre.device))
-        grads = [g + (d[first] * c0).sum(0) for g, d in zip(grads, seeing_c_prev)]
+        at_first = [(d[first] * c0).sum(0) for d in seeing_c_prev]
+        grads = at_first if grads is None else [g + a for g, a in zip(grads, at_first)]
+    if grads is None:
+        grads = [d_pre.new_zeros(c_seq.shape[2])] * len(seeing_c_prev)
     return torch.stack([*grads, (d_o * c_seq).sum((0, 1))])
 
 
