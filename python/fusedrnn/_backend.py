@@ -23,6 +23,14 @@ GATE_COUNT = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1, "lstm_cifg": 3}
 SAVED_GATE_COUNT = {"lstm": 4, "gru": 4, "rnn_tanh": 0, "rnn_relu": 0, "lstm_cifg": 3}
 # The cells with a cell state c beside h (and proj_size, and peephole weights): has_cell_state.
 LSTM_CELLS = ("lstm", "lstm_cifg")
+# Rows of an LSTM's peephole weights (params.h): w_ci, w_cf, w_co; a CIFG has no input gate.
+PEEPHOLE_ROWS = {"lstm": 3, "lstm_cifg": 2}
+
+
+def reference_cell(cell: str) -> tuple:
+    """(cell, coupled_input_forget) as fusedrnn.reference takes them: the kernels' "lstm_cifg" is
+    its "lstm" with coupled_input_forget=True."""
+    return ("lstm", True) if cell == "lstm_cifg" else (cell, False)
 # The dtypes the CPU kernels (recurrence and cell step) take natively: bfloat16 tensors are
 # widened to float inside (csrc/cpu/storage.h); float16 is upcast in Python.
 CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from . import _backend, _recomputed_grads
 from ._backend import (CELL_CODES, CPU_DTYPES, DTYPE_CODES, GATE_COUNT, LSTM_CELLS,
-                       SAVED_GATE_COUNT, _cpu)
+                       PEEPHOLE_ROWS, SAVED_GATE_COUNT, _cpu)
 
 
 def applies(input: Tensor, dims: int = 2) -> bool:
@@ -92,8 +92,7 @@ def operand_problem(cell: str, dtype: torch.dtype, batch: int, width: int,
 
 
 def _peephole_shape(cell: str, hidden: int) -> tuple:
-    """Rows w_ci, w_cf, w_co; a CIFG has no input gate: w_cf, w_co."""
-    return (2 if cell == "lstm_cifg" else 3, hidden)
+    return (PEEPHOLE_ROWS[cell], hidden)
 
 
 def _describe_shape_problem(cell, batch, width, h, c, w_ih, w_hh, b_ih, b_hh, w_hr,

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from . import _backend, _input_projection, functional
-from ._backend import GATE_COUNT, LSTM_CELLS
+from ._backend import GATE_COUNT, LSTM_CELLS, PEEPHOLE_ROWS
 from ._projection_buffer import ProjectionBuffer
 
 
@@ -120,14 +120,14 @@ def _shapes_fit(module, cell: str, layer_weights: list, num_directions: int) -> 
     plan is built, so once per set of weights."""
     hidden, state = module.hidden_size, module._state_size
     rows = GATE_COUNT[cell] * hidden
-    peephole_rows = 2 if cell == "lstm_cifg" else 3  # w_ci, w_cf, w_co; a CIFG has no w_ci
+    peephole_shape = (PEEPHOLE_ROWS.get(cell), hidden)
     for index, (w_ih, w_hh, b_ih, b_hh, w_hr, *peephole) in enumerate(layer_weights):
         width = module.input_size if index < num_directions else num_directions * state
         if (w_ih.shape != (rows, width) or w_hh.shape != (rows, state)
                 or any(b is not None and b.shape != (rows,) for b in (b_ih, b_hh))
                 or (w_hr is not None and w_hr.shape != (state, hidden))
                 or (w_hr is None and state != hidden)
-                or any(w.shape != (peephole_rows, hidden) for w in peephole)):
+                or any(w.shape != peephole_shape for w in peephole)):
             return False
     return True
 

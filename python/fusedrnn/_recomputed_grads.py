@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import reference
+from ._backend import reference_cell
 
 
 def versions(tensors) -> tuple:
@@ -58,11 +59,11 @@ def layer_grads(cell: str, projection: tuple, lengths: Optional[Tensor], h0: Opt
     x, w_ih, b_ih = projection
     xproj = F.linear(x, w_ih, b_ih)
     width = w_hh[0].shape[0]
-    coupled = cell == "lstm_cifg"  # reference.py's LSTM with coupled_input_forget
+    ref_cell, coupled = reference_cell(cell)
     outs, hns, cns = [], [], []
     for d in range(len(w_hh)):
         out, hn, cn = reference.rnn_layer(
-            "lstm" if coupled else cell, xproj[..., d * width:(d + 1) * width], None, w_hh[d],
+            ref_cell, xproj[..., d * width:(d + 1) * width], None, w_hh[d],
             None, b_hh[d], w_hr[d], h0[d] if h0 is not None else None,
             c0[d] if c0 is not None else None, lengths, reverse=d == 1,
             peephole=peephole[d] if peephole else None, coupled_input_forget=coupled)
@@ -85,8 +86,8 @@ def step_grads(cell: str, x: Tensor, h: Optional[Tensor], c: Optional[Tensor], w
     one bool per gradient. The step runs as reference.rnn_layer over a sequence of one (its
     final states are the step's results; a projected LSTM's step returns r, W_hr being applied
     after it)."""
-    coupled = cell == "lstm_cifg"  # reference.py's LSTM with coupled_input_forget
-    _, h_next, c_next = reference.rnn_layer("lstm" if coupled else cell, x.unsqueeze(0), w_ih,
+    ref_cell, coupled = reference_cell(cell)
+    _, h_next, c_next = reference.rnn_layer(ref_cell, x.unsqueeze(0), w_ih,
                                             w_hh, b_ih, b_hh, None, h, c, peephole=peephole,
                                             coupled_input_forget=coupled)
     return _grads((h_next, c_next), (d_h, d_c), [x, h, c, w_ih, w_hh, b_ih, b_hh, peephole],

@@ -15,7 +15,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from ._backend import DTYPE_CODES, GATE_COUNT, LSTM_CELLS, SAVED_GATE_COUNT
+from ._backend import DTYPE_CODES, GATE_COUNT, LSTM_CELLS, PEEPHOLE_ROWS, SAVED_GATE_COUNT
 
 
 class HiddenStateError(RuntimeError, TypeError, IndexError, AttributeError):
@@ -393,8 +393,8 @@ def _check_layer_weights(op: str, cell: str, w_hh, b_hh, w_hr, peephole=()) -> t
     if w_hr:
         proj_shape = (state, hidden)
         tensors += [(_W_HR[d], w_hr[d], "[P, H]", proj_shape) for d in range(num_dirs)]
-    if peephole:  # rows w_ci, w_cf, w_co; a CIFG has no input gate: w_cf, w_co
-        rows = 2 if cell == "lstm_cifg" else 3
+    if peephole:
+        rows = PEEPHOLE_ROWS[cell]
         tensors += [(_PEEPHOLE[d], peephole[d], f"[{rows}, H]", (rows, hidden))
                     for d in range(num_dirs)]
     return num_dirs, hidden, state, tensors

@@ -297,10 +297,10 @@ def _reference_layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor],
                      c0: Optional[Tensor], lengths: Optional[Tensor]):
     """_layer under a torch.func transform (_backend.under_transform): the layer as
     fusedrnn.reference.rnn, plain torch ops that grad, jvp and vmap all support."""
-    lstm = cell in LSTM_CELLS
-    return reference.rnn("lstm" if lstm else cell, x, layer_weights, (h0, c0) if lstm else h0,
+    ref_cell, coupled = _backend.reference_cell(cell)
+    return reference.rnn(ref_cell, x, layer_weights, (h0, c0) if cell in LSTM_CELLS else h0,
                          bidirectional=len(layer_weights) == 2, lengths=lengths,
-                         coupled_input_forget=cell == "lstm_cifg")
+                         coupled_input_forget=coupled)
 
 
 def _one_step_applies(cell, x, layer_weights, h0, c0) -> bool:
