@@ -42,7 +42,9 @@ def parser() -> argparse.ArgumentParser:
                                    "fp32,fp64,fp16,bf16")
     p.add_argument("--only", metavar="SUBSTRING", help="only configurations whose name contains SUBSTRING")
     p.add_argument("--impls", help=f"implementations, comma-separated (torch is always added): "
-                                   f"{','.join(impls.DEFAULT_ORDER)}; default all that are available")
+                                   f"{','.join(impls.DEFAULT_ORDER + impls.OPT_IN)}; default: the "
+                                   f"preset's, else all of {','.join(impls.DEFAULT_ORDER)} that are "
+                                   f"available")
     p.add_argument("--threads", type=int, help="torch.set_num_threads(N) before timing (default: torch's default)")
     p.add_argument("--repeats", type=int, help="timed calls per implementation and cell (default: adaptive, "
                                                "from --budget)")
@@ -66,7 +68,7 @@ def list_everything(device: torch.device) -> str:
         for c in cfgs:
             lines.append(f"    {c.name:40s} {','.join(c.modes)}" + ("  (cuda only)" if c.cuda_only else ""))
     lines.append(f"implementations on {device.type}:")
-    for name in impls.DEFAULT_ORDER:
+    for name in impls.DEFAULT_ORDER + impls.OPT_IN:
         why = impls.REGISTRY[name].unavailable(device)
         lines.append(f"  {name:10s} {'available' if why is None else 'unavailable: ' + why}")
     return "\n".join(lines)
@@ -123,7 +125,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             return EXIT_USAGE
     try:
         configs, notes = config_registry.select(args.preset, device_name, _csv(args.cell), _csv(args.dtype), args.only)
-        impl_names = impls.parse_impls(args.impls)
+        impl_names = impls.parse_impls(args.impls, config_registry.PRESET_IMPLS.get(args.preset))
         # Third-party libraries that are not installed drop out silently, also from the header.
         impl_names = [n for n in impl_names if not (impls.REGISTRY[n].silent_when_missing
                                                     and impls.REGISTRY[n].unavailable(device))]

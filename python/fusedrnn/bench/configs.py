@@ -268,6 +268,18 @@ LSTM_VARIANTS: List[BenchConfig] = [
     for v in ("", *VARIANTS)
 ]
 
+# torch.compile and CUDA graphs (bench/wrapped.py): each shape eager, compiled and, on a GPU,
+# replayed from a CUDA graph, fusedrnn and torch.nn alike. Small shapes, where what surrounds the
+# kernels (Python, dispatch, launches) is a large part of a call, a stack whose glue (dropout,
+# directions) the compiler sees, and a sequence fed one step per call.
+COMPILE: List[BenchConfig] = [
+    _c("lstm", 100, 1, 64, BOTH),
+    _c("lstm", 100, 16, 256, BOTH),
+    _c("gru", 100, 1, 128, BOTH),
+    _c("lstm", 100, 32, 256, TRAIN, layers=2, bidirectional=True),
+    _c("lstm", 50, 1, 256, INF, step_calls=True),
+]
+
 PRESETS: Dict[str, List[BenchConfig]] = {
     "quick": QUICK,
     "standard": STANDARD,
@@ -276,6 +288,13 @@ PRESETS: Dict[str, List[BenchConfig]] = {
     "streaming": STREAMING,
     "batch": BATCH,
     "variants": LSTM_VARIANTS,
+    "compile": COMPILE,
+}
+
+# Implementations a preset runs when --impls does not name them (otherwise impls.DEFAULT_ORDER).
+PRESET_IMPLS: Dict[str, List[str]] = {
+    "compile": ["fusedrnn", "fusedrnn+compile", "fusedrnn+cudagraph",
+                "torch", "torch+compile", "torch+cudagraph"],
 }
 
 PRESET_HELP = {
@@ -286,6 +305,7 @@ PRESET_HELP = {
     "streaming": "sequences fed one step per call (streaming inference, decoder-style training)",
     "batch": "batched inference (B=16..64), where torch.nn's CPU LSTM is strongest",
     "variants": "peephole and CIFG LSTMs (torch.nn has neither) next to the plain LSTM of each shape",
+    "compile": "fusedrnn and torch.nn eager, under torch.compile and (GPU) replayed from CUDA graphs",
 }
 
 

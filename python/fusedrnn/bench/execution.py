@@ -51,8 +51,15 @@ def _named_parameters(module):
     named = getattr(module, "named_parameters", None)
     if not callable(named):
         return []
-    # ReferenceStack and StepCalls wrap a module as `src`: report its own parameter names.
-    return [(n[len("src."):] if n.startswith("src.") else n, p) for n, p in named()]
+    # ReferenceStack, StepCalls and CudaGraphed wrap a module as `src` (CudaGraphed may wrap a
+    # StepCalls): report its own parameter names.
+    return [(_unwrapped_name(n), p) for n, p in named()]
+
+
+def _unwrapped_name(name: str) -> str:
+    while name.startswith("src."):
+        name = name[len("src."):]
+    return name
 
 
 def results_of(module, mat: Materialized, mode: str) -> Dict[str, torch.Tensor]:

@@ -24,8 +24,16 @@ class Outcome:
 
     @property
     def fused_failures(self) -> List[dict]:
-        """fusedrnn rows that crashed or were outside the accuracy tolerance."""
-        return [r for r in self.results if r["impl"] == "fusedrnn" and (r.get("error") or r.get("err_ok") is False)]
+        """fusedrnn rows (eager, compiled or graphed) that crashed or were outside the accuracy
+        tolerance."""
+        return [r for r in self.results
+                if is_fusedrnn(r["impl"]) and (r.get("error") or r.get("err_ok") is False)]
+
+
+def is_fusedrnn(impl: str) -> bool:
+    """Whether a row runs fusedrnn (eagerly, or wrapped: fusedrnn+compile, fusedrnn+cudagraph):
+    the rows that are judged against their tolerance."""
+    return impl == "fusedrnn" or impl.startswith("fusedrnn+")
 
 
 def _resolve_impls(names: Sequence[str], device: torch.device, outcome: Outcome) -> List[impl_registry.Impl]:
@@ -71,6 +79,8 @@ def run(configs: Sequence[BenchConfig], impl_names: Sequence[str], device: torch
         sets = [make_input_set(cfg, seed=1000 + i) for i in range(plan.input_sets)]
         lengths = [s.lengths.tolist() if s.lengths is not None else None for s in sets]
         torch_module = impl_registry.build_torch_module(cfg, device, dtype)
+        for impl in impls:
+            impl.before_config()
         built: Dict[str, object] = {}
         build_errors: Dict[str, str] = {}
         for impl in impls:
@@ -155,9 +165,10 @@ def _check_accuracy(cfg, mode, torch_module, sets, mats, device, dtype, active, 
     # Only fusedrnn is judged; the other rows' errors are context (torch's own error in the dtype,
     # the reference's, which computes half types without fp32 state).
     torch_err = rows.get("torch", {}).get("max_rel_err")
-    fused = rows.get("fusedrnn")
-    if "fusedrnn" in comparable and fused["error"] is None:
-        fused["err_ok"] = accuracy.within_tolerance(cfg.dtype, fused["max_rel_err"], torch_err)
+    for name in comparable:
+        row = rows[name]
+        if is_fusedrnn(name) and row["error"] is None:
+            row["err_ok"] = accuracy.within_tolerance(cfg.dtype, row["max_rel_err"], torch_err)
 
 
 def _fill_timing(row: dict, stats: Stats, cfg: BenchConfig, mode: str, lengths) -> None:

@@ -16,6 +16,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from . import flops
 from .configs import BenchConfig
+from .wrapped import CompiledImpl, GraphedImpl
 
 TORCH_CLASSES = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn_tanh": nn.RNN, "rnn_relu": nn.RNN}
 # The reference runs one Python step per time step and layer; past this many it is too slow to
@@ -74,6 +75,9 @@ class Impl:
     def skip_reason(self, cfg: BenchConfig, mode: str, device: torch.device) -> Optional[str]:
         """Why this configuration is left out for this implementation, or None."""
         return None
+
+    def before_config(self) -> None:
+        """Runs before the implementations of each configuration are built."""
 
     def build(self, cfg: BenchConfig, reference_module: nn.Module) -> Callable:
         raise NotImplementedError
@@ -324,18 +328,28 @@ class HasteImpl(Impl):
         return run
 
 
+_FUSED, _TORCH = FusedImpl(), TorchImpl()
 REGISTRY: Dict[str, Impl] = {impl.name: impl for impl in (
-    FusedImpl(), TorchImpl(), ReferenceImpl(), FlashRnnImpl(), HasteImpl())}
+    _FUSED, _TORCH, ReferenceImpl(), FlashRnnImpl(), HasteImpl(),
+    # The same two under torch.compile and from CUDA graphs (wrapped.py): fusedrnn's with
+    # fullgraph=True, torch.nn's as Dynamo leaves it (a graph break around the RNN).
+    CompiledImpl(_FUSED, fullgraph=True), CompiledImpl(_TORCH, fullgraph=False),
+    GraphedImpl(_FUSED), GraphedImpl(_TORCH))}
 DEFAULT_ORDER: List[str] = ["fusedrnn", "torch", "reference", "flashrnn", "haste"]
+# Run only when named (--impls) or by a preset that lists them (configs.PRESET_IMPLS).
+OPT_IN: List[str] = ["fusedrnn+compile", "torch+compile", "fusedrnn+cudagraph", "torch+cudagraph"]
 
 
-def parse_impls(spec: Optional[str]) -> List[str]:
+def parse_impls(spec: Optional[str], default: Optional[List[str]] = None) -> List[str]:
+    """The implementations --impls names (torch added), or `default` (a preset's), or
+    DEFAULT_ORDER."""
     if not spec:
-        return list(DEFAULT_ORDER)
+        return list(default or DEFAULT_ORDER)
     names = [s.strip() for s in spec.split(",") if s.strip()]
     for n in names:
         if n not in REGISTRY:
-            raise ValueError(f"--impls: unknown implementation {n!r}; expected some of {DEFAULT_ORDER}")
+            raise ValueError(f"--impls: unknown implementation {n!r}; expected some of "
+                             f"{DEFAULT_ORDER + OPT_IN}")
     if "torch" not in names:
         names.append("torch")  # every speed-up and error is measured against torch.nn
     return names

@@ -6,7 +6,7 @@ import math
 from typing import Dict, List, Optional, Sequence
 
 from .configs import STANDARD_FLOOR
-from .harness import Outcome, geometric_mean
+from .harness import Outcome, geometric_mean, is_fusedrnn
 from .machine import header_lines
 
 COLUMNS = ("config", "mode", "impl", "median ms", "IQR ms", "min ms", "GFLOP/s", "vs torch", "max rel err")
@@ -87,26 +87,28 @@ def summary_lines(outcome: Outcome) -> List[str]:
         worst = min((r for r in fused if r.get("speedup_vs_torch")), key=lambda r: r["speedup_vs_torch"])
         lines.append(f"fusedrnn vs torch.nn: geometric mean {geometric_mean(speeds):.2f}x over {len(speeds)} rows, "
                      f"lowest {worst['speedup_vs_torch']:.2f}x ({worst['config']['name']} {worst['mode']})")
+    lines += wrapped_lines(outcome)
     variants = sorted({r["config"]["variant"] for r in fused if r["config"].get("variant")})
     if variants:
         lines.append(f"LSTM variants ({', '.join(variants)}): torch.nn has none; their 'vs torch' "
                      f"is torch.nn's plain LSTM of the shape over fusedrnn's variant, and they are "
                      f"checked against fusedrnn.reference in float64")
     lines += target_lines(outcome)
-    checked = [r for r in fused if r.get("err_ok") is not None]
+    judged = [r for r in outcome.results if is_fusedrnn(r["impl"])]
+    checked = [r for r in judged if r.get("err_ok") is not None]
     bad = outcome.fused_failures
-    unchecked = [r for r in fused if r.get("err_ok") is None and not r.get("error")]
-    if fused and not checked:
+    unchecked = [r for r in judged if r.get("err_ok") is None and not r.get("error")]
+    if judged and not checked:
         lines.append("fusedrnn accuracy: not checked (--no-check, or no float64 torch.nn result to compare with)")
-    elif fused:
+    elif judged:
         worst_err = max((r["max_rel_err"] for r in checked if r.get("max_rel_err") is not None), default=None)
         lines.append(f"fusedrnn accuracy: {len(checked) - sum(1 for r in checked if not r['err_ok'])}/{len(checked)} "
                      f"rows within tolerance" + (f", largest max rel err {worst_err:.1e}" if worst_err is not None else ""))
     for r in unchecked if checked else []:  # a row that could not be judged is not a row that passed
-        lines.append(f"NOT CHECKED: fusedrnn {r['config']['name']} {r['mode']}: {r.get('max_rel_err_at') or 'no float64 result'}")
+        lines.append(f"NOT CHECKED: {r['impl']} {r['config']['name']} {r['mode']}: {r.get('max_rel_err_at') or 'no float64 result'}")
     for r in bad:
         why = r.get("error") or f"max rel err {r.get('max_rel_err')} at {r.get('max_rel_err_at')}"
-        lines.append(f"WRONG OR FAILED: fusedrnn {r['config']['name']} {r['mode']}: {why}")
+        lines.append(f"WRONG OR FAILED: {r['impl']} {r['config']['name']} {r['mode']}: {why}")
     timed = [r for r in outcome.results if r.get("median_ms")]
     noisy = [r for r in timed if r["iqr_ms"] > NOISY_IQR * r["median_ms"]]
     if noisy:
@@ -121,6 +123,32 @@ def summary_lines(outcome: Outcome) -> List[str]:
             reasons[key] = reasons.get(key, 0) + 1
         for key, n in sorted(reasons.items()):
             lines.append(f"skipped {n} row(s), {key}")
+    return lines
+
+
+def _ratio_line(outcome: Outcome, impl: str, base: str) -> Optional[str]:
+    """base median / impl median over the (configuration, mode) cells both timed: their
+    geometric mean and lowest cell, or None when no cell has both."""
+    medians = {(r["config"]["name"], r["mode"], r["impl"]): r["median_ms"]
+               for r in outcome.results if r.get("median_ms")}
+    ratios = {(c, m): medians[(c, m, base)] / t for (c, m, i), t in medians.items()
+              if i == impl and (c, m, base) in medians}
+    if not ratios:
+        return None
+    (config, mode), lowest = min(ratios.items(), key=lambda kv: kv[1])
+    return (f"{impl} vs {base}: geometric mean {geometric_mean(list(ratios.values())):.2f}x over "
+            f"{len(ratios)} rows, lowest {lowest:.2f}x ({config} {mode})")
+
+
+def wrapped_lines(outcome: Outcome) -> List[str]:
+    """Compiled and CUDA-graphed rows (wrapped.py) against their eager selves and each other."""
+    lines = []
+    for wrapper in ("compile", "cudagraph"):
+        for impl, base in ((f"fusedrnn+{wrapper}", f"torch+{wrapper}"),
+                           (f"fusedrnn+{wrapper}", "fusedrnn"), (f"torch+{wrapper}", "torch")):
+            line = _ratio_line(outcome, impl, base)
+            if line:
+                lines.append(line)
     return lines
 
 
