@@ -220,3 +220,106 @@ def test_op_gradients_match_eager_and_double_backward_raises():
         with pytest.raises(RuntimeError, match="double backward"):
             torch.autograd.grad(grads_op[0].sum(), leaf, retain_graph=True, allow_unused=True)
             pytest.fail(f"differentiating d_xproj wrt leaf {i} did not raise")
+
+
+# --- the inference op (fusedrnn::rnn_inference, _compiled_inference.py) --------------------------
+
+def _graph_ops(module, *args, grad: bool):
+    """The custom ops of the graph torch.compile records for module(*args) (aot_eager after
+    recording)."""
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return torch._dynamo.backends.debugging.aot_eager(gm, example_inputs)
+
+    compiled = torch.compile(module, fullgraph=True, backend=backend)
+    with torch.set_grad_enabled(grad):
+        compiled(*args)
+    return [op for op in seen if op.startswith("fusedrnn.")], compiled
+
+
+INFERENCE_CASES = [
+    # (id, class, kwargs, T): one op per call for every feature the plan takes
+    ("lstm-peephole-L2-bidir", fusedrnn.LSTM, dict(num_layers=2, bidirectional=True,
+                                                   peephole=True), 5),
+    ("lstm-cifg-proj", fusedrnn.LSTM, dict(coupled_input_forget=True, proj_size=2), 4),
+    ("gru-batch_first-T1", fusedrnn.GRU, dict(batch_first=True, num_layers=2), 1),
+    ("rnn-tanh-bidir-T1", fusedrnn.RNN, dict(bidirectional=True), 1),
+]
+
+
+@pytest.mark.parametrize("name, cls, kwargs, seq_len", INFERENCE_CASES,
+                         ids=[c[0] for c in INFERENCE_CASES])
+def test_compiled_inference_is_one_op_and_matches_eager(name, cls, kwargs, seq_len):
+    """Without gradients a compiled stack is ONE fusedrnn::rnn_inference (the eager fast path:
+    the inference plan, or cell steps at T=1), equal to the eager module in float64; with
+    gradients it stays the layer ops, whose backward AOTAutograd records."""
+    torch.manual_seed(0)
+    module = cls(3, 4, dtype=torch.float64, **kwargs)
+    batch_first = kwargs.get("batch_first", False)
+    x = torch.randn((2, seq_len, 3) if batch_first else (seq_len, 2, 3), dtype=torch.float64)
+    ops, compiled = _graph_ops(module, x, grad=False)
+    assert ops == ["fusedrnn.rnn_inference.default"], ops
+    with torch.no_grad():
+        got, want = compiled(x), module(x)
+    for a, e in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)):
+        assert_close(a, e, TOLERANCE_EAGER, name)
+    torch._dynamo.reset()
+    ops, _ = _graph_ops(module, x, grad=True)
+    assert "fusedrnn.layer_forward.default" in ops and "fusedrnn.rnn_inference.default" not in ops
+
+
+def test_compiled_inference_follows_weight_updates_and_new_weights():
+    """The op reuses a plan made for the same weight tensors at the same memory, which reads the
+    weights' current values: an in-place update is seen; new tensors (.to) get a new plan."""
+    torch.manual_seed(0)
+    module = fusedrnn.LSTM(3, 4, num_layers=2, dtype=torch.float64)
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    with torch.no_grad():
+        compiled(x)
+        for p in module.parameters():
+            p.mul_(0.5)
+        assert_close(compiled(x)[0], module(x)[0], TOLERANCE_EAGER, "after an in-place update")
+        module.to(torch.float32)
+        x32 = x.float()
+        torch.testing.assert_close(compiled(x32)[0], module(x32)[0], rtol=0, atol=0)
+
+
+def test_opcheck_inference_op_and_its_errors():
+    torch.manual_seed(0)
+    module = fusedrnn.LSTM(3, 4, num_layers=2, bidirectional=True, proj_size=2,
+                           dtype=torch.float64)
+    # (Detached: the op runs only where no gradient is needed; its backward raises.)
+    weights = [w.detach() for layer in module._layer_weights() for w in layer if w is not None]
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    h0 = torch.randn(4, 2, 2, dtype=torch.float64)
+    c0 = torch.randn(4, 2, 4, dtype=torch.float64)
+    args = ["lstm", x, h0, c0, weights, 2, 2, True, True, False]
+    torch.library.opcheck(torch.ops.fusedrnn.rnn_inference, args,
+                          test_utils=("test_schema", "test_faketensor",
+                                      "test_aot_dispatch_static", "test_aot_dispatch_dynamic"))
+    out, h_n, c_n = torch.ops.fusedrnn.rnn_inference(*args)
+    want = module(x, (h0, c0))
+    assert_close(out, want[0], TOLERANCE_EAGER, "output")
+    assert_close(c_n, want[1][1], TOLERANCE_EAGER, "c_n")
+    bad = [
+        (dict(h0=torch.randn(4, 3, 2, dtype=torch.float64)), "h0 must be"),
+        (dict(weights=weights[:-1]), "expected 4 x 5 weights"),
+        (dict(x=torch.randn(5, 2, 6, dtype=torch.float64)), "weight shapes do not fit"),
+        (dict(x=x.float()), "x must be"),
+        (dict(cell="gru"), "has no projection"),
+    ]
+    names = ["cell", "x", "h0", "c0", "weights"]
+    for change, message in bad:
+        call = list(args)
+        for key, value in change.items():
+            call[names.index(key)] = value
+        with pytest.raises(ValueError, match=message):
+            torch.ops.fusedrnn.rnn_inference(*call)
+    # Called where a gradient is needed (functional.rnn never does so), its backward says why.
+    live = [w for layer in module._layer_weights() for w in layer if w is not None]
+    out = torch.ops.fusedrnn.rnn_inference("lstm", x, h0, c0, live, 2, 2, True, True, False)[0]
+    with pytest.raises(RuntimeError, match="has no backward"):
+        out.sum().backward()

@@ -188,6 +188,51 @@ def layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor], c0: Optiona
     return out, torch.stack(hs), torch.stack(cs) if cell in LSTM_CELLS else None
 
 
+def stack_problem(cell: str, x: Tensor, weights, h0: Optional[Tensor], c0: Optional[Tensor],
+                  num_layers: int, num_dirs: int) -> Optional[str]:
+    """layer_problem for every layer of a stack run by stack() on x [1, B, I]: None when all of
+    its operands fit a cell step."""
+    batch, width = x.size(1), x.size(2)
+    for layer_index in range(num_layers):
+        h0_layer, c0_layer = layer_states(h0, c0, layer_index, num_dirs)
+        layer_weights = weights[layer_index * num_dirs:(layer_index + 1) * num_dirs]
+        problem = layer_problem(cell, x.dtype, batch, width, layer_weights, h0_layer, c0_layer)
+        if problem is not None:
+            return problem
+        width = num_dirs * layer_weights[0][1].size(1)  # the next layer's input: this one's output
+    return None
+
+
+def stack(cell: str, x: Tensor, weights, h0: Optional[Tensor], c0: Optional[Tensor],
+          num_layers: int, num_dirs: int):
+    """A stacked RNN over a sequence of ONE step, x [1, B, I], every layer and direction a cell
+    step (layer()); weights: functional.rnn's, checked by stack_problem(); h0 [L*D, B, P], c0
+    [L*D, B, H] or None. Returns (output [1, B, D*P], h_n, c_n or None)."""
+    step_input = x[0]
+    h_n, c_n = [], []
+    for layer_index in range(num_layers):
+        h0_layer, c0_layer = layer_states(h0, c0, layer_index, num_dirs)
+        step_input, hn, cn = layer(
+            cell, step_input, weights[layer_index * num_dirs:(layer_index + 1) * num_dirs],
+            h0_layer, c0_layer)
+        h_n.append(hn)
+        c_n.append(cn)
+    single = len(h_n) == 1
+    return (step_input.unsqueeze(0), h_n[0] if single else torch.cat(h_n),
+            (c_n[0] if single else torch.cat(c_n)) if cell in LSTM_CELLS else None)
+
+
+def layer_states(h0: Optional[Tensor], c0: Optional[Tensor], layer_index: int, num_dirs: int):
+    """The [D, B, size] slices of one layer of the initial states (None stays None); the
+    states themselves when they hold one layer (a slice would be a view, ~1 us, at every step
+    of a stream)."""
+    if h0 is not None and h0.size(0) != num_dirs:
+        h0 = h0[layer_index * num_dirs:(layer_index + 1) * num_dirs]
+    if c0 is not None and c0.size(0) != num_dirs:
+        c0 = c0[layer_index * num_dirs:(layer_index + 1) * num_dirs]
+    return h0, c0
+
+
 def _products(cell, x, h, w_ih, w_hh):
     """(xpre, hpre) without biases (the native pass adds them): for a GRU x W_ih^T and h W_hh^T;
     for LSTM and RNN their sum in xpre (hpre None), the second GEMM accumulating in place."""

@@ -118,11 +118,18 @@ def _shapes_fit(module, cell: str, layer_weights: list, num_directions: int) -> 
     """Whether every weight has the shape the module's sizes imply. The native calls trust them:
     a parameter replaced by one of another shape must not be read past its end. Checked when a
     plan is built, so once per set of weights."""
-    hidden, state = module.hidden_size, module._state_size
+    return weight_shapes_fit(cell, layer_weights, num_directions, module.input_size,
+                             module.hidden_size, module._state_size)
+
+
+def weight_shapes_fit(cell: str, layer_weights: list, num_directions: int, input_size: int,
+                      hidden: int, state: int) -> bool:
+    """Whether every weight of a stack (functional.rnn's layer weights) has the shape these
+    sizes imply."""
     rows = GATE_COUNT[cell] * hidden
     peephole_shape = (PEEPHOLE_ROWS.get(cell), hidden)
     for index, (w_ih, w_hh, b_ih, b_hh, w_hr, *peephole) in enumerate(layer_weights):
-        width = module.input_size if index < num_directions else num_directions * state
+        width = input_size if index < num_directions else num_directions * state
         if (w_ih.shape != (rows, width) or w_hh.shape != (rows, state)
                 or any(b is not None and b.shape != (rows,) for b in (b_ih, b_hh))
                 or (w_hr is not None and w_hr.shape != (state, hidden))

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import (_backend, _cell_step, _input_projection, _onnx_export, _recomputed_grads,
-               _validation, reference)
+from . import (_backend, _cell_step, _compiled_inference, _input_projection, _onnx_export,
+               _recomputed_grads, _validation, reference)
 from ._backend import GATE_COUNT, LSTM_CELLS, SAVED_GATE_COUNT
 
 CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu", "lstm_cifg")
@@ -67,6 +67,12 @@ def rnn(cell: str, input: Tensor, weights, hx=None, *, num_layers: int = 1,
     # grad, decided here, before a cast (float16, autocast) makes copies whose requires_grad
     # follows grad mode.
     trace_save = torch.jit.is_tracing() and _any_requires_grad(input, weights, hx)
+    # A compiled call that needs no gradient runs the eager fast path as one op.
+    needs_grad = torch.is_grad_enabled() and _any_requires_grad(input, weights, hx)
+    if _compiled_inference.applies(cell, input, weights, hx, num_layers, num_directions, lengths,
+                                   dropout, training, needs_grad):
+        return _compiled_inference.run(cell, input, weights, hx, num_layers, num_directions,
+                                       batch_first)
     # Autocast would turn the input projection into another dtype than the recurrent weights, and
     # the native call takes one dtype for all its tensors: dtypes are chosen explicitly here.
     # (Autocast has no meta device: a meta input runs as it is.)

@@ -267,42 +267,25 @@ class RNNBase(nn.Module):
         GRU H=256 B=2 34 against 80)."""
         if not _cell_step.applies(x, dims=3):
             return None
-        cell, batch, num_dirs = self._cell, x.size(1), 2 if self.bidirectional else 1
+        cell, num_dirs = self._cell, 2 if self.bidirectional else 1
         # The module's own parameters, checked once (the caller checked x and the states).
         checked = _inference.one_step_weights(self, cell, num_dirs)
         if checked is not None:
             return checked
         weights = self._layer_weights()
-        width = x.size(2)
-        for layer in range(self.num_layers):
-            h0_layer, c0_layer = _layer_states(h0, c0, layer, num_dirs)
-            if _cell_step.layer_problem(cell, x.dtype, batch, width,
-                                        weights[layer * num_dirs:(layer + 1) * num_dirs],
-                                        h0_layer, c0_layer) is not None:
-                return None
-            width = num_dirs * self._state_size  # the next layer's input: this one's output
+        if _cell_step.stack_problem(cell, x, weights, h0, c0, self.num_layers, num_dirs):
+            return None
         return weights
 
     def _one_step(self, x: Tensor, h0: Optional[Tensor], c0: Optional[Tensor], weights):
         """A sequence of one step (a stream or a decoder fed one step per call, with or without
-        autograd): every layer and direction is a cell step (_cell_step.layer), straight from
+        autograd): every layer and direction is a cell step (_cell_step.stack), straight from
         the parameters. At T=1 the recurrence would pack W_hh for a single use, and the inference
         plan's bookkeeping costs more than it saves (RNN B=1 H=256: ~50 against ~35 us a call
         this way).
         weights: _one_step_weights'. Returns (output [1, B, D*P], h_n, c_n or None)."""
-        cell = self._cell
-        num_dirs = 2 if self.bidirectional else 1
-        step = x[0]
-        h_n, c_n = [], []
-        for layer in range(self.num_layers):
-            h0_layer, c0_layer = _layer_states(h0, c0, layer, num_dirs)
-            step, hn, cn = _cell_step.layer(
-                cell, step, weights[layer * num_dirs:(layer + 1) * num_dirs], h0_layer, c0_layer)
-            h_n.append(hn)
-            c_n.append(cn)
-        single = len(h_n) == 1
-        return (step.unsqueeze(0), h_n[0] if single else torch.cat(h_n),
-                (c_n[0] if single else torch.cat(c_n)) if cell in LSTM_CELLS else None)
+        return _cell_step.stack(self._cell, x, weights, h0, c0, self.num_layers,
+                                2 if self.bidirectional else 1)
 
     def _eager_forward(self, input, hx):
         fast = self._fast_forward(input, hx)
@@ -603,17 +586,6 @@ class RNN(RNNBase):
 # (CPU_DTYPES); CUDA's half types take the full path, as before: the plan has not been
 # measured on a GPU in them.
 _NATIVE_DTYPES = (torch.float32, torch.float64)
-
-
-def _layer_states(h0: Optional[Tensor], c0: Optional[Tensor], layer: int, num_dirs: int):
-    """The [D, B, size] slices of layer `layer` of the initial states (None stays None); the
-    states themselves when they hold one layer (a slice would be a view, ~1 us, at every step
-    of a stream)."""
-    if h0 is not None and h0.size(0) != num_dirs:
-        h0 = h0[layer * num_dirs:(layer + 1) * num_dirs]
-    if c0 is not None and c0.size(0) != num_dirs:
-        c0 = c0[layer * num_dirs:(layer + 1) * num_dirs]
-    return h0, c0
 
 
 def _in_caller_order(h_n: Tensor, c_n: Optional[Tensor], unsorted_indices: Optional[Tensor]):
