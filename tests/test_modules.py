@@ -446,6 +446,72 @@ def test_parameters_state_dict_and_repr(torch_cls, our_cls, kwargs):
     ours.flatten_parameters()
 
 
+def _outcome(call):
+    """A call's result, or its exception's type and message: what a caller can observe."""
+    try:
+        return (None, call())
+    except Exception as exc:
+        return (type(exc), str(exc))
+
+
+def _same_outcome(ours, theirs) -> bool:
+    """The same result, or an exception that torch.nn's except clauses catch with the same
+    message (fusedrnn's error types subclass torch's)."""
+    if ours[0] is None or theirs[0] is None:
+        return ours == theirs
+    return issubclass(ours[0], theirs[0]) and ours[1] == theirs[1]
+
+
+@pytest.mark.parametrize("torch_cls, our_cls, kwargs", SURFACE_CASES,
+                         ids=["lstm-proj-bidir", "lstm-nobias", "gru-bidir", "rnn-relu"])
+def test_checking_helpers_like_torch(torch_cls, our_cls, kwargs):
+    """torch.nn.RNNBase's public helpers (check_input, get_expected_hidden_size,
+    check_hidden_size, check_forward_args, permute_hidden, LSTM's get_expected_cell_size), which
+    a subclass that overrides forward calls: the same results and the same errors."""
+    theirs, ours = torch_cls(5, 7, **kwargs), our_cls(5, 7, **kwargs)
+    lstm = torch_cls is nn.LSTM
+    states = theirs.num_layers * (2 if theirs.bidirectional else 1)
+    state_size = theirs.proj_size or theirs.hidden_size
+    x = torch.randn(4, 3, 5)
+    batch = 4 if theirs.batch_first else 3
+    packed = torch.randn(6, 5)
+    batch_sizes = torch.tensor([3, 2, 1])
+
+    def hidden(batch, size=state_size):
+        h = torch.randn(states, batch, size)
+        return (h, torch.randn(states, batch, theirs.hidden_size)) if lstm else h
+
+    calls = [
+        lambda m: m.check_input(x, None),
+        lambda m: m.check_input(packed, batch_sizes),
+        lambda m: m.check_input(packed, None),
+        lambda m: m.check_input(x.double(), None),
+        lambda m: m.check_input(torch.randn(4, 3, 6), None),
+        lambda m: m.get_expected_hidden_size(x, None),
+        lambda m: m.get_expected_hidden_size(packed, batch_sizes),
+        lambda m: m.check_hidden_size(torch.randn(states, batch, state_size),
+                                      (states, batch, state_size)),
+        lambda m: m.check_hidden_size(torch.randn(1, 2, 3), (states, batch, state_size)),
+        lambda m: m.check_hidden_size(torch.randn(1, 2, 3), (1, 2, 4), "want {} got {}"),
+        lambda m: m.check_forward_args(x, hidden(batch), None),
+        lambda m: m.check_forward_args(packed, hidden(3), batch_sizes),
+        lambda m: m.check_forward_args(x, hidden(batch + 1), None),
+    ]
+    if lstm:
+        bad_cell = (hidden(batch)[0], torch.randn(states, batch, theirs.hidden_size + 1))
+        calls += [lambda m: m.get_expected_cell_size(x, None),
+                  lambda m: m.check_forward_args(x, bad_cell, None)]
+    for i, call in enumerate(calls):
+        got, want = _outcome(lambda: call(ours)), _outcome(lambda: call(theirs))
+        assert _same_outcome(got, want), f"call {i}: {got} against torch.nn's {want}"
+    permutation = torch.tensor([2, 0, 1])
+    hx = hidden(3)
+    assert ours.permute_hidden(hx, None) is hx
+    got, want = ours.permute_hidden(hx, permutation), theirs.permute_hidden(hx, permutation)
+    for a, e in zip(*(v if lstm else (v,) for v in (got, want))):
+        assert torch.equal(a, e)
+
+
 @pytest.mark.parametrize("name, kwargs", [("LSTMCell", {}), ("GRUCell", dict(bias=False)),
                                           ("RNNCell", dict(nonlinearity="relu"))])
 def test_cell_surface(name, kwargs):

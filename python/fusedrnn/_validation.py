@@ -137,9 +137,7 @@ def check_input_dim(name: str, input: Tensor, allowed: tuple) -> None:
 def check_input(input: Tensor, weight: Tensor, input_size: int, expected_dim: int) -> None:
     """torch.nn.RNNBase.check_input: dtype (ValueError), rank and feature size (RuntimeError)."""
     if input.dtype != weight.dtype:
-        raise InputDtypeError(
-            f"RNN input dtype ({input.dtype}) does not match weight dtype ({weight.dtype}). "
-            f"Convert input: input.to({weight.dtype}), or convert model: model.to({input.dtype})")
+        raise input_dtype_error(input, weight)
     if input.dim() != expected_dim:
         raise RuntimeError(f"input must have {expected_dim} dimensions, got {input.dim()}")
     if input.size(-1) != input_size:
@@ -149,6 +147,13 @@ def check_input(input: Tensor, weight: Tensor, input_size: int, expected_dim: in
         raise RuntimeError(
             "Input and parameter tensors are not at the same device, found input tensor at "
             f"{input.device} and parameter tensor at {weight.device}")
+
+
+def input_dtype_error(input: Tensor, weight: Tensor) -> InputDtypeError:
+    """torch.nn's error for an input whose dtype is not the weights'."""
+    return InputDtypeError(
+        f"RNN input dtype ({input.dtype}) does not match weight dtype ({weight.dtype}). "
+        f"Convert input: input.to({weight.dtype}), or convert model: model.to({input.dtype})")
 
 
 def check_sequence_length(seq_len: int) -> None:

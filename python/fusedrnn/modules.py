@@ -114,6 +114,53 @@ class RNNBase(nn.Module):
     def flatten_parameters(self) -> None:
         """No-op, kept for compatibility: the kernels read the parameters where they are."""
 
+    # torch.nn.RNNBase's checking helpers. forward does not call them (it checks with
+    # _validation's fuller messages), but they are public there, and a subclass that overrides
+    # forward calls them: same results and errors as torch.nn's.
+
+    def check_input(self, input: Tensor, batch_sizes: Optional[Tensor]) -> None:
+        weight = self.weight_ih_l0
+        if input.dtype != weight.dtype and not torch._C._is_any_autocast_enabled():
+            raise check.input_dtype_error(input, weight)
+        expected_dim = 2 if batch_sizes is not None else 3
+        if input.dim() != expected_dim:
+            raise RuntimeError(f"input must have {expected_dim} dimensions, got {input.dim()}")
+        if self.input_size != input.size(-1):
+            raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected "
+                               f"{self.input_size}, got {input.size(-1)}")
+
+    def get_expected_hidden_size(self, input: Tensor,
+                                 batch_sizes: Optional[Tensor]) -> tuple[int, int, int]:
+        if batch_sizes is not None:
+            mini_batch = int(batch_sizes[0])
+        else:
+            mini_batch = input.size(0) if self.batch_first else input.size(1)
+        return (self._num_states, mini_batch, self._state_size)
+
+    def check_hidden_size(self, hx: Tensor, expected_hidden_size: tuple[int, int, int],
+                          msg: str = "Expected hidden size {}, got {}") -> None:
+        if hx.size() != expected_hidden_size:
+            raise RuntimeError(msg.format(expected_hidden_size, list(hx.size())))
+
+    def check_forward_args(self, input: Tensor, hidden, batch_sizes: Optional[Tensor]) -> None:
+        self.check_input(input, batch_sizes)
+        expected_hidden_size = self.get_expected_hidden_size(input, batch_sizes)
+        if self.mode != "LSTM":
+            self.check_hidden_size(hidden, expected_hidden_size)
+            return
+        self.check_hidden_size(hidden[0], expected_hidden_size,
+                               "Expected hidden[0] size {}, got {}")
+        self.check_hidden_size(hidden[1], self.get_expected_cell_size(input, batch_sizes),
+                               "Expected hidden[1] size {}, got {}")
+
+    def permute_hidden(self, hx, permutation: Optional[Tensor]):
+        """hx (for an LSTM the pair (h, c)) with its batch dimension in `permutation`'s order."""
+        if permutation is None:
+            return hx
+        if self.mode == "LSTM":
+            return hx[0].index_select(1, permutation), hx[1].index_select(1, permutation)
+        return hx.index_select(1, permutation)
+
     @property
     def all_weights(self) -> list[list[nn.Parameter]]:
         return [[getattr(self, name) for name in names] for names in self._all_weights]
@@ -491,6 +538,12 @@ class LSTM(RNNBase):
         self.coupled_input_forget = bool(coupled_input_forget)
         super().__init__("LSTM", input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, proj_size, device, dtype)
+
+    def get_expected_cell_size(self, input: Tensor,
+                               batch_sizes: Optional[Tensor]) -> tuple[int, int, int]:
+        """torch.nn.LSTM's: the shape c_0 must have (RNNBase.check_forward_args)."""
+        expected = self.get_expected_hidden_size(input, batch_sizes)
+        return (expected[0], expected[1], self.hidden_size)
 
     @overload
     @torch._jit_internal._overload_method  # torch.nn.LSTM's two signatures, for TorchScript
