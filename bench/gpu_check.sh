@@ -27,8 +27,12 @@
 #                       150; only where pytest-timeout is installed), so a hung kernel cannot eat
 #                       the lease
 #   GPU_CHECK_SKIP      space-separated steps to skip: build import tests memcheck racecheck bench
-#                       synccheck probe ncu (e.g. to finish, on a machine that is still warm, what an
+#                       synccheck graphs probe ncu (e.g. to finish, on a machine that is still warm, what an
 #                       earlier run did not reach)
+#   GPU_CHECK_GRAPHS    1: after the benchmark, also run the compile preset (fusedrnn and torch.nn
+#                       eager, replayed from CUDA graphs and under torch.compile; up to 150 s,
+#                       whatever cells finish are kept) into OUTDIR/graphs.{json,md,txt}
+#   GPU_CHECK_GRAPHS_IMPLS  that run's --impls (default: all six of the compile preset)
 #   GPU_CHECK_PROBE     1: after the benchmark, also run bench/gpu_probe.py (per-step costs against
 #                       cuDNN, the exchange variants, the barrier floor; up to 150 s) into OUTDIR/probe.txt
 #   GPU_CHECK_NCU       1: last, profile the anchor's recurrence kernels (bf16 LSTM B=16 T=1024
@@ -255,6 +259,19 @@ export -f bench
 run_step bench 300 bench
 [ -f "$OUT/logs/bench.log" ] && cp "$OUT/logs/bench.log" "$OUT/bench.txt"
 
+# --- CUDA graphs and torch.compile (optional) ---------------------------------------------------
+graphs() {
+  local impls=()
+  [ -n "${GPU_CHECK_GRAPHS_IMPLS:-}" ] && impls=(--impls "$GPU_CHECK_GRAPHS_IMPLS")
+  (cd "$OUT" && "$PYTHON" -m fusedrnn.bench --device cuda --preset compile "${impls[@]}" \
+    --json "$OUT/graphs.json" --markdown "$OUT/graphs.md")
+}
+export -f graphs
+if [ "${GPU_CHECK_GRAPHS:-0}" = 1 ]; then
+  run_step graphs 150 graphs
+  [ -f "$OUT/logs/graphs.log" ] && cp "$OUT/logs/graphs.log" "$OUT/graphs.txt"
+fi
+
 # --- per-step probe (optional) ---------------------------------------------------------------------
 probe() {
   (cd "$OUT" && "$PYTHON" "$REPO/bench/gpu_probe.py")
@@ -296,6 +313,12 @@ fi
     echo "## Benchmark ($PRESET preset)"
     echo
     sed '1,/^```$/d' "$OUT/bench.md" | sed '1,/^```$/d'
+  fi
+  if [ -f "$OUT/graphs.md" ]; then
+    echo
+    echo "## CUDA graphs and torch.compile (compile preset)"
+    echo
+    sed '1,/^```$/d' "$OUT/graphs.md" | sed '1,/^```$/d'
   fi
 } > "$OUT/summary.md"
 echo
