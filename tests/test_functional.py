@@ -166,6 +166,23 @@ def test_mismatched_dtypes_raise_instead_of_reaching_native():
         functional.rnn("lstm", x, weights, (h0, h0.double()))
 
 
+@pytest.mark.parametrize("cell", ["lstm", "lstm_cifg", "gru"])
+def test_state_structure_and_input_weights_named_in_errors(cell):
+    """An hx of the wrong structure, and a w_ih of the wrong width, are named as such (they
+    used to fail as "not enough values to unpack" and inside torch's projection GEMM)."""
+    weights = random_weights(cell, 3, 4, 2, 2)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    h0 = torch.randn(4, 2, 4, dtype=torch.float64)
+    wrong = h0 if cell != "gru" else (h0, h0)
+    with pytest.raises(ValueError, match=r"hx must be None or a (pair|tensor)"):
+        functional.rnn(cell, x, weights, wrong, num_layers=2, bidirectional=True)
+    bad = [list(w) for w in weights]
+    bad[3][0] = torch.randn(bad[3][1].shape[0], 5, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"w_ih of weights\[3\] \(layer 1, reverse\) must be "
+                                         r"\[\d+, 8\]"):
+        functional.rnn(cell, x, [tuple(w) for w in bad], num_layers=2, bidirectional=True)
+
+
 @pytest.mark.parametrize("directions", [1, 2], ids=["uni", "bidir"])
 @pytest.mark.parametrize("proj", [0, 3], ids=["noproj", "proj"])
 @pytest.mark.parametrize("padded", [False, True], ids=["dense", "lengths"])

@@ -42,6 +42,11 @@ class InputDtypeError(ValueError, RuntimeError):
     RuntimeError from its GEMM for an LSTM on packed input; this is both."""
 
 
+class WeightShapeError(ValueError, RuntimeError):
+    """functional.rnn's w_ih of the wrong shape: ValueError like its other argument errors, and
+    RuntimeError like the projection GEMM's error it replaced."""
+
+
 class NegativeSizeError(ValueError, RuntimeError):
     """A cell's hidden_size below zero: torch.nn's cells fail with RuntimeError (from torch.empty),
     its RNN modules with ValueError."""
