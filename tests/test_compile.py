@@ -307,8 +307,13 @@ def test_opcheck_inference_op_and_its_errors():
     bad = [
         (dict(h0=torch.randn(4, 3, 2, dtype=torch.float64)), "h0 must be"),
         (dict(weights=weights[:-1]), "expected 4 x 5 weights"),
-        (dict(x=torch.randn(5, 2, 6, dtype=torch.float64)), "weight shapes do not fit"),
+        (dict(x=torch.randn(5, 2, 6, dtype=torch.float64)), "x must be"),
         (dict(x=x.float()), "x must be"),
+        (dict(x=x[:, :0]), "empty sizes"),
+        # the second layer's w_ih (after 2 x 5 weights of the first layer), one column short
+        (dict(weights=[*weights[:10], weights[10][:, :-1], *weights[11:]]),
+         "weight shapes do not fit"),
+        (dict(weights=[*weights[:-1], weights[-1].float()]), "every weight must have"),
         (dict(cell="gru"), "has no projection"),
     ]
     names = ["cell", "x", "h0", "c0", "weights"]

@@ -79,13 +79,14 @@ def rnn_inference(cell: str, x: Tensor, h0: Optional[Tensor], c0: Optional[Tenso
     weights: per layer and direction w_ih, w_hh, then b_ih, b_hh, w_hr and the peephole
     weights where the flags say so. Returns (output [T, B, D*P], h_n [L*D, B, P], c_n [L*D, B, H],
     an empty tensor for cells without c)."""
-    layer_weights = _checked(cell, x, h0, c0, weights, num_layers, num_directions, has_bias,
-                             has_proj, has_peephole)
+    layer_weights = _layer_tuples(cell, weights, num_layers, num_directions, has_bias, has_proj,
+                                  has_peephole)
+    _check_input_and_states(cell, x, h0, c0, weights, num_layers * num_directions)
     if x.size(0) == 1 and _cell_step.applies(x, dims=3) and not _cell_step.stack_problem(
             cell, x, layer_weights, h0, c0, num_layers, num_directions):
         result = _cell_step.stack(cell, x, layer_weights, h0, c0, num_layers, num_directions)
     else:
-        plan = _plan(cell, layer_weights, num_layers, num_directions)
+        plan = _plan(cell, layer_weights, num_layers, num_directions, x.shape[2])
         result = plan.run(x, h0, c0)
     output, h_n, c_n = result
     return output, h_n, c_n if c_n is not None else x.new_empty(0)
@@ -94,8 +95,10 @@ def rnn_inference(cell: str, x: Tensor, h0: Optional[Tensor], c0: Optional[Tenso
 @rnn_inference.register_fake
 def _rnn_inference_fake(cell, x, h0, c0, weights, num_layers, num_directions, has_bias, has_proj,
                         has_peephole):
-    _checked(cell, x, h0, c0, weights, num_layers, num_directions, has_bias, has_proj,
-             has_peephole)
+    layer_weights = _layer_tuples(cell, weights, num_layers, num_directions, has_bias, has_proj,
+                                  has_peephole)
+    _check_input_and_states(cell, x, h0, c0, weights, num_layers * num_directions)
+    _check_weights(cell, layer_weights, num_directions, x.shape[2])
     state, hidden = weights[1].shape[1], weights[1].shape[0] // GATE_COUNT[cell]
     seq_len, batch, states = x.shape[0], x.shape[1], num_layers * num_directions
     c_n = x.new_empty(states, batch, hidden) if cell in LSTM_CELLS else x.new_empty(0)
@@ -103,11 +106,14 @@ def _rnn_inference_fake(cell, x, h0, c0, weights, num_layers, num_directions, ha
             x.new_empty(states, batch, state), c_n)
 
 
-def _checked(cell, x, h0, c0, weights, num_layers, num_directions, has_bias, has_proj,
-             has_peephole) -> list:
-    """The weights as functional.rnn's layer tuples, after checking every size the native calls
-    trust (the op is public as torch.ops.fusedrnn.rnn_inference); ValueError naming the
-    argument otherwise."""
+# The checks of every size the native calls trust (the op is public as
+# torch.ops.fusedrnn.rnn_inference): ValueError naming the argument. The weights' own checks
+# run when a plan is made for them (_plan): a plan is reused only for the same tensors in the
+# same memory, which passed them.
+
+def _layer_tuples(cell, weights, num_layers, num_directions, has_bias, has_proj,
+                  has_peephole) -> list:
+    """The flat weights as functional.rnn's layer tuples, their count checked."""
     if cell not in GATE_COUNT:
         raise ValueError(f"fusedrnn::rnn_inference: cell must be one of {sorted(GATE_COUNT)}, "
                          f"got {cell!r}")
@@ -127,17 +133,23 @@ def _checked(cell, x, h0, c0, weights, num_layers, num_directions, has_bias, has
         b_ih, b_hh = (w.pop(0), w.pop(0)) if has_bias else (None, None)
         w_hr = w.pop(0) if has_proj else None
         layer_weights.append((w_ih, w_hh, b_ih, b_hh, w_hr, *w))
-    if x.dim() != 3 or any(w.dim() != 2 or w.dtype != x.dtype or w.device != x.device
-                           for w in (weights[0], weights[1])):
-        raise ValueError(f"fusedrnn::rnn_inference: x must be [T, B, I] of the weights' dtype "
-                         f"and device, got {x.dtype} {tuple(x.shape)} on {x.device}")
-    w_hh = weights[1]
-    state, hidden = w_hh.shape[1], w_hh.shape[0] // GATE_COUNT[cell]
-    if not _inference.weight_shapes_fit(cell, layer_weights, num_directions, x.shape[2], hidden,
-                                        state):
-        raise ValueError(f"fusedrnn::rnn_inference: weight shapes do not fit a {cell} stack of "
-                         f"input size {x.shape[2]}, hidden size {hidden}, state size {state}")
-    for name, t, size in (("h0", h0, state), ("c0", c0, hidden)):
+    return layer_weights
+
+
+def _check_input_and_states(cell, x, h0, c0, weights, entries: int) -> None:
+    """x [T, B, I] with T, B > 0, of the first layer's width, dtype and device; h0, c0 of the
+    shapes the first w_hh implies."""
+    w_ih, w_hh = weights[0], weights[1]
+    if (x.dim() != 3 or w_ih.dim() != 2 or w_hh.dim() != 2 or x.shape[2] != w_ih.shape[1]
+            or x.dtype != w_ih.dtype or x.device != w_ih.device):
+        raise ValueError(f"fusedrnn::rnn_inference: x must be [T, B, {list(w_ih.shape)[-1]}] "
+                         f"{w_ih.dtype} on {w_ih.device} (the first w_ih's width, dtype and "
+                         f"device), got {x.dtype} {tuple(x.shape)} on {x.device}")
+    hidden = w_hh.shape[0] // GATE_COUNT[cell]
+    if x.shape[0] == 0 or x.shape[1] == 0 or hidden == 0:
+        raise ValueError(f"fusedrnn::rnn_inference: empty sizes are not taken (T={x.shape[0]}, "
+                         f"B={x.shape[1]}, hidden={hidden}); functional.rnn handles them")
+    for name, t, size in (("h0", h0, w_hh.shape[1]), ("c0", c0, hidden)):
         expected = (entries, x.shape[1], size)
         if t is not None and (tuple(t.shape) != expected or t.dtype != x.dtype
                               or t.device != x.device):
@@ -146,19 +158,32 @@ def _checked(cell, x, h0, c0, weights, num_layers, num_directions, has_bias, has
                              f"{t.device}")
     if c0 is not None and cell not in LSTM_CELLS:
         raise ValueError(f"fusedrnn::rnn_inference: a {cell} has no c0")
-    if any(w.dtype != x.dtype or w.device != x.device for w in weights):
+
+
+def _check_weights(cell, layer_weights, num_directions: int, input_size: int) -> None:
+    """Every weight of the first's dtype and device, of the shapes a stack of that input size
+    has."""
+    first = layer_weights[0][1]
+    if any(w is not None and (w.dtype != first.dtype or w.device != first.device)
+           for layer in layer_weights for w in layer):
         raise ValueError("fusedrnn::rnn_inference: every weight must have x's dtype and device")
-    return layer_weights
+    state, hidden = first.shape[1], first.shape[0] // GATE_COUNT[cell]
+    if not _inference.weight_shapes_fit(cell, layer_weights, num_directions, input_size, hidden,
+                                        state):
+        raise ValueError(f"fusedrnn::rnn_inference: weight shapes do not fit a {cell} stack of "
+                         f"input size {input_size}, hidden size {hidden}, state size {state}")
 
 
-def _plan(cell: str, layer_weights: list, num_layers: int, num_directions: int):
+def _plan(cell: str, layer_weights: list, num_layers: int, num_directions: int,
+          input_size: int):
     """An inference plan of these weights: the one made for the same tensors at the same memory
-    (kept while the first weight lives), else a new one."""
+    (kept while the first weight lives), else a new one, after checking the weights."""
     params = tuple(w for layer in layer_weights for w in layer if w is not None)
-    shape = (cell, num_layers, num_directions)
+    shape = (cell, num_layers, num_directions, input_size)
     cached = _plans.get(params[0])
     if cached is not None and cached[0] == shape and cached[1].matches(params):
         return cached[1].plan
+    _check_weights(cell, layer_weights, num_directions, input_size)
     plan = _inference.InferencePlan(cell, layer_weights, num_layers, num_directions)
     if plan.points_into_parameters:
         _plans[params[0]] = (shape, _inference._CachedPlan(plan, params))
@@ -167,7 +192,7 @@ def _plan(cell: str, layer_weights: list, num_layers: int, num_directions: int):
     return plan
 
 
-# First weight -> ((cell, layers, directions), _CachedPlan). By identity: a tensor's == compares
+# First weight -> ((cell, layers, directions, input size), _CachedPlan). By identity: a tensor's == compares
 # elements.
 _plans = WeakIdKeyDictionary()
 
