@@ -99,10 +99,13 @@ def under_transform() -> bool:
     have no forward-mode formula and are not in the form the transforms need (nor are
     torch.library custom ops' in this torch), and under vmap the tensors have no memory of their
     own: there a layer runs as fusedrnn.reference's plain torch ops, which all of them support.
-    Never while torch.compile traces (dynamo reports an interpreter of its own there): compiled
-    code holds the custom ops."""
-    return not torch.compiler.is_compiling() and (
-        _transform_stack() is not None or _dual_level() >= 0)
+    While torch.compile traces, only forward-mode AD counts: Dynamo reports an interpreter of
+    its own on the transform stack at every trace, but its dual level is -1 unless a jvp (or a
+    dual_level block) is traced, whose tangents through the custom ops came out as zeros, with
+    no error. (A compiled vmap or grad fails in the custom ops' fake kernels, loudly.)"""
+    if _dual_level() >= 0:
+        return True
+    return not torch.compiler.is_compiling() and _transform_stack() is not None
 
 
 def plain_eager() -> bool:
