@@ -86,6 +86,20 @@ def test_wrapped_implementations_listed_and_refused_by_name_on_cpu(capsys, torch
     assert code == cli.EXIT_USAGE and "fusedrnn+cudagraph" in err  # the names it takes
 
 
+def test_compiling_leaves_the_eager_rows_module_alone():
+    """nn.Module.compile() works in place, and torch.nn's eager row runs the very module that
+    holds the weights: the compiled row compiles a copy, or the eager row would run compiled."""
+    cfg = TINY_COMPILE[0]
+    reference = impls.build_torch_module(cfg, torch.device("cpu"), torch.float32)
+    compiled = impls.REGISTRY["torch+compile"].build(cfg, reference)
+    eager = impls.REGISTRY["torch"].build(cfg, reference)
+    assert eager is reference and compiled is not reference
+    assert getattr(reference, "_compiled_call_impl", None) is None
+    assert getattr(compiled, "_compiled_call_impl", None) is not None
+    for (name, a), (_, b) in zip(compiled.named_parameters(), reference.named_parameters()):
+        assert torch.equal(a, b), name
+
+
 def test_parameter_names_of_wrapped_modules_are_the_modules_own():
     module = torch.nn.LSTM(3, 4)
     nested = torch.nn.Module()

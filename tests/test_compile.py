@@ -328,3 +328,38 @@ def test_opcheck_inference_op_and_its_errors():
     out = torch.ops.fusedrnn.rnn_inference("lstm", x, h0, c0, live, 2, 2, True, True, False)[0]
     with pytest.raises(RuntimeError, match="has no backward"):
         out.sum().backward()
+
+
+def test_compiled_inference_keeps_no_weights_alive():
+    """The op's plans are found by the weight tensors, and go with them: a compiled module that is
+    deleted frees its weights (a plan that held them kept every model ever run alive)."""
+    import gc
+    import weakref
+    from fusedrnn import _compiled_inference
+    refs = []
+    for _ in range(2):
+        module = fusedrnn.LSTM(3, 4, num_layers=2)
+        compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+        with torch.no_grad():
+            compiled(torch.randn(5, 2, 3))
+            compiled(torch.randn(5, 2, 3))
+        refs.append(weakref.ref(module.weight_ih_l0))
+        del module, compiled
+        torch._dynamo.reset()
+    gc.collect()
+    assert [r() for r in refs] == [None, None]
+    assert len(_compiled_inference._plans) == 0
+
+
+def test_compiled_inference_under_autocast_keeps_the_autocast_dtype():
+    """Under autocast the layer ops run in the autocast dtype (functional.rnn's casts), as
+    eagerly: the inference op, whose plan takes other dtypes, is not used there."""
+    torch.manual_seed(0)
+    module = fusedrnn.LSTM(3, 4)
+    x = torch.randn(5, 2, 3)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ops, compiled = _graph_ops(module, x, grad=False)
+        got, want = compiled(x)[0], module(x)[0]
+    assert "fusedrnn.rnn_inference.default" not in ops
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

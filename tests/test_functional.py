@@ -13,7 +13,7 @@ pytestmark = requires_native
 
 
 def random_weights(cell, input_size, hidden, layers, directions, proj=0, bias=True):
-    gates = {"lstm": 4, "gru": 3}.get(cell, 1)
+    gates = {"lstm": 4, "lstm_cifg": 3, "gru": 3}.get(cell, 1)
     state = proj or hidden
     weights = []
     for layer in range(layers):
@@ -176,6 +176,13 @@ def test_state_structure_and_input_weights_named_in_errors(cell):
     wrong = h0 if cell != "gru" else (h0, h0)
     with pytest.raises(ValueError, match=r"hx must be None or a (pair|tensor)"):
         functional.rnn(cell, x, weights, wrong, num_layers=2, bidirectional=True)
+    if cell != "gru":  # either state of an LSTM may be None (zeros), as reference.rnn takes it
+        for hx in ((h0, None), (None, torch.zeros(4, 2, 4, dtype=torch.float64))):
+            got = functional.rnn(cell, x, weights, hx, num_layers=2, bidirectional=True)
+            want = reference.rnn(cell.replace("_cifg", ""), x, weights, hx, num_layers=2,
+                                 bidirectional=True, **({"coupled_input_forget": True}
+                                                         if cell == "lstm_cifg" else {}))
+            assert_close(got[0], want[0], 1e-10, "output")
     bad = [list(w) for w in weights]
     bad[3][0] = torch.randn(bad[3][1].shape[0], 5, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"w_ih of weights\[3\] \(layer 1, reverse\) must be "

@@ -30,6 +30,8 @@ from ._backend import CPU_DTYPES, GATE_COUNT, LSTM_CELLS
 # The dtypes the inference plan takes (as the modules' eager fast path): on CUDA the half types
 # take the layer ops, as eagerly, until a GPU run measures the plan in them.
 _PLAN_DTYPES = {"cpu": CPU_DTYPES, "cuda": (torch.float32, torch.float64)}
+# What the native modules take at all (a direct call of the op may bring any dtype).
+_OP_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def applies(cell: str, input: Tensor, weights, hx, num_layers: int, num_directions: int,
@@ -38,8 +40,11 @@ def applies(cell: str, input: Tensor, weights, hx, num_layers: int, num_directio
     whose programs keep the layer ops), no gradient is needed, no dropout is applied, no lengths,
     and every tensor is of one dtype the plan takes, on one device. Anything else keeps the
     layer ops (which also report bad input)."""
-    if (not torch.compiler.is_compiling() or _exporting() or needs_grad or lengths is not None
+    if (not torch.compiler.is_compiling() or _exporting() or _backend.under_transform()
+            or needs_grad or lengths is not None
             or (training and dropout > 0 and num_layers > 1) or input.dim() != 3
+            # autocast: functional.rnn casts to the autocast dtype, which the plan may not take
+            or torch.is_autocast_enabled(input.device.type)
             or input.dtype not in _PLAN_DTYPES.get(input.device.type, ())):
         return False
     states = hx if isinstance(hx, (tuple, list)) else (hx,)
@@ -140,6 +145,9 @@ def _check_input_and_states(cell, x, h0, c0, weights, entries: int) -> None:
     """x [T, B, I] with T, B > 0, of the first layer's width, dtype and device; h0, c0 of the
     shapes the first w_hh implies."""
     w_ih, w_hh = weights[0], weights[1]
+    if x.dtype not in _OP_DTYPES:
+        raise ValueError(f"fusedrnn::rnn_inference: x must be one of {list(_OP_DTYPES)}, got "
+                         f"{x.dtype}")
     if (x.dim() != 3 or w_ih.dim() != 2 or w_hh.dim() != 2 or x.shape[2] != w_ih.shape[1]
             or x.dtype != w_ih.dtype or x.device != w_ih.device):
         raise ValueError(f"fusedrnn::rnn_inference: x must be [T, B, {list(w_ih.shape)[-1]}] "
@@ -184,7 +192,10 @@ def _plan(cell: str, layer_weights: list, num_layers: int, num_directions: int,
     if cached is not None and cached[0] == shape and cached[1].matches(params):
         return cached[1].plan
     _check_weights(cell, layer_weights, num_directions, input_size)
-    plan = _inference.InferencePlan(cell, layer_weights, num_layers, num_directions)
+    # Built on detached views (the same memory, so in-place updates are seen): the plan must not
+    # hold the weights themselves, or the cache entry keyed by the first would keep it alive.
+    views = [tuple(w.detach() if w is not None else None for w in layer) for layer in layer_weights]
+    plan = _inference.InferencePlan(cell, views, num_layers, num_directions)
     if plan.points_into_parameters:
         _plans[params[0]] = (shape, _inference._CachedPlan(plan, params))
     else:
@@ -192,8 +203,8 @@ def _plan(cell: str, layer_weights: list, num_layers: int, num_directions: int,
     return plan
 
 
-# First weight -> ((cell, layers, directions, input size), _CachedPlan). By identity: a tensor's == compares
-# elements.
+# First weight -> ((cell, layers, directions, input size), _CachedPlan), by identity (a tensor's ==
+# compares elements). Nothing in an entry holds its key, so an entry goes with its weights.
 _plans = WeakIdKeyDictionary()
 
 

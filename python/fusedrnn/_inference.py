@@ -23,7 +23,6 @@ registered parameters (torch.nn.utils parametrizations), get a fresh plan at eve
 from __future__ import annotations
 
 import weakref
-from operator import is_
 from typing import NamedTuple, Optional
 
 import torch
@@ -239,12 +238,13 @@ def _project(x: Tensor, w_ih: tuple, b_ih: tuple, block: Optional[Tensor]) -> li
 
 
 class _CachedPlan:
-    """A plan (or one_step_weights' checked weights) with the parameter tensors and the memory
-    layout (pointer, shape, strides) of each when it was built."""
+    """A plan (or one_step_weights' checked weights) with the parameter tensors (weakly: a cache
+    keyed by one of them must not keep it alive) and the memory layout (pointer, shape, strides)
+    of each when it was built."""
 
-    def __init__(self, plan: InferencePlan, params: tuple):
+    def __init__(self, plan, params: tuple):
         self.plan = plan
-        self.params = params
+        self.params = tuple(weakref.ref(p) for p in params)
         self.layout = _layout(params)
         self.storage = tuple(p.detach() for p in params)  # the checked pointers stay unique
         self.module = _backend.module_for(params[0].device)
@@ -252,7 +252,8 @@ class _CachedPlan:
 
     def holds(self, params: tuple) -> bool:
         """Whether it was built from exactly these tensors, still in the same memory."""
-        return (len(params) == len(self.params) and all(map(is_, params, self.params))
+        return (len(params) == len(self.params)
+                and all(ref() is p for ref, p in zip(self.params, params))
                 and _layout(params) == self.layout)
 
     def matches(self, params: tuple) -> bool:

@@ -88,15 +88,15 @@ def rnn(cell: str, input: Tensor, weights, hx=None, *, num_layers: int = 1,
 
 
 def _check_state_structure(cell: str, hx) -> None:
-    """hx: None, (h_0, c_0) for an LSTM cell, h_0 for the others (the shapes are checked per
-    layer)."""
+    """hx: None, (h_0, c_0) for an LSTM cell (either None for zeros, as reference.rnn takes
+    them), h_0 for the others (the shapes are checked per layer)."""
     if hx is None:
         return
     if cell in LSTM_CELLS:
         if (not isinstance(hx, (tuple, list)) or len(hx) != 2
-                or not all(isinstance(t, Tensor) for t in hx)):
-            raise ValueError(f"hx must be None or a pair (h_0, c_0) of tensors for cell {cell!r}, "
-                             f"got {_describe(hx)}")
+                or not all(t is None or isinstance(t, Tensor) for t in hx)):
+            raise ValueError(f"hx must be None or a pair (h_0, c_0) of tensors (either None for "
+                             f"zeros) for cell {cell!r}, got {_describe(hx)}")
     elif not isinstance(hx, Tensor):
         raise ValueError(f"hx must be None or a tensor h_0 for cell {cell!r}, got {_describe(hx)}")
 
@@ -120,7 +120,10 @@ def _check_input_weights(input: Tensor, weights, num_directions: int) -> None:
     for index, entry in enumerate(weights):
         w_ih, w_hh = entry[0], entry[1]
         if index > 0 and index % num_directions == 0:  # a later layer takes the one before's output
-            width = num_directions * weights[index - 1][1].shape[1]
+            before = weights[index - 1][1]
+            if not isinstance(before, Tensor) or before.dim() != 2:
+                return  # (the layer's checks report it)
+            width = num_directions * before.shape[1]
         if not (isinstance(w_ih, Tensor) and isinstance(w_hh, Tensor)) or w_hh.dim() != 2:
             continue  # (the layer's checks report it)
         if w_ih.dim() != 2 or w_ih.shape[0] != w_hh.shape[0] or w_ih.shape[1] != width:

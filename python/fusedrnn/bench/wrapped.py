@@ -14,6 +14,7 @@ weights, so its rows are checked against float64 torch.nn like the eager ones.
 """
 from __future__ import annotations
 
+import copy
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -76,7 +77,9 @@ class CompiledImpl:
         torch._dynamo.reset()
 
     def build(self, cfg: BenchConfig, reference_module: nn.Module) -> Callable:
-        module = self.base.build(cfg, reference_module)
+        # A copy: compile() works in place, and torch.nn's eager row runs the very module
+        # TorchImpl returns (the one that holds the weights).
+        module = copy.deepcopy(self.base.build(cfg, reference_module))
         _target(module).compile(fullgraph=self.fullgraph, dynamic=False)
         return module
 
@@ -135,8 +138,11 @@ class CudaGraphed(nn.Module):
     def forward(self, x, state):
         states = state if isinstance(state, tuple) else (state,)
         inputs = (x, *states)
-        training = torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
-        key = (training, tuple((t.shape, t.dtype, t.requires_grad) for t in inputs))
+        # Inference mode apart from no_grad: an inference-mode graph's static inputs are
+        # inference tensors, which cannot be written outside inference mode.
+        inference_mode = torch.is_inference_mode_enabled()
+        training = torch.is_grad_enabled() and not inference_mode
+        key = (training, inference_mode, tuple((t.shape, t.dtype, t.requires_grad) for t in inputs))
         replay = self._replays.get(key)
         if replay is None:
             capture = _capture_training if training else _capture_inference
