@@ -112,6 +112,25 @@ def test_compile_fullgraph_on_cuda_matches_eager():
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_compile_reduce_overhead_inference_on_cuda(kind):
+    """torch.compile(mode="reduce-overhead") records the graph's CUDA work in CUDA graphs (cudagraph
+    trees): a no-grad call is one fusedrnn::rnn_inference (the inference plan), replayed with new
+    inputs and matching the eager module, also after an in-place weight update."""
+    torch.manual_seed(6)
+    module = getattr(fusedrnn, kind)(16, 32, num_layers=2).to(CUDA)
+    compiled = torch.compile(module, mode="reduce-overhead", fullgraph=True)
+    with torch.no_grad():
+        for step in range(4):
+            x = torch.randn(7, 3, 16, device=CUDA)
+            got = compiled(x)[0].clone()  # a replay's outputs are overwritten by the next one
+            torch.testing.assert_close(got, module(x)[0])
+            if step == 1:
+                for p in module.parameters():
+                    p.mul_(0.5)
+    torch._dynamo.reset()
+
+
 def test_trace_on_cuda_matches_eager():
     """torch.jit.trace records the CUDA recurrence as the custom op (tests/test_trace.py checks
     the CPU): a trace made under no_grad, run on other shapes, and one made with gradients, run
