@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from fusedrnn.bench import cli, configs, execution, impls, wrapped
+from fusedrnn.bench import cli, configs, execution, flops, impls, wrapped
 from fusedrnn.bench.configs import BenchConfig
 
 from test_bench import FAST_ARGS, _real_fusedrnn_reason, run_cli, torch_as_fusedrnn  # noqa: F401
@@ -17,6 +17,8 @@ from test_bench import FAST_ARGS, _real_fusedrnn_reason, run_cli, torch_as_fused
 TINY_COMPILE = [
     BenchConfig("lstm", seq_len=4, batch=2, hidden=8, input_size=4),
     BenchConfig("gru", seq_len=3, batch=1, hidden=6, step_calls=True, modes=("inference",)),
+    BenchConfig("lstm", seq_len=3, batch=2, hidden=6, input_size=5, bidirectional=True,
+                in_model=True),
 ]
 WRAPPED = ["fusedrnn", "fusedrnn+compile", "fusedrnn+cudagraph", "torch", "torch+compile",
            "torch+cudagraph"]
@@ -45,7 +47,8 @@ def test_compiled_rows_are_checked_and_compared(tmp_path, capsys, tiny_compile_p
     rows = data["results"]
     assert {(r["config"]["name"], r["mode"]) for r in rows} == {
         ("lstm-B2-T4-I4-H8-fp32", "inference"), ("lstm-B2-T4-I4-H8-fp32", "training"),
-        ("gru-B1-T3-H6-steps-fp32", "inference")}
+        ("gru-B1-T3-H6-steps-fp32", "inference"), ("lstm-bi-B2-T3-I5-H6-model-fp32", "inference"),
+        ("lstm-bi-B2-T3-I5-H6-model-fp32", "training")}
     for r in rows:
         assert r["error"] is None and r["median_ms"] is not None, r
         assert r["max_rel_err"] < 1e-5, r
@@ -54,7 +57,7 @@ def test_compiled_rows_are_checked_and_compared(tmp_path, capsys, tiny_compile_p
     for line in ("fusedrnn+compile vs torch+compile: geometric mean",
                  "fusedrnn+compile vs fusedrnn: geometric mean",
                  "torch+compile vs torch: geometric mean",
-                 "fusedrnn accuracy: 6/6 rows within tolerance"):
+                 "fusedrnn accuracy: 10/10 rows within tolerance"):
         assert line in out
 
 
@@ -98,6 +101,26 @@ def test_compiling_leaves_the_eager_rows_module_alone():
     assert getattr(compiled, "_compiled_call_impl", None) is not None
     for (name, a), (_, b) in zip(compiled.named_parameters(), reference.named_parameters()):
         assert torch.equal(a, b), name
+
+
+def test_a_model_around_the_rnn():
+    """in_model: the RNN between Linear+tanh and a Linear, its parameters under their own names
+    next to the layers', fusedrnn's model loading torch.nn's state dict; its FLOPs count both
+    layers; the reference loop and third-party kernels leave it out."""
+    cfg = BenchConfig("gru", seq_len=3, batch=2, hidden=6, input_size=5, bidirectional=True,
+                      in_model=True)
+    model = impls.build_torch_module(cfg, torch.device("cpu"), torch.float32)
+    names = [n for n, _ in execution._named_parameters(model)]
+    assert names[:4] == ["weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"]
+    assert names[-4:] == ["pre.weight", "pre.bias", "post.weight", "post.bias"]
+    assert model.post.in_features == 12
+    plain = cfg.replace(in_model=False)
+    assert (flops.count_flops(cfg, "inference") - flops.count_flops(plain, "inference")
+            == 3 * 2 * (2 * 5 * 5 + 2 * 12 * 12))
+    for name in ("reference", "flashrnn", "haste"):
+        assert impls.REGISTRY[name].skip_reason(cfg, "inference", torch.device("cpu"))
+    with pytest.raises(ValueError, match="in_model"):
+        cfg.replace(packed=True)
 
 
 def test_parameter_names_of_wrapped_modules_are_the_modules_own():

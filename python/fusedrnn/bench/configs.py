@@ -67,6 +67,10 @@ class BenchConfig:
     # checked against the float64 reference, and "vs torch" compares with torch.nn's plain LSTM
     # of the same shape: what the variant costs against what users run today.
     variant: str = ""
+    # The RNN inside a small model: Linear(I, I) and tanh before it, Linear(D*P, D*P) on its
+    # output (impls.ModelAround), as torch.compile meets it in real use: torch.nn's RNN splits
+    # such a graph in two (Dynamo leaves it to eager code), fusedrnn's does not.
+    in_model: bool = False
 
     def __post_init__(self):
         if self.cell not in CELLS:
@@ -80,6 +84,9 @@ class BenchConfig:
             # A reverse direction fed one step per call sees one step, not the sequence.
             raise ValueError("step_calls feeds one forward step per call: it cannot be combined "
                              "with packed=True or bidirectional=True")
+        if self.in_model and (self.packed or self.step_calls or self.variant):
+            raise ValueError("in_model wraps a plain RNN fed whole padded sequences: it cannot be "
+                             "combined with packed, step_calls or a variant")
         for mode in self.modes:
             if mode not in MODES:
                 raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -120,6 +127,8 @@ class BenchConfig:
             parts.append("packed")
         if self.step_calls:
             parts.append("steps")
+        if self.in_model:
+            parts.append("model")
         parts.append(DTYPE_SHORT[self.dtype])
         return "-".join(parts)
 
@@ -146,6 +155,8 @@ class BenchConfig:
             del d["target_speedup"]
         if not d["variant"]:
             del d["variant"]
+        if not d["in_model"]:
+            del d["in_model"]
         return d
 
     def replace(self, **changes) -> "BenchConfig":
@@ -270,11 +281,14 @@ LSTM_VARIANTS: List[BenchConfig] = [
 
 # torch.compile and CUDA graphs (bench/wrapped.py): each shape eager, compiled and, on a GPU,
 # replayed from a CUDA graph, fusedrnn and torch.nn alike. Small shapes, where what surrounds the
-# kernels (Python, dispatch, launches) is a large part of a call, a stack whose glue (dropout,
-# directions) the compiler sees, and a sequence fed one step per call.
+# kernels (Python, dispatch, launches) is a large part of a call, the same inside a small model
+# (in_model: torch.nn's RNN splits its graph), a stack whose glue (directions) the compiler sees,
+# and a sequence fed one step per call.
 COMPILE: List[BenchConfig] = [
     _c("lstm", 100, 1, 64, BOTH),
+    _c("lstm", 100, 1, 64, BOTH, in_model=True),
     _c("lstm", 100, 16, 256, BOTH),
+    _c("lstm", 100, 16, 256, BOTH, in_model=True),
     _c("gru", 100, 1, 128, BOTH),
     _c("lstm", 100, 32, 256, TRAIN, layers=2, bidirectional=True),
     _c("lstm", 50, 1, 256, INF, step_calls=True),

@@ -7,7 +7,8 @@ O(H) per step against O(H^2) for the products). Per layer l, per direction, per 
     recurrence         2 * G*H * P            (h_{t-1} @ W_hh^T)
     LSTM projection    2 * P*H                (h_t = (o*tanh c) @ W_hr^T, only with proj_size)
 
-G = 4 (LSTM), 3 (CIFG LSTM, GRU), 1 (RNN); P = proj_size or H; D = directions. A
+G = 4 (LSTM), 3 (CIFG LSTM, GRU), 1 (RNN); P = proj_size or H; D = directions. Inside a model
+(in_model) its input and output layers add 2 * I*I + 2 * (D*P)^2. A
 "(step, sequence)" pair is counted T*B times, or sum(lengths) times for packed batches. Training
 (forward + backward) counts 3x the forward: the backward of each product is two products of the
 same size (dX and dW).
@@ -33,6 +34,8 @@ def flops_per_token(cfg: BenchConfig) -> int:
         if cfg.proj_size:
             per_dir += 2 * p * h
         total += d * per_dir
+    if cfg.in_model:  # the model's input and output layers (configs.BenchConfig.in_model)
+        total += 2 * cfg.in_size * cfg.in_size + 2 * (d * p) ** 2
     return total
 
 

@@ -34,7 +34,30 @@ def build_torch_module(cfg: BenchConfig, device, dtype, seed: int = 0) -> nn.Mod
         module = fused_module_class(cfg.cell)(**cfg.module_kwargs(), **cfg.variant_kwargs())
     else:
         module = TORCH_CLASSES[cfg.cell](**cfg.module_kwargs())
-    return module.to(device=device, dtype=dtype)
+    return _in_model(cfg, module).to(device=device, dtype=dtype)
+
+
+class ModelAround(nn.Module):
+    """BenchConfig.in_model: the RNN `src` between an input layer (Linear and tanh) and an output
+    Linear, as in a small speech or time-series model. Its parameters keep their own names
+    (execution reports `src.` ones unprefixed); the layers' are pre.* and post.*."""
+
+    def __init__(self, rnn: nn.Module, in_size: int, out_size: int):
+        super().__init__()
+        self.src = rnn
+        self.pre = nn.Linear(in_size, in_size)
+        self.post = nn.Linear(out_size, out_size)
+
+    def forward(self, x, state):
+        out, state = self.src(torch.tanh(self.pre(x)), state)
+        return self.post(out), state
+
+
+def _in_model(cfg: BenchConfig, rnn: nn.Module) -> nn.Module:
+    """The RNN as the configuration runs it: alone, or inside ModelAround."""
+    if not cfg.in_model:
+        return rnn
+    return ModelAround(rnn, cfg.in_size, cfg.directions * cfg.state_size)
 
 
 def fused_module_class(cell: str):
@@ -87,6 +110,7 @@ class StepCalls(nn.Module):
     """A torch.nn-style RNN called once per time step (BenchConfig.step_calls), the state carried
     from call to call; the outputs are concatenated into the whole sequence's. `src` holds the
     module, so the harness reports its parameter names unprefixed."""
+    calls_src_per_step = True  # what torch.compile compiles is src, once per call (wrapped.py)
 
     def __init__(self, module: nn.Module):
         super().__init__()
@@ -130,7 +154,7 @@ class FusedImpl(Impl):
     def build(self, cfg, reference_module):
         p = next(reference_module.parameters())
         module = fused_module_class(cfg.cell)(**cfg.module_kwargs(), **cfg.variant_kwargs())
-        module = module.to(device=p.device, dtype=p.dtype)
+        module = _in_model(cfg, module).to(device=p.device, dtype=p.dtype)
         module.load_state_dict(reference_module.state_dict())
         return _per_call(cfg, module)
 
@@ -150,6 +174,8 @@ class ReferenceImpl(Impl):
     def skip_reason(self, cfg, mode, device):
         if cfg.step_calls:
             return "times whole sequences only (step_calls compares per-call costs)"
+        if cfg.in_model:
+            return "times the RNN alone (in_model compares compiled models)"
         steps = cfg.seq_len * cfg.layers * cfg.directions
         if steps > REFERENCE_MAX_STEPS:
             return f"step loop too slow to time: T*layers*directions = {steps} > {REFERENCE_MAX_STEPS}"
@@ -224,8 +250,10 @@ class ReferenceStack(nn.Module):
 def _single_layer_dense(cfg: BenchConfig) -> Optional[str]:
     if cfg.variant:
         return f"no {cfg.variant} LSTM"
-    if cfg.layers != 1 or cfg.bidirectional or cfg.packed or cfg.proj_size or cfg.step_calls:
-        return "supports one layer, one direction, whole sequences, no packing, no projection"
+    if (cfg.layers != 1 or cfg.bidirectional or cfg.packed or cfg.proj_size or cfg.step_calls
+            or cfg.in_model):
+        return ("supports one layer, one direction, whole sequences, no packing, no projection, "
+                "the RNN alone")
     return None
 
 

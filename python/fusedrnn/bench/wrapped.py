@@ -28,8 +28,9 @@ CAPTURE_WARMUP = 3
 
 
 def _target(module: nn.Module) -> nn.Module:
-    """The RNN module itself (StepCalls calls it once per step: that is what is compiled)."""
-    return getattr(module, "src", module)
+    """What is compiled: the module, or for a StepCalls loop the RNN it calls once per step (the
+    user compiles the step, not the loop)."""
+    return module.src if getattr(module, "calls_src_per_step", False) else module
 
 
 def compile_problem(device: torch.device) -> Optional[str]:
