@@ -27,8 +27,8 @@
 #                       150; only where pytest-timeout is installed), so a hung kernel cannot eat
 #                       the lease
 #   GPU_CHECK_SKIP      space-separated steps to skip: build import tests memcheck racecheck bench
-#                       synccheck graphs probe ncu (e.g. to finish, on a machine that is still warm, what an
-#                       earlier run did not reach)
+#                       synccheck graphs probe ncu (e.g. to finish, on a machine that is still
+#                       warm, what an earlier run did not reach)
 #   GPU_CHECK_GRAPHS    1: after the benchmark, also run the compile preset (fusedrnn and torch.nn
 #                       eager, replayed from CUDA graphs and under torch.compile; up to 150 s,
 #                       whatever cells finish are kept) into OUTDIR/graphs.{json,md,txt}

@@ -2,14 +2,14 @@
 inference plan of _inference.py, or cell steps for a sequence of one step) as ONE custom op,
 `fusedrnn::rnn_inference`.
 
-Under torch.compile a stack used to run as its ops: per layer a projection GEMM, the bias sum and
-`fusedrnn::layer_forward`, which builds the native call's params and packs nothing it could keep.
-That cost the compiled call what the eager fast path saves: on a 2-core Zen 4 VM, LSTM B=1 T=100
-H=64 inference took ~0.33 ms compiled against ~0.23 eager, a stream of one-step calls (LSTM B=1
-H=256) twice the eager time, and on AMD the projection ran on MKL where eager uses oneDNN.
-Inductor fuses nothing into a custom op's neighbours' GEMMs, so hiding them in the op loses
-nothing; with gradients the stack keeps running as layer ops, whose registered backward
-AOTAutograd records.
+Without it, a compiled no-grad stack ran as its layer ops: per layer a projection GEMM, the bias
+sum and `fusedrnn::layer_forward`, which rebuilds the native call's params at every call,
+projects on MKL where eager fusedrnn picks oneDNN on AMD CPUs, and runs a one-step call through
+the recurrence instead of the cell steps. The op saves that (2-6% of a compiled call at B=1 on a
+2-core Zen 4 VM, 1% at B=16; the rest of what a compiled call costs over an eager one is
+torch.compile's own runtime). Inductor fuses nothing into an extern GEMM's neighbours, so hiding
+the projections in the op loses nothing; with gradients the stack keeps running as layer ops,
+whose registered backward AOTAutograd records.
 
 The op finds its plan by the weight tensors themselves (Dynamo hands a compiled graph the
 module's parameters): a plan made for the same tensors at the same memory is reused, so a

@@ -43,8 +43,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--only", metavar="SUBSTRING", help="only configurations whose name contains SUBSTRING")
     p.add_argument("--impls", help=f"implementations, comma-separated (torch is always added): "
                                    f"{','.join(impls.DEFAULT_ORDER + impls.OPT_IN)}; default: the "
-                                   f"preset's, else all of {','.join(impls.DEFAULT_ORDER)} that are "
-                                   f"available")
+                                   f"preset's, else all of {','.join(impls.DEFAULT_ORDER)} "
+                                   f"that are available")
     p.add_argument("--threads", type=int, help="torch.set_num_threads(N) before timing (default: torch's default)")
     p.add_argument("--repeats", type=int, help="timed calls per implementation and cell (default: adaptive, "
                                                "from --budget)")

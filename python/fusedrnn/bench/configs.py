@@ -319,7 +319,8 @@ PRESET_HELP = {
     "streaming": "sequences fed one step per call (streaming inference, decoder-style training)",
     "batch": "batched inference (B=16..64), where torch.nn's CPU LSTM is strongest",
     "variants": "peephole and CIFG LSTMs (torch.nn has neither) next to the plain LSTM of each shape",
-    "compile": "fusedrnn and torch.nn eager, under torch.compile and (GPU) replayed from CUDA graphs",
+    "compile": "fusedrnn and torch.nn eager, under torch.compile and (GPU) replayed from CUDA "
+               "graphs, alone and inside a small model",
 }
 
 

@@ -105,7 +105,8 @@ def summary_lines(outcome: Outcome) -> List[str]:
         lines.append(f"fusedrnn accuracy: {len(checked) - sum(1 for r in checked if not r['err_ok'])}/{len(checked)} "
                      f"rows within tolerance" + (f", largest max rel err {worst_err:.1e}" if worst_err is not None else ""))
     for r in unchecked if checked else []:  # a row that could not be judged is not a row that passed
-        lines.append(f"NOT CHECKED: {r['impl']} {r['config']['name']} {r['mode']}: {r.get('max_rel_err_at') or 'no float64 result'}")
+        why = r.get('max_rel_err_at') or 'no float64 result'
+        lines.append(f"NOT CHECKED: {r['impl']} {r['config']['name']} {r['mode']}: {why}")
     for r in bad:
         why = r.get("error") or f"max rel err {r.get('max_rel_err')} at {r.get('max_rel_err_at')}"
         lines.append(f"WRONG OR FAILED: {r['impl']} {r['config']['name']} {r['mode']}: {why}")
