@@ -69,12 +69,14 @@ def rnn(cell: str, input: Tensor, weights, hx=None, *, num_layers: int = 1,
     # grad, decided here, before a cast (float16, autocast) makes copies whose requires_grad
     # follows grad mode.
     trace_save = torch.jit.is_tracing() and _any_requires_grad(input, weights, hx)
-    # A compiled call that needs no gradient runs the eager fast path as one op.
-    needs_grad = torch.is_grad_enabled() and _any_requires_grad(input, weights, hx)
-    if _compiled_inference.applies(cell, input, weights, hx, num_layers, num_directions, lengths,
-                                   dropout, training, needs_grad):
-        return _compiled_inference.run(cell, input, weights, hx, num_layers, num_directions,
-                                       batch_first)
+    # A compiled call that needs no gradient runs the eager fast path as one op (asked only
+    # while compiling: eagerly this runs at every call).
+    if torch.compiler.is_compiling():
+        needs_grad = torch.is_grad_enabled() and _any_requires_grad(input, weights, hx)
+        if _compiled_inference.applies(cell, input, weights, hx, num_layers, num_directions,
+                                       lengths, dropout, training, needs_grad):
+            return _compiled_inference.run(cell, input, weights, hx, num_layers, num_directions,
+                                           batch_first)
     # Autocast would turn the input projection into another dtype than the recurrent weights, and
     # the native call takes one dtype for all its tensors: dtypes are chosen explicitly here.
     # (Autocast has no meta device: a meta input runs as it is.)
