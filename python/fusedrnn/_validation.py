@@ -184,6 +184,54 @@ def split_lstm_state(hx, what: str = "hx"):
     return hx[0], hx[1]
 
 
+def check_rnn_state_structure(cell: str, hx) -> None:
+    """functional.rnn's hx: None, (h_0, c_0) for an LSTM cell (either None for zeros, as
+    reference.rnn takes them), h_0 for the others (the shapes are checked per layer). The
+    modules check theirs with split_lstm_state, which takes no None."""
+    if hx is None:
+        return
+    if cell in LSTM_CELLS:
+        if (not isinstance(hx, (tuple, list)) or len(hx) != 2
+                or not all(t is None or isinstance(t, Tensor) for t in hx)):
+            raise ValueError(f"hx must be None or a pair (h_0, c_0) of tensors (either None for "
+                             f"zeros) for cell {cell!r}, got {_describe(hx)}")
+    elif not isinstance(hx, Tensor):
+        raise ValueError(f"hx must be None or a tensor h_0 for cell {cell!r}, got {_describe(hx)}")
+
+
+def _describe(value) -> str:
+    if isinstance(value, (tuple, list)):
+        items = ", ".join(_describe(v) for v in value)
+        return f"a {type(value).__name__} of {len(value)}: ({items})"
+    if isinstance(value, Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return f"a {type(value).__name__}"
+
+
+def check_input_weights(input: Tensor, weights, num_directions: int) -> None:
+    """functional.rnn's weights: each w_ih is [rows of its w_hh, the layer's input width]. The
+    input projection would otherwise fail inside torch's GEMM with a message that names neither
+    (the rest is checked per layer, check_layer_forward)."""
+    if not isinstance(input, Tensor) or input.dim() != 3:
+        return  # (the layer's checks report it)
+    width = input.shape[2]
+    for index, entry in enumerate(weights):
+        w_ih, w_hh = entry[0], entry[1]
+        if index > 0 and index % num_directions == 0:  # a later layer takes the one before's output
+            before = weights[index - 1][1]
+            if not isinstance(before, Tensor) or before.dim() != 2:
+                return  # (the layer's checks report it)
+            width = num_directions * before.shape[1]
+        if not (isinstance(w_ih, Tensor) and isinstance(w_hh, Tensor)) or w_hh.dim() != 2:
+            continue  # (the layer's checks report it)
+        if w_ih.dim() != 2 or w_ih.shape[0] != w_hh.shape[0] or w_ih.shape[1] != width:
+            layer, direction = divmod(index, num_directions)
+            raise WeightShapeError(
+                f"w_ih of weights[{index}] (layer {layer}{', reverse' if direction else ''}) must "
+                f"be [{w_hh.shape[0]}, {width}] (w_hh's rows, the layer's input width), got "
+                f"{list(w_ih.shape)}")
+
+
 def check_hidden_dim(hx: Tensor, batched: bool, name: str = "hx") -> None:
     """torch.nn: batched input needs a 3-D state, unbatched a 2-D one (RuntimeError)."""
     expected = 3 if batched else 2

@@ -62,8 +62,8 @@ def rnn(cell: str, input: Tensor, weights, hx=None, *, num_layers: int = 1,
             raise ValueError("each layer weights entry must be (w_ih, w_hh, b_ih, b_hh, w_hr) "
                              f"or, for a peephole LSTM, those and the peephole weights; got "
                              f"{len(entry)} entries")
-    _check_state_structure(cell, hx)
-    _check_input_weights(input, weights, num_directions)
+    _validation.check_rnn_state_structure(cell, hx)
+    _validation.check_input_weights(input, weights, num_directions)
     # A traced graph must not depend on grad mode (torch.jit.trace checks a trace by tracing
     # again under no_grad): there every layer saves for backward when the caller's tensors require
     # grad, decided here, before a cast (float16, autocast) makes copies whose requires_grad
@@ -87,53 +87,6 @@ def rnn(cell: str, input: Tensor, weights, hx=None, *, num_layers: int = 1,
     with torch.autocast(input.device.type, enabled=False):
         return _rnn(cell, input, weights, hx, num_layers, num_directions, batch_first, lengths,
                     dropout, training, dropout_fn, trace_save)
-
-
-def _check_state_structure(cell: str, hx) -> None:
-    """hx: None, (h_0, c_0) for an LSTM cell (either None for zeros, as reference.rnn takes
-    them), h_0 for the others (the shapes are checked per layer)."""
-    if hx is None:
-        return
-    if cell in LSTM_CELLS:
-        if (not isinstance(hx, (tuple, list)) or len(hx) != 2
-                or not all(t is None or isinstance(t, Tensor) for t in hx)):
-            raise ValueError(f"hx must be None or a pair (h_0, c_0) of tensors (either None for "
-                             f"zeros) for cell {cell!r}, got {_describe(hx)}")
-    elif not isinstance(hx, Tensor):
-        raise ValueError(f"hx must be None or a tensor h_0 for cell {cell!r}, got {_describe(hx)}")
-
-
-def _describe(value) -> str:
-    if isinstance(value, (tuple, list)):
-        items = ", ".join(_describe(v) for v in value)
-        return f"a {type(value).__name__} of {len(value)}: ({items})"
-    if isinstance(value, Tensor):
-        return f"a tensor of shape {tuple(value.shape)}"
-    return f"a {type(value).__name__}"
-
-
-def _check_input_weights(input: Tensor, weights, num_directions: int) -> None:
-    """Each w_ih is [rows of its w_hh, the layer's input width]: the input projection would
-    otherwise fail inside torch's GEMM with a message that names neither (the rest is checked
-    per layer, _validation.check_layer_forward)."""
-    if not isinstance(input, Tensor) or input.dim() != 3:
-        return  # (the layer's checks report it)
-    width = input.shape[2]
-    for index, entry in enumerate(weights):
-        w_ih, w_hh = entry[0], entry[1]
-        if index > 0 and index % num_directions == 0:  # a later layer takes the one before's output
-            before = weights[index - 1][1]
-            if not isinstance(before, Tensor) or before.dim() != 2:
-                return  # (the layer's checks report it)
-            width = num_directions * before.shape[1]
-        if not (isinstance(w_ih, Tensor) and isinstance(w_hh, Tensor)) or w_hh.dim() != 2:
-            continue  # (the layer's checks report it)
-        if w_ih.dim() != 2 or w_ih.shape[0] != w_hh.shape[0] or w_ih.shape[1] != width:
-            layer, direction = divmod(index, num_directions)
-            raise _validation.WeightShapeError(
-                f"w_ih of weights[{index}] (layer {layer}{', reverse' if direction else ''}) must "
-                f"be [{w_hh.shape[0]}, {width}] (w_hh's rows, the layer's input width), got "
-                f"{list(w_ih.shape)}")
 
 
 def _any_requires_grad(input: Tensor, weights, hx) -> bool:
