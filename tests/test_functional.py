@@ -139,7 +139,16 @@ def test_autocast_runs_in_autocast_dtype(name, backend, monkeypatch):
         theirs = torch.nn.LSTM(4, 6, 2, bidirectional=True)
         theirs.load_state_dict(ours.state_dict())
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert theirs(x)[0].dtype == out.dtype
+            try:
+                their_out = theirs(x)[0]
+            except RuntimeError as e:
+                # torch.nn's own LSTM fails here on a CPU without AVX-512 (oneDNN builds no
+                # bfloat16 LSTM for AVX2: "could not create a primitive descriptor"); there is
+                # nothing to compare with. fusedrnn's ran above.
+                if "primitive descriptor" not in str(e):
+                    raise
+                return
+        assert their_out.dtype == out.dtype
 
 
 @pytest.mark.parametrize("name", ["LSTMCell", "GRUCell", "RNNCell"])
