@@ -214,12 +214,21 @@ struct Launch {
   unsigned grid_line = 0;
 };
 
+// A cp.async copy a thread issued and has not yet waited for (emu_async_copy.h).
+struct PendingAsyncCopy {
+  void* dst;
+  const void* src;
+  const char* file;
+  unsigned line;
+};
+
 struct ThreadContext {
   Launch* launch = nullptr;
   BlockState* block = nullptr;
   int tid = 0;   // linear thread index in the block (x fastest), as CUDA numbers lanes
   int warp = 0;
   int lane = 0;
+  std::vector<PendingAsyncCopy> pending_copies;  // in issue order
 };
 inline thread_local ThreadContext tls_context;
 
@@ -528,6 +537,13 @@ inline ExitInfo on_thread_exit(ThreadContext& t) {
   Launch& l = *t.launch;
   BlockState& b = *t.block;
   if (l.faulted.load()) throw KernelFault{};
+  if (!t.pending_copies.empty()) {
+    const PendingAsyncCopy& first = t.pending_copies.front();
+    fault("exited with " + std::to_string(t.pending_copies.size()) +
+          " cp.async copies never waited for (the first issued by " +
+          describe_site("copy_16_async()", first.file, first.line) +
+          "): wait_async_copies() must land them before their data is used");
+  }
   const uint32_t bit = 1u << t.lane;
   {
     WarpState& w = b.warps[t.warp];
@@ -598,6 +614,16 @@ inline std::unique_ptr<BlockState> make_block(const Launch& l) {
       static_cast<std::byte*>(::operator new[](l.dynamic_smem_bytes, kSmemAlignment)));
   reset_block(*b, l);
   return b;
+}
+
+// Whether [p, p + bytes) lies in this block's dynamic shared memory: what .shared operands
+// (cp.async's destination, ldmatrix's rows) must address. A GPU faults on a generic address
+// outside the shared window, or silently reads another part of the block's shared memory.
+inline bool in_dynamic_smem(const BlockState& b, const void* p, size_t bytes) {
+  const auto* base = reinterpret_cast<const std::byte*>(b.dynamic_smem.get());
+  const auto* q = static_cast<const std::byte*>(p);
+  return q >= base && bytes <= b.dynamic_smem_bytes &&
+         static_cast<size_t>(q - base) <= b.dynamic_smem_bytes - bytes;
 }
 
 inline bool static_shared_allowed(const char* file, int line) {

@@ -97,6 +97,12 @@ inline void ldmatrix(uint32_t (&r)[kCount], const void* row, bool trans, const c
                                ": row address of lane " + std::to_string(matrix * 8 + row_index) +
                                " is not 16-byte aligned");
           }
+          if (!emu::detail::in_dynamic_smem(*emu::detail::tls_context.block,
+                                            reinterpret_cast<const void*>(a), 16)) {
+            emu::detail::fault(emu::detail::describe_site(what, loc.file_name(), loc.line()) +
+                               ": row address of lane " + std::to_string(matrix * 8 + row_index) +
+                               " is not in this block's dynamic shared memory");
+          }
           return reinterpret_cast<const uint16_t*>(a);
         };
         for (int i = 0; i < kCount; ++i) {
