@@ -537,6 +537,19 @@ def test_positional_arguments_like_torch():
     ours, theirs = fusedrnn.LSTM(3, 4, 2, False, True, 0.0, True, 2), \
         nn.LSTM(3, 4, 2, False, True, 0.0, True, 2)
     assert repr(ours) == repr(theirs)
+    # GRU and RNN keep RNNBase's proj_size slot before device and dtype, as torch.nn's do.
+    for ours, theirs in [
+            (fusedrnn.GRU(3, 4, 1, True, False, 0.0, True, 0, "cpu", torch.float64),
+             nn.GRU(3, 4, 1, True, False, 0.0, True, 0, "cpu", torch.float64)),
+            (fusedrnn.RNN(3, 4, 2, "relu", True, True, 0.1, True, 0, "cpu", torch.float64),
+             nn.RNN(3, 4, 2, "relu", True, True, 0.1, True, 0, "cpu", torch.float64))]:
+        assert repr(ours) == repr(theirs)
+        assert ours.weight_hh_l0.dtype == theirs.weight_hh_l0.dtype == torch.float64
+    # torch.nn builds a GRU that cannot run from a nonzero slot; fusedrnn says why at once.
+    with pytest.raises(ValueError, match="proj_size argument is only supported for LSTM"):
+        fusedrnn.GRU(3, 4, 1, True, False, 0.0, False, 2)
+    with pytest.raises(ValueError, match="proj_size argument is only supported for LSTM"):
+        fusedrnn.RNN(3, 4, proj_size=0)
 
 
 @requires_native
@@ -552,6 +565,30 @@ def test_module_to_dtype_and_functional_call():
     expected = torch.func.functional_call(theirs, params, (x,))[0]
     actual = torch.func.functional_call(ours, params, (x,))[0]
     assert_close(actual, expected, 1e-9, "functional_call")
+
+
+@requires_native
+@pytest.mark.parametrize("seq_len", [1, 4])
+def test_conversion_swaps_parameters_after_cached_calls(seq_len):
+    """Under torch.__future__.set_swap_module_params_on_conversion(True), .double() swaps each
+    parameter with torch.utils.swap_tensors, which refuses a tensor that has weak references;
+    the inference caches hold some, so _apply drops them first (torch.nn drops its own)."""
+    torch.manual_seed(0)
+    ours, theirs = fusedrnn.LSTM(3, 4, 2), nn.LSTM(3, 4, 2)
+    theirs.load_state_dict(ours.state_dict())  # (torch.nn's own load refuses to swap: first)
+    swapping = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        x = torch.randn(seq_len, 2, 3)
+        with torch.no_grad():
+            ours(x)
+        ours(x)  # one step with autograd takes a cached path too
+        ours.double()
+        theirs.double()
+        with torch.no_grad():
+            assert_close(ours(x.double())[0], theirs(x.double())[0], 1e-12, "after .double()")
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swapping)
 
 
 # --- cells ----------------------------------------------------------------------------------------

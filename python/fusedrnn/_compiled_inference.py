@@ -208,6 +208,11 @@ def _plan(cell: str, layer_weights: list, num_layers: int, num_directions: int,
 _plans = WeakIdKeyDictionary()
 
 
+def forget_plan(first_weight: Tensor) -> None:
+    """Drops the plan keyed by this weight, if any (see _inference.forget)."""
+    _plans.pop(first_weight, None)
+
+
 def _no_backward(ctx, *grads):
     raise RuntimeError("fusedrnn::rnn_inference has no backward: it runs only when no gradient "
                        "is needed (functional.rnn runs the layer ops otherwise)")

@@ -272,3 +272,13 @@ def _layout(params: tuple) -> list:
 
 _plans: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _step_weights: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def forget(module) -> None:
+    """Drops what the caches hold for `module` (its plan and checked one-step weights, and the
+    compiled op's plan keyed by its first weight): nothing then refers to its parameters."""
+    _plans.pop(module, None)
+    _step_weights.pop(module, None)
+    from . import _compiled_inference  # (it imports this module)
+    for p in module.parameters(recurse=False):
+        _compiled_inference.forget_plan(p)

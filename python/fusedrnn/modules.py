@@ -161,6 +161,13 @@ class RNNBase(nn.Module):
             return hx[0].index_select(1, permutation), hx[1].index_select(1, permutation)
         return hx.index_select(1, permutation)
 
+    def _apply(self, fn, recurse=True):
+        # The inference caches refer to the parameters weakly, and torch.utils.swap_tensors
+        # (.to()/.double() under torch.__future__.set_swap_module_params_on_conversion) refuses
+        # a tensor with weak references; torch.nn drops its _flat_weight_refs here likewise.
+        _inference.forget(self)
+        return super()._apply(fn, recurse)
+
     @property
     def all_weights(self) -> list[list[nn.Parameter]]:
         return [[getattr(self, name) for name in names] for names in self._all_weights]
@@ -574,8 +581,8 @@ class GRU(RNNBase):
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 device=None, dtype=None, **kwargs):
-        _reject_proj_size(kwargs)
+                 _proj_size_slot: int = 0, device=None, dtype=None, **kwargs):
+        _reject_proj_size(kwargs, _proj_size_slot)
         super().__init__("GRU", input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, 0, device, dtype)
 
@@ -605,9 +612,9 @@ class RNN(RNNBase):
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
                  nonlinearity: str = "tanh", bias: bool = True, batch_first: bool = False,
-                 dropout: float = 0.0, bidirectional: bool = False, device=None, dtype=None,
-                 **kwargs):
-        _reject_proj_size(kwargs)
+                 dropout: float = 0.0, bidirectional: bool = False, _proj_size_slot: int = 0,
+                 device=None, dtype=None, **kwargs):
+        _reject_proj_size(kwargs, _proj_size_slot)
         self.nonlinearity = nonlinearity
         check.check_nonlinearity(nonlinearity)
         mode = "RNN_TANH" if nonlinearity == "tanh" else "RNN_RELU"
@@ -721,8 +728,12 @@ def _refuse_variant(module, what: str) -> None:
                            f"peephole and coupled_input_forget variants yet; torch.compile does")
 
 
-def _reject_proj_size(kwargs: dict) -> None:
-    if "proj_size" in kwargs:
+def _reject_proj_size(kwargs: dict, positional: int) -> None:
+    """GRU's and RNN's arguments take torch.nn's positional order, which is RNNBase's: a
+    proj_size slot sits between bidirectional and device, so GRU(2, 3, 1, True, False, 0.0,
+    False, 0, "cpu") puts "cpu" in device here too. Only a zero fits there (torch.nn builds a
+    module that cannot run from any other); proj_size by keyword is refused, as torch.nn does."""
+    if "proj_size" in kwargs or positional != 0:
         raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
     if kwargs:
         raise TypeError(f"unexpected keyword argument(s): {', '.join(sorted(kwargs))}")
