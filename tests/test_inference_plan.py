@@ -253,6 +253,27 @@ def test_parametrized_weights_take_the_fresh_path():
     check_same(theirs, ours, seed=12)
 
 
+@pytest.mark.parametrize("kind", ["LSTMCell", "GRUCell", "RNNCell"])
+@pytest.mark.parametrize("name", ["bias_ih", "bias_hh", "weight_ih", "weight_hh"])
+@pytest.mark.parametrize("grad", [False, True])
+def test_cells_read_parametrized_weights_and_biases(kind, name, grad):
+    """A parametrized cell weight or bias is no entry of _parameters: the cells' fast path read
+    such a bias as absent and ran without it, silently."""
+    torch.manual_seed(0)
+    theirs = getattr(nn, kind)(3, 4, dtype=torch.float64)
+    ours = getattr(fusedrnn, kind)(3, 4, dtype=torch.float64)
+    ours.load_state_dict(theirs.state_dict())
+    for m in (theirs, ours):
+        torch.nn.utils.parametrize.register_parametrization(m, name, _Double())
+    x = torch.randn(2, 3, dtype=torch.float64)
+    with torch.set_grad_enabled(grad):
+        expected, actual = theirs(x), ours(x)
+    if kind != "LSTMCell":
+        expected, actual = (expected,), (actual,)
+    for e, a in zip(expected, actual):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
 class _Double(nn.Module):
     def forward(self, w):
         return 2 * w

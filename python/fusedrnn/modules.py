@@ -878,7 +878,10 @@ class RNNCellBase(nn.Module):
         # (A peephole cell's own parameter only: a weight_peephole set on another cell is not
         # one of its weights, on this path or the checked one.)
         peephole = params.get("weight_peephole") if self._has_peephole else None
+        # A bias that is not a plain parameter (a parametrization computes it, or a hook sets
+        # it) reads None here: the full path reads it as an attribute, like every weight.
         if (w_hh is None or (peephole is None and self._has_peephole)
+                or (self.bias and (b_ih is None or b_hh is None))
                 or _cell_step.operand_problem(cell, input.dtype, shape[0], input.size(1), h, c,
                                               weight, w_hh, b_ih, b_hh,
                                               peephole=peephole) is not None):
