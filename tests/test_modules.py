@@ -237,6 +237,33 @@ DOUBLE_BACKWARD_CASES = [Case(cell="lstm_proj", layers=2, bidirectional=True),
 
 
 @requires_native
+@pytest.mark.parametrize("backend", ["cpu", "emu"])
+@pytest.mark.parametrize("case", [
+    Case(cell="lstm", layers=2, bidirectional=True, batch_first=True),
+    Case(cell="gru"), Case(cell="rnn_relu", seq_len=1), Case(cell="lstm", hx=True)], ids=["lstm-L2-bi-bf", "gru", "rnn-T1", "lstm-hx"])
+def test_output_changed_in_place_before_backward(case, backend, monkeypatch):
+    """torch.nn's CPU RNNs return an output of their own: `out += residual`, ReLU(inplace=True)
+    or masked_fill_ on it before backward work and give the gradients of what was computed.
+    fusedrnn's last layer saves its output for backward, so the module hands out a copy."""
+    if backend == "emu":
+        pytest.importorskip("fusedrnn._emu")
+        monkeypatch.setenv("FUSEDRNN_BACKEND", "emu")
+    theirs, ours = make_modules(case)
+    results = []
+    for module in (theirs, ours):
+        inputs = make_inputs(case, seed=3)
+        out, _ = module(inputs.input, inputs.hx)
+        out.mul_(2)
+        out += 1
+        out.relu_()  # last: it saves its result
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        results.append([out.detach(), inputs.leaf.grad, *(s.grad for s in inputs.hx_leaves),
+                        *(p.grad for p in module.parameters())])
+    for i, (e, a) in enumerate(zip(*results)):
+        assert_close(a, e, TOLERANCE[case.dtype], f"result {i}")
+
+
+@requires_native
 @pytest.mark.parametrize("case", DOUBLE_BACKWARD_CASES, ids=["lstm-L2-bidir-proj", "gru-L2", "rnn"])
 def test_double_backward_matches_torch(case):
     """A gradient penalty through the layers (create_graph recomputes them as reference ops), and

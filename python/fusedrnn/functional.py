@@ -158,6 +158,12 @@ def _rnn(cell, input, weights, hx, num_layers, num_directions, batch_first, leng
         if apply_dropout and layer < num_layers - 1:
             x = dropout_fn(x)
 
+    if isinstance(x.grad_fn, _LayerRecurrence._backward_cls):
+        # The last layer's node saved this very tensor (its backward reads h_{t-1} from it).
+        # torch.nn's CPU RNNs return one of their own, so callers change it in place before
+        # backward (`out += residual`, ReLU(inplace=True), masked_fill_): hand them a copy
+        # (LSTM B=64 T=50 H=256 training on the 2-core VM: 0.07 ms of an 81 ms call).
+        x = x.clone()
     output = x.transpose(0, 1) if batch_first else x
     h_n = torch.cat(h_n) if num_layers > 1 else h_n[0]
     c_n = (torch.cat(c_n) if num_layers > 1 else c_n[0]) if cell in LSTM_CELLS else None
