@@ -106,6 +106,29 @@ def test_vmap_matches_a_loop(name, cls, kwargs, seq_len, grad_enabled):
     assert_close(actual, expected, TOLERANCE, "vmap")
 
 
+@pytest.mark.parametrize("name, cls, kwargs, seq_len", CASES, ids=IDS)
+def test_batched_grads_match_torch(name, cls, kwargs, seq_len):
+    """torch.autograd.grad(is_grads_batched=True) and torch.autograd.functional's vectorized
+    jacobian run the backward under the legacy vmap, whose gradients have no memory for the
+    kernels: the backward takes the recomputation's torch ops there (it raised before)."""
+    theirs, ours = _pair(cls, kwargs)
+    x = _input(seq_len)
+    expected, actual = (torch.autograd.functional.jacobian(lambda a, m=m: _output(m(a)), x,
+                                                           vectorize=True)
+                        for m in (theirs, ours))
+    assert_close(actual, expected, TOLERANCE, "vectorized jacobian")
+    leaf = x.clone().requires_grad_()
+    out = _output(ours(leaf))
+    params = list(ours.parameters())
+    grads_out = torch.randn(3, *out.shape, dtype=DTYPE)
+    batched = torch.autograd.grad(out, [leaf, *params], grads_out, is_grads_batched=True,
+                                  retain_graph=True)
+    for i, g in enumerate(grads_out):
+        one_by_one = torch.autograd.grad(out, [leaf, *params], g, retain_graph=True)
+        for b, o in zip(batched, one_by_one):
+            assert_close(b[i], o, TOLERANCE, "is_grads_batched")
+
+
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])
 @pytest.mark.parametrize("weights_require_grad", [False, True], ids=["frozen", "trainable"])
 def test_compiled_jvp_matches_eager(kind, weights_require_grad):

@@ -55,7 +55,16 @@ def layer_grads(cell: str, projection: tuple, lengths: Optional[Tensor], h0: Opt
     projection: (x, w_ih, b_ih), whose F.linear is the layer's xproj [T, B, D*G*H] (b_ih None
     where absent or folded into b_hh); w_hh, b_hh, w_hr: per direction, as the kernel got them
     (Nones where absent); grad_outputs: (d_out, d_hn, d_cn), None for zero; needs: one bool per
-    returned gradient."""
+    returned gradient. With grad mode off (is_grads_batched: first order only), the same
+    gradients without graphs."""
+    create_graph = torch.is_grad_enabled()
+    with torch.enable_grad():
+        return _layer_grads(cell, projection, lengths, h0, c0, w_hh, b_hh, w_hr, grad_outputs,
+                            needs, peephole, create_graph)
+
+
+def _layer_grads(cell, projection, lengths, h0, c0, w_hh, b_hh, w_hr, grad_outputs, needs,
+                 peephole, create_graph: bool) -> tuple:
     x, w_ih, b_ih = projection
     xproj = F.linear(x, w_ih, b_ih)
     width = w_hh[0].shape[0]
@@ -74,7 +83,7 @@ def layer_grads(cell: str, projection: tuple, lengths: Optional[Tensor], h0: Opt
                else None)
     params = [*w_hh, *(b for b in b_hh if b is not None), *(w for w in w_hr if w is not None),
               *(w for w in peephole if w is not None)]
-    return _grads(results, grad_outputs, [xproj, h0, c0, *params], needs)
+    return _grads(results, grad_outputs, [xproj, h0, c0, *params], needs, create_graph)
 
 
 def step_grads(cell: str, x: Tensor, h: Optional[Tensor], c: Optional[Tensor], w_ih: Tensor,
@@ -85,25 +94,29 @@ def step_grads(cell: str, x: Tensor, h: Optional[Tensor], c: Optional[Tensor], w
     graphs. h, c: None for zeros; d_h, d_c: None for zero; peephole: an LSTM's or None; needs:
     one bool per gradient. The step runs as reference.rnn_layer over a sequence of one (its
     final states are the step's results; a projected LSTM's step returns r, W_hr being applied
-    after it)."""
+    after it). With grad mode off (is_grads_batched), the same gradients without graphs."""
+    create_graph = torch.is_grad_enabled()
     ref_cell, coupled = reference_cell(cell)
-    _, h_next, c_next = reference.rnn_layer(ref_cell, x.unsqueeze(0), w_ih,
-                                            w_hh, b_ih, b_hh, None, h, c, peephole=peephole,
-                                            coupled_input_forget=coupled)
-    return _grads((h_next, c_next), (d_h, d_c), [x, h, c, w_ih, w_hh, b_ih, b_hh, peephole],
-                  needs)
+    with torch.enable_grad():
+        _, h_next, c_next = reference.rnn_layer(ref_cell, x.unsqueeze(0), w_ih,
+                                                w_hh, b_ih, b_hh, None, h, c, peephole=peephole,
+                                                coupled_input_forget=coupled)
+        return _grads((h_next, c_next), (d_h, d_c),
+                      [x, h, c, w_ih, w_hh, b_ih, b_hh, peephole], needs, create_graph)
 
 
-def _grads(results, grad_outputs, inputs: list, needs: Sequence[bool]) -> tuple:
+def _grads(results, grad_outputs, inputs: list, needs: Sequence[bool],
+           create_graph: bool) -> tuple:
     """The gradients of `inputs` (None where not needed) from results and their incoming
-    gradients, with create_graph."""
+    gradients."""
     pairs = [(r, g) for r, g in zip(results, grad_outputs) if r is not None and g is not None]
     wanted = [i for i, (t, need) in enumerate(zip(inputs, needs))
               if need and t is not None and t.requires_grad]
     grads: list = [None] * len(inputs)
     if pairs and wanted:
         found = torch.autograd.grad([r for r, _ in pairs], [inputs[i] for i in wanted],
-                                    [g for _, g in pairs], create_graph=True, allow_unused=True)
+                                    [g for _, g in pairs], create_graph=create_graph,
+                                    allow_unused=True)
         for i, g in zip(wanted, found):
             grads[i] = g if g is not None else torch.zeros_like(inputs[i])
     return tuple(grads)
