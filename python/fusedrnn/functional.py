@@ -158,7 +158,7 @@ def _rnn(cell, input, weights, hx, num_layers, num_directions, batch_first, leng
         if apply_dropout and layer < num_layers - 1:
             x = dropout_fn(x)
 
-    if isinstance(x.grad_fn, _LayerRecurrence._backward_cls):
+    if not _backend.recording_graph() and isinstance(x.grad_fn, _LayerRecurrence._backward_cls):
         # The last layer's node saved this very tensor (its backward reads h_{t-1} from it).
         # torch.nn's CPU RNNs return one of their own, so callers change it in place before
         # backward (`out += residual`, ReLU(inplace=True), masked_fill_): hand them a copy
