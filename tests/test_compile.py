@@ -363,3 +363,33 @@ def test_compiled_inference_under_autocast_keeps_the_autocast_dtype():
     assert "fusedrnn.rnn_inference.default" not in ops
     assert got.dtype == want.dtype == torch.bfloat16
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@requires_native
+@pytest.mark.parametrize("kind, seq_len", [("GRU", 5), ("LSTM", 4), ("LSTMCell", None)])
+def test_compiled_create_graph_over_an_eager_graph(kind, seq_len):
+    """A compiled helper that takes torch.autograd.grad(..., create_graph=True) of a loss whose
+    graph was recorded eagerly (a MAML inner step, a gradient penalty, a Hessian-vector
+    product): Dynamo traced the eager layer's backward, whose recomputation then gave zero
+    gradients for x and W_ih, silently. The backward now runs eagerly."""
+    torch._dynamo.reset()
+
+    @torch.compile(backend="aot_eager")
+    def grads_with_graph(loss, inputs):
+        return torch.autograd.grad(loss, inputs, create_graph=True)
+
+    torch.manual_seed(0)
+    theirs = getattr(nn, kind)(3, 4, dtype=torch.float64)
+    ours = getattr(fusedrnn, kind)(3, 4, dtype=torch.float64)
+    ours.load_state_dict(theirs.state_dict())
+    x0 = torch.randn(*((seq_len,) if seq_len else ()), 2, 3, dtype=torch.float64)
+    results = []
+    for module in (theirs, ours):
+        x = x0.clone().requires_grad_()
+        out = module(x)[0]
+        grads = grads_with_graph(out.sin().sum(), [x, *module.parameters()])
+        penalty = sum(g.square().sum() for g in grads)
+        second = torch.autograd.grad(penalty, list(module.parameters()))
+        results.append((*grads, *second))
+    for i, (e, a) in enumerate(zip(*results)):
+        assert_close(a, e, 1e-10, f"gradient {i}")
