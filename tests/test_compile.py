@@ -393,3 +393,21 @@ def test_compiled_create_graph_over_an_eager_graph(kind, seq_len):
         results.append((*grads, *second))
     for i, (e, a) in enumerate(zip(*results)):
         assert_close(a, e, 1e-10, f"gradient {i}")
+
+
+@requires_native
+def test_fullgraph_checkpoint_of_a_module_never_called():
+    """torch.utils.checkpoint under fullgraph refuses side effects in its forward: the modules
+    used to cache their weight names at their first call, so a fresh module failed there."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    module = fusedrnn.LSTM(3, 4, dtype=torch.float64)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    loss = torch.compile(lambda x: torch.utils.checkpoint.checkpoint(
+        module, x, use_reentrant=False)[0].sum(), fullgraph=True, backend="aot_eager")(x)
+    loss.backward()
+    compiled = [p.grad.clone() for p in module.parameters()]
+    module.zero_grad()
+    module(x)[0].sum().backward()
+    for c, e in zip(compiled, (p.grad for p in module.parameters())):
+        assert_close(c, e, 1e-12, "checkpointed gradient")

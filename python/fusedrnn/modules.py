@@ -101,6 +101,7 @@ class RNNBase(nn.Module):
                     names.append(name + suffix)
                 self._flat_weights_names.extend(names)
                 self._all_weights.append(names)
+        self._weight_names_by_layer()
         self.reset_parameters()
 
     # --- torch.nn.RNNBase's public surface ---------------------------------------------------------
@@ -218,8 +219,20 @@ class RNNBase(nn.Module):
         """(w_ih, w_hh, b_ih, b_hh, w_hr) per layer and direction, for functional.rnn, and a
         peephole LSTM's peephole weights as a sixth entry; read at every call, so .to(),
         load_state_dict and torch.func.functional_call are always seen."""
+        names = self._weight_names_by_layer()
+        weights = [tuple(getattr(self, name) if name is not None else None for name in layer)
+                   for layer in names]
+        if self._is_variant:
+            _check_variant_shapes(self, weights, names)
+        return weights
+
+    def _weight_names_by_layer(self) -> list:
+        """_layer_weights' names per layer and direction, None for absent ones. __init__ builds
+        them: built at a first call inside a compiled torch.utils.checkpoint, the attribute
+        write is a side effect that fullgraph refuses. (Here lazily for a module pickled
+        before.)"""
         names = self.__dict__.get("_layer_weight_names")
-        if names is None:  # built once: the names __init__ registered, None for absent ones
+        if names is None:
             num_directions = 2 if self.bidirectional else 1
             present = {"weight_ih": True, "weight_hh": True, "bias_ih": self.bias,
                        "bias_hh": self.bias, "weight_hr": self.proj_size > 0}
@@ -229,11 +242,7 @@ class RNNBase(nn.Module):
                            for name, there in present.items())
                      for layer in range(self.num_layers) for direction in range(num_directions)]
             self.__dict__["_layer_weight_names"] = names
-        weights = [tuple(getattr(self, name) if name is not None else None for name in layer)
-                   for layer in names]
-        if self._is_variant:
-            _check_variant_shapes(self, weights, names)
-        return weights
+        return names
 
     def _fast_forward(self, input, hx):
         """The common inference call (no gradient, a batched float32/float64 tensor, valid or no
