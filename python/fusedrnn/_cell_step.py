@@ -329,11 +329,7 @@ class _CellStep(torch.autograd.Function):
         return (h_next, c_next) if cell in LSTM_CELLS else h_next
 
     @staticmethod
-    # Eager only, and never traced: torch.autograd.grad called inside a compiled function
-    # (a MAML step, a gradient penalty, an HVP helper) makes Dynamo trace the backward of an
-    # eagerly recorded graph, and the traced recomputation's nested autograd.grad found no
-    # path to xproj: d x and d W_ih came back zero, silently.
-    @torch.compiler.disable
+    @_backend.never_traced
     def backward(ctx, d_h, d_c=None):
         cell = ctx.cell
         x, h, c, w_ih, w_hh, gates, saved, peephole = ctx.saved_tensors

@@ -569,11 +569,7 @@ class _LayerRecurrence(torch.autograd.Function):
         return (out, hn, cn) if spec.cell in LSTM_CELLS else (out, hn)
 
     @staticmethod
-    # Eager only, and never traced: torch.autograd.grad called inside a compiled function
-    # (a MAML step, a gradient penalty, an HVP helper) makes Dynamo trace the backward of an
-    # eagerly recorded graph, and the traced recomputation's nested autograd.grad found no
-    # path to xproj: d x and d W_ih came back zero, silently.
-    @torch.compiler.disable
+    @_backend.never_traced
     def backward(ctx, d_out, d_hn, d_cn=None):
         # Where the gates lie over the forward's xproj, d_xproj can take that buffer over: no
         # new [T, B, D*4H] tensor (its page faults: ~1500 per layer of a bidirectional B=32
