@@ -1,7 +1,8 @@
 // Global-to-shared copies that do not pass through registers (cp.async, sm_80+), so that a thread
 // can have all of its copies in flight at once: the activation chunk of a step (the state every
 // block wrote last step, read from L2) then costs about one L2 round trip instead of one per
-// register batch. The emulator substitutes a plain copy (csrc/emu/emu_async_copy.h).
+// register batch. The emulator keeps the contract below strictly (csrc/emu/emu_async_copy.h): the
+// destination is NaN until the wait, and misaligned or misplaced operands fault.
 //
 // copy_16_async(dst, src): 16 bytes, both addresses 16-byte aligned; dst in shared memory, src in
 // global memory. .cg caches in L2 only: the source was written by other SMs.
