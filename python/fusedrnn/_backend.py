@@ -126,15 +126,6 @@ def never_traced(backward):
     return run
 
 
-def batched_grads(grads) -> bool:
-    """Whether an autograd.Function's backward runs under the vmap of
-    torch.autograd.grad(is_grads_batched=True) (also torch.autograd.functional's vectorized
-    jacobian/hessian): its incoming gradients are then the legacy vmap's batched tensors, which
-    have no memory of their own for the kernels, and no transform is on functorch's stack."""
-    return any(isinstance(g, torch.Tensor) and torch._C._functorch.is_legacy_batchedtensor(g)
-               for g in grads)
-
-
 def plain_eager() -> bool:
     """Neither recording_graph() nor under_transform(), in one call: the only state in which the
     modules' fast paths and the cell step call the native kernels directly (they run at every

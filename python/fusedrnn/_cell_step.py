@@ -335,10 +335,7 @@ class _CellStep(torch.autograd.Function):
         x, h, c, w_ih, w_hh, gates, saved, peephole = ctx.saved_tensors
         b_ih, b_hh = ctx.biases
         needs = ctx.needs_input_grad[2:]  # x, h, c, w_ih, w_hh, b_ih, b_hh, peephole
-        # create_graph: gradients that can be differentiated again; is_grads_batched (or a
-        # vectorized jacobian): gradients with no memory of their own for the kernels. Both
-        # take the recomputation's torch ops.
-        if torch.is_grad_enabled() or _backend.batched_grads((d_h, d_c)):
+        if _recomputed_grads.applies((d_h, d_c)):  # create_graph, or batched gradients
             _recomputed_grads.check_unchanged(ctx.biases, ctx.bias_versions)
             return (None, None, *_recomputed_grads.step_grads(cell, x, h, c, w_ih, w_hh, b_ih,
                                                               b_hh, d_h, d_c, needs, peephole))

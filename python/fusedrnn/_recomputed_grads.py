@@ -25,6 +25,17 @@ from . import reference
 from ._backend import reference_cell
 
 
+def applies(grads) -> bool:
+    """Whether the backward of a layer or cell step (functional._LayerRecurrence,
+    _cell_step._CellStep), given its incoming gradients, takes this recomputation instead of the
+    native backward: under create_graph (grad mode on in the backward: gradients that can be
+    differentiated again), and under torch.autograd.grad(is_grads_batched=True) or
+    torch.autograd.functional's vectorized jacobian/hessian, whose legacy vmap hands in batched
+    gradients with no memory of their own for the kernels (then first order only)."""
+    return torch.is_grad_enabled() or any(
+        isinstance(g, Tensor) and torch._C._functorch.is_legacy_batchedtensor(g) for g in grads)
+
+
 def versions(tensors) -> tuple:
     """The version counters of tensors kept for a recomputation (None for None)."""
     return tuple(t._version if t is not None else None for t in tensors)
@@ -58,32 +69,26 @@ def layer_grads(cell: str, projection: tuple, lengths: Optional[Tensor], h0: Opt
     returned gradient. With grad mode off (is_grads_batched: first order only), the same
     gradients without graphs."""
     create_graph = torch.is_grad_enabled()
-    with torch.enable_grad():
-        return _layer_grads(cell, projection, lengths, h0, c0, w_hh, b_hh, w_hr, grad_outputs,
-                            needs, peephole, create_graph)
-
-
-def _layer_grads(cell, projection, lengths, h0, c0, w_hh, b_hh, w_hr, grad_outputs, needs,
-                 peephole, create_graph: bool) -> tuple:
-    x, w_ih, b_ih = projection
-    xproj = F.linear(x, w_ih, b_ih)
-    width = w_hh[0].shape[0]
-    ref_cell, coupled = reference_cell(cell)
-    outs, hns, cns = [], [], []
-    for d in range(len(w_hh)):
-        out, hn, cn = reference.rnn_layer(
-            ref_cell, xproj[..., d * width:(d + 1) * width], None, w_hh[d],
-            None, b_hh[d], w_hr[d], h0[d] if h0 is not None else None,
-            c0[d] if c0 is not None else None, lengths, reverse=d == 1,
-            peephole=peephole[d] if peephole else None, coupled_input_forget=coupled)
-        outs.append(out)
-        hns.append(hn)
-        cns.append(cn)
-    results = (torch.cat(outs, 2), torch.stack(hns), torch.stack(cns) if cns[0] is not None
-               else None)
-    params = [*w_hh, *(b for b in b_hh if b is not None), *(w for w in w_hr if w is not None),
-              *(w for w in peephole if w is not None)]
-    return _grads(results, grad_outputs, [xproj, h0, c0, *params], needs, create_graph)
+    with torch.enable_grad():  # the recomputation records its graph in either case
+        x, w_ih, b_ih = projection
+        xproj = F.linear(x, w_ih, b_ih)
+        width = w_hh[0].shape[0]
+        ref_cell, coupled = reference_cell(cell)
+        outs, hns, cns = [], [], []
+        for d in range(len(w_hh)):
+            out, hn, cn = reference.rnn_layer(
+                ref_cell, xproj[..., d * width:(d + 1) * width], None, w_hh[d],
+                None, b_hh[d], w_hr[d], h0[d] if h0 is not None else None,
+                c0[d] if c0 is not None else None, lengths, reverse=d == 1,
+                peephole=peephole[d] if peephole else None, coupled_input_forget=coupled)
+            outs.append(out)
+            hns.append(hn)
+            cns.append(cn)
+        results = (torch.cat(outs, 2), torch.stack(hns), torch.stack(cns) if cns[0] is not None
+                   else None)
+        params = [*w_hh, *(b for b in b_hh if b is not None), *(w for w in w_hr if w is not None),
+                  *(w for w in peephole if w is not None)]
+        return _grads(results, grad_outputs, [xproj, h0, c0, *params], needs, create_graph)
 
 
 def step_grads(cell: str, x: Tensor, h: Optional[Tensor], c: Optional[Tensor], w_ih: Tensor,

@@ -577,10 +577,7 @@ class _LayerRecurrence(torch.autograd.Function):
         # Measured on the 2-core VM, LSTM training calls: B=64 T=50 H=256 38.6-42.1 -> 36.1-39.3
         # ms, H=512 143.6-146.4 -> 140.7-141.6 ms. Not when the graph is kept (retain_graph,
         # create_graph): a second backward reads the same saved gates again.
-        # create_graph: gradients that can be differentiated again; is_grads_batched (or a
-        # vectorized jacobian): gradients with no memory of their own for the kernels. Both
-        # take the recomputation's torch ops.
-        if torch.is_grad_enabled() or _backend.batched_grads((d_out, d_hn, d_cn)):
+        if _recomputed_grads.applies((d_out, d_hn, d_cn)):  # create_graph, or batched gradients
             _recomputed_grads.check_unchanged((*ctx.projection, *ctx.b_hh), ctx.kept_versions)
             lengths, h0, c0, _, _, _, _, *params = ctx.saved_tensors  # as _layer_weight_grads
             w_hh, _, w_hr, peephole = ctx.spec.split(params)
