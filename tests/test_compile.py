@@ -396,6 +396,32 @@ def test_compiled_create_graph_over_an_eager_graph(kind, seq_len):
 
 
 @requires_native
+@pytest.mark.parametrize("kind, seq_len", [("LSTM", 4), ("GRU", 1), ("GRUCell", None)])
+def test_gradient_penalty_compiled_whole_with_the_eager_backend_raises(kind, seq_len):
+    """A gradient penalty compiled as a whole with Dynamo's eager backend: the compiled graph
+    holds the layer op, and its registered backward, called by the torch.autograd.grad inside
+    the compiled function, was traced by Dynamo, so it skipped the tag that refuses double
+    backward and the penalty's recurrent second-order terms were dropped silently (d loss/d W_hh
+    came back as d score/d W_hh). It now raises, as under aot_eager and inductor."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    module = getattr(fusedrnn, kind)(3, 4, dtype=torch.float64)
+    x0 = torch.randn(*((seq_len,) if seq_len else ()), 2, 3, dtype=torch.float64)
+
+    @torch.compile(backend="eager")
+    def critic_loss(x):
+        x = x.clone().requires_grad_()
+        out = module(x)
+        score = (out[0] if isinstance(out, tuple) else out).sin().sum()
+        grad_x, = torch.autograd.grad(score, x, create_graph=True)
+        return score + grad_x.square().sum()
+
+    loss = critic_loss(x0)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, [p for n, p in module.named_parameters() if "weight_hh" in n])
+
+
+@requires_native
 def test_fullgraph_checkpoint_of_a_module_never_called():
     """torch.utils.checkpoint under fullgraph refuses side effects in its forward: the modules
     used to cache their weight names at their first call, so a fresh module failed there."""

@@ -797,6 +797,12 @@ def _layer_forward_setup_context(ctx, inputs, output):
                               *_unsaved_biases(spec, (*w_hh, *b_hh, *w_hr, *peephole)))
 
 
+# Never traced by Dynamo: torch.autograd.grad(create_graph=True) called inside a compiled
+# function (a gradient penalty compiled as a whole) over this op's node made Dynamo trace this
+# backward, where is_compiling() kept _layer_grads from tagging its gradients; with
+# backend="eager" the penalty's recurrent second-order terms were then dropped silently. Run
+# eagerly, the tag makes differentiating them raise, as under inductor and aot_eager.
+@_backend.never_traced
 def _layer_forward_backward(ctx, d_out, d_hn, d_cn, *_):
     if not ctx.saved:
         raise RuntimeError("fusedrnn::layer_forward: backward needs the forward to run with "
