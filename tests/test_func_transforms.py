@@ -150,3 +150,36 @@ def test_compiled_jvp_matches_eager(kind, weights_require_grad):
     torch._dynamo.reset()
     assert want.abs().max() > 0
     assert_close(got, want, 1e-12, f"compiled jvp of {kind}")
+
+
+@pytest.mark.parametrize("name, cls, kwargs, seq_len", [CASES[0], CASES[2], CASES[4]],
+                         ids=[IDS[0], IDS[2], IDS[4]])
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_compiled_grad_and_vmap_match_torch(name, cls, kwargs, seq_len, backend):
+    """torch.func.grad, jacrev and vmap inside torch.compile(fullgraph=True): the layers run as
+    the reference's torch ops, as eagerly. The parameters handed to grad are detached, so the
+    traced call saw no gradient needed and recorded the inference op, which failed in its fake
+    kernel; asking for the transform in traced code broke the graph instead (and with the eager
+    backend failed in the resumed frame)."""
+    theirs, ours = _pair(cls, kwargs)
+    x = _input(seq_len)
+    params = [{k: v.detach() for k, v in m.named_parameters()} for m in (theirs, ours)]
+
+    def loss_of(module):
+        return lambda p, x: _loss(lambda x: functional_call(module, p, (x,)), x)
+
+    def transforms(module, p, x):
+        loss = loss_of(module)
+        return (grad(loss)(p, x), torch.func.jacrev(loss, argnums=1)(p, x),
+                vmap(lambda x: loss(p, x))(torch.stack([x, 2 * x])))
+
+    loss = loss_of(theirs)  # (torch.nn's RNNs have no vmap: a loop)
+    expected = (grad(loss)(params[0], x), torch.func.jacrev(loss, argnums=1)(params[0], x),
+                torch.stack([loss(params[0], x), loss(params[0], 2 * x)]))
+    torch._dynamo.reset()
+    actual = torch.compile(transforms, backend=backend, fullgraph=True)(ours, params[1], x)
+    torch._dynamo.reset()
+    for key in expected[0]:
+        assert_close(actual[0][key], expected[0][key], TOLERANCE, f"compiled grad wrt {key}")
+    assert_close(actual[1], expected[1], TOLERANCE, "compiled jacrev wrt the input")
+    assert_close(actual[2], expected[2], TOLERANCE, "compiled vmap of the loss")

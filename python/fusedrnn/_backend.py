@@ -79,6 +79,18 @@ BACKEND_VARIABLE = "FUSEDRNN_BACKEND"
 _is_tracing = getattr(torch._C, "_is_tracing", torch.jit.is_tracing)
 _transform_stack = (getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
                     or (lambda: None))
+_functorch_level = (getattr(getattr(torch._C, "_functorch", None), "maybe_current_level", None)
+                    or (lambda: None))
+
+
+@torch.compiler.assume_constant_result
+def _traced_under_functorch() -> bool:
+    """While Dynamo traces: whether the trace is inside a torch.func transform (a compiled
+    grad/vjp/jacrev/vmap). Run for real at trace time and its result baked into the graph: asked
+    in traced code, the functorch level makes Dynamo break the graph inside the transform (and
+    with backend="eager" fail in a resumed frame), and the transform stack always shows Dynamo's
+    own interpreter."""
+    return _functorch_level() is not None
 
 
 def _dual_level() -> int:
@@ -100,13 +112,15 @@ def under_transform() -> bool:
     have no forward-mode formula and are not in the form the transforms need (nor are
     torch.library custom ops' in this torch), and under vmap the tensors have no memory of their
     own: there a layer runs as fusedrnn.reference's plain torch ops, which all of them support.
-    While torch.compile traces, only forward-mode AD counts: Dynamo reports an interpreter of
-    its own on the transform stack at every trace, but its dual level is -1 unless a jvp (or a
-    dual_level block) is traced, whose tangents through the custom ops came out as zeros, with
-    no error. (A compiled vmap or grad fails in the custom ops' fake kernels, loudly.)"""
+    While torch.compile traces, the same holds for a traced transform (_traced_under_functorch:
+    a compiled grad's inputs do not report requires_grad, so the inference op was traced and
+    failed in its fake kernel) and for a traced jvp or dual_level block (its tangents through
+    the custom ops came out as zeros, with no error)."""
     if _dual_level() >= 0:
         return True
-    return not torch.compiler.is_compiling() and _transform_stack() is not None
+    if torch.compiler.is_compiling():
+        return _traced_under_functorch()
+    return _transform_stack() is not None
 
 
 def never_traced(backward):
