@@ -241,3 +241,24 @@ def test_lstm_state_error_is_catchable_as_every_torch_class():
     from fusedrnn._validation import HiddenStateError
     for cls in (RuntimeError, TypeError, IndexError, AttributeError):
         assert issubclass(HiddenStateError, cls)
+
+
+@pytest.mark.parametrize("rows, batch_sizes", [(5, [3, 2, 1]), (6, [1, 2, 3]), (6, [3, 1, 2])],
+                         ids=["fewer-rows", "increasing", "increasing-later"])
+def test_malformed_packed_sequence_like_torch(rows, batch_sizes):
+    """A hand-built PackedSequence that is not one: torch.nn fails inside its kernel with an
+    unrelated RuntimeError; ours names what is wrong, catchable as torch.nn's class. (It was an
+    IndexError from index_copy_.)"""
+    from torch.nn.utils.rnn import PackedSequence
+    packed = PackedSequence(torch.randn(rows, 3), torch.tensor(batch_sizes))
+    with pytest.raises(RuntimeError, match="PackedSequence's (data|batch_sizes)"):
+        fusedrnn.LSTM(3, 4)(packed)
+
+
+def test_packed_sequence_with_extra_data_rows_is_refused():
+    """torch.nn ignores data rows past what batch_sizes count: a silently dropped row."""
+    from torch.nn.utils.rnn import PackedSequence
+    packed = PackedSequence(torch.randn(7, 3), torch.tensor([3, 2, 1]))
+    assert nn.GRU(3, 4)(packed)[0].data.shape[0] == 6
+    with pytest.raises(ValueError, match=r"their sum, 6\), got 7 rows"):
+        fusedrnn.GRU(3, 4)(packed)

@@ -47,6 +47,12 @@ class WeightShapeError(ValueError, RuntimeError):
     RuntimeError like the projection GEMM's error it replaced."""
 
 
+class PackedSequenceError(ValueError, RuntimeError):
+    """A hand-built PackedSequence that is not one (batch_sizes that increase, data rows that
+    do not match them): torch.nn fails with a RuntimeError from inside its kernel, or ignores
+    extra rows; this is a ValueError that such a handler still catches."""
+
+
 class NegativeSizeError(ValueError, RuntimeError):
     """A cell's hidden_size below zero: torch.nn's cells fail with RuntimeError (from torch.empty),
     its RNN modules with ValueError."""
@@ -165,6 +171,22 @@ def check_sequence_length(seq_len: int) -> None:
     if seq_len == 0:
         raise RuntimeError("Expected sequence length to be larger than 0 in RNN, got an input "
                            "with 0 time steps")
+
+
+def check_packed_sequence(name: str, data: Tensor, batch_sizes: Tensor, rows: int) -> None:
+    """A PackedSequence built by hand must still be one: its batch_sizes never increase from one
+    step to the next (sequences end, none start), and its data has a row for every entry they
+    count. rows: the entries the layout built from batch_sizes found. (torch.nn fails deep in its
+    kernel with an unrelated message, or, given extra data rows, ignores them.)"""
+    if batch_sizes.dim() != 1 or bool((batch_sizes[1:] > batch_sizes[:-1]).any()):
+        raise PackedSequenceError(
+            f"{name}: a PackedSequence's batch_sizes must be a 1-D tensor that never increases "
+            f"from one step to the next, got {batch_sizes.tolist()}; build it with "
+            "torch.nn.utils.rnn.pack_padded_sequence or pack_sequence")
+    if data.size(0) != rows:
+        raise PackedSequenceError(
+            f"{name}: a PackedSequence's data must have one row per entry its batch_sizes count "
+            f"(their sum, {rows}), got {data.size(0)} rows")
 
 
 def split_lstm_state(hx, what: str = "hx"):

@@ -370,6 +370,9 @@ class RNNBase(nn.Module):
             data, batch_sizes, sorted_indices, unsorted_indices = input
             check.check_input(data, weight, self.input_size, expected_dim=2)
             layout = PackedLayout(batch_sizes, data.device)
+            if not _backend.recording_graph():  # (reads batch_sizes' values)
+                check.check_packed_sequence(self._display_name, data, layout.batch_sizes,
+                                            layout.rows.numel())
             x, batch_first, batched, lengths = layout.pad(data), False, True, layout.lengths
         else:
             check.check_input_dim(self._display_name, input, (2, 3))
