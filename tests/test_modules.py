@@ -331,6 +331,55 @@ def test_bias_written_in_place_before_backward(kind, seq_len):
 
 
 @requires_native
+@pytest.mark.parametrize("kind, seq_len", [("GRUCell", None), ("LSTMCell", None),
+                                           ("RNNCell", None), ("GRU", 1), ("RNN", 1)])
+@pytest.mark.parametrize("weight", ["weight_ih", "weight_hh"])
+@pytest.mark.parametrize("state_needs_grad", [False, True], ids=["state", "state-grad"])
+def test_weight_written_in_place_before_backward_like_torch(kind, seq_len, weight,
+                                                            state_needs_grad):
+    """A cell step saves x, W_ih and W_hh only where a first-order gradient reads them, as
+    torch.nn's products save their operands: W_ih written in place next to an input that needs
+    no gradient (or W_hh next to a state that needs none) gives torch.nn's gradients, and a
+    write that torch.nn refuses is refused. (Every cell step used to save all three.)"""
+    name = weight if seq_len is None else f"{weight}_l0"
+    x = torch.randn(*((2, 3) if seq_len is None else (seq_len, 2, 3)), dtype=torch.float64)
+    h = torch.randn(*((2, 4) if seq_len is None else (1, 2, 4)), dtype=torch.float64,
+                    requires_grad=state_needs_grad)
+    state = (h, torch.zeros_like(h)) if "LSTM" in kind else h
+    results = []
+    for lib in (nn, fusedrnn):
+        torch.manual_seed(0)
+        m = getattr(lib, kind)(3, 4, dtype=torch.float64)
+        out = m(x, state)
+        out = out[0] if isinstance(out, tuple) else out
+        with torch.no_grad():
+            getattr(m, name).mul_(0.5)
+        try:
+            results.append(torch.autograd.grad(out.pow(2).sum(), list(m.parameters())))
+        except RuntimeError as error:
+            assert "modified by an inplace operation" in str(error)
+            results.append(None)
+    assert (results[0] is None) == (results[1] is None), (
+        f"torch.nn {'refused' if results[0] is None else 'accepted'} the write, fusedrnn did not")
+    if results[0] is not None:
+        for a, e in zip(results[1], results[0]):
+            assert_close(a, e, 1e-12, f"gradient after an in-place write of {name}")
+
+
+@requires_native
+def test_create_graph_after_an_in_place_write_of_an_unsaved_weight_raises():
+    """create_graph's recomputation reads W_ih, which the cell did not save (x needs no
+    gradient): written after the forward, it must raise, not differentiate a forward that
+    never ran."""
+    m = fusedrnn.GRUCell(3, 4, dtype=torch.float64)
+    out = m(torch.randn(2, 3, dtype=torch.float64))
+    with torch.no_grad():
+        m.weight_ih.add_(0.5)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(out.pow(2).sum(), m.weight_hh, create_graph=True)
+
+
+@requires_native
 @pytest.mark.parametrize("kind, seq_len", [("GRU", 5), ("RNN", 1), ("GRUCell", None)])
 def test_create_graph_after_an_in_place_bias_write_raises(kind, seq_len):
     """create_graph recomputes the layer from its biases, which are kept by reference: one

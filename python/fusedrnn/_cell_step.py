@@ -315,17 +315,24 @@ class _CellStep(torch.autograd.Function):
         h_next, c_next, (gates, saved) = _forward(cell, x, h, c, w_ih, w_hh, b_ih, b_hh,
                                                   save=True, checked=checked, peephole=peephole)
         ctx.cell = cell
+        ctx.batch_and_hidden = h_next.shape
         ctx.set_materialize_grads(False)
         # What the pointwise backward reads: the gates and a private copy of c' (LSTM), the
         # gates (GRU), a private copy of h' (RNN); never a tensor returned to the user. The
         # peephole weights join the gradient of c (saved: a write to them before backward
-        # raises, as for W_hh).
-        ctx.save_for_backward(x, h, c, w_ih, w_hh, gates, saved, peephole)
-        # The biases only for create_graph (_recomputed_grads), kept by reference with their
-        # versions: the native backward reads no bias value, so a bias written in place before
-        # it is fine, as in torch.nn (saved, its version check would raise).
-        ctx.biases = (b_ih, b_hh)
-        ctx.bias_versions = _recomputed_grads.versions(ctx.biases)
+        # raises, as for W_hh). x, W_ih and W_hh are saved only where a first-order gradient
+        # reads them (x for d W_ih, W_ih for d x, W_hh for d h), as torch.nn's products save
+        # their operands: a weight written in place between forward and backward (W_ih next to
+        # an input that needs no gradient) then raises only where torch.nn's would.
+        needs = ctx.needs_input_grad  # cell, checked, x, h, c, w_ih, w_hh, b_ih, b_hh, peephole
+        operands = (x, w_ih, w_hh)
+        kept = tuple(t if need else None for t, need in zip(operands, (needs[5], needs[2], needs[3])))
+        ctx.save_for_backward(kept[0], h, c, kept[1], kept[2], gates, saved, peephole)
+        # The rest only for create_graph (_recomputed_grads), kept by reference with their
+        # versions; so are the biases, which the native backward never reads: a bias written in
+        # place before it is fine, as in torch.nn (saved, its version check would raise).
+        ctx.unsaved = (b_ih, b_hh, *(t if k is None else None for t, k in zip(operands, kept)))
+        ctx.unsaved_versions = _recomputed_grads.versions(ctx.unsaved)
         return (h_next, c_next) if cell in LSTM_CELLS else h_next
 
     @staticmethod
@@ -333,23 +340,25 @@ class _CellStep(torch.autograd.Function):
     def backward(ctx, d_h, d_c=None):
         cell = ctx.cell
         x, h, c, w_ih, w_hh, gates, saved, peephole = ctx.saved_tensors
-        b_ih, b_hh = ctx.biases
         needs = ctx.needs_input_grad[2:]  # x, h, c, w_ih, w_hh, b_ih, b_hh, peephole
         if _recomputed_grads.applies((d_h, d_c)):  # create_graph, or batched gradients
-            _recomputed_grads.check_unchanged(ctx.biases, ctx.bias_versions)
+            _recomputed_grads.check_unchanged(ctx.unsaved, ctx.unsaved_versions)
+            b_ih, b_hh, x_ref, w_ih_ref, w_hh_ref = ctx.unsaved
+            x, w_ih, w_hh = (t if t is not None else ref
+                             for t, ref in ((x, x_ref), (w_ih, w_ih_ref), (w_hh, w_hh_ref)))
             return (None, None, *_recomputed_grads.step_grads(cell, x, h, c, w_ih, w_hh, b_ih,
                                                               b_hh, d_h, d_c, needs, peephole))
-        batch, hidden = x.size(0), w_hh.size(0) // GATE_COUNT[cell]
+        batch, hidden = ctx.batch_and_hidden
         is_lstm, is_gru = cell in LSTM_CELLS, cell == "gru"
-        d_xpre = x.new_empty(batch, GATE_COUNT[cell] * hidden)
+        d_xpre = h.new_empty(batch, GATE_COUNT[cell] * hidden)
         d_hpre = torch.empty_like(d_xpre) if is_gru else None
-        d_c_prev = x.new_empty(batch, hidden) if is_lstm else None
-        d_h_direct = x.new_empty(batch, hidden) if is_gru else None
+        d_c_prev = h.new_empty(batch, hidden) if is_lstm else None
+        d_h_direct = h.new_empty(batch, hidden) if is_gru else None
         d_h, d_c = _contiguous(d_h), _contiguous(d_c)
         c_prev, h_prev = _contiguous(c), (h.contiguous() if is_gru else None)  # named: see _forward
         peephole = _contiguous(peephole)  # (saved as given: the forward read a contiguous copy)
         _cpu.cell_step_backward(
-            CELL_CODES[cell], DTYPE_CODES[x.dtype], batch, hidden, _ptr(gates),
+            CELL_CODES[cell], DTYPE_CODES[h.dtype], batch, hidden, _ptr(gates),
             _ptr(saved) if is_lstm else 0, _ptr(c_prev), _ptr(h_prev),
             0 if (is_lstm or is_gru) else _ptr(saved),
             _ptr(d_h), _ptr(d_c), d_xpre.data_ptr(), _ptr(d_hpre), _ptr(d_c_prev),
