@@ -130,6 +130,49 @@ def test_exported_model_takes_other_lengths_and_batches():
         np.testing.assert_allclose(a, e.numpy(), rtol=TOLERANCE, atol=TOLERANCE)
 
 
+@pytest.mark.parametrize("name, kwargs", [("LSTM", dict(bidirectional=True)),
+                                          ("GRU", dict(num_layers=2, batch_first=True))],
+                         ids=["lstm-bidir", "gru-L2-batch_first"])
+def test_dynamo_export_with_a_dynamic_length_fixes_it_as_torch_does(name, kwargs):
+    """The dynamo exporter with T and B marked dynamic: torch's RNN op keeps the example's T in
+    the recorded program, so fusedrnn's model declared T dynamic and then failed inside
+    onnxruntime at another length, or returned a tensor of the wrong shape ([2, 10, 8] for
+    [5, 4, 8]) with no error. T is now fixed, as in torch.nn's model: a clear refusal of another
+    length, any batch size. (torch.nn's own export of a one-layer LSTM keeps T dynamic in some
+    processes and then fails inside onnxruntime; it is not compared here.)"""
+    from torch.export import Dim
+    reference, ours = _pair(name, kwargs)
+    time_dim, batch_dim = (1, 0) if ours.batch_first else (0, 1)
+    example = torch.randn(2, 4, 3) if time_dim == 0 else torch.randn(4, 2, 3)  # T=2, B=4
+    dims = {"x": {time_dim: Dim("T", min=1, max=64), batch_dim: Dim("B", min=1, max=64)}}
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_Plain(ours), (example,), dynamo=True, dynamic_shapes=dims).save(buffer)
+    session = onnxruntime.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
+    input_shape = session.get_inputs()[0].shape
+    assert input_shape[time_dim] == 2 and isinstance(input_shape[batch_dim], str)
+    longer = torch.randn(5, 4, 3) if time_dim == 0 else torch.randn(4, 5, 3)
+    with pytest.raises(Exception, match="invalid dimensions"):
+        _run_onnx(buffer.getvalue(), (longer,))
+    other_batch = torch.randn(2, 7, 3) if time_dim == 0 else torch.randn(7, 2, 3)
+    with torch.no_grad():
+        expected = _flat(reference(other_batch))
+    for a, e in zip(_run_onnx(buffer.getvalue(), (other_batch,)), expected):
+        np.testing.assert_allclose(a, e.numpy(), rtol=TOLERANCE, atol=TOLERANCE)
+
+
+class _Plain(torch.nn.Module):
+    """module(x) with x named "x" (dynamic_shapes names the forward's arguments)."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x):
+        return self.module(x)
+
+
 CELLS = [("LSTMCell", "LSTM"), ("GRUCell", "GRU"), ("RNNCell", "RNN")]
 
 

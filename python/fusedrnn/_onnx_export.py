@@ -76,6 +76,8 @@ def layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor], c0: Optiona
             "fusedrnn.functional.rnn: ONNX export with per-sequence lengths is not supported; "
             "export a module (fusedrnn.LSTM/GRU/RNN) fed a PackedSequence, or a padded input")
     cell, layer_weights = as_exported(cell, layer_weights)
+    if torch.compiler.is_compiling():
+        _fix_sequence_length(x)
     num_dirs = len(layer_weights)
     w_hh, w_hr = layer_weights[0][1], layer_weights[0][4]
     state = w_hh.size(1)
@@ -89,6 +91,15 @@ def layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor], c0: Optiona
     result = _TORCH_OPS[cell](x, (h0, c0) if cell == "lstm" else h0, flat, has_bias, 1, 0.0,
                               False, num_dirs == 2, False)
     return result[0], result[1], (result[2] if cell == "lstm" else None)
+
+
+def _fix_sequence_length(x: Tensor) -> None:
+    """The dynamo exporter: torch's RNN ops keep the example's sequence length in the program
+    they record (their output's shape) while x's stays symbolic, so an exported model that
+    declared T dynamic failed in onnxruntime at any other length, or returned a tensor of the
+    wrong shape with no error. Reading T as an int fixes it to the example's, as torch.nn's
+    module export does: the model then declares T fixed and onnxruntime refuses other lengths."""
+    int(x.size(0))
 
 
 def peephole_layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor],
