@@ -267,7 +267,7 @@ Params row_group(const Params& p, int rank, int threads, BytesFn bytes_of) {
 }
 
 // Workspace of a direction run by `threads` threads: a team's, or the sum of the row groups'
-// (at least the former: a call that backs off to one thread runs as a team of one).
+// (at least the former: the carve must also serve a team, run_directions' fallback).
 template <typename Params, typename BytesFn>
 int64_t direction_bytes(const Params& p, int threads, const TestKnobs& knobs, BytesFn bytes_of) {
   const int64_t team = bytes_of(p);
@@ -373,14 +373,29 @@ void run_directions(const std::vector<Params>& dirs, BytesFn bytes_of, ThreadsFn
     const int64_t us = macs_per_step(p) / (team > 0 ? team : 1) / 40000 / 2;
     return us < 50 ? int64_t(50) : (us > 1000 ? int64_t(1000) : us);
   };
-  // Member `rank` of the `threads` threads of direction p: a member of its team, or a row group.
-  auto run_member = [&](const Params& p, int rank, int threads, SpinBarrier* barrier) {
-    if (!splits_rows(p, threads, knobs)) {
+  // The row groups direction d was planned with (0: its team splits the units). A row's sums
+  // depend on the rows it is blocked with (the micro-kernel's tail blocks accumulate in another
+  // order), so a call that gets fewer threads than planned (back-off, nested parallelism: a
+  // concurrent call from another Python thread) still runs these groups, one after the other:
+  // its results are the planned split's, bit for bit, whatever threads it got. (A team's split
+  // of the units leaves every sum's order as it is.)
+  auto planned_groups = [&](size_t d) {
+    const int threads = planned.second == 0 || d == 0 ? planned.first : planned.second;
+    return splits_rows(local[d], threads, knobs) ? threads : 0;
+  };
+  // Member `rank` of the `threads` threads of direction d: a member of its team, or the runner
+  // of row groups rank, rank + threads, ...
+  auto run_member = [&](size_t d, int rank, int threads, SpinBarrier* barrier) {
+    const Params& p = local[d];
+    const int groups = planned_groups(d);
+    if (groups == 0) {
       run(p, Team{rank, threads, barrier});
       return;
     }
-    const Params rows = row_group(p, rank, threads, bytes_of);
-    if (rows.batch > 0) run(rows, Team{0, 1, nullptr});
+    for (int g = rank; g < groups; g += threads) {
+      const Params rows = row_group(p, g, groups, bytes_of);
+      if (rows.batch > 0) run(rows, Team{0, 1, nullptr});
+    }
   };
   auto execute = [&](int threads0, int threads1) {
     SpinBarrier barrier0(threads0, stall_micros(local[0], threads0)),
@@ -392,11 +407,11 @@ void run_directions(const std::vector<Params>& dirs, BytesFn bytes_of, ThreadsFn
                                : std::chrono::steady_clock::time_point();
     const bool ran = parallel_run(threads0 + threads1, [&](int rank) {
       if (threads1 == 0) {
-        for (auto& p : local) run_member(p, rank, threads0, &barrier0);
+        for (size_t d = 0; d < local.size(); ++d) run_member(d, rank, threads0, &barrier0);
       } else if (rank < threads0) {
-        run_member(local[0], rank, threads0, &barrier0);
+        run_member(0, rank, threads0, &barrier0);
       } else {
-        run_member(local[1], rank - threads0, threads1, &barrier1);
+        run_member(1, rank - threads0, threads1, &barrier1);
       }
     });
     if (ran && watched) {
