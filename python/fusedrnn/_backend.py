@@ -124,11 +124,12 @@ def under_transform() -> bool:
 
 
 def never_traced(backward):
-    """An eager autograd.Function's backward, run eagerly even when Dynamo traces it:
-    torch.autograd.grad called inside a compiled function (a MAML step, a gradient penalty, an
-    HVP helper) over a graph recorded eagerly makes Dynamo trace that backward, and the traced
-    create_graph recomputation's nested autograd.grad found no path to xproj: d x and d W_ih
-    came back zero, silently. torch.compiler.disable alone costs ~2.3 us at every eager call
+    """A backward (an eager autograd.Function's, or a custom op's registered one), run eagerly
+    even when Dynamo traces it: torch.autograd.grad called inside a compiled function (a MAML
+    step, a gradient penalty, an HVP helper) makes Dynamo trace the backwards it runs. Traced,
+    the eager layer's create_graph recomputation found no path to xproj (d x and d W_ih came
+    back zero), and the op's backward skipped the tag that refuses double backward (the
+    penalty's recurrent terms were dropped), both silently. torch.compiler.disable alone costs ~2.3 us at every eager call
     (a cell step's backward is tens of us); asking is_compiling() first costs ~0.1 us."""
     untraced = torch.compiler.disable(backward)
 

@@ -325,8 +325,8 @@ class _CellStep(torch.autograd.Function):
         # their operands: a weight written in place between forward and backward (W_ih next to
         # an input that needs no gradient) then raises only where torch.nn's would.
         needs = ctx.needs_input_grad  # cell, checked, x, h, c, w_ih, w_hh, b_ih, b_hh, peephole
-        operands = (x, w_ih, w_hh)
-        kept = tuple(t if need else None for t, need in zip(operands, (needs[5], needs[2], needs[3])))
+        operands, read_by_first_order = (x, w_ih, w_hh), (needs[5], needs[2], needs[3])
+        kept = tuple(t if need else None for t, need in zip(operands, read_by_first_order))
         ctx.save_for_backward(kept[0], h, c, kept[1], kept[2], gates, saved, peephole)
         # The rest only for create_graph (_recomputed_grads), kept by reference with their
         # versions; so are the biases, which the native backward never reads: a bias written in

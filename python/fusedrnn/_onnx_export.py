@@ -98,7 +98,9 @@ def _fix_sequence_length(x: Tensor) -> None:
     they record (their output's shape) while x's stays symbolic, so an exported model that
     declared T dynamic failed in onnxruntime at any other length, or returned a tensor of the
     wrong shape with no error. Reading T as an int fixes it to the example's, as torch.nn's
-    module export does: the model then declares T fixed and onnxruntime refuses other lengths."""
+    module export usually has it: the model then declares T fixed and onnxruntime refuses other
+    lengths. (torch.nn's export of a one-layer LSTM keeps T dynamic in some processes and then
+    fails the same way.)"""
     int(x.size(0))
 
 
