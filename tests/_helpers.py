@@ -184,6 +184,30 @@ def flat_results(output, state) -> list:
     return [out] + states
 
 
+def concurrent_mismatches(module, inputs: list, calls_per_thread: int, threads: int = 4) -> list:
+    """Python threads calling module(x) for the inputs at once, under no_grad, each starting at
+    another input: the indices of the inputs whose output differed from a call alone (bit for
+    bit), once per differing call."""
+    import threading
+    with torch.no_grad():
+        alone = [module(x)[0] for x in inputs]
+    mismatches = []
+
+    def calls(first):
+        with torch.no_grad():
+            for i in range(calls_per_thread):
+                k = (first + i) % len(inputs)
+                if not torch.equal(module(inputs[k])[0], alone[k]):
+                    mismatches.append(k)
+
+    workers = [threading.Thread(target=calls, args=(t,)) for t in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return mismatches
+
+
 def run_module(module, inputs: Inputs, seed: int = 2):
     """Forward, then backward of a fixed random projection of every result.
     Returns (results, gradients by name)."""

@@ -15,7 +15,7 @@ from torch.func import functional_call
 import fusedrnn
 from fusedrnn import _backend, _inference
 
-from _helpers import TOLERANCE, assert_close, requires_native
+from _helpers import TOLERANCE, assert_close, concurrent_mismatches, requires_native
 
 DTYPE = torch.float64
 TOL = TOLERANCE[DTYPE]
@@ -564,27 +564,11 @@ def test_kept_projection_block_across_inference_mode(monkeypatch):
 def test_kept_projection_block_with_concurrent_calls(monkeypatch):
     """Threads calling one module at once: one of them holds the block, the others allocate their
     own, and every call returns what a call alone does."""
-    import threading
     from fusedrnn import _projection_buffer
     monkeypatch.setattr(_projection_buffer, "REUSE_MIN_BYTES", 0)
     _, ours = make_pair("LSTM", num_layers=2, bidirectional=True)
     inputs = [fresh_input(seed, batch=seed + 1, steps=3 + seed) for seed in range(4)]
-    with torch.no_grad():
-        alone = [ours(x)[0] for x in inputs]
-    mismatches = []
-
-    def calls(first):
-        for i in range(40):
-            k = (first + i) % len(inputs)
-            with torch.no_grad():
-                if not torch.equal(ours(inputs[k])[0], alone[k]):
-                    mismatches.append(k)
-
-    threads = [threading.Thread(target=calls, args=(t,)) for t in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    mismatches = concurrent_mismatches(ours, inputs, calls_per_thread=40)
     assert not mismatches
 
 

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from _helpers import column_block, minimal_fwd_params, run_backward_layer, run_forward_layer
+from _helpers import (column_block, concurrent_mismatches, minimal_fwd_params,
+                      run_backward_layer, run_forward_layer)
 from fusedrnn import _backend, functional, reference
 
 GATES = _backend.GATE_COUNT
@@ -340,28 +341,12 @@ def test_concurrent_calls_give_the_results_of_a_call_alone():
     after the other, so its results equal a call's alone bit for bit. It used to run all rows as
     one team, whose tail blocks sum in another order: 5 to 44 of 240 calls differed in the last
     bits (batches of 33 and 64, which split into row groups on two threads)."""
-    import threading
     import fusedrnn
     pytest.importorskip("fusedrnn._cpu")
     torch.manual_seed(0)
     module = fusedrnn.RNN(32, 128, nonlinearity="relu")
     inputs = [torch.randn(20, batch, 32) for batch in (1, 16, 33, 64)]
-    with torch.no_grad():
-        alone = [module(x)[0] for x in inputs]
-    mismatches = []
-
-    def calls(first):
-        with torch.no_grad():
-            for i in range(60):
-                k = (first + i) % len(inputs)
-                if not torch.equal(module(inputs[k])[0], alone[k]):
-                    mismatches.append(k)
-
-    threads = [threading.Thread(target=calls, args=(t,)) for t in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    mismatches = concurrent_mismatches(module, inputs, calls_per_thread=60)
     assert not mismatches
 
 
