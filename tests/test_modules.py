@@ -397,6 +397,30 @@ def test_create_graph_after_an_in_place_bias_write_raises(kind, seq_len):
                             create_graph=True)
 
 
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("emu", marks=pytest.mark.emu)])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+@pytest.mark.parametrize("seq_len", [1, 3])
+def test_projection_grad_none_where_torch_leaves_it(backend, bidirectional, seq_len, monkeypatch):
+    """A loss on c_n alone never reaches W_hr after one step: torch.nn leaves weight_hr's grad
+    None there (the emulated and CUDA layer once gave zeros), and fills it from the second step."""
+    from fusedrnn import _backend
+    if backend == "emu":
+        if not _backend.HAS_EMU:
+            pytest.skip("fusedrnn._emu is not built (configure with -DFUSEDRNN_EMU=ON)")
+        monkeypatch.setenv("FUSEDRNN_BACKEND", "emu")
+    theirs = nn.LSTM(3, 4, proj_size=2, bidirectional=bidirectional).double()
+    ours = fusedrnn.LSTM(3, 4, proj_size=2, bidirectional=bidirectional).double()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(seq_len, 2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for module in (theirs, ours):
+        _, (_, c_n) = module(x)
+        c_n.sum().backward()
+    for (name, e), a in zip(theirs.named_parameters(), ours.parameters()):
+        assert (a.grad is None) == (e.grad is None), name
+        if e.grad is not None:
+            assert_close(a.grad, e.grad, 1e-10, name)
+
+
 @requires_native
 def test_zero_batch_like_torch():
     """B = 0: results of torch.nn's shapes, and gradients of the input and the states (empty

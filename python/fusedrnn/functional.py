@@ -480,6 +480,9 @@ def _layer_weight_grads(spec: _LayerSpec, saved, d_out, d_hn, d_cn, needs, run_b
     d_bias = None
     if spec.has_bias and any(needs_bias[:num_dirs]):
         d_bias = _input_projection.row_sum(d_pre)  # every direction's db_hh at once
+    # W_hr is read only where a step's h is made: with one step and no gradient on out or h_n
+    # (a loss on c_n alone), nothing reaches it, and torch.nn leaves its grad None, not zeros.
+    reaches_w_hr = d_out is not None or d_hn is not None or out.shape[0] > 1
     d_w_hh, d_b_hh, d_w_hr, d_peephole = [], [], [], []
     for d in range(num_dirs):
         d_pre_d = d_pre[:, :, d * gates_width:(d + 1) * gates_width]
@@ -493,7 +496,7 @@ def _layer_weight_grads(spec: _LayerSpec, saved, d_out, d_hn, d_cn, needs, run_b
         if spec.has_proj:
             # dW_hr = sum_t d_h_t^T r_t, with r_t = o_t * tanh(c_t) the input of W_hr.
             d_w_hr.append(d_h_seq[d].reshape(-1, state).t().mm(r_seq[d].reshape(-1, hidden))
-                          if needs_proj[d] else None)
+                          if needs_proj[d] and reaches_w_hr else None)
         if spec.has_peephole:
             d_peephole.append(_peephole_grad(d_pre[:, :, d * gates_width:(d + 1) * gates_width],
                                              c_seq[d], c0[d] if c0 is not None else None,
