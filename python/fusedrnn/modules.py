@@ -220,8 +220,14 @@ class RNNBase(nn.Module):
         peephole LSTM's peephole weights as a sixth entry; read at every call, so .to(),
         load_state_dict and torch.func.functional_call are always seen."""
         names = self._weight_names_by_layer()
-        weights = [tuple(getattr(self, name) if name is not None else None for name in layer)
-                   for layer in names]
+        if _is_parametrized(self):
+            read = iter(_read_as_torch_nn_does(
+                self, [name for layer in names for name in layer if name is not None]))
+            weights = [tuple(next(read) if name is not None else None for name in layer)
+                       for layer in names]
+        else:
+            weights = [tuple(getattr(self, name) if name is not None else None for name in layer)
+                       for layer in names]
         if self._is_variant:
             _check_variant_shapes(self, weights, names)
         return weights
@@ -255,6 +261,7 @@ class RNNBase(nn.Module):
         requires one (a frozen module called without no_grad) is an inference call."""
         grad = torch.is_grad_enabled() and self._may_record_graph(input, hx)
         if (type(input) is not Tensor or input.is_meta or not _backend.plain_eager()
+                or _is_parametrized(self)  # (the full path reads them as torch.nn does)
                 or input.dim() != 3
                 or (grad and input.size(1 if self.batch_first else 0) != 1)
                 or (self.training and self.dropout > 0 and self.num_layers > 1)):
@@ -359,13 +366,14 @@ class RNNBase(nn.Module):
     def _checked_forward(self, input, hx):
         """Every other call: validated like torch.nn, packed sequences, autocast, dropout."""
         is_lstm = self.mode == "LSTM"
-        weight = self.weight_ih_l0
+        layer_weights = self._layer_weights()  # each weight read once, before anything random
+        weight = layer_weights[0][0]
         input, hx = _follow_autocast(input, hx, weight)
         packed = isinstance(input, PackedSequence)
         if packed and _backend.recording_graph() and _onnx_export.active():
             if self._has_peephole:
                 _onnx_export.refuse_packed_peephole()
-            return self._exported_packed_forward(input, hx)
+            return self._exported_packed_forward(input, hx, layer_weights)
         if packed:
             data, batch_sizes, sorted_indices, unsorted_indices = input
             check.check_input(data, weight, self.input_size, expected_dim=2)
@@ -390,7 +398,7 @@ class RNNBase(nn.Module):
 
         dropout_fn = layout.dropout(self.dropout) if packed else None
         output, h_n, c_n = functional.rnn(
-            self._cell, x, self._layer_weights(), hx, num_layers=self.num_layers,
+            self._cell, x, layer_weights, hx, num_layers=self.num_layers,
             bidirectional=self.bidirectional, batch_first=batch_first, lengths=lengths,
             dropout=self.dropout, training=self.training, dropout_fn=dropout_fn)
 
@@ -404,15 +412,15 @@ class RNNBase(nn.Module):
             c_n = c_n.squeeze(1) if c_n is not None else None
         return (output, (h_n, c_n)) if is_lstm else (output, h_n)
 
-    def _exported_packed_forward(self, input: PackedSequence, hx):
+    def _exported_packed_forward(self, input: PackedSequence, hx, layer_weights: list):
         """torch.onnx.export of a packed input: the packed RNN op torch.nn calls, which the
-        TorchScript-based exporter translates (_onnx_export.py)."""
+        TorchScript-based exporter translates (_onnx_export.py). layer_weights: _layer_weights'."""
         data, batch_sizes, sorted_indices, unsorted_indices = input
-        check.check_input(data, self.weight_ih_l0, self.input_size, expected_dim=2)
+        check.check_input(data, layer_weights[0][0], self.input_size, expected_dim=2)
         if hx is not None:
             hx = self._checked_hx(hx, data, int(batch_sizes[0]), True, True, sorted_indices)
         # The weights in torch's order (a CIFG's as the plain LSTM's that computes it).
-        cell, layer_weights = _onnx_export.as_exported(self._cell, self._layer_weights())
+        cell, layer_weights = _onnx_export.as_exported(self._cell, layer_weights)
         flat = [w for layer in layer_weights for w in layer[:5] if w is not None]
         output, h_n, c_n = _onnx_export.packed_rnn(
             cell, data, batch_sizes, hx, flat, self.bias, self.num_layers,
@@ -674,6 +682,35 @@ def _is_state(t, shape: tuple, dtype: torch.dtype, device: torch.device) -> bool
         and t.shape == shape and t.device == device
 
 
+def _is_parametrized(module: nn.Module) -> bool:
+    """Whether torch.nn.utils.parametrize computes any of the module's tensors (it registers the
+    `parametrizations` ModuleDict); a dict lookup, cheaper than parametrize.is_parametrized."""
+    return "parametrizations" in module._modules
+
+
+def _read_as_torch_nn_does(module: nn.Module, names: list) -> list:
+    """The weights `names` (torch.nn's _flat_weights_names order) of a parametrized module, read
+    the way torch.nn's RNN modules read theirs at each call, and so evaluating each
+    parametrization as many times, in the same order.
+
+    A parametrization can have side effects: a weight dropout (DropConnect, AWD-LSTM's
+    WeightDrop) draws from the global generator, spectral_norm advances its power iteration in
+    training mode. The same seed gives the same masks, and the same power-iteration state, only
+    if each is evaluated as often as torch.nn does. torch.nn's _update_flat_weights takes
+    hasattr and getattr of each weight until one is not the tensor it kept from its last read
+    (a parametrized weight is a new tensor at every read), then hasattr and getattr of every
+    weight, and uses those. A weight counts as unchanged here when it is the module's own
+    registered parameter, where torch.nn compares it with a weak reference to what it read last:
+    the two differ only for a parametrization that returns an existing tensor."""
+    unchanged = []
+    for name in names:
+        weight = getattr(module, name) if hasattr(module, name) else None
+        if weight is not None and weight is not module._parameters.get(name):
+            return [getattr(module, name) if hasattr(module, name) else None for name in names]
+        unchanged.append(weight)
+    return unchanged
+
+
 def _follow_autocast(input, hx, weight: Tensor):
     """Under autocast torch.nn accepts inputs of another float dtype than the parameters: they
     are cast to the parameters' dtype for the checks, and functional.rnn then runs everything in
@@ -828,7 +865,11 @@ class RNNCellBase(nn.Module):
     def _checked_step(self, cell: str, input: Tensor, hx):
         name = type(self).__name__
         is_lstm = cell in LSTM_CELLS
-        input, hx = _follow_autocast(input, hx, self.weight_ih)
+        # Each weight read once, in torch.nn's order: a parametrization with side effects then
+        # runs as often as there (_read_as_torch_nn_does).
+        weights = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        peephole = self.weight_peephole if self._has_peephole else None
+        input, hx = _follow_autocast(input, hx, weights[0])
         check.check_input_dim(name, input, (1, 2))
         states = None
         if hx is not None:
@@ -838,7 +879,7 @@ class RNNCellBase(nn.Module):
                 check.check_cell_hidden_dim(name, state, what)
         batched = input.dim() == 2
         batch_input = input if batched else input.unsqueeze(0)
-        check.check_cell_input(name, batch_input, self.input_size, self.weight_ih)
+        check.check_cell_input(name, batch_input, self.input_size, weights[0])
         if states is not None:
             whats = ("hidden0", "hidden1") if is_lstm else ("hidden0",)
             for state, what in zip(states, whats):
@@ -846,14 +887,12 @@ class RNNCellBase(nn.Module):
             if not batched:
                 states = tuple(s.unsqueeze(0) for s in states)
             hx = states if is_lstm else states[0]
+        if self._is_variant:
+            self._check_variant_parameters(weights, peephole)
         if self._is_variant and _backend.recording_graph():
-            result = self._variant_step(batch_input, hx)
+            result = self._variant_step(batch_input, hx, weights, peephole)
         else:
-            if self._is_variant:
-                self._check_variant_parameters()
-            result = functional.cell_step(cell, batch_input, self.weight_ih, self.weight_hh,
-                                          self.bias_ih, self.bias_hh, hx,
-                                          self.weight_peephole if self._has_peephole else None)
+            result = functional.cell_step(cell, batch_input, *weights, hx, peephole)
         if batched:
             return result
         return tuple(r.squeeze(0) for r in result) if is_lstm else result.squeeze(0)
@@ -921,24 +960,22 @@ class LSTMCell(RNNCellBase):
         _refuse_variant(self, "torch.jit.script")
         return self
 
-    def _check_variant_parameters(self) -> None:
-        """A variant cell's parameters, by their own names (modules._check_variant_shapes)."""
-        weights = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, None)
-        peephole = (self.weight_peephole,) if self.peephole else ()
-        _check_variant_shapes(self, [(*weights, *peephole)], [_CELL_WEIGHT_NAMES])
+    def _check_variant_parameters(self, weights: tuple, peephole: Optional[Tensor]) -> None:
+        """A variant cell's parameters (weights: w_ih, w_hh, b_ih, b_hh as read; peephole
+        None for a CIFG without peepholes), by their own names (modules._check_variant_shapes)."""
+        peephole = (peephole,) if self._has_peephole else ()
+        _check_variant_shapes(self, [(*weights, None, *peephole)], [_CELL_WEIGHT_NAMES])
 
-    def _variant_step(self, x: Tensor, hx):
-        """A variant's step (x [B, I], hx None or (h, c) [B, H], checked) as torch ops while a
-        graph is recorded: fusedrnn.reference.lstm_cell on the cell's own parameters, which
-        torch.jit.trace records and both ONNX exporters write as ONNX ops (a recorded native
-        step would be the recurrence's custom op, and ONNX has no peephole LSTM op here)."""
-        self._check_variant_parameters()
-        weights = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, None)
-        peephole = self.weight_peephole if self.peephole else None
+    def _variant_step(self, x: Tensor, hx, weights: tuple, peephole: Optional[Tensor]):
+        """A variant's step (x [B, I], hx None or (h, c) [B, H], weights and peephole checked)
+        as torch ops while a graph is recorded: fusedrnn.reference.lstm_cell on the cell's own
+        parameters, which torch.jit.trace records and both ONNX exporters write as ONNX ops (a
+        recorded native step would be the recurrence's custom op, and ONNX has no peephole LSTM
+        op here)."""
         if hx is None:
             zeros = x.new_zeros(x.size(0), self.hidden_size)
             hx = (zeros, zeros)
-        return reference.lstm_cell(x, hx[0], hx[1], *weights[:4], None, peephole,
+        return reference.lstm_cell(x, hx[0], hx[1], *weights, None, peephole,
                                    self.coupled_input_forget)
 
     def forward(self, input: Tensor, hx: Optional[tuple[Tensor, Tensor]] = None
