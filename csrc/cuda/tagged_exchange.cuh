@@ -14,6 +14,16 @@
 // the grid meets once, so a tag left by an earlier launch on the same workspace is never taken for
 // this one's. A buffer is rewritten without a barrier safely: a block writes h_{s+1} over h_{s-1}
 // only after reading all of h_s, and every block wrote its part of h_s after reading all of h_{s-1}.
+//
+// Why not the backward as well (tried in session 21, not kept; the diff is not in the repository):
+// its exchange is dpre_s, B x G*H values that every block reads whole at every step, four times
+// the forward's h_s. As 64-bit words those bytes double (the bf16 anchor, LSTM B=16 H=768: 98 KB
+// per block and step become 196 KB, about 0.9 us more of L2 bandwidth per SM, near what the grid
+// barrier costs), and the 32 words a thread keeps in flight spilled the fp32 GRU and CIFG backward
+// kernels (255 registers, ~100-200 bytes of spills at sm_90). Worth trying once the forward's
+// numbers are in: a 16-bit tag with three 16-bit values per word (tags only need to differ from
+// the one two steps back, and the clear at launch covers stale ones), or a flag per block and
+// step with a fence, read before a cp.async of the plain values.
 #pragma once
 
 #include <cstdint>
