@@ -2,6 +2,7 @@
 with a message that names the argument and what was expected and received. Validation runs
 before any native call, so these tests need no native module."""
 import warnings
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -262,3 +263,119 @@ def test_packed_sequence_with_extra_data_rows_is_refused():
     assert nn.GRU(3, 4)(packed)[0].data.shape[0] == 6
     with pytest.raises(ValueError, match=r"their sum, 6\), got 7 rows"):
         fusedrnn.GRU(3, 4)(packed)
+
+
+# --- torch.nn's own words -------------------------------------------------------------------------
+#
+# Code and tests written against torch.nn match its messages (its own test_nn and the ModuleInfo
+# error inputs do, with regexes). Where torch.nn's message states the problem, ours holds its text
+# word for word and adds what it leaves out; for cells that means every shape is checked before
+# any dtype, in torch.nn's order. (Where torch.nn's text is an accident of its internals, like
+# "mat1 and mat2 must have the same dtype", ours says what is wrong instead.)
+
+def _cell_input(batch=3, width=10):
+    return torch.randn(batch, width, dtype=torch.float64)  # the module is float32: shapes first
+
+
+TORCH_TEXT_CASES = [
+    # (id, class name, constructor args and kwargs, forward args)
+    ("gru-hidden-size", "GRU", (10, 20), {}, (torch.randn(3, 2, 10), torch.randn(1, 2, 19))),
+    ("rnn-hidden-size", "RNN", (10, 20), {}, (torch.randn(3, 2, 10), torch.randn(1, 2, 19))),
+    ("lstm-h-size", "LSTM", (10, 20), {},
+     (torch.randn(3, 2, 10), (torch.randn(1, 2, 19), torch.randn(1, 2, 20)))),
+    ("lstm-c-size", "LSTM", (10, 20), {},
+     (torch.randn(3, 2, 10), (torch.randn(1, 2, 20), torch.randn(1, 2, 19)))),
+    ("lstm-proj-h-size", "LSTM", (10, 20), dict(proj_size=10),
+     (torch.randn(3, 2, 10), (torch.randn(1, 2, 20), torch.randn(1, 2, 20)))),
+    ("rnn-input-4d", "RNN", (3, 5), {}, (torch.randn(6, 4, 3, 1),)),
+    ("rnn-input-1d", "RNN", (3, 5), {}, (torch.randn(3),)),
+    ("gru-input-4d", "GRU", (3, 5), {}, (torch.randn(6, 4, 3, 1),)),
+    ("lstm-input-4d", "LSTM", (3, 5), {}, (torch.randn(6, 4, 3, 1),)),
+    ("rnn-hx-2d-batched", "RNN", (3, 5), {}, (torch.randn(4, 2, 3), torch.randn(2, 5))),
+    ("lstm-hx-2d-batched", "LSTM", (3, 5), {},
+     (torch.randn(4, 2, 3), (torch.randn(2, 5), torch.randn(2, 5)))),
+    ("lstm-hx-3d-unbatched", "LSTM", (3, 5), {},
+     (torch.randn(4, 3), (torch.randn(1, 1, 5), torch.randn(1, 1, 5)))),
+    ("lstm-input-dtype", "LSTM", (3, 5), {}, (torch.randn(2, 4, 3, dtype=torch.float64),)),
+    ("gru-input-size", "GRU", (3, 5), {}, (torch.randn(2, 4, 7),)),
+]
+for _cell in ("RNNCell", "GRUCell", "LSTMCell"):
+    def _state(*shape, lstm=_cell == "LSTMCell"):
+        h = torch.randn(*shape, dtype=torch.float64)
+        return (h, h.clone()) if lstm else h
+    TORCH_TEXT_CASES += [
+        (f"{_cell}-input-size", _cell, (10, 20), {}, (_cell_input(width=11), _state(3, 20))),
+        (f"{_cell}-hidden-size", _cell, (10, 20), {}, (_cell_input(), _state(3, 21))),
+        (f"{_cell}-hidden-batch", _cell, (10, 20), {}, (_cell_input(), _state(5, 20))),
+        (f"{_cell}-hidden-4d", _cell, (10, 20), {}, (_cell_input(), _state(3, 1, 1, 20))),
+        (f"{_cell}-input-3d", _cell, (10, 20), {}, (torch.randn(1, 3, 10),)),
+    ]
+
+
+@pytest.mark.parametrize("case", TORCH_TEXT_CASES, ids=[c[0] for c in TORCH_TEXT_CASES])
+def test_message_holds_torch_nn_text(case):
+    _, name, args, kwargs, forward_args = case
+    expected = torch_error(lambda: getattr(nn, name)(*args, **kwargs)(*forward_args))
+    assert expected is not None, "torch.nn accepted this input: the test case is wrong"
+    with pytest.raises(type(expected)) as info:
+        getattr(fusedrnn, name)(*args, **kwargs)(*forward_args)
+    assert str(expected) in str(info.value), (
+        f"torch.nn says {str(expected)!r}, fusedrnn says {str(info.value)!r}")
+
+
+SCRIPTED_TEXT_CASES = [
+    # (id, class name, forward args, torch.nn's text as its tests match it)
+    ("gru-hidden-size", "GRU", (torch.randn(3, 2, 10), torch.randn(1, 2, 19)),
+     r"Expected hidden size \[1, 2, 20\], got \[1, 2, 19\]"),
+    ("rnn-input-4d", "RNN", (torch.randn(6, 4, 3, 1),),
+     "Expected input to be 2D or 3D, got 4D tensor instead"),
+    ("gru-hx-2d-batched", "GRU", (torch.randn(4, 2, 10), torch.randn(2, 20)),
+     "For batched 3-D input, hx should also be 3-D but got 2-D tensor"),
+    ("gru-input-dtype", "GRU", (torch.randn(4, 2, 10, dtype=torch.float64),),
+     r"RNN input dtype .* does not match weight dtype .* "
+     r"Convert input: input\.to\(.*\), or convert model: model\.to\(.*\)"),
+    ("RNNCell-hidden-size", "RNNCell", (_cell_input(), torch.randn(3, 21, dtype=torch.float64)),
+     "hidden0 has inconsistent hidden_size: got 21, expected 20"),
+    ("GRUCell-hidden-batch", "GRUCell", (_cell_input(), torch.randn(5, 20, dtype=torch.float64)),
+     "Input batch size 3 doesn't match hidden0 batch size 5"),
+    ("GRUCell-input-size", "GRUCell", (_cell_input(width=11),),
+     "input has inconsistent input_size: got 11 expected 10"),
+]
+
+
+class _ScriptedSingle(nn.Module):
+    """A GRU/RNN scripts as a submodule (its forward is overloaded, as torch.nn's is)."""
+
+    def __init__(self, rnn):
+        super().__init__()
+        self.rnn = rnn
+
+    def forward(self, x: torch.Tensor, h0: Optional[torch.Tensor] = None):
+        return self.rnn(x, h0)[0]
+
+
+class _ScriptedLstm(nn.Module):
+    def __init__(self, rnn):
+        super().__init__()
+        self.rnn = rnn
+
+    def forward(self, x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor):
+        return self.rnn(x, (h0, c0))[0]
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+@pytest.mark.parametrize("case", SCRIPTED_TEXT_CASES, ids=[c[0] for c in SCRIPTED_TEXT_CASES])
+def test_scripted_message_holds_torch_nn_text(case):
+    """The TorchScript path (_script.py) checks on its own; its texts follow the same rule."""
+    _, name, forward_args, pattern = case
+    module = getattr(fusedrnn, name)(10, 20)
+    scripted = torch.jit.script(module if name.endswith("Cell") else _ScriptedSingle(module))
+    with pytest.raises(Exception, match=pattern):
+        scripted(*forward_args)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+def test_scripted_lstm_states_rank_checked_together_like_torch():
+    scripted = torch.jit.script(_ScriptedLstm(fusedrnn.LSTM(10, 20)))
+    with pytest.raises(Exception, match=r"hx and cx should also be 3-D but got \(2-D, 2-D\)"):
+        scripted(torch.randn(4, 2, 10), torch.randn(2, 20), torch.randn(2, 20))

@@ -28,10 +28,12 @@ from .functional import folds_bias
 
 
 def check_input(input: Tensor, weight: Tensor, input_size: int, expected_dim: int) -> None:
-    """torch.nn.RNNBase.check_input's checks, as the eager path makes them (_validation)."""
+    """torch.nn.RNNBase.check_input's checks, as the eager path makes them (_validation). (A
+    script cannot format a dtype, so the dtype message names none; it keeps torch.nn's words.)"""
     if input.dtype != weight.dtype:
-        raise ValueError("RNN input dtype does not match the weights' dtype: convert the input "
-                         "(input.to(weight.dtype)) or the model (model.to(input.dtype))")
+        raise ValueError("RNN input dtype (the input's) does not match weight dtype (the "
+                         "model's). Convert input: input.to(<the weights' dtype>), or convert "
+                         "model: model.to(<the input's dtype>)")
     if input.dim() != expected_dim:
         raise RuntimeError(f"input must have {expected_dim} dimensions, got {input.dim()}")
     if input.size(-1) != input_size:
@@ -42,10 +44,7 @@ def check_input(input: Tensor, weight: Tensor, input_size: int, expected_dim: in
                            f"tensor at {input.device} and parameter tensor at {weight.device}")
 
 
-def check_state(state: Tensor, expected: List[int], input: Tensor, name: str) -> None:
-    """One initial state of a module: shape, device and dtype (RuntimeError, like torch.nn)."""
-    if state.shape != expected:
-        raise RuntimeError(f"Expected {name} size {expected}, got {list(state.shape)}")
+def check_state_dtype_and_device(state: Tensor, input: Tensor, name: str) -> None:
     if state.device != input.device:
         raise RuntimeError(f"Input and hidden tensors are not at the same device, found input "
                            f"tensor at {input.device} and {name} tensor at {state.device}")
@@ -53,19 +52,34 @@ def check_state(state: Tensor, expected: List[int], input: Tensor, name: str) ->
         raise RuntimeError(f"Expected {name} to have the input's dtype")
 
 
+def check_module_state_dims(h0: Optional[Tensor], c0: Optional[Tensor], batched: bool) -> None:
+    """A module's states are 3-D for a batched input, 2-D for an unbatched one (RuntimeError,
+    torch.nn's text, which checks an LSTM's two together)."""
+    expected = 3 if batched else 2
+    kind = "batched 3-D" if batched else "unbatched 2-D"
+    if h0 is not None and c0 is not None:
+        if h0.dim() != expected or c0.dim() != expected:
+            raise RuntimeError(f"For {kind} input, hx and cx should also be {expected}-D but got "
+                               f"({h0.dim()}-D, {c0.dim()}-D) tensors")
+    for state in [h0, c0]:
+        if state is not None and state.dim() != expected:
+            raise RuntimeError(f"For {kind} input, hx should also be {expected}-D but got "
+                               f"{state.dim()}-D tensor")
+
+
 def module_state(state: Optional[Tensor], expected: List[int], x: Tensor, batched: bool,
-                 name: str) -> Optional[Tensor]:
-    """One initial state of a module (None stays None): 3-D for a batched input, 2-D for an
-    unbatched one (then given its batch dimension), then checked against `expected`, the
-    [L*D, B, size] shape for the time-major input x."""
+                 name: str, torch_name: str) -> Optional[Tensor]:
+    """One initial state of a module (None stays None; its rank is checked already,
+    check_module_state_dims): given a batch dimension when the input has none, then checked
+    against `expected`, the [L*D, B, size] shape for the time-major input x. torch_name: what
+    torch.nn's message calls it (hidden, hidden[0], hidden[1])."""
     if state is None:
         return None
-    if state.dim() != (3 if batched else 2):
-        raise RuntimeError(f"For {'batched 3-D' if batched else 'unbatched 2-D'} input, {name} "
-                           f"should also be {3 if batched else 2}-D but got {state.dim()}-D "
-                           "tensor")
     state = state if batched else state.unsqueeze(1)
-    check_state(state, expected, x, name)
+    if state.shape != expected:
+        raise RuntimeError(f"Expected {torch_name} size {expected}, got {list(state.shape)} "
+                           f"({name})")
+    check_state_dtype_and_device(state, x, name)
     return state
 
 
@@ -221,15 +235,21 @@ def packed_rnn(cell: str, data: Tensor, batch_sizes: Tensor, h0_all: Optional[Te
 
 def _cell_state(name: str, what: str, state: Optional[Tensor], input: Tensor, x: Tensor,
                 hidden_size: int) -> Optional[Tensor]:
-    """A cell's state ([B, H], or [H] with an unbatched input) checked and shaped as a layer's
-    initial state [1, B, H] for the batched input x [B, I]."""
+    """A cell's state ([B, H], or [H] with an unbatched input) with its shape checked (torch.nn's
+    text; dtype and device come later, as there) and made a layer's initial state [1, B, H] for
+    the batched input x [B, I]."""
     if state is None:
         return None
     if state.dim() != input.dim():
         raise RuntimeError(f"{name}: {what} must be {input.dim()}-D like the input, got shape "
                            f"{list(state.shape)}")
     state = state if input.dim() == 2 else state.unsqueeze(0)
-    check_state(state, [x.size(0), hidden_size], x, what)
+    if state.size(0) != x.size(0):
+        raise RuntimeError(f"Input batch size {x.size(0)} doesn't match {what} batch size "
+                           f"{state.size(0)}")
+    if state.size(1) != hidden_size:
+        raise RuntimeError(f"{what} has inconsistent hidden_size: got {state.size(1)}, "
+                           f"expected {hidden_size}")
     return state.unsqueeze(0)
 
 
@@ -238,7 +258,8 @@ def cell_step(cell: str, name: str, input: Tensor, h: Optional[Tensor], c: Optio
               ) -> Tuple[Tensor, Tensor]:
     """One step of LSTMCell/GRUCell/RNNCell (input [B, I] or [I], states of the same batching,
     None for zeros), as a one-step sequence through rnn(). Returns (h', c' for LSTM, else an
-    empty tensor), batched like the input."""
+    empty tensor), batched like the input. Every shape is checked before any dtype, in torch.nn's
+    order."""
     if input.dim() != 1 and input.dim() != 2:
         raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
     batched = input.dim() == 2
@@ -246,9 +267,13 @@ def cell_step(cell: str, name: str, input: Tensor, h: Optional[Tensor], c: Optio
     if x.size(1) != input_size:
         raise RuntimeError(f"input has inconsistent input_size: got {x.size(1)} expected "
                            f"{input_size}")
+    h = _cell_state(name, "hidden0", h, input, x, hidden_size)
+    c = _cell_state(name, "hidden1", c, input, x, hidden_size)
     check_input(x, weights[0], input_size, 2)
-    h = _cell_state(name, "hx[0]" if cell == "lstm" else "hx", h, input, x, hidden_size)
-    c = _cell_state(name, "hx[1]", c, input, x, hidden_size)
+    if h is not None:
+        check_state_dtype_and_device(h, x, "hidden0")
+    if c is not None:
+        check_state_dtype_and_device(c, x, "hidden1")
     has_bias = len(weights) == 4
     _, h_n, c_n = rnn(cell, x.unsqueeze(0), h, c, weights, 1, 1, has_bias, False, 0.0, False,
                       None)

@@ -141,7 +141,9 @@ def check_input_dim(name: str, input: Tensor, allowed: tuple) -> None:
             f"{name}: input must be a Tensor or PackedSequence, got {type(input).__name__}")
     if input.dim() not in allowed:
         dims = " or ".join(f"{d}D" for d in allowed)
-        raise ValueError(f"{name}: Expected input to be {dims}, got {input.dim()}D instead "
+        # Word for word torch.nn's text, which says "tensor" for nn.RNN only.
+        noun = " tensor" if name == "RNN" else ""
+        raise ValueError(f"{name}: Expected input to be {dims}, got {input.dim()}D{noun} instead "
                          f"(input shape {tuple(input.shape)})")
 
 
@@ -189,20 +191,21 @@ def check_packed_sequence(name: str, data: Tensor, batch_sizes: Tensor, rows: in
             f"(their sum, {rows}), got {data.size(0)} rows")
 
 
-def split_lstm_state(hx, what: str = "hx"):
-    """An LSTM state must be a pair (h_0, c_0) of tensors (a tuple or list, as torch.nn accepts)."""
+def split_lstm_state(hx, what: str = "hx", owner: str = "LSTM"):
+    """An LSTM state must be a pair (h_0, c_0) of tensors (a tuple or list, as torch.nn accepts).
+    owner: the module the message names (LSTM, LSTMCell, a variant)."""
     if not isinstance(hx, (tuple, list)):
         raise HiddenStateError(
-            f"LSTM: {what} must be a tuple (h_0, c_0) of two tensors, got {type(hx).__name__}"
+            f"{owner}: {what} must be a tuple (h_0, c_0) of two tensors, got {type(hx).__name__}"
             + (f" of shape {tuple(hx.shape)}" if isinstance(hx, Tensor) else ""))
     if len(hx) != 2:
         raise HiddenStateError(
-            f"LSTM: {what} must be a tuple (h_0, c_0) of two tensors, got a {type(hx).__name__} "
-            f"of {len(hx)} elements")
+            f"{owner}: {what} must be a tuple (h_0, c_0) of two tensors, got a "
+            f"{type(hx).__name__} of {len(hx)} elements")
     for index, value in enumerate(hx):
         if not isinstance(value, Tensor):
             raise HiddenStateError(
-                f"LSTM: {what}[{index}] must be a Tensor, got {type(value).__name__}")
+                f"{owner}: {what}[{index}] must be a Tensor, got {type(value).__name__}")
     return hx[0], hx[1]
 
 
@@ -254,22 +257,35 @@ def check_input_weights(input: Tensor, weights, num_directions: int) -> None:
                 f"{list(w_ih.shape)}")
 
 
-def check_hidden_dim(hx: Tensor, batched: bool, name: str = "hx") -> None:
-    """torch.nn: batched input needs a 3-D state, unbatched a 2-D one (RuntimeError)."""
+def check_hidden_dims(states, names, batched: bool) -> None:
+    """torch.nn: batched input needs 3-D states, unbatched 2-D ones (RuntimeError). The text is
+    torch.nn's, which names the states hx (and cx) and checks an LSTM's two together, followed by
+    the shapes."""
     expected = 3 if batched else 2
-    if hx.dim() != expected:
-        kind = "batched 3-D" if batched else "unbatched 2-D"
-        raise RuntimeError(f"For {kind} input, {name} should also be {expected}-D but got "
-                           f"{hx.dim()}-D tensor (shape {tuple(hx.shape)})")
+    if all(state.dim() == expected for state in states):
+        return
+    kind = "batched 3-D" if batched else "unbatched 2-D"
+    shapes = ", ".join(f"{name} shape {tuple(state.shape)}" for state, name in zip(states, names))
+    if len(states) == 1:
+        got = f"{states[0].dim()}-D tensor"
+    else:
+        got = "(" + ", ".join(f"{state.dim()}-D" for state in states) + ") tensors"
+    which = "hx and cx" if len(states) == 2 else "hx"
+    raise RuntimeError(f"For {kind} input, {which} should also be {expected}-D but got {got} "
+                       f"({shapes})")
+
+
+# What torch.nn's messages call a module's initial states.
+_TORCH_STATE_NAME = {"hx": "hidden", "h_0": "hidden[0]", "c_0": "hidden[1]"}
 
 
 def check_hidden(hx: Tensor, expected_shape: tuple, input: Tensor, name: str = "hx") -> None:
-    """Shape (RuntimeError, like torch.nn), device and dtype of one initial state."""
+    """Shape (RuntimeError, with torch.nn's text first), device and dtype of one initial state."""
     if tuple(hx.shape) != tuple(expected_shape):
         raise StateShapeError(
-            f"Expected {name} size {tuple(expected_shape)} "
-            "(num_layers * num_directions, batch, state size), "
-            f"got {list(hx.shape)}")
+            f"Expected {_TORCH_STATE_NAME.get(name, name)} size {tuple(expected_shape)}, "
+            f"got {list(hx.shape)} ({name} is [num_layers * num_directions, batch, "
+            f"{'hidden_size' if name == 'c_0' else 'proj_size or hidden_size'}])")
     if hx.device != input.device:
         raise RuntimeError(
             "Input and hidden tensors are not at the same device, found input tensor at "
@@ -279,18 +295,11 @@ def check_hidden(hx: Tensor, expected_shape: tuple, input: Tensor, name: str = "
                            f"got {hx.dtype}")
 
 
-def check_cell_input(name: str, input: Tensor, input_size: int, weight: Tensor) -> None:
-    """A cell's input: rank (ValueError), size, dtype and device (RuntimeError, like torch.nn)."""
-    check_input_dim(name, input, (1, 2))
+def check_cell_input_size(input: Tensor, input_size: int) -> None:
+    """A cell's (rank-checked) input [B, I]: its width, with torch.nn's text."""
     if input.size(-1) != input_size:
         raise RuntimeError(f"input has inconsistent input_size: got {input.size(-1)} "
                            f"expected {input_size}")
-    if input.dtype != weight.dtype:
-        raise RuntimeError(f"{name}: input dtype {input.dtype} does not match weight dtype "
-                           f"{weight.dtype}")
-    if input.device != weight.device:
-        raise RuntimeError(f"{name}: input is on {input.device} but the parameters are on "
-                           f"{weight.device}")
 
 
 def check_cell_hidden_dim(name: str, hx: Tensor, what: str) -> None:
@@ -303,7 +312,9 @@ def check_cell_hidden_dim(name: str, hx: Tensor, what: str) -> None:
 
 def check_cell_hidden(name: str, hx: Tensor, what: str, input: Tensor, hidden_size: int,
                       batched: bool) -> None:
-    """One state of a cell against its (already batched) input [B, I]: RuntimeError like torch."""
+    """One state of a cell against its (already batched) input [B, I]: rank, batch and width,
+    RuntimeError with torch.nn's text. (Dtypes and devices come after every shape:
+    check_cell_dtypes_and_devices, in torch.nn's order.)"""
     if hx.dim() != (2 if batched else 1):
         raise RuntimeError(
             f"{name}: {what} must be {'2-D (batch, hidden_size)' if batched else '1-D (hidden_size)'}"
@@ -316,12 +327,24 @@ def check_cell_hidden(name: str, hx: Tensor, what: str, input: Tensor, hidden_si
     if hx.size(-1) != hidden_size:
         raise RuntimeError(f"{what} has inconsistent hidden_size: got {hx.size(-1)}, "
                            f"expected {hidden_size}")
-    if hx.dtype != input.dtype:
-        raise RuntimeError(f"{name}: {what} dtype {hx.dtype} does not match input dtype "
-                           f"{input.dtype}")
-    if hx.device != input.device:
-        raise RuntimeError(f"{name}: {what} is on {hx.device} but input is on {input.device}")
 
+
+def check_cell_dtypes_and_devices(name: str, input: Tensor, weight: Tensor, states,
+                                  whats) -> None:
+    """A cell's input against its weights, then each state against the input (RuntimeError)."""
+    if input.dtype != weight.dtype:
+        raise RuntimeError(f"{name}: input dtype {input.dtype} does not match weight dtype "
+                           f"{weight.dtype}")
+    if input.device != weight.device:
+        raise RuntimeError(f"{name}: input is on {input.device} but the parameters are on "
+                           f"{weight.device}")
+    for hx, what in zip(states, whats):
+        if hx.dtype != input.dtype:
+            raise RuntimeError(f"{name}: {what} dtype {hx.dtype} does not match input dtype "
+                               f"{input.dtype}")
+        if hx.device != input.device:
+            raise RuntimeError(f"{name}: {what} is on {hx.device} but input is on "
+                               f"{input.device}")
 
 
 # --- the custom ops' arguments (functional.layer_forward / layer_backward) -----------------------

@@ -434,15 +434,15 @@ class RNNBase(nn.Module):
         """The initial state(s), validated like torch.nn, given a batch dimension when the input
         has none, and put in the packed data's batch order."""
         is_lstm = self.mode == "LSTM"
-        states = check.split_lstm_state(hx) if is_lstm else (hx,)
+        states = check.split_lstm_state(hx, "hx", self._display_name) if is_lstm else (hx,)
         names = ("h_0", "c_0") if is_lstm else ("hx",)
         sizes = (self._state_size, self.hidden_size) if is_lstm else (self._state_size,)
+        if not packed:
+            check.check_hidden_dims(states, names, batched)
+            if not batched:
+                states = tuple(state.unsqueeze(1) for state in states)
         prepared = []
         for state, name, size in zip(states, names, sizes):
-            if not packed:
-                check.check_hidden_dim(state, batched, name)
-                if not batched:
-                    state = state.unsqueeze(1)
             check.check_hidden(state, (self._num_states, batch, size), x, name)
             if sorted_indices is not None:
                 # The caller's states are in the caller's batch order; the packed data is not.
@@ -467,10 +467,11 @@ class RNNBase(nn.Module):
         given a batch dimension when the input has none."""
         num_states = self.num_layers * (2 if self.bidirectional else 1)
         state_size = self.proj_size if self.proj_size > 0 else self.hidden_size
+        _script.check_module_state_dims(h0, c0, batched)
         h0 = _script.module_state(h0, [num_states, x.size(1), state_size], x, batched,
-                                  "h_0" if lstm else "hx")
+                                  "h_0" if lstm else "hx", "hidden[0]" if lstm else "hidden")
         c0 = _script.module_state(c0, [num_states, x.size(1), self.hidden_size], x, batched,
-                                  "c_0")
+                                  "c_0", "hidden[1]")
         return h0, c0
 
     def _script_forward(self, input: Tensor, h0: Optional[Tensor], c0: Optional[Tensor]
@@ -479,7 +480,9 @@ class RNNBase(nn.Module):
         _checked_forward returns them."""
         if input.dim() != 2 and input.dim() != 3:
             name = "RNN" if self.mode.startswith("RNN") else self.mode
-            raise ValueError(f"{name}: Expected input to be 2D or 3D, got {input.dim()}D instead")
+            noun = " tensor" if name == "RNN" else ""  # torch.nn's text, as in _validation
+            raise ValueError(f"{name}: Expected input to be 2D or 3D, got {input.dim()}D{noun} "
+                             "instead")
         batched = input.dim() == 3
         x = input if batched else input.unsqueeze(0 if self.batch_first else 1)
         weights = self._script_weights
@@ -873,17 +876,20 @@ class RNNCellBase(nn.Module):
         check.check_input_dim(name, input, (1, 2))
         states = None
         if hx is not None:
-            states = check.split_lstm_state(hx, "hx") if is_lstm else (hx,)
+            states = check.split_lstm_state(hx, "hx", name) if is_lstm else (hx,)
             whats = ("hx[0]", "hx[1]") if is_lstm else ("hidden",)
             for state, what in zip(states, whats):
                 check.check_cell_hidden_dim(name, state, what)
         batched = input.dim() == 2
         batch_input = input if batched else input.unsqueeze(0)
-        check.check_cell_input(name, batch_input, self.input_size, weights[0])
+        # Every shape before any dtype or device, in torch.nn's order (its tests match the
+        # message of the first problem found).
+        check.check_cell_input_size(batch_input, self.input_size)
+        whats = ("hidden0", "hidden1") if is_lstm else ("hidden0",)
+        for state, what in zip(states or (), whats):
+            check.check_cell_hidden(name, state, what, batch_input, self.hidden_size, batched)
+        check.check_cell_dtypes_and_devices(name, batch_input, weights[0], states or (), whats)
         if states is not None:
-            whats = ("hidden0", "hidden1") if is_lstm else ("hidden0",)
-            for state, what in zip(states, whats):
-                check.check_cell_hidden(name, state, what, batch_input, self.hidden_size, batched)
             if not batched:
                 states = tuple(s.unsqueeze(0) for s in states)
             hx = states if is_lstm else states[0]
