@@ -1,6 +1,7 @@
 """Bad input (issue 2, item 6): every mistake raises the exception class torch.nn raises for it,
 with a message that names the argument and what was expected and received. Validation runs
 before any native call, so these tests need no native module."""
+import itertools
 import warnings
 from typing import Optional
 
@@ -379,3 +380,44 @@ def test_scripted_lstm_states_rank_checked_together_like_torch():
     scripted = torch.jit.script(_ScriptedLstm(fusedrnn.LSTM(10, 20)))
     with pytest.raises(Exception, match=r"hx and cx should also be 3-D but got \(2-D, 2-D\)"):
         scripted(torch.randn(4, 2, 10), torch.randn(2, 20), torch.randn(2, 20))
+
+
+def _mistakes(count):
+    """Every non-empty combination of `count` independent mistakes, as tuples of 0/1."""
+    return [c for c in itertools.product((0, 1), repeat=count) if any(c)]
+
+
+@pytest.mark.parametrize("name", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "unbatched"])
+@pytest.mark.parametrize("mistakes", _mistakes(4), ids=lambda c: "".join(map(str, c)))
+def test_first_problem_reported_is_torch_nn_s(name, batched, mistakes):
+    """Several mistakes at once: the one reported is the one torch.nn reports (its checks run in
+    a fixed order: the states' rank, the input's dtype and size, the states' shapes)."""
+    wrong_dtype, wrong_input_size, wrong_state_rank, wrong_state_size = mistakes
+    dtype = torch.float64 if wrong_dtype else torch.float32
+    x = torch.randn(4, 2, 7 if wrong_input_size else 3, dtype=dtype)
+    x = x if batched else x[:, 0]
+    shape = ([1, 2] if batched else [1]) + [6 if wrong_state_size else 5]
+    h = torch.zeros(*(shape[1:] if wrong_state_rank else shape), dtype=dtype)
+    hx = (h, h.clone()) if name == "LSTM" else h
+    expected = torch_error(lambda: getattr(nn, name)(3, 5)(x, hx))
+    with pytest.raises(type(expected)) as info:
+        getattr(fusedrnn, name)(3, 5)(x, hx)
+    assert str(expected) in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["LSTMCell", "GRUCell", "RNNCell"])
+@pytest.mark.parametrize("mistakes", _mistakes(5), ids=lambda c: "".join(map(str, c)))
+def test_first_problem_reported_by_a_cell_is_torch_nn_s(name, mistakes):
+    wrong_dtype, wrong_input_size, wrong_state_rank, wrong_batch, wrong_state_size = mistakes
+    x = torch.randn(3, 11 if wrong_input_size else 10)
+    shape = [5 if wrong_batch else 3, 21 if wrong_state_size else 20]
+    h = torch.zeros(*([1] + shape if wrong_state_rank else shape),
+                    dtype=torch.float64 if wrong_dtype else torch.float32)
+    x = x.to(h.dtype)  # a float64 input and states against float32 weights
+    hx = (h, h.clone()) if name == "LSTMCell" else h
+    expected = torch_error(lambda: getattr(nn, name)(10, 20)(x, hx))
+    with pytest.raises(type(expected)) as info:
+        getattr(fusedrnn, name)(10, 20)(x, hx)
+    if not ("mat1 and mat2" in str(expected) or "same dtype" in str(expected)):
+        assert str(expected) in str(info.value)  # (torch's dtype text is its GEMM's)

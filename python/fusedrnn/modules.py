@@ -376,6 +376,7 @@ class RNNBase(nn.Module):
             return self._exported_packed_forward(input, hx, layer_weights)
         if packed:
             data, batch_sizes, sorted_indices, unsorted_indices = input
+            states = self._state_tuple(hx, None) if hx is not None else None
             check.check_input(data, weight, self.input_size, expected_dim=2)
             layout = PackedLayout(batch_sizes, data.device)
             if not _backend.recording_graph():  # (reads batch_sizes' values)
@@ -385,16 +386,17 @@ class RNNBase(nn.Module):
         else:
             check.check_input_dim(self._display_name, input, (2, 3))
             batched = input.dim() == 3
+            # torch.nn's order: the states' rank, then the input's dtype and size, then the
+            # states' shapes (its tests match the message of the first problem found).
+            states = self._state_tuple(hx, batched) if hx is not None else None
             batch_first = self.batch_first
             x = input if batched else input.unsqueeze(0 if batch_first else 1)
             check.check_input(x, weight, self.input_size, expected_dim=3)
             lengths = None
-        check.check_sequence_length(x.size(1) if batch_first else x.size(0))
         batch = x.size(0) if batch_first else x.size(1)
-
         if hx is not None:
-            hx = self._checked_hx(hx, x, batch, batched, packed,
-                                  sorted_indices if packed else None)
+            hx = self._checked_hx(states, x, batch, sorted_indices if packed else None)
+        check.check_sequence_length(x.size(1) if batch_first else x.size(0))
 
         dropout_fn = layout.dropout(self.dropout) if packed else None
         output, h_n, c_n = functional.rnn(
@@ -418,7 +420,8 @@ class RNNBase(nn.Module):
         data, batch_sizes, sorted_indices, unsorted_indices = input
         check.check_input(data, layer_weights[0][0], self.input_size, expected_dim=2)
         if hx is not None:
-            hx = self._checked_hx(hx, data, int(batch_sizes[0]), True, True, sorted_indices)
+            hx = self._checked_hx(self._state_tuple(hx, None), data, int(batch_sizes[0]),
+                                  sorted_indices)
         # The weights in torch's order (a CIFG's as the plain LSTM's that computes it).
         cell, layer_weights = _onnx_export.as_exported(self._cell, layer_weights)
         flat = [w for layer in layer_weights for w in layer[:5] if w is not None]
@@ -429,18 +432,25 @@ class RNNBase(nn.Module):
         output = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
         return (output, (h_n, c_n)) if self.mode == "LSTM" else (output, h_n)
 
-    def _checked_hx(self, hx, x: Tensor, batch: int, batched: bool, packed: bool,
-                    sorted_indices: Optional[Tensor]):
-        """The initial state(s), validated like torch.nn, given a batch dimension when the input
-        has none, and put in the packed data's batch order."""
+    def _state_tuple(self, hx, batched: Optional[bool]) -> tuple:
+        """hx as a tuple of its states (an LSTM's pair, else one), each given a batch dimension
+        when the input has none, after torch.nn's rank check (batched: whether the input is;
+        None for a packed input, whose states are always 3-D and checked by shape alone)."""
         is_lstm = self.mode == "LSTM"
         states = check.split_lstm_state(hx, "hx", self._display_name) if is_lstm else (hx,)
-        names = ("h_0", "c_0") if is_lstm else ("hx",)
-        sizes = (self._state_size, self.hidden_size) if is_lstm else (self._state_size,)
-        if not packed:
-            check.check_hidden_dims(states, names, batched)
+        if batched is not None:
+            check.check_hidden_dims(states, ("h_0", "c_0") if is_lstm else ("hx",), batched)
             if not batched:
                 states = tuple(state.unsqueeze(1) for state in states)
+        return states
+
+    def _checked_hx(self, states: tuple, x: Tensor, batch: int,
+                    sorted_indices: Optional[Tensor]):
+        """The initial state(s) (_state_tuple's), their shapes, devices and dtypes validated like
+        torch.nn, and put in the packed data's batch order."""
+        is_lstm = self.mode == "LSTM"
+        names = ("h_0", "c_0") if is_lstm else ("hx",)
+        sizes = (self._state_size, self.hidden_size) if is_lstm else (self._state_size,)
         prepared = []
         for state, name, size in zip(states, names, sizes):
             check.check_hidden(state, (self._num_states, batch, size), x, name)
@@ -463,11 +473,11 @@ class RNNBase(nn.Module):
 
     def _script_states(self, h0: Optional[Tensor], c0: Optional[Tensor], x: Tensor,
                        batched: bool, lstm: bool) -> tuple[Optional[Tensor], Optional[Tensor]]:
-        """TorchScript: the initial states checked against the time-major input x [T, B, I] and
+        """TorchScript: the initial states (their rank checked already,
+        _script.check_module_state_dims) checked against the time-major input x [T, B, I] and
         given a batch dimension when the input has none."""
         num_states = self.num_layers * (2 if self.bidirectional else 1)
         state_size = self.proj_size if self.proj_size > 0 else self.hidden_size
-        _script.check_module_state_dims(h0, c0, batched)
         h0 = _script.module_state(h0, [num_states, x.size(1), state_size], x, batched,
                                   "h_0" if lstm else "hx", "hidden[0]" if lstm else "hidden")
         c0 = _script.module_state(c0, [num_states, x.size(1), self.hidden_size], x, batched,
@@ -484,15 +494,17 @@ class RNNBase(nn.Module):
             raise ValueError(f"{name}: Expected input to be 2D or 3D, got {input.dim()}D{noun} "
                              "instead")
         batched = input.dim() == 3
+        # torch.nn's order, as the eager path's (_checked_forward).
+        _script.check_module_state_dims(h0, c0, batched)
         x = input if batched else input.unsqueeze(0 if self.batch_first else 1)
         weights = self._script_weights
         _script.check_input(x, weights[0], self.input_size, 3)
         x = x.transpose(0, 1) if self.batch_first else x
+        lstm = self.mode == "LSTM"
+        h0, c0 = self._script_states(h0, c0, x, batched, lstm)
         if x.size(0) == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN, got an "
                                "input with 0 time steps")
-        lstm = self.mode == "LSTM"
-        h0, c0 = self._script_states(h0, c0, x, batched, lstm)
         output, h_n, c_n = _script.rnn(
             self.mode.lower(), x, h0, c0, weights, self.num_layers,
             2 if self.bidirectional else 1, self.bias, self.proj_size > 0, self.dropout,
@@ -517,6 +529,7 @@ class RNNBase(nn.Module):
                                "input with 0 time steps")
         lstm = self.mode == "LSTM"
         dummy = data.new_empty(1, int(batch_sizes[0]), 1)  # [T, B, .]: the batch to check
+        _script.check_module_state_dims(h0, c0, True)
         h0, c0 = self._script_states(h0, c0, dummy, True, lstm)
         if sorted_indices is not None:
             h0 = h0.index_select(1, sorted_indices) if h0 is not None else None
