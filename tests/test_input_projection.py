@@ -1,5 +1,5 @@
 """The input projection's GEMM choice (_input_projection.py): oneDNN for x W^T and d_x on CPUs
-where MKL is slow, torch's F.linear everywhere else. FUSEDRNN_CPU_GEMM=onednn forces the oneDNN
+where MKL is slow (not Intel's, with AVX-512), torch's F.linear everywhere else. FUSEDRNN_CPU_GEMM=onednn forces the oneDNN
 path on any machine (at any size), so these tests run it wherever torch has oneDNN."""
 from __future__ import annotations
 
@@ -185,3 +185,26 @@ def test_inference_path_on_onednn(onednn):
         out_ref, h_ref = ref(x)
     torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(h, h_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("vendor, flags, expected", [
+    ("AuthenticAMD", {"avx2", "fma", "avx512f"}, True),   # Zen 4: MKL runs no AVX-512 there
+    ("AuthenticAMD", {"avx2", "fma"}, False),             # Zen 3: MKL's AVX2 code won
+    ("GenuineIntel", {"avx2", "fma", "avx512f"}, False),  # MKL at the machine's peak
+    ("HygonGenuine", {"avx2"}, False),
+    ("", set(), False),                                    # unknown: torch's GEMM
+], ids=["amd-avx512", "amd-avx2", "intel", "other-avx2", "unknown"])
+def test_onednn_chosen_only_where_mkl_runs_below_the_cpu(monkeypatch, vendor, flags, expected):
+    """The automatic choice (_input_projection's table): oneDNN on a CPU whose vendor is not
+    Intel and that has AVX-512; MKL (F.linear) on every other."""
+    monkeypatch.setattr(_input_projection, "_cpu_identity", lambda: (vendor, frozenset(flags)))
+    _input_projection._vendor_prefers_onednn.cache_clear()
+    try:
+        assert _input_projection._vendor_prefers_onednn() is expected
+    finally:
+        _input_projection._vendor_prefers_onednn.cache_clear()
+
+
+def test_cpu_identity_reads_this_machine():
+    vendor, flags = _input_projection._cpu_identity()
+    assert isinstance(vendor, str) and isinstance(flags, frozenset)

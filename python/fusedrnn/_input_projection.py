@@ -5,8 +5,9 @@ backward of the recurrence shares.
 Every layer starts with this GEMM over all T*B rows at once, and training adds two more of the
 same size (d_x = d_xproj W_ih, dW_ih = d_xproj^T x): in large-batch training on the CPU they are
 most of the call. torch.nn.functional.linear runs them on MKL. MKL picks its kernels by CPU
-vendor, and on AMD CPUs it runs well below oneDNN's GEMM (which torch.nn.LSTM itself uses).
-Measured on a 2-core AMD EPYC (Zen 4) VM, torch 2.13, 2 threads, fp32, same process:
+vendor, and on an AMD CPU with AVX-512 it runs well below oneDNN's GEMM (which torch.nn.LSTM
+itself uses). Measured on a 2-core AMD EPYC (Zen 4) VM, torch 2.13, 2 threads, fp32, same
+process:
 
     rows x K x N (x W^T)      MKL (F.linear)   oneDNN (mkldnn._linear_pointwise)
     3200 x 256 x 1024         10.4 ms          8.5 ms
@@ -19,9 +20,22 @@ wins there only as (x^T d^T)^T and only for large products (kMinWeightGradMacs).
 MKL ran these GEMMs at the machine's peak (~305 GFLOP/s on the 2-core Sapphire Rapids VM), so
 there is nothing to win and they stay on MKL.
 
-So on a CPU whose vendor is not Intel, a float32 projection of at least kMinMacs multiply-adds
-runs x W^T and d_x on oneDNN, and the weight gradients (weight_grad: dW_ih here, dW_hh in
-functional) run there from kMinWeightGradMacs on. Everything else (other dtypes and devices,
+Without AVX-512 it is the other way round. On a 2-core AMD EPYC (Zen 3: AVX2 and FMA only) VM,
+same settings, median of 9 calls, MKL against oneDNN, ms (oneDNN's dW copies its transposed x
+operand first, ~4 ms at 3200 x 512):
+
+    rows x I x G              x W^T          dW = d^T x     d_x = d W
+    3200 x 512 x 2048         49-58 / 51-53  47-49 / 56-64  50-52 / 57-58
+    3200 x 1024 x 4096        209-215 / 244+ 184-191 / 228-235  190-191 / 230-242
+    6400 x 256 x 1024         26-27 / 25-26  25-27 / 33-34  26-28 / 27-29
+
+and a whole LSTM B=64 T=50 training call (fusedrnn against torch.nn in the same run, two runs
+each, --budget 6): H=512 1.05-1.07x with MKL against 0.94-0.95x with oneDNN, H=1024 0.99-1.10x
+against 0.89-0.91x, H=256 1.26-1.28x against 1.12x.
+
+So on a CPU whose vendor is not Intel and that has AVX-512, a float32 projection of at least
+kMinMacs multiply-adds runs x W^T and d_x on oneDNN, and the weight gradients (weight_grad:
+dW_ih here, dW_hh in functional) run there from kMinWeightGradMacs on. Everything else (other dtypes and devices,
 small GEMMs, torch.compile, tracing, torch.func transforms, meta and fake tensors) is
 F.linear, unchanged. FUSEDRNN_CPU_GEMM=onednn or =torch overrides the choice (tests force
 oneDNN on any machine; a user can rule it out).
@@ -141,18 +155,28 @@ def _use_onednn(macs: int, min_macs: int, *tensors: Optional[Tensor]) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _vendor_prefers_onednn() -> bool:
-    return _cpu_vendor() not in ("GenuineIntel", "")
+    """A CPU whose vendor is not Intel and that has AVX-512: there MKL runs code that does not
+    use AVX-512 and oneDNN wins. Without AVX-512 both run AVX2 code and MKL won (Zen 3 table)."""
+    vendor, flags = _cpu_identity()
+    return vendor not in ("GenuineIntel", "") and "avx512f" in flags
 
 
-def _cpu_vendor() -> str:
+def _cpu_identity() -> tuple:
+    """(vendor_id, the set of feature flags) of the first CPU in /proc/cpuinfo; ("", empty)
+    where it cannot be read, which keeps torch's GEMM."""
+    vendor, flags = "", frozenset()
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
             for line in f:
                 if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
+                    vendor = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = frozenset(line.split(":", 1)[1].split())
+                if vendor and flags:
+                    break
     except OSError:
         pass
-    return ""  # unknown: keep torch's GEMM
+    return vendor, flags
 
 
 @functools.lru_cache(maxsize=None)
