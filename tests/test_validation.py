@@ -421,3 +421,22 @@ def test_first_problem_reported_by_a_cell_is_torch_nn_s(name, mistakes):
         getattr(fusedrnn, name)(10, 20)(x, hx)
     if not ("mat1 and mat2" in str(expected) or "same dtype" in str(expected)):
         assert str(expected) in str(info.value)  # (torch's dtype text is its GEMM's)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+@pytest.mark.parametrize("scripted", [False, True], ids=["eager", "scripted"])
+def test_every_state_shape_checked_before_any_state_dtype(scripted):
+    """h_0 of the wrong dtype and c_0 of the wrong size: torch.nn reports c_0's size (it checks
+    all shapes first). fusedrnn reported h_0's dtype, checking each state whole in turn."""
+    x = torch.randn(4, 2, 3)
+    h0, c0 = torch.randn(1, 2, 5, dtype=torch.float64), torch.randn(1, 2, 6)
+    expected = torch_error(lambda: nn.LSTM(3, 5)(x, (h0, c0)))
+    ours = fusedrnn.LSTM(3, 5)
+    if scripted:
+        scripted_lstm = torch.jit.script(_ScriptedLstm(ours))
+        with pytest.raises(Exception, match=r"Expected hidden\[1\] size"):
+            scripted_lstm(x, h0, c0)
+        return
+    with pytest.raises(type(expected)) as info:
+        ours(x, (h0, c0))
+    assert str(expected) in str(info.value)

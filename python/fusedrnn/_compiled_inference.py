@@ -4,8 +4,8 @@ inference plan of _inference.py, or cell steps for a sequence of one step) as ON
 
 Without it, a compiled no-grad stack ran as its layer ops: per layer a projection GEMM, the bias
 sum and `fusedrnn::layer_forward`, which rebuilds the native call's params at every call,
-projects on MKL where eager fusedrnn picks oneDNN on AMD CPUs, and runs a one-step call through
-the recurrence instead of the cell steps. The op saves that (2-6% of a compiled call at B=1 on a
+projects on MKL where eager fusedrnn picks oneDNN on AMD CPUs with AVX-512, and runs a one-step
+call through the recurrence instead of the cell steps. The op saves that (2-6% of a compiled call at B=1 on a
 2-core Zen 4 VM, 1% at B=16; the rest of what a compiled call costs over an eager one is
 torch.compile's own runtime). Inductor fuses nothing into an extern GEMM's neighbours, so hiding
 the projections in the op loses nothing; with gradients the stack keeps running as layer ops,

@@ -67,11 +67,12 @@ def check_module_state_dims(h0: Optional[Tensor], c0: Optional[Tensor], batched:
                                f"{state.dim()}-D tensor")
 
 
-def module_state(state: Optional[Tensor], expected: List[int], x: Tensor, batched: bool,
-                 name: str, torch_name: str) -> Optional[Tensor]:
+def module_state(state: Optional[Tensor], expected: List[int], batched: bool, name: str,
+                 torch_name: str) -> Optional[Tensor]:
     """One initial state of a module (None stays None; its rank is checked already,
-    check_module_state_dims): given a batch dimension when the input has none, then checked
-    against `expected`, the [L*D, B, size] shape for the time-major input x. torch_name: what
+    check_module_state_dims): given a batch dimension when the input has none, then its shape
+    checked against `expected`, the [L*D, B, size] shape for the time-major input (its dtype
+    and device after every state's shape: check_state_dtype_and_device). torch_name: what
     torch.nn's message calls it (hidden, hidden[0], hidden[1])."""
     if state is None:
         return None
@@ -79,7 +80,6 @@ def module_state(state: Optional[Tensor], expected: List[int], x: Tensor, batche
     if state.shape != expected:
         raise RuntimeError(f"Expected {torch_name} size {expected}, got {list(state.shape)} "
                            f"({name})")
-    check_state_dtype_and_device(state, x, name)
     return state
 
 

@@ -279,13 +279,18 @@ def check_hidden_dims(states, names, batched: bool) -> None:
 _TORCH_STATE_NAME = {"hx": "hidden", "h_0": "hidden[0]", "c_0": "hidden[1]"}
 
 
-def check_hidden(hx: Tensor, expected_shape: tuple, input: Tensor, name: str = "hx") -> None:
-    """Shape (RuntimeError, with torch.nn's text first), device and dtype of one initial state."""
+def check_hidden_shape(hx: Tensor, expected_shape: tuple, name: str = "hx") -> None:
+    """The shape of one initial state (RuntimeError, with torch.nn's text first). torch.nn checks
+    every state's shape before any dtype: check_hidden_placement comes after all of them."""
     if tuple(hx.shape) != tuple(expected_shape):
         raise StateShapeError(
             f"Expected {_TORCH_STATE_NAME.get(name, name)} size {tuple(expected_shape)}, "
             f"got {list(hx.shape)} ({name} is [num_layers * num_directions, batch, "
             f"{'hidden_size' if name == 'c_0' else 'proj_size or hidden_size'}])")
+
+
+def check_hidden_placement(hx: Tensor, input: Tensor, name: str = "hx") -> None:
+    """The device and dtype of one initial state, against the input's."""
     if hx.device != input.device:
         raise RuntimeError(
             "Input and hidden tensors are not at the same device, found input tensor at "

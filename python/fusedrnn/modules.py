@@ -451,9 +451,11 @@ class RNNBase(nn.Module):
         is_lstm = self.mode == "LSTM"
         names = ("h_0", "c_0") if is_lstm else ("hx",)
         sizes = (self._state_size, self.hidden_size) if is_lstm else (self._state_size,)
-        prepared = []
         for state, name, size in zip(states, names, sizes):
-            check.check_hidden(state, (self._num_states, batch, size), x, name)
+            check.check_hidden_shape(state, (self._num_states, batch, size), name)
+        prepared = []
+        for state, name in zip(states, names):
+            check.check_hidden_placement(state, x, name)
             if sorted_indices is not None:
                 # The caller's states are in the caller's batch order; the packed data is not.
                 state = state.index_select(1, sorted_indices)
@@ -474,14 +476,20 @@ class RNNBase(nn.Module):
     def _script_states(self, h0: Optional[Tensor], c0: Optional[Tensor], x: Tensor,
                        batched: bool, lstm: bool) -> tuple[Optional[Tensor], Optional[Tensor]]:
         """TorchScript: the initial states (their rank checked already,
-        _script.check_module_state_dims) checked against the time-major input x [T, B, I] and
-        given a batch dimension when the input has none."""
+        _script.check_module_state_dims) checked against the time-major input x [T, B, I], all
+        shapes first, and given a batch dimension when the input has none."""
         num_states = self.num_layers * (2 if self.bidirectional else 1)
         state_size = self.proj_size if self.proj_size > 0 else self.hidden_size
-        h0 = _script.module_state(h0, [num_states, x.size(1), state_size], x, batched,
-                                  "h_0" if lstm else "hx", "hidden[0]" if lstm else "hidden")
-        c0 = _script.module_state(c0, [num_states, x.size(1), self.hidden_size], x, batched,
-                                  "c_0", "hidden[1]")
+        h_name = "h_0" if lstm else "hx"
+        h0 = _script.module_state(h0, [num_states, x.size(1), state_size], batched, h_name,
+                                  "hidden[0]" if lstm else "hidden")
+        c0 = _script.module_state(c0, [num_states, x.size(1), self.hidden_size], batched, "c_0",
+                                  "hidden[1]")
+        # Every shape before any dtype, as torch.nn (and _checked_hx) check them.
+        if h0 is not None:
+            _script.check_state_dtype_and_device(h0, x, h_name)
+        if c0 is not None:
+            _script.check_state_dtype_and_device(c0, x, "c_0")
         return h0, c0
 
     def _script_forward(self, input: Tensor, h0: Optional[Tensor], c0: Optional[Tensor]
