@@ -328,7 +328,7 @@ def test_scripted_half_precision_on_cpu():
 @pytest.mark.parametrize("bad, message", [
     ("input_size", "input.size(-1) must be equal to input_size"),
     ("rank", "Expected input to be 2D or 3D"),
-    ("state", "Expected hidden[0] size [2, 2, 4]"),
+    ("state", "Expected hidden[0] size (2, 2, 4), got [2, 3, 4]"),
     ("dtype", "dtype"),
 ], ids=["input_size", "rank", "state", "dtype"])
 def test_scripted_bad_input_raises_naming_it(bad, message):

@@ -67,6 +67,14 @@ def check_module_state_dims(h0: Optional[Tensor], c0: Optional[Tensor], batched:
                                f"{state.dim()}-D tensor")
 
 
+def shape_text(shape: List[int]) -> str:
+    """A shape as torch.nn's messages print an expected one, a Python tuple: "(1, 2, 20)" (a
+    script's List[int] would print as a list)."""
+    if len(shape) == 1:
+        return f"({shape[0]},)"
+    return "(" + ", ".join([str(size) for size in shape]) + ")"
+
+
 def module_state(state: Optional[Tensor], expected: List[int], batched: bool, name: str,
                  torch_name: str) -> Optional[Tensor]:
     """One initial state of a module (None stays None; its rank is checked already,
@@ -78,8 +86,8 @@ def module_state(state: Optional[Tensor], expected: List[int], batched: bool, na
         return None
     state = state if batched else state.unsqueeze(1)
     if state.shape != expected:
-        raise RuntimeError(f"Expected {torch_name} size {expected}, got {list(state.shape)} "
-                           f"({name})")
+        raise RuntimeError(f"Expected {torch_name} size {shape_text(expected)}, got "
+                           f"{list(state.shape)} ({name})")
     return state
 
 
@@ -235,14 +243,17 @@ def packed_rnn(cell: str, data: Tensor, batch_sizes: Tensor, h0_all: Optional[Te
 
 def _cell_state(name: str, what: str, state: Optional[Tensor], input: Tensor, x: Tensor,
                 hidden_size: int) -> Optional[Tensor]:
-    """A cell's state ([B, H], or [H] with an unbatched input) with its shape checked (torch.nn's
-    text; dtype and device come later, as there) and made a layer's initial state [1, B, H] for
-    the batched input x [B, I]."""
+    """A cell's state ([B, H], or [H] with an unbatched input; its rank 1 or 2 is checked
+    already) with its shape checked (torch.nn's and _validation.check_cell_hidden's texts; dtype
+    and device come later, as there) and made a layer's initial state [1, B, H] for the batched
+    input x [B, I]."""
     if state is None:
         return None
     if state.dim() != input.dim():
-        raise RuntimeError(f"{name}: {what} must be {input.dim()}-D like the input, got shape "
-                           f"{list(state.shape)}")
+        layout = "2-D (batch, hidden_size)" if input.dim() == 2 else "1-D (hidden_size)"
+        kind = "batched 2-D" if input.dim() == 2 else "unbatched 1-D"
+        raise RuntimeError(f"{name}: {what} must be {layout} for {kind} input, got shape "
+                           f"{shape_text(state.shape)}")
     state = state if input.dim() == 2 else state.unsqueeze(0)
     if state.size(0) != x.size(0):
         raise RuntimeError(f"Input batch size {x.size(0)} doesn't match {what} batch size "
@@ -251,6 +262,13 @@ def _cell_state(name: str, what: str, state: Optional[Tensor], input: Tensor, x:
         raise RuntimeError(f"{what} has inconsistent hidden_size: got {state.size(1)}, "
                            f"expected {hidden_size}")
     return state.unsqueeze(0)
+
+
+def _check_cell_state_rank(name: str, state: Optional[Tensor], what: str) -> None:
+    """torch.nn's cells: a state of rank other than 1 or 2 is a ValueError, before anything
+    else of the states is checked."""
+    if state is not None and state.dim() != 1 and state.dim() != 2:
+        raise ValueError(f"{name}: Expected {what} to be 1D or 2D, got {state.dim()}D instead")
 
 
 def cell_step(cell: str, name: str, input: Tensor, h: Optional[Tensor], c: Optional[Tensor],
@@ -262,6 +280,8 @@ def cell_step(cell: str, name: str, input: Tensor, h: Optional[Tensor], c: Optio
     order."""
     if input.dim() != 1 and input.dim() != 2:
         raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
+    _check_cell_state_rank(name, h, "hx[0]" if cell == "lstm" else "hidden")
+    _check_cell_state_rank(name, c, "hx[1]")
     batched = input.dim() == 2
     x = input if batched else input.unsqueeze(0)
     if x.size(1) != input_size:

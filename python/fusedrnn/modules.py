@@ -537,7 +537,7 @@ class RNNBase(nn.Module):
                                "input with 0 time steps")
         lstm = self.mode == "LSTM"
         dummy = data.new_empty(1, int(batch_sizes[0]), 1)  # [T, B, .]: the batch to check
-        _script.check_module_state_dims(h0, c0, True)
+        # (No rank check first: torch.nn reports a packed input's 2-D state by its shape.)
         h0, c0 = self._script_states(h0, c0, dummy, True, lstm)
         if sorted_indices is not None:
             h0 = h0.index_select(1, sorted_indices) if h0 is not None else None
