@@ -215,6 +215,8 @@ CELL_CASES = [
     ("hx-size", "RNNCell", (B, torch.randn(2, 5)), ["hidden_size", "5", "6"]),
     ("hx-2d-unbatched", "GRUCell", (B[0], torch.randn(1, 6)), ["hidden"]),
     ("hx-1d-batched", "RNNCell", (B, torch.randn(6)), ["hidden"]),
+    ("hx-1d-batched-size-of-batch", "GRUCell", (torch.randn(6, 4), torch.randn(6)), ["hidden"]),
+    ("lstm-c-1d-batched", "LSTMCell", (B, (torch.randn(2, 6), torch.randn(2))), ["hidden1"]),
     ("hx-dtype", "GRUCell", (B, torch.randn(2, 6).double()), ["float64"]),
     ("hx-device", "GRUCell", (B, torch.randn(2, 6, device=META)), ["meta"]),
     ("lstm-hx-tensor", "LSTMCell", (B, torch.randn(2, 6)), ["tuple", "Tensor"]),

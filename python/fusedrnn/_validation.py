@@ -321,7 +321,9 @@ def check_cell_hidden(name: str, hx: Tensor, what: str, input: Tensor, hidden_si
     RuntimeError with torch.nn's text. (Dtypes and devices come after every shape:
     check_cell_dtypes_and_devices, in torch.nn's order.)"""
     if hx.dim() != (2 if batched else 1):
-        raise RuntimeError(
+        # torch.nn raises RuntimeError, or IndexError for a 1-D state whose size equals the
+        # batch of a batched input (it then reads the state's missing second dimension).
+        raise StateShapeError(
             f"{name}: {what} must be {'2-D (batch, hidden_size)' if batched else '1-D (hidden_size)'}"
             f" for {'batched 2-D' if batched else 'unbatched 1-D'} input, got shape "
             f"{tuple(hx.shape)}")
