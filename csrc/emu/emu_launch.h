@@ -95,7 +95,16 @@ inline int max_active_blocks_per_sm(int block_threads, size_t dynamic_smem) {
 }
 
 inline std::string dims(dim3 d) {
-  return "(" + std::to_string(d.x) + "," + std::to_string(d.y) + "," + std::to_string(d.z) + ")";
+  // Appended piece by piece: `"(" + std::to_string(...)` trips GCC 12's false -Wrestrict
+  // (its bug 105651) in every file that includes this header.
+  std::string text = "(";
+  text += std::to_string(d.x);
+  text += ',';
+  text += std::to_string(d.y);
+  text += ',';
+  text += std::to_string(d.z);
+  text += ')';
+  return text;
 }
 
 inline uint3 block_index(int linear, dim3 grid) {
