@@ -297,6 +297,55 @@ def test_double_backward_with_lengths_and_states(cell):
         assert_close(a, e, 1e-10, "second derivative")
 
 
+WEIGHT_REACHES_INPUTS_KINDS = [("RNN", {}, 1), ("RNN", {}, 3), ("GRU", {}, 1), ("GRU", {}, 3),
+                               ("LSTM", {}, 1), ("LSTM", {"proj_size": 2}, 3),
+                               ("LSTM", {"bidirectional": True}, 3), ("RNNCell", {}, None),
+                               ("GRUCell", {}, None), ("LSTMCell", {}, None)]
+
+
+@requires_native
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("emu", marks=pytest.mark.emu)])
+@pytest.mark.parametrize("kind, kwargs, seq_len", WEIGHT_REACHES_INPUTS_KINDS,
+                         ids=[f"{k}-{'-'.join(kw) or 'plain'}-T{t}"
+                              for k, kw, t in WEIGHT_REACHES_INPUTS_KINDS])
+def test_create_graph_when_the_weights_also_reach_input_and_state(backend, kind, kwargs, seq_len,
+                                                                  monkeypatch):
+    """x computed from W_ih and the initial state from W_hh, gradients taken with
+    create_graph=True: the first-order gradients and their own gradients are torch.nn's. The
+    recomputation once differentiated with respect to the weights themselves, so the roads
+    through x and h0 were counted twice (an RNN's dW_hh at T=1: -0.083 where torch.nn gives
+    -0.207)."""
+    from fusedrnn import _backend
+    if backend == "emu":
+        if not _backend.HAS_EMU:
+            pytest.skip("fusedrnn._emu is not built (configure with -DFUSEDRNN_EMU=ON)")
+        monkeypatch.setenv("FUSEDRNN_BACKEND", "emu")
+    cell = seq_len is None
+    suffix = "" if cell else "_l0"
+    torch.manual_seed(0)
+    x_base = torch.randn(*((2, 3) if cell else (seq_len, 2, 3)), dtype=torch.float64)
+    states = 1 if cell else (2 if kwargs.get("bidirectional") else 1)
+    h_base = torch.randn(*((2, kwargs.get("proj_size", 4)) if cell
+                           else (states, 2, kwargs.get("proj_size", 4))), dtype=torch.float64)
+    c_base = torch.randn(*((2, 4) if cell else (states, 2, 4)), dtype=torch.float64)
+    results = []
+    for lib in (nn, fusedrnn):
+        torch.manual_seed(1)
+        m = getattr(lib, kind)(3, 4, dtype=torch.float64, **kwargs)
+        w_ih, w_hh = getattr(m, "weight_ih" + suffix), getattr(m, "weight_hh" + suffix)
+        x = x_base * torch.tanh(w_ih.sum())
+        h0 = h_base * torch.tanh(w_hh.sum())
+        out = m(x, (h0, c_base * w_hh.mean()) if "LSTM" in kind else h0)
+        out = out if cell and "LSTM" not in kind else out[0]
+        params = list(m.parameters())
+        first = torch.autograd.grad(out.pow(2).sum(), params, create_graph=True)
+        second = torch.autograd.grad(sum(g.pow(2).sum() for g in first), params)
+        results.append([g.detach() for g in first] + list(second))
+    for i, (a, e) in enumerate(zip(results[1], results[0])):
+        assert_close(a, e, 1e-10, f"{'first' if i < len(results[0]) // 2 else 'second'}-order "
+                                  f"gradient {i % (len(results[0]) // 2)}")
+
+
 @requires_native
 @pytest.mark.parametrize("kind, seq_len", [("GRU", 5), ("LSTM", 5), ("LSTM", 1), ("RNN", 1),
                                            ("GRUCell", None), ("LSTMCell", None)])

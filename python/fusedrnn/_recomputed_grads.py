@@ -12,6 +12,15 @@ with its saved gates. So the recomputation projects x again, differentiably: the
 returns for xproj then depends on x and W_ih through that new projection, and autograd carries
 d_xproj into x and W_ih through the original projection's (differentiable) backward. Both paths
 exist, as they would in a graph of plain ops.
+
+The recomputation reads each input through an alias of its own (_own_node) and differentiates
+with respect to those aliases. The saved inputs keep their history, and the same weight may
+reach the layer by more than one road (h0 computed from W_hh, x from W_ih's layer above):
+torch.autograd.grad with respect to W_hh itself sums every road from the outputs to it, those
+through h0 and x too, which autograd then adds again when it carries d_h0 and d_x back
+(a first-order gradient 2.5x torch.nn's for an RNN whose h0 was a function of W_hh). Through the
+aliases, each gradient counts only the direct road, as the native backward's does, and still
+keeps its graph back to the original tensor.
 """
 from __future__ import annotations
 
@@ -72,6 +81,9 @@ def layer_grads(cell: str, projection: tuple, lengths: Optional[Tensor], h0: Opt
     with torch.enable_grad():  # the recomputation records its graph in either case
         x, w_ih, b_ih = projection
         xproj = F.linear(x, w_ih, b_ih)
+        h0, c0 = _own_node(h0), _own_node(c0)
+        w_hh, b_hh, w_hr = ([_own_node(t) for t in ts] for ts in (w_hh, b_hh, w_hr))
+        peephole = [_own_node(t) for t in peephole]
         width = w_hh[0].shape[0]
         ref_cell, coupled = reference_cell(cell)
         outs, hns, cns = [], [], []
@@ -103,11 +115,19 @@ def step_grads(cell: str, x: Tensor, h: Optional[Tensor], c: Optional[Tensor], w
     create_graph = torch.is_grad_enabled()
     ref_cell, coupled = reference_cell(cell)
     with torch.enable_grad():
+        x, h, c, w_ih, w_hh, b_ih, b_hh, peephole = (
+            _own_node(t) for t in (x, h, c, w_ih, w_hh, b_ih, b_hh, peephole))
         _, h_next, c_next = reference.rnn_layer(ref_cell, x.unsqueeze(0), w_ih,
                                                 w_hh, b_ih, b_hh, None, h, c, peephole=peephole,
                                                 coupled_input_forget=coupled)
         return _grads((h_next, c_next), (d_h, d_c),
                       [x, h, c, w_ih, w_hh, b_ih, b_hh, peephole], needs, create_graph)
+
+
+def _own_node(t: Optional[Tensor]) -> Optional[Tensor]:
+    """t behind a node of its own (a view of it), where it requires grad: the gradient with
+    respect to that node is the recomputation's direct one (module docstring)."""
+    return t.view_as(t) if t is not None and t.requires_grad else t
 
 
 def _grads(results, grad_outputs, inputs: list, needs: Sequence[bool],
