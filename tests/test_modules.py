@@ -449,9 +449,14 @@ def test_create_graph_after_an_in_place_bias_write_raises(kind, seq_len):
 @pytest.mark.parametrize("backend", ["cpu", pytest.param("emu", marks=pytest.mark.emu)])
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
 @pytest.mark.parametrize("seq_len", [1, 3])
-def test_projection_grad_none_where_torch_leaves_it(backend, bidirectional, seq_len, monkeypatch):
+@pytest.mark.parametrize("batch, packed, create_graph", [(2, False, False), (2, True, True),
+                                                         (2, False, True), (0, False, False)],
+                         ids=["padded", "packed-create-graph", "create-graph", "batch-0"])
+def test_projection_grad_none_where_torch_leaves_it(backend, bidirectional, seq_len, batch, packed,
+                                                    create_graph, monkeypatch):
     """A loss on c_n alone never reaches W_hr after one step: torch.nn leaves weight_hr's grad
-    None there (the emulated and CUDA layer once gave zeros), and fills it from the second step."""
+    None there, and fills it from the second step. The emulated and CUDA layer once gave zeros,
+    and so did create_graph's recomputation of a packed batch and the empty batch's layer."""
     from fusedrnn import _backend
     if backend == "emu":
         if not _backend.HAS_EMU:
@@ -460,14 +465,20 @@ def test_projection_grad_none_where_torch_leaves_it(backend, bidirectional, seq_
     theirs = nn.LSTM(3, 4, proj_size=2, bidirectional=bidirectional).double()
     ours = fusedrnn.LSTM(3, 4, proj_size=2, bidirectional=bidirectional).double()
     ours.load_state_dict(theirs.state_dict())
-    x = torch.randn(seq_len, 2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(seq_len, batch, 3, dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(0))
+    if packed:
+        x = nn.utils.rnn.pack_padded_sequence(x, [seq_len, 1], enforce_sorted=False)
     for module in (theirs, ours):
         _, (_, c_n) = module(x)
-        c_n.sum().backward()
+        grads = torch.autograd.grad(c_n.sum(), list(module.parameters()), allow_unused=True,
+                                    create_graph=create_graph)
+        for p, g in zip(module.parameters(), grads):
+            p.grad = g
     for (name, e), a in zip(theirs.named_parameters(), ours.parameters()):
         assert (a.grad is None) == (e.grad is None), name
         if e.grad is not None:
-            assert_close(a.grad, e.grad, 1e-10, name)
+            assert_close(a.grad.detach(), e.grad.detach(), 1e-10, name)
 
 
 @requires_native

@@ -143,5 +143,5 @@ def _grads(results, grad_outputs, inputs: list, needs: Sequence[bool],
                                     [g for _, g in pairs], create_graph=create_graph,
                                     allow_unused=True)
         for i, g in zip(wanted, found):
-            grads[i] = g if g is not None else torch.zeros_like(inputs[i])
+            grads[i] = g
     return tuple(grads)

@@ -334,14 +334,18 @@ def _empty_layer(cell: str, x: Tensor, layer_weights, num_directions: int,
     hidden = w_hh.size(0) // GATE_COUNT[cell]
     state = w_hh.size(1)
     seq_len, batch = x.shape[0], x.shape[1]
-    # Keep the autograd graph connected to the weights, the input and the states, as a real run
-    # would: their gradients are zeros (of no elements where B = 0), not None. Every result has
-    # no elements, so a non-finite sum cannot show.
-    operands = [w for ws in layer_weights for w in ws] + [x, h0, c0]
-    zero = sum(t.sum() * 0 for t in operands if t is not None)
-    out = x.new_zeros(seq_len, batch, num_directions * state) + zero
-    hn = x.new_zeros(num_directions, batch, state) + zero
-    cn = x.new_zeros(num_directions, batch, hidden) + zero if cell in LSTM_CELLS else None
+    # Keep the autograd graph connected to what a real run would read: the gradients are zeros
+    # (of no elements where B = 0), not None. Every result has no elements, so a non-finite sum
+    # cannot show. The one exception is c_n after a single step, which W_hr (index 4) has not
+    # reached yet: its gradient stays None there, as torch.nn's does.
+    def zero(skip_projection: bool = False):
+        operands = [w for ws in layer_weights for i, w in enumerate(ws)
+                    if not (skip_projection and i == 4)] + [x, h0, c0]
+        return sum(t.sum() * 0 for t in operands if t is not None)
+    out = x.new_zeros(seq_len, batch, num_directions * state) + zero()
+    hn = x.new_zeros(num_directions, batch, state) + zero()
+    cn = (x.new_zeros(num_directions, batch, hidden) + zero(skip_projection=seq_len == 1)
+          if cell in LSTM_CELLS else None)
     return out, hn, cn
 
 
