@@ -482,6 +482,36 @@ def test_projection_grad_none_where_torch_leaves_it(backend, bidirectional, seq_
 
 
 @requires_native
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("emu", marks=pytest.mark.emu)])
+@pytest.mark.parametrize("kind", ["RNN", "GRU", "LSTM"])
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+def test_nan_input_reaches_the_recurrent_weight_like_torch(backend, kind, packed, bidirectional,
+                                                           monkeypatch):
+    """A NaN in x with no initial state, one step long: torch.nn multiplies its zero h0 by the
+    step's gate gradients, so W_hh's gradient rows are NaN; fusedrnn skipped that product and
+    gave zeros (a packed batch whose longest sequence is 1 on the CPU, any such batch on the
+    emulated layer). The NaN pattern of every gradient is torch.nn's."""
+    from fusedrnn import _backend
+    if backend == "emu":
+        if not _backend.HAS_EMU:
+            pytest.skip("fusedrnn._emu is not built (configure with -DFUSEDRNN_EMU=ON)")
+        monkeypatch.setenv("FUSEDRNN_BACKEND", "emu")
+    x = torch.randn(1, 2, 3, dtype=torch.float64)
+    x[0, 1, 0] = float("nan")
+    patterns = []
+    for lib in (nn, fusedrnn):
+        torch.manual_seed(0)
+        m = getattr(lib, kind)(3, 4, bidirectional=bidirectional, dtype=torch.float64)
+        out = m(nn.utils.rnn.pack_padded_sequence(x, [1, 1]) if packed else x)[0]
+        (out.data if packed else out).sum().backward()
+        patterns.append([p.grad.isnan() for p in m.parameters()])
+    for (name, _), a, e in zip(m.named_parameters(), *reversed(patterns)):
+        assert torch.equal(a, e), f"{name}: NaN at {a.nonzero().tolist()}, torch.nn's at " \
+                                  f"{e.nonzero().tolist()}"
+
+
+@requires_native
 def test_zero_batch_like_torch():
     """B = 0: results of torch.nn's shapes, and gradients of the input and the states (empty
     tensors, not None) and of the weights (zeros)."""

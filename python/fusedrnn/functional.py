@@ -534,17 +534,15 @@ def _peephole_grad(d_pre: Tensor, c_seq: Tensor, c0: Optional[Tensor],
         now, before = ((slice(None, -1), slice(1, None)) if reverse
                        else (slice(1, None), slice(None, -1)))
         grads = [(d[now] * c_seq[before]).sum((0, 1)) for d in seeing_c_prev]
-    if c0 is not None:
-        if not reverse:
-            first = 0
-        elif lengths is None:
-            first = seq_len - 1
-        else:
-            first = (lengths - 1, torch.arange(batch, device=d_pre.device))
-        at_first = [(d[first] * c0).sum(0) for d in seeing_c_prev]
-        grads = at_first if grads is None else [g + a for g, a in zip(grads, at_first)]
-    if grads is None:
-        grads = [d_pre.new_zeros(c_seq.shape[2])] * len(seeing_c_prev)
+    if not reverse:
+        first = 0
+    elif lengths is None:
+        first = seq_len - 1
+    else:
+        first = (lengths - 1, torch.arange(batch, device=d_pre.device))
+    at_first = [(d[first] * c0).sum(0) if c0 is not None else _times_zero_state(d[first])
+                for d in seeing_c_prev]
+    grads = at_first if grads is None else [g + a for g, a in zip(grads, at_first)]
     return torch.stack([*grads, (d_o * c_seq).sum((0, 1))])
 
 
@@ -678,15 +676,26 @@ def _recurrent_weight_grad(d_pre: Tensor, out: Tensor, h0: Optional[Tensor],
     else:
         grad = _input_projection.weight_grad(d_pre[1:].reshape(-1, gates_width),
                                              out[:-1].reshape(-1, state))
+    if not reverse:
+        first = d_pre[0]
+    elif lengths is None:
+        first = d_pre[seq_len - 1]
+    else:
+        first = d_pre[lengths - 1, torch.arange(batch, device=d_pre.device)]
     if h0 is not None:
-        if not reverse:
-            first = d_pre[0]
-        elif lengths is None:
-            first = d_pre[seq_len - 1]
-        else:
-            first = d_pre[lengths - 1, torch.arange(batch, device=d_pre.device)]
         grad.addmm_(first.t(), h0)  # in place: grad is this function's own fresh result
+    else:
+        grad.add_(_times_zero_state(first).unsqueeze(1))
     return grad
+
+
+def _times_zero_state(rows: Tensor) -> Tensor:
+    """What rows^T times a zero initial state sums to, per column of rows: zero, or NaN where the
+    column holds a NaN or an infinity. torch.nn multiplies its zero h0 (and c0) by the first
+    step's gate gradients; the kernels skip that product, which would turn a NaN in x into a zero
+    W_hh gradient where torch.nn's is NaN (found by fuzzing: a packed batch whose longest sequence
+    is 1). An elementwise pass over one step's rows, no GEMM and no host sync."""
+    return (rows * 0).sum(0)
 
 
 # --- the custom ops (torch.library): what torch.compile traces ---------------------------------------
