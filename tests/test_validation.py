@@ -222,6 +222,7 @@ CELL_CASES = [
     ("lstm-hx-tensor", "LSTMCell", (B, torch.randn(2, 6)), ["tuple", "Tensor"]),
     ("lstm-hx-1-tuple", "LSTMCell", (B, (torch.randn(2, 6),)), ["tuple", "1"]),
     ("lstm-hx-3-tuple", "LSTMCell", (B, (torch.randn(2, 6),) * 3), ["tuple", "3"]),
+    ("lstm-hx-tensor-unbatched", "LSTMCell", (B[0], torch.randn(6)), ["tuple", "Tensor"]),
     ("lstm-c-batch", "LSTMCell", (B, (torch.randn(2, 6), torch.randn(3, 6))), ["hidden1", "3"]),
     ("lstm-h-3d", "LSTMCell", (B, (torch.randn(1, 2, 6), torch.randn(2, 6))), ["hx[0]", "3D"]),
     ("input-none", "GRUCell", (None,), ["Tensor", "NoneType"]),
@@ -244,8 +245,22 @@ def test_rnn_cell_unknown_nonlinearity_fails_in_forward_like_torch():
 
 def test_lstm_state_error_is_catchable_as_every_torch_class():
     from fusedrnn._validation import HiddenStateError
-    for cls in (RuntimeError, TypeError, IndexError, AttributeError):
+    for cls in (RuntimeError, TypeError, IndexError, AttributeError, ValueError):
         assert issubclass(HiddenStateError, cls)
+
+
+@pytest.mark.parametrize("name", ["GRUCell", "LSTMCell", "RNNCell"])
+@pytest.mark.parametrize("contiguous", [True, False], ids=["contiguous", "strided"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_cell_bias_of_another_dtype_refused_like_torch(name, contiguous, batch):
+    """A float32 bias_ih in a float64 cell: torch.nn refuses it whatever x's strides; fusedrnn's
+    GRUCell once promoted it silently when x was not contiguous."""
+    theirs, ours = cell_pair(name, dtype=torch.float64)
+    for m in (theirs, ours):
+        m.bias_ih = nn.Parameter(m.bias_ih.detach().float())
+    x = torch.randn(batch, 8, dtype=torch.float64)[:, ::2]
+    x = x.contiguous() if contiguous else x
+    check_same_class(lambda: theirs(x), lambda: ours(x), "float")
 
 
 @pytest.mark.parametrize("rows, batch_sizes", [(5, [3, 2, 1]), (6, [1, 2, 3]), (6, [3, 1, 2])],

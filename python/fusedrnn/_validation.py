@@ -18,11 +18,13 @@ from torch import Tensor
 from ._backend import DTYPE_CODES, GATE_COUNT, LSTM_CELLS, PEEPHOLE_ROWS, SAVED_GATE_COUNT
 
 
-class HiddenStateError(RuntimeError, TypeError, IndexError, AttributeError):
+class HiddenStateError(RuntimeError, TypeError, IndexError, AttributeError, ValueError):
     """An LSTM state that is not a pair (h_0, c_0) of tensors.
 
-    torch.nn raises RuntimeError, TypeError, IndexError or AttributeError for this depending on
-    what was passed; this subclasses all four so any handler written for torch.nn catches it.
+    torch.nn raises RuntimeError, TypeError, IndexError, AttributeError or ValueError for this
+    depending on what was passed (ValueError: an unbatched LSTMCell given one 1-D Tensor, whose
+    rows it takes for h and c); this subclasses all five so any handler written for torch.nn
+    catches it.
     """
 
 

@@ -238,8 +238,10 @@ def _layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor], c0: Option
     w_ih = torch.cat([w[0] for w in layer_weights]) if len(layer_weights) > 1 else layer_weights[0][0]
     has_bias = layer_weights[0][2] is not None
     fold_bias = has_bias and folds_bias(cell, x.dtype, x.device)
-    if fold_bias:
-        # b_ih + b_hh would promote a bias of another dtype silently; torch.nn refuses it.
+    if has_bias:
+        # b_ih + b_hh, and the input projection of a non-contiguous x, would promote a bias of
+        # another dtype silently; torch.nn refuses it (on its main path: its own non-contiguous
+        # paths promote, GRUCell's does not, so torch.nn's answer depended on x's strides).
         for w in layer_weights:
             for name, b in (("b_ih", w[2]), ("b_hh", w[3])):
                 if b.dtype != x.dtype or b.device != x.device:
