@@ -249,6 +249,24 @@ def test_lstm_state_error_is_catchable_as_every_torch_class():
         assert issubclass(HiddenStateError, cls)
 
 
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("weight", ["weight_ih_l0_reverse", "weight_ih_l1", "weight_ih_l1_reverse"])
+@pytest.mark.parametrize("seq_len", [1, 5])
+@pytest.mark.parametrize("inference", [False, True], ids=["train", "no-grad"])
+def test_bidirectional_input_weight_of_another_dtype_refused_like_torch(kind, weight, seq_len,
+                                                                        inference):
+    """One direction's W_ih in float32 in a float64 module: torch.nn refuses it; fusedrnn
+    concatenated the directions' W_ih (one GEMM for both), which promoted it silently."""
+    theirs, ours = (lib(3, 4, num_layers=2, bidirectional=True, dtype=torch.float64)
+                    for lib in (getattr(nn, kind), getattr(fusedrnn, kind)))
+    for m in (theirs, ours):
+        setattr(m, weight, nn.Parameter(getattr(m, weight).detach().float()))
+        m.train(not inference)
+    x = torch.randn(seq_len, 2, 3, dtype=torch.float64)
+    with torch.set_grad_enabled(not inference):
+        check_same_class(lambda: theirs(x), lambda: ours(x), "float")
+
+
 @pytest.mark.parametrize("name", ["GRUCell", "LSTMCell", "RNNCell"])
 @pytest.mark.parametrize("contiguous", [True, False], ids=["contiguous", "strided"])
 @pytest.mark.parametrize("batch", [1, 2])

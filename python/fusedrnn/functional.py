@@ -235,19 +235,19 @@ def _layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor], c0: Option
     if x.size(0) == 1 and lengths is None and _one_step_applies(cell, x, layer_weights, h0, c0):
         out, hn, cn = _cell_step.layer(cell, x[0], layer_weights, h0, c0)
         return out.unsqueeze(0), hn, cn
-    w_ih = torch.cat([w[0] for w in layer_weights]) if len(layer_weights) > 1 else layer_weights[0][0]
     has_bias = layer_weights[0][2] is not None
+    # Concatenating the directions' W_ih, b_ih + b_hh, and the input projection of a
+    # non-contiguous x would each promote a weight of another dtype silently; torch.nn refuses it
+    # (on its main path: its own non-contiguous paths promote a bias, GRUCell's does not, so
+    # torch.nn's answer depended on x's strides).
+    for w in layer_weights:
+        for name, b in (("w_ih", w[0]),) + ((("b_ih", w[2]), ("b_hh", w[3])) if has_bias else ()):
+            if b.dtype != x.dtype or b.device != x.device:
+                raise RuntimeError(
+                    f"fusedrnn.functional.rnn: {name} must be {x.dtype} on {x.device} like "
+                    f"the input, got {b.dtype} on {b.device}")
+    w_ih = torch.cat([w[0] for w in layer_weights]) if len(layer_weights) > 1 else layer_weights[0][0]
     fold_bias = has_bias and folds_bias(cell, x.dtype, x.device)
-    if has_bias:
-        # b_ih + b_hh, and the input projection of a non-contiguous x, would promote a bias of
-        # another dtype silently; torch.nn refuses it (on its main path: its own non-contiguous
-        # paths promote, GRUCell's does not, so torch.nn's answer depended on x's strides).
-        for w in layer_weights:
-            for name, b in (("b_ih", w[2]), ("b_hh", w[3])):
-                if b.dtype != x.dtype or b.device != x.device:
-                    raise RuntimeError(
-                        f"fusedrnn.functional.rnn: {name} must be {x.dtype} on {x.device} like "
-                        f"the input, got {b.dtype} on {b.device}")
     b_ih = None
     if has_bias and not fold_bias:
         b_ih = torch.cat([w[2] for w in layer_weights]) if len(layer_weights) > 1 else layer_weights[0][2]
