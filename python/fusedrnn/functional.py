@@ -241,11 +241,11 @@ def _layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor], c0: Option
     # (on its main path: its own non-contiguous paths promote a bias, GRUCell's does not, so
     # torch.nn's answer depended on x's strides).
     for w in layer_weights:
-        for name, b in (("w_ih", w[0]),) + ((("b_ih", w[2]), ("b_hh", w[3])) if has_bias else ()):
-            if b.dtype != x.dtype or b.device != x.device:
+        for name, t in (("w_ih", w[0]),) + ((("b_ih", w[2]), ("b_hh", w[3])) if has_bias else ()):
+            if t.dtype != x.dtype or t.device != x.device:
                 raise RuntimeError(
                     f"fusedrnn.functional.rnn: {name} must be {x.dtype} on {x.device} like "
-                    f"the input, got {b.dtype} on {b.device}")
+                    f"the input, got {t.dtype} on {t.device}")
     w_ih = torch.cat([w[0] for w in layer_weights]) if len(layer_weights) > 1 else layer_weights[0][0]
     fold_bias = has_bias and folds_bias(cell, x.dtype, x.device)
     b_ih = None
@@ -536,12 +536,7 @@ def _peephole_grad(d_pre: Tensor, c_seq: Tensor, c0: Optional[Tensor],
         now, before = ((slice(None, -1), slice(1, None)) if reverse
                        else (slice(1, None), slice(None, -1)))
         grads = [(d[now] * c_seq[before]).sum((0, 1)) for d in seeing_c_prev]
-    if not reverse:
-        first = 0
-    elif lengths is None:
-        first = seq_len - 1
-    else:
-        first = (lengths - 1, torch.arange(batch, device=d_pre.device))
+    first = _first_step(seq_len, batch, lengths, reverse, d_pre.device)
     at_first = [(d[first] * c0).sum(0) if c0 is not None else _times_zero_state(d[first])
                 for d in seeing_c_prev]
     grads = at_first if grads is None else [g + a for g, a in zip(grads, at_first)]
@@ -678,17 +673,24 @@ def _recurrent_weight_grad(d_pre: Tensor, out: Tensor, h0: Optional[Tensor],
     else:
         grad = _input_projection.weight_grad(d_pre[1:].reshape(-1, gates_width),
                                              out[:-1].reshape(-1, state))
-    if not reverse:
-        first = d_pre[0]
-    elif lengths is None:
-        first = d_pre[seq_len - 1]
-    else:
-        first = d_pre[lengths - 1, torch.arange(batch, device=d_pre.device)]
+    first = d_pre[_first_step(seq_len, batch, lengths, reverse, d_pre.device)]
     if h0 is not None:
         grad.addmm_(first.t(), h0)  # in place: grad is this function's own fresh result
     else:
         grad.add_(_times_zero_state(first).unsqueeze(1))
     return grad
+
+
+def _first_step(seq_len: int, batch: int, lengths: Optional[Tensor], reverse: bool,
+                device: torch.device):
+    """The index, into a [T, B, ...] tensor, of each sequence's first step in processing order
+    (the step that reads h0 and c0): 0 going forward, each sequence's last valid step going
+    backward."""
+    if not reverse:
+        return 0
+    if lengths is None:
+        return seq_len - 1
+    return (lengths - 1, torch.arange(batch, device=device))
 
 
 def _times_zero_state(rows: Tensor) -> Tensor:
