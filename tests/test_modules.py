@@ -446,6 +446,88 @@ def test_create_graph_after_an_in_place_bias_write_raises(kind, seq_len):
                             create_graph=True)
 
 
+@requires_native
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("emu", marks=pytest.mark.emu)])
+@pytest.mark.parametrize("kind, seq_len, packed, written, trainable", [
+    (kind, seq_len, packed, written, trainable)
+    for kind, seq_len, packed in [("LSTM", 3, False), ("GRU", 3, False), ("RNN", 3, False),
+                                  ("LSTM", 1, False), ("GRU", 1, True), ("LSTMCell", None, False),
+                                  ("GRUCell", None, False), ("RNNCell", None, False)]
+    for written in ["h0", "c0", "weight_hh"] for trainable in ["x", "x+weight_hh", "c0", "h0"]
+    if "LSTM" in kind or "c0" not in (written, trainable)], ids=str)
+def test_state_or_weight_written_in_place_before_backward_like_torch(
+        backend, kind, seq_len, packed, written, trainable, monkeypatch):
+    """An initial state (or W_hh) written in place between forward and backward: fusedrnn's
+    backward runs where torch.nn's does, with its gradients, and refuses where torch.nn's does.
+    The layer and the cell step saved h0, c0 and W_hh whenever anything needed a gradient, so a
+    frozen LSTM whose state buffer was updated after the forward could not give d x (found by
+    fuzzing: 17 of these 168 cases failed)."""
+    from fusedrnn import _backend
+    lstm = "LSTM" in kind
+    if backend == "emu":
+        if not _backend.HAS_EMU:
+            pytest.skip("fusedrnn._emu is not built (configure with -DFUSEDRNN_EMU=ON)")
+        monkeypatch.setenv("FUSEDRNN_BACKEND", "emu")
+    cell = seq_len is None
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(*((2, 3) if cell else (seq_len, 2, 3)), dtype=torch.float64, generator=gen)
+    h0, c0 = (torch.randn(*((2, 4) if cell else (1, 2, 4)), dtype=torch.float64, generator=gen)
+              for _ in range(2))
+    for name in trainable.split("+"):
+        if name != "weight_hh":
+            {"x": x, "h0": h0, "c0": c0}[name].requires_grad_()
+    results = []
+    for lib in (nn, fusedrnn):
+        torch.manual_seed(0)
+        m = getattr(lib, kind)(3, 4, dtype=torch.float64).requires_grad_(False)
+        suffix = "" if cell else "_l0"
+        if "weight_hh" in trainable:
+            getattr(m, "weight_hh" + suffix).requires_grad_()
+        states = [h0.clone() if h0.requires_grad else h0.detach().clone(),
+                  c0.clone() if c0.requires_grad else c0.detach().clone()]
+        inp = nn.utils.rnn.pack_padded_sequence(x, [seq_len] * 2) if packed else x
+        out = m(inp, tuple(states) if lstm else states[0])
+        out = out[0] if isinstance(out, tuple) else out
+        out = out.data if packed else out
+        with torch.no_grad():
+            {"h0": states[0], "c0": states[1],
+             "weight_hh": getattr(m, "weight_hh" + suffix)}[written].add_(0.5)
+        wrt = [t for t in (x, h0, c0, *m.parameters()) if t.requires_grad]
+        try:
+            results.append(torch.autograd.grad(out.pow(2).sum(), wrt, allow_unused=True))
+        except RuntimeError as error:
+            assert "modified by an inplace operation" in str(error)
+            results.append(None)
+    assert (results[0] is None) == (results[1] is None), (
+        f"torch.nn {'refused' if results[0] is None else 'accepted'} the write, fusedrnn did not")
+    if results[0] is not None:
+        for a, e in zip(results[1], results[0]):
+            assert (a is None) == (e is None)
+            if e is not None:
+                assert_close(a, e, 1e-12, f"gradient after an in-place write of {written}")
+
+
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("emu", marks=pytest.mark.emu)])
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_one_step_c_n_requires_no_grad_when_only_w_hr_does(backend, packed, monkeypatch):
+    """After one step c_n does not depend on W_hr: with only W_hr trainable, torch.nn's c_n
+    requires no grad (and a backward from it raises); fusedrnn's layer once made it require
+    grad (a packed batch on the CPU, any one-step batch on the emulated layer)."""
+    from fusedrnn import _backend
+    if backend == "emu":
+        if not _backend.HAS_EMU:
+            pytest.skip("fusedrnn._emu is not built (configure with -DFUSEDRNN_EMU=ON)")
+        monkeypatch.setenv("FUSEDRNN_BACKEND", "emu")
+    x = torch.randn(1, 2, 3, dtype=torch.float64)
+    if packed:
+        x = nn.utils.rnn.pack_padded_sequence(x, [1, 1])
+    for lib in (nn, fusedrnn):
+        m = getattr(lib, "LSTM")(3, 4, proj_size=2, dtype=torch.float64).requires_grad_(False)
+        m.weight_hr_l0.requires_grad_()
+        out, (h_n, c_n) = m(x)
+        assert h_n.requires_grad and not c_n.requires_grad, lib.__name__
+
+
 @pytest.mark.parametrize("backend", ["cpu", pytest.param("emu", marks=pytest.mark.emu)])
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
 @pytest.mark.parametrize("seq_len", [1, 3])

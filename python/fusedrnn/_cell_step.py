@@ -324,14 +324,22 @@ class _CellStep(torch.autograd.Function):
         # reads them (x for d W_ih, W_ih for d x, W_hh for d h), as torch.nn's products save
         # their operands: a weight written in place between forward and backward (W_ih next to
         # an input that needs no gradient) then raises only where torch.nn's would.
+        # So are h and c (functional._first_order_reads, the same rules for a layer): h for
+        # d W_hh, and its values for a GRU's pointwise backward (a private copy where d W_hh is
+        # not wanted: torch.nn's GRUCell saves h - n, not h); c for the forget gate's gradient,
+        # which reaches every gradient but c's own (with peephole connections, c's own too).
         needs = ctx.needs_input_grad  # cell, checked, x, h, c, w_ih, w_hh, b_ih, b_hh, peephole
         operands, read_by_first_order = (x, w_ih, w_hh), (needs[5], needs[2], needs[3])
         kept = tuple(t if need else None for t, need in zip(operands, read_by_first_order))
-        ctx.save_for_backward(kept[0], h, c, kept[1], kept[2], gates, saved, peephole)
+        h_read = h if needs[6] else (h.detach().clone() if cell == "gru" else None)
+        c_read = c if peephole is not None or any(needs[2:4]) or any(needs[5:]) else None
+        ctx.given_c = c is not None
+        ctx.save_for_backward(kept[0], h_read, c_read, kept[1], kept[2], gates, saved, peephole)
         # The rest only for create_graph (_recomputed_grads), kept by reference with their
         # versions; so are the biases, which the native backward never reads: a bias written in
         # place before it is fine, as in torch.nn (saved, its version check would raise).
-        ctx.unsaved = (b_ih, b_hh, *(t if k is None else None for t, k in zip(operands, kept)))
+        ctx.unsaved = (b_ih, b_hh, *(t if k is None else None for t, k in zip(operands, kept)),
+                       h, c)
         ctx.unsaved_versions = _recomputed_grads.versions(ctx.unsaved)
         return (h_next, c_next) if cell in LSTM_CELLS else h_next
 
@@ -343,22 +351,23 @@ class _CellStep(torch.autograd.Function):
         needs = ctx.needs_input_grad[2:]  # x, h, c, w_ih, w_hh, b_ih, b_hh, peephole
         if _recomputed_grads.applies((d_h, d_c)):  # create_graph, or batched gradients
             _recomputed_grads.check_unchanged(ctx.unsaved, ctx.unsaved_versions)
-            b_ih, b_hh, x_ref, w_ih_ref, w_hh_ref = ctx.unsaved
+            b_ih, b_hh, x_ref, w_ih_ref, w_hh_ref, h, c = ctx.unsaved
             x, w_ih, w_hh = (t if t is not None else ref
                              for t, ref in ((x, x_ref), (w_ih, w_ih_ref), (w_hh, w_hh_ref)))
             return (None, None, *_recomputed_grads.step_grads(cell, x, h, c, w_ih, w_hh, b_ih,
                                                               b_hh, d_h, d_c, needs, peephole))
         batch, hidden = ctx.batch_and_hidden
         is_lstm, is_gru = cell in LSTM_CELLS, cell == "gru"
-        d_xpre = h.new_empty(batch, GATE_COUNT[cell] * hidden)
+        like = gates if gates is not None else saved  # (h is not always saved)
+        d_xpre = like.new_empty(batch, GATE_COUNT[cell] * hidden)
         d_hpre = torch.empty_like(d_xpre) if is_gru else None
-        d_c_prev = h.new_empty(batch, hidden) if is_lstm else None
-        d_h_direct = h.new_empty(batch, hidden) if is_gru else None
+        d_c_prev = like.new_empty(batch, hidden) if is_lstm else None
+        d_h_direct = like.new_empty(batch, hidden) if is_gru else None
         d_h, d_c = _contiguous(d_h), _contiguous(d_c)
         c_prev, h_prev = _contiguous(c), (h.contiguous() if is_gru else None)  # named: see _forward
         peephole = _contiguous(peephole)  # (saved as given: the forward read a contiguous copy)
         _cpu.cell_step_backward(
-            CELL_CODES[cell], DTYPE_CODES[h.dtype], batch, hidden, _ptr(gates),
+            CELL_CODES[cell], DTYPE_CODES[like.dtype], batch, hidden, _ptr(gates),
             _ptr(saved) if is_lstm else 0, _ptr(c_prev), _ptr(h_prev),
             0 if (is_lstm or is_gru) else _ptr(saved),
             _ptr(d_h), _ptr(d_c), d_xpre.data_ptr(), _ptr(d_hpre), _ptr(d_c_prev),
@@ -368,7 +377,7 @@ class _CellStep(torch.autograd.Function):
             d_xpre.mm(w_ih) if needs[0] else None,
             (d_hp.mm(w_hh) if not is_gru else torch.addmm(d_h_direct, d_hp, w_hh))
             if needs[1] else None,
-            d_c_prev if needs[2] and c is not None else None,
+            d_c_prev if needs[2] and ctx.given_c else None,
             d_xpre.t().mm(x) if needs[3] else None,
             d_hp.t().mm(h) if needs[4] else None,
             d_xpre.sum(0) if needs[5] else None,

@@ -450,13 +450,15 @@ def _run_backward(cell: str, w_hh, b_hh, w_hr, h0, c0, out, gates, c_seq, d_out,
     return grads
 
 
-def _layer_grads(spec: _LayerSpec, saved, d_out, d_hn, d_cn, needs, run_backward) -> tuple:
+def _layer_grads(spec: _LayerSpec, saved, d_out, d_hn, d_cn, needs, run_backward,
+                 given: Optional[tuple] = None) -> tuple:
     """The gradients of a layer's recurrence: (d_xproj, d_h0, d_c0, then one per flat param:
     w_hh x D, b_hh x D with bias, w_hr x D with proj, peephole x D), None where not needed.
 
     saved: (lengths, h0, c0, out, gates, c_seq, r_seq, *params) as the forward saved them;
     needs: one bool per flat param; run_backward: _run_backward, or while compiling the
-    layer_backward op around it. The native backward gives the gradients of xproj and the
+    layer_backward op around it; given: whether the layer had h0 and c0, where the saved ones
+    may be None without meaning zeros (_first_order_reads). The native backward gives the gradients of xproj and the
     states and the gate pre-activation gradients; torch GEMMs turn those into dW_hh, db_hh and
     dW_hr. With create_graph (reached only by the custom op: the eager Function recomputes,
     _recomputed_grads) the results are tagged so that differentiating them raises."""
@@ -464,12 +466,14 @@ def _layer_grads(spec: _LayerSpec, saved, d_out, d_hn, d_cn, needs, run_backward
     # itself), so no tag is traced into them.
     create_graph = torch.is_grad_enabled() and not torch.compiler.is_compiling()
     with torch.no_grad():
-        grads = _layer_weight_grads(spec, saved, d_out, d_hn, d_cn, needs, run_backward)
+        grads = _layer_weight_grads(spec, saved, d_out, d_hn, d_cn, needs, run_backward, given)
     return _NoDoubleBackward.mark(grads, (*saved, d_out, d_hn, d_cn)) if create_graph else grads
 
 
-def _layer_weight_grads(spec: _LayerSpec, saved, d_out, d_hn, d_cn, needs, run_backward):
+def _layer_weight_grads(spec: _LayerSpec, saved, d_out, d_hn, d_cn, needs, run_backward,
+                        given: Optional[tuple] = None):
     lengths, h0, c0, out, gates, c_seq, r_seq, *params = saved
+    has_h0, has_c0 = given if given is not None else (h0 is not None, c0 is not None)
     w_hh, b_hh, w_hr, peephole = spec.split(params)
     num_dirs = spec.directions
     d_xproj, d_hproj, d_h_seq, d_h0, d_c0 = run_backward(
@@ -509,8 +513,31 @@ def _layer_weight_grads(spec: _LayerSpec, saved, d_out, d_hn, d_cn, needs, run_b
                                              lengths, reverse=d == 1,
                                              coupled=spec.cell == "lstm_cifg")
                               if needs_peephole[d] else None)
-    return (d_xproj, d_h0 if h0 is not None else None, d_c0 if c0 is not None else None,
+    return (d_xproj, d_h0 if has_h0 else None, d_c0 if has_c0 else None,
             *d_w_hh, *d_b_hh, *d_w_hr, *d_peephole)
+
+
+def _first_order_reads(spec: _LayerSpec, seq_len: int, h0: Optional[Tensor],
+                       c0: Optional[Tensor], needs) -> tuple:
+    """What a layer's first-order backward reads of h0, c0 and W_hh, given which of the
+    layer's inputs need a gradient (needs: _LayerRecurrence's needs_input_grad): (h0 or a
+    private copy of it or None, c0 or None, whether W_hh is read). Only these are saved, as
+    torch.nn's ops save an operand only where a gradient reads it: a state or a weight written
+    in place between forward and backward then raises where torch.nn's backward would, and only
+    there (found by fuzzing: a frozen LSTM whose h0 buffer was updated after the forward, for a
+    gradient with respect to x, raised in fusedrnn and ran in torch.nn).
+    - h0 is read for dW_hh. A GRU's kernel also reads its values (the update gate's gradient);
+      where dW_hh is not wanted it gets a private copy, as torch.nn's GRU saves h0 - n, not h0.
+    - c0 is read by the LSTM kernel for the forget gate's gradient, which reaches every gradient
+      but c0's own (dc0 = dc1 f1); with peephole connections, c0's own too.
+    - W_hh carries a gradient to an earlier state: read after more than one step, or for dh0."""
+    directions = spec.directions
+    if h0 is None or any(needs[6:6 + directions]):
+        h0_read = h0
+    else:
+        h0_read = h0.detach().clone() if spec.cell == "gru" else None
+    c0_read = c0 if spec.has_peephole or any(needs[2:4]) or any(needs[5:]) else None
+    return h0_read, c0_read, seq_len > 1 or needs[3]
 
 
 def _peephole_grad(d_pre: Tensor, c_seq: Tensor, c0: Optional[Tensor],
@@ -555,9 +582,18 @@ class _LayerRecurrence(torch.autograd.Function):
         w_hh, b_hh, w_hr, peephole = spec.split(params)
         # Kept by reference, not saved (a bias written in place before a first-order backward,
         # which reads none of them, is fine, as in torch.nn); read only under create_graph,
-        # which checks their versions.
-        ctx.projection, ctx.b_hh = projection, b_hh
-        ctx.kept_versions = _recomputed_grads.versions((*projection, *b_hh))
+        # which checks their versions. So are the states and W_hh where the first-order backward
+        # does not read them (_first_order_reads).
+        ctx.projection, ctx.b_hh, ctx.states, ctx.w_hh = projection, b_hh, (h0, c0), w_hh
+        ctx.kept = (*projection, *b_hh, h0, c0, *w_hh)
+        ctx.kept_versions = _recomputed_grads.versions(ctx.kept)
+        needs = ctx.needs_input_grad
+        h0_read, c0_read, w_hh_read = _first_order_reads(spec, xproj.shape[0], h0, c0, needs)
+        # Only W_hr needs a gradient, and one step's c_n does not depend on it (r_1 W_hr^T makes
+        # h_1, after c_1): c_n then requires no grad, as torch.nn's.
+        w_hh_needs, b_hh_needs, _, peephole_needs = spec.split(needs[6:])
+        c_n_constant = spec.has_proj and xproj.shape[0] == 1 and not any(
+            n for n in (*needs[2:5], *w_hh_needs, *b_hh_needs, *peephole_needs) if n)
         # xproj is _layer's own projection, read by nothing after this call (its autograd node,
         # the linear's, keeps its inputs, not its result): the gates may overwrite it.
         out, hn, cn, gates, c_seq, r_seq = _run_forward(
@@ -566,8 +602,12 @@ class _LayerRecurrence(torch.autograd.Function):
         ctx.spec = spec
         ctx.gates_over_xproj = gates is not None and gates.data_ptr() == xproj.data_ptr()
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(lengths, h0, c0, out, gates, c_seq, r_seq,
-                              *_unsaved_biases(spec, params))
+        if c_n_constant:
+            ctx.mark_non_differentiable(cn)
+        ctx.given = (h0 is not None, c0 is not None)
+        kept_params = (*(w_hh if w_hh_read else (None,) * spec.directions),
+                       *_unsaved_biases(spec, params)[spec.directions:])
+        ctx.save_for_backward(lengths, h0_read, c0_read, out, gates, c_seq, r_seq, *kept_params)
         return (out, hn, cn) if spec.cell in LSTM_CELLS else (out, hn)
 
     @staticmethod
@@ -580,9 +620,10 @@ class _LayerRecurrence(torch.autograd.Function):
         # ms, H=512 143.6-146.4 -> 140.7-141.6 ms. Not when the graph is kept (retain_graph,
         # create_graph): a second backward reads the same saved gates again.
         if _recomputed_grads.applies((d_out, d_hn, d_cn)):  # create_graph, or batched gradients
-            _recomputed_grads.check_unchanged((*ctx.projection, *ctx.b_hh), ctx.kept_versions)
-            lengths, h0, c0, _, _, _, _, *params = ctx.saved_tensors  # as _layer_weight_grads
-            w_hh, _, w_hr, peephole = ctx.spec.split(params)
+            _recomputed_grads.check_unchanged(ctx.kept, ctx.kept_versions)
+            lengths, _, _, _, _, _, _, *params = ctx.saved_tensors  # as _layer_weight_grads
+            _, _, w_hr, peephole = ctx.spec.split(params)
+            (h0, c0), w_hh = ctx.states, ctx.w_hh
             needs = ctx.needs_input_grad
             grads = _recomputed_grads.layer_grads(
                 ctx.spec.cell, ctx.projection, lengths, h0, c0, w_hh, ctx.b_hh, w_hr,
@@ -592,8 +633,11 @@ class _LayerRecurrence(torch.autograd.Function):
         run_backward = _run_backward
         if ctx.gates_over_xproj and not torch._C._autograd._get_current_graph_task_keep_graph():
             run_backward = functools.partial(_run_backward, d_xproj_over_gates=True)
-        grads = _layer_grads(ctx.spec, ctx.saved_tensors, d_out, d_hn, d_cn,
-                             ctx.needs_input_grad[6:], run_backward)
+        saved = ctx.saved_tensors
+        if saved[7] is None:  # W_hh unsaved: not read (_first_order_reads), any values will do
+            saved = (*saved[:7], *ctx.w_hh, *saved[7 + ctx.spec.directions:])
+        grads = _layer_grads(ctx.spec, saved, d_out, d_hn, d_cn, ctx.needs_input_grad[6:],
+                             run_backward, ctx.given)
         return (None, None, *grads[:3], None, *grads[3:])
 
 
