@@ -42,6 +42,16 @@ requires_native = pytest.mark.skipif(
     not native_available(), reason="fusedrnn._cpu is not built (build the _cpu target)")
 
 
+def use_backend(name: str, monkeypatch) -> None:
+    """Routes the modules' recurrence through `name` ('cpu' or 'emu') for one test (a test
+    parametrized by name where the `backend` fixture's cuda does not apply); skips 'emu' where
+    fusedrnn._emu is not built."""
+    if name == "emu":
+        if not _backend.HAS_EMU:
+            pytest.skip("fusedrnn._emu is not built (configure with -DFUSEDRNN_EMU=ON)")
+        monkeypatch.setenv("FUSEDRNN_BACKEND", "emu")
+
+
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """||actual - expected|| / ||expected|| in float64; NaN anywhere never passes."""
     assert actual.shape == expected.shape, f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"

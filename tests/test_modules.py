@@ -18,7 +18,7 @@ import fusedrnn
 from _helpers import (CELL_VARIANTS, PACKING, TOLERANCE, Case, assert_close, assert_runs_close,
                       assert_second_derivatives_match, compare_with_torch, covering_design,
                       flat_results, make_inputs, make_modules, ramp_loss, requires_native,
-                      run_module)
+                      run_module, use_backend)
 
 FACTORS = dict(
     cell=CELL_VARIANTS,
@@ -315,11 +315,7 @@ def test_create_graph_when_the_weights_also_reach_input_and_state(backend, kind,
     recomputation once differentiated with respect to the weights themselves, so the roads
     through x and h0 were counted twice (an RNN's dW_hh at T=1: -0.083 where torch.nn gives
     -0.207)."""
-    from fusedrnn import _backend
-    if backend == "emu":
-        if not _backend.HAS_EMU:
-            pytest.skip("fusedrnn._emu is not built (configure with -DFUSEDRNN_EMU=ON)")
-        monkeypatch.setenv("FUSEDRNN_BACKEND", "emu")
+    use_backend(backend, monkeypatch)
     cell = seq_len is None
     suffix = "" if cell else "_l0"
     torch.manual_seed(0)
@@ -462,12 +458,8 @@ def test_state_or_weight_written_in_place_before_backward_like_torch(
     The layer and the cell step saved h0, c0 and W_hh whenever anything needed a gradient, so a
     frozen LSTM whose state buffer was updated after the forward could not give d x (found by
     fuzzing: 17 of these 168 cases failed)."""
-    from fusedrnn import _backend
+    use_backend(backend, monkeypatch)
     lstm = "LSTM" in kind
-    if backend == "emu":
-        if not _backend.HAS_EMU:
-            pytest.skip("fusedrnn._emu is not built (configure with -DFUSEDRNN_EMU=ON)")
-        monkeypatch.setenv("FUSEDRNN_BACKEND", "emu")
     cell = seq_len is None
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(*((2, 3) if cell else (seq_len, 2, 3)), dtype=torch.float64, generator=gen)
@@ -513,11 +505,7 @@ def test_one_step_c_n_requires_no_grad_when_only_w_hr_does(backend, packed, monk
     """After one step c_n does not depend on W_hr: with only W_hr trainable, torch.nn's c_n
     requires no grad (and a backward from it raises); fusedrnn's layer once made it require
     grad (a packed batch on the CPU, any one-step batch on the emulated layer)."""
-    from fusedrnn import _backend
-    if backend == "emu":
-        if not _backend.HAS_EMU:
-            pytest.skip("fusedrnn._emu is not built (configure with -DFUSEDRNN_EMU=ON)")
-        monkeypatch.setenv("FUSEDRNN_BACKEND", "emu")
+    use_backend(backend, monkeypatch)
     x = torch.randn(1, 2, 3, dtype=torch.float64)
     if packed:
         x = nn.utils.rnn.pack_padded_sequence(x, [1, 1])
@@ -539,11 +527,7 @@ def test_projection_grad_none_where_torch_leaves_it(backend, bidirectional, seq_
     """A loss on c_n alone never reaches W_hr after one step: torch.nn leaves weight_hr's grad
     None there, and fills it from the second step. The emulated and CUDA layer once gave zeros,
     and so did create_graph's recomputation of a packed batch and the empty batch's layer."""
-    from fusedrnn import _backend
-    if backend == "emu":
-        if not _backend.HAS_EMU:
-            pytest.skip("fusedrnn._emu is not built (configure with -DFUSEDRNN_EMU=ON)")
-        monkeypatch.setenv("FUSEDRNN_BACKEND", "emu")
+    use_backend(backend, monkeypatch)
     theirs = nn.LSTM(3, 4, proj_size=2, bidirectional=bidirectional).double()
     ours = fusedrnn.LSTM(3, 4, proj_size=2, bidirectional=bidirectional).double()
     ours.load_state_dict(theirs.state_dict())
@@ -574,11 +558,7 @@ def test_nan_input_reaches_the_recurrent_weight_like_torch(backend, kind, packed
     step's gate gradients, so W_hh's gradient rows are NaN; fusedrnn skipped that product and
     gave zeros (a packed batch whose longest sequence is 1 on the CPU, any such batch on the
     emulated layer). The NaN pattern of every gradient is torch.nn's."""
-    from fusedrnn import _backend
-    if backend == "emu":
-        if not _backend.HAS_EMU:
-            pytest.skip("fusedrnn._emu is not built (configure with -DFUSEDRNN_EMU=ON)")
-        monkeypatch.setenv("FUSEDRNN_BACKEND", "emu")
+    use_backend(backend, monkeypatch)
     x = torch.randn(1, 2, 3, dtype=torch.float64)
     x[0, 1, 0] = float("nan")
     patterns = []
@@ -649,11 +629,7 @@ def test_relu_rnn_keeps_nan_like_torch(backend, grad, monkeypatch):
     """A NaN reaching a ReLU RNN's pre-activation stays NaN, as torch.relu keeps it (the kernels'
     relu once returned 0 there: a silently finite answer), and the gradient passes where the
     output is NaN, as torch's relu backward lets it."""
-    from fusedrnn import _backend
-    if backend == "emu":
-        if not _backend.HAS_EMU:
-            pytest.skip("fusedrnn._emu is not built (configure with -DFUSEDRNN_EMU=ON)")
-        monkeypatch.setenv("FUSEDRNN_BACKEND", "emu")
+    use_backend(backend, monkeypatch)
     torch.manual_seed(0)
     theirs = nn.RNN(3, 4, nonlinearity="relu", num_layers=2).double()
     ours = fusedrnn.RNN(3, 4, nonlinearity="relu", num_layers=2).double()
