@@ -281,6 +281,26 @@ def test_cell_bias_of_another_dtype_refused_like_torch(name, contiguous, batch):
     check_same_class(lambda: theirs(x), lambda: ours(x), "float")
 
 
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"])
+@pytest.mark.parametrize("bias", ["bias_ih", "bias_hh"])
+@pytest.mark.parametrize("shape", ["[1]", "[1, G*H]"])
+@pytest.mark.parametrize("inference", [False, True], ids=["train", "no-grad"])
+def test_bias_that_broadcasts_refused_naming_it(kind, bias, shape, inference):
+    """torch.nn's CPU modules take a bias of shape [1] or [1, G*H] (it broadcasts); fusedrnn
+    refuses it on every path, naming the bias. An LSTM or RNN folded b_ih + b_hh before any
+    check, so a [1] bias ran while a GRU's raised, naming b_hh also for an odd bias_ih."""
+    cell = kind.endswith("Cell")
+    m = getattr(fusedrnn, kind)(3, 4)
+    name = bias if cell else f"{bias}_l0"
+    rows = getattr(m, name).shape[0]
+    setattr(m, name, nn.Parameter(torch.zeros(1) if shape == "[1]" else torch.zeros(1, rows)))
+    x = torch.randn(*((2, 3) if cell else (5, 2, 3)))
+    with torch.set_grad_enabled(not inference):
+        with pytest.raises(RuntimeError, match=re.escape(f"{bias.replace('ias', '')} must have "
+                                                         f"shape [G*H] = [{rows}]")):
+            m(x)
+
+
 @pytest.mark.parametrize("rows, batch_sizes", [(5, [3, 2, 1]), (6, [1, 2, 3]), (6, [3, 1, 2])],
                          ids=["fewer-rows", "increasing", "increasing-later"])
 def test_malformed_packed_sequence_like_torch(rows, batch_sizes):

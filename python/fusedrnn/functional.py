@@ -225,6 +225,7 @@ def _layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor], c0: Option
            lengths: Optional[Tensor], trace_save: bool = False):
     """x [T, B, I] -> (out [T, B, D*P], h_n [D, B, P], c_n [D, B, H] or None). trace_save:
     while tracing, save for backward (rnn())."""
+    _check_bias_shapes(layer_weights)
     if _backend.under_transform():
         return _reference_layer(cell, x, layer_weights, h0, c0, lengths)
     peephole = peephole_weights(layer_weights)
@@ -282,6 +283,21 @@ def _layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor], c0: Option
                                    _per_direction(w_hr, num_dirs), lengths, save=False,
                                    peephole=peephole)
     return out, hn, cn
+
+
+def _check_bias_shapes(layer_weights) -> None:
+    """Every bias of shape [G*H]. torch.nn's CPU modules also take one that broadcasts ([1] or
+    [1, G*H]); fusedrnn refuses it on every path (the README's list of what torch.nn takes by
+    accident). The kernels read b_hh as [G*H]; where b_ih + b_hh is folded first, a [1] bias
+    used to pass unseen (found by fuzzing: an LSTM ran, a GRU with the same bias_hh raised,
+    naming b_hh also when bias_ih was the odd one)."""
+    for d, w in enumerate(layer_weights):
+        rows = w[1].shape[0]
+        for name, b in (("b_ih", w[2]), ("b_hh", w[3])):
+            if b is not None and b.shape != (rows,):
+                raise RuntimeError(f"fusedrnn.functional.rnn: {name} must have shape [G*H] = "
+                                   f"[{rows}] like W_hh's rows, got {list(b.shape)} (layer "
+                                   f"weights entry {d})")
 
 
 def peephole_weights(layer_weights) -> list:
