@@ -399,16 +399,31 @@ def test_weight_written_in_place_before_backward_like_torch(kind, seq_len, weigh
         out = out[0] if isinstance(out, tuple) else out
         with torch.no_grad():
             getattr(m, name).mul_(0.5)
-        try:
-            results.append(torch.autograd.grad(out.pow(2).sum(), list(m.parameters())))
-        except RuntimeError as error:
-            assert "modified by an inplace operation" in str(error)
-            results.append(None)
-    assert (results[0] is None) == (results[1] is None), (
-        f"torch.nn {'refused' if results[0] is None else 'accepted'} the write, fusedrnn did not")
-    if results[0] is not None:
-        for a, e in zip(results[1], results[0]):
-            assert_close(a, e, 1e-12, f"gradient after an in-place write of {name}")
+        results.append(_grads_unless_refused(
+            lambda: torch.autograd.grad(out.pow(2).sum(), list(m.parameters()))))
+    _assert_same_answer_to_a_write(results, name)
+
+
+def _grads_unless_refused(compute):
+    """compute()'s gradients, or None where autograd refused them because a tensor the backward
+    reads was written in place after the forward."""
+    try:
+        return compute()
+    except RuntimeError as error:
+        assert "modified by an inplace operation" in str(error)
+        return None
+
+
+def _assert_same_answer_to_a_write(results, written: str) -> None:
+    """results: torch.nn's and fusedrnn's _grads_unless_refused after the same in-place write.
+    Both refused, or both gave the same gradients (None in the same places)."""
+    theirs, ours = results
+    assert (theirs is None) == (ours is None), (
+        f"torch.nn {'refused' if theirs is None else 'accepted'} the write, fusedrnn did not")
+    for a, e in zip(ours or (), theirs or ()):
+        assert (a is None) == (e is None)
+        if e is not None:
+            assert_close(a, e, 1e-12, f"gradient after an in-place write of {written}")
 
 
 @requires_native
@@ -485,18 +500,9 @@ def test_state_or_weight_written_in_place_before_backward_like_torch(
             {"h0": states[0], "c0": states[1],
              "weight_hh": getattr(m, "weight_hh" + suffix)}[written].add_(0.5)
         wrt = [t for t in (x, h0, c0, *m.parameters()) if t.requires_grad]
-        try:
-            results.append(torch.autograd.grad(out.pow(2).sum(), wrt, allow_unused=True))
-        except RuntimeError as error:
-            assert "modified by an inplace operation" in str(error)
-            results.append(None)
-    assert (results[0] is None) == (results[1] is None), (
-        f"torch.nn {'refused' if results[0] is None else 'accepted'} the write, fusedrnn did not")
-    if results[0] is not None:
-        for a, e in zip(results[1], results[0]):
-            assert (a is None) == (e is None)
-            if e is not None:
-                assert_close(a, e, 1e-12, f"gradient after an in-place write of {written}")
+        results.append(_grads_unless_refused(
+            lambda: torch.autograd.grad(out.pow(2).sum(), wrt, allow_unused=True)))
+    _assert_same_answer_to_a_write(results, written)
 
 
 @pytest.mark.parametrize("backend", ["cpu", pytest.param("emu", marks=pytest.mark.emu)])
