@@ -98,6 +98,24 @@ def _usage_problem(args, device: torch.device) -> Optional[str]:
         if os.path.isdir(path) or not os.path.isdir(parent):
             return (f"--{option} {path}: " + ("is a directory" if os.path.isdir(path)
                                               else f"no directory {parent}"))
+        problem = _unwritable(path)
+        if problem:
+            return f"--{option} {path}: not writable ({problem})"
+    return None
+
+
+def _unwritable(path: str) -> Optional[str]:
+    """Why path cannot be written, or None: opened for appending (and removed again if that
+    made it), so that a run does not time every cell and then fail to save them (a read-only
+    directory, /proc)."""
+    existed = os.path.exists(path)
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as error:
+        return error.strerror or str(error)
+    if not existed:
+        os.remove(path)
     return None
 
 
@@ -174,7 +192,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                               check=not args.no_check, on_cell=save_partial)
     except KeyboardInterrupt:
         print("\ninterrupted: the cells measured so far" + (
-            f" (also in {args.json}, marked partial)" if args.json else ""), file=sys.stderr)
+            f" (also in {args.json}, marked partial)" if args.json and measured else ""),
+            file=sys.stderr)
         if measured:
             print(report.format_table(measured[0].results))
         return EXIT_INTERRUPTED
