@@ -305,6 +305,26 @@ def _ptr(t: Optional[Tensor]) -> int:
     return t.data_ptr() if t is not None else 0
 
 
+def states_read_by_backward(cell: str, h: Optional[Tensor], c: Optional[Tensor],
+                            w_hh_needs_grad: bool, more_than_c_needs_grad: bool,
+                            peephole: bool) -> tuple:
+    """(h, c) as the first-order backward of a cell step or of a layer (h0, c0) reads them, None
+    where it does not. Only these are saved, as torch.nn's ops save an operand only where a
+    gradient reads it: a state written in place between forward and backward then raises where
+    torch.nn's backward would, and only there (found by fuzzing: a frozen LSTM whose h0 buffer
+    was updated after the forward, for a gradient with respect to x, raised in fusedrnn and ran
+    in torch.nn).
+    - h is read for dW_hh. A GRU's kernel also reads its values (the update gate's gradient);
+      where dW_hh is not wanted it gets a private copy, as torch.nn's GRU saves h - n, not h.
+    - c is read by the LSTM kernel for the forget gate's gradient, which reaches every gradient
+      but c's own (dc_prev = dc f); with peephole connections, c's own too."""
+    if h is None or w_hh_needs_grad:
+        h_read = h
+    else:
+        h_read = h.detach().clone() if cell == "gru" else None
+    return h_read, (c if peephole or more_than_c_needs_grad else None)
+
+
 class _CellStep(torch.autograd.Function):
     """A cell step with autograd. Inputs: cell, checked (see step), x, h, c (LSTM, or None),
     w_ih, w_hh, b_ih, b_hh (None without bias), peephole (an LSTM's, or None). Outputs: h', and
@@ -324,15 +344,13 @@ class _CellStep(torch.autograd.Function):
         # reads them (x for d W_ih, W_ih for d x, W_hh for d h), as torch.nn's products save
         # their operands: a weight written in place between forward and backward (W_ih next to
         # an input that needs no gradient) then raises only where torch.nn's would.
-        # So are h and c (functional._first_order_reads, the same rules for a layer): h for
-        # d W_hh, and its values for a GRU's pointwise backward (a private copy where d W_hh is
-        # not wanted: torch.nn's GRUCell saves h - n, not h); c for the forget gate's gradient,
-        # which reaches every gradient but c's own (with peephole connections, c's own too).
+        # So are h and c (states_read_by_backward).
         needs = ctx.needs_input_grad  # cell, checked, x, h, c, w_ih, w_hh, b_ih, b_hh, peephole
         operands, read_by_first_order = (x, w_ih, w_hh), (needs[5], needs[2], needs[3])
         kept = tuple(t if need else None for t, need in zip(operands, read_by_first_order))
-        h_read = h if needs[6] else (h.detach().clone() if cell == "gru" else None)
-        c_read = c if peephole is not None or any(needs[2:4]) or any(needs[5:]) else None
+        h_read, c_read = states_read_by_backward(
+            cell, h, c, w_hh_needs_grad=needs[6], peephole=peephole is not None,
+            more_than_c_needs_grad=any(needs[2:4]) or any(needs[5:]))
         ctx.given_c = c is not None
         ctx.save_for_backward(kept[0], h_read, c_read, kept[1], kept[2], gates, saved, peephole)
         # The rest only for create_graph (_recomputed_grads), kept by reference with their

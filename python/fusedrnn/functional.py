@@ -474,10 +474,11 @@ def _layer_grads(spec: _LayerSpec, saved, d_out, d_hn, d_cn, needs, run_backward
     saved: (lengths, h0, c0, out, gates, c_seq, r_seq, *params) as the forward saved them;
     needs: one bool per flat param; run_backward: _run_backward, or while compiling the
     layer_backward op around it; given: whether the layer had h0 and c0, where the saved ones
-    may be None without meaning zeros (_first_order_reads). The native backward gives the gradients of xproj and the
-    states and the gate pre-activation gradients; torch GEMMs turn those into dW_hh, db_hh and
-    dW_hr. With create_graph (reached only by the custom op: the eager Function recomputes,
-    _recomputed_grads) the results are tagged so that differentiating them raises."""
+    may be None without meaning zeros (_first_order_reads). The native backward gives the
+    gradients of xproj and the states and the gate pre-activation gradients; torch GEMMs turn
+    those into dW_hh, db_hh and dW_hr. With create_graph (reached only by the custom op: the
+    eager Function recomputes, _recomputed_grads) the results are tagged so that
+    differentiating them raises."""
     # Compiled graphs never differentiate their backward (AOTAutograd refuses double backward
     # itself), so no tag is traced into them.
     create_graph = torch.is_grad_enabled() and not torch.compiler.is_compiling()
@@ -537,22 +538,13 @@ def _first_order_reads(spec: _LayerSpec, seq_len: int, h0: Optional[Tensor],
                        c0: Optional[Tensor], needs) -> tuple:
     """What a layer's first-order backward reads of h0, c0 and W_hh, given which of the
     layer's inputs need a gradient (needs: _LayerRecurrence's needs_input_grad): (h0 or a
-    private copy of it or None, c0 or None, whether W_hh is read). Only these are saved, as
-    torch.nn's ops save an operand only where a gradient reads it: a state or a weight written
-    in place between forward and backward then raises where torch.nn's backward would, and only
-    there (found by fuzzing: a frozen LSTM whose h0 buffer was updated after the forward, for a
-    gradient with respect to x, raised in fusedrnn and ran in torch.nn).
-    - h0 is read for dW_hh. A GRU's kernel also reads its values (the update gate's gradient);
-      where dW_hh is not wanted it gets a private copy, as torch.nn's GRU saves h0 - n, not h0.
-    - c0 is read by the LSTM kernel for the forget gate's gradient, which reaches every gradient
-      but c0's own (dc0 = dc1 f1); with peephole connections, c0's own too.
-    - W_hh carries a gradient to an earlier state: read after more than one step, or for dh0."""
-    directions = spec.directions
-    if h0 is None or any(needs[6:6 + directions]):
-        h0_read = h0
-    else:
-        h0_read = h0.detach().clone() if spec.cell == "gru" else None
-    c0_read = c0 if spec.has_peephole or any(needs[2:4]) or any(needs[5:]) else None
+    private copy of it or None, c0 or None, whether W_hh is read). Only these are saved; the
+    states follow the cell step's rules (_cell_step.states_read_by_backward). W_hh carries a
+    gradient to an earlier state: read after more than one step, or for dh0 (a weight written
+    in place after a one-step forward, with no gradient for h0, is fine, as in torch.nn)."""
+    h0_read, c0_read = _cell_step.states_read_by_backward(
+        spec.cell, h0, c0, w_hh_needs_grad=any(needs[6:6 + spec.directions]),
+        more_than_c_needs_grad=any(needs[2:4]) or any(needs[5:]), peephole=spec.has_peephole)
     return h0_read, c0_read, seq_len > 1 or needs[3]
 
 
@@ -601,15 +593,14 @@ class _LayerRecurrence(torch.autograd.Function):
         # which checks their versions. So are the states and W_hh where the first-order backward
         # does not read them (_first_order_reads).
         ctx.projection, ctx.b_hh, ctx.states, ctx.w_hh = projection, b_hh, (h0, c0), w_hh
-        ctx.kept = (*projection, *b_hh, h0, c0, *w_hh)
-        ctx.kept_versions = _recomputed_grads.versions(ctx.kept)
+        ctx.kept_versions = _recomputed_grads.versions(_LayerRecurrence._kept(ctx))
         needs = ctx.needs_input_grad
         h0_read, c0_read, w_hh_read = _first_order_reads(spec, xproj.shape[0], h0, c0, needs)
         # Only W_hr needs a gradient, and one step's c_n does not depend on it (r_1 W_hr^T makes
         # h_1, after c_1): c_n then requires no grad, as torch.nn's.
         w_hh_needs, b_hh_needs, _, peephole_needs = spec.split(needs[6:])
         c_n_constant = spec.has_proj and xproj.shape[0] == 1 and not any(
-            n for n in (*needs[2:5], *w_hh_needs, *b_hh_needs, *peephole_needs) if n)
+            (*needs[2:5], *w_hh_needs, *b_hh_needs, *peephole_needs))
         # xproj is _layer's own projection, read by nothing after this call (its autograd node,
         # the linear's, keeps its inputs, not its result): the gates may overwrite it.
         out, hn, cn, gates, c_seq, r_seq = _run_forward(
@@ -636,7 +627,7 @@ class _LayerRecurrence(torch.autograd.Function):
         # ms, H=512 143.6-146.4 -> 140.7-141.6 ms. Not when the graph is kept (retain_graph,
         # create_graph): a second backward reads the same saved gates again.
         if _recomputed_grads.applies((d_out, d_hn, d_cn)):  # create_graph, or batched gradients
-            _recomputed_grads.check_unchanged(ctx.kept, ctx.kept_versions)
+            _recomputed_grads.check_unchanged(_LayerRecurrence._kept(ctx), ctx.kept_versions)
             lengths, _, _, _, _, _, _, *params = ctx.saved_tensors  # as _layer_weight_grads
             _, _, w_hr, peephole = ctx.spec.split(params)
             (h0, c0), w_hh = ctx.states, ctx.w_hh
@@ -655,6 +646,11 @@ class _LayerRecurrence(torch.autograd.Function):
         grads = _layer_grads(ctx.spec, saved, d_out, d_hn, d_cn, ctx.needs_input_grad[6:],
                              run_backward, ctx.given)
         return (None, None, *grads[:3], None, *grads[3:])
+
+    @staticmethod
+    def _kept(ctx) -> tuple:
+        """What the forward kept by reference, in the order of ctx.kept_versions."""
+        return (*ctx.projection, *ctx.b_hh, *ctx.states, *ctx.w_hh)
 
 
 class _NoDoubleBackward(torch.autograd.Function):
