@@ -481,3 +481,92 @@ def test_json_has_the_gpu_keys_without_a_gpu(tmp_path, capsys, tiny_presets, tor
                          capsys)
     machine = json.loads(path.read_text())["machine"]
     assert code == 0 and all(key in machine for key in ("gpu", "driver", "cuda_runtime", "cudnn"))
+
+
+@pytest.mark.skipif(_real_fusedrnn_reason() is not None, reason=str(_real_fusedrnn_reason()))
+@pytest.mark.parametrize("variable, words", [
+    ("FUSEDRNN_CPU_ISA", ["FUSEDRNN_CPU_ISA must be", "'bogus'"]),
+    ("FUSEDRNN_CPU_GEMM", ["FUSEDRNN_CPU_GEMM must be", "'bogus'"]),
+])
+def test_a_bad_kernel_setting_is_refused_before_the_run(variable, words, capsys, tiny_presets,
+                                                       monkeypatch):
+    """A value the kernels refuse would fail every fusedrnn row of a long run, and the summary
+    would not say why: refused up front, naming the variable, as a bad FUSEDRNN_BACKEND is."""
+    monkeypatch.setenv(variable, "bogus")
+    code, out, err = run_cli(FAST_ARGS + ["--preset", "tiny"], capsys)
+    assert code == cli.EXIT_USAGE and not out
+    assert "fusedrnn cannot run on cpu" in err and all(word in err for word in words), err
+
+
+def test_impls_that_cannot_run_here_are_refused(capsys, tiny_presets, torch_as_fusedrnn):
+    """--impls haste on a CPU would time torch.nn alone and exit 0: refused, saying why."""
+    code, out, err = run_cli(FAST_ARGS + ["--preset", "tiny", "--impls", "haste"], capsys)
+    assert code == cli.EXIT_USAGE and not out
+    assert "none of --impls haste can run on cpu" in err and "haste: CUDA only" in err
+
+
+def test_sigterm_prints_what_was_measured(tmp_path, capsys, tiny_presets, torch_as_fusedrnn,
+                                          monkeypatch):
+    """SIGTERM (`timeout`, a job scheduler) stops the run as Ctrl-C does: the cells measured so
+    far printed and kept as partial JSON, exit 143, and the caller's handler back in place."""
+    import os
+    import signal
+
+    from fusedrnn.bench import harness
+    real_run = harness.run
+
+    def terminated_after_one_cell(*args, on_cell, **kwargs):
+        def then_terminate(outcome):
+            on_cell(outcome)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_run(*args, on_cell=then_terminate, **kwargs)
+
+    monkeypatch.setattr(harness, "run", terminated_after_one_cell)
+    before = signal.getsignal(signal.SIGTERM)
+    path = tmp_path / "partial.json"
+    code, out, err = run_cli(FAST_ARGS + ["--preset", "tiny", "--json", str(path)], capsys)
+    assert code == cli.EXIT_TERMINATED and "terminated (SIGTERM)" in err
+    assert "fusedrnn" in out and json.loads(path.read_text())["settings"]["partial"] is True
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_budget_asked_for_is_spent_on_fast_cells():
+    """The default plan stops a fast cell at max_repeats rounds; with max_repeats=None (what an
+    explicit --budget sets) the budget alone decides, so a larger --budget does time more."""
+    from fusedrnn.bench.timing import CpuClock, Plan, Runner, measure
+    plan = Plan(warmup=0, budget_s=0.05, max_repeats=None, input_sets=1)
+    measured = measure([Runner("noop", lambda i: None, lambda i: None)], CpuClock(), plan)
+    assert len(measured["noop"].samples) > Plan.max_repeats
+
+
+def test_budget_option_lifts_the_round_cap(capsys, tiny_presets, torch_as_fusedrnn):
+    code, out, _ = run_cli(["--device", "cpu", "--warmup", "0", "--input-sets", "1", "--quiet",
+                            "--budget", "0.01", "--preset", "tiny", "--cell", "gru"], capsys)
+    assert code == 0 and "repeats adaptive (at least 3, ~0.01 s per cell)" in out
+
+
+def test_every_fusedrnn_row_failed_is_not_called_unchecked(capsys, monkeypatch, torch_as_fusedrnn):
+    """When no fusedrnn row ran, the summary says so (not "not checked (--no-check ...)"), and a
+    target is not met because the row failed, not because its result was wrong."""
+    class Crash(torch.nn.LSTM):
+        def forward(self, x, hx=None):
+            raise RuntimeError("kernel exploded")
+
+    target = BenchConfig("lstm", seq_len=4, batch=1, hidden=8, modes=("inference",), target_speedup=1e-9)
+    monkeypatch.setitem(configs.PRESETS, "target", [target])
+    monkeypatch.setitem(configs.PRESET_HELP, "target", "test")
+    monkeypatch.setattr(impls, "fused_module_class", lambda cell: Crash)
+    code, out, _ = run_cli(FAST_ARGS + ["--preset", "target", "--impls", "fusedrnn"], capsys)
+    assert code == cli.EXIT_WRONG
+    assert "fusedrnn accuracy: no fusedrnn row ran to the end" in out and "not checked" not in out
+    assert "not met: the fusedrnn row FAILED" in out
+
+
+def test_targets_on_a_busy_machine_are_qualified(capsys, monkeypatch, torch_as_fusedrnn):
+    from fusedrnn.bench import machine
+    target = BenchConfig("lstm", seq_len=4, batch=1, hidden=8, modes=("inference",), target_speedup=1e-9)
+    monkeypatch.setitem(configs.PRESETS, "target", [target])
+    monkeypatch.setitem(configs.PRESET_HELP, "target", "test")
+    monkeypatch.setattr(machine, "busy_warning", lambda info: "the machine was busy")
+    code, out, _ = run_cli(FAST_ARGS + ["--preset", "target", "--impls", "fusedrnn"], capsys)
+    assert code == 0 and "met (on a busy machine: unreliable)" in out

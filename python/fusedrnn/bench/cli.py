@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
+import threading
 from typing import List, Optional
 
 import torch
@@ -20,6 +22,15 @@ DEFAULT_BUDGET_S = {"cpu": 2.0, "cuda": 1.0}
 EXIT_WRONG = 1      # a fusedrnn row crashed or was outside its accuracy tolerance
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports it
+EXIT_TERMINATED = 143   # SIGTERM (`timeout`, a job scheduler), as a shell reports it
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is: the cells measured so far are printed and kept."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
 
 
 def _csv(text: Optional[str]) -> Optional[List[str]]:
@@ -32,7 +43,8 @@ def parser() -> argparse.ArgumentParser:
         description="Time fusedrnn against torch.nn (and the reference loop, FlashRNN, haste) in inference "
                     "and training mode; check every fusedrnn result against torch.nn in float64.",
         epilog="Exit status: 0 ok, 1 a fusedrnn row failed or was outside its accuracy tolerance, 2 bad usage, "
-               "130 interrupted (the cells measured so far are printed, and kept in --json).")
+               "130 interrupted by Ctrl-C, 143 by SIGTERM (either way the cells measured so far are "
+               "printed, and kept in --json).")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="where to run (default: cuda when available, else cpu)")
     p.add_argument("--preset", default="quick", choices=sorted(config_registry.PRESETS),
@@ -49,7 +61,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, help="timed calls per implementation and cell (default: adaptive, "
                                                "from --budget)")
     p.add_argument("--budget", type=float, help="timed seconds per configuration and mode, shared by all "
-                                                "implementations (default: 2 on cpu, 1 on cuda)")
+                                                "implementations (default: 2 on cpu, 1 on cuda, and at "
+                                                f"most {Plan.max_repeats} rounds; given, the rounds are "
+                                                "not capped)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls per implementation first (default 2)")
     p.add_argument("--input-sets", type=int, default=3, help="distinct random input sets cycled through (default 3)")
     p.add_argument("--no-check", action="store_true", help="skip the float64 accuracy check (timing only)")
@@ -68,9 +82,11 @@ def list_everything(device: torch.device) -> str:
         for c in cfgs:
             lines.append(f"    {c.name:40s} {','.join(c.modes)}" + ("  (cuda only)" if c.cuda_only else ""))
     lines.append(f"implementations on {device.type}:")
-    for name in impls.DEFAULT_ORDER + impls.OPT_IN:
+    names = impls.DEFAULT_ORDER + impls.OPT_IN
+    width = max(len(name) for name in names)
+    for name in names:
         why = impls.REGISTRY[name].unavailable(device)
-        lines.append(f"  {name:10s} {'available' if why is None else 'unavailable: ' + why}")
+        lines.append(f"  {name:{width}s} {'available' if why is None else 'unavailable: ' + why}")
     return "\n".join(lines)
 
 
@@ -160,16 +176,26 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: fusedrnn cannot run on {device_name}: {why}", file=sys.stderr)
         return EXIT_USAGE
     if args.impls:  # asked for by name: say why one drops out
-        for name in set(_csv(args.impls)) & set(impls.REGISTRY) - set(impl_names):
-            notes.append(f"{name}: not run ({impls.REGISTRY[name].unavailable(device)})")
+        dropped = sorted(set(_csv(args.impls)) & set(impls.REGISTRY) - set(impl_names))
+        reasons = {name: impls.REGISTRY[name].unavailable(device) for name in dropped}
+        if dropped and impl_names == ["torch"]:  # nothing asked for is left to compare
+            print(f"error: none of --impls {args.impls} can run on {device_name}: " + "; ".join(
+                f"{name}: {why}" for name, why in reasons.items()), file=sys.stderr)
+            return EXIT_USAGE
+        notes += [f"{name}: not run ({why})" for name, why in reasons.items()]
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    # The default budget stops fast cells at max_repeats rounds, to keep the quick preset quick; a
+    # budget asked for is spent (the "noise" advice asks for a larger one).
     plan = Plan(warmup=args.warmup, repeats=args.repeats, input_sets=args.input_sets,
                 budget_s=args.budget if args.budget is not None else DEFAULT_BUDGET_S[device_name])
+    if args.budget is not None:
+        plan.max_repeats = None
     info = machine.collect(device_name)
     clock = "CUDA events" if device.type == "cuda" else f"wall clock, {torch.get_num_threads()} torch threads"
-    repeats = f"{plan.repeats} repeats" if plan.repeats else f"repeats adaptive ({plan.min_repeats}-{plan.max_repeats}, ~{plan.budget_s:g} s per cell)"
+    rounds = f"{plan.min_repeats}-{plan.max_repeats}" if plan.max_repeats else f"at least {plan.min_repeats}"
+    repeats = f"{plan.repeats} repeats" if plan.repeats else f"repeats adaptive ({rounds}, ~{plan.budget_s:g} s per cell)"
     settings = {"preset": args.preset, "device": device_name, "configs": len(configs), "impls": impl_names,
                 "threads": torch.get_num_threads(), "warmup": plan.warmup, "repeats": plan.repeats,
                 "budget_s": plan.budget_s, "input_sets": plan.input_sets, "accuracy_check": not args.no_check,
@@ -187,20 +213,28 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.json:
             report.write_json(args.json, report.payload(info, dict(settings, partial=True), partial))
 
+    # Only the main thread may set a handler (a caller running main() in a thread keeps its own).
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous_handler = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
         outcome = harness.run(configs, impl_names, device, plan, progress,
                               check=not args.no_check, on_cell=save_partial)
-    except KeyboardInterrupt:
-        print("\ninterrupted: the cells measured so far" + (
+    except KeyboardInterrupt as stop:
+        terminated = isinstance(stop, Terminated)
+        print(f"\n{'terminated (SIGTERM)' if terminated else 'interrupted'}: the cells measured so far" + (
             f" (also in {args.json}, marked partial)" if args.json and measured else ""),
             file=sys.stderr)
         if measured:
             print(report.format_table(measured[0].results))
-        return EXIT_INTERRUPTED
+        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous_handler)
     outcome.notes[:0] = notes
     busy = machine.busy_warning(info)
     if busy:
         outcome.notes.append(busy)
+        outcome.busy = True
 
     print(report.format_table(outcome.results))
     print()

@@ -21,6 +21,7 @@ class Outcome:
     skipped: List[dict] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
     device: str = "cpu"
+    busy: bool = False  # the load average said other processes competed for the CPU
 
     @property
     def fused_failures(self) -> List[dict]:

@@ -71,13 +71,30 @@ def fused_module_class(cell: str):
 
 
 def native_backend_problem(device: torch.device):
-    """Why fusedrnn's native module for `device` cannot load, or None (tests stand in for it too)."""
+    """Why fusedrnn's native module for `device` cannot load or run, or None (tests stand in for
+    it too)."""
     try:
         from fusedrnn import _backend
         _backend.module_for(device)  # raises, saying what to build, when the native module is missing
     except Exception as exc:
         return f"no native backend for {device.type} ({exc})"
+    try:
+        _smoke_call(device)
+    except Exception as exc:
+        return f"a tiny fusedrnn.LSTM forward and backward fails: {type(exc).__name__}: {exc}"
     return None
+
+
+def _smoke_call(device: torch.device) -> None:
+    """One tiny LSTM forward and backward through the native kernels. The environment variables
+    that steer them (FUSEDRNN_CPU_ISA, FUSEDRNN_CPU_GEMM, ...) are read there and only there, so a
+    bad value shows here, before a run, instead of failing every fusedrnn row of it."""
+    import fusedrnn
+    with torch.random.fork_rng(devices=[]):  # leaves the caller's random stream as it was
+        module = fusedrnn.LSTM(2, 3).to(device)
+        x = torch.randn(2, 1, 2).to(device).requires_grad_()
+    out, _ = module(x)
+    out.sum().backward()
 
 
 class Impl:

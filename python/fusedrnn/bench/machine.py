@@ -183,7 +183,7 @@ def header_lines(info: Dict[str, object]) -> list:
     commit = str(info.get("commit", "unknown"))
     short = commit[:12] + ("+dirty" if info.get("dirty") else "")
     lines = [
-        f"CPU    {info['cpu']} | {info['cpu_cores']} cores usable | torch threads {info['torch_threads']}"
+        f"CPU    {info['cpu']} | {info['cpu_cores']} core{'' if info['cpu_cores'] == 1 else 's'} usable | torch threads {info['torch_threads']}"
         f" | {info['cpu_simd']} | load {info.get('load_avg_1m')}",
         f"torch  {info['torch']} (mkldnn {'on' if info['mkldnn'] else 'off'}) | python {info['python']}",
         f"fusedrnn {info['fusedrnn']} commit {short} | native: {info.get('fusedrnn_backends')}"

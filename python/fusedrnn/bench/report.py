@@ -98,7 +98,9 @@ def summary_lines(outcome: Outcome) -> List[str]:
     checked = [r for r in judged if r.get("err_ok") is not None]
     bad = outcome.fused_failures
     unchecked = [r for r in judged if r.get("err_ok") is None and not r.get("error")]
-    if judged and not checked:
+    if judged and not checked and not unchecked:
+        lines.append("fusedrnn accuracy: no fusedrnn row ran to the end (FAILED below)")
+    elif judged and not checked:
         lines.append("fusedrnn accuracy: not checked (--no-check, or no float64 torch.nn result to compare with)")
     elif judged:
         worst_err = max((r["max_rel_err"] for r in checked if r.get("max_rel_err") is not None), default=None)
@@ -164,7 +166,11 @@ def target_lines(outcome: Outcome) -> List[str]:
             continue
         got = r.get("speedup_vs_torch")
         verdict = "-" if got is None else ("met" if got >= goal else "NOT met")
-        if r.get("error") or r.get("err_ok") is False:
+        if outcome.busy and got is not None:
+            verdict += " (on a busy machine: unreliable)"
+        if r.get("error"):
+            verdict = "not met: the fusedrnn row FAILED"
+        elif r.get("err_ok") is False:
             verdict = "not met: the result is WRONG"  # a fast wrong answer meets nothing
         shown = f"{got:.2f}x" if got is not None else "not measured"
         lines.append(f"target {r['config']['name']} {r['mode']}: {shown} (goal >= {goal:g}x) {verdict}")

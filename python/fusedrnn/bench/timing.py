@@ -74,7 +74,7 @@ class Plan:
     repeats: Optional[int] = None  # fixed number of timed calls; None = from the time budget
     budget_s: float = 2.0        # timed seconds per cell, shared by all implementations
     min_repeats: int = 3
-    max_repeats: int = 100
+    max_repeats: Optional[int] = 100  # None: the budget alone decides
     input_sets: int = 3
 
     def done(self, rounds: int, elapsed_s: float) -> bool:
@@ -83,12 +83,15 @@ class Plan:
         short on a busy machine."""
         if self.repeats is not None:
             return rounds >= self.repeats
-        return rounds >= self.max_repeats or (rounds >= self.min_repeats and elapsed_s >= self.budget_s)
+        if self.max_repeats is not None and rounds >= self.max_repeats:
+            return True
+        return rounds >= self.min_repeats and elapsed_s >= self.budget_s
 
     def fraction(self, rounds: int, elapsed_s: float) -> float:
         if self.repeats is not None:
             return rounds / self.repeats
-        return min(1.0, max(rounds / self.max_repeats, min(elapsed_s / self.budget_s, rounds / self.min_repeats)))
+        by_rounds = rounds / self.max_repeats if self.max_repeats else 0.0
+        return min(1.0, max(by_rounds, min(elapsed_s / self.budget_s, rounds / self.min_repeats)))
 
 
 @dataclass
