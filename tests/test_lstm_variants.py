@@ -217,10 +217,12 @@ def test_variant_refuses_torchscript_clearly():
 @requires_native
 @pytest.mark.parametrize("variant", ["peephole", "peephole-cifg"])
 @pytest.mark.parametrize("with_state", [False, True], ids=["no-state", "state"])
-def test_peephole_layers_export_to_onnx(variant, with_state):
-    """The TorchScript-based exporter writes a peephole layer as ONNX's LSTM node with its
-    peephole input (a CIFG's weights tied as the plain LSTM's): onnxruntime runs it at other
-    sequence lengths and batch sizes and gives the reference's numbers."""
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_peephole_layers_export_to_onnx(variant, with_state, dynamo):
+    """Both exporters write a peephole layer as ONNX's LSTM node with its peephole input (a
+    CIFG's weights tied as the plain LSTM's): onnxruntime runs it at other sequence lengths and
+    batch sizes and gives the reference's numbers. (The dynamo exporter refused a peephole
+    layer before: torch has no peephole RNN op to record.)"""
     onnxruntime = pytest.importorskip("onnxruntime")
     onnx = pytest.importorskip("onnx")
     module = _random_module(variant, torch.float32, "cpu", 0, bidirectional=True, num_layers=2,
@@ -232,8 +234,15 @@ def test_peephole_layers_export_to_onnx(variant, with_state):
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, args, buffer, dynamo=False, input_names=names,
-                          dynamic_axes={n: axes[n] for n in names})
+        if dynamo:
+            from torch.export import Dim
+            batch, length = Dim("B", min=1, max=64), Dim("T", min=1, max=64)
+            shapes = ({0: batch, 1: length},) + (({1: batch}, {1: batch}),) * with_state
+            torch.onnx.export(module, args, dynamo=True, input_names=names,
+                              dynamic_shapes=shapes).save(buffer)
+        else:
+            torch.onnx.export(module, args, buffer, dynamo=False, input_names=names,
+                              dynamic_axes={n: axes[n] for n in names})
     model = onnx.load_from_string(buffer.getvalue())
     lstm_nodes = [n for n in model.graph.node if n.op_type == "LSTM"]
     assert len(lstm_nodes) == 2 and all(len(n.input) == 8 and n.input[7] for n in lstm_nodes)
@@ -272,6 +281,13 @@ def test_peephole_onnx_export_refusals_say_why():
 
     with pytest.raises(RuntimeError, match="peephole LSTM: per-sequence lengths"):
         export(Packed(), torch.randn(4, 2, 3))
+
+    # The dynamo exporter writes ONNX's LSTM node only in the dtypes onnxruntime runs it in.
+    with pytest.raises(Exception, match="peephole LSTM: ONNX's LSTM node.*not torch.float64"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(fusedrnn.LSTM(3, 5, peephole=True).double(),
+                              (torch.randn(4, 2, 3, dtype=torch.float64),), dynamo=True)
 
 
 @requires_native

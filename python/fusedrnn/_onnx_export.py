@@ -3,15 +3,20 @@ and RNN operators.
 
 An ONNX model runs where fusedrnn does not (onnxruntime, TensorRT, a phone), so the custom op
 fusedrnn::layer_forward, which only this process can run, must not reach the ONNX graph. While
-`torch.onnx.export` traces (either exporter: `dynamo=True` or the TorchScript-based one), each
-layer runs as `torch._VF.lstm` / `gru` / `rnn_tanh` / `rnn_relu` with num_layers=1, the calls
-torch.nn's modules make: same gate order, same weights, same numbers, so the exported model is
-the one torch.nn's twin would give (one ONNX RNN node per layer, as torch exports them). A module
+`torch.onnx.export` traces, each layer becomes ONNX's LSTM/GRU/RNN node:
+- the TorchScript-based exporter: the layer runs as `torch._VF.lstm` / `gru` / `rnn_tanh` /
+  `rnn_relu` with num_layers=1, the calls torch.nn's modules make (same gate order, same
+  weights, same numbers), which the exporter translates as it does torch.nn's;
+- the dynamo exporter (`dynamo=True`): the node is written directly (`torch.onnx.ops`,
+  _onnx_node_layer) with outputs in x's symbolic length and batch, so dynamic shapes work;
+  torch's RNN ops keep the example's length in the program. Where onnxruntime has no kernel for
+  the node (float64, bfloat16) or the node cannot express the layer (proj_size), torch's op is
+  recorded as for torch.nn, with the length fixed (_fix_sequence_length). A module
 fed a PackedSequence runs torch.nn's packed RNN op over all its layers instead (packed_rnn),
 which the TorchScript-based exporter translates as it does torch.nn's. The LSTM variants, which
 torch.nn does not have: a CIFG is written as the plain LSTM that computes it (as_exported); a
 peephole layer, for which torch has no op, as ONNX's LSTM node with its peephole input
-(peephole_layer, TorchScript-based exporter only).
+(peephole_layer).
 What torch.nn cannot export fails the same way here: the TorchScript-based exporter refuses an
 LSTM with proj_size, and the dynamo exporter of torch 2.13 writes one that onnxruntime rejects.
 The exporters of torch 2.13 were checked (tests/test_onnx_export.py); an exporter that does not
@@ -64,7 +69,21 @@ def as_exported(cell: str, layer_weights: list):
 def active() -> bool:
     """Whether torch.onnx.export is tracing the model (callers ask only while a graph is being
     recorded: torch.onnx's import is not free)."""
-    return torch.onnx.is_in_onnx_export()
+    return torch.onnx.is_in_onnx_export() or _dynamo_exporter_flag()
+
+
+def _dynamo_exporter_flag() -> bool:
+    """The dynamo exporter's own flag, read directly. When torch.export's non-strict capture
+    fails, the exporter retries with strict=True, where Dynamo folds torch.onnx.is_in_onnx_export()
+    to False: the custom op was then recorded, and the export failed with "No ONNX function found
+    for fusedrnn.layer_forward", hiding why the first capture failed. Dynamo reads a module
+    global as the constant it is while it traces. (A private name of torch 2.13: absent in
+    another torch, this says False, as before.)"""
+    try:
+        from torch.onnx._internal.exporter import _flags
+    except ImportError:
+        return False
+    return bool(getattr(_flags, "_is_onnx_exporting", False))
 
 
 def layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor], c0: Optional[Tensor],
@@ -76,7 +95,9 @@ def layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor], c0: Optiona
             "fusedrnn.functional.rnn: ONNX export with per-sequence lengths is not supported; "
             "export a module (fusedrnn.LSTM/GRU/RNN) fed a PackedSequence, or a padded input")
     cell, layer_weights = as_exported(cell, layer_weights)
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():  # the dynamo exporter
+        if _writes_onnx_node(x, layer_weights):
+            return _onnx_node_layer(cell, x, layer_weights, h0, c0)
         _fix_sequence_length(x)
     num_dirs = len(layer_weights)
     w_hh, w_hr = layer_weights[0][1], layer_weights[0][4]
@@ -93,14 +114,78 @@ def layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor], c0: Optiona
     return result[0], result[1], (result[2] if cell == "lstm" else None)
 
 
+def _onnx_gate_order(cell: str, t: Tensor, hidden: int) -> Tensor:
+    """Rows of a torch weight or bias in ONNX's gate order: LSTM i, f, g, o -> i, o, f, c;
+    GRU r, z, n -> z, r, h; an Elman RNN's one block unchanged."""
+    if cell == "lstm":
+        return torch.cat([t[:hidden], t[3 * hidden:], t[hidden:3 * hidden]])
+    if cell == "gru":
+        return torch.cat([t[hidden:2 * hidden], t[:hidden], t[2 * hidden:]])
+    return t
+
+
+def _onnx_operands(cell: str, layer_weights) -> tuple:
+    """ONNX's W [D, G*H, I], R [D, G*H, H] and B [D, 2*G*H] (None without a bias) of a layer's
+    torch weights, stacked over its directions."""
+    hidden = layer_weights[0][1].size(1)
+
+    def stacked(index):
+        return torch.stack([_onnx_gate_order(cell, w[index], hidden) for w in layer_weights])
+
+    bias = None
+    if layer_weights[0][2] is not None:
+        bias = torch.stack([torch.cat([_onnx_gate_order(cell, w[2], hidden),
+                                       _onnx_gate_order(cell, w[3], hidden)])
+                            for w in layer_weights])
+    return stacked(0), stacked(1), bias
+
+
+_ONNX_NODES = {"lstm": "LSTM", "gru": "GRU", "rnn_tanh": "RNN", "rnn_relu": "RNN"}
+# Where the dynamo exporter gets ONNX's node from us: the dtypes onnxruntime runs it in (1.32
+# has no double LSTM or RNN kernel, and the node takes no bfloat16), and no projection (ONNX's
+# LSTM has none). Elsewhere torch's RNN op is recorded, as torch.nn's module records it.
+_ONNX_NODE_DTYPES = (torch.float32, torch.float16)
+
+
+def _writes_onnx_node(x: Tensor, layer_weights) -> bool:
+    return x.dtype in _ONNX_NODE_DTYPES and layer_weights[0][4] is None
+
+
+
+def _onnx_node_layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor],
+                     c0: Optional[Tensor], peephole: Optional[Tensor] = None):
+    """The dynamo exporter: the layer as ONNX's LSTM/GRU/RNN node, written directly
+    (torch.onnx.ops), its output shapes in x's symbolic T and B, so a model exported with a
+    dynamic length runs at any length."""
+    num_dirs, hidden = len(layer_weights), layer_weights[0][1].size(1)
+    seq_len, batch = x.size(0), x.size(1)
+    onnx_w, onnx_r, onnx_b = _onnx_operands(cell, layer_weights)
+    attributes = {"hidden_size": hidden,
+                  "direction": "bidirectional" if num_dirs == 2 else "forward"}
+    inputs = [x, onnx_w, onnx_r, onnx_b, None, h0]  # None: no sequence_lens
+    if cell == "lstm":
+        inputs += [c0, peephole]
+    elif cell == "gru":
+        attributes["linear_before_reset"] = 1  # torch's n = tanh(W_in x + r * (W_hn h + b_hn))
+    else:
+        attributes["activations"] = ["Relu" if cell == "rnn_relu" else "Tanh"] * num_dirs
+    state_shape = [num_dirs, batch, hidden]
+    shapes = [[seq_len, num_dirs, batch, hidden], state_shape] + (
+        [state_shape] if cell == "lstm" else [])
+    outputs = torch.onnx.ops.symbolic_multi_out(
+        _ONNX_NODES[cell], inputs, attributes, dtypes=[x.dtype] * len(shapes), shapes=shapes)
+    # Y [T, D, B, H] -> torch's [T, B, D*H]
+    out = outputs[0].permute(0, 2, 1, 3).reshape(seq_len, batch, num_dirs * hidden)
+    return out, outputs[1], (outputs[2] if cell == "lstm" else None)
+
+
 def _fix_sequence_length(x: Tensor) -> None:
-    """The dynamo exporter: torch's RNN ops keep the example's sequence length in the program
-    they record (their output's shape) while x's stays symbolic, so an exported model that
-    declared T dynamic failed in onnxruntime at any other length, or returned a tensor of the
-    wrong shape with no error. Reading T as an int fixes it to the example's, as torch.nn's
-    module export usually has it: the model then declares T fixed and onnxruntime refuses other
-    lengths. (torch.nn's export of a one-layer LSTM keeps T dynamic in some processes and then
-    fails the same way.)"""
+    """The dynamo exporter where it records torch's RNN op (not _writes_onnx_node): that op
+    keeps the example's sequence length in the program it records (its output's shape) while
+    x's stays symbolic, so an exported model that declared T dynamic failed in onnxruntime at any
+    other length, or returned a tensor of the wrong shape with no error. Reading T as an int
+    fixes it to the example's: the model then declares T fixed and onnxruntime refuses other
+    lengths."""
     int(x.size(0))
 
 
@@ -108,13 +193,10 @@ def peephole_layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor],
                    c0: Optional[Tensor], lengths: Optional[Tensor]):
     """functional._layer of a peephole LSTM under export, as `layer`: torch has no peephole RNN
     op, but ONNX's LSTM node has a peephole input (P), which the TorchScript-based exporter
-    writes from _PeepholeLstmNode's symbolic. The dynamo exporter has no such hook: refused, as
-    are a projection (ONNX's LSTM has none) and lengths (a PackedSequence: torch's packed op has
-    no peepholes either)."""
-    if torch.compiler.is_compiling():
-        refuse_peephole("the dynamo exporter cannot write one (torch has no peephole RNN op); "
-                        "export with dynamo=False, which writes ONNX's LSTM node with its "
-                        "peephole input")
+    writes from _PeepholeLstmNode's symbolic and the dynamo exporter from _onnx_node_layer.
+    Refused: a projection (ONNX's LSTM has none), lengths (a PackedSequence: torch's packed op
+    has no peepholes either), and under the dynamo exporter a dtype onnxruntime cannot run the
+    node in (there is no torch op to fall back on)."""
     if lengths is not None:
         refuse_packed_peephole()
     if layer_weights[0][4] is not None:
@@ -122,15 +204,15 @@ def peephole_layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor],
     _, layer_weights = as_exported(cell, layer_weights)  # a CIFG as the plain LSTM
     num_dirs, batch = len(layer_weights), x.size(1)
     hidden = layer_weights[0][1].size(1)
-
-    def iofc(t):  # torch's gate blocks i, f, g, o in ONNX's order i, o, f, c
-        return torch.cat([t[:hidden], t[3 * hidden:], t[hidden:3 * hidden]])
-
-    onnx_w = torch.stack([iofc(w[0]) for w in layer_weights])
-    onnx_r = torch.stack([iofc(w[1]) for w in layer_weights])
-    onnx_b = torch.stack([torch.cat([iofc(w[2]), iofc(w[3])]) if w[2] is not None
-                          else x.new_zeros(8 * hidden) for w in layer_weights])
     onnx_p = torch.stack([w[5][[0, 2, 1]].reshape(-1) for w in layer_weights])  # i, o, f
+    if torch.compiler.is_compiling():  # the dynamo exporter
+        if not _writes_onnx_node(x, layer_weights):
+            refuse_peephole(f"ONNX's LSTM node, the only one with peepholes, takes float32 or "
+                            f"float16 here, not {x.dtype}")
+        return _onnx_node_layer("lstm", x, layer_weights, h0, c0, onnx_p)
+    onnx_w, onnx_r, onnx_b = _onnx_operands("lstm", layer_weights)
+    if onnx_b is None:
+        onnx_b = x.new_zeros(num_dirs, 8 * hidden)
     if h0 is None:
         h0 = x.new_zeros(num_dirs, batch, hidden)
     if c0 is None:
