@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -169,7 +170,8 @@ def test_list_and_bad_usage(capsys):
     assert code == 0
     for preset in ("quick", "standard", "anchor"):
         assert f"  {preset}:" in out
-    assert "lstm-B16-T1024-H768-bf16" in out and "torch      available" in out
+    assert "lstm-B16-T1024-H768-bf16" in out
+    assert re.search(r"^  torch +available$", out, re.M)  # the column fits the longest name
     code, _, err = run_cli(["--device", "cpu", "--cell", "transformer"], capsys)
     assert code == cli.EXIT_USAGE and "--cell" in err and "transformer" in err
     code, _, err = run_cli(["--device", "cpu", "--dtype", "fp8"], capsys)
