@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import fusedrnn
-from fusedrnn import functional
+from fusedrnn import _layer_recurrence
 
 from _helpers import requires_native
 
@@ -30,8 +30,8 @@ def _native_tanh(values: torch.Tensor) -> torch.Tensor:
     xproj[:count] = values
     xproj = xproj.view(steps, 1, HIDDEN)
     w_hh = torch.zeros(HIDDEN, HIDDEN)
-    out = functional._run_forward("rnn_tanh", xproj, None, None, [w_hh], [None], [None], None,
-                                  save=False)[0]
+    out = _layer_recurrence._run_forward("rnn_tanh", xproj, None, None, [w_hh], [None], [None],
+                                         None, save=False)[0]
     return out.reshape(-1)[:count]
 
 

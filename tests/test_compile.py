@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import fusedrnn
-from fusedrnn import functional
+from fusedrnn import _layer_recurrence, functional
 
 from _helpers import assert_close, ramp_loss, requires_native
 
@@ -207,10 +207,10 @@ def test_op_gradients_match_eager_and_double_backward_raises():
     leaves = [xproj, h0, c0, *w_hh, *b_hh, *w_hr]
     out, hn, cn = functional.layer_forward(*args)[:3]
     grads_op = torch.autograd.grad(ramp_loss([out, hn, cn]), leaves, create_graph=True)
-    spec = functional._LayerSpec(cell, 2, True, True)
+    spec = _layer_recurrence._LayerSpec(cell, 2, True, True)
     identity = (xproj, torch.eye(xproj.shape[-1], dtype=xproj.dtype), None)  # xproj's projection
-    results = functional._LayerRecurrence.apply(spec, lengths, xproj, h0, c0, identity, *w_hh,
-                                                *b_hh, *w_hr)
+    results = _layer_recurrence._LayerRecurrence.apply(spec, lengths, xproj, h0, c0, identity,
+                                                       *w_hh, *b_hh, *w_hr)
     grads_eager = torch.autograd.grad(ramp_loss(results), leaves)
     for i, (a, e) in enumerate(zip(grads_op, grads_eager)):
         assert torch.equal(a.detach(), e), f"gradient {i}"

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fusedrnn
-from fusedrnn import functional, reference
+from fusedrnn import _layer_recurrence, functional, reference
 
 from _helpers import assert_close, assert_runs_close, ramp_loss, requires_native
 
@@ -211,12 +211,12 @@ def test_lstm_gates_saved_over_xproj(directions, proj, padded, monkeypatch):
     if fusedrnn._backend.backend_name() != "cpu":
         pytest.skip("the in-place gates are a _cpu feature")
     used = []
-    check = functional._gates_can_overwrite_xproj
-    monkeypatch.setattr(functional, "_gates_can_overwrite_xproj",
+    check = _layer_recurrence._gates_can_overwrite_xproj
+    monkeypatch.setattr(_layer_recurrence, "_gates_can_overwrite_xproj",
                         lambda *a: used.append(check(*a)) or used[-1])
     over_gates = []
-    run_backward = functional._run_backward
-    monkeypatch.setattr(functional, "_run_backward", lambda *a, d_xproj_over_gates=False: (
+    run_backward = _layer_recurrence._run_backward
+    monkeypatch.setattr(_layer_recurrence, "_run_backward", lambda *a, d_xproj_over_gates=False: (
         over_gates.append(d_xproj_over_gates), run_backward(
             *a, d_xproj_over_gates=d_xproj_over_gates))[1])
     layers, seq_len, batch, hidden = 2, 7, 5, 9

@@ -5,8 +5,8 @@ The kernels are driven through fusedrnn._backend.forward_layer / backward_layer 
 modules drive them (via _helpers.run_forward_layer / run_backward_layer). The reference is fed the
 input projection itself as its input (W_ih = I, no b_ih), so autograd on the reference gives
 d_xproj directly; dW_hh, db_hh and dW_hr are formed from the kernel's d_hproj / d_h_seq exactly as
-functional.py forms them (torch GEMMs), which checks those outputs too. Every output is poisoned
-with NaN first, so unwritten elements show.
+_layer_recurrence.py forms them (torch GEMMs), which checks those outputs too. Every output is
+poisoned with NaN first, so unwritten elements show.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import torch
 
 from _helpers import (column_block, concurrent_mismatches, minimal_fwd_params,
                       run_backward_layer, run_forward_layer)
-from fusedrnn import _backend, functional, reference
+from fusedrnn import _backend, _layer_recurrence, reference
 
 GATES = _backend.GATE_COUNT
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -246,7 +246,7 @@ def run_and_check(cfg: Config, device: torch.device, *, with_h0=True, with_grads
             d_h_seq = grads.d_h_seq[d].detach().cpu().double()
             check(f"dir{d} dW_hr", torch.einsum("tbp,tbh->ph", d_h_seq, r_seq),
                   ref_grads["w_hr"])
-        if cfg.peephole:  # formed from the kernel's d_xproj and c_seq as functional.py does,
+        if cfg.peephole:  # formed from the kernel's d_xproj and c_seq as _layer_recurrence does,
             # which zeros c_seq's padded rows (here poisoned, to show they are left unwritten)
             c0_used = m["c0"].to(dtype).double() if with_h0 else None
             c_seq = run.c_seq[d].detach().cpu().double()
@@ -254,8 +254,8 @@ def run_and_check(cfg: Config, device: torch.device, *, with_h0=True, with_grads
             if padded_c.numel() and not padded_c.isnan().all():
                 failures.append(f"dir{d}: padded c_seq rows were written")
             c_seq = torch.where(valid.unsqueeze(-1), c_seq, torch.zeros(()))
-            d_peephole = functional._peephole_grad(d_pre, c_seq, c0_used, lengths, reverse,
-                                                   coupled)
+            d_peephole = _layer_recurrence._peephole_grad(d_pre, c_seq, c0_used, lengths,
+                                                          reverse, coupled)
             check(f"dir{d} d_peephole", d_peephole, ref_grads["peephole"])
     assert not failures, f"seed {seed}: " + "; ".join(failures)
 

@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence, pack_sequence
 
 import fusedrnn
-from fusedrnn import functional
+from fusedrnn import _layer_recurrence
 
 from _helpers import assert_close, ramp_loss, requires_native
 
@@ -143,16 +143,16 @@ def _states(module, batch, with_state):
 
 
 def _count_native_forwards(monkeypatch):
-    """A list that grows by one per native layer forward (functional._run_forward, which the
-    custom op's kernel calls)."""
+    """A list that grows by one per native layer forward (_layer_recurrence._run_forward, which
+    the custom op's kernel calls)."""
     calls = []
-    original = functional._run_forward
+    original = _layer_recurrence._run_forward
 
     def counting(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(functional, "_run_forward", counting)
+    monkeypatch.setattr(_layer_recurrence, "_run_forward", counting)
     return calls
 
 

@@ -1,10 +1,10 @@
 """The extension/torch boundary: picks the native module for a device and turns tensors into the
 parameter structs of ``csrc/include/fusedrnn/params.h`` (data pointers, sizes, element strides).
 
-Nothing here does math. Callers (``functional.py``) allocate every output with torch and pass a
-whole layer of 1 or 2 directions (``forward_layer`` / ``backward_layer``, or ``prepare_forward`` /
-``forward_prepared`` for repeated inference); one native call runs the whole sequence of all of
-them. Direction 1 runs reversed.
+Nothing here does math. Callers (``_layer_recurrence.py``) allocate every output with torch and
+pass a whole layer of 1 or 2 directions (``forward_layer`` / ``backward_layer``, or
+``prepare_forward`` / ``forward_prepared`` for repeated inference); one native call runs the whole
+sequence of all of them. Direction 1 runs reversed.
 """
 from __future__ import annotations
 
@@ -99,7 +99,7 @@ def _dual_level() -> int:
 
 def recording_graph() -> bool:
     """Whether torch.compile or torch.jit.trace is recording a graph. Then every recurrence must
-    run as the custom ops (functional.layer_forward / layer_backward), which the recorder sees
+    run as the custom ops (_custom_ops.layer_forward / layer_backward), which the recorder sees
     as ops: a direct native call is invisible to it, and a trace would replay the torch ops
     around the call without the call itself (garbage outputs, and a trace check that passes)."""
     # (torch._C._is_tracing is what torch.jit.is_tracing asks, without its scripting check.)

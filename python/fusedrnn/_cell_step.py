@@ -406,8 +406,8 @@ class _CellStep(torch.autograd.Function):
 
 
 def _peephole_grad(cell: str, d_xpre: Tensor, c_next: Tensor, c_prev: Optional[Tensor]):
-    """The peephole weights' gradient of one step: functional's formula over a sequence of one
+    """The peephole weights' gradient of one step: the layer's formula over a sequence of one
     (c_next [B, H] the step's c', c_prev None for zeros)."""
-    from .functional import _peephole_grad as over_steps  # (functional imports this module)
+    from ._layer_recurrence import _peephole_grad as over_steps  # (which imports this module)
     return over_steps(d_xpre.unsqueeze(0), c_next.unsqueeze(0), c_prev, None, False,
                       coupled=cell == "lstm_cifg")

@@ -1,6 +1,6 @@
 """The input projection x W_ih^T (+ b_ih) of a layer, and which CPU GEMM runs it; also the
-layer's weight-gradient GEMM and bias-gradient sum (weight_grad, row_sum), which functional's
-backward of the recurrence shares.
+layer's weight-gradient GEMM and bias-gradient sum (weight_grad, row_sum), which the backward
+of the recurrence (_layer_recurrence.py) shares.
 
 Every layer starts with this GEMM over all T*B rows at once, and training adds two more of the
 same size (d_x = d_xproj W_ih, dW_ih = d_xproj^T x): in large-batch training on the CPU they are
@@ -35,10 +35,10 @@ against 0.89-0.91x, H=256 1.26-1.28x against 1.12x.
 
 So on a CPU whose vendor is not Intel and that has AVX-512, a float32 projection of at least
 kMinMacs multiply-adds runs x W^T and d_x on oneDNN, and the weight gradients (weight_grad:
-dW_ih here, dW_hh in functional) run there from kMinWeightGradMacs on. Everything else (other dtypes and devices,
-small GEMMs, torch.compile, tracing, torch.func transforms, meta and fake tensors) is
-F.linear, unchanged. FUSEDRNN_CPU_GEMM=onednn or =torch overrides the choice (tests force
-oneDNN on any machine; a user can rule it out).
+dW_ih here, dW_hh of the recurrence) run there from kMinWeightGradMacs on. Everything else
+(other dtypes and devices, small GEMMs, torch.compile, tracing, torch.func transforms, meta and
+fake tensors) is F.linear, unchanged. FUSEDRNN_CPU_GEMM=onednn or =torch overrides the choice
+(tests force oneDNN on any machine; a user can rule it out).
 """
 from __future__ import annotations
 
@@ -94,7 +94,7 @@ def onednn_available() -> bool:
 
 def weight_grad(d2: Tensor, x2: Tensor) -> Tensor:
     """d2^T x2 ([R, G]^T [R, I] -> [G, I]): a weight gradient summed over all R = T*B rows
-    (dW_ih, and dW_hh in functional). MKL's kernel is kept below kMinWeightGradMacs, where it was
+    (dW_ih, and the recurrence's dW_hh). MKL's kernel is kept below kMinWeightGradMacs, where it was
     as fast or faster; above, oneDNN runs it as (x2^T d2)^T, returned as that transposed view."""
     macs = d2.size(0) * d2.size(1) * x2.size(1)
     # Only dense operands (a direction's columns of a bidirectional d_pre are not: copying them

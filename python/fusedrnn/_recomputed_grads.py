@@ -2,7 +2,7 @@
 Hessian-vector products).
 
 The native backward is a kernel, not a composition of torch ops, so its results carry no graph.
-Under create_graph the eager layer and cell step (functional._LayerRecurrence,
+Under create_graph the eager layer and cell step (_layer_recurrence._LayerRecurrence,
 _cell_step._CellStep) therefore run their forward again as fusedrnn.reference's plain torch ops,
 from the same inputs, and let autograd form the gradients with a graph: torch.nn's own CPU route
 and speed, for this one backward. The first-order results equal the native ones to rounding.
@@ -35,7 +35,7 @@ from ._backend import reference_cell
 
 
 def applies(grads) -> bool:
-    """Whether the backward of a layer or cell step (functional._LayerRecurrence,
+    """Whether the backward of a layer or cell step (_layer_recurrence._LayerRecurrence,
     _cell_step._CellStep), given its incoming gradients, takes this recomputation instead of the
     native backward: under create_graph (grad mode on in the backward: gradients that can be
     differentiated again), and under torch.autograd.grad(is_grads_batched=True) or

@@ -3,7 +3,7 @@
 torch.nn's RNNs and cells are scriptable, so fusedrnn's are too. The eager path (fast paths,
 inference plans, autocast, Python-side checks) is not TorchScript, so a scripted module's forward
 takes this one instead: the layer loop of `functional._rnn`, in TorchScript's subset, with each
-layer's recurrence the custom op `fusedrnn::layer_forward` (functional.py). That op runs the same
+layer's recurrence the custom op `fusedrnn::layer_forward` (_custom_ops.py). That op runs the same
 native forward as eager, and its registered backward formula the same native backward, so a
 scripted model runs on fusedrnn's kernels and trains. The op is registered by `import fusedrnn`:
 a saved script loads and runs in a process that imported fusedrnn (as a saved trace does).

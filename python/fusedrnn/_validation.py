@@ -356,7 +356,7 @@ def check_cell_dtypes_and_devices(name: str, input: Tensor, weight: Tensor, stat
                                f"{input.device}")
 
 
-# --- the custom ops' arguments (functional.layer_forward / layer_backward) -----------------------
+# --- the custom ops' arguments (_custom_ops.layer_forward / layer_backward) ----------------------
 #
 # torch.ops.fusedrnn.layer_forward / layer_backward are reachable by anyone, and the native kernels
 # get data pointers, not tensors: they trust every size, so one wrong shape is an out-of-bounds

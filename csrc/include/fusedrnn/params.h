@@ -70,7 +70,7 @@ struct RecurrenceFwdParams : RecurrenceShape {
                                // that row's gates are written, by the same thread)
   SeqTensor c_seq;             // [T, B, H] LSTM: c_t after step t. Rows of padded steps are
                                // left unwritten: a peephole LSTM's weight gradient reads the
-                               // zeros Python put there (functional._peephole_grad)
+                               // zeros Python put there (_layer_recurrence._peephole_grad)
   SeqTensor r_seq;             // [T, B, H] projected LSTM: o_t * tanh(c_t), the input of W_hr
   // --- execution ---
   int64_t num_threads = 1;     // CPU: threads to use (torch.get_num_threads()); ignored on CUDA
