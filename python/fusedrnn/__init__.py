@@ -9,7 +9,8 @@
 __version__ = "0.1.0"
 
 from . import functional, reference
-from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNBase, RNNCell, RNNCellBase
+from .cell_modules import GRUCell, LSTMCell, RNNCell, RNNCellBase
+from .modules import GRU, LSTM, RNN, RNNBase
 
 __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "RNNBase", "RNNCellBase",
            "functional", "reference", "__version__"]

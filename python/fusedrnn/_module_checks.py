@@ -1,0 +1,92 @@
+"""What the sequence modules (modules.py) and the cells (cell_modules.py) share: their validated
+path under torch.jit.trace, the state test of their fast paths, autocast's casts before their
+checks, and the checks of the LSTM variants' arguments.
+"""
+
+import warnings
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.nn.utils.rnn import PackedSequence
+
+
+def _checked_call(method, *args):
+    """method(*args): a module's validated full path. While torch.jit.trace records (the
+    recurrence then runs as the custom ops, _backend.recording_graph), its input checks compare
+    traced sizes, which warns that the trace may not generalize. They are shape checks: the
+    traced ops take any T and B (tests/test_trace.py runs traced modules on other shapes), as
+    torch.nn's traces do, so those warnings are silenced there."""
+    if not torch.jit.is_tracing():
+        return method(*args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        return method(*args)
+
+
+def _is_state(t, shape: tuple, dtype: torch.dtype, device: torch.device) -> bool:
+    return (type(t) is Tensor or isinstance(t, Tensor)) and t.dtype is dtype \
+        and t.shape == shape and t.device == device
+
+
+def _follow_autocast(input, hx, weight: Tensor):
+    """Under autocast torch.nn accepts inputs of another float dtype than the parameters: they
+    are cast to the parameters' dtype for the checks, and functional.rnn then runs everything in
+    the autocast dtype."""
+    data = input.data if isinstance(input, PackedSequence) else input
+    if not isinstance(data, Tensor) or data.dtype == weight.dtype or not data.is_floating_point():
+        return input, hx
+    if data.is_meta or not torch.is_autocast_enabled(data.device.type):
+        return input, hx
+    if isinstance(input, PackedSequence):
+        input = input._replace(data=input.data.to(weight.dtype))
+    else:
+        input = input.to(weight.dtype)
+    if isinstance(hx, Tensor):
+        hx = hx.to(weight.dtype)
+    elif isinstance(hx, (tuple, list)):
+        hx = type(hx)(s.to(weight.dtype) if isinstance(s, Tensor) else s for s in hx)
+    return input, hx
+
+
+def _check_variant_flags(peephole, coupled_input_forget) -> None:
+    for name, value in (("peephole", peephole), ("coupled_input_forget", coupled_input_forget)):
+        if not isinstance(value, (bool, np.bool_)):
+            kind = type(value)
+            kind_name = (kind.__name__ if kind.__module__ == "builtins"
+                         else f"{kind.__module__}.{kind.__qualname__}")
+            raise TypeError(f"{name} should be of type bool, got: {kind_name}")
+
+
+def _check_variant_shapes(module, weights, names) -> None:
+    """A variant LSTM's parameters that differ from the plain LSTM's (a CIFG's gate blocks, the
+    peephole weights), checked by their own names and shapes (the layer checks would name the
+    layer API's operands, w_hh[0] and the like, not the module's parameters)."""
+    hidden = module.hidden_size
+    coupled = module.coupled_input_forget
+    gates = 3 * hidden
+    what = ("with coupled_input_forget=True (gates f, g, o; peephole rows w_cf, w_co)" if coupled
+            else "with peephole=True (rows w_ci, w_cf, w_co)")
+    for layer, layer_names in zip(weights, names):
+        w_ih, w_hh, b_ih, b_hh, w_hr, *peephole = layer
+        expected = []
+        if coupled:
+            expected += [(w_ih, (gates, w_ih.shape[-1] if w_ih.dim() == 2 else -1)),
+                         (w_hh, (gates, w_hh.shape[-1] if w_hh.dim() == 2 else -1)),
+                         (b_ih, (gates,)), (b_hh, (gates,))]
+        else:
+            expected += [(None, None)] * 4
+        expected += [(w, (2 if coupled else 3, hidden)) for w in peephole]
+        for (tensor, shape), name in zip(expected, layer_names[:4] + layer_names[5:]):
+            if tensor is not None and tuple(tensor.shape) != shape:
+                raise RuntimeError(
+                    f"fusedrnn.{type(module).__name__}: {name} must have shape {list(shape)} "
+                    f"{what}, got {list(tensor.shape)}")
+
+
+def _refuse_variant(module, what: str) -> None:
+    """TorchScript runs the plain LSTM's ops (_script.py): refuse a variant, never run it as
+    the plain LSTM."""
+    if getattr(module, "_is_variant", False):
+        raise RuntimeError(f"fusedrnn.{type(module).__name__}: {what} does not support the "
+                           f"peephole and coupled_input_forget variants yet; torch.compile does")
