@@ -77,3 +77,32 @@ def test_exported_program_matches_eager(make, args, dims):
                     # (The eager cell may take the native cell step, the export its op over
                     # one step: another summation order.)
                     torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6, msg=f"B={b} T={t}")
+
+
+@pytest.mark.parametrize("make, args, dims", [
+    (_Tagger, lambda b, t: (torch.randn(b, t, 4),), lambda b, t: ({0: b, 1: t},)),
+    (_Elman, lambda b, t: (torch.randn(t, b, 4), torch.randn(1, b, 6)),
+     lambda b, t: ({0: t, 1: b}, {1: b})),
+    (_Variants, lambda b, t: (torch.randn(t, b, 4),), lambda b, t: ({0: t, 1: b},)),
+], ids=["lstm-bidir-proj-and-gru-cell", "rnn-relu-with-state", "lstm-variants-and-cell"])
+def test_aot_inductor_package_matches_eager(make, args, dims, tmp_path):
+    """The exported program compiled ahead of time by AOTInductor (torch's path to serving an
+    exported model), packaged, loaded and run at other sizes: the package calls the layers'
+    custom op (through its proxy executor) and gives the eager model's results. Before, every
+    call failed: the executor hands an op an empty Tensor[] argument (a layer without a
+    projection, bias or peepholes) as None, which the op's schema refused."""
+    torch.manual_seed(0)
+    model = make().eval()
+    batch, steps = torch.export.Dim("batch", min=2, max=64), torch.export.Dim("steps", min=2)
+    program = torch.export.export(model, args(3, 5), dynamic_shapes=dims(batch, steps))
+    path = torch._inductor.aoti_compile_and_package(
+        program, package_path=str(tmp_path / "model.pt2"))
+    compiled = torch._inductor.aoti_load_package(path)
+    for b, t in [(3, 5), (7, 11), (2, 2)]:
+        inputs = args(b, t)
+        with torch.no_grad():
+            expected = model(*inputs)
+        got = compiled(*inputs)
+        for g, e in zip(torch.utils._pytree.tree_leaves(got),
+                        torch.utils._pytree.tree_leaves(expected)):
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6, msg=f"B={b} T={t}")

@@ -4,9 +4,13 @@ what torch.compile traces.
 A native call takes data pointers, which torch.compile cannot trace; as custom ops with fake
 kernels (shapes only) and a registered backward formula, a whole LSTM/GRU/RNN compiles with
 fullgraph=True, forward and backward. The schema has no None outputs and no dataclasses: the
-layer's spec travels as cell, the list lengths (D directions; an empty b_hh or w_hr list means
-no bias or no projection) and save; an output the cell or mode has no use for (cn of GRU/RNN,
-gates/c_seq/r_seq without save, d_hproj/d_h_seq/d_c0 of cells without them) is an empty tensor.
+layer's spec travels as cell, the lists (D directions) and save; an output the cell or mode has
+no use for (cn of GRU/RNN, gates/c_seq/r_seq without save, d_hproj/d_h_seq/d_c0 of cells
+without them) is an empty tensor, and so is each entry of b_hh, w_hr or peephole where the
+layer has no bias, projection or peepholes (`as_op_list`; no such weight is empty). The ops
+also take an empty list there, but the modules never pass one: AOTInductor's proxy executor
+hands an op an empty Tensor[] argument as None, which the schema refuses, so a compiled package
+failed at every call (and a Tensor?[] of Nones meets other gaps in torch.compile).
 The ops run the native recurrence of _layer_recurrence.py, as the eager autograd.Function does.
 Importing this file registers them (fusedrnn/__init__ imports functional, which imports it).
 """
@@ -29,8 +33,20 @@ def _none_as_empty(tensors, like: Tensor) -> tuple:
 
 
 def _per_direction(tensors, num_dirs: int):
-    """An op's list argument (empty where absent) as D tensors or D Nones."""
+    """An op's list argument (present_in'd: empty where absent) as D tensors or D Nones."""
     return tuple(tensors) if tensors else (None,) * num_dirs
+
+
+def as_op_list(tensors, num_dirs: int, like: Tensor) -> list:
+    """An optional per-direction list (b_hh, w_hr, peephole; empty where absent) as the modules
+    pass it to the ops: D tensors, or D empty tensors."""
+    return list(tensors) if tensors else [like.new_empty(0)] * num_dirs
+
+
+def present_in(tensors) -> list:
+    """An op's optional list argument as the recurrence takes it: the tensors, empty where
+    absent (D empty tensors, or an empty list)."""
+    return [t for t in tensors if t.numel() != 0]
 
 
 @torch.library.custom_op("fusedrnn::layer_forward", mutates_args=())
@@ -39,12 +55,13 @@ def layer_forward(cell: str, xproj: Tensor, h0: Optional[Tensor], c0: Optional[T
                   peephole: list[Tensor], lengths: Optional[Tensor], save: bool
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The recurrence of all D directions of a layer: xproj [T, B, D*G*H] = x W_ih^T (+ b_ih),
-    w_hh/b_hh/w_hr/peephole lists of D tensors (b_hh, w_hr, peephole empty when absent;
-    peephole [3, H], a CIFG's [2, H], LSTMs only), h0 [D, B, P], c0 [D, B, H], lengths [B]
+    w_hh/b_hh/w_hr/peephole lists of D tensors (b_hh, w_hr, peephole D empty tensors or empty
+    when absent; peephole [3, H], a CIFG's [2, H], LSTMs only), h0 [D, B, P], c0 [D, B, H], lengths [B]
     int64. Returns (out [T, B, D*P], hn [D, B, P], cn [D, B, H], then with save what backward
     reads: gates [D, T, B, S*H], c_seq and r_seq [D, T, B, H], zero at padded steps); empty
     where absent. Bad arguments raise (_validation.check_layer_forward) before any native
     call: the kernels trust every size."""
+    b_hh, w_hr, peephole = present_in(b_hh), present_in(w_hr), present_in(peephole)
     _validation.check_layer_forward(cell, xproj, h0, c0, w_hh, b_hh, w_hr, lengths,
                                     lengths is not None and not _native_checks_lengths(xproj),
                                     peephole=peephole)
@@ -59,6 +76,7 @@ def layer_forward(cell: str, xproj: Tensor, h0: Optional[Tensor], c0: Optional[T
 
 @layer_forward.register_fake
 def _layer_forward_fake(cell, xproj, h0, c0, w_hh, b_hh, w_hr, peephole, lengths, save):
+    b_hh, w_hr, peephole = present_in(b_hh), present_in(w_hr), present_in(peephole)
     _validation.check_layer_forward(cell, xproj, h0, c0, w_hh, b_hh, w_hr, lengths, False,
                                     peephole=peephole)
     return _none_as_empty(
@@ -79,6 +97,7 @@ def layer_backward(cell: str, w_hh: list[Tensor], b_hh: list[Tensor], w_hr: list
     gradient of h W_hh^T + b_hh), d_h_seq [D, T, B, P] (projected LSTM: the gradient of each
     step's projected state), d_h0 [D, B, P], d_c0 [D, B, H] (LSTM)); empty where absent.
     Bad arguments raise (_validation.check_layer_backward) before any native call."""
+    b_hh, w_hr, peephole = present_in(b_hh), present_in(w_hr), present_in(peephole)
     _validation.check_layer_backward(cell, w_hh, b_hh, w_hr, h0, c0, out, gates, c_seq, d_out,
                                      d_hn, d_cn, lengths,
                                      lengths is not None and not _native_checks_lengths(out),
@@ -98,6 +117,7 @@ def layer_backward(cell: str, w_hh: list[Tensor], b_hh: list[Tensor], w_hr: list
 @layer_backward.register_fake
 def _layer_backward_fake(cell, w_hh, b_hh, w_hr, peephole, h0, c0, out, gates, c_seq, d_out,
                          d_hn, d_cn, lengths):
+    b_hh, w_hr, peephole = present_in(b_hh), present_in(w_hr), present_in(peephole)
     _validation.check_layer_backward(cell, w_hh, b_hh, w_hr, h0, c0, out, gates, c_seq, d_out,
                                      d_hn, d_cn, lengths, False, peephole=peephole)
     return _none_as_empty(
@@ -110,15 +130,22 @@ def _run_backward_op(cell: str, w_hh, b_hh, w_hr, h0, c0, out, gates, c_seq, d_o
                      lengths, peephole=()):
     """_run_backward through the layer_backward op (what the compiled backward graph holds)."""
     has_proj = w_hr[0] is not None
+    def op_list(tensors):
+        return as_op_list([t for t in tensors if t is not None], len(w_hh), out)
+
     d_xproj, d_hproj, d_h_seq, d_h0, d_c0 = layer_backward(
-        cell, list(w_hh), [b for b in b_hh if b is not None], [w for w in w_hr if w is not None],
-        list(peephole), h0, c0, out, gates, c_seq, d_out, d_hn, d_cn, lengths)
+        cell, list(w_hh), op_list(b_hh), op_list(w_hr), op_list(peephole), h0, c0, out, gates,
+        c_seq, d_out, d_hn, d_cn, lengths)
     return (d_xproj, d_hproj if cell == "gru" else None, d_h_seq if has_proj else None, d_h0,
             d_c0 if cell in LSTM_CELLS else None)
 
 
 def _layer_forward_setup_context(ctx, inputs, output):
-    cell, xproj, h0, c0, w_hh, b_hh, w_hr, peephole, lengths, save = inputs
+    cell, xproj, h0, c0, w_hh, *optional_lists, lengths, save = inputs
+    # Which entries of b_hh, w_hr and peephole are weights (not placeholders): their gradients
+    # go there.
+    ctx.present = [[t.numel() != 0 for t in ts] for ts in optional_lists]
+    b_hh, w_hr, peephole = (present_in(ts) for ts in optional_lists)
     out, hn, cn, gates, c_seq, r_seq = output
     spec = _layer_recurrence._LayerSpec(cell, len(w_hh), bool(b_hh), bool(w_hr), bool(peephole))
     ctx.mark_non_differentiable(*output[2 if cell not in LSTM_CELLS else 3:])
@@ -145,15 +172,17 @@ def _layer_forward_backward(ctx, d_out, d_hn, d_cn, *_):
                            "save=True (it kept nothing for backward)")
     needs = ctx.needs_input_grad  # nested as the inputs: the lists are lists of bools
     spec = ctx.spec
+    needs_present = [need for i in (5, 6, 7)
+                     for need, present in zip(needs[i], ctx.present[i - 5]) if present]
     grads = _layer_recurrence._layer_grads(spec, ctx.saved_tensors, d_out, d_hn,
                                            d_cn if spec.cell in LSTM_CELLS else None,
-                                           [*needs[4], *needs[5], *needs[6], *needs[7]],
-                                           _run_backward_op)
+                                           [*needs[4], *needs_present], _run_backward_op)
     d_xproj, d_h0, d_c0, *d_params = grads
-    d_w_hh, d_b_hh, d_w_hr, d_peephole = spec.split(d_params)
-    return (None, d_xproj, d_h0, d_c0, list(d_w_hh),
-            list(d_b_hh) if spec.has_bias else [], list(d_w_hr) if spec.has_proj else [],
-            list(d_peephole) if spec.has_peephole else [], None, None)
+    d_w_hh, *d_optional = spec.split(d_params)
+    # A gradient list as long as its input list: the weights' gradients, None for a placeholder.
+    d_lists = [[next(it) if present else None for present in mask]
+               for it, mask in ((iter(d), mask) for d, mask in zip(d_optional, ctx.present))]
+    return (None, d_xproj, d_h0, d_c0, list(d_w_hh), *d_lists, None, None)
 
 
 def _layer_backward_backward(ctx, *_):

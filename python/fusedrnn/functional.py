@@ -248,7 +248,11 @@ def _layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor], c0: Option
         # torch.compile traces the custom op (its fake kernel gives the shapes) and, in training,
         # the backward formula registered for it: no graph break. torch.jit.trace records it as
         # an op of the traced graph; meta and fake tensors get the fake kernel's results.
-        out, hn, cn = layer_forward(cell, xproj, h0, c0, w_hh, b_hh, w_hr, peephole, lengths,
+        num_dirs = len(w_hh)
+        out, hn, cn = layer_forward(cell, xproj, h0, c0, w_hh,
+                                    _custom_ops.as_op_list(b_hh, num_dirs, xproj),
+                                    _custom_ops.as_op_list(w_hr, num_dirs, xproj),
+                                    _custom_ops.as_op_list(peephole, num_dirs, xproj), lengths,
                                     needs_grad)[:3]
         return out, hn, (cn if cell in LSTM_CELLS else None)
     # Eagerly the autograd.Function runs the same forward and backward without the custom op's
