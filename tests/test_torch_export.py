@@ -51,12 +51,16 @@ class _Variants(torch.nn.Module):
         return self.cell(out[-1])
 
 
-@pytest.mark.parametrize("make, args, dims", [
+# (model class, inputs of batch b and length t, their dynamic dims)
+EXPORTED_MODELS = pytest.mark.parametrize("make, args, dims", [
     (_Tagger, lambda b, t: (torch.randn(b, t, 4),), lambda b, t: ({0: b, 1: t},)),
     (_Elman, lambda b, t: (torch.randn(t, b, 4), torch.randn(1, b, 6)),
      lambda b, t: ({0: t, 1: b}, {1: b})),
     (_Variants, lambda b, t: (torch.randn(t, b, 4),), lambda b, t: ({0: t, 1: b},)),
 ], ids=["lstm-bidir-proj-and-gru-cell", "rnn-relu-with-state", "lstm-variants-and-cell"])
+
+
+@EXPORTED_MODELS
 def test_exported_program_matches_eager(make, args, dims):
     torch.manual_seed(0)
     model = make().eval()
@@ -79,12 +83,7 @@ def test_exported_program_matches_eager(make, args, dims):
                     torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6, msg=f"B={b} T={t}")
 
 
-@pytest.mark.parametrize("make, args, dims", [
-    (_Tagger, lambda b, t: (torch.randn(b, t, 4),), lambda b, t: ({0: b, 1: t},)),
-    (_Elman, lambda b, t: (torch.randn(t, b, 4), torch.randn(1, b, 6)),
-     lambda b, t: ({0: t, 1: b}, {1: b})),
-    (_Variants, lambda b, t: (torch.randn(t, b, 4),), lambda b, t: ({0: t, 1: b},)),
-], ids=["lstm-bidir-proj-and-gru-cell", "rnn-relu-with-state", "lstm-variants-and-cell"])
+@EXPORTED_MODELS
 def test_aot_inductor_package_matches_eager(make, args, dims, tmp_path):
     """The exported program compiled ahead of time by AOTInductor (torch's path to serving an
     exported model), packaged, loaded and run at other sizes: the package calls the layers'
