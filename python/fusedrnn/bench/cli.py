@@ -93,6 +93,10 @@ def list_everything(device: torch.device) -> str:
 def _usage_problem(args, device: torch.device) -> Optional[str]:
     """What is wrong with the numeric options and output paths, checked before a run that may
     take many minutes; None when nothing is."""
+    for name in ("cell", "dtype", "impls"):
+        value = getattr(args, name)
+        if value is not None and not _csv(value):  # "" would mean "no filter": all of them
+            return f"--{name} names nothing: {value!r}"
     for name in ("threads", "repeats", "warmup", "input_sets"):
         value = getattr(args, name)
         least = 0 if name == "warmup" else 1
