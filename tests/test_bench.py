@@ -367,6 +367,7 @@ def test_issue4_targets_are_reported_on_cpu(capsys, monkeypatch, torch_as_fusedr
     code, out, _ = run_cli(FAST_ARGS + ["--preset", "target", "--impls", "fusedrnn"], capsys)
     assert code == 0  # a missed speed goal is information, never a failure
     assert "target lstm-B1-T4-H8-fp32 inference" in out and "(goal >= 1e+09x) NOT met" in out
+    assert "targets: the project's CPU goals, information only" in out  # a newcomer asks what they are
 
 
 @pytest.mark.parametrize("extra, words", [

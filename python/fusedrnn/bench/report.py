@@ -174,6 +174,9 @@ def target_lines(outcome: Outcome) -> List[str]:
             verdict = "not met: the result is WRONG"  # a fast wrong answer meets nothing
         shown = f"{got:.2f}x" if got is not None else "not measured"
         lines.append(f"target {r['config']['name']} {r['mode']}: {shown} (goal >= {goal:g}x) {verdict}")
+    if lines:
+        lines.append("targets: the project's CPU goals, information only; bench/README.md says "
+                     "which are out of reach on 2 cores and why")
     slow = [r for r in outcome.results if r["impl"] == "fusedrnn" and r.get("speedup_vs_torch") is not None
             and r["speedup_vs_torch"] < STANDARD_FLOOR]
     if outcome.device == "cpu" and slow:
