@@ -55,9 +55,9 @@ def layer_forward(cell: str, xproj: Tensor, h0: Optional[Tensor], c0: Optional[T
                   peephole: list[Tensor], lengths: Optional[Tensor], save: bool
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The recurrence of all D directions of a layer: xproj [T, B, D*G*H] = x W_ih^T (+ b_ih),
-    w_hh/b_hh/w_hr/peephole lists of D tensors (b_hh, w_hr, peephole D empty tensors or empty
-    when absent; peephole [3, H], a CIFG's [2, H], LSTMs only), h0 [D, B, P], c0 [D, B, H], lengths [B]
-    int64. Returns (out [T, B, D*P], hn [D, B, P], cn [D, B, H], then with save what backward
+    w_hh/b_hh/w_hr/peephole lists of D tensors (b_hh, w_hr, peephole D empty tensors, or
+    empty, when absent; peephole [3, H], a CIFG's [2, H], LSTMs only), h0 [D, B, P],
+    c0 [D, B, H], lengths [B] int64. Returns (out [T, B, D*P], hn [D, B, P], cn [D, B, H], then with save what backward
     reads: gates [D, T, B, S*H], c_seq and r_seq [D, T, B, H], zero at padded steps); empty
     where absent. Bad arguments raise (_validation.check_layer_forward) before any native
     call: the kernels trust every size."""
@@ -130,6 +130,7 @@ def _run_backward_op(cell: str, w_hh, b_hh, w_hr, h0, c0, out, gates, c_seq, d_o
                      lengths, peephole=()):
     """_run_backward through the layer_backward op (what the compiled backward graph holds)."""
     has_proj = w_hr[0] is not None
+
     def op_list(tensors):
         return as_op_list([t for t in tensors if t is not None], len(w_hh), out)
 
@@ -178,10 +179,10 @@ def _layer_forward_backward(ctx, d_out, d_hn, d_cn, *_):
                                            d_cn if spec.cell in LSTM_CELLS else None,
                                            [*needs[4], *needs_present], _run_backward_op)
     d_xproj, d_h0, d_c0, *d_params = grads
-    d_w_hh, *d_optional = spec.split(d_params)
+    d_w_hh, *d_optional = spec.split(d_params)  # D gradients each, Nones where absent
     # A gradient list as long as its input list: the weights' gradients, None for a placeholder.
-    d_lists = [[next(it) if present else None for present in mask]
-               for it, mask in ((iter(d), mask) for d, mask in zip(d_optional, ctx.present))]
+    d_lists = [[d if present else None for d, present in zip(grads, mask)]
+               for grads, mask in zip(d_optional, ctx.present)]
     return (None, d_xproj, d_h0, d_c0, list(d_w_hh), *d_lists, None, None)
 
 
