@@ -7,7 +7,7 @@ import torch
 import fusedrnn
 from fusedrnn import _layer_recurrence, functional, reference
 
-from _helpers import assert_close, assert_runs_close, ramp_loss, requires_native
+from _helpers import assert_close, assert_runs_close, ramp_loss, requires_native, use_backend
 
 pytestmark = requires_native
 
@@ -237,3 +237,41 @@ def test_lstm_gates_saved_over_xproj(directions, proj, padded, monkeypatch):
     assert_runs_close(*runs, 1e-9)
     assert used and all(used)
     assert over_gates == [False] * layers + [True] * layers
+
+
+@pytest.mark.parametrize("backend", ["cpu", "emu"])
+@pytest.mark.parametrize("name", ["LSTMCell", "GRUCell", "RNNCell", "LSTM", "GRU", "RNN"])
+def test_autocast_state_carried_into_the_next_call(name, backend, monkeypatch):
+    """The usual loops under autocast: `h = cell(x_t, h)`, and truncated backpropagation through
+    time (`out, h = rnn(chunk, h)`). The state a call returns is in the autocast dtype, the next
+    input in float32; torch.nn runs the loop (autocast casts every operand), and so does fusedrnn
+    now (it refused the state: "hidden0 dtype torch.bfloat16 does not match input dtype
+    torch.float32"), with torch.nn's results."""
+    use_backend(backend, monkeypatch)
+    torch.manual_seed(0)
+    ours = getattr(fusedrnn, name)(4, 6)
+    theirs = getattr(torch.nn, name)(4, 6)
+    theirs.load_state_dict(ours.state_dict())
+    cell = name.endswith("Cell")
+    x = torch.randn(3, 2, 4)  # three steps (cells) or three one-step chunks (modules)
+    chunks = x.unbind(0) if cell else x.split(1, dim=0)
+    results = []
+    for module in (ours, theirs):
+        state, outputs = None, []
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            for chunk in chunks:
+                try:
+                    if cell:
+                        state = module(chunk, state)
+                        outputs.append(state[0] if isinstance(state, tuple) else state)
+                    else:
+                        out, state = module(chunk, state)
+                        outputs.append(out)
+                except RuntimeError as e:
+                    # torch.nn's CPU LSTM has no bfloat16 kernel without AVX-512 (oneDNN:
+                    # "could not create a primitive descriptor"): nothing to compare with.
+                    if module is theirs and "primitive descriptor" in str(e):
+                        return
+                    raise
+        results.append(torch.cat([o.float() for o in outputs]))
+    assert_close(results[0], results[1], 3e-2, "outputs of the loop")

@@ -30,22 +30,30 @@ def _is_state(t, shape: tuple, dtype: torch.dtype, device: torch.device) -> bool
 
 
 def _follow_autocast(input, hx, weight: Tensor):
-    """Under autocast torch.nn accepts inputs of another float dtype than the parameters: they
-    are cast to the parameters' dtype for the checks, and functional.rnn then runs everything in
-    the autocast dtype."""
+    """Under autocast torch.nn accepts an input or state of another float dtype than the
+    parameters (autocast casts all of them to its dtype): they are cast to the parameters'
+    dtype for the checks, and functional.rnn then runs everything in the autocast dtype. The
+    usual case: a state returned by the previous call of a loop (`h = cell(x_t, h)`, truncated
+    backpropagation through time) is in the autocast dtype, the next input in float32."""
     data = input.data if isinstance(input, PackedSequence) else input
-    if not isinstance(data, Tensor) or data.dtype == weight.dtype or not data.is_floating_point():
+    if not isinstance(data, Tensor) or not data.is_floating_point() or data.is_meta:
         return input, hx
-    if data.is_meta or not torch.is_autocast_enabled(data.device.type):
+    if not torch.is_autocast_enabled(data.device.type):
         return input, hx
+
+    def cast(t):
+        if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != weight.dtype:
+            return t.to(weight.dtype)
+        return t
+
     if isinstance(input, PackedSequence):
-        input = input._replace(data=input.data.to(weight.dtype))
+        input = input._replace(data=cast(input.data))
     else:
-        input = input.to(weight.dtype)
-    if isinstance(hx, Tensor):
-        hx = hx.to(weight.dtype)
-    elif isinstance(hx, (tuple, list)):
-        hx = type(hx)(s.to(weight.dtype) if isinstance(s, Tensor) else s for s in hx)
+        input = cast(input)
+    if isinstance(hx, (tuple, list)):
+        hx = type(hx)(cast(s) for s in hx)
+    else:
+        hx = cast(hx)
     return input, hx
 
 
