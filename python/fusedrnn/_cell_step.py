@@ -366,6 +366,9 @@ class _CellStep(torch.autograd.Function):
     def backward(ctx, d_h, d_c=None):
         cell = ctx.cell
         x, h, c, w_ih, w_hh, gates, saved, peephole = ctx.saved_tensors
+        # A saved_tensors_hooks unpack may return other strides than the forward saved; the
+        # kernel reads gates and saved as dense rows (it gave wrong gradients silently).
+        gates, saved = _contiguous(gates), _contiguous(saved)
         needs = ctx.needs_input_grad[2:]  # x, h, c, w_ih, w_hh, b_ih, b_hh, peephole
         if _recomputed_grads.applies((d_h, d_c)):  # create_graph, or batched gradients
             _recomputed_grads.check_unchanged(ctx.unsaved, ctx.unsaved_versions)

@@ -152,6 +152,9 @@ def _layer_grads(spec: _LayerSpec, saved, d_out, d_hn, d_cn, needs, run_backward
     # Compiled graphs never differentiate their backward (AOTAutograd refuses double backward
     # itself), so no tag is traced into them.
     create_graph = torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    # A saved_tensors_hooks unpack may return other strides than the forward saved; the native
+    # backward reads dense tensors (it raised an internal error on a non-contiguous c_seq).
+    saved = tuple(_contiguous(t) for t in saved)
     with torch.no_grad():
         grads = _layer_weight_grads(spec, saved, d_out, d_hn, d_cn, needs, run_backward, given)
     return _NoDoubleBackward.mark(grads, (*saved, d_out, d_hn, d_cn)) if create_graph else grads
