@@ -113,8 +113,12 @@ def test_what_its_twin_could_not_compute_is_refused_by_name():
 
     pruned = nn.GRU(3, 4)
     torch.nn.utils.prune.l1_unstructured(pruned, "weight_ih_l0", amount=0.5)
-    with pytest.raises(ValueError, match="weight_ih_l0_orig"):
+    with pytest.raises(ValueError, match="lose its buffer weight_ih_l0_mask"):
         fusedrnn.from_torch_nn(pruned)
+
+    compiled = torch.compile(nn.Sequential(nn.GRU(3, 4)))
+    with pytest.raises(ValueError, match="it is compiled"):  # it would run the old GRU on
+        fusedrnn.from_torch_nn(compiled)
 
     with pytest.raises(ValueError, match="torch.nn has no peephole"):
         fusedrnn.to_torch_nn(fusedrnn.LSTM(3, 4, peephole=True))
@@ -129,3 +133,26 @@ def test_back_in_torch_nn_its_tools_apply():
     assert "quantized" in type(quantized[0]).__module__
     x = torch.randn(5, 2, 4)
     assert rel_err(quantized(x)[0], model(x)[0]) <= 5e-2
+
+
+def test_hook_handles_attributes_and_weak_references_follow_the_swap():
+    """A hook handle taken before the swap still removes the hook; attributes set on the module
+    after it was built (a tag, a qconfig) move to the twin; the swapped-out module, still held,
+    keeps no weak reference to the parameters (.to() under
+    torch.__future__.set_swap_module_params_on_conversion refuses such a tensor)."""
+    old = nn.LSTM(3, 4)
+    calls = []
+    handle = old.register_forward_hook(lambda m, args, out: calls.append(1))
+    old.tag = "encoder"
+    model = fusedrnn.from_torch_nn(nn.Sequential(old))
+    assert model[0].tag == "encoder" and not hasattr(fusedrnn.LSTM(3, 4), "tag")
+    handle.remove()
+    model(torch.randn(2, 1, 3))
+    assert calls == []
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        model.double()
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+    assert model[0].weight_ih_l0.dtype == torch.float64 and old is not None

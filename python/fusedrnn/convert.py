@@ -8,14 +8,17 @@ quantization, code that asks `isinstance(m, nn.LSTM)`, a process without fusedrn
 
 The twin takes over the module's Parameter objects themselves (nothing is copied): an optimizer
 built before the swap goes on training the model, and the state dict is unchanged. It also
-takes over the training flag and the forward and backward hooks (as torch.ao.quantization's
-module swap does). Only modules of exactly these classes are swapped: a subclass may have
-changed forward, so it is left as it is. A module whose parameters are not the plain ones
-(parametrized, weight_norm, pruned) is refused, naming it: its twin could not compute the same
-function.
+takes over the training flag, the attributes set on the module after it was built, and its
+hooks (the hook dictionaries themselves, so that a handle taken before still removes its hook).
+Only modules of exactly these classes are swapped: a subclass may have changed forward, so it is
+left as it is. Refused, naming the module's path in the model, where the twin could not do what
+the module did: parameters that are not the plain ones (parametrized, weight_norm, pruned),
+buffers or submodules registered on it, and a model already compiled (an OptimizedModule, or
+`module.compile()`), which would go on running the modules it compiled.
 """
 from __future__ import annotations
 
+import sys
 from typing import Dict, Type
 
 import torch
@@ -36,11 +39,11 @@ _SEQUENCE_ARGUMENTS = ("input_size", "hidden_size", "num_layers", "bias", "batch
                        "dropout", "bidirectional")
 _CELL_ARGUMENTS = ("input_size", "hidden_size", "bias")
 
-# The hooks a module's forward and backward call (Module's own dicts), and the flag that says
-# whether its backward hooks are full ones.
+# Module's own hook dictionaries, and the flag that says whether its backward hooks are full ones.
 _HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
                "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_backward_hooks",
-               "_backward_pre_hooks")
+               "_backward_pre_hooks", "_state_dict_hooks", "_state_dict_pre_hooks",
+               "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
 _HOOK_FLAGS = ("_is_full_backward_hook",)
 
 
@@ -62,6 +65,10 @@ def _swap(module: nn.Module, twins: dict, done: Dict[int, nn.Module], path: str)
     in two places gets one twin; `path` is the module's name in the model, for errors."""
     if id(module) in done:
         return done[id(module)]
+    if _is_compiled(module) and any(_swappable(m, twins) for m in module.modules()):
+        raise ValueError(f"fusedrnn: cannot swap inside {path or 'the module'}: it is compiled "
+                         f"(torch.compile), and would go on running the modules it compiled; "
+                         f"swap before compiling")
     kind = type(module)
     if torch.nn.utils.parametrize.is_parametrized(module):
         kind = kind.__bases__[0]  # parametrize made the module's class a subclass of it
@@ -78,6 +85,18 @@ def _swap(module: nn.Module, twins: dict, done: Dict[int, nn.Module], path: str)
     return swapped
 
 
+def _swappable(module: nn.Module, twins: dict) -> bool:
+    return type(module) in twins or (torch.nn.utils.parametrize.is_parametrized(module)
+                                     and type(module).__bases__[0] in twins)
+
+
+def _is_compiled(module: nn.Module) -> bool:
+    """torch.compile's wrapper (OptimizedModule), or a module compiled in place."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # (not imported: nothing compiled)
+    wrapper = eval_frame is not None and isinstance(module, eval_frame.OptimizedModule)
+    return wrapper or getattr(module, "_compiled_call_impl", None) is not None
+
+
 def _twin(old: nn.Module, cls: Type[nn.Module], where: str) -> nn.Module:
     if torch.nn.utils.parametrize.is_parametrized(old):
         raise ValueError(f"fusedrnn: cannot swap {where}: it is parametrized; swap it before "
@@ -85,10 +104,19 @@ def _twin(old: nn.Module, cls: Type[nn.Module], where: str) -> nn.Module:
     if getattr(old, "_is_variant", False):
         raise ValueError(f"fusedrnn: cannot swap {where}: torch.nn has no peephole or coupled "
                          f"input-forget LSTM to be its twin")
+    if _is_compiled(old):
+        raise ValueError(f"fusedrnn: cannot swap {where}: it is compiled (module.compile()); "
+                         f"swap before compiling")
+    held = [f"buffer {name}" for name, _ in old.named_buffers(recurse=False)]
+    held += [f"submodule {name}" for name, _ in old.named_children()]
+    if held:
+        raise ValueError(f"fusedrnn: cannot swap {where}: its twin would lose its "
+                         f"{', '.join(held)}")
     parameters = dict(old.named_parameters(recurse=False))
     first = next(iter(parameters.values()), None)
-    new = cls(**_constructor_arguments(old), device="meta",
-              dtype=first.dtype if first is not None else None)
+    arguments = _constructor_arguments(old)
+    dtype = first.dtype if first is not None else None
+    new = cls(**arguments, device="meta", dtype=dtype)
     expected = {name for name, _ in new.named_parameters(recurse=False)}
     if set(parameters) != expected:
         raise ValueError(
@@ -99,14 +127,32 @@ def _twin(old: nn.Module, cls: Type[nn.Module], where: str) -> nn.Module:
         setattr(new, name, parameter)  # the Parameter object itself: optimizers keep it
     if hasattr(new, "flatten_parameters"):  # torch.nn's: its flat weight list, cuDNN's buffer
         new.flatten_parameters()
-    for hooks in _HOOK_DICTS:
-        if getattr(old, hooks, None):
-            getattr(new, hooks).update(getattr(old, hooks))
+    # What was set on the module after it was built (a qconfig, a tag), not what its class sets.
+    built = type(old)(**arguments, device="meta", dtype=dtype).__dict__
+    for name, value in old.__dict__.items():
+        if name not in built:
+            setattr(new, name, value)
+    for name in _HOOK_DICTS:  # the dictionaries themselves: handles taken before still work
+        if name in old.__dict__:
+            new.__dict__[name] = old.__dict__[name]
     for flag in _HOOK_FLAGS:
         if flag in old.__dict__:
             setattr(new, flag, getattr(old, flag))
     new.train(old.training)
+    _release(old)
     return new
+
+
+def _release(old: nn.Module) -> None:
+    """Drops the weak references the swapped-out module holds to the parameters it gave away
+    (torch.nn's _flat_weight_refs, fusedrnn's inference caches): .to() under
+    torch.__future__.set_swap_module_params_on_conversion refuses a tensor with weak references,
+    and the old module may live on (a variable still holds it)."""
+    if isinstance(old, nn.RNNBase):
+        old._flat_weight_refs = []
+    else:
+        from . import _inference
+        _inference.forget(old)
 
 
 def _constructor_arguments(module: nn.Module) -> dict:
