@@ -7,11 +7,14 @@ fusedrnn::layer_forward, which only this process can run, must not reach the ONN
 - the TorchScript-based exporter: the layer runs as `torch._VF.lstm` / `gru` / `rnn_tanh` /
   `rnn_relu` with num_layers=1, the calls torch.nn's modules make (same gate order, same
   weights, same numbers), which the exporter translates as it does torch.nn's;
-- the dynamo exporter (`dynamo=True`): the node is written directly (`torch.onnx.ops`,
-  _onnx_node_layer) with outputs in x's symbolic length and batch, so dynamic shapes work;
-  torch's RNN ops keep the example's length in the program. Where onnxruntime has no kernel for
-  the node (float64, bfloat16) or the node cannot express the layer (proj_size), torch's op is
-  recorded as for torch.nn, with the length fixed (_fix_sequence_length). A module
+- the dynamo exporter (`dynamo=True`) with a dynamic length: the node is written directly
+  (`torch.onnx.ops`, _onnx_node_layer) with outputs in x's symbolic length and batch, as
+  torch's RNN ops keep the example's length in the program they record. The ONNXProgram's
+  exported_program then holds the node, which computes nothing in torch (torch.onnx.verification
+  reports a mismatch there); the ONNX model is right. With a fixed length, and where onnxruntime
+  has no kernel for the node (float64, bfloat16) or the node cannot express the layer
+  (proj_size), torch's op is recorded as for torch.nn, with the length fixed
+  (_fix_sequence_length). A module
 fed a PackedSequence runs torch.nn's packed RNN op over all its layers instead (packed_rnn),
 which the TorchScript-based exporter translates as it does torch.nn's. The LSTM variants, which
 torch.nn does not have: a CIFG is written as the plain LSTM that computes it (as_exported); a
@@ -96,7 +99,7 @@ def layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor], c0: Optiona
             "export a module (fusedrnn.LSTM/GRU/RNN) fed a PackedSequence, or a padded input")
     cell, layer_weights = as_exported(cell, layer_weights)
     if torch.compiler.is_compiling():  # the dynamo exporter
-        if _writes_onnx_node(x, layer_weights):
+        if _writes_onnx_node(x, layer_weights) and isinstance(x.size(0), torch.SymInt):
             return _onnx_node_layer(cell, x, layer_weights, h0, c0)
         _fix_sequence_length(x)
     num_dirs = len(layer_weights)
@@ -141,9 +144,10 @@ def _onnx_operands(cell: str, layer_weights) -> tuple:
 
 
 _ONNX_NODES = {"lstm": "LSTM", "gru": "GRU", "rnn_tanh": "RNN", "rnn_relu": "RNN"}
-# Where the dynamo exporter gets ONNX's node from us: the dtypes onnxruntime runs it in (1.32
-# has no double LSTM or RNN kernel, and the node takes no bfloat16), and no projection (ONNX's
-# LSTM has none). Elsewhere torch's RNN op is recorded, as torch.nn's module records it.
+# Where the dynamo exporter gets ONNX's node from us (given a dynamic length): the dtypes
+# onnxruntime runs it in (1.32 has no double kernel for these nodes, and they take no bfloat16),
+# and no projection (ONNX's LSTM has none). Elsewhere torch's RNN op is recorded, as torch.nn's
+# module records it.
 _ONNX_NODE_DTYPES = (torch.float32, torch.float16)
 
 
