@@ -382,9 +382,10 @@ def test_issue4_targets_are_reported_on_cpu(capsys, monkeypatch, torch_as_fusedr
     (["--cell", ""], ["--cell", "names nothing"]),
     (["--dtype", " , "], ["--dtype", "names nothing"]),
     (["--impls", ""], ["--impls", "names nothing"]),
+    (["--only", ""], ["--only", "names nothing"]),
 ], ids=["threads-above-cores", "budget-zero", "budget-nan", "budget-negative", "json-dir-missing",
         "json-is-dir", "markdown-dir-missing", "json-not-writable", "cell-empty", "dtype-empty",
-        "impls-empty"])
+        "impls-empty", "only-empty"])
 def test_bad_options_refused_before_the_run(extra, words, tmp_path, capsys, tiny_presets):
     """Caught up front (exit 2), not after a long run or as a traceback: output paths, the
     budget, and more threads than cores (fusedrnn never oversubscribes; torch.nn would)."""

@@ -93,7 +93,7 @@ def list_everything(device: torch.device) -> str:
 def _usage_problem(args, device: torch.device) -> Optional[str]:
     """What is wrong with the numeric options and output paths, checked before a run that may
     take many minutes; None when nothing is."""
-    for name in ("cell", "dtype", "impls"):
+    for name in ("cell", "dtype", "impls", "only"):
         value = getattr(args, name)
         if value is not None and not _csv(value):  # "" would mean "no filter": all of them
             return f"--{name} names nothing: {value!r}"
@@ -232,8 +232,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(report.format_table(measured[0].results))
         return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
     finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous_handler)
+        if in_main_thread:  # (None: a handler not set from Python; the default stands in)
+            signal.signal(signal.SIGTERM,
+                          signal.SIG_DFL if previous_handler is None else previous_handler)
     outcome.notes[:0] = notes
     busy = machine.busy_warning(info)
     if busy:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from typing import Dict, List, Optional, Sequence
 
 from .configs import STANDARD_FLOOR
@@ -211,9 +212,19 @@ def payload(machine: dict, settings: dict, outcome: Outcome) -> dict:
 
 
 def write_json(path: str, data: dict) -> None:
-    with open(path, "w") as f:
-        json.dump(data, f, indent=1, allow_nan=False)
-        f.write("\n")
+    """Written whole or not at all: to a temporary file beside `path`, then renamed over it, so
+    that a run stopped while it writes (SIGTERM, Ctrl-C) leaves the previous cells' file."""
+    text = json.dumps(data, indent=1, allow_nan=False) + "\n"
+    temporary = f"{path}.partial-{os.getpid()}"
+    try:
+        with open(temporary, "w") as f:
+            f.write(text)
+        os.replace(temporary, path)
+    except OSError:  # a directory that takes no new file (the path itself was checked)
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        with open(path, "w") as f:
+            f.write(text)
 
 
 def write_markdown(path: str, machine: dict, settings: dict, outcome: Outcome) -> None:
