@@ -309,3 +309,26 @@ def test_onnx_program_verifies_where_the_length_is_fixed():
         program = torch.onnx.export(ours, (torch.randn(4, 2, 3),), dynamo=True, verbose=False)
         results = verify_onnx_program(program)
     assert all(r.max_abs_diff < 1e-5 for r in results)
+
+
+@pytest.mark.parametrize("case", CELLS, ids=[c[0] for c in CELLS])
+def test_dynamo_exported_cell_is_its_step_s_elementwise_ops(case):
+    """The dynamo exporter writes a cell (a layer of one fixed step) as its step's elementwise
+    ops, as torch.nn's cells are written, and no RNN node or loop: onnxruntime runs it in
+    float64 too (it has no double kernel for ONNX's RNN nodes). Before, the cell went through
+    torch's RNN op and torch.export's while_loop, whose traced state carries over between
+    exports in a process: in a fuzzer's sequence of exports an LSTMCell then came out with its
+    batch fixed to the example's, silently."""
+    name, _ = case
+    torch.manual_seed(0)
+    reference = getattr(torch.nn, name)(3, 5).double()
+    ours = getattr(fusedrnn, name)(3, 5).double()
+    ours.load_state_dict(reference.state_dict())
+    x, h = torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 5, dtype=torch.float64)
+    args = (x, (h, torch.randn(2, 5, dtype=torch.float64))) if name == "LSTMCell" else (x, h)
+    model = _export(ours, args, dynamo=True)
+    assert not {op for _, op in _ops(model)} & {"LSTM", "GRU", "RNN", "Loop", "Scan"}
+    with torch.no_grad():
+        expected = _flat(reference(*args))
+    for a, e in zip(_run_onnx(model, _flat(args)), expected):
+        np.testing.assert_allclose(a, e.numpy(), rtol=1e-12, atol=1e-12)

@@ -89,6 +89,16 @@ def _dynamo_exporter_flag() -> bool:
     return bool(getattr(_flags, "_is_onnx_exporting", False))
 
 
+def one_step_as_ops(x: Tensor, lengths: Optional[Tensor]) -> bool:
+    """Whether the dynamo exporter records a layer of one fixed step (a cell; a decoder called
+    step by step) as that step's torch ops (fusedrnn.reference), which export as elementwise ONNX
+    ops, as torch.nn's cells do. torch's RNN op would go through torch.export's while_loop,
+    whose traced state carries over between exports in one process: after some other exports,
+    an LSTMCell's batch came out fixed to the example's, silently (Dim.AUTO)."""
+    return (torch.compiler.is_compiling() and lengths is None
+            and not isinstance(x.size(0), torch.SymInt) and x.size(0) == 1)
+
+
 def layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor], c0: Optional[Tensor],
           lengths: Optional[Tensor]):
     """functional._layer under export: x [T, B, I] -> (out [T, B, D*P], h_n [D, B, P],

@@ -213,6 +213,8 @@ def _layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor], c0: Option
         return _reference_layer(cell, x, layer_weights, h0, c0, lengths)
     peephole = peephole_weights(layer_weights)
     if _backend.recording_graph() and _onnx_export.active():
+        if _onnx_export.one_step_as_ops(x, lengths):
+            return _reference_layer(cell, x, layer_weights, h0, c0, lengths)
         if peephole:
             return _onnx_export.peephole_layer(cell, x, layer_weights, h0, c0, lengths)
         return _onnx_export.layer(cell, x, layer_weights, h0, c0, lengths)
