@@ -57,10 +57,10 @@ def layer_forward(cell: str, xproj: Tensor, h0: Optional[Tensor], c0: Optional[T
     """The recurrence of all D directions of a layer: xproj [T, B, D*G*H] = x W_ih^T (+ b_ih),
     w_hh/b_hh/w_hr/peephole lists of D tensors (b_hh, w_hr, peephole D empty tensors, or
     empty, when absent; peephole [3, H], a CIFG's [2, H], LSTMs only), h0 [D, B, P],
-    c0 [D, B, H], lengths [B] int64. Returns (out [T, B, D*P], hn [D, B, P], cn [D, B, H], then with save what backward
-    reads: gates [D, T, B, S*H], c_seq and r_seq [D, T, B, H], zero at padded steps); empty
-    where absent. Bad arguments raise (_validation.check_layer_forward) before any native
-    call: the kernels trust every size."""
+    c0 [D, B, H], lengths [B] int64. Returns (out [T, B, D*P], hn [D, B, P], cn [D, B, H],
+    then with save what backward reads: gates [D, T, B, S*H], c_seq and r_seq [D, T, B, H],
+    zero at padded steps); empty where absent. Bad arguments raise
+    (_validation.check_layer_forward) before any native call: the kernels trust every size."""
     b_hh, w_hr, peephole = present_in(b_hh), present_in(w_hr), present_in(peephole)
     _validation.check_layer_forward(cell, xproj, h0, c0, w_hh, b_hh, w_hr, lengths,
                                     lengths is not None and not _native_checks_lengths(xproj),

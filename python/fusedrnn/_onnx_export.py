@@ -102,7 +102,8 @@ def one_step_as_ops(x: Tensor, lengths: Optional[Tensor]) -> bool:
 def layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor], c0: Optional[Tensor],
           lengths: Optional[Tensor]):
     """functional._layer under export: x [T, B, I] -> (out [T, B, D*P], h_n [D, B, P],
-    c_n [D, B, H] or None), through torch's RNN op of the cell."""
+    c_n [D, B, H] or None), as ONNX's node (the dynamo exporter, a dynamic length: see the
+    module's docstring) or through torch's RNN op of the cell."""
     if lengths is not None:  # the modules export packed input by packed_rnn
         raise NotImplementedError(
             "fusedrnn.functional.rnn: ONNX export with per-sequence lengths is not supported; "
@@ -165,7 +166,6 @@ def _writes_onnx_node(x: Tensor, layer_weights) -> bool:
     return x.dtype in _ONNX_NODE_DTYPES and layer_weights[0][4] is None
 
 
-
 def _onnx_node_layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor],
                      c0: Optional[Tensor], peephole: Optional[Tensor] = None):
     """The dynamo exporter: the layer as ONNX's LSTM/GRU/RNN node, written directly
@@ -194,7 +194,7 @@ def _onnx_node_layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor],
 
 
 def _fix_sequence_length(x: Tensor) -> None:
-    """The dynamo exporter where it records torch's RNN op (not _writes_onnx_node): that op
+    """The dynamo exporter where it records torch's RNN op (no ONNX node written): that op
     keeps the example's sequence length in the program it records (its output's shape) while
     x's stays symbolic, so an exported model that declared T dynamic failed in onnxruntime at any
     other length, or returned a tensor of the wrong shape with no error. Reading T as an int

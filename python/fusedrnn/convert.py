@@ -65,13 +65,11 @@ def _swap(module: nn.Module, twins: dict, done: Dict[int, nn.Module], path: str)
     in two places gets one twin; `path` is the module's name in the model, for errors."""
     if id(module) in done:
         return done[id(module)]
-    if _is_compiled(module) and any(_swappable(m, twins) for m in module.modules()):
+    if _is_compiled(module) and any(_kind(m) in twins for m in module.modules()):
         raise ValueError(f"fusedrnn: cannot swap inside {path or 'the module'}: it is compiled "
-                         f"(torch.compile), and would go on running the modules it compiled; "
-                         f"swap before compiling")
-    kind = type(module)
-    if torch.nn.utils.parametrize.is_parametrized(module):
-        kind = kind.__bases__[0]  # parametrize made the module's class a subclass of it
+                         f"(torch.compile or module.compile()), and would go on running the "
+                         f"modules it compiled; swap before compiling")
+    kind = _kind(module)
     if kind in twins:
         where = f"{path or 'the module'} ({kind.__module__}.{kind.__qualname__})"
         swapped = _twin(module, twins[kind], where)
@@ -85,9 +83,11 @@ def _swap(module: nn.Module, twins: dict, done: Dict[int, nn.Module], path: str)
     return swapped
 
 
-def _swappable(module: nn.Module, twins: dict) -> bool:
-    return type(module) in twins or (torch.nn.utils.parametrize.is_parametrized(module)
-                                     and type(module).__bases__[0] in twins)
+def _kind(module: nn.Module) -> type:
+    """The module's class, as it was before torch.nn.utils.parametrize made it a subclass."""
+    if torch.nn.utils.parametrize.is_parametrized(module):
+        return type(module).__bases__[0]
+    return type(module)
 
 
 def _is_compiled(module: nn.Module) -> bool:
@@ -104,9 +104,6 @@ def _twin(old: nn.Module, cls: Type[nn.Module], where: str) -> nn.Module:
     if getattr(old, "_is_variant", False):
         raise ValueError(f"fusedrnn: cannot swap {where}: torch.nn has no peephole or coupled "
                          f"input-forget LSTM to be its twin")
-    if _is_compiled(old):
-        raise ValueError(f"fusedrnn: cannot swap {where}: it is compiled (module.compile()); "
-                         f"swap before compiling")
     held = [f"buffer {name}" for name, _ in old.named_buffers(recurse=False)]
     held += [f"submodule {name}" for name, _ in old.named_children()]
     if held:
