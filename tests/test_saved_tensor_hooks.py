@@ -7,6 +7,10 @@ Before, the cell step's backward handed the kernel its saved gates as they came 
 module called with one time step, got wrong gradients silently: relative error up to 1.6) and the
 layer's raised "fusedrnn internal error: c_seq must be contiguous".
 """
+import gc
+import weakref
+from contextlib import nullcontext
+
 import pytest
 import torch
 from torch.autograd.graph import saved_tensors_hooks
@@ -73,3 +77,71 @@ def test_gradients_do_not_depend_on_how_saved_tensors_come_back(case, backend_na
     got = _gradients(module, x, hooked=True)
     for g, e in zip(got, expected):
         assert rel_err(g, e) <= 1e-12
+
+
+# Cases whose input and initial states are intermediate tensors (as an embedding's output is):
+# a leaf that requires grad is kept alive by its gradient accumulator whatever saves it.
+HELD_CASES = [
+    ("lstm-L2-bidir", "LSTM", dict(num_layers=2, bidirectional=True), (4, 3, 4)),
+    ("lstm-proj", "LSTM", dict(proj_size=3), (3, 3, 4)),
+    ("lstm-peephole", "LSTM", dict(peephole=True), (3, 3, 4)),
+    ("gru-one-step", "GRU", {}, (1, 3, 4)),
+    ("rnn-tanh", "RNN", {}, (3, 3, 4)),
+    ("lstm-cell", "LSTMCell", {}, (3, 4)),
+    ("gru-cell", "GRUCell", {}, (3, 4)),
+    ("rnn-cell", "RNNCell", {}, (3, 4)),
+]
+
+
+def _run_holding_only_weak_refs(module, shape, h_shape, c_shape, hooked: bool):
+    """The module on an intermediate x and initial state, under a pack hook that stores a copy
+    (save_on_cpu's way) when hooked; returns the result, weak references to x, h0 and c0, and
+    the leaves they were computed from."""
+    leaves = [torch.randn(*s, dtype=torch.float64, requires_grad=True)
+              for s in (shape, h_shape, c_shape)]
+    hooks = saved_tensors_hooks(lambda t: t.clone(), lambda t: t) if hooked else nullcontext()
+    with hooks:
+        x, h0, c0 = (leaf * 1.5 for leaf in leaves)
+        result = module(x, (h0, c0) if isinstance(module, (fusedrnn.LSTM, fusedrnn.LSTMCell))
+                        else h0)
+    return result, [weakref.ref(t) for t in (x, h0, c0)], leaves
+
+
+@pytest.mark.parametrize("backend_name", ["cpu", "emu"])
+@pytest.mark.parametrize("case", HELD_CASES, ids=[c[0] for c in HELD_CASES])
+def test_hooks_see_everything_the_backward_keeps(case, backend_name, monkeypatch):
+    """Under a pack hook that stores copies (save_on_cpu, activation offloading), nothing of the
+    forward's input or initial state outlives the forward, as with torch.nn; the gradients, and
+    create_graph's second-order ones (a gradient penalty), are those of the run without hooks.
+    Before, the backward kept the input, h0 and c0 by reference for create_graph's recomputation,
+    so save_on_cpu left them on the device."""
+    use_backend(backend_name, monkeypatch)
+    _, name, kwargs, shape = case
+    torch.manual_seed(0)
+    module = getattr(fusedrnn, name)(4, 5, **kwargs).double()
+    layers = (2 if kwargs.get("bidirectional") else 1) * kwargs.get("num_layers", 1)
+    batch = shape[0] if len(shape) == 2 else shape[1]
+    h_size = kwargs.get("proj_size", 5)
+    h_shape, c_shape = (((batch, h_size), (batch, 5)) if len(shape) == 2
+                        else ((layers, batch, h_size), (layers, batch, 5)))
+    results = []
+    for hooked in (False, True):
+        torch.manual_seed(1)
+        result, refs, leaves = _run_holding_only_weak_refs(module, shape, h_shape, c_shape,
+                                                           hooked)
+        gc.collect()
+        if hooked:
+            alive = [n for n, r in zip(("x", "h0", "c0"), refs) if r() is not None]
+            assert not alive, f"kept past the forward under the hook: {alive}"
+        outputs = [t for t in (result if isinstance(result, tuple) else (result,))]
+        outputs = [u for t in outputs for u in (t if isinstance(t, tuple) else (t,))]
+        loss = sum(t.pow(2).sum() for t in outputs)
+        inputs = [*module.parameters(), *leaves]
+        grads = torch.autograd.grad(loss, inputs, create_graph=True, allow_unused=True)
+        penalty = sum(g.pow(2).sum() for g in grads if g is not None)
+        used = [t for t, g in zip(inputs, grads) if g is not None]
+        results.append([g for g in grads if g is not None]
+                       + list(torch.autograd.grad(penalty, used)))
+    assert len(results[1]) == len(results[0])
+    for got, expected in zip(results[1], results[0]):
+        assert rel_err(got, expected) <= 1e-12

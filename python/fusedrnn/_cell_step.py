@@ -353,12 +353,12 @@ class _CellStep(torch.autograd.Function):
             more_than_c_needs_grad=any(needs[2:4]) or any(needs[5:]))
         ctx.given_c = c is not None
         ctx.save_for_backward(kept[0], h_read, c_read, kept[1], kept[2], gates, saved, peephole)
-        # The rest only for create_graph (_recomputed_grads), kept by reference with their
-        # versions; so are the biases, which the native backward never reads: a bias written in
-        # place before it is fine, as in torch.nn (saved, its version check would raise).
-        ctx.unsaved = (b_ih, b_hh, *(t if k is None else None for t, k in zip(operands, kept)),
-                       h, c)
-        ctx.unsaved_versions = _recomputed_grads.versions(ctx.unsaved)
+        # The rest only for create_graph (_recomputed_grads.keep); so are the biases, which the
+        # native backward never reads: a bias written in place before it is fine, as in torch.nn
+        # (saved, its version check would raise).
+        ctx.kept = _recomputed_grads.keep((
+            b_ih, b_hh, *(t if k is None else None for t, k in zip(operands, kept)),
+            h if h_read is not h else None, c if c_read is not c else None))
         return (h_next, c_next) if cell in LSTM_CELLS else h_next
 
     @staticmethod
@@ -371,10 +371,11 @@ class _CellStep(torch.autograd.Function):
         gates, saved = _contiguous(gates), _contiguous(saved)
         needs = ctx.needs_input_grad[2:]  # x, h, c, w_ih, w_hh, b_ih, b_hh, peephole
         if _recomputed_grads.applies((d_h, d_c)):  # create_graph, or batched gradients
-            _recomputed_grads.check_unchanged(ctx.unsaved, ctx.unsaved_versions)
-            b_ih, b_hh, x_ref, w_ih_ref, w_hh_ref, h, c = ctx.unsaved
-            x, w_ih, w_hh = (t if t is not None else ref
-                             for t, ref in ((x, x_ref), (w_ih, w_ih_ref), (w_hh, w_hh_ref)))
+            b_ih, b_hh, *refs = _recomputed_grads.unpack_kept(ctx.kept)
+            # Each operand and state was saved as itself or kept (a GRU's h: both, the saved one
+            # a private copy).
+            x, w_ih, w_hh, h, c = (ref if ref is not None else t
+                                   for t, ref in zip((x, w_ih, w_hh, h, c), refs))
             return (None, None, *_recomputed_grads.step_grads(cell, x, h, c, w_ih, w_hh, b_ih,
                                                               b_hh, d_h, d_c, needs, peephole))
         batch, hidden = ctx.batch_and_hidden

@@ -261,12 +261,6 @@ class _LayerRecurrence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec: _LayerSpec, lengths, xproj, h0, c0, projection, *params):
         w_hh, b_hh, w_hr, peephole = spec.split(params)
-        # Kept by reference, not saved (a bias written in place before a first-order backward,
-        # which reads none of them, is fine, as in torch.nn); read only under create_graph,
-        # which checks their versions. So are the states and W_hh where the first-order backward
-        # does not read them (_first_order_reads).
-        ctx.projection, ctx.b_hh, ctx.states, ctx.w_hh = projection, b_hh, (h0, c0), w_hh
-        ctx.kept_versions = _recomputed_grads.versions(_LayerRecurrence._kept(ctx))
         needs = ctx.needs_input_grad
         h0_read, c0_read, w_hh_read = _first_order_reads(spec, xproj.shape[0], h0, c0, needs)
         # Only W_hr needs a gradient, and one step's c_n does not depend on it (r_1 W_hr^T makes
@@ -289,6 +283,15 @@ class _LayerRecurrence(torch.autograd.Function):
         kept_params = (*(w_hh if w_hh_read else (None,) * spec.directions),
                        *_unsaved_biases(spec, params)[spec.directions:])
         ctx.save_for_backward(lengths, h0_read, c0_read, out, gates, c_seq, r_seq, *kept_params)
+        # For create_graph only (_recomputed_grads.keep), what the first-order backward does not
+        # read: the projection's operands, b_hh (a bias written in place before a first-order
+        # backward is fine, as in torch.nn), and the states and W_hh where not saved above as
+        # themselves.
+        ctx.kept = _recomputed_grads.keep((
+            *projection, *b_hh, *(s if read is not s else None
+                                  for s, read in ((h0, h0_read), (c0, c0_read))),
+            *(w_hh if not w_hh_read else (None,) * spec.directions)))
+        ctx.w_hh_shape = w_hh[0].shape
         return (out, hn, cn) if spec.cell in LSTM_CELLS else (out, hn)
 
     @staticmethod
@@ -301,13 +304,15 @@ class _LayerRecurrence(torch.autograd.Function):
         # ms, H=512 143.6-146.4 -> 140.7-141.6 ms. Not when the graph is kept (retain_graph,
         # create_graph): a second backward reads the same saved gates again.
         if _recomputed_grads.applies((d_out, d_hn, d_cn)):  # create_graph, or batched gradients
-            _recomputed_grads.check_unchanged(_LayerRecurrence._kept(ctx), ctx.kept_versions)
-            lengths, _, _, _, _, _, _, *params = ctx.saved_tensors  # as _layer_weight_grads
-            _, _, w_hr, peephole = ctx.spec.split(params)
-            (h0, c0), w_hh = ctx.states, ctx.w_hh
+            lengths, h0, c0, _, _, _, _, *params = ctx.saved_tensors  # as _layer_weight_grads
+            w_hh, _, w_hr, peephole = ctx.spec.split(params)
+            projection, b_hh, states, kept_w_hh = _LayerRecurrence._unpack_kept(ctx)
+            # Saved above where the first-order backward reads them as they are, kept if not.
+            h0, c0 = (k if k is not None else s for k, s in zip(states, (h0, c0)))
+            w_hh = [k if k is not None else s for k, s in zip(kept_w_hh, w_hh)]
             needs = ctx.needs_input_grad
             grads = _recomputed_grads.layer_grads(
-                ctx.spec.cell, ctx.projection, lengths, h0, c0, w_hh, ctx.b_hh, w_hr,
+                ctx.spec.cell, projection, lengths, h0, c0, w_hh, b_hh, w_hr,
                 (d_out, d_hn, d_cn), (*needs[2:5], *needs[6:]),
                 peephole if ctx.spec.has_peephole else ())
             return (None, None, *grads[:3], None, *grads[3:])
@@ -316,15 +321,19 @@ class _LayerRecurrence(torch.autograd.Function):
             run_backward = functools.partial(_run_backward, d_xproj_over_gates=True)
         saved = ctx.saved_tensors
         if saved[7] is None:  # W_hh unsaved: not read (_first_order_reads), any values will do
-            saved = (*saved[:7], *ctx.w_hh, *saved[7 + ctx.spec.directions:])
+            stand_in = saved[3].new_zeros(ctx.w_hh_shape)
+            saved = (*saved[:7], *(stand_in,) * ctx.spec.directions,
+                     *saved[7 + ctx.spec.directions:])
         grads = _layer_grads(ctx.spec, saved, d_out, d_hn, d_cn, ctx.needs_input_grad[6:],
                              run_backward, ctx.given)
         return (None, None, *grads[:3], None, *grads[3:])
 
     @staticmethod
-    def _kept(ctx) -> tuple:
-        """What the forward kept by reference, in the order of ctx.kept_versions."""
-        return (*ctx.projection, *ctx.b_hh, *ctx.states, *ctx.w_hh)
+    def _unpack_kept(ctx) -> tuple:
+        """ctx.kept, unpacked: projection (x, w_ih, b_ih), b_hh (D), the states (h0, c0) and
+        W_hh (D), Nones where saved instead."""
+        kept, d = _recomputed_grads.unpack_kept(ctx.kept), ctx.spec.directions
+        return kept[:3], kept[3:3 + d], kept[3 + d:5 + d], kept[5 + d:]
 
 
 class _NoDoubleBackward(torch.autograd.Function):

@@ -29,6 +29,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._C._autograd import SavedTensor, _make_saved_tensor
 
 from . import reference
 from ._backend import reference_cell
@@ -45,24 +46,24 @@ def applies(grads) -> bool:
         isinstance(g, Tensor) and torch._C._functorch.is_legacy_batchedtensor(g) for g in grads)
 
 
-def versions(tensors) -> tuple:
-    """The version counters of tensors kept for a recomputation (None for None)."""
-    return tuple(t._version if t is not None else None for t in tensors)
+def keep(tensors) -> tuple:
+    """Tensors a recomputation reads that the first-order backward does not (so not in
+    ctx.save_for_backward, whose version check would make a write between forward and a
+    first-order backward raise where torch.nn's does not), each held as autograd holds a saved
+    input (torch._C._autograd._make_saved_tensor). So a saved_tensors_hooks pack sees them at the
+    forward, as it sees every tensor torch.nn's ops save: save_on_cpu, activation offloading and
+    non-reentrant checkpointing free them on the device. (Kept by reference instead, a layer's
+    input and its initial states outlived the forward under those hooks, which torch.nn's do not.)
+    unpack_kept raises autograd's own error where one was written in place since the forward;
+    under a hook it returns the values the forward read. None stays None, and so does a tensor
+    made in inference mode (autograd refuses to save those; it cannot be written outside it)."""
+    return tuple(t if t is None or t.is_inference() else _make_saved_tensor(t, is_output=False)
+                 for t in tensors)
 
 
-def check_unchanged(tensors, kept: tuple) -> None:
-    """Raises, as autograd does for a saved tensor, where one of the tensors a recomputation
-    reads (kept by reference, not saved: the first-order backward never reads them) was written
-    in place after the forward: recomputing from the new values would give the gradient of a
-    forward that never ran."""
-    for t, version in zip(tensors, kept):
-        if t is not None and t._version != version:
-            raise RuntimeError(
-                "one of the variables needed for gradient computation has been modified by an "
-                f"inplace operation: [{t.type()} {list(t.shape)}] is at version {t._version}; "
-                f"expected version {version} instead. fusedrnn's backward with "
-                "create_graph=True runs the layer again from its input, W_ih and biases, so "
-                "none of them may be written between the forward and that backward.")
+def unpack_kept(kept: tuple) -> tuple:
+    """The tensors keep() held, for the recomputation."""
+    return tuple(k.unpack() if isinstance(k, SavedTensor) else k for k in kept)
 
 
 def layer_grads(cell: str, projection: tuple, lengths: Optional[Tensor], h0: Optional[Tensor],
