@@ -281,15 +281,17 @@ def test_forced_streaming_matches_on_chip(cls):
     assert _rel_err(streamed, on_chip) < 1e-5
 
 
+@pytest.mark.parametrize("max_batch_chunk", [0, 4], ids=["one-chunk", "chunks-of-4"])
 @pytest.mark.parametrize("option", ["tagged_exchange", "inputs_ahead"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("cls", [fusedrnn.LSTM, fusedrnn.GRU, fusedrnn.RNN])
-def test_opt_in_launch_options_change_no_bit(cls, dtype, option):
+def test_opt_in_launch_options_change_no_bit(cls, dtype, option, max_batch_chunk):
     """The opt-in launch options move the same values by other means: the tagged exchange sends h
     as tagged words instead of through the grid barrier's buffer, inputs_ahead loads each step's
     inputs a step earlier (B=9 x 12 units per block: every item owned). Outputs and gradients equal
     bit for bit, on a grid of many blocks, both directions, packed lengths, with the weights on
-    chip and streamed."""
+    chip and streamed; and with the batch in chunks of 4 rows (3 chunks, the last one short),
+    where each chunk polls its own rows' tagged words (the emulator's chunks are tiny)."""
     from torch.nn.utils.rnn import pack_padded_sequence
     from fusedrnn import _cuda
     torch.manual_seed(6)
@@ -299,7 +301,8 @@ def test_opt_in_launch_options_change_no_bit(cls, dtype, option):
     for force_streaming in (False, True):
         results = []
         for enabled in (False, True):
-            _cuda._set_launch_options(force_streaming=force_streaming, **{option: enabled})
+            _cuda._set_launch_options(force_streaming=force_streaming,
+                                      max_batch_chunk=max_batch_chunk, **{option: enabled})
             try:
                 leaf = x.clone().requires_grad_()
                 module.zero_grad(set_to_none=True)
