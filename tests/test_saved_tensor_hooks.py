@@ -83,6 +83,7 @@ def test_gradients_do_not_depend_on_how_saved_tensors_come_back(case, backend_na
 # a leaf that requires grad is kept alive by its gradient accumulator whatever saves it.
 HELD_CASES = [
     ("lstm-L2-bidir", "LSTM", dict(num_layers=2, bidirectional=True), (4, 3, 4)),
+    ("gru-batch-first", "GRU", dict(batch_first=True), (3, 4, 4)),
     ("lstm-proj", "LSTM", dict(proj_size=3), (3, 3, 4)),
     ("lstm-peephole", "LSTM", dict(peephole=True), (3, 3, 4)),
     ("gru-one-step", "GRU", {}, (1, 3, 4)),
@@ -120,7 +121,7 @@ def test_hooks_see_everything_the_backward_keeps(case, backend_name, monkeypatch
     torch.manual_seed(0)
     module = getattr(fusedrnn, name)(4, 5, **kwargs).double()
     layers = (2 if kwargs.get("bidirectional") else 1) * kwargs.get("num_layers", 1)
-    batch = shape[0] if len(shape) == 2 else shape[1]
+    batch = shape[0] if len(shape) == 2 or kwargs.get("batch_first") else shape[1]
     h_size = kwargs.get("proj_size", 5)
     h_shape, c_shape = (((batch, h_size), (batch, 5)) if len(shape) == 2
                         else ((layers, batch, h_size), (layers, batch, 5)))
@@ -145,3 +146,30 @@ def test_hooks_see_everything_the_backward_keeps(case, backend_name, monkeypatch
     assert len(results[1]) == len(results[0])
     for got, expected in zip(results[1], results[0]):
         assert rel_err(got, expected) <= 1e-12
+
+
+def test_hooks_see_the_input_projections_copy_of_a_strided_input(monkeypatch):
+    """On oneDNN (AMD CPUs with AVX-512 choose it, FUSEDRNN_CPU_GEMM=onednn forces it) the input
+    projection flattens a batch_first input to a dense [T*B, I] copy and keeps it for dW: it
+    went through ctx, unseen by the pack hook (save_on_cpu left it on the device); it is saved
+    now. The gradients are those of the run without hooks."""
+    from fusedrnn import _input_projection
+    if not _input_projection.onednn_available():
+        pytest.skip("torch has no oneDNN linear here")
+    monkeypatch.setenv("FUSEDRNN_CPU_GEMM", "onednn")
+    torch.manual_seed(0)
+    module = fusedrnn.GRU(4, 5, batch_first=True)
+    x = torch.randn(3, 6, 4, requires_grad=True)
+    expected = torch.autograd.grad(module(x)[0].square().sum(), [x, *module.parameters()])
+    packed_shapes = []
+
+    def pack(t):
+        packed_shapes.append(tuple(t.shape))
+        return t.clone()
+
+    with saved_tensors_hooks(pack, lambda t: t):
+        out = module(x)[0]
+    assert (18, 4) in packed_shapes  # [T*B, I]
+    got = torch.autograd.grad(out.square().sum(), [x, *module.parameters()])
+    for g, e in zip(got, expected):
+        assert rel_err(g, e) <= 1e-6

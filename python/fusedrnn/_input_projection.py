@@ -217,15 +217,15 @@ class _OneDnnProjection(torch.autograd.Function):
     def forward(ctx, x, w, b):
         rows, width = x.size(0) * x.size(1), x.size(2)
         x2 = x.reshape(rows, width)  # a copy when x is a strided view (batch_first input)
-        ctx.save_for_backward(x, w)
-        # A copy is kept for dW rather than made again; a view is made again from x.
-        ctx.x2 = x2 if x2.data_ptr() != x.data_ptr() else None
+        # A copy is kept for dW rather than made again (saved, so saved_tensors_hooks see it;
+        # on ctx, save_on_cpu left it on the device); a view is made again from x.
+        ctx.save_for_backward(x, w, x2 if x2.data_ptr() != x.data_ptr() else None)
         ctx.has_bias = b is not None
         return _onednn_linear(x2, w, b).view(x.size(0), x.size(1), w.size(0))
 
     @staticmethod
     def backward(ctx, d):
-        x, w = ctx.saved_tensors
+        x, w, x2_copy = ctx.saved_tensors
         rows, width = x.size(0) * x.size(1), x.size(2)
         d2 = d.reshape(rows, d.size(2))
         needs_x, needs_w, needs_b = ctx.needs_input_grad
@@ -237,8 +237,7 @@ class _OneDnnProjection(torch.autograd.Function):
         d_x = _onednn_linear(d2, w.t(), None).view(x.shape) if needs_x else None
         d_w = None
         if needs_w:
-            x2 = ctx.x2 if ctx.x2 is not None else x.reshape(rows, width)
+            x2 = x2_copy if x2_copy is not None else x.reshape(rows, width)
             d_w = weight_grad(d2, x2)
         d_b = row_sum(d) if needs_b and ctx.has_bias else None
-        ctx.x2 = None
         return d_x, d_w, d_b
