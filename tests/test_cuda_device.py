@@ -65,6 +65,28 @@ def test_cuda_graph_inference_replays_new_inputs(cls, dtype):
             torch.testing.assert_close(static_h, h)
 
 
+@pytest.mark.parametrize("cls", [fusedrnn.LSTM, fusedrnn.GRU])
+def test_cuda_graph_replays_new_lengths(cls):
+    """A captured call with lengths= (the values checked by a device-side assert while
+    capturing, no sync) reads the lengths' current values at each replay, as the input's."""
+    torch.manual_seed(0)
+    module = cls(24, 40, num_layers=2, bidirectional=True, batch_first=True).to(CUDA)
+    static_x = torch.randn(5, 17, 24, device=CUDA)
+    static_lengths = torch.tensor([17, 3, 9, 1, 16], device=CUDA)
+    with torch.no_grad():
+        graph, (static_out, static_h) = _capture(
+            lambda x, lengths: module(x, lengths=lengths), static_x, static_lengths)
+        for lengths in ([1, 17, 2, 8, 17], [5, 5, 5, 5, 5]):
+            fresh = torch.randn_like(static_x)
+            static_x.copy_(fresh)
+            static_lengths.copy_(torch.tensor(lengths))
+            graph.replay()
+            out, h = module(fresh, lengths=torch.tensor(lengths))
+            torch.testing.assert_close(static_out, out)
+            torch.testing.assert_close(static_h if cls is fusedrnn.GRU else static_h[0],
+                                       h if cls is fusedrnn.GRU else h[0])
+
+
 def test_cuda_graph_training_step_matches_eager():
     torch.manual_seed(1)
     module = fusedrnn.LSTM(16, 32, num_layers=2, proj_size=24).to(CUDA)

@@ -294,7 +294,8 @@ def test_functional_export_with_lengths_says_what_to_do():
         def forward(self, x, lengths):
             return fusedrnn.functional.rnn("gru", x, weights, lengths=lengths)[0]
 
-    with pytest.raises(Exception, match="export a module"):
+    # (The dynamo exporter writes ONNX's node with sequence_lens: tests/test_lengths.py.)
+    with pytest.raises(Exception, match="takes per-sequence lengths from a module"):
         _export(Functional(), (torch.randn(4, 2, 3), torch.tensor([4, 3])), dynamo=False)
 
 

@@ -45,9 +45,9 @@ def refuse_peephole(why: str) -> None:
 
 
 def refuse_packed_peephole() -> None:
-    refuse_peephole("per-sequence lengths (a PackedSequence) are not supported (torch's packed "
-                    "RNN op, which the exporter translates, has no peepholes); export a padded "
-                    "input")
+    refuse_peephole("per-sequence lengths (a PackedSequence, or lengths=) are not supported by "
+                    "the TorchScript-based exporter (torch's packed RNN op, which it translates, "
+                    "has no peepholes); export with dynamo=True and lengths=, or a padded input")
 
 
 def as_exported(cell: str, layer_weights: list):
@@ -104,11 +104,9 @@ def layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor], c0: Optiona
     """functional._layer under export: x [T, B, I] -> (out [T, B, D*P], h_n [D, B, P],
     c_n [D, B, H] or None), as ONNX's node (the dynamo exporter, a dynamic length: see the
     module's docstring) or through torch's RNN op of the cell."""
-    if lengths is not None:  # the modules export packed input by packed_rnn
-        raise NotImplementedError(
-            "fusedrnn.functional.rnn: ONNX export with per-sequence lengths is not supported; "
-            "export a module (fusedrnn.LSTM/GRU/RNN) fed a PackedSequence, or a padded input")
     cell, layer_weights = as_exported(cell, layer_weights)
+    if lengths is not None:
+        return _node_with_lengths(cell, x, layer_weights, h0, c0, lengths)
     if torch.compiler.is_compiling():  # the dynamo exporter
         if _writes_onnx_node(x, layer_weights) and isinstance(x.size(0), torch.SymInt):
             return _onnx_node_layer(cell, x, layer_weights, h0, c0)
@@ -126,6 +124,28 @@ def layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor], c0: Optiona
     result = _TORCH_OPS[cell](x, (h0, c0) if cell == "lstm" else h0, flat, has_bias, 1, 0.0,
                               False, num_dirs == 2, False)
     return result[0], result[1], (result[2] if cell == "lstm" else None)
+
+
+def _node_with_lengths(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor],
+                       c0: Optional[Tensor], lengths: Tensor, peephole: Optional[Tensor] = None):
+    """A layer with per-sequence lengths under the dynamo exporter: ONNX's node with its
+    sequence_lens input, which skips each sequence's padding as the kernels do (zero outputs
+    past its end, its last valid state as Y_h). The TorchScript-based exporter gets a module's
+    lengths as a PackedSequence (modules.py) and refuses them here, in a direct call of
+    functional.rnn; and the node takes neither a projection nor float64/bfloat16."""
+    if not torch.compiler.is_compiling():
+        raise NotImplementedError(
+            "fusedrnn.functional.rnn: the TorchScript-based ONNX exporter takes per-sequence "
+            "lengths from a module (fusedrnn.LSTM/GRU/RNN with lengths=, or fed a "
+            "PackedSequence), not from functional.rnn; or export with dynamo=True")
+    if not _writes_onnx_node(x, layer_weights):
+        raise NotImplementedError(
+            f"fusedrnn: ONNX export with per-sequence lengths writes ONNX's {_ONNX_NODES[cell]} "
+            f"node with sequence_lens, which takes float32 or float16 and no proj_size here "
+            f"(got {x.dtype}{', proj_size' if layer_weights[0][4] is not None else ''}); "
+            "export with dynamo=False, or feed a PackedSequence")
+    return _onnx_node_layer(cell, x, layer_weights, h0, c0, peephole,
+                            sequence_lens=lengths.to(torch.int32))
 
 
 def _onnx_gate_order(cell: str, t: Tensor, hidden: int) -> Tensor:
@@ -167,16 +187,17 @@ def _writes_onnx_node(x: Tensor, layer_weights) -> bool:
 
 
 def _onnx_node_layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor],
-                     c0: Optional[Tensor], peephole: Optional[Tensor] = None):
+                     c0: Optional[Tensor], peephole: Optional[Tensor] = None,
+                     sequence_lens: Optional[Tensor] = None):
     """The dynamo exporter: the layer as ONNX's LSTM/GRU/RNN node, written directly
     (torch.onnx.ops), its output shapes in x's symbolic T and B, so a model exported with a
-    dynamic length runs at any length."""
+    dynamic length runs at any length. sequence_lens: [B] int32, or None for all of T."""
     num_dirs, hidden = len(layer_weights), layer_weights[0][1].size(1)
     seq_len, batch = x.size(0), x.size(1)
     onnx_w, onnx_r, onnx_b = _onnx_operands(cell, layer_weights)
     attributes = {"hidden_size": hidden,
                   "direction": "bidirectional" if num_dirs == 2 else "forward"}
-    inputs = [x, onnx_w, onnx_r, onnx_b, None, h0]  # None: no sequence_lens
+    inputs = [x, onnx_w, onnx_r, onnx_b, sequence_lens, h0]
     if cell == "lstm":
         inputs += [c0, peephole]
     elif cell == "gru":
@@ -208,10 +229,11 @@ def peephole_layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor],
     """functional._layer of a peephole LSTM under export, as `layer`: torch has no peephole RNN
     op, but ONNX's LSTM node has a peephole input (P), which the TorchScript-based exporter
     writes from _PeepholeLstmNode's symbolic and the dynamo exporter from _onnx_node_layer.
-    Refused: a projection (ONNX's LSTM has none), lengths (a PackedSequence: torch's packed op
-    has no peepholes either), and under the dynamo exporter a dtype onnxruntime cannot run the
-    node in (there is no torch op to fall back on)."""
-    if lengths is not None:
+    Refused: a projection (ONNX's LSTM has none), lengths under the TorchScript-based exporter
+    (a PackedSequence: torch's packed op has no peepholes either; the dynamo exporter gives them
+    to the node as sequence_lens), and under the dynamo exporter a dtype onnxruntime cannot run
+    the node in (there is no torch op to fall back on)."""
+    if lengths is not None and not torch.compiler.is_compiling():
         refuse_packed_peephole()
     if layer_weights[0][4] is not None:
         refuse_peephole("proj_size is not supported (ONNX's LSTM node has no projection)")
@@ -219,6 +241,8 @@ def peephole_layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor],
     num_dirs, batch = len(layer_weights), x.size(1)
     hidden = layer_weights[0][1].size(1)
     onnx_p = torch.stack([w[5][[0, 2, 1]].reshape(-1) for w in layer_weights])  # i, o, f
+    if lengths is not None:
+        return _node_with_lengths("lstm", x, layer_weights, h0, c0, lengths, onnx_p)
     if torch.compiler.is_compiling():  # the dynamo exporter
         if not _writes_onnx_node(x, layer_weights):
             refuse_peephole(f"ONNX's LSTM node, the only one with peepholes, takes float32 or "

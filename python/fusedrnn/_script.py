@@ -44,6 +44,40 @@ def check_input(input: Tensor, weight: Tensor, input_size: int, expected_dim: in
                            f"tensor at {input.device} and parameter tensor at {weight.device}")
 
 
+def _module_name(mode: str) -> str:
+    return "RNN" if mode.startswith("RNN") else mode
+
+
+def check_no_lengths(lengths: Optional[Tensor], mode: str) -> None:
+    """_validation.check_lengths_input's PackedSequence case."""
+    if lengths is not None:
+        raise ValueError(f"{_module_name(mode)}: lengths is for a padded tensor input; a "
+                         "PackedSequence carries its own (its batch_sizes)")
+
+
+def refuse_unbatched_lengths(input: Tensor, mode: str) -> None:
+    """_validation.check_lengths_input's unbatched case."""
+    raise ValueError(f"{_module_name(mode)}: lengths needs a batched input (3D: [T, B, I], or "
+                     f"[B, T, I] with batch_first), got a 2D (unbatched) input of shape "
+                     f"{shape_text(input.shape)}")
+
+
+def checked_lengths(lengths: Tensor, x: Tensor) -> Tensor:
+    """functional._checked_lengths for a time-major x [T, B, I]: [B] integers in [1, T], returned
+    as int64 on x's device."""
+    batch, seq_len = x.size(1), x.size(0)
+    if (lengths.dim() != 1 or lengths.size(0) != batch or lengths.is_floating_point()
+            or lengths.is_complex() or lengths.dtype == torch.bool):
+        raise ValueError(f"lengths must be an integer tensor of shape ({batch},) (one length per "
+                         f"sequence), got {lengths.dtype} of shape {shape_text(lengths.shape)}")
+    if batch > 0:
+        low, high = int(lengths.min()), int(lengths.max())
+        if low < 1 or high > seq_len:
+            raise ValueError(f"lengths must lie in [1, {seq_len}] (the sequence length), got "
+                             f"values from {low} to {high}")
+    return lengths.to(device=x.device, dtype=torch.int64).contiguous()
+
+
 def check_state_dtype_and_device(state: Tensor, input: Tensor, name: str) -> None:
     if state.device != input.device:
         raise RuntimeError(f"Input and hidden tensors are not at the same device, found input "

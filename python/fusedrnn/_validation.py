@@ -14,6 +14,7 @@ import warnings
 
 import torch
 from torch import Tensor
+from torch.nn.utils.rnn import PackedSequence
 
 from ._backend import DTYPE_CODES, GATE_COUNT, LSTM_CELLS, PEEPHOLE_ROWS, SAVED_GATE_COUNT
 
@@ -147,6 +148,19 @@ def check_input_dim(name: str, input: Tensor, allowed: tuple) -> None:
         noun = " tensor" if name == "RNN" else ""
         raise ValueError(f"{name}: Expected input to be {dims}, got {input.dim()}D{noun} instead "
                          f"(input shape {tuple(input.shape)})")
+
+
+def check_lengths_input(name: str, input) -> None:
+    """A module's `lengths` (fusedrnn's, torch.nn has none) goes with a batched padded tensor:
+    a PackedSequence carries its own lengths, and an unbatched input is one sequence. Other
+    input ranks are reported as torch.nn reports them (check_input_dim)."""
+    if isinstance(input, PackedSequence):
+        raise ValueError(f"{name}: lengths is for a padded tensor input; a PackedSequence "
+                         "carries its own (its batch_sizes)")
+    if isinstance(input, Tensor) and input.dim() == 2:
+        raise ValueError(f"{name}: lengths needs a batched input (3D: [T, B, I], or [B, T, I] "
+                         f"with batch_first), got a 2D (unbatched) input of shape "
+                         f"{tuple(input.shape)}")
 
 
 def check_input(input: Tensor, weight: Tensor, input_size: int, expected_dim: int) -> None:

@@ -138,6 +138,10 @@ def _rnn(cell, input, weights, hx, num_layers, num_directions, batch_first, leng
 
     x = input.transpose(0, 1) if batch_first else input  # time-major view, like torch's kernels
     batch = x.shape[1]
+    order = _longest_first(x, lengths)
+    if order is not None:
+        x, lengths = x.index_select(1, order), lengths.index_select(0, order)
+        h0_all, c0_all = _rows(h0_all, order), _rows(c0_all, order)
     if dropout_fn is None:
         def dropout_fn(output):
             return F.dropout(output, dropout, training=True)
@@ -161,7 +165,12 @@ def _rnn(cell, input, weights, hx, num_layers, num_directions, batch_first, leng
         if apply_dropout and layer < num_layers - 1:
             x = dropout_fn(x)
 
-    if not _backend.recording_graph() and isinstance(
+    h_n = torch.cat(h_n) if num_layers > 1 else h_n[0]
+    c_n = (torch.cat(c_n) if num_layers > 1 else c_n[0]) if cell in LSTM_CELLS else None
+    if order is not None:  # (a gather: the caller gets a tensor of its own)
+        back = torch.argsort(order)
+        x, h_n, c_n = x.index_select(1, back), h_n.index_select(1, back), _rows(c_n, back)
+    elif not _backend.recording_graph() and isinstance(
             x.grad_fn, _layer_recurrence._LayerRecurrence._backward_cls):
         # The last layer's node saved this very tensor (its backward reads h_{t-1} from it).
         # torch.nn's CPU RNNs return one of their own, so callers change it in place before
@@ -169,8 +178,6 @@ def _rnn(cell, input, weights, hx, num_layers, num_directions, batch_first, leng
         # (LSTM B=64 T=50 H=256 training on the 2-core VM: 0.07 ms of an 81 ms call).
         x = x.clone()
     output = x.transpose(0, 1) if batch_first else x
-    h_n = torch.cat(h_n) if num_layers > 1 else h_n[0]
-    c_n = (torch.cat(c_n) if num_layers > 1 else c_n[0]) if cell in LSTM_CELLS else None
     if compute_dtype != out_dtype:
         output, h_n, c_n = output.to(out_dtype), h_n.to(out_dtype), _cast(c_n, out_dtype)
     return output, h_n, c_n
@@ -359,18 +366,46 @@ def _empty_layer(cell: str, x: Tensor, layer_weights, num_directions: int,
 # --- small helpers --------------------------------------------------------------------------------
 
 def _checked_lengths(lengths, input: Tensor, batch_first: bool) -> Tensor:
-    """The kernels trust lengths (params.h): [B] int64 on the input's device, each in [1, T]."""
+    """The kernels trust lengths (params.h): [B] int64 on the input's device, each in [1, T].
+    The values are read here eagerly (on CUDA a sync, as torch.nn's packing makes), except:
+    while a graph is recorded (torch.compile, torch.export, jit.trace), where the layer op checks
+    them each time it runs; while a CUDA graph is captured, where a device-side assert stops the
+    launch instead, as the op's check does; and for meta and fake tensors, which hold none."""
     seq_len, batch = (input.shape[1], input.shape[0]) if batch_first else input.shape[:2]
     lengths = torch.as_tensor(lengths)
-    if lengths.shape != (batch,) or lengths.is_floating_point() or lengths.is_complex():
+    if (lengths.shape != (batch,) or lengths.is_floating_point() or lengths.is_complex()
+            or lengths.dtype == torch.bool):
         raise ValueError(f"lengths must be an integer tensor of shape ({batch},) (one length per "
                          f"sequence), got {lengths.dtype} of shape {tuple(lengths.shape)}")
-    if batch > 0:
-        low, high = int(lengths.min()), int(lengths.max())
-        if low < 1 or high > seq_len:
-            raise ValueError(f"lengths must lie in [1, {seq_len}] (the sequence length), got "
-                             f"values from {low} to {high}")
+    if batch > 0 and not (_backend.recording_graph() or _backend.without_data(lengths)):
+        in_range = f"lengths must lie in [1, {seq_len}] (the sequence length)"
+        if lengths.is_cuda and torch.cuda.is_current_stream_capturing():
+            torch._assert_async(((lengths >= 1) & (lengths <= seq_len)).all(), in_range)
+        else:
+            low, high = (int(v) for v in torch.aminmax(lengths))
+            if low < 1 or high > seq_len:
+                raise ValueError(f"{in_range}, got values from {low} to {high}")
     return lengths.to(device=input.device, dtype=torch.int64).contiguous()
+
+
+def _longest_first(x: Tensor, lengths: Optional[Tensor]) -> Optional[Tensor]:
+    """The batch order, longest sequence first, in which the CPU recurrence runs lengths that are
+    not in that order already (a padded input with lengths; a PackedSequence's are): its steps
+    compute rows [0, n) where n is the last row still running (recurrence_common.h, Steps), so
+    a finished sequence among running ones is computed on to the end. None where nothing is
+    reordered: no lengths, sorted ones, another backend, or a graph being recorded (the order
+    would depend on the values). LSTM B=32 T=100 H=256 inference, lengths uniform in [10, 100],
+    on the 2-core Zen 4 VM: 44 ms unsorted, 36.7 ms sorted, the gathers included."""
+    if (lengths is None or x.shape[1] < 2 or x.device.type != "cpu"
+            or _backend.backend_name() != "cpu" or not _backend.plain_eager()
+            or bool((lengths[:-1] >= lengths[1:]).all())):
+        return None
+    return torch.argsort(lengths, descending=True, stable=True)
+
+
+def _rows(state: Optional[Tensor], order: Tensor) -> Optional[Tensor]:
+    """A [L*D, B, .] state's batch rows in `order`."""
+    return state.index_select(1, order) if state is not None else None
 
 
 def _compute_dtype(input: Tensor) -> torch.dtype:

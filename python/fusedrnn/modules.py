@@ -4,6 +4,9 @@ Constructor signatures, attributes, parameter names/order/shapes/initialisation,
 contract (batched and unbatched input, batch_first, optional hx, PackedSequence in and out with
 torch.nn's sorted/unsorted index handling, result shapes) and the exception classes of bad input are
 torch.nn's, so a module can replace its torch.nn twin and `load_state_dict` works both ways.
+Beyond torch.nn, the forward takes `lengths=` (one length per sequence of a padded batch), with
+the result of packing, running and padding again, and static shapes (README, "Variable lengths
+without packing").
 The math runs in `functional.rnn` (under torch.jit.script, in its TorchScript twin, _script.py);
 this file only adapts torch.nn's calling conventions to it. The cells are cell_modules.py.
 """
@@ -13,7 +16,7 @@ from typing import Optional, overload
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.rnn import PackedSequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from . import _backend, _cell_step, _inference, _onnx_export, _script
 from . import _validation as check
@@ -347,19 +350,26 @@ class RNNBase(nn.Module):
         return _cell_step.stack(self._cell, x, weights, h0, c0, self.num_layers,
                                 2 if self.bidirectional else 1)
 
-    def _eager_forward(self, input, hx):
-        fast = self._fast_forward(input, hx)
-        if fast is not None:
-            return fast
-        return _checked_call(self._checked_forward, input, hx)
+    def _eager_forward(self, input, hx, lengths=None):
+        if lengths is None:
+            fast = self._fast_forward(input, hx)
+            if fast is not None:
+                return fast
+        return _checked_call(self._checked_forward, input, hx, lengths)
 
-    def _checked_forward(self, input, hx):
-        """Every other call: validated like torch.nn, packed sequences, autocast, dropout."""
+    def _checked_forward(self, input, hx, lengths=None):
+        """Every other call: validated like torch.nn, packed sequences, per-sequence lengths,
+        autocast, dropout."""
         is_lstm = self.mode == "LSTM"
         layer_weights = self._layer_weights()  # each weight read once, before anything random
         weight = layer_weights[0][0]
         input, hx = _follow_autocast(input, hx, weight)
         packed = isinstance(input, PackedSequence)
+        if lengths is not None:
+            check.check_lengths_input(self._display_name, input)
+            if (_backend.recording_graph() and _onnx_export.active()
+                    and not torch.compiler.is_compiling()):  # (the dynamo exporter: the node)
+                return self._exported_forward_with_lengths(input, hx, lengths, layer_weights)
         if packed and _backend.recording_graph() and _onnx_export.active():
             if self._has_peephole:
                 _onnx_export.refuse_packed_peephole()
@@ -382,7 +392,6 @@ class RNNBase(nn.Module):
             batch_first = self.batch_first
             x = input if batched else input.unsqueeze(0 if batch_first else 1)
             check.check_input(x, weight, self.input_size, expected_dim=3)
-            lengths = None
         batch = x.size(0) if batch_first else x.size(1)
         if hx is not None:
             hx = self._checked_hx(states, x, batch, sorted_indices if packed else None)
@@ -421,6 +430,22 @@ class RNNBase(nn.Module):
         h_n, c_n = _in_caller_order(h_n, c_n, unsorted_indices)
         output = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
         return (output, (h_n, c_n)) if self.mode == "LSTM" else (output, h_n)
+
+    def _exported_forward_with_lengths(self, input: Tensor, hx, lengths, layer_weights: list):
+        """The TorchScript-based ONNX exporter, a padded input with lengths: packed, run as a
+        PackedSequence (torch's packed RNN op, which that exporter writes as ONNX's node with its
+        sequence_lens), and padded again to the input's length, zeros past each end, as the
+        kernels write them. (The dynamo exporter writes the node itself: _onnx_export.layer.)"""
+        if self._has_peephole:
+            _onnx_export.refuse_packed_peephole()
+        total_length = input.size(1 if self.batch_first else 0)
+        lengths = torch.as_tensor(lengths).to("cpu", torch.int64)
+        packed = pack_padded_sequence(input, lengths, batch_first=self.batch_first,
+                                      enforce_sorted=False)
+        output, state = self._exported_packed_forward(packed, hx, layer_weights)
+        output, _ = pad_packed_sequence(output, batch_first=self.batch_first,
+                                        total_length=total_length)
+        return output, state
 
     def _state_tuple(self, hx, batched: Optional[bool]) -> tuple:
         """hx as a tuple of its states (an LSTM's pair, else one), each given a batch dimension
@@ -482,8 +507,8 @@ class RNNBase(nn.Module):
             _script.check_state_dtype_and_device(c0, x, "c_0")
         return h0, c0
 
-    def _script_forward(self, input: Tensor, h0: Optional[Tensor], c0: Optional[Tensor]
-                        ) -> tuple[Tensor, Tensor, Tensor]:
+    def _script_forward(self, input: Tensor, h0: Optional[Tensor], c0: Optional[Tensor],
+                        lengths: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
         """TorchScript, a tensor input: (output, h_n, c_n or an empty tensor), as
         _checked_forward returns them."""
         if input.dim() != 2 and input.dim() != 3:
@@ -492,6 +517,8 @@ class RNNBase(nn.Module):
             raise ValueError(f"{name}: Expected input to be 2D or 3D, got {input.dim()}D{noun} "
                              "instead")
         batched = input.dim() == 3
+        if lengths is not None and not batched:
+            _script.refuse_unbatched_lengths(input, self.mode)
         # torch.nn's order, as the eager path's (_checked_forward).
         _script.check_module_state_dims(h0, c0, batched)
         x = input if batched else input.unsqueeze(0 if self.batch_first else 1)
@@ -503,10 +530,12 @@ class RNNBase(nn.Module):
         if x.size(0) == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN, got an "
                                "input with 0 time steps")
+        if lengths is not None:
+            lengths = _script.checked_lengths(lengths, x)
         output, h_n, c_n = _script.rnn(
             self.mode.lower(), x, h0, c0, weights, self.num_layers,
             2 if self.bidirectional else 1, self.bias, self.proj_size > 0, self.dropout,
-            self.training, None)
+            self.training, lengths)
         output = output.transpose(0, 1) if self.batch_first else output
         if not batched:
             output = output.squeeze(0 if self.batch_first else 1)
@@ -588,26 +617,28 @@ class LSTM(RNNBase):
 
     @overload
     @torch._jit_internal._overload_method  # torch.nn.LSTM's two signatures, for TorchScript
-    def forward(self, input: Tensor, hx: Optional[tuple[Tensor, Tensor]] = None
-                ) -> tuple[Tensor, tuple[Tensor, Tensor]]: ...
+    def forward(self, input: Tensor, hx: Optional[tuple[Tensor, Tensor]] = None,
+                lengths: Optional[Tensor] = None) -> tuple[Tensor, tuple[Tensor, Tensor]]: ...
 
     @overload
     @torch._jit_internal._overload_method
-    def forward(self, input: PackedSequence, hx: Optional[tuple[Tensor, Tensor]] = None
+    def forward(self, input: PackedSequence, hx: Optional[tuple[Tensor, Tensor]] = None,
+                lengths: Optional[Tensor] = None
                 ) -> tuple[PackedSequence, tuple[Tensor, Tensor]]: ...
 
-    def forward(self, input, hx=None):
+    def forward(self, input, hx=None, lengths=None):
         if torch.jit.is_scripting():
             h0: Optional[Tensor] = None
             c0: Optional[Tensor] = None
             if hx is not None:
                 h0, c0 = hx[0], hx[1]
             if isinstance(input, PackedSequence):
+                _script.check_no_lengths(lengths, self.mode)
                 packed, h_n, c_n = self._script_packed_forward(input, h0, c0)
                 return packed, (h_n, c_n)
-            output, h_n, c_n = self._script_forward(input, h0, c0)
+            output, h_n, c_n = self._script_forward(input, h0, c0, lengths)
             return output, (h_n, c_n)
-        return self._eager_forward(input, hx)
+        return self._eager_forward(input, hx, lengths)
 
 
 class GRU(RNNBase):
@@ -624,21 +655,23 @@ class GRU(RNNBase):
     # them, so GRU and RNN each carry this block (as torch.nn's do).
     @overload
     @torch._jit_internal._overload_method
-    def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> tuple[Tensor, Tensor]: ...
+    def forward(self, input: Tensor, hx: Optional[Tensor] = None,
+                lengths: Optional[Tensor] = None) -> tuple[Tensor, Tensor]: ...
 
     @overload
     @torch._jit_internal._overload_method
-    def forward(self, input: PackedSequence, hx: Optional[Tensor] = None
-                ) -> tuple[PackedSequence, Tensor]: ...
+    def forward(self, input: PackedSequence, hx: Optional[Tensor] = None,
+                lengths: Optional[Tensor] = None) -> tuple[PackedSequence, Tensor]: ...
 
-    def forward(self, input, hx=None):
+    def forward(self, input, hx=None, lengths=None):
         if torch.jit.is_scripting():
             if isinstance(input, PackedSequence):
+                _script.check_no_lengths(lengths, self.mode)
                 packed, h_n, _ = self._script_packed_forward(input, hx, None)
                 return packed, h_n
-            output, h_n, _ = self._script_forward(input, hx, None)
+            output, h_n, _ = self._script_forward(input, hx, None, lengths)
             return output, h_n
-        return self._eager_forward(input, hx)
+        return self._eager_forward(input, hx, lengths)
 
 
 class RNN(RNNBase):
@@ -659,21 +692,23 @@ class RNN(RNNBase):
     # them, so GRU and RNN each carry this block (as torch.nn's do).
     @overload
     @torch._jit_internal._overload_method
-    def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> tuple[Tensor, Tensor]: ...
+    def forward(self, input: Tensor, hx: Optional[Tensor] = None,
+                lengths: Optional[Tensor] = None) -> tuple[Tensor, Tensor]: ...
 
     @overload
     @torch._jit_internal._overload_method
-    def forward(self, input: PackedSequence, hx: Optional[Tensor] = None
-                ) -> tuple[PackedSequence, Tensor]: ...
+    def forward(self, input: PackedSequence, hx: Optional[Tensor] = None,
+                lengths: Optional[Tensor] = None) -> tuple[PackedSequence, Tensor]: ...
 
-    def forward(self, input, hx=None):
+    def forward(self, input, hx=None, lengths=None):
         if torch.jit.is_scripting():
             if isinstance(input, PackedSequence):
+                _script.check_no_lengths(lengths, self.mode)
                 packed, h_n, _ = self._script_packed_forward(input, hx, None)
                 return packed, h_n
-            output, h_n, _ = self._script_forward(input, hx, None)
+            output, h_n, _ = self._script_forward(input, hx, None, lengths)
             return output, h_n
-        return self._eager_forward(input, hx)
+        return self._eager_forward(input, hx, lengths)
 
 
 # The dtypes every backend runs natively. On the CPU the inference plan also takes bfloat16
