@@ -299,3 +299,75 @@ def test_lengths_onnx_export_runs_in_onnxruntime(cls, kwargs, dynamo):
     with torch.no_grad():
         expected = model(x2, lengths2)
     _assert_same([torch.from_numpy(g) for g in got], expected, 1e-5)
+
+
+# --- found by review (helper-55): all failed before their fix -------------------------------------
+
+def test_lengths_checked_under_a_compiled_torch_func_transform():
+    """A compiled torch.func.grad runs the layers as fusedrnn.reference's ops, not the layer op
+    that checks lengths when it runs: the graph holds an assert of its own. (Lengths of 0 and 9
+    for T=6 were taken silently.)"""
+    torch.manual_seed(0)
+    module = fusedrnn.GRU(3, 4)
+    params = dict(module.named_parameters())
+    x = torch.randn(6, 3, 3)
+
+    def loss(p, lengths):
+        return torch.func.functional_call(module, p, (x,), {"lengths": lengths})[0].sum()
+
+    compiled = torch.compile(torch.func.grad(loss), fullgraph=True, backend="aot_eager")
+    good = torch.tensor([6, 2, 4])
+    expected = torch.func.grad(loss)(params, good)
+    got = compiled(params, good)
+    for name in params:
+        assert_close(got[name], expected[name], 1e-6, name)
+    with pytest.raises(RuntimeError, match=r"lengths must lie in \[1, 6\]"):
+        compiled(params, torch.tensor([0, 9, 3]))
+
+
+def test_vmap_over_per_example_lengths():
+    """torch.func.vmap over a batch of lengths (not only over x): each example's result is its
+    own call's, and the values of every example are checked. (The check read a batched tensor:
+    torch's .item() error.)"""
+    torch.manual_seed(0)
+    module = fusedrnn.GRU(3, 4)
+    xs = torch.randn(2, 5, 3, 3)
+    all_lengths = torch.tensor([[5, 2, 1], [3, 5, 4]])
+    got = torch.func.vmap(lambda x, lengths: module(x, lengths=lengths)[0])(xs, all_lengths)
+    for x, lengths, one in zip(xs, all_lengths, got):
+        assert_close(one, module(x, lengths=lengths)[0], 1e-6, "vmapped example")
+    with pytest.raises(ValueError, match=r"lengths must lie in \[1, 5\] .* from 1 to 6"):
+        torch.func.vmap(lambda x, lengths: module(x, lengths=lengths)[0])(
+            xs, torch.tensor([[5, 2, 1], [3, 6, 4]]))
+
+
+def test_the_caller_may_update_its_lengths_after_the_forward():
+    """torch.nn's packing keeps nothing of the caller's lengths; neither does fusedrnn now (it
+    saved the caller's own int64 tensor, and `lengths -= 1` before backward made it raise)."""
+    torch.manual_seed(0)
+    module = fusedrnn.LSTM(3, 4)
+    x = torch.randn(5, 3, 3, requires_grad=True)
+    lengths = torch.tensor([5, 4, 2])  # sorted int64: nothing else copied it
+    expected = torch.autograd.grad(module(x, lengths=lengths)[0].sum(), x)[0]
+    out = module(x, lengths=lengths)[0]
+    lengths -= 1
+    assert_close(torch.autograd.grad(out.sum(), x)[0], expected, 1e-12, "d_x")
+
+
+def test_an_empty_batch_takes_an_empty_list():
+    """(torch.as_tensor([]) is a float tensor, which was refused as one.)"""
+    out, h = fusedrnn.GRU(4, 5)(torch.randn(6, 0, 4), lengths=[])
+    assert out.shape == (6, 0, 5) and h.shape == (1, 0, 5)
+
+
+def test_onnx_refusal_of_a_projected_lstm_with_lengths_gives_no_false_advice():
+    """ONNX's node with sequence_lens has no projection, and the TorchScript-based exporter takes
+    no projected LSTM either: the dynamo exporter's refusal says so (it advised dynamo=False)."""
+    pytest.importorskip("onnxscript")
+    model = _Tagger(fusedrnn.LSTM, proj_size=3)
+    model.head = nn.Linear(6, 3)
+    (x, lengths), _ = _examples()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(Exception, match="proj_size and per-sequence lengths is not supported"):
+            torch.onnx.export(model, (x, lengths), dynamo=True)

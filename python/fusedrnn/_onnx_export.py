@@ -138,12 +138,16 @@ def _node_with_lengths(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor]
             "fusedrnn.functional.rnn: the TorchScript-based ONNX exporter takes per-sequence "
             "lengths from a module (fusedrnn.LSTM/GRU/RNN with lengths=, or fed a "
             "PackedSequence), not from functional.rnn; or export with dynamo=True")
+    if layer_weights[0][4] is not None:
+        raise NotImplementedError(
+            "fusedrnn: ONNX export of an LSTM with proj_size and per-sequence lengths is not "
+            "supported: ONNX's LSTM node, the one with sequence_lens, has no projection (nor "
+            "does the TorchScript-based exporter take torch.nn's projected LSTM)")
     if not _writes_onnx_node(x, layer_weights):
         raise NotImplementedError(
             f"fusedrnn: ONNX export with per-sequence lengths writes ONNX's {_ONNX_NODES[cell]} "
-            f"node with sequence_lens, which takes float32 or float16 and no proj_size here "
-            f"(got {x.dtype}{', proj_size' if layer_weights[0][4] is not None else ''}); "
-            "export with dynamo=False, or feed a PackedSequence")
+            f"node with sequence_lens, which onnxruntime runs in float32 or float16, not "
+            f"{x.dtype}: export the model in float32")
     return _onnx_node_layer(cell, x, layer_weights, h0, c0, peephole,
                             sequence_lens=lengths.to(torch.int32))
 

@@ -68,14 +68,18 @@ def checked_lengths(lengths: Tensor, x: Tensor) -> Tensor:
     batch, seq_len = x.size(1), x.size(0)
     if (lengths.dim() != 1 or lengths.size(0) != batch or lengths.is_floating_point()
             or lengths.is_complex() or lengths.dtype == torch.bool):
+        # (A script prints a dtype as its number: the kind instead.)
+        kind = "a floating-point or complex" if lengths.is_floating_point() or lengths.is_complex() \
+            else ("a bool" if lengths.dtype == torch.bool else "an integer")
         raise ValueError(f"lengths must be an integer tensor of shape ({batch},) (one length per "
-                         f"sequence), got {lengths.dtype} of shape {shape_text(lengths.shape)}")
+                         f"sequence), got {kind} tensor of shape {shape_text(lengths.shape)}")
     if batch > 0:
         low, high = int(lengths.min()), int(lengths.max())
         if low < 1 or high > seq_len:
             raise ValueError(f"lengths must lie in [1, {seq_len}] (the sequence length), got "
                              f"values from {low} to {high}")
-    return lengths.to(device=x.device, dtype=torch.int64).contiguous()
+    # A private copy, as functional._checked_lengths returns.
+    return lengths.to(device=x.device, dtype=torch.int64, copy=True).contiguous()
 
 
 def check_state_dtype_and_device(state: Tensor, input: Tensor, name: str) -> None:
