@@ -122,8 +122,9 @@ def test_sigmoid_saturates_exactly_as_torch(isa, monkeypatch):
     saturated gate's derivative s(1 - s) is then 0, as torch's. Before, AVX2 gave 1 - 2^-24 up to
     +inf and the AVX-512 and generic builds 6e-39 down to -inf."""
     monkeypatch.setenv("FUSEDRNN_CPU_ISA", isa)
-    x = torch.tensor([16.7, 17.0, 20.0, 1e4, 1e30, float("inf"),
-                      -88.73, -90.0, -1e4, -1e30, float("-inf")])
+    # (16.635532 and -88.722839 are the first floats past 24 ln 2 and -ln FLT_MAX.)
+    x = torch.tensor([16.635532379150390625, 16.7, 17.0, 20.0, 1e4, 1e30, float("inf"),
+                      -88.72283935546875, -88.73, -90.0, -1e4, -1e30, float("-inf")])
     y = _native_sigmoid(torch.cat([x, torch.tensor([float("nan")])]))
     assert torch.equal(y[:-1], torch.sigmoid(x)), y.tolist()
     assert torch.isnan(y[-1])

@@ -187,8 +187,9 @@ FUSEDRNN_VEC_INLINE Vec<float, W> recip(Vec<float, W> x) {
 }
 
 // 1 / (1 + e^-x), saturated as torch.sigmoid's same formula saturates: exactly 1 where
-// 1 + e^-x rounds to 1 (e^-x < 2^-24: x > 24 ln 2), exactly 0 where e^-x overflows (x > ln of
-// FLT_MAX). Left to the approximations, a saturated gate was 1 - 2^-24 (AVX2's refined
+// 1 + e^-x rounds to 1 (e^-x < 2^-24: x > 24 ln 2), exactly 0 where e^-x overflows
+// (x < -ln FLT_MAX). The constants are the first floats past those bounds, so they compare
+// inclusively. Left to the approximations, a saturated gate was 1 - 2^-24 (AVX2's refined
 // reciprocal) or 6e-39 (exp_poly clamps at 88), and its derivative s(1-s) was not 0 as torch's
 // is: a forget gate stuck at 1 - 2^-24 leaked over a long sequence (LSTM with forget bias 20,
 // T=20000, AVX2: c_n 9e-4 off against torch's 1e-5), and 6e-39 times operands of 1e30 made
@@ -198,8 +199,8 @@ FUSEDRNN_VEC_INLINE Vec<float, W> act_sigmoid(Vec<float, W> x) {
   using V = Vec<float, W>;
   using R = typename V::Raw;
   R y = recip(V(1.0f) + exp_poly(-x)).v;
-  y = x.v > 16.6355324f ? R{} + 1.0f : y;  // NaN keeps its lane
-  y = x.v < -88.7228394f ? R{} : y;
+  y = x.v >= 16.6355324f ? R{} + 1.0f : y;  // NaN keeps its lane
+  y = x.v <= -88.7228394f ? R{} : y;
   return V::of(y);
 }
 
