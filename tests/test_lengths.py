@@ -371,3 +371,32 @@ def test_onnx_refusal_of_a_projected_lstm_with_lengths_gives_no_false_advice():
         warnings.simplefilter("ignore")
         with pytest.raises(Exception, match="proj_size and per-sequence lengths is not supported"):
             torch.onnx.export(model, (x, lengths), dynamo=True)
+
+
+@pytest.mark.parametrize("given", ["list", "tuple", "int32", "uint8", "strided"])
+def test_lengths_in_any_integer_form(given):
+    """A list, a tuple, another integer dtype or a strided tensor: the results of an int64
+    tensor."""
+    module, _ = _pair("GRU", dict(bidirectional=True))
+    values = LENGTHS["unsorted"]
+    x, _ = _inputs(module, len(values), 6, with_state=False)
+    forms = {"list": list(values), "tuple": tuple(values),
+             "int32": torch.tensor(values, dtype=torch.int32),
+             "uint8": torch.tensor(values, dtype=torch.uint8),
+             "strided": torch.tensor([[v, 0] for v in values])[:, 0]}
+    expected = _results(*module(x, lengths=torch.tensor(values)))
+    got = _results(*module(x, lengths=forms[given]))
+    for a, e in zip(got, expected):
+        assert torch.equal(a, e)
+
+
+def test_the_cpu_runs_unsorted_lengths_longest_first():
+    """The CPU kernel computes each step's rows up to the last one still running, so unsorted
+    lengths are put longest first (functional._longest_first); sorted ones are left alone."""
+    from fusedrnn import functional
+    x = torch.zeros(6, 5, 4)
+    order = functional._longest_first(x, torch.tensor(LENGTHS["unsorted"]))
+    assert order is not None
+    assert torch.tensor(LENGTHS["unsorted"])[order].tolist() == sorted(LENGTHS["unsorted"],
+                                                                      reverse=True)
+    assert functional._longest_first(x, torch.tensor(LENGTHS["sorted"])) is None

@@ -442,9 +442,9 @@ def test_create_graph_after_an_in_place_write_of_an_unsaved_weight_raises():
 @requires_native
 @pytest.mark.parametrize("kind, seq_len", [("GRU", 5), ("RNN", 1), ("GRUCell", None)])
 def test_create_graph_after_an_in_place_bias_write_raises(kind, seq_len):
-    """create_graph recomputes the layer from its biases, which are kept by reference: one
-    written after the forward must raise, as a saved tensor does, not give the gradient of a
-    forward that never ran."""
+    """create_graph recomputes the layer from its biases, which the forward keeps for that alone
+    (a first-order backward reads none): one written after the forward must raise, as a saved
+    tensor does, not give the gradient of a forward that never ran."""
     name = "bias_hh" if seq_len is None else "bias_hh_l0"
     x = torch.randn(*((2, 3) if seq_len is None else (seq_len, 2, 3)), dtype=torch.float64)
     m = getattr(fusedrnn, kind)(3, 4, dtype=torch.float64)

@@ -173,3 +173,32 @@ def test_hooks_see_the_input_projections_copy_of_a_strided_input(monkeypatch):
     got = torch.autograd.grad(out.square().sum(), [x, *module.parameters()])
     for g, e in zip(got, expected):
         assert rel_err(g, e) <= 1e-6
+
+
+@pytest.mark.parametrize("name", ["LSTM", "GRUCell"])
+def test_what_the_hook_packed_is_freed_by_the_backward(name):
+    """A first-order backward (no retain_graph) frees what the forward saved, the hook's copies
+    with it, while the graph's outputs are still referenced (a training loop's `loss` until the
+    next forward), as with torch.nn. The copies kept for create_graph lived on to the graph's end
+    (found by review)."""
+    torch.manual_seed(0)
+    module = getattr(fusedrnn, name)(4, 5, **({} if name.endswith("Cell") else
+                                              dict(num_layers=2, bidirectional=True)))
+    x = torch.randn(*((3, 4) if name.endswith("Cell") else (6, 3, 4)), requires_grad=True)
+    copies = []
+
+    def pack(t):
+        copy = t.clone()
+        copies.append(weakref.ref(copy))
+        return copy
+
+    with saved_tensors_hooks(pack, lambda t: t):
+        result = module(x * 2)
+    out = result[0] if isinstance(result, tuple) else result
+    loss = out.square().sum()
+    loss.backward()
+    gc.collect()
+    alive = [r() for r in copies if r() is not None]
+    assert not alive, f"{len(alive)} packed copies outlived the backward: " \
+                      f"{[tuple(t.shape) for t in alive]}"
+    del loss, out, result

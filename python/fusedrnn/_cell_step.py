@@ -347,17 +347,19 @@ class _CellStep(torch.autograd.Function):
         # So are h and c (states_read_by_backward).
         needs = ctx.needs_input_grad  # cell, checked, x, h, c, w_ih, w_hh, b_ih, b_hh, peephole
         operands, read_by_first_order = (x, w_ih, w_hh), (needs[5], needs[2], needs[3])
-        kept = tuple(t if need else None for t, need in zip(operands, read_by_first_order))
+        saved_operands = tuple(t if need else None
+                               for t, need in zip(operands, read_by_first_order))
         h_read, c_read = states_read_by_backward(
             cell, h, c, w_hh_needs_grad=needs[6], peephole=peephole is not None,
             more_than_c_needs_grad=any(needs[2:4]) or any(needs[5:]))
         ctx.given_c = c is not None
-        ctx.save_for_backward(kept[0], h_read, c_read, kept[1], kept[2], gates, saved, peephole)
+        ctx.save_for_backward(saved_operands[0], h_read, c_read, saved_operands[1],
+                              saved_operands[2], gates, saved, peephole)
         # The rest only for create_graph (_recomputed_grads.keep); so are the biases, which the
         # native backward never reads: a bias written in place before it is fine, as in torch.nn
         # (saved, its version check would raise).
         ctx.kept = _recomputed_grads.keep((
-            b_ih, b_hh, *(t if k is None else None for t, k in zip(operands, kept)),
+            b_ih, b_hh, *(t if k is None else None for t, k in zip(operands, saved_operands)),
             h if h_read is not h else None, c if c_read is not c else None))
         return (h_next, c_next) if cell in LSTM_CELLS else h_next
 
@@ -371,11 +373,8 @@ class _CellStep(torch.autograd.Function):
         gates, saved = _contiguous(gates), _contiguous(saved)
         needs = ctx.needs_input_grad[2:]  # x, h, c, w_ih, w_hh, b_ih, b_hh, peephole
         if _recomputed_grads.applies((d_h, d_c)):  # create_graph, or batched gradients
-            b_ih, b_hh, *refs = _recomputed_grads.unpack_kept(ctx.kept)
-            # Each operand and state was saved as itself or kept (a GRU's h: both, the saved one
-            # a private copy).
-            x, w_ih, w_hh, h, c = (ref if ref is not None else t
-                                   for t, ref in zip((x, w_ih, w_hh, h, c), refs))
+            b_ih, b_hh, *kept = _recomputed_grads.unpack_kept(ctx.kept)
+            x, w_ih, w_hh, h, c = _recomputed_grads.prefer_kept(kept, (x, w_ih, w_hh, h, c))
             return (None, None, *_recomputed_grads.step_grads(cell, x, h, c, w_ih, w_hh, b_ih,
                                                               b_hh, d_h, d_c, needs, peephole))
         batch, hidden = ctx.batch_and_hidden
@@ -406,6 +405,8 @@ class _CellStep(torch.autograd.Function):
             d_hp.sum(0) if needs[6] else None,
             _peephole_grad(cell, d_xpre, saved, c) if needs[7] else None,
         ]
+        if not torch._C._autograd._get_current_graph_task_keep_graph():
+            ctx.kept = None  # as autograd frees the saved tensors (a hook's copies are in it)
         return (None, None, *grads)
 
 

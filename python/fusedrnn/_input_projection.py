@@ -219,7 +219,8 @@ class _OneDnnProjection(torch.autograd.Function):
         x2 = x.reshape(rows, width)  # a copy when x is a strided view (batch_first input)
         # A copy is kept for dW rather than made again (saved, so saved_tensors_hooks see it;
         # on ctx, save_on_cpu left it on the device); a view is made again from x.
-        ctx.save_for_backward(x, w, x2 if x2.data_ptr() != x.data_ptr() else None)
+        copied = x2.data_ptr() != x.data_ptr() and ctx.needs_input_grad[1]  # (only dW reads it)
+        ctx.save_for_backward(x, w, x2 if copied else None)
         ctx.has_bias = b is not None
         return _onednn_linear(x2, w, b).view(x.size(0), x.size(1), w.size(0))
 

@@ -280,9 +280,9 @@ class _LayerRecurrence(torch.autograd.Function):
         if c_n_constant:
             ctx.mark_non_differentiable(cn)
         ctx.given = (h0 is not None, c0 is not None)
-        kept_params = (*(w_hh if w_hh_read else (None,) * spec.directions),
-                       *_unsaved_biases(spec, params)[spec.directions:])
-        ctx.save_for_backward(lengths, h0_read, c0_read, out, gates, c_seq, r_seq, *kept_params)
+        saved_params = (*(w_hh if w_hh_read else (None,) * spec.directions),
+                        *_unsaved_biases(spec, params)[spec.directions:])
+        ctx.save_for_backward(lengths, h0_read, c0_read, out, gates, c_seq, r_seq, *saved_params)
         # For create_graph only (_recomputed_grads.keep), what the first-order backward does not
         # read: the projection's operands, b_hh (a bias written in place before a first-order
         # backward is fine, as in torch.nn), and the states and W_hh where not saved above as
@@ -307,9 +307,8 @@ class _LayerRecurrence(torch.autograd.Function):
             lengths, h0, c0, _, _, _, _, *params = ctx.saved_tensors  # as _layer_weight_grads
             w_hh, _, w_hr, peephole = ctx.spec.split(params)
             projection, b_hh, states, kept_w_hh = _LayerRecurrence._unpack_kept(ctx)
-            # Saved above where the first-order backward reads them as they are, kept if not.
-            h0, c0 = (k if k is not None else s for k, s in zip(states, (h0, c0)))
-            w_hh = [k if k is not None else s for k, s in zip(kept_w_hh, w_hh)]
+            h0, c0 = _recomputed_grads.prefer_kept(states, (h0, c0))
+            w_hh = _recomputed_grads.prefer_kept(kept_w_hh, w_hh)
             needs = ctx.needs_input_grad
             grads = _recomputed_grads.layer_grads(
                 ctx.spec.cell, projection, lengths, h0, c0, w_hh, b_hh, w_hr,
@@ -326,6 +325,8 @@ class _LayerRecurrence(torch.autograd.Function):
                      *saved[7 + ctx.spec.directions:])
         grads = _layer_grads(ctx.spec, saved, d_out, d_hn, d_cn, ctx.needs_input_grad[6:],
                              run_backward, ctx.given)
+        if not torch._C._autograd._get_current_graph_task_keep_graph():
+            ctx.kept = None  # as autograd frees the saved tensors (a hook's copies are in it)
         return (None, None, *grads[:3], None, *grads[3:])
 
     @staticmethod

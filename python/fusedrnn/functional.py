@@ -415,7 +415,8 @@ def _longest_first(x: Tensor, lengths: Optional[Tensor]) -> Optional[Tensor]:
     a finished sequence among running ones is computed on to the end. None where nothing is
     reordered: no lengths, sorted ones, another backend, or a graph being recorded (the order
     would depend on the values). LSTM B=32 T=100 H=256 inference, lengths uniform in [10, 100],
-    on the 2-core Zen 4 VM: 44 ms unsorted, 36.7 ms sorted, the gathers included."""
+    median of 30 calls on the busy 2-core Zen 4 VM: 44.0 ms before, 34.4 ms with this order, the
+    gathers included (32.2 ms for lengths the caller sorted)."""
     if (lengths is None or x.shape[1] < 2 or x.device.type != "cpu"
             or _backend.backend_name() != "cpu" or not _backend.plain_eager()
             or bool((lengths[:-1] >= lengths[1:]).all())):
