@@ -318,6 +318,48 @@ def test_a_plain_lstm_in_a_variants_row_fails_its_check(tmp_path, capsys, monkey
     assert code == 1 and "0/2 rows within tolerance" in out, out
 
 
+LENGTHS_CONFIGS = [
+    BenchConfig("lstm", seq_len=6, batch=4, hidden=8, input_size=5, layers=2, bidirectional=True,
+                lengths=True),
+    BenchConfig("gru", seq_len=6, batch=4, hidden=7, lengths=True, dtype="float64"),
+]
+
+
+@pytest.mark.skipif(_real_fusedrnn_reason() is not None, reason=str(_real_fusedrnn_reason()))
+def test_lengths_rows_give_fusedrnn_the_lengths_and_pack_for_torch(tmp_path, capsys, monkeypatch):
+    """A padded batch with its lengths: fusedrnn's module takes them (lengths=), torch.nn and
+    the reference pack, run and pad inside the call, and every row is checked against torch.nn's
+    packed run in float64, gradients included."""
+    monkeypatch.setitem(configs.PRESETS, "lengths-tiny", LENGTHS_CONFIGS)
+    seen = []
+    real_forward = impls.GivesLengths.forward
+
+    def spy(self, batch, state):
+        seen.append(tuple(batch.lengths.shape))
+        return real_forward(self, batch, state)
+
+    monkeypatch.setattr(impls.GivesLengths, "forward", spy)
+    path = tmp_path / "lengths.json"
+    code, out, _ = run_cli(FAST_ARGS + ["--preset", "lengths-tiny", "--json", str(path)], capsys)
+    rows = json.loads(path.read_text())["results"]
+    assert {r["config"]["name"] for r in rows} == {
+        "lstm-L2-bi-B4-T6-I5-H8-lengths-fp32", "gru-B4-T6-H7-lengths-fp64"}
+    assert {r["impl"] for r in rows} == {"fusedrnn", "torch", "reference"}
+    for r in rows:
+        assert r["error"] is None and r["max_rel_err"] is not None, r
+        assert r["max_rel_err"] < (1e-10 if r["config"]["dtype"] == "float64" else 1e-5), r
+    assert seen and set(seen) == {(4,)}
+    assert code == 0, out
+
+
+def test_lengths_and_packed_are_one_or_the_other():
+    with pytest.raises(ValueError, match="packed and lengths are two forms"):
+        BenchConfig("lstm", seq_len=2, batch=1, hidden=3, packed=True, lengths=True)
+    with pytest.raises(ValueError, match="step_calls feeds one forward step"):
+        BenchConfig("lstm", seq_len=2, batch=1, hidden=3, lengths=True, step_calls=True)
+    assert "lengths" not in BenchConfig("lstm", seq_len=2, batch=1, hidden=3).to_dict()
+
+
 def test_variant_configs_are_lstm_only():
     with pytest.raises(ValueError, match="variant must be one of"):
         BenchConfig("gru", seq_len=2, batch=1, hidden=3, variant="peephole")

@@ -55,6 +55,10 @@ class BenchConfig:
     bidirectional: bool = False
     proj_size: int = 0             # LSTM only
     packed: bool = False           # variable lengths through a PackedSequence
+    # Variable lengths as a padded batch and its lengths, the form a model has them in:
+    # fusedrnn's modules take them (lengths=); torch.nn packs, runs and pads again, inside the
+    # timed call (impls.PacksAround), as a model built on torch.nn must.
+    lengths: bool = False
     dtype: str = "float32"
     modes: Tuple[str, ...] = MODES
     cuda_only: bool = False        # shapes that only make sense on a GPU (the anchor in fp16)
@@ -80,13 +84,15 @@ class BenchConfig:
         if self.variant and (self.variant not in VARIANTS or self.cell != "lstm"):
             raise ValueError(f"variant must be one of {sorted(VARIANTS)} for an LSTM, got "
                              f"cell={self.cell!r} variant={self.variant!r}")
-        if self.step_calls and (self.packed or self.bidirectional):
+        if self.packed and self.lengths:
+            raise ValueError("packed and lengths are two forms of variable lengths: choose one")
+        if self.step_calls and (self.packed or self.lengths or self.bidirectional):
             # A reverse direction fed one step per call sees one step, not the sequence.
             raise ValueError("step_calls feeds one forward step per call: it cannot be combined "
-                             "with packed=True or bidirectional=True")
-        if self.in_model and (self.packed or self.step_calls or self.variant):
+                             "with packed, lengths or bidirectional")
+        if self.in_model and (self.packed or self.lengths or self.step_calls or self.variant):
             raise ValueError("in_model wraps a plain RNN fed whole padded sequences: it cannot be "
-                             "combined with packed, step_calls or a variant")
+                             "combined with packed, lengths, step_calls or a variant")
         for mode in self.modes:
             if mode not in MODES:
                 raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -125,6 +131,8 @@ class BenchConfig:
             parts.append(f"P{self.proj_size}")
         if self.packed:
             parts.append("packed")
+        if self.lengths:
+            parts.append("lengths")
         if self.step_calls:
             parts.append("steps")
         if self.in_model:
@@ -157,6 +165,8 @@ class BenchConfig:
             del d["variant"]
         if not d["in_model"]:
             del d["in_model"]
+        if not d["lengths"]:
+            del d["lengths"]
         return d
 
     def replace(self, **changes) -> "BenchConfig":
@@ -208,8 +218,10 @@ STANDARD: List[BenchConfig] = ISSUE4_TARGETS + [
     _c("gru", 100, 64, 512, TRAIN),
     _c("rnn_tanh", 200, 64, 512, TRAIN),
     _c("lstm", 50, 64, 256, TRAIN, layers=2, bidirectional=True),
-    # Packed variable-length batches.
+    # Variable-length batches: packed, and as a padded batch with its lengths (torch.nn packs
+    # and pads inside the call).
     _c("lstm", 100, 32, 256, BOTH, packed=True),
+    _c("lstm", 100, 32, 256, BOTH, lengths=True),
     _c("gru", 200, 16, 256, INF, packed=True),
 ]
 
@@ -257,6 +269,7 @@ GPU: List[BenchConfig] = ANCHOR + [
     _c("lstm", 512, 64, 1024, BOTH, dtype="bfloat16", cuda_only=True),
     _c("lstm", 256, 32, 512, BOTH, proj_size=256),
     _c("lstm", 512, 32, 512, BOTH, packed=True),
+    _c("lstm", 512, 32, 512, BOTH, lengths=True),
     _c("lstm", 256, 16, 2048, BOTH, dtype="bfloat16", cuda_only=True),  # W_hh streams from L2
     # The anchor with peephole connections, and as a CIFG (three gate blocks), against cuDNN's
     # plain LSTM of the shape.

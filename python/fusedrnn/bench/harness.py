@@ -63,7 +63,10 @@ def _expected(cfg, mode, module, sets, device, dtype):
     module64.load_state_dict({k: v.to(torch.float64) for k, v in module.state_dict().items()})
     if cfg.variant:
         module64 = impl_registry.ReferenceStack(cfg, module64)
-    mat64 = materialize(rounded(sets[0], dtype), device, torch.float64, mode == "training")
+    if cfg.lengths:
+        module64 = impl_registry.PacksAround(module64)
+    mat64 = materialize(rounded(sets[0], dtype), device, torch.float64, mode == "training",
+                        with_lengths=cfg.lengths)
     return execution.results_of(module64, mat64, mode)
 
 
@@ -105,7 +108,8 @@ def run(configs: Sequence[BenchConfig], impl_names: Sequence[str], device: torch
                 else:
                     active[impl.name] = built[impl.name]
             try:
-                mats = [materialize(s, device, dtype, training) for s in sets]
+                mats = [materialize(s, device, dtype, training, with_lengths=cfg.lengths)
+                        for s in sets]
             except Exception as exc:
                 for row in rows.values():
                     row["error"] = row["error"] or f"inputs: {type(exc).__name__}: {exc}"

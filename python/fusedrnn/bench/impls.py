@@ -141,8 +141,42 @@ class StepCalls(nn.Module):
         return torch.cat(outs), state
 
 
-def _per_call(cfg: BenchConfig, module):
-    return StepCalls(module) if cfg.step_calls else module
+class GivesLengths(nn.Module):
+    """BenchConfig.lengths, fusedrnn: the padded batch and its lengths straight to the module
+    (`lengths=`)."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.src = module
+
+    def forward(self, batch, state):
+        return self.src(batch.x, state, lengths=batch.lengths)
+
+
+class PacksAround(nn.Module):
+    """BenchConfig.lengths, torch.nn (and the float64 yardstick, and the reference): what a model
+    built on torch.nn does with a padded batch and its lengths, inside the timed call: pack
+    (sorting by length), run, pad again to the batch's length."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.src = module
+
+    def forward(self, batch, state):
+        packed = pack_padded_sequence(batch.x, batch.lengths_cpu, enforce_sorted=False)
+        out, state = self.src(packed, state)
+        out, _ = pad_packed_sequence(out, total_length=batch.x.size(0))
+        return out, state
+
+
+def _per_call(cfg: BenchConfig, module, takes_lengths: bool = False):
+    """The module as the configuration calls it: one step per call, given lengths (fusedrnn's
+    modules take them, takes_lengths), packed around, or as it is."""
+    if cfg.step_calls:
+        return StepCalls(module)
+    if cfg.lengths:
+        return GivesLengths(module) if takes_lengths else PacksAround(module)
+    return module
 
 
 class TorchImpl(Impl):
@@ -173,7 +207,7 @@ class FusedImpl(Impl):
         module = fused_module_class(cfg.cell)(**cfg.module_kwargs(), **cfg.variant_kwargs())
         module = _in_model(cfg, module).to(device=p.device, dtype=p.dtype)
         module.load_state_dict(reference_module.state_dict())
-        return _per_call(cfg, module)
+        return _per_call(cfg, module, takes_lengths=True)
 
 
 class ReferenceImpl(Impl):
@@ -202,7 +236,8 @@ class ReferenceImpl(Impl):
         return None
 
     def build(self, cfg, reference_module):
-        return ReferenceStack(cfg, reference_module)
+        stack = ReferenceStack(cfg, reference_module)
+        return PacksAround(stack) if cfg.lengths else stack
 
 
 class ReferenceStack(nn.Module):
@@ -267,8 +302,8 @@ class ReferenceStack(nn.Module):
 def _single_layer_dense(cfg: BenchConfig) -> Optional[str]:
     if cfg.variant:
         return f"no {cfg.variant} LSTM"
-    if (cfg.layers != 1 or cfg.bidirectional or cfg.packed or cfg.proj_size or cfg.step_calls
-            or cfg.in_model):
+    if (cfg.layers != 1 or cfg.bidirectional or cfg.packed or cfg.lengths or cfg.proj_size
+            or cfg.step_calls or cfg.in_model):
         return ("supports one layer, one direction, whole sequences, no packing, no projection, "
                 "the RNN alone")
     return None

@@ -3,7 +3,7 @@ device, so every implementation (and the float64 accuracy check) sees the very s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, NamedTuple, Optional
 
 import torch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
@@ -14,7 +14,7 @@ from .configs import BenchConfig
 @dataclass
 class InputSet:
     """Canonical float64 CPU tensors of one input set."""
-    x: torch.Tensor                      # [T, B, I], zero past each length when packed
+    x: torch.Tensor                      # [T, B, I], zero past each length (packed, lengths)
     h0: torch.Tensor                     # [L*D, B, P]
     c0: Optional[torch.Tensor]           # [L*D, B, H], LSTM
     lengths: Optional[torch.Tensor]      # [B] int64 on the CPU (as pack_padded_sequence wants)
@@ -41,7 +41,7 @@ def make_input_set(cfg: BenchConfig, seed: int) -> InputSet:
 
     lengths = None
     x = randn(T, B, I)
-    if cfg.packed:
+    if cfg.packed or cfg.lengths:
         # Between T/4 and T, the longest exactly T, in random (unsorted) order.
         low = max(1, T // 4)
         lengths = torch.randint(low, T + 1, (B,), generator=g, dtype=torch.int64)
@@ -49,7 +49,8 @@ def make_input_set(cfg: BenchConfig, seed: int) -> InputSet:
         steps = torch.arange(T).unsqueeze(1)
         x = x * (steps < lengths.unsqueeze(0)).unsqueeze(2)
         tokens = int(lengths.sum())
-        grad_out = randn(tokens, cfg.directions * P)
+        grad_out = randn(tokens, cfg.directions * P) if cfg.packed else \
+            randn(T, B, cfg.directions * P)
     else:
         grad_out = randn(T, B, cfg.directions * P)
     is_lstm = cfg.cell == "lstm"
@@ -62,7 +63,7 @@ def make_input_set(cfg: BenchConfig, seed: int) -> InputSet:
 @dataclass
 class Materialized:
     """One input set on a device in a dtype, ready to call a torch.nn-style module with."""
-    x: object                                 # Tensor or PackedSequence
+    x: object                                 # Tensor, PackedSequence or PaddedWithLengths
     state: object                             # h0, or (h0, c0) for LSTM
     grads: List[torch.Tensor]                 # upstream gradients, one per output tensor
     leaves: List[torch.Tensor]                # tensors whose .grad training mode produces
@@ -76,13 +77,27 @@ class Materialized:
         return [t.grad for t in self.leaves]
 
 
-def materialize(s: InputSet, device: torch.device, dtype: torch.dtype, training: bool) -> Materialized:
+class PaddedWithLengths(NamedTuple):
+    """BenchConfig.lengths: a padded batch and its lengths, as one argument of the module call
+    (impls.GivesLengths and impls.PacksAround unpack it)."""
+    x: torch.Tensor          # [T, B, I], zero past each length
+    lengths: torch.Tensor    # [B] int64 on x's device
+    lengths_cpu: torch.Tensor  # the same on the CPU (what pack_padded_sequence takes)
+
+
+def materialize(s: InputSet, device: torch.device, dtype: torch.dtype, training: bool,
+                with_lengths: bool = False) -> Materialized:
+    """with_lengths: a padded x and its lengths (BenchConfig.lengths); otherwise an input set
+    with lengths is packed."""
     def cast(t):
         return None if t is None else t.to(device=device, dtype=dtype).requires_grad_(training)
 
     h0, c0 = cast(s.h0), cast(s.c0)
     state = (h0, c0) if c0 is not None else h0
-    if s.lengths is not None:
+    if with_lengths:
+        x_leaf = cast(s.x)
+        x = PaddedWithLengths(x_leaf, s.lengths.to(device), s.lengths)
+    elif s.lengths is not None:
         packed = pack_padded_sequence(s.x, s.lengths, enforce_sorted=False)
         # Rebuilt around a leaf so backward can run once per timed call without a stale graph.
         data = packed.data.to(device=device, dtype=dtype).requires_grad_(training)

@@ -105,6 +105,8 @@ class GraphedImpl:
     def skip_reason(self, cfg: BenchConfig, mode: str, device: torch.device) -> Optional[str]:
         if cfg.packed:
             return "a PackedSequence is not a tensor a graph can take"
+        if cfg.lengths:
+            return "the graph is captured around (x, h0, c0) alone, not the lengths"
         return self.base.skip_reason(cfg, mode, device)
 
     def before_config(self) -> None:
