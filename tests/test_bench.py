@@ -63,6 +63,14 @@ def run_cli(args, capsys):
     return code, out, err
 
 
+def _run_as_preset(configurations, tmp_path, capsys, monkeypatch):
+    """The configurations run as a preset of their own: (exit code, stdout, the JSON rows)."""
+    monkeypatch.setitem(configs.PRESETS, "given", configurations)
+    path = tmp_path / "given.json"
+    code, out, _ = run_cli(FAST_ARGS + ["--preset", "given", "--json", str(path)], capsys)
+    return code, out, json.loads(path.read_text())["results"]
+
+
 def test_json_schema_table_and_error_column(tmp_path, capsys, tiny_presets, torch_as_fusedrnn):
     path = tmp_path / "bench.json"
     code, out, _ = run_cli(FAST_ARGS + ["--preset", "tiny", "--impls", "fusedrnn,torch", "--json", str(path)],
@@ -283,10 +291,7 @@ VARIANT_CONFIGS = [
 def test_variants_are_checked_against_the_reference(tmp_path, capsys, monkeypatch):
     """A variant's rows: fusedrnn and the reference checked against the float64 reference loop,
     torch.nn's plain LSTM of the shape timed only (it computes another function)."""
-    monkeypatch.setitem(configs.PRESETS, "variants-tiny", VARIANT_CONFIGS)
-    path = tmp_path / "variants.json"
-    code, out, _ = run_cli(FAST_ARGS + ["--preset", "variants-tiny", "--json", str(path)], capsys)
-    rows = json.loads(path.read_text())["results"]
+    code, out, rows = _run_as_preset(VARIANT_CONFIGS, tmp_path, capsys, monkeypatch)
     assert {r["config"]["name"] for r in rows} == {
         "lstm-peephole-B3-T5-I4-H6-fp32", "lstm-peephole-cifg-bi-B2-T4-H5-packed-fp32"}
     for r in rows:
@@ -330,7 +335,6 @@ def test_lengths_rows_give_fusedrnn_the_lengths_and_pack_for_torch(tmp_path, cap
     """A padded batch with its lengths: fusedrnn's module takes them (lengths=), torch.nn and
     the reference pack, run and pad inside the call, and every row is checked against torch.nn's
     packed run in float64, gradients included."""
-    monkeypatch.setitem(configs.PRESETS, "lengths-tiny", LENGTHS_CONFIGS)
     seen = []
     real_forward = impls.GivesLengths.forward
 
@@ -339,9 +343,7 @@ def test_lengths_rows_give_fusedrnn_the_lengths_and_pack_for_torch(tmp_path, cap
         return real_forward(self, batch, state)
 
     monkeypatch.setattr(impls.GivesLengths, "forward", spy)
-    path = tmp_path / "lengths.json"
-    code, out, _ = run_cli(FAST_ARGS + ["--preset", "lengths-tiny", "--json", str(path)], capsys)
-    rows = json.loads(path.read_text())["results"]
+    code, out, rows = _run_as_preset(LENGTHS_CONFIGS, tmp_path, capsys, monkeypatch)
     assert {r["config"]["name"] for r in rows} == {
         "lstm-L2-bi-B4-T6-I5-H8-lengths-fp32", "gru-B4-T6-H7-lengths-fp64"}
     assert {r["impl"] for r in rows} == {"fusedrnn", "torch", "reference"}
