@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import _validation
 from .functional import folds_bias
 
 
@@ -51,34 +52,31 @@ def _module_name(mode: str) -> str:
 def check_no_lengths(lengths: Optional[Tensor], mode: str) -> None:
     """_validation.check_lengths_input's PackedSequence case."""
     if lengths is not None:
-        raise ValueError(f"{_module_name(mode)}: lengths is for a padded tensor input; a "
-                         "PackedSequence carries its own (its batch_sizes)")
+        raise ValueError(_validation.lengths_with_packed_text(_module_name(mode)))
 
 
 def refuse_unbatched_lengths(input: Tensor, mode: str) -> None:
     """_validation.check_lengths_input's unbatched case."""
-    raise ValueError(f"{_module_name(mode)}: lengths needs a batched input (3D: [T, B, I], or "
-                     f"[B, T, I] with batch_first), got a 2D (unbatched) input of shape "
-                     f"{shape_text(input.shape)}")
+    raise ValueError(_validation.lengths_unbatched_text(_module_name(mode),
+                                                        shape_text(input.shape)))
 
 
 def checked_lengths(lengths: Tensor, x: Tensor) -> Tensor:
     """functional._checked_lengths for a time-major x [T, B, I]: [B] integers in [1, T], returned
-    as int64 on x's device."""
+    as a private int64 copy on x's device."""
     batch, seq_len = x.size(1), x.size(0)
     if (lengths.dim() != 1 or lengths.size(0) != batch or lengths.is_floating_point()
             or lengths.is_complex() or lengths.dtype == torch.bool):
         # (A script prints a dtype as its number: the kind instead.)
-        kind = "a floating-point or complex" if lengths.is_floating_point() or lengths.is_complex() \
-            else ("a bool" if lengths.dtype == torch.bool else "an integer")
-        raise ValueError(f"lengths must be an integer tensor of shape ({batch},) (one length per "
-                         f"sequence), got {kind} tensor of shape {shape_text(lengths.shape)}")
+        kind = "a floating-point or complex tensor" if lengths.is_floating_point() \
+            or lengths.is_complex() else ("a bool tensor" if lengths.dtype == torch.bool
+                                          else "an integer tensor")
+        raise ValueError(_validation.lengths_kind_text(batch, kind, shape_text(lengths.shape)))
     if batch > 0:
         low, high = int(lengths.min()), int(lengths.max())
         if low < 1 or high > seq_len:
-            raise ValueError(f"lengths must lie in [1, {seq_len}] (the sequence length), got "
-                             f"values from {low} to {high}")
-    # A private copy, as functional._checked_lengths returns.
+            raise ValueError(f"{_validation.lengths_range_text(seq_len)}, got values from "
+                             f"{low} to {high}")
     return lengths.to(device=x.device, dtype=torch.int64, copy=True).contiguous()
 
 

@@ -155,12 +155,9 @@ def check_lengths_input(name: str, input) -> None:
     a PackedSequence carries its own lengths, and an unbatched input is one sequence. Other
     input ranks are reported as torch.nn reports them (check_input_dim)."""
     if isinstance(input, PackedSequence):
-        raise ValueError(f"{name}: lengths is for a padded tensor input; a PackedSequence "
-                         "carries its own (its batch_sizes)")
+        raise ValueError(lengths_with_packed_text(name))
     if isinstance(input, Tensor) and input.dim() == 2:
-        raise ValueError(f"{name}: lengths needs a batched input (3D: [T, B, I], or [B, T, I] "
-                         f"with batch_first), got a 2D (unbatched) input of shape "
-                         f"{tuple(input.shape)}")
+        raise ValueError(lengths_unbatched_text(name, str(tuple(input.shape))))
 
 
 def check_input(input: Tensor, weight: Tensor, input_size: int, expected_dim: int) -> None:
@@ -455,23 +452,60 @@ def check_op_lengths(op: str, lengths, seq_len: int, batch: int, like: Tensor, l
                      check_values: bool) -> None:
     """lengths (params.h): [B] int64 on like's device, every entry in [1, T]. The values need a
     reduction (on CUDA a sync): callers skip them where the native module checks them itself
-    (the CPU module) and in fake kernels (no data). While a CUDA graph is captured, where a sync
-    is not allowed, a device-side assert stops the launch instead (no kernel then reads past T)."""
+    (the CPU module) and in fake kernels (no data)."""
     if lengths is None:
         return
     if lengths.dtype != torch.int64 or lengths.shape != (batch,) or lengths.device != like.device:
         raise ValueError(f"{op}: lengths must be an int64 tensor of shape [B] = [{batch}] on "
                          f"{like.device} ({like_name}'s device), got {lengths.dtype} of shape "
                          f"{list(lengths.shape)} on {lengths.device}")
-    if not check_values:
-        return
-    in_range = f"{op}: lengths must lie in [1, {seq_len}] (T, the sequence length)"
-    if lengths.is_cuda and torch.cuda.is_current_stream_capturing():
+    if check_values:
+        check_lengths_values(lengths, seq_len, f"{op}: ")
+
+
+def check_lengths_values(lengths: Tensor, seq_len: int, prefix: str = "",
+                         on_device: bool = False) -> None:
+    """Every entry of lengths in [1, T], read on the host (a reduction; on CUDA a sync), the
+    values of every torch.func.vmap sample at once. on_device, and while a CUDA graph is
+    captured, where a sync is not allowed, a device-side assert stops the launch instead (no
+    kernel then reads past T). prefix: what the message starts with (an op's name)."""
+    in_range = f"{prefix}{lengths_range_text(seq_len)}"
+    if on_device or (lengths.is_cuda and torch.cuda.is_current_stream_capturing()):
         torch._assert_async(((lengths >= 1) & (lengths <= seq_len)).all(), in_range)
         return
-    low, high = (int(v) for v in torch.aminmax(lengths))
+    low, high = (int(v) for v in torch.aminmax(_all_vmapped(lengths)))
     if low < 1 or high > seq_len:
         raise ValueError(f"{in_range}, got values from {low} to {high}")
+
+
+def _all_vmapped(t: Tensor) -> Tensor:
+    """t without torch.func.vmap's batching: the values of every vmapped sample at once (a
+    batched tensor's values cannot be read, .item() raises)."""
+    while torch._C._functorch.is_batchedtensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t
+
+
+# The texts of a module's lengths= checks, also compiled into the TorchScript twins (_script.py:
+# a script calls these functions; it cannot format a module-level string).
+
+def lengths_range_text(seq_len: int) -> str:
+    return f"lengths must lie in [1, {seq_len}] (T, the sequence length)"
+
+
+def lengths_kind_text(batch: int, kind: str, shape: str) -> str:
+    return (f"lengths must be an integer tensor of shape ({batch},) (one length per sequence), "
+            f"got {kind} of shape {shape}")
+
+
+def lengths_with_packed_text(name: str) -> str:
+    return f"{name}: lengths is for a padded tensor input; a PackedSequence carries its own (its " \
+           "batch_sizes)"
+
+
+def lengths_unbatched_text(name: str, shape: str) -> str:
+    return (f"{name}: lengths needs a batched input (3D: [T, B, I], or [B, T, I] with "
+            f"batch_first), got a 2D (unbatched) input of shape {shape}")
 
 
 def _check_layer_weights(op: str, cell: str, w_hh, b_hh, w_hr, peephole=()) -> tuple:

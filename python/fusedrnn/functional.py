@@ -369,8 +369,9 @@ def _checked_lengths(lengths, input: Tensor, batch_first: bool) -> Tensor:
     """The kernels trust lengths (params.h): [B] int64 on the input's device, each in [1, T].
     Returned as a private copy: torch.nn's packing keeps nothing of the caller's lengths, so an
     in-place update of them after the forward must not reach the saved one (it made the backward
-    raise). The values are read here eagerly (on CUDA a sync, as torch.nn's packing makes; under
-    vmap, all the vmapped lengths at once), except where they cannot be:
+    raise). The values are read here eagerly by the layer op's own check
+    (_validation.check_lengths_values: on CUDA a sync, as torch.nn's packing makes; under vmap,
+    all the vmapped lengths at once), except where they cannot be:
     - while a graph is recorded (torch.compile, torch.export, jit.trace) the layer op checks them
       each time it runs; under a torch.func transform no op runs (fusedrnn.reference's ops do),
       so the graph gets a device-side assert instead (found by review: a compiled torch.func.grad
@@ -384,28 +385,14 @@ def _checked_lengths(lengths, input: Tensor, batch_first: bool) -> Tensor:
             lengths = lengths.to(torch.int64)
     if (lengths.shape != (batch,) or lengths.is_floating_point() or lengths.is_complex()
             or lengths.dtype == torch.bool):
-        raise ValueError(f"lengths must be an integer tensor of shape ({batch},) (one length per "
-                         f"sequence), got {lengths.dtype} of shape {tuple(lengths.shape)}")
-    if batch > 0 and not _backend.without_data(lengths):
-        in_range = f"lengths must lie in [1, {seq_len}] (the sequence length)"
-        if _backend.recording_graph() or (lengths.is_cuda
-                                          and torch.cuda.is_current_stream_capturing()):
-            if not _backend.recording_graph() or _backend.under_transform():
-                torch._assert_async(((lengths >= 1) & (lengths <= seq_len)).all(), in_range)
-        else:
-            low, high = (int(v) for v in torch.aminmax(_all_vmapped(lengths)))
-            if low < 1 or high > seq_len:
-                raise ValueError(f"{in_range}, got values from {low} to {high}")
+        raise ValueError(_validation.lengths_kind_text(batch, str(lengths.dtype),
+                                                       str(tuple(lengths.shape))))
+    recording = _backend.recording_graph()
+    if batch > 0 and not _backend.without_data(lengths) and not (
+            recording and not _backend.under_transform()):  # (there the op checks them)
+        _validation.check_lengths_values(lengths, seq_len, on_device=recording)
     return lengths.to(device=input.device, dtype=torch.int64,
                       memory_format=torch.contiguous_format, copy=True)
-
-
-def _all_vmapped(t: Tensor) -> Tensor:
-    """t without torch.func.vmap's batching: the values of every vmapped sample at once (a
-    batched tensor's values cannot be read, .item() raises)."""
-    while torch._C._functorch.is_batchedtensor(t):
-        t = torch._C._functorch.get_unwrapped(t)
-    return t
 
 
 def _longest_first(x: Tensor, lengths: Optional[Tensor]) -> Optional[Tensor]:
