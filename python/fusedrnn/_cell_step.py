@@ -405,8 +405,7 @@ class _CellStep(torch.autograd.Function):
             d_hp.sum(0) if needs[6] else None,
             _peephole_grad(cell, d_xpre, saved, c) if needs[7] else None,
         ]
-        if not torch._C._autograd._get_current_graph_task_keep_graph():
-            ctx.kept = None  # as autograd frees the saved tensors (a hook's copies are in it)
+        _recomputed_grads.release_kept(ctx)
         return (None, None, *grads)
 
 

@@ -325,8 +325,7 @@ class _LayerRecurrence(torch.autograd.Function):
                      *saved[7 + ctx.spec.directions:])
         grads = _layer_grads(ctx.spec, saved, d_out, d_hn, d_cn, ctx.needs_input_grad[6:],
                              run_backward, ctx.given)
-        if not torch._C._autograd._get_current_graph_task_keep_graph():
-            ctx.kept = None  # as autograd frees the saved tensors (a hook's copies are in it)
+        _recomputed_grads.release_kept(ctx)
         return (None, None, *grads[:3], None, *grads[3:])
 
     @staticmethod

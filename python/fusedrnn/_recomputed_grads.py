@@ -90,6 +90,14 @@ def _unpacked(k):
     return t
 
 
+def release_kept(ctx) -> None:
+    """At the end of a first-order backward, drops what keep() held, as autograd frees the
+    saved tensors then (a pack hook's copies are in it); kept where the graph is (retain_graph:
+    a create_graph backward may follow)."""
+    if not torch._C._autograd._get_current_graph_task_keep_graph():
+        ctx.kept = None
+
+
 def prefer_kept(kept: Sequence, saved: Sequence) -> tuple:
     """Each tensor a backward reads, from unpack_kept's results where the forward kept one, else
     from ctx.saved_tensors (the forward either saved a tensor as itself or kept it; a GRU's state
