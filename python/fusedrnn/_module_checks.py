@@ -66,6 +66,12 @@ def _check_variant_flags(peephole, coupled_input_forget) -> None:
             raise TypeError(f"{name} should be of type bool, got: {kind_name}")
 
 
+def _variant_repr(module) -> str:
+    """What extra_repr adds for the LSTM variants a module (sequence or cell) was built with."""
+    return "".join(f", {flag}=True" for flag in ("peephole", "coupled_input_forget")
+                   if module.__dict__.get(flag))
+
+
 def _check_variant_shapes(module, weights, names) -> None:
     """A variant LSTM's parameters that differ from the plain LSTM's (a CIFG's gate blocks, the
     peephole weights), checked by their own names and shapes (the layer checks would name the

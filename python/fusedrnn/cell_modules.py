@@ -18,7 +18,7 @@ from . import _validation as check
 from . import functional
 from ._backend import LSTM_CELLS
 from ._module_checks import (_check_variant_flags, _check_variant_shapes, _checked_call,
-                             _follow_autocast, _is_state, _refuse_variant)
+                             _follow_autocast, _is_state, _refuse_variant, _variant_repr)
 
 _CELL_WEIGHT_NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", None, "weight_peephole")
 
@@ -68,11 +68,7 @@ class RNNCellBase(nn.Module):
             s += ", bias={bias}"
         if "nonlinearity" in self.__dict__ and self.nonlinearity != "tanh":
             s += ", nonlinearity={nonlinearity}"
-        if self.__dict__.get("peephole"):
-            s += ", peephole=True"
-        if self.__dict__.get("coupled_input_forget"):
-            s += ", coupled_input_forget=True"
-        return s.format(**self.__dict__)
+        return s.format(**self.__dict__) + _variant_repr(self)
 
     def reset_parameters(self) -> None:
         bound = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0

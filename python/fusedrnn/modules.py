@@ -23,7 +23,7 @@ from . import _validation as check
 from . import functional
 from ._backend import CPU_DTYPES
 from ._module_checks import (_check_variant_flags, _check_variant_shapes, _checked_call,
-                             _follow_autocast, _is_state, _refuse_variant)
+                             _follow_autocast, _is_state, _refuse_variant, _variant_repr)
 from ._packing import PackedLayout
 # The cells lived here first: `fusedrnn.modules.LSTMCell` still names them, for imports and for
 # whole modules pickled under that path.
@@ -184,11 +184,7 @@ class RNNBase(nn.Module):
             s += ", dropout={dropout}"
         if self.bidirectional is not False:
             s += ", bidirectional={bidirectional}"
-        if self.__dict__.get("peephole"):
-            s += ", peephole=True"
-        if self.__dict__.get("coupled_input_forget"):
-            s += ", coupled_input_forget=True"
-        return s.format(**self.__dict__)
+        return s.format(**self.__dict__) + _variant_repr(self)
 
     def __setstate__(self, state):
         super().__setstate__(state)
