@@ -51,8 +51,8 @@ def _named_parameters(module):
     named = getattr(module, "named_parameters", None)
     if not callable(named):
         return []
-    # ReferenceStack, StepCalls and CudaGraphed wrap a module as `src` (CudaGraphed may wrap a
-    # StepCalls): report its own parameter names.
+    # ReferenceStack, impls._Calls (StepCalls, GivesLengths, PacksAround) and CudaGraphed wrap a
+    # module as `src` (CudaGraphed may wrap a StepCalls): report its own parameter names.
     return [(_unwrapped_name(n), p) for n, p in named()]
 
 

@@ -123,15 +123,19 @@ class Impl:
         raise NotImplementedError
 
 
-class StepCalls(nn.Module):
-    """A torch.nn-style RNN called once per time step (BenchConfig.step_calls), the state carried
-    from call to call; the outputs are concatenated into the whole sequence's. `src` holds the
-    module, so the harness reports its parameter names unprefixed."""
-    calls_src_per_step = True  # what torch.compile compiles is src, once per call (wrapped.py)
+class _Calls(nn.Module):
+    """A torch.nn-style RNN called another way. `src` holds the module, so the harness reports
+    its parameter names unprefixed (execution._named_parameters)."""
 
     def __init__(self, module: nn.Module):
         super().__init__()
         self.src = module
+
+
+class StepCalls(_Calls):
+    """A torch.nn-style RNN called once per time step (BenchConfig.step_calls), the state carried
+    from call to call; the outputs are concatenated into the whole sequence's."""
+    calls_src_per_step = True  # what torch.compile compiles is src, once per call (wrapped.py)
 
     def forward(self, x, state):
         outs = []
@@ -141,26 +145,18 @@ class StepCalls(nn.Module):
         return torch.cat(outs), state
 
 
-class GivesLengths(nn.Module):
+class GivesLengths(_Calls):
     """BenchConfig.lengths, fusedrnn: the padded batch and its lengths straight to the module
     (`lengths=`)."""
-
-    def __init__(self, module: nn.Module):
-        super().__init__()
-        self.src = module
 
     def forward(self, batch, state):
         return self.src(batch.x, state, lengths=batch.lengths)
 
 
-class PacksAround(nn.Module):
+class PacksAround(_Calls):
     """BenchConfig.lengths, torch.nn (and the float64 yardstick, and the reference): what a model
     built on torch.nn does with a padded batch and its lengths, inside the timed call: pack
     (sorting by length), run, pad again to the batch's length."""
-
-    def __init__(self, module: nn.Module):
-        super().__init__()
-        self.src = module
 
     def forward(self, batch, state):
         packed = pack_padded_sequence(batch.x, batch.lengths_cpu, enforce_sorted=False)

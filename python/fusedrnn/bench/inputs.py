@@ -48,11 +48,8 @@ def make_input_set(cfg: BenchConfig, seed: int) -> InputSet:
         lengths[torch.randint(0, B, (1,), generator=g)] = T
         steps = torch.arange(T).unsqueeze(1)
         x = x * (steps < lengths.unsqueeze(0)).unsqueeze(2)
-        tokens = int(lengths.sum())
-        grad_out = randn(tokens, cfg.directions * P) if cfg.packed else \
-            randn(T, B, cfg.directions * P)
-    else:
-        grad_out = randn(T, B, cfg.directions * P)
+    # One gradient row per output row: packed data has sum(lengths) of them.
+    grad_out = randn(*((int(lengths.sum()),) if cfg.packed else (T, B)), cfg.directions * P)
     is_lstm = cfg.cell == "lstm"
     return InputSet(
         x=x, h0=randn(LD, B, P, scale=0.5), c0=randn(LD, B, H, scale=0.5) if is_lstm else None,
