@@ -400,3 +400,87 @@ def test_the_cpu_runs_unsorted_lengths_longest_first():
     assert torch.tensor(LENGTHS["unsorted"])[order].tolist() == sorted(LENGTHS["unsorted"],
                                                                       reverse=True)
     assert functional._longest_first(x, torch.tensor(LENGTHS["sorted"])) is None
+
+
+# --- dropout between layers -----------------------------------------------------------------------
+
+DROPOUT_CONFIGS = [("lstm-L3-bidir", "LSTM", dict(num_layers=3, bidirectional=True)),
+                   ("gru-L2-batch-first", "GRU", dict(num_layers=2, batch_first=True)),
+                   ("rnn-relu-L2", "RNN", dict(num_layers=2, nonlinearity="relu"))]
+# Ties in the lengths: pack_padded_sequence's sort decides their packed order, so it must be the
+# one that places the mask.
+DROPOUT_LENGTHS = {"unsorted-ties": [6, 2, 5, 2, 6], "sorted": [6, 6, 5, 2, 1]}
+
+
+def _training_pair(name, kwargs):
+    ours, theirs = _pair(name, dict(kwargs, dropout=0.4))
+    return ours.train(), theirs.train()
+
+
+@pytest.mark.parametrize("order", list(DROPOUT_LENGTHS))
+@pytest.mark.parametrize("config", DROPOUT_CONFIGS, ids=[c[0] for c in DROPOUT_CONFIGS])
+def test_dropout_with_lengths_draws_torch_nn_packed_mask(config, order, backend):
+    """In training, dropout between layers draws the mask torch.nn draws behind
+    pack_padded_sequence (on the packed rows), so the same seed gives torch.nn's results and
+    gradients, and leaves the RNG where torch.nn leaves it. (A mask over the padded output was as
+    random, but another draw: found in session 29.)"""
+    _, name, kwargs = config
+    ours, theirs = _training_pair(name, kwargs)
+    ours.to(backend.device)
+    lengths = torch.tensor(DROPOUT_LENGTHS[order])
+    x, _ = _inputs(ours, len(lengths), 6, with_state=False)
+    torch.manual_seed(7)
+    expected = _run_packed(theirs, x, None, lengths)
+    after_theirs = torch.rand(3)
+    torch.manual_seed(7)
+    got = _run_with_lengths(ours, x.to(backend.device), None, lengths)
+    after_ours = torch.rand(3)
+    for what, a_list, e_list in (("result", got[0], expected[0]), ("gradient", got[1], expected[1])):
+        for a, e in zip(a_list, e_list):
+            assert_close(a.cpu(), e, 1e-12, f"{what} with dropout")
+    assert torch.equal(after_ours, after_theirs)
+
+
+def test_scripted_dropout_with_lengths_draws_the_eager_mask():
+    """A scripted module given lengths draws, in training, the mask the eager module draws (and
+    torch.nn behind pack_padded_sequence)."""
+    ours, _ = _training_pair("GRU", dict(num_layers=3))
+    x, _ = _inputs(ours, 5, 6, with_state=False)
+    lengths = torch.tensor(DROPOUT_LENGTHS["unsorted-ties"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        scripted = torch.jit.script(_Caller(ours))
+    torch.manual_seed(7)
+    expected = ours(x, lengths=lengths)[0]
+    torch.manual_seed(7)
+    assert_close(scripted(x, lengths), expected, 1e-12, "scripted output with dropout")
+
+
+def test_reference_dropout_with_lengths_draws_torch_nn_packed_mask():
+    """fusedrnn.reference.rnn given lengths draws torch.nn's packed mask too, so the oracle and
+    the modules agree in training."""
+    ours, theirs = _training_pair("LSTM", dict(num_layers=2, bidirectional=True))
+    lengths = torch.tensor(DROPOUT_LENGTHS["unsorted-ties"])
+    x, _ = _inputs(ours, len(lengths), 6, with_state=False)
+    torch.manual_seed(7)
+    expected = _run_packed(theirs, x, None, lengths)[0]
+    torch.manual_seed(7)
+    output, h_n, c_n = fusedrnn.reference.rnn(
+        "lstm", x, fusedrnn.reference.weights_of(ours), num_layers=2, bidirectional=True,
+        lengths=lengths, dropout=0.4, training=True)
+    for a, e in zip((output, h_n, c_n), expected):
+        assert_close(a, e, 1e-12, "reference with dropout")
+
+
+def test_dropout_with_lengths_compiles_fullgraph():
+    """Under torch.compile the mask covers the padded output (packing would give shapes that
+    depend on the lengths' values; compiled dropout draws from its own stream anyway): still no
+    graph break, and zeros past each end."""
+    torch.manual_seed(0)
+    model = _Tagger(dropout=0.5).train()
+    compiled = torch.compile(model.rnn, fullgraph=True, dynamic=True, backend="aot_eager")
+    for x, lengths in _examples():
+        output, _ = compiled(x, lengths=lengths)
+        past_end = torch.arange(x.size(1)).unsqueeze(0) >= lengths.unsqueeze(1)  # [B, T]
+        assert (output[past_end] == 0).all()
+        assert (output[~past_end] != 0).any()

@@ -8,7 +8,10 @@ modules apply sorted_indices/unsorted_indices to the states, exactly like torch.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -43,5 +46,38 @@ class PackedLayout:
         """torch.nn applies dropout between layers to the packed data; this draws the same mask
         (same shape, same RNG stream) and returns it padded again."""
         def apply(padded: Tensor) -> Tensor:
-            return self.pad(torch.nn.functional.dropout(self.pack(padded), p, training=True))
+            return self.pad(F.dropout(self.pack(padded), p, training=True))
         return apply
+
+
+# The two functions below are TorchScript too: _script.py calls them.
+
+def dropout_as_packed(x: Tensor, lengths: Tensor, p: float,
+                      batch_order: Optional[Tensor] = None) -> Tensor:
+    """Dropout between layers of a padded x [T, B, X] with per-sequence lengths (`lengths=`),
+    drawn where torch.nn draws it for pack_padded_sequence(x, lengths, enforce_sorted=False) ->
+    RNN -> pad_packed_sequence: on the packed rows (same mask shape, same RNG stream), so the same
+    seed gives torch.nn's numbers. A mask drawn over the padded [T, B, X] would be as random, but
+    a different draw. lengths: [B] integers, the caller's, in the caller's batch order; batch_order:
+    x's row j holds the caller's sequence batch_order[j] (None: the caller's order). Returns x's
+    shape and batch order, zeros past each sequence's end."""
+    if x.size(1) == 0:  # (no rows to pack: pack_padded_sequence refuses an empty batch)
+        return F.dropout(x, p, True)
+    # pack_padded_sequence's own sort, on the CPU as it makes it: ties fall the same way.
+    sorted_lengths, sorted_indices = torch.sort(lengths.to(device="cpu", dtype=torch.int64),
+                                                descending=True)
+    rows = sorted_indices.to(x.device)
+    if batch_order is not None:
+        rows = torch.argsort(batch_order)[rows]
+    return packed_dropout(x.index_select(1, rows), sorted_lengths, p).index_select(
+        1, torch.argsort(rows))
+
+
+def packed_dropout(x: Tensor, sorted_lengths: Tensor, p: float) -> Tensor:
+    """Dropout on the packed rows of a padded x [T, B, X] whose lengths (on the CPU) are sorted
+    longest first, as torch.nn draws it between the layers of a packed input. Returns x's
+    shape."""
+    data, batch_sizes = torch._pack_padded_sequence(x, sorted_lengths, False)
+    padded, _ = torch._pad_packed_sequence(F.dropout(data, p, True), batch_sizes, False, 0.0,
+                                           x.size(0))
+    return padded

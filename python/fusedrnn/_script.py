@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _validation
+from . import _packing, _validation
 from .functional import folds_bias
 
 
@@ -206,21 +206,13 @@ def _compute_dtype(input: Tensor) -> torch.dtype:
     return input.dtype
 
 
-def _packed_dropout(x: Tensor, lengths_cpu: Tensor, p: float) -> Tensor:
-    """Dropout between layers of a packed input, drawn on the packed rows like torch.nn (and
-    _packing.PackedLayout.dropout: same mask shape, same RNG stream)."""
-    data, batch_sizes = torch._pack_padded_sequence(x, lengths_cpu, False)
-    padded, _ = torch._pad_packed_sequence(F.dropout(data, p, True), batch_sizes, False, 0.0,
-                                           x.size(0))
-    return padded
-
-
 def rnn(cell: str, x: Tensor, h0_all: Optional[Tensor], c0_all: Optional[Tensor],
         weights: List[Tensor], num_layers: int, num_dirs: int, has_bias: bool, has_proj: bool,
         dropout: float, training: bool, lengths: Optional[Tensor],
         lengths_cpu: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """The stacked layers over a time-major x [T, B, I] (states [L*D, B, .] or None; lengths [B]
-    on x's device with a packed input, and lengths_cpu the same on the CPU). Returns (output
+    on x's device, from `lengths=` or a packed input, and for a packed input lengths_cpu, the
+    same on the CPU). Returns (output
     [T, B, D*P], h_n [L*D, B, P], c_n [L*D, B, H] for LSTM, else an empty tensor), in the
     input's dtype."""
     out_dtype = x.dtype
@@ -250,10 +242,12 @@ def rnn(cell: str, x: Tensor, h0_all: Optional[Tensor], c0_all: Optional[Tensor]
         h_n.append(hn)
         c_n.append(cn)
         if training and dropout > 0 and layer < num_layers - 1:
-            if lengths_cpu is None:
-                x = F.dropout(x, dropout, True)
+            if lengths_cpu is not None:  # a packed input's (sorted) lengths
+                x = _packing.packed_dropout(x, lengths_cpu, dropout)
+            elif lengths is not None:
+                x = _packing.dropout_as_packed(x, lengths, dropout)
             else:
-                x = _packed_dropout(x, lengths_cpu, dropout)
+                x = F.dropout(x, dropout, True)
     h = torch.cat(h_n) if num_layers > 1 else h_n[0]
     c = torch.cat(c_n) if num_layers > 1 else c_n[0]
     if dtype != out_dtype:

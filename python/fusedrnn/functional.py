@@ -8,7 +8,8 @@ Per layer (DESIGN.md, "The one idea behind the speed"):
      writing straight into its half of the [T, B, D*P] output (strided views, no concat);
   3. its backward runs the native backward recurrence, which returns the gate pre-activation
      gradients, and turns them into dW_hh, db_hh (and dW_hr) with torch GEMMs.
-Dropout between layers is torch's F.dropout on each non-last layer's output, as in torch.nn.
+Dropout between layers is torch's F.dropout on each non-last layer's output, as in torch.nn (with
+lengths, on its packed rows, as torch.nn draws it behind pack_padded_sequence).
 This file holds the layer loop and step 1 (`_layer`); steps 2 and 3 are _layer_recurrence.py.
 
 Under torch.compile, steps 2 and 3 are the custom ops `fusedrnn::layer_forward` and
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import (_backend, _cell_step, _compiled_inference, _custom_ops, _input_projection,
-               _layer_recurrence, _onnx_export, _validation, reference)
+               _layer_recurrence, _onnx_export, _packing, _validation, reference)
 from ._backend import GATE_COUNT, LSTM_CELLS
 # The custom ops' Python functions, public here before they had a file of their own.
 from ._custom_ops import layer_backward, layer_forward  # noqa: F401
@@ -138,14 +139,16 @@ def _rnn(cell, input, weights, hx, num_layers, num_directions, batch_first, leng
 
     x = input.transpose(0, 1) if batch_first else input  # time-major view, like torch's kernels
     batch = x.shape[1]
-    order = _longest_first(x, lengths)
+    order, caller_lengths = _longest_first(x, lengths), lengths
     if order is not None:
         x, lengths = x.index_select(1, order), lengths.index_select(0, order)
         h0_all, c0_all = _rows(h0_all, order), _rows(c0_all, order)
-    if dropout_fn is None:
+    apply_dropout = training and dropout > 0
+    if dropout_fn is None and apply_dropout and lengths is not None and _packs_eagerly(lengths):
+        dropout_fn = _dropout_as_packed(caller_lengths, dropout, order)
+    elif dropout_fn is None:
         def dropout_fn(output):
             return F.dropout(output, dropout, training=True)
-    apply_dropout = training and dropout > 0
 
     h_n, c_n = [], []
     for layer in range(num_layers):
@@ -409,6 +412,24 @@ def _longest_first(x: Tensor, lengths: Optional[Tensor]) -> Optional[Tensor]:
             or bool((lengths[:-1] >= lengths[1:]).all())):
         return None
     return torch.argsort(lengths, descending=True, stable=True)
+
+
+def _packs_eagerly(lengths: Tensor) -> bool:
+    """Whether dropout between layers can be drawn on the packed rows (_packing.
+    dropout_as_packed), which reads the lengths' values to shape the mask. Not while a graph is
+    recorded or a torch.func transform runs (a shape that depends on values; compiled dropout
+    draws from another stream anyway), nor while a CUDA graph is captured (a device-to-host
+    copy), nor for meta and fake lengths (no values): there the mask covers the padded output."""
+    return (_backend.plain_eager() and not _backend.without_data(lengths)
+            and not (lengths.is_cuda and torch.cuda.is_current_stream_capturing()))
+
+
+def _dropout_as_packed(lengths: Tensor, p: float, order: Optional[Tensor]):
+    """dropout_fn drawing torch.nn's mask for lengths= (_packing.dropout_as_packed) on a layer
+    output whose batch rows are in `order` (_longest_first's; None: the caller's)."""
+    def apply(output: Tensor) -> Tensor:
+        return _packing.dropout_as_packed(output, lengths, p, order)
+    return apply
 
 
 def _rows(state: Optional[Tensor], order: Tensor) -> Optional[Tensor]:

@@ -14,6 +14,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._packing import dropout_as_packed
+
 
 def lstm_cell(x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tensor,
               b_ih: Optional[Tensor], b_hh: Optional[Tensor], w_hr: Optional[Tensor] = None,
@@ -144,8 +146,9 @@ def rnn(cell: str, input: Tensor, weights, hx=None, *, num_layers: int = 1,
     lengths: [B] valid lengths (what a PackedSequence stands for): see `rnn_layer`.
     Between layers, in training mode, the output of every layer but the last goes through
     `dropout_fn(output)` (time-major [T, B, D*P]); by default F.dropout(output, dropout), which
-    draws the same mask as torch.nn for the same RNG state. coupled_input_forget: a CIFG LSTM
-    (lstm_cell).
+    draws the same mask as torch.nn for the same RNG state, and with lengths the mask torch.nn
+    draws on the packed rows behind pack_padded_sequence (_packing.dropout_as_packed).
+    coupled_input_forget: a CIFG LSTM (lstm_cell).
 
     Returns (output [T, B, D*P] or [B, T, D*P], h_n [L*D, B, P], c_n [L*D, B, H] or None).
     """
@@ -158,6 +161,8 @@ def rnn(cell: str, input: Tensor, weights, hx=None, *, num_layers: int = 1,
     h0_all, c0_all = (hx if cell == "lstm" else (hx, None)) if hx is not None else (None, None)
     if dropout_fn is None:
         def dropout_fn(output):
+            if lengths is not None:
+                return dropout_as_packed(output, lengths, dropout)
             return torch.nn.functional.dropout(output, dropout, training=True)
     apply_dropout = training and dropout > 0
 
