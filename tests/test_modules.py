@@ -4,6 +4,7 @@ in some case), in float64 (1e-9 relative) and float32 (2e-5 relative); plus a hy
 dropout masks, PackedSequence details, unbatched input, non-contiguous tensors, inference mode,
 low precision and the module surface (names, state_dict, repr)."""
 import functools
+import itertools
 import os
 
 import pytest
@@ -128,15 +129,15 @@ def test_unbatched_input(cell, batch_first):
 
 @requires_native
 def test_result_layouts_match_torch():
-    """Shapes, and batch_first outputs as views like torch.nn's (same strides)."""
-    for batch_first in (False, True):
-        case = Case(cell="lstm", layers=2, bidirectional=True, batch_first=batch_first)
+    """Shapes, and batch_first outputs with torch.nn's (transposed) strides."""
+    for cell, batch_first in itertools.product(("lstm", "gru"), (False, True)):
+        case = Case(cell=cell, layers=2, bidirectional=True, batch_first=batch_first)
         theirs, ours = make_modules(case)
         x = make_inputs(case).input.detach()
-        (oe, (he, ce)), (oa, (ha, ca)) = theirs(x), ours(x)
+        (oe, state_e), (oa, state_a) = theirs(x), ours(x)
         assert oa.shape == oe.shape and oa.stride() == oe.stride()
-        assert ha.shape == he.shape and ca.shape == ce.shape
-        assert ha.is_contiguous() and ca.is_contiguous()
+        for a, e in zip(*(s if isinstance(s, tuple) else (s,) for s in (state_a, state_e))):
+            assert a.shape == e.shape and a.is_contiguous()
 
 
 @requires_native
@@ -240,7 +241,9 @@ DOUBLE_BACKWARD_CASES = [Case(cell="lstm_proj", layers=2, bidirectional=True),
 @pytest.mark.parametrize("backend", ["cpu", "emu"])
 @pytest.mark.parametrize("case", [
     Case(cell="lstm", layers=2, bidirectional=True, batch_first=True),
-    Case(cell="gru"), Case(cell="rnn_relu", seq_len=1), Case(cell="lstm", hx=True)], ids=["lstm-L2-bi-bf", "gru", "rnn-T1", "lstm-hx"])
+    Case(cell="gru"), Case(cell="rnn_relu", seq_len=1), Case(cell="lstm", hx=True),
+    Case(cell="gru", batch=1, batch_first=True)],
+    ids=["lstm-L2-bi-bf", "gru", "rnn-T1", "lstm-hx", "gru-B1-bf"])
 def test_output_changed_in_place_before_backward(case, backend, monkeypatch):
     """torch.nn's CPU RNNs return an output of their own: `out += residual`, ReLU(inplace=True)
     or masked_fill_ on it before backward work and give the gradients of what was computed.
@@ -261,6 +264,21 @@ def test_output_changed_in_place_before_backward(case, backend, monkeypatch):
                         *(p.grad for p in module.parameters())])
     for i, (e, a) in enumerate(zip(*results)):
         assert_close(a, e, TOLERANCE[case.dtype], f"result {i}")
+
+
+@requires_native
+@pytest.mark.parametrize("lengths", [None, [1, 3, 2]], ids=["padded", "unsorted-lengths"])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("name", ["LSTM", "GRU", "RNN"])
+def test_batch_first_output_in_training_is_a_tensor_of_its_own(name, batch, lengths):
+    """In training, a batch_first output is a tensor of its own, not a transposed view, as
+    torch.nn's GRU and RNN return it: FSDP2 warns of a view output, on which an in-place op would
+    skip its pre-backward hook (it warned for fusedrnn's batch_first GRU and RNN)."""
+    module = getattr(fusedrnn, name)(4, 5, num_layers=2, batch_first=True)
+    x = torch.randn(batch, 3, 4, requires_grad=True)
+    lengths = None if lengths is None else torch.tensor(lengths[:batch])
+    out, _ = module(x, lengths=lengths)
+    assert out._base is None and out.shape == (batch, 3, 5)
 
 
 @requires_native

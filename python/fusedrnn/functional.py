@@ -170,17 +170,23 @@ def _rnn(cell, input, weights, hx, num_layers, num_directions, batch_first, leng
 
     h_n = torch.cat(h_n) if num_layers > 1 else h_n[0]
     c_n = (torch.cat(c_n) if num_layers > 1 else c_n[0]) if cell in LSTM_CELLS else None
+    # Where the output is copied anyway, a batch_first one is the copy itself rather than a
+    # transposed view of it: torch.nn's GRU and RNN return no view either, and FSDP2 warns of a
+    # view output (an in-place op on it would skip FSDP2's pre-backward hook).
     if order is not None:  # (a gather: the caller gets a tensor of its own)
         back = torch.argsort(order)
-        x, h_n, c_n = x.index_select(1, back), h_n.index_select(1, back), _rows(c_n, back)
+        h_n, c_n = h_n.index_select(1, back), _rows(c_n, back)
+        output = x.transpose(0, 1).index_select(0, back) if batch_first else x.index_select(1, back)
     elif not _backend.recording_graph() and isinstance(
             x.grad_fn, _layer_recurrence._LayerRecurrence._backward_cls):
         # The last layer's node saved this very tensor (its backward reads h_{t-1} from it).
         # torch.nn's CPU RNNs return one of their own, so callers change it in place before
         # backward (`out += residual`, ReLU(inplace=True), masked_fill_): hand them a copy
         # (LSTM B=64 T=50 H=256 training on the 2-core VM: 0.07 ms of an 81 ms call).
-        x = x.clone()
-    output = x.transpose(0, 1) if batch_first else x
+        # (clone keeps the strides: batch_first, torch.nn's transposed ones)
+        output = (x.transpose(0, 1) if batch_first else x).clone()
+    else:
+        output = x.transpose(0, 1) if batch_first else x
     if compute_dtype != out_dtype:
         output, h_n, c_n = output.to(out_dtype), h_n.to(out_dtype), _cast(c_n, out_dtype)
     return output, h_n, c_n
