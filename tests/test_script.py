@@ -266,6 +266,28 @@ def test_scripted_cell_matches_torch(case, batched):
                  reference(x)[0] if name == "LSTMCell" else reference(x), TOLERANCE, "no state")
 
 
+@pytest.mark.parametrize("name", ["LSTM", "GRU", "GRUCell"])
+def test_scripted_module_runs_under_cpu_autocast(name):
+    """Under CPU autocast TorchScript runs the input projection's GEMM in bfloat16; the script
+    runs the layer in the input's dtype, and so takes it back (the layer op refused the bfloat16
+    projection next to float32 weights). torch.nn's scripted modules run there too (its GRU
+    returns float32, its LSTM and GRUCell bfloat16). Found by review in session 29."""
+    torch.manual_seed(0)
+    module = getattr(fusedrnn, name)(3, 4)
+    scripted = torch.jit.script(_Single(module) if name == "GRU" else
+                                _Lstm(module) if name == "LSTM" else module)
+    x = torch.randn(2, 3) if name == "GRUCell" else torch.randn(5, 2, 3)
+    args = (x,) if name == "GRUCell" else (x, None) if name == "GRU" else (x, None, None)
+    expected = scripted(*args)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = scripted(*args)
+    for e, a in zip(*((r,) if isinstance(r, Tensor) else r for r in (expected, got))):
+        assert a.dtype == torch.float32
+        assert_close(a, e, 2e-2, "under autocast (a bfloat16 projection)")
+    ramp_loss(list(got) if not isinstance(got, Tensor) else [got]).backward()
+    assert all(p.grad is not None for p in module.parameters())
+
+
 def test_saved_script_loads_and_runs():
     reference, ours = _pair("LSTM", dict(num_layers=2, proj_size=2))
     scripted = torch.jit.script(_Lstm(ours))

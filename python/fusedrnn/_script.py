@@ -9,9 +9,11 @@ scripted model runs on fusedrnn's kernels and trains. The op is registered by `i
 a saved script loads and runs in a process that imported fusedrnn (as a saved trace does).
 
 What this path leaves out, against eager: the fast paths for B=1 and one-step calls (it always
-runs the recurrence op), autocast (a script runs in the input's dtype, as torch.nn's scripted
-RNNs do), and the exception classes: TorchScript raises torch.jit.Error, whose message ends with
-the original class and text (torch.nn's scripted modules behave the same).
+runs the recurrence op), autocast (a script runs in the input's dtype; torch.nn's scripted GRU
+does too, its LSTM and cells return the autocast dtype), and the exception classes: TorchScript
+raises torch.jit.Error, whose message ends with the original class and text (torch.nn's scripted
+modules behave the same; its scripted cells raise a state's size and dtype errors from inside an
+op, as RuntimeError).
 
 Every function here takes the flat weight list of torch.nn's `_flat_weights` order: per layer
 and direction w_ih, w_hh, then b_ih, b_hh with bias, then w_hr with a projection.
@@ -183,6 +185,8 @@ def _layer(cell: str, x: Tensor, weights: List[Tensor], first: int, num_dirs: in
     if has_bias and not fold_bias:
         proj_bias = torch.cat(b_ih) if num_dirs > 1 else b_ih[0]
     xproj = F.linear(x, torch.cat(w_ih) if num_dirs > 1 else w_ih[0], proj_bias)
+    if xproj.dtype != x.dtype:  # (TorchScript's autocast ran the GEMM in its dtype: the script
+        xproj = xproj.to(x.dtype)  # runs in the input's, see above)
     recurrent_bias: List[Tensor] = b_hh
     if fold_bias:
         recurrent_bias = [b_ih[d] + b_hh[d] for d in range(num_dirs)]
