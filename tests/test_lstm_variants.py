@@ -116,6 +116,26 @@ def test_variant_matches_reference(case, dtype, backend):
         assert rel_err(got, want) <= tol, f"seed {seed}: d {name}"
 
 
+@pytest.mark.parametrize("name, kwargs", [
+    ("LSTM", dict(num_layers=2, bidirectional=True)), ("LSTM", dict(num_layers=2, proj_size=2)),
+    ("LSTMCell", {})], ids=["lstm-L2-bidir", "lstm-L2-proj", "cell"])
+def test_peephole_initialisation_gives_the_plain_weights_torch_nn_draws(name, kwargs):
+    """Under the same seed a peephole LSTM's other parameters equal torch.nn's: the peephole
+    weights are drawn after all of them (drawn in registration order, each layer's shifted every
+    later draw), and reset_parameters draws the same again."""
+    torch.manual_seed(0)
+    plain = getattr(nn, name)(3, 4, **kwargs)
+    torch.manual_seed(0)
+    ours = getattr(fusedrnn, name)(3, 4, peephole=True, **kwargs)
+    state = ours.state_dict()
+    for key, value in plain.state_dict().items():
+        assert torch.equal(state[key], value), key
+    torch.manual_seed(0)
+    ours.reset_parameters()
+    for key, value in state.items():
+        assert torch.equal(ours.state_dict()[key], value), key
+
+
 def test_reference_peephole_with_zero_weights_is_torch_lstm():
     """Pins the reference: peephole weights of zero give torch.nn.LSTM exactly."""
     torch.manual_seed(0)

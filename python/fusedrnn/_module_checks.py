@@ -1,8 +1,9 @@
 """What the sequence modules (modules.py) and the cells (cell_modules.py) share: their validated
 path under torch.jit.trace, the state test of their fast paths, autocast's casts before their
-checks, and the checks of the LSTM variants' arguments.
+checks, the checks of the LSTM variants' arguments, and torch.nn's initialisation.
 """
 
+import math
 import warnings
 
 import numpy as np
@@ -104,3 +105,14 @@ def _refuse_variant(module, what: str) -> None:
     if getattr(module, "_is_variant", False):
         raise RuntimeError(f"fusedrnn.{type(module).__name__}: {what} does not support the "
                            f"peephole and coupled_input_forget variants yet; torch.compile does")
+
+
+def _reset_uniform(module) -> None:
+    """torch.nn's initialisation: every parameter from U(-1/sqrt(H), 1/sqrt(H)), drawn in
+    torch.nn's order, then the peephole weights (torch.nn has none). So the same seed gives a
+    peephole LSTM's other parameters the values torch.nn.LSTM gets (drawn in registration order,
+    each layer's peepholes shifted every later draw)."""
+    bound = 1.0 / math.sqrt(module.hidden_size) if module.hidden_size > 0 else 0
+    named = list(module.named_parameters())
+    for _, weight in sorted(named, key=lambda item: item[0].startswith("weight_peephole")):
+        torch.nn.init.uniform_(weight, -bound, bound)

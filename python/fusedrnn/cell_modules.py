@@ -7,7 +7,6 @@ sequence modules (modules.py). A step runs on the native cell step (_cell_step.p
 torch.nn's calling conventions to it.
 """
 
-import math
 from typing import Optional
 
 import torch
@@ -18,7 +17,8 @@ from . import _validation as check
 from . import functional
 from ._backend import LSTM_CELLS
 from ._module_checks import (_check_variant_flags, _check_variant_shapes, _checked_call,
-                             _follow_autocast, _is_state, _refuse_variant, _variant_repr)
+                             _follow_autocast, _is_state, _refuse_variant, _reset_uniform,
+                             _variant_repr)
 
 _CELL_WEIGHT_NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", None, "weight_peephole")
 
@@ -71,9 +71,8 @@ class RNNCellBase(nn.Module):
         return s.format(**self.__dict__) + _variant_repr(self)
 
     def reset_parameters(self) -> None:
-        bound = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
-        for weight in self.parameters():
-            nn.init.uniform_(weight, -bound, bound)
+        """torch.nn's initialisation (_module_checks._reset_uniform)."""
+        _reset_uniform(self)
 
     def _step(self, cell: str, input: Tensor, hx):
         """Validates like torch.nn, adds and removes the batch dimension of unbatched input, and

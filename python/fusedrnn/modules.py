@@ -11,7 +11,6 @@ The math runs in `functional.rnn` (under torch.jit.script, in its TorchScript tw
 this file only adapts torch.nn's calling conventions to it. The cells are cell_modules.py.
 """
 
-import math
 from typing import Optional, overload
 
 import torch
@@ -23,7 +22,8 @@ from . import _validation as check
 from . import functional
 from ._backend import CPU_DTYPES
 from ._module_checks import (_check_variant_flags, _check_variant_shapes, _checked_call,
-                             _follow_autocast, _is_state, _refuse_variant, _variant_repr)
+                             _follow_autocast, _is_state, _refuse_variant, _reset_uniform,
+                             _variant_repr)
 from ._packing import PackedLayout
 # The cells lived here first: `fusedrnn.modules.LSTMCell` still names them, for imports and for
 # whole modules pickled under that path.
@@ -100,10 +100,8 @@ class RNNBase(nn.Module):
     # --- torch.nn.RNNBase's public surface ---------------------------------------------------------
 
     def reset_parameters(self) -> None:
-        """torch.nn's initialisation: every parameter from U(-1/sqrt(H), 1/sqrt(H))."""
-        bound = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
-        for weight in self.parameters():
-            nn.init.uniform_(weight, -bound, bound)
+        """torch.nn's initialisation (_module_checks._reset_uniform)."""
+        _reset_uniform(self)
 
     def flatten_parameters(self) -> None:
         """No-op, kept for compatibility: the kernels read the parameters where they are."""
