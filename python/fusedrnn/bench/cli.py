@@ -12,7 +12,7 @@ from typing import List, Optional
 import torch
 
 from . import configs as config_registry
-from . import harness, impls, machine, report
+from . import contention, harness, impls, machine, report
 from .plot import PlotUnavailable, plot_speedups, require_matplotlib
 from .progress import Progress
 from .timing import Plan
@@ -171,7 +171,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if not configs:
-        print("error: no configuration left after --cell/--dtype/--only filters", file=sys.stderr)
+        why = f" ({'; '.join(notes)})" if notes else ""
+        print(f"error: no configuration left after --cell/--dtype/--only filters{why}",
+              file=sys.stderr)
         return EXIT_USAGE
     # A run without fusedrnn rows cannot say how fusedrnn compares: refuse it up front (the
     # newcomer's first command on a GPU whose fusedrnn was built without CUDA lands here).
@@ -220,6 +222,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     # Only the main thread may set a handler (a caller running main() in a thread keeps its own).
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous_handler = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
+    taken_by_others = contention.CpuTakenByOthers()
     try:
         outcome = harness.run(configs, impl_names, device, plan, progress,
                               check=not args.no_check, on_cell=save_partial)
@@ -236,10 +239,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             signal.signal(signal.SIGTERM,
                           signal.SIG_DFL if previous_handler is None else previous_handler)
     outcome.notes[:0] = notes
-    busy = machine.busy_warning(info)
-    if busy:
-        outcome.notes.append(busy)
-        outcome.busy = True
+    if device.type == "cpu":  # (the load average at the start, then the run's own measure)
+        info["cpu_cores_taken_by_others"] = taken_by_others.cores()
+        for busy in (machine.busy_warning(info),
+                     contention.busy_warning(info["cpu_cores_taken_by_others"],
+                                             info["cpu_cores"])):
+            if busy:
+                outcome.notes.append(busy)
+                outcome.busy = True
 
     print(report.format_table(outcome.results))
     print()

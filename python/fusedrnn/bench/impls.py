@@ -421,7 +421,7 @@ def parse_impls(spec: Optional[str], default: Optional[List[str]] = None) -> Lis
     DEFAULT_ORDER."""
     if not spec:
         return list(default or DEFAULT_ORDER)
-    names = [s.strip() for s in spec.split(",") if s.strip()]
+    names = list(dict.fromkeys(s.strip() for s in spec.split(",") if s.strip()))  # (once each)
     for n in names:
         if n not in REGISTRY:
             raise ValueError(f"--impls: unknown implementation {n!r}; expected some of "
