@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+import fusedrnn
 from _helpers import (column_block, concurrent_mismatches, minimal_fwd_params,
                       run_backward_layer, run_forward_layer)
 from fusedrnn import _backend, _layer_recurrence, reference
@@ -289,6 +290,19 @@ def test_thread_splits(cell, proj, peephole, threads, monkeypatch):
     for dtype in (torch.float64, torch.float32):
         run_and_check(Config(cell, proj, "bidir", True, 7, 5, 37, dtype, True, peephole),
                       torch.device("cpu"))
+
+
+@pytest.mark.parametrize("value", ["1000000", "0", "-2", "3x", "many"])
+def test_a_bad_forced_thread_count_is_refused(value, monkeypatch):
+    """The test knob is checked: FUSEDRNN_CPU_TEST_THREADS=1000000 crashed the process
+    (review, session 29); a value that was not a number was ignored."""
+    pytest.importorskip("fusedrnn._cpu")
+    monkeypatch.setenv("FUSEDRNN_BACKEND", "cpu")
+    monkeypatch.setenv("FUSEDRNN_CPU_TEST_THREADS", value)
+    with pytest.raises(ValueError, match="FUSEDRNN_CPU_TEST_THREADS must be a whole number from "
+                                         f"1 to 64, got '{value}'"):
+        with torch.no_grad():
+            fusedrnn.LSTM(3, 16)(torch.randn(6, 40, 3))
 
 
 @pytest.mark.parametrize("threads", [2, 3, 5])

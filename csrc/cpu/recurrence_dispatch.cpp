@@ -208,10 +208,14 @@ bool row_group_weights_fit(int64_t bytes, int threads) {
 }
 
 // Test-only knobs, read once per call (getenv scans the environment):
-// FUSEDRNN_CPU_TEST_THREADS=n runs every direction on exactly n threads (ignoring the core count
-// and the size heuristic), so that small test shapes exercise uneven splits;
+// FUSEDRNN_CPU_TEST_THREADS=n runs every direction on exactly n threads, 1 <= n <= 64 (ignoring
+// the core count and the size heuristic), so that small test shapes exercise uneven splits; a
+// value outside that range or not a number is refused (n = 1000000 crashed the process: review,
+// session 29);
 // FUSEDRNN_CPU_TEST_SPLIT=rows or units forces the split of every direction with more than one
 // thread.
+constexpr long kMaxTestThreads = 64;
+
 struct TestKnobs {
   enum Split { kAny, kRows, kUnits };
   int threads = 0;
@@ -220,7 +224,14 @@ struct TestKnobs {
   static TestKnobs read() {
     TestKnobs knobs;
     if (const char* v = std::getenv("FUSEDRNN_CPU_TEST_THREADS"); v && *v) {
-      knobs.threads = std::atoi(v);
+      char* end = nullptr;
+      const long n = std::strtol(v, &end, 10);
+      if (*end != '\0' || n < 1 || n > kMaxTestThreads) {
+        throw std::invalid_argument(
+            std::string("FUSEDRNN_CPU_TEST_THREADS must be a whole number from 1 to ") +
+            std::to_string(kMaxTestThreads) + ", got '" + v + "'");
+      }
+      knobs.threads = static_cast<int>(n);
     }
     if (const char* v = std::getenv("FUSEDRNN_CPU_TEST_SPLIT"); v && *v) {
       if (std::strcmp(v, "rows") == 0) {
