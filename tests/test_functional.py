@@ -275,3 +275,36 @@ def test_autocast_state_carried_into_the_next_call(name, backend, monkeypatch):
                     raise
         results.append(torch.cat([o.float() for o in outputs]))
     assert_close(results[0], results[1], 3e-2, "outputs of the loop")
+
+
+# --- biases given in part ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["cpu", "emu"])
+@pytest.mark.parametrize("seq_len", [1, 3])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_a_bias_given_in_part_is_not_dropped(cell, seq_len, backend, monkeypatch):
+    """A lone b_hh (b_ih None), and biases in the reverse direction only, count as in the
+    reference (None: no term). The layers ran with biases only when the first entry had a b_ih:
+    both were dropped silently for T > 1 (found by review, session 29)."""
+    use_backend(backend, monkeypatch)
+    torch.manual_seed(0)
+    forward, reverse = random_weights(cell, 3, 4, 1, 2)
+    lone = (forward[0], forward[1], None, forward[3], None)
+    without = (reverse[0], reverse[1], None, None, None)
+    x = torch.randn(seq_len, 2, 3, dtype=torch.float64, requires_grad=True)
+    for weights, bidirectional in (([lone], False), ([without, reverse], True)):
+        leaves = [x] + [w for ws in weights for w in ws if w is not None]
+        results = []
+        for impl in (reference.rnn, functional.rnn):
+            out, h_n, _ = impl(cell, x, weights, bidirectional=bidirectional)
+            results.append(([out, h_n], torch.autograd.grad(ramp_loss([out, h_n]), leaves)))
+        assert_runs_close(*results, 1e-9)
+
+
+def test_cell_step_refuses_a_stacked_lstm_state():
+    """An LSTM state is a pair: a stacked [2, B, H] tensor was read as (h, c) by iterating it
+    (the modules refuse it, README)."""
+    x, w_ih, w_hh = torch.randn(3, 3), torch.randn(16, 3), torch.randn(16, 4)
+    with pytest.raises(ValueError, match=r"hx must be None or a pair \(h_0, c_0\) of tensors .*"
+                                         r"got a tensor of shape \(2, 3, 4\)"):
+        functional.cell_step("lstm", x, w_ih, w_hh, None, None, torch.randn(2, 3, 4))

@@ -1117,3 +1117,34 @@ def test_threads_on_their_own_rows_match_torch(cell, packing):
                                 hx=True, seq_len=6, batch=40, hidden=48, input_size=8))
     finally:
         torch.set_num_threads(threads)
+
+
+@requires_native
+@pytest.mark.parametrize("name, weight", [("LSTM", "bias_ih_l0"), ("GRU", "bias_hh_l0"),
+                                          ("RNN", "weight_hh_l0"), ("LSTMCell", "weight_ih"),
+                                          ("GRUCell", "weight_hh")])
+@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
+def test_a_parameter_set_to_none_raises_a_type_error_naming_it(name, weight, grad):
+    """As torch.nn (a TypeError from inside its op). fusedrnn raised a TypeError about a weak
+    reference, an AttributeError, or with one bias left ran without it (review, session 29)."""
+    module = getattr(fusedrnn, name)(3, 4)
+    setattr(module, weight, None)
+    x = torch.randn(2, 3) if name.endswith("Cell") else torch.randn(3, 2, 3)
+    with torch.set_grad_enabled(grad), pytest.raises(TypeError, match=f"{name}: {weight} is None"):
+        module(x)
+
+
+@requires_native
+@pytest.mark.parametrize("name", ["LSTMCell", "GRUCell", "RNNCell"])
+@pytest.mark.parametrize("weight", ["bias_ih", "bias_hh"])
+def test_a_cell_with_one_bias_set_to_none_computes_as_torch_nn(name, weight):
+    """torch.nn's cell ops take each bias as optional: the cell runs with the other one."""
+    torch.manual_seed(0)
+    theirs = getattr(nn, name)(3, 4, dtype=torch.float64)
+    ours = getattr(fusedrnn, name)(3, 4, dtype=torch.float64)
+    ours.load_state_dict(theirs.state_dict())
+    for module in (theirs, ours):
+        setattr(module, weight, None)
+    x = torch.randn(2, 3, dtype=torch.float64)
+    first = (lambda r: r[0] if isinstance(r, tuple) else r)
+    assert_close(first(ours(x)), first(theirs(x)), 1e-12, f"{name} without {weight}")

@@ -116,3 +116,12 @@ def _reset_uniform(module) -> None:
     named = list(module.named_parameters())
     for _, weight in sorted(named, key=lambda item: item[0].startswith("weight_peephole")):
         torch.nn.init.uniform_(weight, -bound, bound)
+
+
+def _refuse_missing_weight(module, name: str) -> None:
+    """A parameter set to None (`module.bias_ih_l0 = None`): torch.nn raises a TypeError from
+    inside its op ("expected Tensor as element 2 in argument 2, but got NoneType"); fusedrnn's
+    paths raised others (a weak reference to None, None has no shape) or, with one bias left,
+    ran without it (found by review, session 29)."""
+    why = " (a module built with bias=False has no biases)" if name.startswith("bias") else ""
+    raise TypeError(f"{type(module).__name__}: {name} is None, expected a tensor{why}")

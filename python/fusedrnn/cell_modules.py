@@ -17,8 +17,8 @@ from . import _validation as check
 from . import functional
 from ._backend import LSTM_CELLS
 from ._module_checks import (_check_variant_flags, _check_variant_shapes, _checked_call,
-                             _follow_autocast, _is_state, _refuse_variant, _reset_uniform,
-                             _variant_repr)
+                             _follow_autocast, _is_state, _refuse_missing_weight,
+                             _refuse_variant, _reset_uniform, _variant_repr)
 
 _CELL_WEIGHT_NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", None, "weight_peephole")
 
@@ -97,6 +97,9 @@ class RNNCellBase(nn.Module):
         # runs as often as there (modules._read_as_torch_nn_does).
         weights = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
         peephole = self.weight_peephole if self._has_peephole else None
+        for what, weight in (("weight_ih", weights[0]), ("weight_hh", weights[1])):
+            if weight is None:  # (a bias may be None, as for torch.nn's cell ops)
+                _refuse_missing_weight(self, what)
         input, hx = _follow_autocast(input, hx, weights[0])
         check.check_input_dim(name, input, (1, 2))
         states = None

@@ -66,6 +66,7 @@ def rnn(cell: str, input: Tensor, weights, hx=None, *, num_layers: int = 1,
             raise ValueError("each layer weights entry must be (w_ih, w_hh, b_ih, b_hh, w_hr) "
                              f"or, for a peephole LSTM, those and the peephole weights; got "
                              f"{len(entry)} entries")
+    weights = _with_zero_biases(weights)
     _validation.check_rnn_state_structure(cell, hx)
     _validation.check_input_weights(input, weights, num_directions)
     # A traced graph must not depend on grad mode (torch.jit.trace checks a trace by tracing
@@ -211,6 +212,8 @@ def cell_step(cell: str, input: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Option
             return _cell_step.step(cell, input, h, c, w_ih, w_hh, b_ih, b_hh, checked=True,
                                    peephole=peephole)
     # Everything else, bad input included, as a sequence of one step through rnn()'s checks.
+    # (hx's structure first: a stacked [2, B, H] tensor iterated below read as (h, c).)
+    _validation.check_rnn_state_structure(cell, hx)
     if hx is not None:
         hx = tuple(s.unsqueeze(0) for s in hx) if cell in LSTM_CELLS else hx.unsqueeze(0)
     weights = (w_ih, w_hh, b_ih, b_hh, None) + ((peephole,) if peephole is not None else ())
@@ -436,6 +439,22 @@ def _dropout_as_packed(lengths: Tensor, p: float, order: Optional[Tensor]):
     def apply(output: Tensor) -> Tensor:
         return _packing.dropout_as_packed(output, lengths, p, order)
     return apply
+
+
+def _with_zero_biases(weights) -> list:
+    """The weights with each missing bias a zero one, where any bias is given (None means no
+    term, as in reference.rnn and torch.nn's cells). The layers run with biases when the first
+    entry has a b_ih: a lone b_hh, or biases in a later entry only, were dropped silently
+    (found by review, session 29)."""
+    given = {b is not None for entry in weights for b in entry[2:4]}
+    if given != {True, False}:
+        return weights
+
+    def bias(b, w_hh):
+        return b if b is not None or not isinstance(w_hh, Tensor) else w_hh.new_zeros(w_hh.shape[:1])
+
+    return [(w_ih, w_hh, bias(b_ih, w_hh), bias(b_hh, w_hh), *rest)
+            for w_ih, w_hh, b_ih, b_hh, *rest in weights]
 
 
 def _rows(state: Optional[Tensor], order: Tensor) -> Optional[Tensor]:

@@ -22,8 +22,8 @@ from . import _validation as check
 from . import functional
 from ._backend import CPU_DTYPES
 from ._module_checks import (_check_variant_flags, _check_variant_shapes, _checked_call,
-                             _follow_autocast, _is_state, _refuse_variant, _reset_uniform,
-                             _variant_repr)
+                             _follow_autocast, _is_state, _refuse_missing_weight,
+                             _refuse_variant, _reset_uniform, _variant_repr)
 from ._packing import PackedLayout
 # The cells lived here first: `fusedrnn.modules.LSTMCell` still names them, for imports and for
 # whole modules pickled under that path.
@@ -215,6 +215,10 @@ class RNNBase(nn.Module):
         else:
             weights = [tuple(getattr(self, name) if name is not None else None for name in layer)
                        for layer in names]
+        for layer, layer_names in zip(weights, names):
+            for name, weight in zip(layer_names, layer):
+                if name is not None and weight is None:
+                    _refuse_missing_weight(self, name)
         if self._is_variant:
             _check_variant_shapes(self, weights, names)
         return weights
