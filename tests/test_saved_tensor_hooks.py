@@ -202,3 +202,32 @@ def test_what_the_hook_packed_is_freed_by_the_backward(name):
     assert not alive, f"{len(alive)} packed copies outlived the backward: " \
                       f"{[tuple(t.shape) for t in alive]}"
     del loss, out, result
+
+
+def _other_dtype(t):
+    return t.double() if t.is_floating_point() else t
+
+
+def _cut_last_dim(t):
+    return t[..., :1] if t.dim() >= 2 and t.size(-1) > 1 else t
+
+
+@pytest.mark.parametrize("backend_name", ["cpu", "emu"])
+@pytest.mark.parametrize("unpack", [_other_dtype, _cut_last_dim], ids=["dtype", "shape"])
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] in (
+    "lstm-cell", "gru-one-step", "lstm-L2-bidir", "lstm-proj")], ids=lambda c: c[0])
+def test_an_unpack_hook_that_changes_a_tensor_is_refused(case, unpack, backend_name,
+                                                         monkeypatch):
+    """The native backwards read saved tensors as the forward's memory: an unpack hook returning
+    another dtype (a compression hook that does not cast back) or shape gave wrong gradients
+    (0.2 off, inf) where torch.nn's ops raise (review, session 29). Now a clear error."""
+    use_backend(backend_name, monkeypatch)
+    _, name, kwargs, shape = case
+    torch.manual_seed(0)
+    module = getattr(fusedrnn, name)(4, 5, **kwargs)
+    x = torch.randn(*shape, requires_grad=True)
+    with saved_tensors_hooks(lambda t: t, unpack):
+        result = module(x)
+    first = result[0] if isinstance(result, tuple) else result
+    with pytest.raises(RuntimeError, match="came back from a saved_tensors_hooks unpack hook as"):
+        first.sum().backward()

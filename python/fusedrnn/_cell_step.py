@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _backend, _recomputed_grads
+from . import _backend, _recomputed_grads, _saved_layout
 from ._backend import (CELL_CODES, CPU_DTYPES, DTYPE_CODES, GATE_COUNT, LSTM_CELLS,
                        PEEPHOLE_ROWS, SAVED_GATE_COUNT, _cpu)
 
@@ -353,8 +353,9 @@ class _CellStep(torch.autograd.Function):
             cell, h, c, w_hh_needs_grad=needs[6], peephole=peephole is not None,
             more_than_c_needs_grad=any(needs[2:4]) or any(needs[5:]))
         ctx.given_c = c is not None
-        ctx.save_for_backward(saved_operands[0], h_read, c_read, saved_operands[1],
-                              saved_operands[2], gates, saved, peephole)
+        _saved_layout.save_for_backward(ctx, saved_operands[0], h_read, c_read,
+                                        saved_operands[1], saved_operands[2], gates, saved,
+                                        peephole)
         # The rest only for create_graph (_recomputed_grads.keep); so are the biases, which the
         # native backward never reads: a bias written in place before it is fine, as in torch.nn
         # (saved, its version check would raise).
@@ -367,7 +368,8 @@ class _CellStep(torch.autograd.Function):
     @_backend.never_traced
     def backward(ctx, d_h, d_c=None):
         cell = ctx.cell
-        x, h, c, w_ih, w_hh, gates, saved, peephole = ctx.saved_tensors
+        x, h, c, w_ih, w_hh, gates, saved, peephole = _saved_layout.saved_tensors(
+            ctx, "a cell step")
         # A saved_tensors_hooks unpack may return other strides than the forward saved; the
         # kernel reads gates and saved as dense rows (it gave wrong gradients silently).
         gates, saved = _contiguous(gates), _contiguous(saved)

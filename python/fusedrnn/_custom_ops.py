@@ -23,7 +23,7 @@ from torch import Tensor
 
 # The recurrence's functions through their module, so that what replaces one there (a test's
 # monkeypatch of _run_forward, say) replaces it here too.
-from . import _backend, _layer_recurrence, _validation
+from . import _backend, _layer_recurrence, _saved_layout, _validation
 from ._backend import LSTM_CELLS, SAVED_GATE_COUNT
 from ._layer_recurrence import _contiguous, _last_dim_contiguous
 
@@ -156,8 +156,8 @@ def _layer_forward_setup_context(ctx, inputs, output):
         gates = gates if SAVED_GATE_COUNT[cell] else None
         c_seq = c_seq if cell in LSTM_CELLS else None
         r_seq = r_seq if spec.has_proj else None
-        ctx.save_for_backward(
-            lengths, h0, c0, out, gates, c_seq, r_seq,
+        _saved_layout.save_for_backward(
+            ctx, lengths, h0, c0, out, gates, c_seq, r_seq,
             *_layer_recurrence._unsaved_biases(spec, (*w_hh, *b_hh, *w_hr, *peephole)))
 
 
@@ -175,7 +175,8 @@ def _layer_forward_backward(ctx, d_out, d_hn, d_cn, *_):
     spec = ctx.spec
     needs_present = [need for i in (5, 6, 7)
                      for need, present in zip(needs[i], ctx.present[i - 5]) if present]
-    grads = _layer_recurrence._layer_grads(spec, ctx.saved_tensors, d_out, d_hn,
+    saved = _saved_layout.saved_tensors(ctx, "fusedrnn::layer_forward")
+    grads = _layer_recurrence._layer_grads(spec, saved, d_out, d_hn,
                                            d_cn if spec.cell in LSTM_CELLS else None,
                                            [*needs[4], *needs_present], _run_backward_op)
     d_xproj, d_h0, d_c0, *d_params = grads

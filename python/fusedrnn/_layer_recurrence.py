@@ -18,8 +18,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _backend, _cell_step, _input_projection, _recomputed_grads
+from . import _backend, _cell_step, _input_projection, _recomputed_grads, _saved_layout
 from ._backend import GATE_COUNT, LSTM_CELLS, SAVED_GATE_COUNT
+
+_WHAT = "an RNN layer"  # (for _saved_layout's error)
 
 
 @dataclass(frozen=True)
@@ -282,7 +284,8 @@ class _LayerRecurrence(torch.autograd.Function):
         ctx.given = (h0 is not None, c0 is not None)
         saved_params = (*(w_hh if w_hh_read else (None,) * spec.directions),
                         *_unsaved_biases(spec, params)[spec.directions:])
-        ctx.save_for_backward(lengths, h0_read, c0_read, out, gates, c_seq, r_seq, *saved_params)
+        _saved_layout.save_for_backward(ctx, lengths, h0_read, c0_read, out, gates, c_seq, r_seq,
+                                        *saved_params)
         # For create_graph only (_recomputed_grads.keep), what the first-order backward does not
         # read: the projection's operands, b_hh (a bias written in place before a first-order
         # backward is fine, as in torch.nn), and the states and W_hh where not saved above as
@@ -304,7 +307,7 @@ class _LayerRecurrence(torch.autograd.Function):
         # ms, H=512 143.6-146.4 -> 140.7-141.6 ms. Not when the graph is kept (retain_graph,
         # create_graph): a second backward reads the same saved gates again.
         if _recomputed_grads.applies((d_out, d_hn, d_cn)):  # create_graph, or batched gradients
-            lengths, h0, c0, _, _, _, _, *params = ctx.saved_tensors  # as _layer_weight_grads
+            lengths, h0, c0, _, _, _, _, *params = _saved_layout.saved_tensors(ctx, _WHAT)
             w_hh, _, w_hr, peephole = ctx.spec.split(params)
             projection, b_hh, states, kept_w_hh = _LayerRecurrence._unpack_kept(ctx)
             h0, c0 = _recomputed_grads.prefer_kept(states, (h0, c0))
@@ -318,7 +321,7 @@ class _LayerRecurrence(torch.autograd.Function):
         run_backward = _run_backward
         if ctx.gates_over_xproj and not torch._C._autograd._get_current_graph_task_keep_graph():
             run_backward = functools.partial(_run_backward, d_xproj_over_gates=True)
-        saved = ctx.saved_tensors
+        saved = _saved_layout.saved_tensors(ctx, _WHAT)
         if saved[7] is None:  # W_hh unsaved: not read (_first_order_reads), any values will do
             stand_in = saved[3].new_zeros(ctx.w_hh_shape)
             saved = (*saved[:7], *(stand_in,) * ctx.spec.directions,
