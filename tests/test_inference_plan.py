@@ -578,3 +578,50 @@ def test_small_projections_keep_no_block():
         ours(fresh_input(0))
     plan = _inference.plan_for(ours, "lstm", 1, 1)
     assert plan.projection_buffer._block is None
+
+
+def test_a_call_that_finds_the_block_lent_projects_the_same_way(monkeypatch):
+    """A call whose block another call holds projects into a block of its own with the same GEMM:
+    it took oneDNN's GEMM there where the kept block takes torch's, and threaded calls then got
+    other bits than alone (4.5e-8 apart; review, session 29; README: the same bits)."""
+    from fusedrnn import _projection_buffer
+    if not fusedrnn._input_projection.onednn_available():
+        pytest.skip("this torch has no oneDNN linear op")
+    monkeypatch.setattr(_projection_buffer, "REUSE_MIN_BYTES", 0)
+    monkeypatch.setenv("FUSEDRNN_CPU_GEMM", "onednn")  # the GEMM the other road takes on AMD
+    torch.manual_seed(0)
+    module = fusedrnn.LSTM(32, 256, num_layers=2)  # (the two GEMMs agreed on smaller sizes)
+    x = torch.randn(200, 16, 32)
+    with torch.no_grad():
+        alone = flat(module(x))
+        buffer = _inference.plan_for(module, "lstm", 2, 1).projection_buffer
+        assert buffer._lock.acquire(blocking=False)  # as if another thread held the block
+        try:
+            lent = flat(module(x))
+        finally:
+            buffer._lock.release()
+    for i, (a, e) in enumerate(zip(lent, alone)):
+        assert torch.equal(a, e), f"result {i}"
+
+
+@pytest.mark.parametrize("how", ["plan", "op"])
+def test_a_cached_plan_is_not_reused_for_weights_read_otherwise(how):
+    """A bfloat16 weight given float16's dtype over the same memory (`.data = w.view(...)`), or
+    the op's same tensors under other flags (W_hr read as a peephole weight), ran on the plan
+    cached for the first reading: now as for fresh weights (review, session 29)."""
+    torch.manual_seed(0)
+    if how == "plan":
+        module = fusedrnn.LSTM(4, 8).to(torch.bfloat16)
+        x = torch.randn(5, 3, 4, dtype=torch.bfloat16)
+        with torch.no_grad():
+            module(x)
+            module.weight_hh_l0.data = module.weight_hh_l0.data.view(torch.float16)
+            with pytest.raises(RuntimeError, match="w_hh.0. must be torch.bfloat16"):
+                module(x)
+        return
+    w = [torch.randn(16, 2), torch.randn(16, 3), torch.randn(16), torch.randn(16),
+         torch.randn(3, 4)]
+    x = torch.randn(2, 1, 2)
+    torch.ops.fusedrnn.rnn_inference("lstm", x, None, None, w, 1, 1, True, True, False)
+    with pytest.raises(ValueError, match="weight shapes do not fit"):
+        torch.ops.fusedrnn.rnn_inference("lstm", x, None, None, w, 1, 1, True, False, True)

@@ -187,7 +187,10 @@ def _plan(cell: str, layer_weights: list, num_layers: int, num_directions: int,
     """An inference plan of these weights: the one made for the same tensors at the same memory
     (kept while the first weight lives), else a new one, after checking the weights."""
     params = tuple(w for layer in layer_weights for w in layer if w is not None)
-    shape = (cell, num_layers, num_directions, input_size)
+    # Which weight is which (the flags' layout) is part of the key: the same tensors read with
+    # other flags (a projection's W_hr as a peephole weight) got the first plan (review, s29).
+    roles = tuple(tuple(w is not None for w in layer) for layer in layer_weights)
+    shape = (cell, num_layers, num_directions, input_size, roles)
     cached = _plans.get(params[0])
     if cached is not None and cached[0] == shape and cached[1].matches(params):
         return cached[1].plan

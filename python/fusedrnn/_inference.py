@@ -191,6 +191,10 @@ class InferencePlan:
         if not ProjectionBuffer.applies(x, numel):
             return self._run_layers(x, h0_all, c0_all, h_n, c_n, None)
         with self.projection_buffer.lend(x, numel) as block:
+            if block is None:  # another call holds it: a block of this call's own, projected
+                # the same way (torch's GEMM, where _project's other road may take oneDNN's), so
+                # that each call gets the bits it gets alone (they differed: review, session 29)
+                block = x.new_empty(numel)
             return self._run_layers(x, h0_all, c0_all, h_n, c_n, block)
 
     def _run_layers(self, x, h0_all, c0_all, h_n, c_n, block: Optional[Tensor]):
@@ -267,7 +271,9 @@ class _CachedPlan:
 
 
 def _layout(params: tuple) -> list:
-    return [(p.data_ptr(), p.shape, p.stride()) for p in params]
+    # (dtype too: `.data = w.view(torch.float16)` of a bfloat16 weight keeps memory, shape and
+    # strides, and ran on the old plan: review, session 29)
+    return [(p.data_ptr(), p.dtype, p.shape, p.stride()) for p in params]
 
 
 _plans: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
