@@ -216,9 +216,8 @@ def rnn(cell: str, x: Tensor, h0_all: Optional[Tensor], c0_all: Optional[Tensor]
         lengths_cpu: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """The stacked layers over a time-major x [T, B, I] (states [L*D, B, .] or None; lengths [B]
     on x's device, from `lengths=` or a packed input, and for a packed input lengths_cpu, the
-    same on the CPU). Returns (output
-    [T, B, D*P], h_n [L*D, B, P], c_n [L*D, B, H] for LSTM, else an empty tensor), in the
-    input's dtype."""
+    same on the CPU). Returns (output [T, B, D*P], h_n [L*D, B, P], c_n [L*D, B, H] for LSTM,
+    else an empty tensor), in the input's dtype."""
     out_dtype = x.dtype
     dtype = _compute_dtype(x)
     if dtype != out_dtype:

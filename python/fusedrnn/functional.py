@@ -426,8 +426,8 @@ def _longest_first(x: Tensor, lengths: Optional[Tensor]) -> Optional[Tensor]:
 def _packs_eagerly(lengths: Tensor) -> bool:
     """Whether dropout between layers can be drawn on the packed rows (_packing.
     dropout_as_packed), which reads the lengths' values to shape the mask. Not while a graph is
-    recorded or a torch.func transform runs (a shape that depends on values; compiled dropout
-    draws from another stream anyway), nor while a CUDA graph is captured (a device-to-host
+    recorded or a torch.func transform runs (a shape that depends on values; Inductor's dropout
+    draws from a stream of its own anyway), nor while a CUDA graph is captured (a device-to-host
     copy), nor for meta and fake lengths (no values): there the mask covers the padded output."""
     return (_backend.plain_eager() and not _backend.without_data(lengths)
             and not (lengths.is_cuda and torch.cuda.is_current_stream_capturing()))
