@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch._C._autograd import SavedTensor, _make_saved_tensor
 
-from . import reference
+from . import _saved_layout, reference
 from ._backend import reference_cell
 
 
@@ -63,7 +63,7 @@ def keep(tensors) -> tuple:
     unpack_kept raises autograd's error where one was written in place since the forward; under
     a hook it returns the values the forward read. None stays None, and so does a tensor made in
     inference mode (autograd refuses to save those; it cannot be written outside it)."""
-    if torch._C._autograd._top_saved_tensors_default_hooks(False) is None:
+    if not _saved_layout.under_pack_hook():
         return tuple(None if t is None else (t, t._version) for t in tensors)
     return tuple(t if t is None or t.is_inference() else _make_saved_tensor(t, is_output=False)
                  for t in tensors)

@@ -15,11 +15,15 @@ from typing import Optional
 import torch
 
 
+def under_pack_hook() -> bool:
+    """Whether a saved_tensors_hooks pack hook sees what a forward saves now."""
+    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+
+
 def save_for_backward(ctx, *tensors) -> None:
     """ctx.save_for_backward(*tensors), and under a pack hook their layouts, for saved_tensors."""
     ctx.save_for_backward(*tensors)
-    ctx.saved_layouts = (None if torch._C._autograd._top_saved_tensors_default_hooks(False) is None
-                         else tuple(_layout(t) for t in tensors))
+    ctx.saved_layouts = tuple(_layout(t) for t in tensors) if under_pack_hook() else None
 
 
 def saved_tensors(ctx, what: str) -> tuple:

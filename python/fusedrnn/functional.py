@@ -22,6 +22,7 @@ _layer_grads).
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -146,7 +147,9 @@ def _rnn(cell, input, weights, hx, num_layers, num_directions, batch_first, leng
         h0_all, c0_all = _rows(h0_all, order), _rows(c0_all, order)
     apply_dropout = training and dropout > 0
     if dropout_fn is None and apply_dropout and lengths is not None and _packs_eagerly(lengths):
-        dropout_fn = _dropout_as_packed(caller_lengths, dropout, order)
+        # torch.nn's mask for lengths= on outputs whose batch rows are in `order`
+        dropout_fn = functools.partial(_packing.dropout_as_packed, lengths=caller_lengths,
+                                       p=dropout, batch_order=order)
     elif dropout_fn is None:
         def dropout_fn(output):
             return F.dropout(output, dropout, training=True)
@@ -431,14 +434,6 @@ def _packs_eagerly(lengths: Tensor) -> bool:
     copy), nor for meta and fake lengths (no values): there the mask covers the padded output."""
     return (_backend.plain_eager() and not _backend.without_data(lengths)
             and not (lengths.is_cuda and torch.cuda.is_current_stream_capturing()))
-
-
-def _dropout_as_packed(lengths: Tensor, p: float, order: Optional[Tensor]):
-    """dropout_fn drawing torch.nn's mask for lengths= (_packing.dropout_as_packed) on a layer
-    output whose batch rows are in `order` (_longest_first's; None: the caller's)."""
-    def apply(output: Tensor) -> Tensor:
-        return _packing.dropout_as_packed(output, lengths, p, order)
-    return apply
 
 
 def _with_zero_biases(weights) -> list:
