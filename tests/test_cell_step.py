@@ -580,3 +580,20 @@ def test_native_rejects_inconsistent_product_arguments(case, message):
     }[case]
     with pytest.raises(ValueError, match=message):
         _backend._cpu.cell_step_forward(cell, DTYPE_CODES[torch.float32], B, H, *args)
+
+
+@pytest.mark.parametrize("kind", ["LSTMCell", "GRUCell", "RNNCell", "LSTM"])
+@pytest.mark.parametrize("name", ["bias_ih", "bias_hh", "weight_hh"])
+@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
+def test_a_parameter_whose_storage_was_freed_is_refused(kind, name, grad):
+    """A parameter whose storage was freed (resized to 0, as FSDP does to a sharded one) has
+    address 0, which the native step read as an absent bias: the cell ran without it, where
+    torch.nn's cells raise (review, session 29). The sequence module's one-step call takes the
+    same step."""
+    module = getattr(fusedrnn, kind)(4, 5)
+    name = name if kind.endswith("Cell") else f"{name}_l0"
+    with torch.no_grad():
+        getattr(module, name).untyped_storage().resize_(0)
+    x = torch.randn(*((2, 4) if kind.endswith("Cell") else (1, 2, 4)))
+    with torch.set_grad_enabled(grad), pytest.raises(RuntimeError, match="has no memory"):
+        module(x)

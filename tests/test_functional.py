@@ -308,3 +308,29 @@ def test_cell_step_refuses_a_stacked_lstm_state():
     with pytest.raises(ValueError, match=r"hx must be None or a pair \(h_0, c_0\) of tensors .*"
                                          r"got a tensor of shape \(2, 3, 4\)"):
         functional.cell_step("lstm", x, w_ih, w_hh, None, None, torch.randn(2, 3, 4))
+
+
+def test_public_entry_points_name_their_bad_arguments():
+    """functional.rnn and cell_step are public: an input of the wrong rank, num_layers below 1,
+    an unknown cell, peephole weights for another cell than an LSTM, and lengths that hold no
+    values are named (they raised IndexError, KeyError or "Cannot copy out of meta tensor")."""
+    weights = random_weights("lstm", 3, 4, 1, 1)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    for bad in (x[0], x[None]):
+        with pytest.raises(ValueError, match=r"input must be a 3-D tensor \[T, B, I\].*got "
+                                             rf"{bad.dim()}-D"):
+            functional.rnn("lstm", bad, weights)
+    for layers, given in ((0, []), (0, weights), (-1, weights)):
+        with pytest.raises(ValueError, match=rf"num_layers must be an int >= 1, got {layers}"):
+            functional.rnn("lstm", x, given, num_layers=layers)
+    with pytest.raises(ValueError, match=r"lengths is a meta tensor \(no values\) but input is "
+                                         r"on cpu"):
+        functional.rnn("lstm", x, weights, lengths=torch.tensor([5, 3], device="meta"))
+    gru = random_weights("gru", 3, 4, 1, 1)[0][:4]
+    step_x, h = x[0], torch.randn(2, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"cell must be one of .* got 'grux'"):
+        functional.cell_step("grux", step_x, *gru, h)
+    with pytest.raises(ValueError, match=r"peephole weights are for the LSTM cells .* not 'gru'"):
+        functional.cell_step("gru", step_x, *gru, h, peephole=torch.randn(3, 4))
+    with pytest.raises(ValueError, match=r"input must be a 2-D tensor \[B, I\], got 3-D"):
+        functional.cell_step("gru", x, *gru, h)

@@ -616,7 +616,8 @@ def test_a_cached_plan_is_not_reused_for_weights_read_otherwise(how):
         with torch.no_grad():
             module(x)
             module.weight_hh_l0.data = module.weight_hh_l0.data.view(torch.float16)
-            with pytest.raises(RuntimeError, match="w_hh.0. must be torch.bfloat16"):
+            with pytest.raises(RuntimeError, match="weight_hh_l0 is torch.float16 on cpu but "
+                                                   "weight_ih_l0 is torch.bfloat16"):
                 module(x)
         return
     w = [torch.randn(16, 2), torch.randn(16, 3), torch.randn(16), torch.randn(16),
@@ -625,3 +626,24 @@ def test_a_cached_plan_is_not_reused_for_weights_read_otherwise(how):
     torch.ops.fusedrnn.rnn_inference("lstm", x, None, None, w, 1, 1, True, True, False)
     with pytest.raises(ValueError, match="weight shapes do not fit"):
         torch.ops.fusedrnn.rnn_inference("lstm", x, None, None, w, 1, 1, True, False, True)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("num_layers", [1, 2])
+@pytest.mark.parametrize("seq_len", [1, 3])
+def test_a_bias_set_to_none_after_a_cached_call_is_refused(kind, num_layers, seq_len):
+    """A plan keeps its parameters weakly: once the bias it was built from is freed, its dead
+    reference read None, which "matched" a bias set to None, and the cached GRU plan then failed
+    with AttributeError ('NoneType' object has no attribute 'data_ptr') instead of torch.nn's
+    TypeError (review, session 30)."""
+    for name in ("bias_hh_l0", "bias_ih_l0", f"bias_hh_l{num_layers - 1}"):
+        theirs, ours = make_pair(kind, num_layers=num_layers)
+        x = torch.randn(seq_len, 2, 3, dtype=DTYPE)
+        with torch.no_grad():
+            ours(x)
+            for m in (theirs, ours):
+                setattr(m, name, None)
+            with pytest.raises(TypeError):
+                theirs(x)
+            with pytest.raises(TypeError, match=f"{name} is None, expected a tensor"):
+                ours(x)

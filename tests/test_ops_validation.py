@@ -261,3 +261,21 @@ def test_functional_rnn_checks_state_shapes():
     for grad in (False, True):
         with torch.set_grad_enabled(grad), pytest.raises(RuntimeError, match="h0"):
             functional.rnn("lstm", x, weights, bad)
+
+
+@requires_native
+def test_float16_on_the_cpu_kernels_is_named_by_its_dtype(monkeypatch):
+    """The CPU kernels take float32, float64 and bfloat16 (the modules run float16 CPU tensors
+    in float32): a direct call of the op with float16 was refused by the native ABI code
+    ("dtype must be 0 (float32), 1 (float64), 3 (bfloat16) here, got 2")."""
+    monkeypatch.delenv("FUSEDRNN_BACKEND", raising=False)
+
+    def half(value):
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            return value.half()
+        return [half(v) for v in value] if isinstance(value, list) else value
+
+    args = {key: half(value) for key, value in forward_args().items()}
+    with pytest.raises(RuntimeError, match=r"fusedrnn::layer_forward: xproj is float16, which "
+                                           r"the CPU kernels do not take"):
+        layer_forward(args)

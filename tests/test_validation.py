@@ -288,7 +288,8 @@ def test_cell_bias_of_another_dtype_refused_like_torch(name, contiguous, batch):
 def test_bias_that_broadcasts_refused_naming_it(kind, bias, shape, inference):
     """torch.nn's CPU modules take a bias of shape [1] or [1, G*H] (it broadcasts); fusedrnn
     refuses it on every path, naming the bias. An LSTM or RNN folded b_ih + b_hh before any
-    check, so a [1] bias ran while a GRU's raised, naming b_hh also for an odd bias_ih."""
+    check, so a [1] bias ran while a GRU's raised, naming b_hh also for an odd bias_ih. (The
+    module's own parameter name since session 30.)"""
     cell = kind.endswith("Cell")
     m = getattr(fusedrnn, kind)(3, 4)
     name = bias if cell else f"{bias}_l0"
@@ -296,8 +297,7 @@ def test_bias_that_broadcasts_refused_naming_it(kind, bias, shape, inference):
     setattr(m, name, nn.Parameter(torch.zeros(1) if shape == "[1]" else torch.zeros(1, rows)))
     x = torch.randn(*((2, 3) if cell else (5, 2, 3)))
     with torch.set_grad_enabled(not inference):
-        with pytest.raises(RuntimeError, match=re.escape(f"{bias.replace('ias', '')} must have "
-                                                         f"shape [G*H] = [{rows}]")):
+        with pytest.raises(RuntimeError, match=re.escape(f"{name} must have shape [{rows}]")):
             m(x)
 
 
@@ -530,3 +530,85 @@ def test_every_state_shape_checked_before_any_state_dtype(scripted):
     with pytest.raises(Exception if scripted else type(expected)) as info:
         call(x, (h0, c0))
     assert str(expected) in str(info.value)
+
+
+_SHAPE_CASES = {  # (class, constructor keywords) whose every parameter is replaced in turn
+    "LSTM": ("LSTM", {"num_layers": 2, "bidirectional": True}),
+    "LSTM-proj": ("LSTM", {"num_layers": 2, "proj_size": 3}),
+    "LSTM-peephole-cifg": ("LSTM", {"num_layers": 2, "peephole": True,
+                                    "coupled_input_forget": True}),
+    "GRU": ("GRU", {"num_layers": 2, "bidirectional": True}),
+    "RNN": ("RNN", {"num_layers": 2}),
+    "LSTMCell": ("LSTMCell", {}),
+    "LSTMCell-peephole": ("LSTMCell", {"peephole": True}),
+    "GRUCell": ("GRUCell", {}),
+    "RNNCell": ("RNNCell", {}),
+}
+
+
+@pytest.mark.parametrize("case, seq_len", [(case, seq_len) for case in _SHAPE_CASES
+                                             for seq_len in ((1,) if "Cell" in case else (1, 5))])
+@pytest.mark.parametrize("inference", [False, True], ids=["train", "no-grad"])
+def test_parameter_of_another_shape_is_named_with_its_shape(case, seq_len, inference):
+    """A parameter replaced by one of another shape is named, with the shape the module's sizes
+    give it. The layer checks named the layer API's operands (w_hh[0], "weights[0]") and took
+    W_hh's rows as the gate width: a GRU whose weight_hh_l0 had an LSTM's rows was told that
+    weight_ih_l0 was wrong."""
+    kind, keywords = _SHAPE_CASES[case]
+    cell = kind.endswith("Cell")
+    x = torch.randn(*((2, 4) if cell else (seq_len, 2, 4)))
+    for name, weight in getattr(fusedrnn, kind)(4, 5, **keywords).named_parameters():
+        module = getattr(fusedrnn, kind)(4, 5, **keywords)
+        wrong = (weight.shape[0] + 1,) + tuple(weight.shape[1:])
+        setattr(module, name, nn.Parameter(torch.zeros(wrong)))
+        with torch.set_grad_enabled(not inference), pytest.raises(
+                RuntimeError, match=re.escape(f"{kind}: {name} must have shape "
+                                              f"{list(weight.shape)}")):
+            module(x)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"])
+@pytest.mark.parametrize("inference", [False, True], ids=["train", "no-grad"])
+def test_parameter_of_another_dtype_is_named(kind, inference):
+    """A weight of another dtype than the module's first is named with both dtypes (it was
+    named w_hh[0], compared with "xproj", an internal operand)."""
+    cell = kind.endswith("Cell")
+    module = getattr(fusedrnn, kind)(4, 5)
+    name = "weight_hh" if cell else "weight_hh_l0"
+    setattr(module, name, nn.Parameter(getattr(module, name).detach().double()))
+    x = torch.randn(*((2, 4) if cell else (3, 2, 4)))
+    with torch.set_grad_enabled(not inference), pytest.raises(
+            RuntimeError, match=f"{name} is torch.float64 on cpu but weight_ih"):
+        module(x)
+
+
+@pytest.mark.filterwarnings("ignore:Complex modules are a new feature")
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"])
+@pytest.mark.parametrize("inference", [False, True], ids=["train", "no-grad"])
+def test_complex_modules_are_refused_naming_the_dtype(kind, inference):
+    """torch.nn's CPU modules run complex tensors; fusedrnn's kernels do not, and the refusal
+    named an internal operand ("xproj must be float32, float64, float16 or bfloat16")."""
+    module = getattr(fusedrnn, kind)(4, 5).to(torch.complex64)
+    x = torch.randn(*((2, 4) if kind.endswith("Cell") else (3, 2, 4)), dtype=torch.complex64)
+    with torch.set_grad_enabled(not inference), pytest.raises(
+            RuntimeError, match=r"fusedrnn runs float32, float64, float16 and bfloat16 tensors, "
+                                r"got torch.complex64"):
+        module(x)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("name", ["weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"])
+@pytest.mark.parametrize("seq_len", [1, 3])
+@pytest.mark.parametrize("inference", [False, True], ids=["train", "no-grad"])
+def test_a_parameter_whose_storage_was_freed_is_named(kind, name, seq_len, inference):
+    """A parameter whose storage was freed (resized to 0, as FSDP does to a sharded one), in a
+    module called anyway, also after a cached call: torch.nn's LSTM segfaults in torch's own
+    add, and so did fusedrnn's for a bias; now a RuntimeError naming it (review, session 29)."""
+    module = getattr(fusedrnn, kind)(4, 5)
+    x = torch.randn(seq_len, 2, 4)
+    with torch.set_grad_enabled(not inference):
+        module(x)
+        with torch.no_grad():
+            getattr(module, name).untyped_storage().resize_(0)
+        with pytest.raises(RuntimeError, match=f"{kind}: {name} has no memory"):
+            module(x)

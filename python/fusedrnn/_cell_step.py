@@ -292,7 +292,7 @@ def _forward(cell, x, h, c, w_ih, w_hh, b_ih, b_hh, save: bool, checked: bool, p
         CELL_CODES[cell], DTYPE_CODES[x.dtype], batch, hidden, _ptr(xpre), _ptr(hpre),
         _ptr(b_ih), _ptr(b_hh), _ptr(h_prev), _ptr(c_prev),
         h_next.data_ptr(), _ptr(c_next), _ptr(gates), _ptr(saved_state), torch.get_num_threads(),
-        *((x.data_ptr(), w_ih.data_ptr(), w_hh.data_ptr(), x.size(1), w_hh.size(1))
+        *((_ptr(x), _ptr(w_ih), _ptr(w_hh), x.size(1), w_hh.size(1))
           if native_products else (0, 0, 0, 0, 0)), _ptr(peephole))
     return h_next, c_next, ((gates, saved_state) if save else None)
 
@@ -302,7 +302,18 @@ def _contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
 
 
 def _ptr(t: Optional[Tensor]) -> int:
-    return t.data_ptr() if t is not None else 0
+    """t's address for the native step, 0 for None (an absent operand). A tensor whose storage
+    was freed (resized to 0, as FSDP does to a sharded parameter) also has address 0: the step
+    took such a bias as absent and ran without it, where torch.nn's cells raise (review,
+    session 29); refused here."""
+    if t is None:
+        return 0
+    ptr = t.data_ptr()
+    if ptr == 0 and t.numel() > 0:
+        raise RuntimeError(f"fusedrnn: an operand of shape {list(t.shape)} of the cell step has "
+                           f"no memory (its storage was freed, e.g. resized to 0 by FSDP's "
+                           f"resharding)")
+    return ptr
 
 
 def states_read_by_backward(cell: str, h: Optional[Tensor], c: Optional[Tensor],

@@ -255,9 +255,11 @@ class _CachedPlan:
         self.backend_setting = _backend.env_value(_backend.BACKEND_VARIABLE)
 
     def holds(self, params: tuple) -> bool:
-        """Whether it was built from exactly these tensors, still in the same memory."""
+        """Whether it was built from exactly these tensors, still in the same memory. (A
+        parameter since freed leaves a dead reference, which reads None: a weight set to None
+        in its place must not match it; review, session 30.)"""
         return (len(params) == len(self.params)
-                and all(ref() is p for ref, p in zip(self.params, params))
+                and all(p is not None and ref() is p for ref, p in zip(self.params, params))
                 and _layout(params) == self.layout)
 
     def matches(self, params: tuple) -> bool:

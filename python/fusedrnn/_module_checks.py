@@ -11,6 +11,9 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
+from . import _backend
+from ._backend import GATE_COUNT
+
 
 def _checked_call(method, *args):
     """method(*args): a module's validated full path. While torch.jit.trace records (the
@@ -73,30 +76,54 @@ def _variant_repr(module) -> str:
                    if module.__dict__.get(flag))
 
 
-def _check_variant_shapes(module, weights, names) -> None:
-    """A variant LSTM's parameters that differ from the plain LSTM's (a CIFG's gate blocks, the
-    peephole weights), checked by their own names and shapes (the layer checks would name the
-    layer API's operands, w_hh[0] and the like, not the module's parameters)."""
+def _check_parameter_shapes(module, cell: str, weights, names) -> None:
+    """Every parameter a call reads, by its own name and the shape the module's sizes give it,
+    before functional.rnn or cell_step see them. Their checks name the layer API's operands
+    (w_hh[0], "weights[0]") and take w_hh's rows as the gate width, so a module whose
+    weight_hh_l0 was replaced by one of another shape was told that weight_ih_l0 was wrong.
+    weights/names: per layer and direction, (w_ih, w_hh, b_ih, b_hh, w_hr, *peephole) and
+    their names (None for absent ones), as modules._layer_weights reads them."""
     hidden = module.hidden_size
-    coupled = module.coupled_input_forget
-    gates = 3 * hidden
-    what = ("with coupled_input_forget=True (gates f, g, o; peephole rows w_cf, w_co)" if coupled
-            else "with peephole=True (rows w_ci, w_cf, w_co)")
-    for layer, layer_names in zip(weights, names):
-        w_ih, w_hh, b_ih, b_hh, w_hr, *peephole = layer
-        expected = []
-        if coupled:
-            expected += [(w_ih, (gates, w_ih.shape[-1] if w_ih.dim() == 2 else -1)),
-                         (w_hh, (gates, w_hh.shape[-1] if w_hh.dim() == 2 else -1)),
-                         (b_ih, (gates,)), (b_hh, (gates,))]
-        else:
-            expected += [(None, None)] * 4
-        expected += [(w, (2 if coupled else 3, hidden)) for w in peephole]
-        for (tensor, shape), name in zip(expected, layer_names[:4] + layer_names[5:]):
-            if tensor is not None and tuple(tensor.shape) != shape:
+    proj = getattr(module, "proj_size", 0)
+    state = proj if proj > 0 else hidden
+    num_directions = 2 if getattr(module, "bidirectional", False) else 1
+    gates = GATE_COUNT[cell] * hidden
+    coupled = cell == "lstm_cifg"
+    what = ""
+    if coupled:
+        what = " with coupled_input_forget=True (gates f, g, o; peephole rows w_cf, w_co)"
+    elif module.__dict__.get("peephole"):
+        what = " with peephole=True (rows w_ci, w_cf, w_co)"
+    first, first_name = weights[0][0], names[0][0]
+    dtype, device = first.dtype, first.device
+    # (A plain tensor's address is read only eagerly: Dynamo, tracing and the torch.func
+    # transforms have none to give.)
+    eager = _backend.plain_eager()
+    for index, (layer, layer_names) in enumerate(zip(weights, names)):
+        inputs = module.input_size if index < num_directions else state * num_directions
+        expected = ((gates, inputs), (gates, state), (gates,), (gates,), (proj, hidden),
+                    (2 if coupled else 3, hidden))
+        for tensor, name, shape in zip(layer, layer_names, expected):
+            if name is None or tensor is None:
+                continue
+            owner = f"fusedrnn.{type(module).__name__}"
+            if (eager and type(tensor) in (Tensor, torch.nn.Parameter) and tensor.data_ptr() == 0
+                    and tensor.numel() > 0 and not tensor.is_meta):
+                # (torch's own ops crash on such a tensor: torch.nn's LSTM segfaults)
+                raise RuntimeError(f"{owner}: {name} has no memory (its storage was freed, e.g. "
+                                   f"resized to 0 by FSDP's resharding)")
+            if tensor.shape == shape and tensor.dtype is dtype and tensor.device == device:
+                continue
+            if tensor.shape != shape:
+                raise RuntimeError(f"{owner}: {name} must have shape {list(shape)}{what}, "
+                                   f"got {list(tensor.shape)}")
+            # (Under autocast torch.nn casts every weight to the autocast dtype, as fusedrnn.)
+            if tensor.device != device or not (
+                    device.type != "meta" and torch.is_autocast_enabled(device.type)):
                 raise RuntimeError(
-                    f"fusedrnn.{type(module).__name__}: {name} must have shape {list(shape)} "
-                    f"{what}, got {list(tensor.shape)}")
+                    f"{owner}: {name} is {tensor.dtype} on {tensor.device} but {first_name} is "
+                    f"{dtype} on {device}; a module's parameters must share one dtype and "
+                    f"device (module.to(...) moves them all)")
 
 
 def _refuse_variant(module, what: str) -> None:

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
+from . import _backend
 from ._backend import DTYPE_CODES, GATE_COUNT, LSTM_CELLS, PEEPHOLE_ROWS, SAVED_GATE_COUNT
 
 
@@ -575,6 +576,11 @@ def _check_sequence(op: str, name: str, t: Tensor, layout: str, last: int) -> tu
     if t.dtype not in DTYPE_CODES:
         raise RuntimeError(f"{op}: {name} must be float32, float64, float16 or bfloat16, got "
                            f"{t.dtype}")
+    if t.dtype is torch.float16 and t.device.type == "cpu" and _backend.backend_name() == "cpu":
+        # (The modules and functional run float16 CPU tensors in float32; the native CPU
+        # module would reject the dtype by its ABI code.)
+        raise RuntimeError(f"{op}: {name} is float16, which the CPU kernels do not take "
+                           f"(float32, float64 or bfloat16; float16 runs on CUDA): cast it")
     return shape[0], shape[1]
 
 

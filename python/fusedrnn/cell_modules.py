@@ -16,7 +16,7 @@ from . import _backend, _cell_step, _script, reference
 from . import _validation as check
 from . import functional
 from ._backend import LSTM_CELLS
-from ._module_checks import (_check_variant_flags, _check_variant_shapes, _checked_call,
+from ._module_checks import (_check_parameter_shapes, _check_variant_flags, _checked_call,
                              _follow_autocast, _is_state, _refuse_missing_weight,
                              _refuse_variant, _reset_uniform, _variant_repr)
 
@@ -121,8 +121,7 @@ class RNNCellBase(nn.Module):
             if not batched:
                 states = tuple(s.unsqueeze(0) for s in states)
             hx = states if is_lstm else states[0]
-        if self._is_variant:
-            self._check_variant_parameters(weights, peephole)
+        _check_parameter_shapes(self, cell, [(*weights, None, peephole)], [_CELL_WEIGHT_NAMES])
         if self._is_variant and _backend.recording_graph():
             result = self._variant_step(batch_input, hx, weights, peephole)
         else:
@@ -193,13 +192,6 @@ class LSTMCell(RNNCellBase):
     def __prepare_scriptable__(self):
         _refuse_variant(self, "torch.jit.script")
         return self
-
-    def _check_variant_parameters(self, weights: tuple, peephole: Optional[Tensor]) -> None:
-        """A variant cell's parameters (weights: w_ih, w_hh, b_ih, b_hh as read; peephole
-        None for a CIFG without peepholes), by their own names
-        (_module_checks._check_variant_shapes)."""
-        peephole = (peephole,) if self._has_peephole else ()
-        _check_variant_shapes(self, [(*weights, None, *peephole)], [_CELL_WEIGHT_NAMES])
 
     def _variant_step(self, x: Tensor, hx, weights: tuple, peephole: Optional[Tensor]):
         """A variant's step (x [B, I], hx None or (h, c) [B, H], weights and peephole checked)

@@ -58,6 +58,16 @@ def rnn(cell: str, input: Tensor, weights, hx=None, *, num_layers: int = 1,
     """
     if cell not in CELLS:
         raise ValueError(f"cell must be one of {CELLS}, got {cell!r}")
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+        raise ValueError(f"num_layers must be an int >= 1, got {num_layers!r}")
+    if not isinstance(input, Tensor) or input.dim() != 3:
+        got = f"{input.dim()}-D" if isinstance(input, Tensor) else type(input).__name__
+        raise ValueError(f"input must be a 3-D tensor [T, B, I] ([B, T, I] with batch_first), "
+                         f"got {got}")
+    if input.is_complex():
+        raise RuntimeError(f"fusedrnn runs float32, float64, float16 and bfloat16 tensors, got "
+                           f"{input.dtype} (torch.nn's CPU modules also run complex ones: "
+                           f"fusedrnn.to_torch_nn(model) converts a model back)")
     num_directions = 2 if bidirectional else 1
     if len(weights) != num_layers * num_directions:
         raise ValueError(f"expected {num_layers * num_directions} layer weights "
@@ -205,6 +215,13 @@ def cell_step(cell: str, input: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Option
     peephole weights (rnn's sixth LayerWeights entry) or None.
     Returns h' [B, H], or for LSTM (h', c').
     """
+    if cell not in CELLS:
+        raise ValueError(f"cell must be one of {CELLS}, got {cell!r}")
+    if not isinstance(input, Tensor) or input.dim() != 2:
+        got = f"{input.dim()}-D" if isinstance(input, Tensor) else type(input).__name__
+        raise ValueError(f"input must be a 2-D tensor [B, I], got {got}")
+    if peephole is not None and cell not in LSTM_CELLS:
+        raise ValueError(f"peephole weights are for the LSTM cells {LSTM_CELLS} only, not {cell!r}")
     lstm_pair = cell in LSTM_CELLS and isinstance(hx, (tuple, list)) and len(hx) == 2
     if hx is None or lstm_pair or (cell not in LSTM_CELLS and isinstance(hx, Tensor)):
         h, c = hx if lstm_pair else (hx, None)
@@ -402,6 +419,9 @@ def _checked_lengths(lengths, input: Tensor, batch_first: bool) -> Tensor:
             or lengths.dtype == torch.bool):
         raise ValueError(_validation.lengths_kind_text(batch, str(lengths.dtype),
                                                        str(tuple(lengths.shape))))
+    if lengths.is_meta and not input.is_meta:
+        raise ValueError(f"lengths is a meta tensor (no values) but input is on {input.device}: "
+                         f"give the lengths on the CPU or on the input's device")
     recording = _backend.recording_graph()
     if batch > 0 and not _backend.without_data(lengths) and not (
             recording and not _backend.under_transform()):  # (there the op checks them)
