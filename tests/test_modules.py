@@ -1148,3 +1148,77 @@ def test_a_cell_with_one_bias_set_to_none_computes_as_torch_nn(name, weight):
     x = torch.randn(2, 3, dtype=torch.float64)
     first = (lambda r: r[0] if isinstance(r, tuple) else r)
     assert_close(first(ours(x)), first(theirs(x)), 1e-12, f"{name} without {weight}")
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("batch_first", [False, True], ids=["tm", "bf"])
+@pytest.mark.parametrize("num_layers, bidirectional", [(1, False), (2, True)])
+def test_input_made_in_inference_mode_trains_like_torch(kind, batch_first, num_layers,
+                                                        bidirectional):
+    """An input made under torch.inference_mode, then trained on outside it: torch.nn's
+    batch_first modules run (its transpose makes a normal tensor) and its time-major ones refuse
+    it; fusedrnn read the inference tensor's version counter, which it has none of, and raised
+    "Inference tensors do not track version counter" for batch_first too (review, session 30)."""
+    with torch.inference_mode():
+        x = torch.randn(*((2, 5, 3) if batch_first else (5, 2, 3)), dtype=torch.float64)
+    results = []
+    for lib in (nn, fusedrnn):
+        torch.manual_seed(0)
+        m = getattr(lib, kind)(3, 4, num_layers=num_layers, bidirectional=bidirectional,
+                               batch_first=batch_first, dtype=torch.float64)
+        try:
+            out, _ = m(x)
+            out.pow(2).sum().backward()
+        except RuntimeError as error:
+            results.append(str(error))
+            continue
+        results.append(([out.detach()], [p.grad for p in m.parameters()]))
+    theirs, ours = results
+    if isinstance(theirs, str):
+        assert ours == theirs
+    else:
+        assert_runs_close(theirs, ours, 1e-10)
+
+
+@pytest.mark.parametrize("kind, seq_len", [("GRU", 1), ("GRU", 3), ("RNN", 1), ("RNN", 3),
+                                           ("GRUCell", 1), ("RNNCell", 1)])
+def test_state_made_in_inference_mode_with_an_input_that_needs_grad(kind, seq_len):
+    """A frozen model, an input that needs a gradient (saliency, adversarial input) and a state
+    made under torch.inference_mode (an encoder run for inference): torch.nn runs; fusedrnn
+    raised "Inference tensors do not track version counter" (review, session 30)."""
+    cell = kind.endswith("Cell")
+    with torch.inference_mode():
+        h = torch.randn(*((2, 4) if cell else (1, 2, 4)), dtype=torch.float64)
+    x0 = torch.randn(*((2, 3) if cell else (seq_len, 2, 3)), dtype=torch.float64)
+    grads = []
+    for lib in (nn, fusedrnn):
+        torch.manual_seed(0)
+        m = getattr(lib, kind)(3, 4, dtype=torch.float64).requires_grad_(False)
+        x = x0.clone().requires_grad_()
+        out = m(x, h)
+        (out if cell else out[0]).pow(2).sum().backward()
+        grads.append(x.grad)
+    assert_close(grads[1], grads[0], 1e-10, "input gradient")
+
+
+@pytest.mark.parametrize("kind", ["GRU", "RNN"])
+def test_float32_bias_gradients_of_a_long_sequence_as_accurate_as_torch(kind):
+    """The bias gradients sum the gate gradients over T*B rows. As a matrix-vector product with
+    ones the float32 error grew with the rows: T=5000 B=8 gave bias_ih's gradient 17x (GRU) and
+    50x (RNN) torch.nn's error against float64 (review, session 30)."""
+    torch.manual_seed(0)
+    truth = getattr(nn, kind)(6, 8, dtype=torch.float64)
+    x = torch.randn(5000, 8, 6, dtype=torch.float64)
+    errors = {}
+    for lib in (nn, fusedrnn):
+        grads = {}
+        for dtype in (torch.float64, torch.float32):
+            m = getattr(lib, kind)(6, 8, dtype=dtype)
+            m.load_state_dict(truth.state_dict())
+            out, _ = m(x.to(dtype))
+            ramp_loss([out]).backward()
+            grads[dtype] = {name: p.grad.double() for name, p in m.named_parameters()}
+        errors[lib] = {name: ((grads[torch.float32][name] - g).norm() / g.norm()).item()
+                       for name, g in grads[torch.float64].items() if name.startswith("bias")}
+    for name, theirs in errors[nn].items():
+        assert errors[fusedrnn][name] <= 3 * theirs + 1e-7, (name, errors[fusedrnn][name], theirs)

@@ -61,10 +61,13 @@ def keep(tensors) -> tuple:
     (forward and backward) measured 147 us against 137 us before them.
 
     unpack_kept raises autograd's error where one was written in place since the forward; under
-    a hook it returns the values the forward read. None stays None, and so does a tensor made in
-    inference mode (autograd refuses to save those; it cannot be written outside it)."""
+    a hook it returns the values the forward read. None stays None, and a tensor made in
+    inference mode is held as itself: it has no version counter (reading one raised, so a
+    batch_first input made under inference_mode failed in training where torch.nn's runs:
+    review, session 30), autograd refuses to save it, and it cannot be written outside that
+    mode."""
     if not _saved_layout.under_pack_hook():
-        return tuple(None if t is None else (t, t._version) for t in tensors)
+        return tuple(t if t is None or t.is_inference() else (t, t._version) for t in tensors)
     return tuple(t if t is None or t.is_inference() else _make_saved_tensor(t, is_output=False)
                  for t in tensors)
 
