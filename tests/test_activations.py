@@ -164,3 +164,17 @@ def test_saturated_gates_as_accurate_as_torch(isa, monkeypatch):
         errors = [(m(x.float(), state32)[1][1].double() - truth).abs().max().item()
                   for m in (theirs, ours)]
     assert errors[1] <= 2 * errors[0] + 1e-6, errors
+
+
+@pytest.mark.parametrize("isa", ["amx", "avx512bf16", "avx512", "avx2", "generic"])
+def test_sigmoid_within_two_ulp_and_exactly_one_half_at_zero(isa, monkeypatch):
+    """The reciprocal in 1 / (1 + e^-x) refines the hardware estimate by Newton steps in
+    residual form (simd_vec.h, newton_recip_step). In the form est (2 - x est) AVX2's steps
+    stopped at 0.49999997 for 1/2, so sigmoid(0) was not 0.5 (a gate biased by it leaked over
+    long sequences: review, session 30), and AVX-512's sigmoid was 2.5 ulp off (now 1.9;
+    torch.sigmoid's 1.8 against float64)."""
+    monkeypatch.setenv("FUSEDRNN_CPU_ISA", isa)
+    x = torch.from_numpy(np.linspace(-16, 16, 200001, dtype=np.float32))
+    y = _native_sigmoid(torch.cat([x, torch.tensor([0.0, -0.0])]))
+    assert y[-2].item() == 0.5 and y[-1].item() == 0.5
+    assert _ulps(y[:-2], torch.sigmoid(x.double())).max() <= 2.0

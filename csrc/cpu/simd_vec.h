@@ -160,7 +160,19 @@ FUSEDRNN_VEC_INLINE Vec<float, W> exp_poly(Vec<float, W> x) {
   return V::of(y * reinterpret_cast<R>(bits));
 }
 
-// 1/x: the hardware estimate refined by one Newton step (about 1 ulp, like the division it
+// One Newton step for 1/x from the estimate est, in residual form: e = 1 - x est is exact with
+// an FMA (-ffp-contract=fast makes both lines one FMA each), and est + est e then rounds like
+// the division, within an ulp. The form est (2 - x est) rounds 2 - x est first: from AVX2's
+// estimate it converged to 0.49999997 for 1/2, so sigmoid(0) was not 0.5 and a gate biased
+// by that leaked over long sequences (LSTM, constant forget gate, T=20000: 3.5-4x torch.nn's
+// error; review, session 30).
+template <typename R>
+FUSEDRNN_VEC_INLINE R newton_recip_step(R x, R est) {
+  const R e = 1.0f - x * est;
+  return est + est * e;
+}
+
+// 1/x: the hardware estimate refined by Newton steps (within an ulp, like the division it
 // replaces), because a division costs a multi-cycle unpipelined slot per vector and a cell runs
 // several per unit.
 template <int W>
@@ -173,14 +185,13 @@ FUSEDRNN_VEC_INLINE Vec<float, W> recip(Vec<float, W> x) {
     // it then reports as used uninitialized (a false positive, the same instruction).
     const R est = reinterpret_cast<R>(
         _mm512_maskz_rcp14_ps(static_cast<__mmask16>(0xFFFF), reinterpret_cast<__m512>(x.v)));
-    return V::of(est * (2.0f - x.v * est));
+    return V::of(newton_recip_step(x.v, est));  // 14 bits -> 24
   }
 #endif
 #if defined(__AVX__)
   if constexpr (W == 8) {
     const R est = reinterpret_cast<R>(_mm256_rcp_ps(reinterpret_cast<__m256>(x.v)));
-    const R once = est * (2.0f - x.v * est);
-    return V::of(once * (2.0f - x.v * once));
+    return V::of(newton_recip_step(x.v, newton_recip_step(x.v, est)));  // 12 bits -> 24
   }
 #endif
   return V(1.0f) / x;
@@ -208,8 +219,11 @@ FUSEDRNN_VEC_INLINE Vec<float, W> act_sigmoid(Vec<float, W> x) {
 // with its coefficients rounded to float), and +-1 from |x| = 9 on, as libm and torch give: a
 // saturated state is exactly 1, not 1 - 2^-24 (tanh rounds to 1 in float from 9.01; between 9
 // and 9.01 this is 1 ulp high). In float32 it is within 6.5 ulp of the true value over
-// the float range (measured: 5.6 ulp with AVX-512, 5.8 AVX2, 6.3 generic;
-// tests/test_activations.py), x itself for tiny x, and never past +-1. It replaced an
+// the float range (measured: 5.3 ulp with AVX-512 and AVX2, 6.3 generic;
+// tests/test_activations.py), x itself for tiny x, and never past +-1. Near saturation that is
+// ~9x the absolute error of torch's tanh (0.5 ulp) in 1 - h^2, the derivative the backward
+// forms from h: gradients through units at |x| of 6-8 were 4-6x torch.nn's float32 error
+// against float64 in a review (session 30), where torch.nn's own were 1e-3 to 6e-2 off. It replaced an
 // exp-based formula (1.6 ulp) that computed two branches, |x| < 0.625 by an odd polynomial and
 // 1 - 2 / (e^2|x| + 1) beyond: 19 vector operations instead of about 36, and an LSTM cell runs
 // two tanh per unit. LSTM B=64 H=256 T=100 inference, native forward on the 2-core SPR VM
