@@ -339,11 +339,6 @@ def test_k_staged_backward_plan():
     for unstaged in (_bwd_params(dtype=torch.float32), _bwd_params(H=37),
                      _bwd_params(H=32, P=16)):
         assert emu._launch_plan_backward(unstaged[0])["stage_rows"] == (0, 0)
-    # The gate-gradient rows are copied from the workspace with cp.async: 16-byte aligned only.
-    misaligned, _keep3 = _bwd_params()
-    block = torch.empty(64, dtype=torch.uint8)
-    misaligned[0].workspace = block.data_ptr() + (16 - block.data_ptr() % 16) + 8
-    assert emu._launch_plan_backward(misaligned)["stage_rows"] == (0, 0)
     emu._set_launch_options()
     assert emu._launch_plan_backward(params)["weights_in_smem"]
 
@@ -509,6 +504,21 @@ def test_workspace_too_small():
     params[0].workspace, params[0].workspace_bytes = ws.data_ptr(), need - 1
     with pytest.raises(ValueError, match="workspace"):
         emu.forward(params)
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_workspace_not_16_byte_aligned(direction):
+    """The workspace holds 8-byte tagged words, fp32/fp64 state arrays and rows copied with
+    16-byte cp.async: a misaligned one would fault on a GPU (x86 tolerates it, so the emulator
+    ran). It is refused at every launch (before, only the backward's K-staging looked)."""
+    params, _keep = (_fwd_params if direction == "forward" else _bwd_params)()
+    need = getattr(emu, f"{direction}_workspace_bytes")(params)
+    block = torch.empty(need + 32, dtype=torch.uint8)
+    misaligned = block.data_ptr() + (16 - block.data_ptr() % 16) + 8
+    for p in params:
+        p.workspace, p.workspace_bytes = misaligned, need
+    with pytest.raises(ValueError, match="workspace must be 16-byte aligned"):
+        getattr(emu, direction)(params)
 
 
 def test_bad_launch_option():

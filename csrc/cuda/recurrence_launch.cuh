@@ -171,10 +171,7 @@ void launch_persistent(const std::vector<Params>& dirs, bool backward, Kernel* s
   in.max_stage_rows = launch_options().max_stage_rows;
   in.tagged_exchange = launch_options().tagged_exchange;
   in.inputs_ahead = launch_options().inputs_ahead;
-  // The K-staged backward also copies the gate-gradient rows from the workspace with cp.async
-  // (torch's allocations are aligned; a C++ caller's might not be).
-  in.stageable = weight_rows_16_byte_aligned(dirs, sizeof(T)) &&
-                 (!backward || reinterpret_cast<uintptr_t>(first.workspace) % 16 == 0);
+  in.stageable = weight_rows_16_byte_aligned(dirs, sizeof(T));
   const RecurrenceGeometry geo = plan_recurrence(in, [&](bool smem, int64_t bytes) {
     int blocks = 0;
     FUSEDRNN_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
@@ -196,6 +193,13 @@ void launch_persistent(const std::vector<Params>& dirs, bool backward, Kernel* s
   args.workspace = make_workspace_layout(backward, first.cell, first.batch, first.hidden,
                                          first.state, sizeof(T), sizeof(Acc<T>));
   const int64_t needed = args.workspace.per_direction * num_dirs;
+  // The workspace holds the exchange's 8-byte tagged words, fp32/fp64 state arrays and (in the
+  // K-staged backward) rows copied with 16-byte cp.async: a misaligned base is a sticky
+  // misaligned-address fault on a GPU, which x86 (and so the emulator) tolerates. torch's
+  // allocations are aligned to 256 bytes; a C++ caller's might not be.
+  if (needed > 0 && reinterpret_cast<uintptr_t>(first.workspace) % 16 != 0) {
+    throw std::invalid_argument("fusedrnn: workspace must be 16-byte aligned");
+  }
   for (const Params& p : dirs) {
     if (p.workspace_bytes < needed || (needed > 0 && p.workspace != dirs[0].workspace)) {
       throw std::invalid_argument(

@@ -32,7 +32,8 @@ int64_t forward_workspace_bytes(const std::vector<RecurrenceFwdParams>& dirs);
 int64_t backward_workspace_bytes(const std::vector<RecurrenceBwdParams>& dirs);
 
 // Launch on dirs[0].cuda_stream; asynchronous, allocates nothing. Throws std::invalid_argument for
-// a workspace that is too small, std::runtime_error for a CUDA error (naming the kernel).
+// a workspace that is too small or not 16-byte aligned, std::runtime_error for a CUDA error
+// (naming the kernel).
 void forward(const std::vector<RecurrenceFwdParams>& dirs);
 void backward(const std::vector<RecurrenceBwdParams>& dirs);
 
