@@ -35,6 +35,7 @@ from torch import Tensor
 from . import _backend, _recomputed_grads, _saved_layout
 from ._backend import (CELL_CODES, CPU_DTYPES, DTYPE_CODES, GATE_COUNT, LSTM_CELLS,
                        PEEPHOLE_ROWS, SAVED_GATE_COUNT, _cpu)
+from ._validation import FREED_STORAGE
 
 
 def applies(input: Tensor, dims: int = 2) -> bool:
@@ -310,9 +311,8 @@ def _ptr(t: Optional[Tensor]) -> int:
         return 0
     ptr = t.data_ptr()
     if ptr == 0 and t.numel() > 0:
-        raise RuntimeError(f"fusedrnn: an operand of shape {list(t.shape)} of the cell step has "
-                           f"no memory (its storage was freed, e.g. resized to 0 by FSDP's "
-                           f"resharding)")
+        raise RuntimeError(f"fusedrnn: an operand of shape {list(t.shape)} of the cell step "
+                           f"{FREED_STORAGE}")
     return ptr
 
 

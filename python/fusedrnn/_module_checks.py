@@ -13,6 +13,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from . import _backend
 from ._backend import GATE_COUNT
+from ._validation import FREED_STORAGE
 
 
 def _checked_call(method, *args):
@@ -106,14 +107,13 @@ def _check_parameter_shapes(module, cell: str, weights, names) -> None:
         for tensor, name, shape in zip(layer, layer_names, expected):
             if name is None or tensor is None:
                 continue
-            owner = f"fusedrnn.{type(module).__name__}"
             if (eager and type(tensor) in (Tensor, torch.nn.Parameter) and tensor.data_ptr() == 0
                     and tensor.numel() > 0 and not tensor.is_meta):
                 # (torch's own ops crash on such a tensor: torch.nn's LSTM segfaults)
-                raise RuntimeError(f"{owner}: {name} has no memory (its storage was freed, e.g. "
-                                   f"resized to 0 by FSDP's resharding)")
+                raise RuntimeError(f"fusedrnn.{type(module).__name__}: {name} {FREED_STORAGE}")
             if tensor.shape == shape and tensor.dtype is dtype and tensor.device == device:
                 continue
+            owner = f"fusedrnn.{type(module).__name__}"
             if tensor.shape != shape:
                 raise RuntimeError(f"{owner}: {name} must have shape {list(shape)}{what}, "
                                    f"got {list(tensor.shape)}")

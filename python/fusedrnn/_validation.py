@@ -19,6 +19,9 @@ from torch.nn.utils.rnn import PackedSequence
 from . import _backend
 from ._backend import DTYPE_CODES, GATE_COUNT, LSTM_CELLS, PEEPHOLE_ROWS, SAVED_GATE_COUNT
 
+# What a tensor whose storage was freed is told (it reads address 0, as an absent operand).
+FREED_STORAGE = "has no memory (its storage was freed, e.g. resized to 0 by FSDP's resharding)"
+
 
 class HiddenStateError(RuntimeError, TypeError, IndexError, AttributeError, ValueError):
     """An LSTM state that is not a pair (h_0, c_0) of tensors.
