@@ -1150,6 +1150,7 @@ def test_a_cell_with_one_bias_set_to_none_computes_as_torch_nn(name, weight):
     assert_close(first(ours(x)), first(theirs(x)), 1e-12, f"{name} without {weight}")
 
 
+@requires_native
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
 @pytest.mark.parametrize("batch_first", [False, True], ids=["tm", "bf"])
 @pytest.mark.parametrize("num_layers, bidirectional", [(1, False), (2, True)])
@@ -1180,6 +1181,7 @@ def test_input_made_in_inference_mode_trains_like_torch(kind, batch_first, num_l
         assert_runs_close(theirs, ours, 1e-10)
 
 
+@requires_native
 @pytest.mark.parametrize("kind, seq_len", [("GRU", 1), ("GRU", 3), ("RNN", 1), ("RNN", 3),
                                            ("GRUCell", 1), ("RNNCell", 1)])
 def test_state_made_in_inference_mode_with_an_input_that_needs_grad(kind, seq_len):
@@ -1201,6 +1203,7 @@ def test_state_made_in_inference_mode_with_an_input_that_needs_grad(kind, seq_le
     assert_close(grads[1], grads[0], 1e-10, "input gradient")
 
 
+@requires_native
 @pytest.mark.parametrize("kind", ["GRU", "RNN"])
 def test_float32_bias_gradients_of_a_long_sequence_as_accurate_as_torch(kind):
     """The bias gradients sum the gate gradients over T*B rows. As a matrix-vector product with

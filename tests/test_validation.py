@@ -14,6 +14,8 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import fusedrnn
 
+from _helpers import requires_native
+
 
 def torch_error(make):
     try:
@@ -596,6 +598,7 @@ def test_complex_modules_are_refused_naming_the_dtype(kind, inference):
         module(x)
 
 
+@requires_native  # (the first call runs the kernels)
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
 @pytest.mark.parametrize("name", ["weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"])
 @pytest.mark.parametrize("seq_len", [1, 3])

@@ -77,9 +77,10 @@ def _variant_repr(module) -> str:
                    if module.__dict__.get(flag))
 
 
-def _check_parameter_shapes(module, cell: str, weights, names) -> None:
-    """Every parameter a call reads, by its own name and the shape the module's sizes give it,
-    before functional.rnn or cell_step see them. Their checks name the layer API's operands
+def _check_parameters(module, cell: str, weights, names) -> None:
+    """Every parameter a call reads, by its own name: the shape the module's sizes give it, the
+    first parameter's dtype and device, and (eagerly) memory that was not freed, before
+    functional.rnn or cell_step see them. Their checks name the layer API's operands
     (w_hh[0], "weights[0]") and take w_hh's rows as the gate width, so a module whose
     weight_hh_l0 was replaced by one of another shape was told that weight_ih_l0 was wrong.
     weights/names: per layer and direction, (w_ih, w_hh, b_ih, b_hh, w_hr, *peephole) and

@@ -16,7 +16,7 @@ from . import _backend, _cell_step, _script, reference
 from . import _validation as check
 from . import functional
 from ._backend import LSTM_CELLS
-from ._module_checks import (_check_parameter_shapes, _check_variant_flags, _checked_call,
+from ._module_checks import (_check_parameters, _check_variant_flags, _checked_call,
                              _follow_autocast, _is_state, _refuse_missing_weight,
                              _refuse_variant, _reset_uniform, _variant_repr)
 
@@ -121,7 +121,7 @@ class RNNCellBase(nn.Module):
             if not batched:
                 states = tuple(s.unsqueeze(0) for s in states)
             hx = states if is_lstm else states[0]
-        _check_parameter_shapes(self, cell, [(*weights, None, peephole)], [_CELL_WEIGHT_NAMES])
+        _check_parameters(self, cell, [(*weights, None, peephole)], [_CELL_WEIGHT_NAMES])
         if self._is_variant and _backend.recording_graph():
             result = self._variant_step(batch_input, hx, weights, peephole)
         else:

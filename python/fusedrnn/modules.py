@@ -21,7 +21,7 @@ from . import _backend, _cell_step, _inference, _onnx_export, _script
 from . import _validation as check
 from . import functional
 from ._backend import CPU_DTYPES
-from ._module_checks import (_check_parameter_shapes, _check_variant_flags, _checked_call,
+from ._module_checks import (_check_parameters, _check_variant_flags, _checked_call,
                              _follow_autocast, _is_state, _refuse_missing_weight,
                              _refuse_variant, _reset_uniform, _variant_repr)
 from ._packing import PackedLayout
@@ -219,7 +219,7 @@ class RNNBase(nn.Module):
             for name, weight in zip(layer_names, layer):
                 if name is not None and weight is None:
                     _refuse_missing_weight(self, name)
-        _check_parameter_shapes(self, self._cell, weights, names)
+        _check_parameters(self, self._cell, weights, names)
         return weights
 
     def _weight_names_by_layer(self) -> list:
