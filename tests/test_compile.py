@@ -287,6 +287,26 @@ def test_compiled_inference_follows_weight_updates_and_new_weights():
         torch.testing.assert_close(compiled(x32)[0], module(x32)[0], rtol=0, atol=0)
 
 
+@requires_native
+def test_compiled_functional_rnn_takes_a_peephole_entry_of_none():
+    """functional.rnn reads a sixth layer-weights entry of None as "no peephole weights", and
+    so did its eager path; the compiled inference op counted the entry as peephole weights and
+    raised "expected 1 x 5 weights ... got 4" (review, session 31)."""
+    torch.manual_seed(0)
+    module = fusedrnn.LSTM(3, 4, dtype=torch.float64)
+    weights = [(*layer, None) for layer in module._layer_weights()]
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+
+    def run(x):
+        return functional.rnn("lstm", x, weights)
+
+    with torch.no_grad():
+        want = run(x)
+        got = torch.compile(run, fullgraph=True, backend="eager")(x)
+    for a, e in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)):
+        assert_close(a, e, TOLERANCE_EAGER, "compiled")
+
+
 def test_opcheck_inference_op_and_its_errors():
     torch.manual_seed(0)
     module = fusedrnn.LSTM(3, 4, num_layers=2, bidirectional=True, proj_size=2,

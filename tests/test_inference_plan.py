@@ -320,6 +320,36 @@ def test_subclass_with_extra_parameters_is_cached_and_checked():
     check_same(theirs, ours, seed=18)
 
 
+class _LstmWithOptionalInitialState(fusedrnn.LSTM):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_parameter("h_init", None)  # torch's idiom for an optional parameter
+
+
+class _GruWithOptionalInitialState(fusedrnn.GRU):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_parameter("h_init", None)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+@pytest.mark.parametrize("seq_len", [1, 4])
+@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
+def test_subclass_with_a_parameter_registered_as_none_runs(kind, seq_len, grad):
+    """A parameter name registered as None: the plan held every registered value weakly and
+    read its address, so each no-grad call (and a one-step call with grad) raised TypeError
+    ("cannot create weak reference to 'NoneType' object"; review, session 31)."""
+    theirs, _ = make_pair(kind)
+    cls = _LstmWithOptionalInitialState if kind == "LSTM" else _GruWithOptionalInitialState
+    ours = cls(3, 5, dtype=DTYPE)
+    ours.load_state_dict(theirs.state_dict())
+    with torch.set_grad_enabled(grad):
+        for seed in (3, 4):  # (the second call reuses what the first cached)
+            x = fresh_input(seed, steps=seq_len)
+            for a, e in zip(flat(ours(x)), flat(theirs(x))):
+                assert_close(a, e, TOL, f"{kind} T={seq_len}")
+
+
 @pytest.mark.parametrize("with_state", [True, False], ids=["hx", "no-hx"])
 @pytest.mark.parametrize("kind, kwargs", [
     ("LSTM", {}), ("LSTM", dict(proj_size=3, num_layers=2, bidirectional=True)),

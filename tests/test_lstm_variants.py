@@ -661,6 +661,21 @@ def test_a_weight_peephole_set_on_a_plain_cell_is_not_a_weight():
 
 
 @requires_native
+@pytest.mark.parametrize("name", ["LSTMCell", "LSTM"])
+@pytest.mark.parametrize("coupled", [False, True], ids=["peephole", "peephole+cifg"])
+@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
+def test_peephole_weights_set_to_none_are_refused_naming_them(name, coupled, grad):
+    """A peephole cell whose weight_peephole is set to None ran as the plain LSTM cell, without
+    an error (review, session 31); the module already refused its weight_peephole_l0."""
+    module = getattr(fusedrnn, name)(3, 5, peephole=True, coupled_input_forget=coupled)
+    weight = "weight_peephole" if name == "LSTMCell" else "weight_peephole_l0"
+    setattr(module, weight, None)
+    x = torch.randn(2, 3) if name == "LSTMCell" else torch.randn(4, 2, 3)
+    with torch.set_grad_enabled(grad), pytest.raises(TypeError, match=f"{weight} is None"):
+        module(x)
+
+
+@requires_native
 def test_layer_weights_with_peepholes_for_some_directions_are_refused():
     x = torch.randn(3, 2, 4, dtype=torch.float64)
 

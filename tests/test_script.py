@@ -266,6 +266,24 @@ def test_scripted_cell_matches_torch(case, batched):
                  reference(x)[0] if name == "LSTMCell" else reference(x), TOLERANCE, "no state")
 
 
+@requires_native
+@pytest.mark.parametrize("name", ["LSTMCell", "GRUCell", "RNNCell"])
+@pytest.mark.parametrize("weight", ["bias_ih", "bias_hh"])
+def test_scripted_cell_with_one_bias_set_to_none_matches_torch(name, weight):
+    """torch.nn's cell ops take each bias as optional, scripted too; the scripted cell dropped
+    the remaining bias with the missing one (review, session 31)."""
+    torch.manual_seed(0)
+    reference = getattr(torch.nn, name)(3, 4, dtype=DTYPE)
+    ours = getattr(fusedrnn, name)(3, 4, dtype=DTYPE)
+    ours.load_state_dict(reference.state_dict())
+    for module in (reference, ours):
+        setattr(module, weight, None)
+    x = torch.randn(2, 3, dtype=DTYPE)
+    first = (lambda r: r[0] if isinstance(r, tuple) else r)
+    assert_close(first(torch.jit.script(ours)(x)), first(reference(x)), TOLERANCE,
+                 f"scripted {name} without {weight}")
+
+
 @pytest.mark.parametrize("name", ["LSTM", "GRU", "GRUCell"])
 def test_scripted_module_runs_under_cpu_autocast(name):
     """Under CPU autocast TorchScript runs the input projection's GEMM in bfloat16; the script

@@ -245,6 +245,18 @@ def test_rnn_cell_unknown_nonlinearity_fails_in_forward_like_torch():
                      lambda: fusedrnn.RNNCell(4, 6, nonlinearity="x")(B), "nonlinearity", "x")
 
 
+@pytest.mark.parametrize("args", [(torch.randn(2, 2, 4),), (B, torch.randn(1, 2, 6))],
+                         ids=["3-D input", "3-D hx"])
+def test_rnn_cell_unknown_nonlinearity_comes_after_the_rank_checks(args):
+    """torch.nn checks the ranks of input and hx first (ValueError); fusedrnn raised the
+    nonlinearity's RuntimeError before them (review, session 31)."""
+    check_same_class(lambda: nn.RNNCell(4, 6, nonlinearity="x")(*args),
+                     lambda: fusedrnn.RNNCell(4, 6, nonlinearity="x")(*args), "Expected")
+    scripted = torch.jit.script(fusedrnn.RNNCell(4, 6, nonlinearity="x"))
+    with pytest.raises(Exception, match="Expected"):
+        scripted(*args)
+
+
 def test_lstm_state_error_is_catchable_as_every_torch_class():
     from fusedrnn._validation import HiddenStateError
     for cls in (RuntimeError, TypeError, IndexError, AttributeError, ValueError):

@@ -53,8 +53,16 @@ def applies(cell: str, input: Tensor, weights, hx, num_layers: int, num_directio
     if not all(isinstance(t, Tensor) and t.dtype == input.dtype and t.device == input.device
                for t in tensors):
         return False
-    # Empty sizes take the layer ops' empty-layer path.
-    return input.numel() > 0 and weights[0][1].numel() > 0
+    # Empty sizes take the layer ops' empty-layer path; the op's flat weight list needs every
+    # entry to have the same weights present (functional.rnn takes a peephole entry of None, or
+    # a layer without a projection, and its layer ops report what is wrong).
+    return (input.numel() > 0 and weights[0][1].numel() > 0
+            and len({_present(entry) for entry in weights}) == 1)
+
+
+def _present(entry) -> tuple:
+    """Which of a layer weights entry's optional members are given: (biases, w_hr, peephole)."""
+    return (entry[2] is not None, entry[4] is not None, len(entry) > 5 and entry[5] is not None)
 
 
 def run(cell: str, input: Tensor, weights, hx, num_layers: int, num_directions: int,
@@ -62,8 +70,7 @@ def run(cell: str, input: Tensor, weights, hx, num_layers: int, num_directions: 
     """functional.rnn's result through the op: (output, h_n, c_n or None)."""
     h0, c0 = (hx if cell in LSTM_CELLS else (hx, None)) if hx is not None else (None, None)
     x = input.transpose(0, 1) if batch_first else input
-    has_bias, has_proj = weights[0][2] is not None, weights[0][4] is not None
-    has_peephole = len(weights[0]) == 6
+    has_bias, has_proj, has_peephole = _present(weights[0])
     flat = [w for layer in weights for w in layer if w is not None]
     output, h_n, c_n = rnn_inference(cell, x, h0, c0, flat, num_layers, num_directions,
                                      has_bias, has_proj, has_peephole)

@@ -58,7 +58,7 @@ def plan_for(module, cell: str, num_layers: int, num_directions: int):
     """A plan for the module's current weights: its cached one while valid, else a new one
     (cached where the weights allow it); None where the weights do not share one dtype and device
     or do not have the module's shapes (the ordinary path then reports it)."""
-    params = tuple(module._parameters.values())
+    params = _own_parameters(module)
     cached = _plans.get(module)
     if cached is not None and cached.matches(params):
         return cached.plan
@@ -83,7 +83,7 @@ def one_step_weights(module, cell: str, num_directions: int):
     valid on the same terms (the same tensors at the same memory): a streaming call makes one
     step per call, and checking every weight at every step cost about as much as the step
     (RNN B=1 H=64: ~27 of ~51 us)."""
-    params = tuple(module._parameters.values())
+    params = _own_parameters(module)
     cached = _step_weights.get(module)
     # (The weights do not depend on the backend: only the tensors and their memory count.)
     if cached is not None and cached.holds(params):
@@ -94,6 +94,13 @@ def one_step_weights(module, cell: str, num_directions: int):
         return checked[0]
     _step_weights.pop(module, None)
     return None
+
+
+def _own_parameters(module) -> tuple:
+    """The module's registered parameters, without the names registered as None (a subclass's
+    `register_parameter("h0", None)`, a bias set to None): a plan holds each weakly and reads its
+    address (review, session 31: every no-grad call of such a subclass raised)."""
+    return tuple(p for p in module._parameters.values() if p is not None)
 
 
 def _checked_layer_weights(module, cell: str, num_directions: int):
@@ -256,10 +263,11 @@ class _CachedPlan:
 
     def holds(self, params: tuple) -> bool:
         """Whether it was built from exactly these tensors, still in the same memory. (A
-        parameter since freed leaves a dead reference, which reads None: a weight set to None
-        in its place must not match it; review, session 30.)"""
+        parameter since freed leaves a dead reference, which reads None: none of `params` is
+        None, so a weight set to None in its place, which _own_parameters leaves out, cannot
+        match it; review, session 30.)"""
         return (len(params) == len(self.params)
-                and all(p is not None and ref() is p for ref, p in zip(self.params, params))
+                and all(ref() is p for ref, p in zip(self.params, params))
                 and _layout(params) == self.layout)
 
     def matches(self, params: tuple) -> bool:

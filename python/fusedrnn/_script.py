@@ -297,6 +297,15 @@ def _cell_state(name: str, what: str, state: Optional[Tensor], input: Tensor, x:
     return state.unsqueeze(0)
 
 
+def check_cell_ranks(name: str, input: Tensor, h: Optional[Tensor], c: Optional[Tensor],
+                     h_what: str) -> None:
+    """torch.nn's cells' first checks: input, then each state, of rank 1 or 2 (ValueError)."""
+    if input.dim() != 1 and input.dim() != 2:
+        raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
+    _check_cell_state_rank(name, h, h_what)
+    _check_cell_state_rank(name, c, "hx[1]")
+
+
 def _check_cell_state_rank(name: str, state: Optional[Tensor], what: str) -> None:
     """torch.nn's cells: a state of rank other than 1 or 2 is a ValueError, before anything
     else of the states is checked."""
@@ -311,10 +320,7 @@ def cell_step(cell: str, name: str, input: Tensor, h: Optional[Tensor], c: Optio
     None for zeros), as a one-step sequence through rnn(). Returns (h', c' for LSTM, else an
     empty tensor), batched like the input. Every shape is checked before any dtype, in torch.nn's
     order."""
-    if input.dim() != 1 and input.dim() != 2:
-        raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
-    _check_cell_state_rank(name, h, "hx[0]" if cell == "lstm" else "hidden")
-    _check_cell_state_rank(name, c, "hx[1]")
+    check_cell_ranks(name, input, h, c, "hx[0]" if cell == "lstm" else "hidden")
     batched = input.dim() == 2
     x = input if batched else input.unsqueeze(0)
     if x.size(1) != input_size:

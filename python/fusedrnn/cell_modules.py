@@ -86,8 +86,14 @@ class RNNCellBase(nn.Module):
         """TorchScript: the cell's weights in torch.nn's order (_script.cell_step)."""
         weights = [self.weight_ih, self.weight_hh]
         b_ih, b_hh = self.bias_ih, self.bias_hh
+        # A lone bias (the other set to None) is torch.nn's cell ops' "no term" for the missing
+        # one, as eagerly (functional._with_zero_biases): it was dropped with its partner.
         if b_ih is not None and b_hh is not None:
             weights += [b_ih, b_hh]
+        elif b_ih is not None:
+            weights += [b_ih, torch.zeros_like(b_ih)]
+        elif b_hh is not None:
+            weights += [torch.zeros_like(b_hh), b_hh]
         return weights
 
     def _checked_step(self, cell: str, input: Tensor, hx):
@@ -100,6 +106,8 @@ class RNNCellBase(nn.Module):
         for what, weight in (("weight_ih", weights[0]), ("weight_hh", weights[1])):
             if weight is None:  # (a bias may be None, as for torch.nn's cell ops)
                 _refuse_missing_weight(self, what)
+        if self._has_peephole and peephole is None:  # (it ran as the plain LSTM; review, s. 31)
+            _refuse_missing_weight(self, "weight_peephole")
         input, hx = _follow_autocast(input, hx, weights[0])
         check.check_input_dim(name, input, (1, 2))
         states = None
@@ -241,7 +249,9 @@ class RNNCell(RNNCellBase):
 
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
         if self.nonlinearity not in ("tanh", "relu"):
-            # torch.nn accepts any nonlinearity at construction and fails here, with this class.
+            # torch.nn accepts any nonlinearity at construction and fails at the call, with this
+            # class, once it has checked the ranks of input and hx.
+            _script.check_cell_ranks("RNNCell", input, hx, None, "hidden")
             raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity} "
                                "(RNNCell supports 'tanh' and 'relu')")
         if torch.jit.is_scripting():
