@@ -104,6 +104,7 @@ class ThreadPool {
     wake_.notify_all();
     fn(0);
     while (pending_.load(std::memory_order_acquire) != 0) FUSEDRNN_PAUSE();
+    std::lock_guard<std::mutex> lock(mutex_);
     job_ = nullptr;
   }
 
@@ -138,12 +139,24 @@ class ThreadPool {
       if (gen == seen) {
         std::unique_lock<std::mutex> lock(mutex_);
         wake_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
-        gen = generation_.load(std::memory_order_acquire);
       }
-      seen = gen;
-      if (stop_) return;
-      if (index < job_threads_) {
-        (*job_)(index);
+      // The job is read with its generation, under the lock that publishes both: a worker that
+      // sits a call out is not waited for, so the call may end and the next one be published
+      // between its seeing a new generation and its reading the job. Read apart, it ran the
+      // next job's rank under the old generation and again under the new one, and that call
+      // returned before all its ranks had run, then hung (review, session 31: ThreadSanitizer,
+      // and a rank run twice once a delay was put there).
+      const std::function<void(int)>* job;
+      int job_threads;
+      {
+        std::lock_guard<std::mutex> lock(mutex_);
+        if (stop_) return;
+        seen = generation_.load(std::memory_order_relaxed);
+        job = job_;
+        job_threads = job_threads_;
+      }
+      if (index < job_threads) {
+        (*job)(index);
         pending_.fetch_sub(1, std::memory_order_acq_rel);
       }
     }
