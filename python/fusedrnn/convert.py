@@ -144,9 +144,12 @@ def _release(old: nn.Module) -> None:
     """Drops the weak references the swapped-out module holds to the parameters it gave away
     (torch.nn's _flat_weight_refs, fusedrnn's inference caches): .to() under
     torch.__future__.set_swap_module_params_on_conversion refuses a tensor with weak references,
-    and the old module may live on (a variable still holds it)."""
+    and the old module may live on (a variable still holds it). It stays callable, on the
+    parameters it shares with its twin: torch.nn reads a reference of None as "unchanged" (an
+    empty list failed its length check at the old module's next call; review, session 31).
+    What it no longer sees is a parameter substituted by torch.func.functional_call."""
     if isinstance(old, nn.RNNBase):
-        old._flat_weight_refs = []
+        old._flat_weight_refs = [None] * len(old._flat_weights_names)
     else:
         from . import _inference
         _inference.forget(old)
