@@ -26,15 +26,15 @@ SAVED_GATE_COUNT = {"lstm": 4, "gru": 4, "rnn_tanh": 0, "rnn_relu": 0, "lstm_cif
 LSTM_CELLS = ("lstm", "lstm_cifg")
 # Rows of an LSTM's peephole weights (params.h): w_ci, w_cf, w_co; a CIFG has no input gate.
 PEEPHOLE_ROWS = {"lstm": 3, "lstm_cifg": 2}
+# The dtypes the CPU kernels (recurrence and cell step) take natively: bfloat16 tensors are
+# widened to float inside (csrc/cpu/storage.h); float16 is upcast in Python.
+CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
 
 def reference_cell(cell: str) -> tuple:
     """(cell, coupled_input_forget) as fusedrnn.reference takes them: the kernels' "lstm_cifg" is
     its "lstm" with coupled_input_forget=True."""
     return ("lstm", True) if cell == "lstm_cifg" else (cell, False)
-# The dtypes the CPU kernels (recurrence and cell step) take natively: bfloat16 tensors are
-# widened to float inside (csrc/cpu/storage.h); float16 is upcast in Python.
-CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
 
 # os.environ keeps its entries in `_data` (POSIX: encoded keys and values), and every write through
@@ -292,7 +292,8 @@ def forward_layer(cell: str, xproj: torch.Tensor, w_hh, b_hh, w_hr, h0, c0, out:
     contiguous; h0 [D, B, P], c0 [D, B, H] contiguous or None; out [T, B, D*P] (last dim
     contiguous); hn [D, B, P], cn [D, B, H] contiguous; gates [D, T, B, S*H] (last dim
     contiguous: it may be a view of xproj, params.h), c_seq and r_seq [D, T, B, H] contiguous or
-    None (inference); peephole: D contiguous [3, H] LSTM peephole weights, or empty for none.
+    None (inference); peephole: D contiguous [3, H] LSTM peephole weights ([2, H] for
+    lstm_cifg), or empty for none.
     Direction 1 runs reversed.
     """
     seq_len, batch = xproj.shape[0], xproj.shape[1]
@@ -366,8 +367,8 @@ class PreparedForward(NamedTuple):
 
 def prepare_forward(cell: str, w_hh, b_hh, w_hr, peephole=()) -> PreparedForward:
     """Templates for the D directions of a layer; w_hh, b_hh, w_hr: sequences of D contiguous
-    tensors (or Nones), peephole D contiguous [3, H] LSTM peephole weights or empty, all of one
-    dtype on one device. The templates point into their memory: later in-place changes of the
+    tensors (or Nones), peephole D contiguous [3, H] LSTM peephole weights ([2, H] for
+    lstm_cifg) or empty, all of one dtype on one device. The templates point into their memory: later in-place changes of the
     values are seen, a change of memory (`.data =`) is not."""
     device = w_hh[0].device
     module, call = _layer_call(cell, device, w_hh, b_hh, w_hr, None)

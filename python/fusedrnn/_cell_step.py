@@ -57,14 +57,11 @@ def applies(input: Tensor, dims: int = 2) -> bool:
 def operand_problem(cell: str, dtype: torch.dtype, batch: int, width: int,
                     h: Optional[Tensor], c: Optional[Tensor], w_ih: Tensor, w_hh: Tensor,
                     b_ih: Optional[Tensor], b_hh: Optional[Tensor], w_hr: Optional[Tensor] = None,
-                    projection_elsewhere: bool = False,
                     peephole: Optional[Tensor] = None) -> Optional[str]:
     """What is wrong with the operands of a cell step of an input [batch, width] of `dtype`, or
     None: every tensor a CPU tensor of that dtype, shapes x [B, I], w_ih [G*H, I], w_hh [G*H, P],
     biases [G*H], h [B, P], c [B, H], w_hr [P, H], peephole [3, H] ([2, H] for lstm_cifg), with
-    P = H without w_hr.
-    projection_elsewhere: an LSTM's P may differ from H without w_hr here (a projected layer's
-    step, whose caller applies and checks W_hr)."""
+    P = H without w_hr."""
     # One pass of plain comparisons for the common, valid call (this runs at every cell step,
     # where each microsecond shows); the messages are built only for a mismatch.
     gates, w_shape = GATE_COUNT[cell], w_hh.shape
@@ -76,10 +73,8 @@ def operand_problem(cell: str, dtype: torch.dtype, batch: int, width: int,
     if len(w_shape) == 2:
         rows, state = w_shape
         hidden, lstm = rows // gates, cell in LSTM_CELLS
-        if w_hr is None:
-            state_fits = state == hidden or (projection_elsewhere and lstm)
-        else:
-            state_fits = lstm and w_hr.shape == (state, hidden)
+        state_fits = (state == hidden if w_hr is None
+                      else lstm and w_hr.shape == (state, hidden))
         if (rows > 0 and rows == hidden * gates and state_fits and w_ih.shape == (rows, width)
                 and (b_ih is None or b_ih.shape == (rows,))
                 and (b_hh is None or b_hh.shape == (rows,))
@@ -89,7 +84,7 @@ def operand_problem(cell: str, dtype: torch.dtype, batch: int, width: int,
                      or (lstm and peephole.shape == _peephole_shape(cell, hidden)))):
             return None
     return _describe_shape_problem(cell, batch, width, h, c, w_ih, w_hh, b_ih, b_hh, w_hr,
-                                   projection_elsewhere, peephole)
+                                   peephole)
 
 
 def _peephole_shape(cell: str, hidden: int) -> tuple:
@@ -97,13 +92,13 @@ def _peephole_shape(cell: str, hidden: int) -> tuple:
 
 
 def _describe_shape_problem(cell, batch, width, h, c, w_ih, w_hh, b_ih, b_hh, w_hr,
-                            projection_elsewhere, peephole=None):
+                            peephole=None):
     gates = GATE_COUNT[cell]
     if w_hh.dim() != 2 or w_hh.size(0) % gates or w_hh.size(0) == 0:
         return f"weight_hh of shape {tuple(w_hh.shape)} is not [{gates}*hidden_size, state]"
     rows, hidden, state = w_hh.size(0), w_hh.size(0) // gates, w_hh.size(1)
     lstm = cell in LSTM_CELLS
-    if w_hr is None and state != hidden and not (projection_elsewhere and lstm):
+    if w_hr is None and state != hidden:
         return f"weight_hh of shape {tuple(w_hh.shape)}: expected [{rows}, {hidden}]"
     if w_hr is not None and (not lstm or w_hr.shape != (state, hidden)):
         return f"weight_hr of shape {tuple(w_hr.shape)}: expected [{state}, {hidden}]"
@@ -147,11 +142,11 @@ def layer_problem(cell: str, dtype: torch.dtype, batch: int, width: int, layer_w
 
 
 def step(cell: str, x: Tensor, h: Optional[Tensor], c: Optional[Tensor], w_ih: Tensor,
-         w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor], checked: bool = False,
+         w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor],
          peephole: Optional[Tensor] = None):
     """x [B, I]; h [B, P] or None (zeros); c [B, H] or None (LSTM only); peephole: an LSTM's
-    peephole weights or None. checked: the caller has found no operand_problem. Returns h', or
-    for an LSTM (h', c')."""
+    peephole weights or None; operands for which the caller has found no operand_problem (the
+    native pass trusts every pointer and extent). Returns h', or for an LSTM (h', c')."""
     if h is None:
         h = x.new_zeros(x.size(0), w_hh.size(1))
     if torch.is_grad_enabled() and (
@@ -159,9 +154,9 @@ def step(cell: str, x: Tensor, h: Optional[Tensor], c: Optional[Tensor], w_ih: T
             or (c is not None and c.requires_grad) or (b_ih is not None and b_ih.requires_grad)
             or (b_hh is not None and b_hh.requires_grad)
             or (peephole is not None and peephole.requires_grad)):
-        return _CellStep.apply(cell, checked, x, h, c, w_ih, w_hh, b_ih, b_hh, peephole)
+        return _CellStep.apply(cell, x, h, c, w_ih, w_hh, b_ih, b_hh, peephole)
     h_next, c_next, _ = _forward(cell, x, h, c, w_ih, w_hh, b_ih, b_hh, save=False,
-                                 checked=checked, peephole=peephole)
+                                 peephole=peephole)
     return (h_next, c_next) if cell in LSTM_CELLS else h_next
 
 
@@ -176,7 +171,7 @@ def layer(cell: str, x: Tensor, layer_weights, h0: Optional[Tensor], c0: Optiona
     for d, (w_ih, w_hh, b_ih, b_hh, w_hr, *peephole) in enumerate(layer_weights):
         h = h0[d] if h0 is not None else None
         c = c0[d] if c0 is not None else None
-        result = step(cell, x, h, c, w_ih, w_hh, b_ih, b_hh, checked=True,
+        result = step(cell, x, h, c, w_ih, w_hh, b_ih, b_hh,
                       peephole=peephole[0] if peephole else None)
         h, c = result if cell in LSTM_CELLS else (result, None)
         if w_hr is not None:
@@ -262,14 +257,8 @@ def uses_native_products(batch: int, w_ih: Tensor, w_hh: Tensor) -> bool:
             <= NATIVE_PRODUCTS_MAX_BYTES)
 
 
-def _forward(cell, x, h, c, w_ih, w_hh, b_ih, b_hh, save: bool, checked: bool, peephole=None):
-    """(h', c' or None, (saved gates, saved state) or None). checked: the caller has found no
-    operand_problem (else it is asked here, and a problem raises)."""
-    if not checked:  # the native pass trusts every pointer and extent
-        problem = operand_problem(cell, x.dtype, x.size(0), x.size(1), h, c, w_ih, w_hh, b_ih,
-                                  b_hh, projection_elsewhere=True, peephole=peephole)
-        if problem is not None:
-            raise ValueError(f"fusedrnn cell step: {problem}")
+def _forward(cell, x, h, c, w_ih, w_hh, b_ih, b_hh, save: bool, peephole=None):
+    """(h', c' or None, (saved gates, saved state) or None), for step()'s checked operands."""
     # (Not w_hh.size(1): a projected LSTM layer's W_hh is [4H, P].)
     batch, hidden = x.size(0), w_hh.size(0) // GATE_COUNT[cell]
     is_lstm, is_gru = cell in LSTM_CELLS, cell == "gru"
@@ -337,14 +326,14 @@ def states_read_by_backward(cell: str, h: Optional[Tensor], c: Optional[Tensor],
 
 
 class _CellStep(torch.autograd.Function):
-    """A cell step with autograd. Inputs: cell, checked (see step), x, h, c (LSTM, or None),
+    """A cell step with autograd. Inputs: cell, x, h, c (LSTM, or None),
     w_ih, w_hh, b_ih, b_hh (None without bias), peephole (an LSTM's, or None). Outputs: h', and
     c' for an LSTM."""
 
     @staticmethod
-    def forward(ctx, cell, checked, x, h, c, w_ih, w_hh, b_ih, b_hh, peephole):
+    def forward(ctx, cell, x, h, c, w_ih, w_hh, b_ih, b_hh, peephole):
         h_next, c_next, (gates, saved) = _forward(cell, x, h, c, w_ih, w_hh, b_ih, b_hh,
-                                                  save=True, checked=checked, peephole=peephole)
+                                                  save=True, peephole=peephole)
         ctx.cell = cell
         ctx.batch_and_hidden = h_next.shape
         ctx.set_materialize_grads(False)
@@ -356,13 +345,13 @@ class _CellStep(torch.autograd.Function):
         # their operands: a weight written in place between forward and backward (W_ih next to
         # an input that needs no gradient) then raises only where torch.nn's would.
         # So are h and c (states_read_by_backward).
-        needs = ctx.needs_input_grad  # cell, checked, x, h, c, w_ih, w_hh, b_ih, b_hh, peephole
-        operands, read_by_first_order = (x, w_ih, w_hh), (needs[5], needs[2], needs[3])
+        needs = ctx.needs_input_grad[1:]  # x, h, c, w_ih, w_hh, b_ih, b_hh, peephole
+        operands, read_by_first_order = (x, w_ih, w_hh), (needs[3], needs[0], needs[1])
         saved_operands = tuple(t if need else None
                                for t, need in zip(operands, read_by_first_order))
         h_read, c_read = states_read_by_backward(
-            cell, h, c, w_hh_needs_grad=needs[6], peephole=peephole is not None,
-            more_than_c_needs_grad=any(needs[2:4]) or any(needs[5:]))
+            cell, h, c, w_hh_needs_grad=needs[4], peephole=peephole is not None,
+            more_than_c_needs_grad=any(needs[:2]) or any(needs[3:]))
         ctx.given_c = c is not None
         _saved_layout.save_for_backward(ctx, saved_operands[0], h_read, c_read,
                                         saved_operands[1], saved_operands[2], gates, saved,
@@ -384,11 +373,11 @@ class _CellStep(torch.autograd.Function):
         # A saved_tensors_hooks unpack may return other strides than the forward saved; the
         # kernel reads gates and saved as dense rows (it gave wrong gradients silently).
         gates, saved = _contiguous(gates), _contiguous(saved)
-        needs = ctx.needs_input_grad[2:]  # x, h, c, w_ih, w_hh, b_ih, b_hh, peephole
+        needs = ctx.needs_input_grad[1:]  # x, h, c, w_ih, w_hh, b_ih, b_hh, peephole
         if _recomputed_grads.applies((d_h, d_c)):  # create_graph, or batched gradients
             b_ih, b_hh, *kept = _recomputed_grads.unpack_kept(ctx.kept)
             x, w_ih, w_hh, h, c = _recomputed_grads.prefer_kept(kept, (x, w_ih, w_hh, h, c))
-            return (None, None, *_recomputed_grads.step_grads(cell, x, h, c, w_ih, w_hh, b_ih,
+            return (None, *_recomputed_grads.step_grads(cell, x, h, c, w_ih, w_hh, b_ih,
                                                               b_hh, d_h, d_c, needs, peephole))
         batch, hidden = ctx.batch_and_hidden
         is_lstm, is_gru = cell in LSTM_CELLS, cell == "gru"
@@ -419,7 +408,7 @@ class _CellStep(torch.autograd.Function):
             _peephole_grad(cell, d_xpre, saved, c) if needs[7] else None,
         ]
         _recomputed_grads.release_kept(ctx)
-        return (None, None, *grads)
+        return (None, *grads)
 
 
 def _peephole_grad(cell: str, d_xpre: Tensor, c_next: Tensor, c_prev: Optional[Tensor]):

@@ -25,11 +25,8 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _backend, _cell_step, _inference
-from ._backend import CPU_DTYPES, GATE_COUNT, LSTM_CELLS
+from ._backend import GATE_COUNT, LSTM_CELLS
 
-# The dtypes the inference plan takes (as the modules' eager fast path): on CUDA the half types
-# take the layer ops, as eagerly, until a GPU run measures the plan in them.
-_PLAN_DTYPES = {"cpu": CPU_DTYPES, "cuda": (torch.float32, torch.float64)}
 # What the native modules take at all (a direct call of the op may bring any dtype).
 _OP_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -45,7 +42,7 @@ def applies(cell: str, input: Tensor, weights, hx, num_layers: int, num_directio
             or (training and dropout > 0 and num_layers > 1) or input.dim() != 3
             # autocast: functional.rnn casts to the autocast dtype, which the plan may not take
             or torch.is_autocast_enabled(input.device.type)
-            or input.dtype not in _PLAN_DTYPES.get(input.device.type, ())):
+            or input.dtype not in _inference.PLAN_DTYPES.get(input.device.type, ())):
         return False
     states = hx if isinstance(hx, (tuple, list)) else (hx,)
     tensors = [t for t in states if t is not None]

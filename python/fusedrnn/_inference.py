@@ -29,8 +29,13 @@ import torch
 from torch import Tensor
 
 from . import _backend, _input_projection, functional
-from ._backend import GATE_COUNT, LSTM_CELLS, PEEPHOLE_ROWS
+from ._backend import CPU_DTYPES, GATE_COUNT, LSTM_CELLS, PEEPHOLE_ROWS
 from ._projection_buffer import ProjectionBuffer
+
+# The dtypes a plan takes, by device type (asked by the modules' eager fast path and by the
+# compiled inference op): on CUDA the half types take the layer ops until a GPU run measures
+# the plan in them.
+PLAN_DTYPES = {"cpu": CPU_DTYPES, "cuda": (torch.float32, torch.float64)}
 
 
 class _LayerPlan(NamedTuple):
@@ -56,16 +61,14 @@ def forward(module, cell: str, num_layers: int, num_directions: int, x: Tensor,
 
 def plan_for(module, cell: str, num_layers: int, num_directions: int):
     """A plan for the module's current weights: its cached one while valid, else a new one
-    (cached where the weights allow it); None where the weights do not share one dtype and device
-    or do not have the module's shapes (the ordinary path then reports it)."""
+    (cached where the weights allow it). Weights of another shape, dtype or device than the
+    module's sizes and first weight give raise, by name (module._layer_weights checks them:
+    the native calls trust them, and must not read a replaced parameter past its end)."""
     params = _own_parameters(module)
     cached = _plans.get(module)
     if cached is not None and cached.matches(params):
         return cached.plan
-    checked = _checked_layer_weights(module, cell, num_directions)
-    if checked is None:
-        return None
-    layer_weights, used = checked
+    layer_weights, used = _layer_weights(module)
     plan = InferencePlan(cell, layer_weights, num_layers, num_directions)
     # Cached only when every weight used is one of the checked parameters (a subclass may
     # register more parameters, e.g. a learnable initial state; they are checked too).
@@ -76,10 +79,10 @@ def plan_for(module, cell: str, num_layers: int, num_directions: int):
     return plan
 
 
-def one_step_weights(module, cell: str, num_directions: int):
-    """module._layer_weights() when every weight is one of the module's own parameters, all of
-    one dtype and device, of the shapes the module's sizes imply; else None (the caller then
-    checks the weights it gets itself). Checked once per set of parameters, like a plan, and
+def one_step_weights(module):
+    """module._layer_weights() (which checks them, as for plan_for) when every weight is one of
+    the module's own parameters; else None (the caller then checks the weights it gets itself,
+    against its input and states). Checked once per set of parameters, like a plan, and
     valid on the same terms (the same tensors at the same memory): a streaming call makes one
     step per call, and checking every weight at every step cost about as much as the step
     (RNN B=1 H=64: ~27 of ~51 us)."""
@@ -88,10 +91,10 @@ def one_step_weights(module, cell: str, num_directions: int):
     # (The weights do not depend on the backend: only the tensors and their memory count.)
     if cached is not None and cached.holds(params):
         return cached.plan
-    checked = _checked_layer_weights(module, cell, num_directions)
-    if checked is not None and _all_own(checked[1], params):
-        _step_weights[module] = _CachedPlan(checked[0], params)
-        return checked[0]
+    layer_weights, used = _layer_weights(module)
+    if _all_own(used, params):
+        _step_weights[module] = _CachedPlan(layer_weights, params)
+        return layer_weights
     _step_weights.pop(module, None)
     return None
 
@@ -103,29 +106,15 @@ def _own_parameters(module) -> tuple:
     return tuple(p for p in module._parameters.values() if p is not None)
 
 
-def _checked_layer_weights(module, cell: str, num_directions: int):
-    """(module._layer_weights(), the tensors among them) when they share one dtype and device
-    and have the shapes the module's sizes imply, else None."""
+def _layer_weights(module):
+    """(module._layer_weights(), checked, and the tensors among them)."""
     layer_weights = module._layer_weights()
-    used = [t for w in layer_weights for t in w if t is not None]
-    dtype, device = used[0].dtype, used[0].device
-    if (any(t.dtype is not dtype or t.device != device for t in used)
-            or not _shapes_fit(module, cell, layer_weights, num_directions)):
-        return None
-    return layer_weights, used
+    return layer_weights, [t for w in layer_weights for t in w if t is not None]
 
 
 def _all_own(used: list, params: tuple) -> bool:
     """Whether every tensor used is one of the module's registered parameters."""
     return {id(t) for t in used} <= {id(p) for p in params}
-
-
-def _shapes_fit(module, cell: str, layer_weights: list, num_directions: int) -> bool:
-    """Whether every weight has the shape the module's sizes imply. The native calls trust them:
-    a parameter replaced by one of another shape must not be read past its end. Checked when a
-    plan is built, so once per set of weights."""
-    return weight_shapes_fit(cell, layer_weights, num_directions, module.input_size,
-                             module.hidden_size, module._state_size)
 
 
 def weight_shapes_fit(cell: str, layer_weights: list, num_directions: int, input_size: int,

@@ -515,7 +515,7 @@ def lengths_unbatched_text(name: str, shape: str) -> str:
 def _check_layer_weights(op: str, cell: str, w_hh, b_hh, w_hr, peephole=()) -> tuple:
     """The cell and the weights' count and sizes: w_hh D in {1, 2} tensors [G*H, P]; b_hh empty
     or D tensors [G*H]; w_hr empty or (LSTM only) D tensors [P, H] with P < H, else P = H;
-    peephole empty or (LSTM only) D tensors [3, H].
+    peephole empty or (LSTM only) D tensors [3, H] ([2, H] for lstm_cifg).
     Returns (D, H, P, the weights as _check_tensors entries for their dtype and device)."""
     if cell not in GATE_COUNT:  # first: every size below depends on the cell
         raise ValueError(f"{op}: cell must be one of {tuple(GATE_COUNT)}, got {cell!r}")

@@ -178,7 +178,7 @@ class RNNCellBase(nn.Module):
                                               weight, w_hh, b_ih, b_hh,
                                               peephole=peephole) is not None):
             return None
-        return _cell_step.step(cell, input, h, c, weight, w_hh, b_ih, b_hh, checked=True,
+        return _cell_step.step(cell, input, h, c, weight, w_hh, b_ih, b_hh,
                                peephole=peephole)
 
 

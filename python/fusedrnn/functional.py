@@ -3,7 +3,8 @@
 Per layer (DESIGN.md, "The one idea behind the speed"):
   1. the input projection of all directions is ONE torch GEMM (the directions' W_ih concatenated),
      left to torch autograd, so dx and dW_ih are torch GEMMs too; for LSTM and RNN b_ih joins
-     b_hh (the kernel adds b_ih + b_hh), so the GEMM has no bias and one sum gives both bias grads;
+     b_hh (the kernel adds b_ih + b_hh), so the GEMM has no bias and one sum gives both bias grads
+     (not for bfloat16 on the CPU: folds_bias);
   2. `_LayerRecurrence` runs the recurrence of all directions in one native call, each direction
      writing straight into its half of the [T, B, D*P] output (strided views, no concat);
   3. its backward runs the native backward recurrence, which returns the gate pre-activation
@@ -208,8 +209,9 @@ def _rnn(cell, input, weights, hx, num_layers, num_directions, batch_first, leng
 
 def cell_step(cell: str, input: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
               b_hh: Optional[Tensor], hx=None, peephole: Optional[Tensor] = None):
-    """One step of a cell (LSTMCell/GRUCell/RNNCell): on CPU float32/float64 torch GEMMs and a
-    native pointwise pass (_cell_step.py), elsewhere the recurrence as a sequence of T=1.
+    """One step of a cell (LSTMCell/GRUCell/RNNCell): on CPU float32/float64/bfloat16 the native
+    cell step (_cell_step.py: one pointwise pass, with torch's GEMMs around it where they win),
+    elsewhere the recurrence as a sequence of T=1.
 
     input [B, I]; hx: h [B, H], or for LSTM (h, c), None for zeros; peephole: an LSTM's
     peephole weights (rnn's sixth LayerWeights entry) or None.
@@ -229,7 +231,7 @@ def cell_step(cell: str, input: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Option
                 and _cell_step.operand_problem(cell, input.dtype, input.size(0), input.size(1),
                                                h, c, w_ih, w_hh, b_ih, b_hh,
                                                peephole=peephole) is None):
-            return _cell_step.step(cell, input, h, c, w_ih, w_hh, b_ih, b_hh, checked=True,
+            return _cell_step.step(cell, input, h, c, w_ih, w_hh, b_ih, b_hh,
                                    peephole=peephole)
     # Everything else, bad input included, as a sequence of one step through rnn()'s checks.
     # (hx's structure first: a stacked [2, B, H] tensor iterated below read as (h, c).)

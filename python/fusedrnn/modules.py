@@ -20,7 +20,6 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from . import _backend, _cell_step, _inference, _onnx_export, _script
 from . import _validation as check
 from . import functional
-from ._backend import CPU_DTYPES
 from ._module_checks import (_check_parameters, _check_variant_flags, _checked_call,
                              _follow_autocast, _is_state, _refuse_missing_weight,
                              _refuse_variant, _reset_uniform, _variant_repr)
@@ -241,7 +240,8 @@ class RNNBase(nn.Module):
         return names
 
     def _fast_forward(self, input, hx):
-        """The common inference call (no gradient, a batched float32/float64 tensor, valid or no
+        """The common inference call (no gradient, a batched tensor of a dtype the inference plan
+        takes (_inference.PLAN_DTYPES: float32/float64, and bfloat16 on the CPU), valid or no
         state, no autocast, no dropout to apply) straight to the module's inference plan
         (_inference.py), with only the checks that decide it; with a gradient, the same for a
         call of one time step (a decoder or a stream trained a step per call), which the cell
@@ -260,8 +260,8 @@ class RNNBase(nn.Module):
         # is not a plain parameter (torch.nn.utils parametrizations) takes the full path.
         weight = self._parameters.get("weight_ih_l0")
         dtype, device = input.dtype, input.device
-        native = CPU_DTYPES if device.type == "cpu" else _NATIVE_DTYPES
-        if (weight is None or dtype is not weight.dtype or dtype not in native
+        if (weight is None or dtype is not weight.dtype
+                or dtype not in _inference.PLAN_DTYPES.get(device.type, ())
                 or device != weight.device
                 or input.size(2) != self.input_size
                 or torch.is_autocast_enabled(device.type)):
@@ -329,7 +329,7 @@ class RNNBase(nn.Module):
             return None
         cell, num_dirs = self._cell, 2 if self.bidirectional else 1
         # The module's own parameters, checked once (the caller checked x and the states).
-        checked = _inference.one_step_weights(self, cell, num_dirs)
+        checked = _inference.one_step_weights(self)
         if checked is not None:
             return checked
         weights = self._layer_weights()
@@ -706,12 +706,6 @@ class RNN(RNNBase):
             output, h_n, _ = self._script_forward(input, hx, None, lengths)
             return output, h_n
         return self._eager_forward(input, hx, lengths)
-
-
-# The dtypes every backend runs natively. On the CPU the inference plan also takes bfloat16
-# (CPU_DTYPES); CUDA's half types take the full path, as before: the plan has not been
-# measured on a GPU in them.
-_NATIVE_DTYPES = (torch.float32, torch.float64)
 
 
 def _in_caller_order(h_n: Tensor, c_n: Optional[Tensor], unsorted_indices: Optional[Tensor]):

@@ -64,10 +64,7 @@ def fused_module_class(cell: str):
     """fusedrnn.LSTM / GRU / RNN (looked up at call time so tests can stand in for it)."""
     import fusedrnn
     name = {"lstm": "LSTM", "gru": "GRU", "rnn_tanh": "RNN", "rnn_relu": "RNN"}[cell]
-    cls = getattr(fusedrnn, name, None)
-    if cls is None:
-        raise ImportError(f"fusedrnn has no {name} yet (python/fusedrnn/modules.py not built in)")
-    return cls
+    return getattr(fusedrnn, name)
 
 
 def native_backend_problem(device: torch.device):
@@ -211,11 +208,9 @@ class ReferenceImpl(Impl):
 
     def unavailable(self, device):
         try:
-            ref = importlib.import_module("fusedrnn.reference")
+            importlib.import_module("fusedrnn.reference")
         except Exception as exc:
             return f"fusedrnn.reference not importable ({type(exc).__name__}: {exc})"
-        if not hasattr(ref, "rnn_layer"):
-            return "fusedrnn.reference has no rnn_layer"
         return None
 
     def skip_reason(self, cfg, mode, device):
@@ -237,22 +232,14 @@ class ReferenceImpl(Impl):
 
 
 class ReferenceStack(nn.Module):
-    """A torch.nn-style multi-layer module over fusedrnn.reference.rnn_layer (one layer, one
-    direction per call), reading the weights of the torch module it wraps."""
+    """A torch.nn-style module over fusedrnn.reference.rnn (the plain-torch step loop), reading
+    the weights of the torch module it wraps."""
 
     def __init__(self, cfg: BenchConfig, weights_from: nn.Module):
         super().__init__()
         self.cfg = cfg
         self.src = weights_from
-        ref = importlib.import_module("fusedrnn.reference")
-        self.rnn_layer = ref.rnn_layer
-        # The whole-network API (reference.rnn + weights_of) when this version has it.
-        has_network = hasattr(ref, "rnn") and hasattr(ref, "weights_of")
-        self.whole_network = ref.rnn if has_network else None
-        self.weights_of = ref.weights_of if has_network else None
-
-    def _w(self, name: str):
-        return getattr(self.src, name, None)
+        self.reference = importlib.import_module("fusedrnn.reference")
 
     def forward(self, x, state):
         cfg = self.cfg
@@ -260,39 +247,14 @@ class ReferenceStack(nn.Module):
         lengths = None
         if packed:
             x, lengths = pad_packed_sequence(x)   # lengths on the CPU, in the original batch order
-        if self.whole_network is not None:
-            # The peephole weights come with weights_of; a CIFG must be named (only when set:
-            # a reference from before the variants has no such argument).
-            coupled = {k: v for k, v in cfg.variant_kwargs().items() if k == "coupled_input_forget"}
-            out, h_n, c_n = self.whole_network(
-                cfg.cell, x, self.weights_of(self.src), state, num_layers=cfg.layers,
-                bidirectional=cfg.bidirectional, lengths=lengths, **coupled)
-        else:
-            out, h_n, c_n = self._stack(x, state, lengths)
+        # (The peephole weights come with weights_of; a CIFG is named.)
+        coupled = cfg.variant_kwargs().get("coupled_input_forget", False)
+        out, h_n, c_n = self.reference.rnn(
+            cfg.cell, x, self.reference.weights_of(self.src), state, num_layers=cfg.layers,
+            bidirectional=cfg.bidirectional, lengths=lengths, coupled_input_forget=coupled)
         if packed:
             out = pack_padded_sequence(out, lengths, enforce_sorted=False)
         return out, ((h_n, c_n) if c_n is not None else h_n)
-
-    def _stack(self, x, state, lengths):
-        """Layers and directions over rnn_layer, for a reference without the whole-network API."""
-        cfg = self.cfg
-        h0, c0 = state if isinstance(state, tuple) else (state, None)
-        hn, cn = [], []
-        for layer in range(cfg.layers):
-            outs = []
-            for direction in range(cfg.directions):
-                sfx = f"l{layer}" + ("_reverse" if direction else "")
-                k = layer * cfg.directions + direction
-                out, h, c = self.rnn_layer(
-                    cfg.cell, x, self._w(f"weight_ih_{sfx}"), self._w(f"weight_hh_{sfx}"),
-                    self._w(f"bias_ih_{sfx}"), self._w(f"bias_hh_{sfx}"), self._w(f"weight_hr_{sfx}"),
-                    h0[k], None if c0 is None else c0[k], lengths, bool(direction))
-                outs.append(out)
-                hn.append(h)
-                if c is not None:
-                    cn.append(c)
-            x = torch.cat(outs, dim=2)
-        return x, torch.stack(hn), (torch.stack(cn) if cn else None)
 
 
 def _single_layer_dense(cfg: BenchConfig) -> Optional[str]:
