@@ -24,8 +24,9 @@ void backward(const std::vector<RecurrenceBwdParams>& dirs);
 void cell_step_forward(const CellStepFwdParams& p);
 void cell_step_backward(const CellStepBwdParams& p);
 
-// The instruction set picked at run time: "avx512", "avx2" or "generic". FUSEDRNN_CPU_ISA in the
-// environment (same names) lowers the choice, for tests of every path on one machine.
+// The instruction set picked at run time: "amx", "avx512bf16", "avx512", "avx2" or "generic".
+// FUSEDRNN_CPU_ISA in the environment (same names) lowers the choice, for tests of every path on
+// one machine.
 std::string active_isa();
 
 }  // namespace fusedrnn::cpu

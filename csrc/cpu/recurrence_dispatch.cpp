@@ -386,8 +386,8 @@ void run_directions(const std::vector<Params>& dirs, BytesFn bytes_of, ThreadsFn
   };
   // The row groups direction d was planned with (0: its team splits the units). A row's sums
   // depend on the rows it is blocked with (the micro-kernel's tail blocks accumulate in another
-  // order), so a call that gets fewer threads than planned (back-off, nested parallelism: a
-  // concurrent call from another Python thread) still runs these groups, one after the other:
+  // order), so a call that gets fewer threads than planned (back-off, nested parallelism, an
+  // OpenMP thread limit) still runs these groups, one after the other:
   // its results are the planned split's, bit for bit, whatever threads it got. (A team's split
   // of the units leaves every sum's order as it is.)
   auto planned_groups = [&](size_t d) {

@@ -82,7 +82,6 @@ struct Vec {
   }
 };
 
-// One lane: used where cell_math.h branches on a value (rnn_backward for relu).
 // In-register transpose of W vectors (rows) of W lanes, by swapping the off-diagonal s x s
 // blocks of every 2s x 2s block for s = W/2 .. 1 (one two-source shuffle per row and stage).
 template <typename T, int W, int S, bool kHigh, size_t... J>
@@ -111,6 +110,7 @@ FUSEDRNN_VEC_INLINE void transpose(Vec<T, W> (&rows)[W]) {
   }
 }
 
+// One lane: used where cell_math.h branches on a value (rnn_backward for relu).
 template <typename T>
 struct Vec<T, 1> {
   T v;
@@ -121,16 +121,8 @@ struct Vec<T, 1> {
   friend Vec operator*(Vec a, Vec b) { return Vec(a.v * b.v); }
   friend Vec operator/(Vec a, Vec b) { return Vec(a.v / b.v); }
   friend Vec operator-(Vec a) { return Vec(-a.v); }
-  friend bool operator<(Vec a, Vec b) { return a.v < b.v; }
   friend bool operator<=(Vec a, Vec b) { return a.v <= b.v; }
 };
-
-template <typename T>
-FUSEDRNN_VEC_INLINE Vec<T, 1> act_tanh(Vec<T, 1> x) { return Vec<T, 1>(std::tanh(x.v)); }
-template <typename T>
-FUSEDRNN_VEC_INLINE Vec<T, 1> act_sigmoid(Vec<T, 1> x) { return Vec<T, 1>(T(1) / (T(1) + std::exp(-x.v))); }
-template <typename T>
-FUSEDRNN_VEC_INLINE Vec<T, 1> act_relu(Vec<T, 1> x) { return x.v < T(0) ? Vec<T, 1>(T(0)) : x; }
 
 // ---------------------------------------------------------- float: polynomial exp, rational tanh
 // Cephes-style: exp(x) = 2^n * e^r with |r| <= ln2/2 and a degree-6 polynomial for e^r (about

@@ -301,9 +301,14 @@ inline RecurrenceGeometry plan_recurrence(const PlanInput& in, const BlocksPerSm
         "(blocks per SM = " + std::to_string(per_sm) + ", smem bytes = " +
         std::to_string(g.smem_bytes) + ")");
   }
+  // At least one block per SM is resident (per_sm >= 1 here), and the grid has at most
+  // max(sm_count, num_dirs) blocks (blocks above; split_units only lowers it), so the grid is
+  // co-resident. Checked all the same: a cooperative launch of a grid that is not would hang.
   if (resident < static_cast<int64_t>(g.blocks_per_dir) * in.num_dirs) {
-    split_units(in, resident / in.num_dirs, g);
-    g.batch_chunk = static_cast<int>(fit_streaming(in, g));
+    throw std::logic_error("fusedrnn: the streaming plan's grid (" +
+                           std::to_string(g.blocks_per_dir) + " blocks x " +
+                           std::to_string(in.num_dirs) + " directions) exceeds the " +
+                           std::to_string(resident) + " resident blocks");
   }
   return g;
 }

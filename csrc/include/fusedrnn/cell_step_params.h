@@ -9,8 +9,8 @@
 //
 // Notation as in params.h: B = batch, H = hidden, G = gate_count(cell), S = saved_gate_count(cell);
 // "LSTM" means both LSTM cells, the plain one and the CIFG.
-// Every array is dense row-major, holds `dtype` elements (float32 or float64) and does not alias
-// another unless said otherwise.
+// Every array is dense row-major, holds `dtype` elements (float32, float64, or on the CPU
+// bfloat16, computed in float32) and does not alias another unless said otherwise.
 #pragma once
 
 #include <cstdint>
