@@ -377,8 +377,8 @@ class _CellStep(torch.autograd.Function):
         if _recomputed_grads.applies((d_h, d_c)):  # create_graph, or batched gradients
             b_ih, b_hh, *kept = _recomputed_grads.unpack_kept(ctx.kept)
             x, w_ih, w_hh, h, c = _recomputed_grads.prefer_kept(kept, (x, w_ih, w_hh, h, c))
-            return (None, *_recomputed_grads.step_grads(cell, x, h, c, w_ih, w_hh, b_ih,
-                                                              b_hh, d_h, d_c, needs, peephole))
+            return (None, *_recomputed_grads.step_grads(cell, x, h, c, w_ih, w_hh, b_ih, b_hh,
+                                                        d_h, d_c, needs, peephole))
         batch, hidden = ctx.batch_and_hidden
         is_lstm, is_gru = cell in LSTM_CELLS, cell == "gru"
         like = gates if gates is not None else saved  # (h is not always saved)

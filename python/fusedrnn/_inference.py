@@ -53,17 +53,17 @@ class _LayerPlan(NamedTuple):
 # while compiling (RNNBase._fast_forward), so torch.compile traces functional.rnn's custom ops.
 def forward(module, cell: str, num_layers: int, num_directions: int, x: Tensor,
             h0_all: Optional[Tensor], c0_all: Optional[Tensor]):
-    """The module's inference forward through its plan (InferencePlan.run: arguments and results);
-    None where no plan applies."""
-    plan = plan_for(module, cell, num_layers, num_directions)
-    return plan.run(x, h0_all, c0_all) if plan is not None else None
+    """The module's inference forward through its plan (InferencePlan.run: arguments and
+    results)."""
+    return plan_for(module, cell, num_layers, num_directions).run(x, h0_all, c0_all)
 
 
 def plan_for(module, cell: str, num_layers: int, num_directions: int):
     """A plan for the module's current weights: its cached one while valid, else a new one
-    (cached where the weights allow it). Weights of another shape, dtype or device than the
-    module's sizes and first weight give raise, by name (module._layer_weights checks them:
-    the native calls trust them, and must not read a replaced parameter past its end)."""
+    (cached where the weights allow it). A weight whose shape does not follow the module's
+    sizes, or whose dtype or device is not the first weight's, raises by name
+    (module._layer_weights checks them: the native calls trust them, and must not read a
+    replaced parameter past its end)."""
     params = _own_parameters(module)
     cached = _plans.get(module)
     if cached is not None and cached.matches(params):

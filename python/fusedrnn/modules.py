@@ -292,8 +292,6 @@ class RNNBase(nn.Module):
         else:
             result = _inference.forward(self, self._cell, self.num_layers,
                                         2 if self.bidirectional else 1, x, h0, c0)
-        if result is None:
-            return None
         output, h_n, c_n = result
         if self.batch_first:
             output = output.transpose(0, 1)
