@@ -421,8 +421,9 @@ def minimal_fwd_params(module, cell: str = "lstm", T: int = 2, B: int = 2, H: in
     P = P or H
     G = _backend.GATE_COUNT[cell]
     keep = dict(xproj=torch.randn(T, B, G * H).to(dtype), w_hh=torch.randn(G * H, P).to(dtype),
-                out=torch.empty(T, B, P, dtype=dtype), hn=torch.empty(B, P, dtype=dtype),
-                cn=torch.empty(B, H, dtype=dtype), w_hr=torch.randn(P, H).to(dtype))
+                out=torch.full((T, B, P), float("nan"), dtype=dtype),
+                hn=torch.full((B, P), float("nan"), dtype=dtype),
+                cn=torch.full((B, H), float("nan"), dtype=dtype), w_hr=torch.randn(P, H).to(dtype))
     params = []
     for d in range(directions):
         p = module.FwdParams()

@@ -23,13 +23,14 @@ import torch
 
 from _helpers import (column_block, minimal_bwd_params, minimal_fwd_params, rel_err,
                       run_backward_layer, run_forward_layer)
-from fusedrnn import _backend, reference
+from fusedrnn import _backend, _layer_recurrence, reference
 
 emu = pytest.importorskip("fusedrnn._emu", reason="fusedrnn._emu is not built (FUSEDRNN_EMU=ON)")
 
 pytestmark = pytest.mark.emu
 
-from test_recurrence_kernel import Config, run_and_check  # noqa: E402  (same harness)
+from test_recurrence_kernel import (Config, _h_prev, _valid_mask,  # noqa: E402  (same harness)
+                                    run_and_check)
 
 CPU = torch.device("cpu")
 GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
@@ -125,15 +126,15 @@ def _per_direction(num_dirs, make):
 
 # ------------------------------------------------------------------ float16 / bfloat16
 def _half_case(cell, proj, dtype, T, B, H, num_dirs, lengths_on, streaming, max_stage_rows=0,
-               tagged_exchange=False, max_batch_chunk=0, inputs_ahead=False):
+               tagged_exchange=False, max_batch_chunk=0, inputs_ahead=False, peephole=False):
     """Returns {name: (kernel error, torch error)} for forward and backward outputs of every
     direction of a layer (direction 1 runs reversed), each measured against the float64
-    reference on the same (dtype-rounded) inputs."""
+    reference on the same (dtype-rounded) inputs. peephole: an LSTM's (plain or CIFG)."""
     seed = random.randrange(1 << 30)
     torch.manual_seed(seed)
-    G, P = GATES[cell], (H // 2 if proj else H)
+    G, P = _backend.GATE_COUNT[cell], (H // 2 if proj else H)
     X = G * H
-    lstm, projected = cell == "lstm", P != H
+    lstm, projected, coupled = cell in _backend.LSTM_CELLS, P != H, cell == "lstm_cifg"
     lengths = torch.randint(1, T + 1, (B,), dtype=torch.int64) if lengths_on else None
 
     def rnd(*shape, s=1.0):
@@ -153,32 +154,61 @@ def _half_case(cell, proj, dtype, T, B, H, num_dirs, lengths_on, streaming, max_
     h0, c0 = rnd(num_dirs, B, P), (rnd(num_dirs, B, H) if lstm else None)
     d_out, d_hn = rnd(T, B, num_dirs * P), rnd(num_dirs, B, P)
     d_cn = rnd(num_dirs, B, H) if lstm else None
+    peep = (_per_direction(num_dirs, lambda: rnd(_backend.PEEPHOLE_ROWS[cell], H, s=0.5))
+            if peephole else [None] * num_dirs)
 
     emu._set_launch_options(force_streaming=streaming, max_stage_rows=max_stage_rows,
                             tagged_exchange=tagged_exchange, max_batch_chunk=max_batch_chunk,
                             inputs_ahead=inputs_ahead)
-    run = run_forward_layer(cell, xproj, w_hh, b_hh, w_hr, h0, c0, lengths)
+    run = run_forward_layer(cell, xproj, w_hh, b_hh, w_hr, h0, c0, lengths,
+                            peephole=peep if peephole else ())
     grads = run_backward_layer(run, d_out, d_hn, d_cn)
 
     def oracle(d, prec):
         """Direction d in the reference in `prec`: float64 is the truth, `dtype` is what torch
         does in it."""
         inputs = dict(x=column_block(xproj, d, num_dirs), w_hh=w_hh[d], b_hh=b_hh[d],
-                      w_hr=w_hr[d], h0=h0[d], c0=c0[d] if lstm else None)
+                      w_hr=w_hr[d], h0=h0[d], c0=c0[d] if lstm else None, peephole=peep[d])
         leaves = {k: (v.to(prec).requires_grad_() if v is not None else None)
                   for k, v in inputs.items()}
         out, hn, cn = reference.rnn_layer(
-            cell, leaves["x"], torch.eye(X, dtype=prec), leaves["w_hh"], None, leaves["b_hh"],
-            leaves["w_hr"], leaves["h0"], leaves["c0"], lengths, d == 1)
+            "lstm" if lstm else cell, leaves["x"], torch.eye(X, dtype=prec), leaves["w_hh"],
+            None, leaves["b_hh"], leaves["w_hr"], leaves["h0"], leaves["c0"], lengths, d == 1,
+            peephole=leaves["peephole"], coupled_input_forget=coupled)
         loss = ((out.double() * column_block(d_out, d, num_dirs).double()).sum()
                 + (hn.double() * d_hn[d].double()).sum())
         if lstm:
             loss = loss + (cn.double() * d_cn[d].double()).sum()
-        names = ["x", "h0"] + (["c0"] if lstm else [])
-        ref_grads = torch.autograd.grad(loss, [leaves[n] for n in names])
-        res = dict(out=out, hn=hn, d_xproj=ref_grads[0], d_h0=ref_grads[1])
+        names = ["x", "h0", "w_hh", "b_hh"] + (["c0"] if lstm else []) + (
+            ["w_hr"] if projected else []) + (["peephole"] if peephole else [])
+        ref_grads = dict(zip(names, torch.autograd.grad(loss, [leaves[n] for n in names])))
+        res = dict(out=out, hn=hn, d_xproj=ref_grads["x"], d_h0=ref_grads["h0"],
+                   dW_hh=ref_grads["w_hh"], db_hh=ref_grads["b_hh"])
         if lstm:
-            res.update(cn=cn, d_c0=ref_grads[2])
+            res.update(cn=cn, d_c0=ref_grads["c0"])
+        if projected:
+            res.update(dW_hr=ref_grads["w_hr"])
+        if peephole:
+            res.update(d_peephole=ref_grads["peephole"])
+        return res
+
+    def weight_grads(d):
+        """Direction d's weight gradients formed from the kernel's outputs as the layer forms
+        them (_layer_recurrence): dW_hh and db_hh from the recurrent pre-activation gradient (a
+        GRU's own d_hproj), dW_hr from d_h_seq and r_seq, the peephole weights' from d_xproj
+        and c_seq. Those are read nowhere else."""
+        d_pre = column_block(grads.d_hproj if cell == "gru" else grads.d_xproj, d, num_dirs)
+        d_pre = d_pre.double()
+        hp = _h_prev(column_block(run.out, d, num_dirs).double(), h0[d].double(), lengths, d == 1)
+        res = dict(dW_hh=torch.einsum("tbx,tbp->xp", d_pre, hp), db_hh=d_pre.sum((0, 1)))
+        valid = _valid_mask(T, B, lengths).unsqueeze(-1)
+        if projected:
+            r_seq = torch.where(valid, run.r_seq[d].double(), torch.zeros(()))
+            res.update(dW_hr=torch.einsum("tbp,tbh->ph", grads.d_h_seq[d].double(), r_seq))
+        if peephole:
+            c_seq = torch.where(valid, run.c_seq[d].double(), torch.zeros(()))
+            res.update(d_peephole=_layer_recurrence._peephole_grad(
+                d_pre, c_seq, c0[d].double(), lengths, d == 1, coupled))
         return res
 
     errors = {}
@@ -188,6 +218,7 @@ def _half_case(cell, proj, dtype, T, B, H, num_dirs, lengths_on, streaming, max_
                     d_xproj=column_block(grads.d_xproj, d, num_dirs), d_h0=grads.d_h0[d])
         if lstm:
             mine.update(cn=run.cn[d], d_c0=grads.d_c0[d])
+        mine.update(weight_grads(d))
         errors.update({f"dir{d} {k}": (rel_err(mine[k], truth[k]), rel_err(torch_half[k], truth[k]))
                        for k in mine})
     return seed, errors
@@ -248,6 +279,39 @@ def test_half_precision(cell, proj, dtype, streaming):
                                            (2, 1, 6, 1, False), (2, 17, 5, 1, True)]:
         _assert_within_torch_error(dtype, cell, proj, dtype, T, B, H, num_dirs, lengths_on,
                                    streaming)
+
+
+# The LSTM variants (cell_traits.cuh's CifgTraits, and peephole weights for either LSTM): the
+# kernels' multi-block, streaming and batch-chunk layouts, and their tensor-core paths, beyond
+# the tiny shapes the module tests run them at (review, session 31).
+VARIANTS = [("lstm", True), ("lstm_cifg", False), ("lstm_cifg", True)]
+VARIANT_IDS = ["peephole", "cifg", "cifg-peephole"]
+HALF_VARIANTS = [(cell, peephole, dtype) for cell, peephole in VARIANTS
+                 for dtype in (torch.float16, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("cell,peephole,dtype", HALF_VARIANTS,
+                         ids=[f"{v}-{str(d).split('.')[1]}" for v in VARIANT_IDS
+                              for d in (torch.float16, torch.bfloat16)])
+def test_half_precision_lstm_variants(cell, peephole, dtype):
+    for streaming in (False, True):
+        for proj, T, B, H, num_dirs in [(0, 5, 3, 37, 1), (0, 3, 2, 5, 2), (1, 3, 2, 6, 1)]:
+            _assert_within_torch_error(dtype, cell, proj, dtype, T, B, H, num_dirs, True,
+                                       streaming, peephole=peephole)
+
+
+LAUNCHES = {"default": {}, "streaming": dict(force_streaming=True),
+            "chunks-of-2": dict(max_batch_chunk=2), "one-block": dict(max_blocks_per_direction=1)}
+
+
+@pytest.mark.parametrize("launch", list(LAUNCHES))
+@pytest.mark.parametrize("cell,peephole", VARIANTS, ids=VARIANT_IDS)
+def test_lstm_variants_multi_block(cell, peephole, launch):
+    emu._set_launch_options(**LAUNCHES[launch])
+    for proj, T, B, H in [(0, 5, 3, 37), (3, 3, 5, 6)]:
+        run_and_check(Config(cell, proj, "bidir", True, T, B, H, torch.float64, False, peephole),
+                      CPU)
+    run_and_check(Config(cell, 0, "fwd", False, 4, 1, 37, torch.float32, True, peephole), CPU)
 
 
 STAGED = [(cell, proj, dtype) for cell, proj in CELLS for dtype in (torch.float16, torch.bfloat16)]

@@ -147,8 +147,9 @@ def test_autocast_runs_in_autocast_dtype(name, backend, monkeypatch):
                 # nothing to compare with. fusedrnn's ran above.
                 if "primitive descriptor" not in str(e):
                     raise
-                return
+                pytest.skip("torch.nn's bfloat16 LSTM does not run on this CPU")
         assert their_out.dtype == out.dtype
+        assert_close(out.float(), their_out.float(), 3e-2, "autocast output against torch.nn")
 
 
 @pytest.mark.parametrize("name", ["LSTMCell", "GRUCell", "RNNCell"])
@@ -271,7 +272,7 @@ def test_autocast_state_carried_into_the_next_call(name, backend, monkeypatch):
                     # torch.nn's CPU LSTM has no bfloat16 kernel without AVX-512 (oneDNN:
                     # "could not create a primitive descriptor"): nothing to compare with.
                     if module is theirs and "primitive descriptor" in str(e):
-                        return
+                        pytest.skip("torch.nn's bfloat16 LSTM does not run on this CPU")
                     raise
         results.append(torch.cat([o.float() for o in outputs]))
     assert_close(results[0], results[1], 3e-2, "outputs of the loop")

@@ -508,7 +508,7 @@ def test_valid_params_run():
         ws = torch.empty(cpu.forward_workspace_bytes([p]), dtype=torch.uint8)
         p.workspace, p.workspace_bytes = ws.data_ptr(), ws.numel()
         cpu.forward([p])
-        assert torch.isfinite(keep["out"]).all()
+        assert torch.isfinite(keep["out"]).all() and torch.isfinite(keep["hn"]).all()
 
 
 @pytest.mark.parametrize("field,value,words", [
