@@ -664,3 +664,85 @@ def test_targets_on_a_busy_machine_are_qualified(capsys, monkeypatch, torch_as_f
     monkeypatch.setattr(machine, "busy_warning", lambda info: "the machine was busy")
     code, out, _ = run_cli(FAST_ARGS + ["--preset", "target", "--impls", "fusedrnn"], capsys)
     assert code == 0 and "met (on a busy machine: unreliable)" in out
+
+
+def test_a_row_that_fails_while_timed_keeps_no_timings(tmp_path, capsys, monkeypatch,
+                                                       torch_as_fusedrnn):
+    """A fusedrnn row that crashed on a later call kept the timings of the calls before it, was
+    shown as a normal row and counted in the geometric mean (review, session 31); its timing
+    fields are null, as bench/README.md says, and it is FAILED."""
+    calls = []
+
+    class LateCrash(torch.nn.LSTM):
+        def forward(self, x, hx=None):
+            calls.append(1)
+            if len(calls) >= 4:
+                raise RuntimeError("boom on a late call")
+            return super().forward(x, hx)
+
+    monkeypatch.setitem(configs.PRESETS, "one", [BenchConfig("lstm", seq_len=3, batch=2, hidden=4,
+                                                             modes=("inference",))])
+    monkeypatch.setattr(impls, "fused_module_class", lambda cell: LateCrash)
+    path = tmp_path / "b.json"
+    code, out, _ = run_cli(FAST_ARGS + ["--preset", "one", "--impls", "fusedrnn", "--repeats", "4",
+                                        "--json", str(path)], capsys)
+    assert code == cli.EXIT_WRONG
+    row = next(r for r in json.loads(path.read_text())["results"] if r["impl"] == "fusedrnn")
+    assert "boom" in row["error"] and row["median_ms"] is None and row["speedup_vs_torch"] is None
+    assert "FAILED: RuntimeError: boom" in out and "geometric mean" not in out
+
+
+def test_the_headline_counts_neither_wrong_rows_nor_variants():
+    """A fast wrong answer is no speed-up, and a variant's 'vs torch' is another problem: the
+    geometric mean and the floor line leave both out (review, session 31)."""
+    from fusedrnn.bench import report
+    from fusedrnn.bench.harness import Outcome
+
+    def row(name, speedup, err_ok=True, variant=""):
+        return {"impl": "fusedrnn", "mode": "inference", "speedup_vs_torch": speedup,
+                "err_ok": err_ok, "error": None, "config": {"name": name, "variant": variant}}
+
+    outcome = Outcome(device="cpu", results=[row("right", 1.0), row("wrong", 10.0, err_ok=False),
+                                             row("peephole", 0.5, variant="peephole")])
+    lines = report.summary_lines(outcome)
+    headline = next(line for line in lines if line.startswith("fusedrnn vs torch.nn"))
+    assert "1.00x over 1 rows" in headline
+    variants = next(line for line in lines if line.startswith("LSTM variants"))
+    assert "0.50x over 1 rows" in variants
+    assert not any("below the" in line for line in lines)
+
+
+def test_accuracy_of_a_non_finite_reference_and_the_half_bar():
+    """A NaN in the float64 reference compared false with every error and was dropped once an
+    earlier tensor had set the worst (review, session 31); the half types' bar is twice torch's
+    error plus two unit roundoffs, not a 1e-2 floor when torch's error is exactly 0."""
+    from fusedrnn.bench import accuracy
+    exact = torch.ones(3, dtype=torch.float64)
+    poisoned = torch.tensor([1.0, float("nan"), 1.0], dtype=torch.float64)
+    report = accuracy.compare({"output": exact, "h_n": exact}, {"output": exact, "h_n": poisoned})
+    assert report.max_rel_err is None and "h_n" in report.note
+    assert not accuracy.within_tolerance("float16", 5e-3, 0.0)
+    assert accuracy.within_tolerance("float16", 3e-5, 1e-5)
+    assert accuracy.within_tolerance("bfloat16", 2e-2, None)
+
+
+def test_only_takes_several_substrings(capsys, tiny_presets, torch_as_fusedrnn):
+    code, out, _ = run_cli(FAST_ARGS + ["--preset", "tiny", "--impls", "fusedrnn",
+                                        "--only", "gru-B3,L2"], capsys)
+    assert code == 0
+    assert "gru-B3-T4-H6-fp32" in out and "L2" in out and "lstm-B2-T5" not in out
+
+
+def test_warmup_asked_for_is_done_and_never_zero_unchecked(capsys, tiny_presets):
+    """A given --warmup (or --repeats) is done as asked, however long a call takes; --warmup 0
+    with --no-check would time a cold first call (review, session 31)."""
+    from fusedrnn.bench.timing import CpuClock, Plan, Runner, measure
+    calls = []
+    slow = Runner("slow", lambda i: None, lambda i: calls.append(i))
+    measure([slow], CpuClock(), Plan(warmup=3, repeats=2, budget_s=0.0, shorten_warmup=False))
+    assert len(calls) == 5
+    calls.clear()
+    measure([slow], CpuClock(), Plan(warmup=3, repeats=2, budget_s=0.0))
+    assert len(calls) == 3  # a budget-driven plan stops warming up after a long round
+    code, out, err = run_cli(FAST_ARGS + ["--preset", "tiny", "--warmup", "0", "--no-check"], capsys)
+    assert code == cli.EXIT_USAGE and "--warmup 0" in err and not out

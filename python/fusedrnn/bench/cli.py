@@ -52,10 +52,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cell", help="only these cells, comma-separated: lstm,gru,rnn_tanh,rnn_relu (rnn = rnn_tanh)")
     p.add_argument("--dtype", help="run every configuration in these dtypes instead, comma-separated: "
                                    "fp32,fp64,fp16,bf16")
-    p.add_argument("--only", metavar="SUBSTRING", help="only configurations whose name contains SUBSTRING")
+    p.add_argument("--only", metavar="SUBSTRINGS", help="only configurations whose name contains one "
+                                                        "of these comma-separated substrings")
     p.add_argument("--impls", help=f"implementations, comma-separated (torch is always added): "
-                                   f"{','.join(impls.DEFAULT_ORDER + impls.OPT_IN)}; default: the "
-                                   f"preset's, else all of {','.join(impls.DEFAULT_ORDER)} "
+                                   f"{', '.join(impls.DEFAULT_ORDER + impls.OPT_IN)}; default: the "
+                                   f"preset's, else all of {', '.join(impls.DEFAULT_ORDER)} "
                                    f"that are available")
     p.add_argument("--threads", type=int, help="torch.set_num_threads(N) before timing (default: torch's default)")
     p.add_argument("--repeats", type=int, help="timed calls per implementation and cell (default: adaptive, "
@@ -64,7 +65,9 @@ def parser() -> argparse.ArgumentParser:
                                                 "implementations (default: 2 on cpu, 1 on cuda, and at "
                                                 f"most {Plan.max_repeats} rounds; given, the rounds are "
                                                 "not capped)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed calls per implementation first (default 2)")
+    p.add_argument("--warmup", type=int, help="untimed calls per implementation first (default 2, "
+                                              "fewer for a cell whose calls take more than half "
+                                              "the budget)")
     p.add_argument("--input-sets", type=int, default=3, help="distinct random input sets cycled through (default 3)")
     p.add_argument("--no-check", action="store_true", help="skip the float64 accuracy check (timing only)")
     p.add_argument("--json", metavar="PATH", help="write machine, settings and every result row as JSON")
@@ -102,6 +105,10 @@ def _usage_problem(args, device: torch.device) -> Optional[str]:
         least = 0 if name == "warmup" else 1
         if value is not None and value < least:
             return f"--{name.replace('_', '-')} must be >= {least}, got {value}"
+    if args.warmup == 0 and args.no_check:
+        # (the accuracy check's call is the first, untimed one: without it the first timed call
+        # would be cold, and a compiled row's would include the compilation)
+        return "--warmup 0 needs the accuracy check: with --no-check the first timed call is cold"
     cpus = machine.usable_cores()
     if device.type == "cpu" and args.threads and args.threads > cpus:
         # fusedrnn's CPU kernels never run more threads than cores (thread_team.h) while torch
@@ -162,7 +169,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_USAGE
     try:
-        configs, notes = config_registry.select(args.preset, device_name, _csv(args.cell), _csv(args.dtype), args.only)
+        configs, notes = config_registry.select(args.preset, device_name, _csv(args.cell), _csv(args.dtype), _csv(args.only))
         impl_names = impls.parse_impls(args.impls, config_registry.PRESET_IMPLS.get(args.preset))
         # Third-party libraries that are not installed drop out silently, also from the header.
         impl_names = [n for n in impl_names if not (impls.REGISTRY[n].silent_when_missing
@@ -194,8 +201,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     # The default budget stops fast cells at max_repeats rounds, to keep the quick preset quick; a
     # budget asked for is spent (the "noise" advice asks for a larger one).
-    plan = Plan(warmup=args.warmup, repeats=args.repeats, input_sets=args.input_sets,
-                budget_s=args.budget if args.budget is not None else DEFAULT_BUDGET_S[device_name])
+    plan = Plan(warmup=args.warmup if args.warmup is not None else 2, repeats=args.repeats,
+                input_sets=args.input_sets,
+                budget_s=args.budget if args.budget is not None else DEFAULT_BUDGET_S[device_name],
+                shorten_warmup=args.warmup is None and args.repeats is None)
     if args.budget is not None:
         plan.max_repeats = None
     info = machine.collect(device_name)
@@ -205,7 +214,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     settings = {"preset": args.preset, "device": device_name, "configs": len(configs), "impls": impl_names,
                 "threads": torch.get_num_threads(), "warmup": plan.warmup, "repeats": plan.repeats,
                 "budget_s": plan.budget_s, "input_sets": plan.input_sets, "accuracy_check": not args.no_check,
-                "timing": f"{clock}; warm-up {plan.warmup}; {repeats}; {plan.input_sets} input sets; "
+                "timing": f"{clock}; warm-up {plan.warmup}"
+                          f"{' (fewer for slow cells)' if plan.shorten_warmup else ''}; {repeats}; {plan.input_sets} input sets; "
                           f"implementations interleaved; median and IQR"}
     print(report.header_text(info, settings))
     print(flush=True)

@@ -338,12 +338,13 @@ PRESET_HELP = {
 
 
 def select(preset: str, device: str, cells: Optional[Sequence[str]] = None,
-           dtypes: Optional[Sequence[str]] = None, only: Optional[str] = None
+           dtypes: Optional[Sequence[str]] = None, only: Optional[Sequence[str]] = None
            ) -> Tuple[List[BenchConfig], List[str]]:
     """The configurations to run and a note for each one left out.
 
     cells filters; dtypes replaces every configuration's dtype (a cross product, deduplicated);
-    only keeps configurations whose name contains that substring (any case: h64 finds H64).
+    only keeps configurations whose name contains one of these substrings (any case: h64 finds
+    H64).
     """
     if preset not in PRESETS:
         raise ValueError(f"--preset: unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
@@ -356,7 +357,7 @@ def select(preset: str, device: str, cells: Optional[Sequence[str]] = None,
         wanted_dtypes = [canonical_dtype(d) for d in dtypes]
         configs = [c.replace(dtype=d) for c in configs for d in wanted_dtypes]
     if only:
-        configs = [c for c in configs if only.lower() in c.name.lower()]
+        configs = [c for c in configs if any(s.lower() in c.name.lower() for s in only)]
     chosen: List[BenchConfig] = []
     seen = set()
     for c in configs:

@@ -21,7 +21,7 @@ class Outcome:
     skipped: List[dict] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
     device: str = "cpu"
-    busy: bool = False  # the load average said other processes competed for the CPU
+    busy: bool = False  # other processes competed for the CPU (load average, /proc/stat: cli.py)
 
     @property
     def fused_failures(self) -> List[dict]:
@@ -124,9 +124,9 @@ def run(configs: Sequence[BenchConfig], impl_names: Sequence[str], device: torch
                 measured = measure(runners, clock, plan, tick=progress.update,
                                    stage=progress.stage)
                 for name, r in measured.items():
-                    if r.error:
+                    if r.error:  # (its timings, if any, are of calls before it failed: none)
                         rows[name]["error"] = r.error
-                    if r.samples:
+                    elif r.samples:
                         _fill_timing(rows[name], Stats.of(r.samples), cfg, mode, lengths)
             _fill_speedups(rows)
             outcome.results.extend(rows.values())

@@ -43,7 +43,7 @@ def table_rows(results: Sequence[dict]) -> List[List[str]]:
         previous = key
         cells = [r["config"]["name"] if first else "", MODE_SHORT.get(r["mode"], r["mode"]) if first else "",
                  r["impl"]]
-        if r.get("error") and r.get("median_ms") is None:
+        if r.get("error"):
             cells += [f"FAILED: {r['error']}"[:100], "", "", "", "", ""]
         else:
             speed = r.get("speedup_vs_torch")
@@ -80,20 +80,37 @@ def format_markdown(results: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def _speed_rows(outcome: Outcome, variants: bool) -> List[dict]:
+    """The fusedrnn rows a speed summary counts: timed, not failed, not outside their accuracy
+    tolerance (a fast wrong answer is no speed-up), and either the plain cells or the LSTM
+    variants (whose 'vs torch' is torch.nn's plain LSTM: another problem)."""
+    return [r for r in outcome.results
+            if r["impl"] == "fusedrnn" and r.get("speedup_vs_torch") and not r.get("error")
+            and r.get("err_ok") is not False and bool(r["config"].get("variant")) == variants]
+
+
+def _geometric_mean_line(rows: List[dict]) -> str:
+    worst = min(rows, key=lambda r: r["speedup_vs_torch"])
+    return (f"geometric mean {geometric_mean([r['speedup_vs_torch'] for r in rows]):.2f}x over "
+            f"{len(rows)} rows, lowest {worst['speedup_vs_torch']:.2f}x ({worst['config']['name']} "
+            f"{worst['mode']})")
+
+
 def summary_lines(outcome: Outcome) -> List[str]:
     lines = []
     fused = [r for r in outcome.results if r["impl"] == "fusedrnn"]
-    speeds = [r["speedup_vs_torch"] for r in fused if r.get("speedup_vs_torch")]
-    if speeds:
-        worst = min((r for r in fused if r.get("speedup_vs_torch")), key=lambda r: r["speedup_vs_torch"])
-        lines.append(f"fusedrnn vs torch.nn: geometric mean {geometric_mean(speeds):.2f}x over {len(speeds)} rows, "
-                     f"lowest {worst['speedup_vs_torch']:.2f}x ({worst['config']['name']} {worst['mode']})")
+    busy = " (on a busy machine: unreliable)" if outcome.busy else ""
+    plain = _speed_rows(outcome, variants=False)
+    if plain:
+        lines.append(f"fusedrnn vs torch.nn: {_geometric_mean_line(plain)}{busy}")
     lines += wrapped_lines(outcome)
     variants = sorted({r["config"]["variant"] for r in fused if r["config"].get("variant")})
     if variants:
+        timed = _speed_rows(outcome, variants=True)
         lines.append(f"LSTM variants ({', '.join(variants)}): torch.nn has none; their 'vs torch' "
                      f"is torch.nn's plain LSTM of the shape over fusedrnn's variant, and they are "
-                     f"checked against fusedrnn.reference in float64")
+                     f"checked against fusedrnn.reference in float64"
+                     + (f"; {_geometric_mean_line(timed)}{busy}" if timed else ""))
     lines += target_lines(outcome)
     judged = [r for r in outcome.results if is_fusedrnn(r["impl"])]
     checked = [r for r in judged if r.get("err_ok") is not None]
@@ -178,8 +195,8 @@ def target_lines(outcome: Outcome) -> List[str]:
     if lines:
         lines.append("targets: the project's CPU goals, information only; bench/README.md says "
                      "which are out of reach on 2 cores and why")
-    slow = [r for r in outcome.results if r["impl"] == "fusedrnn" and r.get("speedup_vs_torch") is not None
-            and r["speedup_vs_torch"] < STANDARD_FLOOR]
+    slow = [r for r in _speed_rows(outcome, variants=False)
+            if r["speedup_vs_torch"] < STANDARD_FLOOR]
     if outcome.device == "cpu" and slow:
         names = ", ".join(f"{r['config']['name']} {r['mode']} {r['speedup_vs_torch']:.2f}x" for r in slow[:6])
         lines.append(f"below the {STANDARD_FLOOR:g}x floor: {len(slow)} fusedrnn row(s): {names}"

@@ -76,6 +76,9 @@ class Plan:
     min_repeats: int = 3
     max_repeats: Optional[int] = 100  # None: the budget alone decides
     input_sets: int = 3
+    # Stop warming up after a round that took more than half the budget (calls that long are warm
+    # after one); off where --warmup or --repeats was given, which are then done as asked.
+    shorten_warmup: bool = True
 
     def done(self, rounds: int, elapsed_s: float) -> bool:
         """Rounds run until the budget is spent (between min and max rounds), or `repeats` exactly.
@@ -133,7 +136,7 @@ def measure(runners: List[Runner], clock, plan: Plan,
                 live.remove(r)
             else:
                 last_ms[r.name] = t
-        if sum(last_ms.values()) > plan.budget_s * 1e3 / 2:
+        if plan.shorten_warmup and sum(last_ms.values()) > plan.budget_s * 1e3 / 2:
             break  # calls this long are warm after one; more warm-up would only cost time
     if not live:
         return {r.name: r for r in runners}
