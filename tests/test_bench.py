@@ -746,3 +746,22 @@ def test_warmup_asked_for_is_done_and_never_zero_unchecked(capsys, tiny_presets)
     assert len(calls) == 3  # a budget-driven plan stops warming up after a long round
     code, out, err = run_cli(FAST_ARGS + ["--preset", "tiny", "--warmup", "0", "--no-check"], capsys)
     assert code == cli.EXIT_USAGE and "--warmup 0" in err and not out
+
+
+def test_a_row_wrong_only_on_warm_calls_is_wrong(capsys, tiny_presets, torch_as_fusedrnn,
+                                                 monkeypatch):
+    """The check saw only the first, cold call; what is timed is the warm path (a cached plan).
+    A module right on its first call and wrong from then on passed (review, session 31)."""
+    class WrongWhenWarm(torch.nn.LSTM):
+        calls = 0
+
+        def forward(self, x, hx=None):
+            out, state = super().forward(x, hx)
+            type(self).calls += 1
+            return (out if type(self).calls == 1 else out * 1.01), state
+
+    monkeypatch.setattr(impls, "fused_module_class", lambda cell: WrongWhenWarm)
+    code, out, _ = run_cli(FAST_ARGS + ["--preset", "tiny", "--cell", "gru,lstm", "--only", "B2-T5",
+                                        "--impls", "fusedrnn", "--dtype", "fp64"], capsys)
+    assert code == cli.EXIT_WRONG
+    assert "(a warm call, after timing)" in out and "WRONG OR FAILED" in out
