@@ -31,7 +31,7 @@ PYBIND11_MODULE(_cpu, m) {
   m.def(
       "forward",
       [](const std::vector<fusedrnn::RecurrenceFwdParams>& dirs) {
-        fusedrnn::validate_forward(dirs, fusedrnn::kFloatAndBFloat16);
+        fusedrnn::validate_forward(dirs, fusedrnn::kCpuDTypes);
         py::gil_scoped_release release;
         fusedrnn::cpu::forward(dirs);
       },
@@ -39,7 +39,7 @@ PYBIND11_MODULE(_cpu, m) {
   m.def(
       "backward",
       [](const std::vector<fusedrnn::RecurrenceBwdParams>& dirs) {
-        fusedrnn::validate_backward(dirs, fusedrnn::kFloatAndBFloat16);
+        fusedrnn::validate_backward(dirs, fusedrnn::kCpuDTypes);
         py::gil_scoped_release release;
         fusedrnn::cpu::backward(dirs);
       },
@@ -47,19 +47,19 @@ PYBIND11_MODULE(_cpu, m) {
   m.def(
       "forward_workspace_bytes",
       [](const std::vector<fusedrnn::RecurrenceFwdParams>& dirs) {
-        fusedrnn::validate_forward(dirs, fusedrnn::kFloatAndBFloat16);
+        fusedrnn::validate_forward(dirs, fusedrnn::kCpuDTypes);
         return fusedrnn::cpu::forward_workspace_bytes(dirs);
       },
       py::arg("directions"));
   m.def(
       "backward_workspace_bytes",
       [](const std::vector<fusedrnn::RecurrenceBwdParams>& dirs) {
-        fusedrnn::validate_backward(dirs, fusedrnn::kFloatAndBFloat16);
+        fusedrnn::validate_backward(dirs, fusedrnn::kCpuDTypes);
         return fusedrnn::cpu::backward_workspace_bytes(dirs);
       },
       py::arg("directions"));
   fusedrnn::bind_prepared_forward(
-      m, [](const auto& dirs) { fusedrnn::validate_forward(dirs, fusedrnn::kFloatAndBFloat16); },
+      m, [](const auto& dirs) { fusedrnn::validate_forward(dirs, fusedrnn::kCpuDTypes); },
       [](const auto& dirs) { return fusedrnn::cpu::forward_workspace_bytes(dirs); },
       [](const auto& dirs) { fusedrnn::cpu::forward(dirs); });
   // The pointwise cell step: pointers as ints (0 = null), as in the params classes; positional

@@ -35,7 +35,7 @@ struct DTypeSupport {
   bool bfloat16;
 };
 inline constexpr DTypeSupport kEveryDType{true, true};
-inline constexpr DTypeSupport kFloatAndBFloat16{false, true};
+inline constexpr DTypeSupport kCpuDTypes{false, true};
 
 namespace binding_detail {
 
@@ -145,7 +145,7 @@ inline void check_seq_strides(const SeqTensor& s, const std::string& where, cons
 
 inline void check_shape(const RecurrenceShape& p, const std::string& where, DTypeSupport dtypes) {
   const auto cell = static_cast<int32_t>(p.cell);
-  if (cell < 0 || cell > 4) {
+  if (!is_cell_code(cell)) {
     fail(where,
          "cell must be 0 (lstm), 1 (gru), 2 (rnn_tanh), 3 (rnn_relu) or 4 (lstm_cifg), got " +
              std::to_string(cell));

@@ -481,13 +481,12 @@ void require(const void* pointer, const char* name, const char* when) {
   }
 }
 
-void check_shape(const CellStepShape& p) {
+void check_cell_step_shape(const CellStepShape& p) {
   if (p.dtype != DType::kFloat32 && p.dtype != DType::kFloat64 && p.dtype != DType::kBFloat16) {
     throw std::invalid_argument(
         "fusedrnn: cell step: dtype must be float32, float64 or bfloat16 on the CPU");
   }
-  if (static_cast<int>(p.cell) < 0 ||
-      static_cast<int>(p.cell) > static_cast<int>(CellKind::kLstmCifg)) {
+  if (!is_cell_code(static_cast<int32_t>(p.cell))) {
     throw std::invalid_argument("fusedrnn: cell step: unknown cell code " +
                                 std::to_string(static_cast<int>(p.cell)));
   }
@@ -517,7 +516,7 @@ void run_rows(const Params& p, Fn fn) {
 }  // namespace
 
 void cell_step_forward(const CellStepFwdParams& p) {
-  check_shape(p);
+  check_cell_step_shape(p);
   const bool lstm = has_cell_state(p.cell), gru = p.cell == CellKind::kGru;
   if (p.xpre == nullptr) {  // the pass forms the products
     require(p.x, "x", "without xpre");
@@ -549,7 +548,7 @@ void cell_step_forward(const CellStepFwdParams& p) {
 }
 
 void cell_step_backward(const CellStepBwdParams& p) {
-  check_shape(p);
+  check_cell_step_shape(p);
   const bool lstm = has_cell_state(p.cell), gru = p.cell == CellKind::kGru;
   require(p.d_xpre, "d_xpre", "");
   if (!lstm && p.peephole) {

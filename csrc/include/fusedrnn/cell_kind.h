@@ -23,6 +23,12 @@ enum class DType : int32_t {
   kBFloat16 = 3,  // CUDA; on the CPU as storage only, computed in float (csrc/cpu/storage.h)
 };
 
+// Whether an integer from the Python boundary is one of CellKind's codes.
+FUSEDRNN_HOST_DEVICE constexpr bool is_cell_code(int32_t code) {
+  return code >= static_cast<int32_t>(CellKind::kLstm) &&
+         code <= static_cast<int32_t>(CellKind::kLstmCifg);
+}
+
 // Number of gate blocks of H rows in W_ih / W_hh (and columns of the input projection).
 FUSEDRNN_HOST_DEVICE constexpr int gate_count(CellKind cell) {
   return cell == CellKind::kLstm                                  ? 4
