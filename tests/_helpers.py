@@ -28,6 +28,9 @@ import fusedrnn
 from fusedrnn import _backend
 
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 2e-5}
+# The half types' (and float32's) unit roundoff: low-precision bars are twice torch.nn's own
+# error in that dtype plus two of these (torch's error on one draw can be ~0).
+UNIT_ROUNDOFF = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8, torch.float32: 2.0 ** -24}
 
 
 def native_available() -> bool:

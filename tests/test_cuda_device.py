@@ -16,12 +16,13 @@ import torch
 
 import fusedrnn
 
+from _helpers import UNIT_ROUNDOFF
+
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or importlib.util.find_spec("fusedrnn._cuda") is None,
     reason="needs a CUDA GPU and fusedrnn._cuda")
 
 CUDA = torch.device("cuda")
-UNIT_ROUNDOFF = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8, torch.float32: 2.0 ** -24}
 
 
 def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:

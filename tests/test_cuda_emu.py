@@ -21,8 +21,8 @@ import random
 import pytest
 import torch
 
-from _helpers import (column_block, minimal_bwd_params, minimal_fwd_params, rel_err,
-                      run_backward_layer, run_forward_layer)
+from _helpers import (UNIT_ROUNDOFF, column_block, minimal_bwd_params, minimal_fwd_params,
+                      rel_err, run_backward_layer, run_forward_layer)
 from fusedrnn import _backend, _layer_recurrence, reference
 
 emu = pytest.importorskip("fusedrnn._emu", reason="fusedrnn._emu is not built (FUSEDRNN_EMU=ON)")
@@ -34,7 +34,6 @@ from test_recurrence_kernel import (Config, _h_prev, _valid_mask,  # noqa: E402 
 
 CPU = torch.device("cpu")
 GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
-UNIT_ROUNDOFF = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
 
 
 @pytest.fixture(autouse=True)

@@ -16,10 +16,10 @@ from torch.nn.utils.rnn import PackedSequence
 
 import fusedrnn
 
-from _helpers import (CELL_VARIANTS, PACKING, TOLERANCE, Case, assert_close, assert_runs_close,
-                      assert_second_derivatives_match, compare_with_torch, covering_design,
-                      flat_results, make_inputs, make_modules, ramp_loss, requires_native,
-                      run_module, use_backend)
+from _helpers import (CELL_VARIANTS, PACKING, TOLERANCE, UNIT_ROUNDOFF, Case, assert_close,
+                      assert_runs_close, assert_second_derivatives_match, compare_with_torch,
+                      covering_design, flat_results, make_inputs, make_modules, ramp_loss,
+                      requires_native, run_module, use_backend)
 
 FACTORS = dict(
     cell=CELL_VARIANTS,
@@ -623,7 +623,9 @@ def test_zero_batch_like_torch():
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
 def test_low_precision_computes_in_float32(cell, dtype):
     """fp16/bf16 modules on the CPU compute in float32 and return the input dtype; their error
-    against float64 is no worse than torch.nn's in the same precision (times 2)."""
+    against float64, outputs and every parameter's gradient, is at most twice torch.nn's in the
+    same precision plus two unit roundoffs (a floor of 1e-2 let a 30x worse result pass, and the
+    gradients were only checked finite; review, session 31)."""
     case = Case(cell=cell, layers=2, bidirectional=True, hx=True, dtype=torch.float64)
     exact, ours = make_modules(case)
     theirs = make_modules(case)[0].to(dtype)
@@ -640,11 +642,13 @@ def test_low_precision_computes_in_float32(cell, dtype):
         assert s.dtype == dtype
     torch_out, _ = theirs(x, hx)
     from _helpers import rel_err
-    assert rel_err(out, reference) <= max(2 * rel_err(torch_out, reference), 1e-2)
-    # and gradients flow to the low-precision parameters
-    out.float().sum().backward()
-    assert ours.weight_hh_l0.grad.dtype == dtype
-    assert torch.isfinite(ours.weight_hh_l0.grad.float()).all()
+    u = UNIT_ROUNDOFF[dtype]
+    assert rel_err(out, reference) <= 2 * rel_err(torch_out, reference) + 2 * u
+    for result in (reference, torch_out, out):
+        result.float().sum().backward()
+    for (name, p), e, t in zip(ours.named_parameters(), exact.parameters(), theirs.parameters()):
+        assert p.grad.dtype == dtype, name
+        assert rel_err(p.grad, e.grad) <= 2 * rel_err(t.grad, e.grad) + 2 * u, name
 
 
 @pytest.mark.parametrize("backend", ["cpu", pytest.param("emu", marks=pytest.mark.emu)])
@@ -1097,9 +1101,12 @@ def test_low_precision_through_emulator(dtype, monkeypatch):
     out, _ = ours(x.to(dtype))
     assert out.dtype == dtype
     torch_out, _ = theirs(x.to(dtype))
-    assert rel_err(out, reference) <= max(2 * rel_err(torch_out, reference), 1e-2)
-    out.float().sum().backward()
-    assert torch.isfinite(ours.weight_hh_l0.grad.float()).all()
+    u = UNIT_ROUNDOFF[dtype]
+    assert rel_err(out, reference) <= 2 * rel_err(torch_out, reference) + 2 * u
+    for result in (reference, torch_out, out):
+        result.float().sum().backward()
+    for (name, p), e, t in zip(ours.named_parameters(), exact.parameters(), theirs.parameters()):
+        assert rel_err(p.grad, e.grad) <= 2 * rel_err(t.grad, e.grad) + 2 * u, name
 
 
 @pytest.mark.parametrize("cell", ["lstm", "lstm_proj", "gru", "rnn_tanh"])
