@@ -35,6 +35,17 @@ if torch.cuda.is_available() and _importable("_cuda"):
     _BACKENDS.append("cuda")
 
 
+@pytest.fixture(autouse=True)
+def _poisoned_workspaces(monkeypatch):
+    """Every native workspace starts as 0xFF bytes (NaN in every float type, -1 in every
+    integer): a kernel that reads scratch it did not write gives NaN, on every backend, instead
+    of whatever the allocator's last user left there."""
+    from fusedrnn import _backend
+    allocate = _backend.new_workspace
+    monkeypatch.setattr(_backend, "new_workspace",
+                        lambda nbytes, device: allocate(nbytes, device).fill_(0xFF))
+
+
 @pytest.fixture(params=_BACKENDS)
 def backend(request, monkeypatch) -> Backend:
     name = request.param

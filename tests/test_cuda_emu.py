@@ -38,16 +38,9 @@ GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 
 @pytest.fixture(autouse=True)
 def _emulated(monkeypatch):
-    """Route CPU tensors through _emu, poison workspaces, reset the launch knobs afterwards."""
+    """Route CPU tensors through _emu (conftest.py poisons the workspaces), reset the launch
+    knobs afterwards."""
     monkeypatch.setenv("FUSEDRNN_BACKEND", "emu")
-    original = _backend._workspace
-
-    def poisoned(module, kind, params, device):
-        ws = original(module, kind, params, device)
-        ws.fill_(0xFF)
-        return ws
-
-    monkeypatch.setattr(_backend, "_workspace", poisoned)
     yield
     emu._set_launch_options()
 

@@ -189,10 +189,17 @@ def module_for(device: torch.device):
     raise RuntimeError(f"fusedrnn supports cpu and cuda tensors, got a tensor on {device}")
 
 
+def new_workspace(nbytes: int, device: torch.device) -> torch.Tensor:
+    """The native scratch space, allocated with torch (C++ never allocates device memory). Its
+    bytes are whatever the allocator had: the tests fill it with 0xFF (tests/conftest.py), so a
+    kernel that reads scratch it did not write shows."""
+    return torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device)
+
+
 def _workspace(module, kind: str, params: list, device: torch.device) -> torch.Tensor:
-    """Allocates the native scratch space with torch (C++ never allocates device memory)."""
+    """A workspace for the native call of these params, set in each."""
     nbytes = int(getattr(module, f"{kind}_workspace_bytes")(params))
-    ws = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device)
+    ws = new_workspace(nbytes, device)
     for p in params:
         p.workspace, p.workspace_bytes = ws.data_ptr(), nbytes
     return ws
@@ -407,7 +414,7 @@ def forward_prepared(prep: PreparedForward, xproj: list, out: torch.Tensor, h0, 
             prep.workspace_bytes.clear()
         prep.workspace_bytes[key] = nbytes
     device = prep.device
-    ws = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device)
+    ws = new_workspace(nbytes, device)
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     module.forward_prepared(
         prep.templates, seq_len, batch, [(x.data_ptr(), x.stride(0), x.stride(1)) for x in xproj],
