@@ -765,3 +765,17 @@ def test_a_row_wrong_only_on_warm_calls_is_wrong(capsys, tiny_presets, torch_as_
                                         "--impls", "fusedrnn", "--dtype", "fp64"], capsys)
     assert code == cli.EXIT_WRONG
     assert "(a warm call, after timing)" in out and "WRONG OR FAILED" in out
+
+
+def test_turn_order_does_not_follow_the_input_sets():
+    """With as many implementations as input sets, the rotation ran each implementation in the
+    same place on the same set every time (review, session 31)."""
+    from fusedrnn.bench.timing import CpuClock, Plan, Runner, measure
+    order = []
+    runners = [Runner(name, lambda i: None, lambda i, name=name: order.append((name, i)))
+               for name in ("a", "b", "c")]
+    measure(runners, CpuClock(), Plan(warmup=0, repeats=9, input_sets=3))
+    rounds = [order[k:k + 3] for k in range(0, len(order), 3)]
+    for name in ("a", "b", "c"):
+        places = {[n for n, _ in r].index(name) for r in rounds if (name, 0) in r}
+        assert len(places) > 1, (name, rounds)

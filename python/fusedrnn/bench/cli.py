@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import signal
@@ -213,7 +214,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     repeats = f"{plan.repeats} repeats" if plan.repeats else f"repeats adaptive ({rounds}, ~{plan.budget_s:g} s per cell)"
     settings = {"preset": args.preset, "device": device_name, "configs": len(configs), "impls": impl_names,
                 "threads": torch.get_num_threads(), "warmup": plan.warmup, "repeats": plan.repeats,
-                "budget_s": plan.budget_s, "input_sets": plan.input_sets, "accuracy_check": not args.no_check,
+                "budget_s": plan.budget_s if plan.repeats is None else None, "input_sets": plan.input_sets, "accuracy_check": not args.no_check,
                 "timing": f"{clock}; warm-up {plan.warmup}"
                           f"{' (fewer for slow cells)' if plan.shorten_warmup else ''}; {repeats}; {plan.input_sets} input sets; "
                           f"implementations interleaved; median and IQR"}
@@ -226,8 +227,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     def save_partial(partial):  # a long run that is stopped still leaves what it measured
         measured[:] = [partial]
-        if args.json:
-            report.write_json(args.json, report.payload(info, dict(settings, partial=True), partial))
+        if args.json:  # (with the selection's notes, which the full run adds at its end)
+            report.write_json(args.json, report.payload(
+                info, dict(settings, partial=True),
+                dataclasses.replace(partial, notes=notes + partial.notes)))
 
     # Only the main thread may set a handler (a caller running main() in a thread keeps its own).
     in_main_thread = threading.current_thread() is threading.main_thread()

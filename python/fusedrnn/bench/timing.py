@@ -148,7 +148,10 @@ def measure(runners: List[Runner], clock, plan: Plan,
     rep = 0
     try:
         while True:
-            shift = rep % max(1, len(live))
+            # The turn order rotates from round to round, and not in step with the input sets
+            # (rep % input_sets): with as many implementations as sets, each would otherwise
+            # always run in the same place on the same set, and a set's cost would read as noise.
+            shift = (rep + rep // plan.input_sets) % max(1, len(live))
             for r in live[shift:] + live[:shift]:
                 if r.error is not None:
                     continue
