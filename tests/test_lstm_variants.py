@@ -225,7 +225,7 @@ def test_variant_arguments_are_checked():
         fusedrnn.LSTM(3, 5, peephole=1)
     with pytest.raises(TypeError, match="coupled_input_forget should be of type bool"):
         fusedrnn.LSTM(3, 5, coupled_input_forget="yes")
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="peephole"):
         fusedrnn.GRU(3, 5, peephole=True)
 
 
