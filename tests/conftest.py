@@ -46,6 +46,18 @@ def _poisoned_workspaces(monkeypatch):
                         lambda nbytes, device: allocate(nbytes, device).fill_(0xFF))
 
 
+@pytest.fixture
+def isa(request, monkeypatch) -> str:
+    """An instruction set's build of the CPU kernels, chosen through FUSEDRNN_CPU_ISA (parametrize
+    it with indirect=True). Skipped where this CPU does not run that build: the dispatch would
+    lower it to one another parameter already runs, and report it as passed."""
+    cpu = pytest.importorskip("fusedrnn._cpu")
+    monkeypatch.setenv("FUSEDRNN_CPU_ISA", request.param)
+    if cpu.isa() != request.param:
+        pytest.skip(f"this CPU does not run the {request.param} build (it runs {cpu.isa()})")
+    return request.param
+
+
 @pytest.fixture(params=_BACKENDS)
 def backend(request, monkeypatch) -> Backend:
     name = request.param

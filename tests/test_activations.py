@@ -52,11 +52,10 @@ def _ulps(actual: torch.Tensor, expected64: torch.Tensor) -> torch.Tensor:
     return (actual.double() - expected64).abs() / spacing.double()
 
 
-@pytest.mark.parametrize("isa", ["amx", "avx512bf16", "avx512", "avx2", "generic"])
+@pytest.mark.parametrize("isa", ["amx", "avx512bf16", "avx512", "avx2", "generic"], indirect=True)
 def test_tanh_within_its_ulp_bound_over_the_float_range(isa, monkeypatch):
     """Each instruction set's build (the dispatch reads FUSEDRNN_CPU_ISA at every call and runs
     the best one the CPU supports at or below it)."""
-    monkeypatch.setenv("FUSEDRNN_CPU_ISA", isa)
     x = _float_sweep()
     y = _native_tanh(x)
     ulps = _ulps(y, torch.tanh(x.double()))
@@ -66,9 +65,8 @@ def test_tanh_within_its_ulp_bound_over_the_float_range(isa, monkeypatch):
     assert y[beyond].abs() <= 1, f"tanh({x[beyond].item()!r}) = {y[beyond].item()!r}"
 
 
-@pytest.mark.parametrize("isa", ["amx", "avx512bf16", "avx512", "avx2", "generic"])
+@pytest.mark.parametrize("isa", ["amx", "avx512bf16", "avx512", "avx2", "generic"], indirect=True)
 def test_tanh_special_values(isa, monkeypatch):
-    monkeypatch.setenv("FUSEDRNN_CPU_ISA", isa)
     x = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e-45, 20.0, -20.0, 3e38, float("inf"),
                       float("-inf"), float("nan")])
     y = _native_tanh(x)
@@ -116,12 +114,11 @@ def _native_sigmoid(values: torch.Tensor) -> torch.Tensor:
     return gates.reshape(steps, 4 * HIDDEN)[:, HIDDEN:2 * HIDDEN].reshape(-1)[:count]
 
 
-@pytest.mark.parametrize("isa", ["amx", "avx512bf16", "avx512", "avx2", "generic"])
+@pytest.mark.parametrize("isa", ["amx", "avx512bf16", "avx512", "avx2", "generic"], indirect=True)
 def test_sigmoid_saturates_exactly_as_torch(isa, monkeypatch):
     """Exactly 1 where torch.sigmoid's 1 / (1 + e^-x) is 1, exactly 0 where e^-x overflows: a
     saturated gate's derivative s(1 - s) is then 0, as torch's. Before, AVX2 gave 1 - 2^-24 up to
     +inf and the AVX-512 and generic builds 6e-39 down to -inf."""
-    monkeypatch.setenv("FUSEDRNN_CPU_ISA", isa)
     # (16.635532 and -88.722839 are the first floats past 24 ln 2 and -ln FLT_MAX.)
     x = torch.tensor([16.635532379150390625, 16.7, 17.0, 20.0, 1e4, 1e30, float("inf"),
                       -88.72283935546875, -88.73, -90.0, -1e4, -1e30, float("-inf")])
@@ -130,7 +127,7 @@ def test_sigmoid_saturates_exactly_as_torch(isa, monkeypatch):
     assert torch.isnan(y[-1])
 
 
-@pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"], indirect=True)
 def test_saturated_gates_as_accurate_as_torch(isa, monkeypatch):
     """What a saturated gate's leftover derivative did (found by fuzzing against torch.nn):
     - a GRU whose h0 holds +-1e30 (an update gate of 0 times operands of 1e30): dW_hh ~7.7e21
@@ -138,7 +135,6 @@ def test_saturated_gates_as_accurate_as_torch(isa, monkeypatch):
     - an LSTM whose forget gate is stuck at 1 (forget bias 20) over T=20000 steps: on AVX2 c_n
       decayed by (1 - 2^-24) a step, 9e-4 off the float64 truth where torch.nn float32 is 1e-5
       off."""
-    monkeypatch.setenv("FUSEDRNN_CPU_ISA", isa)
     torch.manual_seed(0)
     theirs = torch.nn.GRU(3, 5)
     ours = fusedrnn.GRU(3, 5)
@@ -166,14 +162,13 @@ def test_saturated_gates_as_accurate_as_torch(isa, monkeypatch):
     assert errors[1] <= 2 * errors[0] + 1e-6, errors
 
 
-@pytest.mark.parametrize("isa", ["amx", "avx512bf16", "avx512", "avx2", "generic"])
+@pytest.mark.parametrize("isa", ["amx", "avx512bf16", "avx512", "avx2", "generic"], indirect=True)
 def test_sigmoid_within_two_ulp_and_exactly_one_half_at_zero(isa, monkeypatch):
     """The reciprocal in 1 / (1 + e^-x) refines the hardware estimate by Newton steps in
     residual form (simd_vec.h, newton_recip_step). In the form est (2 - x est) AVX2's steps
     stopped at 0.49999997 for 1/2, so sigmoid(0) was not 0.5 (a gate biased by it leaked over
     long sequences: review, session 30), and AVX-512's sigmoid was 2.5 ulp off (now 1.9;
     torch.sigmoid's 1.8 against float64)."""
-    monkeypatch.setenv("FUSEDRNN_CPU_ISA", isa)
     x = torch.from_numpy(np.linspace(-16, 16, 200001, dtype=np.float32))
     y = _native_sigmoid(torch.cat([x, torch.tensor([0.0, -0.0])]))
     assert y[-2].item() == 0.5 and y[-1].item() == 0.5

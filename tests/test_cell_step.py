@@ -177,11 +177,10 @@ def test_native_forward_matches_reference(cell, shape, bias, dtype):
     assert_close(h_next, zero[0], tol, "h' (zero state)")
 
 
-@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512", "avx512bf16", "amx"])
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512", "avx512bf16", "amx"], indirect=True)
 def test_every_instruction_set(isa, monkeypatch):
     """FUSEDRNN_CPU_ISA lowers the run-time choice, so each compiled copy of the pass runs (SIMD
     widths 4/8/16 for float32: H=37 leaves a tail in each)."""
-    monkeypatch.setenv("FUSEDRNN_CPU_ISA", isa)
     for dtype in (torch.float64, torch.float32):
         for cell in CELLS:
             test_native_forward_matches_reference(cell, (3, 4, 37), True, dtype)

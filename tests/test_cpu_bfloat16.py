@@ -113,14 +113,13 @@ def _case_id(case):
     return "-".join(parts)
 
 
-@pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"], indirect=True)
 @pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
 def test_bfloat16_layer_is_the_float_kernel_rounded(case, isa, monkeypatch):
     """Inference and training forward, then the backward of the training run, each against the
     float kernel on the same values widened. At B <= 2 the forward may read bfloat16 W_hh in
     place, as pairs of k (InPlaceDots::dots), which sums in another order than the float kernel:
     there its outputs may be 1 bfloat16 ulp apart; everywhere else they are equal."""
-    monkeypatch.setenv("FUSEDRNN_CPU_ISA", isa)  # lowered to what the machine has
     cell, T, B, H, P, D, lengths, states = case
     for batch_first in (False, True):
         operands = _layer(cell, T, B, H, P, D, lengths, states, torch.bfloat16, seed=T * B + H,
@@ -386,7 +385,7 @@ def _ptr(t):
     return 0 if t is None else t.data_ptr()
 
 
-@pytest.mark.parametrize("isa", ["amx", "avx512bf16", "avx512", "avx2", "generic"])
+@pytest.mark.parametrize("isa", ["amx", "avx512bf16", "avx512", "avx2", "generic"], indirect=True)
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
 @pytest.mark.parametrize("products", [True, False], ids=["products", "formed"])
 def test_bfloat16_cell_step_is_the_float_pass_rounded(cell, products, isa, monkeypatch):
@@ -395,7 +394,6 @@ def test_bfloat16_cell_step_is_the_float_pass_rounded(cell, products, isa, monke
     forward's saved values. Equal after rounding, except where the pass forms the products
     itself: it reads bfloat16 weights as pairs of k (InPlaceDots::dots), another summation order,
     so there the forward may be 1 bfloat16 ulp apart. H=37 leaves a partial vector in each row."""
-    monkeypatch.setenv("FUSEDRNN_CPU_ISA", isa)  # lowered to what the machine has
     B, H, I, G = (2 if products else 5), 37, 19, GATES[cell]
     g = torch.Generator().manual_seed(G * 100 + B)
     rand = lambda *shape, s=1.0: (torch.randn(*shape, generator=g) * s).bfloat16()  # noqa: E731

@@ -330,7 +330,7 @@ def test_row_group_splits(cell, proj, peephole, threads, monkeypatch):
                       torch.device("cpu"))
 
 
-@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512", "avx512bf16", "amx"])
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512", "avx512bf16", "amx"], indirect=True)
 @pytest.mark.parametrize("cell,proj,peephole", [("lstm", 0, False), ("lstm", 9, False),
                                                 ("lstm", 0, True), ("lstm_cifg", 0, True),
                                                 ("gru", 0, False), ("rnn_tanh", 0, False)])
@@ -340,7 +340,6 @@ def test_every_instruction_set(cell, proj, peephole, isa, monkeypatch):
     more than one kDepth slice (panel_gemm.h: 64 KB of panel, 1024 rows at the narrowest
     vectors), so the partial sums pass through scratch under every ISA."""
     cpu = pytest.importorskip("fusedrnn._cpu")
-    monkeypatch.setenv("FUSEDRNN_CPU_ISA", isa)
     for dtype in (torch.float64, torch.float32):
         for size in [(7, 5, 37), (3, 9, 70), (2, 3, 300)]:
             run_and_check(Config(cell, proj, "bidir", True, *size, dtype, False, peephole),
@@ -422,14 +421,13 @@ def _w_hh_bytes(cell, H, P, dtype):
     return GATES[cell] * H * P * torch.empty((), dtype=dtype).element_size()
 
 
-@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512", "avx512bf16", "amx"])
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512", "avx512bf16", "amx"], indirect=True)
 @pytest.mark.parametrize("cell,proj", [("lstm", 0), ("lstm", 20), ("gru", 0), ("rnn_tanh", 0)])
 def test_small_batch_packs_nothing(cell, proj, isa, monkeypatch):
     """The in-place forward carves no packed W_hh (nor W_hr) from the workspace (so the tests
     above do run it): its workspace is smaller than the packed B=3 one by at least W_hh and W_hr
     (the rest, row buffers, differs by far less)."""
     cpu = pytest.importorskip("fusedrnn._cpu")
-    monkeypatch.setenv("FUSEDRNN_CPU_ISA", isa)
 
     def workspace(T, B, H, P, dtype, c=cell):
         (p,), _ = minimal_fwd_params(cpu, c, T=T, B=B, H=H, P=P, dtype=dtype)
@@ -448,11 +446,10 @@ def test_small_batch_packs_nothing(cell, proj, isa, monkeypatch):
             <= workspace(500, 3, 182, 182, torch.float32, "lstm"))
 
 
-@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512", "avx512bf16", "amx"])
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512", "avx512bf16", "amx"], indirect=True)
 @pytest.mark.parametrize("cell,proj", [("lstm", 0), ("lstm", 20), ("gru", 0), ("rnn_relu", 0)])
 def test_small_batch_every_instruction_set(cell, proj, isa, monkeypatch):
     pytest.importorskip("fusedrnn._cpu")
-    monkeypatch.setenv("FUSEDRNN_CPU_ISA", isa)
     for dtype in (torch.float64, torch.float32):
         for T, B in [(2 if proj else 4, 1), (1 if proj else 2, 2)]:
             run_and_check(Config(cell, proj, "bidir", True, T, B, 37, dtype, False),
