@@ -118,7 +118,8 @@ def _per_direction(num_dirs, make):
 
 # ------------------------------------------------------------------ float16 / bfloat16
 def _half_case(cell, proj, dtype, T, B, H, num_dirs, lengths_on, streaming, max_stage_rows=0,
-               tagged_exchange=False, max_batch_chunk=0, inputs_ahead=False, peephole=False):
+               tagged_exchange=False, max_batch_chunk=0, inputs_ahead=False, peephole=False,
+               threads_per_block=0):
     """Returns {name: (kernel error, torch error)} for forward and backward outputs of every
     direction of a layer (direction 1 runs reversed), each measured against the float64
     reference on the same (dtype-rounded) inputs. peephole: an LSTM's (plain or CIFG)."""
@@ -151,7 +152,7 @@ def _half_case(cell, proj, dtype, T, B, H, num_dirs, lengths_on, streaming, max_
 
     emu._set_launch_options(force_streaming=streaming, max_stage_rows=max_stage_rows,
                             tagged_exchange=tagged_exchange, max_batch_chunk=max_batch_chunk,
-                            inputs_ahead=inputs_ahead)
+                            inputs_ahead=inputs_ahead, threads_per_block=threads_per_block)
     run = run_forward_layer(cell, xproj, w_hh, b_hh, w_hr, h0, c0, lengths,
                             peephole=peep if peephole else ())
     grads = run_backward_layer(run, d_out, d_hn, d_cn)
@@ -307,6 +308,44 @@ def test_lstm_variants_multi_block(cell, peephole, launch):
 
 
 STAGED = [(cell, proj, dtype) for cell, proj in CELLS for dtype in (torch.float16, torch.bfloat16)]
+
+
+# Several warps per block, as on the GPU (8; the emulator's default is one, since each emulated
+# __syncthreads costs ~10 us per live thread): what passes between warps runs off the GPU too,
+# the shared-memory hand-offs and the tensor-core product's K-split sums (review, session 31).
+# At most two blocks per direction keep the live threads few.
+@pytest.mark.parametrize("threads", [64, 256])
+@pytest.mark.parametrize("cell,proj", CELLS)
+def test_several_warps_per_block(cell, proj, threads):
+    for streaming in (False, True):
+        emu._set_launch_options(threads_per_block=threads, max_blocks_per_direction=2,
+                                force_streaming=streaming)
+        run_and_check(_cfg(cell, proj, "bidir", True, 3, 3, 9, torch.float64), CPU)
+        run_and_check(_cfg(cell, proj, "fwd", False, 2, 5, 37, torch.float32, True), CPU)
+
+
+@pytest.mark.parametrize("cell,peephole", VARIANTS, ids=VARIANT_IDS)
+def test_lstm_variants_with_eight_warps_per_block(cell, peephole):
+    emu._set_launch_options(threads_per_block=256, max_blocks_per_direction=2)
+    run_and_check(Config(cell, 3, "bidir", True, 3, 3, 6, torch.float64, False, peephole), CPU)
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["smem", "streaming"])
+@pytest.mark.parametrize("cell,proj,dtype", STAGED,
+                         ids=[f"{c}{'-proj' if p else ''}-{str(d).split('.')[1]}"
+                              for c, p, d in STAGED])
+def test_half_precision_with_eight_warps_per_block(cell, proj, dtype, streaming):
+    """The tensor-core product spreads its tiles and K slices over the block's warps."""
+    for T, B, H, num_dirs in [(3, 3, 37, 1), (2, 17, 16, 2)]:
+        _assert_within_torch_error(dtype, cell, proj, dtype, T, B, H, num_dirs, True, streaming,
+                                   threads_per_block=256, max_stage_rows=16 if streaming else 0)
+
+
+def test_threads_per_block_must_be_whole_warps():
+    for bad in (-32, 33, 512):
+        with pytest.raises(ValueError, match="threads_per_block must be a multiple of 32"):
+            emu._set_launch_options(threads_per_block=bad)
+
 
 
 @pytest.mark.parametrize("cell,proj,dtype", STAGED,
@@ -524,7 +563,8 @@ def test_launch_plan():
     assert not plan["weights_in_smem"] and plan["batch_chunk"] == 2
     assert emu._launch_options() == dict(force_streaming=True, max_blocks_per_direction=0,
                                          max_batch_chunk=2, max_stage_rows=0,
-                                         tagged_exchange=False, inputs_ahead=False)
+                                         tagged_exchange=False, inputs_ahead=False,
+                                         threads_per_block=0)
 
 
 def test_every_kernel_gets_its_shared_memory_limit():

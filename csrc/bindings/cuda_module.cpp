@@ -13,6 +13,7 @@
 #include <pybind11/stl.h>
 
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "fusedrnn/params.h"
@@ -98,9 +99,16 @@ PYBIND11_MODULE(FUSEDRNN_MODULE_NAME, m) {
   m.def(
       "_set_launch_options",
       [](bool force_streaming, int max_blocks_per_direction, int max_batch_chunk,
-         int max_stage_rows, bool tagged_exchange, bool inputs_ahead) {
+         int max_stage_rows, bool tagged_exchange, bool inputs_ahead, int threads_per_block) {
         if (max_blocks_per_direction < 0 || max_batch_chunk < 0 || max_stage_rows < 0) {
           throw std::invalid_argument("fusedrnn: launch option caps must be >= 0 (0 = no cap)");
+        }
+        if (threads_per_block < 0 || threads_per_block % 32 != 0 ||
+            threads_per_block > cu::kMaxThreadsPerBlock) {
+          throw std::invalid_argument(
+              "fusedrnn: threads_per_block must be a multiple of 32 up to " +
+              std::to_string(cu::kMaxThreadsPerBlock) + " (0 = the default), got " +
+              std::to_string(threads_per_block));
         }
         cu::launch_options().force_streaming = force_streaming;
         cu::launch_options().max_blocks_per_dir = max_blocks_per_direction;
@@ -108,17 +116,20 @@ PYBIND11_MODULE(FUSEDRNN_MODULE_NAME, m) {
         cu::launch_options().max_stage_rows = max_stage_rows;
         cu::launch_options().tagged_exchange = tagged_exchange;
         cu::launch_options().inputs_ahead = inputs_ahead;
+        cu::launch_options().threads_per_block = threads_per_block;
       },
       py::arg("force_streaming") = false, py::arg("max_blocks_per_direction") = 0,
       py::arg("max_batch_chunk") = 0, py::arg("max_stage_rows") = 0,
       py::arg("tagged_exchange") = false, py::arg("inputs_ahead") = false,
+      py::arg("threads_per_block") = 0,
       "Test knob: stream the weights instead of keeping them in shared memory, cap the blocks per "
       "direction, the batch rows per product pass and the W_hh rows per staging pass of streamed "
       "16-bit weights (forward: gate rows; backward: K rows; rounded up to 16) (0 = no cap beyond "
       "the device's); tagged_exchange: a forward "
       "without projection exchanges h as tagged words instead of a grid barrier per step; "
       "inputs_ahead: a thread that owns one (batch row, unit) loads the next step's inputs right "
-      "after its cell update instead of at the start of the step.");
+      "after its cell update instead of at the start of the step; threads_per_block: a multiple "
+      "of 32 up to 256 (0 = the build's: 256 on a GPU, 32 in the emulator).");
   m.def("_launch_options", []() {
     py::dict d;
     d["force_streaming"] = cu::launch_options().force_streaming;
@@ -127,6 +138,7 @@ PYBIND11_MODULE(FUSEDRNN_MODULE_NAME, m) {
     d["max_stage_rows"] = cu::launch_options().max_stage_rows;
     d["tagged_exchange"] = cu::launch_options().tagged_exchange;
     d["inputs_ahead"] = cu::launch_options().inputs_ahead;
+    d["threads_per_block"] = cu::launch_options().threads_per_block;
     return d;
   });
   m.def(

@@ -151,7 +151,7 @@ __device__ __forceinline__ void unit_padded(const RecurrenceBwdParams& p, int b,
 }
 
 template <class Cell, typename T, bool kWeightsInSmem>
-__global__ void __launch_bounds__(kThreadsPerBlock, 1)
+__global__ void __launch_bounds__(kMaxThreadsPerBlock, 1)
     recurrence_backward_kernel(const __grid_constant__ BwdKernelArgs args) {
   using A = Acc<T>;
   constexpr int G = Cell::kGates;

@@ -37,7 +37,7 @@ __device__ __forceinline__ void load_step_inputs(const RecurrenceFwdParams& p, i
 }
 
 template <class Cell, typename T, bool kWeightsInSmem>
-__global__ void __launch_bounds__(kThreadsPerBlock, 1)
+__global__ void __launch_bounds__(kMaxThreadsPerBlock, 1)
     recurrence_forward_kernel(const __grid_constant__ FwdKernelArgs args) {
   using A = Acc<T>;
   constexpr int G = Cell::kGates;

@@ -171,11 +171,12 @@ void launch_persistent(const std::vector<Params>& dirs, bool backward, Kernel* s
   in.max_stage_rows = launch_options().max_stage_rows;
   in.tagged_exchange = launch_options().tagged_exchange;
   in.inputs_ahead = launch_options().inputs_ahead;
+  if (launch_options().threads_per_block > 0) in.threads = launch_options().threads_per_block;
   in.stageable = weight_rows_16_byte_aligned(dirs, sizeof(T));
   const RecurrenceGeometry geo = plan_recurrence(in, [&](bool smem, int64_t bytes) {
     int blocks = 0;
     FUSEDRNN_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-                            &blocks, smem ? smem_kernel : streaming_kernel, kThreadsPerBlock,
+                            &blocks, smem ? smem_kernel : streaming_kernel, in.threads,
                             static_cast<size_t>(bytes)),
                         ("cudaOccupancyMaxActiveBlocksPerMultiprocessor for " +
                          (smem ? smem_name : streaming_name)).c_str());

@@ -25,6 +25,7 @@ struct LaunchOptions {
   int max_stage_rows = 0;        // cap on W_hh rows per staging pass (x16); 0 = as many as fit
   bool tagged_exchange = false;  // forward: tagged words instead of a grid barrier per step
   bool inputs_ahead = false;     // owned items load the next step's inputs during the exchange
+  int threads_per_block = 0;     // a multiple of 32, at most kMaxThreadsPerBlock; 0 = the default
 };
 LaunchOptions& launch_options();
 

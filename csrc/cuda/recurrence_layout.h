@@ -28,11 +28,15 @@ constexpr int kTileBatch = 4;
 constexpr int kTileSize = kTileRows * kTileBatch;
 
 // Threads per block. The GPU uses 8 warps; the emulator one warp, because every emulated
-// __syncthreads costs ~10 us per live thread.
+// __syncthreads costs ~10 us per live thread. The kernels take any multiple of 32 up to
+// kMaxThreadsPerBlock (LaunchOptions::threads_per_block): the emulator's tests run the GPU's
+// 8 warps too, so that what passes between warps (shared-memory hand-offs, the K-split sums of
+// the tensor-core product) runs off the GPU as well.
+constexpr int kMaxThreadsPerBlock = 256;
 #if defined(FUSEDRNN_EMULATED_CUDA)
 constexpr int kThreadsPerBlock = 32;
 #else
-constexpr int kThreadsPerBlock = 256;
+constexpr int kThreadsPerBlock = kMaxThreadsPerBlock;
 #endif
 
 FUSEDRNN_HOST_DEVICE constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

@@ -347,6 +347,18 @@ int main() {
     run_cases<float, __nv_bfloat16>(tagged, rng);
     fusedrnn::cuda::launch_options().tagged_exchange = false;
     fusedrnn::cuda::launch_options().inputs_ahead = false;
+    // The GPU's 8 warps per block (the emulator's default is one): what passes between warps
+    // (shared-memory hand-offs, the tensor-core product's K-split sums) under the sanitizers
+    // too. One block per direction keeps the live threads at 512.
+    fusedrnn::cuda::launch_options().threads_per_block = fusedrnn::cuda::kMaxThreadsPerBlock;
+    fusedrnn::cuda::launch_options().max_blocks_per_dir = 1;
+    const Case eight_warps[] = {
+        {CellKind::kLstm, 2, 3, 8, 4, 2, true, false},
+        {CellKind::kGru, 2, 3, 9, 9, 1, true, true},
+    };
+    run_cases<float, __nv_bfloat16>(eight_warps, rng);
+    fusedrnn::cuda::launch_options().threads_per_block = 0;
+    fusedrnn::cuda::launch_options().max_blocks_per_dir = 0;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "FAIL: exception: %s\n", e.what());
     return 1;
