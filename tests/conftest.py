@@ -32,7 +32,7 @@ _BACKENDS = ["cpu"]
 if _importable("_emu"):
     _BACKENDS.append("emu")
 if torch.cuda.is_available() and _importable("_cuda"):
-    _BACKENDS.append("cuda")
+    _BACKENDS.append(pytest.param("cuda", marks=pytest.mark.cuda))
 
 
 @pytest.fixture(autouse=True)

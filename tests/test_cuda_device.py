@@ -18,9 +18,9 @@ import fusedrnn
 
 from _helpers import UNIT_ROUNDOFF
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(
     not torch.cuda.is_available() or importlib.util.find_spec("fusedrnn._cuda") is None,
-    reason="needs a CUDA GPU and fusedrnn._cuda")
+    reason="needs a CUDA GPU and fusedrnn._cuda")]
 
 CUDA = torch.device("cuda")
 
