@@ -228,8 +228,9 @@ inline void bind_params(py::module_& m) {
                       "fusedrnn::RecurrenceFwdParams: one layer, one direction, forward "
                       "(see csrc/include/fusedrnn/params.h)");
   fwd.def(py::init<>());
-  // Every field in one call (workspace and peephole left null): the Python front builds a struct per direction
-  // per call, and ~22 attribute stores cost more than the native call at small sizes.
+  // Every field in one call (workspace and peephole left null): the Python front builds a struct
+  // per direction per call, and ~22 attribute stores cost more than the native call at small
+  // sizes.
   fwd.def(py::init([](int32_t cell, int32_t dtype, int64_t seq_len, int64_t batch, int64_t hidden,
                       int64_t state, bool reverse, uintptr_t lengths, const SeqTuple& xproj,
                       uintptr_t w_hh, uintptr_t b_hh, uintptr_t w_hr, uintptr_t h0, uintptr_t c0,

@@ -30,7 +30,8 @@ int main() {
     for (int r = 0; r < 4; ++r) ok = ok && runs[r].load() == (r < n ? 1 : 0);
     if (!ok) {
       if (failures < 5) {
-        std::fprintf(stderr, "call %d (%d threads): ranks run %d %d %d %d times, %d done at return\n",
+        std::fprintf(stderr,
+                     "call %d (%d threads): ranks run %d %d %d %d times, %d done at return\n",
                      call, n, runs[0].load(), runs[1].load(), runs[2].load(), runs[3].load(),
                      done.load());
       }
