@@ -29,14 +29,14 @@
 #   GPU_CHECK_SKIP      space-separated steps to skip: build import tests memcheck racecheck bench
 #                       synccheck graphs probe ncu (e.g. to finish, on a machine that is still
 #                       warm, what an earlier run did not reach)
-#   GPU_CHECK_GRAPHS    1: after the benchmark, also run the compile preset (fusedrnn and torch.nn
+#   GPU_CHECK_GRAPHS    1: last, also run the compile preset (fusedrnn and torch.nn
 #                       eager, replayed from CUDA graphs and under torch.compile; up to 150 s,
 #                       whatever cells finish are kept) into OUTDIR/graphs.{json,md,txt}
 #   GPU_CHECK_GRAPHS_IMPLS  that run's --impls (default: all six of the compile preset)
-#   GPU_CHECK_PROBE     1: after the benchmark, also run bench/gpu_probe.py (per-step costs against
+#   GPU_CHECK_PROBE     1: after the benchmark (and ncu), also run bench/gpu_probe.py (per-step costs against
 #                       cuDNN, the exchange variants, the barrier floor; up to 150 s) into OUTDIR/probe.txt
-#   GPU_CHECK_NCU       1: last, profile the anchor's recurrence kernels (bf16 LSTM B=16 T=1024
-#                       H=768: an inference forward, a training forward and its backward) with
+#   GPU_CHECK_NCU       1: right after the benchmark, profile the anchor's recurrence kernels
+#                       (bf16 LSTM B=16 T=1024 H=768: an inference forward, a training forward and its backward) with
 #                       Nsight Compute's stall sampling (--clock-control none), into
 #                       OUTDIR/ncu-anchor.ncu-rep, OUTDIR/ncu-details.csv (warp states per kernel)
 #                       and OUTDIR/ncu-source.csv (stall samples per SASS line); up to 150 s
@@ -80,7 +80,7 @@ run_step() {
     printf '| %s | skipped | 0 | |\n' "$name" >> "$STATUS"
     return 0
   fi
-  local left=$(( END_AT - $(date +%s) - 5 ))
+  local left=$(( END_AT - $(date +%s) - 25 ))  # a timed-out step gets 20 s more to end
   if [ "$left" -lt 20 ]; then
     echo "== $name: not started, out of time (GPU_CHECK_DEADLINE=${DEADLINE_S}s)"
     printf '| %s | FAILED (not started: out of time) | 0 | |\n' "$name" >> "$STATUS"
@@ -91,8 +91,18 @@ run_step() {
   start=$(date +%s)
   # A fresh bash runs the step (functions and variables are exported below), so that timeout can
   # stop the step's whole process group.
-  timeout --kill-after=20 "$limit" bash -c '"$@"' "$name" "$@" > "$log" 2>&1
+  timeout --kill-after=20 "$limit" bash -c '"$@"' "$name" "$@" > "$log" 2>&1 &
+  local pid=$!
+  wait "$pid"
   rc=$?
+  # timeout leads its own process group (pgid = its pid). On a time-out the step's bash dies at
+  # once, so timeout returns at once too, and a process that handles or ignores SIGTERM (the
+  # benchmark's handler cannot run while it waits on a hung kernel) would outlive the step and
+  # share the GPU with the next ones: give the group the same 20 s, then kill what is left.
+  if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+    for _ in $(seq 20); do kill -0 -- "-$pid" 2> /dev/null || break; sleep 1; done
+  fi
+  kill -KILL -- "-$pid" 2> /dev/null
   case $rc in
     0) status=passed ;;
     124|137) status="FAILED (timed out after ${limit}s)" ;;
@@ -100,7 +110,7 @@ run_step() {
     *) status="FAILED (exit $rc)" ;;
   esac
   printf '| %s | %s | %s | logs/%s.log |\n' "$name" "$status" "$(( $(date +%s) - start ))" "$name" >> "$STATUS"
-  echo "   $status"
+  echo "   $name: $status"
   [ "$rc" -eq 0 ] || tail -n 25 "$log" | sed 's/^/   | /'
   return "$rc"
 }
@@ -202,7 +212,12 @@ else
   echo "GPU_CHECK_BUILD must be pip or cmake, got '$BUILD_MODE'" >&2
   exit 2
 fi
-run_step import 60 check_import
+if ! run_step import 60 check_import; then
+  # Every later step needs fusedrnn._cuda (the tests would only skip, and pass): end here and
+  # give the lease back its minutes.
+  echo "   fusedrnn._cuda does not load: the GPU steps are not run"
+  SKIP="$SKIP tests memcheck racecheck synccheck bench graphs probe ncu "
+fi
 write_machine > "$OUT/logs/machine.log" 2>&1  # again, now that the native modules are built
 
 # --- tests beside the sanitizers ----------------------------------------------------------------
@@ -237,8 +252,11 @@ run_step tests 240 "$PYTHON" -m pytest -q -p no:cacheprovider -k "$PYTEST_K" "${
   --junitxml="$OUT/pytest-cuda.xml" "$REPO/tests" &
 TESTS_PID=$!
 (
+  hung() { [ "$1" -eq 124 ] || [ "$1" -eq 137 ]; }
   run_step memcheck 150 sanitize memcheck
+  hung $? && SKIP="$SKIP racecheck synccheck "
   run_step racecheck 150 sanitize racecheck --racecheck-report hazard "${KERNEL_FILTER[@]}"
+  hung $? && SKIP="$SKIP synccheck "
   run_step synccheck 120 sanitize synccheck "${KERNEL_FILTER[@]}"
 ) &
 SANITIZERS_PID=$!
@@ -259,29 +277,6 @@ export -f bench
 run_step bench 300 bench
 [ -f "$OUT/logs/bench.log" ] && cp "$OUT/logs/bench.log" "$OUT/bench.txt"
 
-# --- CUDA graphs and torch.compile (optional) ---------------------------------------------------
-graphs() {
-  local impls=()
-  [ -n "${GPU_CHECK_GRAPHS_IMPLS:-}" ] && impls=(--impls "$GPU_CHECK_GRAPHS_IMPLS")
-  (cd "$OUT" && "$PYTHON" -m fusedrnn.bench --device cuda --preset compile "${impls[@]}" \
-    --json "$OUT/graphs.json" --markdown "$OUT/graphs.md")
-}
-export -f graphs
-if [ "${GPU_CHECK_GRAPHS:-0}" = 1 ]; then
-  run_step graphs 150 graphs
-  [ -f "$OUT/logs/graphs.log" ] && cp "$OUT/logs/graphs.log" "$OUT/graphs.txt"
-fi
-
-# --- per-step probe (optional) ---------------------------------------------------------------------
-probe() {
-  (cd "$OUT" && "$PYTHON" "$REPO/bench/gpu_probe.py")
-}
-export -f probe
-if [ "${GPU_CHECK_PROBE:-0}" = 1 ]; then
-  run_step probe 150 probe
-  [ -f "$OUT/logs/probe.log" ] && cp "$OUT/logs/probe.log" "$OUT/probe.txt"
-fi
-
 # --- stall sampling of the anchor (optional) -----------------------------------------------------
 ncu_anchor() {
   local ncu_bin
@@ -297,6 +292,29 @@ ncu_anchor() {
 export -f ncu_anchor
 if [ "${GPU_CHECK_NCU:-0}" = 1 ]; then
   run_step ncu 150 ncu_anchor
+fi
+
+# --- per-step probe (optional) ---------------------------------------------------------------------
+probe() {
+  (cd "$OUT" && "$PYTHON" "$REPO/bench/gpu_probe.py")
+}
+export -f probe
+if [ "${GPU_CHECK_PROBE:-0}" = 1 ]; then
+  run_step probe 150 probe
+  [ -f "$OUT/logs/probe.log" ] && cp "$OUT/logs/probe.log" "$OUT/probe.txt"
+fi
+
+# --- CUDA graphs and torch.compile (optional) ---------------------------------------------------
+graphs() {
+  local impls=()
+  [ -n "${GPU_CHECK_GRAPHS_IMPLS:-}" ] && impls=(--impls "$GPU_CHECK_GRAPHS_IMPLS")
+  (cd "$OUT" && "$PYTHON" -m fusedrnn.bench --device cuda --preset compile "${impls[@]}" \
+    --json "$OUT/graphs.json" --markdown "$OUT/graphs.md")
+}
+export -f graphs
+if [ "${GPU_CHECK_GRAPHS:-0}" = 1 ]; then
+  run_step graphs 150 graphs
+  [ -f "$OUT/logs/graphs.log" ] && cp "$OUT/logs/graphs.log" "$OUT/graphs.txt"
 fi
 
 # --- summary -------------------------------------------------------------------------------------
