@@ -641,13 +641,22 @@ def test_low_precision_computes_in_float32(cell, dtype):
     for s in (st_ if isinstance(st_, tuple) else (st_,)):
         assert s.dtype == dtype
     torch_out, _ = theirs(x, hx)
+    _assert_within_twice_torch_error(dtype, (exact, reference), (theirs, torch_out), (ours, out))
+    for p in ours.parameters():
+        assert p.grad.dtype == dtype
+
+
+def _assert_within_twice_torch_error(dtype, exact_run, torch_run, our_run):
+    """Each run (module, output), the exact one in float64: our output and, after a backward of
+    each output's sum, every parameter's gradient, against float64, within twice torch.nn's
+    error in `dtype` plus two unit roundoffs."""
     from _helpers import rel_err
     u = UNIT_ROUNDOFF[dtype]
+    (exact, reference), (theirs, torch_out), (ours, out) = exact_run, torch_run, our_run
     assert rel_err(out, reference) <= 2 * rel_err(torch_out, reference) + 2 * u
     for result in (reference, torch_out, out):
         result.float().sum().backward()
     for (name, p), e, t in zip(ours.named_parameters(), exact.parameters(), theirs.parameters()):
-        assert p.grad.dtype == dtype, name
         assert rel_err(p.grad, e.grad) <= 2 * rel_err(t.grad, e.grad) + 2 * u, name
 
 
@@ -1101,12 +1110,7 @@ def test_low_precision_through_emulator(dtype, monkeypatch):
     out, _ = ours(x.to(dtype))
     assert out.dtype == dtype
     torch_out, _ = theirs(x.to(dtype))
-    u = UNIT_ROUNDOFF[dtype]
-    assert rel_err(out, reference) <= 2 * rel_err(torch_out, reference) + 2 * u
-    for result in (reference, torch_out, out):
-        result.float().sum().backward()
-    for (name, p), e, t in zip(ours.named_parameters(), exact.parameters(), theirs.parameters()):
-        assert rel_err(p.grad, e.grad) <= 2 * rel_err(t.grad, e.grad) + 2 * u, name
+    _assert_within_twice_torch_error(dtype, (exact, reference), (theirs, torch_out), (ours, out))
 
 
 @pytest.mark.parametrize("cell", ["lstm", "lstm_proj", "gru", "rnn_tanh"])

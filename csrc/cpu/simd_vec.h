@@ -218,8 +218,8 @@ FUSEDRNN_VEC_INLINE Vec<float, W> act_sigmoid(Vec<float, W> x) {
 // against float64 in a review (session 30), where torch.nn's own were 1e-3 to 6e-2 off.
 // It replaced an exp-based formula (1.6 ulp) that computed two branches, |x| < 0.625 by an odd
 // polynomial and 1 - 2 / (e^2|x| + 1) beyond: 19 vector operations instead of about 36, and an
-// LSTM cell runs two tanh per unit. LSTM B=64 H=256 T=100 inference, native forward on the 2-core SPR VM
-// (3 A/B pairs): 16.4-17.6 -> 15.0-15.5 ms on two threads, 26.8-28.1 -> 25.5-26.0 on one.
+// LSTM cell runs two tanh per unit. LSTM B=64 H=256 T=100 inference, native forward on the
+// 2-core SPR VM (3 A/B pairs): 16.4-17.6 -> 15.0-15.5 ms on two threads, 26.8-28.1 -> 25.5-26.0 on one.
 template <int W>
 FUSEDRNN_VEC_INLINE Vec<float, W> act_tanh(Vec<float, W> x) {
   using V = Vec<float, W>;

@@ -375,8 +375,8 @@ class PreparedForward(NamedTuple):
 def prepare_forward(cell: str, w_hh, b_hh, w_hr, peephole=()) -> PreparedForward:
     """Templates for the D directions of a layer; w_hh, b_hh, w_hr: sequences of D contiguous
     tensors (or Nones), peephole D contiguous [3, H] LSTM peephole weights ([2, H] for
-    lstm_cifg) or empty, all of one dtype on one device. The templates point into their memory: later in-place changes of the
-    values are seen, a change of memory (`.data =`) is not."""
+    lstm_cifg) or empty, all of one dtype on one device. The templates point into their memory:
+    later in-place changes of the values are seen, a change of memory (`.data =`) is not."""
     device = w_hh[0].device
     module, call = _layer_call(cell, device, w_hh, b_hh, w_hr, None)
     null_seq = (0, 0, 0)

@@ -61,10 +61,7 @@ def rnn(cell: str, input: Tensor, weights, hx=None, *, num_layers: int = 1,
         raise ValueError(f"cell must be one of {CELLS}, got {cell!r}")
     if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
         raise ValueError(f"num_layers must be an int >= 1, got {num_layers!r}")
-    if not isinstance(input, Tensor) or input.dim() != 3:
-        got = f"{input.dim()}-D" if isinstance(input, Tensor) else type(input).__name__
-        raise ValueError(f"input must be a 3-D tensor [T, B, I] ([B, T, I] with batch_first), "
-                         f"got {got}")
+    _require_rank(input, 3, "[T, B, I] ([B, T, I] with batch_first)")
     if input.is_complex():
         raise RuntimeError(f"fusedrnn runs float32, float64, float16 and bfloat16 tensors, got "
                            f"{input.dtype} (torch.nn's CPU modules also run complex ones: "
@@ -219,9 +216,7 @@ def cell_step(cell: str, input: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Option
     """
     if cell not in CELLS:
         raise ValueError(f"cell must be one of {CELLS}, got {cell!r}")
-    if not isinstance(input, Tensor) or input.dim() != 2:
-        got = f"{input.dim()}-D" if isinstance(input, Tensor) else type(input).__name__
-        raise ValueError(f"input must be a 2-D tensor [B, I], got {got}")
+    _require_rank(input, 2, "[B, I]")
     if peephole is not None and cell not in LSTM_CELLS:
         raise ValueError(f"peephole weights are for the LSTM cells {LSTM_CELLS} only, not {cell!r}")
     lstm_pair = cell in LSTM_CELLS and isinstance(hx, (tuple, list)) and len(hx) == 2
@@ -456,6 +451,13 @@ def _packs_eagerly(lengths: Tensor) -> bool:
     copy), nor for meta and fake lengths (no values): there the mask covers the padded output."""
     return (_backend.plain_eager() and not _backend.without_data(lengths)
             and not (lengths.is_cuda and torch.cuda.is_current_stream_capturing()))
+
+
+def _require_rank(input, rank: int, layout: str) -> None:
+    """A ValueError unless input is a tensor of `rank` dimensions (layout: what they are)."""
+    if not isinstance(input, Tensor) or input.dim() != rank:
+        got = f"{input.dim()}-D" if isinstance(input, Tensor) else type(input).__name__
+        raise ValueError(f"input must be a {rank}-D tensor {layout}, got {got}")
 
 
 def _with_zero_biases(weights) -> list:
