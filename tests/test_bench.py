@@ -79,7 +79,8 @@ def test_json_schema_table_and_error_column(tmp_path, capsys, tiny_presets, torc
     assert code == 0
     data = json.loads(path.read_text())
     assert set(data) >= {"machine", "results"}
-    for key in ("cpu", "cpu_cores", "torch_threads", "torch", "fusedrnn", "commit", "gpu"):
+    for key in ("cpu", "cpu_family", "cpu_cores", "torch_threads", "torch", "fusedrnn", "commit",
+                "gpu"):
         assert key in data["machine"], key
     rows = data["results"]
     cells = {(r["config"]["name"], r["mode"]) for r in rows}

@@ -197,7 +197,8 @@ def test_inference_path_on_onednn(onednn):
 def test_onednn_chosen_only_where_mkl_runs_below_the_cpu(monkeypatch, vendor, flags, expected):
     """The automatic choice (_input_projection's table): oneDNN on a CPU whose vendor is not
     Intel and that has AVX-512; MKL (F.linear) on every other."""
-    monkeypatch.setattr(_input_projection, "_cpu_identity", lambda: (vendor, frozenset(flags)))
+    monkeypatch.setattr(_input_projection, "_cpu_identity",
+                        lambda: (vendor, frozenset(flags), 25))
     _input_projection._vendor_prefers_onednn.cache_clear()
     try:
         assert _input_projection._vendor_prefers_onednn() is expected
@@ -205,6 +206,23 @@ def test_onednn_chosen_only_where_mkl_runs_below_the_cpu(monkeypatch, vendor, fl
         _input_projection._vendor_prefers_onednn.cache_clear()
 
 
+@pytest.mark.parametrize("vendor, family, expected", [
+    ("AuthenticAMD", 26, _input_projection.kMinMacs),             # Zen 5: full-width AVX-512
+    ("AuthenticAMD", 25, _input_projection.kMinWeightGradMacs),   # Zen 4: halves
+    ("GenuineIntel", 6, _input_projection.kMinWeightGradMacs),
+    ("", 0, _input_projection.kMinWeightGradMacs),
+], ids=["zen5", "zen4", "intel", "unknown"])
+def test_weight_grad_threshold_by_cpu(monkeypatch, vendor, family, expected):
+    monkeypatch.setattr(_input_projection, "_cpu_identity",
+                        lambda: (vendor, frozenset({"avx2", "fma", "avx512f"}), family))
+    _input_projection.weight_grad_min_macs.cache_clear()
+    try:
+        assert _input_projection.weight_grad_min_macs() == expected
+    finally:
+        _input_projection.weight_grad_min_macs.cache_clear()
+
+
 def test_cpu_identity_reads_this_machine():
-    vendor, flags = _input_projection._cpu_identity()
+    vendor, flags, family = _input_projection._cpu_identity()
     assert isinstance(vendor, str) and isinstance(flags, frozenset)
+    assert isinstance(family, int) and family >= 0

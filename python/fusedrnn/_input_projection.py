@@ -33,9 +33,21 @@ and a whole LSTM B=64 T=50 training call (fusedrnn against torch.nn in the same 
 each, --budget 6): H=512 1.05-1.07x with MKL against 0.94-0.95x with oneDNN, H=1024 0.99-1.10x
 against 0.89-0.91x, H=256 1.26-1.28x against 1.12x.
 
+Zen 5 (AMD family 26) runs AVX-512 on full 512-bit units, which oneDNN uses and MKL does not:
+on a 2-core EPYC Zen 5 VM (same settings, median of 20-400 calls, ms) oneDNN ran every one of
+these GEMMs about twice as fast, dW from ~5 M multiply-adds on:
+
+    rows x G x I (dW = d^T x)  MKL     oneDNN       x W^T MKL / oneDNN   d_x MKL / oneDNN
+    100 x 256 x 64             0.027   0.032
+    400 x 256 x 64             0.086   0.074
+    400 x 512 x 128            0.267   0.156        0.244 / 0.115        0.242 / 0.118
+    3200 x 1024 x 256          8.5     5.6          7.5 / 3.6            7.6 / 3.3
+    3200 x 4096 x 1024         250     123          275 / 139            252 / 125
+
 So on a CPU whose vendor is not Intel and that has AVX-512, a float32 projection of at least
 kMinMacs multiply-adds runs x W^T and d_x on oneDNN, and the weight gradients (weight_grad:
-dW_ih here, dW_hh of the recurrence) run there from kMinWeightGradMacs on. Everything else
+dW_ih here, dW_hh of the recurrence) run there from kMinWeightGradMacs on (from kMinMacs on
+where the AVX-512 units are full width: weight_grad_min_macs). Everything else
 (other dtypes and devices, small GEMMs, torch.compile, tracing, torch.func transforms, meta and
 fake tensors) is F.linear, unchanged. FUSEDRNN_CPU_GEMM=onednn or =torch overrides the choice
 (tests force oneDNN on any machine; a user can rule it out).
@@ -94,13 +106,14 @@ def onednn_available() -> bool:
 
 def weight_grad(d2: Tensor, x2: Tensor) -> Tensor:
     """d2^T x2 ([R, G]^T [R, I] -> [G, I]): a weight gradient summed over all R = T*B rows
-    (dW_ih, and the recurrence's dW_hh). MKL's kernel is kept below kMinWeightGradMacs, where it was
-    as fast or faster; above, oneDNN runs it as (x2^T d2)^T, returned as that transposed view."""
+    (dW_ih, and the recurrence's dW_hh). MKL's kernel is kept below weight_grad_min_macs(),
+    where it was as fast or faster; above, oneDNN runs it as (x2^T d2)^T, returned as that
+    transposed view."""
     macs = d2.size(0) * d2.size(1) * x2.size(1)
     # Only dense operands (a direction's columns of a bidirectional d_pre are not: copying them
     # costs about what oneDNN gains).
     if (d2.dim() == 2 and x2.dim() == 2 and _dense(d2) and _dense(x2)
-            and _use_onednn(macs, kMinWeightGradMacs, d2, x2)):
+            and _use_onednn(macs, weight_grad_min_macs(), d2, x2)):
         return _onednn_linear(x2.t(), d2.t(), None).t()
     return d2.t().mm(x2)
 
@@ -157,26 +170,46 @@ def _use_onednn(macs: int, min_macs: int, *tensors: Optional[Tensor]) -> bool:
 def _vendor_prefers_onednn() -> bool:
     """A CPU whose vendor is not Intel and that has AVX-512: there MKL runs code that does not
     use AVX-512 and oneDNN wins. Without AVX-512 both run AVX2 code and MKL won (Zen 3 table)."""
-    vendor, flags = _cpu_identity()
+    vendor, flags, _ = _cpu_identity()
     return vendor not in ("GenuineIntel", "") and "avx512f" in flags
 
 
+# AMD's first family whose AVX-512 units are 512 bits wide (Zen 5; Zen 4, family 25, runs each
+# 512-bit operation as two 256-bit halves).
+kFullWidthAvx512AmdFamily = 26
+
+
+@functools.lru_cache(maxsize=None)
+def weight_grad_min_macs() -> int:
+    """The smallest weight gradient (in multiply-adds) weight_grad runs on oneDNN, where oneDNN
+    is chosen at all: kMinWeightGradMacs, but kMinMacs on AMD CPUs with full-width AVX-512
+    (module table: Zen 5's oneDNN dW ran 1.2-2x MKL's from ~5 M multiply-adds on; Zen 4's ran
+    no faster below kMinWeightGradMacs)."""
+    vendor, _, family = _cpu_identity()
+    if vendor == "AuthenticAMD" and family >= kFullWidthAvx512AmdFamily:
+        return kMinMacs
+    return kMinWeightGradMacs
+
+
 def _cpu_identity() -> tuple:
-    """(vendor_id, the set of feature flags) of the first CPU in /proc/cpuinfo; ("", empty)
-    where it cannot be read, which keeps torch's GEMM."""
-    vendor, flags = "", frozenset()
+    """(vendor_id, the set of feature flags, cpu family) of the first CPU in /proc/cpuinfo;
+    ("", empty, 0) for what cannot be read, which keeps torch's GEMM."""
+    vendor, flags, family = "", frozenset(), 0
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
             for line in f:
                 if line.startswith("vendor_id"):
                     vendor = line.split(":", 1)[1].strip()
+                elif line.startswith("cpu family"):
+                    value = line.split(":", 1)[1].strip()
+                    family = int(value) if value.isdigit() else 0
                 elif line.startswith("flags"):
                     flags = frozenset(line.split(":", 1)[1].split())
-                if vendor and flags:
+                if vendor and flags and family:
                     break
     except OSError:
         pass
-    return vendor, flags
+    return vendor, flags, family
 
 
 @functools.lru_cache(maxsize=None)

@@ -30,6 +30,19 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
+def cpu_family() -> str:
+    """x86 "family F model M" from /proc/cpuinfo, or "" where it has none. A virtual machine's
+    model name often says only "AMD EPYC", and the GEMMs' speeds differ by generation (the family:
+    25 is Zen 3 and Zen 4, 26 Zen 5, see fusedrnn._input_projection)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    family = re.search(r"^cpu family\s*:\s*(\d+)", text, re.M)
+    model = re.search(r"^model\s*:\s*(\d+)", text, re.M)
+    return f"family {family.group(1)} model {model.group(1)}" if family and model else ""
+
+
 def cpu_simd() -> str:
     """The widest x86 vector extensions the CPU reports (what the CPU kernels can dispatch to)."""
     try:
@@ -160,6 +173,7 @@ def collect(device: str) -> Dict[str, object]:
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
         "device": device,
         "cpu": cpu_model(),
+        "cpu_family": cpu_family(),
         "cpu_simd": cpu_simd(),
         "cpu_cores": usable_cores(),
         "torch_threads": torch.get_num_threads(),
@@ -182,8 +196,9 @@ def collect(device: str) -> Dict[str, object]:
 def header_lines(info: Dict[str, object]) -> list:
     commit = str(info.get("commit", "unknown"))
     short = commit[:12] + ("+dirty" if info.get("dirty") else "")
+    family = info.get("cpu_family")
     lines = [
-        f"CPU    {info['cpu']} | {info['cpu_cores']} core{'' if info['cpu_cores'] == 1 else 's'} usable | torch threads {info['torch_threads']}"
+        f"CPU    {info['cpu']}{f' ({family})' if family else ''} | {info['cpu_cores']} core{'' if info['cpu_cores'] == 1 else 's'} usable | torch threads {info['torch_threads']}"
         f" | {info['cpu_simd']} | load {info.get('load_avg_1m')}",
         f"torch  {info['torch']} (mkldnn {'on' if info['mkldnn'] else 'off'}) | python {info['python']}",
         f"fusedrnn {info['fusedrnn']} commit {short} | native: {info.get('fusedrnn_backends')}"
