@@ -119,6 +119,7 @@ def test_weight_grad_matches_mm(onednn, monkeypatch, strided):
     x2 = torch.randn(40, 2 * 9, generator=gen)[:, 9:] if strided else torch.randn(40, 9, generator=gen)
     got = _input_projection.weight_grad(d2, x2)
     torch.testing.assert_close(got, d2.t().mm(x2), rtol=1e-5, atol=1e-5)
+    assert got.is_contiguous()  # (a transposed view slowed every later add into .grad)
     got.addmm_(d2[:3].t(), x2[:3])  # functional adds the h0 term in place
     torch.testing.assert_close(got, d2.t().mm(x2) + d2[:3].t().mm(x2[:3]), rtol=1e-5, atol=1e-5)
     # A direction's columns of a bidirectional d_pre: rows with gaps, where oneDNN ran a

@@ -106,15 +106,21 @@ def onednn_available() -> bool:
 
 def weight_grad(d2: Tensor, x2: Tensor) -> Tensor:
     """d2^T x2 ([R, G]^T [R, I] -> [G, I]): a weight gradient summed over all R = T*B rows
-    (dW_ih, and the recurrence's dW_hh). MKL's kernel is kept below weight_grad_min_macs(),
-    where it was as fast or faster; above, oneDNN runs it as (x2^T d2)^T, returned as that
-    transposed view."""
+    (dW_ih, and the recurrence's dW_hh), contiguous. MKL's kernel is kept below
+    weight_grad_min_macs(), where it was as fast or faster; above, oneDNN runs it as
+    (x2^T d2)^T.
+
+    oneDNN's result is copied out of that transposed view: a parameter's gradient of another
+    layout is copied by autograd's AccumulateGrad anyway (layout contract), and once .grad
+    exists, adding the view into it ran 11-70x slower than adding a contiguous one (Zen 5: 38
+    against 3 us at 512 x 128, 8.9 against 0.13 ms at 4096 x 1024), more than the copy costs
+    (17 us; 2.6 ms)."""
     macs = d2.size(0) * d2.size(1) * x2.size(1)
     # Only dense operands (a direction's columns of a bidirectional d_pre are not: copying them
     # costs about what oneDNN gains).
     if (d2.dim() == 2 and x2.dim() == 2 and _dense(d2) and _dense(x2)
             and _use_onednn(macs, weight_grad_min_macs(), d2, x2)):
-        return _onednn_linear(x2.t(), d2.t(), None).t()
+        return _onednn_linear(x2.t(), d2.t(), None).t().contiguous()
     return d2.t().mm(x2)
 
 
