@@ -617,6 +617,24 @@ def test_workspace_not_16_byte_aligned(direction):
         getattr(emu, direction)(params)
 
 
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+@pytest.mark.parametrize("field", ["seq_len", "batch", "hidden"])
+def test_counts_past_32_bits_are_refused(direction, field):
+    """The kernels count steps, rows and units in 32-bit ints: seq_len = 2^31 ran no step and
+    left h_n unwritten, 2^32 + 3 ran 3 steps and never stored h_n, with no error (review,
+    session 32: given a zero time stride, such a length needs no memory). Refused by name."""
+    params, _keep = (_fwd_params if direction == "forward" else _bwd_params)()
+    for p in params:
+        setattr(p, field, 2**31)
+        if field == "hidden":
+            p.state = 2**31  # (a state above hidden is refused first, as a projection)
+    message = f"the CUDA kernels take {field} up to 2147483647, got 2147483648"
+    with pytest.raises(ValueError, match=message):
+        getattr(emu, f"{direction}_workspace_bytes")(params)
+    with pytest.raises(ValueError, match=message):
+        getattr(emu, direction)(params)
+
+
 def test_bad_launch_option():
     with pytest.raises(ValueError, match=">= 0"):
         emu._set_launch_options(max_batch_chunk=-1)

@@ -1,7 +1,10 @@
 // Runtime dispatch of the CUDA recurrence entry points on cell kind and dtype, and the workspace
 // sizes. The kernels themselves are instantiated in recurrence_<dtype>.cu.
+#include <cstdint>
+#include <limits>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "launch_compat.h"
@@ -29,9 +32,29 @@ struct TypeTag {
   using type = T;
 };
 
+// The kernels count steps, rows and units in 32-bit ints (recurrence_*_kernel.cuh): a larger
+// size would wrap and run a wrong number of steps or rows without any error. (Every offset into
+// memory is 64-bit; only these counts are limited.)
+template <typename Params>
+void check_counts_fit_int(const std::vector<Params>& dirs) {
+  constexpr int64_t kMax = std::numeric_limits<int>::max();
+  for (const Params& p : dirs) {
+    const std::pair<const char*, int64_t> counts[] = {
+        {"seq_len", p.seq_len}, {"batch", p.batch}, {"hidden", p.hidden}, {"state", p.state}};
+    for (const auto& [name, value] : counts) {
+      if (value > kMax) {
+        throw std::invalid_argument(std::string("fusedrnn: the CUDA kernels take ") + name +
+                                    " up to " + std::to_string(kMax) + ", got " +
+                                    std::to_string(value));
+      }
+    }
+  }
+}
+
 template <typename Params>
 int64_t workspace_bytes(const std::vector<Params>& dirs, bool backward) {
   if (dirs.empty()) throw std::invalid_argument("fusedrnn: expected 1 or 2 directions, got 0");
+  check_counts_fit_int(dirs);
   const Params& p = dirs.front();
   const WorkspaceLayout layout = make_workspace_layout(backward, p.cell, p.batch, p.hidden, p.state,
                                                        elem_bytes(p.dtype), acc_bytes(p.dtype));
@@ -42,6 +65,7 @@ int64_t workspace_bytes(const std::vector<Params>& dirs, bool backward) {
 template <template <class, typename> class Launcher, typename Params>
 void dispatch(const std::vector<Params>& dirs, RecurrenceGeometry* plan_only) {
   if (dirs.empty()) throw std::invalid_argument("fusedrnn: expected 1 or 2 directions, got 0");
+  check_counts_fit_int(dirs);
   const Params& p = dirs.front();
   auto by_cell = [&](auto type_tag) {
     using T = typename decltype(type_tag)::type;
