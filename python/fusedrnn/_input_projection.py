@@ -118,7 +118,8 @@ def weight_grad(d2: Tensor, x2: Tensor) -> Tensor:
     macs = d2.size(0) * d2.size(1) * x2.size(1)
     # Only dense operands (a direction's columns of a bidirectional d_pre are not: copying them
     # costs about what oneDNN gains).
-    if (d2.dim() == 2 and x2.dim() == 2 and _dense(d2) and _dense(x2)
+    # (plain_eager first, as in _use_onednn: weight_grad_min_macs reads /proc/cpuinfo.)
+    if (d2.dim() == 2 and x2.dim() == 2 and _dense(d2) and _dense(x2) and _backend.plain_eager()
             and _use_onednn(macs, weight_grad_min_macs(), d2, x2)):
         return _onednn_linear(x2.t(), d2.t(), None).t().contiguous()
     return d2.t().mm(x2)
