@@ -207,6 +207,25 @@ def test_onednn_chosen_only_where_mkl_runs_below_the_cpu(monkeypatch, vendor, fl
         _input_projection._vendor_prefers_onednn.cache_clear()
 
 
+@pytest.mark.parametrize("gemm", ["onednn", "torch"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_project_into_writes_every_row(monkeypatch, gemm, bias):
+    """The inference plan's projection into its kept block: on oneDNN in chunks of rows (here 4
+    rows, so 30 rows end with a short chunk), on torch's GEMM in one mm; every row of the block
+    is written (it starts as NaNs) with x W^T + b."""
+    if gemm == "onednn" and not _input_projection.onednn_available():
+        pytest.skip("this torch has no oneDNN linear op")
+    monkeypatch.setenv(_input_projection.GEMM_VARIABLE, gemm)
+    gen = torch.Generator().manual_seed(3)
+    x_rows = torch.randn(30, 9, generator=gen)
+    w = torch.randn(12, 9, generator=gen)
+    b = torch.randn(12, generator=gen) if bias else None
+    monkeypatch.setattr(_input_projection, "kProjectionChunkBytes", 4 * 12 * 4)
+    dest = torch.full((30, 12), float("nan"))
+    _input_projection.project_into(x_rows, w, b, dest)
+    torch.testing.assert_close(dest, F.linear(x_rows, w, b), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("vendor, family, expected", [
     ("AuthenticAMD", 26, _input_projection.kMinMacs),             # Zen 5: full-width AVX-512
     ("AuthenticAMD", 25, _input_projection.kMinWeightGradMacs),   # Zen 4: halves

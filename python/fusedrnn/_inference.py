@@ -189,8 +189,9 @@ class InferencePlan:
             return self._run_layers(x, h0_all, c0_all, h_n, c_n, None)
         with self.projection_buffer.lend(x, numel) as block:
             if block is None:  # another call holds it: a block of this call's own, projected
-                # the same way (torch's GEMM, where _project's other road may take oneDNN's), so
-                # that each call gets the bits it gets alone (they differed: review, session 29)
+                # the same way (project_into, whose chunks may round otherwise than _project's
+                # other road), so that each call gets the bits it gets alone (they differed:
+                # review, session 29)
                 block = x.new_empty(numel)
             return self._run_layers(x, h0_all, c0_all, h_n, c_n, block)
 
@@ -219,8 +220,7 @@ class InferencePlan:
 
 def _project(x: Tensor, w_ih: tuple, b_ih: tuple, block: Optional[Tensor]) -> list:
     """Per direction x W_ih^T (+ b_ih): [T, B, G*H] with unit stride in the last dimension; in
-    `block` (ProjectionBuffer.lend) where one is lent, with torch's GEMM (oneDNN's op, which
-    _input_projection picks on some CPUs, has no out= form)."""
+    `block` (ProjectionBuffer.lend) where one is lent (_input_projection.project_into)."""
     if block is None:
         return [_input_projection.project(x, w, b) for w, b in zip(w_ih, b_ih)]
     seq_len, batch, width = x.shape
@@ -229,11 +229,7 @@ def _project(x: Tensor, w_ih: tuple, b_ih: tuple, block: Optional[Tensor]) -> li
     xproj = []
     for direction, (w, b) in enumerate(zip(w_ih, b_ih)):
         dest = block[direction * rows * gates_width:(direction + 1) * rows * gates_width]
-        dest = dest.view(rows, gates_width)
-        if b is None:
-            torch.mm(x_rows, w.t(), out=dest)
-        else:
-            torch.addmm(b, x_rows, w.t(), out=dest)
+        _input_projection.project_into(x_rows, w, b, dest.view(rows, gates_width))
         xproj.append(dest.view(seq_len, batch, gates_width))
     return xproj
 
