@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from . import _backend, _cell_step, _script, reference
+from . import _backend, _cell_step, _fx_leaf, _script, reference
 from . import _validation as check
 from . import functional
 from ._backend import LSTM_CELLS
@@ -77,6 +77,9 @@ class RNNCellBase(nn.Module):
     def _step(self, cell: str, input: Tensor, hx):
         """Validates like torch.nn, adds and removes the batch dimension of unbatched input, and
         runs one step. hx: None, a tensor, or for LSTM a pair."""
+        traced = _fx_leaf.traced_call(self, (input, hx))
+        if traced is not None:  # torch.fx.symbolic_trace: one leaf node, as torch.nn's cells
+            return traced
         fast = self._fast_step(cell, input, hx)
         if fast is not None:
             return fast

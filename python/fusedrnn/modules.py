@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from . import _backend, _cell_step, _inference, _onnx_export, _script
+from . import _backend, _cell_step, _fx_leaf, _inference, _onnx_export, _script
 from . import _validation as check
 from . import functional
 from ._module_checks import (_check_parameters, _check_variant_flags, _checked_call,
@@ -346,6 +346,10 @@ class RNNBase(nn.Module):
                                 2 if self.bidirectional else 1)
 
     def _eager_forward(self, input, hx, lengths=None):
+        traced = _fx_leaf.traced_call(
+            self, (input, hx), {"lengths": lengths} if lengths is not None else None)
+        if traced is not None:  # torch.fx.symbolic_trace: one leaf node, as torch.nn's modules
+            return traced
         if lengths is None:
             fast = self._fast_forward(input, hx)
             if fast is not None:

@@ -1,0 +1,80 @@
+"""torch.fx.symbolic_trace of models holding fusedrnn modules and cells (_fx_leaf.py): each is
+one call_module node, as torch.nn's are, and the GraphModule gives the eager model's results.
+Before, tracing such a model failed in the modules' input checks (review, session 32)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._pytree import tree_leaves
+
+import fusedrnn
+
+
+class _Holder(torch.nn.Module):
+    """A model around one recurrent module: forward(x, state) -> the module's results."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.pre = torch.nn.Linear(5, 5)
+        self.inner = inner
+
+    def forward(self, x, state=None):
+        return self.inner(self.pre(x), state)
+
+
+def _call_modules(graph_module) -> list:
+    return [n.target for n in graph_module.graph.nodes if n.op == "call_module"]
+
+
+@pytest.mark.parametrize("name, kwargs, cell", [
+    ("LSTM", dict(num_layers=2, bidirectional=True, batch_first=True), False),
+    ("LSTM", dict(proj_size=3), False),
+    ("GRU", {}, False),
+    ("RNN", dict(nonlinearity="relu"), False),
+    ("LSTMCell", {}, True),
+    ("GRUCell", {}, True),
+    ("RNNCell", {}, True),
+])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_traced_model_matches_eager_and_torch_nn(name, kwargs, cell, with_state):
+    results = {}
+    for namespace in (torch.nn, fusedrnn):
+        torch.manual_seed(0)
+        model = _Holder(getattr(namespace, name)(5, 4, **kwargs))
+        traced = torch.fx.symbolic_trace(model)
+        assert _call_modules(traced) == ["pre", "inner"]
+        x = torch.randn(3, 5) if cell else torch.randn(2, 3, 5)
+        state = None
+        if with_state:  # the state the eager call returned, fed back
+            out = model(x)
+            state = out if cell else out[1]
+        expected, got = tree_leaves(model(x, state)), tree_leaves(traced(x, state))
+        assert len(expected) == len(got)
+        for e, g in zip(expected, got):
+            assert torch.equal(e, g)
+        results[namespace.__name__] = got
+    for a, b in zip(results["torch.nn"], results["fusedrnn"]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_lengths_keyword_is_recorded():
+    class WithLengths(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = fusedrnn.GRU(3, 4)
+
+        def forward(self, x, lengths):
+            return self.rnn(x, lengths=lengths)[0]
+
+    torch.manual_seed(0)
+    model = WithLengths()
+    traced = torch.fx.symbolic_trace(model)
+    x, lengths = torch.randn(5, 2, 3), torch.tensor([5, 3])
+    assert torch.equal(traced(x, lengths), model(x, lengths))
+
+
+@pytest.mark.parametrize("namespace", [torch.nn, fusedrnn], ids=["torch.nn", "fusedrnn"])
+def test_the_module_itself_as_root_is_traced_through_and_fails(namespace):
+    """FX traces the root's forward whatever it is: torch.nn's LSTM fails there, so does ours."""
+    with pytest.raises(torch.fx.proxy.TraceError):
+        torch.fx.symbolic_trace(namespace.LSTM(3, 4))
