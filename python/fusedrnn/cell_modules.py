@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
+from torch.fx import Proxy
 
 from . import _backend, _cell_step, _fx_leaf, _script, reference
 from . import _validation as check
@@ -77,9 +78,11 @@ class RNNCellBase(nn.Module):
     def _step(self, cell: str, input: Tensor, hx):
         """Validates like torch.nn, adds and removes the batch dimension of unbatched input, and
         runs one step. hx: None, a tensor, or for LSTM a pair."""
-        traced = _fx_leaf.traced_call(self, (input, hx))
-        if traced is not None:  # torch.fx.symbolic_trace: one leaf node, as torch.nn's cells
-            return traced
+        if isinstance(input, Proxy) or isinstance(hx, Proxy):  # torch.fx.symbolic_trace
+            traced = _fx_leaf.leaf_node(self, input if isinstance(input, Proxy) else hx,
+                                        (input, hx))
+            if traced is not None:  # one leaf node, as torch.nn's cells
+                return traced
         fast = self._fast_step(cell, input, hx)
         if fast is not None:
             return fast
