@@ -616,9 +616,10 @@ def test_small_projections_keep_no_block():
 
 
 def test_a_call_that_finds_the_block_lent_projects_the_same_way(monkeypatch):
-    """A call whose block another call holds projects into a block of its own with the same GEMM:
-    it took oneDNN's GEMM there where the kept block takes torch's, and threaded calls then got
-    other bits than alone (4.5e-8 apart; review, session 29; README: the same bits)."""
+    """A call whose block another call holds projects into a block of its own the same way
+    (_input_projection.project_into): it once took oneDNN's GEMM there where the kept block took
+    torch's, and threaded calls then got other bits than alone (4.5e-8 apart; review, session
+    29; README: the same bits)."""
     from fusedrnn import _projection_buffer
     if not fusedrnn._input_projection.onednn_available():
         pytest.skip("this torch has no oneDNN linear op")

@@ -113,10 +113,12 @@ def test_backward_twice_with_retain_graph(onednn):
 
 @requires_onednn
 @pytest.mark.parametrize("strided", [False, True])
-def test_weight_grad_matches_mm(onednn, monkeypatch, strided):
+@pytest.mark.parametrize("rows", [10, 40], ids=["direct", "transposed"])  # (from 2 x 9 rows)
+def test_weight_grad_matches_mm(onednn, monkeypatch, strided, rows):
     gen = torch.Generator().manual_seed(5)
-    d2 = torch.randn(40, 24, generator=gen)
-    x2 = torch.randn(40, 2 * 9, generator=gen)[:, 9:] if strided else torch.randn(40, 9, generator=gen)
+    d2 = torch.randn(rows, 24, generator=gen)
+    x2 = (torch.randn(rows, 2 * 9, generator=gen)[:, 9:] if strided
+          else torch.randn(rows, 9, generator=gen))
     got = _input_projection.weight_grad(d2, x2)
     torch.testing.assert_close(got, d2.t().mm(x2), rtol=1e-5, atol=1e-5)
     assert got.is_contiguous()  # (a transposed view slowed every later add into .grad)
@@ -124,7 +126,7 @@ def test_weight_grad_matches_mm(onednn, monkeypatch, strided):
     torch.testing.assert_close(got, d2.t().mm(x2) + d2[:3].t().mm(x2[:3]), rtol=1e-5, atol=1e-5)
     # A direction's columns of a bidirectional d_pre: rows with gaps, where oneDNN ran a
     # reference kernel ~1000x slower. Right, and on MKL (whose result is contiguous).
-    d_pre = torch.randn(40, 2 * 24, generator=gen)
+    d_pre = torch.randn(rows, 2 * 24, generator=gen)
     d_dir = d_pre[:, 24:]
     got = _input_projection.weight_grad(d_dir, x2)
     torch.testing.assert_close(got, d_dir.t().mm(x2), rtol=1e-5, atol=1e-5)
@@ -211,8 +213,8 @@ def test_onednn_chosen_only_where_mkl_runs_below_the_cpu(monkeypatch, vendor, fl
 @pytest.mark.parametrize("bias", [False, True])
 def test_project_into_writes_every_row(monkeypatch, gemm, bias):
     """The inference plan's projection into its kept block: on oneDNN in chunks of rows (here 4
-    rows, so 30 rows end with a short chunk), on torch's GEMM in one mm; every row of the block
-    is written (it starts as NaNs) with x W^T + b."""
+    rows: 30 rows end with a chunk that overlaps the one before), on torch's GEMM in one mm;
+    every row of the block is written (it starts as NaNs) with x W^T + b."""
     if gemm == "onednn" and not _input_projection.onednn_available():
         pytest.skip("this torch has no oneDNN linear op")
     monkeypatch.setenv(_input_projection.GEMM_VARIABLE, gemm)

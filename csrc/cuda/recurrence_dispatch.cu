@@ -33,8 +33,10 @@ struct TypeTag {
 };
 
 // The kernels count steps, rows and units in 32-bit ints (recurrence_*_kernel.cuh): a larger
-// size would wrap and run a wrong number of steps or rows without any error. (Every offset into
-// memory is 64-bit; only these counts are limited.)
+// size would wrap and run a wrong number of steps or rows without any error. (Offsets into the
+// sequences, states and workspace are 64-bit. A few products of sizes are formed in int, e.g.
+// g * H + unit for a bias or saved-gate row: they stay below 2^31 for any H < 2^29, and an H
+// that large has a W_hh of 2^60 elements.)
 template <typename Params>
 void check_counts_fit_int(const std::vector<Params>& dirs) {
   constexpr int64_t kMax = std::numeric_limits<int>::max();

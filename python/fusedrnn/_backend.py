@@ -81,6 +81,14 @@ _transform_stack = (getattr(getattr(torch._C, "_functorch", None), "peek_interpr
                     or (lambda: None))
 _functorch_level = (getattr(getattr(torch._C, "_functorch", None), "maybe_current_level", None)
                     or (lambda: None))
+_PROXY_MODE = getattr(getattr(torch._C, "_TorchDispatchModeKey", None), "PROXY", None)
+
+
+def _make_fx_tracing() -> bool:
+    """Whether make_fx (torch.fx.experimental.proxy_tensor) is recording: its proxy dispatch
+    mode sees torch ops only, so a direct native call was missing from its graph, which then
+    returned the uninitialised output (review, session 32)."""
+    return _PROXY_MODE is not None and torch._C._get_dispatch_mode(_PROXY_MODE) is not None
 
 
 @torch.compiler.assume_constant_result
@@ -98,12 +106,13 @@ def _dual_level() -> int:
 
 
 def recording_graph() -> bool:
-    """Whether torch.compile or torch.jit.trace is recording a graph. Then every recurrence must
-    run as the custom ops (_custom_ops.layer_forward / layer_backward), which the recorder sees
-    as ops: a direct native call is invisible to it, and a trace would replay the torch ops
-    around the call without the call itself (garbage outputs, and a trace check that passes)."""
+    """Whether torch.compile, torch.jit.trace or make_fx is recording a graph. Then every
+    recurrence must run as the custom ops (_custom_ops.layer_forward / layer_backward), which
+    the recorder sees as ops: a direct native call is invisible to it, and a trace would replay
+    the torch ops around the call without the call itself (garbage outputs, and a trace check
+    that passes)."""
     # (torch._C._is_tracing is what torch.jit.is_tracing asks, without its scripting check.)
-    return torch.compiler.is_compiling() or _is_tracing()
+    return torch.compiler.is_compiling() or _is_tracing() or _make_fx_tracing()
 
 
 def under_transform() -> bool:
@@ -145,7 +154,7 @@ def plain_eager() -> bool:
     """Neither recording_graph() nor under_transform(), in one call: the only state in which the
     modules' fast paths and the cell step call the native kernels directly (they run at every
     call, and each of these checks costs a Python call)."""
-    return not (torch.compiler.is_compiling() or _is_tracing()
+    return not (torch.compiler.is_compiling() or _is_tracing() or _make_fx_tracing()
                 or _transform_stack() is not None or _dual_level() >= 0)
 
 

@@ -47,10 +47,11 @@ these GEMMs about twice as fast, dW from ~5 M multiply-adds on:
 So on a CPU whose vendor is not Intel and that has AVX-512, a float32 projection of at least
 kMinMacs multiply-adds runs x W^T and d_x on oneDNN, and the weight gradients (weight_grad:
 dW_ih here, dW_hh of the recurrence) run there from kMinWeightGradMacs on (from kMinMacs on
-where the AVX-512 units are full width: weight_grad_min_macs). Everything else
-(other dtypes and devices, small GEMMs, torch.compile, tracing, torch.func transforms, meta and
-fake tensors) is F.linear, unchanged. FUSEDRNN_CPU_GEMM=onednn or =torch overrides the choice
-(tests force oneDNN on any machine; a user can rule it out).
+where the AVX-512 units are full width: weight_grad_min_macs). Everything else (other dtypes
+and devices, small GEMMs, torch.compile, tracing, torch.func transforms, meta and fake tensors)
+is torch's GEMM, unchanged: F.linear, or torch.mm/addmm with out= in project_into (the
+inference plan's projection into its kept block). FUSEDRNN_CPU_GEMM=onednn or =torch overrides
+the choice (tests force oneDNN on any machine; a user can rule it out).
 """
 from __future__ import annotations
 
@@ -105,8 +106,13 @@ def project_into(x_rows: Tensor, w: Tensor, b: Optional[Tensor], dest: Tensor) -
     MKL's mm into the block ran at half of oneDNN's rate on Zen 5 (module table): LSTM B=16
     T=1000 H=256 inference 69-92 ms a call, 46 of them in the projection, torch.nn 47-55."""
     if _onednn_applies(x_rows.unsqueeze(0), w, b):
-        step = max(1, kProjectionChunkBytes // (w.size(0) * x_rows.element_size()))
-        for first in range(0, x_rows.size(0), step):
+        rows = x_rows.size(0)
+        step = max(1, min(rows, kProjectionChunkBytes // (w.size(0) * x_rows.element_size())))
+        for first in range(0, rows, step):
+            # The last chunk ends at the last row, overlapping the one before: every chunk of
+            # a weight shape has the same rows (one oneDNN primitive cached, not one for each
+            # remainder), and none has a single row (oneDNN rounded those otherwise: 3e-6).
+            first = min(first, rows - step)
             dest[first:first + step].copy_(_onednn_linear(x_rows[first:first + step], w, b))
     elif b is None:
         torch.mm(x_rows, w.t(), out=dest)
@@ -131,20 +137,31 @@ def onednn_available() -> bool:
 def weight_grad(d2: Tensor, x2: Tensor) -> Tensor:
     """d2^T x2 ([R, G]^T [R, I] -> [G, I]): a weight gradient summed over all R = T*B rows
     (dW_ih, and the recurrence's dW_hh), contiguous. MKL's kernel is kept below
-    weight_grad_min_macs(), where it was as fast or faster; above, oneDNN runs it as
-    (x2^T d2)^T.
+    weight_grad_min_macs(), where it was as fast or faster; above, oneDNN runs it, as
+    (x2^T d2)^T from 2 I rows on (x2 [R, I]), else directly as d2^T x2.
 
-    oneDNN's result is copied out of that transposed view: a parameter's gradient of another
-    layout is copied by autograd's AccumulateGrad anyway (layout contract), and once .grad
-    exists, adding the view into it ran 11-70x slower than adding a contiguous one (Zen 5: 38
-    against 3 us at 512 x 128, 8.9 against 0.13 ms at 4096 x 1024), more than the copy costs
-    (17 us; 2.6 ms)."""
+    (x2^T d2)^T is copied out of its transposed view: a parameter's gradient of another layout
+    is copied by autograd's AccumulateGrad anyway (layout contract), and once .grad exists,
+    adding the view into it ran 11-70x slower than adding a contiguous one (Zen 5: 38 against
+    3 us at 512 x 128, 8.9 against 0.13 ms at 4096 x 1024). The copy costs the same whatever
+    the rows (92 us at 1024 x 256), which a short reduction does not win back; the rows where
+    it does grew with I (Zen 5, median us, R x G x I: MKL / direct / transposed + copy):
+        128 x 512 x 128      90 /   83 /   86
+        256 x 512 x 128     172 /  139 /  130
+        32 x 1024 x 256      95 /   83 /  229
+        256 x 1024 x 256    676 /  456 /  504
+        512 x 1024 x 256   1387 /  878 /  840
+        3200 x 1024 x 256  8395 / 6856 / 4764
+        512 x 2048 x 512   5021 / 2898 / 2997
+        1024 x 2048 x 512  9929 / 6106 / 5832"""
     macs = d2.size(0) * d2.size(1) * x2.size(1)
     # Only dense operands (a direction's columns of a bidirectional d_pre are not: copying them
     # costs about what oneDNN gains).
     # (plain_eager first, as in _use_onednn: weight_grad_min_macs reads /proc/cpuinfo.)
     if (d2.dim() == 2 and x2.dim() == 2 and _dense(d2) and _dense(x2) and _backend.plain_eager()
             and _use_onednn(macs, weight_grad_min_macs(), d2, x2)):
+        if d2.size(0) < 2 * x2.size(1):
+            return _onednn_linear(d2.t(), x2.t(), None)
         return _onednn_linear(x2.t(), d2.t(), None).t().contiguous()
     return d2.t().mm(x2)
 
@@ -206,7 +223,9 @@ def _vendor_prefers_onednn() -> bool:
 
 
 # AMD's first family whose AVX-512 units are 512 bits wide (Zen 5; Zen 4, family 25, runs each
-# 512-bit operation as two 256-bit halves).
+# 512-bit operation as two 256-bit halves). Measured on a server part (model 2). Zen 5's mobile
+# parts are reported to run AVX-512 on 256-bit units, like Zen 4; there the lower threshold is
+# unmeasured (oneDNN's dW then likely gains less, as on Zen 4).
 kFullWidthAvx512AmdFamily = 26
 
 

@@ -11,7 +11,6 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
-from torch.fx import Proxy
 
 from . import _backend, _cell_step, _fx_leaf, _script, reference
 from . import _validation as check
@@ -78,9 +77,8 @@ class RNNCellBase(nn.Module):
     def _step(self, cell: str, input: Tensor, hx):
         """Validates like torch.nn, adds and removes the batch dimension of unbatched input, and
         runs one step. hx: None, a tensor, or for LSTM a pair."""
-        if isinstance(input, Proxy) or isinstance(hx, Proxy):  # torch.fx.symbolic_trace
-            traced = _fx_leaf.leaf_node(self, input if isinstance(input, Proxy) else hx,
-                                        (input, hx))
+        if _fx_leaf.STATE._is_fx_tracing_flag:  # torch.fx.symbolic_trace
+            traced = _fx_leaf.leaf_node(self, (input, hx))
             if traced is not None:  # one leaf node, as torch.nn's cells
                 return traced
         fast = self._fast_step(cell, input, hx)

@@ -15,7 +15,6 @@ from typing import Optional, overload
 
 import torch
 from torch import Tensor, nn
-from torch.fx import Proxy
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from . import _backend, _cell_step, _fx_leaf, _inference, _onnx_export, _script
@@ -347,10 +346,9 @@ class RNNBase(nn.Module):
                                 2 if self.bidirectional else 1)
 
     def _eager_forward(self, input, hx, lengths=None):
-        if isinstance(input, Proxy) or isinstance(hx, Proxy):  # torch.fx.symbolic_trace
-            traced = _fx_leaf.leaf_node(self, input if isinstance(input, Proxy) else hx,
-                                        (input, hx), None if lengths is None else
-                                        {"lengths": lengths})
+        if _fx_leaf.STATE._is_fx_tracing_flag:  # torch.fx.symbolic_trace
+            traced = _fx_leaf.leaf_node(self, (input, hx),
+                                        None if lengths is None else {"lengths": lengths})
             if traced is not None:  # one leaf node, as torch.nn's modules
                 return traced
         if lengths is None:
