@@ -81,14 +81,23 @@ _transform_stack = (getattr(getattr(torch._C, "_functorch", None), "peek_interpr
                     or (lambda: None))
 _functorch_level = (getattr(getattr(torch._C, "_functorch", None), "maybe_current_level", None)
                     or (lambda: None))
+try:  # (imported by torch itself)
+    from torch.fx.experimental import proxy_tensor as _proxy_tensor
+except ImportError:  # pragma: no cover
+    _proxy_tensor = None
 _PROXY_MODE = getattr(getattr(torch._C, "_TorchDispatchModeKey", None), "PROXY", None)
 
-
-def _make_fx_tracing() -> bool:
-    """Whether make_fx (torch.fx.experimental.proxy_tensor) is recording: its proxy dispatch
-    mode sees torch ops only, so a direct native call was missing from its graph, which then
-    returned the uninitialised output (review, session 32)."""
-    return _PROXY_MODE is not None and torch._C._get_dispatch_mode(_PROXY_MODE) is not None
+if hasattr(_proxy_tensor, "_CURRENT_MAKE_FX_TRACER"):
+    def _make_fx_tracing() -> bool:
+        """Whether make_fx (torch.fx.experimental.proxy_tensor) is recording: it sees torch ops
+        only, so a direct native call was missing from its graph, which then returned the
+        uninitialised output (review, session 32). The tracer make_fx sets for its whole run,
+        in every mode, pre_dispatch included (~25 ns; its dispatch mode, ~65 ns, is not on the
+        ordinary mode stack under pre_dispatch)."""
+        return _proxy_tensor._CURRENT_MAKE_FX_TRACER is not None
+else:  # pragma: no cover - a torch without that global: its proxy mode, but for pre_dispatch
+    def _make_fx_tracing() -> bool:
+        return _PROXY_MODE is not None and torch._C._get_dispatch_mode(_PROXY_MODE) is not None
 
 
 @torch.compiler.assume_constant_result

@@ -11,16 +11,19 @@ records, which runs the module itself when the GraphModule runs.
 Only where that node does exactly what the traced call did: FX has already entered the module
 as a non-leaf, running its hooks on the Proxies and, for a subclass, the subclass's own forward
 around ours; the node would run them all again (twice-applied hooks, a subclass's `[0]` taken
-twice: wrong results, no error). There the module is traced through and fails as torch.nn's
-subclasses do.
+twice: wrong results, no error). There tracing fails with FX's TraceError, naming the cause.
 """
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
-from torch.fx import Proxy
+from torch.fx import Proxy, Tracer
 from torch.fx import _symbolic_trace
+from torch.fx.proxy import TraceError
 from torch.nn.modules import module as _module_hooks
+
+from . import _backend
 
 
 class _NeverTracing:
@@ -39,29 +42,69 @@ _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks",
 
 
 def leaf_node(module, args: tuple, kwargs: Optional[dict] = None):
-    """The call_module node of `module` called with args and kwargs while FX traces, where one
-    of them holds a Proxy (a state may be a tuple of them) and the node runs what the traced call
-    ran; else None, and the call goes on as usual. None too for the traced root itself, which FX
-    always traces through (so does torch.nn's: both then fail on the first check that branches
-    on the input)."""
-    kwargs = kwargs or {}
-    values = [*args, *kwargs.values()]
-    values += [v for value in values if isinstance(value, (tuple, list)) for v in value]
-    proxy = next((v for v in values if isinstance(v, Proxy)), None)
-    if proxy is None or not _runs_as_traced(module):
+    """The call_module node of `module` called with args and kwargs while FX traces, as FX's
+    leaf branch records it (whatever the arguments: Proxies, a state tuple of them, constants);
+    None where no tracer is found or for the traced root itself, which FX always traces through
+    (so does torch.nn's: both then fail on the first check that branches on the input). Raises
+    FX's TraceError, naming the cause, where the node would not run what FX traced."""
+    if _backend._make_fx_tracing():  # (its tracer is an FX Tracer too, which never takes leaves)
         return None
-    tracer = proxy.tracer
-    path = tracer.path_of_module(module)
+    kwargs = kwargs or {}
+    tracer = _tracer_of(args, kwargs)
+    if tracer is None:
+        return None
+    try:
+        path = tracer.path_of_module(module)
+    except NameError:  # not a submodule of the traced root (make_fx's tracer: no root at all)
+        return None
     if not path:
         return None
+    why = _why_not_a_leaf(module)
+    if why:
+        raise TraceError(
+            f"fusedrnn: {type(module).__name__} '{path}' cannot be recorded as one call_module "
+            f"node: {why}, which FX has already traced and the node would run again. Declare "
+            f"it a leaf in a torch.fx.Tracer subclass (is_leaf_module) to trace it as torch.nn's")
     return tracer.create_proxy("call_module", path, args, kwargs)
 
 
-def _runs_as_traced(module) -> bool:
-    """Whether running `module` again does no more than the forward FX is tracing: its class
-    keeps fusedrnn's forward, and no forward or backward hook is registered on it or globally."""
-    if getattr(type(module).forward, "__module__", None) not in _OWN_FORWARD_MODULES:
-        return False
-    if any(getattr(module, name, None) for name in _MODULE_HOOKS):
-        return False
-    return not any(getattr(_module_hooks, name, None) for name in _GLOBAL_HOOKS)
+def _tracer_of(args: tuple, kwargs: dict):
+    """The tracer of the first Proxy among the arguments (a state may be a tuple of them), or,
+    with none (a constant input, a buffer), of the Tracer.call_module frame that called the
+    module: FX records a leaf whatever its arguments, and without the node the module ran
+    eagerly at trace time, its result baked into the graph (review, session 32)."""
+    values = [*args, *kwargs.values()]
+    values += [v for value in values if isinstance(value, (tuple, list)) for v in value]
+    proxy = next((v for v in values if isinstance(v, Proxy)), None)
+    if proxy is not None:
+        return proxy.tracer
+    frame = sys._getframe(2)
+    for _ in range(16):  # Tracer.call_module -> Module.__call__ -> forward -> ... -> here
+        if frame is None:
+            return None
+        candidate = frame.f_locals.get("self")
+        if frame.f_code.co_name == "call_module" and isinstance(candidate, Tracer):
+            return candidate
+        frame = frame.f_back
+    return None
+
+
+def _why_not_a_leaf(module) -> str:
+    """Why running `module` again would do more than the forward FX is tracing ("" if it would
+    not): hooks on it or global ones, or a class whose forward is not fusedrnn's own (a
+    subclass's, or ours wrapped by a decorator)."""
+    if any(getattr(module, name, None) for name in _MODULE_HOOKS) or any(
+            getattr(_module_hooks, name, None) for name in _GLOBAL_HOOKS):
+        return "it has forward or backward hooks (its own or global ones)"
+    if not _keeps_own_forward(type(module)):
+        return "its class overrides forward"
+    return ""
+
+
+def _keeps_own_forward(cls) -> bool:
+    """Whether cls.forward is the forward of the nearest fusedrnn class in its MRO (identity:
+    functools.wraps copies __module__ and __qualname__ onto a wrapper)."""
+    for base in cls.__mro__:
+        if base.__module__ in _OWN_FORWARD_MODULES and "forward" in base.__dict__:
+            return cls.forward is base.__dict__["forward"]
+    return False

@@ -94,7 +94,7 @@ def project(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
 # project_into's chunk of oneDNN output rows, in bytes: small enough that malloc serves it from
 # its heap without page faults once warm (glibc's mmap threshold adapts up to 32 MiB) and that
 # the copy reads it from cache, large enough that each chunk's GEMM runs at oneDNN's full rate.
-kProjectionChunkBytes = 4 << 20
+kProjectionChunkBytes = 2 << 20
 
 
 def project_into(x_rows: Tensor, w: Tensor, b: Optional[Tensor], dest: Tensor) -> None:
@@ -112,6 +112,8 @@ def project_into(x_rows: Tensor, w: Tensor, b: Optional[Tensor], dest: Tensor) -
             # The last chunk ends at the last row, overlapping the one before: every chunk of
             # a weight shape has the same rows (one oneDNN primitive cached, not one for each
             # remainder), and none has a single row (oneDNN rounded those otherwise: 3e-6).
+            # The overlap recomputes less than a chunk: at most 1/16 of the smallest kept
+            # block's projection (32 MiB), less of larger ones.
             first = min(first, rows - step)
             dest[first:first + step].copy_(_onednn_linear(x_rows[first:first + step], w, b))
     elif b is None:
@@ -158,8 +160,9 @@ def weight_grad(d2: Tensor, x2: Tensor) -> Tensor:
     # Only dense operands (a direction's columns of a bidirectional d_pre are not: copying them
     # costs about what oneDNN gains).
     # (plain_eager first, as in _use_onednn: weight_grad_min_macs reads /proc/cpuinfo.)
-    if (d2.dim() == 2 and x2.dim() == 2 and _dense(d2) and _dense(x2) and _backend.plain_eager()
-            and _use_onednn(macs, weight_grad_min_macs(), d2, x2)):
+    # (No rows: oneDNN has no primitive for an empty reduction.)
+    if (d2.dim() == 2 and x2.dim() == 2 and d2.size(0) > 0 and _dense(d2) and _dense(x2)
+            and _backend.plain_eager() and _use_onednn(macs, weight_grad_min_macs(), d2, x2)):
         if d2.size(0) < 2 * x2.size(1):
             return _onednn_linear(d2.t(), x2.t(), None)
         return _onednn_linear(x2.t(), d2.t(), None).t().contiguous()
