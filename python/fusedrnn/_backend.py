@@ -88,7 +88,7 @@ except ImportError:  # pragma: no cover
 _PROXY_MODE = getattr(getattr(torch._C, "_TorchDispatchModeKey", None), "PROXY", None)
 
 if hasattr(_proxy_tensor, "_CURRENT_MAKE_FX_TRACER"):
-    def _make_fx_tracing() -> bool:
+    def make_fx_tracing() -> bool:
         """Whether make_fx (torch.fx.experimental.proxy_tensor) is recording: it sees torch ops
         only, so a direct native call was missing from its graph, which then returned the
         uninitialised output (review, session 32). The tracer make_fx sets for its whole run,
@@ -96,7 +96,7 @@ if hasattr(_proxy_tensor, "_CURRENT_MAKE_FX_TRACER"):
         ordinary mode stack under pre_dispatch)."""
         return _proxy_tensor._CURRENT_MAKE_FX_TRACER is not None
 else:  # pragma: no cover - a torch without that global: its proxy mode, but for pre_dispatch
-    def _make_fx_tracing() -> bool:
+    def make_fx_tracing() -> bool:
         return _PROXY_MODE is not None and torch._C._get_dispatch_mode(_PROXY_MODE) is not None
 
 
@@ -121,7 +121,7 @@ def recording_graph() -> bool:
     the torch ops around the call without the call itself (garbage outputs, and a trace check
     that passes)."""
     # (torch._C._is_tracing is what torch.jit.is_tracing asks, without its scripting check.)
-    return torch.compiler.is_compiling() or _is_tracing() or _make_fx_tracing()
+    return torch.compiler.is_compiling() or _is_tracing() or make_fx_tracing()
 
 
 def under_transform() -> bool:
@@ -163,7 +163,7 @@ def plain_eager() -> bool:
     """Neither recording_graph() nor under_transform(), in one call: the only state in which the
     modules' fast paths and the cell step call the native kernels directly (they run at every
     call, and each of these checks costs a Python call)."""
-    return not (torch.compiler.is_compiling() or _is_tracing() or _make_fx_tracing()
+    return not (torch.compiler.is_compiling() or _is_tracing() or make_fx_tracing()
                 or _transform_stack() is not None or _dual_level() >= 0)
 
 

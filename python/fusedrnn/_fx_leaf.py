@@ -5,8 +5,8 @@ FX's default tracer records a module defined under torch.nn as one call_module n
 fusedrnn module's input checks meet FX Proxies (control flow on a traced value: TraceError), so
 a model that swapped torch.nn.LSTM for fusedrnn.LSTM no longer traced, and with it went FX
 graph-mode quantization and torchvision's feature extraction (review, session 32). A module
-whose eager forward receives a Proxy therefore records itself as the node FX's leaf branch
-records, which runs the module itself when the GraphModule runs.
+called while FX traces therefore records itself as the node FX's leaf branch records, which
+runs the module itself when the GraphModule runs.
 
 Only where that node does exactly what the traced call did: FX has already entered the module
 as a non-leaf, running its hooks on the Proxies and, for a subclass, the subclass's own forward
@@ -47,7 +47,7 @@ def leaf_node(module, args: tuple, kwargs: Optional[dict] = None):
     None where no tracer is found or for the traced root itself, which FX always traces through
     (so does torch.nn's: both then fail on the first check that branches on the input). Raises
     FX's TraceError, naming the cause, where the node would not run what FX traced."""
-    if _backend._make_fx_tracing():  # (its tracer is an FX Tracer too, which never takes leaves)
+    if _backend.make_fx_tracing():  # (its tracer is an FX Tracer too, which never takes leaves)
         return None
     kwargs = kwargs or {}
     tracer = _tracer_of(args, kwargs)
