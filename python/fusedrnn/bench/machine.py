@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import platform
 import re
@@ -20,24 +21,26 @@ def _run(cmd, cwd=None, timeout=10.0) -> Optional[str]:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def cpu_model() -> str:
+@functools.lru_cache(maxsize=1)
+def _cpuinfo() -> Optional[str]:
+    """/proc/cpuinfo's text, read once for the header's three fields, or None where there is
+    none (not Linux)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        return Path("/proc/cpuinfo").read_text()
     except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
+        return None
+
+
+def cpu_model() -> str:
+    m = re.search(r"^model name\s*:\s*(.*)$", _cpuinfo() or "", re.M | re.I)
+    return m.group(1).strip() if m else platform.processor() or platform.machine() or "unknown"
 
 
 def cpu_family() -> str:
     """x86 "family F model M" from /proc/cpuinfo, or "" where it has none. A virtual machine's
     model name often says only "AMD EPYC", and the GEMMs' speeds differ by generation (the family:
     25 is Zen 3 and Zen 4, 26 Zen 5, see fusedrnn._input_projection)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
+    text = _cpuinfo() or ""
     family = re.search(r"^cpu family\s*:\s*(\d+)", text, re.M)
     model = re.search(r"^model\s*:\s*(\d+)", text, re.M)
     return f"family {family.group(1)} model {model.group(1)}" if family and model else ""
@@ -45,9 +48,8 @@ def cpu_family() -> str:
 
 def cpu_simd() -> str:
     """The widest x86 vector extensions the CPU reports (what the CPU kernels can dispatch to)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
+    text = _cpuinfo()
+    if text is None:
         return "unknown"
     m = re.search(r"^flags\s*:(.*)$", text, re.M)
     flags = set(m.group(1).split()) if m else set()
